@@ -1,0 +1,1 @@
+"""prisma-ray: mechanistic interpretability of vision and video transformers on Ray."""

@@ -1,0 +1,82 @@
+"""`prisma-ray`: one subcommand per job."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .config import ConfigError, load_config
+
+
+def _models_list(args: argparse.Namespace) -> int:
+    from .models import list_entries
+
+    entries = list_entries(source=args.source, modality=args.modality, family=args.family)
+    if args.json:
+        print(json.dumps([e.summary() for e in entries], indent=1))
+        return 0
+    header = f"{'name':<52} {'source':<9} {'family':<11} {'mod':<5} {'L':>3} {'width':>5} {'heads':>5} {'size':>4} {'patch':>5} {'frames':>6}"
+    print(header)
+    for e in entries:
+        frames = e.frames if e.frames is not None else "-"
+        print(
+            f"{e.name:<52} {e.source:<9} {e.family:<11} {e.modality:<5} {e.layers:>3} {e.width:>5} "
+            f"{e.heads:>5} {e.image_size:>4} {e.patch_size:>5} {frames:>6}"
+        )
+    print(f"{len(entries)} models")
+    return 0
+
+
+def _models_show(args: argparse.Namespace) -> int:
+    from .models import get_entry
+
+    print(json.dumps(get_entry(args.name).model_dump(), indent=2))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, format_report, run_demo
+
+    cfg = load_config(DemoConfig, args.config, args.set)
+    print(format_report(run_demo(cfg)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `prisma-ray` command."""
+    parser = argparse.ArgumentParser(prog="prisma-ray", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    models = sub.add_parser("models", help="the model registry").add_subparsers(dest="models_command", required=True)
+    listing = models.add_parser("list", help="list registered models")
+    listing.add_argument("--source", choices=["timm", "open_clip", "hf", "prisma"])
+    listing.add_argument("--modality", choices=["image", "video"])
+    listing.add_argument("--family")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    listing.set_defaults(func=_models_list)
+    show = models.add_parser("show", help="show one registry entry")
+    show.add_argument("name")
+    show.set_defaults(func=_models_show)
+
+    demo = sub.add_parser("demo", help="run the demo job on the embedded default")
+    demo.add_argument("config", nargs="?", help="YAML config (optional)")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `prisma-ray` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ConfigError, KeyError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,11 @@
+"""Registry entries, one module per source."""
+from __future__ import annotations
+
+from ..registry import ModelEntry
+
+
+def all_entries() -> list[ModelEntry]:
+    """Every entry of every source."""
+    from . import hf_models, open_clip_models, timm_models
+
+    return [*timm_models.ENTRIES, *open_clip_models.ENTRIES, *hf_models.ENTRIES]

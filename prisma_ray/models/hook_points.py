@@ -1,0 +1,61 @@
+"""Hook-point names (TransformerLens style) shared by every model source."""
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+
+BLOCK_SITES = (
+    "hook_resid_pre",
+    "hook_resid_mid",
+    "hook_resid_post",
+    "hook_attn_out",
+    "hook_mlp_in",
+    "hook_mlp_out",
+    "attn.hook_pattern",
+)
+GLOBAL_SITES = ("hook_embed", "hook_final")
+_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(s) for s in BLOCK_SITES) + r")$")
+
+
+class UnknownHookPoint(KeyError):
+    """A hook name that the model does not have."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    """One named place in the forward pass; passed as `hook` to every hook function."""
+
+    name: str
+    site: str
+    layer: int | None = None
+
+
+def block_hook_names(layer: int, with_pattern: bool = True) -> list[str]:
+    """All hook names of block `layer`."""
+    return [f"blocks.{layer}.{s}" for s in BLOCK_SITES if with_pattern or s != "attn.hook_pattern"]
+
+
+def all_hook_names(n_layers: int, with_pattern: bool = True) -> list[str]:
+    """Every hook name of a model with `n_layers` blocks, in forward order."""
+    names = ["hook_embed"]
+    for layer in range(n_layers):
+        names += block_hook_names(layer, with_pattern)
+    return names + ["hook_final"]
+
+
+def parse_hook_name(name: str, valid: list[str]) -> HookPoint:
+    """Turn a name into a `HookPoint`, or raise `UnknownHookPoint` listing the valid names."""
+    if name in valid:
+        if name in GLOBAL_SITES:
+            return HookPoint(name=name, site=name)
+        match = _BLOCK_RE.match(name)
+        if match:
+            return HookPoint(name=name, site=match.group(2), layer=int(match.group(1)))
+    close = difflib.get_close_matches(name, valid, n=5, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    sample = ", ".join(valid[:8] + ["..."] + valid[-3:]) if len(valid) > 12 else ", ".join(valid)
+    raise UnknownHookPoint(f"Unknown hook point {name!r}.{hint} Valid hook points: {sample}")

@@ -1,0 +1,83 @@
+"""The model registry: one `ModelEntry` per supported pretrained model, across every source."""
+from __future__ import annotations
+
+import difflib
+from functools import lru_cache
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+Source = Literal["timm", "open_clip", "hf", "prisma"]
+
+
+class ModelEntry(BaseModel):
+    """A registry entry: where the model comes from and the shape it must have once built.
+
+    `architecture` is the timm model name, the OpenCLIP model name, the Hugging Face model class
+    name, or the prisma toy model's name; `pretrained` is the timm/OpenCLIP pretrained tag or the
+    Hugging Face hub id. `config` holds what building with random weights needs offline (Hugging
+    Face config-class kwargs, timm `create_model` kwargs).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    source: Source
+    architecture: str
+    pretrained: str | None = None
+    family: str
+    modality: Literal["image", "video"] = "image"
+    layers: int
+    width: int
+    heads: int
+    image_size: int
+    patch_size: int
+    frames: int | None = None
+    config: dict[str, Any] = {}
+
+    def summary(self) -> dict[str, Any]:
+        """The fields shown by `prisma-ray models list/show`."""
+        return self.model_dump(exclude={"config"})
+
+
+class UnknownModel(KeyError):
+    """A model name that is not in the registry."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@lru_cache(maxsize=1)
+def registry() -> dict[str, ModelEntry]:
+    """Every registered model by name."""
+    from .catalog import all_entries
+
+    entries = all_entries()
+    by_name: dict[str, ModelEntry] = {}
+    for entry in entries:
+        if entry.name in by_name:
+            raise ValueError(f"Duplicate registry name {entry.name!r}")
+        by_name[entry.name] = entry
+    return by_name
+
+
+def get_entry(name: str) -> ModelEntry:
+    """The entry called `name`; an unknown name raises `UnknownModel` with the closest names."""
+    models = registry()
+    if name in models:
+        return models[name]
+    query = name.lower()
+    close = [n for n in models if query in n][:5] or difflib.get_close_matches(query, list(models), n=5, cutoff=0.5)
+    hint = f" Closest names: {', '.join(close)}." if close else ""
+    raise UnknownModel(f"Unknown model {name!r}.{hint} Run `prisma-ray models list` for all {len(models)} models.")
+
+
+def list_entries(source: str | None = None, modality: str | None = None, family: str | None = None) -> list[ModelEntry]:
+    """Registry entries, optionally filtered by source, modality and family."""
+    return [
+        e
+        for e in registry().values()
+        if (source is None or e.source == source)
+        and (modality is None or e.modality == modality)
+        and (family is None or e.family == family)
+    ]

@@ -1,0 +1,98 @@
+"""Model-independent descriptions of a model's input (`PreprocessSpec`) and token sequence (`TokenLayout`)."""
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class TokenKind(IntEnum):
+    """Kind of a token in the residual stream (stored as int8 in the activation store)."""
+
+    CLS = 0
+    REGISTER = 1
+    PATCH = 2
+    DISTILLATION = 3
+    TEXT = 4
+
+
+class PreprocessSpec(BaseModel):
+    """What a model expects as input: the pixels after resize, crop and normalisation.
+
+    Images are `[B, 3, H, W]` float tensors; videos are `[B, T, 3, H, W]` with `T == num_frames`.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    modality: Literal["image", "video"] = "image"
+    image_size: tuple[int, int] = (224, 224)
+    crop_pct: float = Field(1.0, gt=0, le=1.0)
+    interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    num_frames: int | None = None
+    frame_stride: int = 1
+
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one preprocessed sample (no batch axis)."""
+        h, w = self.image_size
+        if self.modality == "video":
+            return (self.num_frames or 1, 3, h, w)
+        return (3, h, w)
+
+
+class TokenLayout(BaseModel):
+    """How the token axis of a hook point's `[batch, tokens, d_model]` tensor maps onto the input.
+
+    Tokens are `prefix` (CLS / registers / distillation, in the order listed) followed by the
+    patch tokens, row-major in `patch_order`: `"thw"` (frame-major, most models) or `"hwt"`
+    (frame-minor, TimeSformer). For images `time == 1`. For video each patch token covers
+    `tubelet` consecutive input frames.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    prefix: tuple[TokenKind, ...] = (TokenKind.CLS,)
+    grid: tuple[int, int]
+    time: int = 1
+    tubelet: int = 1
+    patch_order: Literal["thw", "hwt"] = "thw"
+
+    @property
+    def n_prefix(self) -> int:
+        return len(self.prefix)
+
+    @property
+    def n_patches(self) -> int:
+        return self.time * self.grid[0] * self.grid[1]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.n_prefix + self.n_patches
+
+    def kinds(self) -> np.ndarray:
+        """`int8[n_tokens]`: the `TokenKind` of every position."""
+        out = np.full(self.n_tokens, TokenKind.PATCH, dtype=np.int8)
+        out[: self.n_prefix] = np.asarray(self.prefix, dtype=np.int8)
+        return out
+
+    def frames(self) -> np.ndarray:
+        """`int16[n_tokens]`: first input frame covered by each token (-1 for prefix tokens and images)."""
+        out = np.full(self.n_tokens, -1, dtype=np.int16)
+        if self.time > 1 or self.tubelet > 1:
+            out[self.n_prefix :] = self.patch_positions()[:, 0] * self.tubelet
+        return out
+
+    def patch_positions(self) -> np.ndarray:
+        """`int16[n_patches, 3]`: `(t, row, col)` of each patch token, in token order."""
+        t, (h, w) = self.time, self.grid
+        if self.patch_order == "thw":
+            tt, rr, cc = np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")
+        else:
+            rr, cc, tt = np.meshgrid(np.arange(h), np.arange(w), np.arange(t), indexing="ij")
+        return np.stack([tt.ravel(), rr.ravel(), cc.ravel()], axis=1).astype(np.int16)
