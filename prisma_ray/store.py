@@ -1,0 +1,282 @@
+"""The activation store: one Parquet dataset per (model, hook point, split), rows are tokens.
+
+Layout under a store URI:
+  part-00000.parquet ...   complete shards (written under a temporary name, then renamed)
+  _stats/part-00000.json   per-shard running statistics (merged into the manifest)
+  _config.json             the hash of the config that writes here (a changed config is refused)
+  manifest.json            model, hook, dtype, d_model, token counts, merged statistics
+"""
+from __future__ import annotations
+
+import json
+import posixpath
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterator, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from pydantic import BaseModel
+
+from . import storage
+
+StoreDType = Literal["float16", "bfloat16", "float32"]
+DTYPE_KEY = b"prisma_ray.dtype"
+_ARROW_VALUE = {"float16": pa.float16(), "bfloat16": pa.uint16(), "float32": pa.float32()}
+
+
+class StoreConfigMismatch(ValueError):
+    """An output store was written by a different config."""
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def store_uri(root: str, model: str, hook: str, split: str) -> str:
+    """Where the store of `(model, hook, split)` lives under `root`."""
+    return storage.join(root, model, hook, split)
+
+
+def schema(d_model: int, dtype: StoreDType) -> pa.Schema:
+    """Arrow schema of a store's shards."""
+    act = pa.field("act", pa.list_(_ARROW_VALUE[dtype], d_model), metadata={DTYPE_KEY: dtype.encode()})
+    return pa.schema(
+        [
+            pa.field("sample_id", pa.string()),
+            pa.field("token", pa.int16()),
+            pa.field("frame", pa.int16()),
+            pa.field("kind", pa.int8()),
+            act,
+        ]
+    )
+
+
+def encode_acts(acts: np.ndarray, dtype: StoreDType) -> pa.FixedSizeListArray:
+    """`float32[N, D]` -> fixed-size-list Arrow array in the storage dtype (bfloat16 as its uint16 bits)."""
+    acts = np.ascontiguousarray(acts, dtype=np.float32)
+    n, d = acts.shape
+    if dtype == "float16":
+        flat = acts.astype(np.float16).ravel()
+    elif dtype == "bfloat16":
+        bits = acts.view(np.uint32)
+        rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
+        flat = ((bits + rounding) >> 16).astype(np.uint16).ravel()
+    else:
+        flat = acts.ravel()
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat, type=_ARROW_VALUE[dtype]), d)
+
+
+def decode_acts(column: pa.Array | pa.ChunkedArray, dtype: StoreDType) -> np.ndarray:
+    """Fixed-size-list `act` column -> `float32[N, D]`."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    d = column.type.list_size
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    if dtype == "bfloat16":
+        values = (values.astype(np.uint32) << 16).view(np.float32)
+    return values.astype(np.float32, copy=False).reshape(-1, d)
+
+
+def token_table(
+    sample_ids: list[str], token: np.ndarray, frame: np.ndarray, kind: np.ndarray, acts: np.ndarray, dtype: StoreDType
+) -> pa.Table:
+    """One shard's rows (one per token) in the store schema."""
+    return pa.Table.from_arrays(
+        [
+            pa.array(sample_ids, pa.string()),
+            pa.array(token, pa.int16()),
+            pa.array(frame, pa.int16()),
+            pa.array(kind, pa.int8()),
+            encode_acts(acts, dtype),
+        ],
+        schema=schema(acts.shape[1], dtype),
+    )
+
+
+@dataclass
+class RunningStats:
+    """Per-dimension mean and variance (Welford/Chan) and the mean L2 norm of the rows seen."""
+
+    count: int
+    mean: np.ndarray
+    m2: np.ndarray
+    norm_sum: float
+
+    @classmethod
+    def empty(cls, d_model: int) -> RunningStats:
+        return cls(0, np.zeros(d_model), np.zeros(d_model), 0.0)
+
+    @classmethod
+    def of(cls, x: np.ndarray) -> RunningStats:
+        x = np.asarray(x, dtype=np.float64)
+        mean = x.mean(axis=0) if len(x) else np.zeros(x.shape[1])
+        m2 = ((x - mean) ** 2).sum(axis=0)
+        return cls(len(x), mean, m2, float(np.linalg.norm(x, axis=1).sum()))
+
+    def merge(self, other: RunningStats) -> RunningStats:
+        """Statistics of the union of both row sets (Chan et al.'s parallel update)."""
+        n = self.count + other.count
+        if n == 0:
+            return self
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / n)
+        m2 = self.m2 + other.m2 + delta**2 * (self.count * other.count / n)
+        return RunningStats(n, mean, m2, self.norm_sum + other.norm_sum)
+
+    @property
+    def var(self) -> np.ndarray:
+        return self.m2 / max(self.count - 1, 1)
+
+    @property
+    def mean_norm(self) -> float:
+        return self.norm_sum / max(self.count, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "mean": self.mean.tolist(), "m2": self.m2.tolist(), "norm_sum": self.norm_sum}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunningStats:
+        return cls(int(data["count"]), np.asarray(data["mean"]), np.asarray(data["m2"]), float(data["norm_sum"]))
+
+
+class Manifest(BaseModel):
+    """`manifest.json` beside a store's shards."""
+
+    model: str
+    hook: str
+    split: str
+    dtype: StoreDType
+    d_model: int
+    token_selection: dict[str, Any]
+    token_layout: dict[str, Any]
+    dataset: dict[str, Any]
+    config_hash: str
+    n_samples: int
+    n_tokens: int
+    n_errors: int = 0
+    shards: list[str]
+    mean: list[float]
+    std: list[float]
+    mean_norm: float
+
+
+class StoreWriter:
+    """Writes whole shards of one store atomically and knows which shards are complete."""
+
+    def __init__(self, uri: str, options: storage.StorageOptions | None = None):
+        self.uri = uri
+        self.options = options
+        self.fs, self.path = storage.resolve(uri, options)
+
+    def _path(self, *parts: str) -> str:
+        return posixpath.join(self.path, *parts)
+
+    def claim(self, config_hash: str, description: dict[str, Any]) -> None:
+        """Record the config writing here, or refuse if another config already wrote here."""
+        marker = self._path("_config.json")
+        info = self.fs.get_file_info(marker)
+        if info.type == pafs.FileType.File:
+            existing = json.loads(self._read(marker))
+            if existing["config_hash"] != config_hash:
+                raise StoreConfigMismatch(
+                    f"{self.uri} holds activations written by a different config (hash {existing['config_hash']}, "
+                    f"now {config_hash}). Write to a new output path, or delete the old store first."
+                )
+            return
+        self._write_atomic(marker, json.dumps({"config_hash": config_hash, **description}, indent=1).encode())
+
+    def completed(self) -> set[int]:
+        """Indices of the shards that are complete."""
+        self._ensure_dir()
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+        done = set()
+        for info in infos:
+            name = posixpath.basename(info.path)
+            if info.type == pafs.FileType.File and name.startswith("part-") and name.endswith(".parquet"):
+                done.add(int(name[5:10]))
+        return done
+
+    def write_shard(self, index: int, table: pa.Table, stats: RunningStats) -> int:
+        """Write shard `index` (statistics first, then the Parquet file by rename); return its bytes."""
+        self._write_atomic(self._path("_stats", f"part-{index:05d}.json"), json.dumps(stats.to_dict()).encode())
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd", row_group_size=65536)
+        data = sink.getvalue()
+        self._write_atomic(self._path(shard_name(index)), data)
+        return data.size
+
+    def merged_stats(self, indices: set[int], d_model: int) -> RunningStats:
+        total = RunningStats.empty(d_model)
+        for index in sorted(indices):
+            total = total.merge(RunningStats.from_dict(json.loads(self._read(self._path("_stats", f"part-{index:05d}.json")))))
+        return total
+
+    def write_manifest(self, manifest: Manifest) -> None:
+        self._write_atomic(self._path("manifest.json"), manifest.model_dump_json(indent=1).encode())
+
+    def _ensure_dir(self) -> None:
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            self.fs.create_dir(self.path, recursive=True)
+
+    def _read(self, path: str) -> bytes:
+        with self.fs.open_input_stream(path) as f:
+            return f.read()
+
+    def _write_atomic(self, path: str, data: bytes) -> None:
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            self.fs.create_dir(posixpath.dirname(path), recursive=True)
+        tmp = f"{posixpath.dirname(path)}/.tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self.fs.move(tmp, path)
+
+
+def read_manifest(uri: str, options: storage.StorageOptions | None = None) -> Manifest:
+    """The manifest of a finished store."""
+    storage.require_exists(storage.join(uri, "manifest.json"), options)
+    return Manifest.model_validate_json(storage.read_bytes(storage.join(uri, "manifest.json"), options))
+
+
+def shard_paths(uri: str, options: storage.StorageOptions | None = None) -> list[str]:
+    """Filesystem paths of the complete shards of a store, in order."""
+    fs, path = storage.resolve(uri, options)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    names = sorted(
+        posixpath.basename(i.path)
+        for i in infos
+        if i.type == pafs.FileType.File and posixpath.basename(i.path).startswith("part-")
+    )
+    return [posixpath.join(path, n) for n in names]
+
+
+def read_table(uri: str, options: storage.StorageOptions | None = None, columns: list[str] | None = None) -> pa.Table:
+    """Every row of a store as one Arrow table (plain pyarrow, no Ray)."""
+    fs, _ = storage.resolve(uri, options)
+    paths = shard_paths(uri, options)
+    if not paths:
+        raise storage.MissingInputError(f"{uri}: no activation shards here; run `prisma-ray extract` first.")
+    return pa.concat_tables(pq.read_table(p, filesystem=fs, columns=columns) for p in paths)
+
+
+def read_acts(uri: str, options: storage.StorageOptions | None = None) -> np.ndarray:
+    """Every activation of a store as `float32[n_tokens, d_model]`."""
+    table = read_table(uri, options, columns=["act"])
+    return decode_acts(table.column("act"), store_dtype(table.schema))
+
+
+def store_dtype(table_schema: pa.Schema) -> StoreDType:
+    """The storage dtype recorded on a store schema's `act` field."""
+    return table_schema.field("act").metadata[DTYPE_KEY].decode()
+
+
+def iter_act_batches(uri: str, batch_size: int, options: storage.StorageOptions | None = None) -> Iterator[np.ndarray]:
+    """Stream `float32[<=batch_size, d_model]` batches of a store, shard by shard."""
+    fs, _ = storage.resolve(uri, options)
+    for path in shard_paths(uri, options):
+        pf = pq.ParquetFile(path, filesystem=fs)
+        dtype = store_dtype(pf.schema_arrow)
+        for batch in pf.iter_batches(batch_size=batch_size, columns=["act"]):
+            yield decode_acts(batch.column(0), dtype)

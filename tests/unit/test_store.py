@@ -1,0 +1,70 @@
+"""Activation store: dtype encoding, statistics merging, atomic shards, config claims."""
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from prisma_ray import store
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 0), ("float16", 1e-3), ("bfloat16", 8e-3)])
+def test_act_roundtrip(dtype, tol):
+    acts = np.random.default_rng(0).normal(size=(50, 24)).astype(np.float32) * 3
+    back = store.decode_acts(store.encode_acts(acts, dtype), dtype)
+    assert back.shape == acts.shape
+    np.testing.assert_allclose(back, acts, rtol=tol, atol=tol)
+
+
+def test_bfloat16_matches_torch_rounding():
+    acts = np.random.default_rng(1).normal(size=(64, 8)).astype(np.float32)
+    ours = store.decode_acts(store.encode_acts(acts, "bfloat16"), "bfloat16")
+    theirs = torch.from_numpy(acts).to(torch.bfloat16).float().numpy()
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_running_stats_merge_equals_one_pass():
+    x = np.random.default_rng(2).normal(loc=5, size=(101, 6))
+    parts = [store.RunningStats.of(x[:10]), store.RunningStats.of(x[10:70]), store.RunningStats.of(x[70:])]
+    merged = store.RunningStats.empty(6)
+    for part in parts:
+        merged = merged.merge(part)
+    np.testing.assert_allclose(merged.mean, x.mean(0))
+    np.testing.assert_allclose(merged.var, x.var(0, ddof=1))
+    assert merged.count == 101
+    assert merged.mean_norm == pytest.approx(np.linalg.norm(x, axis=1).mean())
+
+
+def _table(n_tokens: int, d: int, dtype="float16"):
+    acts = np.random.default_rng(3).normal(size=(n_tokens, d)).astype(np.float32)
+    ids = [f"img-{i // 4}" for i in range(n_tokens)]
+    token = np.arange(n_tokens) % 4
+    return store.token_table(ids, token, np.full(n_tokens, -1), np.full(n_tokens, 2), acts, dtype), acts
+
+
+def test_writer_shards_are_atomic_and_resumable(tmp_path):
+    writer = store.StoreWriter(str(tmp_path / "s"))
+    table, acts = _table(40, 16)
+    assert writer.completed() == set()
+    writer.write_shard(3, table, store.RunningStats.of(acts))
+    assert writer.completed() == {3}
+    assert not [p for p in (tmp_path / "s").rglob(".tmp-*")], "no temporary files left behind"
+    back = pq.read_table(tmp_path / "s" / "part-00003.parquet")
+    assert back.column("sample_id").to_pylist() == table.column("sample_id").to_pylist()
+    np.testing.assert_allclose(store.read_acts(str(tmp_path / "s")), acts, atol=2e-3)
+    stats = writer.merged_stats({3}, 16)
+    np.testing.assert_allclose(stats.mean, acts.mean(0), rtol=1e-6, atol=1e-7)
+
+
+def test_changed_config_is_refused(tmp_path):
+    writer = store.StoreWriter(str(tmp_path / "s"))
+    writer.claim("abc", {"model": "m"})
+    writer.claim("abc", {"model": "m"})
+    with pytest.raises(store.StoreConfigMismatch, match="different config"):
+        writer.claim("def", {"model": "m"})
+
+
+def test_sixteen_bit_store_costs_about_two_bytes_per_value(tmp_path):
+    d = 384
+    table, acts = _table(2000, d)
+    nbytes = store.StoreWriter(str(tmp_path / "s")).write_shard(0, table, store.RunningStats.of(acts))
+    assert nbytes / acts.size <= 2.1
