@@ -1,0 +1,274 @@
+"""OpenCLIP image towers: every registry entry on the meta device, small towers on the CPU."""
+from types import SimpleNamespace
+
+import open_clip
+import pytest
+import torch
+from torch import nn
+
+from prisma_ray.models import HookedVisionModel, InterventionNotSupported, ModelEntry, build_sites
+from prisma_ray.models.adapters import open_clip_adapter
+from prisma_ray.models.catalog.open_clip_models import ENTRIES
+from prisma_ray.models.spec import TokenKind
+
+
+def tiny(name, architecture, tag, vision_cfg, sizes, **config) -> ModelEntry:
+    """A small entry: `sizes` = (layers, width, heads, image_size, patch_size), `vision_cfg` overrides."""
+    layers, width, heads, image_size, patch_size = sizes
+    return ModelEntry(
+        name=name,
+        source="open_clip",
+        architecture=architecture,
+        pretrained=tag,
+        family="test",
+        layers=layers,
+        width=width,
+        heads=heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        config={"vision_cfg": vision_cfg, **config},
+    )
+
+
+NATIVE = dict(layers=2, width=64, head_width=32, image_size=32, patch_size=8)
+TINY = {
+    "native": tiny("native", "ViT-B-32-quickgelu", "openai", NATIVE, (2, 64, 2, 32, 8), embed_dim=32),
+    "clipa": tiny(  # no ln_pre, average pool, ln_post after pooling; plus LayerScale
+        "clipa", "ViT-L-14-CLIPA", "datacomp1b", {**NATIVE, "layers": 3, "ls_init_value": 0.5}, (3, 64, 2, 32, 8),
+        embed_dim=32,
+    ),
+    "coca": tiny(  # attentional pooler, (pooled, tokens) output
+        "coca", "coca_ViT-B-32", "laion2b_s13b_b90k", {**NATIVE, "attn_pooler_queries": 4, "attn_pooler_heads": 2},
+        (2, 64, 2, 32, 8), embed_dim=32,
+    ),
+    "custom": tiny(  # CustomResidualAttentionBlock with OpenCLIP's own Attention
+        "custom", "ViT-B-32", "laion2b_s34b_b79k", {**NATIVE, "qk_norm": True}, (2, 64, 2, 32, 8), embed_dim=32
+    ),
+    "siglip-timm": tiny(  # SigLIP's TimmModel (MAP pooling, no projection) over timm's tiny test_vit
+        "siglip-timm", "ViT-B-16-SigLIP", "webli", {"timm_model_name": "test_vit", "image_size": 160},
+        (6, 64, 2, 160, 16),
+    ),
+    "eva02-timm": tiny(
+        "eva02-timm", "EVA02-B-16", "merged2b_s8b_b131k", {"timm_model_name": "eva02_tiny_patch14_224"},
+        (12, 192, 3, 224, 14), embed_dim=32,
+    ),
+}
+
+
+def small_model(kind: str) -> HookedVisionModel:
+    torch.manual_seed(0)
+    entry = TINY[kind]
+    model = HookedVisionModel(build_sites(entry, pretrained=False), entry.name).eval()
+    assert (model.n_layers, model.d_model, model.n_heads) == (entry.layers, entry.width, entry.heads)
+    return model
+
+
+def batch(model: HookedVisionModel, n: int = 2) -> torch.Tensor:
+    return torch.randn(n, *model.preprocess.input_shape(), generator=torch.Generator().manual_seed(1))
+
+
+def read_only_names(model: HookedVisionModel) -> list[str]:
+    return [n for n in model.hook_names if not n.endswith("hook_pattern")]
+
+
+@pytest.fixture(scope="module", params=sorted(set(TINY) - {"eva02-timm"}))
+def model(request) -> HookedVisionModel:
+    """Every small tower but the slower EVA02 one (see `test_eva02_timm_tower`)."""
+    return small_model(request.param)
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=lambda e: e.name)
+def test_entry_builds_on_meta_and_matches(entry):
+    with torch.device("meta"):
+        sites = build_sites(entry, pretrained=False)
+    model = HookedVisionModel(sites, entry.name)
+    assert (model.n_layers, model.d_model, model.n_heads) == (entry.layers, entry.width, entry.heads)
+    assert entry.name.startswith("openclip-") and entry.modality == "image"
+    assert model.preprocess.image_size == (entry.image_size, entry.image_size)
+    assert entry.image_size // model.token_layout.grid[0] == entry.patch_size
+    assert "blocks.0.attn.hook_pattern" in model.hook_names
+    assert model.token_layout.prefix == (() if entry.family.startswith("siglip") else (TokenKind.CLS,))
+    with model.hooks([(hook, lambda t, h: None) for hook in model.hook_names]):
+        pass
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=lambda e: e.name)
+def test_entry_tag_exists_and_matches_activation(entry):
+    assert entry.pretrained in open_clip.list_pretrained_tags_by_model(entry.architecture)
+    tag_quick_gelu = open_clip.get_pretrained_cfg(entry.architecture, entry.pretrained).get("quick_gelu", False)
+    assert open_clip.get_model_config(entry.architecture).get("quick_gelu", False) == tag_quick_gelu
+
+
+def test_catalog_covers_families():
+    assert len(ENTRIES) >= 18
+    assert {e.family for e in ENTRIES} >= {"clip", "siglip", "eva02-clip"}
+    assert len({e.name for e in ENTRIES}) == len(ENTRIES)
+
+
+@torch.no_grad()
+def test_output_bit_identical_with_read_hooks(model):
+    x = batch(model)
+    reference = model(x)
+    output, cache = model.run_with_cache(x, read_only_names(model))
+    assert torch.equal(output, reference)
+    assert set(cache) == set(read_only_names(model))
+    assert torch.equal(model(x), reference)
+
+
+@torch.no_grad()
+def test_cache_shapes_follow_token_layout(model):
+    x = batch(model, 3)
+    _, cache = model.run_with_cache(x)
+    n_tokens = model.token_layout.n_tokens
+    for name, value in cache.items():
+        if name.endswith("hook_pattern"):
+            assert value.shape == (3, model.n_heads, n_tokens, n_tokens)
+            assert torch.allclose(value.sum(-1), torch.ones(()), atol=1e-5)
+        else:
+            assert value.shape == (3, n_tokens, model.d_model), name
+
+
+@torch.no_grad()
+def test_residual_decomposition(model):
+    _, cache = model.run_with_cache(batch(model), read_only_names(model))
+    for layer in range(model.n_layers):
+        pre, mid, post = (cache[f"blocks.{layer}.hook_resid_{s}"] for s in ("pre", "mid", "post"))
+        assert torch.equal(pre + cache[f"blocks.{layer}.hook_attn_out"], mid)
+        assert torch.allclose(mid + cache[f"blocks.{layer}.hook_mlp_out"], post, atol=1e-6)
+    assert torch.equal(cache["hook_embed"], cache["blocks.0.hook_resid_pre"])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("site", ["hook_resid_pre", "hook_resid_mid", "hook_mlp_out"])
+def test_identity_intervention_changes_nothing(model, site):
+    x = batch(model)
+    reference = model(x)
+    with model.hooks([(f"blocks.1.{site}", lambda t, hook: t.clone())]):
+        assert torch.allclose(model(x), reference, atol=1e-6)
+
+
+@torch.no_grad()
+def test_zero_ablation_of_residual_changes_output(model):
+    x = batch(model)
+    reference = model(x)
+    with model.hooks([("blocks.0.hook_resid_post", lambda t, hook: torch.zeros_like(t))]):
+        ablated = model(x)
+    assert not torch.allclose(ablated, reference)
+    assert torch.equal(model(x), reference), "hooks must be removed when the block ends"
+
+
+@torch.no_grad()
+def test_early_stop_caches_same_values(model):
+    x = batch(model)
+    names = ["hook_embed", "blocks.0.hook_resid_post", "blocks.0.hook_mlp_in", "blocks.0.attn.hook_pattern"]
+    _, full = model.run_with_cache(x, names)
+    calls = []
+    handle = model._sites.layers[-1].block.register_forward_hook(lambda *a: calls.append(1))
+    output, early = model.run_with_cache(x, names, stop_early=True)
+    handle.remove()
+    assert output is None and not calls, "later blocks must not run"
+    for name in names:
+        assert torch.equal(full[name], early[name])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", ["native", "custom"])
+def test_native_pattern_reproduces_attention_output(kind):
+    """`pattern @ v` through the output projection is what the attention module returns."""
+    model = small_model(kind)
+    attn = model.model.transformer.resblocks[1].attn
+    seen = {}
+    handle = attn.register_forward_hook(lambda _m, args, out: seen.update(x=args[0], out=out))
+    _, cache = model.run_with_cache(batch(model), ["blocks.1.attn.hook_pattern"])
+    handle.remove()
+    pattern, x = cache["blocks.1.attn.hook_pattern"], seen["x"]
+    n, length, width = x.shape
+    v = nn.functional.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)[2]
+    heads = (pattern @ v.reshape(n, length, model.n_heads, -1).transpose(1, 2)).transpose(1, 2)
+    expected = attn.out_proj(heads.reshape(n, length, width))
+    out = seen["out"][0] if isinstance(seen["out"], tuple) else seen["out"]
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+@torch.no_grad()
+def test_native_pattern_is_read_only_and_restored():
+    model = small_model("native")
+    x = batch(model)
+    reference = model(x)
+    with model.hooks([("blocks.0.attn.hook_pattern", lambda t, hook: t * 0)]):
+        with pytest.raises(InterventionNotSupported, match="hook_resid_pre"):
+            model(x)
+    with model.hooks([("blocks.0.attn.hook_pattern", lambda t, hook: None)]):
+        assert torch.allclose(model(x), reference, atol=1e-6)
+    assert not model.model.transformer.resblocks[0].attn._forward_pre_hooks
+    assert torch.equal(model(x), reference)
+
+
+@torch.no_grad()
+def test_final_is_normalised_tokens_or_last_block():
+    """`hook_final` is `ln_post` of every token, or the last block where `ln_post` acts after pooling."""
+    for kind in ("native", "clipa", "coca"):
+        model = small_model(kind)
+        last = f"blocks.{model.n_layers - 1}.hook_resid_post"
+        _, cache = model.run_with_cache(batch(model), [last, "hook_final"])
+        expected = model.model.ln_post(cache[last]) if kind == "native" else cache[last]
+        assert torch.equal(cache["hook_final"], expected)
+
+
+@torch.no_grad()
+def test_forward_is_the_image_embedding():
+    coca = small_model("coca")
+    x = batch(coca)
+    assert isinstance(coca.model(x), tuple)
+    assert torch.equal(coca(x), coca.model(x)[0])
+    for kind, dim in (("native", 32), ("siglip-timm", 64)):
+        model = small_model(kind)
+        assert model(batch(model)).shape == (2, dim)
+
+
+def test_token_layouts_and_preprocess():
+    native, siglip = small_model("native"), small_model("siglip-timm")
+    assert native.token_layout.prefix == (TokenKind.CLS,) and native.token_layout.grid == (4, 4)
+    assert native.preprocess.mean == (0.48145466, 0.4578275, 0.40821073)
+    assert native.preprocess.std == (0.26862954, 0.26130258, 0.27577711)
+    assert siglip.preprocess.mean == (0.5, 0.5, 0.5) and siglip.preprocess.image_size == (160, 160)
+    assert siglip.token_layout.grid == (10, 10)
+    clipa = small_model("clipa").preprocess
+    assert clipa.mean == (0.485, 0.456, 0.406) and clipa.interpolation == "bilinear"
+
+
+@torch.no_grad()
+def test_eva02_timm_tower():
+    """EVA02 CLIP (timm `Eva` trunk, token pooling, linear projection): unchanged output, shapes, layout."""
+    model = small_model("eva02-timm")
+    x = batch(model, 1)
+    reference = model.model(x)
+    output, cache = model.run_with_cache(x, read_only_names(model))
+    assert torch.equal(output, reference) and output.shape == (1, 32)
+    n_tokens = model.token_layout.n_tokens
+    assert model.token_layout.prefix == (TokenKind.CLS,) and n_tokens == 257
+    assert all(value.shape == (1, n_tokens, 192) for value in cache.values())
+    pre, mid = cache["blocks.3.hook_resid_pre"], cache["blocks.3.hook_resid_mid"]
+    assert torch.equal(pre + cache["blocks.3.hook_attn_out"], mid)
+    _, patterns = model.run_with_cache(x, ["blocks.11.attn.hook_pattern"])
+    assert patterns["blocks.11.attn.hook_pattern"].shape == (1, 3, n_tokens, n_tokens)
+    assert model.preprocess.mean == (0.48145466, 0.4578275, 0.40821073)
+
+
+def test_pretrained_build_takes_visual_of_create_model(monkeypatch):
+    """`pretrained=True` loads through `open_clip.create_model` (stubbed: tests never download)."""
+    entry = TINY["native"]
+    visual = open_clip_adapter.build(entry, pretrained=False).model
+    visual.preprocess_cfg = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bilinear"}
+    calls = []
+
+    def create_model(name, **kwargs):
+        calls.append((name, kwargs))
+        return SimpleNamespace(visual=visual)
+
+    monkeypatch.setattr(open_clip, "create_model", create_model)
+    sites = open_clip_adapter.build(entry, pretrained=True)
+    name, kwargs = calls[0]
+    assert name == entry.architecture and kwargs["pretrained"] == entry.pretrained and kwargs["require_pretrained"]
+    assert kwargs["embed_dim"] == 32 and kwargs["vision_cfg"]["layers"] == 2
+    assert sites.model is visual and sites.preprocess.interpolation == "bilinear"
