@@ -43,6 +43,36 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _extract(args: argparse.Namespace) -> int:
+    from .activations import ExtractConfig
+    from .extract import run_extract
+    from .storage import MissingInputError
+
+    cfg = load_config(ExtractConfig, args.config, args.set)
+    try:
+        summary = run_extract(cfg)
+    except MissingInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(summary.format())
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .storage import MissingInputError
+    from .train import run_training
+    from .training_config import TrainConfig
+
+    cfg = load_config(TrainConfig, args.config, args.set)
+    try:
+        summary = run_training(cfg)
+    except MissingInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(summary.format())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `prisma-ray` command."""
     parser = argparse.ArgumentParser(prog="prisma-ray", description=__doc__)
@@ -64,6 +94,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("config", nargs="?", help="YAML config (optional)")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     demo.set_defaults(func=_demo)
+
+    extract = sub.add_parser(
+        "extract",
+        help="extract activations into Parquet stores (Ray Data)",
+        description="Run a dataset through a model on Ray and write the activations of each hook point to its own "
+        "Parquet store, <output>/<model>/<hook>/<split>, local or s3://. Rerunning the same config resumes and adds "
+        "no duplicate rows; a changed config into the same output is refused. Connects to the Ray at ray.address or "
+        "$RAY_ADDRESS, else starts a local one.",
+        epilog="example: prisma-ray extract extract.yaml --set output=s3://bucket/acts --set batch_size=64",
+    )
+    extract.add_argument(
+        "config", nargs="?", help="YAML ExtractConfig (optional: the defaults extract 128 synthetic shapes images "
+        "through a random-weight ViT-Tiny into ./prisma-activations)"
+    )
+    extract.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    extract.set_defaults(func=_extract)
+
+    train = sub.add_parser("train", help="train SAEs, transcoders or crosscoders on activation stores (Ray Train)")
+    train.add_argument("config", nargs="?", help="YAML config (optional: the defaults train on the default store)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    train.set_defaults(func=_train)
     return parser
 
 

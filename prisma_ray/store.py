@@ -25,6 +25,15 @@ from . import storage
 StoreDType = Literal["float16", "bfloat16", "float32"]
 DTYPE_KEY = b"prisma_ray.dtype"
 _ARROW_VALUE = {"float16": pa.float16(), "bfloat16": pa.uint16(), "float32": pa.float32()}
+# Activation values byte-stream-split then zstd level 1: smaller than dictionary encoding and ~5x faster to write.
+PARQUET_OPTIONS = dict(
+    compression="zstd",
+    compression_level=1,
+    use_dictionary=["sample_id"],
+    column_encoding={"act.list.element": "BYTE_STREAM_SPLIT"},
+    write_statistics=["sample_id", "token", "frame", "kind"],
+    row_group_size=65536,
+)
 
 
 class StoreConfigMismatch(ValueError):
@@ -174,19 +183,27 @@ class StoreWriter:
     def _path(self, *parts: str) -> str:
         return posixpath.join(self.path, *parts)
 
+    def claimed(self) -> dict[str, Any] | None:
+        """The config recorded by `claim` (`config_hash` plus its description), or None if unclaimed."""
+        marker = self._path("_config.json")
+        if self.fs.get_file_info(marker).type != pafs.FileType.File:
+            return None
+        return json.loads(self._read(marker))
+
     def claim(self, config_hash: str, description: dict[str, Any]) -> None:
         """Record the config writing here, or refuse if another config already wrote here."""
-        marker = self._path("_config.json")
-        info = self.fs.get_file_info(marker)
-        if info.type == pafs.FileType.File:
-            existing = json.loads(self._read(marker))
-            if existing["config_hash"] != config_hash:
-                raise StoreConfigMismatch(
-                    f"{self.uri} holds activations written by a different config (hash {existing['config_hash']}, "
-                    f"now {config_hash}). Write to a new output path, or delete the old store first."
-                )
-            return
-        self._write_atomic(marker, json.dumps({"config_hash": config_hash, **description}, indent=1).encode())
+        existing = self.claimed()
+        if existing is None:
+            marker = json.dumps({"config_hash": config_hash, **description}, indent=1).encode()
+            self._write_atomic(self._path("_config.json"), marker)
+        elif existing["config_hash"] != config_hash:
+            keys = {*description, *existing} - {"config_hash"}
+            changed = sorted(k for k in keys if existing.get(k) != description.get(k))
+            detail = f" Changed: {', '.join(changed)}." if changed else ""
+            raise StoreConfigMismatch(
+                f"{self.uri} holds activations written by a different config (hash {existing['config_hash']}, "
+                f"now {config_hash}).{detail} Write to a new output path, or delete the old store first."
+            )
 
     def completed(self) -> set[int]:
         """Indices of the shards that are complete."""
@@ -203,7 +220,7 @@ class StoreWriter:
         """Write shard `index` (statistics first, then the Parquet file by rename); return its bytes."""
         self._write_atomic(self._path("_stats", f"part-{index:05d}.json"), json.dumps(stats.to_dict()).encode())
         sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd", row_group_size=65536)
+        pq.write_table(table, sink, **PARQUET_OPTIONS)
         data = sink.getvalue()
         self._write_atomic(self._path(shard_name(index)), data)
         return data.size
@@ -213,6 +230,14 @@ class StoreWriter:
         for index in sorted(indices):
             total = total.merge(RunningStats.from_dict(json.loads(self._read(self._path("_stats", f"part-{index:05d}.json")))))
         return total
+
+    def remove_temporaries(self) -> int:
+        """Delete the temporary files that interrupted writers left behind; return how many there were."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=True, allow_not_found=True))
+        stale = [i.path for i in infos if i.type == pafs.FileType.File and i.base_name.startswith(".tmp-")]
+        for path in stale:
+            self.fs.delete_file(path)
+        return len(stale)
 
     def write_manifest(self, manifest: Manifest) -> None:
         self._write_atomic(self._path("manifest.json"), manifest.model_dump_json(indent=1).encode())
@@ -226,12 +251,17 @@ class StoreWriter:
             return f.read()
 
     def _write_atomic(self, path: str, data: bytes) -> None:
-        if isinstance(self.fs, pafs.LocalFileSystem):
-            self.fs.create_dir(posixpath.dirname(path), recursive=True)
-        tmp = f"{posixpath.dirname(path)}/.tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}"
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(data)
-        self.fs.move(tmp, path)
+        write_atomic(self.fs, path, data)
+
+
+def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write `data` to `path` under a temporary name beside it, then rename it into place."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(posixpath.dirname(path), recursive=True)
+    tmp = f"{posixpath.dirname(path)}/.tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, path)
 
 
 def read_manifest(uri: str, options: storage.StorageOptions | None = None) -> Manifest:

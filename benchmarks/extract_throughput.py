@@ -1,0 +1,177 @@
+"""Extraction throughput: (a) the Ray pipeline (`prisma_ray.extract.run_extract`) against (b) the usual
+single-process loop of interpretability tools (a torch DataLoader, a forward hook on the block,
+`torch.save` of float16 shards), on the same images, model (random weights) and hook point, in one run.
+
+Prints tokens/s of each (median over `--repeats`, run alternately), the ratio a/b, bytes per stored
+activation value, and how far the stored activations of (a) are from those of (b). Both sides are
+timed end to end from an up-and-running Ray (model build, reading, decoding, forward, writing); the
+dataset is generated and Ray started before any timing. The default hook is the last block, so
+neither side can end the forward pass early.
+
+    .venv/bin/python benchmarks/extract_throughput.py [--images 512] [--repeats 2]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import re
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from prisma_ray import store
+from prisma_ray.activations import DEFAULT_MODEL, ExtractConfig, build_model, resolve_entry
+from prisma_ray.data.sources import SampleRef, SyntheticSource, list_refs, with_resolved_storage
+from prisma_ray.extract import run_extract
+from prisma_ray.models import PreprocessSpec
+
+_RESID_POST = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
+
+
+class ImageFiles(Dataset):
+    """The images of `refs` through timm's eval transform (resize, centre crop, to tensor, normalise)."""
+
+    def __init__(self, refs: list[SampleRef], spec: PreprocessSpec):
+        self.refs = refs
+        size = spec.image_size[0]
+        self.transform = transforms.Compose(
+            [
+                transforms.Resize(math.floor(size / spec.crop_pct), interpolation=transforms.InterpolationMode.BICUBIC),
+                transforms.CenterCrop(size),
+                transforms.ToTensor(),
+                transforms.Normalize(spec.mean, spec.std),
+            ]
+        )
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        with Image.open(self.refs[i].uri) as img:
+            return self.transform(img.convert("RGB")), i
+
+
+def baseline(refs: list[SampleRef], args: argparse.Namespace, out: Path) -> dict:
+    """(b): DataLoader -> forward with a hook on `blocks[l]` -> float16 shards with `torch.save`."""
+    start = time.perf_counter()
+    entry = resolve_entry(args.model)
+    model = build_model(entry, pretrained=False, seed=0)
+    net, layer = model.model, int(_RESID_POST.match(args.hook).group(1))
+    captured: list[torch.Tensor] = []
+    handle = net.blocks[layer].register_forward_hook(lambda _m, _i, output: captured.append(output))
+    loader = DataLoader(ImageFiles(refs, model.preprocess), batch_size=args.batch_size)
+    out.mkdir(parents=True)
+    acts, ids, shard, tokens = [], [], 0, 0
+
+    def save() -> None:
+        nonlocal acts, ids, shard
+        torch.save({"acts": torch.cat(acts), "sample_id": ids}, out / f"shard-{shard:05d}.pt")
+        acts, ids, shard = [], [], shard + 1
+
+    with torch.inference_mode():
+        for x, index in loader:
+            net(x)
+            batch = captured.pop().to(torch.float16)
+            acts.append(batch.reshape(-1, batch.shape[-1]))
+            ids += [refs[i].sample_id for i in index.tolist()]
+            tokens += batch.shape[0] * batch.shape[1]
+            if len(ids) >= args.shard_size:
+                save()
+        if acts:
+            save()
+    handle.remove()
+    seconds = time.perf_counter() - start
+    nbytes = sum(f.stat().st_size for f in out.iterdir())
+    return {"tokens": tokens, "seconds": seconds, "bytes": nbytes, "values": tokens * model.d_model}
+
+
+def pipeline(data: SyntheticSource, args: argparse.Namespace, out: Path) -> dict:
+    """(a): `run_extract` of the same images, model and hook, all tokens, float16."""
+    cfg = ExtractConfig(
+        model=args.model,
+        hooks=[args.hook],
+        dataset=data,
+        output=str(out),
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        dtype="float16",
+        progress=False,
+    )
+    summary = run_extract(cfg)
+    return {"tokens": summary.tokens, "seconds": summary.seconds, "bytes": summary.bytes, "values": summary.values,
+            "store": summary.stores[args.hook]}  # fmt: skip
+
+
+def max_difference(baseline_dir: Path, store_uri: str) -> float:
+    """Largest |a - b| between the activations of one baseline shard and the same tokens in the store."""
+    saved = torch.load(baseline_dir / "shard-00000.pt", weights_only=True)
+    table = store.read_table(store_uri).sort_by([("sample_id", "ascending"), ("token", "ascending")])
+    ids = table.column("sample_id").to_pylist()
+    first = {sid: i for i, sid in reversed(list(enumerate(ids)))}
+    n_tokens = len(saved["acts"]) // len(saved["sample_id"])
+    rows = [first[sid] + t for sid in saved["sample_id"] for t in range(n_tokens)]
+    ours = store.decode_acts(table.column("act").take(rows), "float16")
+    return float(np.abs(ours - saved["acts"].float().numpy()).max())
+
+
+def report(name: str, runs: list[dict]) -> float:
+    rate = statistics.median(r["tokens"] / r["seconds"] for r in runs)
+    per_value = runs[0]["bytes"] / runs[0]["values"]
+    seconds = ", ".join(f"{r['seconds']:.1f}" for r in runs)
+    print(f"{name:<40} {rate:9.0f} tokens/s   {per_value:.3f} bytes/value   runs {seconds} s")
+    return rate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="a timm ViT in the registry")
+    parser.add_argument("--hook", default="blocks.11.hook_resid_post", help="blocks.{l}.hook_resid_post")
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--image-size", type=int, default=224, help="side of the generated images")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--shard-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
+    parser.add_argument("--workdir", help="keeps the generated images (default: a temporary folder)")
+    args = parser.parse_args()
+    if not _RESID_POST.match(args.hook) or resolve_entry(args.model).source != "timm":
+        parser.error("the baseline hooks a timm ViT block: use a timm model and --hook blocks.{l}.hook_resid_post")
+    logging.basicConfig(level=logging.WARNING)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.workdir or tmp)
+        data = with_resolved_storage(SyntheticSource(
+            uri=str(work / "shapes"), generator=dict(name="shapes", n_images=args.images, image_size=args.image_size)
+        ))  # fmt: skip
+        refs = list_refs(data)
+        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING)  # fmt: skip
+        outputs = Path(tempfile.mkdtemp(prefix="runs-", dir=work))
+        runs: dict[str, list[dict]] = {"a": [], "b": []}
+        for r in range(args.repeats):
+            for side in ("ba" if r % 2 == 0 else "ab"):
+                out = outputs / f"{side}-{r}"
+                runs[side].append(pipeline(data, args, out) if side == "a" else baseline(refs, args, out))
+        difference = max_difference(outputs / "b-0", runs["a"][0]["store"])
+        ray.shutdown()
+
+    print(f"{args.model} (random weights), {args.hook}, all tokens, float16; {args.images} images "
+          f"{args.image_size}px, batch {args.batch_size}, shards of {args.shard_size}; {args.num_cpus} CPUs, "
+          f"5-min load average {os.getloadavg()[1]:.1f}; median of {args.repeats} runs each")  # fmt: skip
+    a = report("(a) prisma-ray pipeline (Ray Data)", runs["a"])
+    b = report("(b) DataLoader + hook + torch.save", runs["b"])
+    print(f"ratio a/b {a / b:.2f}   max |a - b| on one shard {difference:.2g} (float16 storage)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,486 @@
+"""Activation extraction without Ray: the job config, shard planning, token selection, decoding, the worker.
+
+`prisma_ray.extract` wires these into a Ray Data pipeline; every piece here also runs in a plain
+process. The flow for one input shard (a fixed, sorted slice of the dataset's refs):
+
+1. `decode_shard` (a CPU task): read, decode, resize and crop every sample to the model's input
+   geometry as `uint8` (4x smaller than float pixels to ship); bad samples become `ErrorRecord`s.
+2. `ExtractionWorker.process` (an actor): normalise on the model's device, one forward pass per
+   minibatch with every hook point cached, token selection, then one store shard per hook point
+   (written under a temporary name and renamed) plus the shard's bad samples in the errors table.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from . import storage, store
+from .data.batches import RowFormat
+from .data.decode import FrameSampling
+from .data.errors import ERROR_SCHEMA, ErrorRecord, errors_uri, format_counts
+from .data.sources import SHARDED, DatasetSpec, Sample, SampleRef, SyntheticSource, load_samples
+from .data.synthetic import ShapesConfig
+from .data.transforms import resize_and_crop
+from .models import HookedVisionModel, ModelEntry, build_sites, get_entry
+from .models.spec import PreprocessSpec, TokenKind, TokenLayout
+from .store import RunningStats, StoreDType
+from .storage import StorageOptions
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "timm-vit-tiny-patch16-224-augreg-in21k-ft-in1k"
+FORMAT_VERSION = 1
+SUMMARY_FIELDS = ("shard", "samples", "errors", "tokens", "values", "bytes", "seconds")
+
+
+class TokenSelection(BaseModel):
+    """Which tokens of each sample are stored.
+
+    `all`: every token; `cls`: the CLS token only; `patches`: every patch token (no CLS, register or
+    distillation tokens); `random`: `k` patch tokens per sample, drawn without replacement from
+    `(seed, sample_id)`, so the choice does not depend on shards, batches or actors.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mode: Literal["all", "cls", "patches", "random"] = "all"
+    k: int | None = Field(None, ge=1, description="patch tokens kept per sample (mode=random)")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _k_with_random(self) -> TokenSelection:
+        if (self.mode == "random") != (self.k is not None):
+            raise ValueError("set `k` (patch tokens per sample) when, and only when, mode is 'random'")
+        return self
+
+
+class RayOptions(BaseModel):
+    """Which Ray to use: the one already initialised in this process, else `address` (or `$RAY_ADDRESS`),
+    else a new local one with `num_cpus` CPUs (default: all of this machine's)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1)
+
+
+def _default_dataset() -> SyntheticSource:
+    return SyntheticSource(uri="prisma-data/shapes", generator=ShapesConfig(n_images=128))
+
+
+class ExtractConfig(BaseModel):
+    """`prisma-ray extract`: a dataset through one model into one activation store per hook point.
+
+    Stores live at `<output>/<model>/<hook>/<split>`, each with its bad samples under `_errors/`.
+    `model` is a registry name or an inline registry entry (any architecture an adapter can build).
+    Fields that change the stored rows (model, pretrained, seed, hooks, tokens, dtype, dataset,
+    shard_size and the listed inputs) are hashed per store: rerunning the same config resumes,
+    a changed one is refused. The others (batch size, actors, resources) may change between runs.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | ModelEntry = DEFAULT_MODEL
+    pretrained: bool = Field(False, description="False: random weights drawn from `seed` (no download)")
+    seed: int = 0
+    hooks: list[str] = Field(default_factory=lambda: ["blocks.6.hook_resid_post"], min_length=1)
+    tokens: TokenSelection = TokenSelection()
+    dtype: StoreDType = "float16"
+    dataset: DatasetSpec = Field(default_factory=_default_dataset)
+    split: str = "train"
+    output: str = "prisma-activations"
+    storage: StorageOptions = Field(StorageOptions(), description="how to reach `output`")
+    shard_size: int = Field(64, ge=1, description="samples per shard (Parquet/WebDataset sources: one shard per file)")
+    batch_size: int = Field(32, ge=1, description="samples per forward pass")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    actors: int | None = Field(None, ge=1, description="model actors (default: one per GPU; on CPU one per CPU, at most 8)")
+    actor_num_cpus: float | None = Field(None, gt=0, description="CPUs reserved per actor (default: up to 1)")
+    decode_num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per decode task")
+    torch_threads: int | None = Field(None, ge=1, description="CPU actors' torch threads (default: CPUs / actors)")
+    max_shards: int | None = Field(None, ge=1, description="stop after this many shards; a rerun goes on")
+    progress: bool = True
+    ray: RayOptions = RayOptions()
+
+    @field_validator("hooks")
+    @classmethod
+    def _unique(cls, hooks: list[str]) -> list[str]:
+        if len(set(hooks)) != len(hooks):
+            raise ValueError(f"hooks must be distinct; got {hooks}")
+        return hooks
+
+    @field_validator("split")
+    @classmethod
+    def _plain_name(cls, split: str) -> str:
+        if not split or "/" in split or split.startswith((".", "_")):
+            raise ValueError(f"split must be a plain name (no '/', not starting with '.' or '_'); got {split!r}")
+        return split
+
+
+# ---------------------------------------------------------------------------------------------
+# Models, hook points, token selection
+
+
+def resolve_entry(model: str | ModelEntry) -> ModelEntry:
+    """The registry entry named `model` (an unknown name raises `UnknownModel`), or the inline entry."""
+    return model if isinstance(model, ModelEntry) else get_entry(model)
+
+
+def build_model(entry: ModelEntry, pretrained: bool, seed: int, device: str | torch.device = "cpu") -> HookedVisionModel:
+    """The entry's hooked model in eval mode; with `pretrained=False` its random weights depend on `seed` only."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = HookedVisionModel(build_sites(entry, pretrained), entry.name).eval()
+    model.model.to(device)  # HookedVisionModel.to() is shadowed by its own `_apply` helper
+    return model
+
+
+def describe_model(entry: ModelEntry) -> HookedVisionModel:
+    """The entry's hooked model on the `meta` device: hook names, layout and input spec, no weights."""
+    with torch.device("meta"):
+        return HookedVisionModel(build_sites(entry, False), entry.name)
+
+
+def check_hooks(model: HookedVisionModel, hooks: Sequence[str]) -> None:
+    """Raise unless every hook point exists and holds one activation vector per token."""
+    for name in hooks:
+        point = model.hook_point(name)
+        if point.site == "attn.hook_pattern":
+            raise ValueError(
+                f"{name} holds attention probabilities [batch, heads, tokens, tokens], not one vector per token; "
+                "extract a residual, attention-output or MLP hook point instead."
+            )
+
+
+def check_selection(layout: TokenLayout, selection: TokenSelection, model_name: str) -> None:
+    """Raise if `selection` asks for tokens that the model does not have."""
+    if selection.mode == "cls" and TokenKind.CLS not in layout.prefix:
+        prefix = [TokenKind(k).name.lower() for k in layout.prefix] or "none"
+        raise ValueError(
+            f"{model_name} has no CLS token (prefix tokens: {prefix}); use tokens.mode=patches, random or all."
+        )
+    if selection.mode == "random" and selection.k > layout.n_patches:
+        raise ValueError(f"tokens.k={selection.k} but {model_name} has only {layout.n_patches} patch tokens per sample.")
+
+
+def fixed_positions(layout: TokenLayout, selection: TokenSelection) -> np.ndarray | None:
+    """`int64[K]` token positions kept from every sample, or None when they differ per sample (random)."""
+    if selection.mode == "all":
+        return np.arange(layout.n_tokens)
+    if selection.mode == "patches":
+        return np.arange(layout.n_prefix, layout.n_tokens)
+    if selection.mode == "cls":
+        return np.flatnonzero(layout.kinds() == TokenKind.CLS)
+    return None
+
+
+def tokens_per_sample(layout: TokenLayout, selection: TokenSelection) -> int:
+    fixed = fixed_positions(layout, selection)
+    return selection.k if fixed is None else len(fixed)
+
+
+def _stable_hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def token_positions(layout: TokenLayout, selection: TokenSelection, sample_ids: Sequence[str]) -> np.ndarray:
+    """`int64[B, K]`: the token positions kept from each sample, ascending."""
+    fixed = fixed_positions(layout, selection)
+    if fixed is not None:
+        return np.broadcast_to(fixed, (len(sample_ids), len(fixed)))
+    out = np.empty((len(sample_ids), selection.k), dtype=np.int64)
+    for i, sid in enumerate(sample_ids):
+        rng = np.random.default_rng([selection.seed, _stable_hash(str(sid))])
+        out[i] = layout.n_prefix + np.sort(rng.choice(layout.n_patches, size=selection.k, replace=False))
+    return out
+
+
+def token_columns(layout: TokenLayout, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`(token, frame, kind)` store columns for `int64[B, K]` positions, flattened sample-major.
+
+    `frame` is the first model-input frame the token covers (tubelet index x tubelet size) for
+    video patch tokens, -1 for prefix tokens and images.
+    """
+    flat = positions.reshape(-1)
+    return flat.astype(np.int16), layout.frames()[flat], layout.kinds()[flat]
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards, config hash
+
+
+def plan_shards(refs: Sequence[SampleRef], spec: DatasetSpec, shard_size: int) -> list[list[SampleRef]]:
+    """Cut the refs, sorted by sample id, into shards of `shard_size` (one per file for Parquet/WebDataset)."""
+    ordered = sorted(refs, key=lambda r: (r.sample_id, r.uri))
+    size = 1 if isinstance(spec, SHARDED) else shard_size
+    return [ordered[i : i + size] for i in range(0, len(ordered), size)]
+
+
+def pending_shards(n_shards: int, completed: dict[str, set[int]]) -> dict[int, list[str]]:
+    """`{shard: hooks whose store lacks it}` for every shard that some store still lacks."""
+    pending = {}
+    for shard in range(n_shards):
+        todo = [hook for hook, done in completed.items() if shard not in done]
+        if todo:
+            pending[shard] = todo
+    return pending
+
+
+def inputs_digest(refs: Sequence[SampleRef]) -> str:
+    """A digest of the listed inputs: adding, removing or relabelling a file changes it."""
+    h = hashlib.sha256()
+    for ref in sorted(refs, key=lambda r: (r.sample_id, r.uri)):
+        h.update(f"{ref.sample_id}\t{ref.uri}\t{ref.label}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def dataset_description(spec: DatasetSpec) -> dict[str, Any]:
+    """The dataset spec as recorded in configs and manifests (storage options and credentials left out)."""
+    return spec.model_dump(mode="json", exclude={"storage"})
+
+
+def store_description(cfg: ExtractConfig, entry: ModelEntry, hook: str, spec: DatasetSpec, digest: str) -> dict[str, Any]:
+    """Everything that determines the rows of one store (JSON-normalised)."""
+    description = {
+        "format": FORMAT_VERSION,
+        "model": entry.model_dump(mode="json"),
+        "pretrained": cfg.pretrained,
+        "seed": cfg.seed,
+        "hook": hook,
+        "tokens": cfg.tokens.model_dump(mode="json"),
+        "dtype": cfg.dtype,
+        "dataset": dataset_description(spec),
+        "shard_size": 1 if isinstance(spec, SHARDED) else cfg.shard_size,
+        "inputs": digest,
+    }
+    return json.loads(json.dumps(description))
+
+
+def config_hash(description: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding (CPU tasks)
+
+
+@dataclass(frozen=True)
+class InputFormat:
+    """The rows shipped from decode tasks to actors: `uint8` crops at the model's input geometry,
+    `[H, W, 3]` per image or `[T, H, W, 3]` per clip; the actor normalises them (`normalize`)."""
+
+    preprocess: PreprocessSpec
+    sampling: FrameSampling | None
+
+    @classmethod
+    def create(cls, spec: DatasetSpec, preprocess: PreprocessSpec) -> InputFormat:
+        """Check that the dataset can feed the model (modality, frames) and fix the geometry."""
+        return cls(preprocess, RowFormat.create(spec, preprocess).sampling)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        frames = (self.sampling.num_frames,) if self.preprocess.modality == "video" else ()
+        return (*frames, *self.preprocess.image_size, 3)
+
+    def crop(self, sample: Sample) -> np.ndarray:
+        p = self.preprocess
+        frames = sample.video.frames if p.modality == "video" else [sample.image]
+        crops = [resize_and_crop(f, p.image_size, crop_pct=p.crop_pct, interpolation=p.interpolation) for f in frames]
+        return np.stack(crops) if p.modality == "video" else crops[0]
+
+
+@dataclass
+class ShardData:
+    """One decoded shard: the good samples' ids, labels and `uint8` crops, and the bad samples."""
+
+    sample_ids: np.ndarray
+    labels: np.ndarray
+    pixels: np.ndarray
+    errors: list[ErrorRecord] = field(default_factory=list)
+
+    def to_bytes(self) -> bytes:
+        """An `.npz` (no pickle) holding the shard, to pass between Ray tasks as one value."""
+        buf = io.BytesIO()
+        err = {f"error_{k}": np.array([getattr(r, k) for r in self.errors], dtype=str) for k in ErrorRecord.__annotations__}
+        np.savez(buf, sample_ids=self.sample_ids.astype(str), labels=self.labels, pixels=self.pixels, **err)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ShardData:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            fields = [z[f"error_{k}"].tolist() for k in ErrorRecord.__annotations__]
+            return cls(z["sample_ids"], z["labels"], z["pixels"], [ErrorRecord(*row) for row in zip(*fields)])
+
+
+def decode_shard(refs: Sequence[SampleRef], spec: DatasetSpec, fmt: InputFormat) -> ShardData:
+    """Read and decode a shard's refs into model-geometry crops; bad samples become error records."""
+    ids, labels, crops, errors = [], [], [], []
+    for ref in refs:
+        for item in load_samples(ref, spec, fmt.sampling):
+            if isinstance(item, ErrorRecord):
+                errors.append(item)
+                continue
+            ids.append(item.sample_id)
+            labels.append(item.label)
+            crops.append(fmt.crop(item))
+    pixels = np.stack(crops) if crops else np.zeros((0, *fmt.shape), np.uint8)
+    return ShardData(np.array(ids, dtype=str), np.array(labels, dtype=np.int64), pixels, errors)
+
+
+def decode_batch(batch: dict[str, np.ndarray], spec: DatasetSpec, fmt: InputFormat) -> dict[str, np.ndarray]:
+    """Decode task body: rows `shard`, `refs` (JSON list of `SampleRef` fields), `hooks` -> the same rows
+    with `payload` (`ShardData.to_bytes()`) in place of `refs`."""
+    payloads = [
+        decode_shard([SampleRef(**r) for r in json.loads(refs)], spec, fmt).to_bytes() for refs in batch["refs"]
+    ]
+    return {"shard": batch["shard"], "payload": np.array(payloads, dtype=object), "hooks": batch["hooks"]}
+
+
+def normalize(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """`uint8[..., H, W, 3]` -> `float32[..., 3, H, W]` holding `(x / 255 - mean) / std`, as
+    `prisma_ray.data.transforms.normalize` computes it."""
+    x = pixels.to(torch.float32) / torch.full((3,), 255.0, device=pixels.device)
+    return ((x - mean) / std).movedim(-1, -3).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker (actors)
+
+
+class WorkerJob(BaseModel):
+    """What an `ExtractionWorker` needs (small and picklable: Ray ships it to every actor)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: ModelEntry
+    pretrained: bool
+    seed: int
+    tokens: TokenSelection
+    dtype: StoreDType
+    stores: dict[str, str] = Field(description="hook point -> store URI (bad samples: `<store>/_errors`)")
+    storage: StorageOptions
+    batch_size: int
+    device: str = "cpu"
+    torch_threads: int | None = None
+
+
+def tensor_stats(x: torch.Tensor) -> RunningStats:
+    """Running statistics of the rows of `x` (computed in float64 on `x`'s device)."""
+    x = x.to(torch.float64)
+    mean = x.mean(0)
+    m2 = ((x - mean) ** 2).sum(0)
+    norm_sum = torch.linalg.vector_norm(x, dim=1).sum()
+    return RunningStats(len(x), mean.cpu().numpy(), m2.cpu().numpy(), float(norm_sum))
+
+
+def write_shard_errors(records: Sequence[ErrorRecord], owner: str, shard: int, options: StorageOptions | None) -> None:
+    """Write a shard's bad samples as `<owner>/_errors/part-<shard>.parquet` (a rerun overwrites, never duplicates).
+
+    `read_errors_table(owner)` reads them back.
+    """
+    if not records:
+        return
+    now = datetime.now(timezone.utc)
+    table = pa.Table.from_pylist([{**asdict(r), "time": now} for r in records], schema=ERROR_SCHEMA)
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    uri = storage.join(errors_uri(owner), f"part-{shard:05d}.parquet")
+    fs, path = storage.resolve(uri, options)
+    store.write_atomic(fs, path, buf.getvalue().to_pybytes())
+    log.warning("shard %d: %d bad samples skipped (%s); recorded in %s", shard, len(records), format_counts(records), uri)
+
+
+class ExtractionWorker:
+    """Runs the model over whole shards and writes one store shard per hook point.
+
+    Ray Data calls it with one-row batches (`shard`, `payload`: `ShardData.to_bytes()`, `hooks`: JSON
+    list of the hook points still missing for that shard); tests call `process` directly.
+    """
+
+    def __init__(self, job: WorkerJob):
+        self.job = job
+        self.device = torch.device(job.device)
+        if self.device.type == "cpu" and job.torch_threads:
+            torch.set_num_threads(job.torch_threads)
+        self.model = build_model(job.model, job.pretrained, job.seed, self.device)
+        self.layout = self.model.token_layout
+        spec = self.model.preprocess
+        self.mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device)
+        self.std = torch.tensor(spec.std, dtype=torch.float32, device=self.device)
+        self.fixed = fixed_positions(self.layout, job.tokens)
+        self.writers = {hook: store.StoreWriter(uri, job.storage) for hook, uri in job.stores.items()}
+        log.info("worker ready: %s on %s, %d torch threads", job.model.name, self.device, torch.get_num_threads())
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = [
+            self.process(int(shard), ShardData.from_bytes(payload), json.loads(hooks))
+            for shard, payload, hooks in zip(batch["shard"], batch["payload"], batch["hooks"])
+        ]
+        return {k: np.array([row[k] for row in rows]) for k in SUMMARY_FIELDS}
+
+    def process(self, shard: int, data: ShardData, hooks: Sequence[str] | None = None) -> dict[str, Any]:
+        """Extract and write shard `shard` for `hooks` (default: all); return its summary row."""
+        start = time.perf_counter()
+        hooks = list(self.job.stores) if hooks is None else list(hooks)
+        positions = token_positions(self.layout, self.job.tokens, data.sample_ids)
+        acts, stats = self.extract(data.pixels, positions, hooks)
+        token, frame, kind = token_columns(self.layout, positions)
+        ids = np.repeat(data.sample_ids, positions.shape[1]).tolist()
+        nbytes = 0
+        for hook in hooks:
+            write_shard_errors(data.errors, self.job.stores[hook], shard, self.job.storage)
+            table = store.token_table(ids, token, frame, kind, acts[hook], self.job.dtype)
+            nbytes += self.writers[hook].write_shard(shard, table, stats[hook])
+        return {
+            "shard": shard,
+            "samples": len(data.sample_ids),
+            "errors": len(data.errors),
+            "tokens": positions.size,
+            "values": positions.size * self.model.d_model * len(hooks),
+            "bytes": nbytes,
+            "seconds": time.perf_counter() - start,
+        }
+
+    @torch.inference_mode()
+    def extract(
+        self, pixels: np.ndarray, positions: np.ndarray, hooks: Sequence[str]
+    ) -> tuple[dict[str, np.ndarray], dict[str, RunningStats]]:
+        """`float32[B*K, d_model]` selected activations and their statistics per hook point."""
+        d = self.model.d_model
+        chunks: dict[str, list[np.ndarray]] = {h: [] for h in hooks}
+        stats = {h: RunningStats.empty(d) for h in hooks}
+        bs = self.job.batch_size
+        for i in range(0, len(pixels), bs):
+            x = normalize(torch.from_numpy(pixels[i : i + bs]).to(self.device), self.mean, self.std)
+            _, cache = self.model.run_with_cache(x, hooks, stop_early=True)
+            pos = torch.from_numpy(np.array(positions[i : i + bs])).to(self.device)
+            for hook in hooks:
+                rows = self._select(cache[hook], pos, hook).reshape(-1, d).to(torch.float32)
+                stats[hook] = stats[hook].merge(tensor_stats(rows))
+                chunks[hook].append(rows.cpu().numpy())
+        acts = {h: np.concatenate(c) if c else np.zeros((0, d), np.float32) for h, c in chunks.items()}
+        return acts, stats
+
+    def _select(self, acts: torch.Tensor, pos: torch.Tensor, hook: str) -> torch.Tensor:
+        n_tokens, d = self.layout.n_tokens, self.model.d_model
+        if acts.dim() != 3 or acts.shape[1] != n_tokens or acts.shape[2] != d:
+            raise ValueError(
+                f"{self.job.model.name} {hook}: got activations {list(acts.shape)}, expected [batch, {n_tokens}, {d}] "
+                "from its token layout; this hook point cannot be stored per token."
+            )
+        if self.fixed is not None and len(self.fixed) == n_tokens:
+            return acts
+        if self.fixed is not None:
+            return acts[:, pos[0]]
+        return acts.gather(1, pos[..., None].expand(-1, -1, d))

@@ -1,0 +1,315 @@
+"""The Ray Data extraction pipeline (orchestration only; the work itself is in `prisma_ray.activations`).
+
+    pending shards --from_items--> decode (CPU tasks) --uint8 crops--> ExtractionWorker actors
+    (ActorPoolStrategy; one GPU each where GPUs exist) --> one Parquet store per hook point
+
+`plan_extract` checks everything and claims the stores before Ray starts: a missing input or
+output bucket, an unknown model or hook point, a model/dataset mismatch or a changed config fails
+there. Shards complete in every store are skipped, so a rerun after a crash (or of a finished run)
+resumes without duplicating rows; the manifests are written once every shard of a store is there.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import ray
+from ray.data import ActorPoolStrategy, DataContext
+from tqdm.auto import tqdm
+
+from . import storage, store
+from .activations import (
+    ExtractConfig,
+    ExtractionWorker,
+    InputFormat,
+    RayOptions,
+    WorkerJob,
+    check_hooks,
+    check_selection,
+    config_hash,
+    dataset_description,
+    decode_batch,
+    describe_model,
+    inputs_digest,
+    pending_shards,
+    plan_shards,
+    resolve_entry,
+    store_description,
+    tokens_per_sample,
+)
+from .data.errors import read_errors_table
+from .data.sources import DatasetSpec, SampleRef, list_refs, with_resolved_storage
+from .models import ModelEntry, TokenLayout
+
+log = logging.getLogger(__name__)
+
+_MAX_SHARD_BYTES = 1 << 30
+_MAX_CPU_ACTORS = 8
+
+
+@dataclass
+class ExtractPlan:
+    """A checked extraction: the model, the dataset, its shards and the claimed stores."""
+
+    cfg: ExtractConfig
+    entry: ModelEntry
+    layout: TokenLayout
+    d_model: int
+    spec: DatasetSpec
+    fmt: InputFormat
+    shards: list[list[SampleRef]]
+    digest: str
+    writers: dict[str, store.StoreWriter]
+    hashes: dict[str, str]
+    pending: dict[int, list[str]]
+    options: storage.StorageOptions
+
+
+@dataclass
+class ExtractSummary:
+    """What a run did (`samples`..`bytes` count this run only) and where its stores are."""
+
+    model: str
+    stores: dict[str, str]
+    shards_total: int
+    shards_run: int
+    shards_skipped: int
+    samples: int
+    errors: int
+    tokens: int
+    bytes: int
+    values: int
+    seconds: float
+    complete: bool
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.seconds if self.seconds else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def bytes_per_value(self) -> float:
+        return self.bytes / self.values if self.values else 0.0
+
+    def format(self) -> str:
+        """The final summary printed by `prisma-ray extract`."""
+        hooks = len(self.stores)
+        lines = [
+            f"model    {self.model}",
+            f"shards   {self.shards_run} written, {self.shards_skipped} already complete, {self.shards_total} in all",
+            f"samples  {self.samples}  ({self.errors} bad, see <store>/_errors)",
+            f"tokens   {self.tokens} per hook point x {hooks} hook point{'s' if hooks > 1 else ''}",
+            f"written  {self.bytes / 2**20:.2f} MiB  ({self.bytes_per_value:.3f} bytes per activation value)",
+            f"time     {self.seconds:.1f} s  ({self.samples_per_s:.1f} samples/s, {self.tokens_per_s:.0f} tokens/s per hook)",
+        ]
+        lines += [f"store    {uri}" for uri in self.stores.values()]
+        if not self.complete:
+            lines.append("status   incomplete: run the same config again to finish")
+        return "\n".join(lines)
+
+
+def plan_extract(cfg: ExtractConfig) -> ExtractPlan:
+    """Check the config against the model, the dataset and the output, then claim the stores (no Ray)."""
+    entry = resolve_entry(cfg.model)
+    model = describe_model(entry)
+    check_hooks(model, cfg.hooks)
+    check_selection(model.token_layout, cfg.tokens, entry.name)
+    spec = with_resolved_storage(cfg.dataset)
+    try:
+        fmt = InputFormat.create(spec, model.preprocess)
+    except ValueError as e:
+        raise ValueError(f"{entry.name} cannot take the {spec.type} dataset: {e}") from None
+    output = storage.absolute(cfg.output)
+    options = cfg.storage.resolved()
+    storage.require_bucket(output, options)
+    refs = list_refs(spec)
+    if not refs:
+        raise storage.MissingInputError(f"the {spec.type} dataset lists no inputs; nothing to extract.")
+    shards = plan_shards(refs, spec, cfg.shard_size)
+    shard_bytes = math.prod(fmt.shape) * len(shards[0])
+    if shard_bytes > _MAX_SHARD_BYTES:
+        raise ValueError(
+            f"one shard of {len(shards[0])} samples is {shard_bytes / 2**20:.0f} MiB of pixels; lower shard_size."
+        )
+    digest = inputs_digest(refs)
+    writers, hashes, descriptions = {}, {}, {}
+    for hook in cfg.hooks:
+        writers[hook] = store.StoreWriter(store.store_uri(output, entry.name, hook, cfg.split), options)
+        descriptions[hook] = store_description(cfg, entry, hook, spec, digest)
+        hashes[hook] = config_hash(descriptions[hook])
+    claimed = {hook for hook, writer in writers.items() if writer.claimed() is not None}
+    for hook in sorted(claimed) + [h for h in cfg.hooks if h not in claimed]:
+        writers[hook].claim(hashes[hook], descriptions[hook])
+    pending = pending_shards(len(shards), {hook: w.completed() for hook, w in writers.items()})
+    log.info("%s: %d samples in %d shards, %d pending", entry.name, len(refs), len(shards), len(pending))
+    return ExtractPlan(cfg, entry, model.token_layout, model.d_model, spec, fmt, shards, digest, writers, hashes,
+                       pending, options)  # fmt: skip
+
+
+def run_extract(cfg: ExtractConfig) -> ExtractSummary:
+    """Extract the activations `cfg` asks for (resuming a partial run) and return the run's summary."""
+    start = time.perf_counter()
+    plan = plan_extract(cfg)
+    todo = sorted(plan.pending)[: cfg.max_shards]
+    totals = dict.fromkeys(("samples", "errors", "tokens", "values", "bytes"), 0)
+    if todo:
+        for row in _run_pipeline(plan, todo):
+            for key in totals:
+                totals[key] += int(row[key])
+    else:
+        log.info("all %d shards are complete in every store; nothing to extract", len(plan.shards))
+    complete = finalize_stores(plan)
+    return ExtractSummary(
+        model=plan.entry.name,
+        stores={hook: w.uri for hook, w in plan.writers.items()},
+        shards_total=len(plan.shards),
+        shards_run=len(todo),
+        shards_skipped=len(plan.shards) - len(plan.pending),
+        seconds=time.perf_counter() - start,
+        complete=complete,
+        **totals,
+    )
+
+
+def _run_pipeline(plan: ExtractPlan, todo: list[int]):
+    """Run the Ray Data pipeline over the shards `todo`; yield each shard's summary row as it finishes."""
+    cfg = plan.cfg
+    ensure_ray(cfg.ray)
+    device, actors, actor_cpus, threads = _resources(cfg, len(todo))
+    job = WorkerJob(
+        model=plan.entry,
+        pretrained=cfg.pretrained,
+        seed=cfg.seed,
+        tokens=cfg.tokens,
+        dtype=cfg.dtype,
+        stores={hook: w.uri for hook, w in plan.writers.items()},
+        storage=plan.options,
+        batch_size=cfg.batch_size,
+        device=device,
+        torch_threads=threads,
+    )
+    items = [
+        {"shard": i, "refs": json.dumps([asdict(r) for r in plan.shards[i]]), "hooks": json.dumps(plan.pending[i])}
+        for i in todo
+    ]
+    log.info("extracting %d shards with %d %s actor(s) (%.2g CPUs, %s torch threads each)", len(todo), actors, device,
+             actor_cpus, threads or "default")  # fmt: skip
+    ctx = DataContext.get_current()
+    bars = ctx.enable_progress_bars
+    ctx.enable_progress_bars = bars and cfg.progress
+    try:
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            decode_batch,
+            batch_size=1,
+            batch_format="numpy",
+            fn_kwargs={"spec": plan.spec, "fmt": plan.fmt},
+            num_cpus=cfg.decode_num_cpus,
+        )
+        ds = ds.map_batches(
+            ExtractionWorker,
+            batch_size=1,
+            batch_format="numpy",
+            fn_constructor_kwargs={"job": job},
+            compute=ActorPoolStrategy(size=actors),
+            num_cpus=actor_cpus,
+            num_gpus=1 if device == "cuda" else 0,
+        )
+        with tqdm(total=len(todo), unit="shard", desc="extract", disable=not cfg.progress) as bar:
+            samples = 0
+            for row in ds.iter_rows():
+                samples += int(row["samples"])
+                bar.update(1)
+                bar.set_postfix(samples=samples, refresh=False)
+                yield row
+    finally:
+        ctx.enable_progress_bars = bars
+
+
+def ensure_ray(opts: RayOptions) -> None:
+    """Use the Ray of this process, else connect to `opts.address` / `$RAY_ADDRESS`, else start a local one."""
+    if ray.is_initialized():
+        return
+    address = opts.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        num_cpus = opts.num_cpus or os.cpu_count()
+        log.info("starting a local Ray with %d CPUs", num_cpus)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+
+
+def _resources(cfg: ExtractConfig, n_shards: int) -> tuple[str, int, float, int | None]:
+    """`(device, actors, CPUs per actor, torch threads)` for this cluster, leaving CPUs for decoding.
+
+    On CPU the default is one actor per CPU (at most `_MAX_CPU_ACTORS`), each with CPUs / actors torch
+    threads: separate single-threaded forward passes keep the cores busier than one multi-threaded one.
+    No more actors start than there are shards to extract.
+    """
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    device = cfg.device if cfg.device != "auto" else ("cuda" if gpus >= 1 else "cpu")
+    wanted = cfg.actors or (int(gpus) if device == "cuda" else min(int(cpus), _MAX_CPU_ACTORS))
+    if device == "cuda" and max(wanted, 1) > gpus:
+        raise ValueError(
+            f"device=cuda with {max(wanted, 1)} GPU actor(s), but the Ray cluster has {gpus:g} GPUs; "
+            "lower actors, or set device=cpu."
+        )
+    actors = max(1, min(wanted, n_shards))
+    actor_cpus = cfg.actor_num_cpus or min(1.0, (cpus - cfg.decode_num_cpus) / actors)
+    if actor_cpus <= 0 or actors * actor_cpus + cfg.decode_num_cpus > cpus + 1e-9:
+        raise ValueError(
+            f"{actors} actor(s) x {actor_cpus:g} CPUs plus {cfg.decode_num_cpus:g} CPUs per decode task do not fit "
+            f"the cluster's {cpus:g} CPUs, so decoding could never run; lower actors, actor_num_cpus or "
+            "decode_num_cpus."
+        )
+    threads = cfg.torch_threads or (max(1, int(cpus // actors)) if device == "cpu" else None)
+    return device, actors, actor_cpus, threads
+
+
+def finalize_stores(plan: ExtractPlan) -> bool:
+    """Merge the per-shard statistics of every complete store into its `manifest.json`; True if all are."""
+    cfg, n_shards = plan.cfg, len(plan.shards)
+    per_sample = tokens_per_sample(plan.layout, cfg.tokens)
+    complete = True
+    for hook, writer in plan.writers.items():
+        done = writer.completed() & set(range(n_shards))
+        if len(done) < n_shards:
+            log.info("%s: %d of %d shards complete; rerun to finish", writer.uri, len(done), n_shards)
+            complete = False
+            continue
+        if writer.remove_temporaries():
+            log.info("%s: removed temporary files left by an interrupted run", writer.uri)
+        stats = writer.merged_stats(done, plan.d_model)
+        writer.write_manifest(
+            store.Manifest(
+                model=plan.entry.name,
+                hook=hook,
+                split=cfg.split,
+                dtype=cfg.dtype,
+                d_model=plan.d_model,
+                token_selection=cfg.tokens.model_dump(mode="json"),
+                token_layout=plan.layout.model_dump(mode="json"),
+                dataset={
+                    **dataset_description(plan.spec),
+                    "frame_sampling": plan.fmt.sampling.model_dump(mode="json") if plan.fmt.sampling else None,
+                    "inputs": plan.digest,
+                },
+                config_hash=plan.hashes[hook],
+                n_samples=stats.count // per_sample,
+                n_tokens=stats.count,
+                n_errors=read_errors_table(writer.uri, plan.options).num_rows,
+                shards=[store.shard_name(i) for i in sorted(done)],
+                mean=stats.mean.tolist(),
+                std=np.sqrt(stats.var).tolist(),
+                mean_norm=stats.mean_norm,
+            )
+        )
+    return complete
