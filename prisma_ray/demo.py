@@ -1,51 +1,55 @@
-"""The demo job: load a registry model, run generated images through it, show its hook points."""
+"""The demo job: run an embedded model on synthetic data it was never trained on and show its hook points."""
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel
+import torch.nn.functional as F
+from pydantic import BaseModel, Field
 
-from .models import HookedVisionModel, load_model
+from .data.synthetic import MovingShapesConfig, ShapesConfig
+from .models import HookedVisionModel, get_entry, load_model, toy
+from .models.toy_training import render_split, to_input
 
 
 class DemoConfig(BaseModel):
-    """What the demo runs."""
+    """What the demo runs (any registry model; the default is the embedded ViT trained on `shapes`)."""
 
-    model: str = "timm-vit-tiny-patch16-224-augreg-in21k-ft-in1k"
-    pretrained: bool = False
-    batch_size: int = 4
+    model: str = "prisma-toy-vit-shapes"
+    pretrained: bool = True
+    batch_size: int = Field(8, ge=1)
     seed: int = 0
 
 
-def generated_batch(model: HookedVisionModel, batch_size: int, seed: int) -> torch.Tensor:
-    """Smooth coloured gradients with a bright square: normalised like the model's preprocess."""
+def synthetic_batch(model: HookedVisionModel, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rendered `shapes` images (or `moving-shapes` clips) in the model's input spec, and labels.
+
+    For an embedded model: a held-out split of its own training distribution and its class labels
+    (shape, or motion direction). For any other model: the default synthetic dataset at its size, no labels.
+    """
+    entry = get_entry(model.name)
     spec = model.preprocess
-    gen = torch.Generator().manual_seed(seed)
-    h, w = spec.image_size
-    ys = torch.linspace(0, 1, h).view(h, 1).expand(h, w)
-    xs = torch.linspace(0, 1, w).view(1, w).expand(h, w)
-    images = []
-    for _ in range(batch_size):
-        weights = torch.rand(3, 3, generator=gen)
-        img = weights[:, 0, None, None] * ys + weights[:, 1, None, None] * xs + weights[:, 2, None, None] * 0.2
-        top, left = (torch.randint(0, max(h // 2, 1), (2,), generator=gen)).tolist()
-        img[:, top : top + h // 4, left : left + w // 4] = 1.0
-        images.append(img.clamp(0, 1))
-    batch = torch.stack(images)
-    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std).view(1, 3, 1, 1)
-    batch = (batch - mean) / std
-    if spec.modality == "video":
-        batch = batch.unsqueeze(1).expand(-1, spec.num_frames or 1, -1, -1, -1).contiguous()
-    return batch
+    if entry.source == "prisma":
+        held_out = toy.SPECS[entry.architecture].held_out(batch_size)
+        dataset = held_out.model_copy(update={"seed": held_out.seed + seed})
+    elif spec.modality == "video":
+        side = max(spec.image_size) + max(spec.image_size) % 2
+        dataset = MovingShapesConfig(image_size=side, num_frames=spec.num_frames or 16, n_clips=batch_size, seed=seed)
+    else:
+        dataset = ShapesConfig(image_size=max(spec.image_size), n_images=batch_size, seed=seed)
+    pixels, labels = render_split(dataset, batch_size)
+    x = to_input(pixels, spec)
+    if tuple(x.shape[-2:]) != tuple(spec.image_size):
+        flat = F.interpolate(x.flatten(0, -4), size=spec.image_size, mode="bilinear", align_corners=False)
+        x = flat.unflatten(0, x.shape[:-3])
+    return x, (torch.from_numpy(labels) if entry.source == "prisma" else None)
 
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the demo and return a report: hook points, cached shapes, token layout, output shape."""
     model = load_model(cfg.model, pretrained=cfg.pretrained)
-    x = generated_batch(model, cfg.batch_size, cfg.seed)
+    x, labels = synthetic_batch(model, cfg.batch_size, cfg.seed)
     with torch.inference_mode():
         output, cache = model.run_with_cache(x)
-    return {
+    report = {
         "model": model.name,
         "n_layers": model.n_layers,
         "d_model": model.d_model,
@@ -54,6 +58,9 @@ def run_demo(cfg: DemoConfig) -> dict:
         "output_shape": list(output.shape),
         "cache_shapes": {name: list(t.shape) for name, t in cache.items()},
     }
+    if labels is not None:
+        report["accuracy"] = (output.argmax(-1) == labels).float().mean().item()
+    return report
 
 
 def format_report(report: dict) -> str:
@@ -65,4 +72,6 @@ def format_report(report: dict) -> str:
         f"{len(report['cache_shapes'])} hook points:",
     ]
     lines += [f"  {name:<32} {shape}" for name, shape in report["cache_shapes"].items()]
+    if "accuracy" in report:
+        lines.append(f"accuracy on {report['input_shape'][0]} held-out synthetic samples: {report['accuracy']:.3f}")
     return "\n".join(lines)

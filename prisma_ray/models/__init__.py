@@ -1,23 +1,29 @@
-"""Hooked vision and video models over timm, OpenCLIP and Hugging Face."""
+"""Hooked vision and video models over timm, OpenCLIP and Hugging Face.
+
+The torch-dependent names (`HookedVisionModel`, `load_model`, ...) are imported on first use, so
+that light modules (`spec`, `registry`, used by the data layer in Ray decode workers) load
+without torch.
+"""
+from importlib import import_module
+
 from .hook_points import HookPoint, UnknownHookPoint
-from .hooked import HookedVisionModel, InterventionNotSupported
-from .loading import build_sites, load_model
 from .registry import ModelEntry, UnknownModel, get_entry, list_entries, registry
 from .spec import PreprocessSpec, TokenKind, TokenLayout
 
-__all__ = [
-    "HookPoint",
-    "HookedVisionModel",
-    "InterventionNotSupported",
-    "ModelEntry",
-    "PreprocessSpec",
-    "TokenKind",
-    "TokenLayout",
-    "UnknownHookPoint",
-    "UnknownModel",
-    "build_sites",
-    "get_entry",
-    "list_entries",
-    "load_model",
-    "registry",
-]
+_LAZY = {
+    "HookedVisionModel": "hooked",
+    "InterventionNotSupported": "hooked",
+    "build_sites": "loading",
+    "load_model": "loading",
+}
+
+__all__ = sorted(
+    [*_LAZY, "HookPoint", "UnknownHookPoint", "ModelEntry", "UnknownModel", "get_entry", "list_entries",
+     "registry", "PreprocessSpec", "TokenKind", "TokenLayout"]
+)
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)

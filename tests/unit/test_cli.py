@@ -18,10 +18,19 @@ def test_unknown_model_is_a_clear_error(capsys):
     assert "Closest names" in capsys.readouterr().err
 
 
-def test_demo_prints_hook_shapes(capsys):
-    assert main(["demo", "--set", "batch_size=2"]) == 0
+def test_demo_runs_the_embedded_model_on_held_out_shapes(capsys):
+    assert main(["demo", "--set", "batch_size=32"]) == 0
     out = capsys.readouterr().out
-    assert "blocks.11.hook_resid_post" in out and "[2, 197, 192]" in out
+    assert "prisma-toy-vit-shapes" in out and "blocks.3.hook_resid_post" in out and "[32, 65, 64]" in out
+    accuracy = float(out.rsplit("samples: ", 1)[1])
+    assert accuracy >= 0.8
+
+
+def test_demo_prints_hook_shapes_of_any_registry_model(capsys):
+    args = ["demo", "--set", "model=timm-vit-tiny-patch16-224-augreg-in21k-ft-in1k", "--set", "pretrained=false"]
+    assert main([*args, "--set", "batch_size=2"]) == 0
+    out = capsys.readouterr().out
+    assert "blocks.11.hook_resid_post" in out and "[2, 197, 192]" in out and "accuracy" not in out
 
 
 def test_bad_override_is_reported(capsys):

@@ -1,4 +1,7 @@
 """Every registry entry builds offline on the meta device and matches what it declares."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -33,3 +36,9 @@ def test_entry_builds_on_meta_and_matches(name):
 def test_unknown_model_suggests_close_names():
     with pytest.raises(UnknownModel, match="Closest names: .*dinov2"):
         get_entry("vit-small-dinov2")
+
+
+def test_data_layer_and_registry_load_without_torch():
+    """Ray decode workers import the data layer; torch must stay out of them (seconds per process)."""
+    code = "import sys, prisma_ray.data, prisma_ray.models; prisma_ray.models.list_entries(); assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

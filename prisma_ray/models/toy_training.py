@@ -1,0 +1,195 @@
+"""Build and train the embedded toy models (specs in `toy`); save and load their safetensors weights.
+
+Both networks start with a small convolutional stem in place of the usual single linear patch
+projection ("early convolutions"), which makes them learn within a CPU budget; each token still
+covers one patch of the grid (`TokenLayout`), so patch heatmaps and per-patch factors line up with
+tokens. Training renders samples in memory; held-out accuracy is measured by the tests on encoded
+PNG/MP4 files through the data layer, the path every job uses.
+"""
+from __future__ import annotations
+
+import math
+import time
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+from torch import nn
+
+from ..data.synthetic import MovingShapesConfig, ShapesConfig, render_moving_shapes, render_shapes
+from .spec import PreprocessSpec
+from .toy import ToySpec, ToyTraining
+
+
+def _image_stem(spec: ToySpec) -> nn.Module:
+    """Stride-2 3x3 convolutions, doubling the channels, down to stride `patch_size` (a power of two)."""
+    layers: list[nn.Module] = []
+    c_in, c_out = 3, spec.stem_channels
+    for _ in range(int(math.log2(spec.patch_size))):
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GELU()]
+        c_in, c_out = c_out, 2 * c_out
+    return nn.Sequential(*layers)
+
+
+def _video_stem(spec: ToySpec) -> nn.Module:
+    """A space-time 3D convolution over neighbouring frames (it sees motion), then the tubelet projection."""
+    c, p, t, k = spec.stem_channels, spec.patch_size, spec.tubelet, spec.stem_time_kernel
+    return nn.Sequential(
+        nn.Conv3d(3, c, (k, 3, 3), padding=(k // 2, 1, 1)),
+        nn.GELU(),
+        nn.Conv3d(c, spec.width, (t, p, p), stride=(t, p, p)),
+    )
+
+
+def build_network(spec: ToySpec) -> nn.Module:
+    """The untrained network of `spec`: a timm `VisionTransformer` or a `transformers` VideoMAE classifier."""
+    if spec.modality == "image":
+        from timm.layers import HybridEmbed
+        from timm.models.vision_transformer import VisionTransformer
+
+        model = VisionTransformer(
+            img_size=spec.dataset.image_size,
+            patch_size=1,
+            embed_dim=spec.width,
+            depth=spec.depth,
+            num_heads=spec.heads,
+            mlp_ratio=spec.mlp_ratio,
+            num_classes=spec.num_classes,
+            global_pool="avg",
+            embed_layer=partial(HybridEmbed, backbone=_image_stem(spec)),
+        )
+        pre = spec.preprocess
+        model.pretrained_cfg = dict(mean=pre.mean, std=pre.std, interpolation=pre.interpolation, crop_pct=pre.crop_pct)
+        return model
+    from transformers import VideoMAEConfig, VideoMAEForVideoClassification
+
+    config = VideoMAEConfig(
+        image_size=spec.dataset.image_size,
+        patch_size=spec.patch_size,
+        num_frames=spec.frames,
+        tubelet_size=spec.tubelet,
+        hidden_size=spec.width,
+        num_hidden_layers=spec.depth,
+        num_attention_heads=spec.heads,
+        intermediate_size=int(spec.mlp_ratio * spec.width),
+        num_labels=spec.num_classes,
+        use_mean_pooling=True,
+    )
+    model = VideoMAEForVideoClassification(config)
+    model.videomae.embeddings.patch_embeddings.projection = _video_stem(spec)
+    return model
+
+
+def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Class logits of a network built by `build_network` for preprocessed input `x`."""
+    out = model(x) if x.dim() == 4 else model(pixel_values=x)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def render_split(cfg: ShapesConfig | MovingShapesConfig, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """`n` samples rendered in memory: `uint8` images `[n, H, W, 3]` or clips `[n, T, H, W, 3]`, and labels."""
+    xs, ys = [], []
+    for i in range(n):
+        if isinstance(cfg, ShapesConfig):
+            pixels, _, objects, _ = render_shapes(cfg, i)
+            ys.append(cfg.shapes.index(objects[0]["shape"]))
+        else:
+            pixels, _, rows, _ = render_moving_shapes(cfg, i)
+            ys.append(rows[0]["direction"])
+        xs.append(pixels)
+    return np.stack(xs), np.asarray(ys, dtype=np.int64)
+
+
+def to_input(pixels: np.ndarray, spec: PreprocessSpec) -> torch.Tensor:
+    """`uint8[..., H, W, 3]` at the model's size -> normalised float `[..., 3, H, W]` (what the data layer yields)."""
+    x = torch.from_numpy(pixels).float().div_(255.0)
+    x = (x - torch.tensor(spec.mean)) / torch.tensor(spec.std)
+    return x.movedim(-1, -3).contiguous()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
+    """Top-1 accuracy of `model` on preprocessed inputs `x` with labels `y`."""
+    was_training = model.training
+    model.eval()
+    correct = sum(
+        int((logits(model, x[i : i + batch_size]).argmax(-1) == y[i : i + batch_size]).sum())
+        for i in range(0, len(x), batch_size)
+    )
+    model.train(was_training)
+    return correct / len(x)
+
+
+def lr_factor(step: int, training: ToyTraining) -> float:
+    """Linear warm-up to 1, then cosine decay to 0 at `training.steps`."""
+    if step < training.warmup_steps:
+        return (step + 1) / training.warmup_steps
+    progress = (step - training.warmup_steps) / max(1, training.steps - training.warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class ToyRun(BaseModel):
+    """What a training run measured."""
+
+    name: str
+    steps: int
+    final_loss: float
+    train_accuracy: float
+    seconds: float
+
+
+def train_toy(
+    spec: ToySpec, training: ToyTraining | None = None, log: Callable[[str], None] | None = None
+) -> tuple[nn.Module, ToyRun]:
+    """Train the network of `spec` from scratch on its rendered training set; return it in eval mode."""
+    training = training or spec.training
+    start = time.perf_counter()
+    torch.manual_seed(training.seed)
+    pixels, labels = render_split(spec.dataset, training.n_train)
+    x, y = to_input(pixels, spec.preprocess), torch.from_numpy(labels)
+    model = build_network(spec).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=training.lr, weight_decay=training.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, training))
+    order = torch.Generator().manual_seed(training.seed)
+    loss = torch.tensor(float("nan"))
+    for step in range(training.steps):
+        idx = torch.randint(0, len(x), (training.batch_size,), generator=order)
+        loss = nn.functional.cross_entropy(logits(model, x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if log and (step + 1) % 50 == 0:
+            log(f"{spec.name} step {step + 1}/{training.steps} loss {loss.item():.3f} {time.perf_counter() - start:.0f}s")
+    probe = min(len(x), 2000)
+    run = ToyRun(
+        name=spec.name,
+        steps=training.steps,
+        final_loss=float(loss.detach()),
+        train_accuracy=accuracy(model, x[:probe], y[:probe]),
+        seconds=time.perf_counter() - start,
+    )
+    return model.eval(), run
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    """Write the state dict as safetensors (contiguous copies; no pickling)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+def load_weights(model: nn.Module, path: Path) -> nn.Module:
+    """Load safetensors weights into `model` strictly (every key present, no extra keys)."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"No weights at {path}: the embedded models ship with the package; "
+            "regenerate them with `python jobs/train_toy_models.py`."
+        )
+    model.load_state_dict(load_file(str(path)), strict=True, assign=True)
+    return model
