@@ -35,6 +35,7 @@ from .data.synthetic import ShapesConfig
 from .data.transforms import resize_and_crop
 from .models import HookedVisionModel, ModelEntry, build_sites, get_entry
 from .models.spec import PreprocessSpec, TokenKind, TokenLayout
+from .ray_session import RayOptions
 from .store import RunningStats, StoreDType
 from .storage import StorageOptions
 
@@ -64,16 +65,6 @@ class TokenSelection(BaseModel):
         if (self.mode == "random") != (self.k is not None):
             raise ValueError("set `k` (patch tokens per sample) when, and only when, mode is 'random'")
         return self
-
-
-class RayOptions(BaseModel):
-    """Which Ray to use: the one already initialised in this process, else `address` (or `$RAY_ADDRESS`),
-    else a new local one with `num_cpus` CPUs (default: all of this machine's)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    address: str | None = None
-    num_cpus: int | None = Field(None, ge=1)
 
 
 def _default_dataset() -> SyntheticSource:

@@ -7,6 +7,7 @@ import logging
 import sys
 
 from .config import ConfigError, load_config
+from .storage import MissingInputError
 
 
 def _models_list(args: argparse.Namespace) -> int:
@@ -46,29 +47,19 @@ def _demo(args: argparse.Namespace) -> int:
 def _extract(args: argparse.Namespace) -> int:
     from .activations import ExtractConfig
     from .extract import run_extract
-    from .storage import MissingInputError
 
     cfg = load_config(ExtractConfig, args.config, args.set)
-    try:
-        summary = run_extract(cfg)
-    except MissingInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    summary = run_extract(cfg)
     print(summary.format())
     return 0
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .storage import MissingInputError
     from .train import run_training
     from .training_config import TrainConfig
 
     cfg = load_config(TrainConfig, args.config, args.set)
-    try:
-        summary = run_training(cfg)
-    except MissingInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    summary = run_training(cfg)
     print(summary.format())
     return 0
 
@@ -124,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ConfigError, KeyError, ValueError) as exc:
+    except (ConfigError, MissingInputError, KeyError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -27,7 +26,6 @@ from .activations import (
     ExtractConfig,
     ExtractionWorker,
     InputFormat,
-    RayOptions,
     WorkerJob,
     check_hooks,
     check_selection,
@@ -45,6 +43,7 @@ from .activations import (
 from .data.errors import read_errors_table
 from .data.sources import DatasetSpec, SampleRef, list_refs, with_resolved_storage
 from .models import ModelEntry, TokenLayout
+from .ray_session import ensure_ray
 
 log = logging.getLogger(__name__)
 
@@ -231,19 +230,6 @@ def _run_pipeline(plan: ExtractPlan, todo: list[int]):
                 yield row
     finally:
         ctx.enable_progress_bars = bars
-
-
-def ensure_ray(opts: RayOptions) -> None:
-    """Use the Ray of this process, else connect to `opts.address` / `$RAY_ADDRESS`, else start a local one."""
-    if ray.is_initialized():
-        return
-    address = opts.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        num_cpus = opts.num_cpus or os.cpu_count()
-        log.info("starting a local Ray with %d CPUs", num_cpus)
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
 
 
 def _resources(cfg: ExtractConfig, n_shards: int) -> tuple[str, int, float, int | None]:

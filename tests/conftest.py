@@ -27,6 +27,17 @@ S3_BUCKET = "prisma-test"
 S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Small matrices on a shared 2-core machine: extra torch threads only add synchronisation."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A fresh local Ray cluster (2 CPUs, no dashboard, on loopback) shared by the whole session."""

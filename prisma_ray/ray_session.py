@@ -1,0 +1,33 @@
+"""Which Ray a job runs on: the one of this process, a cluster address, or a new local one."""
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+from pydantic import BaseModel, ConfigDict, Field
+
+log = logging.getLogger(__name__)
+
+
+class RayOptions(BaseModel):
+    """Which Ray to use: the one already initialised in this process, else `address` (or `$RAY_ADDRESS`),
+    else a new local one with `num_cpus` CPUs (default: all of this machine's)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1)
+
+
+def ensure_ray(opts: RayOptions) -> None:
+    """Use the Ray of this process, else connect to `opts.address` / `$RAY_ADDRESS`, else start a local one."""
+    if ray.is_initialized():
+        return
+    address = opts.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        num_cpus = opts.num_cpus or os.cpu_count()
+        log.info("starting a local Ray with %d CPUs", num_cpus)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)

@@ -1,0 +1,30 @@
+"""Data-dependent initialisation: the decoder bias at the geometric median (or mean) of a batch."""
+from __future__ import annotations
+
+import torch
+
+from .dictionary import Dictionary
+
+
+def geometric_median(x: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> torch.Tensor:
+    """The point minimising the sum of Euclidean distances to the rows of `x` (Weiszfeld's algorithm)."""
+    x = x.double()
+    median = x.mean(0)
+    for _ in range(iters):
+        weights = 1.0 / (x - median).norm(dim=1).clamp_min(1e-12)
+        update = (weights[:, None] * x).sum(0) / weights.sum()
+        moved = (update - median).norm()
+        median = update
+        if moved <= tol * median.norm().clamp_min(1.0):
+            break
+    return median.float()
+
+
+@torch.no_grad()
+def init_pre_bias(d: Dictionary, y_n: torch.Tensor) -> None:
+    """Set `b_dec` from a batch of normalised targets, per `cfg.pre_bias_init`."""
+    how = d.cfg.pre_bias_init
+    if how == "geometric_median":
+        d.b_dec.copy_(geometric_median(y_n))
+    elif how == "mean":
+        d.b_dec.copy_(y_n.mean(0))

@@ -1,0 +1,217 @@
+"""Checkpoints in SAELens's layout: `cfg.json` + `sae_weights.safetensors` (+ `sparsity.safetensors`).
+
+Exported weights act on raw activations: the input normalisation is folded into the weights
+(in float64), so SAELens's `SAE.load_from_disk` runs them with `normalize_activations="none"`.
+Names and shapes follow SAELens 6: `W_enc [d_in, d_sae]`, `W_dec [d_sae, d_out]`, `b_enc`,
+`b_dec`, `threshold` (JumpReLU, and BatchTopK, which exports as JumpReLU like SAELens does),
+`b_gate`/`r_mag`/`b_mag` (gated), `W_skip [d_out, d_in]` (skip transcoders). Architectures SAELens
+has no class for (TopK and gated transcoders) load here only. Loading reads JSON and safetensors:
+nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from .. import storage
+from .config import DictionaryConfig
+from .dictionary import Dictionary, Site, Sites
+from .trainer import Trainer
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+SPARSITY_FILE = "sparsity.safetensors"
+SAE_LENS_FORMAT_VERSION = "6.0.0"
+
+_SAE_ARCH = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "gated": "gated"}
+_TRANSCODER_PREFIX = {"relu": "", "topk": "topk_", "batchtopk": "jumprelu_", "jumprelu": "jumprelu_", "gated": "gated_"}
+
+
+def saelens_architecture(cfg: DictionaryConfig, sites: Sites) -> str:
+    """The `architecture` written to `cfg.json` for an exported dictionary."""
+    if sites.autoencoder:
+        return _SAE_ARCH[cfg.architecture]
+    return f"{_TRANSCODER_PREFIX[cfg.architecture]}{'skip_' if cfg.skip_connection else ''}transcoder"
+
+
+def _parse_architecture(name: str) -> tuple[str, bool, bool]:
+    """`(architecture, transcoder, skip)` of a `cfg.json` architecture name."""
+    for ours, theirs in _SAE_ARCH.items():
+        if name == theirs and ours != "batchtopk":
+            return ours, False, False
+    for ours, prefix in _TRANSCODER_PREFIX.items():
+        if ours == "batchtopk":
+            continue
+        for skip in (False, True):
+            if name == f"{prefix}{'skip_' if skip else ''}transcoder":
+                return ours, True, skip
+    raise ValueError(f"cfg.json architecture {name!r} is not one this library can load")
+
+
+@torch.no_grad()
+def inference_weights(d: Dictionary) -> dict[str, torch.Tensor]:
+    """The weights of `d` with its normalisation folded in, as SAELens names them (float32)."""
+    p = {k: v.detach().double() for k, v in d.named_parameters()}
+    mu_in, s_in = d.in_mean.double(), d.in_scale.double()
+    mu_out, s_out = d.out_mean.double(), d.out_scale.double()
+    out = dict(p)
+    out["W_enc"] = s_in[:, None] * p["W_enc"]
+    out["W_dec"] = p["W_dec"] / s_out[None, :]
+    out["b_dec"] = p["b_dec"] / s_out + mu_out
+    if not d.sites.autoencoder:
+        shift = (mu_in * s_in) @ p["W_enc"]
+        if d.cfg.architecture == "gated":
+            out["b_gate"] = p["b_gate"] - shift
+            out["b_mag"] = p["b_mag"] - shift * p["r_mag"].exp()
+        else:
+            out["b_enc"] = p["b_enc"] - shift
+        if d.cfg.skip_connection:
+            out["W_skip"] = p["W_skip"] * s_in[None, :] / s_out[:, None]
+            out["b_dec"] = out["b_dec"] - out["W_skip"] @ mu_in
+    if d.cfg.architecture == "batchtopk":
+        out["threshold"] = torch.full((d.n_latents,), float(d.topk_threshold), dtype=torch.float64)
+    return {k: v.float().contiguous() for k, v in out.items()}
+
+
+def cfg_dict(d: Dictionary, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The `cfg.json` of an exported dictionary (SAELens 6 keys, ours under `metadata.prisma_ray`)."""
+    sites = d.sites
+    arch = saelens_architecture(d.cfg, sites)
+    cfg: dict[str, Any] = {
+        "architecture": arch,
+        "d_in": sites.d_in,
+        "d_sae": d.n_latents,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": sites.autoencoder,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+    }
+    if not sites.autoencoder:
+        cfg["d_out"] = sites.d_out
+    if d.cfg.architecture == "topk":
+        cfg.update(k=d.cfg.top_k, rescale_acts_by_decoder_norm=False)
+    metadata = {
+        "sae_lens_version": SAE_LENS_FORMAT_VERSION,
+        "sae_lens_training_version": None,
+        "model_name": sites.inputs[0].model,
+        "hook_name": sites.inputs[0].name,
+        "prisma_ray": {
+            "kind": sites.kind,
+            "sites": sites.model_dump(),
+            "config": d.cfg.model_dump(mode="json"),
+            **(extra or {}),
+        },
+    }
+    if not sites.autoencoder:
+        metadata["hook_name_out"] = sites.targets[0].name
+    cfg["metadata"] = metadata
+    return cfg
+
+
+def export_files(d: Dictionary, fire_counts: torch.Tensor | None = None, tokens: int = 0,
+                 extra: dict[str, Any] | None = None) -> dict[str, bytes]:  # fmt: skip
+    """`{file name: bytes}` of a checkpoint directory for `d`; `sparsity.safetensors` holds the
+    log10 firing frequency per latent over `tokens` tokens when `fire_counts` is given."""
+    files = {
+        CFG_FILE: json.dumps(cfg_dict(d, {"trained_tokens": tokens, **(extra or {})}), indent=1).encode(),
+        WEIGHTS_FILE: save_safetensors(inference_weights(d)),
+    }
+    if fire_counts is not None:
+        density = (fire_counts.double() / max(tokens, 1) + 1e-10).log10().float()
+        files[SPARSITY_FILE] = save_safetensors({"sparsity": density.contiguous()})
+    return files
+
+
+def write_files(files: dict[str, bytes], uri: str, options: storage.StorageOptions | None = None) -> None:
+    """Write `{file name: bytes}` under the directory `uri` (local path or `s3://`)."""
+    for name, data in files.items():
+        storage.write_bytes(storage.join(uri, name), data, options)
+
+
+def load_dictionary(uri: str, options: storage.StorageOptions | None = None) -> Dictionary:
+    """The dictionary saved at `uri` (ours or a SAELens 6 checkpoint of a supported architecture)."""
+    storage.require_exists(storage.join(uri, CFG_FILE), options)
+    cfg = json.loads(storage.read_bytes(storage.join(uri, CFG_FILE), options))
+    weights = load_safetensors(storage.read_bytes(storage.join(uri, WEIGHTS_FILE), options))
+    d = Dictionary(*_config_and_sites(cfg, uri))
+    missing = set(d.state_dict()) - set(weights) - {"in_mean", "in_scale", "out_mean", "out_scale"}
+    unexpected = set(weights) - set(d.state_dict())
+    if missing or unexpected:
+        raise ValueError(
+            f"{uri}: {WEIGHTS_FILE} does not match its cfg.json architecture {cfg['architecture']!r} "
+            f"(missing {sorted(missing)}, unexpected {sorted(unexpected)})"
+        )
+    d.load_state_dict(weights, strict=False)
+    return d
+
+
+def load_sparsity(uri: str, options: storage.StorageOptions | None = None) -> torch.Tensor:
+    """The log10 firing frequency per latent saved beside a dictionary."""
+    return load_safetensors(storage.read_bytes(storage.join(uri, SPARSITY_FILE), options))["sparsity"]
+
+
+def _config_and_sites(cfg: dict[str, Any], uri: str) -> tuple[DictionaryConfig, Sites]:
+    if cfg.get("normalize_activations", "none") != "none":
+        raise ValueError(
+            f"{uri}: normalize_activations={cfg['normalize_activations']!r}; only checkpoints with the "
+            "normalisation folded into the weights ('none') can be loaded"
+        )
+    arch, transcoder, skip = _parse_architecture(cfg["architecture"])
+    if cfg.get("apply_b_dec_to_input", not transcoder) == transcoder:
+        raise ValueError(
+            f"{uri}: apply_b_dec_to_input={cfg['apply_b_dec_to_input']} is not supported for {cfg['architecture']!r} "
+            "(autoencoders subtract b_dec from the input, transcoders do not)"
+        )
+    ours = cfg.get("metadata", {}).get("prisma_ray", {})
+    if "sites" in ours:
+        sites = Sites.model_validate(ours["sites"])
+    else:
+        meta = cfg.get("metadata", {})
+        inputs = (Site(name=meta.get("hook_name") or "input", model=meta.get("model_name") or "", width=cfg["d_in"]),)
+        outputs = (Site(name=meta.get("hook_name_out") or "output", width=cfg["d_out"]),) if transcoder else ()
+        sites = Sites(inputs=inputs, outputs=outputs)
+    fields: dict[str, Any] = {"architecture": arch, "d_sae": cfg["d_sae"], "skip_connection": skip}
+    if arch == "topk":
+        fields["k"] = cfg["k"]
+    if ours.get("config", {}).get("decoder_norm"):
+        fields["decoder_norm"] = ours["config"]["decoder_norm"]
+    if ours.get("config", {}).get("name"):
+        fields["name"] = ours["config"]["name"]
+    return DictionaryConfig(**fields), sites
+
+
+STATE_TENSORS_FILE = "trainer_state.safetensors"
+STATE_META_FILE = "trainer_state.json"
+
+
+def dictionary_files(trainer: Trainer) -> dict[str, bytes]:
+    """`{"<dictionary name>/<file>": bytes}`: every dictionary of `trainer`, exported."""
+    files = {}
+    for name, d in trainer.dictionaries.items():
+        exported = export_files(d, trainer.fire_counts[name], trainer.tokens, {"steps": trainer.step})
+        files.update({f"{name}/{file}": data for file, data in exported.items()})
+    return files
+
+
+def checkpoint_files(trainer: Trainer) -> dict[str, bytes]:
+    """A resumable checkpoint: the exact trainer state plus every dictionary exported."""
+    return {
+        STATE_TENSORS_FILE: save_safetensors(trainer.state_tensors()),
+        STATE_META_FILE: json.dumps(trainer.state_meta(), indent=1).encode(),
+        **dictionary_files(trainer),
+    }
+
+
+def restore_checkpoint(trainer: Trainer, directory: str) -> None:
+    """Load into `trainer` the state saved by `checkpoint_files` under the local `directory`."""
+    with open(os.path.join(directory, STATE_META_FILE), "rb") as f:
+        meta = json.loads(f.read())
+    with open(os.path.join(directory, STATE_TENSORS_FILE), "rb") as f:
+        tensors = load_safetensors(f.read())
+    trainer.load_state(tensors, meta)

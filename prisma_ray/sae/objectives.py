@@ -1,0 +1,138 @@
+"""Training losses, one function per architecture, on normalised inputs and targets.
+
+Reconstruction loss is the squared error summed over output dimensions and averaged over tokens.
+Every objective returns the total loss, its detached parts, the detached prediction and how many
+tokens of the batch each latent fired on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .dictionary import Dictionary
+from .kernels import JumpReLU, Step, gather_encode, sparse_decode
+
+
+@dataclass
+class Outcome:
+    """What one training forward pass of one dictionary produced."""
+
+    loss: torch.Tensor
+    parts: dict[str, torch.Tensor]
+    prediction: torch.Tensor
+    fire_counts: torch.Tensor
+
+
+def objective(d: Dictionary, x_n: torch.Tensor, y_n: torch.Tensor, dead: torch.Tensor, coefficient: float) -> Outcome:
+    """The training loss of `d` on normalised inputs `x_n` and targets `y_n` (`y_n is x_n` for autoencoders).
+
+    `dead` is the boolean mask of dead latents (AuxK), `coefficient` the current L1/L0 coefficient.
+    """
+    return _OBJECTIVES[d.cfg.architecture](d, x_n, y_n, dead, coefficient)
+
+
+def _mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (prediction - target).pow(2).sum(1).mean()
+
+
+def _with_skip(d: Dictionary, out: torch.Tensor, x_n: torch.Tensor) -> torch.Tensor:
+    return out + x_n @ d.W_skip.t() if d.cfg.skip_connection else out
+
+
+def _dead_top(pre: torch.Tensor, dead: torch.Tensor, aux_k: int) -> torch.Tensor | None:
+    """`[B, min(aux_k, n_dead)]` indices of each row's largest pre-activations among dead latents."""
+    dead_idx = dead.nonzero().squeeze(1)
+    if dead_idx.numel() == 0:
+        return None
+    local = pre.index_select(1, dead_idx).topk(min(aux_k, dead_idx.numel()), dim=1, sorted=False).indices
+    return dead_idx[local]
+
+
+def _aux_k(d: Dictionary, residual: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """AuxK: the dead latents' reconstruction of what the live ones missed (no bias)."""
+    return d.cfg.aux_coefficient * _mse(sparse_decode(idx, values, d.W_dec), residual)
+
+
+def _finish(d: Dictionary, loss_parts: dict[str, torch.Tensor], prediction: torch.Tensor,
+            fire_counts: torch.Tensor) -> Outcome:  # fmt: skip
+    loss = sum(loss_parts.values())
+    return Outcome(loss, {k: v.detach() for k, v in loss_parts.items()}, prediction.detach(), fire_counts)
+
+
+def _topk(d: Dictionary, x_n: torch.Tensor, y_n: torch.Tensor, dead: torch.Tensor, coefficient: float) -> Outcome:
+    k = d.cfg.top_k
+    b_pre = d.pre_bias
+    with torch.no_grad():
+        centered = d.centered(x_n)
+        pre = torch.addmm(d.b_enc, centered, d.W_enc)
+        idx = pre.topk(k, dim=1, sorted=False).indices
+        aux_idx = _dead_top(pre, dead, d.cfg.aux_k)
+        gathered = idx if aux_idx is None else torch.cat([idx, aux_idx], 1)
+    values = gather_encode(centered, b_pre, d.W_enc, d.b_enc, gathered, pre).relu()
+    acts = values[:, :k]
+    prediction = _with_skip(d, sparse_decode(idx, acts, d.W_dec) + d.b_dec, x_n)
+    parts = {"mse": _mse(prediction, y_n)}
+    if aux_idx is not None:
+        parts["aux"] = _aux_k(d, (y_n - prediction).detach(), aux_idx, values[:, k:])
+    fire_counts = torch.bincount(idx[acts.detach() > 0], minlength=d.n_latents).to(x_n.dtype)
+    return _finish(d, parts, prediction, fire_counts)
+
+
+def _batchtopk(d: Dictionary, x_n: torch.Tensor, y_n: torch.Tensor, dead: torch.Tensor, coefficient: float) -> Outcome:
+    pre = torch.addmm(d.b_enc, d.centered(x_n), d.W_enc)
+    acts = pre.relu().flatten()
+    values, flat_idx = acts.topk(d.cfg.top_k * x_n.shape[0], sorted=False)
+    z = torch.zeros_like(acts).scatter(0, flat_idx, values).view_as(pre)
+    prediction = _with_skip(d, z @ d.W_dec + d.b_dec, x_n)
+    parts = {"mse": _mse(prediction, y_n)}
+    with torch.no_grad():
+        _update_threshold(d, values)
+        aux_idx = _dead_top(pre, dead, d.cfg.aux_k)
+    if aux_idx is not None:
+        parts["aux"] = _aux_k(d, (y_n - prediction).detach(), aux_idx, pre.gather(1, aux_idx).relu())
+    return _finish(d, parts, prediction, (z.detach() > 0).sum(0).to(x_n.dtype))
+
+
+def _update_threshold(d: Dictionary, selected: torch.Tensor) -> None:
+    """Move the BatchTopK inference threshold towards the smallest positive selected activation."""
+    positive = selected[selected > 0]
+    if positive.numel():
+        lr = d.cfg.batchtopk_threshold_lr
+        d.topk_threshold.mul_(1 - lr).add_(lr * positive.min().to(torch.float64))
+
+
+def _relu(d: Dictionary, x_n: torch.Tensor, y_n: torch.Tensor, dead: torch.Tensor, coefficient: float) -> Outcome:
+    z = torch.addmm(d.b_enc, d.centered(x_n), d.W_enc).relu()
+    prediction = _with_skip(d, z @ d.W_dec + d.b_dec, x_n)
+    parts = {"mse": _mse(prediction, y_n), "l1": coefficient * (z * d.decoder_norms()).sum(1).mean()}
+    return _finish(d, parts, prediction, (z.detach() > 0).sum(0).to(x_n.dtype))
+
+
+def _jumprelu(d: Dictionary, x_n: torch.Tensor, y_n: torch.Tensor, dead: torch.Tensor, coefficient: float) -> Outcome:
+    pre = torch.addmm(d.b_enc, d.centered(x_n), d.W_enc)
+    bandwidth = d.cfg.jumprelu_bandwidth
+    z = JumpReLU.apply(pre, d.threshold, bandwidth)
+    prediction = _with_skip(d, z @ d.W_dec + d.b_dec, x_n)
+    l0 = Step.apply(pre, d.threshold, bandwidth).sum(1).mean()
+    parts = {"mse": _mse(prediction, y_n), "l0_penalty": coefficient * l0}
+    return _finish(d, parts, prediction, (z.detach() > 0).sum(0).to(x_n.dtype))
+
+
+def _gated(d: Dictionary, x_n: torch.Tensor, y_n: torch.Tensor, dead: torch.Tensor, coefficient: float) -> Outcome:
+    shared = d.centered(x_n) @ d.W_enc
+    pi_gate = shared + d.b_gate
+    z = (pi_gate > 0) * torch.relu(shared * d.r_mag.exp() + d.b_mag)
+    prediction = _with_skip(d, z @ d.W_dec + d.b_dec, x_n)
+    gate = pi_gate.relu()
+    with torch.no_grad():
+        frozen_rest = _with_skip(d, d.b_dec.expand_as(y_n), x_n)
+    parts = {
+        "mse": _mse(prediction, y_n),
+        "l1": coefficient * (gate * d.decoder_norms()).sum(1).mean(),
+        "gate_aux": _mse(gate @ d.W_dec.detach() + frozen_rest, y_n),
+    }
+    return _finish(d, parts, prediction, (z.detach() > 0).sum(0).to(x_n.dtype))
+
+
+_OBJECTIVES = {"topk": _topk, "batchtopk": _batchtopk, "relu": _relu, "jumprelu": _jumprelu, "gated": _gated}

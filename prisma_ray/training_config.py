@@ -1,0 +1,96 @@
+"""`prisma-ray train`: the job config (YAML in, validated, clear errors out)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from . import storage
+from .ray_session import RayOptions
+from .sae.config import DictionaryConfig
+from .sae.trainer import NormalizeMode
+from .storage import StorageOptions
+
+DEFAULT_STORE = "prisma-activations/timm-vit-tiny-patch16-224-augreg-in21k-ft-in1k/blocks.6.hook_resid_post/train"
+TokenKindName = Literal["cls", "register", "patch", "distillation", "text"]
+
+
+class TrainData(BaseModel):
+    """Which activation stores feed the dictionaries, and how.
+
+    One input store: an SAE. Several input stores (layers of one model, or models run on the same
+    images): a crosscoder over their concatenation. `targets` set: a transcoder from the inputs to
+    the targets (e.g. `hook_mlp_in` -> `hook_mlp_out`). Rows of different stores are matched by
+    `(sample_id, frame, token)`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: list[str] = Field(default_factory=lambda: [DEFAULT_STORE], min_length=1)
+    targets: list[str] = Field(default_factory=list)
+    kinds: list[TokenKindName] | None = Field(None, description="train on these token kinds only (default: all)")
+    normalize: NormalizeMode = Field(
+        "center_scale", description="from the store statistics: subtract the mean and scale to E‖x‖² = d"
+    )
+    shuffle_seed: int = 0
+
+    @model_validator(mode="after")
+    def _distinct(self) -> TrainData:
+        uris = [*self.inputs, *self.targets]
+        if len(set(uris)) != len(uris):
+            raise ValueError(f"a store appears twice in data.inputs/data.targets: {uris}")
+        return self
+
+
+class TrainConfig(BaseModel):
+    """`prisma-ray train`: one or more dictionaries trained together on the same batches with Ray Train.
+
+    Checkpoints go to `<storage>/<name>/` (local or `s3://`); relaunching with the same `name` and
+    `storage` resumes from the latest one. The final dictionaries are written to
+    `<output>/<dictionary name>/` (default output: `<storage>/<name>/dictionaries`).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("sae", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$", description="the run's name")
+    storage: str = "prisma-runs"
+    output: str | None = None
+    storage_options: StorageOptions = Field(StorageOptions(), description="how to reach s3:// stores and storage")
+    data: TrainData = TrainData()
+    dictionaries: list[DictionaryConfig] = Field(default_factory=lambda: [DictionaryConfig()], min_length=1)
+    batch_size: int = Field(4096, ge=1, description="tokens per optimizer step, over all workers")
+    steps: int | None = Field(None, ge=1, description="optimizer steps (default: `tokens` or `epochs` worth)")
+    tokens: int | None = Field(None, ge=1, description="training tokens, if `steps` is not set")
+    epochs: float = Field(1.0, gt=0, description="passes over the data, if neither `steps` nor `tokens` is set")
+    log_every: int = Field(100, ge=1, description="report metrics every this many steps")
+    checkpoint_every: int = Field(1000, ge=1, description="checkpoint every this many steps (and at the end)")
+    keep_checkpoints: int = Field(2, ge=1)
+    workers: int = Field(1, ge=0, description="data-parallel workers (0: train in the driver process)")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    torch_threads: int | None = Field(None, ge=1, description="torch threads per worker (default: Ray's choice)")
+    loader_cpus: float = Field(0.5, gt=0, description="CPUs reserved per store-reading task")
+    max_failures: int = Field(3, ge=-1, description="worker failures survived per run (-1: unlimited)")
+    ray: RayOptions = RayOptions()
+
+    @field_validator("dictionaries")
+    @classmethod
+    def _unique_names(cls, dictionaries: list[DictionaryConfig]) -> list[DictionaryConfig]:
+        names = [d.display_name() for d in dictionaries]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"dictionary names must be unique; set `name` on the ones called {duplicates}")
+        return dictionaries
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.steps is not None and self.tokens is not None:
+            raise ValueError("set steps or tokens, not both")
+        if self.batch_size % max(self.workers, 1):
+            raise ValueError(f"batch_size={self.batch_size} must be divisible by workers={self.workers}")
+        if not self.data.targets and any(d.skip_connection for d in self.dictionaries):
+            raise ValueError("skip_connection is for transcoders: set data.targets to the output hook's store")
+        return self
+
+    @property
+    def output_uri(self) -> str:
+        return self.output or storage.join(storage.absolute(self.storage), self.name, "dictionaries")
