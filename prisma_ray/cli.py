@@ -64,6 +64,24 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from .sweep import SweepConfig, run_sweep
+
+    cfg = load_config(SweepConfig, args.config, args.set)
+    summary = run_sweep(cfg)
+    print(summary.format())
+    return 1 if summary.failed else 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import EvalConfig, evaluate_checkpoint
+
+    cfg = load_config(EvalConfig, args.config, args.set)
+    row = evaluate_checkpoint(args.checkpoint, cfg)
+    print(json.dumps(row, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `prisma-ray` command."""
     parser = argparse.ArgumentParser(prog="prisma-ray", description=__doc__)
@@ -106,6 +124,25 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", nargs="?", help="YAML config (optional: the defaults train on the default store)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     train.set_defaults(func=_train)
+
+    sweep = sub.add_parser(
+        "sweep",
+        help="evaluate every checkpoint under some URIs: metrics table, leaderboard, plots (Ray)",
+        description="Find every checkpoint (cfg.json + sae_weights.safetensors) under the config's `checkpoints` "
+        "URIs, evaluate them against held-out activation stores on a Ray actor pool (each model loaded once per "
+        "actor) and write metrics.parquet, leaderboard.html and plots/ to `output`. A rerun skips the checkpoints "
+        "already evaluated. Exits 1 when some checkpoint failed (see <output>/errors.json).",
+        epilog="example: prisma-ray sweep sweep.yaml --set output=s3://bucket/sweep --set evaluation.split=test",
+    )
+    sweep.add_argument("config", nargs="?", help="YAML SweepConfig (`checkpoints` is required)")
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    sweep.set_defaults(func=_sweep)
+
+    evaluate = sub.add_parser("evaluate", help="evaluate one checkpoint (no Ray) and print its metrics as JSON")
+    evaluate.add_argument("checkpoint", help="checkpoint directory URI (cfg.json + sae_weights.safetensors)")
+    evaluate.add_argument("config", nargs="?", help="YAML EvalConfig (optional: stores, split, ...)")
+    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    evaluate.set_defaults(func=_evaluate)
     return parser
 
 

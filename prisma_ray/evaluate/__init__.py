@@ -1,0 +1,22 @@
+"""Evaluation of sparse dictionaries (no Ray in here; `prisma_ray.sweep` distributes it).
+
+- `metrics`: MSE, explained variance, cosine, L0, dead/dense fractions, log-density histogram,
+  crosscoder decoder-norm shares, Pareto fronts (pure functions and accumulators);
+- `splice`: the model run with a dictionary spliced in at its hook point: loss recovered, KL,
+  top-1 delta, for classifier and zero-shot heads, transcoders as MLP replacements;
+- `ground_truth`: single-latent AUROC per factor value of the synthetic datasets;
+- `checkpoint`: `EvalConfig` and `Evaluator`, one metrics row per checkpoint;
+- `discovery`, `results`, `report`: finding checkpoints, resumable result files, leaderboard and plots.
+"""
+from .checkpoint import EvalConfig, Evaluator, HeadConfig, evaluate_checkpoint
+from .discovery import CheckpointInfo, find_checkpoints, read_checkpoint_info
+
+__all__ = [
+    "CheckpointInfo",
+    "EvalConfig",
+    "Evaluator",
+    "HeadConfig",
+    "evaluate_checkpoint",
+    "find_checkpoints",
+    "read_checkpoint_info",
+]

@@ -1,0 +1,319 @@
+"""Evaluating checkpoints: `EvalConfig` (what to measure, where the held-out stores are) and `Evaluator`.
+
+The evaluator keeps what checkpoints of the same model share: the model itself (loaded once and
+counted in `loads`), the held-out rows of each store, the decoded inputs and clean runs of the
+spliced-in evaluation, the zero-ablation runs and the ground-truth labels of the tokens. Evaluate
+every checkpoint of a model with one evaluator and each of these is paid for once.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load as load_safetensors
+
+from .. import storage, store
+from ..activations import build_model, describe_model
+from ..data import RowFormat, decode_refs, list_refs, split_errors
+from ..data.synthetic import read_table
+from ..models import HookedVisionModel
+from ..sae import Dictionary, load_dictionary
+from ..sae.dictionary import Site
+from ..storage import StorageOptions
+from .discovery import CheckpointInfo, read_checkpoint_info
+from .ground_truth import factor_recovery, source_frames, token_factors
+from .heldout import HeldOut, StoreSource, read_held_out
+from .metrics import Reconstruction, Sparsity, decoder_norm_shares, share_summary
+from .splice import (
+    Head,
+    SpliceBatch,
+    TaskTotals,
+    ZeroShotHead,
+    classifier_head,
+    clean_totals,
+    outputs_logits,
+    run_mode,
+    summarize,
+)
+
+log = logging.getLogger(__name__)
+
+
+class HeadConfig(BaseModel):
+    """A CLIP-style zero-shot head for a model whose output is an image embedding."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    text_embeddings: str = Field(description="URI of a .npy or .safetensors `[classes, width]` matrix: the text "
+                                             "embedding of each class name, in dataset label order")  # fmt: skip
+    logit_scale: float = Field(100.0, gt=0)
+
+
+class EvalConfig(BaseModel):
+    """What to measure, on which held-out stores (`<stores>/<model>/<hook>/<split>`, as `prisma-ray extract` writes)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stores: str = "prisma-activations"
+    split: str = "test"
+    max_tokens: int = Field(8192, ge=1, description="held-out tokens per store")
+    batch_size: int = Field(2048, ge=1, description="tokens per dictionary forward pass")
+    dense_threshold: float = Field(0.1, gt=0, le=1, description="a latent firing on more tokens than this is dense")
+    splice_samples: int = Field(64, ge=0, description="inputs run with the dictionary spliced in (0: skip)")
+    splice_batch_size: int = Field(16, ge=1)
+    heads: dict[str, HeadConfig] = Field(default_factory=dict, description="zero-shot heads by model name")
+    ground_truth: bool = Field(True, description="factor recovery on stores of synthetic datasets")
+    ground_truth_tokens: int = Field(4096, ge=1)
+    factors: list[str] | None = Field(None, description="default: shape, colour (and direction for moving-shapes)")
+    detect_auroc: float = Field(0.95, gt=0.5, le=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    storage: StorageOptions = StorageOptions()
+
+    def store_uri(self, site: Site) -> str:
+        return store.store_uri(storage.absolute(self.stores), site.model, site.name, self.split)
+
+
+@dataclass
+class SpliceData:
+    """A model's inputs for spliced-in evaluation, with their clean runs."""
+
+    head: Head | None
+    batches: list[SpliceBatch]
+    label_source: str
+    note: str = ""
+
+
+class Evaluator:
+    """Evaluates checkpoints against held-out stores, caching what checkpoints of one model share."""
+
+    def __init__(self, cfg: EvalConfig):
+        self.cfg = cfg
+        self.options = cfg.storage.resolved()
+        cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        self.device = torch.device("cuda" if cuda else "cpu")
+        self.loads: Counter[str] = Counter()
+        self._models: dict[str, HookedVisionModel] = {}
+        self._sources: dict[str, StoreSource] = {}
+        self._held: dict[tuple[tuple[str, ...], tuple[str, ...]], HeldOut] = {}
+        self._splice: dict[str, SpliceData] = {}
+        self._zero: dict[tuple, TaskTotals] = {}
+        self._truth: dict[str, tuple[np.ndarray, dict[str, np.ndarray]]] = {}
+
+    def retain(self, models: set[str]) -> None:
+        """Drop the cached models and data of every model not in `models` (bounds memory between groups)."""
+        def keep(key: str) -> bool:
+            return any(f"/{m}/" in key for m in models)
+
+        self._models = {k: v for k, v in self._models.items() if k in models}
+        self._splice = {k: v for k, v in self._splice.items() if k in models}
+        self._zero = {k: v for k, v in self._zero.items() if k[0] in models}
+        self._held = {k: v for k, v in self._held.items() if all(keep(u) for u in (*k[0], *k[1]))}
+        self._truth = {k: v for k, v in self._truth.items() if keep(k)}
+        self._sources = {k: v for k, v in self._sources.items() if keep(k)}
+
+    @torch.inference_mode()
+    def evaluate(self, uri: str) -> dict[str, Any]:
+        """The metrics row of the checkpoint at `uri`."""
+        start = time.perf_counter()
+        info = read_checkpoint_info(uri, self.options)
+        unnamed = [s.name for s in (*info.sites.inputs, *info.sites.targets) if not s.model]
+        if unnamed:
+            raise ValueError(f"{uri}: cfg.json names no model for {unnamed}; its held-out store cannot be found")
+        d = load_dictionary(uri, self.options).to(self.device).eval()
+        inputs = [self.cfg.store_uri(s) for s in info.sites.inputs]
+        targets = [self.cfg.store_uri(s) for s in info.sites.outputs]
+        held = self._held_out(inputs, targets)
+        source = self._source(inputs[0])
+        truth = self.cfg.ground_truth and source.synthetic and source.description is not None
+        metrics, latents = self._store_metrics(d, info, held, self.cfg.ground_truth_tokens if truth else 0)
+        row = {**info.row(), **metrics}
+        if self.cfg.splice_samples:
+            row.update(self._spliced(d, info, inputs[0]))
+        if truth:
+            row.update(self._ground_truth(latents, held, source))
+        row["seconds"] = time.perf_counter() - start
+        return row
+
+    def _source(self, uri: str) -> StoreSource:
+        if uri not in self._sources:
+            self._sources[uri] = StoreSource.open(uri, self.options)
+        return self._sources[uri]
+
+    def _held_out(self, inputs: list[str], targets: list[str]) -> HeldOut:
+        key = (tuple(inputs), tuple(targets))
+        if key not in self._held:
+            for uri in (*inputs, *targets):  # a missing store fails here, naming its manifest
+                self._source(uri)
+            self._held[key] = read_held_out(inputs, targets, self.cfg.max_tokens, self.options)
+        return self._held[key]
+
+    def _model(self, name: str, source: StoreSource) -> HookedVisionModel:
+        """The model that wrote `source` (same registry entry, weights and seed), loaded once."""
+        if name not in self._models:
+            entry = source.entry
+            if entry is None or entry.name != name:
+                raise ValueError(f"{source.uri}: its _config.json does not describe model {name!r}")
+            log.info("loading %s for evaluation on %s", name, self.device)
+            self._models[name] = build_model(entry, source.description["pretrained"], source.description["seed"],
+                                             self.device)  # fmt: skip
+            self.loads[name] += 1
+        return self._models[name]
+
+    def _store_metrics(self, d: Dictionary, info: CheckpointInfo, held: HeldOut,
+                       keep: int) -> tuple[dict[str, Any], np.ndarray]:  # fmt: skip
+        """Reconstruction and sparsity metrics over the held-out rows, and the latents of the first `keep` rows."""
+        targets = info.sites.targets
+        bounds = info.sites.out_bounds()
+        total, sparsity = Reconstruction(), Sparsity(d.n_latents)
+        per_site = [Reconstruction() for _ in targets] if len(targets) > 1 else []
+        reference = held.x if held.y is None else held.y
+        kept: list[torch.Tensor] = []
+        for i in range(0, len(held), self.cfg.batch_size):
+            x = held.x[i : i + self.cfg.batch_size].to(self.device)
+            y = reference[i : i + self.cfg.batch_size].to(self.device)
+            z = d.encode(x)
+            pred = d.decode(z)
+            if d.cfg.skip_connection:
+                pred = pred + d.skip(x) / d.out_scale
+            total.update(y, pred)
+            sparsity.update(z)
+            if i < keep:
+                kept.append(z[: keep - i].float().cpu())
+            for acc, (a, b) in zip(per_site, bounds):
+                acc.update(y[:, a:b], pred[:, a:b])
+        row: dict[str, Any] = {"eval_tokens": len(held), **total.summary()}
+        row.update(sparsity.summary(self.cfg.dense_threshold))
+        if per_site:
+            labels = [f"{s.model}/{s.name}" if len(info.models) > 1 else s.name for s in targets]
+            shares = share_summary(decoder_norm_shares(d.W_dec, bounds), labels)
+            row["shared_fraction"] = shares["shared"]
+            row["per_site"] = json.dumps({
+                label: {**acc.summary(), "specific_fraction": shares["specific"][label],
+                        "mean_share": shares["mean_share"][label], "share_hist": shares["hist"][label]}
+                for label, acc in zip(labels, per_site)
+            })  # fmt: skip
+        return row, torch.cat(kept).numpy() if kept else np.zeros((0, d.n_latents), np.float32)
+
+    def _spliced(self, d: Dictionary, info: CheckpointInfo, source_uri: str) -> dict[str, Any]:
+        if len(info.models) > 1:
+            return {"splice_note": "crosscoder across models: spliced-in evaluation needs one model"}
+        source = self._source(source_uri)
+        if source.description is None:
+            return {"splice_note": f"{source_uri} has no _config.json, so its model and inputs are unknown"}
+        name = info.models[0]
+        data = self._splice_data(name, source)
+        if data.head is None:
+            return {"splice_note": data.note}
+        model = self._models[name]
+        self._ensure_clean(model, data, {s.name for s in (*info.sites.inputs, *info.sites.targets)})
+        positions = torch.as_tensor(source.positions(), device=self.device)
+        zero_key = (name, tuple(s.name for s in info.sites.targets), tuple(positions.tolist()))
+        if zero_key not in self._zero:
+            self._zero[zero_key] = run_mode(model, data.head, d, positions, "zero", data.batches)
+        sae = run_mode(model, data.head, d, positions, "sae", data.batches)
+        error = run_mode(model, data.head, d, positions, "error", data.batches)
+        metrics = summarize(clean_totals(data.batches), sae, error, self._zero[zero_key])
+        return {**metrics, "label_source": data.label_source, "splice_samples": sum(len(b.x) for b in data.batches)}
+
+    def _splice_data(self, name: str, source: StoreSource) -> SpliceData:
+        if name in self._splice:
+            return self._splice[name]
+        model = self._model(name, source)
+        head = self._head(name, model)
+        if head is None:
+            note = f"{name} outputs an embedding, not logits; set heads.{name}.text_embeddings"
+            self._splice[name] = SpliceData(None, [], "", note)
+            return self._splice[name]
+        spec = source.dataset(self.options)
+        fmt = RowFormat.create(spec, model.preprocess)
+        pixels, labels = [], []
+        for batch in decode_refs(list_refs(spec), spec, fmt, max_rows=self.cfg.splice_batch_size):
+            good, _ = split_errors(batch)
+            pixels.append(good[fmt.column])
+            labels.append(good["label"])
+            if sum(map(len, pixels)) >= self.cfg.splice_samples:
+                break
+        x = torch.from_numpy(np.concatenate(pixels)[: self.cfg.splice_samples]).to(self.device)
+        y = torch.from_numpy(np.concatenate(labels)[: self.cfg.splice_samples]).to(self.device)
+        clean = torch.cat([head(model(x[i : i + self.cfg.splice_batch_size]))
+                           for i in range(0, len(x), self.cfg.splice_batch_size)])  # fmt: skip
+        label_source = "dataset"
+        if bool(((y < 0) | (y >= clean.shape[1])).any()):
+            y, label_source = clean.argmax(1), "clean_top1"
+        batches = [SpliceBatch(x[i : i + self.cfg.splice_batch_size], y[i : i + self.cfg.splice_batch_size],
+                               clean[i : i + self.cfg.splice_batch_size])
+                   for i in range(0, len(x), self.cfg.splice_batch_size)]  # fmt: skip
+        self._splice[name] = SpliceData(head, batches, label_source)
+        return self._splice[name]
+
+    def _head(self, name: str, model: HookedVisionModel) -> Head | None:
+        head = self.cfg.heads.get(name)
+        if head is not None:
+            return ZeroShotHead(load_matrix(head.text_embeddings, self.options).to(self.device), head.logit_scale)
+        return classifier_head if outputs_logits(model) else None
+
+    def _ensure_clean(self, model: HookedVisionModel, data: SpliceData, hooks: set[str]) -> None:
+        for batch in data.batches:
+            missing = sorted(hooks - set(batch.clean))
+            if missing:
+                _, cache = model.run_with_cache(batch.x, missing, stop_early=True)
+                batch.clean.update(cache)
+
+    def _ground_truth(self, latents: np.ndarray, held: HeldOut, source: StoreSource) -> dict[str, Any]:
+        """Factor recovery from the `latents` of the first held-out rows of a synthetic dataset's store."""
+        patch, factors = self._truth_labels(source, held)
+        result = factor_recovery(latents[patch], {f: v[patch] for f, v in factors.items()}, self.cfg.detect_auroc)
+        best = zip(result["values"], result["best_auroc"], result["best_latent"])
+        detail = {value: {"auroc": auc, "latent": int(latent)} for value, auc, latent in best}
+        return {
+            "gt_values": len(result["values"]),
+            "gt_fraction_detected": result["fraction_detected"],
+            "gt_mean_best_auroc": result["mean_best_auroc"],
+            "gt_detail": json.dumps(detail),
+        }
+
+    def _truth_labels(self, source: StoreSource, held: HeldOut) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        if source.uri not in self._truth:
+            spec = source.dataset(self.options)
+            generator = spec.generator
+            motion = ["direction"] if generator.name == "moving-shapes" else []
+            factors = self.cfg.factors or ["shape", "colour", *motion]
+            model = self._models.get(source.entry.name) or describe_model(source.entry)
+            preprocess = model.preprocess
+            tables = {t: read_table(spec.uri, t, spec.storage) for t in ("samples", "patches", "objects")}
+            keys = held.keys.slice(0, self.cfg.ground_truth_tokens)
+            self._truth[source.uri] = token_factors(
+                keys, source.layout, tables["patches"], tables["objects"], tuple(generator.patch_grid), factors,
+                preprocess.crop_pct, source_frames(tables["samples"], source.sampling),
+            )  # fmt: skip
+        return self._truth[source.uri]
+
+
+def load_matrix(uri: str, options: StorageOptions) -> torch.Tensor:
+    """A `[rows, width]` float matrix from a `.npy` file or a one-tensor `.safetensors` file (never unpickled)."""
+    data = storage.read_bytes(uri, options)
+    if uri.endswith(".npy"):
+        matrix = torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False))
+    elif uri.endswith(".safetensors"):
+        tensors = load_safetensors(data)
+        if len(tensors) != 1:
+            raise ValueError(f"{uri}: expected one tensor (the text embeddings), found {sorted(tensors)}")
+        matrix = next(iter(tensors.values()))
+    else:
+        raise ValueError(f"{uri}: text embeddings must be a .npy or .safetensors file")
+    if matrix.dim() != 2:
+        raise ValueError(f"{uri}: text embeddings must be [classes, width]; got {list(matrix.shape)}")
+    return matrix.float()
+
+
+def evaluate_checkpoint(uri: str, cfg: EvalConfig) -> dict[str, Any]:
+    """The metrics row of one checkpoint (a fresh `Evaluator`)."""
+    return Evaluator(cfg).evaluate(uri)

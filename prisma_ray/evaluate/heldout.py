@@ -1,0 +1,123 @@
+"""Held-out activation stores: the rows a checkpoint is measured on, and how the store was made.
+
+A store written by `prisma-ray extract` records in its `_config.json` the model (registry entry,
+pretrained or the seed of its random weights), the dataset and the token selection, which is
+what the spliced-in and ground-truth evaluations need to rebuild the same model and inputs.
+"""
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from .. import storage, store
+from ..activations import TokenSelection, fixed_positions
+from ..data.decode import FrameSampling
+from ..data.sources import DatasetSpec, parse_dataset_spec, with_resolved_storage
+from ..models import ModelEntry, TokenLayout
+from ..training_data import KEYS, align
+
+KEY_COLUMNS = [*KEYS, "kind"]
+
+
+@dataclass(frozen=True)
+class StoreSource:
+    """A store's manifest and, when `prisma-ray extract` wrote it, the config it was written with."""
+
+    uri: str
+    manifest: store.Manifest
+    description: dict[str, Any] | None
+
+    @classmethod
+    def open(cls, uri: str, options: storage.StorageOptions | None = None) -> StoreSource:
+        """Read the store at `uri`; a missing store raises `MissingInputError` naming it."""
+        manifest = store.read_manifest(uri, options)
+        return cls(uri, manifest, store.StoreWriter(uri, options).claimed())
+
+    @property
+    def entry(self) -> ModelEntry | None:
+        return ModelEntry.model_validate(self.description["model"]) if self.description else None
+
+    @property
+    def layout(self) -> TokenLayout:
+        return TokenLayout.model_validate(self.manifest.token_layout)
+
+    @property
+    def sampling(self) -> FrameSampling | None:
+        sampling = self.manifest.dataset.get("frame_sampling")
+        return FrameSampling.model_validate(sampling) if sampling else None
+
+    @property
+    def synthetic(self) -> bool:
+        return self.manifest.dataset.get("type") == "synthetic"
+
+    def dataset(self, options: storage.StorageOptions) -> DatasetSpec:
+        """The dataset the store was extracted from, reached with `options`."""
+        if not self.description:
+            raise ValueError(f"{self.uri} has no _config.json; it was not written by `prisma-ray extract`")
+        spec = parse_dataset_spec({**self.description["dataset"], "storage": options.model_dump()})
+        return with_resolved_storage(spec)
+
+    def positions(self) -> np.ndarray:
+        """The token positions whose activations the store holds (random selections: all patch tokens)."""
+        selection = store_selection(self.manifest.token_selection)
+        return fixed_positions(self.layout, selection)
+
+
+def store_selection(token_selection: dict[str, Any]) -> TokenSelection:
+    """The `TokenSelection` of a manifest, with random picks widened to every patch token."""
+    mode = token_selection.get("mode", "all")
+    return TokenSelection(mode="patches" if mode == "random" else mode)
+
+
+@dataclass
+class HeldOut:
+    """Aligned held-out rows: keys (`sample_id`, `frame`, `token`, `kind`), inputs `x` and targets `y`."""
+
+    keys: pa.Table
+    x: torch.Tensor
+    y: torch.Tensor | None
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+def read_held_out(inputs: list[str], targets: list[str], max_tokens: int,
+                  options: storage.StorageOptions | None = None) -> HeldOut:  # fmt: skip
+    """The first `max_tokens` rows of the stores, matched on `(sample_id, frame, token)` across stores.
+
+    Shards are read in order until enough rows are in; `x` concatenates the `inputs` stores, `y`
+    the `targets` stores (None when there are none).
+    """
+    uris = [*inputs, *targets]
+    names = [{posixpath.basename(p) for p in store.shard_paths(u, options)} for u in uris]
+    shared = sorted(set.intersection(*names))
+    if not shared:
+        raise ValueError(f"the held-out stores {uris} have no shard in common; extract them from the same dataset")
+    parts: list[list[pa.Table]] = [[] for _ in uris]
+    rows = 0
+    for name in shared:
+        tables = align([_read_shard(u, name, options) for u in uris])
+        for part, table in zip(parts, tables):
+            part.append(table)
+        rows += tables[0].num_rows
+        if rows >= max_tokens:
+            break
+    tables = [pa.concat_tables(p).slice(0, max_tokens) for p in parts]
+    if not tables[0].num_rows:
+        raise ValueError(f"the held-out stores {uris} share no rows")
+    decoded = [store.decode_acts(t.column("act"), store.store_dtype(t.schema)) for t in tables]
+    acts = [torch.from_numpy(np.require(a, requirements="W")) for a in decoded]
+    x = torch.cat(acts[: len(inputs)], dim=1)
+    y = torch.cat(acts[len(inputs) :], dim=1) if targets else None
+    return HeldOut(tables[0].select(KEY_COLUMNS), x, y)
+
+
+def _read_shard(uri: str, name: str, options: storage.StorageOptions | None) -> pa.Table:
+    fs, path = storage.resolve(uri, options)
+    return pq.read_table(posixpath.join(path, name), filesystem=fs, columns=[*KEY_COLUMNS, "act"])

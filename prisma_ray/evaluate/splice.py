@@ -1,0 +1,194 @@
+"""Spliced-in evaluation: run the model with a dictionary's output in place of the activations it models.
+
+Three runs per batch besides the clean one, all at the dictionary's output hook points and token
+positions: `sae` (the reconstruction, or for a transcoder the MLP replacement's prediction),
+`error` (the same plus the clean run's error term `x − x̂`, which for a single site reproduces the
+clean run: `kl_with_error ≈ 0` checks the splice itself) and `zero` (zero ablation). From their
+task losses: `loss_recovered = (L_zero − L_sae) / (L_zero − L_clean)`, the KL divergence from the
+clean predictions and the top-1 accuracy delta. Heads turn the model's output into class logits:
+the model's own classifier, or a CLIP-style zero-shot head over text embeddings of class names.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from ..models import HookedVisionModel
+from ..sae import Dictionary
+
+Mode = Literal["sae", "error", "zero"]
+Head = Callable[[torch.Tensor], torch.Tensor]
+HookList = list[tuple[str, Callable]]
+
+
+def classifier_head(output: torch.Tensor) -> torch.Tensor:
+    """The model's own classifier: its output already holds the class logits."""
+    return output
+
+
+@dataclass(frozen=True)
+class ZeroShotHead:
+    """CLIP-style zero-shot classification: `logit_scale · cos(image embedding, text embedding of each class)`."""
+
+    text_embeddings: torch.Tensor
+    logit_scale: float = 100.0
+
+    def __call__(self, output: torch.Tensor) -> torch.Tensor:
+        if output.dim() != 2 or output.shape[1] != self.text_embeddings.shape[1]:
+            raise ValueError(
+                f"zero-shot head: the model outputs {list(output.shape)} but the text embeddings are "
+                f"{list(self.text_embeddings.shape)}; they must share the embedding width"
+            )
+        text = F.normalize(self.text_embeddings.to(output), dim=1)
+        return self.logit_scale * F.normalize(output, dim=1) @ text.t()
+
+
+def outputs_logits(model: HookedVisionModel) -> bool:
+    """Whether the model's output is a classifier's logits (timm heads, `...Classification` classes)."""
+    net = model.model
+    classes = getattr(net, "num_classes", None)
+    if isinstance(classes, int):
+        return classes > 0
+    return type(net).__name__.endswith("Classification")
+
+
+def splice_hooks(d: Dictionary, positions: torch.Tensor, mode: Mode, clean: dict[str, torch.Tensor]) -> HookList:
+    """Forward hooks that put `d`'s output (per `mode`) at the token `positions` of its output hook points.
+
+    `clean` holds the clean run's activations at `d`'s input and output hook points for this batch.
+    Autoencoders (SAEs, crosscoders over layers) reconstruct every site; a crosscoder encodes all its
+    input sites from the clean run (acausally). Transcoders read their input hook during the spliced
+    run and replace their output hook with the prediction (the MLP replacement).
+    """
+    sites = d.sites
+    if mode == "zero":
+        return [(s.name, _put(positions, lambda cur: torch.zeros_like(cur[:, positions]))) for s in sites.targets]
+    bounds = dict(zip((s.name for s in sites.targets), sites.out_bounds()))
+    clean_in = torch.cat([clean[s.name][:, positions] for s in sites.inputs], dim=-1)
+    clean_out = torch.cat([clean[s.name][:, positions] for s in sites.targets], dim=-1)
+    error = clean_out - _apply(d, clean_in) if mode == "error" else torch.zeros_like(clean_out)
+    if sites.autoencoder:
+        single = len(sites.inputs) == 1
+        recon = None if single else _apply(d, clean_in)
+
+        def autoencoder(cur: torch.Tensor, a: int, b: int) -> torch.Tensor:
+            hat = _apply(d, cur[:, positions]) if single else recon
+            return hat[..., a:b] + error[..., a:b]
+
+        return [(name, _put(positions, lambda cur, a=a, b=b: autoencoder(cur, a, b)))
+                for name, (a, b) in bounds.items()]  # fmt: skip
+    if len(sites.inputs) != 1 or len(sites.targets) != 1:
+        raise ValueError("spliced-in evaluation of a transcoder needs exactly one input and one output hook point")
+    (source,), (target,) = sites.inputs, sites.targets
+    stash: dict[str, torch.Tensor] = {}
+
+    def read(cur: torch.Tensor, _hook) -> None:
+        stash["x"] = cur[:, positions]
+
+    def predict(cur: torch.Tensor) -> torch.Tensor:
+        if "x" not in stash:
+            raise ValueError(f"transcoder input {source.name} runs after its output {target.name}: cannot splice it")
+        return _apply(d, stash["x"]) + error
+
+    return [(source.name, read), (target.name, _put(positions, predict))]
+
+
+def _apply(d: Dictionary, x: torch.Tensor) -> torch.Tensor:
+    """`d` on `[B, K, d_in]` rows -> `[B, K, d_out]`."""
+    b, k, _ = x.shape
+    return d(x.reshape(b * k, -1).to(d.W_dec.dtype)).reshape(b, k, -1).to(x.dtype)
+
+
+def _put(positions: torch.Tensor, value: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+    def hook(cur: torch.Tensor, _hook) -> torch.Tensor:
+        out = cur.clone()
+        out[:, positions] = value(cur).to(cur.dtype)
+        return out
+
+    return hook
+
+
+@dataclass
+class TaskTotals:
+    """Running sums of the task loss, the KL divergence from the clean run and top-1 hits."""
+
+    n: int = 0
+    loss: float = 0.0
+    kl: float = 0.0
+    correct: int = 0
+
+    def update(self, logits: torch.Tensor, clean_logits: torch.Tensor, labels: torch.Tensor) -> None:
+        logp, clean_logp = logits.double().log_softmax(-1), clean_logits.double().log_softmax(-1)
+        self.n += len(labels)
+        self.loss += float(F.nll_loss(logp, labels, reduction="sum"))
+        self.kl += float((clean_logp.exp() * (clean_logp - logp)).sum())
+        self.correct += int((logits.argmax(-1) == labels).sum())
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss / max(self.n, 1)
+
+    @property
+    def mean_kl(self) -> float:
+        return self.kl / max(self.n, 1)
+
+    @property
+    def top1(self) -> float:
+        return self.correct / max(self.n, 1)
+
+
+def loss_recovered(clean: float, spliced: float, zero: float) -> float:
+    """`(L_zero − L_spliced) / (L_zero − L_clean)`: 1 when splicing costs nothing, 0 when it is as bad as
+    zero ablation; NaN when zero ablation does not change the loss."""
+    gap = zero - clean
+    return (zero - spliced) / gap if abs(gap) > 1e-12 else float("nan")
+
+
+@dataclass
+class SpliceBatch:
+    """One batch of inputs with its clean run: labels, clean logits and clean activations by hook point."""
+
+    x: torch.Tensor
+    labels: torch.Tensor
+    clean_logits: torch.Tensor
+    clean: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@torch.inference_mode()
+def run_mode(model: HookedVisionModel, head: Head, d: Dictionary, positions: torch.Tensor, mode: Mode,
+             batches: list[SpliceBatch]) -> TaskTotals:  # fmt: skip
+    """Task totals of the model with `d` spliced in per `mode` over `batches`."""
+    totals = TaskTotals()
+    for batch in batches:
+        with model.hooks(splice_hooks(d, positions, mode, batch.clean)):
+            logits = head(model(batch.x))
+        totals.update(logits, batch.clean_logits, batch.labels)
+    return totals
+
+
+def clean_totals(batches: list[SpliceBatch]) -> TaskTotals:
+    totals = TaskTotals()
+    for batch in batches:
+        totals.update(batch.clean_logits, batch.clean_logits, batch.labels)
+    return totals
+
+
+def summarize(clean: TaskTotals, sae: TaskTotals, error: TaskTotals, zero: TaskTotals) -> dict[str, float]:
+    """The spliced-in metrics of one dictionary from the totals of its runs."""
+    return {
+        "loss_clean": clean.mean_loss,
+        "loss_spliced": sae.mean_loss,
+        "loss_zero": zero.mean_loss,
+        "loss_recovered": loss_recovered(clean.mean_loss, sae.mean_loss, zero.mean_loss),
+        "kl": sae.mean_kl,
+        "top1_clean": clean.top1,
+        "top1_spliced": sae.top1,
+        "top1_delta": sae.top1 - clean.top1,
+        "loss_recovered_with_error": loss_recovered(clean.mean_loss, error.mean_loss, zero.mean_loss),
+        "kl_with_error": error.mean_kl,
+        "top1_delta_with_error": error.top1 - clean.top1,
+    }

@@ -1,0 +1,288 @@
+"""`prisma-ray sweep`: every checkpoint under some URIs, evaluated on a Ray actor pool (orchestration only).
+
+    checkpoint URIs --find_checkpoints + cfg.json--> checkpoints not yet evaluated, grouped by model
+    --ActorPool of SweepWorker actors (one Evaluator each: a model is loaded once per actor and all
+    its checkpoints are evaluated against it)--> one result file per checkpoint
+    --> metrics.parquet, leaderboard.html, plots/<model>__<hook>.png
+
+`plan_sweep` checks the config, finds the checkpoints and claims the output before Ray starts. A
+rerun skips the checkpoints whose results are already written (resumable); a checkpoint that fails
+is recorded in `errors.json` and tried again by the next run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import ray
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from ray.util import ActorPool
+from tqdm.auto import tqdm
+
+from . import storage
+from .evaluate import EvalConfig, Evaluator, find_checkpoints, read_checkpoint_info
+from .evaluate.discovery import CheckpointInfo
+from .evaluate.report import front_plots, leaderboard_html
+from .evaluate.results import ResultStore, result_key
+from .models import get_entry, list_entries
+from .ray_session import RayOptions, ensure_ray
+
+log = logging.getLogger(__name__)
+
+MODEL_PLACEHOLDER = "{model}"
+
+
+class ModelSelection(BaseModel):
+    """Which models' checkpoints to evaluate: registry `names` plus every registry model matching all the
+    filters given (`family`, `modality`, `source`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    names: list[str] = Field(default_factory=list)
+    family: list[str] | None = None
+    modality: Literal["image", "video"] | None = None
+    source: Literal["timm", "open_clip", "hf", "prisma"] | None = None
+
+    @field_validator("family", mode="before")
+    @classmethod
+    def _as_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    def resolve(self) -> list[str]:
+        """The selected model names, sorted; an unknown name or family raises, naming it."""
+        chosen = {get_entry(name).name for name in self.names}
+        if self.family is not None or self.modality is not None or self.source is not None:
+            known = {e.family for e in list_entries()}
+            unknown = sorted(set(self.family or []) - known)
+            if unknown:
+                raise ValueError(f"unknown model families {unknown}; known: {sorted(known)}")
+            chosen |= {
+                e.name for e in list_entries(modality=self.modality, source=self.source)
+                if self.family is None or e.family in self.family
+            }  # fmt: skip
+        return sorted(chosen)
+
+
+class SweepConfig(BaseModel):
+    """`prisma-ray sweep`: evaluate every checkpoint under `checkpoints` and write a leaderboard to `output`.
+
+    A checkpoint URI may hold `{model}`, expanded once per model of `models` (URIs that do not exist
+    for a model are skipped). With `models` set, only checkpoints of the selected models are evaluated.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoints: list[str] = Field(min_length=1, description="URIs searched (recursively) for checkpoints")
+    models: ModelSelection | None = None
+    output: str = "prisma-sweep"
+    evaluation: EvalConfig = EvalConfig()
+    actors: int | None = Field(None, ge=1, description="evaluation actors (default: one per GPU, else per CPU; "
+                                                       "never more than models)")  # fmt: skip
+    cpus_per_actor: float = Field(1.0, gt=0)
+    torch_threads: int | None = Field(None, ge=1, description="torch threads per CPU actor (default: CPUs per actor)")
+    progress: bool = True
+    ray: RayOptions = RayOptions()
+
+    @field_validator("checkpoints")
+    @classmethod
+    def _distinct(cls, uris: list[str]) -> list[str]:
+        if len(set(uris)) != len(uris):
+            raise ValueError(f"checkpoint URIs must be distinct; got {uris}")
+        return uris
+
+
+@dataclass
+class Group:
+    """Checkpoints that read the same models: one actor evaluates them all after loading the models once."""
+
+    models: tuple[str, ...]
+    uris: list[str]
+
+
+@dataclass
+class SweepPlan:
+    """A checked sweep: the checkpoints found, those still to evaluate grouped by model, the output."""
+
+    cfg: SweepConfig
+    found: list[CheckpointInfo]
+    groups: list[Group]
+    results: ResultStore
+
+    @property
+    def pending(self) -> int:
+        return sum(len(g.uris) for g in self.groups)
+
+
+@dataclass
+class SweepSummary:
+    """What a run did (`evaluated`, `failed`, `model_loads`: this run only) and where its outputs are."""
+
+    found: int
+    evaluated: int
+    skipped: int
+    failed: list[dict[str, str]]
+    model_loads: dict[str, int]
+    output: str
+    table: str
+    leaderboard: str
+    plots: list[str]
+    rows: int
+    seconds: float
+
+    def format(self) -> str:
+        """The final summary printed by `prisma-ray sweep`."""
+        loads = ", ".join(f"{m} x{n}" for m, n in sorted(self.model_loads.items())) or "none"
+        lines = [
+            f"checkpoints  {self.found} found, {self.evaluated} evaluated, {self.skipped} already done, "
+            f"{len(self.failed)} failed",
+            f"models       loaded {loads}",
+            f"table        {self.table}  ({self.rows} rows)",
+            f"leaderboard  {self.leaderboard}",
+            f"plots        {len(self.plots)} under {storage.join(self.output, 'plots')}",
+            f"time         {self.seconds:.1f} s",
+        ]
+        lines += [f"failed       {f['checkpoint']}: {f['error']}" for f in self.failed]
+        return "\n".join(lines)
+
+
+def checkpoint_roots(cfg: SweepConfig) -> list[tuple[str, bool]]:
+    """`(URI, required)` to search: URIs with `{model}` expanded per selected model (not required to exist)."""
+    models = cfg.models.resolve() if cfg.models is not None else None
+    roots = []
+    for uri in cfg.checkpoints:
+        if MODEL_PLACEHOLDER not in uri:
+            roots.append((uri, True))
+        elif models is None:
+            raise ValueError(f"checkpoint URI {uri!r} holds {MODEL_PLACEHOLDER} but no `models` are selected")
+        else:
+            roots += [(uri.replace(MODEL_PLACEHOLDER, m), False) for m in models]
+    return roots
+
+
+def plan_sweep(cfg: SweepConfig) -> SweepPlan:
+    """Find the checkpoints, keep the selected models' ones, claim the output and group what is left (no Ray)."""
+    options = cfg.evaluation.storage.resolved()
+    selected = set(cfg.models.resolve()) if cfg.models is not None else None
+    uris: list[str] = []
+    for root, required in checkpoint_roots(cfg):
+        try:
+            uris += find_checkpoints(root, options)
+        except storage.MissingInputError:
+            if required:
+                raise
+            log.info("no checkpoints at %s", root)
+    if not uris:
+        raise storage.MissingInputError(f"no checkpoints (cfg.json + sae_weights.safetensors) in {cfg.checkpoints}")
+    infos = [read_checkpoint_info(uri, options) for uri in sorted(set(uris))]
+    if selected is not None:
+        infos = [i for i in infos if set(i.models) <= selected]
+        if not infos:
+            raise storage.MissingInputError(f"no checkpoint in {cfg.checkpoints} is of the selected models")
+    results = ResultStore(cfg.output, options)
+    results.claim(cfg.evaluation.model_dump(mode="json", exclude={"storage"}))
+    done = results.done()
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for info in infos:
+        if result_key(info.uri) not in done:
+            groups.setdefault(info.models, []).append(info.uri)
+    ordered = sorted((Group(m, u) for m, u in groups.items()), key=lambda g: (-len(g.uris), g.models))
+    log.info("%d checkpoints found, %d to evaluate in %d model groups", len(infos), sum(len(g.uris) for g in ordered),
+             len(ordered))  # fmt: skip
+    return SweepPlan(cfg, infos, ordered, results)
+
+
+class SweepWorker:
+    """Evaluates groups of checkpoints and writes each result as soon as it is done (a Ray actor in a sweep)."""
+
+    def __init__(self, evaluation: EvalConfig, output: str, torch_threads: int | None = None):
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.evaluator = Evaluator(evaluation)
+        self.results = ResultStore(output, self.evaluator.options)
+
+    def run(self, models: tuple[str, ...], uris: list[str]) -> dict[str, Any]:
+        """Evaluate `uris` (all reading `models`); returns the count done, the failures and the model loads."""
+        self.evaluator.retain(set(models))
+        before = dict(self.evaluator.loads)
+        failed = []
+        for uri in uris:
+            try:
+                self.results.write(self.evaluator.evaluate(uri))
+            except Exception as exc:  # one bad checkpoint must not stop the others
+                log.warning("%s: %s", uri, exc)
+                failed.append({"checkpoint": uri, "error": f"{type(exc).__name__}: {exc}"})
+        loads = {m: n - before.get(m, 0) for m, n in self.evaluator.loads.items() if n - before.get(m, 0)}
+        return {"evaluated": len(uris) - len(failed), "failed": failed, "loads": loads}
+
+
+def run_sweep(cfg: SweepConfig) -> SweepSummary:
+    """Evaluate the checkpoints `cfg` asks for (skipping those already done) and write the report."""
+    start = time.perf_counter()
+    plan = plan_sweep(cfg)
+    evaluated, failed, loads = 0, [], {}
+    if plan.groups:
+        for report in _run_pool(plan):
+            evaluated += report["evaluated"]
+            failed += report["failed"]
+            for model, n in report["loads"].items():
+                loads[model] = loads.get(model, 0) + n
+    summary = write_report(plan.results)
+    plan.results.write_file("errors.json", json.dumps(failed, indent=1).encode())
+    return SweepSummary(
+        found=len(plan.found),
+        evaluated=evaluated,
+        skipped=len(plan.found) - plan.pending,
+        failed=failed,
+        model_loads=loads,
+        seconds=time.perf_counter() - start,
+        **summary,
+    )
+
+
+def _run_pool(plan: SweepPlan):
+    """Evaluate the plan's groups on an actor pool; yield each group's report as it finishes."""
+    cfg = plan.cfg
+    ensure_ray(cfg.ray)
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    use_gpu = cfg.evaluation.device == "cuda" or (cfg.evaluation.device == "auto" and gpus > 0)
+    if use_gpu and gpus < 1:
+        raise ValueError("evaluation.device=cuda but the Ray cluster has no GPU; set evaluation.device=cpu")
+    wanted = cfg.actors or (gpus if use_gpu else max(1, int(resources.get("CPU", 1) // cfg.cpus_per_actor)))
+    n_actors = max(1, min(wanted, len(plan.groups)))
+    threads = cfg.torch_threads or (None if use_gpu else max(1, int(cfg.cpus_per_actor)))
+    actor = ray.remote(SweepWorker).options(num_cpus=cfg.cpus_per_actor, num_gpus=1 if use_gpu else 0)
+    output = storage.absolute(cfg.output)
+    evaluation = cfg.evaluation.model_copy(update={"storage": cfg.evaluation.storage.resolved(),
+                                                   "stores": storage.absolute(cfg.evaluation.stores)})  # fmt: skip
+    actors = [actor.remote(evaluation, output, threads) for _ in range(n_actors)]
+    log.info("evaluating %d checkpoints with %d actor(s)", plan.pending, n_actors)
+    try:
+        pool = ActorPool(actors)
+        jobs = pool.map_unordered(lambda a, g: a.run.remote(g.models, g.uris), plan.groups)
+        with tqdm(total=plan.pending, unit="ckpt", desc="sweep", disable=not cfg.progress) as bar:
+            for report in jobs:
+                bar.update(report["evaluated"] + len(report["failed"]))
+                yield report
+    finally:
+        for a in actors:
+            ray.kill(a)
+
+
+def write_report(results: ResultStore) -> dict[str, Any]:
+    """Write `metrics.parquet`, the plots and `leaderboard.html` from every result row."""
+    table = results.table()
+    plots = [results.write_file(f"plots/{name}", png) for name, png in front_plots(table).items()]
+    relative = [f"plots/{p.rsplit('/', 1)[1]}" for p in plots]
+    page = leaderboard_html(table, relative, title=f"prisma-ray sweep: {results.uri}")
+    return {
+        "output": results.uri,
+        "table": results.write_table(table),
+        "leaderboard": results.write_file("leaderboard.html", page.encode()),
+        "plots": plots,
+        "rows": table.num_rows,
+    }

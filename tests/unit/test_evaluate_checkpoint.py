@@ -1,0 +1,207 @@
+"""Evaluating checkpoints without Ray: spliced-in evaluation on a tiny ViT (perfect and zero
+reconstructions, transcoders, crosscoders, zero-shot heads), ground truth, caching, errors."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from prisma_ray import extract
+from prisma_ray.activations import ExtractConfig, ExtractionWorker, WorkerJob, decode_shard
+from prisma_ray.cli import main
+from prisma_ray.evaluate import EvalConfig, Evaluator
+from prisma_ray.evaluate.splice import splice_hooks
+from prisma_ray.sae import Dictionary, DictionaryConfig, Site, Sites, export_files, write_files
+from prisma_ray.storage import MissingInputError
+
+TINY_VIT = dict(
+    name="test-vit-tiny", source="timm", architecture="vit_tiny_patch16_224", family="vit", layers=2, width=32,
+    heads=2, image_size=32, patch_size=8, config=dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2,
+                                                      num_classes=6),
+)  # fmt: skip
+HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out"]
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def extract_in_process(cfg: ExtractConfig) -> dict[str, str]:
+    """Write the stores of `cfg` in this process (the extraction worker without Ray); `{hook: store URI}`."""
+    plan = extract.plan_extract(cfg)
+    stores = {hook: w.uri for hook, w in plan.writers.items()}
+    job = WorkerJob(model=plan.entry, pretrained=cfg.pretrained, seed=cfg.seed, tokens=cfg.tokens, dtype=cfg.dtype,
+                    stores=stores, storage=plan.options, batch_size=cfg.batch_size)  # fmt: skip
+    worker = ExtractionWorker(job)
+    for shard in sorted(plan.pending):
+        worker.process(shard, decode_shard(plan.shards[shard], plan.spec, plan.fmt), plan.pending[shard])
+    assert extract.finalize_stores(plan)
+    return stores
+
+
+def shapes_config(root, model=TINY_VIT, hooks=HOOKS, n=12, dataset=None, **extra) -> ExtractConfig:
+    """Extraction into `<root>/acts` (split `test`) of `n` shapes images (or `dataset`)."""
+    shapes = dict(type="synthetic", uri=str(root / "shapes"), generator=dict(name="shapes", n_images=n, image_size=32))
+    dataset = dataset or shapes
+    return ExtractConfig(model=model, hooks=hooks, dataset=dataset, output=str(root / "acts"), split="test",
+                         shard_size=8, batch_size=8, dtype="float32", progress=False, **extra)  # fmt: skip
+
+
+def identity(sites: Sites, perfect: bool = True, **cfg) -> Dictionary:
+    """A ReLU dictionary with latents ±e_i: x = relu(x) − relu(−x) reconstructs exactly (or zero, `perfect=False`)."""
+    d_in, d_out = sites.d_in, sites.d_out
+    d = Dictionary(DictionaryConfig(architecture="relu", d_sae=2 * d_in, **cfg), sites)
+    eye = torch.eye(d_in)
+    with torch.no_grad():
+        d.W_enc.copy_(torch.cat([eye, -eye], dim=1))
+        d.b_enc.zero_()
+        d.b_dec.zero_()
+        d.W_dec.copy_(torch.cat([eye, -eye], dim=0)[:, :d_out] if perfect else torch.zeros(2 * d_in, d_out))
+    return d
+
+
+def save(d: Dictionary, uri) -> str:
+    write_files(export_files(d), str(uri))
+    return str(uri)
+
+
+def site(hook: str, model: str = "test-vit-tiny") -> Site:
+    return Site(name=hook, width=32, model=model)
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    return root, extract_in_process(shapes_config(root))
+
+
+def eval_config(root, **extra) -> EvalConfig:
+    return EvalConfig(**{"stores": str(root / "acts"), "split": "test", "splice_samples": 12, "splice_batch_size": 6,
+                         **extra})
+
+
+def test_perfect_reconstruction_recovers_all_and_zero_none(stores, tmp_path):
+    root, _ = stores
+    sae = Sites(inputs=(site(HOOKS[0]),))
+    evaluator = Evaluator(eval_config(root))
+    perfect = evaluator.evaluate(save(identity(sae), tmp_path / "perfect"))
+    zero = evaluator.evaluate(save(identity(sae, perfect=False), tmp_path / "zero"))
+
+    assert perfect["explained_variance"] == pytest.approx(1.0, abs=1e-6) and perfect["mse"] < 1e-10
+    assert perfect["loss_recovered"] == pytest.approx(1.0, abs=1e-4) and perfect["kl"] < 1e-8
+    assert perfect["top1_delta"] == 0 and perfect["label_source"] == "dataset" and perfect["splice_samples"] == 12
+    assert zero["loss_recovered"] == pytest.approx(0.0, abs=1e-6)
+    assert zero["loss_spliced"] == pytest.approx(zero["loss_zero"]) and zero["kl"] > 1e-4
+    assert zero["explained_variance"] < 0 and zero["l0"] == perfect["l0"] == pytest.approx(32, abs=1)
+    # the clean error term added back restores the clean run exactly
+    assert zero["kl_with_error"] < 1e-8 and zero["loss_recovered_with_error"] == pytest.approx(1.0, abs=1e-4)
+    assert zero["eval_tokens"] == 12 * 17 and perfect["dead_fraction"] == 0
+    assert perfect["model"] == "test-vit-tiny" and perfect["hook"] == HOOKS[0] and perfect["kind"] == "sae"
+    assert evaluator.loads == {"test-vit-tiny": 1}, "one model load serves every checkpoint"
+
+
+def test_retain_keeps_the_group_models_and_drops_the_others(stores, tmp_path):
+    root, _ = stores
+    evaluator = Evaluator(eval_config(root))
+    ckpt = save(identity(Sites(inputs=(site(HOOKS[0]),))), tmp_path / "c")
+    first = evaluator.evaluate(ckpt)
+    evaluator.retain({"test-vit-tiny"})
+    assert evaluator._held and evaluator._splice and evaluator._zero
+    assert evaluator.evaluate(ckpt)["loss_recovered"] == first["loss_recovered"]
+    assert evaluator.loads == {"test-vit-tiny": 1}
+    evaluator.retain({"another-model"})
+    assert not (evaluator._held or evaluator._splice or evaluator._zero or evaluator._models or evaluator._truth)
+    evaluator.evaluate(ckpt)
+    assert evaluator.loads == {"test-vit-tiny": 2}
+
+
+def test_crosscoder_over_layers_per_site_metrics_and_decoder_shares(stores, tmp_path):
+    root, _ = stores
+    sites = Sites(inputs=(site(HOOKS[0]), site(HOOKS[1])))
+    d = identity(sites)
+    row = Evaluator(eval_config(root)).evaluate(save(d, tmp_path / "cross"))
+    assert row["kind"] == "crosscoder" and row["hook"] == "+".join(HOOKS[:2])
+    assert row["loss_recovered"] == pytest.approx(1.0, abs=1e-4)
+    per_site = json.loads(row["per_site"])
+    assert set(per_site) == set(HOOKS[:2])
+    for metrics in per_site.values():
+        assert metrics["explained_variance"] == pytest.approx(1.0, abs=1e-6)
+        assert metrics["specific_fraction"] == pytest.approx(0.5) and metrics["mean_share"] == pytest.approx(0.5)
+    assert row["shared_fraction"] == 0.0, "every ±e_i latent writes to one layer only"
+
+
+def test_transcoder_is_spliced_as_mlp_replacement(stores, tmp_path):
+    root, _ = stores
+    sites = Sites(inputs=(site(HOOKS[2]),), outputs=(site(HOOKS[3]),))
+    evaluator = Evaluator(eval_config(root))
+    zero = evaluator.evaluate(save(identity(sites, perfect=False), tmp_path / "zero-transcoder"))
+    assert zero["kind"] == "transcoder" and zero["hook_out"] == HOOKS[3]
+    assert zero["loss_recovered"] == pytest.approx(0.0, abs=1e-6) and zero["kl_with_error"] < 1e-8
+
+    # the spliced run puts T(mlp_in of that very run) in place of mlp_out at the stored token positions
+    d = Dictionary(DictionaryConfig(architecture="relu", d_sae=64, seed=3), sites)
+    row = evaluator.evaluate(save(d, tmp_path / "random-transcoder"))
+    model = evaluator._models["test-vit-tiny"]
+    batch = evaluator._splice["test-vit-tiny"].batches[0]
+    positions = torch.arange(17)
+    with torch.inference_mode():
+        with model.hooks(splice_hooks(d, positions, "sae", batch.clean)):
+            spliced = model(batch.x)
+        manual = {}
+
+        def replace(t, hook):
+            return d(manual["x"].reshape(-1, 32)).reshape(t.shape)
+
+        with model.hooks([(HOOKS[2], lambda t, hook: manual.update(x=t) or None), (HOOKS[3], replace)]):
+            expected = model(batch.x)
+    torch.testing.assert_close(spliced, expected)
+    assert np.isfinite(row["loss_recovered"]) and row["explained_variance"] < 1
+
+
+def test_zero_shot_head_and_models_without_logits(tmp_path):
+    headless = {**TINY_VIT, "name": "test-vit-headless", "config": {**TINY_VIT["config"], "num_classes": 0}}
+    extract_in_process(shapes_config(tmp_path, model=headless, hooks=HOOKS[:1], n=6))
+    ckpt = save(identity(Sites(inputs=(site(HOOKS[0], "test-vit-headless"),)), perfect=False), tmp_path / "ckpt")
+    row = Evaluator(eval_config(tmp_path)).evaluate(ckpt)
+    assert "loss_recovered" not in row and "heads.test-vit-headless.text_embeddings" in row["splice_note"]
+    assert row["explained_variance"] < 0, "store metrics do not need a head"
+
+    np.save(tmp_path / "text.npy", np.random.default_rng(0).normal(size=(6, 32)).astype(np.float32))
+    heads = {"test-vit-headless": {"text_embeddings": str(tmp_path / "text.npy"), "logit_scale": 50}}
+    row = Evaluator(eval_config(tmp_path, heads=heads)).evaluate(ckpt)
+    assert row["label_source"] == "dataset" and row["loss_recovered"] == pytest.approx(0.0, abs=1e-6)
+    assert row["loss_zero"] != pytest.approx(row["loss_clean"])
+
+
+def test_ground_truth_recovery_is_reported_on_synthetic_stores(stores, tmp_path):
+    root, _ = stores
+    ckpt = save(identity(Sites(inputs=(site(HOOKS[0]),))), tmp_path / "c")
+    row = Evaluator(eval_config(root, splice_samples=0)).evaluate(ckpt)
+    detail = json.loads(row["gt_detail"])
+    assert row["gt_values"] == len(detail) > 3 and all(k.split("=")[0] in ("shape", "colour") for k in detail)
+    assert 0 <= row["gt_fraction_detected"] <= 1 and 0.5 <= row["gt_mean_best_auroc"] <= 1
+    assert "loss_recovered" not in row, "splice_samples=0 skips the spliced-in evaluation"
+
+
+def test_evaluate_command_prints_the_metrics_row(stores, tmp_path, capsys):
+    root, _ = stores
+    ckpt = save(identity(Sites(inputs=(site(HOOKS[0]),))), tmp_path / "c")
+    overrides = ["--set", f"stores={root / 'acts'}", "--set", "split=test", "--set", "splice_samples=4"]
+    assert main(["evaluate", ckpt, *overrides]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["checkpoint"] == ckpt and row["explained_variance"] == pytest.approx(1.0, abs=1e-6)
+    assert row["splice_samples"] == 4
+    assert main(["evaluate", str(tmp_path / "absent"), *overrides]) == 2
+    assert f"{tmp_path / 'absent'}/cfg.json: no such file" in capsys.readouterr().err
+
+
+def test_missing_store_and_missing_model_name_are_clear(stores, tmp_path):
+    root, _ = stores
+    evaluator = Evaluator(eval_config(root))
+    other_hook = save(identity(Sites(inputs=(site("blocks.0.hook_mlp_out"),))), tmp_path / "other")
+    with pytest.raises(MissingInputError, match="blocks.0.hook_mlp_out/test/manifest.json"):
+        evaluator.evaluate(other_hook)
+    nameless = save(identity(Sites(inputs=(Site(name=HOOKS[0], width=32),))), tmp_path / "nameless")
+    with pytest.raises(ValueError, match="names no model"):
+        evaluator.evaluate(nameless)
+    with pytest.raises(MissingInputError, match="nowhere"):
+        evaluator.evaluate(str(tmp_path / "nowhere"))

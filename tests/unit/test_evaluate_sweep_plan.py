@@ -1,0 +1,91 @@
+"""Sweep planning without Ray: model selection, `{model}` URIs, checkpoint discovery, grouping, resuming."""
+import json
+from pathlib import Path
+
+import pytest
+
+from prisma_ray.config import load_config
+from prisma_ray.evaluate import find_checkpoints, read_checkpoint_info
+from prisma_ray.evaluate.results import ResultStore
+from prisma_ray.models import UnknownModel
+from prisma_ray.sae import Dictionary, DictionaryConfig, Site, Sites, export_files, write_files
+from prisma_ray.storage import MissingInputError
+from prisma_ray.sweep import ModelSelection, SweepConfig, checkpoint_roots, plan_sweep
+
+REPO = Path(__file__).resolve().parents[2]
+TOY_IMAGE, TOY_VIDEO = "prisma-toy-vit-shapes", "prisma-toy-video-moving-shapes"
+
+
+def save(uri: Path, model: str, hook: str = "blocks.1.hook_resid_post", k: int = 4) -> str:
+    d = Dictionary(DictionaryConfig(architecture="topk", d_sae=16, k=k), Sites(inputs=(Site(name=hook, width=8, model=model),)))
+    write_files(export_files(d), str(uri))
+    return str(uri)
+
+
+def test_model_selection_by_name_family_modality_source():
+    assert ModelSelection(family="toy-vit").resolve() == [TOY_IMAGE]
+    assert ModelSelection(modality="video", source="prisma").resolve() == [TOY_VIDEO]
+    assert ModelSelection(names=[TOY_IMAGE], family=["videomae"], source="prisma").resolve() == [TOY_VIDEO, TOY_IMAGE]
+    assert len(ModelSelection(modality="image").resolve()) > 90
+    with pytest.raises(UnknownModel, match="no-such-model"):
+        ModelSelection(names=["no-such-model"]).resolve()
+    with pytest.raises(ValueError, match=r"unknown model families \['vitt'\]"):
+        ModelSelection(family="vitt").resolve()
+
+
+def test_example_config_covers_the_registry_image_models():
+    cfg = load_config(SweepConfig, REPO / "jobs" / "sweep_checkpoints.yaml")
+    roots = checkpoint_roots(cfg)
+    assert len(roots) > 90 and ("s3://my-bucket/runs/prisma-toy-vit-shapes", False) in roots
+    assert cfg.evaluation.stores == "s3://my-bucket/acts" and cfg.evaluation.split == "test"
+
+
+def test_find_checkpoints_and_read_their_config(tmp_path):
+    save(tmp_path / "run" / "a", TOY_IMAGE)
+    save(tmp_path / "run" / "deep" / "checkpoint_000001" / "b", TOY_IMAGE, k=2)
+    (tmp_path / "run" / "partial").mkdir()
+    (tmp_path / "run" / "partial" / "cfg.json").write_text("{}")
+    found = find_checkpoints(str(tmp_path / "run"))
+    assert found == [str(tmp_path / "run" / "a"), str(tmp_path / "run" / "deep" / "checkpoint_000001" / "b")]
+    assert find_checkpoints(str(tmp_path / "run" / "a")) == [str(tmp_path / "run" / "a")]
+    info = read_checkpoint_info(found[1])
+    assert (info.name, info.architecture, info.k, info.kind, info.models) == ("b", "topk", 2, "sae", (TOY_IMAGE,))
+    with pytest.raises(MissingInputError, match="nowhere"):
+        find_checkpoints(str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="not a dictionary checkpoint"):
+        read_checkpoint_info(str(tmp_path / "run" / "partial"))
+
+
+def test_saelens_checkpoints_without_our_metadata(tmp_path):
+    uri = save(tmp_path / "sl", TOY_IMAGE)
+    cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
+    del cfg["metadata"]["prisma_ray"]
+    (tmp_path / "sl" / "cfg.json").write_text(json.dumps(cfg))
+    info = read_checkpoint_info(uri)
+    assert info.sites == Sites(inputs=(Site(name="blocks.1.hook_resid_post", width=8, model=TOY_IMAGE),))
+    assert (info.name, info.architecture, info.k) == ("sl", "topk", 4)
+
+
+def test_plan_expands_model_uris_filters_groups_and_skips_done(tmp_path):
+    for k in (2, 4):
+        save(tmp_path / "runs" / TOY_IMAGE / f"k{k}", TOY_IMAGE, k=k)
+    save(tmp_path / "runs" / TOY_VIDEO / "k2", TOY_VIDEO, k=2)
+    save(tmp_path / "other" / "k2", TOY_VIDEO, k=2)
+    template = str(tmp_path / "runs" / "{model}")
+    cfg = SweepConfig(checkpoints=[template], models=ModelSelection(source="prisma"), output=str(tmp_path / "out"))
+    plan = plan_sweep(cfg)
+    assert [(g.models, len(g.uris)) for g in plan.groups] == [((TOY_IMAGE,), 2), ((TOY_VIDEO,), 1)], "largest first"
+
+    only_image = cfg.model_copy(update={"models": ModelSelection(family="toy-vit"),
+                                        "checkpoints": [template, str(tmp_path / "other")]})  # fmt: skip
+    assert [g.models for g in plan_sweep(only_image).groups] == [(TOY_IMAGE,)], "other models' checkpoints dropped"
+
+    ResultStore(str(tmp_path / "out")).write({"checkpoint": plan.groups[0].uris[0], "model": TOY_IMAGE, "hook": "h"})
+    resumed = plan_sweep(cfg)
+    assert resumed.pending == 2 and len(resumed.found) == 3
+
+    clip = ModelSelection(family="clip")
+    with pytest.raises(MissingInputError, match="no checkpoints"):
+        plan_sweep(cfg.model_copy(update={"models": clip}))
+    with pytest.raises(MissingInputError, match="selected models"):
+        plan_sweep(cfg.model_copy(update={"models": clip, "checkpoints": [str(tmp_path / "other")]}))
