@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
+from typing import Callable
 
 from .config import ConfigError, load_config
 from .storage import MissingInputError
@@ -36,41 +38,25 @@ def _models_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _job(module: str, config: str, run: str) -> Callable[[argparse.Namespace], int]:
+    """A subcommand that validates the YAML config (+ `--set`) into `module.config`, runs `module.run` on it
+    and prints the summary's `format()`; the exit status is 1 when the summary lists failures."""
+
+    def handler(args: argparse.Namespace) -> int:
+        mod = importlib.import_module(module, __package__)
+        summary = getattr(mod, run)(load_config(getattr(mod, config), args.config, args.set))
+        print(summary.format())
+        return 1 if getattr(summary, "failed", None) else 0
+
+    return handler
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, format_report, run_demo
 
     cfg = load_config(DemoConfig, args.config, args.set)
     print(format_report(run_demo(cfg)))
     return 0
-
-
-def _extract(args: argparse.Namespace) -> int:
-    from .activations import ExtractConfig
-    from .extract import run_extract
-
-    cfg = load_config(ExtractConfig, args.config, args.set)
-    summary = run_extract(cfg)
-    print(summary.format())
-    return 0
-
-
-def _train(args: argparse.Namespace) -> int:
-    from .train import run_training
-    from .training_config import TrainConfig
-
-    cfg = load_config(TrainConfig, args.config, args.set)
-    summary = run_training(cfg)
-    print(summary.format())
-    return 0
-
-
-def _sweep(args: argparse.Namespace) -> int:
-    from .sweep import SweepConfig, run_sweep
-
-    cfg = load_config(SweepConfig, args.config, args.set)
-    summary = run_sweep(cfg)
-    print(summary.format())
-    return 1 if summary.failed else 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -80,6 +66,78 @@ def _evaluate(args: argparse.Namespace) -> int:
     row = evaluate_checkpoint(args.checkpoint, cfg)
     print(json.dumps(row, indent=1))
     return 0
+
+
+def _data_override(data: str | None) -> list[str]:
+    """`--data`: a YAML/JSON file holding a dataset spec, or a folder/URI of images -> a `dataset=` override."""
+    if data is None:
+        return []
+    if data.endswith((".yaml", ".yml", ".json")):
+        from pathlib import Path
+
+        import yaml
+
+        if not Path(data).is_file():
+            raise ConfigError(f"--data {data!r}: no such dataset spec file")
+        spec = yaml.safe_load(Path(data).read_text())
+    else:
+        spec = {"type": "images", "uri": data}
+    return [f"dataset={json.dumps(spec)}"]
+
+
+def _interpret_config(args: argparse.Namespace):
+    from .interpret.collect import InterpretConfig
+
+    first = [f"checkpoint={json.dumps(args.checkpoint)}"] if getattr(args, "checkpoint", None) else []
+    output = [f"output={json.dumps(args.output)}"] if getattr(args, "output", None) else []
+    return load_config(InterpretConfig, args.config, first + _data_override(args.data) + output + args.set)
+
+
+def _interpret(args: argparse.Namespace) -> int:
+    from .interpret.pipeline import run_interpret
+
+    summary = run_interpret(_interpret_config(args))
+    print(summary.format())
+    return 0
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    from .interpret.dashboard import write_dashboard
+    from .interpret.pipeline import run_interpret
+    from .interpret.results import read_results
+
+    cfg = _interpret_config(args)
+    summary = run_interpret(cfg)
+    results = read_results(summary.output, cfg.storage.resolved())
+    if args.explain:
+        from .interpret.autointerp.run import ExplainConfig, run_explain
+
+        vocabulary = {"vocabulary": args.vocabulary.split(",")} if args.vocabulary else {}
+        run_explain(ExplainConfig(evidence=results.uri, explainer=args.explain, storage=cfg.storage, ray=cfg.ray,
+                                  **vocabulary))  # fmt: skip
+    index = write_dashboard(results, per_latent=args.per_latent, max_latents=args.max_latents)
+    print(summary.format())
+    print(f"dashboard {index}")
+    return 0
+
+
+def _steer(args: argparse.Namespace) -> int:
+    from .interpret.steer import SteerConfig, run_steer
+
+    rule = [f"steer.value={args.value}"] if args.value is not None else []
+    rule += [f"steer.scale={args.scale}"] if args.scale is not None else []
+    rule += [f"steer.latents={json.dumps(args.latent)}"] if args.latent else []
+    rule += ["steer.keep_error=false"] if args.no_error else []
+    rule += [f"text_embeddings={json.dumps(args.text_embeddings)}"] if args.text_embeddings else []
+    overrides = [f"checkpoint={json.dumps(args.checkpoint)}", *_data_override(args.data), *rule, *args.set]
+    cfg = load_config(SteerConfig, args.config, overrides)
+    report = run_steer(cfg)
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the demo job on the embedded default")
     demo.add_argument("config", nargs="?", help="YAML config (optional)")
-    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    _add_overrides(demo)
     demo.set_defaults(func=_demo)
 
     extract = sub.add_parser(
@@ -117,13 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
         "config", nargs="?", help="YAML ExtractConfig (optional: the defaults extract 128 synthetic shapes images "
         "through a random-weight ViT-Tiny into ./prisma-activations)"
     )
-    extract.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-    extract.set_defaults(func=_extract)
+    _add_overrides(extract)
+    extract.set_defaults(func=_job(".extract", "ExtractConfig", "run_extract"))
 
     train = sub.add_parser("train", help="train SAEs, transcoders or crosscoders on activation stores (Ray Train)")
     train.add_argument("config", nargs="?", help="YAML config (optional: the defaults train on the default store)")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-    train.set_defaults(func=_train)
+    _add_overrides(train)
+    train.set_defaults(func=_job(".train", "TrainConfig", "run_training"))
 
     sweep = sub.add_parser(
         "sweep",
@@ -135,14 +193,84 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: prisma-ray sweep sweep.yaml --set output=s3://bucket/sweep --set evaluation.split=test",
     )
     sweep.add_argument("config", nargs="?", help="YAML SweepConfig (`checkpoints` is required)")
-    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-    sweep.set_defaults(func=_sweep)
+    _add_overrides(sweep)
+    sweep.set_defaults(func=_job(".sweep", "SweepConfig", "run_sweep"))
 
     evaluate = sub.add_parser("evaluate", help="evaluate one checkpoint (no Ray) and print its metrics as JSON")
     evaluate.add_argument("checkpoint", help="checkpoint directory URI (cfg.json + sae_weights.safetensors)")
     evaluate.add_argument("config", nargs="?", help="YAML EvalConfig (optional: stores, split, ...)")
-    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    _add_overrides(evaluate)
     evaluate.set_defaults(func=_evaluate)
+
+    data_help = "dataset: a YAML/JSON dataset spec file, or a folder or s3:// prefix of images"
+    interpret = sub.add_parser(
+        "interpret",
+        help="top-activating samples and statistics of every latent of a checkpoint over a dataset (Ray Data)",
+        description="Run a dataset through the checkpoint's model and dictionary on a Ray actor pool and keep, per "
+        "latent, the top-k samples by max and by mean activation (with per-patch maps), a random sample of its "
+        "activations and its firing statistics; write them to `output` (local or s3://).",
+        epilog="example: prisma-ray interpret --set checkpoint=runs/sae/topk-k-32 --data data.yaml --set output=/tmp/i",
+    )
+    interpret.add_argument("config", nargs="?", help="YAML InterpretConfig (optional)")
+    interpret.add_argument("--data", help=data_help)
+    interpret.add_argument("--output", help="results directory (local or s3://)")
+    _add_overrides(interpret)
+    interpret.set_defaults(func=_interpret)
+
+    dashboard = sub.add_parser(
+        "dashboard",
+        help="static HTML feature dashboards of a checkpoint's latents (runs `interpret` first when needed)",
+        description="Run the top-activations pass (unless `output` already holds its results) and write a static "
+        "site: <output>/index.html (searchable, sortable index of latents) and one page per latent with its top "
+        "images, heatmaps, masks, activation histogram and, from <output>/explanations.jsonl, explanations and scores.",
+        epilog="example: prisma-ray dashboard runs/sae/topk-k-32 --data /data/val --output /tmp/dash --set pretrained=false",
+    )
+    dashboard.add_argument("checkpoint", help="checkpoint directory URI (cfg.json + sae_weights.safetensors)")
+    dashboard.add_argument("config", nargs="?", help="YAML InterpretConfig (optional)")
+    dashboard.add_argument("--data", help=data_help)
+    dashboard.add_argument("--output", help="results and site directory (local or s3://)")
+    dashboard.add_argument("--per-latent", type=int, default=8, help="top samples shown per latent and ranking")
+    dashboard.add_argument("--max-latents", type=int, help="render at most this many latents (in index order)")
+    dashboard.add_argument("--explain", choices=["vocabulary"], help="explain the latents offline first")
+    dashboard.add_argument("--vocabulary", help="comma-separated labels for --explain vocabulary "
+                           "(default: the synthetic dataset's shapes and colours)")
+    _add_overrides(dashboard)
+    dashboard.set_defaults(func=_dashboard)
+
+    steer = sub.add_parser(
+        "steer",
+        help="clamp or scale latents of an SAE spliced into its model and report the change in output (no Ray)",
+        description="Splice the checkpoint in at its hook point, set the chosen latents to --value (or multiply them "
+        "by --scale) on the dataset's first inputs, keeping the SAE's error term, and print as JSON the change in "
+        "predicted class and class probabilities (or, with --text-embeddings, in cosine similarity to each prompt).",
+        epilog="example: prisma-ray steer runs/sae/topk-k-32 --latent 11 --value 8 --data shapes.yaml",
+    )
+    steer.add_argument("checkpoint", help="checkpoint directory URI")
+    steer.add_argument("config", nargs="?", help="YAML SteerConfig (optional)")
+    steer.add_argument("--latent", type=int, action="append", default=[], help="a latent to steer (repeatable)")
+    rule = steer.add_mutually_exclusive_group()
+    rule.add_argument("--value", type=float, help="clamp the latents to this activation")
+    rule.add_argument("--scale", type=float, help="multiply the latents by this factor")
+    steer.add_argument("--no-error", action="store_true", help="drop the SAE's error term (reconstruction only)")
+    steer.add_argument("--data", help=data_help)
+    steer.add_argument("--text-embeddings", help=".npy [prompts, width] text embeddings (embedding towers)")
+    _add_overrides(steer)
+    steer.set_defaults(func=_steer)
+
+    explain = sub.add_parser(
+        "explain",
+        help="explain and score latents from their top-activating images (auto-interpretation, Ray)",
+        description="Read the top-activation output at `evidence` (as `prisma-ray interpret` writes it), explain every "
+        "latent not yet in <output>/explanations.jsonl (offline vocabulary explainer, or a served multimodal model "
+        "behind an OpenAI-compatible API) and score each explanation (detection, IoU, similarity) against a random "
+        "baseline. A rerun does only the latents missing.",
+        epilog="example: prisma-ray explain --set evidence=s3://bucket/interp --set explainer=chat "
+        "--set chat.base_url=http://vllm:8000/v1 --set chat.model=Qwen/Qwen2.5-VL-7B-Instruct",
+    )
+    explain.add_argument("config", nargs="?", help="YAML ExplainConfig (`evidence` is required)")
+    _add_overrides(explain)
+    explain.set_defaults(func=_job(".interpret.autointerp.run", "ExplainConfig", "run_explain"))
+
     return parser
 
 

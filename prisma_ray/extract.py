@@ -17,9 +17,6 @@ import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import ray
-from ray.data import ActorPoolStrategy, DataContext
-from tqdm.auto import tqdm
 
 from . import storage, store
 from .activations import (
@@ -31,7 +28,6 @@ from .activations import (
     check_selection,
     config_hash,
     dataset_description,
-    decode_batch,
     describe_model,
     inputs_digest,
     pending_shards,
@@ -44,11 +40,11 @@ from .data.errors import read_errors_table
 from .data.sources import DatasetSpec, SampleRef, list_refs, with_resolved_storage
 from .models import ModelEntry, TokenLayout
 from .ray_session import ensure_ray
+from .shard_stream import actor_resources, stream_shards
 
 log = logging.getLogger(__name__)
 
 _MAX_SHARD_BYTES = 1 << 30
-_MAX_CPU_ACTORS = 8
 
 
 @dataclass
@@ -182,7 +178,8 @@ def _run_pipeline(plan: ExtractPlan, todo: list[int]):
     """Run the Ray Data pipeline over the shards `todo`; yield each shard's summary row as it finishes."""
     cfg = plan.cfg
     ensure_ray(cfg.ray)
-    device, actors, actor_cpus, threads = _resources(cfg, len(todo))
+    resources = actor_resources(cfg, len(todo))
+    device, actors, actor_cpus, threads = resources
     job = WorkerJob(
         model=plan.entry,
         pretrained=cfg.pretrained,
@@ -201,63 +198,8 @@ def _run_pipeline(plan: ExtractPlan, todo: list[int]):
     ]
     log.info("extracting %d shards with %d %s actor(s) (%.2g CPUs, %s torch threads each)", len(todo), actors, device,
              actor_cpus, threads or "default")  # fmt: skip
-    ctx = DataContext.get_current()
-    bars = ctx.enable_progress_bars
-    ctx.enable_progress_bars = bars and cfg.progress
-    try:
-        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            decode_batch,
-            batch_size=1,
-            batch_format="numpy",
-            fn_kwargs={"spec": plan.spec, "fmt": plan.fmt},
-            num_cpus=cfg.decode_num_cpus,
-        )
-        ds = ds.map_batches(
-            ExtractionWorker,
-            batch_size=1,
-            batch_format="numpy",
-            fn_constructor_kwargs={"job": job},
-            compute=ActorPoolStrategy(size=actors),
-            num_cpus=actor_cpus,
-            num_gpus=1 if device == "cuda" else 0,
-        )
-        with tqdm(total=len(todo), unit="shard", desc="extract", disable=not cfg.progress) as bar:
-            samples = 0
-            for row in ds.iter_rows():
-                samples += int(row["samples"])
-                bar.update(1)
-                bar.set_postfix(samples=samples, refresh=False)
-                yield row
-    finally:
-        ctx.enable_progress_bars = bars
-
-
-def _resources(cfg: ExtractConfig, n_shards: int) -> tuple[str, int, float, int | None]:
-    """`(device, actors, CPUs per actor, torch threads)` for this cluster, leaving CPUs for decoding.
-
-    On CPU the default is one actor per CPU (at most `_MAX_CPU_ACTORS`), each with CPUs / actors torch
-    threads: separate single-threaded forward passes keep the cores busier than one multi-threaded one.
-    No more actors start than there are shards to extract.
-    """
-    total = ray.cluster_resources()
-    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
-    device = cfg.device if cfg.device != "auto" else ("cuda" if gpus >= 1 else "cpu")
-    wanted = cfg.actors or (int(gpus) if device == "cuda" else min(int(cpus), _MAX_CPU_ACTORS))
-    if device == "cuda" and max(wanted, 1) > gpus:
-        raise ValueError(
-            f"device=cuda with {max(wanted, 1)} GPU actor(s), but the Ray cluster has {gpus:g} GPUs; "
-            "lower actors, or set device=cpu."
-        )
-    actors = max(1, min(wanted, n_shards))
-    actor_cpus = cfg.actor_num_cpus or min(1.0, (cpus - cfg.decode_num_cpus) / actors)
-    if actor_cpus <= 0 or actors * actor_cpus + cfg.decode_num_cpus > cpus + 1e-9:
-        raise ValueError(
-            f"{actors} actor(s) x {actor_cpus:g} CPUs plus {cfg.decode_num_cpus:g} CPUs per decode task do not fit "
-            f"the cluster's {cpus:g} CPUs, so decoding could never run; lower actors, actor_num_cpus or "
-            "decode_num_cpus."
-        )
-    threads = cfg.torch_threads or (max(1, int(cpus // actors)) if device == "cpu" else None)
-    return device, actors, actor_cpus, threads
+    yield from stream_shards(items, plan.spec, plan.fmt, ExtractionWorker, {"job": job}, resources,
+                             cfg.decode_num_cpus, cfg.progress, "extract")  # fmt: skip
 
 
 def finalize_stores(plan: ExtractPlan) -> bool:

@@ -4,6 +4,7 @@
 - `moto_endpoint` (session): URL of a threaded moto S3 server on 127.0.0.1.
 - `s3` (function): a reset moto with an empty bucket; an `S3Env` with `.options` (`StorageOptions`),
   `.uri(*parts)` and `.client` (boto3).
+- `chat_server` (function): a scripted OpenAI-compatible chat-completions server on 127.0.0.1 (`ChatServer`).
 - `image_zoo` / `video_zoo` (session): `{file name: (bytes, expected reason or None)}` covering
   every bad-input kind (and inputs that look odd but are good).
 """
@@ -36,6 +37,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def toy_vit():
+    """The embedded toy ViT with its shipped weights (`prisma-toy-vit-shapes`)."""
+    from prisma_ray.models import load_model
+
+    return load_model("prisma-toy-vit-shapes")
 
 
 @pytest.fixture(scope="session")
@@ -111,6 +120,83 @@ def s3(moto_endpoint) -> S3Env:
     )
     client.create_bucket(Bucket=S3_BUCKET)
     return S3Env(moto_endpoint, S3_BUCKET, client)
+
+
+class ChatServer:
+    """A chat-completions endpoint on loopback that records every request.
+
+    `script` holds what the next requests get, one entry each, before the default answer: an HTTP status
+    (`429`, `500`, `400`), `"malformed"` (200 with a body that is not a completion) or `("sleep", s)` (answer
+    after `s` seconds). The default answer's text is `reply(request_json)`. `max_in_flight` is the most
+    requests handled at once; every request sleeps `delay` seconds first.
+    """
+
+    def __init__(self):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.script: list = []
+        self.requests: list[dict] = []
+        self.reply = lambda request: "red circle"
+        self.delay = 0.0
+        self.in_flight = self.max_in_flight = 0
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                import json
+                import time
+
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.requests.append({"path": self.path, "headers": dict(self.headers), "json": body})
+                    action = server.script.pop(0) if server.script else None
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    time.sleep(server.delay + (action[1] if isinstance(action, tuple) else 0))
+                    if isinstance(action, int):
+                        self._send(action, b'{"error": "scripted"}')
+                    elif action == "malformed":
+                        self._send(200, b'{"nothing": []}')
+                    else:
+                        answer = {"choices": [{"message": {"role": "assistant", "content": server.reply(body)}}]}
+                        self._send(200, json.dumps(answer).encode())
+                finally:
+                    with server.lock:
+                        server.in_flight -= 1
+
+            def _send(self, status: int, data: bytes):
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def chat_server():
+    """A fresh `ChatServer` on 127.0.0.1, shut down after the test."""
+    server = ChatServer()
+    yield server
+    server.close()
 
 
 def _noise_image(h: int = 48, w: int = 64, seed: int = 0) -> np.ndarray:
@@ -228,3 +314,49 @@ def video_zoo(tmp_path_factory) -> dict[str, tuple[bytes, str | None]]:
         "truncated_index_last.mp4": (plain[: int(len(plain) * 0.6)], "truncated"),
         "truncated.webm": (webm[: int(len(webm) * 0.5)], "truncated"),
     }
+
+
+@dataclass
+class ToySAE:
+    """A small TopK SAE trained in-process on the embedded toy ViT's `blocks.2.hook_resid_post` (300 held-out
+    images, all 65 tokens each), its checkpoint directory, and the images, labels and latent activations."""
+
+    model: object
+    sae: object
+    checkpoint: str
+    pixels: np.ndarray
+    labels: np.ndarray
+    latents: object  # torch.Tensor [images, tokens, latents]
+
+
+@pytest.fixture(scope="session")
+def toy_sae(tmp_path_factory) -> ToySAE:
+    import torch
+
+    from prisma_ray.models import load_model, toy
+    from prisma_ray.models.toy_training import render_split, to_input
+    from prisma_ray.sae import DictionaryConfig, Site, Sites, Trainer, export_files, write_files
+    from prisma_ray.sae.trainer import Normalization, SiteStats
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = load_model("prisma-toy-vit-shapes", pretrained=True)
+    pixels, labels = render_split(toy.SPECS["toy-vit-shapes"].held_out(300), 300)
+    hook = "blocks.2.hook_resid_post"
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(to_input(pixels, model.preprocess), [hook], stop_early=True)
+    tokens = cache[hook].reshape(-1, model.d_model).clone()
+    sites = Sites(inputs=(Site(name=hook, width=model.d_model, model=model.name),))
+    norm = Normalization.from_stats([SiteStats.of(tokens)], None, "center_scale")
+    trainer = Trainer([DictionaryConfig(architecture="topk", d_sae=128, k=8, lr=3e-3, aux_k=32)], sites, 400, norm)
+    gen = torch.Generator().manual_seed(0)
+    trainer.initialize(tokens[:2048])
+    for _ in range(400):
+        trainer.train_step(tokens[torch.randint(len(tokens), (256,), generator=gen)])
+    sae = trainer.first.eval()
+    checkpoint = str(tmp_path_factory.mktemp("toy-sae") / "topk")
+    write_files(export_files(sae, trainer.fire_counts["topk-k-8"], trainer.tokens), checkpoint)
+    with torch.inference_mode():
+        latents = sae.encode(tokens).reshape(len(pixels), -1, sae.n_latents)
+    torch.set_num_threads(threads)
+    return ToySAE(model, sae, checkpoint, pixels, labels, latents)

@@ -66,7 +66,7 @@ def splice_hooks(d: Dictionary, positions: torch.Tensor, mode: Mode, clean: dict
     """
     sites = d.sites
     if mode == "zero":
-        return [(s.name, _put(positions, lambda cur: torch.zeros_like(cur[:, positions]))) for s in sites.targets]
+        return [(s.name, put_at_positions(positions, lambda cur: torch.zeros_like(cur[:, positions]))) for s in sites.targets]
     bounds = dict(zip((s.name for s in sites.targets), sites.out_bounds()))
     clean_in = torch.cat([clean[s.name][:, positions] for s in sites.inputs], dim=-1)
     clean_out = torch.cat([clean[s.name][:, positions] for s in sites.targets], dim=-1)
@@ -79,7 +79,7 @@ def splice_hooks(d: Dictionary, positions: torch.Tensor, mode: Mode, clean: dict
             hat = _apply(d, cur[:, positions]) if single else recon
             return hat[..., a:b] + error[..., a:b]
 
-        return [(name, _put(positions, lambda cur, a=a, b=b: autoencoder(cur, a, b)))
+        return [(name, put_at_positions(positions, lambda cur, a=a, b=b: autoencoder(cur, a, b)))
                 for name, (a, b) in bounds.items()]  # fmt: skip
     if len(sites.inputs) != 1 or len(sites.targets) != 1:
         raise ValueError("spliced-in evaluation of a transcoder needs exactly one input and one output hook point")
@@ -94,7 +94,7 @@ def splice_hooks(d: Dictionary, positions: torch.Tensor, mode: Mode, clean: dict
             raise ValueError(f"transcoder input {source.name} runs after its output {target.name}: cannot splice it")
         return _apply(d, stash["x"]) + error
 
-    return [(source.name, read), (target.name, _put(positions, predict))]
+    return [(source.name, read), (target.name, put_at_positions(positions, predict))]
 
 
 def _apply(d: Dictionary, x: torch.Tensor) -> torch.Tensor:
@@ -103,7 +103,7 @@ def _apply(d: Dictionary, x: torch.Tensor) -> torch.Tensor:
     return d(x.reshape(b * k, -1).to(d.W_dec.dtype)).reshape(b, k, -1).to(x.dtype)
 
 
-def _put(positions: torch.Tensor, value: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+def put_at_positions(positions: torch.Tensor, value: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
     def hook(cur: torch.Tensor, _hook) -> torch.Tensor:
         out = cur.clone()
         out[:, positions] = value(cur).to(cur.dtype)

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from prisma_ray import extract, storage, store
+from prisma_ray import extract, shard_stream, storage, store
 from prisma_ray.activations import ExtractConfig, build_model, resolve_entry
 from prisma_ray.cli import main
 from prisma_ray.data import RowFormat, decode_refs, list_refs, split_errors
@@ -233,16 +233,16 @@ def test_video_model_writes_frame_indexed_tokens(ray_local, tmp_path):
     ],
 )  # fmt: skip
 def test_actors_fit_the_cluster(monkeypatch, cluster, update, shards, expected):
-    monkeypatch.setattr(extract.ray, "cluster_resources", lambda: cluster)
-    assert extract._resources(ExtractConfig(**update), shards) == expected
+    monkeypatch.setattr(shard_stream.ray, "cluster_resources", lambda: cluster)
+    assert shard_stream.actor_resources(ExtractConfig(**update), shards) == expected
 
 
 def test_actors_that_cannot_fit_are_refused(monkeypatch):
-    monkeypatch.setattr(extract.ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(shard_stream.ray, "cluster_resources", lambda: {"CPU": 2.0})
     with pytest.raises(ValueError, match="cluster has 0 GPUs"):
-        extract._resources(ExtractConfig(device="cuda"), 4)
+        shard_stream.actor_resources(ExtractConfig(device="cuda"), 4)
     with pytest.raises(ValueError, match="do not fit the cluster's 2 CPUs"):
-        extract._resources(ExtractConfig(actors=2, actor_num_cpus=1.0), 4)
+        shard_stream.actor_resources(ExtractConfig(actors=2, actor_num_cpus=1.0), 4)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,1 @@
+"""Interpretation: top activations, heatmaps, dashboards, auto-interpretation, steering."""

@@ -1,0 +1,221 @@
+"""Explain and score many latents: config, the per-batch pipeline, and its Ray orchestration.
+
+`explain_latents(evidence, cfg, output)` skips the latents already in `<output>/explanations.jsonl`,
+sends batches of `batch_size` latents to `actors` Ray actors (each builds the explainer and scorers
+once; a chat actor keeps `chat.concurrency` requests in flight), at most `batches_in_flight` batches
+per actor, and appends each finished batch to `explanations.jsonl` atomically: a killed run loses
+only the batches in flight, and a rerun does only the latents missing.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from prisma_ray import storage
+from prisma_ray.storage import StorageOptions
+from prisma_ray.data.synthetic import ShapesConfig
+from prisma_ray.ray_session import RayOptions, ensure_ray
+
+from ..evidence import ExplanationRecord, LatentEvidence, append_explanations, read_explanations
+from .chat import ChatClient, ChatConfig
+from .embedders import Embedder, HookedModelFeatures, OpenClipEmbedder, PrototypeEmbedder, synthetic_prototypes
+from .explainers import ChatExplainer, Explainer, VocabularyExplainer
+from .scoring import ChatJudge, EmbeddingJudge, GroundTruthSegmenter, Scorers, random_baseline
+
+log = logging.getLogger(__name__)
+
+
+def _default_prototype_data() -> ShapesConfig:
+    """The toy ViT's training distribution (one object per 32 px image) under a seed of its own."""
+    return ShapesConfig(image_size=32, n_objects=(1, 1), size_range=(0.25, 0.4), seed=2000)
+
+
+class EmbedderConfig(BaseModel):
+    """The image-text embedder: an OpenCLIP model, or prototype images through a hooked model's features."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["prototype", "open_clip"] = "prototype"
+    open_clip_model: str = "ViT-B-32"
+    open_clip_pretrained: str | None = "laion2b_s34b_b79k"
+    template: str = "a photo of {}."
+    model: str = Field("prisma-toy-vit-shapes", description="prototype: registry model giving image features")
+    pretrained: bool = True
+    hook: str = Field("blocks.3.hook_resid_post", description="prototype: features = this hook, mean over patches")
+    prototype_data: ShapesConfig = Field(default_factory=_default_prototype_data)
+    prototypes_per_label: int = Field(32, ge=1)
+
+
+def default_vocabulary() -> list[str]:
+    base = ShapesConfig()
+    return [*base.shapes, *base.colours]
+
+
+class ExplainConfig(BaseModel):
+    """`prisma-ray explain`: explain and score the latents of a top-activation output."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    evidence: str | None = Field(None, description="output dir of the top-activation pass (`prisma-ray topk`)")
+    output: str | None = Field(None, description="where explanations.jsonl goes (default: the evidence dir)")
+    explainer: Literal["vocabulary", "chat"] = "vocabulary"
+    chat: ChatConfig = ChatConfig()
+    vocabulary: list[str] = Field(default_factory=default_vocabulary)
+    embedder: EmbedderConfig = EmbedderConfig()
+    judge: Literal["embedding", "chat", "none"] = "embedding"
+    iou: bool = Field(True, description="IoU against ground-truth concept masks, where the evidence has them")
+    similarity: bool = True
+    images_per_latent: int = Field(8, ge=1)
+    latents: list[int] | None = Field(None, description="explain only these (default: every latent that fired)")
+    batch_size: int = Field(16, ge=1)
+    use_ray: bool = True
+    actors: int = Field(1, ge=1)
+    actor_cpus: float = Field(1.0, gt=0)
+    batches_in_flight: int = Field(2, ge=1, description="per actor")
+    seed: int = 0
+    ray: RayOptions = RayOptions()
+    storage: StorageOptions = StorageOptions()
+
+
+def build_embedder(cfg: EmbedderConfig, vocabulary: list[str]) -> Embedder:
+    if cfg.kind == "open_clip":
+        return OpenClipEmbedder.from_name(cfg.open_clip_model, cfg.open_clip_pretrained, cfg.template)
+    from prisma_ray.models import load_model
+
+    features = HookedModelFeatures(load_model(cfg.model, pretrained=cfg.pretrained), cfg.hook)
+    return PrototypeEmbedder(features, synthetic_prototypes(vocabulary, cfg.prototype_data, cfg.prototypes_per_label))
+
+
+class Pipeline:
+    """Explains and scores one batch of latents (a plain class: Ray actors wrap it, tests call it)."""
+
+    def __init__(self, cfg: ExplainConfig):
+        if cfg.explainer == "vocabulary" and not cfg.vocabulary:
+            raise ValueError("vocabulary: empty; give at least one label for the vocabulary explainer")
+        needs_embedder = cfg.explainer == "vocabulary" or cfg.judge == "embedding" or cfg.similarity
+        embedder = build_embedder(cfg.embedder, cfg.vocabulary) if needs_embedder else None
+        self.client = ChatClient(cfg.chat) if "chat" in (cfg.explainer, cfg.judge) else None
+        self.explainer: Explainer = (
+            VocabularyExplainer(embedder, cfg.vocabulary) if cfg.explainer == "vocabulary" else ChatExplainer(self.client)
+        )
+        judge = {"embedding": lambda: EmbeddingJudge(embedder), "chat": lambda: ChatJudge(self.client),
+                 "none": lambda: None}[cfg.judge]()  # fmt: skip
+        self.scorers = Scorers(judge=judge, segmenter=GroundTruthSegmenter() if cfg.iou else None,
+                               embedder=embedder if cfg.similarity else None)  # fmt: skip
+        self.cfg = cfg
+
+    def run(self, batch: list[LatentEvidence]) -> list[ExplanationRecord]:
+        """Explanation and scores of every latent of `batch`; baselines are drawn from the vocabulary (vocabulary
+        explainer) or from the other explanations of the batch (chat explainer)."""
+        if self.client is not None and self.cfg.explainer == "chat":
+            explanations = list(self.client.map(self.explainer.explain, batch))
+        else:
+            explanations = [self.explainer.explain(e) for e in batch]
+        pool = self.cfg.vocabulary if self.cfg.explainer == "vocabulary" else [x.text for x in explanations]
+        records = []
+        for evidence, explanation in zip(batch, explanations):
+            baseline = random_baseline(explanation.text, pool, np.random.default_rng([self.cfg.seed, evidence.latent]))
+            records.append(ExplanationRecord.of(explanation, self.scorers.score(evidence, explanation, baseline)))
+        return records
+
+
+class ExplainSummary(BaseModel):
+    output: str
+    explained: int
+    already_done: int
+    seconds: float
+    mean_scores: dict[str, float]
+
+    def format(self) -> str:
+        scores = ", ".join(f"{k}={v:.3f}" for k, v in sorted(self.mean_scores.items()))
+        return (f"{self.output}: {self.explained} latents explained ({self.already_done} already done) in "
+                f"{self.seconds:.1f}s; mean scores: {scores or 'none'}")  # fmt: skip
+
+
+def _batched(items: Iterable[LatentEvidence], size: int) -> Iterator[list[LatentEvidence]]:
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
+def explain_latents(evidence: Iterable[LatentEvidence], cfg: ExplainConfig, output: str) -> ExplainSummary:
+    """Explain and score every latent of `evidence` not yet in `<output>/explanations.jsonl` (see the module doc)."""
+    start = time.perf_counter()
+    done = read_explanations(output, cfg.storage)
+    batches = _batched((e for e in evidence if e.latent not in done), cfg.batch_size)
+    written: list[ExplanationRecord] = []
+
+    def save(records: list[ExplanationRecord]) -> None:
+        append_explanations(output, records, cfg.storage)
+        written.extend(records)
+
+    if cfg.use_ray:
+        _run_on_ray(batches, cfg, save)
+    else:
+        pipeline = Pipeline(cfg)
+        for batch in batches:
+            save(pipeline.run(batch))
+    values: dict[str, list[float]] = {}
+    for record in written:
+        for name, value in record.scores.items():
+            if np.isfinite(value):
+                values.setdefault(name, []).append(value)
+    means = {name: float(np.mean(v)) for name, v in values.items()}
+    return ExplainSummary(output=output, explained=len(written), already_done=len(done),
+                          seconds=time.perf_counter() - start, mean_scores=means)  # fmt: skip
+
+
+def _run_on_ray(batches: Iterator[list[LatentEvidence]], cfg: ExplainConfig, save) -> None:
+    """Batches onto `cfg.actors` pipeline actors, at most `batches_in_flight` each; each result saved as it
+    arrives. After a failure no new batch is sent, the batches in flight are still saved, then it re-raises."""
+    import ray
+
+    ensure_ray(cfg.ray)
+    actor_cls = ray.remote(num_cpus=cfg.actor_cpus)(Pipeline)
+    actors = [actor_cls.remote(cfg) for _ in range(cfg.actors)]
+    load = {i: 0 for i in range(len(actors))}
+    in_flight: dict = {}
+    error: Exception | None = None
+    while True:
+        while error is None and len(in_flight) < cfg.actors * cfg.batches_in_flight:
+            batch = next(batches, None)
+            if batch is None:
+                break
+            index = min(load, key=load.get)
+            load[index] += 1
+            in_flight[actors[index].run.remote(batch)] = index
+        if not in_flight:
+            break
+        [ref], _ = ray.wait(list(in_flight), num_returns=1)
+        load[in_flight.pop(ref)] -= 1
+        try:
+            save(ray.get(ref))
+        except Exception as e:  # noqa: BLE001 - kept to re-raise once the batches in flight are saved
+            error = error or e
+    for actor in actors:
+        ray.kill(actor)
+    if error is not None:
+        raise error
+
+
+def run_explain(cfg: ExplainConfig) -> ExplainSummary:
+    """`prisma-ray explain`: explain the latents of the top-activation output at `cfg.evidence`."""
+    from ..glue import latent_evidence
+    from ..results import read_results
+
+    if not cfg.evidence:
+        raise ValueError("evidence: not set; give the output dir of the top-activation pass (--set evidence=URI)")
+    storage.require_exists(cfg.evidence, cfg.storage)
+    results = read_results(cfg.evidence, cfg.storage)
+    output = cfg.output or cfg.evidence
+    done = read_explanations(output, cfg.storage)
+    fired = [int(r["latent"]) for r in results.latents.to_pylist() if r["frequency"] > 0]
+    latents = [latent for latent in (cfg.latents if cfg.latents is not None else fired) if latent not in done]
+    evidence = (latent_evidence(results, latent, n=cfg.images_per_latent) for latent in latents)
+    return explain_latents((e for e in evidence if e is not None), cfg, output)

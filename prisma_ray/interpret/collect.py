@@ -1,0 +1,223 @@
+"""The top-activations pass without Ray: its config, the checks before it starts, and the worker.
+
+For one input shard (decoded by `prisma_ray.activations.decode_batch`, as extraction does), the
+worker runs the hooked model up to the dictionary's input hook point, encodes every token with the
+dictionary and folds the latent activations into a `LatentRecord`, which it returns whole; the
+driver merges the records of all shards (`prisma_ray.interpret.pipeline`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from .. import storage
+from ..activations import (
+    InputFormat,
+    ShardData,
+    build_model,
+    decode_shard,
+    describe_model,
+    normalize,
+    resolve_entry,
+    write_shard_errors,
+)
+from ..data.sources import SHARDED, DatasetSpec, SampleRef, SyntheticSource, with_resolved_storage
+from ..data.synthetic import ShapesConfig
+from ..evaluate.discovery import CheckpointInfo, read_checkpoint_info
+from ..models import ModelEntry, TokenLayout
+from ..ray_session import RayOptions
+from ..sae import load_dictionary
+from ..storage import StorageOptions
+from .topk import LatentRecord
+
+log = logging.getLogger(__name__)
+
+
+def default_dataset() -> SyntheticSource:
+    return SyntheticSource(uri="prisma-data/shapes", generator=ShapesConfig(n_images=128))
+
+
+class InterpretConfig(BaseModel):
+    """`prisma-ray interpret` / `dashboard`: one checkpoint's latents over a dataset.
+
+    The model and hook point come from the checkpoint's `cfg.json` (`model`/`hook` override them);
+    `pretrained: false` rebuilds the random weights an extraction with the same `seed` used.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: str = Field(description="checkpoint directory (cfg.json + sae_weights.safetensors), local or s3://")
+    dataset: DatasetSpec = Field(default_factory=default_dataset)
+    output: str = "prisma-interpret"
+    storage: StorageOptions = Field(StorageOptions(), description="how to reach `checkpoint` and `output`")
+    model: str | ModelEntry | None = Field(None, description="default: the model named in the checkpoint")
+    hook: str | None = Field(None, description="default: the checkpoint's input hook point")
+    pretrained: bool = True
+    seed: int = 0
+    k: int = Field(16, ge=1, description="top samples kept per latent and ranking (max, mean)")
+    reservoir: int = Field(256, ge=1, description="random firing samples kept per latent (histogram, quantiles)")
+    negatives: int = Field(8, ge=0, description="samples kept per latent on which it never fires")
+    reservoir_seed: int = 0
+    shard_size: int = Field(64, ge=1, description="samples per worker call")
+    batch_size: int = Field(32, ge=1, description="samples per forward pass")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    actors: int | None = Field(None, ge=1, description="model actors (default: one per GPU; on CPU one per CPU, at most 8)")
+    actor_num_cpus: float | None = Field(None, gt=0, le=1, description="CPUs reserved per actor (default: up to 1)")
+    decode_num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per decode task")
+    torch_threads: int | None = Field(None, ge=1)
+    progress: bool = True
+    ray: RayOptions = RayOptions()
+
+
+@dataclass(frozen=True)
+class InterpretJob:
+    """What a worker needs (small and picklable)."""
+
+    checkpoint: str
+    output: str
+    model: ModelEntry
+    pretrained: bool
+    seed: int
+    hook: str
+    storage: StorageOptions
+    k: int
+    reservoir: int
+    negatives: int
+    reservoir_seed: int
+    batch_size: int
+    device: str = "cpu"
+    torch_threads: int | None = None
+
+
+@dataclass(frozen=True)
+class InterpretPlan:
+    """A checked pass: the checkpoint, the model and hook point it reads, the dataset and its input format."""
+
+    cfg: InterpretConfig
+    info: CheckpointInfo
+    entry: ModelEntry
+    hook: str
+    layout: TokenLayout
+    spec: DatasetSpec
+    fmt: InputFormat
+    options: StorageOptions
+
+    def job(self, device: str = "cpu", torch_threads: int | None = None) -> InterpretJob:
+        c = self.cfg
+        return InterpretJob(self.info.uri, storage.absolute(c.output), self.entry, c.pretrained, c.seed, self.hook, self.options, c.k, c.reservoir,
+                            c.negatives, c.reservoir_seed, c.batch_size, device, torch_threads)  # fmt: skip
+
+    def description(self) -> dict[str, Any]:
+        """What determines the results (written to `summary.json`)."""
+        return {
+            "checkpoint": self.info.uri,
+            "model": self.entry.name,
+            "pretrained": self.cfg.pretrained,
+            "seed": self.cfg.seed,
+            "hook": self.hook,
+            "d_sae": self.info.d_sae,
+            "token_layout": self.layout.model_dump(mode="json"),
+            "dataset": self.spec.model_dump(mode="json", exclude={"storage"}),
+            "modality": self.fmt.preprocess.modality,
+            "k": self.cfg.k,
+            "reservoir": self.cfg.reservoir,
+        }
+
+
+def plan_interpret(cfg: InterpretConfig) -> InterpretPlan:
+    """Check the checkpoint against the model and the dataset before any work starts (no Ray)."""
+    options = cfg.storage.resolved()
+    info = read_checkpoint_info(cfg.checkpoint, options)
+    if len(info.sites.inputs) != 1:
+        raise ValueError(f"{cfg.checkpoint}: reads {len(info.sites.inputs)} sites; interpretation needs a dictionary "
+                         "over one hook point (an SAE or a transcoder)")  # fmt: skip
+    site = info.sites.inputs[0]
+    name = cfg.model or site.model
+    if not name:
+        raise ValueError(f"{cfg.checkpoint}: cfg.json names no model; set `model`")
+    entry = resolve_entry(name)
+    hook = cfg.hook or site.name
+    model = describe_model(entry)
+    model.hook_point(hook)
+    if model.d_model != site.width:
+        raise ValueError(f"{cfg.checkpoint} reads {site.width}-wide activations but {entry.name} {hook} is "
+                         f"{model.d_model} wide; pick the checkpoint's model and hook point")  # fmt: skip
+    spec = with_resolved_storage(cfg.dataset)
+    try:
+        fmt = InputFormat.create(spec, model.preprocess)
+    except ValueError as e:
+        raise ValueError(f"{entry.name} cannot take the {spec.type} dataset: {e}") from None
+    return InterpretPlan(cfg, info, entry, hook, model.token_layout, spec, fmt, options)
+
+
+class LatentWorker:
+    """Runs model and dictionary over whole shards and returns each shard's `LatentRecord`.
+
+    Ray Data calls it with one-row batches (`shard`, `payload`: `ShardData.to_bytes()`); tests call `process`.
+    """
+
+    def __init__(self, job: InterpretJob):
+        self.job = job
+        self.device = torch.device(job.device)
+        if self.device.type == "cpu" and job.torch_threads:
+            torch.set_num_threads(job.torch_threads)
+        self.model = build_model(job.model, job.pretrained, job.seed, self.device)
+        self.dictionary = load_dictionary(job.checkpoint, job.storage).to(self.device).eval()
+        self.kinds = self.model.token_layout.kinds()
+        spec = self.model.preprocess
+        self.mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device)
+        self.std = torch.tensor(spec.std, dtype=torch.float32, device=self.device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = [self.process(ShardData.from_bytes(payload), int(shard)) for shard, payload in zip(batch["shard"], batch["payload"])]
+        return {
+            "shard": batch["shard"],
+            "record": np.array([r.to_bytes() for r, _ in rows], dtype=object),
+            "sample_ids": np.array([json.dumps(d.sample_ids.tolist()) for _, d in rows], dtype=object),
+            "errors": np.array([len(d.errors) for _, d in rows]),
+        }
+
+    def empty(self) -> LatentRecord:
+        j = self.job
+        return LatentRecord.empty(self.dictionary.n_latents, self.model.token_layout.n_tokens, j.k, j.reservoir,
+                                  j.negatives, j.reservoir_seed)  # fmt: skip
+
+    def process(self, data: ShardData, shard: int = 0) -> tuple[LatentRecord, ShardData]:
+        """The record of one decoded shard; its bad samples go to `<output>/_errors`."""
+        write_shard_errors(data.errors, self.job.output, shard, self.job.storage)
+        record = self.empty()
+        for i in range(0, len(data.sample_ids), self.job.batch_size):
+            acts = self.latents(data.pixels[i : i + self.job.batch_size])
+            record = record.update(data.sample_ids[i : i + self.job.batch_size], acts, self.kinds)
+        return record, data
+
+    @torch.inference_mode()
+    def latents(self, pixels: np.ndarray) -> np.ndarray:
+        """`float32[B, tokens, latents]` for `uint8` crops `pixels`."""
+        x = normalize(torch.from_numpy(pixels).to(self.device), self.mean, self.std)
+        _, cache = self.model.run_with_cache(x, [self.job.hook], stop_early=True)
+        acts = cache[self.job.hook]
+        b, t, d = acts.shape
+        z = self.dictionary.encode(acts.reshape(b * t, d).to(self.dictionary.W_enc.dtype))
+        return z.reshape(b, t, -1).float().cpu().numpy()
+
+
+def fetch_crops(plan: InterpretPlan, shards: list[list[SampleRef]], where: dict[str, int],
+                wanted: set[str]) -> dict[str, np.ndarray]:  # fmt: skip
+    """The model-geometry `uint8` crops of the samples `wanted`, decoded again from their shards
+    (`where[sample_id]` = shard index); for file sources only the wanted files are read."""
+    by_shard: dict[int, set[str]] = {}
+    for sample_id in wanted:
+        by_shard.setdefault(where[sample_id], set()).add(sample_id)
+    crops = {}
+    for shard, ids in sorted(by_shard.items()):
+        refs = shards[shard] if isinstance(plan.spec, SHARDED) else [r for r in shards[shard] if r.sample_id in ids]
+        data = decode_shard(refs, plan.spec, plan.fmt)
+        crops.update({str(s): p for s, p in zip(data.sample_ids, data.pixels) if s in ids})
+    return crops

@@ -1,0 +1,84 @@
+"""The top-activations pass on Ray (orchestration only; the work is in `collect` and `topk`).
+
+    dataset shards --from_items--> decode (CPU tasks, as extraction) --uint8 crops--> LatentWorker actors
+    (ActorPoolStrategy, <= 1 CPU each; one GPU each where GPUs exist) --one LatentRecord per shard-->
+    merged on the driver (exact) --> results under `output` (`prisma_ray.interpret.results`)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+from .. import storage
+from ..activations import plan_shards
+from ..data.sources import SampleRef, list_refs
+from ..ray_session import ensure_ray
+from ..shard_stream import actor_resources, stream_shards
+from .collect import InterpretConfig, InterpretPlan, LatentWorker, fetch_crops, plan_interpret
+from .results import needed_samples, read_results, results_exist, write_results
+from .topk import LatentRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class InterpretSummary:
+    """What a pass did and where its results are."""
+
+    output: str
+    samples: int
+    errors: int
+    latents: int
+    alive: int
+    seconds: float
+
+    def format(self) -> str:
+        return "\n".join([
+            f"samples  {self.samples}  ({self.errors} bad this run, see {self.output}/_errors)",
+            f"latents  {self.latents}" + (f", {self.alive} fired at least once" if self.alive >= 0 else ""),
+            f"time     {self.seconds:.1f} s",
+            f"results  {self.output}",
+        ])  # fmt: skip
+
+
+def run_interpret(cfg: InterpretConfig) -> InterpretSummary:
+    """Run the pass `cfg` asks for on Ray and write its results; results of the same pass already
+    under `output` are kept (no Ray is started)."""
+    start = time.perf_counter()
+    plan = plan_interpret(cfg)
+    output = storage.absolute(cfg.output)
+    storage.require_bucket(output, plan.options)
+    if results_exist(output, plan.options):
+        summary = read_results(output, plan.options).summary
+        if {k: summary.get(k) for k in plan.description()} == json.loads(json.dumps(plan.description())):
+            log.info("%s already holds the results of this pass; reusing them", output)
+            return InterpretSummary(output, summary["n_samples"], 0, summary["n_latents"], -1, 0.0)
+    refs = list_refs(plan.spec)
+    if not refs:
+        raise storage.MissingInputError(f"the {plan.spec.type} dataset lists no inputs; nothing to interpret.")
+    shards = plan_shards(refs, plan.spec, cfg.shard_size)
+    record, where, errors = None, {}, 0
+    for row in _run_pipeline(plan, shards):
+        part = LatentRecord.from_bytes(row["record"])
+        record = part if record is None else record.merge(part)
+        where.update(dict.fromkeys(json.loads(row["sample_ids"]), int(row["shard"])))
+        errors += int(row["errors"])
+    crops = fetch_crops(plan, shards, where, needed_samples(record))
+    write_results(output, record, plan.layout, plan.description(), crops, plan.options)
+    return InterpretSummary(output, record.n_samples, errors, record.n_latents, int((record.fire_tokens > 0).sum()),
+                            time.perf_counter() - start)  # fmt: skip
+
+
+def _run_pipeline(plan: InterpretPlan, shards: list[list[SampleRef]]) -> Iterator[dict]:
+    """Yield each shard's worker row (`shard`, `record`, `sample_ids`, `errors`) as it finishes."""
+    cfg = plan.cfg
+    ensure_ray(cfg.ray)
+    resources = actor_resources(cfg, len(shards))
+    device, actors, _, threads = resources
+    items = [{"shard": i, "refs": json.dumps([asdict(r) for r in s]), "hooks": "[]"} for i, s in enumerate(shards)]
+    log.info("interpreting %d shards with %d %s actor(s)", len(shards), actors, device)
+    yield from stream_shards(items, plan.spec, plan.fmt, LatentWorker, {"job": plan.job(device, threads)}, resources,
+                             cfg.decode_num_cpus, cfg.progress, "interpret")  # fmt: skip

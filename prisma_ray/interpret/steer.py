@@ -1,0 +1,183 @@
+"""Steering: clamp or scale chosen latents of a dictionary spliced in at its hook point, and measure the effect.
+
+At the dictionary's input hook point (and the chosen token positions) the activation `x` becomes
+`x + decode(z') - decode(z)`, `z = encode(x)` and `z'` = `z` with the chosen latents set to `value`
+(or multiplied by `scale`): the dictionary's error term is kept, so steering with no change is the
+identity. With `keep_error=False` it becomes `decode(z')` (the reconstruction alone). The output is
+compared through a head: the model's classifier, or a CLIP-style zero-shot head over text embeddings
+(`prisma_ray.evaluate.splice.ZeroShotHead`), whose cosine similarities are reported too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..activations import TokenSelection, build_model, fixed_positions, resolve_entry
+from ..data import RowFormat, decode_refs, list_refs, split_errors
+from ..data.sources import DatasetSpec, SyntheticSource, with_resolved_storage
+from ..evaluate.checkpoint import load_matrix
+from ..evaluate.splice import Head, HookList, ZeroShotHead, classifier_head, outputs_logits, put_at_positions
+from ..models import HookedVisionModel, ModelEntry
+from ..sae import Dictionary, load_dictionary
+from ..storage import StorageOptions
+from .collect import default_dataset
+
+
+class SteerSpec(BaseModel):
+    """Which latents to steer and how: set them to `value`, or multiply them by `scale`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    latents: list[int] = Field(min_length=1)
+    value: float | None = None
+    scale: float | None = None
+    keep_error: bool = Field(True, description="add back the dictionary's error term x - x_hat")
+    tokens: Literal["all", "patches", "cls"] = "all"
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> SteerSpec:
+        if (self.value is None) == (self.scale is None):
+            raise ValueError("set exactly one of `value` (clamp the latents) or `scale` (multiply them)")
+        return self
+
+
+def check_latents(d: Dictionary, latents: Sequence[int]) -> None:
+    bad = [i for i in latents if not 0 <= i < d.n_latents]
+    if bad:
+        raise ValueError(f"latents {bad} do not exist: the dictionary has {d.n_latents} (0..{d.n_latents - 1})")
+
+
+def steered(d: Dictionary, x: torch.Tensor, spec: SteerSpec) -> torch.Tensor:
+    """`x [..., d_in]` with the latents of `spec` steered (see the module docstring)."""
+    flat = x.reshape(-1, x.shape[-1]).to(d.W_enc.dtype)
+    z = d.encode(flat)
+    new = z.clone()
+    idx = torch.as_tensor(spec.latents, device=z.device)
+    new[:, idx] = spec.value if spec.value is not None else z[:, idx] * spec.scale
+    out = flat + d.decode(new) - d.decode(z) if spec.keep_error else d.decode(new)
+    return out.reshape(x.shape).to(x.dtype)
+
+
+def steering_hooks(model: HookedVisionModel, d: Dictionary, spec: SteerSpec, hook: str | None = None) -> HookList:
+    """The forward hook that steers `d`'s latents at `hook` (default: `d`'s input hook point)."""
+    check_latents(d, spec.latents)
+    if d.sites.kind != "sae":
+        raise ValueError(f"steering needs an SAE over one hook point; this dictionary is a {d.sites.kind}")
+    hook = hook or d.sites.inputs[0].name
+    if d.sites.d_in != model.d_model:
+        raise ValueError(f"the dictionary reads {d.sites.d_in}-wide activations but {model.name} is "
+                         f"{model.d_model} wide at {hook}")  # fmt: skip
+    positions = torch.as_tensor(fixed_positions(model.token_layout, TokenSelection(mode=spec.tokens)))
+    return [(hook, put_at_positions(positions, lambda cur: steered(d, cur[:, positions], spec)))]
+
+
+def default_head(model: HookedVisionModel, text_embeddings: torch.Tensor | None = None,
+                 logit_scale: float = 100.0) -> Head:  # fmt: skip
+    """The model's classifier, or a zero-shot head over `text_embeddings` for an embedding tower."""
+    if text_embeddings is not None:
+        return ZeroShotHead(text_embeddings, logit_scale)
+    if not outputs_logits(model):
+        raise ValueError(f"{model.name} outputs an embedding, not logits: pass text embeddings (.npy, [prompts, width])")
+    return classifier_head
+
+
+@dataclass
+class SteerResult:
+    """Clean and steered logits `[B, classes]` (for a zero-shot head: `logit_scale` x cosine to each prompt)."""
+
+    clean: torch.Tensor
+    steered: torch.Tensor
+    logit_scale: float | None = None
+
+    @property
+    def clean_probs(self) -> torch.Tensor:
+        return self.clean.softmax(-1)
+
+    @property
+    def steered_probs(self) -> torch.Tensor:
+        return self.steered.softmax(-1)
+
+    def summary(self, labels: Sequence[str] | None = None) -> dict:
+        """Per input: predicted class before and after, the largest probability gain; means over inputs."""
+        names = list(labels) if labels else [str(i) for i in range(self.clean.shape[1])]
+        delta = self.steered_probs - self.clean_probs
+        clean_top, steered_top = self.clean.argmax(-1), self.steered.argmax(-1)
+        logp, clean_logp = self.steered.log_softmax(-1), self.clean.log_softmax(-1)
+        kl = (clean_logp.exp() * (clean_logp - logp)).sum(-1)
+        out = {
+            "inputs": len(self.clean),
+            "changed_prediction": float((clean_top != steered_top).float().mean()),
+            "mean_kl": float(kl.mean()),
+            "mean_prob_delta": {n: float(v) for n, v in zip(names, delta.mean(0))},
+            "per_input": [
+                {"clean": names[int(a)], "steered": names[int(b)], "top_gain": names[int(g)],
+                 "top_gain_delta": float(d[int(g)])}
+                for a, b, g, d in zip(clean_top, steered_top, delta.argmax(-1), delta)
+            ],
+        }  # fmt: skip
+        if self.logit_scale:
+            cos = (self.steered - self.clean) / self.logit_scale
+            out["mean_cosine_delta"] = {n: float(v) for n, v in zip(names, cos.mean(0))}
+        return out
+
+
+@torch.inference_mode()
+def steer(model: HookedVisionModel, d: Dictionary, x: torch.Tensor, spec: SteerSpec, head: Head | None = None,
+          batch_size: int = 32) -> SteerResult:  # fmt: skip
+    """Run `x` clean and steered per `spec`; return both outputs through `head` (default: `default_head`)."""
+    head = head or default_head(model)
+    hooks = steering_hooks(model, d, spec)
+    clean, steered_out = [], []
+    for i in range(0, len(x), batch_size):
+        xb = x[i : i + batch_size]
+        clean.append(head(model(xb)))
+        with model.hooks(hooks):
+            steered_out.append(head(model(xb)))
+    scale = head.logit_scale if isinstance(head, ZeroShotHead) else None
+    return SteerResult(torch.cat(clean).float(), torch.cat(steered_out).float(), scale)
+
+
+class SteerConfig(BaseModel):
+    """`prisma-ray steer`: steer a checkpoint's latents on the first `samples` inputs of a dataset."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: str
+    steer: SteerSpec
+    dataset: DatasetSpec = Field(default_factory=default_dataset)
+    samples: int = Field(32, ge=1)
+    model: str | ModelEntry | None = Field(None, description="default: the model named in the checkpoint")
+    pretrained: bool = True
+    seed: int = 0
+    text_embeddings: str | None = Field(None, description=".npy/.safetensors [prompts, width] for embedding towers")
+    logit_scale: float = Field(100.0, gt=0)
+    labels: list[str] | None = Field(None, description="class or prompt names (default: the synthetic dataset's shapes)")
+    storage: StorageOptions = StorageOptions()
+
+
+def run_steer(cfg: SteerConfig) -> dict:
+    """Steer per `cfg` and return `SteerResult.summary` plus what was steered."""
+    options = cfg.storage.resolved()
+    d = load_dictionary(cfg.checkpoint, options).eval()
+    entry = resolve_entry(cfg.model or d.sites.inputs[0].model or "")
+    model = build_model(entry, cfg.pretrained, cfg.seed)
+    spec = with_resolved_storage(cfg.dataset)
+    fmt = RowFormat.create(spec, model.preprocess)
+    pixels = []
+    for batch in decode_refs(list_refs(spec), spec, fmt, max_rows=cfg.samples):
+        pixels.append(split_errors(batch)[0][fmt.column])
+        if sum(map(len, pixels)) >= cfg.samples:
+            break
+    x = torch.from_numpy(np.concatenate(pixels)[: cfg.samples])
+    embeddings = load_matrix(cfg.text_embeddings, options) if cfg.text_embeddings else None
+    result = steer(model, d, x, cfg.steer, default_head(model, embeddings, cfg.logit_scale))
+    labels = cfg.labels or (list(spec.generator.shapes) if isinstance(spec, SyntheticSource) and
+                            spec.generator.name == "shapes" else None)  # fmt: skip
+    if labels is not None and len(labels) != result.clean.shape[1]:
+        raise ValueError(f"{len(labels)} labels given but the head has {result.clean.shape[1]} classes")
+    return {"checkpoint": cfg.checkpoint, "model": entry.name, "hook": d.sites.inputs[0].name,
+            **cfg.steer.model_dump(), **result.summary(labels)}  # fmt: skip

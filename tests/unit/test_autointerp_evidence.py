@@ -1,0 +1,124 @@
+"""Evidence records, explanations.jsonl, masking, scorers and the resumable batch run (no Ray)."""
+import numpy as np
+import pytest
+
+from prisma_ray.interpret.autointerp.embedders import PrototypeEmbedder, UnknownConcept, named_labels, unit
+from prisma_ray.interpret.autointerp.run import ExplainConfig, Pipeline, explain_latents
+from prisma_ray.interpret.autointerp.scoring import (
+    EmbeddingJudge, GroundTruthSegmenter, Scorers, balanced_accuracy, iou, random_baseline,
+)  # fmt: skip
+from prisma_ray.interpret.evidence import (
+    Explanation, ExplanationRecord, LatentEvidence, Score, active_mask, append_explanations, mask_images,
+    read_explanations,
+)  # fmt: skip
+
+
+def coloured(colour: tuple[int, int, int], n: int, size: int = 8) -> np.ndarray:
+    return np.broadcast_to(np.array(colour, np.uint8), (n, size, size, 3)).copy()
+
+
+class MeanColour:
+    """Image features: the mean RGB of the bright pixels (a stand-in for a model)."""
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        x = images.reshape(len(images), -1, 3).astype(np.float64)
+        return x.sum(1) / np.maximum((x.sum(-1) > 100).sum(1, keepdims=True), 1)
+
+
+def test_evidence_validates_shapes_and_names_the_latent():
+    images, maps = np.zeros((2, 8, 8, 3), np.uint8), np.zeros((2, 2, 2))
+    with pytest.raises(ValueError, match="latent 3 of 'c'.*images must be uint8"):
+        LatentEvidence("c", 3, images.astype(np.float32), maps, np.zeros(2))
+    with pytest.raises(ValueError, match="maps must be float\\[2, h, w\\]"):
+        LatentEvidence("c", 3, images, maps[:1], np.zeros(2))
+    with pytest.raises(ValueError, match="concept_masks\\['red'\\] must be bool"):
+        LatentEvidence("c", 3, images, maps, np.zeros(2), concept_masks={"red": np.zeros((2, 8, 8), np.uint8)})
+
+
+def test_mask_images_keeps_active_patches_and_dims_the_rest():
+    images = np.full((1, 4, 4, 3), 200, np.uint8)
+    maps = np.array([[[1.0, 0.0], [0.1, 0.0]]])
+    shown = mask_images(images, maps, threshold=0.5, dim=0.25)
+    assert (shown[0, :2, :2] == 200).all() and (shown[0, 2:] == 50).all() and (shown[0, :2, 2:] == 50).all()
+    assert (mask_images(images, maps, mode="mask")[0, 2:] == 0).all()
+    assert active_mask(np.zeros((1, 2, 2)), (4, 4)).sum() == 0, "a latent that does not fire shows nothing"
+    with pytest.raises(ValueError, match="mode must be"):
+        mask_images(images, maps, mode="blur")
+
+
+def test_explanations_jsonl_appends_atomically_and_reports_bad_lines(tmp_path):
+    out = str(tmp_path / "out")
+    assert read_explanations(out) == {}
+    first = ExplanationRecord.of(Explanation(latent=1, text="red", explainer="v"), [Score(name="iou", value=0.5, baseline=0.1)])
+    append_explanations(out, [first])
+    append_explanations(out, [ExplanationRecord(latent=2, explanation="star", explainer="v")])
+    records = read_explanations(out)
+    assert sorted(records) == [1, 2] and records[1].scores == {"iou": 0.5, "iou_baseline": 0.1}
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".tmp")]
+    (tmp_path / "out" / "explanations.jsonl").write_text("not json\n")
+    with pytest.raises(ValueError, match="explanations.jsonl, line 1: not an explanation record"):
+        read_explanations(out)
+
+
+def test_scores_detection_iou_similarity_against_a_baseline():
+    red, blue = coloured((255, 0, 0), 4), coloured((0, 0, 255), 4)
+    embedder = PrototypeEmbedder(MeanColour(), {"red": red, "blue": blue, "green": coloured((0, 255, 0), 4)})
+    maps = np.zeros((4, 2, 2))
+    maps[:, 0, 0] = 1.0
+    masks = np.zeros((4, 8, 8), bool)
+    masks[:, :4, :4] = True
+    evidence = LatentEvidence("c", 0, red, maps, np.ones(4), negatives=blue, concept_masks={"red": masks, "blue": ~masks})
+    scorers = Scorers(judge=EmbeddingJudge(embedder), segmenter=GroundTruthSegmenter(), embedder=embedder)
+    scores = {s.name: s for s in scorers.score(evidence, Explanation(latent=0, text="red", explainer="t"), "blue")}
+    assert scores["detection"].value == 1.0 and scores["detection"].baseline == 0.0
+    assert scores["iou"].value == 1.0 and scores["iou"].baseline == 0.0
+    assert scores["similarity"].value > 0.5 > scores["similarity"].baseline
+    text_scores = scorers.score(evidence, Explanation(latent=0, text="something else", explainer="t"), None)
+    assert {s.name for s in text_scores} == {"iou"}, "an unembeddable text and no baseline leave those scores out"
+
+
+def test_scoring_helpers():
+    assert balanced_accuracy([1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0]) == 0.75
+    assert iou(np.array([1, 1, 0], bool), np.array([0, 1, 1], bool)) == pytest.approx(1 / 3)
+    assert iou(np.zeros(3, bool), np.zeros(3, bool)) == 0.0
+    assert named_labels("Red Circles and a star", ["red", "circle", "star", "cross"]) == ["red", "circle", "star"]
+    assert random_baseline("red", ["red", "Red"], np.random.default_rng(0)) is None
+    assert random_baseline("red", ["red", "blue"], np.random.default_rng(0)) == "blue"
+    with pytest.raises(UnknownConcept, match="names none of its labels"):
+        PrototypeEmbedder(MeanColour(), {"red": coloured((255, 0, 0), 2)}).embed_texts(["a dog"])
+    np.testing.assert_allclose(np.linalg.norm(unit(np.ones((2, 3))), axis=1), 1.0, rtol=1e-6)
+
+
+def test_empty_vocabulary_is_refused():
+    with pytest.raises(ValueError, match="vocabulary: empty"):
+        Pipeline(ExplainConfig(vocabulary=[], judge="none", similarity=False))
+
+
+def chat_config(server, **kw) -> ExplainConfig:
+    return ExplainConfig(explainer="chat", chat={"base_url": server.url, "model": "m", "backoff_s": 0.01},
+                         judge="none", similarity=False, use_ray=False, batch_size=2, **kw)  # fmt: skip
+
+
+def many(latents) -> list[LatentEvidence]:
+    rng = np.random.default_rng(0)
+    masks = np.zeros((2, 8, 8), bool)
+    masks[:, :4, :4] = True
+    return [LatentEvidence("c", i, rng.integers(0, 255, (2, 8, 8, 3), dtype=np.uint8), np.eye(2)[None].repeat(2, 0),
+                           np.ones(2), concept_masks={"red": masks}) for i in latents]  # fmt: skip
+
+
+def test_batch_run_resumes_and_keeps_what_was_written(chat_server, tmp_path):
+    chat_server.reply = lambda request: "red things"
+    out = str(tmp_path)
+    chat_server.script = [None, None, None, 500, 500, 500]  # the second batch: one latent fails for good
+    with pytest.raises(ValueError, match="gave up"):
+        explain_latents(many(range(6)), chat_config(chat_server).model_copy(update={"chat": chat_config(
+            chat_server).chat.model_copy(update={"max_retries": 2, "concurrency": 1})}), out)  # fmt: skip
+    assert sorted(read_explanations(out)) == [0, 1], "the batch finished before the failure was kept"
+    chat_server.requests.clear()
+    summary = explain_latents(many(range(6)), chat_config(chat_server), out)
+    assert summary.explained == 4 and summary.already_done == 2 and len(chat_server.requests) == 4
+    records = read_explanations(out)
+    assert sorted(records) == list(range(6)) and records[5].explanation == "red things"
+    assert records[5].scores["iou"] > 0, "scored against the ground-truth mask of the concept it names"
+    assert explain_latents(many(range(6)), chat_config(chat_server), out).explained == 0

@@ -1,0 +1,77 @@
+"""On synthetic `shapes` data, the offline vocabulary explainer names the factor that detector latents detect.
+
+Detector latents are found honestly: a TopK SAE is trained in-process on the toy ViT's patch activations
+of rendered images, and a latent counts as a detector of a factor value (`circle`, `red`, ...) when at
+least 80% of its 40 top patch tokens lie on objects carrying that value (ground truth from the render masks).
+"""
+import numpy as np
+import pytest
+import torch
+
+from prisma_ray.data.synthetic import patch_factors, render_shapes
+from prisma_ray.data.transforms import preprocess_image
+from prisma_ray.interpret.autointerp.embedders import HookedModelFeatures, PrototypeEmbedder, synthetic_prototypes
+from prisma_ray.interpret.autointerp.explainers import VocabularyExplainer
+from prisma_ray.interpret.autointerp.run import EmbedderConfig
+from prisma_ray.interpret.evidence import LatentEvidence
+from prisma_ray.models import load_model, toy
+from prisma_ray.sae import DictionaryConfig, Site, Sites, Trainer
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+SAE_HOOK = "blocks.1.hook_resid_post"
+PURITY = 0.8
+
+
+@pytest.mark.slow
+def test_vocabulary_explainer_names_most_detector_latents():
+    spec = toy.SPECS["toy-vit-shapes"]
+    data = spec.held_out(400)
+    renders = [render_shapes(data, i) for i in range(data.n_images)]
+    images = np.stack([image for image, *_ in renders])
+    model = load_model("prisma-toy-vit-shapes")
+    with torch.inference_mode():
+        x = torch.from_numpy(np.stack([preprocess_image(im, model.preprocess) for im in images]))
+        acts = model.run_with_cache(x, names=[SAE_HOOK], stop_early=True)[1][SAE_HOOK][:, 1:].float()
+    n, patches, width = acts.shape
+    grid = model.token_layout.grid
+    torch.manual_seed(0)
+    sites = Sites(inputs=(Site(name="h", width=width),))
+    trainer = Trainer([DictionaryConfig(architecture="topk", d_sae=128, k=8, lr=3e-3)], sites, 400)
+    tokens = acts.reshape(-1, width)
+    trainer.initialize(tokens[:1024])
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(400):
+        trainer.train_step(tokens[torch.randint(len(tokens), (256,), generator=generator)])
+    with torch.no_grad():
+        z = trainer.first.encode(trainer.first.normalize_in(tokens)).reshape(n, patches, -1).numpy()
+
+    values = np.full((n, patches, 2), None, dtype=object)  # (shape, colour) of the object on each patch
+    for i, (_, mask, objects, _) in enumerate(renders):
+        on = patch_factors(mask, grid)[0].reshape(-1)
+        by_id = {o["object"]: o for o in objects}
+        for p in np.flatnonzero(on):
+            values[i, p] = by_id[on[p]]["shape"], by_id[on[p]]["colour"]
+
+    vocabulary = [*data.shapes, *data.colours]
+    cfg = EmbedderConfig()
+    embedder = PrototypeEmbedder(HookedModelFeatures(model, cfg.hook),
+                                 synthetic_prototypes(vocabulary, cfg.prototype_data, cfg.prototypes_per_label))  # fmt: skip
+    explainer = VocabularyExplainer(embedder, vocabulary)
+    matches = []
+    for latent in range(z.shape[-1]):
+        za = z[:, :, latent]
+        top = np.argsort(-za.reshape(-1))[:40]
+        top = top[za.reshape(-1)[top] > 0]
+        if len(top) < 20:
+            continue
+        carried = values.reshape(-1, 2)[top]
+        purity = {v: float(np.mean(carried[:, f] == v)) for f in range(2) for v in set(carried[:, f]) - {None}}
+        detected = {v for v, p in purity.items() if p >= PURITY}
+        if not detected:
+            continue
+        order = np.argsort(-za.max(1))[:8]
+        evidence = LatentEvidence("toy", latent, images[order], za[order].reshape(-1, *grid), za.max(1)[order])
+        matches.append(explainer.explain(evidence).text in detected)
+    print(f"detector latents: {len(matches)}, label matches the detected factor: {np.mean(matches):.2f}")
+    assert len(matches) >= 5
+    assert np.mean(matches) > 0.5
