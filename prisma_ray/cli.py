@@ -136,6 +136,22 @@ def _steer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_sae(args: argparse.Namespace) -> int:
+    from .sae.importers import ImportConfig, import_dictionary
+
+    cfg = ImportConfig(source=args.source, output=args.output, format=args.format, model=args.model)
+    print(json.dumps(import_dictionary(cfg).model_dump(), indent=1))
+    return 0
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from .analysis.job import AnalyzeConfig, run_analysis
+
+    cfg = load_config(AnalyzeConfig, args.config, args.set)
+    print(json.dumps(run_analysis(args.analysis, cfg), indent=1))
+    return 0
+
+
 def _add_overrides(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
 
@@ -201,6 +217,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("config", nargs="?", help="YAML EvalConfig (optional: stores, split, ...)")
     _add_overrides(evaluate)
     evaluate.set_defaults(func=_evaluate)
+
+    analyze = sub.add_parser(
+        "analyze",
+        help="classic analysis (logit lens, attention, patching, attribution) written as PNG + HTML",
+        description="Run one analysis on a model over images/videos (inputs.uris) or rendered synthetic samples and "
+        "write <output>/<analysis>/figure-NN.png, index.html and summary.json.",
+        epilog="example: prisma-ray analyze patching --set patching.site=hook_resid_post --set output=/tmp/analysis",
+    )
+    analyze.add_argument("analysis", choices=["logit-lens", "attention", "patching", "attribution"])
+    analyze.add_argument("config", nargs="?", help="YAML AnalyzeConfig (optional: the defaults analyse the embedded ViT)")
+    _add_overrides(analyze)
+    analyze.set_defaults(func=_analyze)
 
     data_help = "dataset: a YAML/JSON dataset spec file, or a folder or s3:// prefix of images"
     interpret = sub.add_parser(
@@ -271,6 +299,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(explain)
     explain.set_defaults(func=_job(".interpret.autointerp.run", "ExplainConfig", "run_explain"))
 
+    import_sae = sub.add_parser(
+        "import-sae",
+        help="import a published SAE or transcoder (ViT-Prisma, SAELens, sparsify) as our checkpoint",
+        description="Convert another tool's published dictionary in SOURCE_DIR into our checkpoint (cfg.json + "
+        "sae_weights.safetensors, SAELens 6 layout) at OUTPUT_URI, mapping its hook and model names onto ours. "
+        "Pickled weights are read with a restricted unpickler (tensors and plain containers only); a file that "
+        "names anything else is refused and nothing in it runs. Prints what was imported as JSON.",
+        epilog="example: prisma-ray import-sae ./sae-clip-b32-layer9 s3://bucket/imported/clip-b32-l9 --format vit-prisma",
+    )
+    import_sae.add_argument("source", metavar="SOURCE_DIR", help="directory of the published files (local or s3://)")
+    import_sae.add_argument("output", metavar="OUTPUT_URI", help="checkpoint directory to write (local or s3://)")
+    import_sae.add_argument("--format", default="auto", choices=["auto", "vit-prisma", "saelens", "sparsify"],
+                            help="layout of SOURCE_DIR (default: detected from its files)")  # fmt: skip
+    import_sae.add_argument("--model", help="model the dictionary reads (registry name; default: as the source names it)")
+    import_sae.set_defaults(func=_import_sae)
     return parser
 
 

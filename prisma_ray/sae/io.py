@@ -139,13 +139,21 @@ def load_dictionary(uri: str, options: storage.StorageOptions | None = None) -> 
     storage.require_exists(storage.join(uri, CFG_FILE), options)
     cfg = json.loads(storage.read_bytes(storage.join(uri, CFG_FILE), options))
     weights = load_safetensors(storage.read_bytes(storage.join(uri, WEIGHTS_FILE), options))
-    d = Dictionary(*_config_and_sites(cfg, uri))
-    missing = set(d.state_dict()) - set(weights) - {"in_mean", "in_scale", "out_mean", "out_scale"}
-    unexpected = set(weights) - set(d.state_dict())
-    if missing or unexpected:
+    return build_dictionary(*_config_and_sites(cfg, uri), weights, uri)
+
+
+def build_dictionary(cfg: DictionaryConfig, sites: Sites, weights: dict[str, torch.Tensor], where: str) -> Dictionary:
+    """The dictionary `cfg` on `sites` with `weights` (SAELens 6 names, normalisation folded in);
+    `where` names the weights in errors."""
+    d = Dictionary(cfg, sites)
+    expected = d.state_dict()
+    missing = set(expected) - set(weights) - {"in_mean", "in_scale", "out_mean", "out_scale"}
+    unexpected = set(weights) - set(expected)
+    wrong = {k: tuple(v.shape) for k, v in weights.items() if k in expected and v.shape != expected[k].shape}
+    if missing or unexpected or wrong:
         raise ValueError(
-            f"{uri}: {WEIGHTS_FILE} does not match its cfg.json architecture {cfg['architecture']!r} "
-            f"(missing {sorted(missing)}, unexpected {sorted(unexpected)})"
+            f"{where}: the weights do not match architecture {saelens_architecture(cfg, sites)!r} "
+            f"(missing {sorted(missing)}, unexpected {sorted(unexpected)}, wrong shapes {wrong})"
         )
     d.load_state_dict(weights, strict=False)
     return d
