@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/prisma-ray demo
+	$(VENV)/bin/prisma-ray quickstart
 
 test: $(STAMP)
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -q tests

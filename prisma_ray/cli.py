@@ -178,6 +178,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(demo)
     demo.set_defaults(func=_demo)
 
+    quickstart = sub.add_parser(
+        "quickstart",
+        help="the whole loop on the embedded models: data, extract, train, sweep, dashboard (Ray)",
+        description="Generate shapes and moving-shapes, extract activations of the shipped toy models, train "
+        "TopK SAEs, sweep them (held-out metrics, ground-truth recovery, leaderboard) and write a dashboard of the "
+        "best one, all under `output` (local or s3://). Every stage resumes on a rerun.",
+        epilog="example: prisma-ray quickstart --set output=s3://bucket/quickstart",
+    )
+    quickstart.add_argument("config", nargs="?", help="YAML QuickstartConfig (optional)")
+    _add_overrides(quickstart)
+    quickstart.set_defaults(func=_job(".quickstart", "QuickstartConfig", "run_quickstart"))
+
     extract = sub.add_parser(
         "extract",
         help="extract activations into Parquet stores (Ray Data)",
