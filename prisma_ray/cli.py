@@ -6,9 +6,10 @@ import importlib
 import json
 import logging
 import sys
-from typing import Callable
+from typing import Callable, get_args
 
 from .config import ConfigError, load_config
+from .models.registry import Modality, Source
 from .storage import MissingInputError
 
 
@@ -164,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="the model registry").add_subparsers(dest="models_command", required=True)
     listing = models.add_parser("list", help="list registered models")
-    listing.add_argument("--source", choices=["timm", "open_clip", "hf", "prisma"])
-    listing.add_argument("--modality", choices=["image", "video"])
+    listing.add_argument("--source", choices=get_args(Source))
+    listing.add_argument("--modality", choices=get_args(Modality))
     listing.add_argument("--family")
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     listing.set_defaults(func=_models_list)

@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import ray
 import torch
@@ -29,6 +29,7 @@ from .evaluate.discovery import CheckpointInfo
 from .evaluate.report import front_plots, leaderboard_html
 from .evaluate.results import ResultStore, result_key
 from .models import get_entry, list_entries
+from .models.registry import Modality, Source
 from .ray_session import RayOptions, ensure_ray
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,8 @@ class ModelSelection(BaseModel):
 
     names: list[str] = Field(default_factory=list)
     family: list[str] | None = None
-    modality: Literal["image", "video"] | None = None
-    source: Literal["timm", "open_clip", "hf", "prisma"] | None = None
+    modality: Modality | None = None
+    source: Source | None = None
 
     @field_validator("family", mode="before")
     @classmethod

@@ -20,11 +20,12 @@ import pyarrow.parquet as pq
 import torch
 
 from . import storage, store
+from .models.spec import TokenKind
 from .sae.dictionary import Site, Sites
 from .sae.trainer import Normalization, SiteStats
 from .training_config import TrainData
 
-KIND_CODES = {"cls": 0, "register": 1, "patch": 2, "distillation": 3, "text": 4}
+KIND_CODES = {kind.name.lower(): int(kind) for kind in TokenKind}
 KEYS = ["sample_id", "frame", "token"]
 CHUNK_ROWS = 16384
 

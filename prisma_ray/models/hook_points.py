@@ -15,6 +15,7 @@ BLOCK_SITES = (
     "attn.hook_pattern",
 )
 GLOBAL_SITES = ("hook_embed", "hook_final")
+LM_PREFIX = "lm."
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(s) for s in BLOCK_SITES) + r")$")
 
 
@@ -32,6 +33,7 @@ class HookPoint:
     name: str
     site: str
     layer: int | None = None
+    lm: bool = False
 
 
 def block_hook_names(layer: int, with_pattern: bool = True) -> list[str]:
@@ -47,14 +49,24 @@ def all_hook_names(n_layers: int, with_pattern: bool = True) -> list[str]:
     return names + ["hook_final"]
 
 
+def lm_hook_names(n_layers: int, with_pattern: bool = True) -> list[str]:
+    """Hook names of a multimodal model's language model: `lm.` + the usual names."""
+    return [LM_PREFIX + name for name in all_hook_names(n_layers, with_pattern)]
+
+
 def parse_hook_name(name: str, valid: list[str]) -> HookPoint:
-    """Turn a name into a `HookPoint`, or raise `UnknownHookPoint` listing the valid names."""
+    """Turn a name into a `HookPoint`, or raise `UnknownHookPoint` listing the valid names.
+
+    `lm.`-prefixed names (the language model of a multimodal model) are valid only where listed.
+    """
     if name in valid:
-        if name in GLOBAL_SITES:
-            return HookPoint(name=name, site=name)
-        match = _BLOCK_RE.match(name)
+        lm = name.startswith(LM_PREFIX)
+        local = name[len(LM_PREFIX) :] if lm else name
+        if local in GLOBAL_SITES:
+            return HookPoint(name=name, site=local, lm=lm)
+        match = _BLOCK_RE.match(local)
         if match:
-            return HookPoint(name=name, site=match.group(2), layer=int(match.group(1)))
+            return HookPoint(name=name, site=match.group(2), layer=int(match.group(1)), lm=lm)
     close = difflib.get_close_matches(name, valid, n=5, cutoff=0.6)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     sample = ", ".join(valid[:8] + ["..."] + valid[-3:]) if len(valid) > 12 else ", ".join(valid)

@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 
-from .hook_points import HookPoint, all_hook_names, parse_hook_name
-from .sites import LayerSites, ModelSites
-from .spec import PreprocessSpec, TokenLayout
+from .hook_points import HookPoint, all_hook_names, lm_hook_names, parse_hook_name
+from .sites import LanguageSites, LayerSites, ModelSites
+from .spec import MultimodalLayout, PreprocessSpec, TokenLayout
 
 HookFn = Callable[[torch.Tensor, HookPoint], "torch.Tensor | None"]
+ModelInput = torch.Tensor | Mapping[str, torch.Tensor]
 
 
 class StopForward(Exception):
@@ -29,6 +30,10 @@ class HookedVisionModel(nn.Module):
     or `run_with_cache(...)`, so outside them the model computes exactly what the source model
     computes. Every hook function receives `[batch, tokens, d_model]` (patterns:
     `[batch, heads, tokens, tokens]`) and may return a tensor of the same shape to replace it.
+
+    Multimodal language models take their processor's output as input, keep `blocks.*` for the
+    vision tower (a tower that packs all images into one sequence shows `[1, tokens, d]`) and add
+    `lm.*` hook points on the language model (`[batch, seq, lm_d_model]`).
     """
 
     def __init__(self, sites: ModelSites, name: str):
@@ -38,6 +43,9 @@ class HookedVisionModel(nn.Module):
         self._sites = sites
         with_pattern = all(layer.pattern is not None for layer in sites.layers)
         self.hook_names: list[str] = all_hook_names(len(sites.layers), with_pattern)
+        if sites.lm is not None:
+            lm_pattern = all(layer.pattern is not None for layer in sites.lm.layers)
+            self.hook_names += lm_hook_names(len(sites.lm.layers), lm_pattern)
 
     @property
     def n_layers(self) -> int:
@@ -52,8 +60,24 @@ class HookedVisionModel(nn.Module):
         return self._sites.n_heads
 
     @property
+    def lm_n_layers(self) -> int | None:
+        return None if self._sites.lm is None else len(self._sites.lm.layers)
+
+    @property
+    def lm_d_model(self) -> int | None:
+        return None if self._sites.lm is None else self._sites.lm.d_model
+
+    @property
     def token_layout(self) -> TokenLayout:
+        """The token layout of `blocks.*` (for a multimodal model: its vision tower's nominal view)."""
         return self._sites.token_layout
+
+    def multimodal_layout(self, inputs: Mapping[str, torch.Tensor]) -> MultimodalLayout:
+        """Which positions of `inputs`' sequences are text and which image tokens (multimodal models)."""
+        if self._sites.layout is None:
+            raise TypeError(f"{self.name} is not a multimodal language model; use model.token_layout.")
+        self.check_input(inputs)
+        return self._sites.layout(inputs)
 
     @property
     def preprocess(self) -> PreprocessSpec:
@@ -63,14 +87,22 @@ class HookedVisionModel(nn.Module):
         """The `HookPoint` for `name`; an unknown name raises an error listing the valid ones."""
         return parse_hook_name(name, self.hook_names)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: ModelInput) -> torch.Tensor:
         """The source model's output (logits, or the embedding for towers without a head)."""
         self.check_input(x)
         return self._sites.forward(x)
 
-    def check_input(self, x: torch.Tensor) -> None:
+    def check_input(self, x: ModelInput) -> None:
         """Raise a `ValueError` that says what the model expects when `x` has the wrong shape."""
         spec = self.preprocess
+        if spec.modality == "multimodal":
+            if not isinstance(x, Mapping) or "input_ids" not in x:
+                got = sorted(x) if isinstance(x, Mapping) else type(x).__name__
+                raise ValueError(
+                    f"{self.name} expects its processor's output (a mapping with input_ids, attention_mask, "
+                    f"pixel_values, ...); got {got}."
+                )
+            return
         expected = spec.input_shape()
         if x.dim() == len(expected) + 1 and tuple(x.shape[1:]) == expected:
             return
@@ -93,7 +125,7 @@ class HookedVisionModel(nn.Module):
 
     def run_with_cache(
         self,
-        x: torch.Tensor,
+        x: ModelInput,
         names: Iterable[str] | None = None,
         stop_early: bool = False,
     ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
@@ -112,23 +144,30 @@ class HookedVisionModel(nn.Module):
         with ExitStack() as stack:
             for point in points:
                 self._attach(point, record, stack)
-            stop_layer = self._stop_layer(points) if stop_early else None
-            if stop_layer is not None:
-                stack.enter_context(_raise_after(self._sites.layers[stop_layer].block))
+            stop_block = self._stop_block(points) if stop_early else None
+            if stop_block is not None:
+                stack.enter_context(_raise_after(stop_block))
             try:
                 output = self.forward(x)
             except StopForward:
                 output = None
         return output, {n: cache[n] for n in names}
 
-    def _stop_layer(self, points: list[HookPoint]) -> int | None:
+    def _stop_block(self, points: list[HookPoint]) -> nn.Module | None:
+        """The block after which every requested point has run (the language model runs last)."""
         if any(p.site == "hook_final" for p in points):
             return None
+        lm_points = [p for p in points if p.lm]
+        points = lm_points or points
+        layers = self._stack(points[0]).layers if points else self._sites.layers
         last = max((p.layer or 0) for p in points) if points else 0
-        return last if last < self.n_layers - 1 else None
+        return layers[last].block if last < len(layers) - 1 else None
+
+    def _stack(self, point: HookPoint) -> LanguageSites | ModelSites:
+        return self._sites.lm if point.lm else self._sites
 
     def _attach(self, point: HookPoint, fn: HookFn, stack: ExitStack) -> None:
-        sites = self._sites
+        sites = self._stack(point)
         if point.site == "hook_embed":
             self._input_hook(sites.layers[0].block, point, fn, stack)
             return
@@ -155,9 +194,13 @@ class HookedVisionModel(nn.Module):
             self._pattern(layer, point, fn, stack)
 
     def _to_btd(self, t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 2:  # one packed sequence `[tokens, d]`
+            return t.unsqueeze(0)
         return t.transpose(0, 1) if self._sites.seq_first else t
 
-    def _from_btd(self, t: torch.Tensor) -> torch.Tensor:
+    def _from_btd(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        if like.dim() == 2:
+            return t.squeeze(0)
         return t.transpose(0, 1) if self._sites.seq_first else t
 
     def _apply(self, fn: HookFn, raw: torch.Tensor, point: HookPoint) -> torch.Tensor | None:
@@ -171,7 +214,7 @@ class HookedVisionModel(nn.Module):
                 f"Hook function at {point.name} returned shape {list(new.shape)}; "
                 f"it must keep the shape {list(value.shape)}."
             )
-        return self._from_btd(new.to(raw.dtype))
+        return self._from_btd(new.to(raw.dtype), raw)
 
     def _input_hook(self, module: nn.Module, point: HookPoint, fn: HookFn, stack: ExitStack) -> None:
         def pre_hook(_module, args, kwargs):

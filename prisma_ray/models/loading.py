@@ -13,6 +13,7 @@ _ADAPTERS = {
     "timm": "prisma_ray.models.adapters.timm_adapter",
     "open_clip": "prisma_ray.models.adapters.open_clip_adapter",
     "hf": "prisma_ray.models.adapters.hf_adapter",
+    "hf-lmm": "prisma_ray.models.adapters.lmm_adapter",
     "prisma": "prisma_ray.models.adapters.toy_adapter",
 }
 

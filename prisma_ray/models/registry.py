@@ -7,7 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-Source = Literal["timm", "open_clip", "hf", "prisma"]
+Source = Literal["timm", "open_clip", "hf", "hf-lmm", "prisma"]
+Modality = Literal["image", "video", "multimodal"]
 
 
 class ModelEntry(BaseModel):
@@ -16,7 +17,9 @@ class ModelEntry(BaseModel):
     `architecture` is the timm model name, the OpenCLIP model name, the Hugging Face model class
     name, or the prisma toy model's name; `pretrained` is the timm/OpenCLIP pretrained tag or the
     Hugging Face hub id. `config` holds what building with random weights needs offline (Hugging
-    Face config-class kwargs, timm `create_model` kwargs).
+    Face config-class kwargs, timm `create_model` kwargs). For multimodal language models
+    (`source="hf-lmm"`) the shape fields describe the vision tower (`blocks.*`); the language
+    model's shape is in `config["text_config"]`.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -26,7 +29,7 @@ class ModelEntry(BaseModel):
     architecture: str
     pretrained: str | None = None
     family: str
-    modality: Literal["image", "video"] = "image"
+    modality: Modality = "image"
     layers: int
     width: int
     heads: int

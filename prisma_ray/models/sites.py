@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 import torch
 from torch import nn
 
-from .spec import PreprocessSpec, TokenLayout
+from .spec import MultimodalLayout, PreprocessSpec, TokenLayout
 
 Scale = Callable[[], torch.Tensor | None]
 
@@ -51,15 +51,31 @@ class LayerSites:
 
 
 @dataclass
+class LanguageSites:
+    """The language model of a multimodal model, hooked under `lm.`-prefixed names."""
+
+    layers: list[LayerSites]
+    final: nn.Module
+    d_model: int
+    n_heads: int
+
+
+@dataclass
 class ModelSites:
-    """Everything `HookedVisionModel` needs to know about a built source model."""
+    """Everything `HookedVisionModel` needs to know about a built source model.
+
+    Multimodal language models add `lm` and `layout` (the `MultimodalLayout` of an input batch);
+    their `layers` are the vision tower's blocks and `forward` takes the processor's output.
+    """
 
     model: nn.Module
     layers: list[LayerSites]
     final: nn.Module
     token_layout: TokenLayout
     preprocess: PreprocessSpec
-    forward: Callable[[torch.Tensor], torch.Tensor]
+    forward: Callable[[Any], torch.Tensor]
     d_model: int
     n_heads: int
     seq_first: bool = False
+    lm: LanguageSites | None = None
+    layout: Callable[[Mapping[str, torch.Tensor]], MultimodalLayout] | None = None

@@ -19,17 +19,20 @@ class TokenKind(IntEnum):
     PATCH = 2
     DISTILLATION = 3
     TEXT = 4
+    NEWLINE = 5  # a multimodal model's image-row separator token
 
 
 class PreprocessSpec(BaseModel):
     """What a model expects as input: the pixels after resize, crop and normalisation.
 
     Images are `[B, 3, H, W]` float tensors; videos are `[B, T, 3, H, W]` with `T == num_frames`.
+    Multimodal language models take their processor's output (`input_ids`, `pixel_values`, ...);
+    `image_size` is then the vision tower's nominal input size.
     """
 
     model_config = ConfigDict(frozen=True)
 
-    modality: Literal["image", "video"] = "image"
+    modality: Literal["image", "video", "multimodal"] = "image"
     image_size: tuple[int, int] = (224, 224)
     crop_pct: float = Field(1.0, gt=0, le=1.0)
     interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
@@ -96,3 +99,37 @@ class TokenLayout(BaseModel):
         else:
             rr, cc, tt = np.meshgrid(np.arange(h), np.arange(w), np.arange(t), indexing="ij")
         return np.stack([tt.ravel(), rr.ravel(), cc.ravel()], axis=1).astype(np.int16)
+
+
+class ImageView(BaseModel):
+    """One view of one image in a multimodal sequence: `view` 0 is the base (whole image) view,
+    1 the high-resolution crops tiled into one `grid` (rows, cols) of tokens."""
+
+    model_config = ConfigDict(frozen=True)
+
+    sample: int
+    image: int
+    view: int
+    grid: tuple[int, int]
+
+
+class MultimodalLayout(BaseModel):
+    """Per-position description of a batch of multimodal sequences, every array `[batch, seq]`.
+
+    `kind`: `TokenKind.TEXT`, `PATCH` (an image token) or `NEWLINE` (an image-row separator).
+    `image`: index of the image in its sample, `view`: `ImageView.view`, `row`/`col`: the token's
+    place in that view's grid (`col` is -1 for a row's newline); all -1 for text tokens.
+    """
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    kind: np.ndarray
+    image: np.ndarray
+    view: np.ndarray
+    row: np.ndarray
+    col: np.ndarray
+    views: tuple[ImageView, ...]
+
+    def image_mask(self) -> np.ndarray:
+        """`bool[batch, seq]`: positions that hold an image token (patch or newline)."""
+        return self.kind != TokenKind.TEXT

@@ -147,8 +147,10 @@ def test_killed_job_resumes_to_exactly_the_uninterrupted_rows(uninterrupted, ray
     config = tmp_path / "extract.yaml"
     config.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    job = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "extract_activations.py"), str(config)], env=env,
-                           cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    log = tmp_path / "job.log"
+    with log.open("wb") as out:
+        job = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "extract_activations.py"), str(config)], env=env,
+                               cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
     hooks = cfg["hooks"]
     stores = {h: tmp_path / "out" / cfg["model"] / h / "train" for h in hooks}
     deadline = time.monotonic() + 120
@@ -157,7 +159,8 @@ def test_killed_job_resumes_to_exactly_the_uninterrupted_rows(uninterrupted, ray
     job.send_signal(signal.SIGKILL)
     job.wait()
     written = sorted(stores[hooks[1]].glob("part-*.parquet"))
-    assert 0 < len(written) < 12, f"the job was killed midway ({len(written)} of 12 shards written)"
+    assert 0 < len(written) < 12, (f"the job was killed midway ({len(written)} of 12 shards written); its log ends:\n"
+                                   + log.read_text(errors="replace")[-3000:])
     # What a writer killed mid-shard leaves behind: its statistics and a half-written temporary shard.
     assert not (stores[hooks[1]] / "part-00011.parquet").exists()
     half = written[0].read_bytes()[: written[0].stat().st_size // 2]

@@ -1,0 +1,137 @@
+"""Multimodal language models as hooked models: tiny random Qwen2-VL, LLaVA-OneVision and LLaVA-NeXT, built offline."""
+import pytest
+import torch
+
+from prisma_ray.models import HookedVisionModel, ModelEntry, TokenKind, UnknownHookPoint
+from prisma_ray.models.adapters.lmm_adapter import build
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+IMAGE_ID = 100
+TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=128)
+TINY_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=28,
+                   patch_size=14)
+PINPOINTS = [[28, 28], [28, 56]]
+
+CONFIGS = {
+    "qwen2-vl": ("Qwen2VLForConditionalGeneration", dict(
+        text_config=dict(TEXT, rope_parameters=dict(rope_type="default", mrope_section=[1, 1, 2], rope_theta=1e4)),
+        vision_config=dict(depth=2, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=IMAGE_ID, video_token_id=101, vision_start_token_id=102, vision_end_token_id=103)),
+    "llava-onevision": ("LlavaOnevisionForConditionalGeneration", dict(
+        vision_config=dict(TINY_VISION, model_type="siglip_vision_model"), text_config=dict(TEXT, model_type="qwen2"),
+        image_token_index=IMAGE_ID, image_grid_pinpoints=PINPOINTS, vision_feature_layer=-1,
+        vision_feature_select_strategy="full")),
+    "llava-next": ("LlavaNextForConditionalGeneration", dict(
+        vision_config=dict(TINY_VISION, model_type="clip_vision_model", projection_dim=16),
+        text_config=dict(TEXT, model_type="llama"), image_token_index=IMAGE_ID, image_grid_pinpoints=PINPOINTS)),
+}
+
+
+def tiny(family: str) -> HookedVisionModel:
+    architecture, config = CONFIGS[family]
+    entry = ModelEntry(name=f"tiny-{family}", source="hf-lmm", architecture=architecture, family=family,
+                       modality="multimodal", layers=2, width=16, heads=2, image_size=28, patch_size=14, config=config)
+    torch.manual_seed(0)
+    return HookedVisionModel(build(entry, pretrained=False), entry.name).eval()
+
+
+def prompt(n_image_tokens: int) -> torch.Tensor:
+    return torch.tensor([[1, 2] + [IMAGE_ID] * n_image_tokens + [3, 4, 5]])
+
+
+def inputs(family: str) -> tuple[dict, int, tuple[int, int]]:
+    """One small image plus a short prompt; also the number of image tokens and the base-view grid."""
+    torch.manual_seed(1)
+    if family == "qwen2-vl":  # 4x4 patches of 14 px, merged 2x2 -> 2x2 image tokens
+        ids = prompt(4)
+        pixels = dict(pixel_values=torch.randn(16, 3 * 2 * 14 * 14), image_grid_thw=torch.tensor([[1, 4, 4]]))
+        return dict(input_ids=ids, attention_mask=torch.ones_like(ids), **pixels), 4, (2, 2)
+    # a 28x56 image: base view 2x2 + crops 2x4 with a newline per row
+    ids = prompt(4 + 2 * (4 + 1))
+    pixels = dict(pixel_values=torch.randn(1, 3, 3, 28, 28), image_sizes=torch.tensor([[28, 56]]))
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), **pixels), 14, (2, 2)
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def case(request):
+    return request.param, tiny(request.param)
+
+
+def test_hook_names_cover_vision_tower_and_language_model(case):
+    _, model = case
+    assert "blocks.1.hook_resid_post" in model.hook_names
+    for site in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_in", "hook_mlp_out"):
+        assert f"lm.blocks.1.{site}" in model.hook_names
+    assert model.hook_point("lm.blocks.1.hook_resid_post").lm
+    with pytest.raises(UnknownHookPoint, match="lm.blocks.1.hook_resid_post"):
+        model.hook_point("lm.blocks.1.hook_resid_pst")
+
+
+def test_cache_shapes_and_bit_identical_output(case):
+    family, model = case
+    batch, _, _ = inputs(family)
+    with torch.no_grad():
+        plain = model(batch)
+        names = ["blocks.0.hook_resid_post", *(f"lm.blocks.{l}.{s}" for l in range(2) for s in
+                 ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_in", "hook_mlp_out"))]
+        logits, cache = model.run_with_cache(batch, names)
+    seq = batch["input_ids"].shape[1]
+    assert torch.equal(plain, logits)
+    extra = dict(mm_token_type_ids=(batch["input_ids"] == IMAGE_ID).int()) if family == "qwen2-vl" else {}
+    assert torch.equal(plain, model.model(**batch, **extra, use_cache=False).logits)
+    for name in names[1:]:
+        assert cache[name].shape == (1, seq, model.lm_d_model), name
+    assert cache["blocks.0.hook_resid_post"].shape[-1] == model.d_model
+    _, patterns = model.run_with_cache(batch, ["lm.blocks.0.attn.hook_pattern"])
+    assert patterns["lm.blocks.0.attn.hook_pattern"].shape == (1, 4, seq, seq)
+    resid = cache["lm.blocks.1.hook_resid_mid"]
+    torch.testing.assert_close(resid, cache["lm.blocks.1.hook_resid_pre"] + cache["lm.blocks.1.hook_attn_out"])
+
+
+def test_zero_ablation_changes_logits_and_stop_early(case):
+    family, model = case
+    batch, _, _ = inputs(family)
+    with torch.no_grad():
+        plain = model(batch)
+        with model.hooks([("lm.blocks.0.hook_mlp_out", lambda t, hook: torch.zeros_like(t))]):
+            ablated = model(batch)
+        with model.hooks([("blocks.0.hook_mlp_out", lambda t, hook: torch.zeros_like(t))]):
+            vision_ablated = model(batch)
+        out, cache = model.run_with_cache(batch, ["lm.blocks.0.hook_resid_post"], stop_early=True)
+    assert not torch.equal(plain, ablated)
+    assert not torch.equal(plain, vision_ablated)
+    assert out is None and cache["lm.blocks.0.hook_resid_post"].shape[1] == batch["input_ids"].shape[1]
+
+
+def test_layout_marks_exactly_the_image_tokens(case):
+    family, model = case
+    batch, n_image, base = inputs(family)
+    layout = model.multimodal_layout(batch)
+    is_image = (batch["input_ids"] == IMAGE_ID).numpy()
+    assert (layout.image_mask() == is_image).all()
+    assert (layout.kind[~is_image] == TokenKind.TEXT).all()
+    assert layout.views[0].view == 0 and layout.views[0].grid == base
+    first = is_image[0].argmax()
+    assert list(layout.row[0, first : first + 4]) == [0, 0, 1, 1]
+    assert list(layout.col[0, first : first + 4]) == [0, 1, 0, 1]
+    if family != "qwen2-vl":
+        crops = layout.views[1]
+        assert (crops.view, crops.grid) == (1, (2, 4))
+        assert (layout.kind == TokenKind.NEWLINE).sum() == 2
+
+
+def test_layout_rejects_wrong_number_of_image_tokens(case):
+    family, model = case
+    batch, n_image, _ = inputs(family)
+    batch["input_ids"] = prompt(n_image - 1)
+    with pytest.raises(ValueError, match=f"hold {n_image - 1} image tokens"):
+        model.multimodal_layout(batch)
+
+
+def test_plain_tensor_input_is_refused_with_what_to_pass(case):
+    _, model = case
+    with pytest.raises(ValueError, match="processor's output"):
+        model(torch.randn(1, 3, 28, 28))
