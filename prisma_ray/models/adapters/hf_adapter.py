@@ -245,13 +245,16 @@ def sites_from_hf(model: nn.Module, entry: ModelEntry) -> ModelSites:
     )
 
 
-def build(entry: ModelEntry, pretrained: bool) -> ModelSites:
-    """Create the entry's model: hub weights if `pretrained`, else random weights from `entry.config`."""
-    cls = _model_class(entry.architecture)
+def instantiate(cls: type, entry: ModelEntry, pretrained: bool):
+    """A transformers model of class `cls` in eval mode: hub weights if `pretrained`, else random weights
+    from `entry.config`."""
     if pretrained:
         if not entry.pretrained:
             raise ValueError(f"{entry.name!r} has no Hugging Face hub id to load pretrained weights from.")
-        model = cls.from_pretrained(entry.pretrained)
-    else:
-        model = cls._from_config(cls.config_class(**entry.config))
-    return sites_from_hf(model.eval(), entry)
+        return cls.from_pretrained(entry.pretrained).eval()
+    return cls._from_config(cls.config_class(**entry.config)).eval()
+
+
+def build(entry: ModelEntry, pretrained: bool) -> ModelSites:
+    """Create the entry's model: hub weights if `pretrained`, else random weights from `entry.config`."""
+    return sites_from_hf(instantiate(_model_class(entry.architecture), entry, pretrained), entry)

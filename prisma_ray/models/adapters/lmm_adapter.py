@@ -19,7 +19,7 @@ from torch import nn
 from ..registry import ModelEntry
 from ..sites import LanguageSites, LayerSites, ModelSites
 from ..spec import ImageView, MultimodalLayout, PreprocessSpec, TokenKind, TokenLayout
-from .hf_adapter import BACKBONES, CLIP_MEAN, CLIP_STD, HALF, layer_sites, token_layout
+from .hf_adapter import BACKBONES, CLIP_MEAN, CLIP_STD, HALF, instantiate, layer_sites, token_layout
 
 ARCHITECTURES = (
     "LlavaNextForConditionalGeneration",
@@ -206,11 +206,4 @@ def build(entry: ModelEntry, pretrained: bool) -> ModelSites:
 
     if entry.architecture not in ARCHITECTURES:
         raise ValueError(f"Unsupported multimodal model class {entry.architecture!r}; supported: {', '.join(ARCHITECTURES)}.")
-    cls = getattr(transformers, entry.architecture)
-    if pretrained:
-        if not entry.pretrained:
-            raise ValueError(f"{entry.name!r} has no Hugging Face hub id to load pretrained weights from.")
-        model = cls.from_pretrained(entry.pretrained)
-    else:
-        model = cls._from_config(cls.config_class(**entry.config))
-    return sites_from_lmm(model.eval(), entry)
+    return sites_from_lmm(instantiate(getattr(transformers, entry.architecture), entry, pretrained), entry)
