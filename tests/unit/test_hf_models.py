@@ -12,6 +12,7 @@ from prisma_ray.models.adapters.hf_adapter import build
 from prisma_ray.models.catalog.hf_models import ENTRIES
 from prisma_ray.models.hooked import HookedVisionModel, InterventionNotSupported
 from prisma_ray.models.registry import ModelEntry
+from tests.hooked_checks import check_cache_shapes
 
 transformers.logging.set_verbosity_error()
 
@@ -141,13 +142,7 @@ def test_cache_shapes_and_patterns(tiny_model):
     entry, model = tiny_model
     x = sample(model)
     _, cache = model.run_with_cache(x)
-    n_tokens = model.token_layout.n_tokens
-    for name, value in cache.items():
-        if name.endswith("hook_pattern"):
-            assert value.shape == (2, model.n_heads, n_tokens, n_tokens)
-            assert torch.allclose(value.sum(-1), torch.ones(()), atol=1e-5)
-        else:
-            assert value.shape == (2, n_tokens, model.d_model), name
+    check_cache_shapes(model, cache, 2)
     has_pattern = entry.architecture not in WITHOUT_PATTERN
     assert (f"blocks.{model.n_layers - 1}.attn.hook_pattern" in cache) == has_pattern
     if has_pattern:

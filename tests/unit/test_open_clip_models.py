@@ -10,6 +10,14 @@ from prisma_ray.models import HookedVisionModel, InterventionNotSupported, Model
 from prisma_ray.models.adapters import open_clip_adapter
 from prisma_ray.models.catalog.open_clip_models import ENTRIES
 from prisma_ray.models.spec import TokenKind
+from tests.hooked_checks import (
+    batch,
+    check_cache_shapes,
+    check_early_stop,
+    check_residual_decomposition,
+    check_zero_ablation,
+    read_only_names,
+)
 
 
 def tiny(name, architecture, tag, vision_cfg, sizes, **config) -> ModelEntry:
@@ -63,14 +71,6 @@ def small_model(kind: str) -> HookedVisionModel:
     return model
 
 
-def batch(model: HookedVisionModel, n: int = 2) -> torch.Tensor:
-    return torch.randn(n, *model.preprocess.input_shape(), generator=torch.Generator().manual_seed(1))
-
-
-def read_only_names(model: HookedVisionModel) -> list[str]:
-    return [n for n in model.hook_names if not n.endswith("hook_pattern")]
-
-
 @pytest.fixture(scope="module", params=sorted(set(TINY) - {"eva02-timm"}))
 def model(request) -> HookedVisionModel:
     """Every small tower but the slower EVA02 one (see `test_eva02_timm_tower`)."""
@@ -119,23 +119,13 @@ def test_output_bit_identical_with_read_hooks(model):
 def test_cache_shapes_follow_token_layout(model):
     x = batch(model, 3)
     _, cache = model.run_with_cache(x)
-    n_tokens = model.token_layout.n_tokens
-    for name, value in cache.items():
-        if name.endswith("hook_pattern"):
-            assert value.shape == (3, model.n_heads, n_tokens, n_tokens)
-            assert torch.allclose(value.sum(-1), torch.ones(()), atol=1e-5)
-        else:
-            assert value.shape == (3, n_tokens, model.d_model), name
+    check_cache_shapes(model, cache, 3)
 
 
 @torch.no_grad()
 def test_residual_decomposition(model):
     _, cache = model.run_with_cache(batch(model), read_only_names(model))
-    for layer in range(model.n_layers):
-        pre, mid, post = (cache[f"blocks.{layer}.hook_resid_{s}"] for s in ("pre", "mid", "post"))
-        assert torch.equal(pre + cache[f"blocks.{layer}.hook_attn_out"], mid)
-        assert torch.allclose(mid + cache[f"blocks.{layer}.hook_mlp_out"], post, atol=1e-6)
-    assert torch.equal(cache["hook_embed"], cache["blocks.0.hook_resid_pre"])
+    check_residual_decomposition(model, cache)
 
 
 @torch.no_grad()
@@ -149,26 +139,14 @@ def test_identity_intervention_changes_nothing(model, site):
 
 @torch.no_grad()
 def test_zero_ablation_of_residual_changes_output(model):
-    x = batch(model)
-    reference = model(x)
-    with model.hooks([("blocks.0.hook_resid_post", lambda t, hook: torch.zeros_like(t))]):
-        ablated = model(x)
-    assert not torch.allclose(ablated, reference)
-    assert torch.equal(model(x), reference), "hooks must be removed when the block ends"
+    check_zero_ablation(model, batch(model))
 
 
 @torch.no_grad()
 def test_early_stop_caches_same_values(model):
     x = batch(model)
     names = ["hook_embed", "blocks.0.hook_resid_post", "blocks.0.hook_mlp_in", "blocks.0.attn.hook_pattern"]
-    _, full = model.run_with_cache(x, names)
-    calls = []
-    handle = model._sites.layers[-1].block.register_forward_hook(lambda *a: calls.append(1))
-    output, early = model.run_with_cache(x, names, stop_early=True)
-    handle.remove()
-    assert output is None and not calls, "later blocks must not run"
-    for name in names:
-        assert torch.equal(full[name], early[name])
+    check_early_stop(model, x, names)
 
 
 @torch.no_grad()
