@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, Field
 
-from .data.synthetic import MovingShapesConfig, ShapesConfig
-from .models import HookedVisionModel, get_entry, load_model, toy
+from .analysis.inputs import synthetic_dataset
+from .models import HookedVisionModel, get_entry, load_model
 from .models.toy_training import render_split, to_input
 
 
@@ -25,22 +25,14 @@ def synthetic_batch(model: HookedVisionModel, batch_size: int, seed: int) -> tup
     For an embedded model: a held-out split of its own training distribution and its class labels
     (shape, or motion direction). For any other model: the default synthetic dataset at its size, no labels.
     """
-    entry = get_entry(model.name)
     spec = model.preprocess
-    if entry.source == "prisma":
-        held_out = toy.SPECS[entry.architecture].held_out(batch_size)
-        dataset = held_out.model_copy(update={"seed": held_out.seed + seed})
-    elif spec.modality == "video":
-        side = max(spec.image_size) + max(spec.image_size) % 2
-        dataset = MovingShapesConfig(image_size=side, num_frames=spec.num_frames or 16, n_clips=batch_size, seed=seed)
-    else:
-        dataset = ShapesConfig(image_size=max(spec.image_size), n_images=batch_size, seed=seed)
+    dataset = synthetic_dataset(model, batch_size, seed)
     pixels, labels = render_split(dataset, batch_size)
     x = to_input(pixels, spec)
     if tuple(x.shape[-2:]) != tuple(spec.image_size):
         flat = F.interpolate(x.flatten(0, -4), size=spec.image_size, mode="bilinear", align_corners=False)
         x = flat.unflatten(0, x.shape[:-3])
-    return x, (torch.from_numpy(labels) if entry.source == "prisma" else None)
+    return x, (torch.from_numpy(labels) if get_entry(model.name).source == "prisma" else None)
 
 
 def run_demo(cfg: DemoConfig) -> dict:
