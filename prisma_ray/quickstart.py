@@ -167,7 +167,7 @@ def dashboard_of(cfg: QuickstartConfig, checkpoint: str) -> str:
     )  # fmt: skip
     results = read_results(run_interpret(interpret).output, cfg.storage.resolved())
     run_explain(ExplainConfig(evidence=results.uri, storage=cfg.storage, ray=cfg.ray))
-    return write_dashboard(results, cfg.uri("dashboard"), cfg.storage.resolved(), max_latents=cfg.dashboard_latents)
+    return write_dashboard(results, cfg.uri("dashboard"), results.options, max_latents=cfg.dashboard_latents)
 
 
 def run_quickstart(cfg: QuickstartConfig) -> QuickstartSummary:
