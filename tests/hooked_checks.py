@@ -53,3 +53,10 @@ def check_early_stop(model: HookedVisionModel, x: torch.Tensor, names: list[str]
     assert output is None and not calls, "later blocks must not run"
     for name in names:
         assert torch.equal(full[name], early[name])
+
+
+def check_identity_intervention(model: HookedVisionModel, x: torch.Tensor, name: str) -> None:
+    """Replacing hook point `name` with a copy of itself leaves the output as it is."""
+    reference = model(x)
+    with model.hooks([(name, lambda t, hook: t.clone())]):
+        assert torch.allclose(model(x), reference, atol=1e-6)

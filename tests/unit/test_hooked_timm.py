@@ -10,6 +10,7 @@ from tests.hooked_checks import (
     batch,
     check_cache_shapes,
     check_early_stop,
+    check_identity_intervention,
     check_residual_decomposition,
     check_zero_ablation,
     read_only_names,
@@ -72,10 +73,7 @@ def test_residual_decomposition(model):
 )
 def test_identity_intervention_changes_nothing(site):
     model = small_model("beit")
-    x = batch(model)
-    reference = model(x)
-    with model.hooks([(f"blocks.1.{site}", lambda t, hook: t.clone())]):
-        assert torch.allclose(model(x), reference, atol=1e-6)
+    check_identity_intervention(model, batch(model), f"blocks.1.{site}")
 
 
 @torch.no_grad()
