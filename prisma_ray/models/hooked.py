@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -78,6 +79,16 @@ class HookedVisionModel(nn.Module):
             raise TypeError(f"{self.name} is not a multimodal language model; use model.token_layout.")
         self.check_input(inputs)
         return self._sites.layout(inputs)
+
+    def encode(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """A multimodal model's input for `uint8[H, W, 3]` images with one prompt each (its processor's output)."""
+        if self._sites.encode is None:
+            raise TypeError(f"{self.name} is not a multimodal language model; it takes pixels (see model.preprocess).")
+        return self._sites.encode(images, prompts)
+
+    def hook_width(self, name: str) -> int:
+        """The activation width at hook point `name` (`lm_d_model` on the language model, else `d_model`)."""
+        return self.lm_d_model if self.hook_point(name).lm else self.d_model
 
     @property
     def preprocess(self) -> PreprocessSpec:

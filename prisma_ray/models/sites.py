@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -64,8 +65,9 @@ class LanguageSites:
 class ModelSites:
     """Everything `HookedVisionModel` needs to know about a built source model.
 
-    Multimodal language models add `lm` and `layout` (the `MultimodalLayout` of an input batch);
-    their `layers` are the vision tower's blocks and `forward` takes the processor's output.
+    Multimodal language models add `lm`, `layout` (the `MultimodalLayout` of an input batch) and
+    `encode` (their processor: `uint8[H, W, 3]` images and one prompt each -> input tensors); their
+    `layers` are the vision tower's blocks and `forward` takes the processor's output.
     """
 
     model: nn.Module
@@ -79,3 +81,4 @@ class ModelSites:
     seq_first: bool = False
     lm: LanguageSites | None = None
     layout: Callable[[Mapping[str, torch.Tensor]], MultimodalLayout] | None = None
+    encode: Callable[[Sequence[np.ndarray], Sequence[str]], dict[str, torch.Tensor]] | None = None

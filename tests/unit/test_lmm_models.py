@@ -1,42 +1,11 @@
-"""Multimodal language models as hooked models: tiny random Qwen2-VL, LLaVA-OneVision and LLaVA-NeXT, built offline."""
+"""Multimodal language models as hooked models: tiny random Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision and LLaVA-NeXT."""
 import pytest
 import torch
 
-from prisma_ray.models import HookedVisionModel, ModelEntry, TokenKind, UnknownHookPoint
-from prisma_ray.models.adapters.lmm_adapter import build
+from prisma_ray.models import TokenKind, UnknownHookPoint
+from tests.lmm_tiny import CONFIGS, IMAGE_ID, tiny
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-IMAGE_ID = 100
-TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=128)
-TINY_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=28,
-                   patch_size=14)
-PINPOINTS = [[28, 28], [28, 56]]
-
-CONFIGS = {
-    "qwen2-vl": ("Qwen2VLForConditionalGeneration", dict(
-        text_config=dict(TEXT, rope_parameters=dict(rope_type="default", mrope_section=[1, 1, 2], rope_theta=1e4)),
-        vision_config=dict(depth=2, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=IMAGE_ID, video_token_id=101, vision_start_token_id=102, vision_end_token_id=103)),
-    "llava-onevision": ("LlavaOnevisionForConditionalGeneration", dict(
-        vision_config=dict(TINY_VISION, model_type="siglip_vision_model"), text_config=dict(TEXT, model_type="qwen2"),
-        image_token_index=IMAGE_ID, image_grid_pinpoints=PINPOINTS, vision_feature_layer=-1,
-        vision_feature_select_strategy="full")),
-    "llava-next": ("LlavaNextForConditionalGeneration", dict(
-        vision_config=dict(TINY_VISION, model_type="clip_vision_model", projection_dim=16),
-        text_config=dict(TEXT, model_type="llama"), image_token_index=IMAGE_ID, image_grid_pinpoints=PINPOINTS)),
-}
-
-
-def tiny(family: str) -> HookedVisionModel:
-    architecture, config = CONFIGS[family]
-    entry = ModelEntry(name=f"tiny-{family}", source="hf-lmm", architecture=architecture, family=family,
-                       modality="multimodal", layers=2, width=16, heads=2, image_size=28, patch_size=14, config=config)
-    torch.manual_seed(0)
-    return HookedVisionModel(build(entry, pretrained=False), entry.name).eval()
-
 
 def prompt(n_image_tokens: int) -> torch.Tensor:
     return torch.tensor([[1, 2] + [IMAGE_ID] * n_image_tokens + [3, 4, 5]])
@@ -45,7 +14,7 @@ def prompt(n_image_tokens: int) -> torch.Tensor:
 def inputs(family: str) -> tuple[dict, int, tuple[int, int]]:
     """One small image plus a short prompt; also the number of image tokens and the base-view grid."""
     torch.manual_seed(1)
-    if family == "qwen2-vl":  # 4x4 patches of 14 px, merged 2x2 -> 2x2 image tokens
+    if family.startswith("qwen"):  # 4x4 patches of 14 px, merged 2x2 -> 2x2 image tokens
         ids = prompt(4)
         pixels = dict(pixel_values=torch.randn(16, 3 * 2 * 14 * 14), image_grid_thw=torch.tensor([[1, 4, 4]]))
         return dict(input_ids=ids, attention_mask=torch.ones_like(ids), **pixels), 4, (2, 2)
@@ -80,7 +49,7 @@ def test_cache_shapes_and_bit_identical_output(case):
         logits, cache = model.run_with_cache(batch, names)
     seq = batch["input_ids"].shape[1]
     assert torch.equal(plain, logits)
-    extra = dict(mm_token_type_ids=(batch["input_ids"] == IMAGE_ID).int()) if family == "qwen2-vl" else {}
+    extra = dict(mm_token_type_ids=(batch["input_ids"] == IMAGE_ID).int()) if family.startswith("qwen") else {}
     assert torch.equal(plain, model.model(**batch, **extra, use_cache=False).logits)
     for name in names[1:]:
         assert cache[name].shape == (1, seq, model.lm_d_model), name
@@ -117,7 +86,7 @@ def test_layout_marks_exactly_the_image_tokens(case):
     first = is_image[0].argmax()
     assert list(layout.row[0, first : first + 4]) == [0, 0, 1, 1]
     assert list(layout.col[0, first : first + 4]) == [0, 1, 0, 1]
-    if family != "qwen2-vl":
+    if not family.startswith("qwen"):
         crops = layout.views[1]
         assert (crops.view, crops.grid) == (1, (2, 4))
         assert (layout.kind == TokenKind.NEWLINE).sum() == 2

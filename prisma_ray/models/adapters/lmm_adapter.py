@@ -3,14 +3,14 @@
 `blocks.*` hook the vision tower (Qwen's tower packs every image into one sequence of patches in
 its merge-window order), `lm.blocks.*` the language model's decoder layers. The model's input is
 its processor's output (`input_ids`, `attention_mask`, `pixel_values`, and `image_sizes` or
-`image_grid_thw`); `forward` returns the logits. The `MultimodalLayout` of a batch is read off the
+`image_grid_thw`, built by `encode(images, prompts)`: see `lmm_processor`); `forward` returns the logits. The `MultimodalLayout` of a batch is read off the
 image token id in `input_ids`: Qwen images are one base view of `(h, w)` merged patches; LLaVA
 images are the base view followed, for any-resolution inputs, by the high-resolution crops as one
 grid whose rows each end with a newline token (the grid shape comes from the model's own packing).
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from ..registry import ModelEntry
 from ..sites import LanguageSites, LayerSites, ModelSites
 from ..spec import ImageView, MultimodalLayout, PreprocessSpec, TokenKind, TokenLayout
 from .hf_adapter import BACKBONES, CLIP_MEAN, CLIP_STD, HALF, instantiate, layer_sites, token_layout
+from .lmm_processor import build_processor, encoder
 
 ARCHITECTURES = (
     "LlavaNextForConditionalGeneration",
@@ -182,8 +183,8 @@ def _forward(model: nn.Module) -> Callable[[Inputs], torch.Tensor]:
     return forward
 
 
-def sites_from_lmm(model: nn.Module, entry: ModelEntry) -> ModelSites:
-    """Describe a built multimodal model (its modules are used as they are)."""
+def sites_from_lmm(model: nn.Module, entry: ModelEntry, processor: Any) -> ModelSites:
+    """Describe a built multimodal model (its modules are used as they are) and its `processor`."""
     if entry.family not in NORMALISATION:
         raise ValueError(f"Unknown multimodal family {entry.family!r} of {entry.name!r}; use one of {sorted(NORMALISATION)}.")
     vision = _qwen_vision(model, entry) if _is_qwen(model) else _llava_vision(model, entry)
@@ -196,6 +197,7 @@ def sites_from_lmm(model: nn.Module, entry: ModelEntry) -> ModelSites:
         forward=_forward(model),
         lm=language_sites(model),
         layout=_layout(model),
+        encode=encoder(processor),
         **vision,
     )
 
@@ -206,4 +208,5 @@ def build(entry: ModelEntry, pretrained: bool) -> ModelSites:
 
     if entry.architecture not in ARCHITECTURES:
         raise ValueError(f"Unsupported multimodal model class {entry.architecture!r}; supported: {', '.join(ARCHITECTURES)}.")
-    return sites_from_lmm(instantiate(getattr(transformers, entry.architecture), entry, pretrained), entry)
+    model = instantiate(getattr(transformers, entry.architecture), entry, pretrained)
+    return sites_from_lmm(model, entry, build_processor(model, entry, pretrained, NORMALISATION[entry.family]))

@@ -39,6 +39,14 @@ def _qwen2_vl(hidden: int, layers: int, heads: int, kv_heads: int, mlp: int) -> 
     )
 
 
+def _qwen2_5_vl(hidden: int, layers: int, heads: int, kv_heads: int, mlp: int) -> dict[str, Any]:
+    config = _qwen2_vl(hidden, layers, heads, kv_heads, mlp)
+    config["vision_config"] = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=hidden,
+                                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                                   fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2)
+    return config
+
+
 QWEN_VISION = dict(layers=32, width=1280, heads=16, image_size=448, patch_size=14)
 SIGLIP_SO400M = dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=26,
                      num_attention_heads=16, image_size=384, patch_size=14)
@@ -50,6 +58,10 @@ ENTRIES: list[ModelEntry] = [
            QWEN_VISION, _qwen2_vl(1536, 28, 12, 2, 8960)),
     _entry("qwen2-vl-7b-instruct", "Qwen/Qwen2-VL-7B-Instruct", "Qwen2VLForConditionalGeneration", "qwen2-vl",
            QWEN_VISION, _qwen2_vl(3584, 28, 28, 4, 18944)),
+    _entry("qwen2.5-vl-3b-instruct", "Qwen/Qwen2.5-VL-3B-Instruct", "Qwen2_5_VLForConditionalGeneration", "qwen2-vl",
+           QWEN_VISION, _qwen2_5_vl(2048, 36, 16, 2, 11008)),
+    _entry("qwen2.5-vl-7b-instruct", "Qwen/Qwen2.5-VL-7B-Instruct", "Qwen2_5_VLForConditionalGeneration", "qwen2-vl",
+           QWEN_VISION, _qwen2_5_vl(3584, 28, 28, 4, 18944)),
     _entry("llava-onevision-qwen2-0.5b-ov", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
            "LlavaOnevisionForConditionalGeneration", "llava-onevision",
            dict(layers=26, width=1152, heads=16, image_size=384, patch_size=14),
