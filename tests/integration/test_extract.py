@@ -75,6 +75,17 @@ def assert_matches(table: pa.Table, reference: dict[str, np.ndarray], tol: float
     np.testing.assert_allclose(acts_of(table), expected, rtol=tol, atol=tol)
 
 
+def wait_until_unchanged(snapshot, quiet: float = 2.0, limit: float = 60.0) -> None:
+    """Return once `snapshot()` has not changed for `quiet` seconds (actors of a killed driver may
+    still finish a shard until Ray reaps them)."""
+    last, since, deadline = snapshot(), time.monotonic(), time.monotonic() + limit
+    while time.monotonic() - since < quiet and time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = snapshot()
+        if now != last:
+            last, since = now, time.monotonic()
+
+
 def files_under(uri: str, options=None) -> list[str]:
     fs, path = storage.resolve(uri, options)
     return [i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if i.type == pafs.FileType.File]
@@ -158,6 +169,7 @@ def test_killed_job_resumes_to_exactly_the_uninterrupted_rows(uninterrupted, ray
         time.sleep(0.05)
     job.send_signal(signal.SIGKILL)
     job.wait()
+    wait_until_unchanged(lambda: sorted(str(p) for s in stores.values() for p in s.rglob("*")))
     written = sorted(stores[hooks[1]].glob("part-*.parquet"))
     assert 0 < len(written) < 12, (f"the job was killed midway ({len(written)} of 12 shards written); its log ends:\n"
                                    + log.read_text(errors="replace")[-3000:])
