@@ -1,13 +1,15 @@
-"""Activation extraction without Ray: the job config, shard planning, token selection, decoding, the worker.
+"""Activation extraction without Ray: the job config, shard planning, decoding, the worker.
 
 `prisma_ray.extract` wires these into a Ray Data pipeline; every piece here also runs in a plain
 process. The flow for one input shard (a fixed, sorted slice of the dataset's refs):
 
 1. `decode_shard` (a CPU task): read, decode, resize and crop every sample to the model's input
    geometry as `uint8` (4x smaller than float pixels to ship); bad samples become `ErrorRecord`s.
-2. `ExtractionWorker.process` (an actor): normalise on the model's device, one forward pass per
-   minibatch with every hook point cached, token selection, then one store shard per hook point
-   (written under a temporary name and renamed) plus the shard's bad samples in the errors table.
+2. `ExtractionWorker.process` (an actor): the model's input per minibatch (`model_inputs`: pixels
+   normalised on the model's device, or, for multimodal language models, each image with its
+   prompt through the model's processor), one forward pass with every hook point cached, token
+   selection, then one store shard per hook point (written under a temporary name and renamed)
+   plus the shard's bad samples in the errors table.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from . import storage, store
 from .data.batches import RowFormat
@@ -34,37 +36,18 @@ from .data.sources import SHARDED, DatasetSpec, Sample, SampleRef, SyntheticSour
 from .data.synthetic import ShapesConfig
 from .data.transforms import resize_and_crop
 from .models import HookedVisionModel, ModelEntry, build_sites, get_entry
-from .models.spec import PreprocessSpec, TokenKind, TokenLayout
+from .model_inputs import KeptTokens, model_inputs
+from .models.spec import PreprocessSpec
 from .ray_session import RayOptions
 from .store import RunningStats, StoreDType
 from .storage import StorageOptions
+from .token_selection import TokenSelection
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "timm-vit-tiny-patch16-224-augreg-in21k-ft-in1k"
 FORMAT_VERSION = 1
 SUMMARY_FIELDS = ("shard", "samples", "errors", "tokens", "values", "bytes", "seconds")
-
-
-class TokenSelection(BaseModel):
-    """Which tokens of each sample are stored.
-
-    `all`: every token; `cls`: the CLS token only; `patches`: every patch token (no CLS, register or
-    distillation tokens); `random`: `k` patch tokens per sample, drawn without replacement from
-    `(seed, sample_id)`, so the choice does not depend on shards, batches or actors.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    mode: Literal["all", "cls", "patches", "random"] = "all"
-    k: int | None = Field(None, ge=1, description="patch tokens kept per sample (mode=random)")
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _k_with_random(self) -> TokenSelection:
-        if (self.mode == "random") != (self.k is not None):
-            raise ValueError("set `k` (patch tokens per sample) when, and only when, mode is 'random'")
-        return self
 
 
 def _default_dataset() -> SyntheticSource:
@@ -76,8 +59,10 @@ class ExtractConfig(BaseModel):
 
     Stores live at `<output>/<model>/<hook>/<split>`, each with its bad samples under `_errors/`.
     `model` is a registry name or an inline registry entry (any architecture an adapter can build).
+    Multimodal language models (LLaVA, Qwen-VL) see each image with a prompt from `prompts` and
+    store tokens of their sequence at `lm.*` hook points (`tokens.mode`: all, text, image, ...).
     Fields that change the stored rows (model, pretrained, seed, hooks, tokens, dtype, dataset,
-    shard_size and the listed inputs) are hashed per store: rerunning the same config resumes,
+    shard_size, prompts and the listed inputs) are hashed per store: rerunning the same config resumes,
     a changed one is refused. The others (batch size, actors, resources) may change between runs.
     """
 
@@ -89,6 +74,11 @@ class ExtractConfig(BaseModel):
     hooks: list[str] = Field(default_factory=lambda: ["blocks.6.hook_resid_post"], min_length=1)
     tokens: TokenSelection = TokenSelection()
     dtype: StoreDType = "float16"
+    prompts: list[str] | None = Field(
+        None, min_length=1,
+        description="multimodal models: the user's text after the image, one per sample picked by its id "
+        "(default: ['Describe the image.'])",
+    )
     dataset: DatasetSpec = Field(default_factory=_default_dataset)
     split: str = "train"
     output: str = "prisma-activations"
@@ -144,7 +134,8 @@ def describe_model(entry: ModelEntry) -> HookedVisionModel:
 
 
 def check_hooks(model: HookedVisionModel, hooks: Sequence[str]) -> None:
-    """Raise unless every hook point exists and holds one activation vector per token."""
+    """Raise unless every hook point exists and holds one activation vector per token of the sequence."""
+    multimodal = model.preprocess.modality == "multimodal"
     for name in hooks:
         point = model.hook_point(name)
         if point.site == "attn.hook_pattern":
@@ -152,59 +143,11 @@ def check_hooks(model: HookedVisionModel, hooks: Sequence[str]) -> None:
                 f"{name} holds attention probabilities [batch, heads, tokens, tokens], not one vector per token; "
                 "extract a residual, attention-output or MLP hook point instead."
             )
-
-
-def check_selection(layout: TokenLayout, selection: TokenSelection, model_name: str) -> None:
-    """Raise if `selection` asks for tokens that the model does not have."""
-    if selection.mode == "cls" and TokenKind.CLS not in layout.prefix:
-        prefix = [TokenKind(k).name.lower() for k in layout.prefix] or "none"
-        raise ValueError(
-            f"{model_name} has no CLS token (prefix tokens: {prefix}); use tokens.mode=patches, random or all."
-        )
-    if selection.mode == "random" and selection.k > layout.n_patches:
-        raise ValueError(f"tokens.k={selection.k} but {model_name} has only {layout.n_patches} patch tokens per sample.")
-
-
-def fixed_positions(layout: TokenLayout, selection: TokenSelection) -> np.ndarray | None:
-    """`int64[K]` token positions kept from every sample, or None when they differ per sample (random)."""
-    if selection.mode == "all":
-        return np.arange(layout.n_tokens)
-    if selection.mode == "patches":
-        return np.arange(layout.n_prefix, layout.n_tokens)
-    if selection.mode == "cls":
-        return np.flatnonzero(layout.kinds() == TokenKind.CLS)
-    return None
-
-
-def tokens_per_sample(layout: TokenLayout, selection: TokenSelection) -> int:
-    fixed = fixed_positions(layout, selection)
-    return selection.k if fixed is None else len(fixed)
-
-
-def _stable_hash(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
-
-
-def token_positions(layout: TokenLayout, selection: TokenSelection, sample_ids: Sequence[str]) -> np.ndarray:
-    """`int64[B, K]`: the token positions kept from each sample, ascending."""
-    fixed = fixed_positions(layout, selection)
-    if fixed is not None:
-        return np.broadcast_to(fixed, (len(sample_ids), len(fixed)))
-    out = np.empty((len(sample_ids), selection.k), dtype=np.int64)
-    for i, sid in enumerate(sample_ids):
-        rng = np.random.default_rng([selection.seed, _stable_hash(str(sid))])
-        out[i] = layout.n_prefix + np.sort(rng.choice(layout.n_patches, size=selection.k, replace=False))
-    return out
-
-
-def token_columns(layout: TokenLayout, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`(token, frame, kind)` store columns for `int64[B, K]` positions, flattened sample-major.
-
-    `frame` is the first model-input frame the token covers (tubelet index x tubelet size) for
-    video patch tokens, -1 for prefix tokens and images.
-    """
-    flat = positions.reshape(-1)
-    return flat.astype(np.int16), layout.frames()[flat], layout.kinds()[flat]
+        if multimodal and not point.lm:
+            raise ValueError(
+                f"{name} is on {model.name}'s vision tower, whose tokens are image crops or packed patches, not the "
+                "sequence's tokens; extract lm.* hook points (the language model) from a multimodal model."
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,8 +184,10 @@ def dataset_description(spec: DatasetSpec) -> dict[str, Any]:
     return spec.model_dump(mode="json", exclude={"storage"})
 
 
-def store_description(cfg: ExtractConfig, entry: ModelEntry, hook: str, spec: DatasetSpec, digest: str) -> dict[str, Any]:
-    """Everything that determines the rows of one store (JSON-normalised)."""
+def store_description(
+    cfg: ExtractConfig, entry: ModelEntry, hook: str, spec: DatasetSpec, digest: str, prompts: list[str] | None
+) -> dict[str, Any]:
+    """Everything that determines the rows of one store (JSON-normalised; `prompts`: multimodal models only)."""
     description = {
         "format": FORMAT_VERSION,
         "model": entry.model_dump(mode="json"),
@@ -255,6 +200,8 @@ def store_description(cfg: ExtractConfig, entry: ModelEntry, hook: str, spec: Da
         "shard_size": 1 if isinstance(spec, SHARDED) else cfg.shard_size,
         "inputs": digest,
     }
+    if prompts is not None:
+        description["prompts"] = prompts
     return json.loads(json.dumps(description))
 
 
@@ -269,7 +216,11 @@ def config_hash(description: dict[str, Any]) -> str:
 @dataclass(frozen=True)
 class InputFormat:
     """The rows shipped from decode tasks to actors: `uint8` crops at the model's input geometry,
-    `[H, W, 3]` per image or `[T, H, W, 3]` per clip; the actor normalises them (`normalize`)."""
+    `[H, W, 3]` per image or `[T, H, W, 3]` per clip; the actor normalises them (`model_inputs`).
+
+    Multimodal language models take images cropped to their vision tower's nominal size, so that
+    every image yields the same image tokens; their processor normalises them.
+    """
 
     preprocess: PreprocessSpec
     sampling: FrameSampling | None
@@ -277,7 +228,8 @@ class InputFormat:
     @classmethod
     def create(cls, spec: DatasetSpec, preprocess: PreprocessSpec) -> InputFormat:
         """Check that the dataset can feed the model (modality, frames) and fix the geometry."""
-        return cls(preprocess, RowFormat.create(spec, preprocess).sampling)
+        pixels = preprocess.model_copy(update={"modality": "image"}) if preprocess.modality == "multimodal" else preprocess
+        return cls(preprocess, RowFormat.create(spec, pixels).sampling)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -338,13 +290,6 @@ def decode_batch(batch: dict[str, np.ndarray], spec: DatasetSpec, fmt: InputForm
     return {"shard": batch["shard"], "payload": np.array(payloads, dtype=object), "hooks": batch["hooks"]}
 
 
-def normalize(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """`uint8[..., H, W, 3]` -> `float32[..., 3, H, W]` holding `(x / 255 - mean) / std`, as
-    `prisma_ray.data.transforms.normalize` computes it."""
-    x = pixels.to(torch.float32) / torch.full((3,), 255.0, device=pixels.device)
-    return ((x - mean) / std).movedim(-1, -3).contiguous()
-
-
 # ---------------------------------------------------------------------------------------------
 # The worker (actors)
 
@@ -362,6 +307,7 @@ class WorkerJob(BaseModel):
     stores: dict[str, str] = Field(description="hook point -> store URI (bad samples: `<store>/_errors`)")
     storage: StorageOptions
     batch_size: int
+    prompts: list[str] | None = None
     device: str = "cpu"
     torch_threads: int | None = None
 
@@ -405,11 +351,7 @@ class ExtractionWorker:
         if self.device.type == "cpu" and job.torch_threads:
             torch.set_num_threads(job.torch_threads)
         self.model = build_model(job.model, job.pretrained, job.seed, self.device)
-        self.layout = self.model.token_layout
-        spec = self.model.preprocess
-        self.mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device)
-        self.std = torch.tensor(spec.std, dtype=torch.float32, device=self.device)
-        self.fixed = fixed_positions(self.layout, job.tokens)
+        self.inputs = model_inputs(self.model, job.tokens, job.prompts, self.device)
         self.writers = {hook: store.StoreWriter(uri, job.storage) for hook, uri in job.stores.items()}
         log.info("worker ready: %s on %s, %d torch threads", job.model.name, self.device, torch.get_num_threads())
 
@@ -424,54 +366,50 @@ class ExtractionWorker:
         """Extract and write shard `shard` for `hooks` (default: all); return its summary row."""
         start = time.perf_counter()
         hooks = list(self.job.stores) if hooks is None else list(hooks)
-        positions = token_positions(self.layout, self.job.tokens, data.sample_ids)
-        acts, stats = self.extract(data.pixels, positions, hooks)
-        token, frame, kind = token_columns(self.layout, positions)
-        ids = np.repeat(data.sample_ids, positions.shape[1]).tolist()
+        acts, stats, kept = self.extract(data.pixels, data.sample_ids, hooks)
+        ids = data.sample_ids[kept.sample].tolist()
+        token = kept.position.astype(np.int16)
         nbytes = 0
         for hook in hooks:
             write_shard_errors(data.errors, self.job.stores[hook], shard, self.job.storage)
-            table = store.token_table(ids, token, frame, kind, acts[hook], self.job.dtype)
+            table = store.token_table(ids, token, kept.frame, kept.kind, acts[hook], self.job.dtype)
             nbytes += self.writers[hook].write_shard(shard, table, stats[hook])
         return {
             "shard": shard,
             "samples": len(data.sample_ids),
             "errors": len(data.errors),
-            "tokens": positions.size,
-            "values": positions.size * self.model.d_model * len(hooks),
+            "tokens": len(token),
+            "values": sum(acts[hook].size for hook in hooks),
             "bytes": nbytes,
             "seconds": time.perf_counter() - start,
         }
 
     @torch.inference_mode()
     def extract(
-        self, pixels: np.ndarray, positions: np.ndarray, hooks: Sequence[str]
-    ) -> tuple[dict[str, np.ndarray], dict[str, RunningStats]]:
-        """`float32[B*K, d_model]` selected activations and their statistics per hook point."""
-        d = self.model.d_model
+        self, pixels: np.ndarray, sample_ids: np.ndarray, hooks: Sequence[str]
+    ) -> tuple[dict[str, np.ndarray], dict[str, RunningStats], KeptTokens]:
+        """`float32[N, width]` kept activations and their statistics per hook point, and which tokens they are
+        (`KeptTokens.sample` indexes `sample_ids`)."""
+        widths = {h: self.model.hook_width(h) for h in hooks}
         chunks: dict[str, list[np.ndarray]] = {h: [] for h in hooks}
-        stats = {h: RunningStats.empty(d) for h in hooks}
+        stats = {h: RunningStats.empty(widths[h]) for h in hooks}
+        parts: list[KeptTokens] = []
         bs = self.job.batch_size
         for i in range(0, len(pixels), bs):
-            x = normalize(torch.from_numpy(pixels[i : i + bs]).to(self.device), self.mean, self.std)
+            x, kept = self.inputs(pixels[i : i + bs], sample_ids[i : i + bs])
             _, cache = self.model.run_with_cache(x, hooks, stop_early=True)
-            pos = torch.from_numpy(np.array(positions[i : i + bs])).to(self.device)
             for hook in hooks:
-                rows = self._select(cache[hook], pos, hook).reshape(-1, d).to(torch.float32)
+                self._check_shape(cache[hook], kept.shape, widths[hook], hook)
+                rows = kept.take(cache[hook]).to(torch.float32)
                 stats[hook] = stats[hook].merge(tensor_stats(rows))
                 chunks[hook].append(rows.cpu().numpy())
-        acts = {h: np.concatenate(c) if c else np.zeros((0, d), np.float32) for h, c in chunks.items()}
-        return acts, stats
+            parts.append(kept)
+        acts = {h: np.concatenate(c) if c else np.zeros((0, widths[h]), np.float32) for h, c in chunks.items()}
+        return acts, stats, KeptTokens.concat(parts)
 
-    def _select(self, acts: torch.Tensor, pos: torch.Tensor, hook: str) -> torch.Tensor:
-        n_tokens, d = self.layout.n_tokens, self.model.d_model
-        if acts.dim() != 3 or acts.shape[1] != n_tokens or acts.shape[2] != d:
+    def _check_shape(self, acts: torch.Tensor, shape: tuple[int, int], width: int, hook: str) -> None:
+        if acts.dim() != 3 or tuple(acts.shape) != (*shape, width):
             raise ValueError(
-                f"{self.job.model.name} {hook}: got activations {list(acts.shape)}, expected [batch, {n_tokens}, {d}] "
-                "from its token layout; this hook point cannot be stored per token."
+                f"{self.job.model.name} {hook}: got activations {list(acts.shape)}, expected {[*shape, width]} "
+                "[batch, tokens, width] from its token layout; this hook point cannot be stored per token."
             )
-        if self.fixed is not None and len(self.fixed) == n_tokens:
-            return acts
-        if self.fixed is not None:
-            return acts[:, pos[0]]
-        return acts.gather(1, pos[..., None].expand(-1, -1, d))

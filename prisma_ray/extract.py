@@ -25,7 +25,6 @@ from .activations import (
     InputFormat,
     WorkerJob,
     check_hooks,
-    check_selection,
     config_hash,
     dataset_description,
     describe_model,
@@ -34,13 +33,14 @@ from .activations import (
     plan_shards,
     resolve_entry,
     store_description,
-    tokens_per_sample,
 )
 from .data.errors import read_errors_table
 from .data.sources import DatasetSpec, SampleRef, list_refs, with_resolved_storage
+from .model_inputs import model_prompts
 from .models import ModelEntry, TokenLayout
 from .ray_session import ensure_ray
 from .shard_stream import actor_resources, stream_shards
+from .token_selection import check_selection, tokens_per_sample
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +49,17 @@ _MAX_SHARD_BYTES = 1 << 30
 
 @dataclass
 class ExtractPlan:
-    """A checked extraction: the model, the dataset, its shards and the claimed stores."""
+    """A checked extraction: the model, the dataset, its shards and the claimed stores.
+
+    `layout` is the token layout of vision models, None for multimodal models (whose sequences
+    vary); `widths` the activation width of each hook point; `prompts` those of multimodal models.
+    """
 
     cfg: ExtractConfig
     entry: ModelEntry
-    layout: TokenLayout
-    d_model: int
+    layout: TokenLayout | None
+    widths: dict[str, int]
+    prompts: list[str] | None
     spec: DatasetSpec
     fmt: InputFormat
     shards: list[list[SampleRef]]
@@ -116,7 +121,9 @@ def plan_extract(cfg: ExtractConfig) -> ExtractPlan:
     entry = resolve_entry(cfg.model)
     model = describe_model(entry)
     check_hooks(model, cfg.hooks)
-    check_selection(model.token_layout, cfg.tokens, entry.name)
+    multimodal = model.preprocess.modality == "multimodal"
+    check_selection(model.token_layout, cfg.tokens, entry.name, multimodal)
+    prompts = model_prompts(model, cfg.prompts)
     spec = with_resolved_storage(cfg.dataset)
     try:
         fmt = InputFormat.create(spec, model.preprocess)
@@ -138,15 +145,17 @@ def plan_extract(cfg: ExtractConfig) -> ExtractPlan:
     writers, hashes, descriptions = {}, {}, {}
     for hook in cfg.hooks:
         writers[hook] = store.StoreWriter(store.store_uri(output, entry.name, hook, cfg.split), options)
-        descriptions[hook] = store_description(cfg, entry, hook, spec, digest)
+        descriptions[hook] = store_description(cfg, entry, hook, spec, digest, prompts)
         hashes[hook] = config_hash(descriptions[hook])
     claimed = {hook for hook, writer in writers.items() if writer.claimed() is not None}
     for hook in sorted(claimed) + [h for h in cfg.hooks if h not in claimed]:
         writers[hook].claim(hashes[hook], descriptions[hook])
     pending = pending_shards(len(shards), {hook: w.completed() for hook, w in writers.items()})
     log.info("%s: %d samples in %d shards, %d pending", entry.name, len(refs), len(shards), len(pending))
-    return ExtractPlan(cfg, entry, model.token_layout, model.d_model, spec, fmt, shards, digest, writers, hashes,
-                       pending, options)  # fmt: skip
+    widths = {hook: model.hook_width(hook) for hook in cfg.hooks}
+    layout = None if multimodal else model.token_layout
+    return ExtractPlan(cfg, entry, layout, widths, prompts, spec, fmt, shards, digest, writers, hashes, pending,
+                       options)  # fmt: skip
 
 
 def run_extract(cfg: ExtractConfig) -> ExtractSummary:
@@ -189,6 +198,7 @@ def _run_pipeline(plan: ExtractPlan, todo: list[int]):
         stores={hook: w.uri for hook, w in plan.writers.items()},
         storage=plan.options,
         batch_size=cfg.batch_size,
+        prompts=plan.prompts,
         device=device,
         torch_threads=threads,
     )
@@ -205,7 +215,6 @@ def _run_pipeline(plan: ExtractPlan, todo: list[int]):
 def finalize_stores(plan: ExtractPlan) -> bool:
     """Merge the per-shard statistics of every complete store into its `manifest.json`; True if all are."""
     cfg, n_shards = plan.cfg, len(plan.shards)
-    per_sample = tokens_per_sample(plan.layout, cfg.tokens)
     complete = True
     for hook, writer in plan.writers.items():
         done = writer.completed() & set(range(n_shards))
@@ -215,23 +224,23 @@ def finalize_stores(plan: ExtractPlan) -> bool:
             continue
         if writer.remove_temporaries():
             log.info("%s: removed temporary files left by an interrupted run", writer.uri)
-        stats = writer.merged_stats(done, plan.d_model)
+        stats = writer.merged_stats(done, plan.widths[hook])
         writer.write_manifest(
             store.Manifest(
                 model=plan.entry.name,
                 hook=hook,
                 split=cfg.split,
                 dtype=cfg.dtype,
-                d_model=plan.d_model,
+                d_model=plan.widths[hook],
                 token_selection=cfg.tokens.model_dump(mode="json"),
-                token_layout=plan.layout.model_dump(mode="json"),
+                token_layout=_layout_description(plan),
                 dataset={
                     **dataset_description(plan.spec),
                     "frame_sampling": plan.fmt.sampling.model_dump(mode="json") if plan.fmt.sampling else None,
                     "inputs": plan.digest,
                 },
                 config_hash=plan.hashes[hook],
-                n_samples=stats.count // per_sample,
+                n_samples=_count_samples(plan, writer, stats.count),
                 n_tokens=stats.count,
                 n_errors=read_errors_table(writer.uri, plan.options).num_rows,
                 shards=[store.shard_name(i) for i in sorted(done)],
@@ -241,3 +250,18 @@ def finalize_stores(plan: ExtractPlan) -> bool:
             )
         )
     return complete
+
+
+def _layout_description(plan: ExtractPlan) -> dict:
+    """The manifest's `token_layout`: the fixed layout, or for multimodal models the prompts their sequences hold."""
+    if plan.layout is None:
+        return {"multimodal": True, "prompts": plan.prompts}
+    return plan.layout.model_dump(mode="json")
+
+
+def _count_samples(plan: ExtractPlan, writer: store.StoreWriter, n_tokens: int) -> int:
+    """Samples with rows in a complete store (multimodal sequences vary in length: their ids are counted)."""
+    if plan.layout is not None:
+        return n_tokens // tokens_per_sample(plan.layout, plan.cfg.tokens)
+    ids = store.read_table(writer.uri, plan.options, columns=["sample_id"]).column("sample_id")
+    return len(ids.unique())

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import storage
-from .activations import ExtractConfig, TokenSelection
+from .activations import ExtractConfig
 from .data.sources import SyntheticSource
 from .evaluate import EvalConfig
 from .extract import run_extract
@@ -32,6 +32,7 @@ from .models import get_entry, toy
 from .ray_session import RayOptions, ensure_ray
 from .sae import DictionaryConfig
 from .storage import StorageOptions
+from .token_selection import TokenSelection
 from .sweep import SweepConfig, run_sweep
 from .train import run_training
 from .training_config import TrainConfig, TrainData

@@ -51,6 +51,11 @@ class LoopSpec(BaseModel):
     output: str
     storage_options: storage.StorageOptions
     torch_threads: int | None
+    token_kinds: list[str] | None = None
+
+    def metadata(self) -> dict[str, Any]:
+        """What the exported dictionaries record about their training data."""
+        return {} if self.token_kinds is None else {"token_kinds": self.token_kinds}
 
     def normalization(self) -> Normalization:
         return Normalization(*(torch.tensor(self.norm[k]) for k in ("in_mean", "in_scale", "out_mean", "out_scale")))
@@ -111,6 +116,7 @@ def run_training(cfg: TrainConfig) -> TrainSummary:
         output=storage.absolute(cfg.output_uri),
         storage_options=cfg.storage_options.resolved(),
         torch_threads=cfg.torch_threads,
+        token_kinds=cfg.data.kinds,
     )
     for d in cfg.dictionaries:
         check_shape(d, plan.sites)
@@ -181,7 +187,7 @@ def train_loop(config: dict[str, Any]) -> None:
     else:
         _report(trainer, spec, rank, start, checkpoint=False)
     if rank == 0:
-        write_files(dictionary_files(trainer), spec.output, spec.storage_options)
+        write_files(dictionary_files(trainer, spec.metadata()), spec.output, spec.storage_options)
 
 
 def _batches(shard: Any, batch_size: int, skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -208,7 +214,7 @@ def _report(trainer: Trainer, spec: LoopSpec, rank: int, start: int, checkpoint:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as directory:
-        write_files(checkpoint_files(trainer), directory)
+        write_files(checkpoint_files(trainer, spec.metadata()), directory)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                          checkpoint_dir_name=f"checkpoint_{trainer.step:09d}")  # fmt: skip
 

@@ -102,7 +102,7 @@ class Evaluator:
         self.loads: Counter[str] = Counter()
         self._models: dict[str, HookedVisionModel] = {}
         self._sources: dict[str, StoreSource] = {}
-        self._held: dict[tuple[tuple[str, ...], tuple[str, ...]], HeldOut] = {}
+        self._held: dict[tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...] | None], HeldOut] = {}
         self._splice: dict[str, SpliceData] = {}
         self._zero: dict[tuple, TaskTotals] = {}
         self._truth: dict[str, tuple[np.ndarray, dict[str, np.ndarray]]] = {}
@@ -130,9 +130,9 @@ class Evaluator:
         d = load_dictionary(uri, self.options).to(self.device).eval()
         inputs = [self.cfg.store_uri(s) for s in info.sites.inputs]
         targets = [self.cfg.store_uri(s) for s in info.sites.outputs]
-        held = self._held_out(inputs, targets)
+        held = self._held_out(inputs, targets, info.token_kinds)
         source = self._source(inputs[0])
-        truth = self.cfg.ground_truth and source.synthetic and source.description is not None
+        truth = self.cfg.ground_truth and source.synthetic and source.description is not None and not source.multimodal
         metrics, latents = self._store_metrics(d, info, held, self.cfg.ground_truth_tokens if truth else 0)
         row = {**info.row(), **metrics}
         if self.cfg.splice_samples:
@@ -147,12 +147,12 @@ class Evaluator:
             self._sources[uri] = StoreSource.open(uri, self.options)
         return self._sources[uri]
 
-    def _held_out(self, inputs: list[str], targets: list[str]) -> HeldOut:
-        key = (tuple(inputs), tuple(targets))
+    def _held_out(self, inputs: list[str], targets: list[str], kinds: tuple[str, ...] | None) -> HeldOut:
+        key = (tuple(inputs), tuple(targets), kinds)
         if key not in self._held:
             for uri in (*inputs, *targets):  # a missing store fails here, naming its manifest
                 self._source(uri)
-            self._held[key] = read_held_out(inputs, targets, self.cfg.max_tokens, self.options)
+            self._held[key] = read_held_out(inputs, targets, self.cfg.max_tokens, self.options, kinds)
         return self._held[key]
 
     def _model(self, name: str, source: StoreSource) -> HookedVisionModel:
@@ -206,6 +206,8 @@ class Evaluator:
         if len(info.models) > 1:
             return {"splice_note": "crosscoder across models: spliced-in evaluation needs one model"}
         source = self._source(source_uri)
+        if source.multimodal:
+            return {"splice_note": f"{source_uri} holds multimodal sequences: spliced-in evaluation covers vision models"}
         if source.description is None:
             return {"splice_note": f"{source_uri} has no _config.json, so its model and inputs are unknown"}
         name = info.models[0]

@@ -23,6 +23,7 @@ class CheckpointInfo:
     k: int | None
     trained_tokens: int | None
     steps: int | None
+    token_kinds: tuple[str, ...] | None = None
 
     @property
     def kind(self) -> str:
@@ -48,6 +49,7 @@ class CheckpointInfo:
             "k": self.k,
             "trained_tokens": self.trained_tokens,
             "steps": self.steps,
+            "token_kinds": ",".join(self.token_kinds) if self.token_kinds else "all",
         }
 
 
@@ -77,6 +79,7 @@ def read_checkpoint_info(uri: str, options: storage.StorageOptions | None = None
             k=cfg.get("k") or config.get("k"),
             trained_tokens=ours.get("trained_tokens"),
             steps=ours.get("steps"),
+            token_kinds=tuple(ours["token_kinds"]) if ours.get("token_kinds") else None,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{cfg_uri}: not a dictionary checkpoint's cfg.json ({type(exc).__name__}: {exc})") from None

@@ -8,19 +8,20 @@ from __future__ import annotations
 
 import posixpath
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
 from .. import storage, store
-from ..activations import TokenSelection, fixed_positions
+from ..token_selection import TokenSelection, fixed_positions
 from ..data.decode import FrameSampling
 from ..data.sources import DatasetSpec, parse_dataset_spec, with_resolved_storage
 from ..models import ModelEntry, TokenLayout
-from ..training_data import KEYS, align
+from ..training_data import KEYS, KIND_CODES, align
 
 KEY_COLUMNS = [*KEYS, "kind"]
 
@@ -44,7 +45,17 @@ class StoreSource:
         return ModelEntry.model_validate(self.description["model"]) if self.description else None
 
     @property
+    def multimodal(self) -> bool:
+        """Whether the store holds a multimodal language model's sequences (no fixed token layout)."""
+        return bool(self.manifest.token_layout.get("multimodal"))
+
+    @property
     def layout(self) -> TokenLayout:
+        if self.multimodal:
+            raise ValueError(
+                f"{self.uri} holds a multimodal language model's sequences; evaluations that rerun the model "
+                "(spliced-in loss, ground truth) need a vision model's store"
+            )
         return TokenLayout.model_validate(self.manifest.token_layout)
 
     @property
@@ -88,12 +99,14 @@ class HeldOut:
 
 
 def read_held_out(inputs: list[str], targets: list[str], max_tokens: int,
-                  options: storage.StorageOptions | None = None) -> HeldOut:  # fmt: skip
+                  options: storage.StorageOptions | None = None, kinds: Sequence[str] | None = None) -> HeldOut:  # fmt: skip
     """The first `max_tokens` rows of the stores, matched on `(sample_id, frame, token)` across stores.
 
     Shards are read in order until enough rows are in; `x` concatenates the `inputs` stores, `y`
-    the `targets` stores (None when there are none).
+    the `targets` stores (None when there are none). `kinds` keeps only tokens of those kinds
+    (the ones a dictionary was trained on).
     """
+    codes = pa.array([KIND_CODES[k] for k in kinds], pa.int8()) if kinds else None
     uris = [*inputs, *targets]
     names = [{posixpath.basename(p) for p in store.shard_paths(u, options)} for u in uris]
     shared = sorted(set.intersection(*names))
@@ -103,6 +116,9 @@ def read_held_out(inputs: list[str], targets: list[str], max_tokens: int,
     rows = 0
     for name in shared:
         tables = align([_read_shard(u, name, options) for u in uris])
+        if codes is not None:
+            keep = pc.is_in(tables[0].column("kind"), codes)
+            tables = [t.filter(keep) for t in tables]
         for part, table in zip(parts, tables):
             part.append(table)
         rows += tables[0].num_rows
@@ -110,7 +126,8 @@ def read_held_out(inputs: list[str], targets: list[str], max_tokens: int,
             break
     tables = [pa.concat_tables(p).slice(0, max_tokens) for p in parts]
     if not tables[0].num_rows:
-        raise ValueError(f"the held-out stores {uris} share no rows")
+        of_kinds = f" of token kinds {list(kinds)}" if kinds else ""
+        raise ValueError(f"the held-out stores {uris} share no rows{of_kinds}")
     decoded = [store.decode_acts(t.column("act"), store.store_dtype(t.schema)) for t in tables]
     acts = [torch.from_numpy(np.require(a, requirements="W")) for a in decoded]
     x = torch.cat(acts[: len(inputs)], dim=1)

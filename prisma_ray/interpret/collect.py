@@ -23,13 +23,13 @@ from ..activations import (
     build_model,
     decode_shard,
     describe_model,
-    normalize,
     resolve_entry,
     write_shard_errors,
 )
 from ..data.sources import SHARDED, DatasetSpec, SampleRef, SyntheticSource, with_resolved_storage
 from ..data.synthetic import ShapesConfig
 from ..evaluate.discovery import CheckpointInfo, read_checkpoint_info
+from ..model_inputs import normalize
 from ..models import ModelEntry, TokenLayout
 from ..ray_session import RayOptions
 from ..sae import load_dictionary

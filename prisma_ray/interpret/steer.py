@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..activations import TokenSelection, build_model, fixed_positions, resolve_entry
+from ..activations import build_model, resolve_entry
+from ..token_selection import TokenSelection, fixed_positions
 from ..data import RowFormat, decode_refs, list_refs, split_errors
 from ..data.sources import DatasetSpec, SyntheticSource, with_resolved_storage
 from ..evaluate.checkpoint import load_matrix

@@ -198,21 +198,21 @@ STATE_TENSORS_FILE = "trainer_state.safetensors"
 STATE_META_FILE = "trainer_state.json"
 
 
-def dictionary_files(trainer: Trainer) -> dict[str, bytes]:
-    """`{"<dictionary name>/<file>": bytes}`: every dictionary of `trainer`, exported."""
+def dictionary_files(trainer: Trainer, extra: dict[str, Any] | None = None) -> dict[str, bytes]:
+    """`{"<dictionary name>/<file>": bytes}`: every dictionary of `trainer`, exported (with `extra` metadata)."""
     files = {}
     for name, d in trainer.dictionaries.items():
-        exported = export_files(d, trainer.fire_counts[name], trainer.tokens, {"steps": trainer.step})
+        exported = export_files(d, trainer.fire_counts[name], trainer.tokens, {"steps": trainer.step, **(extra or {})})
         files.update({f"{name}/{file}": data for file, data in exported.items()})
     return files
 
 
-def checkpoint_files(trainer: Trainer) -> dict[str, bytes]:
-    """A resumable checkpoint: the exact trainer state plus every dictionary exported."""
+def checkpoint_files(trainer: Trainer, extra: dict[str, Any] | None = None) -> dict[str, bytes]:
+    """A resumable checkpoint: the exact trainer state plus every dictionary exported (`dictionary_files`)."""
     return {
         STATE_TENSORS_FILE: save_safetensors(trainer.state_tensors()),
         STATE_META_FILE: json.dumps(trainer.state_meta(), indent=1).encode(),
-        **dictionary_files(trainer),
+        **dictionary_files(trainer, extra),
     }
 
 

@@ -11,11 +11,12 @@ from pydantic import ValidationError
 
 from prisma_ray import activations as act
 from prisma_ray import store
+from prisma_ray import token_selection as ts
 from prisma_ray.config import load_config
 from prisma_ray.data import ImageSource, RowFormat, SampleRef, SyntheticSource, decode_refs, list_refs
 from prisma_ray.data.errors import read_errors_table
+from prisma_ray.model_inputs import model_prompts, normalize
 from prisma_ray.models import ModelEntry, TokenKind, TokenLayout, UnknownHookPoint
-from prisma_ray.models.hook_points import all_hook_names, parse_hook_name
 
 TINY_VIT = ModelEntry(
     name="test-vit-tiny",
@@ -35,27 +36,27 @@ LAYOUT = TokenLayout(prefix=(TokenKind.CLS, TokenKind.REGISTER, TokenKind.REGIST
 
 def test_fixed_token_selections():
     ids = ["a", "b"]
-    sel = {m: act.token_positions(LAYOUT, act.TokenSelection(mode=m), ids) for m in ("all", "cls", "patches")}
+    sel = {m: ts.token_positions(LAYOUT, ts.TokenSelection(mode=m), ids) for m in ("all", "cls", "patches")}
     np.testing.assert_array_equal(sel["all"], [list(range(9))] * 2)
     np.testing.assert_array_equal(sel["cls"], [[0], [0]])
     np.testing.assert_array_equal(sel["patches"], [list(range(3, 9))] * 2)
-    token, frame, kind = act.token_columns(LAYOUT, sel["all"])
+    token, frame, kind = ts.token_columns(LAYOUT, sel["all"])
     assert token.dtype == np.int16 and list(token[:9]) == list(range(9))
     assert list(kind[:9]) == [TokenKind.CLS, TokenKind.REGISTER, TokenKind.REGISTER] + [TokenKind.PATCH] * 6
     assert set(frame) == {-1}
 
 
 def test_random_patches_are_seeded_per_sample():
-    sel = act.TokenSelection(mode="random", k=3, seed=7)
+    sel = ts.TokenSelection(mode="random", k=3, seed=7)
     ids = [f"img-{i}" for i in range(20)]
-    pos = act.token_positions(LAYOUT, sel, ids)
+    pos = ts.token_positions(LAYOUT, sel, ids)
     assert pos.shape == (20, 3)
     for row in pos:
         assert list(row) == sorted(set(row)) and row.min() >= 3 and row.max() < 9
-    np.testing.assert_array_equal(pos, act.token_positions(LAYOUT, sel, ids))
-    np.testing.assert_array_equal(pos[5:6], act.token_positions(LAYOUT, sel, ids[5:6]), "independent of the batch")
+    np.testing.assert_array_equal(pos, ts.token_positions(LAYOUT, sel, ids))
+    np.testing.assert_array_equal(pos[5:6], ts.token_positions(LAYOUT, sel, ids[5:6]), "independent of the batch")
     assert len({tuple(r) for r in pos}) > 5, "samples draw different patches"
-    other = act.token_positions(LAYOUT, act.TokenSelection(mode="random", k=3, seed=8), ids)
+    other = ts.token_positions(LAYOUT, ts.TokenSelection(mode="random", k=3, seed=8), ids)
     assert not np.array_equal(pos, other)
 
 
@@ -67,21 +68,21 @@ def test_random_patches_are_seeded_per_sample():
     ],
 )
 def test_video_tokens_keep_their_frame(layout, frames):
-    pos = act.token_positions(layout, act.TokenSelection(mode="all"), ["clip"])
-    token, frame, kind = act.token_columns(layout, pos)
+    pos = ts.token_positions(layout, ts.TokenSelection(mode="all"), ["clip"])
+    token, frame, kind = ts.token_columns(layout, pos)
     assert list(frame) == frames
     assert list(kind == TokenKind.PATCH) == [f >= 0 for f in frames]
 
 
 def test_selection_and_hook_errors():
     with pytest.raises(ValidationError, match="`k`"):
-        act.TokenSelection(mode="random")
+        ts.TokenSelection(mode="random")
     with pytest.raises(ValidationError, match="`k`"):
-        act.TokenSelection(mode="all", k=3)
+        ts.TokenSelection(mode="all", k=3)
     with pytest.raises(ValueError, match="no CLS token"):
-        act.check_selection(TokenLayout(prefix=(), grid=(2, 2)), act.TokenSelection(mode="cls"), "m")
+        ts.check_selection(TokenLayout(prefix=(), grid=(2, 2)), ts.TokenSelection(mode="cls"), "m")
     with pytest.raises(ValueError, match="only 6 patch tokens"):
-        act.check_selection(LAYOUT, act.TokenSelection(mode="random", k=7), "m")
+        ts.check_selection(LAYOUT, ts.TokenSelection(mode="random", k=7), "m")
     model = act.describe_model(TINY_VIT)
     act.check_hooks(model, HOOKS)
     with pytest.raises(UnknownHookPoint, match="Did you mean"):
@@ -109,13 +110,13 @@ def test_config_hash_covers_what_changes_rows(tmp_path):
     spec = _synthetic(tmp_path)
     base = act.ExtractConfig(model=TINY_VIT, hooks=HOOKS, dataset=spec)
 
-    def digest(cfg, hook=HOOKS[0], inputs="d0"):
-        return act.config_hash(act.store_description(cfg, TINY_VIT, hook, cfg.dataset, inputs))
+    def digest(cfg, hook=HOOKS[0], inputs="d0", prompts=None):
+        return act.config_hash(act.store_description(cfg, TINY_VIT, hook, cfg.dataset, inputs, prompts))
 
     same = base.model_copy(update={"batch_size": 7, "actors": 3, "max_shards": 1, "output": "elsewhere"})
     assert digest(base) == digest(same)
     changed = [
-        base.model_copy(update={"tokens": act.TokenSelection(mode="cls")}),
+        base.model_copy(update={"tokens": ts.TokenSelection(mode="cls")}),
         base.model_copy(update={"dtype": "float32"}),
         base.model_copy(update={"seed": 1}),
         base.model_copy(update={"shard_size": 3}),
@@ -123,11 +124,12 @@ def test_config_hash_covers_what_changes_rows(tmp_path):
     ]
     assert all(digest(c) != digest(base) for c in changed)
     assert digest(base, hook=HOOKS[1]) != digest(base) and digest(base, inputs="d1") != digest(base)
+    assert digest(base, prompts=["a"]) != digest(base) and digest(base, prompts=["a"]) != digest(base, prompts=["b"])
 
     writer = store.StoreWriter(str(tmp_path / "store"))
-    writer.claim(digest(base), act.store_description(base, TINY_VIT, HOOKS[0], spec, "d0"))
+    writer.claim(digest(base), act.store_description(base, TINY_VIT, HOOKS[0], spec, "d0", None))
     with pytest.raises(store.StoreConfigMismatch, match="Changed: dtype"):
-        writer.claim(digest(changed[1]), act.store_description(changed[1], TINY_VIT, HOOKS[0], spec, "d0"))
+        writer.claim(digest(changed[1]), act.store_description(changed[1], TINY_VIT, HOOKS[0], spec, "d0", None))
 
 
 def test_decoded_crops_normalise_to_the_data_layer_pixels(tmp_path):
@@ -138,7 +140,7 @@ def test_decoded_crops_normalise_to_the_data_layer_pixels(tmp_path):
     data = act.decode_shard(refs, spec, act.InputFormat.create(spec, model.preprocess))
     assert data.pixels.dtype == np.uint8 and data.pixels.shape == (12, 32, 32, 3)
     mean, std = torch.tensor(model.preprocess.mean), torch.tensor(model.preprocess.std)
-    ours = act.normalize(torch.from_numpy(data.pixels), mean, std).numpy()
+    ours = normalize(torch.from_numpy(data.pixels), mean, std).numpy()
     (theirs,) = decode_refs(refs, spec, RowFormat.create(spec, model.preprocess), max_rows=100)
     np.testing.assert_array_equal(ours, theirs["pixels"])
     assert list(data.sample_ids) == list(theirs["sample_id"])
@@ -159,7 +161,7 @@ def _job(tmp_path, **kw) -> act.WorkerJob:
         model=TINY_VIT,
         pretrained=False,
         seed=0,
-        tokens=act.TokenSelection(mode="random", k=5, seed=1),
+        tokens=ts.TokenSelection(mode="random", k=5, seed=1),
         dtype="float32",
         stores={h: str(tmp_path / "out" / h) for h in HOOKS},
         storage=act.StorageOptions(),
@@ -179,7 +181,7 @@ def _job(tmp_path, **kw) -> act.WorkerJob:
 )
 def test_worker_rows_equal_run_with_cache(tmp_path, dtype, tol, tokens, expected_tokens):
     spec = _synthetic(tmp_path)
-    selection = act.TokenSelection(**tokens)
+    selection = ts.TokenSelection(**tokens)
     job = _job(tmp_path, dtype=dtype, tokens=selection)
     worker = act.ExtractionWorker(job)
     refs = list_refs(spec)
@@ -221,7 +223,7 @@ def test_worker_rows_equal_run_with_cache(tmp_path, dtype, tol, tokens, expected
 def test_shards_take_about_the_dtype_size_per_value(tmp_path, dtype, limit):
     acts = np.random.default_rng(0).normal(size=(64 * 197, 192)).astype(np.float32)
     positions = np.tile(np.arange(197), (64, 1))
-    token, frame, kind = act.token_columns(TokenLayout(grid=(14, 14)), positions)
+    token, frame, kind = ts.token_columns(TokenLayout(grid=(14, 14)), positions)
     ids = np.repeat([f"images/{i:06d}.png" for i in range(64)], 197).tolist()
     table = store.token_table(ids, token, frame, kind, acts, dtype)
     nbytes = store.StoreWriter(str(tmp_path)).write_shard(0, table, store.RunningStats.of(acts))
@@ -232,7 +234,7 @@ def test_worker_records_bad_samples_and_writes_empty_shards(tmp_path):
     good = [r.uri for r in list_refs(_synthetic(tmp_path, n=2))]
     (tmp_path / "broken.png").write_bytes(b"not an image at all" * 10)
     files = ImageSource(items=[good[0], str(tmp_path / "broken.png"), str(tmp_path / "missing.png")])
-    job = _job(tmp_path, tokens=act.TokenSelection(mode="cls"))
+    job = _job(tmp_path, tokens=ts.TokenSelection(mode="cls"))
     worker = act.ExtractionWorker(job)
     fmt = act.InputFormat.create(files, worker.model.preprocess)
     refs = list_refs(files)
@@ -271,9 +273,12 @@ def test_readme_extraction_examples_are_valid_configs(tmp_path):
     section = readme.split("## Extraction\n", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```yaml\n(.*?)```", section, re.DOTALL)
     overrides = re.findall(r"--set (\S+)", "".join(re.findall(r"```bash\n(.*?)```", section, re.DOTALL)))
-    assert len(blocks) == 2 and len(overrides) == 3
+    assert len(blocks) == 3 and len(overrides) == 3
     for i, block in enumerate(blocks):
         (tmp_path / f"{i}.yaml").write_text(block)
         cfg = load_config(act.ExtractConfig, tmp_path / f"{i}.yaml", overrides)
-        names = all_hook_names(act.resolve_entry(cfg.model).layers, with_pattern=False)
-        assert [parse_hook_name(h, names).name for h in cfg.hooks] == cfg.hooks
+        model = act.describe_model(act.resolve_entry(cfg.model))
+        act.check_hooks(model, cfg.hooks)
+        multimodal = model.preprocess.modality == "multimodal"
+        ts.check_selection(model.token_layout, cfg.tokens, model.name, multimodal)
+        assert (model_prompts(model, cfg.prompts) is not None) == multimodal

@@ -1,0 +1,116 @@
+"""From a minibatch of decoded samples to the model's input and the token rows an extraction keeps.
+
+`PixelInputs` serves vision and video models (fixed token layout); `PromptInputs` serves multimodal
+language models, whose processor turns each image and its prompt into one token sequence.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .models import HookedVisionModel
+from .token_selection import TokenSelection, multimodal_positions, stable_hash, token_columns, token_positions
+
+DEFAULT_PROMPT = "Describe the image."
+ModelInput = torch.Tensor | dict[str, torch.Tensor]
+
+
+@dataclass
+class KeptTokens:
+    """The token rows kept from a `[batch, seq]` minibatch, sample-major: `sample` and `position`
+    index the activations; `position` (as `token`), `frame` and `kind` are the store's columns."""
+
+    shape: tuple[int, int]
+    sample: np.ndarray
+    position: np.ndarray
+    frame: np.ndarray
+    kind: np.ndarray
+
+    @classmethod
+    def concat(cls, parts: Sequence[KeptTokens]) -> KeptTokens:
+        """The kept tokens of consecutive minibatches as one (`sample` counts across them)."""
+        offsets = np.cumsum([0, *(p.shape[0] for p in parts)])
+        columns = [
+            np.concatenate([np.zeros(0, dtype), *(getattr(p, name) for p in parts)]).astype(dtype)
+            for name, dtype in (("position", np.int64), ("frame", np.int16), ("kind", np.int8))
+        ]
+        sample = np.concatenate([np.zeros(0, np.int64), *(p.sample + o for p, o in zip(parts, offsets))])
+        return cls((int(offsets[-1]), max((p.shape[1] for p in parts), default=0)), sample, *columns)
+
+    def take(self, acts: torch.Tensor) -> torch.Tensor:
+        """`[N, width]` rows of `[batch, seq, width]` activations (a view when every token is kept)."""
+        if len(self.sample) == self.shape[0] * self.shape[1]:
+            return acts.reshape(-1, acts.shape[-1])
+        sample, position = (torch.tensor(a, device=acts.device) for a in (self.sample, self.position))
+        return acts[sample, position]
+
+
+def normalize(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """`uint8[..., H, W, 3]` -> `float32[..., 3, H, W]` holding `(x / 255 - mean) / std`, as
+    `prisma_ray.data.transforms.normalize` computes it."""
+    x = pixels.to(torch.float32) / torch.full((3,), 255.0, device=pixels.device)
+    return ((x - mean) / std).movedim(-1, -3).contiguous()
+
+
+class PixelInputs:
+    """Vision and video models: normalise the `uint8` crops on the device; positions come from the fixed layout."""
+
+    def __init__(self, model: HookedVisionModel, selection: TokenSelection, device: torch.device):
+        spec = model.preprocess
+        self.layout, self.selection, self.device = model.token_layout, selection, device
+        self.mean = torch.tensor(spec.mean, dtype=torch.float32, device=device)
+        self.std = torch.tensor(spec.std, dtype=torch.float32, device=device)
+
+    def __call__(self, pixels: np.ndarray, sample_ids: Sequence[str]) -> tuple[torch.Tensor, KeptTokens]:
+        x = normalize(torch.from_numpy(pixels).to(self.device), self.mean, self.std)
+        positions = token_positions(self.layout, self.selection, sample_ids)
+        _, frame, kind = token_columns(self.layout, positions)
+        sample = np.repeat(np.arange(len(sample_ids)), positions.shape[1])
+        return x, KeptTokens((len(sample_ids), self.layout.n_tokens), sample, positions.reshape(-1), frame, kind)
+
+
+def sample_prompt(prompts: Sequence[str], sample_id: str) -> str:
+    """The prompt a sample is shown: one of `prompts`, fixed by its id."""
+    return prompts[stable_hash(str(sample_id)) % len(prompts)]
+
+
+class PromptInputs:
+    """Multimodal language models: each image with its prompt through the model's processor."""
+
+    def __init__(self, model: HookedVisionModel, selection: TokenSelection, prompts: Sequence[str], device: torch.device):
+        self.model, self.selection, self.prompts, self.device = model, selection, list(prompts), device
+
+    def __call__(self, pixels: np.ndarray, sample_ids: Sequence[str]) -> tuple[dict[str, torch.Tensor], KeptTokens]:
+        inputs = self.model.encode(list(pixels), [sample_prompt(self.prompts, sid) for sid in sample_ids])
+        seq = inputs["input_ids"].shape[1]
+        if seq > np.iinfo(np.int16).max:
+            raise ValueError(f"{self.model.name}: sequences of {seq} tokens exceed the store's int16 token column")
+        layout = self.model.multimodal_layout(inputs)
+        sample, position = multimodal_positions(layout, inputs["attention_mask"].numpy(), self.selection, sample_ids)
+        kind = layout.kind[sample, position]
+        frame = np.full(len(sample), -1, dtype=np.int16)
+        kept = KeptTokens((len(sample_ids), seq), sample, position, frame, kind)
+        return {k: v.to(self.device) for k, v in inputs.items()}, kept
+
+
+def model_prompts(model: HookedVisionModel, prompts: Sequence[str] | None) -> list[str] | None:
+    """The prompts `model` is shown: `prompts` (default `[DEFAULT_PROMPT]`) for multimodal models, None
+    for vision models (which refuse any)."""
+    if model.preprocess.modality == "multimodal":
+        return list(prompts or [DEFAULT_PROMPT])
+    if prompts:
+        raise ValueError(f"{model.name} takes no prompt; `prompts` is for multimodal language models")
+    return None
+
+
+def model_inputs(
+    model: HookedVisionModel, selection: TokenSelection, prompts: Sequence[str] | None, device: torch.device
+) -> PixelInputs | PromptInputs:
+    """The input builder for `model` (`prompts`: see `model_prompts`)."""
+    prompts = model_prompts(model, prompts)
+    if prompts is None:
+        return PixelInputs(model, selection, device)
+    return PromptInputs(model, selection, prompts, device)

@@ -1,0 +1,68 @@
+"""A multimodal language model's layer end to end: `prisma-ray extract` (image + prompt in, sequence tokens
+out, through Ray Data), a TopK SAE trained on its image and text tokens, and its evaluation."""
+import pyarrow.compute as pc
+import pytest
+import torch
+import yaml
+
+from prisma_ray import store
+from prisma_ray.cli import main
+from prisma_ray.evaluate import EvalConfig, evaluate_checkpoint
+from prisma_ray.evaluate.discovery import read_checkpoint_info
+from prisma_ray.models import TokenKind
+from prisma_ray.sae import load_dictionary
+from prisma_ray.train import run_training
+from prisma_ray.training_config import TrainConfig
+from tests.lmm_tiny import tiny_entry
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+
+HOOK = "lm.blocks.1.hook_resid_post"
+PROMPTS = ["Describe the image.", "Which shapes do you see, and where are they?"]
+
+
+def test_an_sae_trains_on_an_lmm_layer_extracted_through_ray(ray_local, tmp_path, capsys):
+    config = dict(
+        model=tiny_entry("llava-onevision").model_dump(mode="json"), hooks=[HOOK], tokens=dict(mode="all"),
+        prompts=PROMPTS, dtype="float32", output=str(tmp_path / "acts"), shard_size=8, batch_size=4, actors=1,
+        progress=False, dataset=dict(type="synthetic", uri=str(tmp_path / "shapes"),
+                                     generator=dict(name="shapes", n_images=24, image_size=40)),
+    )  # fmt: skip
+    path = tmp_path / "extract.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["extract", str(path)]) == 0
+    uri = str(tmp_path / "acts" / "tiny-llava-onevision" / HOOK / "train")
+    assert f"store    {uri}" in capsys.readouterr().out
+
+    manifest = store.read_manifest(uri)
+    table = store.read_table(uri)
+    assert (manifest.d_model, manifest.n_samples, manifest.n_tokens) == (32, 24, table.num_rows)
+    assert manifest.token_layout == {"multimodal": True, "prompts": PROMPTS}
+    kinds = pc.value_counts(table.column("kind")).to_pylist()
+    counts = {TokenKind(k["values"]).name: k["counts"] for k in kinds}
+    assert counts["PATCH"] == 24 * 8 and counts["NEWLINE"] == 24 * 2, "2x2 base view + 2x2 crop with row newlines"
+    assert counts["TEXT"] > counts["PATCH"], "prompt and chat-template tokens"
+    assert main(["extract", str(path)]) == 0
+    assert "0 written, 3 already complete" in capsys.readouterr().out
+
+    summary = run_training(TrainConfig.model_validate(dict(
+        name="lmm", storage=str(tmp_path / "runs"), data=dict(inputs=[uri], kinds=["patch", "text"]),
+        dictionaries=[dict(architecture="topk", k=8, d_sae=128, lr=3e-3)], batch_size=256, steps=120,
+        log_every=40, checkpoint_every=120, workers=0, torch_threads=1,
+    )))  # fmt: skip
+    assert summary.steps == 120
+    (name,) = summary.dictionaries
+    exported = str(tmp_path / "runs" / "lmm" / "dictionaries" / name)
+    (site,) = read_checkpoint_info(exported).sites.inputs
+    assert (site.name, site.model, site.width) == (HOOK, "tiny-llava-onevision", 32)
+    sae = load_dictionary(exported)
+    rows = table.filter(pc.not_equal(table.column("kind"), int(TokenKind.NEWLINE)))
+    x = torch.from_numpy(store.decode_acts(rows.column("act"), "float32"))
+    with torch.no_grad():
+        explained = 1 - float((sae(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    assert explained > 0.5, explained
+
+    row = evaluate_checkpoint(exported, EvalConfig(stores=str(tmp_path / "acts"), split="train", max_tokens=2048))
+    assert row["token_kinds"] == "patch,text", "evaluated on the token kinds it was trained on"
+    assert row["explained_variance"] > 0.5 and row["l0"] == pytest.approx(8)
+    assert "multimodal sequences" in row["splice_note"] and "gt_values" not in row

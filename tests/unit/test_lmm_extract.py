@@ -1,0 +1,138 @@
+"""Extraction from multimodal language models without Ray: processor inputs, token selection, the worker."""
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from prisma_ray import activations as act
+from prisma_ray import store
+from prisma_ray import token_selection as ts
+from prisma_ray.data import SyntheticSource, list_refs
+from prisma_ray.data.synthetic import ShapesConfig
+from prisma_ray.model_inputs import model_inputs, model_prompts, sample_prompt
+from prisma_ray.models import TokenKind
+from prisma_ray.models.adapters.lmm_adapter import NORMALISATION
+from prisma_ray.models.adapters.lmm_processor import build_processor
+from tests.lmm_tiny import CONFIGS, IMAGE_ID, tiny, tiny_entry
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+PROMPTS = ["Describe the image.", "What shape is in the middle of this picture, and what colour is it?"]
+HOOK = "lm.blocks.1.hook_resid_post"
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def case(request):
+    return request.param, tiny(request.param)
+
+
+def images(n: int, seed: int = 0) -> list[np.ndarray]:
+    return list(np.random.default_rng(seed).integers(0, 256, size=(n, 28, 28, 3), dtype=np.uint8))
+
+
+def test_processor_gives_each_image_its_tokens_and_pads_the_shorter_prompt(case):
+    name, model = case
+    batch = model.encode(images(2), PROMPTS)
+    layout = model.multimodal_layout(batch)
+    mask = batch["attention_mask"].numpy().astype(bool)
+    n_image = (batch["input_ids"] == IMAGE_ID).sum(1)
+    assert n_image[0] == n_image[1] > 0
+    assert (layout.image_mask() == (batch["input_ids"] == IMAGE_ID).numpy()).all()
+    assert mask[1].all() and not mask[0].all(), "the short prompt is padded, the long one is not"
+    assert mask.sum(1)[1] - mask.sum(1)[0] == len(PROMPTS[1]) - len(PROMPTS[0]), "one token per byte of text"
+    ids = batch["input_ids"][1][torch.from_numpy(mask[1])]
+    entry = tiny_entry(name)
+    tokenizer = build_processor(model.model, entry, False, NORMALISATION[entry.family]).tokenizer
+    text = tokenizer.decode(ids[ids != IMAGE_ID])
+    assert PROMPTS[1] in text and text.rstrip().endswith("assistant:")
+    with pytest.raises(ValueError, match="one prompt per image"):
+        model.encode(images(2), PROMPTS[:1])
+
+
+def test_selection_modes_on_a_multimodal_batch(case):
+    _, model = case
+    batch = model.encode(images(2), PROMPTS)
+    layout, mask = model.multimodal_layout(batch), batch["attention_mask"].numpy()
+    ids = ["a", "b"]
+
+    def kept(**selection) -> set[tuple[int, int]]:
+        sample, position = ts.multimodal_positions(layout, mask, ts.TokenSelection(**selection), ids)
+        assert list(sample) == sorted(sample)
+        return set(zip(sample.tolist(), position.tolist()))
+
+    every = kept(mode="all")
+    assert every == set(zip(*np.nonzero(mask)))
+    text, image, patches = kept(mode="text"), kept(mode="image"), kept(mode="patches")
+    assert text | image == every and not text & image and patches <= image
+    assert all(layout.kind[b, p] == TokenKind.PATCH for b, p in patches)
+    assert all(layout.kind[b, p] == TokenKind.TEXT for b, p in text)
+    drawn = kept(mode="random", k=3)
+    assert drawn <= patches and [b for b, _ in drawn].count(0) == 3 == [b for b, _ in drawn].count(1)
+    assert drawn == kept(mode="random", k=3), "the draw is fixed by the seed and sample id"
+    with pytest.raises(ValueError, match="fewer than tokens.k=99"):
+        kept(mode="random", k=99)
+
+
+def test_multimodal_models_refuse_vision_only_requests():
+    model = act.describe_model(tiny_entry("llava-next"))
+    with pytest.raises(ValueError, match="vision tower.*extract lm"):
+        act.check_hooks(model, ["blocks.1.hook_resid_post"])
+    act.check_hooks(model, [HOOK])
+    with pytest.raises(ValueError, match="no CLS token"):
+        ts.check_selection(model.token_layout, ts.TokenSelection(mode="cls"), model.name, multimodal=True)
+    assert model_prompts(model, None) == ["Describe the image."]
+    vit = act.describe_model(act.resolve_entry("prisma-toy-vit-shapes"))
+    with pytest.raises(ValueError, match="takes no prompt"):
+        model_prompts(vit, ["hello"])
+    with pytest.raises(ValueError, match="tokens.mode=text is for multimodal"):
+        ts.check_selection(vit.token_layout, ts.TokenSelection(mode="text"), vit.name)
+
+
+def test_input_format_crops_images_to_the_vision_towers_size(tmp_path):
+    model = act.describe_model(tiny_entry("qwen2-vl"))
+    spec = SyntheticSource(uri=str(tmp_path / "shapes"), generator=ShapesConfig(n_images=3, image_size=40))
+    data = act.decode_shard(list_refs(spec), spec, act.InputFormat.create(spec, model.preprocess))
+    assert data.pixels.shape == (3, 56, 56, 3) and data.pixels.dtype == np.uint8
+
+
+@pytest.mark.parametrize("mode", ["all", "text", "image"])
+def test_worker_rows_are_the_sequences_tokens_as_run_with_cache_gives_them(tmp_path, case, mode):
+    name, reference = case
+    hooks = [HOOK, "lm.blocks.0.hook_mlp_out"]
+    spec = SyntheticSource(uri=str(tmp_path / "shapes"), generator=ShapesConfig(n_images=5, image_size=40))
+    job = act.WorkerJob(
+        model=tiny_entry(name), pretrained=False, seed=0, tokens=ts.TokenSelection(mode=mode), dtype="float32",
+        stores={h: str(tmp_path / "out" / h) for h in hooks}, storage=act.StorageOptions(), batch_size=2,
+        prompts=PROMPTS,
+    )  # fmt: skip
+    worker = act.ExtractionWorker(job)
+    data = act.decode_shard(list_refs(spec), spec, act.InputFormat.create(spec, worker.model.preprocess))
+    summary = worker.process(0, data)
+
+    reference = act.build_model(tiny_entry(name), pretrained=False, seed=0)
+    batch = reference.encode(list(data.pixels), [sample_prompt(PROMPTS, s) for s in data.sample_ids])
+    assert len({sample_prompt(PROMPTS, s) for s in data.sample_ids}) == 2, "both prompts are in use"
+    layout = reference.multimodal_layout(batch)
+    sample, position = ts.multimodal_positions(layout, batch["attention_mask"].numpy(), job.tokens, data.sample_ids)
+    with torch.inference_mode():
+        _, cache = reference.run_with_cache(batch, hooks)
+    assert summary["samples"] == 5 and summary["tokens"] == len(sample)
+    assert summary["values"] == len(sample) * reference.lm_d_model * 2
+    for hook in hooks:
+        table = pq.read_table(tmp_path / "out" / hook / "part-00000.parquet")
+        assert table.column("sample_id").to_pylist() == data.sample_ids[sample].tolist()
+        assert table.column("token").to_pylist() == position.tolist()
+        np.testing.assert_array_equal(table.column("kind").to_numpy(), layout.kind[sample, position])
+        expected = cache[hook][torch.from_numpy(sample), torch.from_numpy(position)].numpy()
+        np.testing.assert_allclose(store.decode_acts(table.column("act"), "float32"), expected, rtol=1e-4, atol=1e-4)
+    kinds = set(pq.read_table(tmp_path / "out" / HOOK / "part-00000.parquet").column("kind").to_pylist())
+    assert kinds == {"all": {TokenKind.TEXT, TokenKind.PATCH} | ({TokenKind.NEWLINE} if "llava" in name else set()),
+                     "text": {TokenKind.TEXT}, "image": kinds - {TokenKind.TEXT}}[mode]
+
+
+def test_inputs_for_a_vision_model_are_normalised_pixels():
+    vit = act.build_model(act.resolve_entry("prisma-toy-vit-shapes"), pretrained=True, seed=0)
+    build = model_inputs(vit, ts.TokenSelection(mode="cls"), None, torch.device("cpu"))
+    x, kept = build(np.zeros((2, 32, 32, 3), np.uint8), ["a", "b"])
+    assert x.shape == (2, 3, 32, 32) and kept.shape == (2, vit.token_layout.n_tokens)
+    assert kept.sample.tolist() == [0, 1] and kept.position.tolist() == [0, 0]
