@@ -32,7 +32,7 @@ from . import storage, store
 from .data.batches import RowFormat
 from .data.decode import FrameSampling
 from .data.errors import ERROR_SCHEMA, ErrorRecord, errors_uri, format_counts
-from .data.sources import SHARDED, DatasetSpec, Sample, SampleRef, SyntheticSource, load_samples
+from .data.sources import SHARDED, DatasetSpec, Sample, SampleRef, SyntheticSource, load_samples, modality
 from .data.synthetic import ShapesConfig
 from .data.transforms import resize_and_crop
 from .models import HookedVisionModel, ModelEntry, build_sites, get_entry
@@ -218,8 +218,9 @@ class InputFormat:
     """The rows shipped from decode tasks to actors: `uint8` crops at the model's input geometry,
     `[H, W, 3]` per image or `[T, H, W, 3]` per clip; the actor normalises them (`model_inputs`).
 
-    Multimodal language models take images cropped to their vision tower's nominal size, so that
-    every image yields the same image tokens; their processor normalises them.
+    Multimodal language models take images (or videos) cropped to their vision tower's nominal
+    size, so that every input yields the same image tokens; their processor normalises them.
+    `preprocess` is then the pixels' geometry, with the dataset's modality.
     """
 
     preprocess: PreprocessSpec
@@ -228,8 +229,9 @@ class InputFormat:
     @classmethod
     def create(cls, spec: DatasetSpec, preprocess: PreprocessSpec) -> InputFormat:
         """Check that the dataset can feed the model (modality, frames) and fix the geometry."""
-        pixels = preprocess.model_copy(update={"modality": "image"}) if preprocess.modality == "multimodal" else preprocess
-        return cls(preprocess, RowFormat.create(spec, pixels).sampling)
+        if preprocess.modality == "multimodal":
+            preprocess = preprocess.model_copy(update={"modality": modality(spec)})
+        return cls(preprocess, RowFormat.create(spec, preprocess).sampling)
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -127,6 +127,8 @@ def plan_extract(cfg: ExtractConfig) -> ExtractPlan:
     spec = with_resolved_storage(cfg.dataset)
     try:
         fmt = InputFormat.create(spec, model.preprocess)
+        if prompts is not None:  # the processor takes one blank input of this dataset's geometry
+            model.encode([np.zeros(fmt.shape, np.uint8)], prompts[:1])
     except ValueError as e:
         raise ValueError(f"{entry.name} cannot take the {spec.type} dataset: {e}") from None
     output = storage.absolute(cfg.output)

@@ -78,7 +78,7 @@ def sample_prompt(prompts: Sequence[str], sample_id: str) -> str:
 
 
 class PromptInputs:
-    """Multimodal language models: each image with its prompt through the model's processor."""
+    """Multimodal language models: each image (or video) with its prompt through the model's processor."""
 
     def __init__(self, model: HookedVisionModel, selection: TokenSelection, prompts: Sequence[str], device: torch.device):
         self.model, self.selection, self.prompts, self.device = model, selection, list(prompts), device
@@ -90,9 +90,8 @@ class PromptInputs:
             raise ValueError(f"{self.model.name}: sequences of {seq} tokens exceed the store's int16 token column")
         layout = self.model.multimodal_layout(inputs)
         sample, position = multimodal_positions(layout, inputs["attention_mask"].numpy(), self.selection, sample_ids)
-        kind = layout.kind[sample, position]
-        frame = np.full(len(sample), -1, dtype=np.int16)
-        kept = KeptTokens((len(sample_ids), seq), sample, position, frame, kind)
+        kept = KeptTokens((len(sample_ids), seq), sample, position, layout.frame[sample, position],
+                          layout.kind[sample, position])  # fmt: skip
         return {k: v.to(self.device) for k, v in inputs.items()}, kept
 
 

@@ -4,14 +4,14 @@ import torch
 from prisma_ray.models import HookedVisionModel, ModelEntry
 from prisma_ray.models.adapters.lmm_adapter import build
 
-IMAGE_ID = 100
+IMAGE_ID, VIDEO_ID = 100, 101
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=300)
 TINY_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=28,
                    patch_size=14)
 PINPOINTS = [[28, 28], [28, 56]]
 QWEN_TEXT = dict(TEXT, rope_parameters=dict(rope_type="default", mrope_section=[1, 1, 2], rope_theta=1e4))
-QWEN_TOKENS = dict(image_token_id=IMAGE_ID, video_token_id=101, vision_start_token_id=102, vision_end_token_id=103)
+QWEN_TOKENS = dict(image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, vision_start_token_id=102, vision_end_token_id=103)
 
 CONFIGS = {
     "qwen2-vl": ("qwen2-vl", "Qwen2VLForConditionalGeneration", dict(
@@ -27,7 +27,7 @@ CONFIGS = {
         **QWEN_TOKENS)),
     "llava-onevision": ("llava-onevision", "LlavaOnevisionForConditionalGeneration", dict(
         vision_config=dict(TINY_VISION, model_type="siglip_vision_model"), text_config=dict(TEXT, model_type="qwen2"),
-        image_token_index=IMAGE_ID, video_token_index=101, image_grid_pinpoints=PINPOINTS, vision_feature_layer=-1,
+        image_token_index=IMAGE_ID, video_token_index=VIDEO_ID, image_grid_pinpoints=PINPOINTS, vision_feature_layer=-1,
         vision_feature_select_strategy="full")),
     "llava-next": ("llava-next", "LlavaNextForConditionalGeneration", dict(
         vision_config=dict(TINY_VISION, model_type="clip_vision_model", projection_dim=16),

@@ -144,6 +144,9 @@ def plan_interpret(cfg: InterpretConfig) -> InterpretPlan:
     entry = resolve_entry(name)
     hook = cfg.hook or site.name
     model = describe_model(entry)
+    if model.preprocess.modality == "multimodal":
+        raise ValueError(f"{entry.name} is a multimodal language model; top images, heatmaps and dashboards cover "
+                         "vision and video models (read an LMM dictionary's latents with its store and the model)")  # fmt: skip
     model.hook_point(hook)
     if model.d_model != site.width:
         raise ValueError(f"{cfg.checkpoint} reads {site.width}-wide activations but {entry.name} {hook} is "

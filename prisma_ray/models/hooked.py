@@ -80,11 +80,12 @@ class HookedVisionModel(nn.Module):
         self.check_input(inputs)
         return self._sites.layout(inputs)
 
-    def encode(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """A multimodal model's input for `uint8[H, W, 3]` images with one prompt each (its processor's output)."""
+    def encode(self, visuals: Sequence[np.ndarray], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """A multimodal model's input (its processor's output) for `uint8[H, W, 3]` images, or
+        `uint8[T, H, W, 3]` videos (Qwen2-VL, Qwen2.5-VL), with one prompt each."""
         if self._sites.encode is None:
             raise TypeError(f"{self.name} is not a multimodal language model; it takes pixels (see model.preprocess).")
-        return self._sites.encode(images, prompts)
+        return self._sites.encode(visuals, prompts)
 
     def hook_width(self, name: str) -> int:
         """The activation width at hook point `name` (`lm_d_model` on the language model, else `d_model`)."""

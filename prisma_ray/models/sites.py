@@ -66,7 +66,7 @@ class ModelSites:
     """Everything `HookedVisionModel` needs to know about a built source model.
 
     Multimodal language models add `lm`, `layout` (the `MultimodalLayout` of an input batch) and
-    `encode` (their processor: `uint8[H, W, 3]` images and one prompt each -> input tensors); their
+    `encode` (their processor: `uint8` images or videos and one prompt each -> input tensors); their
     `layers` are the vision tower's blocks and `forward` takes the processor's output.
     """
 

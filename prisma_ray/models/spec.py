@@ -102,8 +102,9 @@ class TokenLayout(BaseModel):
 
 
 class ImageView(BaseModel):
-    """One view of one image in a multimodal sequence: `view` 0 is the base (whole image) view,
-    1 the high-resolution crops tiled into one `grid` (rows, cols) of tokens."""
+    """One view of one image or video in a multimodal sequence: `view` 0 is the base (whole image)
+    view, 1 the high-resolution crops tiled into one `grid` (rows, cols) of tokens; a video's view
+    repeats its grid over `frames` token time steps (each covering the model's temporal patch)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -111,14 +112,16 @@ class ImageView(BaseModel):
     image: int
     view: int
     grid: tuple[int, int]
+    frames: int = 1
 
 
 class MultimodalLayout(BaseModel):
     """Per-position description of a batch of multimodal sequences, every array `[batch, seq]`.
 
-    `kind`: `TokenKind.TEXT`, `PATCH` (an image token) or `NEWLINE` (an image-row separator).
-    `image`: index of the image in its sample, `view`: `ImageView.view`, `row`/`col`: the token's
-    place in that view's grid (`col` is -1 for a row's newline); all -1 for text tokens.
+    `kind`: `TokenKind.TEXT`, `PATCH` (an image or video token) or `NEWLINE` (an image-row
+    separator). `image`: index of the image or video in its sample (in sequence order), `view`:
+    `ImageView.view`, `row`/`col`: the token's place in that view's grid (`col` is -1 for a row's
+    newline), `frame`: the first input frame a video token covers (-1 for images); all -1 for text.
     """
 
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
@@ -128,6 +131,7 @@ class MultimodalLayout(BaseModel):
     view: np.ndarray
     row: np.ndarray
     col: np.ndarray
+    frame: np.ndarray
     views: tuple[ImageView, ...]
 
     def image_mask(self) -> np.ndarray:

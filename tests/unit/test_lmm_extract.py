@@ -1,4 +1,5 @@
-"""Extraction from multimodal language models without Ray: processor inputs, token selection, the worker."""
+"""Extraction from multimodal language models without Ray: processor inputs, token selection, the worker,
+image and video datasets."""
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -8,11 +9,14 @@ from prisma_ray import activations as act
 from prisma_ray import store
 from prisma_ray import token_selection as ts
 from prisma_ray.data import SyntheticSource, list_refs
-from prisma_ray.data.synthetic import ShapesConfig
+from prisma_ray.data.synthetic import MovingShapesConfig, ShapesConfig
+from prisma_ray.extract import plan_extract
+from prisma_ray.interpret.collect import InterpretConfig, plan_interpret
 from prisma_ray.model_inputs import model_inputs, model_prompts, sample_prompt
 from prisma_ray.models import TokenKind
 from prisma_ray.models.adapters.lmm_adapter import NORMALISATION
 from prisma_ray.models.adapters.lmm_processor import build_processor
+from prisma_ray.sae import Dictionary, DictionaryConfig, Site, Sites, export_files, write_files
 from tests.lmm_tiny import CONFIGS, IMAGE_ID, tiny, tiny_entry
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -45,7 +49,7 @@ def test_processor_gives_each_image_its_tokens_and_pads_the_shorter_prompt(case)
     tokenizer = build_processor(model.model, entry, False, NORMALISATION[entry.family]).tokenizer
     text = tokenizer.decode(ids[ids != IMAGE_ID])
     assert PROMPTS[1] in text and text.rstrip().endswith("assistant:")
-    with pytest.raises(ValueError, match="one prompt per image"):
+    with pytest.raises(ValueError, match="give one prompt each"):
         model.encode(images(2), PROMPTS[:1])
 
 
@@ -136,3 +140,39 @@ def test_inputs_for_a_vision_model_are_normalised_pixels():
     x, kept = build(np.zeros((2, 32, 32, 3), np.uint8), ["a", "b"])
     assert x.shape == (2, 3, 32, 32) and kept.shape == (2, vit.token_layout.n_tokens)
     assert kept.sample.tolist() == [0, 1] and kept.position.tolist() == [0, 0]
+
+
+def test_qwen_stores_video_tokens_with_their_frames(tmp_path):
+    clips = SyntheticSource(uri=str(tmp_path / "clips"),
+                            generator=MovingShapesConfig(n_clips=3, num_frames=4, image_size=40))  # fmt: skip
+    job = act.WorkerJob(
+        model=tiny_entry("qwen2-vl"), pretrained=False, seed=0, tokens=ts.TokenSelection(mode="image"),
+        dtype="float32", stores={HOOK: str(tmp_path / "out")}, storage=act.StorageOptions(), batch_size=2,
+    )  # fmt: skip
+    worker = act.ExtractionWorker(job)
+    fmt = act.InputFormat.create(clips, worker.model.preprocess)
+    data = act.decode_shard(list_refs(clips), clips, fmt)
+    assert data.pixels.shape == (3, 4, 56, 56, 3)
+    summary = worker.process(0, data)
+    table = pq.read_table(tmp_path / "out" / "part-00000.parquet")
+    assert summary["tokens"] == table.num_rows == 3 * 8
+    assert table.column("frame").to_pylist() == ([0] * 4 + [2] * 4) * 3
+    assert set(table.column("kind").to_pylist()) == {TokenKind.PATCH}
+
+
+def test_plan_refuses_videos_for_llava_before_any_work(tmp_path):
+    clips = dict(type="synthetic", uri=str(tmp_path / "clips"),
+                 generator=dict(name="moving-shapes", n_clips=2, num_frames=4, image_size=40))  # fmt: skip
+    cfg = act.ExtractConfig(model=tiny_entry("llava-onevision"), hooks=[HOOK], dataset=clips, output=str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="cannot take the synthetic dataset.*supported for Qwen2-VL"):
+        plan_extract(cfg)
+    assert not (tmp_path / "out").exists(), "refused before any store was claimed"
+
+
+def test_interpretation_refuses_a_multimodal_models_dictionary(tmp_path):
+    name = "hf-llava-onevision-qwen2-0.5b-ov"
+    sites = Sites(inputs=(Site(name="lm.blocks.12.hook_resid_post", width=896, model=name),))
+    checkpoint = str(tmp_path / "sae")
+    write_files(export_files(Dictionary(DictionaryConfig(architecture="topk", k=4, d_sae=64), sites)), checkpoint)
+    with pytest.raises(ValueError, match=f"{name} is a multimodal language model"):
+        plan_interpret(InterpretConfig(checkpoint=checkpoint))

@@ -1,9 +1,11 @@
 """Multimodal language models as hooked models: tiny random Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision and LLaVA-NeXT."""
+import numpy as np
 import pytest
 import torch
 
 from prisma_ray.models import TokenKind, UnknownHookPoint
-from tests.lmm_tiny import CONFIGS, IMAGE_ID, tiny
+from prisma_ray.models.spec import ImageView
+from tests.lmm_tiny import CONFIGS, IMAGE_ID, VIDEO_ID, tiny
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -96,7 +98,7 @@ def test_layout_rejects_wrong_number_of_image_tokens(case):
     family, model = case
     batch, n_image, _ = inputs(family)
     batch["input_ids"] = prompt(n_image - 1)
-    with pytest.raises(ValueError, match=f"hold {n_image - 1} image tokens"):
+    with pytest.raises(ValueError, match=f"hold {n_image - 1} placeholder tokens of id {IMAGE_ID}"):
         model.multimodal_layout(batch)
 
 
@@ -104,3 +106,29 @@ def test_plain_tensor_input_is_refused_with_what_to_pass(case):
     _, model = case
     with pytest.raises(ValueError, match="processor's output"):
         model(torch.randn(1, 3, 28, 28))
+
+
+@pytest.mark.parametrize("name", ["qwen2-vl", "qwen2.5-vl"])
+def test_qwen_video_tokens_carry_their_frames(name):
+    model = tiny(name)
+    video = np.random.default_rng(0).integers(0, 256, (4, 56, 56, 3), dtype=np.uint8)
+    batch = model.encode([video], ["What happens?"])
+    layout = model.multimodal_layout(batch)
+    is_video = (batch["input_ids"] == VIDEO_ID).numpy()
+    assert is_video.sum() == 8, "4 frames in temporal patches of 2, each 4x4 patches merged 2x2"
+    assert (layout.kind[is_video] == TokenKind.PATCH).all() and (layout.kind[~is_video] == TokenKind.TEXT).all()
+    assert layout.frame[is_video].tolist() == [0] * 4 + [2] * 4 and (layout.frame[~is_video] == -1).all()
+    assert layout.row[is_video].tolist() == [0, 0, 1, 1] * 2 and layout.col[is_video].tolist() == [0, 1] * 4
+    assert layout.views == (ImageView(sample=0, image=0, view=0, grid=(2, 2), frames=2),)
+    with torch.no_grad():
+        plain = model(batch)
+        reversed_video = model(model.encode([video[::-1].copy()], ["What happens?"]))
+        _, cache = model.run_with_cache(batch, ["lm.blocks.1.hook_resid_post"])
+    assert cache["lm.blocks.1.hook_resid_post"].shape == (1, batch["input_ids"].shape[1], model.lm_d_model)
+    assert not torch.allclose(plain, reversed_video), "the frames' order reaches the language model"
+
+
+def test_llava_takes_images_only():
+    model = tiny("llava-next")
+    with pytest.raises(ValueError, match="video inputs are supported for Qwen2-VL and Qwen2.5-VL"):
+        model.encode([np.zeros((4, 28, 28, 3), np.uint8)], ["What happens?"])

@@ -3,8 +3,10 @@
 `blocks.*` hook the vision tower (Qwen's tower packs every image into one sequence of patches in
 its merge-window order), `lm.blocks.*` the language model's decoder layers. The model's input is
 its processor's output (`input_ids`, `attention_mask`, `pixel_values`, and `image_sizes` or
-`image_grid_thw`, built by `encode(images, prompts)`: see `lmm_processor`); `forward` returns the logits. The `MultimodalLayout` of a batch is read off the
-image token id in `input_ids`: Qwen images are one base view of `(h, w)` merged patches; LLaVA
+`image_grid_thw`; built by `encode(images, prompts)`, see `lmm_processor`); `forward` returns the
+logits. The `MultimodalLayout` of a batch is read off the placeholder ids in `input_ids`: Qwen
+images are one base view of `(h, w)` merged patches (videos: that grid per temporal patch of
+frames, from `pixel_values_videos` and `video_grid_thw`); LLaVA
 images are the base view followed, for any-resolution inputs, by the high-resolution crops as one
 grid whose rows each end with a newline token (the grid shape comes from the model's own packing).
 """
@@ -81,33 +83,43 @@ def _llava_vision(model: nn.Module, entry: ModelEntry) -> dict:
     )
 
 
-def _grid_tokens(view: int, rows: int, cols: int) -> np.ndarray:
-    """`[rows * cols, 4]` (kind, view, row, col) of a row-major grid of image tokens."""
+def _grid_tokens(view: int, rows: int, cols: int, frame: int = -1) -> np.ndarray:
+    """`[rows * cols, 5]` (kind, view, row, col, frame) of a row-major grid of image tokens."""
     rr, cc = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
-    out = np.stack([np.full(rr.size, TokenKind.PATCH), np.full(rr.size, view), rr.ravel(), cc.ravel()], axis=1)
-    return out.astype(np.int16)
+    columns = [np.full(rr.size, TokenKind.PATCH), np.full(rr.size, view), rr.ravel(), cc.ravel(), np.full(rr.size, frame)]
+    return np.stack(columns, axis=1).astype(np.int16)
 
 
-def _qwen_images(model: nn.Module, inputs: Inputs) -> list[np.ndarray]:
-    merge = model.config.vision_config.spatial_merge_size
-    grids = inputs["image_grid_thw"].tolist()
-    return [_grid_tokens(0, t * h // merge, w // merge) for t, h, w in grids]
+def _qwen_visuals(model: nn.Module, inputs: Inputs) -> dict[int, list[np.ndarray]]:
+    """Tokens of each image (one merged grid) and each video (that grid per temporal patch), by placeholder id."""
+    vision = model.config.vision_config
+    merge, step = vision.spatial_merge_size, vision.temporal_patch_size
+    images = [_grid_tokens(0, h // merge, w // merge) for _, h, w in inputs.get("image_grid_thw", torch.zeros(0, 3)).tolist()]
+    videos = [
+        np.concatenate([_grid_tokens(0, h // merge, w // merge, frame=i * step) for i in range(t)])
+        for t, h, w in inputs.get("video_grid_thw", torch.zeros(0, 3)).tolist()
+    ]
+    return {_image_token_id(model): images, int(model.config.video_token_id): videos}
 
 
 def _packed_tokens(packed: np.ndarray, side: int) -> np.ndarray:
-    """(kind, view, row, col) of one LLaVA image from its packed ones (patches) and zeros (newlines)."""
+    """(kind, view, row, col, frame) of one LLaVA image from its packed ones (patches) and zeros (newlines)."""
     base = _grid_tokens(0, side, side)
     rest = packed[side * side :]
     crops = rest.any()
     out, row, col = [], 0, 0
     for value in rest:
         if value:
-            out.append((TokenKind.PATCH, 1, row, col))
+            out.append((TokenKind.PATCH, 1, row, col, -1))
             col += 1
         else:
-            out.append((TokenKind.NEWLINE, int(crops), row if crops else side - 1, -1))
+            out.append((TokenKind.NEWLINE, int(crops), row if crops else side - 1, -1, -1))
             row, col = row + 1, 0
-    return np.concatenate([base, np.asarray(out, dtype=np.int16).reshape(-1, 4)])
+    return np.concatenate([base, np.asarray(out, dtype=np.int16).reshape(-1, 5)])
+
+
+def _llava_visuals(model: nn.Module, inputs: Inputs) -> dict[int, list[np.ndarray]]:
+    return {_image_token_id(model): _llava_images(model, inputs)}
 
 
 def _llava_images(model: nn.Module, inputs: Inputs) -> list[np.ndarray]:
@@ -130,43 +142,53 @@ def _llava_images(model: nn.Module, inputs: Inputs) -> list[np.ndarray]:
     return out
 
 
-def assemble_layout(input_ids: torch.Tensor, image_token_id: int, images: list[np.ndarray]) -> MultimodalLayout:
-    """Place each image's (kind, view, row, col) tokens, in order, on the image-token positions."""
+def assemble_layout(input_ids: torch.Tensor, visuals: Mapping[int, list[np.ndarray]]) -> MultimodalLayout:
+    """Place the (kind, view, row, col, frame) tokens of every image and video on their placeholders.
+
+    `visuals` maps a placeholder token id (image, video) to the token arrays of the batch's images or
+    videos of that kind, in order; each fills the next run of its placeholder positions.
+    """
     ids = input_ids.cpu().numpy()
-    is_image = ids == image_token_id
-    total = sum(len(image) for image in images)
-    if is_image.sum() != total:
-        raise ValueError(
-            f"input_ids hold {int(is_image.sum())} image tokens (id {image_token_id}) but the images give {total}; "
-            "build the inputs with the model's processor (one placeholder per image token)."
-        )
-    shape = ids.shape
-    kind = np.full(shape, TokenKind.TEXT, dtype=np.int8)
-    image, view, row, col = (np.full(shape, -1, dtype=np.int16) for _ in range(4))
+    placed = []
+    for token_id, items in visuals.items():
+        is_token = ids == token_id
+        total = sum(len(tokens) for tokens in items)
+        if is_token.sum() != total:
+            raise ValueError(
+                f"input_ids hold {int(is_token.sum())} placeholder tokens of id {token_id} but the images or videos "
+                f"give {total}; build the inputs with the model's processor (one placeholder per image token)."
+            )
+        queue = iter(items)
+        for b in range(ids.shape[0]):
+            positions = np.flatnonzero(is_token[b])
+            while len(positions):
+                tokens = next(queue)
+                placed.append((b, positions[: len(tokens)], tokens))
+                positions = positions[len(tokens) :]
+    kind = np.full(ids.shape, TokenKind.TEXT, dtype=np.int8)
+    image, view, row, col, frame = (np.full(ids.shape, -1, dtype=np.int16) for _ in range(5))
     views: list[ImageView] = []
-    queue = iter(images)
-    for b in range(shape[0]):
-        positions, index = np.flatnonzero(is_image[b]), 0
-        while len(positions):
-            tokens = next(queue)
-            at, positions = positions[: len(tokens)], positions[len(tokens) :]
-            kind[b, at], view[b, at], row[b, at], col[b, at] = tokens.T
-            image[b, at] = index
-            patches = tokens[tokens[:, 0] == TokenKind.PATCH]
-            for v in np.unique(patches[:, 1]):
-                grid = patches[patches[:, 1] == v, 2:].max(axis=0) + 1
-                views.append(ImageView(sample=b, image=index, view=int(v), grid=(int(grid[0]), int(grid[1]))))
-            index += 1
-    view = view.astype(np.int8)
-    return MultimodalLayout(kind=kind, image=image, view=view, row=row, col=col, views=tuple(views))
+    index = np.zeros(ids.shape[0], dtype=int)
+    for b, at, tokens in sorted(placed, key=lambda p: (p[0], p[1][0])):
+        kind[b, at], view[b, at], row[b, at], col[b, at], frame[b, at] = tokens.T
+        image[b, at] = index[b]
+        patches = tokens[tokens[:, 0] == TokenKind.PATCH]
+        for v in np.unique(patches[:, 1]):
+            grid = patches[patches[:, 1] == v]
+            rows, cols = grid[:, 2:4].max(axis=0) + 1
+            frames = len(np.unique(grid[:, 4]))
+            views.append(ImageView(sample=b, image=int(index[b]), view=int(v), grid=(int(rows), int(cols)), frames=frames))
+        index[b] += 1
+    return MultimodalLayout(kind=kind, image=image, view=view.astype(np.int8), row=row, col=col, frame=frame,
+                            views=tuple(views))  # fmt: skip
 
 
 def _layout(model: nn.Module) -> Callable[[Inputs], MultimodalLayout]:
-    images = _qwen_images if _is_qwen(model) else _llava_images
+    visuals = _qwen_visuals if _is_qwen(model) else _llava_visuals
 
     def layout(inputs: Inputs) -> MultimodalLayout:
         with torch.no_grad():
-            return assemble_layout(inputs["input_ids"], _image_token_id(model), images(model, inputs))
+            return assemble_layout(inputs["input_ids"], visuals(model, inputs))
 
     return layout
 
@@ -176,8 +198,9 @@ def _forward(model: nn.Module) -> Callable[[Inputs], torch.Tensor]:
 
     def forward(inputs: Inputs) -> torch.Tensor:
         kwargs = {"use_cache": False, **inputs}
-        if qwen and "image_grid_thw" in kwargs and "mm_token_type_ids" not in kwargs:
-            kwargs["mm_token_type_ids"] = (kwargs["input_ids"] == _image_token_id(model)).int()
+        if qwen and "mm_token_type_ids" not in kwargs:
+            ids = kwargs["input_ids"]
+            kwargs["mm_token_type_ids"] = (ids == _image_token_id(model)).int() + 2 * (ids == model.config.video_token_id).int()
         return model(**kwargs).logits
 
     return forward
@@ -197,7 +220,7 @@ def sites_from_lmm(model: nn.Module, entry: ModelEntry, processor: Any) -> Model
         forward=_forward(model),
         lm=language_sites(model),
         layout=_layout(model),
-        encode=encoder(processor),
+        encode=encoder(processor, entry.name, videos=_is_qwen(model)),
         **vision,
     )
 

@@ -21,7 +21,8 @@ Encode = Callable[[Sequence[np.ndarray], Sequence[str]], dict[str, torch.Tensor]
 PLAIN_TEMPLATE = (
     "{%- for message in messages -%}{{ message.role }}: "
     "{%- for part in message.content -%}"
-    "{%- if part.type == 'image' -%}IMAGE{%- elif part.type == 'text' -%}{{ part.text }}{%- endif -%}"
+    "{%- if part.type == 'image' -%}IMAGE{%- elif part.type == 'video' -%}VIDEO"
+    "{%- elif part.type == 'text' -%}{{ part.text }}{%- endif -%}"
     "{%- endfor %}\n{% endfor -%}{%- if add_generation_prompt -%}assistant:{%- endif -%}"
 )
 
@@ -58,7 +59,8 @@ def _qwen(config: Any, size: int, norm: dict) -> Any:
                    temporal_patch_size=vision.temporal_patch_size)  # fmt: skip
     pixels = {"shortest_edge": size * size, "longest_edge": size * size}
     images = tf.Qwen2VLImageProcessor(size=pixels, image_mean=norm["mean"], image_std=norm["std"], **patches)
-    videos = tf.Qwen2VLVideoProcessor(size=pixels, image_mean=norm["mean"], image_std=norm["std"], **patches)
+    videos = tf.Qwen2VLVideoProcessor(size=pixels, image_mean=norm["mean"], image_std=norm["std"],
+                                      cap_pixels_per_frame=False, **patches)  # fmt: skip
     special = {
         "<|image_pad|>": config.image_token_id,
         "<|video_pad|>": config.video_token_id,
@@ -66,8 +68,14 @@ def _qwen(config: Any, size: int, norm: dict) -> Any:
         "<|vision_end|>": config.vision_end_token_id,
     }
     tokenizer = byte_tokenizer(special, "<|endoftext|>", config.text_config.vocab_size)
-    template = PLAIN_TEMPLATE.replace("IMAGE", "<|vision_start|><|image_pad|><|vision_end|>")
+    template = PLAIN_TEMPLATE.replace("IMAGE", "<|vision_start|><|image_pad|><|vision_end|>").replace(
+        "VIDEO", "<|vision_start|><|video_pad|><|vision_end|>"
+    )
     return tf.Qwen2VLProcessor(image_processor=images, tokenizer=tokenizer, video_processor=videos, chat_template=template)
+
+
+def _llava_template() -> str:
+    return PLAIN_TEMPLATE.replace("IMAGE", "<image>\n").replace("VIDEO", "<video>\n")
 
 
 def _llava_tokenizer(config: Any, video: bool) -> Any:
@@ -91,7 +99,7 @@ def _llava_next(config: Any, size: int, norm: dict) -> Any:
         patch_size=vision.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         num_additional_image_tokens=int(vision.model_type == "clip_vision_model"),
-        chat_template=PLAIN_TEMPLATE.replace("IMAGE", "<image>\n"),
+        chat_template=_llava_template(),
     )
 
 
@@ -110,7 +118,7 @@ def _llava_onevision(config: Any, size: int, norm: dict) -> Any:
         num_image_tokens=(size // vision.patch_size) ** 2,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         vision_aspect_ratio=config.vision_aspect_ratio,
-        chat_template=PLAIN_TEMPLATE.replace("IMAGE", "<image>\n"),
+        chat_template=_llava_template(),
     )
 
 
@@ -126,23 +134,31 @@ def build_processor(model: nn.Module, entry: ModelEntry, pretrained: bool, norm:
     return OFFLINE[entry.family](model.config, entry.image_size, norm)
 
 
-def user_turn(prompt: str) -> list[dict[str, Any]]:
-    """One user message: the image, then `prompt`."""
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+def user_turn(prompt: str, visual: str = "image") -> list[dict[str, Any]]:
+    """One user message: the image (or video), then `prompt`."""
+    return [{"role": "user", "content": [{"type": visual}, {"type": "text", "text": prompt}]}]
 
 
-def encoder(processor: Any) -> Encode:
-    """`encode(images, prompts)`: `uint8[H, W, 3]` images, one prompt each -> the model's input (CPU tensors).
+def encoder(processor: Any, name: str, videos: bool) -> Encode:
+    """`encode(visuals, prompts)`: `uint8[H, W, 3]` images or `uint8[T, H, W, 3]` videos (the model
+    `name` takes videos only if `videos`), one prompt each -> the model's input (CPU tensors).
 
-    Each sample is the chat template's user turn (its image, then its prompt) with the assistant's
-    turn opened, as when the model is asked the prompt; shorter sequences are padded
+    Each sample is the chat template's user turn (its image or video, then its prompt) with the
+    assistant's turn opened, as when the model is asked the prompt; shorter sequences are padded
     (`attention_mask` 0).
     """
 
-    def encode(images: Sequence[np.ndarray], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        if len(images) != len(prompts):
-            raise ValueError(f"got {len(images)} images but {len(prompts)} prompts; give one prompt per image")
-        texts = [processor.apply_chat_template(user_turn(p), add_generation_prompt=True, tokenize=False) for p in prompts]
-        return dict(processor(images=list(images), text=texts, return_tensors="pt", padding=True))
+    def encode(visuals: Sequence[np.ndarray], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        if len(visuals) != len(prompts):
+            raise ValueError(f"got {len(visuals)} images or videos but {len(prompts)} prompts; give one prompt each")
+        dims = {np.ndim(v) for v in visuals}
+        if not dims <= {3, 4} or len(dims) > 1:
+            raise ValueError(f"{name}: pass a batch of uint8 [H, W, 3] images or of [T, H, W, 3] videos; got ndim {dims}")
+        visual = "video" if dims == {4} else "image"
+        if visual == "video" and not videos:
+            raise ValueError(f"{name} takes images here; video inputs are supported for Qwen2-VL and Qwen2.5-VL")
+        texts = [processor.apply_chat_template(user_turn(p, visual), add_generation_prompt=True, tokenize=False)
+                 for p in prompts]  # fmt: skip
+        return dict(processor(text=texts, return_tensors="pt", padding=True, **{f"{visual}s": list(visuals)}))
 
     return encode
