@@ -21,16 +21,20 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load as load_safetensors
 
 from .. import storage, store
-from ..activations import build_model, describe_model
+from ..activations import InputFormat, ShardData, build_model, decode_shard, describe_model
 from ..data import RowFormat, decode_refs, list_refs, split_errors
+from ..data.sources import DatasetSpec
 from ..data.synthetic import read_table
-from ..models import HookedVisionModel
+from ..model_inputs import sample_prompt
+from ..models import HookedVisionModel, TokenKind
 from ..sae import Dictionary, load_dictionary
 from ..sae.dictionary import Site
 from ..storage import StorageOptions
+from ..token_selection import multimodal_positions
+from ..training_data import KIND_CODES
 from .discovery import CheckpointInfo, read_checkpoint_info
 from .ground_truth import factor_recovery, source_frames, token_factors
-from .heldout import HeldOut, StoreSource, read_held_out
+from .heldout import HeldOut, StoreSource, read_held_out, store_selection
 from .metrics import Reconstruction, Sparsity, decoder_norm_shares, share_summary
 from .splice import (
     Head,
@@ -206,8 +210,6 @@ class Evaluator:
         if len(info.models) > 1:
             return {"splice_note": "crosscoder across models: spliced-in evaluation needs one model"}
         source = self._source(source_uri)
-        if source.multimodal:
-            return {"splice_note": f"{source_uri} holds multimodal sequences: spliced-in evaluation covers vision models"}
         if source.description is None:
             return {"splice_note": f"{source_uri} has no _config.json, so its model and inputs are unknown"}
         name = info.models[0]
@@ -216,19 +218,28 @@ class Evaluator:
             return {"splice_note": data.note}
         model = self._models[name]
         self._ensure_clean(model, data, {s.name for s in (*info.sites.inputs, *info.sites.targets)})
-        positions = torch.as_tensor(source.positions(), device=self.device)
-        zero_key = (name, tuple(s.name for s in info.sites.targets), tuple(positions.tolist()))
+        if source.multimodal:
+            codes = torch.tensor([KIND_CODES[k] for k in info.token_kinds or KIND_CODES], device=self.device)
+            where, at = (lambda batch: torch.isin(batch.kinds, codes)), tuple(codes.tolist())
+        else:
+            positions = torch.as_tensor(source.positions(), device=self.device)
+            where, at = (lambda _batch: positions), tuple(positions.tolist())
+        zero_key = (name, tuple(s.name for s in info.sites.targets), source.multimodal, at)
         if zero_key not in self._zero:
-            self._zero[zero_key] = run_mode(model, data.head, d, positions, "zero", data.batches)
-        sae = run_mode(model, data.head, d, positions, "sae", data.batches)
-        error = run_mode(model, data.head, d, positions, "error", data.batches)
+            self._zero[zero_key] = run_mode(model, data.head, d, where, "zero", data.batches)
+        sae = run_mode(model, data.head, d, where, "sae", data.batches)
+        error = run_mode(model, data.head, d, where, "error", data.batches)
         metrics = summarize(clean_totals(data.batches), sae, error, self._zero[zero_key])
-        return {**metrics, "label_source": data.label_source, "splice_samples": sum(len(b.x) for b in data.batches)}
+        samples = sum(len(b.x["input_ids"] if isinstance(b.x, dict) else b.x) for b in data.batches)
+        return {**metrics, "label_source": data.label_source, "splice_samples": samples}
 
     def _splice_data(self, name: str, source: StoreSource) -> SpliceData:
         if name in self._splice:
             return self._splice[name]
         model = self._model(name, source)
+        if source.multimodal:
+            self._splice[name] = self._sequence_splice_data(model, source)
+            return self._splice[name]
         head = self._head(name, model)
         if head is None:
             note = f"{name} outputs an embedding, not logits; set heads.{name}.text_embeddings"
@@ -255,6 +266,28 @@ class Evaluator:
                    for i in range(0, len(x), self.cfg.splice_batch_size)]  # fmt: skip
         self._splice[name] = SpliceData(head, batches, label_source)
         return self._splice[name]
+
+    def _sequence_splice_data(self, model: HookedVisionModel, source: StoreSource) -> SpliceData:
+        """A multimodal model's held-out inputs (image + prompt, as extracted) scored on next-token
+        prediction of every text token, with the store's tokens of each kind marked for splicing."""
+        spec = source.dataset(self.options)
+        fmt = InputFormat.create(spec, model.preprocess)
+        data = decode_first(spec, fmt, self.cfg.splice_samples)
+        selection = store_selection(source.manifest.token_selection)
+        prompts, size, batches = source.description["prompts"], self.cfg.splice_batch_size, []
+        for i in range(0, len(data.sample_ids), size):
+            ids = data.sample_ids[i : i + size]
+            x = model.encode(list(data.pixels[i : i + size]), [sample_prompt(prompts, s) for s in ids])
+            layout = model.multimodal_layout(x)
+            sample, position = multimodal_positions(layout, x["attention_mask"].numpy(), selection, ids)
+            kinds = np.full(layout.kind.shape, -1, dtype=np.int8)
+            kinds[sample, position] = layout.kind[sample, position]
+            next_text = x["attention_mask"][:, 1:].bool() & torch.from_numpy(layout.kind[:, 1:] == TokenKind.TEXT)
+            readout = torch.nn.functional.pad(next_text, (0, 1), value=False).to(self.device)
+            x = {k: v.to(self.device) for k, v in x.items()}
+            batches.append(SpliceBatch(x, x["input_ids"][:, 1:][next_text.to(self.device)], model(x)[readout],
+                                       kinds=torch.from_numpy(kinds).to(self.device), readout=readout))  # fmt: skip
+        return SpliceData(classifier_head, batches, "next_token")
 
     def _head(self, name: str, model: HookedVisionModel) -> Head | None:
         head = self.cfg.heads.get(name)
@@ -297,6 +330,18 @@ class Evaluator:
                 preprocess.crop_pct, source_frames(tables["samples"], source.sampling),
             )  # fmt: skip
         return self._truth[source.uri]
+
+
+def decode_first(spec: DatasetSpec, fmt: InputFormat, n: int) -> ShardData:
+    """The first `n` good samples of a dataset (in sample-id order), decoded as extraction decodes them."""
+    refs = sorted(list_refs(spec), key=lambda r: (r.sample_id, r.uri))
+    parts: list[ShardData] = []
+    for start in range(0, len(refs), n):
+        parts.append(decode_shard(refs[start : start + n], spec, fmt))
+        if sum(len(p.sample_ids) for p in parts) >= n:
+            break
+    ids = np.concatenate([p.sample_ids for p in parts])[:n]
+    return ShardData(ids, np.concatenate([p.labels for p in parts])[:n], np.concatenate([p.pixels for p in parts])[:n])
 
 
 def load_matrix(uri: str, options: StorageOptions) -> torch.Tensor:

@@ -1,12 +1,15 @@
 """Spliced-in evaluation: run the model with a dictionary's output in place of the activations it models.
 
 Three runs per batch besides the clean one, all at the dictionary's output hook points and token
-positions: `sae` (the reconstruction, or for a transcoder the MLP replacement's prediction),
+positions (the same positions in every sample, `int64[K]`, or per sample, a `bool[B, T]` mask for
+multimodal sequences): `sae` (the reconstruction, or for a transcoder the MLP replacement's prediction),
 `error` (the same plus the clean run's error term `x − x̂`, which for a single site reproduces the
 clean run: `kl_with_error ≈ 0` checks the splice itself) and `zero` (zero ablation). From their
 task losses: `loss_recovered = (L_zero − L_sae) / (L_zero − L_clean)`, the KL divergence from the
 clean predictions and the top-1 accuracy delta. Heads turn the model's output into class logits:
-the model's own classifier, or a CLIP-style zero-shot head over text embeddings of class names.
+the model's own classifier, or a CLIP-style zero-shot head over text embeddings of class names. A
+multimodal language model's task is next-token prediction: a batch's `readout` mask picks the
+output positions scored (those followed by a text token) and its labels are those next tokens.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from ..sae import Dictionary
 Mode = Literal["sae", "error", "zero"]
 Head = Callable[[torch.Tensor], torch.Tensor]
 HookList = list[tuple[str, Callable]]
+Where = Callable[["SpliceBatch"], torch.Tensor]
 
 
 def classifier_head(output: torch.Tensor) -> torch.Tensor:
@@ -66,17 +70,18 @@ def splice_hooks(d: Dictionary, positions: torch.Tensor, mode: Mode, clean: dict
     """
     sites = d.sites
     if mode == "zero":
-        return [(s.name, put_at_positions(positions, lambda cur: torch.zeros_like(cur[:, positions]))) for s in sites.targets]
+        return [(s.name, put_at_positions(positions, lambda cur: torch.zeros_like(take(cur, positions))))
+                for s in sites.targets]  # fmt: skip
     bounds = dict(zip((s.name for s in sites.targets), sites.out_bounds()))
-    clean_in = torch.cat([clean[s.name][:, positions] for s in sites.inputs], dim=-1)
-    clean_out = torch.cat([clean[s.name][:, positions] for s in sites.targets], dim=-1)
+    clean_in = torch.cat([take(clean[s.name], positions) for s in sites.inputs], dim=-1)
+    clean_out = torch.cat([take(clean[s.name], positions) for s in sites.targets], dim=-1)
     error = clean_out - _apply(d, clean_in) if mode == "error" else torch.zeros_like(clean_out)
     if sites.autoencoder:
         single = len(sites.inputs) == 1
         recon = None if single else _apply(d, clean_in)
 
         def autoencoder(cur: torch.Tensor, a: int, b: int) -> torch.Tensor:
-            hat = _apply(d, cur[:, positions]) if single else recon
+            hat = _apply(d, take(cur, positions)) if single else recon
             return hat[..., a:b] + error[..., a:b]
 
         return [(name, put_at_positions(positions, lambda cur, a=a, b=b: autoencoder(cur, a, b)))
@@ -87,7 +92,7 @@ def splice_hooks(d: Dictionary, positions: torch.Tensor, mode: Mode, clean: dict
     stash: dict[str, torch.Tensor] = {}
 
     def read(cur: torch.Tensor, _hook) -> None:
-        stash["x"] = cur[:, positions]
+        stash["x"] = take(cur, positions)
 
     def predict(cur: torch.Tensor) -> torch.Tensor:
         if "x" not in stash:
@@ -103,10 +108,20 @@ def _apply(d: Dictionary, x: torch.Tensor) -> torch.Tensor:
     return d(x.reshape(b * k, -1).to(d.W_dec.dtype)).reshape(b, k, -1).to(x.dtype)
 
 
+def take(acts: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The `[B, K, d]` rows of `[B, T, d]` activations at `positions` (`[1, N, d]` for a `bool[B, T]` mask)."""
+    return acts[positions][None] if positions.dtype == torch.bool else acts[:, positions]
+
+
 def put_at_positions(positions: torch.Tensor, value: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+    """A hook that writes `value(cur)` (shaped as `take` gives) at `positions` of a copy of its activations."""
+
     def hook(cur: torch.Tensor, _hook) -> torch.Tensor:
         out = cur.clone()
-        out[:, positions] = value(cur).to(cur.dtype)
+        if positions.dtype == torch.bool:
+            out[positions] = value(cur)[0].to(cur.dtype)
+        else:
+            out[:, positions] = value(cur).to(cur.dtype)
         return out
 
     return hook
@@ -150,22 +165,32 @@ def loss_recovered(clean: float, spliced: float, zero: float) -> float:
 
 @dataclass
 class SpliceBatch:
-    """One batch of inputs with its clean run: labels, clean logits and clean activations by hook point."""
+    """One batch of inputs with its clean run: labels, clean logits and clean activations by hook point.
 
-    x: torch.Tensor
+    Multimodal sequences add `kinds` (`int8[B, T]`: the kind of each token the store holds, -1 for
+    padding and tokens it does not hold) and `readout` (`bool[B, T]`: the output positions scored).
+    """
+
+    x: torch.Tensor | dict[str, torch.Tensor]
     labels: torch.Tensor
     clean_logits: torch.Tensor
     clean: dict[str, torch.Tensor] = field(default_factory=dict)
+    kinds: torch.Tensor | None = None
+    readout: torch.Tensor | None = None
+
+    def logits(self, head: Head, output: torch.Tensor) -> torch.Tensor:
+        """The scored logits of the model's `output` for this batch."""
+        return head(output) if self.readout is None else output[self.readout]
 
 
 @torch.inference_mode()
-def run_mode(model: HookedVisionModel, head: Head, d: Dictionary, positions: torch.Tensor, mode: Mode,
+def run_mode(model: HookedVisionModel, head: Head, d: Dictionary, where: Where, mode: Mode,
              batches: list[SpliceBatch]) -> TaskTotals:  # fmt: skip
-    """Task totals of the model with `d` spliced in per `mode` over `batches`."""
+    """Task totals of the model with `d` spliced in per `mode` over `batches`, at the positions `where(batch)`."""
     totals = TaskTotals()
     for batch in batches:
-        with model.hooks(splice_hooks(d, positions, mode, batch.clean)):
-            logits = head(model(batch.x))
+        with model.hooks(splice_hooks(d, where(batch), mode, batch.clean)):
+            logits = batch.logits(head, model(batch.x))
         totals.update(logits, batch.clean_logits, batch.labels)
     return totals
 
@@ -185,6 +210,7 @@ def summarize(clean: TaskTotals, sae: TaskTotals, error: TaskTotals, zero: TaskT
         "loss_zero": zero.mean_loss,
         "loss_recovered": loss_recovered(clean.mean_loss, sae.mean_loss, zero.mean_loss),
         "kl": sae.mean_kl,
+        "kl_zero": zero.mean_kl,
         "top1_clean": clean.top1,
         "top1_spliced": sae.top1,
         "top1_delta": sae.top1 - clean.top1,

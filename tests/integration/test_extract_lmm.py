@@ -62,7 +62,10 @@ def test_an_sae_trains_on_an_lmm_layer_extracted_through_ray(ray_local, tmp_path
         explained = 1 - float((sae(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
     assert explained > 0.5, explained
 
-    row = evaluate_checkpoint(exported, EvalConfig(stores=str(tmp_path / "acts"), split="train", max_tokens=2048))
+    row = evaluate_checkpoint(exported, EvalConfig(stores=str(tmp_path / "acts"), split="train", max_tokens=2048,
+                                                   splice_samples=8, splice_batch_size=4))  # fmt: skip
     assert row["token_kinds"] == "patch,text", "evaluated on the token kinds it was trained on"
     assert row["explained_variance"] > 0.5 and row["l0"] == pytest.approx(8)
-    assert "multimodal sequences" in row["splice_note"] and "gt_values" not in row
+    assert row["label_source"] == "next_token" and row["splice_samples"] == 8 and "gt_values" not in row
+    assert row["kl_with_error"] < 1e-9 and row["loss_recovered_with_error"] == pytest.approx(1), "an exact splice"
+    assert 0 < row["kl"] < 0.2 * row["kl_zero"], "the SAE moves the next-token predictions far less than zero ablation"

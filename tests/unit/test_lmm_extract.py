@@ -10,6 +10,7 @@ from prisma_ray import store
 from prisma_ray import token_selection as ts
 from prisma_ray.data import SyntheticSource, list_refs
 from prisma_ray.data.synthetic import MovingShapesConfig, ShapesConfig
+from prisma_ray.evaluate.splice import put_at_positions, take
 from prisma_ray.extract import plan_extract
 from prisma_ray.interpret.collect import InterpretConfig, plan_interpret
 from prisma_ray.model_inputs import model_inputs, model_prompts, sample_prompt
@@ -176,3 +177,12 @@ def test_interpretation_refuses_a_multimodal_models_dictionary(tmp_path):
     write_files(export_files(Dictionary(DictionaryConfig(architecture="topk", k=4, d_sae=64), sites)), checkpoint)
     with pytest.raises(ValueError, match=f"{name} is a multimodal language model"):
         plan_interpret(InterpretConfig(checkpoint=checkpoint))
+
+
+def test_a_per_sample_token_mask_splices_exactly_those_tokens():
+    cur = torch.randn(2, 5, 3)
+    mask = torch.tensor([[True, False, False, True, False], [False, False, True, False, False]])
+    rows = take(cur, mask)
+    assert rows.shape == (1, 3, 3) and torch.equal(rows[0], cur[mask])
+    out = put_at_positions(mask, lambda acts: torch.zeros_like(take(acts, mask)))(cur, None)
+    assert (out[mask] == 0).all() and torch.equal(out[~mask], cur[~mask])
