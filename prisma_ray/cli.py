@@ -253,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="top-activating samples and statistics of every latent of a checkpoint over a dataset (Ray Data)",
         description="Run a dataset through the checkpoint's model and dictionary on a Ray actor pool and keep, per "
         "latent, the top-k samples by max and by mean activation (with per-patch maps), a random sample of its "
-        "activations and its firing statistics; write them to `output` (local or s3://).",
+        "activations and its firing statistics; write them to `output` (local or s3://). A multimodal language "
+        "model's dictionary is read on each image's base-view image tokens, the image shown with one of `prompts`.",
         epilog="example: prisma-ray interpret --set checkpoint=runs/sae/topk-k-32 --data data.yaml --set output=/tmp/i",
     )
     interpret.add_argument("config", nargs="?", help="YAML InterpretConfig (optional)")

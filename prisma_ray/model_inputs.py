@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .models import HookedVisionModel
+from .models import HookedVisionModel, TokenLayout
 from .token_selection import TokenSelection, multimodal_positions, stable_hash, token_columns, token_positions
 
 DEFAULT_PROMPT = "Describe the image."
@@ -113,3 +113,10 @@ def model_inputs(
     if prompts is None:
         return PixelInputs(model, selection, device)
     return PromptInputs(model, selection, prompts, device)
+
+
+def base_view_layout(model: HookedVisionModel, shape: tuple[int, ...], prompt: str) -> TokenLayout:
+    """A multimodal model's base view of one `uint8` image of `shape`, as a patch grid with no prefix tokens."""
+    batch = model.encode([np.zeros(shape, np.uint8)], [prompt])
+    view = model.multimodal_layout(batch).views[0]
+    return TokenLayout(prefix=(), grid=view.grid)

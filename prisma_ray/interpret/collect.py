@@ -21,6 +21,7 @@ from ..activations import (
     InputFormat,
     ShardData,
     build_model,
+    check_hooks,
     decode_shard,
     describe_model,
     resolve_entry,
@@ -29,8 +30,8 @@ from ..activations import (
 from ..data.sources import SHARDED, DatasetSpec, SampleRef, SyntheticSource, with_resolved_storage
 from ..data.synthetic import ShapesConfig
 from ..evaluate.discovery import CheckpointInfo, read_checkpoint_info
-from ..model_inputs import normalize
-from ..models import ModelEntry, TokenLayout
+from ..model_inputs import base_view_layout, model_prompts, normalize, sample_prompt
+from ..models import ModelEntry, TokenKind, TokenLayout
 from ..ray_session import RayOptions
 from ..sae import load_dictionary
 from ..storage import StorageOptions
@@ -47,7 +48,9 @@ class InterpretConfig(BaseModel):
     """`prisma-ray interpret` / `dashboard`: one checkpoint's latents over a dataset.
 
     The model and hook point come from the checkpoint's `cfg.json` (`model`/`hook` override them);
-    `pretrained: false` rebuilds the random weights an extraction with the same `seed` used.
+    `pretrained: false` rebuilds the random weights an extraction with the same `seed` used. For a
+    multimodal language model the latents are read on the base view's image tokens of each image,
+    shown with one of `prompts` (pass those it was extracted with), as a patch grid for heatmaps.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -58,6 +61,10 @@ class InterpretConfig(BaseModel):
     storage: StorageOptions = Field(StorageOptions(), description="how to reach `checkpoint` and `output`")
     model: str | ModelEntry | None = Field(None, description="default: the model named in the checkpoint")
     hook: str | None = Field(None, description="default: the checkpoint's input hook point")
+    prompts: list[str] | None = Field(
+        None, min_length=1, description="multimodal models: the prompts images are shown with, one per sample "
+        "picked by its id as at extraction (default: ['Describe the image.'])",
+    )
     pretrained: bool = True
     seed: int = 0
     k: int = Field(16, ge=1, description="top samples kept per latent and ranking (max, mean)")
@@ -93,11 +100,17 @@ class InterpretJob:
     batch_size: int
     device: str = "cpu"
     torch_threads: int | None = None
+    prompts: tuple[str, ...] | None = None
+    layout: TokenLayout | None = None  # the tokens read (default: the model's token layout)
 
 
 @dataclass(frozen=True)
 class InterpretPlan:
-    """A checked pass: the checkpoint, the model and hook point it reads, the dataset and its input format."""
+    """A checked pass: the checkpoint, the model and hook point it reads, the dataset and its input format.
+
+    `layout` is the token layout the latents are read on (a multimodal model's base-view image
+    tokens as a patch grid); `prompts` those of a multimodal model, None for vision models.
+    """
 
     cfg: InterpretConfig
     info: CheckpointInfo
@@ -107,11 +120,13 @@ class InterpretPlan:
     spec: DatasetSpec
     fmt: InputFormat
     options: StorageOptions
+    prompts: tuple[str, ...] | None = None
 
     def job(self, device: str = "cpu", torch_threads: int | None = None) -> InterpretJob:
         c = self.cfg
         return InterpretJob(self.info.uri, storage.absolute(c.output), self.entry, c.pretrained, c.seed, self.hook, self.options, c.k, c.reservoir,
-                            c.negatives, c.reservoir_seed, c.batch_size, device, torch_threads)  # fmt: skip
+                            c.negatives, c.reservoir_seed, c.batch_size, device, torch_threads, self.prompts,
+                            self.layout)  # fmt: skip
 
     def description(self) -> dict[str, Any]:
         """What determines the results (written to `summary.json`)."""
@@ -127,6 +142,7 @@ class InterpretPlan:
             "modality": self.fmt.preprocess.modality,
             "k": self.cfg.k,
             "reservoir": self.cfg.reservoir,
+            **({"prompts": list(self.prompts)} if self.prompts else {}),
         }
 
 
@@ -144,19 +160,20 @@ def plan_interpret(cfg: InterpretConfig) -> InterpretPlan:
     entry = resolve_entry(name)
     hook = cfg.hook or site.name
     model = describe_model(entry)
-    if model.preprocess.modality == "multimodal":
-        raise ValueError(f"{entry.name} is a multimodal language model; top images, heatmaps and dashboards cover "
-                         "vision and video models (read an LMM dictionary's latents with its store and the model)")  # fmt: skip
-    model.hook_point(hook)
-    if model.d_model != site.width:
+    check_hooks(model, [hook])
+    if model.hook_width(hook) != site.width:
         raise ValueError(f"{cfg.checkpoint} reads {site.width}-wide activations but {entry.name} {hook} is "
-                         f"{model.d_model} wide; pick the checkpoint's model and hook point")  # fmt: skip
+                         f"{model.hook_width(hook)} wide; pick the checkpoint's model and hook point")  # fmt: skip
+    prompts = model_prompts(model, cfg.prompts)
     spec = with_resolved_storage(cfg.dataset)
     try:
         fmt = InputFormat.create(spec, model.preprocess)
+        if prompts is not None and fmt.sampling is not None:
+            raise ValueError("interpreting a multimodal model's dictionary takes images, not videos")
     except ValueError as e:
         raise ValueError(f"{entry.name} cannot take the {spec.type} dataset: {e}") from None
-    return InterpretPlan(cfg, info, entry, hook, model.token_layout, spec, fmt, options)
+    layout = model.token_layout if prompts is None else base_view_layout(model, fmt.shape, prompts[0])
+    return InterpretPlan(cfg, info, entry, hook, layout, spec, fmt, options, None if prompts is None else tuple(prompts))
 
 
 class LatentWorker:
@@ -172,7 +189,8 @@ class LatentWorker:
             torch.set_num_threads(job.torch_threads)
         self.model = build_model(job.model, job.pretrained, job.seed, self.device)
         self.dictionary = load_dictionary(job.checkpoint, job.storage).to(self.device).eval()
-        self.kinds = self.model.token_layout.kinds()
+        self.layout = job.layout or self.model.token_layout
+        self.kinds = self.layout.kinds()
         spec = self.model.preprocess
         self.mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device)
         self.std = torch.tensor(spec.std, dtype=torch.float32, device=self.device)
@@ -188,27 +206,42 @@ class LatentWorker:
 
     def empty(self) -> LatentRecord:
         j = self.job
-        return LatentRecord.empty(self.dictionary.n_latents, self.model.token_layout.n_tokens, j.k, j.reservoir,
-                                  j.negatives, j.reservoir_seed)  # fmt: skip
+        return LatentRecord.empty(self.dictionary.n_latents, self.layout.n_tokens, j.k, j.reservoir, j.negatives,
+                                  j.reservoir_seed)  # fmt: skip
 
     def process(self, data: ShardData, shard: int = 0) -> tuple[LatentRecord, ShardData]:
         """The record of one decoded shard; its bad samples go to `<output>/_errors`."""
         write_shard_errors(data.errors, self.job.output, shard, self.job.storage)
         record = self.empty()
         for i in range(0, len(data.sample_ids), self.job.batch_size):
-            acts = self.latents(data.pixels[i : i + self.job.batch_size])
-            record = record.update(data.sample_ids[i : i + self.job.batch_size], acts, self.kinds)
+            ids = data.sample_ids[i : i + self.job.batch_size]
+            record = record.update(ids, self.latents(data.pixels[i : i + self.job.batch_size], ids), self.kinds)
         return record, data
 
     @torch.inference_mode()
-    def latents(self, pixels: np.ndarray) -> np.ndarray:
-        """`float32[B, tokens, latents]` for `uint8` crops `pixels`."""
-        x = normalize(torch.from_numpy(pixels).to(self.device), self.mean, self.std)
-        _, cache = self.model.run_with_cache(x, [self.job.hook], stop_early=True)
-        acts = cache[self.job.hook]
+    def latents(self, pixels: np.ndarray, sample_ids: np.ndarray) -> np.ndarray:
+        """`float32[B, tokens, latents]` for `uint8` crops `pixels` (the prompts of multimodal models follow `sample_ids`)."""
+        if self.job.prompts is None:
+            x = normalize(torch.from_numpy(pixels).to(self.device), self.mean, self.std)
+            _, cache = self.model.run_with_cache(x, [self.job.hook], stop_early=True)
+            acts = cache[self.job.hook]
+        else:
+            acts = self._base_view_acts(pixels, sample_ids)
         b, t, d = acts.shape
         z = self.dictionary.encode(acts.reshape(b * t, d).to(self.dictionary.W_enc.dtype))
         return z.reshape(b, t, -1).float().cpu().numpy()
+
+    def _base_view_acts(self, pixels: np.ndarray, sample_ids: np.ndarray) -> torch.Tensor:
+        """`[B, grid tokens, d]`: a multimodal model's activations at each image's base-view tokens, row-major."""
+        x = self.model.encode(list(pixels), [sample_prompt(self.job.prompts, s) for s in sample_ids])
+        layout = self.model.multimodal_layout(x)
+        base = (layout.kind == TokenKind.PATCH) & (layout.view == 0) & (layout.image == 0)
+        if (base.sum(1) != self.layout.n_tokens).any():
+            raise ValueError(f"{self.job.model.name}: base views of {sorted(set(base.sum(1).tolist()))} tokens, expected "
+                             f"{self.layout.n_tokens}; the images must have the tower's size")  # fmt: skip
+        _, cache = self.model.run_with_cache({k: v.to(self.device) for k, v in x.items()}, [self.job.hook], stop_early=True)
+        acts = cache[self.job.hook][torch.from_numpy(base).to(self.device)]
+        return acts.reshape(len(pixels), self.layout.n_tokens, -1)
 
 
 def fetch_crops(plan: InterpretPlan, shards: list[list[SampleRef]], where: dict[str, int],

@@ -1,5 +1,8 @@
 """A multimodal language model's layer end to end: `prisma-ray extract` (image + prompt in, sequence tokens
-out, through Ray Data), a TopK SAE trained on its image and text tokens, and its evaluation."""
+out, through Ray Data), a TopK SAE trained on its image and text tokens, its evaluation, and its latents'
+top images and dashboard."""
+from pathlib import Path
+
 import pyarrow.compute as pc
 import pytest
 import torch
@@ -9,6 +12,10 @@ from prisma_ray import store
 from prisma_ray.cli import main
 from prisma_ray.evaluate import EvalConfig, evaluate_checkpoint
 from prisma_ray.evaluate.discovery import read_checkpoint_info
+from prisma_ray.interpret.collect import InterpretConfig
+from prisma_ray.interpret.dashboard import write_dashboard
+from prisma_ray.interpret.pipeline import run_interpret
+from prisma_ray.interpret.results import read_results
 from prisma_ray.models import TokenKind
 from prisma_ray.sae import load_dictionary
 from prisma_ray.train import run_training
@@ -69,3 +76,15 @@ def test_an_sae_trains_on_an_lmm_layer_extracted_through_ray(ray_local, tmp_path
     assert row["label_source"] == "next_token" and row["splice_samples"] == 8 and "gt_values" not in row
     assert row["kl_with_error"] < 1e-9 and row["loss_recovered_with_error"] == pytest.approx(1), "an exact splice"
     assert 0 < row["kl"] < 0.2 * row["kl_zero"], "the SAE moves the next-token predictions far less than zero ablation"
+
+    passed = run_interpret(InterpretConfig(
+        checkpoint=exported, model=tiny_entry("llava-onevision"), pretrained=False, prompts=PROMPTS,
+        dataset=config["dataset"], output=str(tmp_path / "interpret"), k=4, reservoir=8, shard_size=8, actors=1,
+        torch_threads=1, progress=False,
+    ))  # fmt: skip
+    assert passed.samples == 24 and passed.alive > 0
+    results = read_results(str(tmp_path / "interpret"))
+    assert results.layout.grid == (2, 2) and results.summary["prompts"] == PROMPTS
+    best = results.top_rows(int(results.latents.to_pandas()["max_activation"].idxmax()))[0]
+    assert results.image(best["sample_id"]).shape == (28, 28, 3)
+    assert "<img" in Path(write_dashboard(results, max_latents=4)).read_text()

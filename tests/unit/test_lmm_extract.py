@@ -12,12 +12,12 @@ from prisma_ray.data import SyntheticSource, list_refs
 from prisma_ray.data.synthetic import MovingShapesConfig, ShapesConfig
 from prisma_ray.evaluate.splice import put_at_positions, take
 from prisma_ray.extract import plan_extract
-from prisma_ray.interpret.collect import InterpretConfig, plan_interpret
+from prisma_ray.interpret.collect import InterpretConfig, LatentWorker, plan_interpret
 from prisma_ray.model_inputs import model_inputs, model_prompts, sample_prompt
-from prisma_ray.models import TokenKind
+from prisma_ray.models import TokenKind, TokenLayout
 from prisma_ray.models.adapters.lmm_adapter import NORMALISATION
 from prisma_ray.models.adapters.lmm_processor import build_processor
-from prisma_ray.sae import Dictionary, DictionaryConfig, Site, Sites, export_files, write_files
+from prisma_ray.sae import Dictionary, DictionaryConfig, Site, Sites, export_files, load_dictionary, write_files
 from tests.lmm_tiny import CONFIGS, IMAGE_ID, tiny, tiny_entry
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -170,13 +170,40 @@ def test_plan_refuses_videos_for_llava_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists(), "refused before any store was claimed"
 
 
-def test_interpretation_refuses_a_multimodal_models_dictionary(tmp_path):
-    name = "hf-llava-onevision-qwen2-0.5b-ov"
-    sites = Sites(inputs=(Site(name="lm.blocks.12.hook_resid_post", width=896, model=name),))
+def test_interpretation_reads_an_lmm_dictionary_on_each_images_base_view(tmp_path):
+    entry = tiny_entry("llava-onevision")
+    sites = Sites(inputs=(Site(name=HOOK, width=32, model=entry.name),))
+    torch.manual_seed(0)
+    sae = Dictionary(DictionaryConfig(architecture="relu", d_sae=16), sites)
+    torch.nn.init.normal_(sae.W_enc)
     checkpoint = str(tmp_path / "sae")
-    write_files(export_files(Dictionary(DictionaryConfig(architecture="topk", k=4, d_sae=64), sites)), checkpoint)
-    with pytest.raises(ValueError, match=f"{name} is a multimodal language model"):
-        plan_interpret(InterpretConfig(checkpoint=checkpoint))
+    write_files(export_files(sae), checkpoint)
+    shapes = dict(type="synthetic", uri=str(tmp_path / "shapes"), generator=dict(name="shapes", n_images=4, image_size=40))
+    cfg = InterpretConfig(checkpoint=checkpoint, model=entry, pretrained=False, dataset=shapes, prompts=PROMPTS,
+                          output=str(tmp_path / "out"), k=2, reservoir=4)  # fmt: skip
+    plan = plan_interpret(cfg)
+    assert plan.layout == TokenLayout(prefix=(), grid=(2, 2)) and plan.description()["prompts"] == PROMPTS
+    data = act.decode_shard(list_refs(plan.spec), plan.spec, plan.fmt)
+    latents = LatentWorker(plan.job(torch_threads=1)).latents(data.pixels, data.sample_ids)
+
+    model = act.build_model(entry, pretrained=False, seed=0)
+    batch = model.encode(list(data.pixels), [sample_prompt(PROMPTS, s) for s in data.sample_ids])
+    layout = model.multimodal_layout(batch)
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(batch, [HOOK])
+        loaded = load_dictionary(checkpoint)
+        for b in range(len(data.sample_ids)):
+            base = np.flatnonzero((layout.kind[b] == TokenKind.PATCH) & (layout.view[b] == 0))
+            assert layout.row[b, base].tolist() == [0, 0, 1, 1] and layout.col[b, base].tolist() == [0, 1, 0, 1]
+            expected = loaded.encode(cache[HOOK][b, base]).numpy()
+            np.testing.assert_allclose(latents[b], expected, rtol=1e-4, atol=1e-5)
+    assert (latents > 0).any()
+
+    with pytest.raises(ValueError, match="takes images, not videos"):
+        plan_interpret(cfg.model_copy(update={"dataset": SyntheticSource(
+            uri=str(tmp_path / "clips"), generator=MovingShapesConfig(n_clips=2, num_frames=4, image_size=40))}))
+    with pytest.raises(ValueError, match="vision tower"):
+        plan_interpret(cfg.model_copy(update={"hook": "blocks.1.hook_resid_post"}))
 
 
 def test_a_per_sample_token_mask_splices_exactly_those_tokens():
