@@ -15,7 +15,6 @@ from .models import HookedVisionModel, TokenLayout
 from .token_selection import TokenSelection, multimodal_positions, stable_hash, token_columns, token_positions
 
 DEFAULT_PROMPT = "Describe the image."
-ModelInput = torch.Tensor | dict[str, torch.Tensor]
 
 
 @dataclass
