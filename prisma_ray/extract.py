@@ -22,7 +22,6 @@ from . import storage, store
 from .activations import (
     ExtractConfig,
     ExtractionWorker,
-    InputFormat,
     WorkerJob,
     check_hooks,
     config_hash,
@@ -36,6 +35,7 @@ from .activations import (
 )
 from .data.errors import read_errors_table
 from .data.sources import DatasetSpec, SampleRef, list_refs, with_resolved_storage
+from .decoding import InputFormat
 from .model_inputs import model_prompts
 from .models import ModelEntry, TokenLayout
 from .ray_session import ensure_ray

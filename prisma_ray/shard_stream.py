@@ -13,7 +13,7 @@ import ray
 from ray.data import ActorPoolStrategy, DataContext
 from tqdm.auto import tqdm
 
-from .activations import InputFormat, decode_batch
+from .decoding import InputFormat, decode_batch
 from .data.sources import DatasetSpec
 
 MAX_CPU_ACTORS = 8

@@ -21,7 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load as load_safetensors
 
 from .. import storage, store
-from ..activations import InputFormat, ShardData, build_model, decode_shard, describe_model
+from ..activations import build_model, describe_model
+from ..decoding import InputFormat, ShardData, decode_shard
 from ..data import RowFormat, decode_refs, list_refs, split_errors
 from ..data.sources import DatasetSpec
 from ..data.synthetic import read_table

@@ -1,6 +1,6 @@
 """The top-activations pass without Ray: its config, the checks before it starts, and the worker.
 
-For one input shard (decoded by `prisma_ray.activations.decode_batch`, as extraction does), the
+For one input shard (decoded by `prisma_ray.decoding.decode_batch`, as extraction does), the
 worker runs the hooked model up to the dictionary's input hook point, encodes every token with the
 dictionary and folds the latent activations into a `LatentRecord`, which it returns whole; the
 driver merges the records of all shards (`prisma_ray.interpret.pipeline`).
@@ -17,18 +17,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import storage
-from ..activations import (
-    InputFormat,
-    ShardData,
-    build_model,
-    check_hooks,
-    decode_shard,
-    describe_model,
-    resolve_entry,
-    write_shard_errors,
-)
+from ..activations import build_model, check_hooks, describe_model, resolve_entry, write_shard_errors
 from ..data.sources import SHARDED, DatasetSpec, SampleRef, SyntheticSource, with_resolved_storage
 from ..data.synthetic import ShapesConfig
+from ..decoding import InputFormat, ShardData, decode_shard
 from ..evaluate.discovery import CheckpointInfo, read_checkpoint_info
 from ..model_inputs import base_view_layout, model_prompts, normalize, sample_prompt
 from ..models import ModelEntry, TokenKind, TokenLayout

@@ -10,6 +10,7 @@ import torch
 from pydantic import ValidationError
 
 from prisma_ray import activations as act
+from prisma_ray import decoding as dec
 from prisma_ray import store
 from prisma_ray import token_selection as ts
 from prisma_ray.config import load_config
@@ -137,7 +138,7 @@ def test_decoded_crops_normalise_to_the_data_layer_pixels(tmp_path):
     model = act.describe_model(TINY_VIT)
     assert model.preprocess.crop_pct < 1, "exercises resize + centre crop"
     refs = list_refs(spec)
-    data = act.decode_shard(refs, spec, act.InputFormat.create(spec, model.preprocess))
+    data = dec.decode_shard(refs, spec, dec.InputFormat.create(spec, model.preprocess))
     assert data.pixels.dtype == np.uint8 and data.pixels.shape == (12, 32, 32, 3)
     mean, std = torch.tensor(model.preprocess.mean), torch.tensor(model.preprocess.std)
     ours = normalize(torch.from_numpy(data.pixels), mean, std).numpy()
@@ -148,11 +149,11 @@ def test_decoded_crops_normalise_to_the_data_layer_pixels(tmp_path):
 
 def test_shard_payload_roundtrip():
     err = act.ErrorRecord("b.png", "/x/b.png", "corrupt", "not an image")
-    data = act.ShardData(np.array(["a.png"]), np.array([3]), np.ones((1, 4, 4, 3), np.uint8), [err])
-    back = act.ShardData.from_bytes(data.to_bytes())
+    data = dec.ShardData(np.array(["a.png"]), np.array([3]), np.ones((1, 4, 4, 3), np.uint8), [err])
+    back = dec.ShardData.from_bytes(data.to_bytes())
     assert list(back.sample_ids) == ["a.png"] and back.labels.tolist() == [3] and back.errors == [err]
     np.testing.assert_array_equal(back.pixels, data.pixels)
-    empty = act.ShardData.from_bytes(act.ShardData(np.array([], str), np.array([], int), np.zeros((0, 2))).to_bytes())
+    empty = dec.ShardData.from_bytes(dec.ShardData(np.array([], str), np.array([], int), np.zeros((0, 2))).to_bytes())
     assert empty.errors == [] and len(empty.sample_ids) == 0
 
 
@@ -185,7 +186,7 @@ def test_worker_rows_equal_run_with_cache(tmp_path, dtype, tol, tokens, expected
     job = _job(tmp_path, dtype=dtype, tokens=selection)
     worker = act.ExtractionWorker(job)
     refs = list_refs(spec)
-    data = act.decode_shard(refs, spec, act.InputFormat.create(spec, worker.model.preprocess))
+    data = dec.decode_shard(refs, spec, dec.InputFormat.create(spec, worker.model.preprocess))
     summary = worker.process(3, data)
     per_sample = selection.k or len(expected_tokens)
     assert summary["samples"] == 12 and summary["tokens"] == 12 * per_sample and summary["errors"] == 0
@@ -236,17 +237,17 @@ def test_worker_records_bad_samples_and_writes_empty_shards(tmp_path):
     files = ImageSource(items=[good[0], str(tmp_path / "broken.png"), str(tmp_path / "missing.png")])
     job = _job(tmp_path, tokens=ts.TokenSelection(mode="cls"))
     worker = act.ExtractionWorker(job)
-    fmt = act.InputFormat.create(files, worker.model.preprocess)
+    fmt = dec.InputFormat.create(files, worker.model.preprocess)
     refs = list_refs(files)
-    summary = worker.process(0, act.decode_shard(refs, files, fmt))
+    summary = worker.process(0, dec.decode_shard(refs, files, fmt))
     assert summary["samples"] == 1 and summary["errors"] == 2 and summary["tokens"] == 1
-    only_bad = worker.process(1, act.decode_shard(refs[1:], files, fmt), hooks=HOOKS[:1])
+    only_bad = worker.process(1, dec.decode_shard(refs[1:], files, fmt), hooks=HOOKS[:1])
     assert only_bad["samples"] == 0 and only_bad["tokens"] == 0
     assert store.StoreWriter(job.stores[HOOKS[0]]).completed() == {0, 1}
     assert store.StoreWriter(job.stores[HOOKS[1]]).completed() == {0}
     errors = read_errors_table(job.stores[HOOKS[0]])
     assert sorted(errors.column("reason").to_pylist()) == ["corrupt", "corrupt", "missing", "missing"]
-    again = worker.process(0, act.decode_shard(refs, files, fmt))
+    again = worker.process(0, dec.decode_shard(refs, files, fmt))
     assert again == {**summary, "seconds": again["seconds"]}
     assert read_errors_table(job.stores[HOOKS[0]]).num_rows == 4, "a rerun overwrites the shard's errors"
     assert pq.read_table(tmp_path / "out" / HOOKS[0] / "part-00000.parquet").column("sample_id").to_pylist() == [good[0]]

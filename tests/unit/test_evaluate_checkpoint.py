@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from prisma_ray import extract
-from prisma_ray.activations import ExtractConfig, ExtractionWorker, WorkerJob, decode_shard
+from prisma_ray.activations import ExtractConfig, ExtractionWorker, WorkerJob
+from prisma_ray.decoding import decode_shard
 from prisma_ray.cli import main
 from prisma_ray.evaluate import EvalConfig, Evaluator
 from prisma_ray.evaluate.splice import splice_hooks

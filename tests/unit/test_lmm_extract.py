@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from prisma_ray import activations as act
+from prisma_ray import decoding as dec
 from prisma_ray import store
 from prisma_ray import token_selection as ts
 from prisma_ray.data import SyntheticSource, list_refs
@@ -96,7 +97,7 @@ def test_multimodal_models_refuse_vision_only_requests():
 def test_input_format_crops_images_to_the_vision_towers_size(tmp_path):
     model = act.describe_model(tiny_entry("qwen2-vl"))
     spec = SyntheticSource(uri=str(tmp_path / "shapes"), generator=ShapesConfig(n_images=3, image_size=40))
-    data = act.decode_shard(list_refs(spec), spec, act.InputFormat.create(spec, model.preprocess))
+    data = dec.decode_shard(list_refs(spec), spec, dec.InputFormat.create(spec, model.preprocess))
     assert data.pixels.shape == (3, 56, 56, 3) and data.pixels.dtype == np.uint8
 
 
@@ -111,7 +112,7 @@ def test_worker_rows_are_the_sequences_tokens_as_run_with_cache_gives_them(tmp_p
         prompts=PROMPTS,
     )  # fmt: skip
     worker = act.ExtractionWorker(job)
-    data = act.decode_shard(list_refs(spec), spec, act.InputFormat.create(spec, worker.model.preprocess))
+    data = dec.decode_shard(list_refs(spec), spec, dec.InputFormat.create(spec, worker.model.preprocess))
     summary = worker.process(0, data)
 
     reference = act.build_model(tiny_entry(name), pretrained=False, seed=0)
@@ -151,8 +152,8 @@ def test_qwen_stores_video_tokens_with_their_frames(tmp_path):
         dtype="float32", stores={HOOK: str(tmp_path / "out")}, storage=act.StorageOptions(), batch_size=2,
     )  # fmt: skip
     worker = act.ExtractionWorker(job)
-    fmt = act.InputFormat.create(clips, worker.model.preprocess)
-    data = act.decode_shard(list_refs(clips), clips, fmt)
+    fmt = dec.InputFormat.create(clips, worker.model.preprocess)
+    data = dec.decode_shard(list_refs(clips), clips, fmt)
     assert data.pixels.shape == (3, 4, 56, 56, 3)
     summary = worker.process(0, data)
     table = pq.read_table(tmp_path / "out" / "part-00000.parquet")
@@ -183,7 +184,7 @@ def test_interpretation_reads_an_lmm_dictionary_on_each_images_base_view(tmp_pat
                           output=str(tmp_path / "out"), k=2, reservoir=4)  # fmt: skip
     plan = plan_interpret(cfg)
     assert plan.layout == TokenLayout(prefix=(), grid=(2, 2)) and plan.description()["prompts"] == PROMPTS
-    data = act.decode_shard(list_refs(plan.spec), plan.spec, plan.fmt)
+    data = dec.decode_shard(list_refs(plan.spec), plan.spec, plan.fmt)
     latents = LatentWorker(plan.job(torch_threads=1)).latents(data.pixels, data.sample_ids)
 
     model = act.build_model(entry, pretrained=False, seed=0)

@@ -1,0 +1,100 @@
+"""Decoding shards for the model actors (Ray CPU tasks): read, decode, resize and crop to the model's input
+geometry as `uint8`, bad samples as error records.
+
+Torch-free on purpose: every decode task imports this module, and not importing torch there keeps the
+start of a pipeline (each new worker process imports it) short.
+"""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from .data.batches import RowFormat
+from .data.decode import FrameSampling
+from .data.errors import ErrorRecord
+from .data.sources import DatasetSpec, Sample, SampleRef, load_samples, modality
+from .data.transforms import resize_and_crop
+from .models.spec import PreprocessSpec
+
+
+@dataclass(frozen=True)
+class InputFormat:
+    """The rows shipped from decode tasks to actors: `uint8` crops at the model's input geometry,
+    `[H, W, 3]` per image or `[T, H, W, 3]` per clip; the actor normalises them (`model_inputs`).
+
+    Multimodal language models take images (or videos) cropped to their vision tower's nominal
+    size, so that every input yields the same image tokens; their processor normalises them.
+    `preprocess` is then the pixels' geometry, with the dataset's modality.
+    """
+
+    preprocess: PreprocessSpec
+    sampling: FrameSampling | None
+
+    @classmethod
+    def create(cls, spec: DatasetSpec, preprocess: PreprocessSpec) -> InputFormat:
+        """Check that the dataset can feed the model (modality, frames) and fix the geometry."""
+        if preprocess.modality == "multimodal":
+            preprocess = preprocess.model_copy(update={"modality": modality(spec)})
+        return cls(preprocess, RowFormat.create(spec, preprocess).sampling)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        frames = (self.sampling.num_frames,) if self.preprocess.modality == "video" else ()
+        return (*frames, *self.preprocess.image_size, 3)
+
+    def crop(self, sample: Sample) -> np.ndarray:
+        p = self.preprocess
+        frames = sample.video.frames if p.modality == "video" else [sample.image]
+        crops = [resize_and_crop(f, p.image_size, crop_pct=p.crop_pct, interpolation=p.interpolation) for f in frames]
+        return np.stack(crops) if p.modality == "video" else crops[0]
+
+
+@dataclass
+class ShardData:
+    """One decoded shard: the good samples' ids, labels and `uint8` crops, and the bad samples."""
+
+    sample_ids: np.ndarray
+    labels: np.ndarray
+    pixels: np.ndarray
+    errors: list[ErrorRecord] = field(default_factory=list)
+
+    def to_bytes(self) -> bytes:
+        """An `.npz` (no pickle) holding the shard, to pass between Ray tasks as one value."""
+        buf = io.BytesIO()
+        err = {f"error_{k}": np.array([getattr(r, k) for r in self.errors], dtype=str) for k in ErrorRecord.__annotations__}
+        np.savez(buf, sample_ids=self.sample_ids.astype(str), labels=self.labels, pixels=self.pixels, **err)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ShardData:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            fields = [z[f"error_{k}"].tolist() for k in ErrorRecord.__annotations__]
+            return cls(z["sample_ids"], z["labels"], z["pixels"], [ErrorRecord(*row) for row in zip(*fields)])
+
+
+def decode_shard(refs: Sequence[SampleRef], spec: DatasetSpec, fmt: InputFormat) -> ShardData:
+    """Read and decode a shard's refs into model-geometry crops; bad samples become error records."""
+    ids, labels, crops, errors = [], [], [], []
+    for ref in refs:
+        for item in load_samples(ref, spec, fmt.sampling):
+            if isinstance(item, ErrorRecord):
+                errors.append(item)
+                continue
+            ids.append(item.sample_id)
+            labels.append(item.label)
+            crops.append(fmt.crop(item))
+    pixels = np.stack(crops) if crops else np.zeros((0, *fmt.shape), np.uint8)
+    return ShardData(np.array(ids, dtype=str), np.array(labels, dtype=np.int64), pixels, errors)
+
+
+def decode_batch(batch: dict[str, np.ndarray], spec: DatasetSpec, fmt: InputFormat) -> dict[str, np.ndarray]:
+    """Decode task body: rows `shard`, `refs` (JSON list of `SampleRef` fields), `hooks` -> the same rows
+    with `payload` (`ShardData.to_bytes()`) in place of `refs`."""
+    payloads = [
+        decode_shard([SampleRef(**r) for r in json.loads(refs)], spec, fmt).to_bytes() for refs in batch["refs"]
+    ]
+    return {"shard": batch["shard"], "payload": np.array(payloads, dtype=object), "hooks": batch["hooks"]}
