@@ -123,6 +123,14 @@ def build_model(entry: ModelEntry, pretrained: bool, seed: int, device: str | to
     return model
 
 
+def actor_model(entry: ModelEntry, pretrained: bool, seed: int, device: torch.device,
+                torch_threads: int | None) -> HookedVisionModel:  # fmt: skip
+    """`build_model` in a model actor: on CPU it first takes `torch_threads` threads (when given)."""
+    if device.type == "cpu" and torch_threads:
+        torch.set_num_threads(torch_threads)
+    return build_model(entry, pretrained, seed, device)
+
+
 def describe_model(entry: ModelEntry) -> HookedVisionModel:
     """The entry's hooked model on the `meta` device: hook names, layout and input spec, no weights."""
     with torch.device("meta"):
@@ -263,9 +271,7 @@ class ExtractionWorker:
     def __init__(self, job: WorkerJob):
         self.job = job
         self.device = torch.device(job.device)
-        if self.device.type == "cpu" and job.torch_threads:
-            torch.set_num_threads(job.torch_threads)
-        self.model = build_model(job.model, job.pretrained, job.seed, self.device)
+        self.model = actor_model(job.model, job.pretrained, job.seed, self.device, job.torch_threads)
         self.inputs = model_inputs(self.model, job.tokens, job.prompts, self.device)
         self.writers = {hook: store.StoreWriter(uri, job.storage) for hook, uri in job.stores.items()}
         log.info("worker ready: %s on %s, %d torch threads", job.model.name, self.device, torch.get_num_threads())

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .models import HookedVisionModel, TokenLayout
+from .models.spec import MultimodalLayout
 from .token_selection import TokenSelection, multimodal_positions, stable_hash, token_columns, token_positions
 
 DEFAULT_PROMPT = "Describe the image."
@@ -82,16 +83,24 @@ class PromptInputs:
     def __init__(self, model: HookedVisionModel, selection: TokenSelection, prompts: Sequence[str], device: torch.device):
         self.model, self.selection, self.prompts, self.device = model, selection, list(prompts), device
 
-    def __call__(self, pixels: np.ndarray, sample_ids: Sequence[str]) -> tuple[dict[str, torch.Tensor], KeptTokens]:
+    def encode(self, pixels: np.ndarray, sample_ids: Sequence[str]) -> tuple[dict[str, torch.Tensor], MultimodalLayout]:
+        """The model's input (on the device) for each image with its sample's prompt, and its layout."""
         inputs = self.model.encode(list(pixels), [sample_prompt(self.prompts, sid) for sid in sample_ids])
         seq = inputs["input_ids"].shape[1]
         if seq > np.iinfo(np.int16).max:
             raise ValueError(f"{self.model.name}: sequences of {seq} tokens exceed the store's int16 token column")
         layout = self.model.multimodal_layout(inputs)
-        sample, position = multimodal_positions(layout, inputs["attention_mask"].numpy(), self.selection, sample_ids)
-        kept = KeptTokens((len(sample_ids), seq), sample, position, layout.frame[sample, position],
-                          layout.kind[sample, position])  # fmt: skip
-        return {k: v.to(self.device) for k, v in inputs.items()}, kept
+        return {k: v.to(self.device) for k, v in inputs.items()}, layout
+
+    def keep(self, inputs: dict[str, torch.Tensor], layout: MultimodalLayout, sample_ids: Sequence[str]) -> KeptTokens:
+        """The tokens `selection` keeps from an `encode`d batch."""
+        mask = inputs["attention_mask"].cpu().numpy()
+        sample, position = multimodal_positions(layout, mask, self.selection, sample_ids)
+        return KeptTokens(mask.shape, sample, position, layout.frame[sample, position], layout.kind[sample, position])
+
+    def __call__(self, pixels: np.ndarray, sample_ids: Sequence[str]) -> tuple[dict[str, torch.Tensor], KeptTokens]:
+        inputs, layout = self.encode(pixels, sample_ids)
+        return inputs, self.keep(inputs, layout, sample_ids)
 
 
 def model_prompts(model: HookedVisionModel, prompts: Sequence[str] | None) -> list[str] | None:

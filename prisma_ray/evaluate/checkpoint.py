@@ -21,17 +21,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load as load_safetensors
 
 from .. import storage, store
-from ..activations import build_model, describe_model
-from ..decoding import InputFormat, ShardData, decode_shard
+from ..activations import build_model, describe_model, plan_shards
 from ..data import RowFormat, decode_refs, list_refs, split_errors
 from ..data.sources import DatasetSpec
 from ..data.synthetic import read_table
-from ..model_inputs import sample_prompt
+from ..decoding import InputFormat, ShardData, decode_shard
+from ..model_inputs import PromptInputs
 from ..models import HookedVisionModel, TokenKind
 from ..sae import Dictionary, load_dictionary
 from ..sae.dictionary import Site
 from ..storage import StorageOptions
-from ..token_selection import multimodal_positions
 from ..training_data import KIND_CODES
 from .discovery import CheckpointInfo, read_checkpoint_info
 from .ground_truth import factor_recovery, source_frames, token_factors
@@ -275,18 +274,18 @@ class Evaluator:
         fmt = InputFormat.create(spec, model.preprocess)
         data = decode_first(spec, fmt, self.cfg.splice_samples)
         selection = store_selection(source.manifest.token_selection)
-        prompts, size, batches = source.description["prompts"], self.cfg.splice_batch_size, []
+        inputs = PromptInputs(model, selection, source.description["prompts"], self.device)
+        size, batches = self.cfg.splice_batch_size, []
         for i in range(0, len(data.sample_ids), size):
             ids = data.sample_ids[i : i + size]
-            x = model.encode(list(data.pixels[i : i + size]), [sample_prompt(prompts, s) for s in ids])
-            layout = model.multimodal_layout(x)
-            sample, position = multimodal_positions(layout, x["attention_mask"].numpy(), selection, ids)
+            x, layout = inputs.encode(data.pixels[i : i + size], ids)
+            kept = inputs.keep(x, layout, ids)
             kinds = np.full(layout.kind.shape, -1, dtype=np.int8)
-            kinds[sample, position] = layout.kind[sample, position]
-            next_text = x["attention_mask"][:, 1:].bool() & torch.from_numpy(layout.kind[:, 1:] == TokenKind.TEXT)
-            readout = torch.nn.functional.pad(next_text, (0, 1), value=False).to(self.device)
-            x = {k: v.to(self.device) for k, v in x.items()}
-            batches.append(SpliceBatch(x, x["input_ids"][:, 1:][next_text.to(self.device)], model(x)[readout],
+            kinds[kept.sample, kept.position] = kept.kind
+            text = torch.from_numpy(layout.kind[:, 1:] == TokenKind.TEXT).to(self.device)
+            next_text = x["attention_mask"][:, 1:].bool() & text
+            readout = torch.nn.functional.pad(next_text, (0, 1), value=False)
+            batches.append(SpliceBatch(x, x["input_ids"][:, 1:][next_text], model(x)[readout],
                                        kinds=torch.from_numpy(kinds).to(self.device), readout=readout))  # fmt: skip
         return SpliceData(classifier_head, batches, "next_token")
 
@@ -335,10 +334,9 @@ class Evaluator:
 
 def decode_first(spec: DatasetSpec, fmt: InputFormat, n: int) -> ShardData:
     """The first `n` good samples of a dataset (in sample-id order), decoded as extraction decodes them."""
-    refs = sorted(list_refs(spec), key=lambda r: (r.sample_id, r.uri))
     parts: list[ShardData] = []
-    for start in range(0, len(refs), n):
-        parts.append(decode_shard(refs[start : start + n], spec, fmt))
+    for refs in plan_shards(list_refs(spec), spec, n):
+        parts.append(decode_shard(refs, spec, fmt))
         if sum(len(p.sample_ids) for p in parts) >= n:
             break
     ids = np.concatenate([p.sample_ids for p in parts])[:n]

@@ -17,16 +17,17 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import storage
-from ..activations import build_model, check_hooks, describe_model, resolve_entry, write_shard_errors
+from ..activations import actor_model, check_hooks, describe_model, resolve_entry, write_shard_errors
 from ..data.sources import SHARDED, DatasetSpec, SampleRef, SyntheticSource, with_resolved_storage
 from ..data.synthetic import ShapesConfig
 from ..decoding import InputFormat, ShardData, decode_shard
 from ..evaluate.discovery import CheckpointInfo, read_checkpoint_info
-from ..model_inputs import base_view_layout, model_prompts, normalize, sample_prompt
+from ..model_inputs import base_view_layout, model_inputs, model_prompts
 from ..models import ModelEntry, TokenKind, TokenLayout
 from ..ray_session import RayOptions
 from ..sae import load_dictionary
 from ..storage import StorageOptions
+from ..token_selection import TokenSelection
 from .topk import LatentRecord
 
 log = logging.getLogger(__name__)
@@ -177,15 +178,11 @@ class LatentWorker:
     def __init__(self, job: InterpretJob):
         self.job = job
         self.device = torch.device(job.device)
-        if self.device.type == "cpu" and job.torch_threads:
-            torch.set_num_threads(job.torch_threads)
-        self.model = build_model(job.model, job.pretrained, job.seed, self.device)
+        self.model = actor_model(job.model, job.pretrained, job.seed, self.device, job.torch_threads)
+        self.inputs = model_inputs(self.model, TokenSelection(mode="all"), job.prompts, self.device)
         self.dictionary = load_dictionary(job.checkpoint, job.storage).to(self.device).eval()
         self.layout = job.layout or self.model.token_layout
         self.kinds = self.layout.kinds()
-        spec = self.model.preprocess
-        self.mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device)
-        self.std = torch.tensor(spec.std, dtype=torch.float32, device=self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [self.process(ShardData.from_bytes(payload), int(shard)) for shard, payload in zip(batch["shard"], batch["payload"])]
@@ -214,7 +211,7 @@ class LatentWorker:
     def latents(self, pixels: np.ndarray, sample_ids: np.ndarray) -> np.ndarray:
         """`float32[B, tokens, latents]` for `uint8` crops `pixels` (the prompts of multimodal models follow `sample_ids`)."""
         if self.job.prompts is None:
-            x = normalize(torch.from_numpy(pixels).to(self.device), self.mean, self.std)
+            x, _ = self.inputs(pixels, sample_ids)
             _, cache = self.model.run_with_cache(x, [self.job.hook], stop_early=True)
             acts = cache[self.job.hook]
         else:
@@ -225,13 +222,12 @@ class LatentWorker:
 
     def _base_view_acts(self, pixels: np.ndarray, sample_ids: np.ndarray) -> torch.Tensor:
         """`[B, grid tokens, d]`: a multimodal model's activations at each image's base-view tokens, row-major."""
-        x = self.model.encode(list(pixels), [sample_prompt(self.job.prompts, s) for s in sample_ids])
-        layout = self.model.multimodal_layout(x)
+        x, layout = self.inputs.encode(pixels, sample_ids)
         base = (layout.kind == TokenKind.PATCH) & (layout.view == 0) & (layout.image == 0)
         if (base.sum(1) != self.layout.n_tokens).any():
             raise ValueError(f"{self.job.model.name}: base views of {sorted(set(base.sum(1).tolist()))} tokens, expected "
                              f"{self.layout.n_tokens}; the images must have the tower's size")  # fmt: skip
-        _, cache = self.model.run_with_cache({k: v.to(self.device) for k, v in x.items()}, [self.job.hook], stop_early=True)
+        _, cache = self.model.run_with_cache(x, [self.job.hook], stop_early=True)
         acts = cache[self.job.hook][torch.from_numpy(base).to(self.device)]
         return acts.reshape(len(pixels), self.layout.n_tokens, -1)
 
