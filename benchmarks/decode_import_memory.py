@@ -1,5 +1,5 @@
-"""What a Ray decode worker pays to import the code it runs: `prisma_ray.decoding` (torch-free, what decode
-tasks import) against `prisma_ray.activations` (the module that held the decoding before, with torch).
+"""What a Ray decode worker pays to import the code it runs: `prisma_ray.data.shards` (torch-free, what decode
+tasks import) against `prisma_ray.extract.worker` (the module that held the decoding before, with torch).
 
 Each import runs in a fresh interpreter, `--repeats` times alternately; prints the median max RSS and wall
 time of each and their ratios.
@@ -30,7 +30,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    modules = {"(a) prisma_ray.decoding": "prisma_ray.decoding", "(b) prisma_ray.activations": "prisma_ray.activations"}
+    modules = {"(a) prisma_ray.data.shards": "prisma_ray.data.shards", "(b) prisma_ray.extract.worker": "prisma_ray.extract.worker"}
     runs: dict[str, list[dict]] = {label: [] for label in modules}
     for _ in range(args.repeats):
         for label, module in modules.items():

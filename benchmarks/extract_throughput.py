@@ -30,10 +30,11 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from prisma_ray import store
-from prisma_ray.activations import DEFAULT_MODEL, ExtractConfig, build_model, resolve_entry
 from prisma_ray.data.sources import SampleRef, SyntheticSource, list_refs, with_resolved_storage
-from prisma_ray.extract import run_extract
+from prisma_ray.extract.config import DEFAULT_MODEL, ExtractConfig
+from prisma_ray.extract.pipeline import run_extract
 from prisma_ray.models import PreprocessSpec
+from prisma_ray.models.loading import build_model, resolve_entry
 
 _RESID_POST = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
 

@@ -93,8 +93,8 @@ def run_saelens(python: str, data_path: str, warmup: int, sparse: bool) -> list[
 
 def ray_tokens_per_s(store_uri: str, workers: int, steps: int, tmp: str) -> float:
     """Steady-state tokens/s of `prisma-ray train` (the second half of the run) with `workers` workers."""
-    from prisma_ray.train import run_training
-    from prisma_ray.training_config import TrainConfig
+    from prisma_ray.train.config import TrainConfig
+    from prisma_ray.train.job import run_training
 
     cfg = TrainConfig.model_validate({
         "name": f"bench-{workers}", "storage": f"{tmp}/runs", "data": {"inputs": [store_uri], "normalize": "none"},

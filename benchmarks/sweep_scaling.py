@@ -1,4 +1,4 @@
-"""Sweep scaling: wall time of `prisma_ray.sweep.run_sweep` over 1, 4 and 16 checkpoints of one model.
+"""Sweep scaling: wall time of `prisma_ray.evaluate.sweep.run_sweep` over 1, 4 and 16 checkpoints of one model.
 
 Every sweep writes to a fresh output and runs one evaluation actor, so it pays once for what the
 checkpoints of a model share (the actor, the model, the held-out rows, the decoded inputs and clean
@@ -22,11 +22,11 @@ from pathlib import Path
 import ray
 import torch
 
-from prisma_ray.activations import ExtractConfig
-from prisma_ray.extract import run_extract
+from prisma_ray.evaluate.sweep import SweepConfig, run_sweep
+from prisma_ray.extract.config import ExtractConfig
+from prisma_ray.extract.pipeline import run_extract
 from prisma_ray.sae import Dictionary, DictionaryConfig, Site, Sites, export_files, write_files
 from prisma_ray.store import read_manifest
-from prisma_ray.sweep import SweepConfig, run_sweep
 
 
 def main() -> int:

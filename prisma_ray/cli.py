@@ -6,7 +6,8 @@ import importlib
 import json
 import logging
 import sys
-from typing import Callable, get_args
+from collections.abc import Callable
+from typing import get_args
 
 from .config import ConfigError, load_config
 from .models.registry import Modality, Source
@@ -209,12 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
         "through a random-weight ViT-Tiny into ./prisma-activations)"
     )
     _add_overrides(extract)
-    extract.set_defaults(func=_job(".extract", "ExtractConfig", "run_extract"))
+    extract.set_defaults(func=_job(".extract.pipeline", "ExtractConfig", "run_extract"))
 
     train = sub.add_parser("train", help="train SAEs, transcoders or crosscoders on activation stores (Ray Train)")
     train.add_argument("config", nargs="?", help="YAML config (optional: the defaults train on the default store)")
     _add_overrides(train)
-    train.set_defaults(func=_job(".train", "TrainConfig", "run_training"))
+    train.set_defaults(func=_job(".train.job", "TrainConfig", "run_training"))
 
     sweep = sub.add_parser(
         "sweep",
@@ -227,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("config", nargs="?", help="YAML SweepConfig (`checkpoints` is required)")
     _add_overrides(sweep)
-    sweep.set_defaults(func=_job(".sweep", "SweepConfig", "run_sweep"))
+    sweep.set_defaults(func=_job(".evaluate.sweep", "SweepConfig", "run_sweep"))
 
     evaluate = sub.add_parser("evaluate", help="evaluate one checkpoint (no Ray) and print its metrics as JSON")
     evaluate.add_argument("checkpoint", help="checkpoint directory URI (cfg.json + sae_weights.safetensors)")

@@ -19,23 +19,23 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import storage
-from .activations import ExtractConfig
 from .data.sources import SyntheticSource
 from .evaluate import EvalConfig
-from .extract import run_extract
+from .evaluate.sweep import SweepConfig, run_sweep
+from .extract.config import ExtractConfig
+from .extract.pipeline import run_extract
+from .interpret.autointerp.run import ExplainConfig, run_explain
 from .interpret.collect import InterpretConfig
 from .interpret.dashboard import write_dashboard
-from .interpret.autointerp.run import ExplainConfig, run_explain
 from .interpret.pipeline import run_interpret
 from .interpret.results import read_results
 from .models import get_entry, toy
-from .ray_session import RayOptions, ensure_ray
+from .models.token_selection import TokenSelection
+from .runtime.session import RayOptions, ensure_ray
 from .sae import DictionaryConfig
 from .storage import StorageOptions
-from .token_selection import TokenSelection
-from .sweep import SweepConfig, run_sweep
-from .train import run_training
-from .training_config import TrainConfig, TrainData
+from .train.config import TrainConfig, TrainData
+from .train.job import run_training
 
 
 class QuickstartModel(BaseModel):

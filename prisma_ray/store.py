@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import posixpath
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -21,9 +22,12 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from . import storage
+from .models.spec import TokenKind
 
 StoreDType = Literal["float16", "bfloat16", "float32"]
 DTYPE_KEY = b"prisma_ray.dtype"
+KIND_CODES = {kind.name.lower(): int(kind) for kind in TokenKind}  # the `kind` column: TokenKind codes by name
+KEYS = ["sample_id", "frame", "token"]  # the columns that identify a row (one token of one sample)
 _ARROW_VALUE = {"float16": pa.float16(), "bfloat16": pa.uint16(), "float32": pa.float32()}
 # Activation values byte-stream-split then zstd level 1: smaller than dictionary encoding and ~5x faster to write.
 PARQUET_OPTIONS = dict(
@@ -310,3 +314,15 @@ def iter_act_batches(uri: str, batch_size: int, options: storage.StorageOptions 
         dtype = store_dtype(pf.schema_arrow)
         for batch in pf.iter_batches(batch_size=batch_size, columns=["act"]):
             yield decode_acts(batch.column(0), dtype)
+
+
+def align(tables: list[pa.Table]) -> list[pa.Table]:
+    """The rows of `tables` matched on `(sample_id, frame, token)`, in the first table's order."""
+    first = tables[0].select(KEYS)
+    if all(t.select(KEYS).equals(first) for t in tables[1:]):
+        return tables
+    joined = first.append_column("_i0", pa.array(np.arange(first.num_rows)))
+    for i, t in enumerate(tables[1:], 1):
+        joined = joined.join(t.select(KEYS).append_column(f"_i{i}", pa.array(np.arange(t.num_rows))), KEYS)
+    joined = joined.sort_by("_i0")
+    return [t.take(joined.column(f"_i{i}")) for i, t in enumerate(tables)]

@@ -8,13 +8,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import storage as store_io
-from ..storage import StorageOptions
 from ..data.decode import FrameSampling, decode_image, decode_video
 from ..data.errors import BadSample
 from ..data.synthetic import MovingShapesConfig, ShapesConfig, render_moving_shapes, render_shapes
 from ..data.transforms import normalize, resize_and_crop
 from ..models import HookedVisionModel, get_entry, toy
 from ..models.spec import PreprocessSpec
+from ..storage import StorageOptions
 
 
 class InputsConfig(BaseModel):

@@ -10,12 +10,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import storage
-from ..storage import StorageOptions
-from ..activations import build_model
 from ..evaluate.checkpoint import HeadConfig, load_matrix
 from ..evaluate.splice import ZeroShotHead, outputs_logits
 from ..models import HookedVisionModel, get_entry
+from ..models.loading import build_model
 from ..sae import load_dictionary
+from ..storage import StorageOptions
 from . import draw
 from .attention import attention_patterns, query_rows, rollout
 from .attribution import Attribution, latent_attribution, logit_attribution

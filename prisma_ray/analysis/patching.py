@@ -7,8 +7,9 @@ other class), normalised so that 0 is the receiving run's own LD and 1 the donor
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 

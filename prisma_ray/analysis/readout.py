@@ -64,7 +64,7 @@ class Readout:
         """`[B, T, C]`: the norms and head applied to every token on its own (the per-patch logit lens)."""
         return self._out(_apply(self.pre_norm, resid))
 
-    def frozen(self, resid: torch.Tensor) -> "FrozenReadout":
+    def frozen(self, resid: torch.Tensor) -> FrozenReadout:
         """The affine map the readout is at `resid` once every LayerNorm's scale is frozen there."""
         pre_sigma = _sigma(self.pre_norm, resid)
         pooled = self._pooled(_apply(self.pre_norm, resid))

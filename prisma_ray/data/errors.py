@@ -5,7 +5,7 @@ import io
 import logging
 import uuid
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from prisma_ray import storage
+from prisma_ray import storage, store
 
 log = logging.getLogger(__name__)
 
@@ -110,3 +110,20 @@ def count_reasons(records: Iterable[ErrorRecord]) -> dict[str, int]:
 
 def format_counts(records: Iterable[ErrorRecord]) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(count_reasons(records).items()))
+
+
+def write_shard_errors(records: Sequence[ErrorRecord], owner: str, shard: int, options: storage.StorageOptions | None) -> None:
+    """Write a shard's bad samples as `<owner>/_errors/part-<shard>.parquet` (a rerun overwrites, never duplicates).
+
+    `read_errors_table(owner)` reads them back.
+    """
+    if not records:
+        return
+    now = datetime.now(timezone.utc)
+    table = pa.Table.from_pylist([{**asdict(r), "time": now} for r in records], schema=ERROR_SCHEMA)
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    uri = storage.join(errors_uri(owner), f"part-{shard:05d}.parquet")
+    fs, path = storage.resolve(uri, options)
+    store.write_atomic(fs, path, buf.getvalue().to_pybytes())
+    log.warning("shard %d: %d bad samples skipped (%s); recorded in %s", shard, len(records), format_counts(records), uri)

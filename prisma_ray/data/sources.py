@@ -20,7 +20,6 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 from prisma_ray import storage
-from prisma_ray.storage import StorageOptions
 from prisma_ray.data import synthetic
 from prisma_ray.data.decode import DEFAULT_MAX_PIXELS, DecodedVideo, FrameSampling, decode_image, decode_video
 from prisma_ray.data.errors import (
@@ -34,6 +33,7 @@ from prisma_ray.data.errors import (
     ErrorRecord,
 )
 from prisma_ray.models.spec import PreprocessSpec
+from prisma_ray.storage import StorageOptions
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".mov")

@@ -1,4 +1,4 @@
-"""Evaluation of sparse dictionaries (no Ray in here; `prisma_ray.sweep` distributes it).
+"""Evaluation of sparse dictionaries (no Ray in here; `prisma_ray.evaluate.sweep` distributes it).
 
 - `metrics`: MSE, explained variance, cosine, L0, dead/dense fractions, log-density histogram,
   crosscoder decoder-norm shares, Pareto fronts (pure functions and accumulators);

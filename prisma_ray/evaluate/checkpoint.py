@@ -21,17 +21,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load as load_safetensors
 
 from .. import storage, store
-from ..activations import build_model, describe_model, plan_shards
 from ..data import RowFormat, decode_refs, list_refs, split_errors
+from ..data.shards import InputFormat, ShardData, decode_shard, plan_shards
 from ..data.sources import DatasetSpec
 from ..data.synthetic import read_table
-from ..decoding import InputFormat, ShardData, decode_shard
-from ..model_inputs import PromptInputs
 from ..models import HookedVisionModel, TokenKind
+from ..models.inputs import PromptInputs
+from ..models.loading import build_model, describe_model
 from ..sae import Dictionary, load_dictionary
 from ..sae.dictionary import Site
 from ..storage import StorageOptions
-from ..training_data import KIND_CODES
+from ..store import KIND_CODES
 from .discovery import CheckpointInfo, read_checkpoint_info
 from .ground_truth import factor_recovery, source_frames, token_factors
 from .heldout import HeldOut, StoreSource, read_held_out, store_selection

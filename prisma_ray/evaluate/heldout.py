@@ -7,8 +7,9 @@ what the spliced-in and ground-truth evaluations need to rebuild the same model 
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -17,11 +18,11 @@ import pyarrow.parquet as pq
 import torch
 
 from .. import storage, store
-from ..token_selection import TokenSelection, fixed_positions
 from ..data.decode import FrameSampling
 from ..data.sources import DatasetSpec, parse_dataset_spec, with_resolved_storage
 from ..models import ModelEntry, TokenLayout
-from ..training_data import KEYS, KIND_CODES, align
+from ..models.token_selection import TokenSelection, fixed_positions
+from ..store import KEYS, KIND_CODES, align
 
 KEY_COLUMNS = [*KEYS, "kind"]
 

@@ -13,8 +13,8 @@ output positions scored (those followed by a text token) and its labels are thos
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch

@@ -1,6 +1,6 @@
 """The top-activations pass without Ray: its config, the checks before it starts, and the worker.
 
-For one input shard (decoded by `prisma_ray.decoding.decode_batch`, as extraction does), the
+For one input shard (decoded by `prisma_ray.data.shards.decode_batch`, as extraction does), the
 worker runs the hooked model up to the dictionary's input hook point, encodes every token with the
 dictionary and folds the latent activations into a `LatentRecord`, which it returns whole; the
 driver merges the records of all shards (`prisma_ray.interpret.pipeline`).
@@ -17,17 +17,18 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import storage
-from ..activations import actor_model, check_hooks, describe_model, resolve_entry, write_shard_errors
+from ..data.errors import write_shard_errors
+from ..data.shards import InputFormat, ShardData, decode_shard
 from ..data.sources import SHARDED, DatasetSpec, SampleRef, SyntheticSource, with_resolved_storage
 from ..data.synthetic import ShapesConfig
-from ..decoding import InputFormat, ShardData, decode_shard
 from ..evaluate.discovery import CheckpointInfo, read_checkpoint_info
-from ..model_inputs import base_view_layout, model_inputs, model_prompts
 from ..models import ModelEntry, TokenKind, TokenLayout
-from ..ray_session import RayOptions
+from ..models.inputs import base_view_layout, model_inputs, model_prompts
+from ..models.loading import actor_model, check_hooks, describe_model, resolve_entry
+from ..models.token_selection import TokenSelection
+from ..runtime.session import RayOptions
 from ..sae import load_dictionary
 from ..storage import StorageOptions
-from ..token_selection import TokenSelection
 from .topk import LatentRecord
 
 log = logging.getLogger(__name__)

@@ -13,10 +13,10 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 from .. import storage
-from ..activations import plan_shards
+from ..data.shards import plan_shards
 from ..data.sources import SampleRef, list_refs
-from ..ray_session import ensure_ray
-from ..shard_stream import actor_resources, stream_shards
+from ..runtime.pool import actor_resources, stream_shards
+from ..runtime.session import ensure_ray
 from .collect import InterpretConfig, InterpretPlan, LatentWorker, fetch_crops, plan_interpret
 from .results import needed_samples, read_results, results_exist, write_results
 from .topk import LatentRecord

@@ -9,20 +9,21 @@ compared through a head: the model's classifier, or a CLIP-style zero-shot head 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..activations import build_model, resolve_entry
-from ..token_selection import TokenSelection, fixed_positions
 from ..data import RowFormat, decode_refs, list_refs, split_errors
 from ..data.sources import DatasetSpec, SyntheticSource, with_resolved_storage
 from ..evaluate.checkpoint import load_matrix
 from ..evaluate.splice import Head, HookList, ZeroShotHead, classifier_head, outputs_logits, put_at_positions
 from ..models import HookedVisionModel, ModelEntry
+from ..models.loading import build_model, resolve_entry
+from ..models.token_selection import TokenSelection, fixed_positions
 from ..sae import Dictionary, load_dictionary
 from ..storage import StorageOptions
 from .collect import default_dataset

@@ -17,10 +17,22 @@ _LAZY = {
     "load_model": "loading",
 }
 
-__all__ = sorted(
-    [*_LAZY, "HookPoint", "UnknownHookPoint", "ModelEntry", "UnknownModel", "get_entry", "list_entries",
-     "registry", "PreprocessSpec", "TokenKind", "TokenLayout"]
-)
+__all__ = [
+    "HookPoint",
+    "HookedVisionModel",
+    "InterventionNotSupported",
+    "ModelEntry",
+    "PreprocessSpec",
+    "TokenKind",
+    "TokenLayout",
+    "UnknownHookPoint",
+    "UnknownModel",
+    "build_sites",
+    "get_entry",
+    "list_entries",
+    "load_model",
+    "registry",
+]
 
 
 def __getattr__(name: str):

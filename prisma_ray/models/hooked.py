@@ -1,8 +1,8 @@
 """`HookedVisionModel`: named hook points, caching and interventions over an unmodified model."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -127,7 +127,7 @@ class HookedVisionModel(nn.Module):
         )
 
     @contextmanager
-    def hooks(self, fwd_hooks: Iterable[tuple[str, HookFn]]) -> Iterator["HookedVisionModel"]:
+    def hooks(self, fwd_hooks: Iterable[tuple[str, HookFn]]) -> Iterator[HookedVisionModel]:
         """Attach `(hook_name, fn)` pairs for the duration of the block; `fn(tensor, hook)` may
         return a replacement tensor of the same shape (ablate, patch, steer, splice)."""
         with ExitStack() as stack:

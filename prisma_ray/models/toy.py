@@ -11,7 +11,6 @@ Labels follow the synthetic datasets: the first object's shape index (`shapes`) 
 from __future__ import annotations
 
 from pathlib import Path
-
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field

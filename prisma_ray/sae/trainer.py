@@ -9,8 +9,9 @@ renormalisation, and dead-latent bookkeeping in tokens. Distributed runs inject 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from prisma_ray.decoding import decode_shard
+from prisma_ray.data.shards import decode_shard
 from prisma_ray.data.sources import list_refs
 from prisma_ray.interpret.collect import InterpretConfig, LatentWorker, plan_interpret
 from prisma_ray.interpret.dashboard import write_dashboard

@@ -16,13 +16,18 @@ import pytest
 import torch
 import yaml
 
-from prisma_ray import extract, shard_stream, storage, store
-from prisma_ray.activations import ExtractConfig, build_model, resolve_entry
+from prisma_ray import storage, store
 from prisma_ray.cli import main
 from prisma_ray.data import RowFormat, decode_refs, list_refs, split_errors
 from prisma_ray.data.errors import read_errors_table
 from prisma_ray.data.sources import with_resolved_storage
+from prisma_ray.extract import pipeline as extract_pipeline
+from prisma_ray.extract.config import ExtractConfig
+from prisma_ray.extract.pipeline import run_extract
 from prisma_ray.models import TokenKind, UnknownHookPoint, UnknownModel
+from prisma_ray.models.loading import build_model, resolve_entry
+from prisma_ray.runtime import pool
+from prisma_ray.runtime.pool import actor_resources
 from tests.conftest import IMAGE_ZOO_MAX_PIXELS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -98,11 +103,11 @@ def test_s3_pipeline_equals_in_process_forward_and_resumes_idempotently(ray_loca
         dataset=shapes(s3.uri("data/shapes"), storage=s3.options), output=s3.uri("acts"), storage=s3.options,
         shard_size=6, batch_size=4, actors=1, progress=False,
     )  # fmt: skip
-    partial = extract.run_extract(cfg.model_copy(update={"max_shards": 3}))
+    partial = run_extract(cfg.model_copy(update={"max_shards": 3}))
     assert not partial.complete and (partial.shards_run, partial.samples) == (3, 18)
     assert not [f for f in files_under(s3.uri("acts"), s3.options) if f.endswith("manifest.json")]
 
-    summary = extract.run_extract(cfg)
+    summary = run_extract(cfg)
     assert summary.complete and (summary.shards_run, summary.shards_skipped) == (1, 3)
     assert (summary.samples, summary.tokens, summary.errors) == (2, 8, 0)
     assert summary.bytes > 0 and summary.values == 8 * 32 * 2
@@ -122,12 +127,12 @@ def test_s3_pipeline_equals_in_process_forward_and_resumes_idempotently(ray_loca
         np.testing.assert_allclose(manifest.std, acts_of(table).std(0, ddof=1), rtol=1e-2, atol=2e-3)
     assert not [f for f in files_under(s3.uri("acts"), s3.options) if ".tmp-" in f], "no temporary objects left"
 
-    again = extract.run_extract(cfg.model_copy(update={"batch_size": 7}))
+    again = run_extract(cfg.model_copy(update={"batch_size": 7}))
     assert (again.shards_run, again.shards_skipped, again.samples) == (0, 4, 0) and again.complete
     assert read_store(summary.stores[HOOKS[0]], s3.options).num_rows == 80
 
     with pytest.raises(store.StoreConfigMismatch, match="Changed: dtype"):
-        extract.run_extract(cfg.model_copy(update={"dtype": "float32"}))
+        run_extract(cfg.model_copy(update={"dtype": "float32"}))
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +145,7 @@ def uninterrupted(ray_local, tmp_path_factory):
         tokens=dict(mode="random", k=8), dataset=shapes(str(root / "shapes"), n=24), output=str(root / "reference"),
         shard_size=2, batch_size=2, actors=2, progress=False,
     )  # fmt: skip
-    summary = extract.run_extract(ExtractConfig(**cfg))
+    summary = run_extract(ExtractConfig(**cfg))
     assert summary.complete and summary.shards_run == 12
     stores = {hook: (read_store(uri), store.read_manifest(uri)) for hook, uri in summary.stores.items()}
     for rows, manifest in stores.values():
@@ -180,7 +185,7 @@ def test_killed_job_resumes_to_exactly_the_uninterrupted_rows(uninterrupted, ray
     (stores[hooks[1]] / "_stats" / "part-00011.json").write_text('{"count": 5, "mean": [0], "m2": [0], "norm_sum": 0}')
     (stores[hooks[0]] / written[0].name).unlink()
 
-    resumed = extract.run_extract(ExtractConfig(**cfg))
+    resumed = run_extract(ExtractConfig(**cfg))
     assert resumed.complete and resumed.shards_run >= 12 - len(written) + 1
     for hook in hooks:
         rows, manifest = reference[hook]
@@ -226,7 +231,7 @@ def test_video_model_writes_frame_indexed_tokens(ray_local, tmp_path):
                      generator=dict(name="moving-shapes", n_clips=4, image_size=32, num_frames=8)),
         progress=False,
     )  # fmt: skip
-    summary = extract.run_extract(cfg)
+    summary = run_extract(cfg)
     assert summary.complete and (summary.samples, summary.tokens) == (4, 4 * 32)
     table = read_store(summary.stores["blocks.1.hook_resid_post"])
     frames = np.asarray(table.column("frame").to_pylist()).reshape(4, 32)
@@ -248,16 +253,16 @@ def test_video_model_writes_frame_indexed_tokens(ray_local, tmp_path):
     ],
 )  # fmt: skip
 def test_actors_fit_the_cluster(monkeypatch, cluster, update, shards, expected):
-    monkeypatch.setattr(shard_stream.ray, "cluster_resources", lambda: cluster)
-    assert shard_stream.actor_resources(ExtractConfig(**update), shards) == expected
+    monkeypatch.setattr(pool.ray, "cluster_resources", lambda: cluster)
+    assert actor_resources(ExtractConfig(**update), shards) == expected
 
 
 def test_actors_that_cannot_fit_are_refused(monkeypatch):
-    monkeypatch.setattr(shard_stream.ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(pool.ray, "cluster_resources", lambda: {"CPU": 2.0})
     with pytest.raises(ValueError, match="cluster has 0 GPUs"):
-        shard_stream.actor_resources(ExtractConfig(device="cuda"), 4)
+        actor_resources(ExtractConfig(device="cuda"), 4)
     with pytest.raises(ValueError, match="do not fit the cluster's 2 CPUs"):
-        shard_stream.actor_resources(ExtractConfig(actors=2, actor_num_cpus=1.0), 4)
+        actor_resources(ExtractConfig(actors=2, actor_num_cpus=1.0), 4)
 
 
 @pytest.mark.parametrize(
@@ -272,23 +277,23 @@ def test_actors_that_cannot_fit_are_refused(monkeypatch):
     ],
 )  # fmt: skip
 def test_bad_configs_fail_before_any_work(tmp_path, monkeypatch, update, error, match):
-    monkeypatch.setattr(extract, "ensure_ray", lambda opts: pytest.fail("Ray must not start"))
+    monkeypatch.setattr(extract_pipeline, "ensure_ray", lambda opts: pytest.fail("Ray must not start"))
     cfg = ExtractConfig(model=TINY_VIT, hooks=HOOKS, dataset=shapes(str(tmp_path / "shapes")), output=str(tmp_path / "out"))
     with pytest.raises(error, match=match):
-        extract.run_extract(ExtractConfig(**{**cfg.model_dump(), **update}))
+        run_extract(ExtractConfig(**{**cfg.model_dump(), **update}))
     assert not (tmp_path / "out").exists()
 
 
 def test_missing_buckets_fail_before_any_work(s3, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(extract, "ensure_ray", lambda opts: pytest.fail("Ray must not start"))
+    monkeypatch.setattr(extract_pipeline, "ensure_ray", lambda opts: pytest.fail("Ray must not start"))
     cfg = ExtractConfig(model=TINY_VIT, dataset=shapes(s3.uri("data"), storage=s3.options), storage=s3.options,
                         output="s3://no-such-output/acts", hooks=HOOKS)  # fmt: skip
     with pytest.raises(storage.MissingInputError, match="bucket 'no-such-output' does not exist"):
-        extract.run_extract(cfg)
+        run_extract(cfg)
     assert not files_under(s3.uri(""), s3.options), "nothing generated or written"
     missing_input = cfg.model_copy(update={"dataset": cfg.dataset.model_copy(update={"uri": "s3://no-such-input/x"}),
                                            "output": s3.uri("acts")})  # fmt: skip
     with pytest.raises(storage.MissingInputError, match="bucket 'no-such-input' does not exist"):
-        extract.run_extract(missing_input)
+        run_extract(missing_input)
     assert main(["extract", "--set", "dataset.type=images", "--set", f"dataset.uri={tmp_path}/none"]) == 2
     assert "no such file or directory" in capsys.readouterr().err

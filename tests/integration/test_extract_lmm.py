@@ -18,8 +18,8 @@ from prisma_ray.interpret.pipeline import run_interpret
 from prisma_ray.interpret.results import read_results
 from prisma_ray.models import TokenKind
 from prisma_ray.sae import load_dictionary
-from prisma_ray.train import run_training
-from prisma_ray.training_config import TrainConfig
+from prisma_ray.train.config import TrainConfig
+from prisma_ray.train.job import run_training
 from tests.lmm_tiny import tiny_entry
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from prisma_ray.decoding import decode_shard
 from prisma_ray.cli import main
+from prisma_ray.data.shards import decode_shard
 from prisma_ray.data.sources import list_refs
 from prisma_ray.interpret.collect import InterpretConfig, LatentWorker, plan_interpret
 from prisma_ray.interpret.glue import latent_evidence

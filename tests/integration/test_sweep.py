@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from prisma_ray.cli import main
+from prisma_ray.evaluate.sweep import SweepConfig, run_sweep
 from prisma_ray.sae import Dictionary, DictionaryConfig, Site, Sites, export_files, write_files
 from prisma_ray.storage import MissingInputError
-from prisma_ray.sweep import SweepConfig, run_sweep
 from tests.unit.test_evaluate_checkpoint import extract_in_process, shapes_config
 
 HOOK = "blocks.0.hook_resid_post"

@@ -18,9 +18,9 @@ from prisma_ray.cli import main
 from prisma_ray.sae import load_dictionary, load_sparsity
 from prisma_ray.sae.synthetic import sparse_dictionary_data
 from prisma_ray.storage import MissingInputError
-from prisma_ray.train import run_training
-from prisma_ray.training_config import TrainConfig, TrainData
-from prisma_ray.training_data import plan_data
+from prisma_ray.train.config import TrainConfig, TrainData
+from prisma_ray.train.data import plan_data
+from prisma_ray.train.job import run_training
 
 REPO = Path(__file__).resolve().parents[2]
 D = 32

@@ -8,8 +8,15 @@ import pytest
 import torch
 from PIL import Image
 
-from prisma_ray.analysis import activation_patching, attention_patterns, class_readout, logit_attribution, logit_lens
-from prisma_ray.analysis import render, rollout
+from prisma_ray.analysis import (
+    activation_patching,
+    attention_patterns,
+    class_readout,
+    logit_attribution,
+    logit_lens,
+    render,
+    rollout,
+)
 from prisma_ray.analysis.job import AnalyzeConfig, run_analysis
 from prisma_ray.cli import main
 from prisma_ray.models import load_model

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from prisma_ray.analysis import (
-    NoReadout, attention_patterns, class_readout, lens_accuracy, logit_lens, query_rows, render, rollout,
+    NoReadout,
+    attention_patterns,
+    class_readout,
+    lens_accuracy,
+    logit_lens,
+    query_rows,
+    render,
+    rollout,
 )
 from prisma_ray.data.synthetic import patch_factors
 from prisma_ray.evaluate.splice import ZeroShotHead

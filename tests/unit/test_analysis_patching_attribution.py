@@ -5,8 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from prisma_ray.analysis import activation_patching, latent_attribution, logit_attribution, patch_positions, render
-from prisma_ray.analysis import class_readout
+from prisma_ray.analysis import (
+    activation_patching,
+    class_readout,
+    latent_attribution,
+    logit_attribution,
+    patch_positions,
+    render,
+)
 from prisma_ray.analysis.attribution import components
 from prisma_ray.data.synthetic import patch_factors
 from prisma_ray.sae import Dictionary, DictionaryConfig, Sites

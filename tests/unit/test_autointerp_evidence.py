@@ -5,10 +5,21 @@ import pytest
 from prisma_ray.interpret.autointerp.embedders import PrototypeEmbedder, UnknownConcept, named_labels, unit
 from prisma_ray.interpret.autointerp.run import ExplainConfig, Pipeline, explain_latents
 from prisma_ray.interpret.autointerp.scoring import (
-    EmbeddingJudge, GroundTruthSegmenter, Scorers, balanced_accuracy, iou, random_baseline,
+    EmbeddingJudge,
+    GroundTruthSegmenter,
+    Scorers,
+    balanced_accuracy,
+    iou,
+    random_baseline,
 )  # fmt: skip
 from prisma_ray.interpret.evidence import (
-    Explanation, ExplanationRecord, LatentEvidence, Score, active_mask, append_explanations, mask_images,
+    Explanation,
+    ExplanationRecord,
+    LatentEvidence,
+    Score,
+    active_mask,
+    append_explanations,
+    mask_images,
     read_explanations,
 )  # fmt: skip
 

@@ -1,11 +1,11 @@
 """cluster.yaml is a valid Ray cluster-launcher config, pinned to our Ray, with no credentials in it."""
 import json
 import re
-import tomllib
 from pathlib import Path
 
 import jsonschema
 import ray
+import tomllib
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 

@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from prisma_ray import extract
-from prisma_ray.activations import ExtractConfig, ExtractionWorker, WorkerJob
-from prisma_ray.decoding import decode_shard
 from prisma_ray.cli import main
+from prisma_ray.data.shards import decode_shard
 from prisma_ray.evaluate import EvalConfig, Evaluator
 from prisma_ray.evaluate.splice import splice_hooks
+from prisma_ray.extract.config import ExtractConfig
+from prisma_ray.extract.pipeline import finalize_stores
+from prisma_ray.extract.plan import plan_extract
+from prisma_ray.extract.worker import ExtractionWorker, WorkerJob
 from prisma_ray.sae import Dictionary, DictionaryConfig, Site, Sites, export_files, write_files
 from prisma_ray.storage import MissingInputError
 
@@ -28,14 +30,14 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def extract_in_process(cfg: ExtractConfig) -> dict[str, str]:
     """Write the stores of `cfg` in this process (the extraction worker without Ray); `{hook: store URI}`."""
-    plan = extract.plan_extract(cfg)
+    plan = plan_extract(cfg)
     stores = {hook: w.uri for hook, w in plan.writers.items()}
     job = WorkerJob(model=plan.entry, pretrained=cfg.pretrained, seed=cfg.seed, tokens=cfg.tokens, dtype=cfg.dtype,
                     stores=stores, storage=plan.options, batch_size=cfg.batch_size)  # fmt: skip
     worker = ExtractionWorker(job)
     for shard in sorted(plan.pending):
         worker.process(shard, decode_shard(plan.shards[shard], plan.spec, plan.fmt), plan.pending[shard])
-    assert extract.finalize_stores(plan)
+    assert finalize_stores(plan)
     return stores
 
 

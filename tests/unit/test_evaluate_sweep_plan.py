@@ -7,10 +7,10 @@ import pytest
 from prisma_ray.config import load_config
 from prisma_ray.evaluate import find_checkpoints, read_checkpoint_info
 from prisma_ray.evaluate.results import ResultStore
+from prisma_ray.evaluate.sweep import ModelSelection, SweepConfig, checkpoint_roots, plan_sweep
 from prisma_ray.models import UnknownModel
 from prisma_ray.sae import Dictionary, DictionaryConfig, Site, Sites, export_files, write_files
 from prisma_ray.storage import MissingInputError
-from prisma_ray.sweep import ModelSelection, SweepConfig, checkpoint_roots, plan_sweep
 
 REPO = Path(__file__).resolve().parents[2]
 TOY_IMAGE, TOY_VIDEO = "prisma-toy-vit-shapes", "prisma-toy-video-moving-shapes"

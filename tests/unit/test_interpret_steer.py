@@ -6,7 +6,6 @@ from prisma_ray.interpret.steer import SteerSpec, steer, steered, steering_hooks
 from prisma_ray.models.toy_training import to_input
 from prisma_ray.sae import load_dictionary
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

@@ -9,8 +9,8 @@ JOBS = Path(__file__).resolve().parents[2] / "jobs"
 
 
 def _config_class(path: Path):
-    from prisma_ray.sweep import SweepConfig
-    from prisma_ray.training_config import TrainConfig
+    from prisma_ray.evaluate.sweep import SweepConfig
+    from prisma_ray.train.config import TrainConfig
 
     return {"train_sae.yaml": TrainConfig, "sweep_checkpoints.yaml": SweepConfig}[path.name]
 

@@ -5,20 +5,23 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from prisma_ray import activations as act
-from prisma_ray import decoding as dec
 from prisma_ray import store
-from prisma_ray import token_selection as ts
 from prisma_ray.data import SyntheticSource, list_refs
+from prisma_ray.data.shards import InputFormat, decode_shard
 from prisma_ray.data.synthetic import MovingShapesConfig, ShapesConfig
 from prisma_ray.evaluate.splice import put_at_positions, take
-from prisma_ray.extract import plan_extract
+from prisma_ray.extract.config import ExtractConfig
+from prisma_ray.extract.plan import plan_extract
+from prisma_ray.extract.worker import ExtractionWorker, WorkerJob
 from prisma_ray.interpret.collect import InterpretConfig, LatentWorker, plan_interpret
-from prisma_ray.model_inputs import model_inputs, model_prompts, sample_prompt
 from prisma_ray.models import TokenKind, TokenLayout
 from prisma_ray.models.adapters.lmm_adapter import NORMALISATION
 from prisma_ray.models.adapters.lmm_processor import build_processor
+from prisma_ray.models.inputs import model_inputs, model_prompts, sample_prompt
+from prisma_ray.models.loading import build_model, check_hooks, describe_model, resolve_entry
+from prisma_ray.models.token_selection import TokenSelection, check_selection, multimodal_positions
 from prisma_ray.sae import Dictionary, DictionaryConfig, Site, Sites, export_files, load_dictionary, write_files
+from prisma_ray.storage import StorageOptions
 from tests.lmm_tiny import CONFIGS, IMAGE_ID, tiny, tiny_entry
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -62,7 +65,7 @@ def test_selection_modes_on_a_multimodal_batch(case):
     ids = ["a", "b"]
 
     def kept(**selection) -> set[tuple[int, int]]:
-        sample, position = ts.multimodal_positions(layout, mask, ts.TokenSelection(**selection), ids)
+        sample, position = multimodal_positions(layout, mask, TokenSelection(**selection), ids)
         assert list(sample) == sorted(sample)
         return set(zip(sample.tolist(), position.tolist()))
 
@@ -80,24 +83,24 @@ def test_selection_modes_on_a_multimodal_batch(case):
 
 
 def test_multimodal_models_refuse_vision_only_requests():
-    model = act.describe_model(tiny_entry("llava-next"))
+    model = describe_model(tiny_entry("llava-next"))
     with pytest.raises(ValueError, match="vision tower.*extract lm"):
-        act.check_hooks(model, ["blocks.1.hook_resid_post"])
-    act.check_hooks(model, [HOOK])
+        check_hooks(model, ["blocks.1.hook_resid_post"])
+    check_hooks(model, [HOOK])
     with pytest.raises(ValueError, match="no CLS token"):
-        ts.check_selection(model.token_layout, ts.TokenSelection(mode="cls"), model.name, multimodal=True)
+        check_selection(model.token_layout, TokenSelection(mode="cls"), model.name, multimodal=True)
     assert model_prompts(model, None) == ["Describe the image."]
-    vit = act.describe_model(act.resolve_entry("prisma-toy-vit-shapes"))
+    vit = describe_model(resolve_entry("prisma-toy-vit-shapes"))
     with pytest.raises(ValueError, match="takes no prompt"):
         model_prompts(vit, ["hello"])
     with pytest.raises(ValueError, match="tokens.mode=text is for multimodal"):
-        ts.check_selection(vit.token_layout, ts.TokenSelection(mode="text"), vit.name)
+        check_selection(vit.token_layout, TokenSelection(mode="text"), vit.name)
 
 
 def test_input_format_crops_images_to_the_vision_towers_size(tmp_path):
-    model = act.describe_model(tiny_entry("qwen2-vl"))
+    model = describe_model(tiny_entry("qwen2-vl"))
     spec = SyntheticSource(uri=str(tmp_path / "shapes"), generator=ShapesConfig(n_images=3, image_size=40))
-    data = dec.decode_shard(list_refs(spec), spec, dec.InputFormat.create(spec, model.preprocess))
+    data = decode_shard(list_refs(spec), spec, InputFormat.create(spec, model.preprocess))
     assert data.pixels.shape == (3, 56, 56, 3) and data.pixels.dtype == np.uint8
 
 
@@ -106,20 +109,20 @@ def test_worker_rows_are_the_sequences_tokens_as_run_with_cache_gives_them(tmp_p
     name, reference = case
     hooks = [HOOK, "lm.blocks.0.hook_mlp_out"]
     spec = SyntheticSource(uri=str(tmp_path / "shapes"), generator=ShapesConfig(n_images=5, image_size=40))
-    job = act.WorkerJob(
-        model=tiny_entry(name), pretrained=False, seed=0, tokens=ts.TokenSelection(mode=mode), dtype="float32",
-        stores={h: str(tmp_path / "out" / h) for h in hooks}, storage=act.StorageOptions(), batch_size=2,
+    job = WorkerJob(
+        model=tiny_entry(name), pretrained=False, seed=0, tokens=TokenSelection(mode=mode), dtype="float32",
+        stores={h: str(tmp_path / "out" / h) for h in hooks}, storage=StorageOptions(), batch_size=2,
         prompts=PROMPTS,
     )  # fmt: skip
-    worker = act.ExtractionWorker(job)
-    data = dec.decode_shard(list_refs(spec), spec, dec.InputFormat.create(spec, worker.model.preprocess))
+    worker = ExtractionWorker(job)
+    data = decode_shard(list_refs(spec), spec, InputFormat.create(spec, worker.model.preprocess))
     summary = worker.process(0, data)
 
-    reference = act.build_model(tiny_entry(name), pretrained=False, seed=0)
+    reference = build_model(tiny_entry(name), pretrained=False, seed=0)
     batch = reference.encode(list(data.pixels), [sample_prompt(PROMPTS, s) for s in data.sample_ids])
     assert len({sample_prompt(PROMPTS, s) for s in data.sample_ids}) == 2, "both prompts are in use"
     layout = reference.multimodal_layout(batch)
-    sample, position = ts.multimodal_positions(layout, batch["attention_mask"].numpy(), job.tokens, data.sample_ids)
+    sample, position = multimodal_positions(layout, batch["attention_mask"].numpy(), job.tokens, data.sample_ids)
     with torch.inference_mode():
         _, cache = reference.run_with_cache(batch, hooks)
     assert summary["samples"] == 5 and summary["tokens"] == len(sample)
@@ -137,8 +140,8 @@ def test_worker_rows_are_the_sequences_tokens_as_run_with_cache_gives_them(tmp_p
 
 
 def test_inputs_for_a_vision_model_are_normalised_pixels():
-    vit = act.build_model(act.resolve_entry("prisma-toy-vit-shapes"), pretrained=True, seed=0)
-    build = model_inputs(vit, ts.TokenSelection(mode="cls"), None, torch.device("cpu"))
+    vit = build_model(resolve_entry("prisma-toy-vit-shapes"), pretrained=True, seed=0)
+    build = model_inputs(vit, TokenSelection(mode="cls"), None, torch.device("cpu"))
     x, kept = build(np.zeros((2, 32, 32, 3), np.uint8), ["a", "b"])
     assert x.shape == (2, 3, 32, 32) and kept.shape == (2, vit.token_layout.n_tokens)
     assert kept.sample.tolist() == [0, 1] and kept.position.tolist() == [0, 0]
@@ -147,13 +150,13 @@ def test_inputs_for_a_vision_model_are_normalised_pixels():
 def test_qwen_stores_video_tokens_with_their_frames(tmp_path):
     clips = SyntheticSource(uri=str(tmp_path / "clips"),
                             generator=MovingShapesConfig(n_clips=3, num_frames=4, image_size=40))  # fmt: skip
-    job = act.WorkerJob(
-        model=tiny_entry("qwen2-vl"), pretrained=False, seed=0, tokens=ts.TokenSelection(mode="image"),
-        dtype="float32", stores={HOOK: str(tmp_path / "out")}, storage=act.StorageOptions(), batch_size=2,
+    job = WorkerJob(
+        model=tiny_entry("qwen2-vl"), pretrained=False, seed=0, tokens=TokenSelection(mode="image"),
+        dtype="float32", stores={HOOK: str(tmp_path / "out")}, storage=StorageOptions(), batch_size=2,
     )  # fmt: skip
-    worker = act.ExtractionWorker(job)
-    fmt = dec.InputFormat.create(clips, worker.model.preprocess)
-    data = dec.decode_shard(list_refs(clips), clips, fmt)
+    worker = ExtractionWorker(job)
+    fmt = InputFormat.create(clips, worker.model.preprocess)
+    data = decode_shard(list_refs(clips), clips, fmt)
     assert data.pixels.shape == (3, 4, 56, 56, 3)
     summary = worker.process(0, data)
     table = pq.read_table(tmp_path / "out" / "part-00000.parquet")
@@ -165,7 +168,7 @@ def test_qwen_stores_video_tokens_with_their_frames(tmp_path):
 def test_plan_refuses_videos_for_llava_before_any_work(tmp_path):
     clips = dict(type="synthetic", uri=str(tmp_path / "clips"),
                  generator=dict(name="moving-shapes", n_clips=2, num_frames=4, image_size=40))  # fmt: skip
-    cfg = act.ExtractConfig(model=tiny_entry("llava-onevision"), hooks=[HOOK], dataset=clips, output=str(tmp_path / "out"))
+    cfg = ExtractConfig(model=tiny_entry("llava-onevision"), hooks=[HOOK], dataset=clips, output=str(tmp_path / "out"))
     with pytest.raises(ValueError, match="cannot take the synthetic dataset.*supported for Qwen2-VL"):
         plan_extract(cfg)
     assert not (tmp_path / "out").exists(), "refused before any store was claimed"
@@ -184,10 +187,10 @@ def test_interpretation_reads_an_lmm_dictionary_on_each_images_base_view(tmp_pat
                           output=str(tmp_path / "out"), k=2, reservoir=4)  # fmt: skip
     plan = plan_interpret(cfg)
     assert plan.layout == TokenLayout(prefix=(), grid=(2, 2)) and plan.description()["prompts"] == PROMPTS
-    data = dec.decode_shard(list_refs(plan.spec), plan.spec, plan.fmt)
+    data = decode_shard(list_refs(plan.spec), plan.spec, plan.fmt)
     latents = LatentWorker(plan.job(torch_threads=1)).latents(data.pixels, data.sample_ids)
 
-    model = act.build_model(entry, pretrained=False, seed=0)
+    model = build_model(entry, pretrained=False, seed=0)
     batch = model.encode(list(data.pixels), [sample_prompt(PROMPTS, s) for s in data.sample_ids])
     layout = model.multimodal_layout(batch)
     with torch.inference_mode():

@@ -6,10 +6,20 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from safetensors import SafetensorError
 import torch
 from safetensors.torch import load_file
 
-from prisma_ray.sae import DictionaryConfig, Site, Sites, Trainer, export_files, load_dictionary, load_sparsity, write_files
+from prisma_ray.sae import (
+    DictionaryConfig,
+    Site,
+    Sites,
+    Trainer,
+    export_files,
+    load_dictionary,
+    load_sparsity,
+    write_files,
+)
 from prisma_ray.sae.io import checkpoint_files, restore_checkpoint
 from prisma_ray.sae.trainer import Normalization
 
@@ -104,7 +114,7 @@ def test_loading_never_unpickles(tmp_path):
             return (os.system, (f"touch {marker}",))
 
     (tmp_path / "sae_weights.safetensors").write_bytes(pickle.dumps({"W_enc": Payload()}))
-    with pytest.raises(Exception):
+    with pytest.raises(SafetensorError):
         load_dictionary(str(tmp_path))
     assert not marker.exists()
 

@@ -8,7 +8,7 @@ from prisma_ray.sae import DictionaryConfig, Site, Sites, Trainer
 from prisma_ray.sae.init import geometric_median
 from prisma_ray.sae.schedule import lr_factor, warmup_factor
 from prisma_ray.sae.trainer import Normalization, SiteStats
-from prisma_ray.training_config import TrainConfig
+from prisma_ray.train.config import TrainConfig
 
 SITES = Sites(inputs=(Site(name="h", width=8),))
 
@@ -200,6 +200,6 @@ def test_train_config_from_yaml_with_overrides(tmp_path):
 
 def test_token_kind_codes_match_the_model_token_kinds():
     from prisma_ray.models.spec import TokenKind
-    from prisma_ray.training_data import KIND_CODES
+    from prisma_ray.store import KIND_CODES
 
     assert KIND_CODES == {k.name.lower(): int(k) for k in TokenKind}

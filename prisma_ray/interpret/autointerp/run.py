@@ -18,9 +18,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from prisma_ray import storage
-from prisma_ray.storage import StorageOptions
 from prisma_ray.data.synthetic import ShapesConfig
-from prisma_ray.ray_session import RayOptions, ensure_ray
+from prisma_ray.runtime.session import RayOptions, ensure_ray
+from prisma_ray.storage import StorageOptions
 
 from ..evidence import ExplanationRecord, LatentEvidence, append_explanations, read_explanations
 from .chat import ChatClient, ChatConfig

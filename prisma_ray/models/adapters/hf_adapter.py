@@ -11,8 +11,8 @@ V-JEPA 2 encoder). Inputs are `[B, 3, H, W]` images or `[B, T, 3, H, W]` videos 
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import torch
 from torch import nn

@@ -12,7 +12,8 @@ grid whose rows each end with a newline token (the grid shape comes from the mod
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch

@@ -8,7 +8,8 @@ image placeholder into as many image tokens as the vision tower yields, the way 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch

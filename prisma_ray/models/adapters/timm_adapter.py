@@ -1,8 +1,8 @@
 """timm ViT families (ViT, DeiT, EVA/EVA02, BEiT, DINOv2, SigLIP, CLIP-in-timm) as `ModelSites`."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -91,7 +91,7 @@ def sites_from_timm(model: nn.Module, forward: Callable[[torch.Tensor], torch.Te
     """Describe a built timm vision transformer (its modules are used as they are)."""
     blocks = list(model.blocks)
     first_attn = blocks[0].attn
-    n_heads = int(getattr(first_attn, "num_heads"))
+    n_heads = int(first_attn.num_heads)
     return ModelSites(
         model=model,
         layers=[_block_sites(b) for b in blocks],

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .models.spec import MultimodalLayout, TokenKind, TokenLayout
+from .spec import MultimodalLayout, TokenKind, TokenLayout
 
 MULTIMODAL_ONLY = ("text", "image")
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 import posixpath
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -19,14 +19,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from . import storage, store
-from .models.spec import TokenKind
-from .sae.dictionary import Site, Sites
-from .sae.trainer import Normalization, SiteStats
-from .training_config import TrainData
+from .. import storage, store
+from ..sae.dictionary import Site, Sites
+from ..sae.trainer import Normalization, SiteStats
+from .config import TrainData
 
-KIND_CODES = {kind.name.lower(): int(kind) for kind in TokenKind}
-KEYS = ["sample_id", "frame", "token"]
 CHUNK_ROWS = 16384
 
 
@@ -44,7 +41,7 @@ class Reader:
     def read(self, shard: int, epoch: int) -> dict[str, np.ndarray]:
         """`{"x": float32[n, d_in]}` (+ `"y"` for transcoders) for one shard, matched, filtered and shuffled."""
         tables = [self._table(uri, self.shards[shard]) for uri in (*self.inputs, *self.targets)]
-        tables = align(tables)
+        tables = store.align(tables)
         if self.kinds is not None:
             keep = pc.is_in(tables[0].column("kind"), pa.array(self.kinds, pa.int8()))
             tables = [t.filter(keep) for t in tables]
@@ -57,23 +54,11 @@ class Reader:
 
     def _table(self, uri: str, name: str) -> pa.Table:
         fs, path = storage.resolve(uri, self.options)
-        return pq.read_table(posixpath.join(path, name), filesystem=fs, columns=[*KEYS, "kind", "act"])
+        return pq.read_table(posixpath.join(path, name), filesystem=fs, columns=[*store.KEYS, "kind", "act"])
 
 
 def _concat(parts: list[np.ndarray]) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
-
-
-def align(tables: list[pa.Table]) -> list[pa.Table]:
-    """The rows of `tables` matched on `(sample_id, frame, token)`, in the first table's order."""
-    first = tables[0].select(KEYS)
-    if all(t.select(KEYS).equals(first) for t in tables[1:]):
-        return tables
-    joined = first.append_column("_i0", pa.array(np.arange(first.num_rows)))
-    for i, t in enumerate(tables[1:], 1):
-        joined = joined.join(t.select(KEYS).append_column(f"_i{i}", pa.array(np.arange(t.num_rows))), KEYS)
-    joined = joined.sort_by("_i0")
-    return [t.take(joined.column(f"_i{i}")) for i, t in enumerate(tables)]
 
 
 def read_items(batch: dict[str, np.ndarray], reader: Reader) -> Iterator[dict[str, np.ndarray]]:
@@ -121,7 +106,7 @@ def plan_data(data: TrainData, options: storage.StorageOptions) -> DataPlan:
     if not shared:
         raise ValueError(f"the stores {uris} have no shard in common; were they extracted from the same dataset?")
     n_in = len(data.inputs)
-    kinds = tuple(KIND_CODES[k] for k in data.kinds) if data.kinds else None
+    kinds = tuple(store.KIND_CODES[k] for k in data.kinds) if data.kinds else None
     reader = Reader(tuple(uris[:n_in]), tuple(uris[n_in:]), tuple(shared), kinds, data.shuffle_seed, options)
     sites = [Site(name=m.hook, width=m.d_model, model=m.model) for m in manifests]
     stats = [SiteStats(torch.tensor(m.mean), torch.tensor(m.std) ** 2, m.mean_norm) for m in manifests]

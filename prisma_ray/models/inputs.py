@@ -5,14 +5,14 @@ language models, whose processor turns each image and its prompt into one token 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from .models import HookedVisionModel, TokenLayout
-from .models.spec import MultimodalLayout
+from .hooked import HookedVisionModel
+from .spec import MultimodalLayout, TokenLayout
 from .token_selection import TokenSelection, multimodal_positions, stable_hash, token_columns, token_positions
 
 DEFAULT_PROMPT = "Describe the image."

@@ -23,14 +23,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray.util import ActorPool
 from tqdm.auto import tqdm
 
-from . import storage
-from .evaluate import EvalConfig, Evaluator, find_checkpoints, read_checkpoint_info
-from .evaluate.discovery import CheckpointInfo
-from .evaluate.report import front_plots, leaderboard_html
-from .evaluate.results import ResultStore, result_key
-from .models import get_entry, list_entries
-from .models.registry import Modality, Source
-from .ray_session import RayOptions, ensure_ray
+from .. import storage
+from ..models import get_entry, list_entries
+from ..models.registry import Modality, Source
+from ..runtime.session import RayOptions, ensure_ray
+from . import EvalConfig, Evaluator, find_checkpoints, read_checkpoint_info
+from .discovery import CheckpointInfo
+from .report import front_plots, leaderboard_html
+from .results import ResultStore, result_key
 
 log = logging.getLogger(__name__)
 

@@ -9,15 +9,19 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from prisma_ray import activations as act
-from prisma_ray import decoding as dec
 from prisma_ray import store
-from prisma_ray import token_selection as ts
 from prisma_ray.config import load_config
 from prisma_ray.data import ImageSource, RowFormat, SampleRef, SyntheticSource, decode_refs, list_refs
-from prisma_ray.data.errors import read_errors_table
-from prisma_ray.model_inputs import model_prompts, normalize
+from prisma_ray.data.errors import ErrorRecord, read_errors_table
+from prisma_ray.data.shards import InputFormat, ShardData, decode_shard, plan_shards
+from prisma_ray.extract.config import DEFAULT_MODEL, ExtractConfig
+from prisma_ray.extract.plan import config_hash, pending_shards, store_description
+from prisma_ray.extract.worker import ExtractionWorker, WorkerJob
 from prisma_ray.models import ModelEntry, TokenKind, TokenLayout, UnknownHookPoint
+from prisma_ray.models.inputs import model_prompts, normalize
+from prisma_ray.models.loading import build_model, check_hooks, describe_model, resolve_entry
+from prisma_ray.models.token_selection import TokenSelection, check_selection, token_columns, token_positions
+from prisma_ray.storage import StorageOptions
 
 TINY_VIT = ModelEntry(
     name="test-vit-tiny",
@@ -37,27 +41,27 @@ LAYOUT = TokenLayout(prefix=(TokenKind.CLS, TokenKind.REGISTER, TokenKind.REGIST
 
 def test_fixed_token_selections():
     ids = ["a", "b"]
-    sel = {m: ts.token_positions(LAYOUT, ts.TokenSelection(mode=m), ids) for m in ("all", "cls", "patches")}
+    sel = {m: token_positions(LAYOUT, TokenSelection(mode=m), ids) for m in ("all", "cls", "patches")}
     np.testing.assert_array_equal(sel["all"], [list(range(9))] * 2)
     np.testing.assert_array_equal(sel["cls"], [[0], [0]])
     np.testing.assert_array_equal(sel["patches"], [list(range(3, 9))] * 2)
-    token, frame, kind = ts.token_columns(LAYOUT, sel["all"])
+    token, frame, kind = token_columns(LAYOUT, sel["all"])
     assert token.dtype == np.int16 and list(token[:9]) == list(range(9))
     assert list(kind[:9]) == [TokenKind.CLS, TokenKind.REGISTER, TokenKind.REGISTER] + [TokenKind.PATCH] * 6
     assert set(frame) == {-1}
 
 
 def test_random_patches_are_seeded_per_sample():
-    sel = ts.TokenSelection(mode="random", k=3, seed=7)
+    sel = TokenSelection(mode="random", k=3, seed=7)
     ids = [f"img-{i}" for i in range(20)]
-    pos = ts.token_positions(LAYOUT, sel, ids)
+    pos = token_positions(LAYOUT, sel, ids)
     assert pos.shape == (20, 3)
     for row in pos:
         assert list(row) == sorted(set(row)) and row.min() >= 3 and row.max() < 9
-    np.testing.assert_array_equal(pos, ts.token_positions(LAYOUT, sel, ids))
-    np.testing.assert_array_equal(pos[5:6], ts.token_positions(LAYOUT, sel, ids[5:6]), "independent of the batch")
+    np.testing.assert_array_equal(pos, token_positions(LAYOUT, sel, ids))
+    np.testing.assert_array_equal(pos[5:6], token_positions(LAYOUT, sel, ids[5:6]), "independent of the batch")
     assert len({tuple(r) for r in pos}) > 5, "samples draw different patches"
-    other = ts.token_positions(LAYOUT, ts.TokenSelection(mode="random", k=3, seed=8), ids)
+    other = token_positions(LAYOUT, TokenSelection(mode="random", k=3, seed=8), ids)
     assert not np.array_equal(pos, other)
 
 
@@ -69,27 +73,27 @@ def test_random_patches_are_seeded_per_sample():
     ],
 )
 def test_video_tokens_keep_their_frame(layout, frames):
-    pos = ts.token_positions(layout, ts.TokenSelection(mode="all"), ["clip"])
-    token, frame, kind = ts.token_columns(layout, pos)
+    pos = token_positions(layout, TokenSelection(mode="all"), ["clip"])
+    token, frame, kind = token_columns(layout, pos)
     assert list(frame) == frames
     assert list(kind == TokenKind.PATCH) == [f >= 0 for f in frames]
 
 
 def test_selection_and_hook_errors():
     with pytest.raises(ValidationError, match="`k`"):
-        ts.TokenSelection(mode="random")
+        TokenSelection(mode="random")
     with pytest.raises(ValidationError, match="`k`"):
-        ts.TokenSelection(mode="all", k=3)
+        TokenSelection(mode="all", k=3)
     with pytest.raises(ValueError, match="no CLS token"):
-        ts.check_selection(TokenLayout(prefix=(), grid=(2, 2)), ts.TokenSelection(mode="cls"), "m")
+        check_selection(TokenLayout(prefix=(), grid=(2, 2)), TokenSelection(mode="cls"), "m")
     with pytest.raises(ValueError, match="only 6 patch tokens"):
-        ts.check_selection(LAYOUT, ts.TokenSelection(mode="random", k=7), "m")
-    model = act.describe_model(TINY_VIT)
-    act.check_hooks(model, HOOKS)
+        check_selection(LAYOUT, TokenSelection(mode="random", k=7), "m")
+    model = describe_model(TINY_VIT)
+    check_hooks(model, HOOKS)
     with pytest.raises(UnknownHookPoint, match="Did you mean"):
-        act.check_hooks(model, ["blocks.1.hook_resid_pots"])
+        check_hooks(model, ["blocks.1.hook_resid_pots"])
     with pytest.raises(ValueError, match="attention probabilities"):
-        act.check_hooks(model, ["blocks.0.attn.hook_pattern"])
+        check_hooks(model, ["blocks.0.attn.hook_pattern"])
 
 
 def _synthetic(tmp_path, n=12, size=40) -> SyntheticSource:
@@ -99,25 +103,25 @@ def _synthetic(tmp_path, n=12, size=40) -> SyntheticSource:
 def test_shards_are_sorted_slices_and_pending_is_per_hook(tmp_path):
     spec = _synthetic(tmp_path, n=5)
     refs = [SampleRef(f"u{i}", f"s{i}") for i in (3, 0, 4, 1, 2)]
-    shards = act.plan_shards(refs, spec, 2)
+    shards = plan_shards(refs, spec, 2)
     assert [[r.sample_id for r in s] for s in shards] == [["s0", "s1"], ["s2", "s3"], ["s4"]]
-    assert len(act.plan_shards(refs, ImageSource(uri="x"), 2)) == 3
-    pending = act.pending_shards(3, {"a": {0, 1}, "b": {0}})
+    assert len(plan_shards(refs, ImageSource(uri="x"), 2)) == 3
+    pending = pending_shards(3, {"a": {0, 1}, "b": {0}})
     assert pending == {1: ["b"], 2: ["a", "b"]}
-    assert act.pending_shards(3, {"a": {0, 1, 2}}) == {}
+    assert pending_shards(3, {"a": {0, 1, 2}}) == {}
 
 
 def test_config_hash_covers_what_changes_rows(tmp_path):
     spec = _synthetic(tmp_path)
-    base = act.ExtractConfig(model=TINY_VIT, hooks=HOOKS, dataset=spec)
+    base = ExtractConfig(model=TINY_VIT, hooks=HOOKS, dataset=spec)
 
     def digest(cfg, hook=HOOKS[0], inputs="d0", prompts=None):
-        return act.config_hash(act.store_description(cfg, TINY_VIT, hook, cfg.dataset, inputs, prompts))
+        return config_hash(store_description(cfg, TINY_VIT, hook, cfg.dataset, inputs, prompts))
 
     same = base.model_copy(update={"batch_size": 7, "actors": 3, "max_shards": 1, "output": "elsewhere"})
     assert digest(base) == digest(same)
     changed = [
-        base.model_copy(update={"tokens": ts.TokenSelection(mode="cls")}),
+        base.model_copy(update={"tokens": TokenSelection(mode="cls")}),
         base.model_copy(update={"dtype": "float32"}),
         base.model_copy(update={"seed": 1}),
         base.model_copy(update={"shard_size": 3}),
@@ -128,17 +132,17 @@ def test_config_hash_covers_what_changes_rows(tmp_path):
     assert digest(base, prompts=["a"]) != digest(base) and digest(base, prompts=["a"]) != digest(base, prompts=["b"])
 
     writer = store.StoreWriter(str(tmp_path / "store"))
-    writer.claim(digest(base), act.store_description(base, TINY_VIT, HOOKS[0], spec, "d0", None))
+    writer.claim(digest(base), store_description(base, TINY_VIT, HOOKS[0], spec, "d0", None))
     with pytest.raises(store.StoreConfigMismatch, match="Changed: dtype"):
-        writer.claim(digest(changed[1]), act.store_description(changed[1], TINY_VIT, HOOKS[0], spec, "d0", None))
+        writer.claim(digest(changed[1]), store_description(changed[1], TINY_VIT, HOOKS[0], spec, "d0", None))
 
 
 def test_decoded_crops_normalise_to_the_data_layer_pixels(tmp_path):
     spec = _synthetic(tmp_path)
-    model = act.describe_model(TINY_VIT)
+    model = describe_model(TINY_VIT)
     assert model.preprocess.crop_pct < 1, "exercises resize + centre crop"
     refs = list_refs(spec)
-    data = dec.decode_shard(refs, spec, dec.InputFormat.create(spec, model.preprocess))
+    data = decode_shard(refs, spec, InputFormat.create(spec, model.preprocess))
     assert data.pixels.dtype == np.uint8 and data.pixels.shape == (12, 32, 32, 3)
     mean, std = torch.tensor(model.preprocess.mean), torch.tensor(model.preprocess.std)
     ours = normalize(torch.from_numpy(data.pixels), mean, std).numpy()
@@ -148,27 +152,27 @@ def test_decoded_crops_normalise_to_the_data_layer_pixels(tmp_path):
 
 
 def test_shard_payload_roundtrip():
-    err = act.ErrorRecord("b.png", "/x/b.png", "corrupt", "not an image")
-    data = dec.ShardData(np.array(["a.png"]), np.array([3]), np.ones((1, 4, 4, 3), np.uint8), [err])
-    back = dec.ShardData.from_bytes(data.to_bytes())
+    err = ErrorRecord("b.png", "/x/b.png", "corrupt", "not an image")
+    data = ShardData(np.array(["a.png"]), np.array([3]), np.ones((1, 4, 4, 3), np.uint8), [err])
+    back = ShardData.from_bytes(data.to_bytes())
     assert list(back.sample_ids) == ["a.png"] and back.labels.tolist() == [3] and back.errors == [err]
     np.testing.assert_array_equal(back.pixels, data.pixels)
-    empty = dec.ShardData.from_bytes(dec.ShardData(np.array([], str), np.array([], int), np.zeros((0, 2))).to_bytes())
+    empty = ShardData.from_bytes(ShardData(np.array([], str), np.array([], int), np.zeros((0, 2))).to_bytes())
     assert empty.errors == [] and len(empty.sample_ids) == 0
 
 
-def _job(tmp_path, **kw) -> act.WorkerJob:
+def _job(tmp_path, **kw) -> WorkerJob:
     fields = dict(
         model=TINY_VIT,
         pretrained=False,
         seed=0,
-        tokens=ts.TokenSelection(mode="random", k=5, seed=1),
+        tokens=TokenSelection(mode="random", k=5, seed=1),
         dtype="float32",
         stores={h: str(tmp_path / "out" / h) for h in HOOKS},
-        storage=act.StorageOptions(),
+        storage=StorageOptions(),
         batch_size=5,
     )
-    return act.WorkerJob(**{**fields, **kw})
+    return WorkerJob(**{**fields, **kw})
 
 
 @pytest.mark.parametrize(
@@ -182,17 +186,17 @@ def _job(tmp_path, **kw) -> act.WorkerJob:
 )
 def test_worker_rows_equal_run_with_cache(tmp_path, dtype, tol, tokens, expected_tokens):
     spec = _synthetic(tmp_path)
-    selection = ts.TokenSelection(**tokens)
+    selection = TokenSelection(**tokens)
     job = _job(tmp_path, dtype=dtype, tokens=selection)
-    worker = act.ExtractionWorker(job)
+    worker = ExtractionWorker(job)
     refs = list_refs(spec)
-    data = dec.decode_shard(refs, spec, dec.InputFormat.create(spec, worker.model.preprocess))
+    data = decode_shard(refs, spec, InputFormat.create(spec, worker.model.preprocess))
     summary = worker.process(3, data)
     per_sample = selection.k or len(expected_tokens)
     assert summary["samples"] == 12 and summary["tokens"] == 12 * per_sample and summary["errors"] == 0
     assert summary["values"] == 12 * per_sample * 32 * 2
 
-    reference = act.build_model(TINY_VIT, pretrained=False, seed=0)
+    reference = build_model(TINY_VIT, pretrained=False, seed=0)
     (batch,) = decode_refs(refs, spec, RowFormat.create(spec, reference.preprocess), max_rows=100)
     with torch.inference_mode():
         _, cache = reference.run_with_cache(torch.from_numpy(batch["pixels"]), HOOKS)
@@ -224,7 +228,7 @@ def test_worker_rows_equal_run_with_cache(tmp_path, dtype, tol, tokens, expected
 def test_shards_take_about_the_dtype_size_per_value(tmp_path, dtype, limit):
     acts = np.random.default_rng(0).normal(size=(64 * 197, 192)).astype(np.float32)
     positions = np.tile(np.arange(197), (64, 1))
-    token, frame, kind = ts.token_columns(TokenLayout(grid=(14, 14)), positions)
+    token, frame, kind = token_columns(TokenLayout(grid=(14, 14)), positions)
     ids = np.repeat([f"images/{i:06d}.png" for i in range(64)], 197).tolist()
     table = store.token_table(ids, token, frame, kind, acts, dtype)
     nbytes = store.StoreWriter(str(tmp_path)).write_shard(0, table, store.RunningStats.of(acts))
@@ -235,38 +239,38 @@ def test_worker_records_bad_samples_and_writes_empty_shards(tmp_path):
     good = [r.uri for r in list_refs(_synthetic(tmp_path, n=2))]
     (tmp_path / "broken.png").write_bytes(b"not an image at all" * 10)
     files = ImageSource(items=[good[0], str(tmp_path / "broken.png"), str(tmp_path / "missing.png")])
-    job = _job(tmp_path, tokens=ts.TokenSelection(mode="cls"))
-    worker = act.ExtractionWorker(job)
-    fmt = dec.InputFormat.create(files, worker.model.preprocess)
+    job = _job(tmp_path, tokens=TokenSelection(mode="cls"))
+    worker = ExtractionWorker(job)
+    fmt = InputFormat.create(files, worker.model.preprocess)
     refs = list_refs(files)
-    summary = worker.process(0, dec.decode_shard(refs, files, fmt))
+    summary = worker.process(0, decode_shard(refs, files, fmt))
     assert summary["samples"] == 1 and summary["errors"] == 2 and summary["tokens"] == 1
-    only_bad = worker.process(1, dec.decode_shard(refs[1:], files, fmt), hooks=HOOKS[:1])
+    only_bad = worker.process(1, decode_shard(refs[1:], files, fmt), hooks=HOOKS[:1])
     assert only_bad["samples"] == 0 and only_bad["tokens"] == 0
     assert store.StoreWriter(job.stores[HOOKS[0]]).completed() == {0, 1}
     assert store.StoreWriter(job.stores[HOOKS[1]]).completed() == {0}
     errors = read_errors_table(job.stores[HOOKS[0]])
     assert sorted(errors.column("reason").to_pylist()) == ["corrupt", "corrupt", "missing", "missing"]
-    again = worker.process(0, dec.decode_shard(refs, files, fmt))
+    again = worker.process(0, decode_shard(refs, files, fmt))
     assert again == {**summary, "seconds": again["seconds"]}
     assert read_errors_table(job.stores[HOOKS[0]]).num_rows == 4, "a rerun overwrites the shard's errors"
     assert pq.read_table(tmp_path / "out" / HOOKS[0] / "part-00000.parquet").column("sample_id").to_pylist() == [good[0]]
 
 
 def test_random_weights_depend_on_the_seed_only():
-    a, b, c = (act.build_model(TINY_VIT, False, seed) for seed in (0, 0, 1))
+    a, b, c = (build_model(TINY_VIT, False, seed) for seed in (0, 0, 1))
     pa_, pb, pc = (next(m.parameters()) for m in (a, b, c))
     assert torch.equal(pa_, pb) and not torch.equal(pa_, pc)
 
 
 def test_config_defaults_and_validation():
-    cfg = act.ExtractConfig()
-    assert cfg.dtype == "float16" and cfg.dataset.type == "synthetic" and cfg.model == act.DEFAULT_MODEL
-    assert act.ExtractConfig(model=json.loads(TINY_VIT.model_dump_json())).model == TINY_VIT
+    cfg = ExtractConfig()
+    assert cfg.dtype == "float16" and cfg.dataset.type == "synthetic" and cfg.model == DEFAULT_MODEL
+    assert ExtractConfig(model=json.loads(TINY_VIT.model_dump_json())).model == TINY_VIT
     with pytest.raises(ValidationError, match="distinct"):
-        act.ExtractConfig(hooks=["hook_embed", "hook_embed"])
+        ExtractConfig(hooks=["hook_embed", "hook_embed"])
     with pytest.raises(ValidationError, match="plain name"):
-        act.ExtractConfig(split="a/b")
+        ExtractConfig(split="a/b")
 
 
 def test_readme_extraction_examples_are_valid_configs(tmp_path):
@@ -277,9 +281,9 @@ def test_readme_extraction_examples_are_valid_configs(tmp_path):
     assert len(blocks) == 3 and len(overrides) == 3
     for i, block in enumerate(blocks):
         (tmp_path / f"{i}.yaml").write_text(block)
-        cfg = load_config(act.ExtractConfig, tmp_path / f"{i}.yaml", overrides)
-        model = act.describe_model(act.resolve_entry(cfg.model))
-        act.check_hooks(model, cfg.hooks)
+        cfg = load_config(ExtractConfig, tmp_path / f"{i}.yaml", overrides)
+        model = describe_model(resolve_entry(cfg.model))
+        check_hooks(model, cfg.hooks)
         multimodal = model.preprocess.modality == "multimodal"
-        ts.check_selection(model.token_layout, cfg.tokens, model.name, multimodal)
+        check_selection(model.token_layout, cfg.tokens, model.name, multimodal)
         assert (model_prompts(model, cfg.prompts) is not None) == multimodal

@@ -1,73 +1,31 @@
-"""The Ray Data extraction pipeline (orchestration only; the work itself is in `prisma_ray.activations`).
+"""The Ray Data extraction pipeline (orchestration only; the work itself is in `extract.worker`).
 
     pending shards --from_items--> decode (CPU tasks) --uint8 crops--> ExtractionWorker actors
     (ActorPoolStrategy; one GPU each where GPUs exist) --> one Parquet store per hook point
 
-`plan_extract` checks everything and claims the stores before Ray starts: a missing input or
-output bucket, an unknown model or hook point, a model/dataset mismatch or a changed config fails
-there. Shards complete in every store are skipped, so a rerun after a crash (or of a finished run)
-resumes without duplicating rows; the manifests are written once every shard of a store is there.
+`extract.plan.plan_extract` checks the request and claims the stores before Ray starts; shards
+complete in every store are skipped, so a rerun after a crash (or of a finished run) resumes
+without duplicating rows; the manifests are written once every shard of a store is there.
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import storage, store
-from .activations import (
-    ExtractConfig,
-    ExtractionWorker,
-    WorkerJob,
-    check_hooks,
-    config_hash,
-    dataset_description,
-    describe_model,
-    inputs_digest,
-    pending_shards,
-    plan_shards,
-    resolve_entry,
-    store_description,
-)
-from .data.errors import read_errors_table
-from .data.sources import DatasetSpec, SampleRef, list_refs, with_resolved_storage
-from .decoding import InputFormat
-from .model_inputs import model_prompts
-from .models import ModelEntry, TokenLayout
-from .ray_session import ensure_ray
-from .shard_stream import actor_resources, stream_shards
-from .token_selection import check_selection, tokens_per_sample
+from .. import store
+from ..data.errors import read_errors_table
+from ..models.token_selection import tokens_per_sample
+from ..runtime.pool import actor_resources, stream_shards
+from ..runtime.session import ensure_ray
+from .config import ExtractConfig
+from .plan import ExtractPlan, dataset_description, plan_extract
+from .worker import ExtractionWorker, WorkerJob
 
 log = logging.getLogger(__name__)
-
-_MAX_SHARD_BYTES = 1 << 30
-
-
-@dataclass
-class ExtractPlan:
-    """A checked extraction: the model, the dataset, its shards and the claimed stores.
-
-    `layout` is the token layout of vision models, None for multimodal models (whose sequences
-    vary); `widths` the activation width of each hook point; `prompts` those of multimodal models.
-    """
-
-    cfg: ExtractConfig
-    entry: ModelEntry
-    layout: TokenLayout | None
-    widths: dict[str, int]
-    prompts: list[str] | None
-    spec: DatasetSpec
-    fmt: InputFormat
-    shards: list[list[SampleRef]]
-    digest: str
-    writers: dict[str, store.StoreWriter]
-    hashes: dict[str, str]
-    pending: dict[int, list[str]]
-    options: storage.StorageOptions
 
 
 @dataclass
@@ -114,50 +72,6 @@ class ExtractSummary:
         if not self.complete:
             lines.append("status   incomplete: run the same config again to finish")
         return "\n".join(lines)
-
-
-def plan_extract(cfg: ExtractConfig) -> ExtractPlan:
-    """Check the config against the model, the dataset and the output, then claim the stores (no Ray)."""
-    entry = resolve_entry(cfg.model)
-    model = describe_model(entry)
-    check_hooks(model, cfg.hooks)
-    multimodal = model.preprocess.modality == "multimodal"
-    check_selection(model.token_layout, cfg.tokens, entry.name, multimodal)
-    prompts = model_prompts(model, cfg.prompts)
-    spec = with_resolved_storage(cfg.dataset)
-    try:
-        fmt = InputFormat.create(spec, model.preprocess)
-        if prompts is not None:  # the processor takes one blank input of this dataset's geometry
-            model.encode([np.zeros(fmt.shape, np.uint8)], prompts[:1])
-    except ValueError as e:
-        raise ValueError(f"{entry.name} cannot take the {spec.type} dataset: {e}") from None
-    output = storage.absolute(cfg.output)
-    options = cfg.storage.resolved()
-    storage.require_bucket(output, options)
-    refs = list_refs(spec)
-    if not refs:
-        raise storage.MissingInputError(f"the {spec.type} dataset lists no inputs; nothing to extract.")
-    shards = plan_shards(refs, spec, cfg.shard_size)
-    shard_bytes = math.prod(fmt.shape) * len(shards[0])
-    if shard_bytes > _MAX_SHARD_BYTES:
-        raise ValueError(
-            f"one shard of {len(shards[0])} samples is {shard_bytes / 2**20:.0f} MiB of pixels; lower shard_size."
-        )
-    digest = inputs_digest(refs)
-    writers, hashes, descriptions = {}, {}, {}
-    for hook in cfg.hooks:
-        writers[hook] = store.StoreWriter(store.store_uri(output, entry.name, hook, cfg.split), options)
-        descriptions[hook] = store_description(cfg, entry, hook, spec, digest, prompts)
-        hashes[hook] = config_hash(descriptions[hook])
-    claimed = {hook for hook, writer in writers.items() if writer.claimed() is not None}
-    for hook in sorted(claimed) + [h for h in cfg.hooks if h not in claimed]:
-        writers[hook].claim(hashes[hook], descriptions[hook])
-    pending = pending_shards(len(shards), {hook: w.completed() for hook, w in writers.items()})
-    log.info("%s: %d samples in %d shards, %d pending", entry.name, len(refs), len(shards), len(pending))
-    widths = {hook: model.hook_width(hook) for hook in cfg.hooks}
-    layout = None if multimodal else model.token_layout
-    return ExtractPlan(cfg, entry, layout, widths, prompts, spec, fmt, shards, digest, writers, hashes, pending,
-                       options)  # fmt: skip
 
 
 def run_extract(cfg: ExtractConfig) -> ExtractSummary:

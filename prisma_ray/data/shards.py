@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
-from .data.batches import RowFormat
-from .data.decode import FrameSampling
-from .data.errors import ErrorRecord
-from .data.sources import DatasetSpec, Sample, SampleRef, load_samples, modality
-from .data.transforms import resize_and_crop
-from .models.spec import PreprocessSpec
+from ..models.spec import PreprocessSpec
+from .batches import RowFormat
+from .decode import FrameSampling
+from .errors import ErrorRecord
+from .sources import SHARDED, DatasetSpec, Sample, SampleRef, load_samples, modality
+from .transforms import resize_and_crop
 
 
 @dataclass(frozen=True)
@@ -98,3 +98,10 @@ def decode_batch(batch: dict[str, np.ndarray], spec: DatasetSpec, fmt: InputForm
         decode_shard([SampleRef(**r) for r in json.loads(refs)], spec, fmt).to_bytes() for refs in batch["refs"]
     ]
     return {"shard": batch["shard"], "payload": np.array(payloads, dtype=object), "hooks": batch["hooks"]}
+
+
+def plan_shards(refs: Sequence[SampleRef], spec: DatasetSpec, shard_size: int) -> list[list[SampleRef]]:
+    """Cut the refs, sorted by sample id, into shards of `shard_size` (one per file for Parquet/WebDataset)."""
+    ordered = sorted(refs, key=lambda r: (r.sample_id, r.uri))
+    size = 1 if isinstance(spec, SHARDED) else shard_size
+    return [ordered[i : i + size] for i in range(0, len(ordered), size)]

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import ray
 import ray.train
@@ -25,13 +26,13 @@ from pydantic import BaseModel, ConfigDict
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, prepare_model
 
-from . import storage
-from .sae import DictionaryConfig, Normalization, Sites, Trainer
-from .sae.dictionary import check_shape
-from .sae.io import checkpoint_files, dictionary_files, restore_checkpoint, write_files
-from .ray_session import ensure_ray
-from .training_config import TrainConfig
-from .training_data import DataPlan, plan_data, read_items
+from .. import storage
+from ..runtime.session import ensure_ray
+from ..sae import DictionaryConfig, Normalization, Sites, Trainer
+from ..sae.dictionary import check_shape
+from ..sae.io import checkpoint_files, dictionary_files, restore_checkpoint, write_files
+from .config import TrainConfig
+from .data import DataPlan, plan_data, read_items
 
 log = logging.getLogger(__name__)
 

@@ -7,14 +7,15 @@ shard's result row as it finishes. What an actor does lives in its worker class,
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Literal, Protocol
+from collections.abc import Iterator
+from typing import Any, Literal, Protocol
 
 import ray
 from ray.data import ActorPoolStrategy, DataContext
 from tqdm.auto import tqdm
 
-from .decoding import InputFormat, decode_batch
-from .data.sources import DatasetSpec
+from ..data.shards import InputFormat, decode_batch
+from ..data.sources import DatasetSpec
 
 MAX_CPU_ACTORS = 8
 

@@ -5,12 +5,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from . import storage
-from .models.spec import TokenKind
-from .ray_session import RayOptions
-from .sae.config import DictionaryConfig
-from .sae.trainer import NormalizeMode
-from .storage import StorageOptions
+from .. import storage
+from ..models.spec import TokenKind
+from ..runtime.session import RayOptions
+from ..sae.config import DictionaryConfig
+from ..sae.trainer import NormalizeMode
+from ..storage import StorageOptions
 
 DEFAULT_STORE = "prisma-activations/timm-vit-tiny-patch16-224-augreg-in21k-ft-in1k/blocks.6.hook_resid_post/train"
 TokenKindName = Literal[tuple(kind.name.lower() for kind in TokenKind)]

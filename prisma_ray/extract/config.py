@@ -1,0 +1,75 @@
+"""`ExtractConfig`: what `prisma-ray extract` reads from its YAML file."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..data.sources import DatasetSpec, SyntheticSource
+from ..data.synthetic import ShapesConfig
+from ..models import ModelEntry
+from ..models.token_selection import TokenSelection
+from ..runtime.session import RayOptions
+from ..storage import StorageOptions
+from ..store import StoreDType
+
+DEFAULT_MODEL = "timm-vit-tiny-patch16-224-augreg-in21k-ft-in1k"
+
+
+def _default_dataset() -> SyntheticSource:
+    return SyntheticSource(uri="prisma-data/shapes", generator=ShapesConfig(n_images=128))
+
+
+class ExtractConfig(BaseModel):
+    """`prisma-ray extract`: a dataset through one model into one activation store per hook point.
+
+    Stores live at `<output>/<model>/<hook>/<split>`, each with its bad samples under `_errors/`.
+    `model` is a registry name or an inline registry entry (any architecture an adapter can build).
+    Multimodal language models (LLaVA, Qwen-VL) see each image with a prompt from `prompts` and
+    store tokens of their sequence at `lm.*` hook points (`tokens.mode`: all, text, image, ...).
+    Fields that change the stored rows (model, pretrained, seed, hooks, tokens, dtype, dataset,
+    shard_size, prompts and the listed inputs) are hashed per store: rerunning the same config resumes,
+    a changed one is refused. The others (batch size, actors, resources) may change between runs.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | ModelEntry = DEFAULT_MODEL
+    pretrained: bool = Field(False, description="False: random weights drawn from `seed` (no download)")
+    seed: int = 0
+    hooks: list[str] = Field(default_factory=lambda: ["blocks.6.hook_resid_post"], min_length=1)
+    tokens: TokenSelection = TokenSelection()
+    dtype: StoreDType = "float16"
+    prompts: list[str] | None = Field(
+        None, min_length=1,
+        description="multimodal models: the user's text after the image, one per sample picked by its id "
+        "(default: ['Describe the image.'])",
+    )
+    dataset: DatasetSpec = Field(default_factory=_default_dataset)
+    split: str = "train"
+    output: str = "prisma-activations"
+    storage: StorageOptions = Field(StorageOptions(), description="how to reach `output`")
+    shard_size: int = Field(64, ge=1, description="samples per shard (Parquet/WebDataset sources: one shard per file)")
+    batch_size: int = Field(32, ge=1, description="samples per forward pass")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    actors: int | None = Field(None, ge=1, description="model actors (default: one per GPU; on CPU one per CPU, at most 8)")
+    actor_num_cpus: float | None = Field(None, gt=0, description="CPUs reserved per actor (default: up to 1)")
+    decode_num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per decode task")
+    torch_threads: int | None = Field(None, ge=1, description="CPU actors' torch threads (default: CPUs / actors)")
+    max_shards: int | None = Field(None, ge=1, description="stop after this many shards; a rerun goes on")
+    progress: bool = True
+    ray: RayOptions = RayOptions()
+
+    @field_validator("hooks")
+    @classmethod
+    def _unique(cls, hooks: list[str]) -> list[str]:
+        if len(set(hooks)) != len(hooks):
+            raise ValueError(f"hooks must be distinct; got {hooks}")
+        return hooks
+
+    @field_validator("split")
+    @classmethod
+    def _plain_name(cls, split: str) -> str:
+        if not split or "/" in split or split.startswith((".", "_")):
+            raise ValueError(f"split must be a plain name (no '/', not starting with '.' or '_'); got {split!r}")
+        return split

@@ -1,0 +1,140 @@
+"""The extraction worker, without Ray: one input shard in, one store shard per hook point out.
+
+`prisma_ray.extract.pipeline` runs it as a Ray Data actor; tests call it in a plain process. The
+flow for one input shard (a fixed, sorted slice of the dataset's refs):
+
+1. `data.shards.decode_shard` (a CPU task): read, decode, resize and crop every sample to the model's
+   input geometry as `uint8` (4x smaller than float pixels to ship); bad samples become `ErrorRecord`s.
+2. `ExtractionWorker.process` (an actor): the model's input per minibatch (`models.inputs`: pixels
+   normalised on the model's device, or, for multimodal language models, each image with its
+   prompt through the model's processor), one forward pass with every hook point cached, token
+   selection, then one store shard per hook point (written under a temporary name and renamed)
+   plus the shard's bad samples in the errors table.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from .. import store
+from ..data.errors import write_shard_errors
+from ..data.shards import ShardData
+from ..models import ModelEntry
+from ..models.inputs import KeptTokens, model_inputs
+from ..models.loading import actor_model
+from ..models.token_selection import TokenSelection
+from ..storage import StorageOptions
+from ..store import RunningStats, StoreDType
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FIELDS = ("shard", "samples", "errors", "tokens", "values", "bytes", "seconds")
+
+
+class WorkerJob(BaseModel):
+    """What an `ExtractionWorker` needs (small and picklable: Ray ships it to every actor)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: ModelEntry
+    pretrained: bool
+    seed: int
+    tokens: TokenSelection
+    dtype: StoreDType
+    stores: dict[str, str] = Field(description="hook point -> store URI (bad samples: `<store>/_errors`)")
+    storage: StorageOptions
+    batch_size: int
+    prompts: list[str] | None = None
+    device: str = "cpu"
+    torch_threads: int | None = None
+
+
+def tensor_stats(x: torch.Tensor) -> RunningStats:
+    """Running statistics of the rows of `x` (computed in float64 on `x`'s device)."""
+    x = x.to(torch.float64)
+    mean = x.mean(0)
+    m2 = ((x - mean) ** 2).sum(0)
+    norm_sum = torch.linalg.vector_norm(x, dim=1).sum()
+    return RunningStats(len(x), mean.cpu().numpy(), m2.cpu().numpy(), float(norm_sum))
+
+
+class ExtractionWorker:
+    """Runs the model over whole shards and writes one store shard per hook point.
+
+    Ray Data calls it with one-row batches (`shard`, `payload`: `ShardData.to_bytes()`, `hooks`: JSON
+    list of the hook points still missing for that shard); tests call `process` directly.
+    """
+
+    def __init__(self, job: WorkerJob):
+        self.job = job
+        self.device = torch.device(job.device)
+        self.model = actor_model(job.model, job.pretrained, job.seed, self.device, job.torch_threads)
+        self.inputs = model_inputs(self.model, job.tokens, job.prompts, self.device)
+        self.writers = {hook: store.StoreWriter(uri, job.storage) for hook, uri in job.stores.items()}
+        log.info("worker ready: %s on %s, %d torch threads", job.model.name, self.device, torch.get_num_threads())
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = [
+            self.process(int(shard), ShardData.from_bytes(payload), json.loads(hooks))
+            for shard, payload, hooks in zip(batch["shard"], batch["payload"], batch["hooks"])
+        ]
+        return {k: np.array([row[k] for row in rows]) for k in SUMMARY_FIELDS}
+
+    def process(self, shard: int, data: ShardData, hooks: Sequence[str] | None = None) -> dict[str, Any]:
+        """Extract and write shard `shard` for `hooks` (default: all); return its summary row."""
+        start = time.perf_counter()
+        hooks = list(self.job.stores) if hooks is None else list(hooks)
+        acts, stats, kept = self.extract(data.pixels, data.sample_ids, hooks)
+        ids = data.sample_ids[kept.sample].tolist()
+        token = kept.position.astype(np.int16)
+        nbytes = 0
+        for hook in hooks:
+            write_shard_errors(data.errors, self.job.stores[hook], shard, self.job.storage)
+            table = store.token_table(ids, token, kept.frame, kept.kind, acts[hook], self.job.dtype)
+            nbytes += self.writers[hook].write_shard(shard, table, stats[hook])
+        return {
+            "shard": shard,
+            "samples": len(data.sample_ids),
+            "errors": len(data.errors),
+            "tokens": len(token),
+            "values": sum(acts[hook].size for hook in hooks),
+            "bytes": nbytes,
+            "seconds": time.perf_counter() - start,
+        }
+
+    @torch.inference_mode()
+    def extract(
+        self, pixels: np.ndarray, sample_ids: np.ndarray, hooks: Sequence[str]
+    ) -> tuple[dict[str, np.ndarray], dict[str, RunningStats], KeptTokens]:
+        """`float32[N, width]` kept activations and their statistics per hook point, and which tokens they are
+        (`KeptTokens.sample` indexes `sample_ids`)."""
+        widths = {h: self.model.hook_width(h) for h in hooks}
+        chunks: dict[str, list[np.ndarray]] = {h: [] for h in hooks}
+        stats = {h: RunningStats.empty(widths[h]) for h in hooks}
+        parts: list[KeptTokens] = []
+        bs = self.job.batch_size
+        for i in range(0, len(pixels), bs):
+            x, kept = self.inputs(pixels[i : i + bs], sample_ids[i : i + bs])
+            _, cache = self.model.run_with_cache(x, hooks, stop_early=True)
+            for hook in hooks:
+                self._check_shape(cache[hook], kept.shape, widths[hook], hook)
+                rows = kept.take(cache[hook]).to(torch.float32)
+                stats[hook] = stats[hook].merge(tensor_stats(rows))
+                chunks[hook].append(rows.cpu().numpy())
+            parts.append(kept)
+        acts = {h: np.concatenate(c) if c else np.zeros((0, widths[h]), np.float32) for h, c in chunks.items()}
+        return acts, stats, KeptTokens.concat(parts)
+
+    def _check_shape(self, acts: torch.Tensor, shape: tuple[int, int], width: int, hook: str) -> None:
+        if acts.dim() != 3 or tuple(acts.shape) != (*shape, width):
+            raise ValueError(
+                f"{self.job.model.name} {hook}: got activations {list(acts.shape)}, expected {[*shape, width]} "
+                "[batch, tokens, width] from its token layout; this hook point cannot be stored per token."
+            )
