@@ -6,6 +6,7 @@ time of each and their ratios.
 
     .venv/bin/python benchmarks/decode_import_memory.py [--repeats 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,9 @@ PROBE = (
 
 
 def measure(module: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", PROBE.format(module=module)], check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE.format(module=module)], check=True, capture_output=True, text=True
+    )
     return json.loads(out.stdout)
 
 
@@ -30,7 +33,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    modules = {"(a) prisma_ray.data.shards": "prisma_ray.data.shards", "(b) prisma_ray.extract.worker": "prisma_ray.extract.worker"}
+    modules = {
+        "(a) prisma_ray.data.shards": "prisma_ray.data.shards",
+        "(b) prisma_ray.extract.worker": "prisma_ray.extract.worker",
+    }
     runs: dict[str, list[dict]] = {label: [] for label in modules}
     for _ in range(args.repeats):
         for label, module in modules.items():

@@ -10,6 +10,7 @@ neither side can end the forward pass early.
 
     .venv/bin/python benchmarks/extract_throughput.py [--images 512] [--repeats 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -109,8 +110,13 @@ def pipeline(data: SyntheticSource, args: argparse.Namespace, out: Path) -> dict
         progress=False,
     )
     summary = run_extract(cfg)
-    return {"tokens": summary.tokens, "seconds": summary.seconds, "bytes": summary.bytes, "values": summary.values,
-            "store": summary.stores[args.hook]}  # fmt: skip
+    return {
+        "tokens": summary.tokens,
+        "seconds": summary.seconds,
+        "bytes": summary.bytes,
+        "values": summary.values,
+        "store": summary.stores[args.hook],
+    }
 
 
 def max_difference(baseline_dir: Path, store_uri: str) -> float:
@@ -151,24 +157,34 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
-        data = with_resolved_storage(SyntheticSource(
-            uri=str(work / "shapes"), generator=dict(name="shapes", n_images=args.images, image_size=args.image_size)
-        ))  # fmt: skip
+        data = with_resolved_storage(
+            SyntheticSource(
+                uri=str(work / "shapes"),
+                generator=dict(name="shapes", n_images=args.images, image_size=args.image_size),
+            )
+        )
         refs = list_refs(data)
-        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING)  # fmt: skip
+        ray.init(
+            address="local",
+            num_cpus=args.num_cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+        )
         outputs = Path(tempfile.mkdtemp(prefix="runs-", dir=work))
         runs: dict[str, list[dict]] = {"a": [], "b": []}
         for r in range(args.repeats):
-            for side in ("ba" if r % 2 == 0 else "ab"):
+            for side in "ba" if r % 2 == 0 else "ab":
                 out = outputs / f"{side}-{r}"
                 runs[side].append(pipeline(data, args, out) if side == "a" else baseline(refs, args, out))
         difference = max_difference(outputs / "b-0", runs["a"][0]["store"])
         ray.shutdown()
 
-    print(f"{args.model} (random weights), {args.hook}, all tokens, float16; {args.images} images "
-          f"{args.image_size}px, batch {args.batch_size}, shards of {args.shard_size}; {args.num_cpus} CPUs, "
-          f"5-min load average {os.getloadavg()[1]:.1f}; median of {args.repeats} runs each")  # fmt: skip
+    print(
+        f"{args.model} (random weights), {args.hook}, all tokens, float16; {args.images} images "
+        f"{args.image_size}px, batch {args.batch_size}, shards of {args.shard_size}; {args.num_cpus} CPUs, "
+        f"5-min load average {os.getloadavg()[1]:.1f}; median of {args.repeats} runs each"
+    )
     a = report("(a) prisma-ray pipeline (Ray Data)", runs["a"])
     b = report("(b) DataLoader + hook + torch.save", runs["b"])
     print(f"ratio a/b {a / b:.2f}   max |a - b| on one shard {difference:.2g} (float16 storage)")

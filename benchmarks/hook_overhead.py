@@ -1,5 +1,6 @@
 """Hook overhead on CPU: images/s of the plain model, of `run_with_cache` at a late hook point,
 and at an early hook point with early stopping, as ratios to the plain model (one process)."""
+
 from __future__ import annotations
 
 import argparse

@@ -16,6 +16,7 @@ SAELens goes in a separate venv because its pins (transformer-lens, datasets, wa
 the project's: `python3 -m venv .venv-saelens && .venv-saelens/bin/pip install sae-lens==6.54.12`
 (with a `.pth` file pointing at `.venv`'s site-packages to reuse its torch).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,12 +64,21 @@ def saelens_step_times(data_path: str, warmup: int, sparse: bool) -> list[float]
 
     data = np.load(data_path)
     steps = len(data) // BATCH
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D_MODEL, d_sae=EXPANSION * D_MODEL, k=K, dtype="float32",
-                                                device="cpu", use_sparse_activations=sparse))  # fmt: skip
+    sae = TopKTrainingSAE(
+        TopKTrainingSAEConfig(
+            d_in=D_MODEL, d_sae=EXPANSION * D_MODEL, k=K, dtype="float32", device="cpu", use_sparse_activations=sparse
+        )
+    )
     batches = [torch.from_numpy(data[i * BATCH : (i + 1) * BATCH]) for i in range(steps)]
     trainer = SAETrainer(
-        cfg=SAETrainerConfig(total_training_samples=BATCH * steps, train_batch_size_samples=BATCH, lr=2e-4, lr_end=2e-4,
-                             device="cpu", logger=LoggingConfig(log_to_wandb=False)),  # fmt: skip
+        cfg=SAETrainerConfig(
+            total_training_samples=BATCH * steps,
+            train_batch_size_samples=BATCH,
+            lr=2e-4,
+            lr_end=2e-4,
+            device="cpu",
+            logger=LoggingConfig(log_to_wandb=False),
+        ),
         sae=sae,
         data_provider=iter(batches),
     )
@@ -96,12 +106,21 @@ def ray_tokens_per_s(store_uri: str, workers: int, steps: int, tmp: str) -> floa
     from prisma_ray.train.config import TrainConfig
     from prisma_ray.train.job import run_training
 
-    cfg = TrainConfig.model_validate({
-        "name": f"bench-{workers}", "storage": f"{tmp}/runs", "data": {"inputs": [store_uri], "normalize": "none"},
-        "dictionaries": [{"architecture": "topk", "k": K, "expansion_factor": EXPANSION, "lr": 2e-4}],
-        "batch_size": BATCH, "steps": steps, "log_every": steps // 2, "checkpoint_every": 10 * steps,
-        "workers": workers, "cpus_per_worker": 1, "torch_threads": max(1, os.cpu_count() // workers),
-    })  # fmt: skip
+    cfg = TrainConfig.model_validate(
+        {
+            "name": f"bench-{workers}",
+            "storage": f"{tmp}/runs",
+            "data": {"inputs": [store_uri], "normalize": "none"},
+            "dictionaries": [{"architecture": "topk", "k": K, "expansion_factor": EXPANSION, "lr": 2e-4}],
+            "batch_size": BATCH,
+            "steps": steps,
+            "log_every": steps // 2,
+            "checkpoint_every": 10 * steps,
+            "workers": workers,
+            "cpus_per_worker": 1,
+            "torch_threads": max(1, os.cpu_count() // workers),
+        }
+    )
     return run_training(cfg).metrics["tokens_per_s"]
 
 
@@ -111,16 +130,35 @@ def write_store(data: np.ndarray, uri: str) -> str:
     writer = store.StoreWriter(uri)
     shards = np.array_split(np.arange(len(data)), 4)
     for i, rows in enumerate(shards):
-        table = store.token_table([f"s{r}" for r in rows], np.zeros(len(rows)), np.full(len(rows), -1),
-                                  np.full(len(rows), 2), data[rows], "float32")  # fmt: skip
+        table = store.token_table(
+            [f"s{r}" for r in rows],
+            np.zeros(len(rows)),
+            np.full(len(rows), -1),
+            np.full(len(rows), 2),
+            data[rows],
+            "float32",
+        )
         writer.write_shard(i, table, store.RunningStats.of(data[rows]))
     stats = writer.merged_stats(set(range(len(shards))), D_MODEL)
-    writer.write_manifest(store.Manifest(
-        model="synthetic", hook="blocks.0.hook_resid_post", split="train", dtype="float32", d_model=D_MODEL,
-        token_selection={}, token_layout={}, dataset={}, config_hash="bench", n_samples=len(data), n_tokens=len(data),
-        shards=[store.shard_name(i) for i in range(len(shards))], mean=stats.mean.tolist(),
-        std=np.sqrt(stats.var).tolist(), mean_norm=stats.mean_norm,
-    ))  # fmt: skip
+    writer.write_manifest(
+        store.Manifest(
+            model="synthetic",
+            hook="blocks.0.hook_resid_post",
+            split="train",
+            dtype="float32",
+            d_model=D_MODEL,
+            token_selection={},
+            token_layout={},
+            dataset={},
+            config_hash="bench",
+            n_samples=len(data),
+            n_tokens=len(data),
+            shards=[store.shard_name(i) for i in range(len(shards))],
+            mean=stats.mean.tolist(),
+            std=np.sqrt(stats.var).tolist(),
+            mean_norm=stats.mean_norm,
+        )
+    )
     return uri
 
 
@@ -139,8 +177,10 @@ def main() -> None:
         return
 
     data = make_data(args.warmup + args.steps)
-    print(f"TopK SAE: d_model {D_MODEL}, {EXPANSION * D_MODEL} latents, k {K}, batch {BATCH}, float32, "
-          f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs; {args.steps} measured steps per run")  # fmt: skip
+    print(
+        f"TopK SAE: d_model {D_MODEL}, {EXPANSION * D_MODEL} latents, k {K}, batch {BATCH}, float32, "
+        f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs; {args.steps} measured steps per run"
+    )
     ours: list[float] = []
     theirs: dict[str, list[float] | str] = {"SAELens 6 (default, dense)": [], "SAELens 6 (use_sparse_activations)": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -174,8 +214,10 @@ def main() -> None:
             two = ray_tokens_per_s(uri, 2, args.ray_steps, tmp)
             ray.shutdown()
             print(f"{'prisma-ray train, Ray Train 1 worker':<40} {one:9.0f} tokens/s")
-            print(f"{'prisma-ray train, Ray Train 2 workers':<40} {two:9.0f} tokens/s  -> scaling {two / one:.2f}x "
-                  f"on {os.cpu_count()} CPUs")  # fmt: skip
+            print(
+                f"{'prisma-ray train, Ray Train 2 workers':<40} {two:9.0f} tokens/s  -> scaling {two / one:.2f}x "
+                f"on {os.cpu_count()} CPUs"
+            )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ The activation store is extracted and Ray started before any timing.
 
     .venv/bin/python benchmarks/sweep_scaling.py [--sizes 1 4 16] [--images 64]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,18 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="sweep-scaling-") as tmp:
         root = Path(tmp)
         dataset = dict(type="synthetic", uri=str(root / "shapes"), generator=dict(name="shapes", n_images=args.images))
-        stores = run_extract(ExtractConfig(model=args.model, hooks=[args.hook], dataset=dataset, split="test",
-                                           output=str(root / "acts"), shard_size=32, actors=1, progress=False))
+        stores = run_extract(
+            ExtractConfig(
+                model=args.model,
+                hooks=[args.hook],
+                dataset=dataset,
+                split="test",
+                output=str(root / "acts"),
+                shard_size=32,
+                actors=1,
+                progress=False,
+            )
+        )
         width = read_manifest(stores.stores[args.hook]).d_model
         files = [_checkpoint(args.model, args.hook, width, args.expansion, i) for i in range(max(args.sizes))]
 
@@ -56,12 +67,22 @@ def main() -> int:
         for n in args.sizes:
             for i, exported in enumerate(files[:n]):
                 write_files(exported, str(root / f"ckpts-{n}" / f"sae-{i:02d}"))
-            cfg = SweepConfig.model_validate({
-                "checkpoints": [str(root / f"ckpts-{n}")], "output": str(root / f"out-{n}"), "actors": 1,
-                "torch_threads": 1, "progress": False,
-                "evaluation": {"stores": str(root / "acts"), "split": "test", "max_tokens": args.max_tokens,
-                               "splice_samples": args.splice_samples, "device": "cpu"},
-            })  # fmt: skip
+            cfg = SweepConfig.model_validate(
+                {
+                    "checkpoints": [str(root / f"ckpts-{n}")],
+                    "output": str(root / f"out-{n}"),
+                    "actors": 1,
+                    "torch_threads": 1,
+                    "progress": False,
+                    "evaluation": {
+                        "stores": str(root / "acts"),
+                        "split": "test",
+                        "max_tokens": args.max_tokens,
+                        "splice_samples": args.splice_samples,
+                        "device": "cpu",
+                    },
+                }
+            )
             start = time.perf_counter()
             summary = run_sweep(cfg)
             wall = time.perf_counter() - start
@@ -71,9 +92,11 @@ def main() -> int:
             rows.append((n, wall, summary.model_loads.get(args.model, 0)))
 
     per = {n: wall / n for n, wall, _ in rows}
-    print(f"model {args.model} (random weights), {args.hook}, {args.images} shapes images, "
-          f"{args.max_tokens} held-out tokens, {args.splice_samples} spliced-in samples, d_sae {width * args.expansion}, "
-          f"1 actor, 1 torch thread")  # fmt: skip
+    print(
+        f"model {args.model} (random weights), {args.hook}, {args.images} shapes images, "
+        f"{args.max_tokens} held-out tokens, {args.splice_samples} spliced-in samples, d_sae {width * args.expansion}, "
+        f"1 actor, 1 torch thread"
+    )
     print(f"{'checkpoints':>11} {'wall s':>8} {'s/checkpoint':>13} {'ratio to 1':>11} {'model loads':>12}")
     first = per[rows[0][0]]
     for n, wall, loads in rows:

@@ -4,6 +4,7 @@
 
 Inside a Ray job (`$RAY_ADDRESS` set) it runs on that cluster; elsewhere it starts a local Ray.
 """
+
 import sys
 
 from prisma_ray.cli import main

@@ -6,6 +6,7 @@
 Inside a Ray job (`$RAY_ADDRESS` set) it runs on that cluster; elsewhere it starts a local Ray.
 Submitting it again reuses the top-activation results already written and re-renders the site.
 """
+
 import sys
 
 from prisma_ray.cli import main

@@ -6,6 +6,7 @@
 Inside a Ray job (`$RAY_ADDRESS` set) it runs on that cluster; elsewhere it starts a local Ray.
 Submitting it again resumes: checkpoints already evaluated are skipped.
 """
+
 import sys
 
 from prisma_ray.cli import main

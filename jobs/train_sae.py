@@ -5,6 +5,7 @@
 Inside a Ray job (`$RAY_ADDRESS` set) it runs on that cluster; elsewhere it starts a local Ray.
 Submitting again with the same `name` and `storage` resumes from the latest checkpoint.
 """
+
 import sys
 
 from prisma_ray.cli import main

@@ -5,6 +5,7 @@
 
 Prints per model the training time and the accuracy on a held-out split rendered in memory.
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -16,8 +17,12 @@ from prisma_ray.models import toy, toy_training
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("names", nargs="*", metavar="NAME", help=f"models to train (default: all of {sorted(toy.SPECS)})")
-    parser.add_argument("--out", type=Path, default=None, help="directory for the .safetensors files (default: the package)")
+    parser.add_argument(
+        "names", nargs="*", metavar="NAME", help=f"models to train (default: all of {sorted(toy.SPECS)})"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="directory for the .safetensors files (default: the package)"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--held-out", type=int, default=1000, help="held-out samples to score (default 1000)")
     args = parser.parse_args(argv)
@@ -29,7 +34,9 @@ def main(argv: list[str]) -> int:
         spec = toy.SPECS[name]
         model, run = toy_training.train_toy(spec, log=lambda line: print(line, flush=True))
         pixels, labels = toy_training.render_split(spec.held_out(args.held_out), args.held_out)
-        held_out = toy_training.accuracy(model, toy_training.to_input(pixels, spec.preprocess), torch.from_numpy(labels))
+        held_out = toy_training.accuracy(
+            model, toy_training.to_input(pixels, spec.preprocess), torch.from_numpy(labels)
+        )
         path = (args.out / f"{name}.safetensors") if args.out else toy.weights_path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         toy_training.save_weights(model, path)

@@ -1,4 +1,5 @@
 """`prisma-ray`: one subcommand per job."""
+
 from __future__ import annotations
 
 import argparse
@@ -115,8 +116,9 @@ def _dashboard(args: argparse.Namespace) -> int:
         from .interpret.autointerp.run import ExplainConfig, run_explain
 
         vocabulary = {"vocabulary": args.vocabulary.split(",")} if args.vocabulary else {}
-        run_explain(ExplainConfig(evidence=results.uri, explainer=args.explain, storage=cfg.storage, ray=cfg.ray,
-                                  **vocabulary))  # fmt: skip
+        run_explain(
+            ExplainConfig(evidence=results.uri, explainer=args.explain, storage=cfg.storage, ray=cfg.ray, **vocabulary)
+        )
     index = write_dashboard(results, per_latent=args.per_latent, max_latents=args.max_latents)
     print(summary.format())
     print(f"dashboard {index}")
@@ -206,8 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--set prompts='[Describe the image.]'",
     )
     extract.add_argument(
-        "config", nargs="?", help="YAML ExtractConfig (optional: the defaults extract 128 synthetic shapes images "
-        "through a random-weight ViT-Tiny into ./prisma-activations)"
+        "config",
+        nargs="?",
+        help="YAML ExtractConfig (optional: the defaults extract 128 synthetic shapes images "
+        "through a random-weight ViT-Tiny into ./prisma-activations)",
     )
     _add_overrides(extract)
     extract.set_defaults(func=_job(".extract.pipeline", "ExtractConfig", "run_extract"))
@@ -244,7 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: prisma-ray analyze patching --set patching.site=hook_resid_post --set output=/tmp/analysis",
     )
     analyze.add_argument("analysis", choices=["logit-lens", "attention", "patching", "attribution"])
-    analyze.add_argument("config", nargs="?", help="YAML AnalyzeConfig (optional: the defaults analyse the embedded ViT)")
+    analyze.add_argument(
+        "config", nargs="?", help="YAML AnalyzeConfig (optional: the defaults analyse the embedded ViT)"
+    )
     _add_overrides(analyze)
     analyze.set_defaults(func=_analyze)
 
@@ -279,8 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     dashboard.add_argument("--per-latent", type=int, default=8, help="top samples shown per latent and ranking")
     dashboard.add_argument("--max-latents", type=int, help="render at most this many latents (in index order)")
     dashboard.add_argument("--explain", choices=["vocabulary"], help="explain the latents offline first")
-    dashboard.add_argument("--vocabulary", help="comma-separated labels for --explain vocabulary "
-                           "(default: the synthetic dataset's shapes and colours)")
+    dashboard.add_argument(
+        "--vocabulary",
+        help="comma-separated labels for --explain vocabulary (default: the synthetic dataset's shapes and colours)",
+    )
     _add_overrides(dashboard)
     dashboard.set_defaults(func=_dashboard)
 
@@ -329,9 +337,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     import_sae.add_argument("source", metavar="SOURCE_DIR", help="directory of the published files (local or s3://)")
     import_sae.add_argument("output", metavar="OUTPUT_URI", help="checkpoint directory to write (local or s3://)")
-    import_sae.add_argument("--format", default="auto", choices=["auto", "vit-prisma", "saelens", "sparsify"],
-                            help="layout of SOURCE_DIR (default: detected from its files)")  # fmt: skip
-    import_sae.add_argument("--model", help="model the dictionary reads (registry name; default: as the source names it)")
+    import_sae.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "vit-prisma", "saelens", "sparsify"],
+        help="layout of SOURCE_DIR (default: detected from its files)",
+    )
+    import_sae.add_argument(
+        "--model", help="model the dictionary reads (registry name; default: as the source names it)"
+    )
     import_sae.set_defaults(func=_import_sae)
     return parser
 
@@ -339,7 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `prisma-ray` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return args.func(args)
     except (ConfigError, MissingInputError, KeyError, ValueError) as exc:

@@ -1,4 +1,5 @@
 """Job configs: YAML in, `--set key=value` overrides, pydantic validation, clear errors out."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """The demo job: run an embedded model on synthetic data it was never trained on and show its hook points."""
+
 from __future__ import annotations
 
 import torch

@@ -8,6 +8,7 @@ Each stage is the library's own job (`run_extract`, `run_training`, `run_sweep`,
 with its outputs under `output` (local or `s3://`). Every stage resumes, so a rerun after a failure
 picks up where it stopped.
 """
+
 from __future__ import annotations
 
 import io
@@ -52,10 +53,20 @@ class QuickstartModel(BaseModel):
 
 def _default_models() -> list[QuickstartModel]:
     return [
-        QuickstartModel(name="prisma-toy-vit-shapes", hook="blocks.2.hook_resid_post", train_samples=1024,
-                        test_samples=128, epochs=6),  # fmt: skip
-        QuickstartModel(name="prisma-toy-video-moving-shapes", hook="blocks.1.hook_resid_post", train_samples=256,
-                        test_samples=32, epochs=12),  # fmt: skip
+        QuickstartModel(
+            name="prisma-toy-vit-shapes",
+            hook="blocks.2.hook_resid_post",
+            train_samples=1024,
+            test_samples=128,
+            epochs=6,
+        ),
+        QuickstartModel(
+            name="prisma-toy-video-moving-shapes",
+            hook="blocks.1.hook_resid_post",
+            train_samples=256,
+            test_samples=32,
+            epochs=12,
+        ),
     ]
 
 
@@ -125,11 +136,19 @@ def extract_configs(cfg: QuickstartConfig, m: QuickstartModel) -> list[ExtractCo
     }
     return [
         ExtractConfig(
-            model=m.name, pretrained=True, hooks=[m.hook], tokens=TokenSelection(mode="all"), dtype="float16",
+            model=m.name,
+            pretrained=True,
+            hooks=[m.hook],
+            tokens=TokenSelection(mode="all"),
+            dtype="float16",
             dataset=SyntheticSource(uri=cfg.uri("data", f"{m.name}-{split}"), generator=generator),
-            split=split, output=cfg.uri("activations"), storage=cfg.storage, shard_size=128, progress=False,
+            split=split,
+            output=cfg.uri("activations"),
+            storage=cfg.storage,
+            shard_size=128,
+            progress=False,
             ray=cfg.ray,
-        )  # fmt: skip
+        )
         for split, generator in splits.items()
     ]
 
@@ -137,20 +156,33 @@ def extract_configs(cfg: QuickstartConfig, m: QuickstartModel) -> list[ExtractCo
 def train_config(cfg: QuickstartConfig, m: QuickstartModel) -> TrainConfig:
     """One run per model: every dictionary of `cfg` on the same batches of its train store."""
     return TrainConfig(
-        name=m.hook, storage=cfg.uri("runs", m.name), output=cfg.uri("dictionaries", m.name, m.hook),
+        name=m.hook,
+        storage=cfg.uri("runs", m.name),
+        output=cfg.uri("dictionaries", m.name, m.hook),
         storage_options=cfg.storage,
         data=TrainData(inputs=[storage.join(cfg.uri("activations"), m.name, m.hook, "train")]),
-        dictionaries=cfg.dictionaries, batch_size=cfg.batch_size, epochs=m.epochs,
-        log_every=50, checkpoint_every=500, workers=cfg.train_workers, ray=cfg.ray,
-    )  # fmt: skip
+        dictionaries=cfg.dictionaries,
+        batch_size=cfg.batch_size,
+        epochs=m.epochs,
+        log_every=50,
+        checkpoint_every=500,
+        workers=cfg.train_workers,
+        ray=cfg.ray,
+    )
 
 
 def sweep_config(cfg: QuickstartConfig) -> SweepConfig:
     """Every trained dictionary of the quickstart against the test stores, ground truth included."""
-    evaluation = EvalConfig(stores=cfg.uri("activations"), split="test", max_tokens=4096, splice_samples=32,
-                            storage=cfg.storage)  # fmt: skip
-    return SweepConfig(checkpoints=[cfg.uri("dictionaries")], output=cfg.uri("sweep"), evaluation=evaluation,
-                       progress=False, ray=cfg.ray)  # fmt: skip
+    evaluation = EvalConfig(
+        stores=cfg.uri("activations"), split="test", max_tokens=4096, splice_samples=32, storage=cfg.storage
+    )
+    return SweepConfig(
+        checkpoints=[cfg.uri("dictionaries")],
+        output=cfg.uri("sweep"),
+        evaluation=evaluation,
+        progress=False,
+        ray=cfg.ray,
+    )
 
 
 def leaderboard_rows(table: pa.Table) -> list[dict]:
@@ -163,9 +195,14 @@ def dashboard_of(cfg: QuickstartConfig, checkpoint: str) -> str:
     (vocabulary explainer over shapes and colours); return the dashboard's index URI."""
     m = cfg.models[0]
     interpret = InterpretConfig(
-        checkpoint=checkpoint, dataset=extract_configs(cfg, m)[1].dataset, output=cfg.uri("interpret"),
-        storage=cfg.storage, k=8, progress=False, ray=cfg.ray,
-    )  # fmt: skip
+        checkpoint=checkpoint,
+        dataset=extract_configs(cfg, m)[1].dataset,
+        output=cfg.uri("interpret"),
+        storage=cfg.storage,
+        k=8,
+        progress=False,
+        ray=cfg.ray,
+    )
     results = read_results(run_interpret(interpret).output, cfg.storage.resolved())
     run_explain(ExplainConfig(evidence=results.uri, storage=cfg.storage, ray=cfg.ray))
     return write_dashboard(results, cfg.uri("dashboard"), results.options, max_latents=cfg.dashboard_latents)
@@ -192,5 +229,10 @@ def run_quickstart(cfg: QuickstartConfig) -> QuickstartSummary:
     best = max((r for r in rows if r["model"] == cfg.models[0].name), key=lambda r: r["explained_variance"] or 0.0)
     dashboard = dashboard_of(cfg, best["checkpoint"])
     seconds["dashboard"] = time.perf_counter() - start
-    return QuickstartSummary(output=storage.absolute(cfg.output), leaderboard=swept.leaderboard, dashboard=dashboard,
-                             rows=rows, seconds=seconds)  # fmt: skip
+    return QuickstartSummary(
+        output=storage.absolute(cfg.output),
+        leaderboard=swept.leaderboard,
+        dashboard=dashboard,
+        rows=rows,
+        seconds=seconds,
+    )

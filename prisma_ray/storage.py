@@ -1,4 +1,5 @@
 """One place that turns a URI (`s3://bucket/key`, `file:///path` or a plain path) into a filesystem."""
+
 from __future__ import annotations
 
 import functools
@@ -130,8 +131,7 @@ def require_exists(uri: str, options: StorageOptions | None = None) -> pafs.File
     if info.type == pafs.FileType.NotFound:
         where = "no object or prefix at this key" if is_s3(uri) else "no such file or directory"
         raise MissingInputError(
-            f"{uri}: {where}. Fix the URI, or write the data there first "
-            "(a local path must exist on every Ray node)."
+            f"{uri}: {where}. Fix the URI, or write the data there first (a local path must exist on every Ray node)."
         )
     return info
 

@@ -6,6 +6,7 @@ Layout under a store URI:
   _config.json             the hash of the config that writes here (a changed config is refused)
   manifest.json            model, hook, dtype, d_model, token counts, merged statistics
 """
+
 from __future__ import annotations
 
 import json
@@ -232,7 +233,9 @@ class StoreWriter:
     def merged_stats(self, indices: set[int], d_model: int) -> RunningStats:
         total = RunningStats.empty(d_model)
         for index in sorted(indices):
-            total = total.merge(RunningStats.from_dict(json.loads(self._read(self._path("_stats", f"part-{index:05d}.json")))))
+            total = total.merge(
+                RunningStats.from_dict(json.loads(self._read(self._path("_stats", f"part-{index:05d}.json"))))
+            )
         return total
 
     def remove_temporaries(self) -> int:

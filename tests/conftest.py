@@ -8,6 +8,7 @@
 - `image_zoo` / `video_zoo` (session): `{file name: (bytes, expected reason or None)}` covering
   every bad-input kind (and inputs that look odd but are good).
 """
+
 from __future__ import annotations
 
 import io
@@ -243,8 +244,14 @@ def _moving_bar_frames(n: int, h: int = 64, w: int = 64) -> np.ndarray:
     return frames
 
 
-def _encode_video(frames: np.ndarray, fmt: str = "mp4", codec: str = "libx264", path: str | None = None,
-                 faststart: bool = False, fps: int = 8) -> bytes:  # fmt: skip
+def _encode_video(
+    frames: np.ndarray,
+    fmt: str = "mp4",
+    codec: str = "libx264",
+    path: str | None = None,
+    faststart: bool = False,
+    fps: int = 8,
+) -> bytes:
     """Encode frames with PyAV; MP4 `faststart` (index first) needs a real file `path`."""
     import av
 

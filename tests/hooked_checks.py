@@ -1,4 +1,5 @@
 """Checks every hooked-model source must pass (timm, OpenCLIP, Hugging Face): shared by their test files."""
+
 import torch
 
 from prisma_ray.models import HookedVisionModel

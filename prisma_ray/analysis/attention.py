@@ -1,4 +1,5 @@
 """Attention maps per layer and head, and attention rollout (Abnar & Zuidema, 2020)."""
+
 from __future__ import annotations
 
 import torch

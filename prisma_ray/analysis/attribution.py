@@ -7,6 +7,7 @@ contribution is exact and, with the biases, they sum to the logit. A latent read
 through the dictionary's normalisation and encoder direction, which is affine already: the
 contributions sum to its pre-activation.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,7 +44,9 @@ def components(model: HookedVisionModel, hook: str) -> list[tuple[str, str]]:
     """`(label, hook name)` of every term of the residual stream at `hook` (a resid_pre/mid/post hook point)."""
     point = model.hook_point(hook)
     if point.site not in RESID_SITES:
-        raise ValueError(f"direct attribution reads a residual stream hook point ({', '.join(RESID_SITES)}); got {hook!r}")
+        raise ValueError(
+            f"direct attribution reads a residual stream hook point ({', '.join(RESID_SITES)}); got {hook!r}"
+        )
     out = [("embed", "hook_embed")]
     for layer in range(point.layer + 1):
         last = layer == point.layer
@@ -78,8 +81,10 @@ def latent_attribution(model: HookedVisionModel, x: torch.Tensor, dictionary: Di
     """Direct attribution of latent `latent`'s pre-activation (per token) at the dictionary's input hook point."""
     sites = dictionary.sites.inputs
     if len(sites) != 1 or sites[0].width != model.d_model:
-        raise ValueError(f"latent attribution needs a dictionary reading one hook point of width {model.d_model}; "
-                         f"this one reads {[(s.name, s.width) for s in sites]}")  # fmt: skip
+        raise ValueError(
+            f"latent attribution needs a dictionary reading one hook point of width {model.d_model}; "
+            f"this one reads {[(s.name, s.width) for s in sites]}"
+        )
     if not 0 <= latent < dictionary.n_latents:
         raise ValueError(f"latent {latent} is out of range: the dictionary has {dictionary.n_latents} latents")
     hook = sites[0].name
@@ -88,7 +93,9 @@ def latent_attribution(model: HookedVisionModel, x: torch.Tensor, dictionary: Di
     d = dictionary
     direction = (d.in_scale * d.W_enc[:, latent]).to(cache[hook])
     b = d.b_enc if hasattr(d, "b_enc") else d.b_gate
-    offset = float((-d.in_mean * d.in_scale - (d.pre_bias if d.pre_bias is not None else 0)) @ d.W_enc[:, latent] + b[latent])
+    offset = float(
+        (-d.in_mean * d.in_scale - (d.pre_bias if d.pre_bias is not None else 0)) @ d.W_enc[:, latent] + b[latent]
+    )
     per_token = torch.stack([cache[h] @ direction for _, h in terms], dim=1)
     target = d.centered(d.normalize_in(cache[hook].to(d.W_enc))) @ d.W_enc[:, latent] + b[latent]
     return Attribution([label for label, _ in terms], per_token, torch.full_like(target, offset), target)

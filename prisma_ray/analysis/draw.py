@@ -1,4 +1,5 @@
 """Token maps drawn over the input (each frame for video) and matplotlib figures, as PNG bytes. Pure functions."""
+
 from __future__ import annotations
 
 import html
@@ -93,9 +94,11 @@ def html_page(title: str, sections: list[tuple[str, bytes]], facts: dict[str, ob
         "</figcaption></figure>"
         for caption, png in sections
     )
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
-            "body{font-family:sans-serif;margin:1em}th{text-align:left;padding-right:1em}img{max-width:100%}"
-            f"</style></head><body><h1>{html.escape(title)}</h1><table>{rows}</table>{figures}</body></html>")  # fmt: skip
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+        "body{font-family:sans-serif;margin:1em}th{text-align:left;padding-right:1em}img{max-width:100%}"
+        f"</style></head><body><h1>{html.escape(title)}</h1><table>{rows}</table>{figures}</body></html>"
+    )
 
 
 def _png(fig) -> bytes:

@@ -1,4 +1,5 @@
 """Inputs of an analysis: image/video files from a URI list, or rendered synthetic samples with ground truth."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -78,8 +79,13 @@ def render(model: HookedVisionModel, n: int, seed: int = 0) -> Inputs:
         raw.append(pixels)
         masks.append(mask)
     own = get_entry(model.name).source == "prisma"
-    return _batch(model, raw, [f"{cfg.name}-{cfg.seed}-{i}" for i in range(n)],
-                  labels=np.asarray(labels) if own else None, masks=np.stack(masks))  # fmt: skip
+    return _batch(
+        model,
+        raw,
+        [f"{cfg.name}-{cfg.seed}-{i}" for i in range(n)],
+        labels=np.asarray(labels) if own else None,
+        masks=np.stack(masks),
+    )
 
 
 def _decode(model: HookedVisionModel, uri: str, options: StorageOptions | None) -> np.ndarray:

@@ -1,4 +1,5 @@
 """`prisma-ray analyze`: run one classic analysis on a model and write its PNG figures and an HTML page."""
+
 from __future__ import annotations
 
 import json
@@ -43,7 +44,9 @@ class PatchingConfig(BaseModel):
     positions: list[int] | None = Field(None, description="token positions (default: all)")
     mode: Mode = "noising"
     clean: int = Field(0, ge=0, description="index of the clean input")
-    corrupted: int | None = Field(None, ge=0, description="default: the first input predicted differently (else the next)")
+    corrupted: int | None = Field(
+        None, ge=0, description="default: the first input predicted differently (else the next)"
+    )
     batch_size: int = Field(64, ge=1)
 
 
@@ -83,7 +86,9 @@ def _readout(model: HookedVisionModel, cfg: AnalyzeConfig) -> Readout:
     return class_readout(model, _zero_shot(cfg))
 
 
-def _overlays(inputs: Inputs, maps: list[list[np.ndarray]], model: HookedVisionModel, sample: int) -> list[list[np.ndarray]]:
+def _overlays(
+    inputs: Inputs, maps: list[list[np.ndarray]], model: HookedVisionModel, sample: int
+) -> list[list[np.ndarray]]:
     return [[draw.token_overlay(inputs.pixels[sample], m, model.token_layout) for m in row] for row in maps]
 
 
@@ -99,9 +104,14 @@ def _lens(model: HookedVisionModel, inputs: Inputs, cfg: AnalyzeConfig) -> tuple
     probs = lens.tokens.softmax(-1)
     for b in range(min(cfg.max_drawn, len(inputs.x))):
         maps = [[probs[b, l, :, int(final[b])].numpy() for l in range(len(layers))]]
-        figures.append((f"{inputs.names[b]}: per-patch probability of the predicted class {int(final[b])}",
-                        draw.overlay_grid(_overlays(inputs, maps, model, b), [inputs.names[b]], layers,
-                                          f"p(class {int(final[b])}) per patch")))  # fmt: skip
+        figures.append(
+            (
+                f"{inputs.names[b]}: per-patch probability of the predicted class {int(final[b])}",
+                draw.overlay_grid(
+                    _overlays(inputs, maps, model, b), [inputs.names[b]], layers, f"p(class {int(final[b])}) per patch"
+                ),
+            )
+        )
     facts = {name: [round(float(v), 4) for v in ys] for name, ys in series.items()}
     return {"layers": layers, **facts}, figures
 
@@ -118,9 +128,17 @@ def _attention(model: HookedVisionModel, inputs: Inputs, cfg: AnalyzeConfig) -> 
     figures = []
     for b in range(min(cfg.max_drawn, len(inputs.x))):
         maps = [[*heads[b, i], mean[b, i], roll[b, i]] for i in range(len(layers))]
-        figures.append((f"{inputs.names[b]}: attention of the {query} token per layer and head",
-                        draw.overlay_grid(_overlays(inputs, maps, model, b), [f"layer {l}" for l in layers], cols,
-                                          f"{model.name}: {query} attention")))  # fmt: skip
+        figures.append(
+            (
+                f"{inputs.names[b]}: attention of the {query} token per layer and head",
+                draw.overlay_grid(
+                    _overlays(inputs, maps, model, b),
+                    [f"layer {l}" for l in layers],
+                    cols,
+                    f"{model.name}: {query} attention",
+                ),
+            )
+        )
     return {"layers": layers, "heads": heads.shape[2], "query": query}, figures
 
 
@@ -140,22 +158,48 @@ def _patching(model: HookedVisionModel, inputs: Inputs, cfg: AnalyzeConfig) -> t
     for index in (p.clean, corrupted):
         if index >= len(inputs.x):
             raise ValueError(f"patching input index {index} is out of range: there are {len(inputs.x)} inputs")
-    result = activation_patching(model, inputs.x[p.clean : p.clean + 1], inputs.x[corrupted : corrupted + 1], p.site,
-                                 p.layers, p.positions, p.mode, head, p.batch_size)  # fmt: skip
+    result = activation_patching(
+        model,
+        inputs.x[p.clean : p.clean + 1],
+        inputs.x[corrupted : corrupted + 1],
+        p.site,
+        p.layers,
+        p.positions,
+        p.mode,
+        head,
+        p.batch_size,
+    )
     labels = draw.token_labels(model.token_layout)
     effect = result.effect.numpy()
-    title = (f"{model.name}: {p.mode} {inputs.names[p.clean]} (class {result.clean_class}) <- "
-             f"{inputs.names[corrupted]} (class {result.corrupted_class})")  # fmt: skip
-    figures = [("normalised logit-difference effect per hook point and position",
-                draw.matrix_png(effect, result.hooks, [labels[q] for q in result.positions], title, "effect"))]
+    title = (
+        f"{model.name}: {p.mode} {inputs.names[p.clean]} (class {result.clean_class}) <- "
+        f"{inputs.names[corrupted]} (class {result.corrupted_class})"
+    )
+    figures = [
+        (
+            "normalised logit-difference effect per hook point and position",
+            draw.matrix_png(effect, result.hooks, [labels[q] for q in result.positions], title, "effect"),
+        )
+    ]
     if p.positions is None:
         maps = [[row for row in effect]]
         cells = [[draw.token_overlay(inputs.pixels[p.clean], m, model.token_layout) for m in maps[0]]]
-        figures.append(("effect per position over the clean input, per hook point",
-                        draw.overlay_grid(cells, [inputs.names[p.clean]], result.hooks, "patching effect")))  # fmt: skip
-    facts = {"clean": inputs.names[p.clean], "corrupted": inputs.names[corrupted], "clean_class": result.clean_class,
-             "corrupted_class": result.corrupted_class, "clean_ld": result.clean_ld, "corrupted_ld": result.corrupted_ld,
-             "hooks": result.hooks, "max_effect_per_hook": [round(float(v), 4) for v in effect.max(axis=1)]}  # fmt: skip
+        figures.append(
+            (
+                "effect per position over the clean input, per hook point",
+                draw.overlay_grid(cells, [inputs.names[p.clean]], result.hooks, "patching effect"),
+            )
+        )
+    facts = {
+        "clean": inputs.names[p.clean],
+        "corrupted": inputs.names[corrupted],
+        "clean_class": result.clean_class,
+        "corrupted_class": result.corrupted_class,
+        "clean_ld": result.clean_ld,
+        "corrupted_ld": result.corrupted_ld,
+        "hooks": result.hooks,
+        "max_effect_per_hook": [round(float(v), 4) for v in effect.max(axis=1)],
+    }
     return facts, figures
 
 
@@ -174,14 +218,27 @@ def _attribution(model: HookedVisionModel, inputs: Inputs, cfg: AnalyzeConfig) -
     latent = result.target.dim() == 2
     per_component = result.per_token.sum(-1).numpy()  # [B, components], summed over tokens
     what = f"latent {cfg.attribution.latent} (pre-activation summed over tokens)" if latent else "class logit"
-    figures = [(f"direct attribution of the {what} per input and component",
-                draw.matrix_png(per_component, inputs.names, result.components, f"{model.name}: direct attribution",
-                                "contribution"))]  # fmt: skip
+    figures = [
+        (
+            f"direct attribution of the {what} per input and component",
+            draw.matrix_png(
+                per_component, inputs.names, result.components, f"{model.name}: direct attribution", "contribution"
+            ),
+        )
+    ]
     for b in range(min(cfg.max_drawn, len(inputs.x))):
         maps = [[np.maximum(m, 0) for m in result.per_token[b].numpy()]]
-        figures.append((f"{inputs.names[b]}: positive contribution of each token, per component",
-                        draw.overlay_grid(_overlays(inputs, maps, model, b), [inputs.names[b]], result.components,
-                                          "direct attribution per token")))  # fmt: skip
+        figures.append(
+            (
+                f"{inputs.names[b]}: positive contribution of each token, per component",
+                draw.overlay_grid(
+                    _overlays(inputs, maps, model, b),
+                    [inputs.names[b]],
+                    result.components,
+                    "direct attribution per token",
+                ),
+            )
+        )
     target = result.target.sum(-1) if latent else result.target
     return {"components": result.components, "target": [round(float(v), 4) for v in target]}, figures
 

@@ -1,4 +1,5 @@
 """Logit lens per patch: the model's final norm and head applied to every layer's residual stream."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

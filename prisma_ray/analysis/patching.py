@@ -5,6 +5,7 @@ corrupted run. The metric is the logit difference `LD = logit[clean class] - log
 class]` (the classes each run predicts; if both predict the same class, the corrupted run's best
 other class), normalised so that 0 is the receiving run's own LD and 1 the donor run's LD.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -87,8 +88,10 @@ def activation_patching(
     """
     head = head or (lambda out: out)
     if clean.shape[0] != 1 or corrupted.shape != clean.shape:
-        raise ValueError(f"patching takes one clean and one corrupted input of the same shape; got "
-                         f"{list(clean.shape)} and {list(corrupted.shape)}")  # fmt: skip
+        raise ValueError(
+            f"patching takes one clean and one corrupted input of the same shape; got "
+            f"{list(clean.shape)} and {list(corrupted.shape)}"
+        )
     hooks = site_hooks(model, site, layers)
     out_clean, cache_clean = model.run_with_cache(clean, hooks)
     out_corrupt, cache_corrupt = model.run_with_cache(corrupted, hooks)

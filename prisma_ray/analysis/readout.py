@@ -7,6 +7,7 @@ projection matrix, or nothing for towers that output the pooled embedding), opti
 a CLIP-style `ZeroShotHead` over text embeddings. With every LayerNorm's scale frozen at a clean
 run the whole path is affine, which is what direct attribution decomposes.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -163,8 +164,10 @@ def _linear_head(head: Head, z: torch.Tensor, bias: bool) -> torch.Tensor:
 
 def _timm_readout(net: nn.Module, head: Head = None) -> Readout:
     if getattr(net, "attn_pool", None) is not None or net.global_pool not in ("token", "avg"):
-        raise NoReadout(f"{type(net).__name__} pools with {net.global_pool or 'attention'!r}; the logit lens knows "
-                        "'token' (CLS) and 'avg' pooling")  # fmt: skip
+        raise NoReadout(
+            f"{type(net).__name__} pools with {net.global_pool or 'attention'!r}; the logit lens knows "
+            "'token' (CLS) and 'avg' pooling"
+        )
     own = None if isinstance(net.head, nn.Identity) else net.head
     return Readout(net.norm, net.global_pool, int(net.num_prefix_tokens), net.fc_norm, head if own is None else own)
 
@@ -193,8 +196,10 @@ def _hf_readout(net: nn.Module, n_prefix: int) -> Readout:
     if kind == "CLIPVisionModelWithProjection":
         return Readout(None, "token", n_prefix, net.vision_model.post_layernorm, net.visual_projection)
     if kind not in _HF_CLS_HEADS:
-        raise NoReadout(f"no readout known for transformers class {kind}; known: "
-                        f"{', '.join(sorted([*_HF_CLS_HEADS, 'CLIPVisionModelWithProjection']))}")  # fmt: skip
+        raise NoReadout(
+            f"no readout known for transformers class {kind}; known: "
+            f"{', '.join(sorted([*_HF_CLS_HEADS, 'CLIPVisionModelWithProjection']))}"
+        )
     pre = getattr(getattr(net, _HF_CLS_HEADS[kind]), "layernorm", None)
     fc_norm = getattr(net, "fc_norm", None)
     if fc_norm is not None:

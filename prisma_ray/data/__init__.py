@@ -3,6 +3,7 @@
 Nothing here imports Ray; `prisma_ray.data.ray_dataset.build_dataset(spec, preprocess)` turns a spec
 into a Ray dataset (columns documented in `prisma_ray.data.batches`).
 """
+
 from prisma_ray.data.batches import RowFormat, decode_refs, split_errors
 from prisma_ray.data.decode import DecodedVideo, FrameSampling, decode_image, decode_video
 from prisma_ray.data.errors import REASONS, BadSample, ErrorRecord, read_errors_table, write_errors_table

@@ -10,6 +10,7 @@ Columns of every batch:
 
 A bad sample is a row whose `error` is set and whose tensors are zeros (`frame_index` -1).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence

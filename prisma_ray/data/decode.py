@@ -1,4 +1,5 @@
 """Bytes to pixels: images with Pillow, sampled video frames with PyAV. Every failure becomes `BadSample`."""
+
 from __future__ import annotations
 
 import io
@@ -101,9 +102,7 @@ class DecodedVideo:
     fps: float
 
 
-def decode_video(
-    source: VideoInput, sampling: FrameSampling, *, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> DecodedVideo:
+def decode_video(source: VideoInput, sampling: FrameSampling, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedVideo:
     """Decode the frames `sampling` picks from a video given as bytes, a local path or a seekable file.
 
     Raises `BadSample` for empty, corrupt, truncated, too-short or over-`max_pixels` videos.

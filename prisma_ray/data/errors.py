@@ -1,4 +1,5 @@
 """Bad samples: the `BadSample` exception, the error record schema and the errors table on storage."""
+
 from __future__ import annotations
 
 import io
@@ -112,7 +113,9 @@ def format_counts(records: Iterable[ErrorRecord]) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(count_reasons(records).items()))
 
 
-def write_shard_errors(records: Sequence[ErrorRecord], owner: str, shard: int, options: storage.StorageOptions | None) -> None:
+def write_shard_errors(
+    records: Sequence[ErrorRecord], owner: str, shard: int, options: storage.StorageOptions | None
+) -> None:
     """Write a shard's bad samples as `<owner>/_errors/part-<shard>.parquet` (a rerun overwrites, never duplicates).
 
     `read_errors_table(owner)` reads them back.
@@ -126,4 +129,6 @@ def write_shard_errors(records: Sequence[ErrorRecord], owner: str, shard: int, o
     uri = storage.join(errors_uri(owner), f"part-{shard:05d}.parquet")
     fs, path = storage.resolve(uri, options)
     store.write_atomic(fs, path, buf.getvalue().to_pybytes())
-    log.warning("shard %d: %d bad samples skipped (%s); recorded in %s", shard, len(records), format_counts(records), uri)
+    log.warning(
+        "shard %d: %d bad samples skipped (%s); recorded in %s", shard, len(records), format_counts(records), uri
+    )

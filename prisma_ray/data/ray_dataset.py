@@ -1,4 +1,5 @@
 """The only Ray code of `prisma_ray.data`: a dataset spec becomes a `ray.data.Dataset` of decoded rows."""
+
 from __future__ import annotations
 
 import logging

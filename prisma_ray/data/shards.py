@@ -4,6 +4,7 @@ geometry as `uint8`, bad samples as error records.
 Torch-free on purpose: every decode task imports this module, and not importing torch there keeps the
 start of a pipeline (each new worker process imports it) short.
 """
+
 from __future__ import annotations
 
 import io
@@ -65,7 +66,9 @@ class ShardData:
     def to_bytes(self) -> bytes:
         """An `.npz` (no pickle) holding the shard, to pass between Ray tasks as one value."""
         buf = io.BytesIO()
-        err = {f"error_{k}": np.array([getattr(r, k) for r in self.errors], dtype=str) for k in ErrorRecord.__annotations__}
+        err = {
+            f"error_{k}": np.array([getattr(r, k) for r in self.errors], dtype=str) for k in ErrorRecord.__annotations__
+        }
         np.savez(buf, sample_ids=self.sample_ids.astype(str), labels=self.labels, pixels=self.pixels, **err)
         return buf.getvalue()
 

@@ -4,6 +4,7 @@
 `load_samples(ref, spec, sampling)` reads one ref (a file, or a Parquet/WebDataset shard holding many
 samples) and yields a `Sample` or an `ErrorRecord` for each sample. Nothing here needs Ray.
 """
+
 from __future__ import annotations
 
 import posixpath
@@ -338,8 +339,13 @@ def _load_parquet(ref: SampleRef, spec: ParquetSource) -> Iterator[Sample | Erro
                 for i in range(batch.num_rows):
                     sid = str(cols[spec.id_column][i]) if spec.id_column else f"{ref.sample_id}/{row}"
                     label = cols[spec.label_column][i] if spec.label_column else None
-                    yield _decode_member(sid, ref.uri, -1 if label is None else int(label),
-                                         _image_bytes(cols[spec.image_column][i]), spec)  # fmt: skip
+                    yield _decode_member(
+                        sid,
+                        ref.uri,
+                        -1 if label is None else int(label),
+                        _image_bytes(cols[spec.image_column][i]),
+                        spec,
+                    )
                     row += 1
     except FileNotFoundError as e:
         yield _read_error(ref, e)

@@ -15,6 +15,7 @@ Every sample is deterministic from `(seed, index)`. `generate(config, uri)` writ
 
 `sample_id` is the sample's path relative to `uri`; `frame` is -1 for images.
 """
+
 from __future__ import annotations
 
 import io
@@ -132,8 +133,23 @@ def _unit_polygon(shape: str) -> np.ndarray:
         return np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)
     elif shape == "cross":
         a = 0.35
-        return np.array([(a, 1), (a, a), (1, a), (1, -a), (a, -a), (a, -1),
-                         (-a, -1), (-a, -a), (-1, -a), (-1, a), (-a, a), (-a, 1)], dtype=float)  # fmt: skip
+        return np.array(
+            [
+                (a, 1),
+                (a, a),
+                (1, a),
+                (1, -a),
+                (a, -a),
+                (a, -1),
+                (-a, -1),
+                (-a, -a),
+                (-1, -a),
+                (-1, a),
+                (-a, a),
+                (-a, 1),
+            ],
+            dtype=float,
+        )
     else:
         raise ValueError(f"unknown shape {shape!r}")
     return np.stack([np.cos(angles), np.sin(angles)], axis=1)
@@ -281,9 +297,19 @@ def render_moving_shapes(cfg: MovingShapesConfig, index: int) -> tuple[np.ndarra
             y0 = rng.uniform(r + max(0.0, -travel_y), s - 1 - r - max(0.0, travel_y))
             xs, ys = x0 + dx * speed * t, y0 + dy * speed * t
             if all(np.all(np.hypot(xs - o["xs"], ys - o["ys"]) > r + o["radius"] + 1) for o in tracks):
-                tracks.append({**obj, "object": len(tracks) + 1, "xs": xs, "ys": ys, "direction": direction,
-                               "speed": speed, "appear_frame": appear, "colour_change_frame": change,
-                               "new_colour": new_colour})  # fmt: skip
+                tracks.append(
+                    {
+                        **obj,
+                        "object": len(tracks) + 1,
+                        "xs": xs,
+                        "ys": ys,
+                        "direction": direction,
+                        "speed": speed,
+                        "appear_frame": appear,
+                        "colour_change_frame": change,
+                        "new_colour": new_colour,
+                    }
+                )
                 break
     frames = np.repeat(bg[None], t_n, axis=0)
     masks = np.zeros((t_n, s, s), np.uint8)
@@ -297,12 +323,25 @@ def render_moving_shapes(cfg: MovingShapesConfig, index: int) -> tuple[np.ndarra
             colour = o["new_colour"] if 0 <= o["colour_change_frame"] <= f else o["colour"]
             inside = masks[f] == o["object"]
             frames[f][inside] = COLOURS[colour]
-            rows.append({"frame": f, "object": o["object"], "visible": f >= o["appear_frame"], "shape": o["shape"],
-                         "colour": colour, "radius": o["radius"], "rotation": o["rotation"],
-                         "x": float(o["xs"][f]), "y": float(o["ys"][f]), "area": int(inside.sum()),
-                         "direction": o["direction"], "direction_deg": 360.0 * o["direction"] / cfg.n_directions,
-                         "speed": o["speed"], "appear_frame": o["appear_frame"],
-                         "colour_change_frame": o["colour_change_frame"]})  # fmt: skip
+            rows.append(
+                {
+                    "frame": f,
+                    "object": o["object"],
+                    "visible": f >= o["appear_frame"],
+                    "shape": o["shape"],
+                    "colour": colour,
+                    "radius": o["radius"],
+                    "rotation": o["rotation"],
+                    "x": float(o["xs"][f]),
+                    "y": float(o["ys"][f]),
+                    "area": int(inside.sum()),
+                    "direction": o["direction"],
+                    "direction_deg": 360.0 * o["direction"] / cfg.n_directions,
+                    "speed": o["speed"],
+                    "appear_frame": o["appear_frame"],
+                    "colour_change_frame": o["colour_change_frame"],
+                }
+            )
     return frames, masks, rows, bg_kind
 
 
@@ -367,8 +406,14 @@ def _render_sample(cfg: SyntheticConfig, i: int) -> tuple[list[tuple[str, bytes]
         sid, mask_path = f"images/{i:06d}.png", f"masks/{i:06d}.png"
         files = [(sid, encode_png(image)), (mask_path, encode_png(mask))]
         label = cfg.shapes.index(objs[0]["shape"]) if objs else -1
-        sample = {"sample_id": sid, "path": sid, "mask_path": mask_path, "label": label,
-                  "background": bg, "count": len(objs)}  # fmt: skip
+        sample = {
+            "sample_id": sid,
+            "path": sid,
+            "mask_path": mask_path,
+            "label": label,
+            "background": bg,
+            "count": len(objs),
+        }
         return files, sample, [_object_row(sid, -1, o) for o in objs], _patch_rows(sid, -1, mask, objs, cfg.patch_grid)
     frames, masks, rows, bg = render_moving_shapes(cfg, i)
     sid, mask_path = f"clips/{i:06d}.mp4", f"masks/{i:06d}.npz"
@@ -376,8 +421,16 @@ def _render_sample(cfg: SyntheticConfig, i: int) -> tuple[list[tuple[str, bytes]
     np.savez_compressed(buf, mask=masks)
     files = [(sid, encode_mp4(frames, cfg.fps, cfg.crf)), (mask_path, buf.getvalue())]
     first = [r for r in rows if r["frame"] == 0]
-    sample = {"sample_id": sid, "path": sid, "mask_path": mask_path, "label": first[0]["direction"] if first else -1,
-              "background": bg, "count": len(first), "num_frames": cfg.num_frames, "fps": cfg.fps}  # fmt: skip
+    sample = {
+        "sample_id": sid,
+        "path": sid,
+        "mask_path": mask_path,
+        "label": first[0]["direction"] if first else -1,
+        "background": bg,
+        "count": len(first),
+        "num_frames": cfg.num_frames,
+        "fps": cfg.fps,
+    }
     patches: dict[str, list] = {}
     for f in range(cfg.num_frames):
         _extend(patches, _patch_rows(sid, f, masks[f], [r for r in rows if r["frame"] == f], cfg.patch_grid))
@@ -385,19 +438,36 @@ def _render_sample(cfg: SyntheticConfig, i: int) -> tuple[list[tuple[str, bytes]
 
 
 def _objects_schema(cfg: SyntheticConfig) -> pa.Schema:
-    fields = [("sample_id", pa.string()), ("frame", pa.int16()), ("object", pa.int16()), ("shape", pa.string()),
-              ("colour", pa.string()), ("radius", pa.float32()), ("rotation", pa.float32()), ("x", pa.float32()),
-              ("y", pa.float32()), ("area", pa.int32()),
-              ("r", pa.uint8()), ("g", pa.uint8()), ("b", pa.uint8())]  # fmt: skip
+    fields = [
+        ("sample_id", pa.string()),
+        ("frame", pa.int16()),
+        ("object", pa.int16()),
+        ("shape", pa.string()),
+        ("colour", pa.string()),
+        ("radius", pa.float32()),
+        ("rotation", pa.float32()),
+        ("x", pa.float32()),
+        ("y", pa.float32()),
+        ("area", pa.int32()),
+        ("r", pa.uint8()),
+        ("g", pa.uint8()),
+        ("b", pa.uint8()),
+    ]
     if isinstance(cfg, MovingShapesConfig):
-        fields += [("visible", pa.bool_()), ("direction", pa.int8()), ("direction_deg", pa.float32()),
-                   ("speed", pa.float32()), ("appear_frame", pa.int16()),
-                   ("colour_change_frame", pa.int16())]  # fmt: skip
+        fields += [
+            ("visible", pa.bool_()),
+            ("direction", pa.int8()),
+            ("direction_deg", pa.float32()),
+            ("speed", pa.float32()),
+            ("appear_frame", pa.int16()),
+            ("colour_change_frame", pa.int16()),
+        ]
     return pa.schema(fields)
 
 
 def generate(cfg: SyntheticConfig, uri: str, options: storage.StorageOptions | None = None) -> dict:
     """Render and write the whole dataset under `uri` (local path, `file://` or `s3://`); returns the manifest."""
+
     def write(item: tuple[str, bytes]) -> None:
         storage.write_bytes(storage.join(uri, item[0]), item[1], options)
 

@@ -1,4 +1,5 @@
 """Model input transforms: timm's eval geometry (resize to cover `size / crop_pct`, centre crop) and normalisation."""
+
 from __future__ import annotations
 
 import math

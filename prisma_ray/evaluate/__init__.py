@@ -8,6 +8,7 @@
 - `checkpoint`: `EvalConfig` and `Evaluator`, one metrics row per checkpoint;
 - `discovery`, `results`, `report`: finding checkpoints, resumable result files, leaderboard and plots.
 """
+
 from .checkpoint import EvalConfig, Evaluator, HeadConfig, evaluate_checkpoint
 from .discovery import CheckpointInfo, find_checkpoints, read_checkpoint_info
 

@@ -5,6 +5,7 @@ counted in `loads`), the held-out rows of each store, the decoded inputs and cle
 spliced-in evaluation, the zero-ablation runs and the ground-truth labels of the tokens. Evaluate
 every checkpoint of a model with one evaluator and each of these is paid for once.
 """
+
 from __future__ import annotations
 
 import io
@@ -56,8 +57,10 @@ class HeadConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    text_embeddings: str = Field(description="URI of a .npy or .safetensors `[classes, width]` matrix: the text "
-                                             "embedding of each class name, in dataset label order")  # fmt: skip
+    text_embeddings: str = Field(
+        description="URI of a .npy or .safetensors `[classes, width]` matrix: the text "
+        "embedding of each class name, in dataset label order"
+    )
     logit_scale: float = Field(100.0, gt=0)
 
 
@@ -113,6 +116,7 @@ class Evaluator:
 
     def retain(self, models: set[str]) -> None:
         """Drop the cached models and data of every model not in `models` (bounds memory between groups)."""
+
         def keep(key: str) -> bool:
             return any(f"/{m}/" in key for m in models)
 
@@ -166,13 +170,15 @@ class Evaluator:
             if entry is None or entry.name != name:
                 raise ValueError(f"{source.uri}: its _config.json does not describe model {name!r}")
             log.info("loading %s for evaluation on %s", name, self.device)
-            self._models[name] = build_model(entry, source.description["pretrained"], source.description["seed"],
-                                             self.device)  # fmt: skip
+            self._models[name] = build_model(
+                entry, source.description["pretrained"], source.description["seed"], self.device
+            )
             self.loads[name] += 1
         return self._models[name]
 
-    def _store_metrics(self, d: Dictionary, info: CheckpointInfo, held: HeldOut,
-                       keep: int) -> tuple[dict[str, Any], np.ndarray]:  # fmt: skip
+    def _store_metrics(
+        self, d: Dictionary, info: CheckpointInfo, held: HeldOut, keep: int
+    ) -> tuple[dict[str, Any], np.ndarray]:
         """Reconstruction and sparsity metrics over the held-out rows, and the latents of the first `keep` rows."""
         targets = info.sites.targets
         bounds = info.sites.out_bounds()
@@ -199,11 +205,17 @@ class Evaluator:
             labels = [f"{s.model}/{s.name}" if len(info.models) > 1 else s.name for s in targets]
             shares = share_summary(decoder_norm_shares(d.W_dec, bounds), labels)
             row["shared_fraction"] = shares["shared"]
-            row["per_site"] = json.dumps({
-                label: {**acc.summary(), "specific_fraction": shares["specific"][label],
-                        "mean_share": shares["mean_share"][label], "share_hist": shares["hist"][label]}
-                for label, acc in zip(labels, per_site)
-            })  # fmt: skip
+            row["per_site"] = json.dumps(
+                {
+                    label: {
+                        **acc.summary(),
+                        "specific_fraction": shares["specific"][label],
+                        "mean_share": shares["mean_share"][label],
+                        "share_hist": shares["hist"][label],
+                    }
+                    for label, acc in zip(labels, per_site)
+                }
+            )
         return row, torch.cat(kept).numpy() if kept else np.zeros((0, d.n_latents), np.float32)
 
     def _spliced(self, d: Dictionary, info: CheckpointInfo, source_uri: str) -> dict[str, Any]:
@@ -256,14 +268,20 @@ class Evaluator:
                 break
         x = torch.from_numpy(np.concatenate(pixels)[: self.cfg.splice_samples]).to(self.device)
         y = torch.from_numpy(np.concatenate(labels)[: self.cfg.splice_samples]).to(self.device)
-        clean = torch.cat([head(model(x[i : i + self.cfg.splice_batch_size]))
-                           for i in range(0, len(x), self.cfg.splice_batch_size)])  # fmt: skip
+        clean = torch.cat(
+            [head(model(x[i : i + self.cfg.splice_batch_size])) for i in range(0, len(x), self.cfg.splice_batch_size)]
+        )
         label_source = "dataset"
         if bool(((y < 0) | (y >= clean.shape[1])).any()):
             y, label_source = clean.argmax(1), "clean_top1"
-        batches = [SpliceBatch(x[i : i + self.cfg.splice_batch_size], y[i : i + self.cfg.splice_batch_size],
-                               clean[i : i + self.cfg.splice_batch_size])
-                   for i in range(0, len(x), self.cfg.splice_batch_size)]  # fmt: skip
+        batches = [
+            SpliceBatch(
+                x[i : i + self.cfg.splice_batch_size],
+                y[i : i + self.cfg.splice_batch_size],
+                clean[i : i + self.cfg.splice_batch_size],
+            )
+            for i in range(0, len(x), self.cfg.splice_batch_size)
+        ]
         self._splice[name] = SpliceData(head, batches, label_source)
         return self._splice[name]
 
@@ -285,8 +303,15 @@ class Evaluator:
             text = torch.from_numpy(layout.kind[:, 1:] == TokenKind.TEXT).to(self.device)
             next_text = x["attention_mask"][:, 1:].bool() & text
             readout = torch.nn.functional.pad(next_text, (0, 1), value=False)
-            batches.append(SpliceBatch(x, x["input_ids"][:, 1:][next_text], model(x)[readout],
-                                       kinds=torch.from_numpy(kinds).to(self.device), readout=readout))  # fmt: skip
+            batches.append(
+                SpliceBatch(
+                    x,
+                    x["input_ids"][:, 1:][next_text],
+                    model(x)[readout],
+                    kinds=torch.from_numpy(kinds).to(self.device),
+                    readout=readout,
+                )
+            )
         return SpliceData(classifier_head, batches, "next_token")
 
     def _head(self, name: str, model: HookedVisionModel) -> Head | None:
@@ -326,9 +351,15 @@ class Evaluator:
             tables = {t: read_table(spec.uri, t, spec.storage) for t in ("samples", "patches", "objects")}
             keys = held.keys.slice(0, self.cfg.ground_truth_tokens)
             self._truth[source.uri] = token_factors(
-                keys, source.layout, tables["patches"], tables["objects"], tuple(generator.patch_grid), factors,
-                preprocess.crop_pct, source_frames(tables["samples"], source.sampling),
-            )  # fmt: skip
+                keys,
+                source.layout,
+                tables["patches"],
+                tables["objects"],
+                tuple(generator.patch_grid),
+                factors,
+                preprocess.crop_pct,
+                source_frames(tables["samples"], source.sampling),
+            )
         return self._truth[source.uri]
 
 

@@ -1,4 +1,5 @@
 """Finding checkpoints under URIs and reading what each one is from its `cfg.json` (no weights loaded)."""
+
 from __future__ import annotations
 
 import json

@@ -7,6 +7,7 @@ object covering most of that patch, its shape and colour) and through the object
 tokens carrying that value is computed; the best latent's AUROC is reported per value, and the
 fraction of values that some latent detects with AUROC >= 0.95.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -47,8 +48,9 @@ def auroc(scores: np.ndarray, positives: np.ndarray) -> np.ndarray:
         return (ranks.T @ pos - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
-def factor_recovery(latents: np.ndarray, factors: dict[str, np.ndarray], threshold: float = 0.95,
-                    chunk: int = 256) -> dict[str, object]:  # fmt: skip
+def factor_recovery(
+    latents: np.ndarray, factors: dict[str, np.ndarray], threshold: float = 0.95, chunk: int = 256
+) -> dict[str, object]:
     """Best single-latent AUROC for every factor value present among the rows of `latents` (`[N, L]`).
 
     `factors[name]` holds each row's value (None where the row has none, e.g. background). Returns
@@ -63,8 +65,13 @@ def factor_recovery(latents: np.ndarray, factors: dict[str, np.ndarray], thresho
                 names.append(f"{factor}={value}")
                 columns.append(column)
     if not names:
-        return {"values": [], "best_auroc": [], "best_latent": [], "fraction_detected": float("nan"),
-                "mean_best_auroc": float("nan")}  # fmt: skip
+        return {
+            "values": [],
+            "best_auroc": [],
+            "best_latent": [],
+            "fraction_detected": float("nan"),
+            "mean_best_auroc": float("nan"),
+        }
     positives = np.stack(columns, axis=1)
     best = np.full(len(names), 0.5)
     best_latent = np.full(len(names), -1)
@@ -100,9 +107,16 @@ def source_frames(samples: pa.Table, sampling: FrameSampling | None) -> dict[str
     return {r["sample_id"]: sampling.indices(int(r["num_frames"]), float(r["fps"])) for r in rows}
 
 
-def token_factors(keys: pa.Table, layout: TokenLayout, patches: pa.Table, objects: pa.Table,
-                  patch_grid: tuple[int, int], factors: list[str], crop_pct: float = 1.0,
-                  frames: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:  # fmt: skip
+def token_factors(
+    keys: pa.Table,
+    layout: TokenLayout,
+    patches: pa.Table,
+    objects: pa.Table,
+    patch_grid: tuple[int, int],
+    factors: list[str],
+    crop_pct: float = 1.0,
+    frames: dict[str, np.ndarray] | None = None,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Ground-truth factors of the store rows `keys` (`sample_id`, `token`, `frame`).
 
     Returns `(patch, values)`: `bool[N]` marking patch tokens (prefix tokens have no patch) and
@@ -117,13 +131,15 @@ def token_factors(keys: pa.Table, layout: TokenLayout, patches: pa.Table, object
     if frames:
         model_frame = keys.column("frame").to_numpy().astype(np.int64)[patch]
         frame = np.array([frames[s][f] for s, f in zip(ids, model_frame)], dtype=np.int64)
-    rows = pa.table({
-        "sample_id": pa.array(ids.tolist(), pa.string()),
-        "frame": frame,
-        "patch_row": grid_cell(t_r_c[:, 1], layout.grid[0], patch_grid[0], crop_pct),
-        "patch_col": grid_cell(t_r_c[:, 2], layout.grid[1], patch_grid[1], crop_pct),
-        "_row": np.arange(len(ids)),
-    })  # fmt: skip
+    rows = pa.table(
+        {
+            "sample_id": pa.array(ids.tolist(), pa.string()),
+            "frame": frame,
+            "patch_row": grid_cell(t_r_c[:, 1], layout.grid[0], patch_grid[0], crop_pct),
+            "patch_col": grid_cell(t_r_c[:, 2], layout.grid[1], patch_grid[1], crop_pct),
+            "_row": np.arange(len(ids)),
+        }
+    )
     from_patches = [f for f in factors if f in patches.column_names and f not in JOIN_KEYS]
     from_objects = [f for f in factors if f not in from_patches and f in objects.column_names]
     unknown = sorted(set(factors) - set(from_patches) - set(from_objects))
@@ -143,6 +159,8 @@ def token_factors(keys: pa.Table, layout: TokenLayout, patches: pa.Table, object
 
 def _cast_keys(table: pa.Table, keys: list[str]) -> pa.Table:
     """`table` with its join keys cast to the types `token_factors` builds (string, int64)."""
-    fields = [pa.field(k, pa.string() if k == "sample_id" else pa.int64()) if k in keys else f
-              for k, f in zip(table.column_names, table.schema)]  # fmt: skip
+    fields = [
+        pa.field(k, pa.string() if k == "sample_id" else pa.int64()) if k in keys else f
+        for k, f in zip(table.column_names, table.schema)
+    ]
     return table.cast(pa.schema(fields))

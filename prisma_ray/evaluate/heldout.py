@@ -4,6 +4,7 @@ A store written by `prisma-ray extract` records in its `_config.json` the model 
 pretrained or the seed of its random weights), the dataset and the token selection, which is
 what the spliced-in and ground-truth evaluations need to rebuild the same model and inputs.
 """
+
 from __future__ import annotations
 
 import posixpath
@@ -99,8 +100,13 @@ class HeldOut:
         return len(self.x)
 
 
-def read_held_out(inputs: list[str], targets: list[str], max_tokens: int,
-                  options: storage.StorageOptions | None = None, kinds: Sequence[str] | None = None) -> HeldOut:  # fmt: skip
+def read_held_out(
+    inputs: list[str],
+    targets: list[str],
+    max_tokens: int,
+    options: storage.StorageOptions | None = None,
+    kinds: Sequence[str] | None = None,
+) -> HeldOut:
     """The first `max_tokens` rows of the stores, matched on `(sample_id, frame, token)` across stores.
 
     Shards are read in order until enough rows are in; `x` concatenates the `inputs` stores, `y`

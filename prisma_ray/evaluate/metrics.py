@@ -3,6 +3,7 @@
 Every function is pure; the accumulators take batches (torch tensors) and give the metrics of all
 the rows seen, so held-out stores of any size stream through them.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -140,8 +141,10 @@ def pareto_front(cost: np.ndarray, value: np.ndarray) -> np.ndarray:
     for i in np.flatnonzero(ok):
         others = ok.copy()
         others[i] = False
-        dominated = (cost[others] <= cost[i]) & (value[others] >= value[i]) & (
-            (cost[others] < cost[i]) | (value[others] > value[i])
+        dominated = (
+            (cost[others] <= cost[i])
+            & (value[others] >= value[i])
+            & ((cost[others] < cost[i]) | (value[others] > value[i]))
         )
         front[i] = not dominated.any()
     return front

@@ -1,5 +1,6 @@
 """A sweep's report: the sortable HTML leaderboard and, per model and hook point, PNG plots of
 L0 against explained variance and against loss recovered with the Pareto front marked."""
+
 from __future__ import annotations
 
 import html
@@ -16,10 +17,26 @@ from matplotlib.figure import Figure
 from .metrics import pareto_front
 
 COLUMNS = [
-    "model", "hook", "kind", "name", "architecture", "d_sae", "l0", "explained_variance", "cosine", "mse",
-    "dead_fraction", "dense_fraction", "loss_recovered", "kl", "top1_delta", "gt_fraction_detected",
-    "gt_mean_best_auroc", "trained_tokens", "checkpoint",
-]  # fmt: skip
+    "model",
+    "hook",
+    "kind",
+    "name",
+    "architecture",
+    "d_sae",
+    "l0",
+    "explained_variance",
+    "cosine",
+    "mse",
+    "dead_fraction",
+    "dense_fraction",
+    "loss_recovered",
+    "kl",
+    "top1_delta",
+    "gt_fraction_detected",
+    "gt_mean_best_auroc",
+    "trained_tokens",
+    "checkpoint",
+]
 PANELS = [("explained_variance", "explained variance"), ("loss_recovered", "loss recovered")]
 
 _SORT_SCRIPT = """
@@ -112,8 +129,9 @@ def front_plots(table: pa.Table) -> dict[str, bytes]:
             front = pareto_front(l0, value)
             if front.any():
                 order = np.argsort(l0[front])
-                ax.plot(l0[front][order], value[front][order], "k--", lw=1, drawstyle="steps-post",
-                        label="Pareto front")  # fmt: skip
+                ax.plot(
+                    l0[front][order], value[front][order], "k--", lw=1, drawstyle="steps-post", label="Pareto front"
+                )
                 ax.scatter(l0[front], value[front], s=90, facecolors="none", edgecolors="k")
             elif np.isnan(value).all():
                 ax.text(0.5, 0.5, f"no {label}", ha="center", va="center", transform=ax.transAxes)

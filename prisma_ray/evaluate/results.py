@@ -7,6 +7,7 @@ Layout under the output URI:
   leaderboard.html, plots/  see `prisma_ray.evaluate.report`
   errors.json               the checkpoints that failed in the last run, and why
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -63,8 +64,11 @@ class ResultStore:
         """Write one checkpoint's metrics row (atomically: a crash leaves no partial result)."""
         sink = pa.BufferOutputStream()
         pq.write_table(pa.Table.from_pylist([row]), sink)
-        store.write_atomic(self.fs, posixpath.join(self.path, "results", f"{result_key(row['checkpoint'])}.parquet"),
-                           sink.getvalue().to_pybytes())  # fmt: skip
+        store.write_atomic(
+            self.fs,
+            posixpath.join(self.path, "results", f"{result_key(row['checkpoint'])}.parquet"),
+            sink.getvalue().to_pybytes(),
+        )
 
     def table(self) -> pa.Table:
         """Every result row, sorted by model, hook and checkpoint."""

@@ -11,6 +11,7 @@ the model's own classifier, or a CLIP-style zero-shot head over text embeddings 
 multimodal language model's task is next-token prediction: a batch's `readout` mask picks the
 output positions scored (those followed by a text token) and its labels are those next tokens.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -70,8 +71,10 @@ def splice_hooks(d: Dictionary, positions: torch.Tensor, mode: Mode, clean: dict
     """
     sites = d.sites
     if mode == "zero":
-        return [(s.name, put_at_positions(positions, lambda cur: torch.zeros_like(take(cur, positions))))
-                for s in sites.targets]  # fmt: skip
+        return [
+            (s.name, put_at_positions(positions, lambda cur: torch.zeros_like(take(cur, positions))))
+            for s in sites.targets
+        ]
     bounds = dict(zip((s.name for s in sites.targets), sites.out_bounds()))
     clean_in = torch.cat([take(clean[s.name], positions) for s in sites.inputs], dim=-1)
     clean_out = torch.cat([take(clean[s.name], positions) for s in sites.targets], dim=-1)
@@ -84,8 +87,10 @@ def splice_hooks(d: Dictionary, positions: torch.Tensor, mode: Mode, clean: dict
             hat = _apply(d, take(cur, positions)) if single else recon
             return hat[..., a:b] + error[..., a:b]
 
-        return [(name, put_at_positions(positions, lambda cur, a=a, b=b: autoencoder(cur, a, b)))
-                for name, (a, b) in bounds.items()]  # fmt: skip
+        return [
+            (name, put_at_positions(positions, lambda cur, a=a, b=b: autoencoder(cur, a, b)))
+            for name, (a, b) in bounds.items()
+        ]
     if len(sites.inputs) != 1 or len(sites.targets) != 1:
         raise ValueError("spliced-in evaluation of a transcoder needs exactly one input and one output hook point")
     (source,), (target,) = sites.inputs, sites.targets
@@ -184,8 +189,9 @@ class SpliceBatch:
 
 
 @torch.inference_mode()
-def run_mode(model: HookedVisionModel, head: Head, d: Dictionary, where: Where, mode: Mode,
-             batches: list[SpliceBatch]) -> TaskTotals:  # fmt: skip
+def run_mode(
+    model: HookedVisionModel, head: Head, d: Dictionary, where: Where, mode: Mode, batches: list[SpliceBatch]
+) -> TaskTotals:
     """Task totals of the model with `d` spliced in per `mode` over `batches`, at the positions `where(batch)`."""
     totals = TaskTotals()
     for batch in batches:

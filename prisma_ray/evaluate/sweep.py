@@ -9,6 +9,7 @@
 rerun skips the checkpoints whose results are already written (resumable); a checkpoint that fails
 is recorded in `errors.json` and tried again by the next run.
 """
+
 from __future__ import annotations
 
 import json
@@ -62,9 +63,10 @@ class ModelSelection(BaseModel):
             if unknown:
                 raise ValueError(f"unknown model families {unknown}; known: {sorted(known)}")
             chosen |= {
-                e.name for e in list_entries(modality=self.modality, source=self.source)
+                e.name
+                for e in list_entries(modality=self.modality, source=self.source)
                 if self.family is None or e.family in self.family
-            }  # fmt: skip
+            }
         return sorted(chosen)
 
 
@@ -81,8 +83,9 @@ class SweepConfig(BaseModel):
     models: ModelSelection | None = None
     output: str = "prisma-sweep"
     evaluation: EvalConfig = EvalConfig()
-    actors: int | None = Field(None, ge=1, description="evaluation actors (default: one per GPU, else per CPU; "
-                                                       "never more than models)")  # fmt: skip
+    actors: int | None = Field(
+        None, ge=1, description="evaluation actors (default: one per GPU, else per CPU; never more than models)"
+    )
     cpus_per_actor: float = Field(1.0, gt=0)
     torch_threads: int | None = Field(None, ge=1, description="torch threads per CPU actor (default: CPUs per actor)")
     progress: bool = True
@@ -191,8 +194,12 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
         if result_key(info.uri) not in done:
             groups.setdefault(info.models, []).append(info.uri)
     ordered = sorted((Group(m, u) for m, u in groups.items()), key=lambda g: (-len(g.uris), g.models))
-    log.info("%d checkpoints found, %d to evaluate in %d model groups", len(infos), sum(len(g.uris) for g in ordered),
-             len(ordered))  # fmt: skip
+    log.info(
+        "%d checkpoints found, %d to evaluate in %d model groups",
+        len(infos),
+        sum(len(g.uris) for g in ordered),
+        len(ordered),
+    )
     return SweepPlan(cfg, infos, ordered, results)
 
 
@@ -258,8 +265,9 @@ def _run_pool(plan: SweepPlan):
     threads = cfg.torch_threads or (None if use_gpu else max(1, int(cfg.cpus_per_actor)))
     actor = ray.remote(SweepWorker).options(num_cpus=cfg.cpus_per_actor, num_gpus=1 if use_gpu else 0)
     output = storage.absolute(cfg.output)
-    evaluation = cfg.evaluation.model_copy(update={"storage": cfg.evaluation.storage.resolved(),
-                                                   "stores": storage.absolute(cfg.evaluation.stores)})  # fmt: skip
+    evaluation = cfg.evaluation.model_copy(
+        update={"storage": cfg.evaluation.storage.resolved(), "stores": storage.absolute(cfg.evaluation.stores)}
+    )
     actors = [actor.remote(evaluation, output, threads) for _ in range(n_actors)]
     log.info("evaluating %d checkpoints with %d actor(s)", plan.pending, n_actors)
     try:

@@ -1,4 +1,5 @@
 """`ExtractConfig`: what `prisma-ray extract` reads from its YAML file."""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -41,7 +42,8 @@ class ExtractConfig(BaseModel):
     tokens: TokenSelection = TokenSelection()
     dtype: StoreDType = "float16"
     prompts: list[str] | None = Field(
-        None, min_length=1,
+        None,
+        min_length=1,
         description="multimodal models: the user's text after the image, one per sample picked by its id "
         "(default: ['Describe the image.'])",
     )
@@ -52,7 +54,9 @@ class ExtractConfig(BaseModel):
     shard_size: int = Field(64, ge=1, description="samples per shard (Parquet/WebDataset sources: one shard per file)")
     batch_size: int = Field(32, ge=1, description="samples per forward pass")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    actors: int | None = Field(None, ge=1, description="model actors (default: one per GPU; on CPU one per CPU, at most 8)")
+    actors: int | None = Field(
+        None, ge=1, description="model actors (default: one per GPU; on CPU one per CPU, at most 8)"
+    )
     actor_num_cpus: float | None = Field(None, gt=0, description="CPUs reserved per actor (default: up to 1)")
     decode_num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per decode task")
     torch_threads: int | None = Field(None, ge=1, description="CPU actors' torch threads (default: CPUs / actors)")

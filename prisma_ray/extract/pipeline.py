@@ -7,6 +7,7 @@
 complete in every store are skipped, so a rerun after a crash (or of a finished run) resumes
 without duplicating rows; the manifests are written once every shard of a store is there.
 """
+
 from __future__ import annotations
 
 import json
@@ -122,10 +123,25 @@ def _run_pipeline(plan: ExtractPlan, todo: list[int]):
         {"shard": i, "refs": json.dumps([asdict(r) for r in plan.shards[i]]), "hooks": json.dumps(plan.pending[i])}
         for i in todo
     ]
-    log.info("extracting %d shards with %d %s actor(s) (%.2g CPUs, %s torch threads each)", len(todo), actors, device,
-             actor_cpus, threads or "default")  # fmt: skip
-    yield from stream_shards(items, plan.spec, plan.fmt, ExtractionWorker, {"job": job}, resources,
-                             cfg.decode_num_cpus, cfg.progress, "extract")  # fmt: skip
+    log.info(
+        "extracting %d shards with %d %s actor(s) (%.2g CPUs, %s torch threads each)",
+        len(todo),
+        actors,
+        device,
+        actor_cpus,
+        threads or "default",
+    )
+    yield from stream_shards(
+        items,
+        plan.spec,
+        plan.fmt,
+        ExtractionWorker,
+        {"job": job},
+        resources,
+        cfg.decode_num_cpus,
+        cfg.progress,
+        "extract",
+    )
 
 
 def finalize_stores(plan: ExtractPlan) -> bool:

@@ -4,6 +4,7 @@
 output bucket, an unknown model or hook point, a model/dataset mismatch or a changed config fails
 there. Shards complete in every store are skipped, so a rerun resumes without duplicating rows.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _MAX_SHARD_BYTES = 1 << 30
+
 
 @dataclass
 class ExtractPlan:
@@ -141,5 +143,6 @@ def plan_extract(cfg: ExtractConfig) -> ExtractPlan:
     log.info("%s: %d samples in %d shards, %d pending", entry.name, len(refs), len(shards), len(pending))
     widths = {hook: model.hook_width(hook) for hook in cfg.hooks}
     layout = None if multimodal else model.token_layout
-    return ExtractPlan(cfg, entry, layout, widths, prompts, spec, fmt, shards, digest, writers, hashes, pending,
-                       options)  # fmt: skip
+    return ExtractPlan(
+        cfg, entry, layout, widths, prompts, spec, fmt, shards, digest, writers, hashes, pending, options
+    )

@@ -11,6 +11,7 @@ flow for one input shard (a fixed, sorted slice of the dataset's refs):
    selection, then one store shard per hook point (written under a temporary name and renamed)
    plus the shard's bad samples in the errors table.
 """
+
 from __future__ import annotations
 
 import json

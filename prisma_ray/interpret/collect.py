@@ -5,6 +5,7 @@ worker runs the hooked model up to the dictionary's input hook point, encodes ev
 dictionary and folds the latent activations into a `LatentRecord`, which it returns whole; the
 driver merges the records of all shards (`prisma_ray.interpret.pipeline`).
 """
+
 from __future__ import annotations
 
 import json
@@ -56,7 +57,9 @@ class InterpretConfig(BaseModel):
     model: str | ModelEntry | None = Field(None, description="default: the model named in the checkpoint")
     hook: str | None = Field(None, description="default: the checkpoint's input hook point")
     prompts: list[str] | None = Field(
-        None, min_length=1, description="multimodal models: the prompts images are shown with, one per sample "
+        None,
+        min_length=1,
+        description="multimodal models: the prompts images are shown with, one per sample "
         "picked by its id as at extraction (default: ['Describe the image.'])",
     )
     pretrained: bool = True
@@ -68,7 +71,9 @@ class InterpretConfig(BaseModel):
     shard_size: int = Field(64, ge=1, description="samples per worker call")
     batch_size: int = Field(32, ge=1, description="samples per forward pass")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    actors: int | None = Field(None, ge=1, description="model actors (default: one per GPU; on CPU one per CPU, at most 8)")
+    actors: int | None = Field(
+        None, ge=1, description="model actors (default: one per GPU; on CPU one per CPU, at most 8)"
+    )
     actor_num_cpus: float | None = Field(None, gt=0, le=1, description="CPUs reserved per actor (default: up to 1)")
     decode_num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per decode task")
     torch_threads: int | None = Field(None, ge=1)
@@ -118,9 +123,24 @@ class InterpretPlan:
 
     def job(self, device: str = "cpu", torch_threads: int | None = None) -> InterpretJob:
         c = self.cfg
-        return InterpretJob(self.info.uri, storage.absolute(c.output), self.entry, c.pretrained, c.seed, self.hook, self.options, c.k, c.reservoir,
-                            c.negatives, c.reservoir_seed, c.batch_size, device, torch_threads, self.prompts,
-                            self.layout)  # fmt: skip
+        return InterpretJob(
+            self.info.uri,
+            storage.absolute(c.output),
+            self.entry,
+            c.pretrained,
+            c.seed,
+            self.hook,
+            self.options,
+            c.k,
+            c.reservoir,
+            c.negatives,
+            c.reservoir_seed,
+            c.batch_size,
+            device,
+            torch_threads,
+            self.prompts,
+            self.layout,
+        )
 
     def description(self) -> dict[str, Any]:
         """What determines the results (written to `summary.json`)."""
@@ -145,8 +165,10 @@ def plan_interpret(cfg: InterpretConfig) -> InterpretPlan:
     options = cfg.storage.resolved()
     info = read_checkpoint_info(cfg.checkpoint, options)
     if len(info.sites.inputs) != 1:
-        raise ValueError(f"{cfg.checkpoint}: reads {len(info.sites.inputs)} sites; interpretation needs a dictionary "
-                         "over one hook point (an SAE or a transcoder)")  # fmt: skip
+        raise ValueError(
+            f"{cfg.checkpoint}: reads {len(info.sites.inputs)} sites; interpretation needs a dictionary "
+            "over one hook point (an SAE or a transcoder)"
+        )
     site = info.sites.inputs[0]
     name = cfg.model or site.model
     if not name:
@@ -156,8 +178,10 @@ def plan_interpret(cfg: InterpretConfig) -> InterpretPlan:
     model = describe_model(entry)
     check_hooks(model, [hook])
     if model.hook_width(hook) != site.width:
-        raise ValueError(f"{cfg.checkpoint} reads {site.width}-wide activations but {entry.name} {hook} is "
-                         f"{model.hook_width(hook)} wide; pick the checkpoint's model and hook point")  # fmt: skip
+        raise ValueError(
+            f"{cfg.checkpoint} reads {site.width}-wide activations but {entry.name} {hook} is "
+            f"{model.hook_width(hook)} wide; pick the checkpoint's model and hook point"
+        )
     prompts = model_prompts(model, cfg.prompts)
     spec = with_resolved_storage(cfg.dataset)
     try:
@@ -167,7 +191,9 @@ def plan_interpret(cfg: InterpretConfig) -> InterpretPlan:
     except ValueError as e:
         raise ValueError(f"{entry.name} cannot take the {spec.type} dataset: {e}") from None
     layout = model.token_layout if prompts is None else base_view_layout(model, fmt.shape, prompts[0])
-    return InterpretPlan(cfg, info, entry, hook, layout, spec, fmt, options, None if prompts is None else tuple(prompts))
+    return InterpretPlan(
+        cfg, info, entry, hook, layout, spec, fmt, options, None if prompts is None else tuple(prompts)
+    )
 
 
 class LatentWorker:
@@ -186,7 +212,10 @@ class LatentWorker:
         self.kinds = self.layout.kinds()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = [self.process(ShardData.from_bytes(payload), int(shard)) for shard, payload in zip(batch["shard"], batch["payload"])]
+        rows = [
+            self.process(ShardData.from_bytes(payload), int(shard))
+            for shard, payload in zip(batch["shard"], batch["payload"])
+        ]
         return {
             "shard": batch["shard"],
             "record": np.array([r.to_bytes() for r, _ in rows], dtype=object),
@@ -196,8 +225,9 @@ class LatentWorker:
 
     def empty(self) -> LatentRecord:
         j = self.job
-        return LatentRecord.empty(self.dictionary.n_latents, self.layout.n_tokens, j.k, j.reservoir, j.negatives,
-                                  j.reservoir_seed)  # fmt: skip
+        return LatentRecord.empty(
+            self.dictionary.n_latents, self.layout.n_tokens, j.k, j.reservoir, j.negatives, j.reservoir_seed
+        )
 
     def process(self, data: ShardData, shard: int = 0) -> tuple[LatentRecord, ShardData]:
         """The record of one decoded shard; its bad samples go to `<output>/_errors`."""
@@ -226,15 +256,18 @@ class LatentWorker:
         x, layout = self.inputs.encode(pixels, sample_ids)
         base = (layout.kind == TokenKind.PATCH) & (layout.view == 0) & (layout.image == 0)
         if (base.sum(1) != self.layout.n_tokens).any():
-            raise ValueError(f"{self.job.model.name}: base views of {sorted(set(base.sum(1).tolist()))} tokens, expected "
-                             f"{self.layout.n_tokens}; the images must have the tower's size")  # fmt: skip
+            raise ValueError(
+                f"{self.job.model.name}: base views of {sorted(set(base.sum(1).tolist()))} tokens, expected "
+                f"{self.layout.n_tokens}; the images must have the tower's size"
+            )
         _, cache = self.model.run_with_cache(x, [self.job.hook], stop_early=True)
         acts = cache[self.job.hook][torch.from_numpy(base).to(self.device)]
         return acts.reshape(len(pixels), self.layout.n_tokens, -1)
 
 
-def fetch_crops(plan: InterpretPlan, shards: list[list[SampleRef]], where: dict[str, int],
-                wanted: set[str]) -> dict[str, np.ndarray]:  # fmt: skip
+def fetch_crops(
+    plan: InterpretPlan, shards: list[list[SampleRef]], where: dict[str, int], wanted: set[str]
+) -> dict[str, np.ndarray]:
     """The model-geometry `uint8` crops of the samples `wanted`, decoded again from their shards
     (`where[sample_id]` = shard index); for file sources only the wanted files are read."""
     by_shard: dict[int, set[str]] = {}

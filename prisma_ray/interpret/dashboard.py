@@ -8,6 +8,7 @@
 
 No external resource is referenced: the site opens from disk, a bucket or any static web server.
 """
+
 from __future__ import annotations
 
 import html
@@ -42,8 +43,10 @@ r.style.display=r.textContent.toLowerCase().includes(q)?'':'none'}
 
 
 def _page(title: str, body: str, script: str = "") -> str:
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{_STYLE}</style><script>{script}</script></head><body>{body}</body></html>")  # fmt: skip
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_STYLE}</style><script>{script}</script></head><body>{body}</body></html>"
+    )
 
 
 def histogram_svg(values: np.ndarray, bins: int = 24, width: int = 360, height: int = 100) -> str:
@@ -56,8 +59,10 @@ def histogram_svg(values: np.ndarray, bins: int = 24, width: int = 360, height: 
         f"<rect x='{i * bar:.1f}' y='{height - h:.1f}' width='{bar - 1:.1f}' height='{h:.1f}' fill='#c0392b'/>"
         for i, h in enumerate(counts / max(counts.max(), 1) * (height - 4))
     )
-    axis = f"<text x='0' y='{height + 14}' font-size='11'>{edges[0]:.3g}</text>" \
-           f"<text x='{width}' y='{height + 14}' font-size='11' text-anchor='end'>{edges[-1]:.3g}</text>"  # fmt: skip
+    axis = (
+        f"<text x='0' y='{height + 14}' font-size='11'>{edges[0]:.3g}</text>"
+        f"<text x='{width}' y='{height + 14}' font-size='11' text-anchor='end'>{edges[-1]:.3g}</text>"
+    )
     return f"<svg width='{width}' height='{height + 18}' role='img'>{rects}{axis}</svg>"
 
 
@@ -71,8 +76,14 @@ def primary_score(record: ExplanationRecord | None) -> float | None:
 class DashboardWriter:
     """Writes the site for `results` under `output` (default: the results' own directory)."""
 
-    def __init__(self, results: Results, output: str | None = None, options: storage.StorageOptions | None = None,
-                 per_latent: int = 8, max_latents: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        results: Results,
+        output: str | None = None,
+        options: storage.StorageOptions | None = None,
+        per_latent: int = 8,
+        max_latents: int | None = None,
+    ):
         self.results, self.options, self.per_latent = results, options, per_latent
         self.output = output or results.uri
         self.layout = results.layout
@@ -93,8 +104,10 @@ class DashboardWriter:
         storage.write_bytes(storage.join(self.output, rel), data, self.options)
 
     def _index(self, thumbs: dict[int, str | None]) -> str:
-        head = "".join(f"<th onclick='sortBy(this)'>{h}</th>" for h in
-                       ("latent", "top image", "explanation", "score", "frequency", "mean act.", "max act.", "top kinds"))  # fmt: skip
+        head = "".join(
+            f"<th onclick='sortBy(this)'>{h}</th>"
+            for h in ("latent", "top image", "explanation", "score", "frequency", "mean act.", "max act.", "top kinds")
+        )
         rows = []
         for latent in self.latents:
             r, e = self.rows[latent], self.explanations.get(latent)
@@ -108,11 +121,13 @@ class DashboardWriter:
                 f"<td>{r['max_activation']:.3g}</td><td>{self._kinds(r)}</td></tr>"
             )
         s = self.results.summary
-        body = (f"<h1>{html.escape(s['model'])} · {html.escape(s['hook'])}</h1>"
-                f"<p class='muted'>{html.escape(s['checkpoint'])} · {s['n_samples']} samples · "
-                f"{self.alive} of {s['n_latents']} latents fired · {len(self.latents)} shown</p>"
-                "<input id='q' placeholder='search latents, explanations' oninput='filterRows(this.value)' size='40'>"
-                f"<table id='latents'><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")  # fmt: skip
+        body = (
+            f"<h1>{html.escape(s['model'])} · {html.escape(s['hook'])}</h1>"
+            f"<p class='muted'>{html.escape(s['checkpoint'])} · {s['n_samples']} samples · "
+            f"{self.alive} of {s['n_latents']} latents fired · {len(self.latents)} shown</p>"
+            "<input id='q' placeholder='search latents, explanations' oninput='filterRows(this.value)' size='40'>"
+            f"<table id='latents'><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        )
         return _page(f"{s['model']} {s['hook']} latents", body, _SORT_JS)
 
     def _kinds(self, row: dict[str, Any]) -> str:
@@ -128,23 +143,28 @@ class DashboardWriter:
             for row in self.results.top_rows(latent, ranking)[: self.per_latent]:
                 files = self._images(latent, ranking, row)
                 thumb = thumb or files[1]
-                imgs = "".join(f"<img src='../{f}' alt='{k}'>" for k, f in
-                               zip(("image", "heatmap", "mask"), files))  # fmt: skip
-                cards.append(f"<div class='card'><div class='row'>{imgs}</div>{html.escape(row['sample_id'])} · "
-                             f"{ranking} {row['score']:.3g}</div>")  # fmt: skip
+                imgs = "".join(f"<img src='../{f}' alt='{k}'>" for k, f in zip(("image", "heatmap", "mask"), files))
+                cards.append(
+                    f"<div class='card'><div class='row'>{imgs}</div>{html.escape(row['sample_id'])} · "
+                    f"{ranking} {row['score']:.3g}</div>"
+                )
             sections.append(f"<h2>Top samples by {ranking} activation</h2><div class='cards'>{''.join(cards)}</div>")
         _, values = self.results.values(latent)
         explanation = ""
         if e:
             scores = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.3f}</td></tr>" for k, v in e.scores.items())
-            explanation = (f"<p class='explanation'>{html.escape(e.explanation)}</p><p class='muted'>"
-                           f"explainer: {html.escape(e.explainer)}</p><table>{scores}</table>")  # fmt: skip
-        body = (f"<p><a href='../index.html'>all latents</a></p><h1>Latent {latent}</h1>{explanation}"
-                f"<p>fires on {r['frequency']:.2%} of tokens and {r['sample_frequency']:.2%} of samples; mean "
-                f"activation {r['mean_activation']:.3g} ({r['mean_when_firing']:.3g} when firing), max "
-                f"{r['max_activation']:.3g}; top tokens: {self._kinds(r) or '-'}</p>"
-                f"<h2>Activation histogram</h2><p class='muted'>max activation on {len(values)} random samples it "
-                f"fires on</p>{histogram_svg(values)}{''.join(sections)}")  # fmt: skip
+            explanation = (
+                f"<p class='explanation'>{html.escape(e.explanation)}</p><p class='muted'>"
+                f"explainer: {html.escape(e.explainer)}</p><table>{scores}</table>"
+            )
+        body = (
+            f"<p><a href='../index.html'>all latents</a></p><h1>Latent {latent}</h1>{explanation}"
+            f"<p>fires on {r['frequency']:.2%} of tokens and {r['sample_frequency']:.2%} of samples; mean "
+            f"activation {r['mean_activation']:.3g} ({r['mean_when_firing']:.3g} when firing), max "
+            f"{r['max_activation']:.3g}; top tokens: {self._kinds(r) or '-'}</p>"
+            f"<h2>Activation histogram</h2><p class='muted'>max activation on {len(values)} random samples it "
+            f"fires on</p>{histogram_svg(values)}{''.join(sections)}"
+        )
         self._write(f"latents/{latent}.html", _page(f"latent {latent}", body).encode())
         return thumb
 
@@ -169,7 +189,12 @@ class DashboardWriter:
         return files
 
 
-def write_dashboard(results: Results, output: str | None = None, options: storage.StorageOptions | None = None,
-                    per_latent: int = 8, max_latents: int | None = None) -> str:  # fmt: skip
+def write_dashboard(
+    results: Results,
+    output: str | None = None,
+    options: storage.StorageOptions | None = None,
+    per_latent: int = 8,
+    max_latents: int | None = None,
+) -> str:
     """Render the dashboard of `results`; return the URI of its `index.html`."""
     return DashboardWriter(results, output, options, per_latent, max_latents).write()

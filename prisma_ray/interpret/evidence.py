@@ -4,6 +4,7 @@
 explainers and scorers (which consume it). `explanations.jsonl` in an output directory (local or
 `s3://`) holds one JSON object per latent: `latent`, `explanation`, `explainer`, `scores`, `raw`.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,13 +54,20 @@ class LatentEvidence:
             raise ValueError(f"{where}: values must be float[{n}]; got shape {np.shape(self.values)}")
         if self.negatives is not None:
             _check_images(self.negatives, f"{where}: negatives")
-        for masks, count, name in ((self.concept_masks, n, "concept_masks"),
-                                   (self.negative_concept_masks, len(self.negatives if self.negatives is not None else []),
-                                    "negative_concept_masks")):  # fmt: skip
+        for masks, count, name in (
+            (self.concept_masks, n, "concept_masks"),
+            (
+                self.negative_concept_masks,
+                len(self.negatives if self.negatives is not None else []),
+                "negative_concept_masks",
+            ),
+        ):
             for label, mask in masks.items():
                 if mask.dtype != bool or mask.ndim != 3 or len(mask) != count:
-                    raise ValueError(f"{where}: {name}[{label!r}] must be bool[{count}, H, W] or bool[{count}, h, w]; "
-                                     f"got {mask.dtype}{list(mask.shape)}")  # fmt: skip
+                    raise ValueError(
+                        f"{where}: {name}[{label!r}] must be bool[{count}, H, W] or bool[{count}, h, w]; "
+                        f"got {mask.dtype}{list(mask.shape)}"
+                    )
 
 
 def _check_images(images: np.ndarray, where: str) -> None:
@@ -107,8 +115,13 @@ class ExplanationRecord(BaseModel):
         merged: dict[str, float] = {}
         for score in scores:
             merged.update(score.as_dict())
-        return cls(latent=explanation.latent, explanation=explanation.text, explainer=explanation.explainer,
-                   scores=merged, raw=explanation.raw)  # fmt: skip
+        return cls(
+            latent=explanation.latent,
+            explanation=explanation.text,
+            explainer=explanation.explainer,
+            scores=merged,
+            raw=explanation.raw,
+        )
 
 
 def read_explanations(output: str, options: storage.StorageOptions | None = None) -> dict[int, ExplanationRecord]:
@@ -129,8 +142,9 @@ def read_explanations(output: str, options: storage.StorageOptions | None = None
     return records
 
 
-def append_explanations(output: str, records: list[ExplanationRecord],
-                        options: storage.StorageOptions | None = None) -> None:  # fmt: skip
+def append_explanations(
+    output: str, records: list[ExplanationRecord], options: storage.StorageOptions | None = None
+) -> None:
     """Add `records` to `<output>/explanations.jsonl` atomically: the file is rewritten under a temporary
     name and renamed, so a kill leaves either the old or the new file, never a torn line."""
     if not records:
@@ -159,8 +173,9 @@ def active_mask(maps: np.ndarray, size: tuple[int, int], threshold: float = 0.2)
     return upsample((maps >= threshold * peak) & (maps > 0) & (peak > 0), size)
 
 
-def mask_images(images: np.ndarray, maps: np.ndarray, threshold: float = 0.2, dim: float = 0.25,
-                mode: str = "highlight") -> np.ndarray:  # fmt: skip
+def mask_images(
+    images: np.ndarray, maps: np.ndarray, threshold: float = 0.2, dim: float = 0.25, mode: str = "highlight"
+) -> np.ndarray:
     """The top images as sent to an explainer: `uint8[n, H, W, 3]`.
 
     `mode="highlight"` keeps the pixels of patches whose activation reaches `threshold` × the image's

@@ -3,6 +3,7 @@
 Video clips are shown to explainers as one frame each: the first frame of the time step where the
 latent's map peaks, with that time step's patch map.
 """
+
 from __future__ import annotations
 
 import numpy as np

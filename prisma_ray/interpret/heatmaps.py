@@ -4,6 +4,7 @@ Images here are the model-geometry crops the activations were computed on (`uint
 `[T, H, W, 3]`), so the patch grid covers the image exactly; each patch value is spread over its
 pixel block (nearest-neighbour upsampling, so the overlay shows exactly the patches that fired).
 """
+
 from __future__ import annotations
 
 import io
@@ -39,8 +40,9 @@ def _lut(name: str) -> np.ndarray:
     return (colormaps[name](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
 
 
-def overlay(image: np.ndarray, grid: np.ndarray, vmax: float | None = None, alpha: float = 0.7,
-            cmap: str = "inferno") -> np.ndarray:  # fmt: skip
+def overlay(
+    image: np.ndarray, grid: np.ndarray, vmax: float | None = None, alpha: float = 0.7, cmap: str = "inferno"
+) -> np.ndarray:
     """`uint8[H, W, 3]`: `image` with `grid [h, w]` blended on in colour, opacity growing with the value
     (values <= 0 leave the image unchanged). `vmax` (default: the grid's max) maps to full opacity `alpha`."""
     top = float(grid.max()) if vmax is None else float(vmax)
@@ -66,7 +68,9 @@ def mask_image(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return (upsample(np.asarray(mask, dtype=np.uint8), size) * 255).astype(np.uint8)
 
 
-def frame_overlays(frames: np.ndarray, grid: np.ndarray, tubelet: int = 1, vmax: float | None = None) -> list[np.ndarray]:
+def frame_overlays(
+    frames: np.ndarray, grid: np.ndarray, tubelet: int = 1, vmax: float | None = None
+) -> list[np.ndarray]:
     """One overlay per frame of `frames [T, H, W, 3]`; frame `f` shows time step `f // tubelet` of `grid [t, h, w]`."""
     top = float(grid.max()) if vmax is None else vmax
     steps = np.minimum(np.arange(len(frames)) // max(tubelet, 1), len(grid) - 1)

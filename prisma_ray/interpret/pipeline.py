@@ -1,9 +1,10 @@
 """The top-activations pass on Ray (orchestration only; the work is in `collect` and `topk`).
 
-    dataset shards --from_items--> decode (CPU tasks, as extraction) --uint8 crops--> LatentWorker actors
-    (ActorPoolStrategy, <= 1 CPU each; one GPU each where GPUs exist) --one LatentRecord per shard-->
-    merged on the driver (exact) --> results under `output` (`prisma_ray.interpret.results`)
+dataset shards --from_items--> decode (CPU tasks, as extraction) --uint8 crops--> LatentWorker actors
+(ActorPoolStrategy, <= 1 CPU each; one GPU each where GPUs exist) --one LatentRecord per shard-->
+merged on the driver (exact) --> results under `output` (`prisma_ray.interpret.results`)
 """
+
 from __future__ import annotations
 
 import json
@@ -36,12 +37,14 @@ class InterpretSummary:
     seconds: float
 
     def format(self) -> str:
-        return "\n".join([
-            f"samples  {self.samples}  ({self.errors} bad this run, see {self.output}/_errors)",
-            f"latents  {self.latents}" + (f", {self.alive} fired at least once" if self.alive >= 0 else ""),
-            f"time     {self.seconds:.1f} s",
-            f"results  {self.output}",
-        ])  # fmt: skip
+        return "\n".join(
+            [
+                f"samples  {self.samples}  ({self.errors} bad this run, see {self.output}/_errors)",
+                f"latents  {self.latents}" + (f", {self.alive} fired at least once" if self.alive >= 0 else ""),
+                f"time     {self.seconds:.1f} s",
+                f"results  {self.output}",
+            ]
+        )
 
 
 def run_interpret(cfg: InterpretConfig) -> InterpretSummary:
@@ -68,8 +71,14 @@ def run_interpret(cfg: InterpretConfig) -> InterpretSummary:
         errors += int(row["errors"])
     crops = fetch_crops(plan, shards, where, needed_samples(record))
     write_results(output, record, plan.layout, plan.description(), crops, plan.options)
-    return InterpretSummary(output, record.n_samples, errors, record.n_latents, int((record.fire_tokens > 0).sum()),
-                            time.perf_counter() - start)  # fmt: skip
+    return InterpretSummary(
+        output,
+        record.n_samples,
+        errors,
+        record.n_latents,
+        int((record.fire_tokens > 0).sum()),
+        time.perf_counter() - start,
+    )
 
 
 def _run_pipeline(plan: InterpretPlan, shards: list[list[SampleRef]]) -> Iterator[dict]:
@@ -80,5 +89,14 @@ def _run_pipeline(plan: InterpretPlan, shards: list[list[SampleRef]]) -> Iterato
     device, actors, _, threads = resources
     items = [{"shard": i, "refs": json.dumps([asdict(r) for r in s]), "hooks": "[]"} for i, s in enumerate(shards)]
     log.info("interpreting %d shards with %d %s actor(s)", len(shards), actors, device)
-    yield from stream_shards(items, plan.spec, plan.fmt, LatentWorker, {"job": plan.job(device, threads)}, resources,
-                             cfg.decode_num_cpus, cfg.progress, "interpret")  # fmt: skip
+    yield from stream_shards(
+        items,
+        plan.spec,
+        plan.fmt,
+        LatentWorker,
+        {"job": plan.job(device, threads)},
+        resources,
+        cfg.decode_num_cpus,
+        cfg.progress,
+        "interpret",
+    )

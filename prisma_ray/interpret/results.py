@@ -12,6 +12,7 @@
 - `samples/<key>.npy`: the model-geometry `uint8` crop of every sample in `top` and the negatives
   (`[H, W, 3]`, clips `[T, H, W, 3]`), `key = sample_key(sample_id)`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -71,16 +72,20 @@ def top_table(record: LatentRecord, layout: TokenLayout) -> pa.Table:
         latent, rank = np.nonzero(np.isfinite(top.scores))
         maps = top.maps[latent, rank].astype(np.float32)
         token = maps.argmax(1) if len(maps) else np.zeros(0, np.int64)
-        parts.append(pa.table({
-            "latent": latent.astype(np.int64),
-            "ranking": pa.array([ranking] * len(latent), pa.string()),
-            "rank": rank.astype(np.int16),
-            "sample_id": pa.array(top.ids[latent, rank].tolist(), pa.string()),
-            "score": top.scores[latent, rank],
-            "top_token": token.astype(np.int16),
-            "top_kind": kinds[token].astype(np.int8),
-            "map": pa.FixedSizeListArray.from_arrays(pa.array(maps.reshape(-1)), layout.n_tokens),
-        }))  # fmt: skip
+        parts.append(
+            pa.table(
+                {
+                    "latent": latent.astype(np.int64),
+                    "ranking": pa.array([ranking] * len(latent), pa.string()),
+                    "rank": rank.astype(np.int16),
+                    "sample_id": pa.array(top.ids[latent, rank].tolist(), pa.string()),
+                    "score": top.scores[latent, rank],
+                    "top_token": token.astype(np.int16),
+                    "top_kind": kinds[token].astype(np.int8),
+                    "map": pa.FixedSizeListArray.from_arrays(pa.array(maps.reshape(-1)), layout.n_tokens),
+                }
+            )
+        )
     return pa.concat_tables(parts)
 
 
@@ -89,12 +94,16 @@ def reservoir_table(record: LatentRecord) -> pa.Table:
     parts = []
     for kind, res in (("firing", record.reservoir), ("negative", record.negatives)):
         latent, slot = np.nonzero(res.filled())
-        parts.append(pa.table({
-            "latent": latent.astype(np.int64),
-            "kind": pa.array([kind] * len(latent), pa.string()),
-            "sample_id": pa.array(res.ids[latent, slot].tolist(), pa.string()),
-            "value": res.values[latent, slot],
-        }))  # fmt: skip
+        parts.append(
+            pa.table(
+                {
+                    "latent": latent.astype(np.int64),
+                    "kind": pa.array([kind] * len(latent), pa.string()),
+                    "sample_id": pa.array(res.ids[latent, slot].tolist(), pa.string()),
+                    "value": res.values[latent, slot],
+                }
+            )
+        )
     return pa.concat_tables(parts)
 
 
@@ -116,8 +125,14 @@ def _npy(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_results(output: str, record: LatentRecord, layout: TokenLayout, description: dict[str, Any],
-                  crops: dict[str, np.ndarray], options: storage.StorageOptions | None = None) -> None:  # fmt: skip
+def write_results(
+    output: str,
+    record: LatentRecord,
+    layout: TokenLayout,
+    description: dict[str, Any],
+    crops: dict[str, np.ndarray],
+    options: storage.StorageOptions | None = None,
+) -> None:
     """Write the results of one pass under `output` (the summary last: it marks them complete)."""
     for sample_id, crop in crops.items():
         storage.write_bytes(storage.join(output, SAMPLES_DIR, f"{sample_key(sample_id)}.npy"), _npy(crop), options)

@@ -7,6 +7,7 @@ identity. With `keep_error=False` it becomes `decode(z')` (the reconstruction al
 compared through a head: the model's classifier, or a CLIP-style zero-shot head over text embeddings
 (`prisma_ray.evaluate.splice.ZeroShotHead`), whose cosine similarities are reported too.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -71,19 +72,23 @@ def steering_hooks(model: HookedVisionModel, d: Dictionary, spec: SteerSpec, hoo
         raise ValueError(f"steering needs an SAE over one hook point; this dictionary is a {d.sites.kind}")
     hook = hook or d.sites.inputs[0].name
     if d.sites.d_in != model.d_model:
-        raise ValueError(f"the dictionary reads {d.sites.d_in}-wide activations but {model.name} is "
-                         f"{model.d_model} wide at {hook}")  # fmt: skip
+        raise ValueError(
+            f"the dictionary reads {d.sites.d_in}-wide activations but {model.name} is {model.d_model} wide at {hook}"
+        )
     positions = torch.as_tensor(fixed_positions(model.token_layout, TokenSelection(mode=spec.tokens)))
     return [(hook, put_at_positions(positions, lambda cur: steered(d, cur[:, positions], spec)))]
 
 
-def default_head(model: HookedVisionModel, text_embeddings: torch.Tensor | None = None,
-                 logit_scale: float = 100.0) -> Head:  # fmt: skip
+def default_head(
+    model: HookedVisionModel, text_embeddings: torch.Tensor | None = None, logit_scale: float = 100.0
+) -> Head:
     """The model's classifier, or a zero-shot head over `text_embeddings` for an embedding tower."""
     if text_embeddings is not None:
         return ZeroShotHead(text_embeddings, logit_scale)
     if not outputs_logits(model):
-        raise ValueError(f"{model.name} outputs an embedding, not logits: pass text embeddings (.npy, [prompts, width])")
+        raise ValueError(
+            f"{model.name} outputs an embedding, not logits: pass text embeddings (.npy, [prompts, width])"
+        )
     return classifier_head
 
 
@@ -116,11 +121,15 @@ class SteerResult:
             "mean_kl": float(kl.mean()),
             "mean_prob_delta": {n: float(v) for n, v in zip(names, delta.mean(0))},
             "per_input": [
-                {"clean": names[int(a)], "steered": names[int(b)], "top_gain": names[int(g)],
-                 "top_gain_delta": float(d[int(g)])}
+                {
+                    "clean": names[int(a)],
+                    "steered": names[int(b)],
+                    "top_gain": names[int(g)],
+                    "top_gain_delta": float(d[int(g)]),
+                }
                 for a, b, g, d in zip(clean_top, steered_top, delta.argmax(-1), delta)
             ],
-        }  # fmt: skip
+        }
         if self.logit_scale:
             cos = (self.steered - self.clean) / self.logit_scale
             out["mean_cosine_delta"] = {n: float(v) for n, v in zip(names, cos.mean(0))}
@@ -128,8 +137,14 @@ class SteerResult:
 
 
 @torch.inference_mode()
-def steer(model: HookedVisionModel, d: Dictionary, x: torch.Tensor, spec: SteerSpec, head: Head | None = None,
-          batch_size: int = 32) -> SteerResult:  # fmt: skip
+def steer(
+    model: HookedVisionModel,
+    d: Dictionary,
+    x: torch.Tensor,
+    spec: SteerSpec,
+    head: Head | None = None,
+    batch_size: int = 32,
+) -> SteerResult:
     """Run `x` clean and steered per `spec`; return both outputs through `head` (default: `default_head`)."""
     head = head or default_head(model)
     hooks = steering_hooks(model, d, spec)
@@ -157,7 +172,9 @@ class SteerConfig(BaseModel):
     seed: int = 0
     text_embeddings: str | None = Field(None, description=".npy/.safetensors [prompts, width] for embedding towers")
     logit_scale: float = Field(100.0, gt=0)
-    labels: list[str] | None = Field(None, description="class or prompt names (default: the synthetic dataset's shapes)")
+    labels: list[str] | None = Field(
+        None, description="class or prompt names (default: the synthetic dataset's shapes)"
+    )
     storage: StorageOptions = StorageOptions()
 
 
@@ -177,9 +194,15 @@ def run_steer(cfg: SteerConfig) -> dict:
     x = torch.from_numpy(np.concatenate(pixels)[: cfg.samples])
     embeddings = load_matrix(cfg.text_embeddings, options) if cfg.text_embeddings else None
     result = steer(model, d, x, cfg.steer, default_head(model, embeddings, cfg.logit_scale))
-    labels = cfg.labels or (list(spec.generator.shapes) if isinstance(spec, SyntheticSource) and
-                            spec.generator.name == "shapes" else None)  # fmt: skip
+    labels = cfg.labels or (
+        list(spec.generator.shapes) if isinstance(spec, SyntheticSource) and spec.generator.name == "shapes" else None
+    )
     if labels is not None and len(labels) != result.clean.shape[1]:
         raise ValueError(f"{len(labels)} labels given but the head has {result.clean.shape[1]} classes")
-    return {"checkpoint": cfg.checkpoint, "model": entry.name, "hook": d.sites.inputs[0].name,
-            **cfg.steer.model_dump(), **result.summary(labels)}  # fmt: skip
+    return {
+        "checkpoint": cfg.checkpoint,
+        "model": entry.name,
+        "hook": d.sites.inputs[0].name,
+        **cfg.steer.model_dump(),
+        **result.summary(labels),
+    }

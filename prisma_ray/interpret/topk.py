@@ -14,6 +14,7 @@ split into shards, batches or workers, the result is the same as one pass over a
   by all latents, so few distinct images): the non-activating images of detection scoring.
 - sums: samples, tokens, firing tokens (per token kind), firing samples and the activation total.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,8 +39,11 @@ class TopK:
 
     @classmethod
     def empty(cls, n_latents: int, k: int, n_tokens: int) -> TopK:
-        return cls(np.full((n_latents, k), -np.inf, np.float32), np.full((n_latents, k), "", dtype="<U1"),
-                   np.zeros((n_latents, k, n_tokens), np.float16))  # fmt: skip
+        return cls(
+            np.full((n_latents, k), -np.inf, np.float32),
+            np.full((n_latents, k), "", dtype="<U1"),
+            np.zeros((n_latents, k, n_tokens), np.float16),
+        )
 
     @property
     def k(self) -> int:
@@ -54,8 +58,7 @@ class TopK:
         mine = order < self.k
         own = take(self.maps, np.where(mine, order, 0)[..., None], axis=1)
         new = take(maps, np.where(mine, 0, order - self.k)[..., None], axis=1).astype(np.float16)
-        return TopK(take(all_scores, order, axis=1), take(all_ids, order, axis=1),
-                    np.where(mine[..., None], own, new))  # fmt: skip
+        return TopK(take(all_scores, order, axis=1), take(all_ids, order, axis=1), np.where(mine[..., None], own, new))
 
     def count(self) -> np.ndarray:
         """`int64[L]`: the entries filled per latent."""
@@ -72,8 +75,11 @@ class Reservoir:
 
     @classmethod
     def empty(cls, n_latents: int, m: int) -> Reservoir:
-        return cls(np.full((n_latents, m), _EMPTY_PRIORITY, np.uint64), np.full((n_latents, m), "", dtype="<U1"),
-                   np.zeros((n_latents, m), np.float32))  # fmt: skip
+        return cls(
+            np.full((n_latents, m), _EMPTY_PRIORITY, np.uint64),
+            np.full((n_latents, m), "", dtype="<U1"),
+            np.zeros((n_latents, m), np.float32),
+        )
 
     def merge(self, priority: np.ndarray, ids: np.ndarray, values: np.ndarray) -> Reservoir:
         all_p = np.concatenate([self.priority, priority], axis=1)
@@ -89,8 +95,13 @@ class Reservoir:
 
 def sample_hashes(sample_ids: np.ndarray, seed: int) -> np.ndarray:
     """`uint64[B]`: a stable hash of each sample id under `seed`."""
-    return np.array([int.from_bytes(hashlib.blake2b(f"{seed}\t{s}".encode(), digest_size=8).digest(), "little")
-                     for s in sample_ids], dtype=np.uint64)  # fmt: skip
+    return np.array(
+        [
+            int.from_bytes(hashlib.blake2b(f"{seed}\t{s}".encode(), digest_size=8).digest(), "little")
+            for s in sample_ids
+        ],
+        dtype=np.uint64,
+    )
 
 
 def mix(h: np.ndarray, latents: np.ndarray) -> np.ndarray:
@@ -118,8 +129,9 @@ class LatentRecord:
     seed: int = 0
 
     @classmethod
-    def empty(cls, n_latents: int, n_tokens: int, k: int = 16, reservoir: int = 256, negatives: int = 8,
-              seed: int = 0) -> LatentRecord:  # fmt: skip
+    def empty(
+        cls, n_latents: int, n_tokens: int, k: int = 16, reservoir: int = 256, negatives: int = 8, seed: int = 0
+    ) -> LatentRecord:
         return cls(
             top={r: TopK.empty(n_latents, k, n_tokens) for r in RANKINGS},
             reservoir=Reservoir.empty(n_latents, reservoir),
@@ -144,8 +156,10 @@ class LatentRecord:
         acts = np.asarray(acts, dtype=np.float32)
         b, t, n = acts.shape
         if n != self.n_latents or t != self.n_tokens_per_sample:
-            raise ValueError(f"activations {list(acts.shape)} do not fit a record of {self.n_latents} latents and "
-                             f"{self.n_tokens_per_sample} tokens per sample")  # fmt: skip
+            raise ValueError(
+                f"activations {list(acts.shape)} do not fit a record of {self.n_latents} latents and "
+                f"{self.n_tokens_per_sample} tokens per sample"
+            )
         ids = np.broadcast_to(np.asarray(sample_ids, dtype=str)[None, :], (n, b))
         maps = acts.transpose(2, 0, 1)  # [L, B, T]
         peak = acts.max(1).T  # [L, B]
@@ -192,19 +206,39 @@ class LatentRecord:
         """An `.npz` (no pickle) of the record, to pass between Ray tasks as one value."""
         arrays = {f"top_{r}_{name}": getattr(self.top[r], name) for r in RANKINGS for name in ("scores", "ids", "maps")}
         for part in ("reservoir", "negatives"):
-            arrays.update({f"{part}_{name}": getattr(getattr(self, part), name) for name in ("priority", "ids", "values")})
+            arrays.update(
+                {f"{part}_{name}": getattr(getattr(self, part), name) for name in ("priority", "ids", "values")}
+            )
         counts = np.array([self.n_samples, self.n_tokens, self.seed], np.int64)
         buf = io.BytesIO()
-        np.savez(buf, counts=counts, fire_tokens=self.fire_tokens, fire_by_kind=self.fire_by_kind,
-                 fire_samples=self.fire_samples, act_sum=self.act_sum, **arrays)  # fmt: skip
+        np.savez(
+            buf,
+            counts=counts,
+            fire_tokens=self.fire_tokens,
+            fire_by_kind=self.fire_by_kind,
+            fire_samples=self.fire_samples,
+            act_sum=self.act_sum,
+            **arrays,
+        )
         return buf.getvalue()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> LatentRecord:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             top = {r: TopK(z[f"top_{r}_scores"], z[f"top_{r}_ids"], z[f"top_{r}_maps"]) for r in RANKINGS}
-            reservoir, negatives = (Reservoir(z[f"{p}_priority"], z[f"{p}_ids"], z[f"{p}_values"])
-                                    for p in ("reservoir", "negatives"))  # fmt: skip
+            reservoir, negatives = (
+                Reservoir(z[f"{p}_priority"], z[f"{p}_ids"], z[f"{p}_values"]) for p in ("reservoir", "negatives")
+            )
             n_samples, n_tokens, seed = (int(v) for v in z["counts"])
-            return cls(top, reservoir, negatives, n_samples, n_tokens, z["fire_tokens"], z["fire_by_kind"], z["fire_samples"],
-                       z["act_sum"], seed)  # fmt: skip
+            return cls(
+                top,
+                reservoir,
+                negatives,
+                n_samples,
+                n_tokens,
+                z["fire_tokens"],
+                z["fire_by_kind"],
+                z["fire_samples"],
+                z["act_sum"],
+                seed,
+            )

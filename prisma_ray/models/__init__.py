@@ -4,6 +4,7 @@ The torch-dependent names (`HookedVisionModel`, `load_model`, ...) are imported 
 that light modules (`spec`, `registry`, used by the data layer in Ray decode workers) load
 without torch.
 """
+
 from importlib import import_module
 
 from .hook_points import HookPoint, UnknownHookPoint

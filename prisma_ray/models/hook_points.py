@@ -1,4 +1,5 @@
 """Hook-point names (TransformerLens style) shared by every model source."""
+
 from __future__ import annotations
 
 import difflib

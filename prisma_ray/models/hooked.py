@@ -1,4 +1,5 @@
 """`HookedVisionModel`: named hook points, caching and interventions over an unmodified model."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence

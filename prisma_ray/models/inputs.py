@@ -3,6 +3,7 @@
 `PixelInputs` serves vision and video models (fixed token layout); `PromptInputs` serves multimodal
 language models, whose processor turns each image and its prompt into one token sequence.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -80,7 +81,9 @@ def sample_prompt(prompts: Sequence[str], sample_id: str) -> str:
 class PromptInputs:
     """Multimodal language models: each image (or video) with its prompt through the model's processor."""
 
-    def __init__(self, model: HookedVisionModel, selection: TokenSelection, prompts: Sequence[str], device: torch.device):
+    def __init__(
+        self, model: HookedVisionModel, selection: TokenSelection, prompts: Sequence[str], device: torch.device
+    ):
         self.model, self.selection, self.prompts, self.device = model, selection, list(prompts), device
 
     def encode(self, pixels: np.ndarray, sample_ids: Sequence[str]) -> tuple[dict[str, torch.Tensor], MultimodalLayout]:

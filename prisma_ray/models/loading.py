@@ -1,4 +1,5 @@
 """`load_model`: registry name -> `HookedVisionModel`, for every source."""
+
 from __future__ import annotations
 
 import importlib
@@ -51,7 +52,9 @@ def resolve_entry(model: str | ModelEntry) -> ModelEntry:
     return model if isinstance(model, ModelEntry) else get_entry(model)
 
 
-def build_model(entry: ModelEntry, pretrained: bool, seed: int, device: str | torch.device = "cpu") -> HookedVisionModel:
+def build_model(
+    entry: ModelEntry, pretrained: bool, seed: int, device: str | torch.device = "cpu"
+) -> HookedVisionModel:
     """The entry's hooked model in eval mode; with `pretrained=False` its random weights depend on `seed` only."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -60,8 +63,9 @@ def build_model(entry: ModelEntry, pretrained: bool, seed: int, device: str | to
     return model
 
 
-def actor_model(entry: ModelEntry, pretrained: bool, seed: int, device: torch.device,
-                torch_threads: int | None) -> HookedVisionModel:  # fmt: skip
+def actor_model(
+    entry: ModelEntry, pretrained: bool, seed: int, device: torch.device, torch_threads: int | None
+) -> HookedVisionModel:
     """`build_model` in a model actor: on CPU it first takes `torch_threads` threads (when given)."""
     if device.type == "cpu" and torch_threads:
         torch.set_num_threads(torch_threads)

@@ -1,4 +1,5 @@
 """The model registry: one `ModelEntry` per supported pretrained model, across every source."""
+
 from __future__ import annotations
 
 import difflib

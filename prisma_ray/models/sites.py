@@ -4,6 +4,7 @@ An adapter describes a model as a list of `LayerSites` (one per transformer bloc
 embedding and final sites; `HookedVisionModel` turns hook names into PyTorch forward hooks on
 exactly these original modules, so no weights are converted or copied.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence

@@ -1,4 +1,5 @@
 """Model-independent descriptions of a model's input (`PreprocessSpec`) and token sequence (`TokenLayout`)."""
+
 from __future__ import annotations
 
 from enum import IntEnum

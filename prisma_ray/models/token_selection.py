@@ -1,4 +1,5 @@
 """Which tokens of each sample an extraction keeps, for fixed token layouts and multimodal sequences."""
+
 from __future__ import annotations
 
 import hashlib
@@ -41,7 +42,9 @@ def check_selection(layout: TokenLayout, selection: TokenSelection, model_name: 
     """Raise if `selection` asks for tokens that the model does not have (`layout`: its `blocks.*` layout)."""
     if multimodal:
         if selection.mode == "cls":
-            raise ValueError(f"{model_name}'s sequences have no CLS token; use tokens.mode=all, text, image, patches or random.")
+            raise ValueError(
+                f"{model_name}'s sequences have no CLS token; use tokens.mode=all, text, image, patches or random."
+            )
         return
     if selection.mode in MULTIMODAL_ONLY:
         raise ValueError(
@@ -54,7 +57,9 @@ def check_selection(layout: TokenLayout, selection: TokenSelection, model_name: 
             f"{model_name} has no CLS token (prefix tokens: {prefix}); use tokens.mode=patches, random or all."
         )
     if selection.mode == "random" and selection.k > layout.n_patches:
-        raise ValueError(f"tokens.k={selection.k} but {model_name} has only {layout.n_patches} patch tokens per sample.")
+        raise ValueError(
+            f"tokens.k={selection.k} but {model_name} has only {layout.n_patches} patch tokens per sample."
+        )
 
 
 def fixed_positions(layout: TokenLayout, selection: TokenSelection) -> np.ndarray | None:

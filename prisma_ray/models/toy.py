@@ -8,6 +8,7 @@ not import torch (the registry reads it).
 Labels follow the synthetic datasets: the first object's shape index (`shapes`) or motion direction
 (`moving-shapes`).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -100,8 +101,13 @@ SPECS: dict[str, ToySpec] = {
             name="toy-video-moving-shapes",
             modality="video",
             dataset=MovingShapesConfig(
-                image_size=32, num_frames=8, n_objects=(1, 1), size_range=(0.15, 0.25), speed_range=(1.0, 2.0),
-                n_directions=8, seed=0,
+                image_size=32,
+                num_frames=8,
+                n_objects=(1, 1),
+                size_range=(0.15, 0.25),
+                speed_range=(1.0, 2.0),
+                n_directions=8,
+                seed=0,
             ),
             patch_size=8,
             width=64,

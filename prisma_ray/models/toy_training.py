@@ -6,6 +6,7 @@ covers one patch of the grid (`TokenLayout`), so patch heatmaps and per-patch fa
 tokens. Training renders samples in memory; held-out accuracy is measured by the tests on encoded
 PNG/MP4 files through the data layer, the path every job uses.
 """
+
 from __future__ import annotations
 
 import math
@@ -163,7 +164,9 @@ def train_toy(
         opt.step()
         sched.step()
         if log and (step + 1) % 50 == 0:
-            log(f"{spec.name} step {step + 1}/{training.steps} loss {loss.item():.3f} {time.perf_counter() - start:.0f}s")
+            log(
+                f"{spec.name} step {step + 1}/{training.steps} loss {loss.item():.3f} {time.perf_counter() - start:.0f}s"
+            )
     probe = min(len(x), 2000)
     run = ToyRun(
         name=spec.name,

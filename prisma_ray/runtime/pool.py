@@ -5,6 +5,7 @@
 `actor_resources` sizes the actor pool for the cluster; `stream_shards` runs it and yields each
 shard's result row as it finishes. What an actor does lives in its worker class, testable without Ray.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -58,9 +59,17 @@ def actor_resources(cfg: ActorOptions, n_shards: int) -> tuple[str, int, float, 
     return device, actors, actor_cpus, threads
 
 
-def stream_shards(items: list[dict[str, Any]], spec: DatasetSpec, fmt: InputFormat, worker: type,
-                  worker_kwargs: dict[str, Any], resources: tuple[str, int, float, int | None], decode_cpus: float,
-                  progress: bool, desc: str) -> Iterator[dict[str, Any]]:  # fmt: skip
+def stream_shards(
+    items: list[dict[str, Any]],
+    spec: DatasetSpec,
+    fmt: InputFormat,
+    worker: type,
+    worker_kwargs: dict[str, Any],
+    resources: tuple[str, int, float, int | None],
+    decode_cpus: float,
+    progress: bool,
+    desc: str,
+) -> Iterator[dict[str, Any]]:
     """Decode each shard item (`shard`, `refs`, ...) in a Ray task, run it through an actor pool of
     `worker(**worker_kwargs)` and yield the actors' rows as they finish (a progress bar if `progress`)."""
     device, actors, actor_cpus, _ = resources

@@ -1,4 +1,5 @@
 """Which Ray a job runs on: the one of this process, a cluster address, or a new local one."""
+
 from __future__ import annotations
 
 import logging

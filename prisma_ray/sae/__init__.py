@@ -1,5 +1,6 @@
 """Sparse dictionaries (SAEs, transcoders, crosscoders): variants, losses, init, the per-step
 trainer and SAELens-format checkpoints. No Ray in here; `prisma_ray.train` distributes it."""
+
 from .config import DictionaryConfig
 from .dictionary import Dictionary, Site, Sites
 from .io import export_files, load_dictionary, load_sparsity, write_files

@@ -1,4 +1,5 @@
 """Hyperparameters of one sparse dictionary, validated where they enter (YAML or Python)."""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -29,7 +30,8 @@ class DictionaryConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$",
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$",
         description="unique in a run, used as a directory name; default: architecture and sparsity setting",
     )
     architecture: Architecture = "topk"

@@ -6,6 +6,7 @@ concatenation of the output sites (the inputs themselves for an autoencoder, ano
 for a transcoder). Autoencoders subtract `b_dec` from the input before encoding (the pre-bias).
 Normalisation `x_n = (x - mean) · scale` is applied on the way in and undone on the way out.
 """
+
 from __future__ import annotations
 
 import torch
@@ -108,9 +109,15 @@ class Dictionary(nn.Module):
             self.W_enc.copy_(W_enc / W_enc.norm(dim=0, keepdim=True) * norm)
 
     @torch.no_grad()
-    def set_normalization(self, in_mean: torch.Tensor, in_scale: torch.Tensor, out_mean: torch.Tensor,
-                          out_scale: torch.Tensor) -> None:  # fmt: skip
-        for name, value in (("in_mean", in_mean), ("in_scale", in_scale), ("out_mean", out_mean), ("out_scale", out_scale)):
+    def set_normalization(
+        self, in_mean: torch.Tensor, in_scale: torch.Tensor, out_mean: torch.Tensor, out_scale: torch.Tensor
+    ) -> None:
+        for name, value in (
+            ("in_mean", in_mean),
+            ("in_scale", in_scale),
+            ("out_mean", out_mean),
+            ("out_scale", out_scale),
+        ):
             getattr(self, name).copy_(value)
 
     def normalize_in(self, x: torch.Tensor) -> torch.Tensor:

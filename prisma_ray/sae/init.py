@@ -1,4 +1,5 @@
 """Data-dependent initialisation: the decoder bias at the geometric median (or mean) of a batch."""
+
 from __future__ import annotations
 
 import torch

@@ -8,6 +8,7 @@ Names and shapes follow SAELens 6: `W_enc [d_in, d_sae]`, `W_dec [d_sae, d_out]`
 has no class for (TopK and gated transcoders) load here only. Loading reads JSON and safetensors:
 nothing is ever unpickled.
 """
+
 from __future__ import annotations
 
 import json
@@ -114,8 +115,9 @@ def cfg_dict(d: Dictionary, extra: dict[str, Any] | None = None) -> dict[str, An
     return cfg
 
 
-def export_files(d: Dictionary, fire_counts: torch.Tensor | None = None, tokens: int = 0,
-                 extra: dict[str, Any] | None = None) -> dict[str, bytes]:  # fmt: skip
+def export_files(
+    d: Dictionary, fire_counts: torch.Tensor | None = None, tokens: int = 0, extra: dict[str, Any] | None = None
+) -> dict[str, bytes]:
     """`{file name: bytes}` of a checkpoint directory for `d`; `sparsity.safetensors` holds the
     log10 firing frequency per latent over `tokens` tokens when `fire_counts` is given."""
     files = {

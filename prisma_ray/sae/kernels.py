@@ -5,6 +5,7 @@ touches the `k` active latents per token: their values are gathered from the pre
 pre-activations, the decoder reads `k` rows per token (`embedding_bag`), and the encoder gradient
 is a sparse-dense product instead of a second dense one.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -22,8 +23,15 @@ class GatherEncode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, centered: torch.Tensor, b_pre: torch.Tensor | None, W_enc: torch.Tensor,
-                b_enc: torch.Tensor, idx: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    def forward(
+        ctx: Any,
+        centered: torch.Tensor,
+        b_pre: torch.Tensor | None,
+        W_enc: torch.Tensor,
+        b_enc: torch.Tensor,
+        idx: torch.Tensor,
+        pre: torch.Tensor,
+    ) -> torch.Tensor:
         ctx.save_for_backward(centered, W_enc, idx)
         ctx.has_pre_bias = b_pre is not None
         return pre.gather(1, idx)
@@ -44,8 +52,14 @@ class GatherEncode(torch.autograd.Function):
         return None, grad_b_pre, grad_W_enc, per_latent, None, None
 
 
-def gather_encode(centered: torch.Tensor, b_pre: torch.Tensor | None, W_enc: torch.Tensor, b_enc: torch.Tensor,
-                  idx: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:  # fmt: skip
+def gather_encode(
+    centered: torch.Tensor,
+    b_pre: torch.Tensor | None,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    idx: torch.Tensor,
+    pre: torch.Tensor,
+) -> torch.Tensor:
     return GatherEncode.apply(centered, b_pre, W_enc, b_enc, idx, pre)
 
 

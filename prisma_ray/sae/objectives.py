@@ -4,6 +4,7 @@ Reconstruction loss is the squared error summed over output dimensions and avera
 Every objective returns the total loss, its detached parts, the detached prediction and how many
 tokens of the batch each latent fired on.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -54,8 +55,9 @@ def _aux_k(d: Dictionary, residual: torch.Tensor, idx: torch.Tensor, values: tor
     return d.cfg.aux_coefficient * _mse(sparse_decode(idx, values, d.W_dec), residual)
 
 
-def _finish(d: Dictionary, loss_parts: dict[str, torch.Tensor], prediction: torch.Tensor,
-            fire_counts: torch.Tensor) -> Outcome:  # fmt: skip
+def _finish(
+    d: Dictionary, loss_parts: dict[str, torch.Tensor], prediction: torch.Tensor, fire_counts: torch.Tensor
+) -> Outcome:
     loss = sum(loss_parts.values())
     return Outcome(loss, {k: v.detach() for k, v in loss_parts.items()}, prediction.detach(), fire_counts)
 

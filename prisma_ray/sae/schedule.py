@@ -1,4 +1,5 @@
 """Learning-rate and sparsity-coefficient schedules (pure functions of the step)."""
+
 from __future__ import annotations
 
 

@@ -1,4 +1,5 @@
 """Synthetic activations built from a known sparse dictionary, to check that training recovers it."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,8 +16,9 @@ class SparseData:
     features: torch.Tensor
 
 
-def sparse_dictionary_data(n: int, d: int, n_features: int, active: int, seed: int = 0,
-                           offset_scale: float = 1.0) -> SparseData:  # fmt: skip
+def sparse_dictionary_data(
+    n: int, d: int, n_features: int, active: int, seed: int = 0, offset_scale: float = 1.0
+) -> SparseData:
     """`n` rows of dimension `d`, each the sum of `active` random unit features (of `n_features`,
     drawn with replacement) with magnitudes uniform in [0.5, 1.5], plus a constant offset (what the
     pre-bias must learn)."""

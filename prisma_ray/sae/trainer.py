@@ -6,6 +6,7 @@ then per dictionary: decoder gradient projection, clipping, its own Adam and sch
 renormalisation, and dead-latent bookkeeping in tokens. Distributed runs inject `wrap` (DDP) and
 `all_reduce` (sum over workers); everything else is identical in one process.
 """
+
 from __future__ import annotations
 
 import time
@@ -54,9 +55,11 @@ class Normalization:
     """Per-dimension `(mean, scale)` for the inputs and for the outputs: `x_n = (x - mean) · scale`."""
 
     @classmethod
-    def from_stats(cls, inputs: Sequence[SiteStats], outputs: Sequence[SiteStats] | None,
-                   mode: NormalizeMode) -> Normalization:  # fmt: skip
+    def from_stats(
+        cls, inputs: Sequence[SiteStats], outputs: Sequence[SiteStats] | None, mode: NormalizeMode
+    ) -> Normalization:
         """Each site normalised by its own statistics (outputs default to the inputs)."""
+
         def cat(stats: Sequence[SiteStats]) -> tuple[torch.Tensor, torch.Tensor]:
             pairs = [s.normalization(mode) for s in stats]
             return torch.cat([m for m, _ in pairs]), torch.cat([s for _, s in pairs])
@@ -65,8 +68,13 @@ class Normalization:
         out_mean, out_scale = cat(outputs) if outputs else (None, None)
         return cls(in_mean, in_scale, out_mean, out_scale)
 
-    def __init__(self, in_mean: torch.Tensor, in_scale: torch.Tensor, out_mean: torch.Tensor | None = None,
-                 out_scale: torch.Tensor | None = None):  # fmt: skip
+    def __init__(
+        self,
+        in_mean: torch.Tensor,
+        in_scale: torch.Tensor,
+        out_mean: torch.Tensor | None = None,
+        out_scale: torch.Tensor | None = None,
+    ):
         self.in_mean, self.in_scale = in_mean.float(), in_scale.float()
         self.out_mean = self.in_mean if out_mean is None else out_mean.float()
         self.out_scale = self.in_scale if out_scale is None else out_scale.float()
@@ -84,10 +92,12 @@ class DictionarySet(nn.Module):
         self.names = list(dictionaries)
         self.dictionaries = nn.ModuleList(dictionaries.values())
 
-    def forward(self, x_n: torch.Tensor, y_n: torch.Tensor, dead: dict[str, torch.Tensor],
-                coefficients: dict[str, float]) -> tuple[torch.Tensor, dict[str, Outcome]]:  # fmt: skip
+    def forward(
+        self, x_n: torch.Tensor, y_n: torch.Tensor, dead: dict[str, torch.Tensor], coefficients: dict[str, float]
+    ) -> tuple[torch.Tensor, dict[str, Outcome]]:
         outcomes = {
-            name: objective(d, x_n, y_n, dead[name], coefficients[name]) for name, d in zip(self.names, self.dictionaries)
+            name: objective(d, x_n, y_n, dead[name], coefficients[name])
+            for name, d in zip(self.names, self.dictionaries)
         }
         return sum(o.loss for o in outcomes.values()), outcomes
 
@@ -95,9 +105,15 @@ class DictionarySet(nn.Module):
 class Trainer:
     """Trains `configs` (one dictionary each) together for `total_steps` steps."""
 
-    def __init__(self, configs: Sequence[DictionaryConfig], sites: Sites, total_steps: int,
-                 normalization: Normalization | None = None, world_size: int = 1,
-                 all_reduce: AllReduce | None = None):  # fmt: skip
+    def __init__(
+        self,
+        configs: Sequence[DictionaryConfig],
+        sites: Sites,
+        total_steps: int,
+        normalization: Normalization | None = None,
+        world_size: int = 1,
+        all_reduce: AllReduce | None = None,
+    ):
         names = [c.display_name() for c in configs]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -150,7 +166,8 @@ class Trainer:
         x_n, y_n = self.normalize(x, y)
         dead = {name: self.dead(name) for name in self.dictionaries}
         coefficients = {
-            n: d.cfg.sparsity * warmup_factor(self.step, d.cfg.sparsity_warmup_steps) for n, d in self.dictionaries.items()
+            n: d.cfg.sparsity * warmup_factor(self.step, d.cfg.sparsity_warmup_steps)
+            for n, d in self.dictionaries.items()
         }
         total, outcomes = self.model(x_n, y_n, dead, coefficients)
         total.backward()

@@ -1,4 +1,5 @@
 """`prisma-ray train`: the job config (YAML in, validated, clear errors out)."""
+
 from __future__ import annotations
 
 from typing import Literal

@@ -6,6 +6,7 @@ task body: for each `(epoch, shard)` item it reads that shard from every store, 
 across stores, keeps the configured token kinds, shuffles them (seeded by epoch and shard) and
 yields float32 `x` (inputs, concatenated) and, for transcoders, `y` (targets) chunks.
 """
+
 from __future__ import annotations
 
 import math
@@ -111,8 +112,9 @@ def plan_data(data: TrainData, options: storage.StorageOptions) -> DataPlan:
     sites = [Site(name=m.hook, width=m.d_model, model=m.model) for m in manifests]
     stats = [SiteStats(torch.tensor(m.mean), torch.tensor(m.std) ** 2, m.mean_norm) for m in manifests]
     normalization = Normalization.from_stats(stats[:n_in], stats[n_in:] or None, data.normalize)
-    return DataPlan(reader, _count_rows(reader), Sites(inputs=tuple(sites[:n_in]), outputs=tuple(sites[n_in:])),
-                    normalization)  # fmt: skip
+    return DataPlan(
+        reader, _count_rows(reader), Sites(inputs=tuple(sites[:n_in]), outputs=tuple(sites[n_in:])), normalization
+    )
 
 
 def _count_rows(reader: Reader) -> tuple[int, ...]:

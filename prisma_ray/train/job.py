@@ -10,6 +10,7 @@ can leave a DDP all-reduce waiting. A (re)started worker group restores the late
 skips the batches already trained on and goes on; a relaunch with the same `name` and `storage`
 does the same (Ray Train V2 finds the checkpoint).
 """
+
 from __future__ import annotations
 
 import logging
@@ -78,7 +79,9 @@ class TrainSummary:
         lines = [f"run {self.name}: {self.steps} steps, {self.tokens} tokens"]
         for name in self.dictionaries:
             parts = {k.split("/", 1)[1]: v for k, v in self.metrics.items() if k.startswith(f"{name}/")}
-            shown = ", ".join(f"{k} {v:.4g}" for k, v in parts.items() if k in ("loss", "explained_variance", "l0", "dead_fraction"))
+            shown = ", ".join(
+                f"{k} {v:.4g}" for k, v in parts.items() if k in ("loss", "explained_variance", "l0", "dead_fraction")
+            )
             lines.append(f"  {name}: {shown}")
         lines.append(f"dictionaries: {self.output}/<name>  (cfg.json + sae_weights.safetensors + sparsity.safetensors)")
         if self.checkpoint:
@@ -142,8 +145,13 @@ def run_training(cfg: TrainConfig) -> TrainSummary:
         ),
         datasets={"train": dataset},
     )
-    log.info("training %d dictionaries for %d steps of %d tokens on %d worker(s)", len(cfg.dictionaries), steps,
-             cfg.batch_size, workers)  # fmt: skip
+    log.info(
+        "training %d dictionaries for %d steps of %d tokens on %d worker(s)",
+        len(cfg.dictionaries),
+        steps,
+        cfg.batch_size,
+        workers,
+    )
     result = trainer.fit()
     metrics = dict(result.metrics or {})
     return TrainSummary(
@@ -164,8 +172,14 @@ def train_loop(config: dict[str, Any]) -> None:
         torch.set_num_threads(spec.torch_threads)
     context = ray.train.get_context()
     world, rank = context.get_world_size(), context.get_world_rank()
-    trainer = Trainer(spec.dictionaries, spec.sites, spec.total_steps, spec.normalization(), world_size=world,
-                      all_reduce=dist.all_reduce if world > 1 else None)  # fmt: skip
+    trainer = Trainer(
+        spec.dictionaries,
+        spec.sites,
+        spec.total_steps,
+        spec.normalization(),
+        world_size=world,
+        all_reduce=dist.all_reduce if world > 1 else None,
+    )
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -216,8 +230,11 @@ def _report(trainer: Trainer, spec: LoopSpec, rank: int, start: int, checkpoint:
         return
     with tempfile.TemporaryDirectory() as directory:
         write_files(checkpoint_files(trainer, spec.metadata()), directory)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                         checkpoint_dir_name=f"checkpoint_{trainer.step:09d}")  # fmt: skip
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(directory),
+            checkpoint_dir_name=f"checkpoint_{trainer.step:09d}",
+        )
 
 
 def _brief(metrics: dict[str, Any]) -> str:

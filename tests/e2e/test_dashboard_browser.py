@@ -1,5 +1,6 @@
 """A dashboard rendered by headless Chromium (file:// only) shows its images: a screenshot of a latent page and of
 the index differ a lot from the same pages with their images removed, and hold many colourful pixels."""
+
 import io
 import re
 import shutil
@@ -21,8 +22,22 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 def screenshot(url: str, tmp_path, name: str) -> np.ndarray:
     out = tmp_path / f"{name}.png"
-    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
-                    "--window-size=1000,900", f"--screenshot={out}", url], check=True, capture_output=True, timeout=120)  # fmt: skip
+    subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--no-first-run",
+            "--window-size=1000,900",
+            f"--screenshot={out}",
+            url,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     return np.asarray(Image.open(io.BytesIO(out.read_bytes())).convert("RGB")).astype(np.int16)
 
 
@@ -39,8 +54,11 @@ def without_images(page, name: str) -> str:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
 def test_dashboard_pages_show_their_images(toy_sae, tmp_path):
-    dataset = dict(type="synthetic", uri=str(tmp_path / "shapes"), generator=dict(name="shapes", n_images=24,
-                   image_size=32, n_objects=[1, 1], size_range=[0.25, 0.4]))  # fmt: skip
+    dataset = dict(
+        type="synthetic",
+        uri=str(tmp_path / "shapes"),
+        generator=dict(name="shapes", n_images=24, image_size=32, n_objects=[1, 1], size_range=[0.25, 0.4]),
+    )
     cfg = InterpretConfig(checkpoint=toy_sae.checkpoint, dataset=dataset, output=str(tmp_path / "site"), k=4)
     plan = plan_interpret(cfg)
     data = decode_shard(list_refs(plan.spec), plan.spec, plan.fmt)

@@ -1,4 +1,5 @@
 """`ray start --head` on 127.0.0.1, `ray job submit --working-dir .` of the quickstart, outputs checked, cluster stopped."""
+
 import json
 import os
 import shutil
@@ -17,13 +18,17 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
 SMALL_QUICKSTART = [
-    "--set", "models=[{name: prisma-toy-vit-shapes, hook: blocks.2.hook_resid_post, train_samples: 128, "
+    "--set",
+    "models=[{name: prisma-toy-vit-shapes, hook: blocks.2.hook_resid_post, train_samples: 128, "
     "test_samples: 32, epochs: 2}]",
-    "--set", "dictionaries=[{architecture: topk, k: 4, expansion_factor: 4, lr: 0.001}, "
+    "--set",
+    "dictionaries=[{architecture: topk, k: 4, expansion_factor: 4, lr: 0.001}, "
     "{architecture: topk, k: 8, expansion_factor: 4, lr: 0.001}]",
-    "--set", "batch_size=512",
-    "--set", "dashboard_latents=4",
-]  # fmt: skip
+    "--set",
+    "batch_size=512",
+    "--set",
+    "dashboard_latents=4",
+]
 
 
 def _free_port() -> int:
@@ -40,9 +45,20 @@ def head_node():
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     temp_dir = tempfile.mkdtemp(prefix="ray-e2e-", dir="/tmp")
     gcs, dashboard = _free_port(), _free_port()
-    cmd = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=2",
-           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-           f"--temp-dir={temp_dir}", "--disable-usage-stats"]  # fmt: skip
+    cmd = [
+        RAY,
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--port={gcs}",
+        "--num-cpus=2",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard}",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]
     head = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     address = f"http://127.0.0.1:{dashboard}"
     try:
@@ -65,9 +81,25 @@ def head_node():
 def test_quickstart_submitted_as_a_ray_job_succeeds_and_writes_its_outputs(head_node, tmp_path):
     address, env = head_node
     output = tmp_path / "quickstart"
-    submit = [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--submission-id", "quickstart-e2e",
-              "--runtime-env-json", json.dumps({"env_vars": {"RAY_AUTH_MODE": "disabled"}}), "--",
-              sys.executable, "jobs/quickstart.py", "--set", f"output={output}", *SMALL_QUICKSTART]  # fmt: skip
+    submit = [
+        RAY,
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--working-dir",
+        str(REPO),
+        "--submission-id",
+        "quickstart-e2e",
+        "--runtime-env-json",
+        json.dumps({"env_vars": {"RAY_AUTH_MODE": "disabled"}}),
+        "--",
+        sys.executable,
+        "jobs/quickstart.py",
+        "--set",
+        f"output={output}",
+        *SMALL_QUICKSTART,
+    ]
     done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert JobSubmissionClient(address).get_job_status("quickstart-e2e") == JobStatus.SUCCEEDED

@@ -1,4 +1,5 @@
 """Batch explanation through Ray: bounded requests in flight, resumable results."""
+
 import numpy as np
 
 from prisma_ray.interpret.autointerp.run import ExplainConfig, explain_latents
@@ -7,15 +8,25 @@ from prisma_ray.interpret.evidence import LatentEvidence, read_explanations
 
 def evidence(latents) -> list[LatentEvidence]:
     rng = np.random.default_rng(0)
-    return [LatentEvidence("c", i, rng.integers(0, 255, (2, 8, 8, 3), dtype=np.uint8), rng.random((2, 2, 2)),
-                           np.ones(2)) for i in latents]  # fmt: skip
+    return [
+        LatentEvidence("c", i, rng.integers(0, 255, (2, 8, 8, 3), dtype=np.uint8), rng.random((2, 2, 2)), np.ones(2))
+        for i in latents
+    ]
 
 
 def test_ray_batches_are_bounded_and_a_rerun_does_only_the_missing_latents(ray_local, chat_server, tmp_path):
     chat_server.delay = 0.05
     chat_server.reply = lambda request: f"concept {len(request['messages'][0]['content'])}"
-    cfg = ExplainConfig(explainer="chat", chat={"base_url": chat_server.url, "model": "m", "concurrency": 2},
-                        judge="none", similarity=False, iou=False, batch_size=3, actors=2, actor_cpus=0.5)  # fmt: skip
+    cfg = ExplainConfig(
+        explainer="chat",
+        chat={"base_url": chat_server.url, "model": "m", "concurrency": 2},
+        judge="none",
+        similarity=False,
+        iou=False,
+        batch_size=3,
+        actors=2,
+        actor_cpus=0.5,
+    )
     out = str(tmp_path / "out")
     summary = explain_latents(evidence(range(5)), cfg, out)
     assert summary.explained == 5 and sorted(read_explanations(out)) == list(range(5))

@@ -1,4 +1,5 @@
 """build_dataset over every source kind, from local disk and from moto S3, on the shared local Ray."""
+
 from __future__ import annotations
 
 import io
@@ -123,22 +124,36 @@ def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
 
 
 def test_webdataset_shards(place, image_zoo):
-    place.put("wds/shard-0.tar", _tar_bytes([("a.png", _png(image_zoo)), ("a.cls", b"1"),
-                                             ("b.jpg", _png(image_zoo, "good.jpg")), ("b.cls", b"2"),
-                                             ("c.txt", b"caption only")]))  # fmt: skip
+    place.put(
+        "wds/shard-0.tar",
+        _tar_bytes(
+            [
+                ("a.png", _png(image_zoo)),
+                ("a.cls", b"1"),
+                ("b.jpg", _png(image_zoo, "good.jpg")),
+                ("b.cls", b"2"),
+                ("c.txt", b"caption only"),
+            ]
+        ),
+    )
     place.put("wds/shard-1.tar", _tar_bytes([("d.png", _png(image_zoo, "empty.png")), ("d.cls", b"3")]))
     spec = place.spec(type="webdataset", uri=storage.join(place.root, "wds"))
     rows, errors, _ = _run(build_dataset(spec, IMAGE_MODEL))
     assert list(rows["sample_id"]) == ["shard-0.tar/a", "shard-0.tar/b"]
     assert list(rows["label"]) == [1, 2]
     assert sorted((e.sample_id, e.reason) for e in errors) == [
-        ("shard-0.tar/c", "no_image"), ("shard-1.tar/d", "empty")
-    ]  # fmt: skip
+        ("shard-0.tar/c", "no_image"),
+        ("shard-1.tar/d", "empty"),
+    ]
 
 
 def test_video_files(place, video_zoo):
-    for rel, name in (("walk/a.mp4", "good.mp4"), ("walk/b.webm", "good.webm"), ("run/c.avi", "good.avi"),
-                      ("run/short.mp4", "short.mp4")):  # fmt: skip
+    for rel, name in (
+        ("walk/a.mp4", "good.mp4"),
+        ("walk/b.webm", "good.webm"),
+        ("run/c.avi", "good.avi"),
+        ("run/short.mp4", "short.mp4"),
+    ):
         place.put(rel, video_zoo[name][0])
     rows, errors, _ = _run(build_dataset(place.spec(type="videos", uri=place.root), VIDEO_MODEL))
     assert list(rows["sample_id"]) == ["run/c.avi", "walk/a.mp4", "walk/b.webm"]
@@ -149,14 +164,21 @@ def test_video_files(place, video_zoo):
 
 
 def test_synthetic_shapes_and_moving_shapes(place):
-    shapes = place.spec(type="synthetic", uri=storage.join(place.root, "shapes"), size=(32, 32),
-                        generator={"name": "shapes", "n_images": 12, "seed": 2})  # fmt: skip
+    shapes = place.spec(
+        type="synthetic",
+        uri=storage.join(place.root, "shapes"),
+        size=(32, 32),
+        generator={"name": "shapes", "n_images": 12, "seed": 2},
+    )
     rows, errors, _ = _run(build_dataset(shapes))
     assert not errors and list(rows["sample_id"]) == [f"images/{i:06d}.png" for i in range(12)]
     labels = synthetic.read_table(shapes.uri, "samples", place.options).column("label").to_pylist()
     assert list(rows["label"]) == labels and rows["image"].shape == (12, 32, 32, 3)
-    moving = place.spec(type="synthetic", uri=storage.join(place.root, "moving"),
-                        generator={"name": "moving-shapes", "n_clips": 3, "num_frames": 10})  # fmt: skip
+    moving = place.spec(
+        type="synthetic",
+        uri=storage.join(place.root, "moving"),
+        generator={"name": "moving-shapes", "n_clips": 3, "num_frames": 10},
+    )
     rows, errors, _ = _run(build_dataset(moving, VIDEO_MODEL))
     assert not errors and list(rows["sample_id"]) == [f"clips/{i:06d}.mp4" for i in range(3)]
     assert rows["pixels"].shape == (3, 4, 3, 16, 16)
@@ -177,14 +199,24 @@ def test_bad_input_zoo_records_every_reason(tmp_path, image_zoo, video_zoo):
     (root / "wds" / "whole.tar").write_bytes(shard)
     (root / "wds" / "cut.tar").write_bytes(shard[:1200])  # inside the second member's header
     runs = [
-        (parse_dataset_spec({"type": "images", "uri": str(root / "images"),
-                             "max_pixels": ZOO_MAX_PIXELS}), IMAGE_MODEL),
-        (parse_dataset_spec({"type": "videos", "uri": str(root / "videos"), "sampling": {"num_frames": 8},
-                             "size": (8, 8)}), None),
-        (parse_dataset_spec({"type": "images", "size": (8, 8),
-                             "items": [str(root / "gone.png"), str(root / "a_directory.png")]}), None),
+        (
+            parse_dataset_spec({"type": "images", "uri": str(root / "images"), "max_pixels": ZOO_MAX_PIXELS}),
+            IMAGE_MODEL,
+        ),
+        (
+            parse_dataset_spec(
+                {"type": "videos", "uri": str(root / "videos"), "sampling": {"num_frames": 8}, "size": (8, 8)}
+            ),
+            None,
+        ),
+        (
+            parse_dataset_spec(
+                {"type": "images", "size": (8, 8), "items": [str(root / "gone.png"), str(root / "a_directory.png")]}
+            ),
+            None,
+        ),
         (parse_dataset_spec({"type": "webdataset", "uri": str(root / "wds")}), IMAGE_MODEL),
-    ]  # fmt: skip
+    ]
     recorded: dict[str, str] = {}
     for spec, model in runs:
         _, errors, _ = _run(build_dataset(spec, model))
@@ -203,16 +235,30 @@ def test_bad_input_zoo_records_every_reason(tmp_path, image_zoo, video_zoo):
 
 def test_missing_inputs_fail_fast(s3, tmp_path):
     with pytest.raises(MissingInputError, match="bucket 'nope-bucket' does not exist.*Create the bucket"):
-        build_dataset(parse_dataset_spec({"type": "images", "uri": "s3://nope-bucket/x", "storage": s3.options}),
-                      IMAGE_MODEL)  # fmt: skip
+        build_dataset(
+            parse_dataset_spec({"type": "images", "uri": "s3://nope-bucket/x", "storage": s3.options}), IMAGE_MODEL
+        )
     with pytest.raises(MissingInputError, match="bucket 'nope-bucket' does not exist"):
-        build_dataset(parse_dataset_spec({"type": "synthetic", "uri": "s3://nope-bucket/syn", "storage": s3.options,
-                                          "generator": {"name": "shapes", "n_images": 2}}), IMAGE_MODEL)  # fmt: skip
+        build_dataset(
+            parse_dataset_spec(
+                {
+                    "type": "synthetic",
+                    "uri": "s3://nope-bucket/syn",
+                    "storage": s3.options,
+                    "generator": {"name": "shapes", "n_images": 2},
+                }
+            ),
+            IMAGE_MODEL,
+        )
     with pytest.raises(MissingInputError, match=f"{s3.uri('absent')}: no object or prefix"):
-        build_dataset(parse_dataset_spec({"type": "parquet", "uri": s3.uri("absent"), "storage": s3.options}),
-                      IMAGE_MODEL)  # fmt: skip
+        build_dataset(
+            parse_dataset_spec({"type": "parquet", "uri": s3.uri("absent"), "storage": s3.options}), IMAGE_MODEL
+        )
     with pytest.raises(MissingInputError, match="no such file or directory"):
         build_dataset(parse_dataset_spec({"type": "videos", "uri": str(tmp_path / "none")}), VIDEO_MODEL)
     with pytest.raises(MissingInputError, match="bucket 'nope-bucket'"):
-        build_dataset(parse_dataset_spec({"type": "images", "items": ["s3://nope-bucket/a.png"], "size": (8, 8),
-                                          "storage": s3.options}))  # fmt: skip
+        build_dataset(
+            parse_dataset_spec(
+                {"type": "images", "items": ["s3://nope-bucket/a.png"], "size": (8, 8), "storage": s3.options}
+            )
+        )

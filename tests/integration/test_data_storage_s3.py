@@ -1,4 +1,5 @@
 """storage.py and the errors table against moto S3 (no Ray)."""
+
 import pytest
 
 from prisma_ray import storage

@@ -1,5 +1,6 @@
 """The extraction pipeline on one local Ray (and moto S3): equality with an in-process forward pass,
 resuming after a crash, bad inputs, video models, failing fast."""
+
 import os
 import re
 import signal
@@ -32,15 +33,41 @@ from tests.conftest import IMAGE_ZOO_MAX_PIXELS
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_VIT = dict(
-    name="test-vit-tiny", source="timm", architecture="vit_tiny_patch16_224", family="vit", layers=2, width=32,
-    heads=2, image_size=32, patch_size=8, config=dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2),
-)  # fmt: skip
+    name="test-vit-tiny",
+    source="timm",
+    architecture="vit_tiny_patch16_224",
+    family="vit",
+    layers=2,
+    width=32,
+    heads=2,
+    image_size=32,
+    patch_size=8,
+    config=dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2),
+)
 TINY_VIDEOMAE = dict(
-    name="test-videomae-tiny", source="hf", architecture="VideoMAEModel", family="videomae", modality="video",
-    layers=2, width=32, heads=2, image_size=32, patch_size=8, frames=4,
-    config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
-                patch_size=8, num_frames=4, tubelet_size=2, use_mean_pooling=False),
-)  # fmt: skip
+    name="test-videomae-tiny",
+    source="hf",
+    architecture="VideoMAEModel",
+    family="videomae",
+    modality="video",
+    layers=2,
+    width=32,
+    heads=2,
+    image_size=32,
+    patch_size=8,
+    frames=4,
+    config=dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        num_frames=4,
+        tubelet_size=2,
+        use_mean_pooling=False,
+    ),
+)
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
 
 
@@ -76,7 +103,9 @@ def in_process(cfg: ExtractConfig) -> dict[str, dict[str, np.ndarray]]:
 
 
 def assert_matches(table: pa.Table, reference: dict[str, np.ndarray], tol: float) -> None:
-    expected = np.stack([reference[s][t] for s, t in zip(table.column("sample_id").to_pylist(), table.column("token").to_pylist())])
+    expected = np.stack(
+        [reference[s][t] for s, t in zip(table.column("sample_id").to_pylist(), table.column("token").to_pylist())]
+    )
     np.testing.assert_allclose(acts_of(table), expected, rtol=tol, atol=tol)
 
 
@@ -99,10 +128,17 @@ def files_under(uri: str, options=None) -> list[str]:
 @pytest.mark.slow
 def test_s3_pipeline_equals_in_process_forward_and_resumes_idempotently(ray_local, s3):
     cfg = ExtractConfig(
-        model=TINY_VIT, hooks=HOOKS, tokens=dict(mode="random", k=4, seed=3),
-        dataset=shapes(s3.uri("data/shapes"), storage=s3.options), output=s3.uri("acts"), storage=s3.options,
-        shard_size=6, batch_size=4, actors=1, progress=False,
-    )  # fmt: skip
+        model=TINY_VIT,
+        hooks=HOOKS,
+        tokens=dict(mode="random", k=4, seed=3),
+        dataset=shapes(s3.uri("data/shapes"), storage=s3.options),
+        output=s3.uri("acts"),
+        storage=s3.options,
+        shard_size=6,
+        batch_size=4,
+        actors=1,
+        progress=False,
+    )
     partial = run_extract(cfg.model_copy(update={"max_shards": 3}))
     assert not partial.complete and (partial.shards_run, partial.samples) == (3, 18)
     assert not [f for f in files_under(s3.uri("acts"), s3.options) if f.endswith("manifest.json")]
@@ -118,7 +154,9 @@ def test_s3_pipeline_equals_in_process_forward_and_resumes_idempotently(ray_loca
         table = read_store(uri, s3.options)
         assert table.num_rows == 20 * 4, "samples x selected tokens"
         assert table.schema.field("act").type == pa.list_(pa.float16(), 32)
-        assert set(table.column("kind").to_pylist()) == {TokenKind.PATCH} and set(table.column("frame").to_pylist()) == {-1}
+        assert set(table.column("kind").to_pylist()) == {TokenKind.PATCH} and set(
+            table.column("frame").to_pylist()
+        ) == {-1}
         assert_matches(table, reference[hook], tol=2e-3)
         manifest = store.read_manifest(uri, s3.options)
         assert (manifest.n_samples, manifest.n_tokens, manifest.n_errors, manifest.d_model) == (20, 80, 0, 32)
@@ -141,10 +179,16 @@ def uninterrupted(ray_local, tmp_path_factory):
     manifest per hook."""
     root = tmp_path_factory.mktemp("resume")
     cfg = dict(
-        model="timm-vit-tiny-patch16-224-augreg-in21k-ft-in1k", hooks=["blocks.3.hook_attn_out", "blocks.11.hook_resid_post"],
-        tokens=dict(mode="random", k=8), dataset=shapes(str(root / "shapes"), n=24), output=str(root / "reference"),
-        shard_size=2, batch_size=2, actors=2, progress=False,
-    )  # fmt: skip
+        model="timm-vit-tiny-patch16-224-augreg-in21k-ft-in1k",
+        hooks=["blocks.3.hook_attn_out", "blocks.11.hook_resid_post"],
+        tokens=dict(mode="random", k=8),
+        dataset=shapes(str(root / "shapes"), n=24),
+        output=str(root / "reference"),
+        shard_size=2,
+        batch_size=2,
+        actors=2,
+        progress=False,
+    )
     summary = run_extract(ExtractConfig(**cfg))
     assert summary.complete and summary.shards_run == 12
     stores = {hook: (read_store(uri), store.read_manifest(uri)) for hook, uri in summary.stores.items()}
@@ -165,8 +209,13 @@ def test_killed_job_resumes_to_exactly_the_uninterrupted_rows(uninterrupted, ray
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     log = tmp_path / "job.log"
     with log.open("wb") as out:
-        job = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "extract_activations.py"), str(config)], env=env,
-                               cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        job = subprocess.Popen(
+            [sys.executable, str(ROOT / "jobs" / "extract_activations.py"), str(config)],
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     hooks = cfg["hooks"]
     stores = {h: tmp_path / "out" / cfg["model"] / h / "train" for h in hooks}
     deadline = time.monotonic() + 120
@@ -176,8 +225,10 @@ def test_killed_job_resumes_to_exactly_the_uninterrupted_rows(uninterrupted, ray
     job.wait()
     wait_until_unchanged(lambda: sorted(str(p) for s in stores.values() for p in s.rglob("*")))
     written = sorted(stores[hooks[1]].glob("part-*.parquet"))
-    assert 0 < len(written) < 12, (f"the job was killed midway ({len(written)} of 12 shards written); its log ends:\n"
-                                   + log.read_text(errors="replace")[-3000:])
+    assert 0 < len(written) < 12, (
+        f"the job was killed midway ({len(written)} of 12 shards written); its log ends:\n"
+        + log.read_text(errors="replace")[-3000:]
+    )
     # What a writer killed mid-shard leaves behind: its statistics and a half-written temporary shard.
     assert not (stores[hooks[1]] / "part-00011.parquet").exists()
     half = written[0].read_bytes()[: written[0].stat().st_size // 2]
@@ -202,17 +253,30 @@ def test_bad_inputs_go_to_the_errors_table_and_the_run_completes(ray_local, tmp_
         (tmp_path / "zoo" / name).parent.mkdir(exist_ok=True)
         (tmp_path / "zoo" / name).write_bytes(data)
     config = tmp_path / "extract.yaml"
-    config.write_text(yaml.safe_dump(dict(
-        model=TINY_VIT, hooks=HOOKS[:1], tokens=dict(mode="cls"), output=str(tmp_path / "out"), shard_size=5, actors=1,
-        dataset=dict(type="images", uri=str(tmp_path / "zoo"), max_pixels=IMAGE_ZOO_MAX_PIXELS),
-    )))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            dict(
+                model=TINY_VIT,
+                hooks=HOOKS[:1],
+                tokens=dict(mode="cls"),
+                output=str(tmp_path / "out"),
+                shard_size=5,
+                actors=1,
+                dataset=dict(type="images", uri=str(tmp_path / "zoo"), max_pixels=IMAGE_ZOO_MAX_PIXELS),
+            )
+        )
+    )
     assert main(["extract", str(config)]) == 0
     bad = {name: reason for name, (_, reason) in image_zoo.items() if reason}
     good = len(image_zoo) - len(bad)
     captured = capsys.readouterr()
     assert "extract: 100%" in captured.err and "3/3" in captured.err, "a progress bar over the 3 shards"
-    for line in (rf"samples +{good} +\({len(bad)} bad", rf"tokens +{good} per hook point",
-                 r"written +[\d.]+ MiB +\([\d.]+ bytes per activation value\)", r"time +[\d.]+ s +\(.* tokens/s"):
+    for line in (
+        rf"samples +{good} +\({len(bad)} bad",
+        rf"tokens +{good} per hook point",
+        r"written +[\d.]+ MiB +\([\d.]+ bytes per activation value\)",
+        r"time +[\d.]+ s +\(.* tokens/s",
+    ):
         assert re.search(rf"^{line}", captured.out, re.MULTILINE), f"summary line {line!r}"
     uri = str(tmp_path / "out" / "test-vit-tiny" / HOOKS[0] / "train")
     errors = read_errors_table(uri)
@@ -226,11 +290,18 @@ def test_bad_inputs_go_to_the_errors_table_and_the_run_completes(ray_local, tmp_
 @pytest.mark.slow
 def test_video_model_writes_frame_indexed_tokens(ray_local, tmp_path):
     cfg = ExtractConfig(
-        model=TINY_VIDEOMAE, hooks=["blocks.1.hook_resid_post"], output=str(tmp_path / "out"), shard_size=2, actors=1,
-        dataset=dict(type="synthetic", uri=str(tmp_path / "clips"),
-                     generator=dict(name="moving-shapes", n_clips=4, image_size=32, num_frames=8)),
+        model=TINY_VIDEOMAE,
+        hooks=["blocks.1.hook_resid_post"],
+        output=str(tmp_path / "out"),
+        shard_size=2,
+        actors=1,
+        dataset=dict(
+            type="synthetic",
+            uri=str(tmp_path / "clips"),
+            generator=dict(name="moving-shapes", n_clips=4, image_size=32, num_frames=8),
+        ),
         progress=False,
-    )  # fmt: skip
+    )
     summary = run_extract(cfg)
     assert summary.complete and (summary.samples, summary.tokens) == (4, 4 * 32)
     table = read_store(summary.stores["blocks.1.hook_resid_post"])
@@ -251,7 +322,7 @@ def test_video_model_writes_frame_indexed_tokens(ray_local, tmp_path):
         ({"CPU": 16.0, "GPU": 2.0}, {}, 4, ("cuda", 2, 1.0, None)),
         ({"CPU": 16.0, "GPU": 2.0}, dict(device="cpu", actors=3, torch_threads=2), 4, ("cpu", 3, 1.0, 2)),
     ],
-)  # fmt: skip
+)
 def test_actors_fit_the_cluster(monkeypatch, cluster, update, shards, expected):
     monkeypatch.setattr(pool.ray, "cluster_resources", lambda: cluster)
     assert actor_resources(ExtractConfig(**update), shards) == expected
@@ -272,13 +343,18 @@ def test_actors_that_cannot_fit_are_refused(monkeypatch):
         (dict(hooks=["blocks.7.hook_resid_post"]), UnknownHookPoint, "Unknown hook point"),
         (dict(tokens=dict(mode="random", k=99)), ValueError, "only 16 patch tokens"),
         (dict(dataset=dict(type="images", uri="/nonexistent/images")), storage.MissingInputError, "no such file"),
-        (dict(dataset=dict(type="synthetic", uri="/tmp/x", generator=dict(name="moving-shapes"))), ValueError,
-         "expects image input but the dataset holds videos"),
+        (
+            dict(dataset=dict(type="synthetic", uri="/tmp/x", generator=dict(name="moving-shapes"))),
+            ValueError,
+            "expects image input but the dataset holds videos",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_configs_fail_before_any_work(tmp_path, monkeypatch, update, error, match):
     monkeypatch.setattr(extract_pipeline, "ensure_ray", lambda opts: pytest.fail("Ray must not start"))
-    cfg = ExtractConfig(model=TINY_VIT, hooks=HOOKS, dataset=shapes(str(tmp_path / "shapes")), output=str(tmp_path / "out"))
+    cfg = ExtractConfig(
+        model=TINY_VIT, hooks=HOOKS, dataset=shapes(str(tmp_path / "shapes")), output=str(tmp_path / "out")
+    )
     with pytest.raises(error, match=match):
         run_extract(ExtractConfig(**{**cfg.model_dump(), **update}))
     assert not (tmp_path / "out").exists()
@@ -286,13 +362,19 @@ def test_bad_configs_fail_before_any_work(tmp_path, monkeypatch, update, error, 
 
 def test_missing_buckets_fail_before_any_work(s3, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(extract_pipeline, "ensure_ray", lambda opts: pytest.fail("Ray must not start"))
-    cfg = ExtractConfig(model=TINY_VIT, dataset=shapes(s3.uri("data"), storage=s3.options), storage=s3.options,
-                        output="s3://no-such-output/acts", hooks=HOOKS)  # fmt: skip
+    cfg = ExtractConfig(
+        model=TINY_VIT,
+        dataset=shapes(s3.uri("data"), storage=s3.options),
+        storage=s3.options,
+        output="s3://no-such-output/acts",
+        hooks=HOOKS,
+    )
     with pytest.raises(storage.MissingInputError, match="bucket 'no-such-output' does not exist"):
         run_extract(cfg)
     assert not files_under(s3.uri(""), s3.options), "nothing generated or written"
-    missing_input = cfg.model_copy(update={"dataset": cfg.dataset.model_copy(update={"uri": "s3://no-such-input/x"}),
-                                           "output": s3.uri("acts")})  # fmt: skip
+    missing_input = cfg.model_copy(
+        update={"dataset": cfg.dataset.model_copy(update={"uri": "s3://no-such-input/x"}), "output": s3.uri("acts")}
+    )
     with pytest.raises(storage.MissingInputError, match="bucket 'no-such-input' does not exist"):
         run_extract(missing_input)
     assert main(["extract", "--set", "dataset.type=images", "--set", f"dataset.uri={tmp_path}/none"]) == 2

@@ -1,6 +1,7 @@
 """A multimodal language model's layer end to end: `prisma-ray extract` (image + prompt in, sequence tokens
 out, through Ray Data), a TopK SAE trained on its image and text tokens, its evaluation, and its latents'
 top images and dashboard."""
+
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -30,11 +31,20 @@ PROMPTS = ["Describe the image.", "Which shapes do you see, and where are they?"
 
 def test_an_sae_trains_on_an_lmm_layer_extracted_through_ray(ray_local, tmp_path, capsys):
     config = dict(
-        model=tiny_entry("llava-onevision").model_dump(mode="json"), hooks=[HOOK], tokens=dict(mode="all"),
-        prompts=PROMPTS, dtype="float32", output=str(tmp_path / "acts"), shard_size=8, batch_size=4, actors=1,
-        progress=False, dataset=dict(type="synthetic", uri=str(tmp_path / "shapes"),
-                                     generator=dict(name="shapes", n_images=24, image_size=40)),
-    )  # fmt: skip
+        model=tiny_entry("llava-onevision").model_dump(mode="json"),
+        hooks=[HOOK],
+        tokens=dict(mode="all"),
+        prompts=PROMPTS,
+        dtype="float32",
+        output=str(tmp_path / "acts"),
+        shard_size=8,
+        batch_size=4,
+        actors=1,
+        progress=False,
+        dataset=dict(
+            type="synthetic", uri=str(tmp_path / "shapes"), generator=dict(name="shapes", n_images=24, image_size=40)
+        ),
+    )
     path = tmp_path / "extract.yaml"
     path.write_text(yaml.safe_dump(config))
     assert main(["extract", str(path)]) == 0
@@ -52,11 +62,22 @@ def test_an_sae_trains_on_an_lmm_layer_extracted_through_ray(ray_local, tmp_path
     assert main(["extract", str(path)]) == 0
     assert "0 written, 3 already complete" in capsys.readouterr().out
 
-    summary = run_training(TrainConfig.model_validate(dict(
-        name="lmm", storage=str(tmp_path / "runs"), data=dict(inputs=[uri], kinds=["patch", "text"]),
-        dictionaries=[dict(architecture="topk", k=8, d_sae=128, lr=3e-3)], batch_size=256, steps=120,
-        log_every=40, checkpoint_every=120, workers=0, torch_threads=1,
-    )))  # fmt: skip
+    summary = run_training(
+        TrainConfig.model_validate(
+            dict(
+                name="lmm",
+                storage=str(tmp_path / "runs"),
+                data=dict(inputs=[uri], kinds=["patch", "text"]),
+                dictionaries=[dict(architecture="topk", k=8, d_sae=128, lr=3e-3)],
+                batch_size=256,
+                steps=120,
+                log_every=40,
+                checkpoint_every=120,
+                workers=0,
+                torch_threads=1,
+            )
+        )
+    )
     assert summary.steps == 120
     (name,) = summary.dictionaries
     exported = str(tmp_path / "runs" / "lmm" / "dictionaries" / name)
@@ -69,19 +90,34 @@ def test_an_sae_trains_on_an_lmm_layer_extracted_through_ray(ray_local, tmp_path
         explained = 1 - float((sae(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
     assert explained > 0.5, explained
 
-    row = evaluate_checkpoint(exported, EvalConfig(stores=str(tmp_path / "acts"), split="train", max_tokens=2048,
-                                                   splice_samples=8, splice_batch_size=4))  # fmt: skip
+    row = evaluate_checkpoint(
+        exported,
+        EvalConfig(
+            stores=str(tmp_path / "acts"), split="train", max_tokens=2048, splice_samples=8, splice_batch_size=4
+        ),
+    )
     assert row["token_kinds"] == "patch,text", "evaluated on the token kinds it was trained on"
     assert row["explained_variance"] > 0.5 and row["l0"] == pytest.approx(8)
     assert row["label_source"] == "next_token" and row["splice_samples"] == 8 and "gt_values" not in row
     assert row["kl_with_error"] < 1e-9 and row["loss_recovered_with_error"] == pytest.approx(1), "an exact splice"
     assert 0 < row["kl"] < 0.2 * row["kl_zero"], "the SAE moves the next-token predictions far less than zero ablation"
 
-    passed = run_interpret(InterpretConfig(
-        checkpoint=exported, model=tiny_entry("llava-onevision"), pretrained=False, prompts=PROMPTS,
-        dataset=config["dataset"], output=str(tmp_path / "interpret"), k=4, reservoir=8, shard_size=8, actors=1,
-        torch_threads=1, progress=False,
-    ))  # fmt: skip
+    passed = run_interpret(
+        InterpretConfig(
+            checkpoint=exported,
+            model=tiny_entry("llava-onevision"),
+            pretrained=False,
+            prompts=PROMPTS,
+            dataset=config["dataset"],
+            output=str(tmp_path / "interpret"),
+            k=4,
+            reservoir=8,
+            shard_size=8,
+            actors=1,
+            torch_threads=1,
+            progress=False,
+        )
+    )
     assert passed.samples == 24 and passed.alive > 0
     results = read_results(str(tmp_path / "interpret"))
     assert results.layout.grid == (2, 2) and results.summary["prompts"] == PROMPTS

@@ -1,5 +1,6 @@
 """The top-activations pass on one local Ray: exact agreement with one in-process pass, the results layout,
 the dashboard and offline explanations from the CLI, and clear errors for bad input."""
+
 import json
 
 import numpy as np
@@ -18,10 +19,23 @@ pytestmark = pytest.mark.slow
 
 
 def config(toy_sae, tmp_path, **extra) -> InterpretConfig:
-    dataset = dict(type="synthetic", uri=str(tmp_path / "shapes"),
-                   generator=dict(name="shapes", n_images=40, image_size=32, n_objects=[1, 1], size_range=[0.25, 0.4]))
-    return InterpretConfig(checkpoint=toy_sae.checkpoint, dataset=dataset, output=str(tmp_path / "out"), k=5,
-                           reservoir=16, shard_size=8, actors=2, torch_threads=1, progress=False, **extra)  # fmt: skip
+    dataset = dict(
+        type="synthetic",
+        uri=str(tmp_path / "shapes"),
+        generator=dict(name="shapes", n_images=40, image_size=32, n_objects=[1, 1], size_range=[0.25, 0.4]),
+    )
+    return InterpretConfig(
+        checkpoint=toy_sae.checkpoint,
+        dataset=dataset,
+        output=str(tmp_path / "out"),
+        k=5,
+        reservoir=16,
+        shard_size=8,
+        actors=2,
+        torch_threads=1,
+        progress=False,
+        **extra,
+    )
 
 
 def test_pass_on_ray_equals_one_in_process_pass_and_writes_results(ray_local, toy_sae, tmp_path):
@@ -53,8 +67,26 @@ def test_dashboard_cli_renders_pages_and_offline_explanations(ray_local, toy_sae
     data = tmp_path / "data.yaml"
     data.write_text(json.dumps(config(toy_sae, tmp_path).dataset.model_dump(mode="json", exclude={"storage"})))
     out = tmp_path / "dash"
-    args = ["dashboard", toy_sae.checkpoint, "--data", str(data), "--output", str(out), "--per-latent", "3",
-            "--max-latents", "5", "--explain", "vocabulary", "--set", "k=4", "--set", "actors=1", "--set", "progress=false"]
+    args = [
+        "dashboard",
+        toy_sae.checkpoint,
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--per-latent",
+        "3",
+        "--max-latents",
+        "5",
+        "--explain",
+        "vocabulary",
+        "--set",
+        "k=4",
+        "--set",
+        "actors=1",
+        "--set",
+        "progress=false",
+    ]
     assert main(args) == 0
     index = (out / "index.html").read_text()
     pages = sorted((out / "latents").glob("*.html"))
@@ -71,7 +103,9 @@ def test_dashboard_cli_renders_pages_and_offline_explanations(ray_local, toy_sae
 
 def test_bad_inputs_are_named(toy_sae, tmp_path):
     with pytest.raises(MissingInputError, match="missing-checkpoint"):
-        plan_interpret(config(toy_sae, tmp_path).model_copy(update={"checkpoint": str(tmp_path / "missing-checkpoint")}))
+        plan_interpret(
+            config(toy_sae, tmp_path).model_copy(update={"checkpoint": str(tmp_path / "missing-checkpoint")})
+        )
     with pytest.raises(ValueError, match="reads 64-wide activations but .* is 192 wide"):
         plan_interpret(config(toy_sae, tmp_path, model="timm-vit-tiny-patch16-224-augreg-in21k-ft-in1k"))
     video = config(toy_sae, tmp_path).model_copy(update={"model": "prisma-toy-video-moving-shapes"})

@@ -1,4 +1,5 @@
 """The notebooks under notebooks/ run top to bottom on the embedded default models without an error."""
+
 from pathlib import Path
 
 import nbformat
@@ -10,7 +11,10 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "notebooks").glob("*.i
 
 def test_there_are_three_notebooks():
     assert [p.name for p in NOTEBOOKS] == [
-        "01_hooked_models.ipynb", "02_train_and_evaluate_sae.ipynb", "03_interpret_and_steer.ipynb"]
+        "01_hooked_models.ipynb",
+        "02_train_and_evaluate_sae.ipynb",
+        "03_interpret_and_steer.ipynb",
+    ]
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """The checkpoint sweep on a local Ray: 3 small models x 4 checkpoints, each model loaded once,
 table + leaderboard + plots, resuming, failures, and clear errors for bad configs and URIs."""
+
 import json
 from pathlib import Path
 
@@ -15,16 +16,41 @@ from tests.unit.test_evaluate_checkpoint import extract_in_process, shapes_confi
 
 HOOK = "blocks.0.hook_resid_post"
 TINY_VIT_REG = dict(
-    name="test-vit-reg", source="timm", architecture="vit_small_patch14_reg4_dinov2", family="dinov2", layers=2,
-    width=32, heads=2, image_size=28, patch_size=14,
+    name="test-vit-reg",
+    source="timm",
+    architecture="vit_small_patch14_reg4_dinov2",
+    family="dinov2",
+    layers=2,
+    width=32,
+    heads=2,
+    image_size=28,
+    patch_size=14,
     config=dict(img_size=28, patch_size=14, depth=2, embed_dim=32, num_heads=2, num_classes=6),
-)  # fmt: skip
+)
 TINY_VIDEOMAE = dict(
-    name="test-videomae-cls", source="hf", architecture="VideoMAEForVideoClassification", family="videomae",
-    modality="video", layers=2, width=32, heads=2, image_size=32, patch_size=8, frames=4,
-    config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
-                patch_size=8, num_frames=4, tubelet_size=2, num_labels=8),
-)  # fmt: skip
+    name="test-videomae-cls",
+    source="hf",
+    architecture="VideoMAEForVideoClassification",
+    family="videomae",
+    modality="video",
+    layers=2,
+    width=32,
+    heads=2,
+    image_size=32,
+    patch_size=8,
+    frames=4,
+    config=dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        num_frames=4,
+        tubelet_size=2,
+        num_labels=8,
+    ),
+)
 MODELS = ["test-videomae-cls", "test-vit-reg", "test-vit-tiny"]
 KS = [2, 4, 8, 16]
 
@@ -33,8 +59,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def save_topk(root: Path, model: str, k: int, seed: int = 0) -> str:
-    d = Dictionary(DictionaryConfig(architecture="topk", d_sae=64, k=k, seed=seed, name=f"topk-{k}-s{seed}"),
-                   Sites(inputs=(Site(name=HOOK, width=32, model=model),)))  # fmt: skip
+    d = Dictionary(
+        DictionaryConfig(architecture="topk", d_sae=64, k=k, seed=seed, name=f"topk-{k}-s{seed}"),
+        Sites(inputs=(Site(name=HOOK, width=32, model=model),)),
+    )
     uri = str(root / model / f"topk-{k}-s{seed}")
     write_files(export_files(d, tokens=1000), uri)
     return uri
@@ -45,8 +73,11 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     extract_in_process(shapes_config(root, hooks=[HOOK], n=8))
     extract_in_process(shapes_config(root, model=TINY_VIT_REG, hooks=[HOOK], n=8))
-    clips = dict(type="synthetic", uri=str(root / "clips"), generator=dict(name="moving-shapes", n_clips=4,
-                 image_size=32, num_frames=4))  # fmt: skip
+    clips = dict(
+        type="synthetic",
+        uri=str(root / "clips"),
+        generator=dict(name="moving-shapes", n_clips=4, image_size=32, num_frames=4),
+    )
     extract_in_process(shapes_config(root, model=TINY_VIDEOMAE, hooks=[HOOK], dataset=clips))
     for model in MODELS:
         for k in KS:
@@ -56,10 +87,16 @@ def workspace(tmp_path_factory):
 
 def sweep_config(root: Path, output: str = "out", **extra) -> SweepConfig:
     evaluation = dict(stores=str(root / "acts"), split="test", max_tokens=256, splice_samples=4, splice_batch_size=4)
-    return SweepConfig.model_validate({
-        "checkpoints": [str(root / "ckpts")], "output": str(root / output), "evaluation": evaluation, "actors": 2,
-        "progress": False, **extra,
-    })  # fmt: skip
+    return SweepConfig.model_validate(
+        {
+            "checkpoints": [str(root / "ckpts")],
+            "output": str(root / output),
+            "evaluation": evaluation,
+            "actors": 2,
+            "progress": False,
+            **extra,
+        }
+    )
 
 
 @pytest.mark.slow
@@ -102,8 +139,10 @@ def test_sweep_loads_each_model_once_writes_the_report_and_resumes(ray_local, wo
 
 @pytest.mark.slow
 def test_failing_checkpoints_are_recorded_and_retried(ray_local, workspace, tmp_path, capsys):
-    d = Dictionary(DictionaryConfig(architecture="relu", d_sae=64), Sites(inputs=(Site(name="blocks.1.hook_mlp_out",
-                   width=32, model="test-vit-tiny"),)))  # fmt: skip
+    d = Dictionary(
+        DictionaryConfig(architecture="relu", d_sae=64),
+        Sites(inputs=(Site(name="blocks.1.hook_mlp_out", width=32, model="test-vit-tiny"),)),
+    )
     write_files(export_files(d), str(tmp_path / "ckpts" / "no-store"))
     save_topk(tmp_path / "ckpts", "test-vit-tiny", 2)
     cfg = sweep_config(workspace, checkpoints=[str(tmp_path / "ckpts")], output=str(tmp_path / "out"))
@@ -134,7 +173,7 @@ def test_bad_config_and_missing_uri_errors_are_clear(tmp_path, capsys):
     assert main(["sweep", str(config), "--set", "checkpoints=[]", "--set", "evaluation={}"]) == 2
     assert "checkpoints" in capsys.readouterr().err
 
-    assert main(["sweep", "--set", "checkpoints=[\"s3://b/{model}\"]"]) == 2
+    assert main(["sweep", "--set", 'checkpoints=["s3://b/{model}"]']) == 2
     assert "holds {model} but no `models` are selected" in capsys.readouterr().err
 
     (tmp_path / "ckpts").mkdir()

@@ -1,4 +1,5 @@
 """The shipped toy models, loaded offline, reach their target accuracy on held-out encoded files."""
+
 import numpy as np
 import pytest
 import torch

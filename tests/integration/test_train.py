@@ -1,4 +1,5 @@
 """`prisma-ray train` on a local Ray: SAE sweeps, crosscoders, transcoders, S3, failures and relaunches."""
+
 import json
 import os
 import signal
@@ -39,16 +40,35 @@ def write_store(uri, acts, hook, n_shards=2, shuffle_rows=False, options=None) -
         if shuffle_rows:
             rows = np.random.default_rng(i).permutation(rows)
         token = rows % TOKENS_PER_SAMPLE
-        table = store.token_table([f"s{r // TOKENS_PER_SAMPLE}" for r in rows], token, np.full(len(rows), -1),
-                                  np.where(token == 0, 0, 2), acts[rows], "float32")  # fmt: skip
+        table = store.token_table(
+            [f"s{r // TOKENS_PER_SAMPLE}" for r in rows],
+            token,
+            np.full(len(rows), -1),
+            np.where(token == 0, 0, 2),
+            acts[rows],
+            "float32",
+        )
         writer.write_shard(i, table, store.RunningStats.of(acts[rows]))
     stats = writer.merged_stats(set(range(n_shards)), acts.shape[1])
-    writer.write_manifest(store.Manifest(
-        model="toy", hook=hook, split="train", dtype="float32", d_model=acts.shape[1], token_selection={},
-        token_layout={}, dataset={}, config_hash="test", n_samples=len(acts) // TOKENS_PER_SAMPLE,
-        n_tokens=len(acts), shards=[store.shard_name(i) for i in range(n_shards)], mean=stats.mean.tolist(),
-        std=np.sqrt(stats.var).tolist(), mean_norm=stats.mean_norm,
-    ))  # fmt: skip
+    writer.write_manifest(
+        store.Manifest(
+            model="toy",
+            hook=hook,
+            split="train",
+            dtype="float32",
+            d_model=acts.shape[1],
+            token_selection={},
+            token_layout={},
+            dataset={},
+            config_hash="test",
+            n_samples=len(acts) // TOKENS_PER_SAMPLE,
+            n_tokens=len(acts),
+            shards=[store.shard_name(i) for i in range(n_shards)],
+            mean=stats.mean.tolist(),
+            std=np.sqrt(stats.var).tolist(),
+            mean_norm=stats.mean_norm,
+        )
+    )
     return uri
 
 
@@ -107,10 +127,15 @@ def test_crosscoder_trains_end_to_end(ray_local, tmp_path, acts):
     second = np.tanh(acts) * 2 + 1  # another "layer": the same samples, a different space
     a = write_store(str(tmp_path / "a"), acts, "blocks.0.hook_resid_post")
     b = write_store(str(tmp_path / "b"), second, "blocks.1.hook_resid_post")
-    cfg = TrainConfig.model_validate(sweep_config(
-        tmp_path, a, name="cross", data={"inputs": [a, b]},
-        dictionaries=[{"architecture": "relu", "l1_coefficient": 1.0, "d_sae": 96, "lr": 3e-3}],
-    ))  # fmt: skip
+    cfg = TrainConfig.model_validate(
+        sweep_config(
+            tmp_path,
+            a,
+            name="cross",
+            data={"inputs": [a, b]},
+            dictionaries=[{"architecture": "relu", "l1_coefficient": 1.0, "d_sae": 96, "lr": 3e-3}],
+        )
+    )
     summary = run_training(cfg)
     assert summary.steps == 150
     assert summary.metrics["relu-l1-1/explained_variance"] > 0.6
@@ -126,17 +151,25 @@ def test_transcoder_trains_end_to_end_with_rows_matched_across_stores(ray_local,
     a = write_store(str(tmp_path / "in"), acts, "blocks.0.hook_mlp_in")
     # the target store lists each shard's rows in another order: only matching by key can pair them
     b = write_store(str(tmp_path / "out"), target, "blocks.0.hook_mlp_out", shuffle_rows=True)
-    cfg = TrainConfig.model_validate(sweep_config(
-        tmp_path, a, name="transcoder", data={"inputs": [a], "targets": [b]}, steps=200,
-        dictionaries=[{"architecture": "topk", "k": 8, "d_sae": 64, "lr": 3e-3, "skip_connection": True}],
-    ))  # fmt: skip
+    cfg = TrainConfig.model_validate(
+        sweep_config(
+            tmp_path,
+            a,
+            name="transcoder",
+            data={"inputs": [a], "targets": [b]},
+            steps=200,
+            dictionaries=[{"architecture": "topk", "k": 8, "d_sae": 64, "lr": 3e-3, "skip_connection": True}],
+        )
+    )
     summary = run_training(cfg)
     assert summary.metrics["topk-k-8/explained_variance"] > 0.8
     d = load_dictionary(f"{summary.output}/topk-k-8")
     assert d.sites.kind == "transcoder" and d.cfg.skip_connection
     x = torch.from_numpy(acts[:512])
     with torch.no_grad():
-        error = (d(x) - torch.from_numpy(target[:512])).pow(2).sum() / (torch.from_numpy(target[:512]) - torch.from_numpy(target).mean(0)).pow(2).sum()  # fmt: skip
+        error = (d(x) - torch.from_numpy(target[:512])).pow(2).sum() / (
+            torch.from_numpy(target[:512]) - torch.from_numpy(target).mean(0)
+        ).pow(2).sum()
     assert float(error) < 0.2
 
 
@@ -158,15 +191,31 @@ def test_two_workers_on_s3_survive_a_worker_kill_and_a_relaunch_and_match_one_wo
     """One run, two failures: a worker is killed after the first checkpoint (Ray Train restarts the
     workers from it), then the driver is killed after a later one (relaunching resumes from it)."""
     uri = write_store(s3.uri("acts"), acts, "blocks.0.hook_resid_post", n_shards=4, options=s3.options)
-    cfg = sweep_config(tmp_path, uri, name="two", storage=s3.uri("runs"), steps=300, log_every=50,
-                       checkpoint_every=50, workers=2, cpus_per_worker=0.5, storage_options=s3.options.model_dump(),
-                       dictionaries=[{"architecture": "topk", "k": 3, "d_sae": 64, "lr": 3e-3}])  # fmt: skip
-    one = run_training(TrainConfig.model_validate({**cfg, "name": "one", "storage": str(tmp_path / "runs"), "workers": 0}))
+    cfg = sweep_config(
+        tmp_path,
+        uri,
+        name="two",
+        storage=s3.uri("runs"),
+        steps=300,
+        log_every=50,
+        checkpoint_every=50,
+        workers=2,
+        cpus_per_worker=0.5,
+        storage_options=s3.options.model_dump(),
+        dictionaries=[{"architecture": "topk", "k": 3, "d_sae": 64, "lr": 3e-3}],
+    )
+    one = run_training(
+        TrainConfig.model_validate({**cfg, "name": "one", "storage": str(tmp_path / "runs"), "workers": 0})
+    )
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    driver = subprocess.Popen([sys.executable, str(REPO / "jobs" / "train_sae.py"), str(config)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    driver = subprocess.Popen(
+        [sys.executable, str(REPO / "jobs" / "train_sae.py"), str(config)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
     def checkpoints() -> list[dict]:
         try:

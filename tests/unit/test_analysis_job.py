@@ -1,4 +1,5 @@
 """`prisma-ray analyze`: every analysis writes PNG figures, index.html and summary.json; other models run too."""
+
 from __future__ import annotations
 
 import json
@@ -30,13 +31,15 @@ PNG = b"\x89PNG"
 def _written(out, analysis: str) -> dict:
     summary = json.loads((out / analysis / "summary.json").read_text())
     assert summary["files"] and all(open(f, "rb").read(4) == PNG for f in summary["files"])
-    assert "<img src=\"data:image/png;base64," in (out / analysis / "index.html").read_text()
+    assert '<img src="data:image/png;base64,' in (out / analysis / "index.html").read_text()
     return summary
 
 
 @pytest.mark.parametrize("analysis", ["logit-lens", "attention", "patching", "attribution"])
 def test_cli_writes_figures_for_each_analysis(tmp_path, capsys, analysis):
-    code = main(["analyze", analysis, "--set", f"output={tmp_path}", "--set", "inputs.synthetic=4", "--set", "max_drawn=1"])
+    code = main(
+        ["analyze", analysis, "--set", f"output={tmp_path}", "--set", "inputs.synthetic=4", "--set", "max_drawn=1"]
+    )
     assert code == 0
     summary = _written(tmp_path, analysis)
     assert json.loads(capsys.readouterr().out)["analysis"] == analysis
@@ -50,10 +53,16 @@ def test_image_files_and_a_latent_from_a_saved_dictionary(tmp_path):
     for i, image in enumerate(pixels):
         Image.fromarray(np.kron(image, np.ones((2, 2, 1), np.uint8))).save(tmp_path / f"{i}.png")  # 64 px: resized
         uris.append(str(tmp_path / f"{i}.png"))
-    d = Dictionary(DictionaryConfig(architecture="relu", d_sae=16), Sites(inputs=(Site(name="blocks.2.hook_resid_post", width=64),)))
+    d = Dictionary(
+        DictionaryConfig(architecture="relu", d_sae=16),
+        Sites(inputs=(Site(name="blocks.2.hook_resid_post", width=64),)),
+    )
     write_files(export_files(d), str(tmp_path / "sae"))
-    cfg = AnalyzeConfig(output=str(tmp_path / "out"), inputs={"uris": uris},
-                        attribution={"dictionary": str(tmp_path / "sae"), "latent": 3})  # fmt: skip
+    cfg = AnalyzeConfig(
+        output=str(tmp_path / "out"),
+        inputs={"uris": uris},
+        attribution={"dictionary": str(tmp_path / "sae"), "latent": 3},
+    )
     summary = run_analysis("attribution", cfg)
     assert summary["components"][-1] == "blocks.2.mlp" and len(summary["target"]) == 2
     _written(tmp_path / "out", "attribution")
@@ -64,8 +73,10 @@ def test_cli_names_bad_input(tmp_path, capsys):
     assert "hook_bogus" in capsys.readouterr().err
     assert main(["analyze", "logit-lens", "--set", f"inputs.uris=[{tmp_path}/missing.png]"]) == 2
     assert "missing.png" in capsys.readouterr().err
-    assert main(["analyze", "attribution", "--set", f"output={tmp_path}",
-                 "--set", f"attribution.dictionary={tmp_path}"]) == 2  # fmt: skip
+    assert (
+        main(["analyze", "attribution", "--set", f"output={tmp_path}", "--set", f"attribution.dictionary={tmp_path}"])
+        == 2
+    )
     assert "attribution.latent is required" in capsys.readouterr().err
 
 
@@ -83,8 +94,9 @@ def test_video_model_every_analysis(tmp_path):
     assert effect.shape == (model.n_layers, layout.n_tokens) and torch.isfinite(effect).all()
     dla = logit_attribution(model, inputs.x, class_readout(model))
     torch.testing.assert_close(dla.per_component().sum(-1) + dla.bias, dla.target, atol=1e-4, rtol=1e-5)
-    summary = run_analysis("attention", AnalyzeConfig(model=model.name, output=str(tmp_path), max_drawn=1,
-                                                      inputs={"synthetic": 2}))  # fmt: skip
+    summary = run_analysis(
+        "attention", AnalyzeConfig(model=model.name, output=str(tmp_path), max_drawn=1, inputs={"synthetic": 2})
+    )
     assert summary["query"] == "mean query"  # VideoMAE has no CLS token
     _written(tmp_path, "attention")
 
@@ -104,9 +116,18 @@ def test_random_weight_timm_vit_every_analysis(tmp_path):
     dla = logit_attribution(model, x, class_readout(model))
     torch.testing.assert_close(dla.per_component().sum(-1) + dla.bias, dla.target, atol=1e-3, rtol=1e-4)
     for analysis in ("logit-lens", "attention", "patching", "attribution"):
-        run_analysis(analysis, AnalyzeConfig(model=name, pretrained=False, output=str(tmp_path), max_drawn=1,
-                                             inputs={"synthetic": 2}, attention={"layers": [0, 11]},
-                                             patching={"layers": [11], "positions": [0, 1, 2]}))  # fmt: skip
+        run_analysis(
+            analysis,
+            AnalyzeConfig(
+                model=name,
+                pretrained=False,
+                output=str(tmp_path),
+                max_drawn=1,
+                inputs={"synthetic": 2},
+                attention={"layers": [0, 11]},
+                patching={"layers": [11], "positions": [0, 1, 2]},
+            ),
+        )
         _written(tmp_path, analysis)
 
 

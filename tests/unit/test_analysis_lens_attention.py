@@ -1,4 +1,5 @@
 """Logit lens and attention rollout on the embedded toy ViT, where the answers are known."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -57,7 +58,9 @@ def test_rollout_rows_are_distributions_and_cls_attends_to_the_object(toy_vit, s
     assert patterns.shape == (48, toy_vit.n_layers, toy_vit.n_heads, 65, 65)
     rolled = rollout(patterns)
     torch.testing.assert_close(rolled.sum(-1), torch.ones(48, toy_vit.n_layers, 65))
-    on_object = torch.from_numpy(np.stack([patch_factors(m, toy_vit.token_layout.grid)[0].ravel() > 0 for m in shapes.masks]))
+    on_object = torch.from_numpy(
+        np.stack([patch_factors(m, toy_vit.token_layout.grid)[0].ravel() > 0 for m in shapes.masks])
+    )
     cls = query_rows(rolled[:, -1], toy_vit.token_layout)[:, 1:]
     share = (cls * on_object).sum(-1) / cls.sum(-1)
     chance = on_object.float().mean(-1)

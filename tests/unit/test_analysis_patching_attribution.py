@@ -1,4 +1,5 @@
 """Activation patching and direct attribution on the embedded toy ViT, where the answers are known."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -47,7 +48,9 @@ def test_patching_object_patches_moves_the_prediction_and_background_does_not(to
         background = [1 + p for p in np.nonzero(~region)[0]]
         clean, corrupted = inputs.x[i : i + 1], inputs.x[j : j + 1]
         assert int(patch_positions(toy_vit, clean, corrupted, "blocks.0.hook_resid_pre", obj).argmax()) == pred[j]
-        assert int(patch_positions(toy_vit, clean, corrupted, "blocks.0.hook_resid_pre", background).argmax()) == pred[i]
+        assert (
+            int(patch_positions(toy_vit, clean, corrupted, "blocks.0.hook_resid_pre", background).argmax()) == pred[i]
+        )
 
 
 def test_effect_map_is_largest_on_the_object(toy_vit, shapes):
@@ -66,10 +69,18 @@ def test_effect_map_is_largest_on_the_object(toy_vit, shapes):
 def test_denoising_a_single_hook_point_restores_exactly_when_every_position_is_patched(toy_vit, shapes):
     inputs, _, pairs = shapes
     i, j = pairs[1]
-    result = activation_patching(toy_vit, inputs.x[i : i + 1], inputs.x[j : j + 1], "blocks.2.hook_resid_post",
-                                 positions=[0, 5], mode="denoising")  # fmt: skip
+    result = activation_patching(
+        toy_vit,
+        inputs.x[i : i + 1],
+        inputs.x[j : j + 1],
+        "blocks.2.hook_resid_post",
+        positions=[0, 5],
+        mode="denoising",
+    )
     assert result.effect.shape == (1, 2) and result.positions == [0, 5]
-    everything = patch_positions(toy_vit, inputs.x[j : j + 1], inputs.x[i : i + 1], "blocks.2.hook_resid_post", list(range(65)))
+    everything = patch_positions(
+        toy_vit, inputs.x[j : j + 1], inputs.x[i : i + 1], "blocks.2.hook_resid_post", list(range(65))
+    )
     with torch.inference_mode():
         torch.testing.assert_close(everything, toy_vit(inputs.x[i : i + 1]))
 
@@ -123,6 +134,9 @@ def test_latent_attribution_sums_to_the_pre_activation(toy_vit, shapes):
 
 def test_attribution_needs_a_residual_stream_hook_point(toy_vit):
     assert [h for _, h in components(toy_vit, "blocks.1.hook_resid_pre")] == [
-        "hook_embed", "blocks.0.hook_attn_out", "blocks.0.hook_mlp_out"]  # fmt: skip
+        "hook_embed",
+        "blocks.0.hook_attn_out",
+        "blocks.0.hook_mlp_out",
+    ]
     with pytest.raises(ValueError, match="blocks.1.hook_mlp_out"):
         components(toy_vit, "blocks.1.hook_mlp_out")

@@ -1,4 +1,5 @@
 """The OpenAI-compatible chat client and the chat explainer, against a scripted server on 127.0.0.1."""
+
 import base64
 import io
 import socket
@@ -15,8 +16,9 @@ from prisma_ray.interpret.evidence import LatentEvidence
 
 
 def config(server, **kw) -> ChatConfig:
-    return ChatConfig(**{"base_url": server.url, "model": "test-vlm", "backoff_s": 0.01, "max_retries": 3,
-                         "timeout_s": 5.0, **kw})  # fmt: skip
+    return ChatConfig(
+        **{"base_url": server.url, "model": "test-vlm", "backoff_s": 0.01, "max_retries": 3, "timeout_s": 5.0, **kw}
+    )
 
 
 def evidence(n: int = 3, latent: int = 7) -> LatentEvidence:

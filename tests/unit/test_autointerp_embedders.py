@@ -1,4 +1,5 @@
 """The OpenCLIP embedder's towers (random weights, offline: shapes only)."""
+
 import numpy as np
 import pytest
 

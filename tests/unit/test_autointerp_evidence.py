@@ -1,4 +1,5 @@
 """Evidence records, explanations.jsonl, masking, scorers and the resumable batch run (no Ray)."""
+
 import numpy as np
 import pytest
 
@@ -11,7 +12,7 @@ from prisma_ray.interpret.autointerp.scoring import (
     balanced_accuracy,
     iou,
     random_baseline,
-)  # fmt: skip
+)
 from prisma_ray.interpret.evidence import (
     Explanation,
     ExplanationRecord,
@@ -21,7 +22,7 @@ from prisma_ray.interpret.evidence import (
     append_explanations,
     mask_images,
     read_explanations,
-)  # fmt: skip
+)
 
 
 def coloured(colour: tuple[int, int, int], n: int, size: int = 8) -> np.ndarray:
@@ -60,7 +61,9 @@ def test_mask_images_keeps_active_patches_and_dims_the_rest():
 def test_explanations_jsonl_appends_atomically_and_reports_bad_lines(tmp_path):
     out = str(tmp_path / "out")
     assert read_explanations(out) == {}
-    first = ExplanationRecord.of(Explanation(latent=1, text="red", explainer="v"), [Score(name="iou", value=0.5, baseline=0.1)])
+    first = ExplanationRecord.of(
+        Explanation(latent=1, text="red", explainer="v"), [Score(name="iou", value=0.5, baseline=0.1)]
+    )
     append_explanations(out, [first])
     append_explanations(out, [ExplanationRecord(latent=2, explanation="star", explainer="v")])
     records = read_explanations(out)
@@ -78,7 +81,9 @@ def test_scores_detection_iou_similarity_against_a_baseline():
     maps[:, 0, 0] = 1.0
     masks = np.zeros((4, 8, 8), bool)
     masks[:, :4, :4] = True
-    evidence = LatentEvidence("c", 0, red, maps, np.ones(4), negatives=blue, concept_masks={"red": masks, "blue": ~masks})
+    evidence = LatentEvidence(
+        "c", 0, red, maps, np.ones(4), negatives=blue, concept_masks={"red": masks, "blue": ~masks}
+    )
     scorers = Scorers(judge=EmbeddingJudge(embedder), segmenter=GroundTruthSegmenter(), embedder=embedder)
     scores = {s.name: s for s in scorers.score(evidence, Explanation(latent=0, text="red", explainer="t"), "blue")}
     assert scores["detection"].value == 1.0 and scores["detection"].baseline == 0.0
@@ -106,16 +111,32 @@ def test_empty_vocabulary_is_refused():
 
 
 def chat_config(server, **kw) -> ExplainConfig:
-    return ExplainConfig(explainer="chat", chat={"base_url": server.url, "model": "m", "backoff_s": 0.01},
-                         judge="none", similarity=False, use_ray=False, batch_size=2, **kw)  # fmt: skip
+    return ExplainConfig(
+        explainer="chat",
+        chat={"base_url": server.url, "model": "m", "backoff_s": 0.01},
+        judge="none",
+        similarity=False,
+        use_ray=False,
+        batch_size=2,
+        **kw,
+    )
 
 
 def many(latents) -> list[LatentEvidence]:
     rng = np.random.default_rng(0)
     masks = np.zeros((2, 8, 8), bool)
     masks[:, :4, :4] = True
-    return [LatentEvidence("c", i, rng.integers(0, 255, (2, 8, 8, 3), dtype=np.uint8), np.eye(2)[None].repeat(2, 0),
-                           np.ones(2), concept_masks={"red": masks}) for i in latents]  # fmt: skip
+    return [
+        LatentEvidence(
+            "c",
+            i,
+            rng.integers(0, 255, (2, 8, 8, 3), dtype=np.uint8),
+            np.eye(2)[None].repeat(2, 0),
+            np.ones(2),
+            concept_masks={"red": masks},
+        )
+        for i in latents
+    ]
 
 
 def test_batch_run_resumes_and_keeps_what_was_written(chat_server, tmp_path):
@@ -123,8 +144,13 @@ def test_batch_run_resumes_and_keeps_what_was_written(chat_server, tmp_path):
     out = str(tmp_path)
     chat_server.script = [None, None, None, 500, 500, 500]  # the second batch: one latent fails for good
     with pytest.raises(ValueError, match="gave up"):
-        explain_latents(many(range(6)), chat_config(chat_server).model_copy(update={"chat": chat_config(
-            chat_server).chat.model_copy(update={"max_retries": 2, "concurrency": 1})}), out)  # fmt: skip
+        explain_latents(
+            many(range(6)),
+            chat_config(chat_server).model_copy(
+                update={"chat": chat_config(chat_server).chat.model_copy(update={"max_retries": 2, "concurrency": 1})}
+            ),
+            out,
+        )
     assert sorted(read_explanations(out)) == [0, 1], "the batch finished before the failure was kept"
     chat_server.requests.clear()
     summary = explain_latents(many(range(6)), chat_config(chat_server), out)

@@ -4,6 +4,7 @@ Detector latents are found honestly: a TopK SAE is trained in-process on the toy
 of rendered images, and a latent counts as a detector of a factor value (`circle`, `red`, ...) when at
 least 80% of its 40 top patch tokens lie on objects carrying that value (ground truth from the render masks).
 """
+
 import numpy as np
 import pytest
 import torch
@@ -54,8 +55,10 @@ def test_vocabulary_explainer_names_most_detector_latents():
 
     vocabulary = [*data.shapes, *data.colours]
     cfg = EmbedderConfig()
-    embedder = PrototypeEmbedder(HookedModelFeatures(model, cfg.hook),
-                                 synthetic_prototypes(vocabulary, cfg.prototype_data, cfg.prototypes_per_label))  # fmt: skip
+    embedder = PrototypeEmbedder(
+        HookedModelFeatures(model, cfg.hook),
+        synthetic_prototypes(vocabulary, cfg.prototype_data, cfg.prototypes_per_label),
+    )
     explainer = VocabularyExplainer(embedder, vocabulary)
     matches = []
     for latent in range(z.shape[-1]):

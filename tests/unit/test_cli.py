@@ -1,4 +1,5 @@
 """The `prisma-ray` command."""
+
 import json
 
 from prisma_ray.cli import main

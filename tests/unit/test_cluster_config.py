@@ -1,4 +1,5 @@
 """cluster.yaml is a valid Ray cluster-launcher config, pinned to our Ray, with no credentials in it."""
+
 import json
 import re
 from pathlib import Path
@@ -21,10 +22,15 @@ def test_cluster_yaml_validates_against_rays_schema():
 
 def test_cluster_pins_the_project_ray_and_has_gpu_workers_with_an_instance_profile():
     cfg = yaml.safe_load((REPO / "cluster.yaml").read_text())
-    pinned = next(d for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-                  if d.startswith("ray["))  # fmt: skip
+    pinned = next(
+        d
+        for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+        if d.startswith("ray[")
+    )
     assert pinned.endswith(f"=={ray.__version__}")
-    assert cfg["docker"]["image"].startswith(f"rayproject/ray:{ray.__version__}-") and cfg["docker"]["image"].endswith("-gpu")
+    assert cfg["docker"]["image"].startswith(f"rayproject/ray:{ray.__version__}-") and cfg["docker"]["image"].endswith(
+        "-gpu"
+    )
     assert cfg["provider"]["type"] == "aws"
     workers = {name: t for name, t in cfg["available_node_types"].items() if name != cfg["head_node_type"]}
     assert all(re.match(r"(g6|g5|p4d|p5)\.", t["node_config"]["InstanceType"]) for t in workers.values())

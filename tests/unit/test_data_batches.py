@@ -53,8 +53,10 @@ def test_decode_refs_columns_errors_and_bounded_batches(image_dir, image_zoo):
     assert sorted(clean["sample_id"]) == ["good.png", "gray16.png"]
     assert all(len(v) == 2 for v in clean.values())
     assert sorted((r.sample_id, r.reason) for r in records) == [
-        ("empty.png", "empty"), ("oversized.png", "too_large"), ("truncated.png", "truncated")
-    ]  # fmt: skip
+        ("empty.png", "empty"),
+        ("oversized.png", "too_large"),
+        ("truncated.png", "truncated"),
+    ]
     assert all(r.path.startswith(str(image_dir)) and r.detail for r in records)
     assert not batch["pixels"][~np.isin(batch["sample_id"], clean["sample_id"])].any()  # error rows are zeros
 

@@ -45,8 +45,12 @@ def test_folder_ids_labels_and_errors(folder):
     spec = parse_dataset_spec({"type": "images", "uri": str(folder)})
     refs = list_refs(spec)
     assert [(r.sample_id, r.label) for r in refs] == [
-        ("cat/a.png", 0), ("cat/sub/b.PNG", 0), ("dog/c.png", 1), ("dog/empty.png", 1), ("loose.png", -1)
-    ]  # fmt: skip
+        ("cat/a.png", 0),
+        ("cat/sub/b.PNG", 0),
+        ("dog/c.png", 1),
+        ("dog/empty.png", 1),
+        ("loose.png", -1),
+    ]
     items = _load_all(spec)
     good = {s.sample_id: s for s in items if isinstance(s, Sample)}
     assert good["dog/c.png"].image[0, 0, 0] == 30 and good["dog/c.png"].path == str(folder / "dog/c.png")
@@ -66,11 +70,16 @@ def test_sample_ids_are_stable_across_roots_and_uri_forms(folder, tmp_path):
 
 
 def test_image_list(folder):
-    spec = parse_dataset_spec({
-        "type": "images",
-        "items": [str(folder / "dog/c.png"), {"uri": str(folder / "cat/a.png"), "label": 7, "sample_id": "a"},
-                  str(folder / "gone.png")],
-    })  # fmt: skip
+    spec = parse_dataset_spec(
+        {
+            "type": "images",
+            "items": [
+                str(folder / "dog/c.png"),
+                {"uri": str(folder / "cat/a.png"), "label": 7, "sample_id": "a"},
+                str(folder / "gone.png"),
+            ],
+        }
+    )
     items = _load_all(spec)
     assert [(i.sample_id, getattr(i, "label", None)) for i in items[:2]] == [(str(folder / "dog/c.png"), -1), ("a", 7)]
     assert isinstance(items[2], ErrorRecord) and items[2].reason == "missing"
@@ -83,10 +92,13 @@ def _parquet(path, rows, **kw):
 def test_parquet_shards(tmp_path):
     root = tmp_path / "pq"
     root.mkdir()
-    _parquet(root / "part-0.parquet", [{"id": f"img{i}", "label": i, "image": _png(i)} for i in range(5)],
-             row_group_size=2)  # fmt: skip
-    _parquet(root / "part-1.parquet", [{"id": "img5", "label": None, "image": None},
-                                       {"id": "img6", "label": 1, "image": b"junk"}])  # fmt: skip
+    _parquet(
+        root / "part-0.parquet", [{"id": f"img{i}", "label": i, "image": _png(i)} for i in range(5)], row_group_size=2
+    )
+    _parquet(
+        root / "part-1.parquet",
+        [{"id": "img5", "label": None, "image": None}, {"id": "img6", "label": 1, "image": b"junk"}],
+    )
     (root / "part-2.parquet").write_bytes(b"PAR1 not really")
     (root / "part-.parquet").write_bytes(b"")  # sorts first: the column check must skip it
     spec = parse_dataset_spec({"type": "parquet", "uri": str(root), "read_rows": 3})
@@ -104,8 +116,10 @@ def test_parquet_without_id_column_and_hf_struct_layout(tmp_path):
     _parquet(path, [{"image": {"bytes": _png(9), "path": "x.png"}}, {"image": {"bytes": _png(8), "path": "y.png"}}])
     spec = parse_dataset_spec({"type": "parquet", "uri": str(path), "label_column": None, "id_column": None})
     items = _load_all(spec)
-    assert [(s.sample_id, s.label, int(s.image[0, 0, 0])) for s in items] == [("one.parquet/0", -1, 9),
-                                                                             ("one.parquet/1", -1, 8)]  # fmt: skip
+    assert [(s.sample_id, s.label, int(s.image[0, 0, 0])) for s in items] == [
+        ("one.parquet/0", -1, 9),
+        ("one.parquet/1", -1, 8),
+    ]
 
 
 def test_parquet_bad_columns_fail_fast(tmp_path):
@@ -113,8 +127,9 @@ def test_parquet_bad_columns_fail_fast(tmp_path):
     with pytest.raises(ValueError, match=r"no column\(s\) \['image', 'id'\].*image_column"):
         list_refs(parse_dataset_spec({"type": "parquet", "uri": str(tmp_path)}))
     with pytest.raises(ValueError, match="label column 'label' is string, not integer"):
-        list_refs(parse_dataset_spec({"type": "parquet", "uri": str(tmp_path), "image_column": "jpg",
-                                      "id_column": None}))  # fmt: skip
+        list_refs(
+            parse_dataset_spec({"type": "parquet", "uri": str(tmp_path), "image_column": "jpg", "id_column": None})
+        )
 
 
 def _tar(path, members):
@@ -128,13 +143,21 @@ def _tar(path, members):
 def test_webdataset_shards(tmp_path):
     root = tmp_path / "wds"
     (root / "train").mkdir(parents=True)
-    _tar(root / "train" / "shard-000.tar", [
-        ("s/000.png", _png(1)), ("s/000.cls", b"3\n"), ("s/000.json", b"{}"),
-        ("s/001.jpg", _png(2)), ("s/001.cls", b"1"),
-        ("s/002.cls", b"5"),
-        ("s/003.png", b""), ("s/003.cls", b"0"),
-        ("s/004.png", _png(4)), ("s/004.cls", b"dog"),
-    ])  # fmt: skip
+    _tar(
+        root / "train" / "shard-000.tar",
+        [
+            ("s/000.png", _png(1)),
+            ("s/000.cls", b"3\n"),
+            ("s/000.json", b"{}"),
+            ("s/001.jpg", _png(2)),
+            ("s/001.cls", b"1"),
+            ("s/002.cls", b"5"),
+            ("s/003.png", b""),
+            ("s/003.cls", b"0"),
+            ("s/004.png", _png(4)),
+            ("s/004.cls", b"dog"),
+        ],
+    )
     cut_shard = root / "train" / "shard-001.tar"
     _tar(cut_shard, [("k.png", _png(5)), ("k.cls", b"2"), ("m.png", _png(6)), ("m.cls", b"4")])
     with tarfile.open(cut_shard) as tar:
@@ -149,8 +172,11 @@ def test_webdataset_shards(tmp_path):
     assert [r.sample_id for r in list_refs(spec)] == [f"train/shard-00{i}.tar" for i in range(3)]
     items = _load_all(spec)
     good = [(s.sample_id, s.label, int(s.image[0, 0, 0])) for s in items if isinstance(s, Sample)]
-    assert good == [("train/shard-000.tar/s/000", 3, 1), ("train/shard-000.tar/s/001", 1, 2),
-                    ("train/shard-001.tar/k", 2, 5)]  # fmt: skip
+    assert good == [
+        ("train/shard-000.tar/s/000", 3, 1),
+        ("train/shard-000.tar/s/001", 1, 2),
+        ("train/shard-001.tar/k", 2, 5),
+    ]
     bad = {e.sample_id: e.reason for e in items if isinstance(e, ErrorRecord)}
     assert bad == {
         "train/shard-000.tar/s/002": "no_image",
@@ -199,8 +225,14 @@ def test_spec_validation():
         parse_dataset_spec({"type": "imgs", "uri": "/x"})
     with pytest.raises(ValidationError):
         parse_dataset_spec({"type": "images", "uri": "/x", "unknown": 1})
-    spec = parse_dataset_spec({"type": "synthetic", "uri": "s3://b/p", "generator": {"name": "shapes", "n_images": 3},
-                               "storage": {"endpoint_url": "http://127.0.0.1:1"}})  # fmt: skip
+    spec = parse_dataset_spec(
+        {
+            "type": "synthetic",
+            "uri": "s3://b/p",
+            "generator": {"name": "shapes", "n_images": 3},
+            "storage": {"endpoint_url": "http://127.0.0.1:1"},
+        }
+    )
     assert spec.generator.n_images == 3 and spec.storage.endpoint_url == "http://127.0.0.1:1"
 
 
@@ -226,8 +258,9 @@ def test_with_resolved_storage_makes_paths_absolute(tmp_path, monkeypatch):
 
 
 def test_synthetic_source_generates_once_and_lists(tmp_path):
-    spec = parse_dataset_spec({"type": "synthetic", "uri": str(tmp_path / "syn"),
-                               "generator": {"name": "shapes", "n_images": 6, "seed": 1}})  # fmt: skip
+    spec = parse_dataset_spec(
+        {"type": "synthetic", "uri": str(tmp_path / "syn"), "generator": {"name": "shapes", "n_images": 6, "seed": 1}}
+    )
     refs = list_refs(spec)
     assert [r.sample_id for r in refs] == [f"images/{i:06d}.png" for i in range(6)]
     assert list_refs(spec) == refs

@@ -11,8 +11,9 @@ from prisma_ray.data import synthetic as syn
 from prisma_ray.data.decode import FrameSampling, decode_image, decode_video
 
 SHAPES = syn.ShapesConfig(n_images=40, seed=3, n_objects=(1, 4))
-MOVING = syn.MovingShapesConfig(n_clips=12, seed=5, num_frames=12, size_range=(0.12, 0.2), n_directions=8,
-                                colour_change_prob=0.5, appear_prob=0.5)  # fmt: skip
+MOVING = syn.MovingShapesConfig(
+    n_clips=12, seed=5, num_frames=12, size_range=(0.12, 0.2), n_directions=8, colour_change_prob=0.5, appear_prob=0.5
+)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """Evaluating checkpoints without Ray: spliced-in evaluation on a tiny ViT (perfect and zero
 reconstructions, transcoders, crosscoders, zero-shot heads), ground truth, caching, errors."""
+
 import json
 
 import numpy as np
@@ -18,10 +19,17 @@ from prisma_ray.sae import Dictionary, DictionaryConfig, Site, Sites, export_fil
 from prisma_ray.storage import MissingInputError
 
 TINY_VIT = dict(
-    name="test-vit-tiny", source="timm", architecture="vit_tiny_patch16_224", family="vit", layers=2, width=32,
-    heads=2, image_size=32, patch_size=8, config=dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2,
-                                                      num_classes=6),
-)  # fmt: skip
+    name="test-vit-tiny",
+    source="timm",
+    architecture="vit_tiny_patch16_224",
+    family="vit",
+    layers=2,
+    width=32,
+    heads=2,
+    image_size=32,
+    patch_size=8,
+    config=dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, num_classes=6),
+)
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out"]
 
 
@@ -32,8 +40,16 @@ def extract_in_process(cfg: ExtractConfig) -> dict[str, str]:
     """Write the stores of `cfg` in this process (the extraction worker without Ray); `{hook: store URI}`."""
     plan = plan_extract(cfg)
     stores = {hook: w.uri for hook, w in plan.writers.items()}
-    job = WorkerJob(model=plan.entry, pretrained=cfg.pretrained, seed=cfg.seed, tokens=cfg.tokens, dtype=cfg.dtype,
-                    stores=stores, storage=plan.options, batch_size=cfg.batch_size)  # fmt: skip
+    job = WorkerJob(
+        model=plan.entry,
+        pretrained=cfg.pretrained,
+        seed=cfg.seed,
+        tokens=cfg.tokens,
+        dtype=cfg.dtype,
+        stores=stores,
+        storage=plan.options,
+        batch_size=cfg.batch_size,
+    )
     worker = ExtractionWorker(job)
     for shard in sorted(plan.pending):
         worker.process(shard, decode_shard(plan.shards[shard], plan.spec, plan.fmt), plan.pending[shard])
@@ -45,8 +61,18 @@ def shapes_config(root, model=TINY_VIT, hooks=HOOKS, n=12, dataset=None, **extra
     """Extraction into `<root>/acts` (split `test`) of `n` shapes images (or `dataset`)."""
     shapes = dict(type="synthetic", uri=str(root / "shapes"), generator=dict(name="shapes", n_images=n, image_size=32))
     dataset = dataset or shapes
-    return ExtractConfig(model=model, hooks=hooks, dataset=dataset, output=str(root / "acts"), split="test",
-                         shard_size=8, batch_size=8, dtype="float32", progress=False, **extra)  # fmt: skip
+    return ExtractConfig(
+        model=model,
+        hooks=hooks,
+        dataset=dataset,
+        output=str(root / "acts"),
+        split="test",
+        shard_size=8,
+        batch_size=8,
+        dtype="float32",
+        progress=False,
+        **extra,
+    )
 
 
 def identity(sites: Sites, perfect: bool = True, **cfg) -> Dictionary:
@@ -78,8 +104,9 @@ def stores(tmp_path_factory):
 
 
 def eval_config(root, **extra) -> EvalConfig:
-    return EvalConfig(**{"stores": str(root / "acts"), "split": "test", "splice_samples": 12, "splice_batch_size": 6,
-                         **extra})
+    return EvalConfig(
+        **{"stores": str(root / "acts"), "split": "test", "splice_samples": 12, "splice_batch_size": 6, **extra}
+    )
 
 
 def test_perfect_reconstruction_recovers_all_and_zero_none(stores, tmp_path):

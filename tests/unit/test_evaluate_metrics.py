@@ -1,4 +1,5 @@
 """Metric functions against values computed by hand."""
+
 import math
 
 import numpy as np
@@ -120,14 +121,16 @@ def test_average_ranks_and_auroc_with_ties():
 
 def test_factor_recovery_best_latent_and_fraction():
     shape = np.array(["circle", "circle", "square", "square", None, None], dtype=object)
-    latents = np.array([
-        [0.0, 5.0, 0.0],
-        [0.0, 4.0, 0.0],
-        [1.0, 0.0, 0.0],
-        [0.0, 0.0, 0.0],
-        [0.0, 0.0, 0.0],
-        [1.0, 0.0, 0.0],
-    ])  # fmt: skip
+    latents = np.array(
+        [
+            [0.0, 5.0, 0.0],
+            [0.0, 4.0, 0.0],
+            [1.0, 0.0, 0.0],
+            [0.0, 0.0, 0.0],
+            [0.0, 0.0, 0.0],
+            [1.0, 0.0, 0.0],
+        ]
+    )
     result = factor_recovery(latents, {"shape": shape}, threshold=0.95)
     assert result["values"] == ["shape=circle", "shape=square"]
     assert result["best_latent"][0] == 1 and result["best_auroc"][0] == pytest.approx(1.0)
@@ -145,15 +148,33 @@ def test_grid_cell_maps_patch_centres_through_the_crop():
 
 def test_token_factors_joins_patches_and_objects():
     layout = TokenLayout(prefix=(TokenKind.CLS,), grid=(2, 2))
-    keys = pa.table({"sample_id": ["a"] * 5, "token": pa.array([0, 1, 2, 3, 4], pa.int16()),
-                     "frame": pa.array([-1] * 5, pa.int16())})  # fmt: skip
-    patches = pa.table({
-        "sample_id": ["a"] * 4, "frame": [-1] * 4, "patch_row": [0, 0, 1, 1], "patch_col": [0, 1, 0, 1],
-        "object": [1, 0, 2, 2], "coverage": [0.5, 0.0, 0.9, 0.4], "shape": ["star", None, "circle", "circle"],
-        "colour": ["red", None, "blue", "blue"],
-    })  # fmt: skip
-    objects = pa.table({"sample_id": ["a", "a"], "frame": pa.array([-1, -1], pa.int16()),
-                        "object": pa.array([1, 2], pa.int16()), "radius": [3.0, 4.0]})  # fmt: skip
+    keys = pa.table(
+        {
+            "sample_id": ["a"] * 5,
+            "token": pa.array([0, 1, 2, 3, 4], pa.int16()),
+            "frame": pa.array([-1] * 5, pa.int16()),
+        }
+    )
+    patches = pa.table(
+        {
+            "sample_id": ["a"] * 4,
+            "frame": [-1] * 4,
+            "patch_row": [0, 0, 1, 1],
+            "patch_col": [0, 1, 0, 1],
+            "object": [1, 0, 2, 2],
+            "coverage": [0.5, 0.0, 0.9, 0.4],
+            "shape": ["star", None, "circle", "circle"],
+            "colour": ["red", None, "blue", "blue"],
+        }
+    )
+    objects = pa.table(
+        {
+            "sample_id": ["a", "a"],
+            "frame": pa.array([-1, -1], pa.int16()),
+            "object": pa.array([1, 2], pa.int16()),
+            "radius": [3.0, 4.0],
+        }
+    )
     patch, values = token_factors(keys, layout, patches, objects, (2, 2), ["shape", "radius"])
     assert patch.tolist() == [False, True, True, True, True]
     assert values["shape"].tolist() == [None, "star", None, "circle", "circle"]
@@ -164,13 +185,22 @@ def test_token_factors_joins_patches_and_objects():
 
 def test_video_tokens_map_to_source_frames():
     layout = TokenLayout(prefix=(), grid=(1, 1), time=2, tubelet=2)
-    keys = pa.table({"sample_id": ["c", "c"], "token": pa.array([0, 1], pa.int16()),
-                     "frame": pa.array([0, 2], pa.int16())})  # fmt: skip
+    keys = pa.table(
+        {"sample_id": ["c", "c"], "token": pa.array([0, 1], pa.int16()), "frame": pa.array([0, 2], pa.int16())}
+    )
     samples = pa.table({"sample_id": ["c"], "num_frames": [6], "fps": [8]})
     frames = source_frames(samples, FrameSampling(num_frames=4, stride=1, anchor="center"))
     assert frames["c"].tolist() == [1, 2, 3, 4]
-    patches = pa.table({"sample_id": ["c"] * 6, "frame": list(range(6)), "patch_row": [0] * 6, "patch_col": [0] * 6,
-                        "object": [1] * 6, "shape": [f"s{i}" for i in range(6)]})  # fmt: skip
+    patches = pa.table(
+        {
+            "sample_id": ["c"] * 6,
+            "frame": list(range(6)),
+            "patch_row": [0] * 6,
+            "patch_col": [0] * 6,
+            "object": [1] * 6,
+            "shape": [f"s{i}" for i in range(6)],
+        }
+    )
     objects = pa.table({"sample_id": ["c"], "frame": [0], "object": [1]})
     _, values = token_factors(keys, layout, patches, objects, (1, 1), ["shape"], frames=frames)
     assert values["shape"].tolist() == ["s1", "s3"], "model frames 0 and 2 are clip frames 1 and 3"

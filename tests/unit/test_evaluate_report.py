@@ -1,4 +1,5 @@
 """The leaderboard page and the Pareto plots from a metrics table."""
+
 import re
 
 import pyarrow as pa
@@ -8,13 +9,37 @@ from prisma_ray.evaluate.report import front_plots, leaderboard_html, plot_name
 from prisma_ray.evaluate.results import ResultStore, result_key
 
 ROWS = [
-    {"model": "m1", "hook": "blocks.0.hook_resid_post", "name": "a<b", "architecture": "topk", "l0": 4.0,
-     "explained_variance": 0.8, "loss_recovered": 0.9, "checkpoint": "/c/a"},
-    {"model": "m1", "hook": "blocks.0.hook_resid_post", "name": "b", "architecture": "relu", "l0": 8.0,
-     "explained_variance": 0.7, "loss_recovered": None, "checkpoint": "/c/b"},
-    {"model": "m2", "hook": "blocks.1.hook_mlp_out", "name": "c", "architecture": "topk", "l0": 2.0,
-     "explained_variance": 0.5, "loss_recovered": None, "checkpoint": "/c/c"},
-]  # fmt: skip
+    {
+        "model": "m1",
+        "hook": "blocks.0.hook_resid_post",
+        "name": "a<b",
+        "architecture": "topk",
+        "l0": 4.0,
+        "explained_variance": 0.8,
+        "loss_recovered": 0.9,
+        "checkpoint": "/c/a",
+    },
+    {
+        "model": "m1",
+        "hook": "blocks.0.hook_resid_post",
+        "name": "b",
+        "architecture": "relu",
+        "l0": 8.0,
+        "explained_variance": 0.7,
+        "loss_recovered": None,
+        "checkpoint": "/c/b",
+    },
+    {
+        "model": "m2",
+        "hook": "blocks.1.hook_mlp_out",
+        "name": "c",
+        "architecture": "topk",
+        "l0": 2.0,
+        "explained_variance": 0.5,
+        "loss_recovered": None,
+        "checkpoint": "/c/c",
+    },
+]
 
 
 def test_leaderboard_is_sortable_escaped_and_links_plots():

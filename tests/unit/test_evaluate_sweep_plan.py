@@ -1,4 +1,5 @@
 """Sweep planning without Ray: model selection, `{model}` URIs, checkpoint discovery, grouping, resuming."""
+
 import json
 from pathlib import Path
 
@@ -17,7 +18,9 @@ TOY_IMAGE, TOY_VIDEO = "prisma-toy-vit-shapes", "prisma-toy-video-moving-shapes"
 
 
 def save(uri: Path, model: str, hook: str = "blocks.1.hook_resid_post", k: int = 4) -> str:
-    d = Dictionary(DictionaryConfig(architecture="topk", d_sae=16, k=k), Sites(inputs=(Site(name=hook, width=8, model=model),)))
+    d = Dictionary(
+        DictionaryConfig(architecture="topk", d_sae=16, k=k), Sites(inputs=(Site(name=hook, width=8, model=model),))
+    )
     write_files(export_files(d), str(uri))
     return str(uri)
 
@@ -76,8 +79,9 @@ def test_plan_expands_model_uris_filters_groups_and_skips_done(tmp_path):
     plan = plan_sweep(cfg)
     assert [(g.models, len(g.uris)) for g in plan.groups] == [((TOY_IMAGE,), 2), ((TOY_VIDEO,), 1)], "largest first"
 
-    only_image = cfg.model_copy(update={"models": ModelSelection(family="toy-vit"),
-                                        "checkpoints": [template, str(tmp_path / "other")]})  # fmt: skip
+    only_image = cfg.model_copy(
+        update={"models": ModelSelection(family="toy-vit"), "checkpoints": [template, str(tmp_path / "other")]}
+    )
     assert [g.models for g in plan_sweep(only_image).groups] == [(TOY_IMAGE,)], "other models' checkpoints dropped"
 
     ResultStore(str(tmp_path / "out")).write({"checkpoint": plan.groups[0].uris[0], "model": TOY_IMAGE, "hook": "h"})

@@ -1,4 +1,5 @@
 """Extraction without Ray: token selection, shard planning, config hashing, decoding and the worker."""
+
 import json
 import re
 from pathlib import Path
@@ -254,7 +255,9 @@ def test_worker_records_bad_samples_and_writes_empty_shards(tmp_path):
     again = worker.process(0, decode_shard(refs, files, fmt))
     assert again == {**summary, "seconds": again["seconds"]}
     assert read_errors_table(job.stores[HOOKS[0]]).num_rows == 4, "a rerun overwrites the shard's errors"
-    assert pq.read_table(tmp_path / "out" / HOOKS[0] / "part-00000.parquet").column("sample_id").to_pylist() == [good[0]]
+    assert pq.read_table(tmp_path / "out" / HOOKS[0] / "part-00000.parquet").column("sample_id").to_pylist() == [
+        good[0]
+    ]
 
 
 def test_random_weights_depend_on_the_seed_only():

@@ -1,5 +1,6 @@
 """Hugging Face adapter: every registry entry on the meta device, and tiny random-weight models of
 every supported architecture on CPU (hook sites, bit-identical outputs, interventions, layouts)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,16 +21,32 @@ TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermed
 IMG = dict(image_size=32, patch_size=8)
 NO_MLP = {k: v for k, v in TINY.items() if k != "intermediate_size"}
 VJEPA2 = dict(
-    **NO_MLP, patch_size=8, tubelet_size=2, crop_size=32, frames_per_clip=4,
-    pred_hidden_size=16, pred_num_attention_heads=2, pred_num_hidden_layers=1, num_pooler_layers=1,
+    **NO_MLP,
+    patch_size=8,
+    tubelet_size=2,
+    crop_size=32,
+    frames_per_clip=4,
+    pred_hidden_size=16,
+    pred_num_attention_heads=2,
+    pred_num_hidden_layers=1,
+    num_pooler_layers=1,
 )
 
 
 def tiny(architecture: str, family: str, config: dict, frames: int | None = None) -> ModelEntry:
     return ModelEntry(
-        name=f"tiny-{architecture}", source="hf", architecture=architecture, family=family,
-        modality="video" if frames else "image", layers=config["num_hidden_layers"], width=config["hidden_size"],
-        heads=config["num_attention_heads"], image_size=32, patch_size=8, frames=frames, config=config,
+        name=f"tiny-{architecture}",
+        source="hf",
+        architecture=architecture,
+        family=family,
+        modality="video" if frames else "image",
+        layers=config["num_hidden_layers"],
+        width=config["hidden_size"],
+        heads=config["num_attention_heads"],
+        image_size=32,
+        patch_size=8,
+        frames=frames,
+        config=config,
     )
 
 
@@ -46,8 +63,12 @@ TINY_ENTRIES = [
     tiny("VideoMAEForVideoClassification", "videomae", dict(**TINY, **IMG, num_frames=4, num_labels=5), 4),
     tiny("VideoMAEModel", "videomae", dict(**TINY, **IMG, num_frames=4, use_mean_pooling=False), 4),
     tiny("TimesformerForVideoClassification", "timesformer", dict(**TINY, **IMG, num_frames=4, num_labels=5), 4),
-    tiny("VivitForVideoClassification", "vivit",
-         dict(**TINY, image_size=32, num_frames=4, tubelet_size=[2, 8, 8], num_labels=5), 4),
+    tiny(
+        "VivitForVideoClassification",
+        "vivit",
+        dict(**TINY, image_size=32, num_frames=4, tubelet_size=[2, 8, 8], num_labels=5),
+        4,
+    ),
     tiny("VJEPA2Model", "vjepa2", VJEPA2, 4),
     tiny("VJEPA2ForVideoClassification", "vjepa2", dict(VJEPA2, num_labels=5), 4),
 ]

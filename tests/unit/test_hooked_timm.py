@@ -1,4 +1,5 @@
 """HookedVisionModel over small timm configurations: caching, interventions, early stopping, errors."""
+
 import pytest
 import timm
 import torch

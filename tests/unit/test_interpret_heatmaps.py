@@ -1,4 +1,5 @@
 """Patch heatmaps: grids from token activations, overlays, masks, video frames and GIFs."""
+
 import io
 
 import numpy as np

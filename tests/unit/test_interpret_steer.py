@@ -1,4 +1,5 @@
 """Steering: clamping a shape-detecting latent of an SAE on the toy ViT moves its prediction towards that shape."""
+
 import pytest
 import torch
 
@@ -62,11 +63,30 @@ def test_steer_command_prints_the_change_as_json(toy_sae, tmp_path, capsys):
 
     shape, latent = shape_detector(toy_sae)
     data = tmp_path / "data.json"
-    data.write_text(json.dumps(dict(type="synthetic", uri=str(tmp_path / "shapes"), generator=dict(
-        name="shapes", n_images=12, image_size=32, n_objects=[1, 1], size_range=[0.25, 0.4]))))  # fmt: skip
+    data.write_text(
+        json.dumps(
+            dict(
+                type="synthetic",
+                uri=str(tmp_path / "shapes"),
+                generator=dict(name="shapes", n_images=12, image_size=32, n_objects=[1, 1], size_range=[0.25, 0.4]),
+            )
+        )
+    )
     value = 4 * float(toy_sae.latents[..., latent].max())
-    args = ["steer", toy_sae.checkpoint, "--latent", str(latent), "--value", str(value), "--data", str(data),
-            "--set", "samples=12", "--set", "steer.tokens=patches"]  # fmt: skip
+    args = [
+        "steer",
+        toy_sae.checkpoint,
+        "--latent",
+        str(latent),
+        "--value",
+        str(value),
+        "--data",
+        str(data),
+        "--set",
+        "samples=12",
+        "--set",
+        "steer.tokens=patches",
+    ]
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
     name = ("circle", "square", "triangle", "star", "hexagon", "cross")[shape]

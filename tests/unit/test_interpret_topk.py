@@ -1,4 +1,5 @@
 """The top-activations accumulator: exact merging across shards, deterministic ties, statistics, reservoir."""
+
 import numpy as np
 import pytest
 
@@ -56,7 +57,9 @@ def test_top_k_is_exact_with_ties_broken_by_sample_id():
         expected = sorted((-float(p), str(i)) for p, i in zip(peak, ids) if p > 0)[:4]
         assert [str(i) for i in record.top["max"].ids[latent]] == [i for _, i in expected]
         row = record.top["max"].ids[latent].tolist().index(expected[0][1])
-        np.testing.assert_array_equal(record.top["max"].maps[latent, row], acts[list(ids).index(expected[0][1]), :, latent].astype(np.float16))
+        np.testing.assert_array_equal(
+            record.top["max"].maps[latent, row], acts[list(ids).index(expected[0][1]), :, latent].astype(np.float16)
+        )
     assert (record.top["max"].scores[0] == record.top["max"].scores[0, 0]).all(), "latent 0 has ties at the top"
 
 

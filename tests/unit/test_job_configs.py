@@ -1,4 +1,5 @@
 """Every example job config under jobs/ validates against the config its job reads."""
+
 from pathlib import Path
 
 import pytest

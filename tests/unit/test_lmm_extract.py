@@ -1,5 +1,6 @@
 """Extraction from multimodal language models without Ray: processor inputs, token selection, the worker,
 image and video datasets."""
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -110,10 +111,16 @@ def test_worker_rows_are_the_sequences_tokens_as_run_with_cache_gives_them(tmp_p
     hooks = [HOOK, "lm.blocks.0.hook_mlp_out"]
     spec = SyntheticSource(uri=str(tmp_path / "shapes"), generator=ShapesConfig(n_images=5, image_size=40))
     job = WorkerJob(
-        model=tiny_entry(name), pretrained=False, seed=0, tokens=TokenSelection(mode=mode), dtype="float32",
-        stores={h: str(tmp_path / "out" / h) for h in hooks}, storage=StorageOptions(), batch_size=2,
+        model=tiny_entry(name),
+        pretrained=False,
+        seed=0,
+        tokens=TokenSelection(mode=mode),
+        dtype="float32",
+        stores={h: str(tmp_path / "out" / h) for h in hooks},
+        storage=StorageOptions(),
+        batch_size=2,
         prompts=PROMPTS,
-    )  # fmt: skip
+    )
     worker = ExtractionWorker(job)
     data = decode_shard(list_refs(spec), spec, InputFormat.create(spec, worker.model.preprocess))
     summary = worker.process(0, data)
@@ -135,8 +142,14 @@ def test_worker_rows_are_the_sequences_tokens_as_run_with_cache_gives_them(tmp_p
         expected = cache[hook][torch.from_numpy(sample), torch.from_numpy(position)].numpy()
         np.testing.assert_allclose(store.decode_acts(table.column("act"), "float32"), expected, rtol=1e-4, atol=1e-4)
     kinds = set(pq.read_table(tmp_path / "out" / HOOK / "part-00000.parquet").column("kind").to_pylist())
-    assert kinds == {"all": {TokenKind.TEXT, TokenKind.PATCH} | ({TokenKind.NEWLINE} if "llava" in name else set()),
-                     "text": {TokenKind.TEXT}, "image": kinds - {TokenKind.TEXT}}[mode]
+    assert (
+        kinds
+        == {
+            "all": {TokenKind.TEXT, TokenKind.PATCH} | ({TokenKind.NEWLINE} if "llava" in name else set()),
+            "text": {TokenKind.TEXT},
+            "image": kinds - {TokenKind.TEXT},
+        }[mode]
+    )
 
 
 def test_inputs_for_a_vision_model_are_normalised_pixels():
@@ -148,12 +161,19 @@ def test_inputs_for_a_vision_model_are_normalised_pixels():
 
 
 def test_qwen_stores_video_tokens_with_their_frames(tmp_path):
-    clips = SyntheticSource(uri=str(tmp_path / "clips"),
-                            generator=MovingShapesConfig(n_clips=3, num_frames=4, image_size=40))  # fmt: skip
+    clips = SyntheticSource(
+        uri=str(tmp_path / "clips"), generator=MovingShapesConfig(n_clips=3, num_frames=4, image_size=40)
+    )
     job = WorkerJob(
-        model=tiny_entry("qwen2-vl"), pretrained=False, seed=0, tokens=TokenSelection(mode="image"),
-        dtype="float32", stores={HOOK: str(tmp_path / "out")}, storage=StorageOptions(), batch_size=2,
-    )  # fmt: skip
+        model=tiny_entry("qwen2-vl"),
+        pretrained=False,
+        seed=0,
+        tokens=TokenSelection(mode="image"),
+        dtype="float32",
+        stores={HOOK: str(tmp_path / "out")},
+        storage=StorageOptions(),
+        batch_size=2,
+    )
     worker = ExtractionWorker(job)
     fmt = InputFormat.create(clips, worker.model.preprocess)
     data = decode_shard(list_refs(clips), clips, fmt)
@@ -166,8 +186,11 @@ def test_qwen_stores_video_tokens_with_their_frames(tmp_path):
 
 
 def test_plan_refuses_videos_for_llava_before_any_work(tmp_path):
-    clips = dict(type="synthetic", uri=str(tmp_path / "clips"),
-                 generator=dict(name="moving-shapes", n_clips=2, num_frames=4, image_size=40))  # fmt: skip
+    clips = dict(
+        type="synthetic",
+        uri=str(tmp_path / "clips"),
+        generator=dict(name="moving-shapes", n_clips=2, num_frames=4, image_size=40),
+    )
     cfg = ExtractConfig(model=tiny_entry("llava-onevision"), hooks=[HOOK], dataset=clips, output=str(tmp_path / "out"))
     with pytest.raises(ValueError, match="cannot take the synthetic dataset.*supported for Qwen2-VL"):
         plan_extract(cfg)
@@ -182,9 +205,19 @@ def test_interpretation_reads_an_lmm_dictionary_on_each_images_base_view(tmp_pat
     torch.nn.init.normal_(sae.W_enc)
     checkpoint = str(tmp_path / "sae")
     write_files(export_files(sae), checkpoint)
-    shapes = dict(type="synthetic", uri=str(tmp_path / "shapes"), generator=dict(name="shapes", n_images=4, image_size=40))
-    cfg = InterpretConfig(checkpoint=checkpoint, model=entry, pretrained=False, dataset=shapes, prompts=PROMPTS,
-                          output=str(tmp_path / "out"), k=2, reservoir=4)  # fmt: skip
+    shapes = dict(
+        type="synthetic", uri=str(tmp_path / "shapes"), generator=dict(name="shapes", n_images=4, image_size=40)
+    )
+    cfg = InterpretConfig(
+        checkpoint=checkpoint,
+        model=entry,
+        pretrained=False,
+        dataset=shapes,
+        prompts=PROMPTS,
+        output=str(tmp_path / "out"),
+        k=2,
+        reservoir=4,
+    )
     plan = plan_interpret(cfg)
     assert plan.layout == TokenLayout(prefix=(), grid=(2, 2)) and plan.description()["prompts"] == PROMPTS
     data = decode_shard(list_refs(plan.spec), plan.spec, plan.fmt)
@@ -204,8 +237,16 @@ def test_interpretation_reads_an_lmm_dictionary_on_each_images_base_view(tmp_pat
     assert (latents > 0).any()
 
     with pytest.raises(ValueError, match="takes images, not videos"):
-        plan_interpret(cfg.model_copy(update={"dataset": SyntheticSource(
-            uri=str(tmp_path / "clips"), generator=MovingShapesConfig(n_clips=2, num_frames=4, image_size=40))}))
+        plan_interpret(
+            cfg.model_copy(
+                update={
+                    "dataset": SyntheticSource(
+                        uri=str(tmp_path / "clips"),
+                        generator=MovingShapesConfig(n_clips=2, num_frames=4, image_size=40),
+                    )
+                }
+            )
+        )
     with pytest.raises(ValueError, match="vision tower"):
         plan_interpret(cfg.model_copy(update={"hook": "blocks.1.hook_resid_post"}))
 

@@ -1,4 +1,5 @@
 """Multimodal language models as hooked models: tiny random Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision and LLaVA-NeXT."""
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +9,7 @@ from prisma_ray.models.spec import ImageView
 from tests.lmm_tiny import CONFIGS, IMAGE_ID, VIDEO_ID, tiny
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def prompt(n_image_tokens: int) -> torch.Tensor:
     return torch.tensor([[1, 2] + [IMAGE_ID] * n_image_tokens + [3, 4, 5]])
@@ -46,8 +48,21 @@ def test_cache_shapes_and_bit_identical_output(case):
     batch, _, _ = inputs(family)
     with torch.no_grad():
         plain = model(batch)
-        names = ["blocks.0.hook_resid_post", *(f"lm.blocks.{l}.{s}" for l in range(2) for s in
-                 ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_in", "hook_mlp_out"))]
+        names = [
+            "blocks.0.hook_resid_post",
+            *(
+                f"lm.blocks.{l}.{s}"
+                for l in range(2)
+                for s in (
+                    "hook_resid_pre",
+                    "hook_resid_mid",
+                    "hook_resid_post",
+                    "hook_attn_out",
+                    "hook_mlp_in",
+                    "hook_mlp_out",
+                )
+            ),
+        ]
         logits, cache = model.run_with_cache(batch, names)
     seq = batch["input_ids"].shape[1]
     assert torch.equal(plain, logits)

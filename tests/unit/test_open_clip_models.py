@@ -1,4 +1,5 @@
 """OpenCLIP image towers: every registry entry on the meta device, small towers on the CPU."""
+
 from types import SimpleNamespace
 
 import open_clip
@@ -43,23 +44,38 @@ NATIVE = dict(layers=2, width=64, head_width=32, image_size=32, patch_size=8)
 TINY = {
     "native": tiny("native", "ViT-B-32-quickgelu", "openai", NATIVE, (2, 64, 2, 32, 8), embed_dim=32),
     "clipa": tiny(  # no ln_pre, average pool, ln_post after pooling; plus LayerScale
-        "clipa", "ViT-L-14-CLIPA", "datacomp1b", {**NATIVE, "layers": 3, "ls_init_value": 0.5}, (3, 64, 2, 32, 8),
+        "clipa",
+        "ViT-L-14-CLIPA",
+        "datacomp1b",
+        {**NATIVE, "layers": 3, "ls_init_value": 0.5},
+        (3, 64, 2, 32, 8),
         embed_dim=32,
     ),
     "coca": tiny(  # attentional pooler, (pooled, tokens) output
-        "coca", "coca_ViT-B-32", "laion2b_s13b_b90k", {**NATIVE, "attn_pooler_queries": 4, "attn_pooler_heads": 2},
-        (2, 64, 2, 32, 8), embed_dim=32,
+        "coca",
+        "coca_ViT-B-32",
+        "laion2b_s13b_b90k",
+        {**NATIVE, "attn_pooler_queries": 4, "attn_pooler_heads": 2},
+        (2, 64, 2, 32, 8),
+        embed_dim=32,
     ),
     "custom": tiny(  # CustomResidualAttentionBlock with OpenCLIP's own Attention
         "custom", "ViT-B-32", "laion2b_s34b_b79k", {**NATIVE, "qk_norm": True}, (2, 64, 2, 32, 8), embed_dim=32
     ),
     "siglip-timm": tiny(  # SigLIP's TimmModel (MAP pooling, no projection) over timm's tiny test_vit
-        "siglip-timm", "ViT-B-16-SigLIP", "webli", {"timm_model_name": "test_vit", "image_size": 160},
+        "siglip-timm",
+        "ViT-B-16-SigLIP",
+        "webli",
+        {"timm_model_name": "test_vit", "image_size": 160},
         (6, 64, 2, 160, 16),
     ),
     "eva02-timm": tiny(
-        "eva02-timm", "EVA02-B-16", "merged2b_s8b_b131k", {"timm_model_name": "eva02_tiny_patch14_224"},
-        (12, 192, 3, 224, 14), embed_dim=32,
+        "eva02-timm",
+        "EVA02-B-16",
+        "merged2b_s8b_b131k",
+        {"timm_model_name": "eva02_tiny_patch14_224"},
+        (12, 192, 3, 224, 14),
+        embed_dim=32,
     ),
 }
 

@@ -1,4 +1,5 @@
 """Every registry entry builds offline on the meta device and matches what it declares."""
+
 import subprocess
 import sys
 
@@ -41,6 +42,8 @@ def test_unknown_model_suggests_close_names():
 def test_data_layer_registry_and_shard_decoding_load_without_torch():
     """Ray decode workers import the data layer and `decoding`; torch must stay out of them (seconds and
     about 500 MiB per process)."""
-    code = ("import sys, prisma_ray.data, prisma_ray.data.shards, prisma_ray.models; prisma_ray.models.list_entries(); "
-            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('prisma_ray'))")
+    code = (
+        "import sys, prisma_ray.data, prisma_ray.data.shards, prisma_ray.models; prisma_ray.models.list_entries(); "
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('prisma_ray'))"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

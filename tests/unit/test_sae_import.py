@@ -1,5 +1,6 @@
 """Importing published dictionaries (ViT-Prisma, SAELens, sparsify): same function, our names, and
 pickled files read without running anything from them."""
+
 import collections
 import json
 import os
@@ -55,28 +56,41 @@ def imported(tmp_path, src, **kwargs):
 
 def vit_prisma_dir(path, *, cfg: dict, state: dict, weights_name: str = "weights.pt"):
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps({"d_in": D_IN, "expansion_factor": D_SAE // D_IN, "d_sae": None,
-                                                  "model_name": CLIP_B32, **cfg}))  # fmt: skip
+    (path / "config.json").write_text(
+        json.dumps({"d_in": D_IN, "expansion_factor": D_SAE // D_IN, "d_sae": None, "model_name": CLIP_B32, **cfg})
+    )
     torch.save(collections.OrderedDict(state), path / weights_name)
     return path
 
 
 def sae_state(d_out: int = D_IN, seed: int = 0) -> dict:
-    return {"W_enc": rand(D_IN, D_SAE, seed=seed), "W_dec": rand(D_SAE, d_out, seed=seed + 1),
-            "b_enc": rand(D_SAE, seed=seed + 2), "b_dec": rand(D_IN, seed=seed + 3)}  # fmt: skip
+    return {
+        "W_enc": rand(D_IN, D_SAE, seed=seed),
+        "W_dec": rand(D_SAE, d_out, seed=seed + 1),
+        "b_enc": rand(D_SAE, seed=seed + 2),
+        "b_dec": rand(D_IN, seed=seed + 3),
+    }
 
 
 @pytest.mark.parametrize("activation", ["relu", "topk", "jumprelu"])
 def test_vit_prisma_sae(tmp_path, activation):
     s = {**sae_state(), "threshold": rand(D_SAE, seed=4).abs()} if activation == "jumprelu" else sae_state()
-    cfg = {"hook_point_layer": 9, "layer_subtype": "hook_resid_post", "activation_fn_str": activation,
-           "activation_fn_kwargs": {"k": K} if activation == "topk" else {}, "normalize_activations": "none",
-           "architecture": "jumprelu" if activation == "jumprelu" else "standard"}  # fmt: skip
+    cfg = {
+        "hook_point_layer": 9,
+        "layer_subtype": "hook_resid_post",
+        "activation_fn_str": activation,
+        "activation_fn_kwargs": {"k": K} if activation == "topk" else {},
+        "normalize_activations": "none",
+        "architecture": "jumprelu" if activation == "jumprelu" else "standard",
+    }
     src = vit_prisma_dir(tmp_path / "src", cfg=cfg, state=s, weights_name="n_images_2600058.pt")
     result, d, saved = imported(tmp_path, src)
     s = f64(s)
-    act = {"relu": torch.relu, "topk": lambda pre: topk(pre, K),
-           "jumprelu": lambda pre: pre.relu() * (pre > s["threshold"])}[activation]  # fmt: skip
+    act = {
+        "relu": torch.relu,
+        "topk": lambda pre: topk(pre, K),
+        "jumprelu": lambda pre: pre.relu() * (pre > s["threshold"]),
+    }[activation]
 
     def encode(x):
         return act((x - s["b_dec"]) @ s["W_enc"] + s["b_enc"])
@@ -91,10 +105,18 @@ def test_vit_prisma_sae(tmp_path, activation):
 
 def test_vit_prisma_skip_transcoder(tmp_path):
     s = {**sae_state(), "b_dec_out": rand(D_IN, seed=7), "W_skip": rand(D_IN, D_IN, seed=8)}
-    cfg = {"hook_point_layer": 3, "layer_subtype": "hook_mlp_in", "is_transcoder": True, "out_hook_point_layer": 3,
-           "layer_out_subtype": "hook_mlp_out", "transcoder_with_skip_connection": True, "d_out": D_IN,
-           "activation_fn_str": "topk", "activation_fn_kwargs": {"k": K},
-           "model_name": "wkcn/TinyCLIP-ViT-40M-32"}  # fmt: skip
+    cfg = {
+        "hook_point_layer": 3,
+        "layer_subtype": "hook_mlp_in",
+        "is_transcoder": True,
+        "out_hook_point_layer": 3,
+        "layer_out_subtype": "hook_mlp_out",
+        "transcoder_with_skip_connection": True,
+        "d_out": D_IN,
+        "activation_fn_str": "topk",
+        "activation_fn_kwargs": {"k": K},
+        "model_name": "wkcn/TinyCLIP-ViT-40M-32",
+    }
     result, d, saved = imported(tmp_path, vit_prisma_dir(tmp_path / "src", cfg=cfg, state=s))
 
     s = f64(s)
@@ -114,7 +136,9 @@ def test_vit_prisma_skip_transcoder(tmp_path):
 def test_vit_prisma_older_config_defaults_to_mlp_out_and_refuses_run_time_normalisation(tmp_path):
     src = vit_prisma_dir(tmp_path / "src", cfg={"hook_point_layer": 2}, state=sae_state())
     assert imported(tmp_path, src)[0].hook_name == "blocks.2.hook_mlp_out"
-    (src / "config.json").write_text(json.dumps({"d_in": D_IN, "hook_point_layer": 2, "normalize_activations": "layer_norm"}))
+    (src / "config.json").write_text(
+        json.dumps({"d_in": D_IN, "hook_point_layer": 2, "normalize_activations": "layer_norm"})
+    )
     with pytest.raises(CheckpointImportError, match=r"config\.json: normalize_activations='layer_norm'"):
         import_dictionary(ImportConfig(source=str(src), output=str(tmp_path / "out2")))
 
@@ -134,9 +158,15 @@ def saelens_dir(path, cfg: dict, weights: dict, sparsity: torch.Tensor | None = 
 def test_saelens_legacy_cfg_folds_b_dec_and_scaling_factor(tmp_path):
     """SAELens <6: names at the top level, no b_dec on the input, a fine-tuning scaling factor."""
     s = {**sae_state(), "scaling_factor": rand(D_SAE, seed=5).abs() + 0.5}
-    cfg = {"architecture": "standard", "activation_fn_str": "relu", "apply_b_dec_to_input": False,
-           "normalize_activations": False, "hook_name": "blocks.4.hook_resid_pre",
-           "model_name": "openai/clip-vit-base-patch32", "finetuning_scaling_factor": True}  # fmt: skip
+    cfg = {
+        "architecture": "standard",
+        "activation_fn_str": "relu",
+        "apply_b_dec_to_input": False,
+        "normalize_activations": False,
+        "hook_name": "blocks.4.hook_resid_pre",
+        "model_name": "openai/clip-vit-base-patch32",
+        "finetuning_scaling_factor": True,
+    }
     result, d, saved = imported(tmp_path, saelens_dir(tmp_path / "src", cfg, s))
 
     s = f64(s)
@@ -151,10 +181,20 @@ def test_saelens_legacy_cfg_folds_b_dec_and_scaling_factor(tmp_path):
 
 def test_saelens_6_gated_sae_without_b_dec_on_input(tmp_path):
     s = sae_state()
-    s = {"W_enc": s["W_enc"], "W_dec": s["W_dec"], "b_dec": s["b_dec"], "b_gate": rand(D_SAE, seed=11),
-         "r_mag": rand(D_SAE, seed=12), "b_mag": rand(D_SAE, seed=13)}  # fmt: skip
-    cfg = {"architecture": "gated", "apply_b_dec_to_input": False, "normalize_activations": "none",
-           "metadata": {"hook_name": "blocks.1.hook_mlp_out", "model_name": "prisma-toy-vit-shapes"}}  # fmt: skip
+    s = {
+        "W_enc": s["W_enc"],
+        "W_dec": s["W_dec"],
+        "b_dec": s["b_dec"],
+        "b_gate": rand(D_SAE, seed=11),
+        "r_mag": rand(D_SAE, seed=12),
+        "b_mag": rand(D_SAE, seed=13),
+    }
+    cfg = {
+        "architecture": "gated",
+        "apply_b_dec_to_input": False,
+        "normalize_activations": "none",
+        "metadata": {"hook_name": "blocks.1.hook_mlp_out", "model_name": "prisma-toy-vit-shapes"},
+    }
     _, d, _ = imported(tmp_path, saelens_dir(tmp_path / "src", cfg, s))
 
     s = f64(s)
@@ -169,9 +209,12 @@ def test_saelens_6_gated_sae_without_b_dec_on_input(tmp_path):
 def test_saelens_6_jumprelu_skip_transcoder_keeps_sparsity(tmp_path):
     s = {**sae_state(d_out=6), "threshold": rand(D_SAE, seed=4).abs(), "W_skip": rand(6, D_IN, seed=6)}
     s["b_dec"] = rand(6, seed=9)
-    cfg = {"architecture": "jumprelu_skip_transcoder", "d_out": 6, "apply_b_dec_to_input": False,
-           "metadata": {"hook_name": "blocks.2.hook_mlp_in", "hook_name_out": "blocks.2.hook_mlp_out",
-                        "model_name": ""}}  # fmt: skip
+    cfg = {
+        "architecture": "jumprelu_skip_transcoder",
+        "d_out": 6,
+        "apply_b_dec_to_input": False,
+        "metadata": {"hook_name": "blocks.2.hook_mlp_in", "hook_name_out": "blocks.2.hook_mlp_out", "model_name": ""},
+    }
     sparsity = rand(D_SAE, seed=10).abs().neg()
     result, d, _ = imported(tmp_path, saelens_dir(tmp_path / "src", cfg, s, sparsity), model="prisma-toy-vit-shapes")
 
@@ -187,8 +230,9 @@ def test_saelens_6_jumprelu_skip_transcoder_keeps_sparsity(tmp_path):
 
 
 def test_saelens_run_time_normalisation_is_refused(tmp_path):
-    src = saelens_dir(tmp_path / "src", {"architecture": "standard", "normalize_activations": "expected_average_only_in"},
-                      sae_state())  # fmt: skip
+    src = saelens_dir(
+        tmp_path / "src", {"architecture": "standard", "normalize_activations": "expected_average_only_in"}, sae_state()
+    )
     with pytest.raises(CheckpointImportError, match="normalize_activations='expected_average_only_in'"):
         import_dictionary(ImportConfig(source=str(src), output=str(tmp_path / "out")))
     assert not (tmp_path / "out").exists()
@@ -205,8 +249,12 @@ def sparsify_dir(path, cfg: dict, weights: dict):
 
 
 def sparsify_state(skip: bool = False) -> dict:
-    s = {"encoder.weight": rand(D_SAE, D_IN, seed=20), "encoder.bias": rand(D_SAE, seed=21),
-         "W_dec": rand(D_SAE, D_IN, seed=22), "b_dec": rand(D_IN, seed=23)}  # fmt: skip
+    s = {
+        "encoder.weight": rand(D_SAE, D_IN, seed=20),
+        "encoder.bias": rand(D_SAE, seed=21),
+        "W_dec": rand(D_SAE, D_IN, seed=22),
+        "b_dec": rand(D_IN, seed=23),
+    }
     return {**s, "W_skip": rand(D_IN, D_IN, seed=24)} if skip else s
 
 
@@ -359,10 +407,14 @@ def test_a_pickle_that_calls_a_function_is_refused_though_a_naive_load_would_run
     assert FLAG["ran"] is True
 
 
-@pytest.mark.parametrize("obj,refused", [
-    ({**sae_state(), "counts": collections.Counter("aab")}, "collections.Counter"),
-    ({"cfg": OldPrismaConfig(), "state_dict": sae_state()}, "OldPrismaConfig"),
-], ids=["counter", "custom-class"])  # fmt: skip
+@pytest.mark.parametrize(
+    "obj,refused",
+    [
+        ({**sae_state(), "counts": collections.Counter("aab")}, "collections.Counter"),
+        ({"cfg": OldPrismaConfig(), "state_dict": sae_state()}, "OldPrismaConfig"),
+    ],
+    ids=["counter", "custom-class"],
+)
 def test_classes_other_than_tensors_and_plain_containers_are_refused(tmp_path, obj, refused):
     src = prisma_with(tmp_path, torch_saved(obj))
     with pytest.raises(UnsafePickleError, match=refused):
@@ -379,8 +431,11 @@ def test_a_state_dict_under_state_dict_with_plain_values_loads(tmp_path):
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "not-tensors"])
 def test_corrupt_pickles_name_the_file(tmp_path, damage):
     good = torch_saved(sae_state())
-    payload = {"truncated": good[: len(good) // 2], "garbage": b"\x00not a checkpoint",
-               "not-tensors": torch_saved({**sae_state(), "W_enc": "oops"})}[damage]  # fmt: skip
+    payload = {
+        "truncated": good[: len(good) // 2],
+        "garbage": b"\x00not a checkpoint",
+        "not-tensors": torch_saved({**sae_state(), "W_enc": "oops"}),
+    }[damage]
     src = prisma_with(tmp_path, payload)
     with pytest.raises(CheckpointImportError, match=r"weights\.pt: ") as err:
         import_dictionary(ImportConfig(source=str(src), output=str(tmp_path / "out")))
@@ -399,7 +454,9 @@ def test_corrupt_safetensors_and_json_name_the_file(tmp_path):
 
 
 def test_source_and_output_on_s3(tmp_path, s3):
-    src = vit_prisma_dir(tmp_path / "src", cfg={"hook_point_layer": 5, "layer_subtype": "hook_resid_post"}, state=sae_state())
+    src = vit_prisma_dir(
+        tmp_path / "src", cfg={"hook_point_layer": 5, "layer_subtype": "hook_resid_post"}, state=sae_state()
+    )
     for f in src.iterdir():
         s3.client.put_object(Bucket=s3.bucket, Key=f"published/{f.name}", Body=f.read_bytes())
     cfg = ImportConfig(source=s3.uri("published"), output=s3.uri("imported", "l5"), storage=s3.options)

@@ -1,4 +1,5 @@
 """Checkpoints: SAELens 6 layout, exact round trips, folded normalisation, no unpickling."""
+
 import json
 import os
 import pickle
@@ -6,8 +7,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from safetensors import SafetensorError
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from prisma_ray.sae import (
@@ -25,7 +26,9 @@ from prisma_ray.sae.trainer import Normalization
 
 SAE = Sites(inputs=(Site(name="blocks.3.hook_resid_post", width=12, model="toy"),))
 CROSS = Sites(inputs=(Site(name="blocks.2.hook_resid_post", width=12), Site(name="blocks.3.hook_resid_post", width=8)))
-TRANSCODER = Sites(inputs=(Site(name="blocks.3.hook_mlp_in", width=12),), outputs=(Site(name="blocks.3.hook_mlp_out", width=10),))
+TRANSCODER = Sites(
+    inputs=(Site(name="blocks.3.hook_mlp_in", width=12),), outputs=(Site(name="blocks.3.hook_mlp_out", width=10),)
+)
 SAELENS_PYTHON = Path(__file__).resolve().parents[2] / ".venv-saelens" / "bin" / "python"
 
 
@@ -83,14 +86,31 @@ def test_cfg_and_weights_follow_saelens_6(tmp_path):
     trainer = trained(DictionaryConfig(architecture="topk", d_sae=24, k=4), SAE)
     write_files(export_files(trainer.first, trainer.fire_counts["topk-k-4"], trainer.tokens), str(tmp_path))
     cfg = json.loads((tmp_path / "cfg.json").read_text())
-    assert {"architecture", "d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input", "normalize_activations",
-            "reshape_activations", "metadata", "k", "rescale_acts_by_decoder_norm"} <= set(cfg)  # fmt: skip
+    assert {
+        "architecture",
+        "d_in",
+        "d_sae",
+        "dtype",
+        "device",
+        "apply_b_dec_to_input",
+        "normalize_activations",
+        "reshape_activations",
+        "metadata",
+        "k",
+        "rescale_acts_by_decoder_norm",
+    } <= set(cfg)
     assert cfg["d_in"] == 12 and cfg["d_sae"] == 24 and cfg["k"] == 4 and cfg["apply_b_dec_to_input"] is True
-    assert cfg["metadata"]["sae_lens_version"].startswith("6.") and cfg["metadata"]["hook_name"] == "blocks.3.hook_resid_post"
+    assert (
+        cfg["metadata"]["sae_lens_version"].startswith("6.")
+        and cfg["metadata"]["hook_name"] == "blocks.3.hook_resid_post"
+    )
     weights = load_file(tmp_path / "sae_weights.safetensors")
     assert {k: tuple(v.shape) for k, v in weights.items()} == {
-        "W_enc": (12, 24), "W_dec": (24, 12), "b_enc": (24,), "b_dec": (12,),
-    }  # fmt: skip
+        "W_enc": (12, 24),
+        "W_dec": (24, 12),
+        "b_enc": (24,),
+        "b_dec": (12,),
+    }
     sparsity = load_sparsity(str(tmp_path))
     assert sparsity.shape == (24,) and float(sparsity.max()) <= 0
 
@@ -138,8 +158,10 @@ def test_a_saelens_cfg_without_our_metadata_loads(tmp_path):
 
 def test_trainer_checkpoint_resumes_exactly(tmp_path):
     """Training 4 + 4 steps across a checkpoint equals 8 uninterrupted steps, bit for bit."""
-    cfgs = [DictionaryConfig(architecture="topk", d_sae=24, k=4, dead_after_tokens=100),
-            DictionaryConfig(architecture="jumprelu", d_sae=24)]  # fmt: skip
+    cfgs = [
+        DictionaryConfig(architecture="topk", d_sae=24, k=4, dead_after_tokens=100),
+        DictionaryConfig(architecture="jumprelu", d_sae=24),
+    ]
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randn(32, 12, generator=gen) for _ in range(8)]
 
@@ -179,8 +201,12 @@ def test_checkpoint_of_another_config_is_refused(tmp_path):
 @pytest.mark.slow
 def test_saelens_loads_our_checkpoints(tmp_path):
     """SAELens 6's own loader gives the same outputs as ours, for each architecture it knows."""
-    known = [case for case in CASES if case[2] in ("standard", "topk", "jumprelu", "gated", "transcoder", "skip_transcoder",
-                                                  "jumprelu_skip_transcoder")]  # fmt: skip
+    known = [
+        case
+        for case in CASES
+        if case[2]
+        in ("standard", "topk", "jumprelu", "gated", "transcoder", "skip_transcoder", "jumprelu_skip_transcoder")
+    ]
     x = torch.randn(16, 20) * 3 + 1
     torch.save(x, tmp_path / "x.pt")
     for i, (cfg, sites, _) in enumerate(known):

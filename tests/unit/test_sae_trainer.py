@@ -1,4 +1,5 @@
 """The per-step trainer: several dictionaries per pass, schedules, dead latents, normalisation, configs."""
+
 import pytest
 import torch
 import yaml
@@ -22,7 +23,10 @@ def batches(n: int, width: int = 8, rows: int = 32, seed: int = 0) -> list[torch
 
 
 def test_several_dictionaries_per_pass_train_as_if_alone():
-    cfgs = [DictionaryConfig(architecture="topk", d_sae=16, k=2), DictionaryConfig(architecture="relu", d_sae=16, lr=1e-3)]
+    cfgs = [
+        DictionaryConfig(architecture="topk", d_sae=16, k=2),
+        DictionaryConfig(architecture="relu", d_sae=16, lr=1e-3),
+    ]
     data = batches(5)
     together = Trainer(cfgs, SITES, 5)
     together.initialize(data[0])
@@ -75,7 +79,9 @@ def test_firing_counts_are_summed_over_workers():
         calls.append(t.clone())
         t.mul_(2)  # as if a second worker saw the same batch
 
-    trainer = Trainer([DictionaryConfig(architecture="topk", d_sae=16, k=2)], SITES, 10, world_size=2, all_reduce=all_reduce)
+    trainer = Trainer(
+        [DictionaryConfig(architecture="topk", d_sae=16, k=2)], SITES, 10, world_size=2, all_reduce=all_reduce
+    )
     trainer.train_step(batches(1)[0])
     assert len(calls) == 1 and trainer.tokens == 64
     assert float(trainer.fire_counts["topk-k-2"].sum()) == 2 * 32 * 2
@@ -136,7 +142,9 @@ def test_input_normalisation_from_stats_is_undone_on_decode():
 def test_geometric_median_ignores_outliers():
     points = torch.cat([torch.randn(200, 3) * 0.01 + 1.0, torch.full((20, 3), 1000.0)])
     assert torch.allclose(geometric_median(points), torch.ones(3), atol=0.05)
-    trainer = Trainer([DictionaryConfig(architecture="topk", d_sae=16, k=2)], Sites(inputs=(Site(name="h", width=3),)), 1)
+    trainer = Trainer(
+        [DictionaryConfig(architecture="topk", d_sae=16, k=2)], Sites(inputs=(Site(name="h", width=3),)), 1
+    )
     trainer.initialize(points)
     assert torch.allclose(trainer.first.b_dec, torch.ones(3), atol=0.05)
 

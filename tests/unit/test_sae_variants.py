@@ -1,4 +1,5 @@
 """Each dictionary variant recovers a known sparse dictionary; the sparse TopK gradients are exact."""
+
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """Activation store: dtype encoding, statistics merging, atomic shards, config claims."""
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest

@@ -1,4 +1,5 @@
 """The toy-model recipe: schedule, training step, weight files, registry entries."""
+
 import math
 
 import pytest

@@ -5,6 +5,7 @@ URLs. At most `concurrency` requests are in flight per client, across threads. 4
 and connection errors are retried with exponential backoff (honouring `Retry-After`); any other 4xx
 and a malformed response fail at once with a `ChatError` naming the endpoint.
 """
+
 from __future__ import annotations
 
 import base64
@@ -72,8 +73,9 @@ class ChatClient:
     def complete(self, messages: list[dict]) -> str:
         """The text of the first choice of a chat completion of `messages`."""
         cfg = self.config
-        body = json.dumps({"model": cfg.model, "messages": messages, "max_tokens": cfg.max_tokens,
-                           "temperature": cfg.temperature}).encode()  # fmt: skip
+        body = json.dumps(
+            {"model": cfg.model, "messages": messages, "max_tokens": cfg.max_tokens, "temperature": cfg.temperature}
+        ).encode()
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -87,14 +89,17 @@ class ChatClient:
             except urllib.error.HTTPError as e:
                 detail = e.read()[:500].decode(errors="replace")
                 if e.code != 429 and e.code < 500:
-                    raise ChatError(f"{self.url}: HTTP {e.code} (not retried; check model, api_key_env and request): "
-                                    f"{detail}") from e  # fmt: skip
+                    raise ChatError(
+                        f"{self.url}: HTTP {e.code} (not retried; check model, api_key_env and request): {detail}"
+                    ) from e
                 reason, retry_after = f"HTTP {e.code}: {detail}", _retry_after(e.headers.get("Retry-After"))
             except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
                 reason, retry_after = f"{type(e).__name__}: {getattr(e, 'reason', e)}", None
             if attempt == cfg.max_retries:
-                raise ChatError(f"{self.url}: gave up after {attempt + 1} attempts; last error {reason}. "
-                                "Check that the server is up (base_url) and not overloaded (concurrency).")  # fmt: skip
+                raise ChatError(
+                    f"{self.url}: gave up after {attempt + 1} attempts; last error {reason}. "
+                    "Check that the server is up (base_url) and not overloaded (concurrency)."
+                )
             delay = min(cfg.max_backoff_s, retry_after if retry_after is not None else cfg.backoff_s * 2**attempt)
             log.warning("%s: %s; retry %d/%d in %.2fs", self.url, reason, attempt + 1, cfg.max_retries, delay)
             time.sleep(delay)
@@ -104,7 +109,9 @@ class ChatClient:
         try:
             content = json.loads(payload)["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError) as e:
-            raise ChatError(f"{self.url}: malformed chat completion ({type(e).__name__}: {e}): {payload[:300]!r}") from e
+            raise ChatError(
+                f"{self.url}: malformed chat completion ({type(e).__name__}: {e}): {payload[:300]!r}"
+            ) from e
         if isinstance(content, list):
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
         if not isinstance(content, str):

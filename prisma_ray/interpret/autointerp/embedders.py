@@ -9,6 +9,7 @@
 
 Every embedding is float32 with unit L2 norm, so a dot product is a cosine similarity.
 """
+
 from __future__ import annotations
 
 import re
@@ -49,8 +50,9 @@ def named_labels(text: str, labels: Sequence[str]) -> list[str]:
 class OpenClipEmbedder:
     """An OpenCLIP model's image tower and text tower; texts are put into `template` first."""
 
-    def __init__(self, model, preprocess: Callable, tokenizer: Callable, template: str = "a photo of {}.",
-                 batch_size: int = 64):  # fmt: skip
+    def __init__(
+        self, model, preprocess: Callable, tokenizer: Callable, template: str = "a photo of {}.", batch_size: int = 64
+    ):
         self.model, self.preprocess, self.tokenizer = model.eval(), preprocess, tokenizer
         self.template, self.batch_size = template, batch_size
 
@@ -69,7 +71,9 @@ class OpenClipEmbedder:
         out = []
         with torch.inference_mode():
             for start in range(0, len(images), self.batch_size):
-                x = torch.stack([self.preprocess(Image.fromarray(im)) for im in images[start : start + self.batch_size]])
+                x = torch.stack(
+                    [self.preprocess(Image.fromarray(im)) for im in images[start : start + self.batch_size]]
+                )
                 out.append(self.model.encode_image(x).float().numpy())
         return unit(np.concatenate(out))
 
@@ -110,8 +114,9 @@ class PrototypeEmbedder:
     images share (the background, the object's presence) does not dominate the similarities.
     """
 
-    def __init__(self, features: Callable[[np.ndarray], np.ndarray], prototypes: Mapping[str, np.ndarray],
-                 shrinkage: float = 0.1):  # fmt: skip
+    def __init__(
+        self, features: Callable[[np.ndarray], np.ndarray], prototypes: Mapping[str, np.ndarray], shrinkage: float = 0.1
+    ):
         if not prototypes:
             raise ValueError("PrototypeEmbedder: no prototypes; give at least one label with its images")
         self.features = features
@@ -138,8 +143,9 @@ class PrototypeEmbedder:
         return unit(np.stack(rows))
 
 
-def synthetic_prototypes(labels: Sequence[str], base: ShapesConfig, n: int = 16,
-                         dim: float | None = 0.25) -> dict[str, np.ndarray]:  # fmt: skip
+def synthetic_prototypes(
+    labels: Sequence[str], base: ShapesConfig, n: int = 16, dim: float | None = 0.25
+) -> dict[str, np.ndarray]:
     """`uint8[n, H, W, 3]` per label: `shapes` images rendered from `base` with that factor fixed.
 
     A label is a shape (`circle`, ...) or a colour (`red`, ...); every other factor varies as in `base`.
@@ -153,7 +159,9 @@ def synthetic_prototypes(labels: Sequence[str], base: ShapesConfig, n: int = 16,
         elif label in COLOURS:
             cfg = base.model_copy(update={"colours": (label,)})
         else:
-            raise ValueError(f"synthetic_prototypes: {label!r} is neither a shape {SHAPES} nor a colour {tuple(COLOURS)}")
+            raise ValueError(
+                f"synthetic_prototypes: {label!r} is neither a shape {SHAPES} nor a colour {tuple(COLOURS)}"
+            )
         renders = [render_shapes(cfg, k * n + i) for i in range(n)]  # independent draws per label
         images = np.stack([image for image, *_ in renders])
         if dim is not None:

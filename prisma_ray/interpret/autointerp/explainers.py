@@ -5,6 +5,7 @@
 - `VocabularyExplainer`: offline; the vocabulary label whose embedding is closest, on average, to
   the embeddings of the highlighted top images.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,14 @@ class Explainer(Protocol):
 class VocabularyExplainer:
     """Picks the label of `vocabulary` with the highest mean image-text similarity to the highlighted top images."""
 
-    def __init__(self, embedder: Embedder, vocabulary: Sequence[str], threshold: float = 0.2, dim: float = 0.25,
-                 name: str = "vocabulary"):  # fmt: skip
+    def __init__(
+        self,
+        embedder: Embedder,
+        vocabulary: Sequence[str],
+        threshold: float = 0.2,
+        dim: float = 0.25,
+        name: str = "vocabulary",
+    ):
         if not vocabulary:
             raise ValueError("VocabularyExplainer: the vocabulary is empty; give at least one label")
         self.embedder, self.vocabulary, self.name = embedder, list(vocabulary), name
@@ -58,8 +65,15 @@ class VocabularyExplainer:
 class ChatExplainer:
     """Sends the highlighted top images (PNG data URLs) with an explanation prompt to a chat model."""
 
-    def __init__(self, client: ChatClient, prompt: str = EXPLAIN_PROMPT, max_images: int = 8, max_words: int = 8,
-                 threshold: float = 0.2, dim: float = 0.25):  # fmt: skip
+    def __init__(
+        self,
+        client: ChatClient,
+        prompt: str = EXPLAIN_PROMPT,
+        max_images: int = 8,
+        max_words: int = 8,
+        threshold: float = 0.2,
+        dim: float = 0.25,
+    ):
         self.client, self.prompt, self.max_images, self.max_words = client, prompt, max_images, max_words
         self.threshold, self.dim = threshold, dim
         self.name = f"chat:{client.config.model}"

@@ -6,6 +6,7 @@ once; a chat actor keeps `chat.concurrency` requests in flight), at most `batche
 per actor, and appends each finished batch to `explanations.jsonl` atomically: a killed run loses
 only the batches in flight, and a rerun does only the latents missing.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -102,12 +103,20 @@ class Pipeline:
         embedder = build_embedder(cfg.embedder, cfg.vocabulary) if needs_embedder else None
         self.client = ChatClient(cfg.chat) if "chat" in (cfg.explainer, cfg.judge) else None
         self.explainer: Explainer = (
-            VocabularyExplainer(embedder, cfg.vocabulary) if cfg.explainer == "vocabulary" else ChatExplainer(self.client)
+            VocabularyExplainer(embedder, cfg.vocabulary)
+            if cfg.explainer == "vocabulary"
+            else ChatExplainer(self.client)
         )
-        judge = {"embedding": lambda: EmbeddingJudge(embedder), "chat": lambda: ChatJudge(self.client),
-                 "none": lambda: None}[cfg.judge]()  # fmt: skip
-        self.scorers = Scorers(judge=judge, segmenter=GroundTruthSegmenter() if cfg.iou else None,
-                               embedder=embedder if cfg.similarity else None)  # fmt: skip
+        judge = {
+            "embedding": lambda: EmbeddingJudge(embedder),
+            "chat": lambda: ChatJudge(self.client),
+            "none": lambda: None,
+        }[cfg.judge]()
+        self.scorers = Scorers(
+            judge=judge,
+            segmenter=GroundTruthSegmenter() if cfg.iou else None,
+            embedder=embedder if cfg.similarity else None,
+        )
         self.cfg = cfg
 
     def run(self, batch: list[LatentEvidence]) -> list[ExplanationRecord]:
@@ -134,8 +143,10 @@ class ExplainSummary(BaseModel):
 
     def format(self) -> str:
         scores = ", ".join(f"{k}={v:.3f}" for k, v in sorted(self.mean_scores.items()))
-        return (f"{self.output}: {self.explained} latents explained ({self.already_done} already done) in "
-                f"{self.seconds:.1f}s; mean scores: {scores or 'none'}")  # fmt: skip
+        return (
+            f"{self.output}: {self.explained} latents explained ({self.already_done} already done) in "
+            f"{self.seconds:.1f}s; mean scores: {scores or 'none'}"
+        )
 
 
 def _batched(items: Iterable[LatentEvidence], size: int) -> Iterator[list[LatentEvidence]]:
@@ -167,8 +178,13 @@ def explain_latents(evidence: Iterable[LatentEvidence], cfg: ExplainConfig, outp
             if np.isfinite(value):
                 values.setdefault(name, []).append(value)
     means = {name: float(np.mean(v)) for name, v in values.items()}
-    return ExplainSummary(output=output, explained=len(written), already_done=len(done),
-                          seconds=time.perf_counter() - start, mean_scores=means)  # fmt: skip
+    return ExplainSummary(
+        output=output,
+        explained=len(written),
+        already_done=len(done),
+        seconds=time.perf_counter() - start,
+        mean_scores=means,
+    )
 
 
 def _run_on_ray(batches: Iterator[list[LatentEvidence]], cfg: ExplainConfig, save) -> None:

@@ -8,6 +8,7 @@
   mask of the explained concept from a `Segmenter` (`GroundTruthSegmenter` on synthetic data);
 - similarity: mean cosine similarity of the explanation to the highlighted top images (embedder).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -125,8 +126,14 @@ class Scorers:
             names.append("iou")
         if self.embedder is not None:
             names.append("similarity")
-        scores = [Score(name=name, value=self._safe(name, evidence, explanation.text),
-                        baseline=self._safe(name, evidence, baseline)) for name in names]  # fmt: skip
+        scores = [
+            Score(
+                name=name,
+                value=self._safe(name, evidence, explanation.text),
+                baseline=self._safe(name, evidence, baseline),
+            )
+            for name in names
+        ]
         return [s for s in scores if not (np.isnan(s.value) and np.isnan(s.baseline))]
 
     def _safe(self, name: str, evidence: LatentEvidence, text: str | None) -> float:

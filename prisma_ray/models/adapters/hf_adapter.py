@@ -9,6 +9,7 @@ SigLIP towers with a pooling head, and the token sequence otherwise (I-JEPA, Vid
 V-JEPA 2 encoder). Inputs are `[B, 3, H, W]` images or `[B, T, 3, H, W]` videos of
 `entry.image_size` pixels and `entry.frames` frames.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -216,7 +217,9 @@ def _forward(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
             value = getattr(out, field, None)
             if value is not None:
                 return value
-        raise RuntimeError(f"{type(model).__name__} returned none of logits/image_embeds/pooler_output/last_hidden_state.")
+        raise RuntimeError(
+            f"{type(model).__name__} returned none of logits/image_embeds/pooler_output/last_hidden_state."
+        )
 
     return forward
 

@@ -10,6 +10,7 @@ frames, from `pixel_values_videos` and `video_grid_thw`); LLaVA
 images are the base view followed, for any-resolution inputs, by the high-resolution crops as one
 grid whose rows each end with a newline token (the grid shape comes from the model's own packing).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -87,7 +88,13 @@ def _llava_vision(model: nn.Module, entry: ModelEntry) -> dict:
 def _grid_tokens(view: int, rows: int, cols: int, frame: int = -1) -> np.ndarray:
     """`[rows * cols, 5]` (kind, view, row, col, frame) of a row-major grid of image tokens."""
     rr, cc = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
-    columns = [np.full(rr.size, TokenKind.PATCH), np.full(rr.size, view), rr.ravel(), cc.ravel(), np.full(rr.size, frame)]
+    columns = [
+        np.full(rr.size, TokenKind.PATCH),
+        np.full(rr.size, view),
+        rr.ravel(),
+        cc.ravel(),
+        np.full(rr.size, frame),
+    ]
     return np.stack(columns, axis=1).astype(np.int16)
 
 
@@ -95,7 +102,9 @@ def _qwen_visuals(model: nn.Module, inputs: Inputs) -> dict[int, list[np.ndarray
     """Tokens of each image (one merged grid) and each video (that grid per temporal patch), by placeholder id."""
     vision = model.config.vision_config
     merge, step = vision.spatial_merge_size, vision.temporal_patch_size
-    images = [_grid_tokens(0, h // merge, w // merge) for _, h, w in inputs.get("image_grid_thw", torch.zeros(0, 3)).tolist()]
+    images = [
+        _grid_tokens(0, h // merge, w // merge) for _, h, w in inputs.get("image_grid_thw", torch.zeros(0, 3)).tolist()
+    ]
     videos = [
         np.concatenate([_grid_tokens(0, h // merge, w // merge, frame=i * step) for i in range(t)])
         for t, h, w in inputs.get("video_grid_thw", torch.zeros(0, 3)).tolist()
@@ -133,7 +142,11 @@ def _llava_images(model: nn.Module, inputs: Inputs) -> list[np.ndarray]:
     patched = [True] * len(sizes) if counts is None else [n == 1 for n in counts.tolist() for _ in range(n)]
     out = []
     for size, patch in zip(sizes, patched):
-        n = image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size) if patch else 1
+        n = (
+            image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+            if patch
+            else 1
+        )
         ones, newline = [torch.ones(n, side * side, 1)], torch.zeros(1)
         if hasattr(config, "vision_aspect_ratio"):
             packed, _ = inner.pack_image_features(ones, size[None], newline, config.vision_aspect_ratio)
@@ -178,10 +191,13 @@ def assemble_layout(input_ids: torch.Tensor, visuals: Mapping[int, list[np.ndarr
             grid = patches[patches[:, 1] == v]
             rows, cols = grid[:, 2:4].max(axis=0) + 1
             frames = len(np.unique(grid[:, 4]))
-            views.append(ImageView(sample=b, image=int(index[b]), view=int(v), grid=(int(rows), int(cols)), frames=frames))
+            views.append(
+                ImageView(sample=b, image=int(index[b]), view=int(v), grid=(int(rows), int(cols)), frames=frames)
+            )
         index[b] += 1
-    return MultimodalLayout(kind=kind, image=image, view=view.astype(np.int8), row=row, col=col, frame=frame,
-                            views=tuple(views))  # fmt: skip
+    return MultimodalLayout(
+        kind=kind, image=image, view=view.astype(np.int8), row=row, col=col, frame=frame, views=tuple(views)
+    )
 
 
 def _layout(model: nn.Module) -> Callable[[Inputs], MultimodalLayout]:
@@ -201,7 +217,9 @@ def _forward(model: nn.Module) -> Callable[[Inputs], torch.Tensor]:
         kwargs = {"use_cache": False, **inputs}
         if qwen and "mm_token_type_ids" not in kwargs:
             ids = kwargs["input_ids"]
-            kwargs["mm_token_type_ids"] = (ids == _image_token_id(model)).int() + 2 * (ids == model.config.video_token_id).int()
+            kwargs["mm_token_type_ids"] = (ids == _image_token_id(model)).int() + 2 * (
+                ids == model.config.video_token_id
+            ).int()
         return model(**kwargs).logits
 
     return forward
@@ -210,7 +228,9 @@ def _forward(model: nn.Module) -> Callable[[Inputs], torch.Tensor]:
 def sites_from_lmm(model: nn.Module, entry: ModelEntry, processor: Any) -> ModelSites:
     """Describe a built multimodal model (its modules are used as they are) and its `processor`."""
     if entry.family not in NORMALISATION:
-        raise ValueError(f"Unknown multimodal family {entry.family!r} of {entry.name!r}; use one of {sorted(NORMALISATION)}.")
+        raise ValueError(
+            f"Unknown multimodal family {entry.family!r} of {entry.name!r}; use one of {sorted(NORMALISATION)}."
+        )
     vision = _qwen_vision(model, entry) if _is_qwen(model) else _llava_vision(model, entry)
     preprocess = PreprocessSpec(
         modality="multimodal", image_size=(entry.image_size, entry.image_size), **NORMALISATION[entry.family]
@@ -231,6 +251,8 @@ def build(entry: ModelEntry, pretrained: bool) -> ModelSites:
     import transformers
 
     if entry.architecture not in ARCHITECTURES:
-        raise ValueError(f"Unsupported multimodal model class {entry.architecture!r}; supported: {', '.join(ARCHITECTURES)}.")
+        raise ValueError(
+            f"Unsupported multimodal model class {entry.architecture!r}; supported: {', '.join(ARCHITECTURES)}."
+        )
     model = instantiate(getattr(transformers, entry.architecture), entry, pretrained)
     return sites_from_lmm(model, entry, build_processor(model, entry, pretrained, NORMALISATION[entry.family]))

@@ -6,6 +6,7 @@ image processor at the vision tower's nominal size, a byte-level tokenizer whose
 (image, video, vision start/end) sit at the config's ids, and a plain chat template. Both expand each
 image placeholder into as many image tokens as the vision tower yields, the way the hub one does.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -56,12 +57,16 @@ def _qwen(config: Any, size: int, norm: dict) -> Any:
     import transformers as tf
 
     vision = config.vision_config
-    patches = dict(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
-                   temporal_patch_size=vision.temporal_patch_size)  # fmt: skip
+    patches = dict(
+        patch_size=vision.patch_size,
+        merge_size=vision.spatial_merge_size,
+        temporal_patch_size=vision.temporal_patch_size,
+    )
     pixels = {"shortest_edge": size * size, "longest_edge": size * size}
     images = tf.Qwen2VLImageProcessor(size=pixels, image_mean=norm["mean"], image_std=norm["std"], **patches)
-    videos = tf.Qwen2VLVideoProcessor(size=pixels, image_mean=norm["mean"], image_std=norm["std"],
-                                      cap_pixels_per_frame=False, **patches)  # fmt: skip
+    videos = tf.Qwen2VLVideoProcessor(
+        size=pixels, image_mean=norm["mean"], image_std=norm["std"], cap_pixels_per_frame=False, **patches
+    )
     special = {
         "<|image_pad|>": config.image_token_id,
         "<|video_pad|>": config.video_token_id,
@@ -72,7 +77,9 @@ def _qwen(config: Any, size: int, norm: dict) -> Any:
     template = PLAIN_TEMPLATE.replace("IMAGE", "<|vision_start|><|image_pad|><|vision_end|>").replace(
         "VIDEO", "<|vision_start|><|video_pad|><|vision_end|>"
     )
-    return tf.Qwen2VLProcessor(image_processor=images, tokenizer=tokenizer, video_processor=videos, chat_template=template)
+    return tf.Qwen2VLProcessor(
+        image_processor=images, tokenizer=tokenizer, video_processor=videos, chat_template=template
+    )
 
 
 def _llava_template() -> str:
@@ -91,9 +98,12 @@ def _llava_next(config: Any, size: int, norm: dict) -> Any:
 
     vision = config.vision_config
     images = tf.LlavaNextImageProcessor(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-        image_grid_pinpoints=config.image_grid_pinpoints, image_mean=norm["mean"], image_std=norm["std"],
-    )  # fmt: skip
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_grid_pinpoints=config.image_grid_pinpoints,
+        image_mean=norm["mean"],
+        image_std=norm["std"],
+    )
     return tf.LlavaNextProcessor(
         image_processor=images,
         tokenizer=_llava_tokenizer(config, video=False),
@@ -154,12 +164,16 @@ def encoder(processor: Any, name: str, videos: bool) -> Encode:
             raise ValueError(f"got {len(visuals)} images or videos but {len(prompts)} prompts; give one prompt each")
         dims = {np.ndim(v) for v in visuals}
         if not dims <= {3, 4} or len(dims) > 1:
-            raise ValueError(f"{name}: pass a batch of uint8 [H, W, 3] images or of [T, H, W, 3] videos; got ndim {dims}")
+            raise ValueError(
+                f"{name}: pass a batch of uint8 [H, W, 3] images or of [T, H, W, 3] videos; got ndim {dims}"
+            )
         visual = "video" if dims == {4} else "image"
         if visual == "video" and not videos:
             raise ValueError(f"{name} takes images here; video inputs are supported for Qwen2-VL and Qwen2.5-VL")
-        texts = [processor.apply_chat_template(user_turn(p, visual), add_generation_prompt=True, tokenize=False)
-                 for p in prompts]  # fmt: skip
+        texts = [
+            processor.apply_chat_template(user_turn(p, visual), add_generation_prompt=True, tokenize=False)
+            for p in prompts
+        ]
         return dict(processor(text=texts, return_tensors="pt", padding=True, **{f"{visual}s": list(visuals)}))
 
     return encode

@@ -5,6 +5,7 @@ Only the vision tower is built: with random weights from OpenCLIP's bundled mode
 `entry.config` may override top-level model-config keys (`embed_dim`, `quick_gelu`) and, through
 a `vision_cfg` dict, single vision-tower fields.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -172,7 +173,9 @@ def _vision_tower(entry: ModelEntry, pretrained: bool) -> nn.Module:
     cfg = _model_config(entry)
     if pretrained:
         overrides = {key: cfg[key] for key in entry.config}
-        model = open_clip.create_model(entry.architecture, pretrained=entry.pretrained, require_pretrained=True, **overrides)
+        model = open_clip.create_model(
+            entry.architecture, pretrained=entry.pretrained, require_pretrained=True, **overrides
+        )
         return model.visual
     vision_cfg = {**cfg["vision_cfg"], "timm_model_pretrained": False}
     return _build_vision_tower(cfg["embed_dim"], vision_cfg, quick_gelu=cfg.get("quick_gelu", False))

@@ -1,4 +1,5 @@
 """timm ViT families (ViT, DeiT, EVA/EVA02, BEiT, DINOv2, SigLIP, CLIP-in-timm) as `ModelSites`."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator

@@ -1,4 +1,5 @@
 """The embedded toy models (`source="prisma"`): weights shipped in the package, sites from the timm/HF adapters."""
+
 from __future__ import annotations
 
 from .. import toy, toy_training

@@ -4,6 +4,7 @@ Sizes are those of the bundled OpenCLIP model configs (`width // head_width` hea
 towers: the timm model's own). OpenAI, DFN and MetaCLIP weights were trained with QuickGELU, so
 they use the `-quickgelu` model names, which OpenCLIP needs to build the matching activation.
 """
+
 from ..registry import ModelEntry
 
 

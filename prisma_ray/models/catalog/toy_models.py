@@ -1,4 +1,5 @@
 """The embedded toy models (`source="prisma"`), trained by `jobs/train_toy_models.py` and shipped as safetensors."""
+
 from ..registry import ModelEntry
 from ..toy import SPECS
 

@@ -1,4 +1,5 @@
 """What every importer returns, and the reading and weight-folding helpers they share."""
+
 from __future__ import annotations
 
 import json

@@ -1,5 +1,6 @@
 """Import another tool's published dictionary: detect its layout, map its names onto ours, write
 our checkpoint (`cfg.json` + `sae_weights.safetensors` (+ `sparsity.safetensors`))."""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -28,8 +29,11 @@ class ImportConfig(BaseModel):
     source: str = Field(description="directory of the published files (local path or s3://)")
     output: str = Field(description="checkpoint directory to write (local path or s3://); must not hold one yet")
     format: Format = "auto"
-    model: str | None = Field(None, description="model the dictionary reads (registry name or the source's own "
-                              "name); default: the one the source files name")  # fmt: skip
+    model: str | None = Field(
+        None,
+        description="model the dictionary reads (registry name or the source's own "
+        "name); default: the one the source files name",
+    )
     storage: StorageOptions = StorageOptions()
 
 
@@ -74,8 +78,9 @@ def _hook_names(imp: Imported) -> tuple[str, str | None, list[str]]:
     else:
         theirs = (imp.hook_name, imp.hook_name_out) if imp.transcoder else (imp.hook_name,)
         pairs = [(name, hook_name(name)) for name in theirs]
-    notes = [f"hook {name!r} has no equivalent among our hook points; kept as named"
-             for name, ours in pairs if ours is None]  # fmt: skip
+    notes = [
+        f"hook {name!r} has no equivalent among our hook points; kept as named" for name, ours in pairs if ours is None
+    ]
     names = [ours or name for name, ours in pairs]
     return names[0], (names[1] if len(names) > 1 else None), notes
 
@@ -102,8 +107,9 @@ def convert(imp: Imported, source: str, model: str | None = None) -> tuple[Dicti
     inputs = (Site(name=hook_in, width=d_in, model=model_name),)
     outputs = (Site(name=hook_out, width=d_out, model=model_name),) if hook_out is not None else ()
     try:
-        cfg = DictionaryConfig(architecture=imp.architecture, d_sae=d_sae, k=imp.k, skip_connection=imp.skip,
-                               decoder_norm="free")  # fmt: skip
+        cfg = DictionaryConfig(
+            architecture=imp.architecture, d_sae=d_sae, k=imp.k, skip_connection=imp.skip, decoder_norm="free"
+        )
         d = build_dictionary(cfg, Sites(inputs=inputs, outputs=outputs), imp.weights, f"{imp.format} weights")
     except ValueError as e:
         raise CheckpointImportError(f"{source}: {e}") from e
@@ -119,21 +125,35 @@ def import_files(cfg: ImportConfig) -> tuple[dict[str, bytes], ImportResult]:
     except RuntimeError as e:  # torch: tensors of shapes that do not fit together
         raise CheckpointImportError(f"{src.uri}: tensors of unexpected shapes ({e})") from e
     d, notes = convert(imp, src.uri, cfg.model)
-    origin = {"format": fmt, "source": src.uri, "model_name": imp.model_name, "hook_name": imp.hook_name,
-              "hook_name_out": imp.hook_name_out}  # fmt: skip
+    origin = {
+        "format": fmt,
+        "source": src.uri,
+        "model_name": imp.model_name,
+        "hook_name": imp.hook_name,
+        "hook_name_out": imp.hook_name_out,
+    }
     files = export_files(d, extra={"imported_from": origin})
     if imp.sparsity is not None:
         if imp.sparsity.shape != (d.n_latents,):
-            raise CheckpointImportError(f"{src.path(SPARSITY_FILE)}: shape {tuple(imp.sparsity.shape)}, expected "
-                                        f"({d.n_latents},)")  # fmt: skip
+            raise CheckpointImportError(
+                f"{src.path(SPARSITY_FILE)}: shape {tuple(imp.sparsity.shape)}, expected ({d.n_latents},)"
+            )
         files[SPARSITY_FILE] = save_safetensors({"sparsity": imp.sparsity.float().contiguous()})
     sites = d.sites
     result = ImportResult(
-        format=fmt, source=src.uri, output=cfg.output, kind=sites.kind,
-        architecture=saelens_architecture(d.cfg, sites), d_in=sites.d_in, d_sae=d.n_latents, d_out=sites.d_out,
-        model=sites.inputs[0].model, hook_name=sites.inputs[0].name,
-        hook_name_out=None if sites.autoencoder else sites.targets[0].name, notes=notes,
-    )  # fmt: skip
+        format=fmt,
+        source=src.uri,
+        output=cfg.output,
+        kind=sites.kind,
+        architecture=saelens_architecture(d.cfg, sites),
+        d_in=sites.d_in,
+        d_sae=d.n_latents,
+        d_out=sites.d_out,
+        model=sites.inputs[0].model,
+        hook_name=sites.inputs[0].name,
+        hook_name_out=None if sites.autoencoder else sites.targets[0].name,
+        notes=notes,
+    )
     return files, result
 
 

@@ -1,4 +1,5 @@
 """Other tools' hook and model names mapped onto ours (TransformerLens-style hooks, registry models)."""
+
 from __future__ import annotations
 
 import re
@@ -8,8 +9,13 @@ from ...models.registry import ModelEntry, list_entries
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _MODULE = re.compile(r"^(?:.*\.)?(?:layers|layer|h|blocks|resblocks)\.(\d+)(?:\.(mlp|self_attn|attn|attention))?$")
-_MODULE_OUTPUT = {None: "hook_resid_post", "mlp": "hook_mlp_out", "self_attn": "hook_attn_out", "attn": "hook_attn_out",
-                  "attention": "hook_attn_out"}  # fmt: skip
+_MODULE_OUTPUT = {
+    None: "hook_resid_post",
+    "mlp": "hook_mlp_out",
+    "self_attn": "hook_attn_out",
+    "attn": "hook_attn_out",
+    "attention": "hook_attn_out",
+}
 _MODULE_INPUT = {None: "hook_resid_pre", "mlp": "hook_mlp_in"}
 _PREFIX = re.compile(r"^(open[-_]?clip|hf-hub|hf|timm):", re.IGNORECASE)
 
@@ -63,7 +69,7 @@ def registry_model(name: str) -> str | None:
     if any(e.name == name for e in entries):
         return name
     prefix = _PREFIX.match(name)
-    query = name[prefix.end():] if prefix else name
+    query = name[prefix.end() :] if prefix else name
     order = ("open_clip", "hf", "timm") if prefix and "clip" in prefix.group(1).lower() else ("hf", "timm", "open_clip")
     for source in order:
         for entry in entries:

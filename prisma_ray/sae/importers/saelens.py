@@ -5,6 +5,7 @@ activation in `activation_fn_str` / `activation_fn_kwargs`. Differences from our
 folded into the weights: `apply_b_dec_to_input` (into the encoder bias) and a fine-tuning
 `scaling_factor` (into the decoder rows).
 """
+
 from __future__ import annotations
 
 from ..io import SPARSITY_FILE, WEIGHTS_FILE, _parse_architecture
@@ -56,8 +57,9 @@ def read(src: SourceDir) -> Imported:
         weights["W_dec"] = weights["W_dec"].double() * scale.double()[:, None]
     applies_b_dec = cfg.get("apply_b_dec_to_input", not transcoder)
     if applies_b_dec and transcoder and weights["b_dec"].shape != weights["W_enc"].shape[:1]:
-        raise CheckpointImportError(f"{src.path(CFG_FILE)}: apply_b_dec_to_input=true on a transcoder whose input "
-                                    "and output widths differ")  # fmt: skip
+        raise CheckpointImportError(
+            f"{src.path(CFG_FILE)}: apply_b_dec_to_input=true on a transcoder whose input and output widths differ"
+        )
     if applies_b_dec and transcoder:
         weights = fold_input_bias(weights, weights["b_dec"])
     elif not applies_b_dec and not transcoder:

@@ -8,6 +8,7 @@ goes through `Unpickler.find_class`, which returns only the tensor-rebuild funct
 containers (dict, list, tuple, str, bytes, numbers) need no global, and storages are resolved by
 torch itself as inert type markers.
 """
+
 from __future__ import annotations
 
 import collections

@@ -5,6 +5,7 @@ TopK coders: `encoder.weight [d_sae, d_in]`, `encoder.bias`, `W_dec [d_sae, d_ou
 optional `W_skip [d_out, d_in]`; autoencoders subtract `b_dec` from the input, transcoders
 (`transcode: true`) do not. The model is not recorded in the directory: pass it with `--model`.
 """
+
 from __future__ import annotations
 
 import posixpath
@@ -28,10 +29,17 @@ def read(src: SourceDir) -> Imported:
         raise CheckpointImportError(f"{src.path(CFG_FILE)}: {unsupported} cannot be imported (plain TopK coders can)")
     state = src.read_safetensors(WEIGHTS_FILE)
     skip = bool(cfg.get("skip_connection"))
-    require(state, ("encoder.weight", "encoder.bias", "W_dec", "b_dec") + (("W_skip",) if skip else ()),
-            src.path(WEIGHTS_FILE))  # fmt: skip
-    weights = {"W_enc": state["encoder.weight"].t(), "b_enc": state["encoder.bias"], "W_dec": state["W_dec"],
-               "b_dec": state["b_dec"]}  # fmt: skip
+    require(
+        state,
+        ("encoder.weight", "encoder.bias", "W_dec", "b_dec") + (("W_skip",) if skip else ()),
+        src.path(WEIGHTS_FILE),
+    )
+    weights = {
+        "W_enc": state["encoder.weight"].t(),
+        "b_enc": state["encoder.bias"],
+        "W_dec": state["W_dec"],
+        "b_dec": state["b_dec"],
+    }
     if skip:
         weights["W_skip"] = state["W_skip"]
     return Imported(

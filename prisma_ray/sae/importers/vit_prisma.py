@@ -5,6 +5,7 @@ SAEs encode `act((x - b_dec) @ W_enc + b_enc)` and decode `f @ W_dec + b_dec` (r
 a skip connection they add `x @ (I + W_skip).T`. The hook point is `hook_point`, or
 `blocks.{hook_point_layer}.{layer_subtype}` (older versions always `hook_mlp_out`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -60,8 +61,10 @@ def _architecture(cfg: dict) -> tuple[str, int | None]:
     if arch == "jumprelu":
         return "jumprelu", None
     if arch != "standard" or activation not in ("relu", "topk"):
-        raise ValueError(f"architecture {arch!r} with activation {activation!r} cannot be imported (standard relu or "
-                         "topk and jumprelu can)")  # fmt: skip
+        raise ValueError(
+            f"architecture {arch!r} with activation {activation!r} cannot be imported (standard relu or "
+            "topk and jumprelu can)"
+        )
     if activation == "topk":
         return "topk", (cfg.get("activation_fn_kwargs") or {}).get("k")
     return "relu", None
