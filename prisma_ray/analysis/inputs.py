@@ -12,9 +12,9 @@ from .. import storage as store_io
 from ..data.decode import FrameSampling, decode_image, decode_video
 from ..data.errors import BadSample
 from ..data.synthetic import MovingShapesConfig, ShapesConfig, render_moving_shapes, render_shapes
-from ..data.transforms import normalize, resize_and_crop
+from ..data.transforms import crop_to_model
 from ..models import HookedVisionModel, get_entry, toy
-from ..models.spec import PreprocessSpec
+from ..models.inputs import PixelInputs
 from ..storage import StorageOptions
 
 
@@ -53,16 +53,10 @@ def synthetic_dataset(model: HookedVisionModel, n: int, seed: int) -> ShapesConf
     return ShapesConfig(image_size=side, n_images=n, seed=seed)
 
 
-def to_model_geometry(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """`uint8 [(T,) H, W, 3]` resized and centre-cropped to the model's input size."""
-    crop = lambda img: resize_and_crop(img, spec.image_size, crop_pct=spec.crop_pct, interpolation=spec.interpolation)  # noqa: E731
-    return crop(pixels) if pixels.ndim == 3 else np.stack([crop(f) for f in pixels])
-
-
 def _batch(model: HookedVisionModel, raw: list[np.ndarray], names: list[str], **extra) -> Inputs:
-    spec = model.preprocess
-    pixels = np.stack([to_model_geometry(p, spec) for p in raw])
-    return Inputs(torch.from_numpy(normalize(pixels, spec.mean, spec.std)), pixels, names, **extra)
+    """Cropped and normalised as every stage does it (`crop_to_model`, then `PixelInputs`)."""
+    pixels = np.stack([crop_to_model(p, model.preprocess) for p in raw])
+    return Inputs(PixelInputs(model).pixels(pixels), pixels, names, **extra)
 
 
 def render(model: HookedVisionModel, n: int, seed: int = 0) -> Inputs:

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import InvalidRequest
 from ..models.spec import PreprocessSpec
-from .batches import RowFormat
 from .decode import FrameSampling
 from .errors import ErrorRecord
-from .sources import SHARDED, DatasetSpec, Sample, SampleRef, load_samples, modality
-from .transforms import resize_and_crop
+from .sources import SHARDED, DatasetSpec, Sample, SampleRef, frame_sampling, list_refs, load_samples, modality
+from .transforms import crop_to_model
 
 
 @dataclass(frozen=True)
@@ -37,10 +37,16 @@ class InputFormat:
 
     @classmethod
     def create(cls, spec: DatasetSpec, preprocess: PreprocessSpec) -> InputFormat:
-        """Check that the dataset can feed the model (modality, frames) and fix the geometry."""
+        """Check that the dataset can feed the model (modality, frames) and fix the geometry.
+
+        Raises `InvalidRequest` (a `ValueError`) when the modalities differ, and `ValueError` when the
+        frame sampling cannot be fixed (see `sources.frame_sampling`)."""
+        kind = modality(spec)
         if preprocess.modality == "multimodal":
-            preprocess = preprocess.model_copy(update={"modality": modality(spec)})
-        return cls(preprocess, RowFormat.create(spec, preprocess).sampling)
+            preprocess = preprocess.model_copy(update={"modality": kind})
+        if preprocess.modality != kind:
+            raise InvalidRequest(f"the model expects {preprocess.modality} input but the dataset holds {kind}s")
+        return cls(preprocess, frame_sampling(spec, preprocess))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -48,10 +54,10 @@ class InputFormat:
         return (*frames, *self.preprocess.image_size, 3)
 
     def crop(self, sample: Sample) -> np.ndarray:
-        p = self.preprocess
-        frames = sample.video.frames if p.modality == "video" else [sample.image]
-        crops = [resize_and_crop(f, p.image_size, crop_pct=p.crop_pct, interpolation=p.interpolation) for f in frames]
-        return np.stack(crops) if p.modality == "video" else crops[0]
+        """The sample's `uint8` crop, `shape`."""
+        return crop_to_model(
+            sample.video.frames if self.preprocess.modality == "video" else sample.image, self.preprocess
+        )
 
 
 @dataclass
@@ -101,6 +107,20 @@ def decode_batch(batch: dict[str, np.ndarray], spec: DatasetSpec, fmt: InputForm
         decode_shard([SampleRef(**r) for r in json.loads(refs)], spec, fmt).to_bytes() for refs in batch["refs"]
     ]
     return {"shard": batch["shard"], "payload": np.array(payloads, dtype=object), "hooks": batch["hooks"]}
+
+
+def decode_first(spec: DatasetSpec, fmt: InputFormat, n: int) -> ShardData:
+    """The first `n` good samples of a dataset (in sample-id order, as `plan_shards` orders them), decoded as
+    extraction decodes them; bad samples on the way are skipped (returned in `errors`)."""
+    parts = [decode_shard([], spec, fmt)]  # the empty shard: a dataset of bad samples gives no rows, not an error
+    for refs in plan_shards(list_refs(spec), spec, n):
+        parts.append(decode_shard(refs, spec, fmt))
+        if sum(len(p.sample_ids) for p in parts) >= n:
+            break
+    ids = np.concatenate([p.sample_ids for p in parts])[:n]
+    labels = np.concatenate([p.labels for p in parts])[:n]
+    pixels = np.concatenate([p.pixels for p in parts])[:n]
+    return ShardData(ids, labels, pixels, [e for p in parts for e in p.errors])
 
 
 def plan_shards(refs: Sequence[SampleRef], spec: DatasetSpec, shard_size: int) -> list[list[SampleRef]]:

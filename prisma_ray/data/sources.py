@@ -46,9 +46,6 @@ class _Source(BaseModel):
 
     storage: StorageOptions = StorageOptions()
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="larger images/videos are skipped (too_large)")
-    size: tuple[int, int] | None = Field(
-        None, description="(H, W) of the raw uint8 output when no PreprocessSpec is given (resize + centre crop)"
-    )
 
 
 class FileItem(BaseModel):

@@ -1,4 +1,6 @@
-"""Model input transforms: timm's eval geometry (resize to cover `size / crop_pct`, centre crop) and normalisation."""
+"""Model input geometry: timm's eval transform (resize to cover `size / crop_pct`, centre crop) on `uint8` pixels.
+
+Normalisation happens on the model's device (`prisma_ray.models.inputs.PixelInputs`)."""
 
 from __future__ import annotations
 
@@ -37,24 +39,15 @@ def resize_and_crop(
     return img[top : top + height, left : left + width]
 
 
-def normalize(img: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-    """`uint8[..., H, W, 3]` → `float32[..., 3, H, W]` holding `(x / 255 - mean) / std`."""
-    x = img.astype(np.float32) / np.float32(255.0)
-    x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return np.ascontiguousarray(np.moveaxis(x, -1, -3))
+def crop_to_model(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """`uint8[H, W, 3]` (an image) or `uint8[T, H, W, 3]` (a clip) -> the same at `spec`'s input geometry,
+    every frame resized and centre-cropped by `resize_and_crop` with `spec`'s `crop_pct` and interpolation.
 
-
-def preprocess_image(img: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """`uint8[H, W, 3]` → `float32[3, h, w]`: the model input described by `spec`."""
-    crop = resize_and_crop(img, spec.image_size, crop_pct=spec.crop_pct, interpolation=spec.interpolation)
-    return normalize(crop, spec.mean, spec.std)
-
-
-def preprocess_video(frames: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """`uint8[T, H, W, 3]` → `float32[T, 3, h, w]`, every frame transformed like `preprocess_image`."""
-    if spec.num_frames is not None and len(frames) != spec.num_frames:
-        raise ValueError(f"got {len(frames)} frames, the model expects num_frames={spec.num_frames}")
+    This is the whole CPU side of a model's input; `prisma_ray.models.inputs.PixelInputs` normalises
+    the crops on the model's device.
+    """
+    frames = pixels if pixels.ndim == 4 else pixels[None]
     crops = np.stack(
         [resize_and_crop(f, spec.image_size, crop_pct=spec.crop_pct, interpolation=spec.interpolation) for f in frames]
     )
-    return normalize(crops, spec.mean, spec.std)
+    return crops if pixels.ndim == 4 else crops[0]

@@ -22,12 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load as load_safetensors
 
 from .. import storage, store
-from ..data import RowFormat, decode_refs, list_refs, split_errors
-from ..data.shards import InputFormat, ShardData, decode_shard, plan_shards
-from ..data.sources import DatasetSpec
+from ..data.shards import InputFormat, decode_first
 from ..data.synthetic import read_table
 from ..models import HookedVisionModel, TokenKind
-from ..models.inputs import PromptInputs
+from ..models.inputs import PixelInputs, PromptInputs
 from ..models.loading import build_model, describe_model
 from ..sae import Dictionary, load_dictionary
 from ..sae.dictionary import Site
@@ -258,16 +256,9 @@ class Evaluator:
             self._splice[name] = SpliceData(None, [], "", note)
             return self._splice[name]
         spec = source.dataset(self.options)
-        fmt = RowFormat.create(spec, model.preprocess)
-        pixels, labels = [], []
-        for batch in decode_refs(list_refs(spec), spec, fmt, max_rows=self.cfg.splice_batch_size):
-            good, _ = split_errors(batch)
-            pixels.append(good[fmt.column])
-            labels.append(good["label"])
-            if sum(map(len, pixels)) >= self.cfg.splice_samples:
-                break
-        x = torch.from_numpy(np.concatenate(pixels)[: self.cfg.splice_samples]).to(self.device)
-        y = torch.from_numpy(np.concatenate(labels)[: self.cfg.splice_samples]).to(self.device)
+        data = decode_first(spec, InputFormat.create(spec, model.preprocess), self.cfg.splice_samples)
+        x = PixelInputs(model, device=self.device).pixels(data.pixels)
+        y = torch.from_numpy(data.labels).to(self.device)
         clean = torch.cat(
             [head(model(x[i : i + self.cfg.splice_batch_size])) for i in range(0, len(x), self.cfg.splice_batch_size)]
         )
@@ -361,17 +352,6 @@ class Evaluator:
                 source_frames(tables["samples"], source.sampling),
             )
         return self._truth[source.uri]
-
-
-def decode_first(spec: DatasetSpec, fmt: InputFormat, n: int) -> ShardData:
-    """The first `n` good samples of a dataset (in sample-id order), decoded as extraction decodes them."""
-    parts: list[ShardData] = []
-    for refs in plan_shards(list_refs(spec), spec, n):
-        parts.append(decode_shard(refs, spec, fmt))
-        if sum(len(p.sample_ids) for p in parts) >= n:
-            break
-    ids = np.concatenate([p.sample_ids for p in parts])[:n]
-    return ShardData(ids, np.concatenate([p.labels for p in parts])[:n], np.concatenate([p.pixels for p in parts])[:n])
 
 
 def load_matrix(uri: str, options: StorageOptions) -> torch.Tensor:

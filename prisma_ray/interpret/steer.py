@@ -14,15 +14,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..data import RowFormat, decode_refs, list_refs, split_errors
+from ..data.shards import InputFormat, decode_first
 from ..data.sources import DatasetSpec, SyntheticSource, with_resolved_storage
 from ..evaluate.checkpoint import load_matrix
 from ..evaluate.splice import Head, HookList, ZeroShotHead, classifier_head, outputs_logits, put_at_positions
 from ..models import HookedVisionModel, ModelEntry
+from ..models.inputs import PixelInputs
 from ..models.loading import build_model, resolve_entry
 from ..models.token_selection import TokenSelection, fixed_positions
 from ..sae import Dictionary, load_dictionary
@@ -185,13 +185,8 @@ def run_steer(cfg: SteerConfig) -> dict:
     entry = resolve_entry(cfg.model or d.sites.inputs[0].model or "")
     model = build_model(entry, cfg.pretrained, cfg.seed)
     spec = with_resolved_storage(cfg.dataset)
-    fmt = RowFormat.create(spec, model.preprocess)
-    pixels = []
-    for batch in decode_refs(list_refs(spec), spec, fmt, max_rows=cfg.samples):
-        pixels.append(split_errors(batch)[0][fmt.column])
-        if sum(map(len, pixels)) >= cfg.samples:
-            break
-    x = torch.from_numpy(np.concatenate(pixels)[: cfg.samples])
+    data = decode_first(spec, InputFormat.create(spec, model.preprocess), cfg.samples)
+    x = PixelInputs(model).pixels(data.pixels)
     embeddings = load_matrix(cfg.text_embeddings, options) if cfg.text_embeddings else None
     result = steer(model, d, x, cfg.steer, default_head(model, embeddings, cfg.logit_scale))
     labels = cfg.labels or (

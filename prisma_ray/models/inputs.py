@@ -50,23 +50,39 @@ class KeptTokens:
 
 
 def normalize(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """`uint8[..., H, W, 3]` -> `float32[..., 3, H, W]` holding `(x / 255 - mean) / std`, as
-    `prisma_ray.data.transforms.normalize` computes it."""
+    """`uint8[..., H, W, 3]` -> `float32[..., 3, H, W]` holding `(x / 255 - mean) / std` (`mean`, `std`:
+    `float32[3]` on `pixels`' device); the one normalisation of a vision model's input."""
     x = pixels.to(torch.float32) / torch.full((3,), 255.0, device=pixels.device)
     return ((x - mean) / std).movedim(-1, -3).contiguous()
 
 
 class PixelInputs:
-    """Vision and video models: normalise the `uint8` crops on the device; positions come from the fixed layout."""
+    """Vision and video models: normalise the `uint8` crops on the device; positions come from the fixed layout.
 
-    def __init__(self, model: HookedVisionModel, selection: TokenSelection, device: torch.device):
+    Every stage builds a vision model's input here from `prisma_ray.data.shards` crops (`InputFormat`),
+    so extraction, interpretation, spliced-in evaluation, steering and analysis see identical pixels.
+    `selection` (default: all tokens) only matters to `__call__`.
+    """
+
+    def __init__(
+        self,
+        model: HookedVisionModel,
+        selection: TokenSelection | None = None,
+        device: torch.device | str = "cpu",
+    ):
         spec = model.preprocess
-        self.layout, self.selection, self.device = model.token_layout, selection, device
-        self.mean = torch.tensor(spec.mean, dtype=torch.float32, device=device)
-        self.std = torch.tensor(spec.std, dtype=torch.float32, device=device)
+        self.device = torch.device(device)
+        self.layout, self.selection = model.token_layout, selection or TokenSelection(mode="all")
+        self.mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device)
+        self.std = torch.tensor(spec.std, dtype=torch.float32, device=self.device)
+
+    def pixels(self, crops: np.ndarray) -> torch.Tensor:
+        """`uint8[B, H, W, 3]` (or `[B, T, H, W, 3]`) crops -> the model's input, `float32[B, 3, H, W]`
+        (or `[B, T, 3, H, W]`) on the device."""
+        return normalize(torch.from_numpy(crops).to(self.device), self.mean, self.std)
 
     def __call__(self, pixels: np.ndarray, sample_ids: Sequence[str]) -> tuple[torch.Tensor, KeptTokens]:
-        x = normalize(torch.from_numpy(pixels).to(self.device), self.mean, self.std)
+        x = self.pixels(pixels)
         positions = token_positions(self.layout, self.selection, sample_ids)
         _, frame, kind = token_columns(self.layout, positions)
         sample = np.repeat(np.arange(len(sample_ids)), positions.shape[1])

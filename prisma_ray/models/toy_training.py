@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from ..data.synthetic import MovingShapesConfig, ShapesConfig, render_moving_shapes, render_shapes
+from .inputs import normalize
 from .spec import PreprocessSpec
 from .toy import ToySpec, ToyTraining
 
@@ -105,10 +106,10 @@ def render_split(cfg: ShapesConfig | MovingShapesConfig, n: int) -> tuple[np.nda
 
 
 def to_input(pixels: np.ndarray, spec: PreprocessSpec) -> torch.Tensor:
-    """`uint8[..., H, W, 3]` at the model's size -> normalised float `[..., 3, H, W]` (what the data layer yields)."""
-    x = torch.from_numpy(pixels).float().div_(255.0)
-    x = (x - torch.tensor(spec.mean)) / torch.tensor(spec.std)
-    return x.movedim(-1, -3).contiguous()
+    """`uint8[..., H, W, 3]` at the model's size -> normalised float `[..., 3, H, W]` on the CPU, by the
+    normalisation every stage applies (`prisma_ray.models.inputs.normalize`)."""
+    mean, std = (torch.tensor(v, dtype=torch.float32) for v in (spec.mean, spec.std))
+    return normalize(torch.from_numpy(pixels), mean, std)
 
 
 @torch.no_grad()

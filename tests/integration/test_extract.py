@@ -19,13 +19,15 @@ import yaml
 
 from prisma_ray import storage, store
 from prisma_ray.cli import main
-from prisma_ray.data import RowFormat, decode_refs, list_refs, split_errors
+from prisma_ray.data import list_refs
 from prisma_ray.data.errors import read_errors_table
+from prisma_ray.data.shards import InputFormat, decode_shard, plan_shards
 from prisma_ray.data.sources import with_resolved_storage
 from prisma_ray.extract import pipeline as extract_pipeline
 from prisma_ray.extract.config import ExtractConfig
 from prisma_ray.extract.pipeline import run_extract
 from prisma_ray.models import TokenKind, UnknownHookPoint, UnknownModel
+from prisma_ray.models.inputs import PixelInputs
 from prisma_ray.models.loading import build_model, resolve_entry
 from prisma_ray.runtime import pool
 from prisma_ray.runtime.pool import actor_resources
@@ -89,16 +91,17 @@ def acts_of(table: pa.Table) -> np.ndarray:
 
 
 def in_process(cfg: ExtractConfig) -> dict[str, dict[str, np.ndarray]]:
-    """`{hook: {sample_id: float32[tokens, d]}}` from a direct `run_with_cache` on the data layer's batches."""
+    """`{hook: {sample_id: float32[tokens, d]}}` from a direct `run_with_cache` on the decoded shards."""
     model = build_model(resolve_entry(cfg.model), cfg.pretrained, cfg.seed)
     spec = with_resolved_storage(cfg.dataset)
     out = {h: {} for h in cfg.hooks}
-    for batch in decode_refs(list_refs(spec), spec, RowFormat.create(spec, model.preprocess), max_rows=64):
-        good, _ = split_errors(batch)
+    fmt, inputs = InputFormat.create(spec, model.preprocess), PixelInputs(model)
+    for refs in plan_shards(list_refs(spec), spec, 64):
+        good = decode_shard(refs, spec, fmt)
         with torch.inference_mode():
-            _, cache = model.run_with_cache(torch.from_numpy(good["pixels"]), cfg.hooks)
+            _, cache = model.run_with_cache(inputs.pixels(good.pixels), cfg.hooks)
         for hook in cfg.hooks:
-            out[hook].update({sid: cache[hook][i].numpy() for i, sid in enumerate(good["sample_id"])})
+            out[hook].update({sid: cache[hook][i].numpy() for i, sid in enumerate(good.sample_ids)})
     return out
 
 

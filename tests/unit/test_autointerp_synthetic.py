@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from prisma_ray.data.synthetic import patch_factors, render_shapes
-from prisma_ray.data.transforms import preprocess_image
+from prisma_ray.data.transforms import crop_to_model
 from prisma_ray.interpret.autointerp.embedders import HookedModelFeatures, PrototypeEmbedder, synthetic_prototypes
 from prisma_ray.interpret.autointerp.explainers import VocabularyExplainer
 from prisma_ray.interpret.autointerp.run import EmbedderConfig
 from prisma_ray.interpret.evidence import LatentEvidence
 from prisma_ray.models import load_model, toy
+from prisma_ray.models.inputs import PixelInputs
 from prisma_ray.sae import DictionaryConfig, Site, Sites, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -31,7 +32,7 @@ def test_vocabulary_explainer_names_most_detector_latents():
     images = np.stack([image for image, *_ in renders])
     model = load_model("prisma-toy-vit-shapes")
     with torch.inference_mode():
-        x = torch.from_numpy(np.stack([preprocess_image(im, model.preprocess) for im in images]))
+        x = PixelInputs(model).pixels(np.stack([crop_to_model(im, model.preprocess) for im in images]))
         acts = model.run_with_cache(x, names=[SAE_HOOK], stop_early=True)[1][SAE_HOOK][:, 1:].float()
     n, patches, width = acts.shape
     grid = model.token_layout.grid

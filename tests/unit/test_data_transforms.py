@@ -1,9 +1,17 @@
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from prisma_ray.data.transforms import preprocess_image, preprocess_video, resize_and_crop
+from prisma_ray.data.transforms import crop_to_model, resize_and_crop
+from prisma_ray.models.inputs import normalize
 from prisma_ray.models.spec import PreprocessSpec
+
+
+def model_input(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """What every stage feeds a vision model: the `uint8` crop (data) normalised (`models.inputs`)."""
+    mean, std = (torch.tensor(v, dtype=torch.float32) for v in (spec.mean, spec.std))
+    return normalize(torch.from_numpy(crop_to_model(pixels, spec)), mean, std).numpy()
 
 
 def _pattern(h: int, w: int) -> np.ndarray:
@@ -18,7 +26,7 @@ def test_hand_computed_nearest_resize_crop_normalise():
     # 4x6 -> shorter side 2 -> 2x3 (nearest picks rows 1, 3 and cols 1, 3, 5) -> centre crop 2x2:
     # left = round((3 - 2) / 2) = 0, so cols 1, 3 remain.
     spec = PreprocessSpec(image_size=(2, 2), interpolation="nearest", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-    out = preprocess_image(_pattern(4, 6), spec)
+    out = model_input(_pattern(4, 6), spec)
     assert out.shape == (3, 2, 2) and out.dtype == np.float32
     red = np.array([[11, 13], [31, 33]]) / 255.0
     np.testing.assert_allclose(out[0], (red - 0.5) / 0.25, rtol=0, atol=1e-6)
@@ -57,7 +65,7 @@ def test_matches_timm_eval_transform(src, size, crop_pct, interpolation):
         mean=spec.mean,
         std=spec.std,
     )(Image.fromarray(img)).numpy()
-    out = preprocess_image(img, spec)
+    out = model_input(img, spec)
     assert out.shape == reference.shape == (3, *size)
     np.testing.assert_allclose(out, reference, rtol=0, atol=1e-5)
 
@@ -65,9 +73,7 @@ def test_matches_timm_eval_transform(src, size, crop_pct, interpolation):
 def test_video_is_framewise():
     frames = np.random.default_rng(2).integers(0, 256, (4, 30, 40, 3), dtype=np.uint8)
     spec = PreprocessSpec(modality="video", image_size=(16, 16), num_frames=4)
-    out = preprocess_video(frames, spec)
+    out = model_input(frames, spec)
     assert out.shape == (4, 3, 16, 16) and out.dtype == np.float32
     for t in range(4):
-        np.testing.assert_array_equal(out[t], preprocess_image(frames[t], spec))
-    with pytest.raises(ValueError, match="num_frames=4"):
-        preprocess_video(frames[:3], spec)
+        np.testing.assert_array_equal(out[t], model_input(frames[t], spec))

@@ -12,14 +12,14 @@ from pydantic import ValidationError
 
 from prisma_ray import store
 from prisma_ray.config import load_config
-from prisma_ray.data import ImageSource, RowFormat, SampleRef, SyntheticSource, decode_refs, list_refs
+from prisma_ray.data import ImageSource, SampleRef, SyntheticSource, list_refs
 from prisma_ray.data.errors import ErrorRecord, read_errors_table
 from prisma_ray.data.shards import InputFormat, ShardData, decode_shard, plan_shards
 from prisma_ray.extract.config import DEFAULT_MODEL, ExtractConfig
 from prisma_ray.extract.plan import config_hash, pending_shards, store_description
 from prisma_ray.extract.worker import ExtractionWorker, WorkerJob
 from prisma_ray.models import ModelEntry, TokenKind, TokenLayout, UnknownHookPoint
-from prisma_ray.models.inputs import model_prompts, normalize
+from prisma_ray.models.inputs import PixelInputs, model_prompts, normalize
 from prisma_ray.models.loading import build_model, check_hooks, describe_model, resolve_entry
 from prisma_ray.models.token_selection import TokenSelection, check_selection, token_columns, token_positions
 from prisma_ray.storage import StorageOptions
@@ -138,18 +138,20 @@ def test_config_hash_covers_what_changes_rows(tmp_path):
         writer.claim(digest(changed[1]), store_description(changed[1], TINY_VIT, HOOKS[0], spec, "d0", None))
 
 
-def test_decoded_crops_normalise_to_the_data_layer_pixels(tmp_path):
+def test_decoded_crops_normalise_to_the_model_pixels(tmp_path):
     spec = _synthetic(tmp_path)
     model = describe_model(TINY_VIT)
     assert model.preprocess.crop_pct < 1, "exercises resize + centre crop"
     refs = list_refs(spec)
     data = decode_shard(refs, spec, InputFormat.create(spec, model.preprocess))
     assert data.pixels.dtype == np.uint8 and data.pixels.shape == (12, 32, 32, 3)
+    assert list(data.sample_ids) == [r.sample_id for r in refs]
     mean, std = torch.tensor(model.preprocess.mean), torch.tensor(model.preprocess.std)
     ours = normalize(torch.from_numpy(data.pixels), mean, std).numpy()
-    (theirs,) = decode_refs(refs, spec, RowFormat.create(spec, model.preprocess), max_rows=100)
-    np.testing.assert_array_equal(ours, theirs["pixels"])
-    assert list(data.sample_ids) == list(theirs["sample_id"])
+    x = data.pixels.astype(np.float32) / np.float32(255.0)  # (x / 255 - mean) / std in float32, channels first
+    x = (x - np.asarray(model.preprocess.mean, np.float32)) / np.asarray(model.preprocess.std, np.float32)
+    np.testing.assert_array_equal(ours, np.moveaxis(x, -1, -3))
+    np.testing.assert_array_equal(PixelInputs(model).pixels(data.pixels).numpy(), ours)
 
 
 def test_shard_payload_roundtrip():
@@ -198,10 +200,9 @@ def test_worker_rows_equal_run_with_cache(tmp_path, dtype, tol, tokens, expected
     assert summary["values"] == 12 * per_sample * 32 * 2
 
     reference = build_model(TINY_VIT, pretrained=False, seed=0)
-    (batch,) = decode_refs(refs, spec, RowFormat.create(spec, reference.preprocess), max_rows=100)
     with torch.inference_mode():
-        _, cache = reference.run_with_cache(torch.from_numpy(batch["pixels"]), HOOKS)
-    row_of = {sid: i for i, sid in enumerate(batch["sample_id"])}
+        _, cache = reference.run_with_cache(PixelInputs(reference).pixels(data.pixels), HOOKS)
+    row_of = {sid: i for i, sid in enumerate(data.sample_ids)}
     kinds = reference.token_layout.kinds()
     for hook in HOOKS:
         table = pq.read_table(tmp_path / "out" / hook / "part-00003.parquet")

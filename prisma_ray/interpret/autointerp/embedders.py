@@ -95,14 +95,15 @@ class HookedModelFeatures:
     def __call__(self, images: np.ndarray) -> np.ndarray:
         import torch
 
-        from prisma_ray.data.transforms import preprocess_image
+        from prisma_ray.data.transforms import crop_to_model
+        from prisma_ray.models.inputs import PixelInputs
 
         spec, n_prefix = self.model.preprocess, self.model.token_layout.n_prefix
-        out = []
+        inputs, out = PixelInputs(self.model), []
         with torch.inference_mode():
             for start in range(0, len(images), self.batch_size):
-                x = np.stack([preprocess_image(im, spec) for im in images[start : start + self.batch_size]])
-                _, cache = self.model.run_with_cache(torch.from_numpy(x), names=[self.hook], stop_early=True)
+                crops = np.stack([crop_to_model(im, spec) for im in images[start : start + self.batch_size]])
+                _, cache = self.model.run_with_cache(inputs.pixels(crops), names=[self.hook], stop_early=True)
                 out.append(cache[self.hook][:, n_prefix:].float().mean(1).numpy())
         return np.concatenate(out)
 
