@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from .. import storage
-from ..errors import PrismaRayError
+from ..errors import InvalidRequest, PrismaRayError
 from .config import DictionaryConfig
 from .dictionary import Dictionary, Site, Sites
 from .trainer import Trainer
@@ -319,6 +320,17 @@ STATE_TENSORS_FILE = "trainer_state.safetensors"
 STATE_META_FILE = "trainer_state.json"
 
 
+def check_dictionary_names(names: Iterable[str]) -> None:
+    """Raise `InvalidRequest` when one of `names` is that of a file a resumable checkpoint keeps beside the
+    dictionaries' directories (`checkpoint_files`: `<name>/cfg.json`, ...)."""
+    taken = sorted(set(names) & {STATE_TENSORS_FILE, STATE_META_FILE})
+    if taken:
+        raise InvalidRequest(
+            f"dictionary names {taken} are those of the trainer state files a checkpoint holds beside the "
+            "dictionaries; set another `name`"
+        )
+
+
 def dictionary_files(trainer: Trainer, extra: dict[str, Any] | None = None) -> dict[str, bytes]:
     """`{"<dictionary name>/<file>": bytes}`: every dictionary of `trainer`, exported (with `extra` metadata)."""
     files = {}
@@ -330,6 +342,7 @@ def dictionary_files(trainer: Trainer, extra: dict[str, Any] | None = None) -> d
 
 def checkpoint_files(trainer: Trainer, extra: dict[str, Any] | None = None) -> dict[str, bytes]:
     """A resumable checkpoint: the exact trainer state plus every dictionary exported (`dictionary_files`)."""
+    check_dictionary_names(trainer.dictionaries)
     return {
         STATE_TENSORS_FILE: save_safetensors(trainer.state_tensors()),
         STATE_META_FILE: json.dumps(trainer.state_meta(), indent=1).encode(),

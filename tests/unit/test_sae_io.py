@@ -228,6 +228,13 @@ def test_trainer_checkpoint_resumes_exactly(tmp_path):
     assert (tmp_path / "topk-k-4" / "cfg.json").exists(), "a checkpoint also holds every dictionary exported"
 
 
+def test_a_dictionary_cannot_take_the_name_of_a_trainer_state_file(tmp_path):
+    """A checkpoint holds the trainer state files beside one directory per dictionary: their names are taken."""
+    trainer = Trainer([DictionaryConfig(architecture="topk", d_sae=24, k=4, name="trainer_state.json")], SAE, 1)
+    with pytest.raises(PrismaRayError, match=r"\['trainer_state.json'\] .* trainer state"):
+        checkpoint_files(trainer)
+
+
 def test_checkpoint_of_another_config_is_refused(tmp_path):
     trainer = trained(DictionaryConfig(architecture="topk", d_sae=24, k=4), SAE, steps=1)
     write_files(checkpoint_files(trainer), str(tmp_path))

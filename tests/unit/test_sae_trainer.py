@@ -217,6 +217,7 @@ def test_dictionary_that_cannot_fit_the_data_is_refused():
         ({"batch_size": 100, "workers": 3}, "divisible by workers"),
         ({"dictionaries": [{"architecture": "relu", "skip_connection": True}]}, "set data.targets"),
         ({"dictionaries": [{}, {}]}, "names must be unique"),
+        ({"dictionaries": [{"name": "trainer_state.json"}]}, r"\['trainer_state.json'\] .* trainer state"),
         ({"dictionaries": [{"architecture": "topk", "l1_coefficient": 2}]}, "dictionaries.0"),
         ({"data": {"inputs": ["a", "a"]}}, "appears twice"),
         ({"data": {"kinds": ["pixels"]}}, "data.kinds"),
