@@ -9,8 +9,9 @@
 - `discovery`, `results`, `report`: finding checkpoints, resumable result files, leaderboard and plots.
 """
 
+from ..sae.io import CheckpointInfo, read_checkpoint_info
 from .checkpoint import EvalConfig, Evaluator, HeadConfig, evaluate_checkpoint
-from .discovery import CheckpointInfo, find_checkpoints, read_checkpoint_info
+from .discovery import find_checkpoints
 
 __all__ = [
     "CheckpointInfo",

@@ -29,9 +29,9 @@ from ..models.inputs import PixelInputs, PromptInputs
 from ..models.loading import build_model, describe_model
 from ..sae import Dictionary, load_dictionary
 from ..sae.dictionary import Site
+from ..sae.io import CheckpointInfo, read_checkpoint_info
 from ..storage import StorageOptions
 from ..store import KIND_CODES
-from .discovery import CheckpointInfo, read_checkpoint_info
 from .ground_truth import factor_recovery, source_frames, token_factors
 from .heldout import HeldOut, StoreSource, read_held_out, store_selection
 from .metrics import Reconstruction, Sparsity, decoder_norm_shares, share_summary
@@ -133,7 +133,7 @@ class Evaluator:
         unnamed = [s.name for s in (*info.sites.inputs, *info.sites.targets) if not s.model]
         if unnamed:
             raise ValueError(f"{uri}: cfg.json names no model for {unnamed}; its held-out store cannot be found")
-        d = load_dictionary(uri, self.options).to(self.device).eval()
+        d = load_dictionary(info, self.options).to(self.device).eval()
         inputs = [self.cfg.store_uri(s) for s in info.sites.inputs]
         targets = [self.cfg.store_uri(s) for s in info.sites.outputs]
         held = self._held_out(inputs, targets, info.token_kinds)

@@ -28,8 +28,8 @@ from .. import storage
 from ..models import get_entry, list_entries
 from ..models.registry import Modality, Source
 from ..runtime.session import RayOptions, ensure_ray
+from ..sae.io import CheckpointInfo
 from . import EvalConfig, Evaluator, find_checkpoints, read_checkpoint_info
-from .discovery import CheckpointInfo
 from .report import front_plots, leaderboard_html
 from .results import ResultStore, result_key
 

@@ -22,13 +22,13 @@ from ..data.errors import write_shard_errors
 from ..data.shards import InputFormat, ShardData, decode_shard
 from ..data.sources import SHARDED, DatasetSpec, SampleRef, SyntheticSource, with_resolved_storage
 from ..data.synthetic import ShapesConfig
-from ..evaluate.discovery import CheckpointInfo, read_checkpoint_info
 from ..models import ModelEntry, TokenKind, TokenLayout
 from ..models.inputs import base_view_layout, model_inputs, model_prompts
 from ..models.loading import actor_model, check_hooks, describe_model, resolve_entry
 from ..models.token_selection import TokenSelection
 from ..runtime.session import RayOptions
 from ..sae import load_dictionary
+from ..sae.io import CheckpointInfo, read_checkpoint_info
 from ..storage import StorageOptions
 from .topk import LatentRecord
 

@@ -3,10 +3,11 @@ trainer and SAELens-format checkpoints. No Ray in here; `prisma_ray.train` distr
 
 from .config import DictionaryConfig
 from .dictionary import Dictionary, Site, Sites
-from .io import export_files, load_dictionary, load_sparsity, write_files
+from .io import CheckpointInfo, export_files, load_dictionary, load_sparsity, read_checkpoint_info, write_files
 from .trainer import Normalization, Trainer
 
 __all__ = [
+    "CheckpointInfo",
     "Dictionary",
     "DictionaryConfig",
     "Normalization",
@@ -16,5 +17,6 @@ __all__ = [
     "export_files",
     "load_dictionary",
     "load_sparsity",
+    "read_checkpoint_info",
     "write_files",
 ]

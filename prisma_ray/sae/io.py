@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,6 +23,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from .. import storage
+from ..errors import InvalidRequest, PrismaRayError
 from .config import DictionaryConfig
 from .dictionary import Dictionary, Site, Sites
 from .trainer import Trainer
@@ -28,6 +32,11 @@ CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 SPARSITY_FILE = "sparsity.safetensors"
 SAE_LENS_FORMAT_VERSION = "6.0.0"
+
+
+class CheckpointConfigError(PrismaRayError, ValueError):
+    """A `cfg.json` that does not describe a dictionary this library can load; the message names it and the key."""
+
 
 _SAE_ARCH = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "gated": "gated"}
 _TRANSCODER_PREFIX = {"relu": "", "topk": "topk_", "batchtopk": "jumprelu_", "jumprelu": "jumprelu_", "gated": "gated_"}
@@ -136,12 +145,12 @@ def write_files(files: dict[str, bytes], uri: str, options: storage.StorageOptio
         storage.write_bytes(storage.join(uri, name), data, options)
 
 
-def load_dictionary(uri: str, options: storage.StorageOptions | None = None) -> Dictionary:
-    """The dictionary saved at `uri` (ours or a SAELens 6 checkpoint of a supported architecture)."""
-    storage.require_exists(storage.join(uri, CFG_FILE), options)
-    cfg = json.loads(storage.read_bytes(storage.join(uri, CFG_FILE), options))
-    weights = load_safetensors(storage.read_bytes(storage.join(uri, WEIGHTS_FILE), options))
-    return build_dictionary(*_config_and_sites(cfg, uri), weights, uri)
+def load_dictionary(checkpoint: str | CheckpointInfo, options: storage.StorageOptions | None = None) -> Dictionary:
+    """The dictionary saved at `checkpoint` (a URI, or what `read_checkpoint_info` read there): ours, or a
+    SAELens 6 checkpoint of a supported architecture. Raises `CheckpointConfigError` as `read_checkpoint_info`."""
+    info = checkpoint if isinstance(checkpoint, CheckpointInfo) else read_checkpoint_info(checkpoint, options)
+    weights = load_safetensors(storage.read_bytes(storage.join(info.uri, WEIGHTS_FILE), options))
+    return build_dictionary(info.config, info.sites, weights, info.uri)
 
 
 def build_dictionary(cfg: DictionaryConfig, sites: Sites, weights: dict[str, torch.Tensor], where: str) -> Dictionary:
@@ -166,38 +175,160 @@ def load_sparsity(uri: str, options: storage.StorageOptions | None = None) -> to
     return load_safetensors(storage.read_bytes(storage.join(uri, SPARSITY_FILE), options))["sparsity"]
 
 
-def _config_and_sites(cfg: dict[str, Any], uri: str) -> tuple[DictionaryConfig, Sites]:
-    if cfg.get("normalize_activations", "none") != "none":
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One checkpoint as its `cfg.json` describes it: what loading builds and what discovery reports.
+
+    `config` and `sites` are the dictionary its weights load as (BatchTopK exports as JumpReLU);
+    `architecture` and `k` are those it was trained with, as our metadata records them.
+    """
+
+    uri: str
+    name: str
+    config: DictionaryConfig
+    sites: Sites
+    architecture: str
+    k: int | None
+    trained_tokens: int | None = None
+    steps: int | None = None
+    token_kinds: tuple[str, ...] | None = None
+
+    @property
+    def d_sae(self) -> int:
+        return self.config.latents(self.sites.d_in)
+
+    @property
+    def kind(self) -> str:
+        return self.sites.kind
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The models whose activations it reads or writes, sorted."""
+        return tuple(sorted({s.model for s in (*self.sites.inputs, *self.sites.targets)}))
+
+    def row(self) -> dict[str, Any]:
+        """The descriptive columns of its metrics row."""
+        return {
+            "checkpoint": self.uri,
+            "name": self.name,
+            "kind": self.kind,
+            "architecture": self.architecture,
+            "model": "+".join(self.models),
+            "hook": "+".join(s.name for s in self.sites.inputs),
+            "hook_out": "+".join(s.name for s in self.sites.targets),
+            "d_in": self.sites.d_in,
+            "d_sae": self.d_sae,
+            "k": self.k,
+            "trained_tokens": self.trained_tokens,
+            "steps": self.steps,
+            "token_kinds": ",".join(self.token_kinds) if self.token_kinds else "all",
+        }
+
+
+def read_checkpoint_info(uri: str, options: storage.StorageOptions | None = None) -> CheckpointInfo:
+    """Parse and check `<uri>/cfg.json` (ours, or SAELens 6 with `hook_name`/`model_name` metadata); reads no weights.
+
+    Raises `MissingInputError` when it does not exist, `CheckpointConfigError` (naming the file and
+    the key) when it does not describe a dictionary this library can load: a transcoder must name its
+    output hook (`metadata.hook_name_out`), activations must not be normalised at run time.
+    """
+    cfg_uri = storage.join(uri, CFG_FILE)
+    storage.require_exists(cfg_uri, options)
+    try:
+        cfg = json.loads(storage.read_bytes(cfg_uri, options))
+        if not isinstance(cfg, dict):
+            raise TypeError(f"a JSON {type(cfg).__name__}, not an object")
+        return _checkpoint_info(cfg, uri, cfg_uri)
+    except CheckpointConfigError:
+        raise
+    except (KeyError, TypeError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+        raise CheckpointConfigError(
+            f"{cfg_uri}: not a dictionary checkpoint's cfg.json ({type(exc).__name__}: {exc})"
+        ) from None
+
+
+def saelens_hooks(cfg: dict[str, Any], transcoder: bool) -> tuple[str, str | None, str | None]:
+    """`(model name, input hook, output hook)` a SAELens `cfg.json` names (under `metadata` since SAELens 6,
+    at the top level before); `None` for a hook it does not name. Raises `ValueError` when a transcoder
+    does not name its output hook."""
+    meta = cfg.get("metadata") or {}
+
+    def named(key: str) -> Any:
+        return meta.get(key) or cfg.get(key)
+
+    hook_out = named("hook_name_out") if transcoder else None
+    if transcoder and not hook_out:
         raise ValueError(
-            f"{uri}: normalize_activations={cfg['normalize_activations']!r}; only checkpoints with the "
+            f"architecture {cfg.get('architecture')!r} is a transcoder, but metadata.hook_name_out (the hook "
+            "point it predicts) is not set; add it to the cfg.json"
+        )
+    return named("model_name") or "", named("hook_name"), hook_out
+
+
+def _checkpoint_info(cfg: dict[str, Any], uri: str, where: str) -> CheckpointInfo:
+    if cfg.get("normalize_activations", "none") != "none":
+        raise CheckpointConfigError(
+            f"{where}: normalize_activations={cfg['normalize_activations']!r}; only checkpoints with the "
             "normalisation folded into the weights ('none') can be loaded"
         )
-    arch, transcoder, skip = _parse_architecture(cfg["architecture"])
+    try:
+        arch, transcoder, skip = _parse_architecture(cfg["architecture"])
+    except ValueError as e:
+        raise CheckpointConfigError(f"{where}: {e}") from None
     if cfg.get("apply_b_dec_to_input", not transcoder) == transcoder:
-        raise ValueError(
-            f"{uri}: apply_b_dec_to_input={cfg['apply_b_dec_to_input']} is not supported for {cfg['architecture']!r} "
-            "(autoencoders subtract b_dec from the input, transcoders do not)"
+        raise CheckpointConfigError(
+            f"{where}: apply_b_dec_to_input={cfg['apply_b_dec_to_input']} is not supported for "
+            f"{cfg['architecture']!r} (autoencoders subtract b_dec from the input, transcoders do not)"
         )
-    ours = cfg.get("metadata", {}).get("prisma_ray", {})
+    ours = (cfg.get("metadata") or {}).get("prisma_ray") or {}
+    trained = ours.get("config") or {}
     if "sites" in ours:
         sites = Sites.model_validate(ours["sites"])
+        if sites.autoencoder == transcoder:
+            raise CheckpointConfigError(
+                f"{where}: architecture {cfg['architecture']!r} but metadata.prisma_ray.sites describes a {sites.kind}"
+            )
     else:
-        meta = cfg.get("metadata", {})
-        inputs = (Site(name=meta.get("hook_name") or "input", model=meta.get("model_name") or "", width=cfg["d_in"]),)
-        outputs = (Site(name=meta.get("hook_name_out") or "output", width=cfg["d_out"]),) if transcoder else ()
+        try:
+            model, hook, hook_out = saelens_hooks(cfg, transcoder)
+        except ValueError as e:
+            raise CheckpointConfigError(f"{where}: {e}") from None
+        inputs = (Site(name=hook or "input", model=model, width=cfg["d_in"]),)
+        outputs = (Site(name=hook_out, model=model, width=cfg["d_out"]),) if transcoder else ()
         sites = Sites(inputs=inputs, outputs=outputs)
     fields: dict[str, Any] = {"architecture": arch, "d_sae": cfg["d_sae"], "skip_connection": skip}
     if arch == "topk":
         fields["k"] = cfg["k"]
-    if ours.get("config", {}).get("decoder_norm"):
-        fields["decoder_norm"] = ours["config"]["decoder_norm"]
-    if ours.get("config", {}).get("name"):
-        fields["name"] = ours["config"]["name"]
-    return DictionaryConfig(**fields), sites
+    for key in ("decoder_norm", "name"):
+        if trained.get(key):
+            fields[key] = trained[key]
+    config = DictionaryConfig(**fields)
+    return CheckpointInfo(
+        uri=uri,
+        name=config.name or posixpath.basename(uri.rstrip("/")),
+        config=config,
+        sites=sites,
+        architecture=trained.get("architecture") or arch,
+        k=cfg.get("k") or trained.get("k"),
+        trained_tokens=ours.get("trained_tokens"),
+        steps=ours.get("steps"),
+        token_kinds=tuple(ours["token_kinds"]) if ours.get("token_kinds") else None,
+    )
 
 
 STATE_TENSORS_FILE = "trainer_state.safetensors"
 STATE_META_FILE = "trainer_state.json"
+
+
+def check_dictionary_names(names: Iterable[str]) -> None:
+    """Raise `InvalidRequest` when one of `names` is that of a file a resumable checkpoint keeps beside the
+    dictionaries' directories (`checkpoint_files`: `<name>/cfg.json`, ...)."""
+    taken = sorted(set(names) & {STATE_TENSORS_FILE, STATE_META_FILE})
+    if taken:
+        raise InvalidRequest(
+            f"dictionary names {taken} are those of the trainer state files a checkpoint holds beside the "
+            "dictionaries; set another `name`"
+        )
 
 
 def dictionary_files(trainer: Trainer, extra: dict[str, Any] | None = None) -> dict[str, bytes]:
@@ -211,6 +342,7 @@ def dictionary_files(trainer: Trainer, extra: dict[str, Any] | None = None) -> d
 
 def checkpoint_files(trainer: Trainer, extra: dict[str, Any] | None = None) -> dict[str, bytes]:
     """A resumable checkpoint: the exact trainer state plus every dictionary exported (`dictionary_files`)."""
+    check_dictionary_names(trainer.dictionaries)
     return {
         STATE_TENSORS_FILE: save_safetensors(trainer.state_tensors()),
         STATE_META_FILE: json.dumps(trainer.state_meta(), indent=1).encode(),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -84,6 +84,26 @@ class Normalization:
         return cls(torch.zeros(sites.d_in), torch.ones(sites.d_in), torch.zeros(sites.d_out), torch.ones(sites.d_out))
 
 
+@dataclass
+class _Sums:
+    """One dictionary's sums over a metrics window: its loss parts, squared error, target variance, L0."""
+
+    parts: dict[str, torch.Tensor | float] = field(default_factory=dict)
+    error: torch.Tensor | float = 0.0
+    variance: torch.Tensor | float = 0.0
+    l0: torch.Tensor | float = 0.0
+
+
+@dataclass
+class _Window:
+    """The steps since the last `Trainer.metrics()`: the run's counters, and sums per dictionary name."""
+
+    steps: int = 0
+    tokens: int = 0
+    start: float = field(default_factory=time.perf_counter)
+    sums: dict[str, _Sums] = field(default_factory=dict)
+
+
 class DictionarySet(nn.Module):
     """All dictionaries of a run behind one `forward`, so that one DDP wrapper covers them all."""
 
@@ -138,7 +158,7 @@ class Trainer:
         self.fire_counts = {n: torch.zeros(d.n_latents, dtype=torch.float64) for n, d in self.dictionaries.items()}
         self.step = 0
         self.tokens = 0
-        self._reset_window()
+        self._window = _Window()
 
     @property
     def first(self) -> Dictionary:
@@ -209,44 +229,41 @@ class Trainer:
             since.add_(tokens).masked_fill_(part > 0, 0)
             self.fire_counts[name].add_(part.double())
 
-    def _reset_window(self) -> None:
-        self._window: dict[str, Any] = {"steps": 0, "tokens": 0, "start": time.perf_counter()}
-
     @torch.no_grad()
     def _accumulate(self, outcomes: dict[str, Outcome], y_n: torch.Tensor, batch: int) -> None:
         w = self._window
-        w["steps"] += 1
-        w["tokens"] += batch * self.world_size
+        w.steps += 1
+        w.tokens += batch * self.world_size
         variance = (y_n - y_n.mean(0)).pow(2).sum()
         for name, o in outcomes.items():
-            sums = w.setdefault(name, {"error": 0.0, "variance": 0.0, "l0": 0.0})
+            sums = w.sums.setdefault(name, _Sums())
             for part, value in o.parts.items():
-                sums[part] = sums.get(part, 0.0) + value
-            sums["error"] += (o.prediction - y_n).pow(2).sum()
-            sums["variance"] += variance
-            sums["l0"] += o.fire_counts.sum() / batch
+                sums.parts[part] = sums.parts.get(part, 0.0) + value
+            sums.error += (o.prediction - y_n).pow(2).sum()
+            sums.variance += variance
+            sums.l0 += o.fire_counts.sum() / batch
 
     def metrics(self) -> dict[str, float]:
         """Means over the steps since the last call: per dictionary `{name}/{loss part}`, `/loss`,
         `/explained_variance`, `/l0`, `/dead_fraction`, `/lr`; plus `step`, `tokens`, `tokens_per_s`."""
         w = self._window
-        steps = max(w["steps"], 1)
+        steps = max(w.steps, 1)
         out: dict[str, float] = {
             "step": self.step,
             "tokens": self.tokens,
-            "tokens_per_s": w["tokens"] / max(time.perf_counter() - w["start"], 1e-9),
+            "tokens_per_s": w.tokens / max(time.perf_counter() - w.start, 1e-9),
         }
         for name, d in self.dictionaries.items():
-            sums = w.get(name)
+            sums = w.sums.get(name)
             if sums is not None:
-                parts = {k: float(v) / steps for k, v in sums.items() if k not in ("error", "variance", "l0")}
+                parts = {k: float(v) / steps for k, v in sums.parts.items()}
                 out.update({f"{name}/{k}": v for k, v in parts.items()})
                 out[f"{name}/loss"] = sum(parts.values())
-                out[f"{name}/explained_variance"] = 1.0 - float(sums["error"]) / max(float(sums["variance"]), 1e-12)
-                out[f"{name}/l0"] = float(sums["l0"]) / steps
+                out[f"{name}/explained_variance"] = 1.0 - float(sums.error) / max(float(sums.variance), 1e-12)
+                out[f"{name}/l0"] = float(sums.l0) / steps
             out[f"{name}/dead_fraction"] = float(self.dead(name).float().mean())
             out[f"{name}/lr"] = self.lr(d)
-        self._reset_window()
+        self._window = _Window()
         return out
 
     def state_tensors(self) -> dict[str, torch.Tensor]:

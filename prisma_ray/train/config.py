@@ -10,6 +10,7 @@ from .. import storage
 from ..models.spec import TokenKind
 from ..runtime.session import RayOptions
 from ..sae.config import DictionaryConfig
+from ..sae.io import check_dictionary_names
 from ..sae.trainer import NormalizeMode
 from ..storage import StorageOptions
 
@@ -81,6 +82,7 @@ class TrainConfig(BaseModel):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"dictionary names must be unique; set `name` on the ones called {duplicates}")
+        check_dictionary_names(names)
         return dictionaries
 
     @model_validator(mode="after")

@@ -12,13 +12,13 @@ import yaml
 from prisma_ray import store
 from prisma_ray.cli import main
 from prisma_ray.evaluate import EvalConfig, evaluate_checkpoint
-from prisma_ray.evaluate.discovery import read_checkpoint_info
 from prisma_ray.interpret.collect import InterpretConfig
 from prisma_ray.interpret.dashboard import write_dashboard
 from prisma_ray.interpret.pipeline import run_interpret
 from prisma_ray.interpret.results import read_results
 from prisma_ray.models import TokenKind
 from prisma_ray.sae import load_dictionary
+from prisma_ray.sae.io import read_checkpoint_info
 from prisma_ray.train.config import TrainConfig
 from prisma_ray.train.job import run_training
 from tests.lmm_tiny import tiny_entry

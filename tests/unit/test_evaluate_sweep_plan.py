@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from prisma_ray.config import load_config
+from prisma_ray.errors import PrismaRayError
 from prisma_ray.evaluate import find_checkpoints, read_checkpoint_info
 from prisma_ray.evaluate.results import ResultStore
 from prisma_ray.evaluate.sweep import ModelSelection, SweepConfig, checkpoint_roots, plan_sweep
@@ -67,6 +68,27 @@ def test_saelens_checkpoints_without_our_metadata(tmp_path):
     info = read_checkpoint_info(uri)
     assert info.sites == Sites(inputs=(Site(name="blocks.1.hook_resid_post", width=8, model=TOY_IMAGE),))
     assert (info.name, info.architecture, info.k) == ("sl", "topk", 4)
+
+
+def test_a_saelens_transcoder_is_discovered_as_one_or_refused(tmp_path):
+    """Discovery reads cfg.json as loading does: a transcoder is never taken for an SAE of its input hook."""
+    sites = Sites(
+        inputs=(Site(name="blocks.1.hook_mlp_in", width=8, model=TOY_IMAGE),),
+        outputs=(Site(name="blocks.1.hook_mlp_out", width=8, model=TOY_IMAGE),),
+    )
+    write_files(export_files(Dictionary(DictionaryConfig(architecture="relu", d_sae=16), sites)), str(tmp_path / "tc"))
+    cfg = json.loads((tmp_path / "tc" / "cfg.json").read_text())
+    assert cfg["architecture"] == "transcoder"
+    del cfg["metadata"]["prisma_ray"]
+    (tmp_path / "tc" / "cfg.json").write_text(json.dumps(cfg))
+    info = read_checkpoint_info(str(tmp_path / "tc"))
+    assert (info.kind, info.sites, info.row()["hook_out"]) == ("transcoder", sites, "blocks.1.hook_mlp_out")
+
+    del cfg["metadata"]["hook_name_out"]
+    (tmp_path / "tc" / "cfg.json").write_text(json.dumps(cfg))
+    sweep = SweepConfig(checkpoints=[str(tmp_path)], output=str(tmp_path / "out"))
+    with pytest.raises(PrismaRayError, match=rf"{tmp_path / 'tc'}.*metadata\.hook_name_out"):
+        plan_sweep(sweep)
 
 
 def test_plan_expands_model_uris_filters_groups_and_skips_done(tmp_path):

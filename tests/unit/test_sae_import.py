@@ -238,6 +238,20 @@ def test_saelens_run_time_normalisation_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_saelens_transcoder_without_its_output_hook_is_refused(tmp_path):
+    """Its output hook cannot be determined: refused, rather than imported with an invented one."""
+    s = {**sae_state(d_out=6), "b_dec": rand(6, seed=9)}
+    cfg = {"architecture": "transcoder", "d_out": 6, "apply_b_dec_to_input": False}
+    src = saelens_dir(tmp_path / "src", {**cfg, "metadata": {"hook_name": "blocks.2.hook_mlp_in"}}, s)
+    with pytest.raises(CheckpointImportError, match=r"src/cfg\.json: .*metadata\.hook_name_out"):
+        import_dictionary(ImportConfig(source=str(src), output=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
+    src = saelens_dir(
+        tmp_path / "old", {**cfg, "hook_name": "blocks.2.hook_mlp_in", "hook_name_out": "blocks.2.hook_mlp_out"}, s
+    )
+    assert imported(tmp_path, src)[0].hook_name_out == "blocks.2.hook_mlp_out", "SAELens <6: at the top level"
+
+
 # --- sparsify ------------------------------------------------------------------------------------
 
 

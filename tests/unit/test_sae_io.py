@@ -11,7 +11,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from prisma_ray.errors import PrismaRayError
+from prisma_ray.evaluate import read_checkpoint_info
 from prisma_ray.sae import (
+    Dictionary,
     DictionaryConfig,
     Site,
     Sites,
@@ -156,6 +159,42 @@ def test_a_saelens_cfg_without_our_metadata_loads(tmp_path):
         load_dictionary(str(tmp_path))
 
 
+def saelens_layout(d: Dictionary, uri: Path, drop: tuple[str, ...] = ()) -> str:
+    """Export `d` to `uri` as SAELens writes it: no `metadata.prisma_ray`, and without the metadata keys `drop`."""
+    files = export_files(d)
+    cfg = json.loads(files["cfg.json"])
+    for key in ("prisma_ray", *drop):
+        del cfg["metadata"][key]
+    files["cfg.json"] = json.dumps(cfg).encode()
+    write_files(files, str(uri))
+    return str(uri)
+
+
+@pytest.mark.parametrize("cfg,sites,arch", CASES, ids=[f"{c.architecture}-{s.kind}-{a}" for c, s, a in CASES])
+def test_discovery_describes_what_loading_builds(tmp_path, cfg, sites, arch):
+    """One reader of cfg.json: the sites and config discovery reports are those of the loaded dictionary."""
+
+    def of_toy(group: tuple[Site, ...]) -> tuple[Site, ...]:
+        return tuple(site.model_copy(update={"model": "toy"}) for site in group)
+
+    d = Dictionary(cfg, Sites(inputs=of_toy(sites.inputs), outputs=of_toy(sites.outputs)))
+    write_files(export_files(d), str(tmp_path / "ours"))
+    for uri in (str(tmp_path / "ours"), saelens_layout(d, tmp_path / "saelens")):
+        info, loaded = read_checkpoint_info(uri), load_dictionary(uri)
+        assert (info.sites, info.config) == (loaded.sites, loaded.cfg), uri
+        assert info.sites.autoencoder == sites.autoencoder, "a transcoder is discovered as one"
+    assert info.architecture == loaded.cfg.architecture and info.name == "saelens"
+
+
+def test_a_saelens_transcoder_without_its_output_hook_is_refused(tmp_path):
+    """`"architecture": "transcoder"` without `metadata.hook_name_out`: neither loaded nor discovered as an SAE."""
+    d = Dictionary(DictionaryConfig(architecture="relu", d_sae=24), TRANSCODER)
+    uri = saelens_layout(d, tmp_path / "tc", drop=("hook_name_out",))
+    for read in (read_checkpoint_info, load_dictionary):
+        with pytest.raises(PrismaRayError, match=rf"{uri}.*metadata\.hook_name_out"):
+            read(uri)
+
+
 def test_trainer_checkpoint_resumes_exactly(tmp_path):
     """Training 4 + 4 steps across a checkpoint equals 8 uninterrupted steps, bit for bit."""
     cfgs = [
@@ -187,6 +226,13 @@ def test_trainer_checkpoint_resumes_exactly(tmp_path):
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
     assert (tmp_path / "topk-k-4" / "cfg.json").exists(), "a checkpoint also holds every dictionary exported"
+
+
+def test_a_dictionary_cannot_take_the_name_of_a_trainer_state_file(tmp_path):
+    """A checkpoint holds the trainer state files beside one directory per dictionary: their names are taken."""
+    trainer = Trainer([DictionaryConfig(architecture="topk", d_sae=24, k=4, name="trainer_state.json")], SAE, 1)
+    with pytest.raises(PrismaRayError, match=r"\['trainer_state.json'\] .* trainer state"):
+        checkpoint_files(trainer)
 
 
 def test_checkpoint_of_another_config_is_refused(tmp_path):

@@ -59,6 +59,43 @@ def test_metrics_report_loss_parts_explained_variance_l0_dead_fraction_and_lr():
     assert f"{name}/loss" not in trainer.metrics(), "a new window starts after each call"
 
 
+@pytest.mark.parametrize("name", ["steps", "tokens", "start", "step", "tokens_per_s", "resumed_from", "error", "l0"])
+def test_any_valid_dictionary_name_trains_and_reports_its_own_metrics(name):
+    """Dictionary names and the run's counters live in separate key spaces. Reported keys cannot collide
+    either: a dictionary reports `{name}/{metric}`, the run (and `train.job`) keys without `/`
+    (`step`, `tokens`, `tokens_per_s`, `resumed_from`), and a name cannot hold `/` (`DictionaryConfig.name`)."""
+    cfgs = [
+        DictionaryConfig(architecture="relu", d_sae=16, name=name),
+        DictionaryConfig(architecture="topk", d_sae=16, k=2),
+    ]
+    trainer = Trainer(cfgs, SITES, 3)
+    b = batches(1)[0]
+    trainer.initialize(b)
+    for _ in range(3):
+        trainer.train_step(b)
+    m = trainer.metrics()
+    assert {k for k in m if "/" not in k} == {"step", "tokens", "tokens_per_s"}
+    assert (m["step"], m["tokens"]) == (3, 3 * 32) and m["tokens_per_s"] > 0
+    assert m[f"{name}/loss"] == pytest.approx(m[f"{name}/mse"] + m[f"{name}/l1"]) and m[f"{name}/l0"] > 0
+    assert m["topk-k-2/loss"] > 0
+    with pytest.raises(ValueError, match="name"):
+        DictionaryConfig(name=f"{name}/loss")
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu", "gated"])
+def test_loss_parts_never_shadow_the_derived_metrics(arch):
+    """The loss parts are reported beside `loss`, `explained_variance`, `l0`, `dead_fraction` and `lr`:
+    `loss` is the sum of the parts reported, so none of them was overwritten."""
+    derived = {"loss", "explained_variance", "l0", "dead_fraction", "lr"}
+    k = {"k": 2} if arch in ("topk", "batchtopk") else {}
+    trainer = Trainer([DictionaryConfig(architecture=arch, d_sae=16, name="d", dead_after_tokens=32, **k)], SITES, 2)
+    for b in batches(2):
+        trainer.train_step(b)
+    m = trainer.metrics()
+    parts = {k.split("/", 1)[1] for k in m if k.startswith("d/")} - derived
+    assert "mse" in parts and m["d/loss"] == pytest.approx(sum(m[f"d/{p}"] for p in parts))
+
+
 def test_dead_latents_are_counted_in_tokens():
     cfg = DictionaryConfig(architecture="topk", d_sae=16, k=1, dead_after_tokens=64, lr=1e-9)
     trainer = Trainer([cfg], SITES, 10)
@@ -180,6 +217,7 @@ def test_dictionary_that_cannot_fit_the_data_is_refused():
         ({"batch_size": 100, "workers": 3}, "divisible by workers"),
         ({"dictionaries": [{"architecture": "relu", "skip_connection": True}]}, "set data.targets"),
         ({"dictionaries": [{}, {}]}, "names must be unique"),
+        ({"dictionaries": [{"name": "trainer_state.json"}]}, r"\['trainer_state.json'\] .* trainer state"),
         ({"dictionaries": [{"architecture": "topk", "l1_coefficient": 2}]}, "dictionaries.0"),
         ({"data": {"inputs": ["a", "a"]}}, "appears twice"),
         ({"data": {"kinds": ["pixels"]}}, "data.kinds"),

@@ -8,7 +8,7 @@ folded into the weights: `apply_b_dec_to_input` (into the encoder bias) and a fi
 
 from __future__ import annotations
 
-from ..io import SPARSITY_FILE, WEIGHTS_FILE, _parse_architecture
+from ..io import SPARSITY_FILE, WEIGHTS_FILE, _parse_architecture, saelens_hooks
 from .common import CheckpointImportError, Imported, SourceDir, fold_input_bias, require
 
 FORMAT = "saelens"
@@ -48,6 +48,7 @@ def read(src: SourceDir) -> Imported:
     try:
         _refuse_unsupported(cfg, meta)
         arch, transcoder, skip = _parse_architecture(_architecture_name(cfg))
+        model_name, hook, hook_out = saelens_hooks(cfg, transcoder)
     except ValueError as e:
         raise CheckpointImportError(f"{src.path(CFG_FILE)}: {e}") from None
     weights = src.read_safetensors(WEIGHTS_FILE)
@@ -70,9 +71,9 @@ def read(src: SourceDir) -> Imported:
         format=FORMAT,
         architecture=arch,
         weights=weights,
-        hook_name=meta.get("hook_name", cfg.get("hook_name", "")),
-        hook_name_out=meta.get("hook_name_out", cfg.get("hook_name_out")),
-        model_name=meta.get("model_name", cfg.get("model_name")) or "",
+        hook_name=hook or "",
+        hook_name_out=hook_out,
+        model_name=model_name,
         k=k if arch == "topk" else None,
         transcoder=transcoder,
         skip=skip,
