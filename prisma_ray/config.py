@@ -8,10 +8,12 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from .errors import PrismaRayError
+
 C = TypeVar("C", bound=BaseModel)
 
 
-class ConfigError(ValueError):
+class ConfigError(PrismaRayError, ValueError):
     """A config file or override that cannot be used; the message names the input."""
 
 

@@ -14,6 +14,8 @@ from typing import Literal
 
 import torch
 
+from prisma_ray.errors import InvalidRequest
+
 from ..models import HookedVisionModel
 
 Mode = Literal["noising", "denoising"]
@@ -88,7 +90,7 @@ def activation_patching(
     """
     head = head or (lambda out: out)
     if clean.shape[0] != 1 or corrupted.shape != clean.shape:
-        raise ValueError(
+        raise InvalidRequest(
             f"patching takes one clean and one corrupted input of the same shape; got "
             f"{list(clean.shape)} and {list(corrupted.shape)}"
         )
@@ -105,7 +107,7 @@ def activation_patching(
     positions = list(range(n_tokens)) if positions is None else positions
     bad = [p for p in positions if not -n_tokens <= p < n_tokens]
     if bad:
-        raise ValueError(f"positions {bad} lie outside the {n_tokens} tokens of {model.name}")
+        raise InvalidRequest(f"positions {bad} lie outside the {n_tokens} tokens of {model.name}")
     effect = torch.zeros(len(hooks), len(positions))
     for row, name in enumerate(hooks):
         axis = _position_axis(name)

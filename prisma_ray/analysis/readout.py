@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..errors import PrismaRayError
 from ..evaluate.splice import ZeroShotHead, outputs_logits
 from ..models import HookedVisionModel
 
@@ -23,7 +24,7 @@ Pool = Literal["token", "avg"]
 Head = nn.Module | torch.Tensor | None
 
 
-class NoReadout(ValueError):
+class NoReadout(PrismaRayError, ValueError):
     """The model has no known final norm + head, or no class logits to read out."""
 
 

@@ -22,6 +22,7 @@ from prisma_ray.data.decode import FrameSampling
 from prisma_ray.data.errors import ErrorRecord
 from prisma_ray.data.sources import DatasetSpec, Sample, SampleRef, frame_sampling, load_samples, modality
 from prisma_ray.data.transforms import preprocess_image, preprocess_video, resize_and_crop
+from prisma_ray.errors import InvalidRequest
 from prisma_ray.models.spec import PreprocessSpec
 
 Batch = dict[str, np.ndarray]
@@ -41,9 +42,9 @@ class RowFormat:
         """Check that the dataset can feed the model (same modality, a fixed size) and fix the row layout."""
         kind = modality(spec)
         if preprocess is not None and preprocess.modality != kind:
-            raise ValueError(f"the model expects {preprocess.modality} input but the dataset holds {kind}s")
+            raise InvalidRequest(f"the model expects {preprocess.modality} input but the dataset holds {kind}s")
         if preprocess is None and spec.size is None:
-            raise ValueError("set `size` on the dataset spec (raw output) or pass the model's PreprocessSpec")
+            raise InvalidRequest("set `size` on the dataset spec (raw output) or pass the model's PreprocessSpec")
         return cls(kind, preprocess, spec.size, frame_sampling(spec, preprocess))
 
     @property

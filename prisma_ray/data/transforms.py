@@ -7,6 +7,7 @@ import math
 import numpy as np
 from PIL import Image
 
+from prisma_ray.errors import InvalidRequest
 from prisma_ray.models.spec import PreprocessSpec
 
 _PIL_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
@@ -53,7 +54,7 @@ def preprocess_image(img: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
 def preprocess_video(frames: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """`uint8[T, H, W, 3]` → `float32[T, 3, h, w]`, every frame transformed like `preprocess_image`."""
     if spec.num_frames is not None and len(frames) != spec.num_frames:
-        raise ValueError(f"got {len(frames)} frames, the model expects num_frames={spec.num_frames}")
+        raise InvalidRequest(f"got {len(frames)} frames, the model expects num_frames={spec.num_frames}")
     crops = np.stack(
         [resize_and_crop(f, spec.image_size, crop_pct=spec.crop_pct, interpolation=spec.interpolation) for f in frames]
     )

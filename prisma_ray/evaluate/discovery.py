@@ -7,6 +7,8 @@ import posixpath
 from dataclasses import dataclass
 from typing import Any
 
+from prisma_ray.errors import InvalidRequest
+
 from .. import storage
 from ..sae.dictionary import Site, Sites
 from ..sae.io import CFG_FILE, WEIGHTS_FILE
@@ -83,7 +85,9 @@ def read_checkpoint_info(uri: str, options: storage.StorageOptions | None = None
             token_kinds=tuple(ours["token_kinds"]) if ours.get("token_kinds") else None,
         )
     except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{cfg_uri}: not a dictionary checkpoint's cfg.json ({type(exc).__name__}: {exc})") from None
+        raise InvalidRequest(
+            f"{cfg_uri}: not a dictionary checkpoint's cfg.json ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def find_checkpoints(root: str, options: storage.StorageOptions | None = None) -> list[str]:

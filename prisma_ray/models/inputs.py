@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from prisma_ray.errors import InvalidRequest
+
 from .hooked import HookedVisionModel
 from .spec import MultimodalLayout, TokenLayout
 from .token_selection import TokenSelection, multimodal_positions, stable_hash, token_columns, token_positions
@@ -91,7 +93,7 @@ class PromptInputs:
         inputs = self.model.encode(list(pixels), [sample_prompt(self.prompts, sid) for sid in sample_ids])
         seq = inputs["input_ids"].shape[1]
         if seq > np.iinfo(np.int16).max:
-            raise ValueError(f"{self.model.name}: sequences of {seq} tokens exceed the store's int16 token column")
+            raise InvalidRequest(f"{self.model.name}: sequences of {seq} tokens exceed the store's int16 token column")
         layout = self.model.multimodal_layout(inputs)
         return {k: v.to(self.device) for k, v in inputs.items()}, layout
 
@@ -112,7 +114,7 @@ def model_prompts(model: HookedVisionModel, prompts: Sequence[str] | None) -> li
     if model.preprocess.modality == "multimodal":
         return list(prompts or [DEFAULT_PROMPT])
     if prompts:
-        raise ValueError(f"{model.name} takes no prompt; `prompts` is for multimodal language models")
+        raise InvalidRequest(f"{model.name} takes no prompt; `prompts` is for multimodal language models")
     return None
 
 

@@ -19,6 +19,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from prisma_ray.errors import InvalidRequest
+
 from .. import storage
 from .config import DictionaryConfig
 from .dictionary import Dictionary, Site, Sites
@@ -51,7 +53,7 @@ def _parse_architecture(name: str) -> tuple[str, bool, bool]:
         for skip in (False, True):
             if name == f"{prefix}{'skip_' if skip else ''}transcoder":
                 return ours, True, skip
-    raise ValueError(f"cfg.json architecture {name!r} is not one this library can load")
+    raise InvalidRequest(f"cfg.json architecture {name!r} is not one this library can load")
 
 
 @torch.no_grad()
@@ -153,7 +155,7 @@ def build_dictionary(cfg: DictionaryConfig, sites: Sites, weights: dict[str, tor
     unexpected = set(weights) - set(expected)
     wrong = {k: tuple(v.shape) for k, v in weights.items() if k in expected and v.shape != expected[k].shape}
     if missing or unexpected or wrong:
-        raise ValueError(
+        raise InvalidRequest(
             f"{where}: the weights do not match architecture {saelens_architecture(cfg, sites)!r} "
             f"(missing {sorted(missing)}, unexpected {sorted(unexpected)}, wrong shapes {wrong})"
         )
@@ -168,13 +170,13 @@ def load_sparsity(uri: str, options: storage.StorageOptions | None = None) -> to
 
 def _config_and_sites(cfg: dict[str, Any], uri: str) -> tuple[DictionaryConfig, Sites]:
     if cfg.get("normalize_activations", "none") != "none":
-        raise ValueError(
+        raise InvalidRequest(
             f"{uri}: normalize_activations={cfg['normalize_activations']!r}; only checkpoints with the "
             "normalisation folded into the weights ('none') can be loaded"
         )
     arch, transcoder, skip = _parse_architecture(cfg["architecture"])
     if cfg.get("apply_b_dec_to_input", not transcoder) == transcoder:
-        raise ValueError(
+        raise InvalidRequest(
             f"{uri}: apply_b_dec_to_input={cfg['apply_b_dec_to_input']} is not supported for {cfg['architecture']!r} "
             "(autoencoders subtract b_dec from the input, transcoders do not)"
         )

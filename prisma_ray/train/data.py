@@ -20,6 +20,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from prisma_ray.errors import InvalidRequest
+
 from .. import storage, store
 from ..sae.dictionary import Site, Sites
 from ..sae.trainer import Normalization, SiteStats
@@ -105,7 +107,7 @@ def plan_data(data: TrainData, options: storage.StorageOptions) -> DataPlan:
     names = [{posixpath.basename(p) for p in store.shard_paths(uri, options)} for uri in uris]
     shared = sorted(set.intersection(*names))
     if not shared:
-        raise ValueError(f"the stores {uris} have no shard in common; were they extracted from the same dataset?")
+        raise InvalidRequest(f"the stores {uris} have no shard in common; were they extracted from the same dataset?")
     n_in = len(data.inputs)
     kinds = tuple(store.KIND_CODES[k] for k in data.kinds) if data.kinds else None
     reader = Reader(tuple(uris[:n_in]), tuple(uris[n_in:]), tuple(shared), kinds, data.shuffle_seed, options)
@@ -129,5 +131,5 @@ def _count_rows(reader: Reader) -> tuple[int, ...]:
             kind = pq.read_table(shard, filesystem=fs, columns=["kind"]).column("kind")
             counts.append(int(pc.sum(pc.is_in(kind, pa.array(reader.kinds, pa.int8()))).as_py() or 0))
     if not sum(counts):
-        raise ValueError(f"{reader.inputs[0]}: no rows of the selected token kinds; check data.kinds")
+        raise InvalidRequest(f"{reader.inputs[0]}: no rows of the selected token kinds; check data.kinds")
     return tuple(counts)
