@@ -22,7 +22,7 @@ Mode = Literal["noising", "denoising"]
 Head = Callable[[torch.Tensor], torch.Tensor]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PatchingResult:
     """`effect [layers, positions]`, normalised; the hook names patched (one per row) and the classes compared."""
 
@@ -117,7 +117,16 @@ def activation_patching(
             with model.hooks([(name, _patch_one_per_row(donor_cache[name], chunk, axis))]):
                 patched = ld(head(model(batch)))
             effect[row, start : start + len(chunk)] = (patched.float() - base) / (target - base)
-    return PatchingResult(effect, hooks, positions, a, b, float(ld(logits_clean)), float(ld(logits_corrupt)), mode)
+    return PatchingResult(
+        effect=effect,
+        hooks=hooks,
+        positions=positions,
+        clean_class=a,
+        corrupted_class=b,
+        clean_ld=float(ld(logits_clean)),
+        corrupted_ld=float(ld(logits_corrupt)),
+        mode=mode,
+    )
 
 
 @torch.inference_mode()

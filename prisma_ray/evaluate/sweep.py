@@ -113,7 +113,7 @@ class Group:
     uris: list[str]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SweepPlan:
     """A checked sweep: the checkpoints found, those still to evaluate grouped by model, the output."""
 
@@ -206,7 +206,7 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
         sum(len(g.uris) for g in ordered),
         len(ordered),
     )
-    return SweepPlan(cfg, infos, ordered, results)
+    return SweepPlan(cfg=cfg, found=infos, groups=ordered, results=results)
 
 
 class SweepWorker:

@@ -34,7 +34,7 @@ FORMAT_VERSION = 1
 _MAX_SHARD_BYTES = 1 << 30
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ExtractPlan:
     """A checked extraction: the model, the dataset, its shards and the claimed stores.
 
@@ -146,5 +146,17 @@ def plan_extract(cfg: ExtractConfig) -> ExtractPlan:
     widths = {hook: model.hook_width(hook) for hook in cfg.hooks}
     layout = None if multimodal else model.token_layout
     return ExtractPlan(
-        cfg, entry, layout, widths, prompts, spec, fmt, shards, digest, writers, hashes, pending, options
+        cfg=cfg,
+        entry=entry,
+        layout=layout,
+        widths=widths,
+        prompts=prompts,
+        spec=spec,
+        fmt=fmt,
+        shards=shards,
+        digest=digest,
+        writers=writers,
+        hashes=hashes,
+        pending=pending,
+        options=options,
     )

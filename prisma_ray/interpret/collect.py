@@ -86,7 +86,7 @@ class InterpretConfig(BaseModel):
     ray: RayOptions = Field(RayOptions(), description="which Ray cluster to connect to")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class InterpretJob:
     """What a worker needs (small and picklable)."""
 
@@ -108,7 +108,7 @@ class InterpretJob:
     layout: TokenLayout | None = None  # the tokens read (default: the model's token layout)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class InterpretPlan:
     """A checked pass: the checkpoint, the model and hook point it reads, the dataset and its input format.
 
@@ -129,22 +129,22 @@ class InterpretPlan:
     def job(self, device: str = "cpu", torch_threads: int | None = None) -> InterpretJob:
         c = self.cfg
         return InterpretJob(
-            self.info.uri,
-            storage.absolute(c.output),
-            self.entry,
-            c.pretrained,
-            c.seed,
-            self.hook,
-            self.options,
-            c.k,
-            c.reservoir,
-            c.negatives,
-            c.reservoir_seed,
-            c.batch_size,
-            device,
-            torch_threads,
-            self.prompts,
-            self.layout,
+            checkpoint=self.info.uri,
+            output=storage.absolute(c.output),
+            model=self.entry,
+            pretrained=c.pretrained,
+            seed=c.seed,
+            hook=self.hook,
+            storage=self.options,
+            k=c.k,
+            reservoir=c.reservoir,
+            negatives=c.negatives,
+            reservoir_seed=c.reservoir_seed,
+            batch_size=c.batch_size,
+            device=device,
+            torch_threads=torch_threads,
+            prompts=self.prompts,
+            layout=self.layout,
         )
 
     def description(self) -> dict[str, Any]:
@@ -197,7 +197,15 @@ def plan_interpret(cfg: InterpretConfig) -> InterpretPlan:
         raise InvalidRequest(f"{entry.name} cannot take the {spec.type} dataset: {e}") from None
     layout = model.token_layout if prompts is None else base_view_layout(model, fmt.shape, prompts[0])
     return InterpretPlan(
-        cfg, info, entry, hook, layout, spec, fmt, options, None if prompts is None else tuple(prompts)
+        cfg=cfg,
+        info=info,
+        entry=entry,
+        hook=hook,
+        layout=layout,
+        spec=spec,
+        fmt=fmt,
+        options=options,
+        prompts=None if prompts is None else tuple(prompts),
     )
 
 
