@@ -8,11 +8,76 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from typing import get_args
+from dataclasses import dataclass, field
+from typing import Any, get_args
 
-from .config import ConfigError, load_config
+from .config import ConfigError, fields_help, load_config
+from .errors import PrismaRayError
 from .models.registry import Modality, Source
-from .storage import MissingInputError
+
+log = logging.getLogger(__name__)
+
+
+def _resolve(ref: str) -> Any:
+    """The object `module:name` names (`module` relative to this package when it starts with a dot)."""
+    module, name = ref.split(":")
+    return getattr(importlib.import_module(module, __package__), name)
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One argument of a sub-command: `add_argument(*flags, **options)`, in mutually exclusive `group` if set."""
+
+    flags: tuple[str, ...]
+    options: dict[str, Any]
+    group: str | None = None
+
+
+def arg(*flags: str, group: str | None = None, **options: Any) -> Arg:
+    return Arg(flags, options, group)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Command:
+    """One sub-command of `prisma-ray`.
+
+    A command with a `config` (`module:Class`) validates that pydantic model from its optional YAML
+    `config` argument, the overrides its `overrides` derives from the other arguments, then `--set`,
+    and calls `run(args, config)`; its `--help` lists the model's fields. Without one, `run(args)`.
+    `config_file=False`: the config comes from the arguments only (no YAML file, no `--set`).
+    `arguments` are added before the `config` positional; `commands` makes it a group of sub-commands.
+    """
+
+    name: str
+    help: str
+    run: Callable[..., int] | None = None
+    config: str | None = None
+    config_help: str | None = None
+    config_file: bool = True
+    overrides: Callable[[argparse.Namespace], list[str]] | None = None
+    description: str | None = None
+    epilog: str | None = None
+    arguments: tuple[Arg, ...] = ()
+    commands: tuple[Command, ...] = field(default=())
+
+    def handle(self, args: argparse.Namespace) -> int:
+        """Run this command on parsed `args`; the exit status."""
+        if self.config is None:
+            return self.run(args)
+        overrides = [*(self.overrides(args) if self.overrides else []), *getattr(args, "set", [])]
+        return self.run(args, load_config(_resolve(self.config), getattr(args, "config", None), overrides))
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose help ends with the fields of its command's config (`config`: `module:Class`)."""
+
+    def __init__(self, *args: Any, config: str | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.config = config
+
+    def format_help(self) -> str:
+        text = super().format_help()
+        return f"{text}\n{fields_help(_resolve(self.config))}" if self.config else text
 
 
 def _models_list(args: argparse.Namespace) -> int:
@@ -41,33 +106,36 @@ def _models_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _job(module: str, config: str, run: str) -> Callable[[argparse.Namespace], int]:
-    """A subcommand that validates the YAML config (+ `--set`) into `module.config`, runs `module.run` on it
-    and prints the summary's `format()`; the exit status is 1 when the summary lists failures."""
+def _summary(module: str, run: str) -> Callable[[argparse.Namespace, Any], int]:
+    """A runner that calls `module.run` on the config and prints the summary's `format()`; the exit status is 1
+    when the summary lists failures."""
 
-    def handler(args: argparse.Namespace) -> int:
-        mod = importlib.import_module(module, __package__)
-        summary = getattr(mod, run)(load_config(getattr(mod, config), args.config, args.set))
+    def runner(args: argparse.Namespace, cfg: Any) -> int:
+        summary = getattr(importlib.import_module(module, __package__), run)(cfg)
         print(summary.format())
         return 1 if getattr(summary, "failed", None) else 0
 
-    return handler
+    return runner
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from .demo import DemoConfig, format_report, run_demo
+def _demo(args: argparse.Namespace, cfg: Any) -> int:
+    from .demo import format_report, run_demo
 
-    cfg = load_config(DemoConfig, args.config, args.set)
     print(format_report(run_demo(cfg)))
     return 0
 
 
-def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import EvalConfig, evaluate_checkpoint
+def _evaluate(args: argparse.Namespace, cfg: Any) -> int:
+    from .evaluate import evaluate_checkpoint
 
-    cfg = load_config(EvalConfig, args.config, args.set)
-    row = evaluate_checkpoint(args.checkpoint, cfg)
-    print(json.dumps(row, indent=1))
+    print(json.dumps(evaluate_checkpoint(args.checkpoint, cfg), indent=1))
+    return 0
+
+
+def _analyze(args: argparse.Namespace, cfg: Any) -> int:
+    from .analysis.job import run_analysis
+
+    print(json.dumps(run_analysis(args.analysis, cfg), indent=1))
     return 0
 
 
@@ -88,28 +156,24 @@ def _data_override(data: str | None) -> list[str]:
     return [f"dataset={json.dumps(spec)}"]
 
 
-def _interpret_config(args: argparse.Namespace):
-    from .interpret.collect import InterpretConfig
-
+def _interpret_overrides(args: argparse.Namespace) -> list[str]:
     first = [f"checkpoint={json.dumps(args.checkpoint)}"] if getattr(args, "checkpoint", None) else []
-    output = [f"output={json.dumps(args.output)}"] if getattr(args, "output", None) else []
-    return load_config(InterpretConfig, args.config, first + _data_override(args.data) + output + args.set)
+    output = [f"output={json.dumps(args.output)}"] if args.output else []
+    return first + _data_override(args.data) + output
 
 
-def _interpret(args: argparse.Namespace) -> int:
+def _interpret(args: argparse.Namespace, cfg: Any) -> int:
     from .interpret.pipeline import run_interpret
 
-    summary = run_interpret(_interpret_config(args))
-    print(summary.format())
+    print(run_interpret(cfg).format())
     return 0
 
 
-def _dashboard(args: argparse.Namespace) -> int:
+def _dashboard(args: argparse.Namespace, cfg: Any) -> int:
     from .interpret.dashboard import write_dashboard
     from .interpret.pipeline import run_interpret
     from .interpret.results import read_results
 
-    cfg = _interpret_config(args)
     summary = run_interpret(cfg)
     results = read_results(summary.output, cfg.storage.resolved())
     if args.explain:
@@ -125,77 +189,75 @@ def _dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
-def _steer(args: argparse.Namespace) -> int:
-    from .interpret.steer import SteerConfig, run_steer
-
+def _steer_overrides(args: argparse.Namespace) -> list[str]:
     rule = [f"steer.value={args.value}"] if args.value is not None else []
     rule += [f"steer.scale={args.scale}"] if args.scale is not None else []
     rule += [f"steer.latents={json.dumps(args.latent)}"] if args.latent else []
     rule += ["steer.keep_error=false"] if args.no_error else []
     rule += [f"text_embeddings={json.dumps(args.text_embeddings)}"] if args.text_embeddings else []
-    overrides = [f"checkpoint={json.dumps(args.checkpoint)}", *_data_override(args.data), *rule, *args.set]
-    cfg = load_config(SteerConfig, args.config, overrides)
-    report = run_steer(cfg)
-    print(json.dumps(report, indent=1))
+    return [f"checkpoint={json.dumps(args.checkpoint)}", *_data_override(args.data), *rule]
+
+
+def _steer(args: argparse.Namespace, cfg: Any) -> int:
+    from .interpret.steer import run_steer
+
+    print(json.dumps(run_steer(cfg), indent=1))
     return 0
 
 
-def _import_sae(args: argparse.Namespace) -> int:
-    from .sae.importers import ImportConfig, import_dictionary
+def _import_overrides(args: argparse.Namespace) -> list[str]:
+    return [f"{key}={json.dumps(getattr(args, key))}" for key in ("source", "output", "format", "model")]
 
-    cfg = ImportConfig(source=args.source, output=args.output, format=args.format, model=args.model)
+
+def _import_sae(args: argparse.Namespace, cfg: Any) -> int:
+    from .sae.importers import import_dictionary
+
     print(json.dumps(import_dictionary(cfg).model_dump(), indent=1))
     return 0
 
 
-def _analyze(args: argparse.Namespace) -> int:
-    from .analysis.job import AnalyzeConfig, run_analysis
+CHECKPOINT = arg("checkpoint", help="checkpoint directory URI (cfg.json + sae_weights.safetensors)")
+DATA = arg("--data", help="dataset: a YAML/JSON dataset spec file, or a folder or s3:// prefix of images")
 
-    cfg = load_config(AnalyzeConfig, args.config, args.set)
-    print(json.dumps(run_analysis(args.analysis, cfg), indent=1))
-    return 0
-
-
-def _add_overrides(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the `prisma-ray` command."""
-    parser = argparse.ArgumentParser(prog="prisma-ray", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    models = sub.add_parser("models", help="the model registry").add_subparsers(dest="models_command", required=True)
-    listing = models.add_parser("list", help="list registered models")
-    listing.add_argument("--source", choices=get_args(Source))
-    listing.add_argument("--modality", choices=get_args(Modality))
-    listing.add_argument("--family")
-    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    listing.set_defaults(func=_models_list)
-    show = models.add_parser("show", help="show one registry entry")
-    show.add_argument("name")
-    show.set_defaults(func=_models_show)
-
-    demo = sub.add_parser("demo", help="run the demo job on the embedded default")
-    demo.add_argument("config", nargs="?", help="YAML config (optional)")
-    _add_overrides(demo)
-    demo.set_defaults(func=_demo)
-
-    quickstart = sub.add_parser(
-        "quickstart",
+COMMANDS: tuple[Command, ...] = (
+    Command(
+        name="models",
+        help="the model registry",
+        commands=(
+            Command(
+                name="list",
+                help="list registered models",
+                run=_models_list,
+                arguments=(
+                    arg("--source", choices=get_args(Source)),
+                    arg("--modality", choices=get_args(Modality)),
+                    arg("--family"),
+                    arg("--json", action="store_true", help="print JSON instead of a table"),
+                ),
+            ),
+            Command(name="show", help="show one registry entry", run=_models_show, arguments=(arg("name"),)),
+        ),
+    ),
+    Command(
+        name="demo",
+        help="run the demo job on the embedded default",
+        config=".demo:DemoConfig",
+        config_help="YAML config (optional)",
+        run=_demo,
+    ),
+    Command(
+        name="quickstart",
         help="the whole loop on the embedded models: data, extract, train, sweep, dashboard (Ray)",
         description="Generate shapes and moving-shapes, extract activations of the shipped toy models, train "
         "TopK SAEs, sweep them (held-out metrics, ground-truth recovery, leaderboard) and write a dashboard of the "
         "best one, all under `output` (local or s3://). Every stage resumes on a rerun.",
         epilog="example: prisma-ray quickstart --set output=s3://bucket/quickstart",
-    )
-    quickstart.add_argument("config", nargs="?", help="YAML QuickstartConfig (optional)")
-    _add_overrides(quickstart)
-    quickstart.set_defaults(func=_job(".quickstart", "QuickstartConfig", "run_quickstart"))
-
-    extract = sub.add_parser(
-        "extract",
+        config=".quickstart:QuickstartConfig",
+        config_help="YAML QuickstartConfig (optional)",
+        run=_summary(".quickstart", "run_quickstart"),
+    ),
+    Command(
+        name="extract",
         help="extract activations into Parquet stores (Ray Data)",
         description="Run a dataset through a model on Ray and write the activations of each hook point to its own "
         "Parquet store, <output>/<model>/<hook>/<split>, local or s3://. Rerunning the same config resumes and adds "
@@ -206,114 +268,111 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: prisma-ray extract extract.yaml --set output=s3://bucket/acts --set batch_size=64; "
         "an LMM layer: --set model=hf-llava-onevision-qwen2-0.5b-ov --set hooks='[lm.blocks.12.hook_resid_post]' "
         "--set prompts='[Describe the image.]'",
-    )
-    extract.add_argument(
-        "config",
-        nargs="?",
-        help="YAML ExtractConfig (optional: the defaults extract 128 synthetic shapes images "
+        config=".extract.config:ExtractConfig",
+        config_help="YAML ExtractConfig (optional: the defaults extract 128 synthetic shapes images "
         "through a random-weight ViT-Tiny into ./prisma-activations)",
-    )
-    _add_overrides(extract)
-    extract.set_defaults(func=_job(".extract.pipeline", "ExtractConfig", "run_extract"))
-
-    train = sub.add_parser("train", help="train SAEs, transcoders or crosscoders on activation stores (Ray Train)")
-    train.add_argument("config", nargs="?", help="YAML config (optional: the defaults train on the default store)")
-    _add_overrides(train)
-    train.set_defaults(func=_job(".train.job", "TrainConfig", "run_training"))
-
-    sweep = sub.add_parser(
-        "sweep",
+        run=_summary(".extract.pipeline", "run_extract"),
+    ),
+    Command(
+        name="train",
+        help="train SAEs, transcoders or crosscoders on activation stores (Ray Train)",
+        config=".train.config:TrainConfig",
+        config_help="YAML config (optional: the defaults train on the default store)",
+        run=_summary(".train.job", "run_training"),
+    ),
+    Command(
+        name="sweep",
         help="evaluate every checkpoint under some URIs: metrics table, leaderboard, plots (Ray)",
         description="Find every checkpoint (cfg.json + sae_weights.safetensors) under the config's `checkpoints` "
         "URIs, evaluate them against held-out activation stores on a Ray actor pool (each model loaded once per "
         "actor) and write metrics.parquet, leaderboard.html and plots/ to `output`. A rerun skips the checkpoints "
         "already evaluated. Exits 1 when some checkpoint failed (see <output>/errors.json).",
         epilog="example: prisma-ray sweep sweep.yaml --set output=s3://bucket/sweep --set evaluation.split=test",
-    )
-    sweep.add_argument("config", nargs="?", help="YAML SweepConfig (`checkpoints` is required)")
-    _add_overrides(sweep)
-    sweep.set_defaults(func=_job(".evaluate.sweep", "SweepConfig", "run_sweep"))
-
-    evaluate = sub.add_parser("evaluate", help="evaluate one checkpoint (no Ray) and print its metrics as JSON")
-    evaluate.add_argument("checkpoint", help="checkpoint directory URI (cfg.json + sae_weights.safetensors)")
-    evaluate.add_argument("config", nargs="?", help="YAML EvalConfig (optional: stores, split, ...)")
-    _add_overrides(evaluate)
-    evaluate.set_defaults(func=_evaluate)
-
-    analyze = sub.add_parser(
-        "analyze",
+        config=".evaluate.sweep:SweepConfig",
+        config_help="YAML SweepConfig (`checkpoints` is required)",
+        run=_summary(".evaluate.sweep", "run_sweep"),
+    ),
+    Command(
+        name="evaluate",
+        help="evaluate one checkpoint (no Ray) and print its metrics as JSON",
+        config=".evaluate.checkpoint:EvalConfig",
+        config_help="YAML EvalConfig (optional: stores, split, ...)",
+        arguments=(CHECKPOINT,),
+        run=_evaluate,
+    ),
+    Command(
+        name="analyze",
         help="classic analysis (logit lens, attention, patching, attribution) written as PNG + HTML",
         description="Run one analysis on a model over images/videos (inputs.uris) or rendered synthetic samples and "
         "write <output>/<analysis>/figure-NN.png, index.html and summary.json.",
         epilog="example: prisma-ray analyze patching --set patching.site=hook_resid_post --set output=/tmp/analysis",
-    )
-    analyze.add_argument("analysis", choices=["logit-lens", "attention", "patching", "attribution"])
-    analyze.add_argument(
-        "config", nargs="?", help="YAML AnalyzeConfig (optional: the defaults analyse the embedded ViT)"
-    )
-    _add_overrides(analyze)
-    analyze.set_defaults(func=_analyze)
-
-    data_help = "dataset: a YAML/JSON dataset spec file, or a folder or s3:// prefix of images"
-    interpret = sub.add_parser(
-        "interpret",
+        config=".analysis.job:AnalyzeConfig",
+        config_help="YAML AnalyzeConfig (optional: the defaults analyse the embedded ViT)",
+        arguments=(arg("analysis", choices=["logit-lens", "attention", "patching", "attribution"]),),
+        run=_analyze,
+    ),
+    Command(
+        name="interpret",
         help="top-activating samples and statistics of every latent of a checkpoint over a dataset (Ray Data)",
         description="Run a dataset through the checkpoint's model and dictionary on a Ray actor pool and keep, per "
         "latent, the top-k samples by max and by mean activation (with per-patch maps), a random sample of its "
         "activations and its firing statistics; write them to `output` (local or s3://). A multimodal language "
         "model's dictionary is read on each image's base-view image tokens, the image shown with one of `prompts`.",
         epilog="example: prisma-ray interpret --set checkpoint=runs/sae/topk-k-32 --data data.yaml --set output=/tmp/i",
-    )
-    interpret.add_argument("config", nargs="?", help="YAML InterpretConfig (optional)")
-    interpret.add_argument("--data", help=data_help)
-    interpret.add_argument("--output", help="results directory (local or s3://)")
-    _add_overrides(interpret)
-    interpret.set_defaults(func=_interpret)
-
-    dashboard = sub.add_parser(
-        "dashboard",
+        config=".interpret.collect:InterpretConfig",
+        config_help="YAML InterpretConfig (optional)",
+        arguments=(DATA, arg("--output", help="results directory (local or s3://)")),
+        overrides=_interpret_overrides,
+        run=_interpret,
+    ),
+    Command(
+        name="dashboard",
         help="static HTML feature dashboards of a checkpoint's latents (runs `interpret` first when needed)",
         description="Run the top-activations pass (unless `output` already holds its results) and write a static "
         "site: <output>/index.html (searchable, sortable index of latents) and one page per latent with its top "
         "images, heatmaps, masks, activation histogram and, from <output>/explanations.jsonl, explanations and scores.",
         epilog="example: prisma-ray dashboard runs/sae/topk-k-32 --data /data/val --output /tmp/dash --set pretrained=false",
-    )
-    dashboard.add_argument("checkpoint", help="checkpoint directory URI (cfg.json + sae_weights.safetensors)")
-    dashboard.add_argument("config", nargs="?", help="YAML InterpretConfig (optional)")
-    dashboard.add_argument("--data", help=data_help)
-    dashboard.add_argument("--output", help="results and site directory (local or s3://)")
-    dashboard.add_argument("--per-latent", type=int, default=8, help="top samples shown per latent and ranking")
-    dashboard.add_argument("--max-latents", type=int, help="render at most this many latents (in index order)")
-    dashboard.add_argument("--explain", choices=["vocabulary"], help="explain the latents offline first")
-    dashboard.add_argument(
-        "--vocabulary",
-        help="comma-separated labels for --explain vocabulary (default: the synthetic dataset's shapes and colours)",
-    )
-    _add_overrides(dashboard)
-    dashboard.set_defaults(func=_dashboard)
-
-    steer = sub.add_parser(
-        "steer",
+        config=".interpret.collect:InterpretConfig",
+        config_help="YAML InterpretConfig (optional)",
+        arguments=(
+            CHECKPOINT,
+            DATA,
+            arg("--output", help="results and site directory (local or s3://)"),
+            arg("--per-latent", type=int, default=8, help="top samples shown per latent and ranking"),
+            arg("--max-latents", type=int, help="render at most this many latents (in index order)"),
+            arg("--explain", choices=["vocabulary"], help="explain the latents offline first"),
+            arg(
+                "--vocabulary",
+                help="comma-separated labels for --explain vocabulary (default: the synthetic dataset's shapes and "
+                "colours)",
+            ),
+        ),
+        overrides=_interpret_overrides,
+        run=_dashboard,
+    ),
+    Command(
+        name="steer",
         help="clamp or scale latents of an SAE spliced into its model and report the change in output (no Ray)",
         description="Splice the checkpoint in at its hook point, set the chosen latents to --value (or multiply them "
         "by --scale) on the dataset's first inputs, keeping the SAE's error term, and print as JSON the change in "
         "predicted class and class probabilities (or, with --text-embeddings, in cosine similarity to each prompt).",
         epilog="example: prisma-ray steer runs/sae/topk-k-32 --latent 11 --value 8 --data shapes.yaml",
-    )
-    steer.add_argument("checkpoint", help="checkpoint directory URI")
-    steer.add_argument("config", nargs="?", help="YAML SteerConfig (optional)")
-    steer.add_argument("--latent", type=int, action="append", default=[], help="a latent to steer (repeatable)")
-    rule = steer.add_mutually_exclusive_group()
-    rule.add_argument("--value", type=float, help="clamp the latents to this activation")
-    rule.add_argument("--scale", type=float, help="multiply the latents by this factor")
-    steer.add_argument("--no-error", action="store_true", help="drop the SAE's error term (reconstruction only)")
-    steer.add_argument("--data", help=data_help)
-    steer.add_argument("--text-embeddings", help=".npy [prompts, width] text embeddings (embedding towers)")
-    _add_overrides(steer)
-    steer.set_defaults(func=_steer)
-
-    explain = sub.add_parser(
-        "explain",
+        config=".interpret.steer:SteerConfig",
+        config_help="YAML SteerConfig (optional)",
+        arguments=(
+            arg("checkpoint", help="checkpoint directory URI"),
+            arg("--latent", type=int, action="append", default=[], help="a latent to steer (repeatable)"),
+            arg("--value", type=float, group="rule", help="clamp the latents to this activation"),
+            arg("--scale", type=float, group="rule", help="multiply the latents by this factor"),
+            arg("--no-error", action="store_true", help="drop the SAE's error term (reconstruction only)"),
+            DATA,
+            arg("--text-embeddings", help=".npy [prompts, width] text embeddings (embedding towers)"),
+        ),
+        overrides=_steer_overrides,
+        run=_steer,
+    ),
+    Command(
+        name="explain",
         help="explain and score latents from their top-activating images (auto-interpretation, Ray)",
         description="Read the top-activation output at `evidence` (as `prisma-ray interpret` writes it), explain every "
         "latent not yet in <output>/explanations.jsonl (offline vocabulary explainer, or a served multimodal model "
@@ -321,44 +380,84 @@ def build_parser() -> argparse.ArgumentParser:
         "baseline. A rerun does only the latents missing.",
         epilog="example: prisma-ray explain --set evidence=s3://bucket/interp --set explainer=chat "
         "--set chat.base_url=http://vllm:8000/v1 --set chat.model=Qwen/Qwen2.5-VL-7B-Instruct",
-    )
-    explain.add_argument("config", nargs="?", help="YAML ExplainConfig (`evidence` is required)")
-    _add_overrides(explain)
-    explain.set_defaults(func=_job(".interpret.autointerp.run", "ExplainConfig", "run_explain"))
-
-    import_sae = sub.add_parser(
-        "import-sae",
+        config=".interpret.autointerp.run:ExplainConfig",
+        config_help="YAML ExplainConfig (`evidence` is required)",
+        run=_summary(".interpret.autointerp.run", "run_explain"),
+    ),
+    Command(
+        name="import-sae",
         help="import a published SAE or transcoder (ViT-Prisma, SAELens, sparsify) as our checkpoint",
         description="Convert another tool's published dictionary in SOURCE_DIR into our checkpoint (cfg.json + "
         "sae_weights.safetensors, SAELens 6 layout) at OUTPUT_URI, mapping its hook and model names onto ours. "
         "Pickled weights are read with a restricted unpickler (tensors and plain containers only); a file that "
         "names anything else is refused and nothing in it runs. Prints what was imported as JSON.",
         epilog="example: prisma-ray import-sae ./sae-clip-b32-layer9 s3://bucket/imported/clip-b32-l9 --format vit-prisma",
+        config=".sae.importers:ImportConfig",
+        config_file=False,
+        arguments=(
+            arg("source", metavar="SOURCE_DIR", help="directory of the published files (local or s3://)"),
+            arg("output", metavar="OUTPUT_URI", help="checkpoint directory to write (local or s3://)"),
+            arg(
+                "--format",
+                default="auto",
+                choices=["auto", "vit-prisma", "saelens", "sparsify"],
+                help="layout of SOURCE_DIR (default: detected from its files)",
+            ),
+            arg("--model", help="model the dictionary reads (registry name; default: as the source names it)"),
+        ),
+        overrides=_import_overrides,
+        run=_import_sae,
+    ),
+)
+
+
+def _add_command(sub: argparse._SubParsersAction, command: Command) -> None:
+    """Add `command` (and its sub-commands) to the sub-parsers `sub`."""
+    listed = command.config if command.config_file else None
+    parser = sub.add_parser(
+        command.name, help=command.help, description=command.description, epilog=command.epilog, config=listed
     )
-    import_sae.add_argument("source", metavar="SOURCE_DIR", help="directory of the published files (local or s3://)")
-    import_sae.add_argument("output", metavar="OUTPUT_URI", help="checkpoint directory to write (local or s3://)")
-    import_sae.add_argument(
-        "--format",
-        default="auto",
-        choices=["auto", "vit-prisma", "saelens", "sparsify"],
-        help="layout of SOURCE_DIR (default: detected from its files)",
-    )
-    import_sae.add_argument(
-        "--model", help="model the dictionary reads (registry name; default: as the source names it)"
-    )
-    import_sae.set_defaults(func=_import_sae)
+    if command.commands:
+        nested = parser.add_subparsers(dest=f"{command.name}_command", required=True)
+        for child in command.commands:
+            _add_command(nested, child)
+        return
+    groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
+    for a in command.arguments:
+        if a.group and a.group not in groups:
+            groups[a.group] = parser.add_mutually_exclusive_group()
+        (groups[a.group] if a.group else parser).add_argument(*a.flags, **a.options)
+    if command.config and command.config_file:
+        parser.add_argument("config", nargs="?", help=command.config_help)
+        parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    parser.set_defaults(func=command.handle)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `prisma-ray` command: one sub-command per entry of `COMMANDS`."""
+    parser = _Parser(prog="prisma-ray", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        _add_command(sub, command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `prisma-ray` console script."""
+    """Entry point of the `prisma-ray` console script.
+
+    An error of the project's own types (`PrismaRayError`: a config, path, model, dataset or checkpoint
+    that cannot be used) prints one `error:` line (with `-v`, its traceback at debug level) and exits 2;
+    anything else is a bug and propagates with its traceback.
+    """
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
         return args.func(args)
-    except (ConfigError, MissingInputError, KeyError, ValueError) as exc:
+    except PrismaRayError as exc:
+        log.debug("%s", type(exc).__name__, exc_info=True)
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import textwrap
+import types
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic_core import to_jsonable_python
+
+from .errors import PrismaRayError
 
 C = TypeVar("C", bound=BaseModel)
 
 
-class ConfigError(ValueError):
+class ConfigError(PrismaRayError, ValueError):
     """A config file or override that cannot be used; the message names the input."""
 
 
@@ -50,3 +58,99 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     except ValidationError as exc:
         where = f"config {str(path)!r}" if path else "config"
         raise ConfigError(f"Invalid {where} for {cls.__name__}:\n{exc}") from exc
+
+
+def models_in(annotation: Any) -> Iterator[type[BaseModel]]:
+    """The pydantic models an annotation holds: itself, or those inside its unions, lists, dicts, ..."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        yield annotation
+        return
+    for inner in get_args(annotation):
+        yield from models_in(inner)
+
+
+def config_models(cls: type[BaseModel]) -> list[type[BaseModel]]:
+    """`cls` and every model reachable through its fields, recursively, each once, in order of first use."""
+    found: dict[type[BaseModel], None] = {}
+
+    def walk(model: type[BaseModel]) -> None:
+        if model not in found:
+            found[model] = None
+            for info in model.model_fields.values():
+                for inner in models_in(info.annotation):
+                    walk(inner)
+
+    walk(cls)
+    return list(found)
+
+
+def type_name(annotation: Any) -> str:
+    """A short readable name of a field type: `int`, `str | null`, `all|cls|patches`, `list[str]`."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if annotation is type(None):
+        return "null"
+    if origin is Literal:
+        return "|".join(str(a) for a in args)
+    if origin is Annotated:
+        return type_name(args[0])
+    if origin in (Union, types.UnionType):
+        return " | ".join(type_name(a) for a in args)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return f"list[{type_name(args[0])}]"
+    if origin is not None:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(type_name(a) for a in args)}]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _nested(annotation: Any) -> tuple[type[BaseModel] | None, str]:
+    """The one model a field holds (`Model`, `Model | None` or `list[Model]`) and the suffix its children
+    get (`.` or `[].`); `(None, "")` for any other field."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, "."
+    if get_origin(annotation) in (Union, types.UnionType) and len(args) == 1:
+        return _nested(args[0])
+    if get_origin(annotation) is list and len(args) == 1 and isinstance(args[0], type):
+        return (args[0], "[].") if issubclass(args[0], BaseModel) else (None, "")
+    return None, ""
+
+
+def _plain(value: Any) -> Any:
+    """`value` as JSON data; a model keeps only its fields that differ from their defaults, and its tags."""
+    if isinstance(value, BaseModel):
+        fields = type(value).model_fields
+        tags = {k: getattr(value, k) for k, f in fields.items() if len(get_args(f.annotation)) == 1}
+        return {**tags, **value.model_dump(mode="json", exclude_defaults=True)}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return to_jsonable_python(value)
+
+
+def config_fields(cls: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, str, str | None, str]]:
+    """`(dotted name, type, default, description)` of every field of `cls`, each nested model's fields after its
+    own line (`a.b` for a model field, `a[].b` for a list of models). `default` is JSON, `"required"`, or `""`
+    for a nested model (its fields give theirs)."""
+    for name, info in cls.model_fields.items():
+        nested, suffix = _nested(info.annotation)
+        if info.is_required():
+            default = "required"
+        elif nested is not None and suffix == ".":
+            default = ""
+        elif info.default_factory is not None:
+            default = json.dumps(_plain(info.default_factory()))
+        else:
+            default = json.dumps(_plain(info.default))
+        yield f"{prefix}{name}", type_name(info.annotation), default, info.description or ""
+        if nested is not None:
+            yield from config_fields(nested, f"{prefix}{name}{suffix}")
+
+
+def fields_help(cls: type[BaseModel], width: int | None = None) -> str:
+    """The `--help` section listing every field of the config `cls` (see `config_fields`)."""
+    width = width or max(shutil.get_terminal_size().columns - 2, 60)
+    lines = [f"config fields ({cls.__name__}; YAML keys, or --set KEY=VALUE with dotted keys):"]
+    for name, kind, default, description in config_fields(cls):
+        shown = ", required" if default == "required" else f", default {default}" if default else ""
+        lines.append(f"  {name} ({kind}{shown})")
+        lines += textwrap.wrap(description, width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines) + "\n"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from .analysis.inputs import synthetic_dataset
 from .models import HookedVisionModel, get_entry, load_model
@@ -14,10 +14,12 @@ from .models.toy_training import render_split, to_input
 class DemoConfig(BaseModel):
     """What the demo runs (any registry model; the default is the embedded ViT trained on `shapes`)."""
 
-    model: str = "prisma-toy-vit-shapes"
-    pretrained: bool = True
-    batch_size: int = Field(8, ge=1)
-    seed: int = 0
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("prisma-toy-vit-shapes", description="registry name (see `prisma-ray models list`)")
+    pretrained: bool = Field(True, description="load published weights (false: random weights, no download)")
+    batch_size: int = Field(8, ge=1, description="synthetic samples rendered and run")
+    seed: int = Field(0, description="seed of the rendered samples")
 
 
 def synthetic_batch(model: HookedVisionModel, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:

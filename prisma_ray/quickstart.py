@@ -44,11 +44,11 @@ class QuickstartModel(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str
-    hook: str
-    train_samples: int = Field(ge=1)
-    test_samples: int = Field(ge=1)
-    epochs: float = Field(gt=0)
+    name: str = Field(description="registry name of an embedded model (prisma-toy-*)")
+    hook: str = Field(description="hook point extracted and trained on, e.g. blocks.2.hook_resid_post")
+    train_samples: int = Field(ge=1, description="synthetic samples extracted for training")
+    test_samples: int = Field(ge=1, description="synthetic samples extracted for the held-out evaluation")
+    epochs: float = Field(gt=0, description="passes over the training activations")
 
 
 def _default_models() -> list[QuickstartModel]:
@@ -79,14 +79,20 @@ class QuickstartConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    output: str = "prisma-quickstart"
+    output: str = Field("prisma-quickstart", description="root of every stage's output (local or s3://)")
     storage: StorageOptions = StorageOptions()
-    models: list[QuickstartModel] = Field(default_factory=_default_models, min_length=1)
-    dictionaries: list[DictionaryConfig] = Field(default_factory=_default_dictionaries, min_length=1)
+    models: list[QuickstartModel] = Field(
+        default_factory=_default_models, min_length=1, description="the embedded models run (default: both)"
+    )
+    dictionaries: list[DictionaryConfig] = Field(
+        default_factory=_default_dictionaries,
+        min_length=1,
+        description="dictionaries trained per model (default: TopK SAEs with k 4, 8, 16)",
+    )
     batch_size: int = Field(1024, ge=1, description="training tokens per step")
     train_workers: int = Field(1, ge=0, description="Ray Train workers per run (0: in the driver)")
     dashboard_latents: int = Field(32, ge=1, description="latents with a page in the dashboard")
-    ray: RayOptions = RayOptions()
+    ray: RayOptions = Field(RayOptions(), description="which Ray cluster to connect to")
 
     def uri(self, *parts: str) -> str:
         return storage.join(storage.absolute(self.output), *parts)

@@ -9,14 +9,18 @@ import posixpath
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+from prisma_ray.errors import InvalidRequest
+
+from .errors import PrismaRayError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_REGION = "us-east-1"
 
 
-class MissingInputError(FileNotFoundError):
+class MissingInputError(PrismaRayError, FileNotFoundError):
     """A bucket, path or object named in a config does not exist (raised before any work starts)."""
 
 
@@ -30,12 +34,14 @@ class StorageOptions(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    endpoint_url: str | None = None
-    region: str | None = None
-    access_key: str | None = None
-    secret_key: str | None = None
-    session_token: str | None = None
-    anonymous: bool = False
+    endpoint_url: str | None = Field(
+        None, description="S3 endpoint, e.g. http://127.0.0.1:9000 (default: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL)"
+    )
+    region: str | None = Field(None, description="S3 region (default: $AWS_REGION, $AWS_DEFAULT_REGION, us-east-1)")
+    access_key: str | None = Field(None, description="S3 access key id (default: $AWS_ACCESS_KEY_ID)")
+    secret_key: str | None = Field(None, description="S3 secret access key (default: $AWS_SECRET_ACCESS_KEY)")
+    session_token: str | None = Field(None, description="S3 session token (default: $AWS_SESSION_TOKEN)")
+    anonymous: bool = Field(False, description="access public buckets without credentials")
 
     def resolved(self) -> StorageOptions:
         """These options with every unset field filled in from the environment of this process.
@@ -62,11 +68,11 @@ def resolve(uri: str, options: StorageOptions | None = None) -> tuple[pafs.FileS
     if is_s3(uri):
         parsed = urlparse(uri)
         if not parsed.netloc:
-            raise ValueError(f"{uri!r}: an S3 URI needs a bucket, e.g. s3://my-bucket/prefix")
+            raise InvalidRequest(f"{uri!r}: an S3 URI needs a bucket, e.g. s3://my-bucket/prefix")
         path = f"{parsed.netloc}/{parsed.path.lstrip('/')}".rstrip("/")
         return _s3_filesystem((options or StorageOptions()).resolved()), path
     if "://" in uri and not uri.startswith("file://"):
-        raise ValueError(f"{uri!r}: unsupported scheme; use s3://, file:// or a plain path")
+        raise InvalidRequest(f"{uri!r}: unsupported scheme; use s3://, file:// or a plain path")
     path = uri[len("file://") :] if uri.startswith("file://") else uri
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
 

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from . import storage
+from .errors import PrismaRayError
 from .models.spec import TokenKind
 
 StoreDType = Literal["float16", "bfloat16", "float32"]
@@ -41,7 +42,7 @@ PARQUET_OPTIONS = dict(
 )
 
 
-class StoreConfigMismatch(ValueError):
+class StoreConfigMismatch(PrismaRayError, ValueError):
     """An output store was written by a different config."""
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from prisma_ray.errors import InvalidRequest
+
 from ..models import HookedVisionModel
 from ..models.spec import TokenLayout
 
@@ -13,7 +15,7 @@ def pattern_hooks(model: HookedVisionModel, layers: list[int] | None = None) -> 
     layers = list(range(model.n_layers)) if layers is None else layers
     names = [f"blocks.{l}.attn.hook_pattern" for l in layers]
     if "blocks.0.attn.hook_pattern" not in model.hook_names:
-        raise ValueError(f"{model.name} does not expose attention probabilities (no attn.hook_pattern hook points)")
+        raise InvalidRequest(f"{model.name} does not expose attention probabilities (no attn.hook_pattern hook points)")
     for name in names:
         model.hook_point(name)
     return names

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from prisma_ray.errors import InvalidRequest
+
 from ..models import HookedVisionModel
 from ..sae import Dictionary
 from .readout import Readout
@@ -44,7 +46,7 @@ def components(model: HookedVisionModel, hook: str) -> list[tuple[str, str]]:
     """`(label, hook name)` of every term of the residual stream at `hook` (a resid_pre/mid/post hook point)."""
     point = model.hook_point(hook)
     if point.site not in RESID_SITES:
-        raise ValueError(
+        raise InvalidRequest(
             f"direct attribution reads a residual stream hook point ({', '.join(RESID_SITES)}); got {hook!r}"
         )
     out = [("embed", "hook_embed")]
@@ -81,12 +83,12 @@ def latent_attribution(model: HookedVisionModel, x: torch.Tensor, dictionary: Di
     """Direct attribution of latent `latent`'s pre-activation (per token) at the dictionary's input hook point."""
     sites = dictionary.sites.inputs
     if len(sites) != 1 or sites[0].width != model.d_model:
-        raise ValueError(
+        raise InvalidRequest(
             f"latent attribution needs a dictionary reading one hook point of width {model.d_model}; "
             f"this one reads {[(s.name, s.width) for s in sites]}"
         )
     if not 0 <= latent < dictionary.n_latents:
-        raise ValueError(f"latent {latent} is out of range: the dictionary has {dictionary.n_latents} latents")
+        raise InvalidRequest(f"latent {latent} is out of range: the dictionary has {dictionary.n_latents} latents")
     hook = sites[0].name
     terms = components(model, hook)
     _, cache = model.run_with_cache(x, [hook, *(h for _, h in terms)])

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from prisma_ray.errors import InvalidRequest
+
 from .. import storage as store_io
 from ..data.decode import FrameSampling, decode_image, decode_video
 from ..data.errors import BadSample
@@ -23,9 +25,11 @@ class InputsConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    uris: list[str] = Field(default_factory=list)
+    uris: list[str] = Field(
+        default_factory=list, description="image files (video files for video models): plain path, file:// or s3://"
+    )
     synthetic: int = Field(8, ge=1, description="rendered samples when no uris are given")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the rendered synthetic samples")
     storage: StorageOptions | None = None
 
 
@@ -90,7 +94,7 @@ def _decode(model: HookedVisionModel, uri: str, options: StorageOptions | None) 
             return decode_video(data, FrameSampling(num_frames=spec.num_frames or 1, stride=spec.frame_stride)).frames
         return decode_image(data)
     except BadSample as exc:
-        raise ValueError(f"cannot use input {uri!r} for {model.name}: {exc}") from None
+        raise InvalidRequest(f"cannot use input {uri!r} for {model.name}: {exc}") from None
 
 
 def load_inputs(model: HookedVisionModel, cfg: InputsConfig) -> Inputs:

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from prisma_ray.errors import InvalidRequest
+
 from .. import storage
 from ..evaluate.checkpoint import HeadConfig, load_matrix
 from ..evaluate.splice import ZeroShotHead, outputs_logits
@@ -30,6 +32,8 @@ Analysis = Literal["logit-lens", "attention", "patching", "attribution"]
 
 
 class AttentionConfig(BaseModel):
+    """`analyze attention`: attention maps and rollout."""
+
     model_config = ConfigDict(extra="forbid")
 
     layers: list[int] | None = Field(None, description="default: every layer")
@@ -37,24 +41,30 @@ class AttentionConfig(BaseModel):
 
 
 class PatchingConfig(BaseModel):
+    """`analyze patching`: activation patching between a clean and a corrupted input."""
+
     model_config = ConfigDict(extra="forbid")
 
     site: str = Field("hook_resid_pre", description="a hook point, or a per-block site patched at every layer")
-    layers: list[int] | None = None
+    layers: list[int] | None = Field(None, description="blocks patched (default: every layer)")
     positions: list[int] | None = Field(None, description="token positions (default: all)")
-    mode: Mode = "noising"
+    mode: Mode = Field(
+        "noising", description="noising: corrupted activation into the clean run; denoising: clean into the corrupted"
+    )
     clean: int = Field(0, ge=0, description="index of the clean input")
     corrupted: int | None = Field(
         None, ge=0, description="default: the first input predicted differently (else the next)"
     )
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="patched runs per forward pass")
 
 
 class AttributionConfig(BaseModel):
+    """`analyze attribution`: gradient attribution of a class logit or a dictionary latent to the input."""
+
     model_config = ConfigDict(extra="forbid")
 
     dictionary: str | None = Field(None, description="checkpoint URI: attribute a latent instead of a class logit")
-    latent: int | None = Field(None, ge=0)
+    latent: int | None = Field(None, ge=0, description="the latent attributed (required with `dictionary`)")
     classes: list[int] | None = Field(None, description="class per input (default: the predicted class)")
 
 
@@ -63,16 +73,18 @@ class AnalyzeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = "prisma-toy-vit-shapes"
-    pretrained: bool = True
+    model: str = Field("prisma-toy-vit-shapes", description="registry name of the model analysed")
+    pretrained: bool = Field(True, description="load published weights (false: random weights from `seed`)")
     seed: int = Field(0, description="random weights (pretrained=false) are drawn from this seed")
-    inputs: InputsConfig = Field(default_factory=InputsConfig)
+    inputs: InputsConfig = Field(default_factory=InputsConfig, description="the inputs: files, or rendered samples")
     head: HeadConfig | None = Field(None, description="zero-shot head for towers that output an embedding")
-    output: str = "prisma-analysis"
+    output: str = Field("prisma-analysis", description="where <analysis>/figure-NN.png, index.html go")
     max_drawn: int = Field(4, ge=1, description="inputs drawn in the overlay figures")
-    attention: AttentionConfig = Field(default_factory=AttentionConfig)
-    patching: PatchingConfig = Field(default_factory=PatchingConfig)
-    attribution: AttributionConfig = Field(default_factory=AttributionConfig)
+    attention: AttentionConfig = Field(default_factory=AttentionConfig, description="options of `analyze attention`")
+    patching: PatchingConfig = Field(default_factory=PatchingConfig, description="options of `analyze patching`")
+    attribution: AttributionConfig = Field(
+        default_factory=AttributionConfig, description="options of `analyze attribution`"
+    )
     storage: StorageOptions | None = None
 
 
@@ -150,14 +162,14 @@ def _patching(model: HookedVisionModel, inputs: Inputs, cfg: AnalyzeConfig) -> t
     with torch.inference_mode():
         pred = (head(model(inputs.x)) if head else model(inputs.x)).argmax(-1)
     if len(inputs.x) < 2:
-        raise ValueError("patching needs at least two inputs (a clean and a corrupted one)")
+        raise InvalidRequest("patching needs at least two inputs (a clean and a corrupted one)")
     corrupted = p.corrupted
     if corrupted is None:
         others = [i for i in range(len(pred)) if pred[i] != pred[p.clean]]
         corrupted = others[0] if others else (p.clean + 1) % len(pred)
     for index in (p.clean, corrupted):
         if index >= len(inputs.x):
-            raise ValueError(f"patching input index {index} is out of range: there are {len(inputs.x)} inputs")
+            raise InvalidRequest(f"patching input index {index} is out of range: there are {len(inputs.x)} inputs")
     result = activation_patching(
         model,
         inputs.x[p.clean : p.clean + 1],
@@ -209,7 +221,7 @@ def _attribute(model: HookedVisionModel, inputs: Inputs, cfg: AnalyzeConfig) -> 
         classes = None if a.classes is None else torch.tensor(a.classes)
         return logit_attribution(model, inputs.x, _readout(model, cfg), classes)
     if a.latent is None:
-        raise ValueError("attribution.latent is required with attribution.dictionary")
+        raise InvalidRequest("attribution.latent is required with attribution.dictionary")
     return latent_attribution(model, inputs.x, load_dictionary(a.dictionary, cfg.storage), a.latent)
 
 
@@ -249,7 +261,7 @@ RUNNERS = {"logit-lens": _lens, "attention": _attention, "patching": _patching, 
 def run_analysis(analysis: Analysis, cfg: AnalyzeConfig) -> dict:
     """Run `analysis` and write `<output>/<analysis>/*.png`, `index.html` and `summary.json`; return the summary."""
     if analysis not in RUNNERS:
-        raise ValueError(f"unknown analysis {analysis!r}; choose one of {sorted(RUNNERS)}")
+        raise InvalidRequest(f"unknown analysis {analysis!r}; choose one of {sorted(RUNNERS)}")
     torch.manual_seed(cfg.seed)
     model = build_model(get_entry(cfg.model), cfg.pretrained, cfg.seed)
     inputs = load_inputs(model, cfg.inputs)

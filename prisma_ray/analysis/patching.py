@@ -14,13 +14,15 @@ from typing import Literal
 
 import torch
 
+from prisma_ray.errors import InvalidRequest
+
 from ..models import HookedVisionModel
 
 Mode = Literal["noising", "denoising"]
 Head = Callable[[torch.Tensor], torch.Tensor]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PatchingResult:
     """`effect [layers, positions]`, normalised; the hook names patched (one per row) and the classes compared."""
 
@@ -88,7 +90,7 @@ def activation_patching(
     """
     head = head or (lambda out: out)
     if clean.shape[0] != 1 or corrupted.shape != clean.shape:
-        raise ValueError(
+        raise InvalidRequest(
             f"patching takes one clean and one corrupted input of the same shape; got "
             f"{list(clean.shape)} and {list(corrupted.shape)}"
         )
@@ -105,7 +107,7 @@ def activation_patching(
     positions = list(range(n_tokens)) if positions is None else positions
     bad = [p for p in positions if not -n_tokens <= p < n_tokens]
     if bad:
-        raise ValueError(f"positions {bad} lie outside the {n_tokens} tokens of {model.name}")
+        raise InvalidRequest(f"positions {bad} lie outside the {n_tokens} tokens of {model.name}")
     effect = torch.zeros(len(hooks), len(positions))
     for row, name in enumerate(hooks):
         axis = _position_axis(name)
@@ -115,7 +117,16 @@ def activation_patching(
             with model.hooks([(name, _patch_one_per_row(donor_cache[name], chunk, axis))]):
                 patched = ld(head(model(batch)))
             effect[row, start : start + len(chunk)] = (patched.float() - base) / (target - base)
-    return PatchingResult(effect, hooks, positions, a, b, float(ld(logits_clean)), float(ld(logits_corrupt)), mode)
+    return PatchingResult(
+        effect=effect,
+        hooks=hooks,
+        positions=positions,
+        clean_class=a,
+        corrupted_class=b,
+        clean_ld=float(ld(logits_clean)),
+        corrupted_ld=float(ld(logits_corrupt)),
+        mode=mode,
+    )
 
 
 @torch.inference_mode()

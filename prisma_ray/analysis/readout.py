@@ -10,12 +10,13 @@ run the whole path is affine, which is what direct attribution decomposes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 from torch import nn
 
+from ..errors import PrismaRayError
 from ..evaluate.splice import ZeroShotHead, outputs_logits
 from ..models import HookedVisionModel
 
@@ -23,11 +24,11 @@ Pool = Literal["token", "avg"]
 Head = nn.Module | torch.Tensor | None
 
 
-class NoReadout(ValueError):
+class NoReadout(PrismaRayError, ValueError):
     """The model has no known final norm + head, or no class logits to read out."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Readout:
     """`output = zero_shot(head(post_norm(pool(pre_norm(resid)))))` for `resid [B, T, D]`."""
 
@@ -169,7 +170,13 @@ def _timm_readout(net: nn.Module, head: Head = None) -> Readout:
             "'token' (CLS) and 'avg' pooling"
         )
     own = None if isinstance(net.head, nn.Identity) else net.head
-    return Readout(net.norm, net.global_pool, int(net.num_prefix_tokens), net.fc_norm, head if own is None else own)
+    return Readout(
+        pre_norm=net.norm,
+        pool=net.global_pool,
+        n_prefix=int(net.num_prefix_tokens),
+        post_norm=net.fc_norm,
+        head=head if own is None else own,
+    )
 
 
 def _open_clip_readout(visual: nn.Module) -> Readout:
@@ -177,8 +184,8 @@ def _open_clip_readout(visual: nn.Module) -> Readout:
         raise NoReadout("OpenCLIP towers with attention pooling or pool_type 'none' have no per-token readout")
     pool: Pool = "token" if visual.pool_type == "tok" else "avg"
     if visual.final_ln_after_pool:
-        return Readout(None, pool, 1, visual.ln_post, visual.proj)
-    return Readout(visual.ln_post, pool, 1, None, visual.proj)
+        return Readout(pre_norm=None, pool=pool, n_prefix=1, post_norm=visual.ln_post, head=visual.proj)
+    return Readout(pre_norm=visual.ln_post, pool=pool, n_prefix=1, post_norm=None, head=visual.proj)
 
 
 # transformers classifier class -> its backbone attribute (whose `layernorm`, if any, normalises every token).
@@ -194,7 +201,13 @@ _HF_CLS_HEADS = {
 def _hf_readout(net: nn.Module, n_prefix: int) -> Readout:
     kind = type(net).__name__
     if kind == "CLIPVisionModelWithProjection":
-        return Readout(None, "token", n_prefix, net.vision_model.post_layernorm, net.visual_projection)
+        return Readout(
+            pre_norm=None,
+            pool="token",
+            n_prefix=n_prefix,
+            post_norm=net.vision_model.post_layernorm,
+            head=net.visual_projection,
+        )
     if kind not in _HF_CLS_HEADS:
         raise NoReadout(
             f"no readout known for transformers class {kind}; known: "
@@ -203,8 +216,8 @@ def _hf_readout(net: nn.Module, n_prefix: int) -> Readout:
     pre = getattr(getattr(net, _HF_CLS_HEADS[kind]), "layernorm", None)
     fc_norm = getattr(net, "fc_norm", None)
     if fc_norm is not None:
-        return Readout(pre, "avg", n_prefix, fc_norm, net.classifier)
-    return Readout(pre, "token", n_prefix, None, net.classifier)
+        return Readout(pre_norm=pre, pool="avg", n_prefix=n_prefix, post_norm=fc_norm, head=net.classifier)
+    return Readout(pre_norm=pre, pool="token", n_prefix=n_prefix, post_norm=None, head=net.classifier)
 
 
 def source_readout(model: HookedVisionModel) -> Readout:
@@ -228,7 +241,7 @@ def class_readout(model: HookedVisionModel, zero_shot: ZeroShotHead | None = Non
     """
     readout = source_readout(model)
     if zero_shot is not None:
-        return Readout(readout.pre_norm, readout.pool, readout.n_prefix, readout.post_norm, readout.head, zero_shot)
+        return replace(readout, zero_shot=zero_shot)
     if outputs_logits(model):
         return readout
     raise NoReadout(

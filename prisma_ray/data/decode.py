@@ -15,6 +15,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from prisma_ray.data.errors import CORRUPT, EMPTY, TOO_LARGE, TOO_SHORT, TRUNCATED, BadSample
+from prisma_ray.errors import InvalidRequest
 
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's own bomb-warning threshold (~89.5 Mpx)
 WHITE = (255, 255, 255, 255)
@@ -72,15 +73,17 @@ class FrameSampling(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    num_frames: int = Field(ge=1)
-    stride: int = Field(1, ge=1)
-    fps: float | None = Field(None, gt=0)
-    anchor: Literal["start", "center"] = "center"
+    num_frames: int = Field(ge=1, description="frames per clip")
+    stride: int = Field(1, ge=1, description="source frames between two sampled frames (1: consecutive)")
+    fps: float | None = Field(
+        None, gt=0, description="sample at this rate instead (frames per second; the stride follows each video's fps)"
+    )
+    anchor: Literal["start", "center"] = Field("center", description="clip at the start or the centre of the video")
 
     @model_validator(mode="after")
     def _stride_or_fps(self) -> FrameSampling:
         if self.fps is not None and self.stride != 1:
-            raise ValueError("set either stride or fps, not both")
+            raise InvalidRequest("set either stride or fps, not both")
         return self
 
     def indices(self, total: int, video_fps: float) -> np.ndarray:

@@ -15,6 +15,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from prisma_ray import storage, store
+from prisma_ray.errors import PrismaRayError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ ERROR_SCHEMA = pa.schema(
 )
 
 
-class BadSample(Exception):
+class BadSample(PrismaRayError):
     """One input cannot be used; `reason` is one of `REASONS`, `detail` says why in words."""
 
     def __init__(self, reason: str, detail: str = ""):

@@ -33,6 +33,7 @@ from prisma_ray.data.errors import (
     BadSample,
     ErrorRecord,
 )
+from prisma_ray.errors import InvalidRequest
 from prisma_ray.models.spec import PreprocessSpec
 from prisma_ray.storage import StorageOptions
 
@@ -53,30 +54,32 @@ class FileItem(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    uri: str
-    label: int = -1
-    sample_id: str | None = None
+    uri: str = Field(description="the file (local path or s3://)")
+    label: int = Field(-1, description="class label (-1: none)")
+    sample_id: str | None = Field(None, description="the sample's id in the stores (default: the URI as written)")
 
 
 class _FileSource(_Source):
     uri: str | None = Field(None, description="folder searched recursively; first-level sub-folders are classes")
     items: tuple[str | FileItem, ...] | None = Field(None, description="explicit files or URIs instead of a folder")
-    labels_from_folders: bool = True
+    labels_from_folders: bool = Field(
+        True, description="label each file by its first-level sub-folder (classes numbered in sorted order)"
+    )
 
     @model_validator(mode="after")
     def _uri_or_items(self):
         if (self.uri is None) == (self.items is None):
-            raise ValueError("set exactly one of `uri` (a folder) or `items` (a list of files)")
+            raise InvalidRequest("set exactly one of `uri` (a folder) or `items` (a list of files)")
         if self.items is not None and not self.items:
-            raise ValueError("`items` is empty")
+            raise InvalidRequest("`items` is empty")
         return self
 
 
 class ImageSource(_FileSource):
     """Image files: a folder (class sub-folders give labels; `sample_id` is the relative path) or a list."""
 
-    type: Literal["images"] = "images"
-    extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+    type: Literal["images"] = Field("images", description="the source type: image files")
+    extensions: tuple[str, ...] = Field(IMAGE_EXTENSIONS, description="file extensions listed (case-insensitive)")
 
 
 class VideoSource(_FileSource):
@@ -86,9 +89,9 @@ class VideoSource(_FileSource):
     (`num_frames`, `frame_stride`).
     """
 
-    type: Literal["videos"] = "videos"
-    extensions: tuple[str, ...] = VIDEO_EXTENSIONS
-    sampling: FrameSampling | None = None
+    type: Literal["videos"] = Field("videos", description="the source type: video files")
+    extensions: tuple[str, ...] = Field(VIDEO_EXTENSIONS, description="file extensions listed (case-insensitive)")
+    sampling: FrameSampling | None = Field(None, description="frames per clip (default: the model's)")
 
 
 class ParquetSource(_Source):
@@ -98,11 +101,11 @@ class ParquetSource(_Source):
     `sample_id` is the `id_column` value, or `<shard>/<row>` without one.
     """
 
-    type: Literal["parquet"] = "parquet"
-    uri: str
-    image_column: str = "image"
-    label_column: str | None = "label"
-    id_column: str | None = "id"
+    type: Literal["parquet"] = Field("parquet", description="the source type: Parquet shards of encoded images")
+    uri: str = Field(description="a .parquet file or a folder of them (local path or s3://)")
+    image_column: str = Field("image", description="column of the encoded image bytes (or {bytes: ...} structs)")
+    label_column: str | None = Field("label", description="column of integer labels (null: none)")
+    id_column: str | None = Field("id", description="column of sample ids (null: <shard>/<row>)")
     read_rows: int = Field(64, ge=1, description="rows read from a shard at a time")
 
 
@@ -112,10 +115,12 @@ class WebDatasetSource(_Source):
     `sample_id` is `<shard>/<key>`; the label is the integer in the `<key>.<label_extension>` member.
     """
 
-    type: Literal["webdataset"] = "webdataset"
-    uri: str
-    image_extensions: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
-    label_extension: str | None = "cls"
+    type: Literal["webdataset"] = Field("webdataset", description="the source type: WebDataset tar shards")
+    uri: str = Field(description="a .tar file or a folder of them (local path or s3://)")
+    image_extensions: tuple[str, ...] = Field(
+        ("jpg", "jpeg", "png", "webp"), description="member extensions read as the sample's image (first found)"
+    )
+    label_extension: str | None = Field("cls", description="member extension holding the integer label (null: none)")
 
 
 class SyntheticSource(_Source):
@@ -124,10 +129,12 @@ class SyntheticSource(_Source):
     Labels: the shape of object 1 (`shapes`) or its direction index (`moving-shapes`).
     """
 
-    type: Literal["synthetic"] = "synthetic"
-    uri: str
-    generator: Annotated[synthetic.ShapesConfig | synthetic.MovingShapesConfig, Field(discriminator="name")]
-    sampling: FrameSampling | None = None
+    type: Literal["synthetic"] = Field("synthetic", description="the source type: a generated synthetic dataset")
+    uri: str = Field(description="where the dataset is (or is first generated; local path or s3://)")
+    generator: Annotated[synthetic.ShapesConfig | synthetic.MovingShapesConfig, Field(discriminator="name")] = Field(
+        description="the generator and its parameters, by `name`: shapes or moving-shapes"
+    )
+    sampling: FrameSampling | None = Field(None, description="moving-shapes: frames per clip (default: the model's)")
 
 
 DatasetSpec = Annotated[
@@ -182,9 +189,9 @@ def frame_sampling(spec: DatasetSpec, preprocess: PreprocessSpec | None) -> Fram
     if sampling is None and isinstance(spec, SyntheticSource):
         sampling = FrameSampling(num_frames=spec.generator.num_frames, anchor="start")
     if sampling is None:
-        raise ValueError("videos need frame sampling: set `sampling` on the dataset or pass a video PreprocessSpec")
+        raise InvalidRequest("videos need frame sampling: set `sampling` on the dataset or pass a video PreprocessSpec")
     if wanted is not None and sampling.num_frames != wanted:
-        raise ValueError(f"sampling.num_frames={sampling.num_frames} but the model expects num_frames={wanted}")
+        raise InvalidRequest(f"sampling.num_frames={sampling.num_frames} but the model expects num_frames={wanted}")
     return sampling
 
 
@@ -218,7 +225,7 @@ def list_refs(spec: DatasetSpec) -> list[SampleRef]:
 
 def _list_files(spec: _FileSource) -> list[SampleRef]:
     if storage.require_exists(spec.uri, spec.storage).type != pafs.FileType.Directory:
-        raise ValueError(f"{spec.uri} is a file, not a folder; list single files under `items` instead.")
+        raise InvalidRequest(f"{spec.uri} is a file, not a folder; list single files under `items` instead.")
     root = storage.absolute(spec.uri)
     exts = tuple(e.lower() for e in spec.extensions)
     rels = [r for r in storage.list_files(root, spec.storage) if r.lower().endswith(exts)]
@@ -266,11 +273,11 @@ def _check_schema(spec: ParquetSource, schema: pa.Schema, shard_uri: str) -> Non
     wanted = [c for c in (spec.image_column, spec.label_column, spec.id_column) if c is not None]
     missing = [c for c in wanted if c not in schema.names]
     if missing:
-        raise ValueError(
+        raise InvalidRequest(
             f"{shard_uri}: no column(s) {missing}; it has {schema.names}. Set image_column/label_column/id_column."
         )
     if spec.label_column and not pa.types.is_integer(schema.field(spec.label_column).type):
-        raise ValueError(
+        raise InvalidRequest(
             f"{shard_uri}: label column {spec.label_column!r} is {schema.field(spec.label_column).type}, "
             "not integer. Map labels to class indices, or set label_column: null."
         )

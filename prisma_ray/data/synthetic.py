@@ -33,6 +33,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from prisma_ray import storage
+from prisma_ray.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +57,22 @@ _WRITE_CHUNK = 256  # samples rendered before their files are written (bounds me
 class _ShapesBase(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    image_size: int = Field(64, ge=16, le=1024)
-    n_objects: tuple[int, int] = (1, 3)
-    shapes: tuple[str, ...] = SHAPES
-    colours: tuple[str, ...] = ("red", "green", "blue", "yellow", "magenta", "cyan")
-    size_range: tuple[float, float] = (0.1, 0.2)
-    rotation: bool = True
-    backgrounds: tuple[str, ...] = BACKGROUNDS
-    patch_grid: tuple[int, int] = (8, 8)
-    seed: int = 0
+    image_size: int = Field(64, ge=16, le=1024, description="side of each square image or frame, in pixels")
+    n_objects: tuple[int, int] = Field((1, 3), description="(min, max) objects per sample, inclusive")
+    shapes: tuple[str, ...] = Field(SHAPES, description=f"shapes drawn, a subset of {SHAPES}")
+    colours: tuple[str, ...] = Field(
+        ("red", "green", "blue", "yellow", "magenta", "cyan"),
+        description=f"colours drawn, a subset of {tuple(COLOURS)}",
+    )
+    size_range: tuple[float, float] = Field(
+        (0.1, 0.2), description="(min, max) object radius as a fraction of the image side, within (0, 0.4]"
+    )
+    rotation: bool = Field(True, description="rotate each object by a random angle")
+    backgrounds: tuple[str, ...] = Field(BACKGROUNDS, description=f"backgrounds drawn, a subset of {BACKGROUNDS}")
+    patch_grid: tuple[int, int] = Field(
+        (8, 8), description="(rows, columns) of the patch grid of the ground-truth patches.parquet"
+    )
+    seed: int = Field(0, description="every sample is deterministic from (seed, index)")
 
     @field_validator("shapes", "colours", "backgrounds")
     @classmethod
@@ -72,47 +80,47 @@ class _ShapesBase(BaseModel):
         known = {"shapes": SHAPES, "colours": tuple(COLOURS), "backgrounds": BACKGROUNDS}[info.field_name]
         unknown = [v for v in values if v not in known]
         if unknown or not values:
-            raise ValueError(f"{info.field_name} must be a non-empty subset of {known}; got {values}")
+            raise InvalidRequest(f"{info.field_name} must be a non-empty subset of {known}; got {values}")
         return values
 
     @model_validator(mode="after")
     def _ranges(self):
         lo, hi = self.n_objects
         if not 0 <= lo <= hi <= 255:
-            raise ValueError(f"n_objects must satisfy 0 <= min <= max <= 255; got {self.n_objects}")
+            raise InvalidRequest(f"n_objects must satisfy 0 <= min <= max <= 255; got {self.n_objects}")
         if not 0 < self.size_range[0] <= self.size_range[1] <= 0.4:
-            raise ValueError(f"size_range (object radius / image side) must lie in (0, 0.4]; got {self.size_range}")
+            raise InvalidRequest(f"size_range (object radius / image side) must lie in (0, 0.4]; got {self.size_range}")
         if not all(1 <= g <= self.image_size for g in self.patch_grid):
-            raise ValueError(f"patch_grid must lie in 1..image_size; got {self.patch_grid}")
+            raise InvalidRequest(f"patch_grid must lie in 1..image_size; got {self.patch_grid}")
         return self
 
 
 class ShapesConfig(_ShapesBase):
     """`shapes`: images of objects with independent shape, colour, size, position, rotation; background; count."""
 
-    name: Literal["shapes"] = "shapes"
-    n_images: int = Field(1000, ge=1)
+    name: Literal["shapes"] = Field("shapes", description="the generator: shapes (PNG images)")
+    n_images: int = Field(1000, ge=1, description="images generated")
 
 
 class MovingShapesConfig(_ShapesBase):
     """`moving-shapes`: clips whose objects move in one of `n_directions`, may change colour or appear."""
 
-    name: Literal["moving-shapes"] = "moving-shapes"
-    n_clips: int = Field(100, ge=1)
-    n_objects: tuple[int, int] = (1, 2)
-    num_frames: int = Field(16, ge=2)
-    fps: int = Field(8, ge=1)
-    n_directions: Literal[4, 8] = 8
-    speed_range: tuple[float, float] = (1.0, 2.5)
-    colour_change_prob: float = Field(0.25, ge=0, le=1)
-    appear_prob: float = Field(0.25, ge=0, le=1)
-    crf: int = Field(12, ge=0, le=51)
+    name: Literal["moving-shapes"] = Field("moving-shapes", description="the generator: moving-shapes (MP4 clips)")
+    n_clips: int = Field(100, ge=1, description="clips generated")
+    n_objects: tuple[int, int] = Field((1, 2), description="(min, max) objects per clip, inclusive")
+    num_frames: int = Field(16, ge=2, description="frames per clip")
+    fps: int = Field(8, ge=1, description="frame rate written to the MP4 files, frames per second")
+    n_directions: Literal[4, 8] = Field(8, description="motion directions: 4 (axis-aligned) or 8 (with diagonals)")
+    speed_range: tuple[float, float] = Field((1.0, 2.5), description="(min, max) object speed in pixels per frame")
+    colour_change_prob: float = Field(0.25, ge=0, le=1, description="probability that an object changes colour once")
+    appear_prob: float = Field(0.25, ge=0, le=1, description="probability that an object appears after frame 0")
+    crf: int = Field(12, ge=0, le=51, description="H.264 constant rate factor (0: lossless, 51: worst)")
 
     @field_validator("image_size")
     @classmethod
     def _even(cls, v: int) -> int:
         if v % 2:
-            raise ValueError("image_size must be even for yuv420p video")
+            raise InvalidRequest("image_size must be even for yuv420p video")
         return v
 
 
@@ -511,7 +519,7 @@ def ensure_generated(cfg: SyntheticConfig, uri: str, options: storage.StorageOpt
     except FileNotFoundError:
         return generate(cfg, uri, options)
     if manifest.get("config") != expected or manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
+        raise InvalidRequest(
             f"{uri} already holds a synthetic dataset generated from another config "
             f"({manifest.get('config')}); use another uri or delete that one."
         )

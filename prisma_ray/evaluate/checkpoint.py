@@ -21,6 +21,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load as load_safetensors
 
+from prisma_ray.errors import InvalidRequest
+
 from .. import storage, store
 from ..data.shards import InputFormat, decode_first
 from ..data.synthetic import read_table
@@ -59,7 +61,7 @@ class HeadConfig(BaseModel):
         description="URI of a .npy or .safetensors `[classes, width]` matrix: the text "
         "embedding of each class name, in dataset label order"
     )
-    logit_scale: float = Field(100.0, gt=0)
+    logit_scale: float = Field(100.0, gt=0, description="multiplies the cosine similarities into logits (CLIP: 100)")
 
 
 class EvalConfig(BaseModel):
@@ -67,18 +69,25 @@ class EvalConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    stores: str = "prisma-activations"
-    split: str = "test"
+    stores: str = Field(
+        "prisma-activations", description="root of the held-out stores, as `output` of `prisma-ray extract`"
+    )
+    split: str = Field("test", description="split of the held-out stores")
     max_tokens: int = Field(8192, ge=1, description="held-out tokens per store")
     batch_size: int = Field(2048, ge=1, description="tokens per dictionary forward pass")
     dense_threshold: float = Field(0.1, gt=0, le=1, description="a latent firing on more tokens than this is dense")
     splice_samples: int = Field(64, ge=0, description="inputs run with the dictionary spliced in (0: skip)")
-    splice_batch_size: int = Field(16, ge=1)
+    splice_batch_size: int = Field(16, ge=1, description="inputs per forward pass of the spliced-in evaluation")
     heads: dict[str, HeadConfig] = Field(default_factory=dict, description="zero-shot heads by model name")
     ground_truth: bool = Field(True, description="factor recovery on stores of synthetic datasets")
-    ground_truth_tokens: int = Field(4096, ge=1)
+    ground_truth_tokens: int = Field(4096, ge=1, description="held-out tokens scored for factor recovery")
     factors: list[str] | None = Field(None, description="default: shape, colour (and direction for moving-shapes)")
-    detect_auroc: float = Field(0.95, gt=0.5, le=1)
+    detect_auroc: float = Field(
+        0.95,
+        gt=0.5,
+        le=1,
+        description="a factor value counts as detected when its best single-latent AUROC reaches this",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     storage: StorageOptions = StorageOptions()
 
@@ -132,7 +141,7 @@ class Evaluator:
         info = read_checkpoint_info(uri, self.options)
         unnamed = [s.name for s in (*info.sites.inputs, *info.sites.targets) if not s.model]
         if unnamed:
-            raise ValueError(f"{uri}: cfg.json names no model for {unnamed}; its held-out store cannot be found")
+            raise InvalidRequest(f"{uri}: cfg.json names no model for {unnamed}; its held-out store cannot be found")
         d = load_dictionary(info, self.options).to(self.device).eval()
         inputs = [self.cfg.store_uri(s) for s in info.sites.inputs]
         targets = [self.cfg.store_uri(s) for s in info.sites.outputs]
@@ -166,7 +175,7 @@ class Evaluator:
         if name not in self._models:
             entry = source.entry
             if entry is None or entry.name != name:
-                raise ValueError(f"{source.uri}: its _config.json does not describe model {name!r}")
+                raise InvalidRequest(f"{source.uri}: its _config.json does not describe model {name!r}")
             log.info("loading %s for evaluation on %s", name, self.device)
             self._models[name] = build_model(
                 entry, source.description["pretrained"], source.description["seed"], self.device
@@ -362,12 +371,12 @@ def load_matrix(uri: str, options: StorageOptions) -> torch.Tensor:
     elif uri.endswith(".safetensors"):
         tensors = load_safetensors(data)
         if len(tensors) != 1:
-            raise ValueError(f"{uri}: expected one tensor (the text embeddings), found {sorted(tensors)}")
+            raise InvalidRequest(f"{uri}: expected one tensor (the text embeddings), found {sorted(tensors)}")
         matrix = next(iter(tensors.values()))
     else:
-        raise ValueError(f"{uri}: text embeddings must be a .npy or .safetensors file")
+        raise InvalidRequest(f"{uri}: text embeddings must be a .npy or .safetensors file")
     if matrix.dim() != 2:
-        raise ValueError(f"{uri}: text embeddings must be [classes, width]; got {list(matrix.shape)}")
+        raise InvalidRequest(f"{uri}: text embeddings must be [classes, width]; got {list(matrix.shape)}")
     return matrix.float()
 
 

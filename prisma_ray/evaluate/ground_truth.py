@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from prisma_ray.errors import InvalidRequest
+
 from ..data.decode import FrameSampling
 from ..models.spec import TokenLayout
 
@@ -144,7 +146,7 @@ def token_factors(
     from_objects = [f for f in factors if f not in from_patches and f in objects.column_names]
     unknown = sorted(set(factors) - set(from_patches) - set(from_objects))
     if unknown:
-        raise ValueError(f"ground-truth factors {unknown} are in neither patches.parquet nor objects.parquet")
+        raise InvalidRequest(f"ground-truth factors {unknown} are in neither patches.parquet nor objects.parquet")
     joined = rows.join(_cast_keys(patches.select([*JOIN_KEYS, "object", *from_patches]), JOIN_KEYS), JOIN_KEYS)
     if from_objects:
         joined = joined.join(_cast_keys(objects.select([*OBJECT_KEYS, *from_objects]), OBJECT_KEYS), OBJECT_KEYS)

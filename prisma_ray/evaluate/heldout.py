@@ -18,6 +18,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from prisma_ray.errors import InvalidRequest
+
 from .. import storage, store
 from ..data.decode import FrameSampling
 from ..data.sources import DatasetSpec, parse_dataset_spec, with_resolved_storage
@@ -54,7 +56,7 @@ class StoreSource:
     @property
     def layout(self) -> TokenLayout:
         if self.multimodal:
-            raise ValueError(
+            raise InvalidRequest(
                 f"{self.uri} holds a multimodal language model's sequences; evaluations that rerun the model "
                 "(spliced-in loss, ground truth) need a vision model's store"
             )
@@ -72,7 +74,7 @@ class StoreSource:
     def dataset(self, options: storage.StorageOptions) -> DatasetSpec:
         """The dataset the store was extracted from, reached with `options`."""
         if not self.description:
-            raise ValueError(f"{self.uri} has no _config.json; it was not written by `prisma-ray extract`")
+            raise InvalidRequest(f"{self.uri} has no _config.json; it was not written by `prisma-ray extract`")
         spec = parse_dataset_spec({**self.description["dataset"], "storage": options.model_dump()})
         return with_resolved_storage(spec)
 
@@ -118,7 +120,7 @@ def read_held_out(
     names = [{posixpath.basename(p) for p in store.shard_paths(u, options)} for u in uris]
     shared = sorted(set.intersection(*names))
     if not shared:
-        raise ValueError(f"the held-out stores {uris} have no shard in common; extract them from the same dataset")
+        raise InvalidRequest(f"the held-out stores {uris} have no shard in common; extract them from the same dataset")
     parts: list[list[pa.Table]] = [[] for _ in uris]
     rows = 0
     for name in shared:
@@ -134,7 +136,7 @@ def read_held_out(
     tables = [pa.concat_tables(p).slice(0, max_tokens) for p in parts]
     if not tables[0].num_rows:
         of_kinds = f" of token kinds {list(kinds)}" if kinds else ""
-        raise ValueError(f"the held-out stores {uris} share no rows{of_kinds}")
+        raise InvalidRequest(f"the held-out stores {uris} share no rows{of_kinds}")
     decoded = [store.decode_acts(t.column("act"), store.store_dtype(t.schema)) for t in tables]
     acts = [torch.from_numpy(np.require(a, requirements="W")) for a in decoded]
     x = torch.cat(acts[: len(inputs)], dim=1)

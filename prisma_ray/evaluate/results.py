@@ -20,6 +20,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from prisma_ray.errors import InvalidRequest
+
 from .. import storage, store
 
 MARKER = "_sweep.json"
@@ -49,7 +51,7 @@ class ResultStore:
             existing = json.loads(f.read())
         if existing != description:
             changed = sorted(k for k in {*existing, *description} if existing.get(k) != description.get(k))
-            raise ValueError(
+            raise InvalidRequest(
                 f"{self.uri} holds results of a different evaluation config (changed: {', '.join(changed)}); "
                 "write to a new output, or delete the old results first"
             )

@@ -21,6 +21,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from prisma_ray.errors import InvalidRequest
+
 from ..models import HookedVisionModel
 from ..sae import Dictionary
 
@@ -44,7 +46,7 @@ class ZeroShotHead:
 
     def __call__(self, output: torch.Tensor) -> torch.Tensor:
         if output.dim() != 2 or output.shape[1] != self.text_embeddings.shape[1]:
-            raise ValueError(
+            raise InvalidRequest(
                 f"zero-shot head: the model outputs {list(output.shape)} but the text embeddings are "
                 f"{list(self.text_embeddings.shape)}; they must share the embedding width"
             )
@@ -92,7 +94,7 @@ def splice_hooks(d: Dictionary, positions: torch.Tensor, mode: Mode, clean: dict
             for name, (a, b) in bounds.items()
         ]
     if len(sites.inputs) != 1 or len(sites.targets) != 1:
-        raise ValueError("spliced-in evaluation of a transcoder needs exactly one input and one output hook point")
+        raise InvalidRequest("spliced-in evaluation of a transcoder needs exactly one input and one output hook point")
     (source,), (target,) = sites.inputs, sites.targets
     stash: dict[str, torch.Tensor] = {}
 
@@ -101,7 +103,9 @@ def splice_hooks(d: Dictionary, positions: torch.Tensor, mode: Mode, clean: dict
 
     def predict(cur: torch.Tensor) -> torch.Tensor:
         if "x" not in stash:
-            raise ValueError(f"transcoder input {source.name} runs after its output {target.name}: cannot splice it")
+            raise InvalidRequest(
+                f"transcoder input {source.name} runs after its output {target.name}: cannot splice it"
+            )
         return _apply(d, stash["x"]) + error
 
     return [(source.name, read), (target.name, put_at_positions(positions, predict))]

@@ -24,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray.util import ActorPool
 from tqdm.auto import tqdm
 
+from prisma_ray.errors import InvalidRequest
+
 from .. import storage
 from ..models import get_entry, list_entries
 from ..models.registry import Modality, Source
@@ -44,10 +46,12 @@ class ModelSelection(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    names: list[str] = Field(default_factory=list)
-    family: list[str] | None = None
-    modality: Modality | None = None
-    source: Source | None = None
+    names: list[str] = Field(default_factory=list, description="registry names of models selected by name")
+    family: list[str] | None = Field(
+        None, description="select every model of these families (a name or a list, e.g. clip, dinov2)"
+    )
+    modality: Modality | None = Field(None, description="select every model of this modality: image, video, multimodal")
+    source: Source | None = Field(None, description="select every model of this source: timm, open_clip, hf, ...")
 
     @field_validator("family", mode="before")
     @classmethod
@@ -61,7 +65,7 @@ class ModelSelection(BaseModel):
             known = {e.family for e in list_entries()}
             unknown = sorted(set(self.family or []) - known)
             if unknown:
-                raise ValueError(f"unknown model families {unknown}; known: {sorted(known)}")
+                raise InvalidRequest(f"unknown model families {unknown}; known: {sorted(known)}")
             chosen |= {
                 e.name
                 for e in list_entries(modality=self.modality, source=self.source)
@@ -80,22 +84,24 @@ class SweepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     checkpoints: list[str] = Field(min_length=1, description="URIs searched (recursively) for checkpoints")
-    models: ModelSelection | None = None
-    output: str = "prisma-sweep"
-    evaluation: EvalConfig = EvalConfig()
+    models: ModelSelection | None = Field(
+        None, description="evaluate only checkpoints of these models; expands {model} in checkpoint URIs"
+    )
+    output: str = Field("prisma-sweep", description="where metrics.parquet, leaderboard.html and plots/ go")
+    evaluation: EvalConfig = Field(EvalConfig(), description="what to measure on which held-out stores")
     actors: int | None = Field(
         None, ge=1, description="evaluation actors (default: one per GPU, else per CPU; never more than models)"
     )
     cpus_per_actor: float = Field(1.0, gt=0)
     torch_threads: int | None = Field(None, ge=1, description="torch threads per CPU actor (default: CPUs per actor)")
-    progress: bool = True
-    ray: RayOptions = RayOptions()
+    progress: bool = Field(True, description="show a progress bar")
+    ray: RayOptions = Field(RayOptions(), description="which Ray cluster to connect to")
 
     @field_validator("checkpoints")
     @classmethod
     def _distinct(cls, uris: list[str]) -> list[str]:
         if len(set(uris)) != len(uris):
-            raise ValueError(f"checkpoint URIs must be distinct; got {uris}")
+            raise InvalidRequest(f"checkpoint URIs must be distinct; got {uris}")
         return uris
 
 
@@ -107,7 +113,7 @@ class Group:
     uris: list[str]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SweepPlan:
     """A checked sweep: the checkpoints found, those still to evaluate grouped by model, the output."""
 
@@ -161,7 +167,7 @@ def checkpoint_roots(cfg: SweepConfig) -> list[tuple[str, bool]]:
         if MODEL_PLACEHOLDER not in uri:
             roots.append((uri, True))
         elif models is None:
-            raise ValueError(f"checkpoint URI {uri!r} holds {MODEL_PLACEHOLDER} but no `models` are selected")
+            raise InvalidRequest(f"checkpoint URI {uri!r} holds {MODEL_PLACEHOLDER} but no `models` are selected")
         else:
             roots += [(uri.replace(MODEL_PLACEHOLDER, m), False) for m in models]
     return roots
@@ -200,7 +206,7 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
         sum(len(g.uris) for g in ordered),
         len(ordered),
     )
-    return SweepPlan(cfg, infos, ordered, results)
+    return SweepPlan(cfg=cfg, found=infos, groups=ordered, results=results)
 
 
 class SweepWorker:
@@ -259,7 +265,7 @@ def _run_pool(plan: SweepPlan):
     gpus = int(resources.get("GPU", 0))
     use_gpu = cfg.evaluation.device == "cuda" or (cfg.evaluation.device == "auto" and gpus > 0)
     if use_gpu and gpus < 1:
-        raise ValueError("evaluation.device=cuda but the Ray cluster has no GPU; set evaluation.device=cpu")
+        raise InvalidRequest("evaluation.device=cuda but the Ray cluster has no GPU; set evaluation.device=cpu")
     wanted = cfg.actors or (gpus if use_gpu else max(1, int(resources.get("CPU", 1) // cfg.cpus_per_actor)))
     n_actors = max(1, min(wanted, len(plan.groups)))
     threads = cfg.torch_threads or (None if use_gpu else max(1, int(cfg.cpus_per_actor)))

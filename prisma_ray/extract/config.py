@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from prisma_ray.errors import InvalidRequest
+
 from ..data.sources import DatasetSpec, SyntheticSource
 from ..data.synthetic import ShapesConfig
 from ..models import ModelEntry
@@ -35,21 +37,34 @@ class ExtractConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str | ModelEntry = DEFAULT_MODEL
+    model: str | ModelEntry = Field(
+        DEFAULT_MODEL,
+        description="registry name (see `prisma-ray models list`) or an inline registry entry (name, source, "
+        "architecture, ...)",
+    )
     pretrained: bool = Field(False, description="False: random weights drawn from `seed` (no download)")
-    seed: int = 0
-    hooks: list[str] = Field(default_factory=lambda: ["blocks.6.hook_resid_post"], min_length=1)
-    tokens: TokenSelection = TokenSelection()
-    dtype: StoreDType = "float16"
+    seed: int = Field(0, description="seed of the random weights (pretrained=false) and of the random token choice")
+    hooks: list[str] = Field(
+        default_factory=lambda: ["blocks.6.hook_resid_post"],
+        min_length=1,
+        description="hook points to store (TransformerLens names, e.g. blocks.6.hook_resid_post, "
+        "lm.blocks.12.hook_resid_post); one store each",
+    )
+    tokens: TokenSelection = Field(TokenSelection(), description="which tokens of each sample are stored")
+    dtype: StoreDType = Field("float16", description="element type of the stored activations")
     prompts: list[str] | None = Field(
         None,
         min_length=1,
         description="multimodal models: the user's text after the image, one per sample picked by its id "
         "(default: ['Describe the image.'])",
     )
-    dataset: DatasetSpec = Field(default_factory=_default_dataset)
-    split: str = "train"
-    output: str = "prisma-activations"
+    dataset: DatasetSpec = Field(
+        default_factory=_default_dataset,
+        description="the inputs, by `type`: images, videos, parquet, webdataset or synthetic "
+        "(default: 128 synthetic shapes images under prisma-data/shapes)",
+    )
+    split: str = Field("train", description="name of the split, the last part of each store's path")
+    output: str = Field("prisma-activations", description="root of the stores (local path or s3://)")
     storage: StorageOptions = Field(StorageOptions(), description="how to reach `output`")
     shard_size: int = Field(64, ge=1, description="samples per shard (Parquet/WebDataset sources: one shard per file)")
     batch_size: int = Field(32, ge=1, description="samples per forward pass")
@@ -61,19 +76,19 @@ class ExtractConfig(BaseModel):
     decode_num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per decode task")
     torch_threads: int | None = Field(None, ge=1, description="CPU actors' torch threads (default: CPUs / actors)")
     max_shards: int | None = Field(None, ge=1, description="stop after this many shards; a rerun goes on")
-    progress: bool = True
-    ray: RayOptions = RayOptions()
+    progress: bool = Field(True, description="show Ray Data's progress bars")
+    ray: RayOptions = Field(RayOptions(), description="which Ray cluster to connect to")
 
     @field_validator("hooks")
     @classmethod
     def _unique(cls, hooks: list[str]) -> list[str]:
         if len(set(hooks)) != len(hooks):
-            raise ValueError(f"hooks must be distinct; got {hooks}")
+            raise InvalidRequest(f"hooks must be distinct; got {hooks}")
         return hooks
 
     @field_validator("split")
     @classmethod
     def _plain_name(cls, split: str) -> str:
         if not split or "/" in split or split.startswith((".", "_")):
-            raise ValueError(f"split must be a plain name (no '/', not starting with '.' or '_'); got {split!r}")
+            raise InvalidRequest(f"split must be a plain name (no '/', not starting with '.' or '_'); got {split!r}")
         return split

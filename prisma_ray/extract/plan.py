@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from prisma_ray.errors import InvalidRequest
+
 from .. import storage, store
 from ..data.shards import InputFormat, plan_shards
 from ..data.sources import SHARDED, DatasetSpec, SampleRef, list_refs, with_resolved_storage
@@ -32,7 +34,7 @@ FORMAT_VERSION = 1
 _MAX_SHARD_BYTES = 1 << 30
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ExtractPlan:
     """A checked extraction: the model, the dataset, its shards and the claimed stores.
 
@@ -117,7 +119,7 @@ def plan_extract(cfg: ExtractConfig) -> ExtractPlan:
         if prompts is not None:  # the processor takes one blank input of this dataset's geometry
             model.encode([np.zeros(fmt.shape, np.uint8)], prompts[:1])
     except ValueError as e:
-        raise ValueError(f"{entry.name} cannot take the {spec.type} dataset: {e}") from None
+        raise InvalidRequest(f"{entry.name} cannot take the {spec.type} dataset: {e}") from None
     output = storage.absolute(cfg.output)
     options = cfg.storage.resolved()
     storage.require_bucket(output, options)
@@ -127,7 +129,7 @@ def plan_extract(cfg: ExtractConfig) -> ExtractPlan:
     shards = plan_shards(refs, spec, cfg.shard_size)
     shard_bytes = math.prod(fmt.shape) * len(shards[0])
     if shard_bytes > _MAX_SHARD_BYTES:
-        raise ValueError(
+        raise InvalidRequest(
             f"one shard of {len(shards[0])} samples is {shard_bytes / 2**20:.0f} MiB of pixels; lower shard_size."
         )
     digest = inputs_digest(refs)
@@ -144,5 +146,17 @@ def plan_extract(cfg: ExtractConfig) -> ExtractPlan:
     widths = {hook: model.hook_width(hook) for hook in cfg.hooks}
     layout = None if multimodal else model.token_layout
     return ExtractPlan(
-        cfg, entry, layout, widths, prompts, spec, fmt, shards, digest, writers, hashes, pending, options
+        cfg=cfg,
+        entry=entry,
+        layout=layout,
+        widths=widths,
+        prompts=prompts,
+        spec=spec,
+        fmt=fmt,
+        shards=shards,
+        digest=digest,
+        writers=writers,
+        hashes=hashes,
+        pending=pending,
+        options=options,
     )

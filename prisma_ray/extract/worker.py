@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from prisma_ray.errors import InvalidRequest
+
 from .. import store
 from ..data.errors import write_shard_errors
 from ..data.shards import ShardData
@@ -135,7 +137,7 @@ class ExtractionWorker:
 
     def _check_shape(self, acts: torch.Tensor, shape: tuple[int, int], width: int, hook: str) -> None:
         if acts.dim() != 3 or tuple(acts.shape) != (*shape, width):
-            raise ValueError(
+            raise InvalidRequest(
                 f"{self.job.model.name} {hook}: got activations {list(acts.shape)}, expected {[*shape, width]} "
                 "[batch, tokens, width] from its token layout; this hook point cannot be stored per token."
             )

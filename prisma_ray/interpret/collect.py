@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from prisma_ray.errors import InvalidRequest
+
 from .. import storage
 from ..data.errors import write_shard_errors
 from ..data.shards import InputFormat, ShardData, decode_shard
@@ -51,8 +53,11 @@ class InterpretConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     checkpoint: str = Field(description="checkpoint directory (cfg.json + sae_weights.safetensors), local or s3://")
-    dataset: DatasetSpec = Field(default_factory=default_dataset)
-    output: str = "prisma-interpret"
+    dataset: DatasetSpec = Field(
+        default_factory=default_dataset,
+        description="the inputs whose activations rank the latents, by `type` (default: 128 synthetic shapes images)",
+    )
+    output: str = Field("prisma-interpret", description="results directory (local or s3://)")
     storage: StorageOptions = Field(StorageOptions(), description="how to reach `checkpoint` and `output`")
     model: str | ModelEntry | None = Field(None, description="default: the model named in the checkpoint")
     hook: str | None = Field(None, description="default: the checkpoint's input hook point")
@@ -62,12 +67,12 @@ class InterpretConfig(BaseModel):
         description="multimodal models: the prompts images are shown with, one per sample "
         "picked by its id as at extraction (default: ['Describe the image.'])",
     )
-    pretrained: bool = True
-    seed: int = 0
+    pretrained: bool = Field(True, description="load published weights (false: random weights from `seed`)")
+    seed: int = Field(0, description="seed of the random weights (pretrained=false), as at extraction")
     k: int = Field(16, ge=1, description="top samples kept per latent and ranking (max, mean)")
     reservoir: int = Field(256, ge=1, description="random firing samples kept per latent (histogram, quantiles)")
     negatives: int = Field(8, ge=0, description="samples kept per latent on which it never fires")
-    reservoir_seed: int = 0
+    reservoir_seed: int = Field(0, description="seed of the random reservoir sample")
     shard_size: int = Field(64, ge=1, description="samples per worker call")
     batch_size: int = Field(32, ge=1, description="samples per forward pass")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -77,11 +82,11 @@ class InterpretConfig(BaseModel):
     actor_num_cpus: float | None = Field(None, gt=0, le=1, description="CPUs reserved per actor (default: up to 1)")
     decode_num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per decode task")
     torch_threads: int | None = Field(None, ge=1)
-    progress: bool = True
-    ray: RayOptions = RayOptions()
+    progress: bool = Field(True, description="show Ray Data's progress bars")
+    ray: RayOptions = Field(RayOptions(), description="which Ray cluster to connect to")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class InterpretJob:
     """What a worker needs (small and picklable)."""
 
@@ -103,7 +108,7 @@ class InterpretJob:
     layout: TokenLayout | None = None  # the tokens read (default: the model's token layout)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class InterpretPlan:
     """A checked pass: the checkpoint, the model and hook point it reads, the dataset and its input format.
 
@@ -124,22 +129,22 @@ class InterpretPlan:
     def job(self, device: str = "cpu", torch_threads: int | None = None) -> InterpretJob:
         c = self.cfg
         return InterpretJob(
-            self.info.uri,
-            storage.absolute(c.output),
-            self.entry,
-            c.pretrained,
-            c.seed,
-            self.hook,
-            self.options,
-            c.k,
-            c.reservoir,
-            c.negatives,
-            c.reservoir_seed,
-            c.batch_size,
-            device,
-            torch_threads,
-            self.prompts,
-            self.layout,
+            checkpoint=self.info.uri,
+            output=storage.absolute(c.output),
+            model=self.entry,
+            pretrained=c.pretrained,
+            seed=c.seed,
+            hook=self.hook,
+            storage=self.options,
+            k=c.k,
+            reservoir=c.reservoir,
+            negatives=c.negatives,
+            reservoir_seed=c.reservoir_seed,
+            batch_size=c.batch_size,
+            device=device,
+            torch_threads=torch_threads,
+            prompts=self.prompts,
+            layout=self.layout,
         )
 
     def description(self) -> dict[str, Any]:
@@ -165,20 +170,20 @@ def plan_interpret(cfg: InterpretConfig) -> InterpretPlan:
     options = cfg.storage.resolved()
     info = read_checkpoint_info(cfg.checkpoint, options)
     if len(info.sites.inputs) != 1:
-        raise ValueError(
+        raise InvalidRequest(
             f"{cfg.checkpoint}: reads {len(info.sites.inputs)} sites; interpretation needs a dictionary "
             "over one hook point (an SAE or a transcoder)"
         )
     site = info.sites.inputs[0]
     name = cfg.model or site.model
     if not name:
-        raise ValueError(f"{cfg.checkpoint}: cfg.json names no model; set `model`")
+        raise InvalidRequest(f"{cfg.checkpoint}: cfg.json names no model; set `model`")
     entry = resolve_entry(name)
     hook = cfg.hook or site.name
     model = describe_model(entry)
     check_hooks(model, [hook])
     if model.hook_width(hook) != site.width:
-        raise ValueError(
+        raise InvalidRequest(
             f"{cfg.checkpoint} reads {site.width}-wide activations but {entry.name} {hook} is "
             f"{model.hook_width(hook)} wide; pick the checkpoint's model and hook point"
         )
@@ -187,12 +192,20 @@ def plan_interpret(cfg: InterpretConfig) -> InterpretPlan:
     try:
         fmt = InputFormat.create(spec, model.preprocess)
         if prompts is not None and fmt.sampling is not None:
-            raise ValueError("interpreting a multimodal model's dictionary takes images, not videos")
+            raise InvalidRequest("interpreting a multimodal model's dictionary takes images, not videos")
     except ValueError as e:
-        raise ValueError(f"{entry.name} cannot take the {spec.type} dataset: {e}") from None
+        raise InvalidRequest(f"{entry.name} cannot take the {spec.type} dataset: {e}") from None
     layout = model.token_layout if prompts is None else base_view_layout(model, fmt.shape, prompts[0])
     return InterpretPlan(
-        cfg, info, entry, hook, layout, spec, fmt, options, None if prompts is None else tuple(prompts)
+        cfg=cfg,
+        info=info,
+        entry=entry,
+        hook=hook,
+        layout=layout,
+        spec=spec,
+        fmt=fmt,
+        options=options,
+        prompts=None if prompts is None else tuple(prompts),
     )
 
 
@@ -256,7 +269,7 @@ class LatentWorker:
         x, layout = self.inputs.encode(pixels, sample_ids)
         base = (layout.kind == TokenKind.PATCH) & (layout.view == 0) & (layout.image == 0)
         if (base.sum(1) != self.layout.n_tokens).any():
-            raise ValueError(
+            raise InvalidRequest(
                 f"{self.job.model.name}: base views of {sorted(set(base.sum(1).tolist()))} tokens, expected "
                 f"{self.layout.n_tokens}; the images must have the tower's size"
             )

@@ -15,6 +15,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from prisma_ray import storage
+from prisma_ray.errors import InvalidRequest
 from prisma_ray.store import write_atomic
 
 log = logging.getLogger(__name__)
@@ -47,11 +48,11 @@ class LatentEvidence:
         _check_images(self.images, f"{where}: images")
         n = len(self.images)
         if n == 0:
-            raise ValueError(f"{where}: no top images")
+            raise InvalidRequest(f"{where}: no top images")
         if self.maps.ndim != 3 or len(self.maps) != n:
-            raise ValueError(f"{where}: maps must be float[{n}, h, w]; got shape {self.maps.shape}")
+            raise InvalidRequest(f"{where}: maps must be float[{n}, h, w]; got shape {self.maps.shape}")
         if np.shape(self.values) != (n,):
-            raise ValueError(f"{where}: values must be float[{n}]; got shape {np.shape(self.values)}")
+            raise InvalidRequest(f"{where}: values must be float[{n}]; got shape {np.shape(self.values)}")
         if self.negatives is not None:
             _check_images(self.negatives, f"{where}: negatives")
         for masks, count, name in (
@@ -64,7 +65,7 @@ class LatentEvidence:
         ):
             for label, mask in masks.items():
                 if mask.dtype != bool or mask.ndim != 3 or len(mask) != count:
-                    raise ValueError(
+                    raise InvalidRequest(
                         f"{where}: {name}[{label!r}] must be bool[{count}, H, W] or bool[{count}, h, w]; "
                         f"got {mask.dtype}{list(mask.shape)}"
                     )
@@ -72,7 +73,7 @@ class LatentEvidence:
 
 def _check_images(images: np.ndarray, where: str) -> None:
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"{where} must be uint8[n, H, W, 3]; got {images.dtype}{list(images.shape)}")
+        raise InvalidRequest(f"{where} must be uint8[n, H, W, 3]; got {images.dtype}{list(images.shape)}")
 
 
 class Explanation(BaseModel):
@@ -137,7 +138,9 @@ def read_explanations(output: str, options: storage.StorageOptions | None = None
         try:
             record = ExplanationRecord.model_validate_json(line)
         except ValueError as e:
-            raise ValueError(f"{uri}, line {number}: not an explanation record ({e}); fix or remove that line") from e
+            raise InvalidRequest(
+                f"{uri}, line {number}: not an explanation record ({e}); fix or remove that line"
+            ) from e
         records[record.latent] = record
     return records
 

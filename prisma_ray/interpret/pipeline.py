@@ -25,7 +25,7 @@ from .topk import LatentRecord
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class InterpretSummary:
     """What a pass did and where its results are."""
 
@@ -58,7 +58,14 @@ def run_interpret(cfg: InterpretConfig) -> InterpretSummary:
         summary = read_results(output, plan.options).summary
         if {k: summary.get(k) for k in plan.description()} == json.loads(json.dumps(plan.description())):
             log.info("%s already holds the results of this pass; reusing them", output)
-            return InterpretSummary(output, summary["n_samples"], 0, summary["n_latents"], -1, 0.0)
+            return InterpretSummary(
+                output=output,
+                samples=summary["n_samples"],
+                errors=0,
+                latents=summary["n_latents"],
+                alive=-1,
+                seconds=0.0,
+            )
     refs = list_refs(plan.spec)
     if not refs:
         raise storage.MissingInputError(f"the {plan.spec.type} dataset lists no inputs; nothing to interpret.")
@@ -72,12 +79,12 @@ def run_interpret(cfg: InterpretConfig) -> InterpretSummary:
     crops = fetch_crops(plan, shards, where, needed_samples(record))
     write_results(output, record, plan.layout, plan.description(), crops, plan.options)
     return InterpretSummary(
-        output,
-        record.n_samples,
-        errors,
-        record.n_latents,
-        int((record.fire_tokens > 0).sum()),
-        time.perf_counter() - start,
+        output=output,
+        samples=record.n_samples,
+        errors=errors,
+        latents=record.n_latents,
+        alive=int((record.fire_tokens > 0).sum()),
+        seconds=time.perf_counter() - start,
     )
 
 

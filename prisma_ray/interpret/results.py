@@ -143,7 +143,7 @@ def write_results(
     storage.write_bytes(storage.join(output, SUMMARY_FILE), json.dumps(summary, indent=1).encode(), options)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Results:
     """The results of a pass, read back: tables, summary and the crops of the kept samples."""
 
@@ -200,4 +200,11 @@ def read_results(output: str, options: storage.StorageOptions | None = None) -> 
         return pq.read_table(io.BytesIO(storage.read_bytes(storage.join(output, name), options)))
 
     summary = json.loads(storage.read_bytes(storage.join(output, SUMMARY_FILE), options))
-    return Results(output, summary, table(LATENTS_FILE), table(TOP_FILE), table(RESERVOIR_FILE), options)
+    return Results(
+        uri=output,
+        summary=summary,
+        latents=table(LATENTS_FILE),
+        top=table(TOP_FILE),
+        reservoir=table(RESERVOIR_FILE),
+        options=options,
+    )

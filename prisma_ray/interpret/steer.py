@@ -17,6 +17,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from prisma_ray.errors import InvalidRequest
+
 from ..data.shards import InputFormat, decode_first
 from ..data.sources import DatasetSpec, SyntheticSource, with_resolved_storage
 from ..evaluate.checkpoint import load_matrix
@@ -35,23 +37,23 @@ class SteerSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    latents: list[int] = Field(min_length=1)
-    value: float | None = None
-    scale: float | None = None
+    latents: list[int] = Field(min_length=1, description="indices of the latents steered")
+    value: float | None = Field(None, description="clamp the latents to this activation (or set `scale`)")
+    scale: float | None = Field(None, description="multiply the latents by this factor (or set `value`)")
     keep_error: bool = Field(True, description="add back the dictionary's error term x - x_hat")
-    tokens: Literal["all", "patches", "cls"] = "all"
+    tokens: Literal["all", "patches", "cls"] = Field("all", description="the tokens steered: all, patches or cls")
 
     @model_validator(mode="after")
     def _one_rule(self) -> SteerSpec:
         if (self.value is None) == (self.scale is None):
-            raise ValueError("set exactly one of `value` (clamp the latents) or `scale` (multiply them)")
+            raise InvalidRequest("set exactly one of `value` (clamp the latents) or `scale` (multiply them)")
         return self
 
 
 def check_latents(d: Dictionary, latents: Sequence[int]) -> None:
     bad = [i for i in latents if not 0 <= i < d.n_latents]
     if bad:
-        raise ValueError(f"latents {bad} do not exist: the dictionary has {d.n_latents} (0..{d.n_latents - 1})")
+        raise InvalidRequest(f"latents {bad} do not exist: the dictionary has {d.n_latents} (0..{d.n_latents - 1})")
 
 
 def steered(d: Dictionary, x: torch.Tensor, spec: SteerSpec) -> torch.Tensor:
@@ -69,10 +71,10 @@ def steering_hooks(model: HookedVisionModel, d: Dictionary, spec: SteerSpec, hoo
     """The forward hook that steers `d`'s latents at `hook` (default: `d`'s input hook point)."""
     check_latents(d, spec.latents)
     if d.sites.kind != "sae":
-        raise ValueError(f"steering needs an SAE over one hook point; this dictionary is a {d.sites.kind}")
+        raise InvalidRequest(f"steering needs an SAE over one hook point; this dictionary is a {d.sites.kind}")
     hook = hook or d.sites.inputs[0].name
     if d.sites.d_in != model.d_model:
-        raise ValueError(
+        raise InvalidRequest(
             f"the dictionary reads {d.sites.d_in}-wide activations but {model.name} is {model.d_model} wide at {hook}"
         )
     positions = torch.as_tensor(fixed_positions(model.token_layout, TokenSelection(mode=spec.tokens)))
@@ -86,7 +88,7 @@ def default_head(
     if text_embeddings is not None:
         return ZeroShotHead(text_embeddings, logit_scale)
     if not outputs_logits(model):
-        raise ValueError(
+        raise InvalidRequest(
             f"{model.name} outputs an embedding, not logits: pass text embeddings (.npy, [prompts, width])"
         )
     return classifier_head
@@ -163,15 +165,18 @@ class SteerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    checkpoint: str
-    steer: SteerSpec
-    dataset: DatasetSpec = Field(default_factory=default_dataset)
-    samples: int = Field(32, ge=1)
+    checkpoint: str = Field(description="checkpoint directory (cfg.json + sae_weights.safetensors), local or s3://")
+    steer: SteerSpec = Field(description="which latents to steer and how")
+    dataset: DatasetSpec = Field(
+        default_factory=default_dataset,
+        description="the inputs, by `type`; the first `samples` are used (default: synthetic shapes)",
+    )
+    samples: int = Field(32, ge=1, description="inputs run with and without steering")
     model: str | ModelEntry | None = Field(None, description="default: the model named in the checkpoint")
-    pretrained: bool = True
-    seed: int = 0
+    pretrained: bool = Field(True, description="load published weights (false: random weights from `seed`)")
+    seed: int = Field(0, description="seed of the random weights (pretrained=false)")
     text_embeddings: str | None = Field(None, description=".npy/.safetensors [prompts, width] for embedding towers")
-    logit_scale: float = Field(100.0, gt=0)
+    logit_scale: float = Field(100.0, gt=0, description="with text_embeddings: cosine similarity to logits factor")
     labels: list[str] | None = Field(
         None, description="class or prompt names (default: the synthetic dataset's shapes)"
     )
@@ -193,7 +198,7 @@ def run_steer(cfg: SteerConfig) -> dict:
         list(spec.generator.shapes) if isinstance(spec, SyntheticSource) and spec.generator.name == "shapes" else None
     )
     if labels is not None and len(labels) != result.clean.shape[1]:
-        raise ValueError(f"{len(labels)} labels given but the head has {result.clean.shape[1]} classes")
+        raise InvalidRequest(f"{len(labels)} labels given but the head has {result.clean.shape[1]} classes")
     return {
         "checkpoint": cfg.checkpoint,
         "model": entry.name,

@@ -113,7 +113,7 @@ def mix(h: np.ndarray, latents: np.ndarray) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LatentRecord:
     """What one pass learns about every latent; see the module docstring. Merge records of disjoint samples."""
 
@@ -231,14 +231,14 @@ class LatentRecord:
             )
             n_samples, n_tokens, seed = (int(v) for v in z["counts"])
             return cls(
-                top,
-                reservoir,
-                negatives,
-                n_samples,
-                n_tokens,
-                z["fire_tokens"],
-                z["fire_by_kind"],
-                z["fire_samples"],
-                z["act_sum"],
-                seed,
+                top=top,
+                reservoir=reservoir,
+                negatives=negatives,
+                n_samples=n_samples,
+                n_tokens=n_tokens,
+                fire_tokens=z["fire_tokens"],
+                fire_by_kind=z["fire_by_kind"],
+                fire_samples=z["fire_samples"],
+                act_sum=z["act_sum"],
+                seed=seed,
             )

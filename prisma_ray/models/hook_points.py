@@ -6,6 +6,8 @@ import difflib
 import re
 from dataclasses import dataclass
 
+from ..errors import PrismaRayError
+
 BLOCK_SITES = (
     "hook_resid_pre",
     "hook_resid_mid",
@@ -20,7 +22,7 @@ LM_PREFIX = "lm."
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(s) for s in BLOCK_SITES) + r")$")
 
 
-class UnknownHookPoint(KeyError):
+class UnknownHookPoint(PrismaRayError, KeyError):
     """A hook name that the model does not have."""
 
     def __str__(self) -> str:

@@ -9,6 +9,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from prisma_ray.errors import InvalidRequest
+
+from ..errors import PrismaRayError
 from .hook_points import HookPoint, all_hook_names, lm_hook_names, parse_hook_name
 from .sites import LanguageSites, LayerSites, ModelSites
 from .spec import MultimodalLayout, PreprocessSpec, TokenLayout
@@ -21,7 +24,7 @@ class StopForward(Exception):
     """Raised inside the forward pass once every requested activation has been recorded."""
 
 
-class InterventionNotSupported(NotImplementedError):
+class InterventionNotSupported(PrismaRayError, NotImplementedError):
     """A hook function returned a replacement at a hook point that can only be read."""
 
 
@@ -111,7 +114,7 @@ class HookedVisionModel(nn.Module):
         if spec.modality == "multimodal":
             if not isinstance(x, Mapping) or "input_ids" not in x:
                 got = sorted(x) if isinstance(x, Mapping) else type(x).__name__
-                raise ValueError(
+                raise InvalidRequest(
                     f"{self.name} expects its processor's output (a mapping with input_ids, attention_mask, "
                     f"pixel_values, ...); got {got}."
                 )
@@ -121,7 +124,7 @@ class HookedVisionModel(nn.Module):
             return
         layout = "[batch, frames, 3, height, width]" if spec.modality == "video" else "[batch, 3, height, width]"
         frames = f", {spec.num_frames} frames" if spec.modality == "video" else ""
-        raise ValueError(
+        raise InvalidRequest(
             f"{self.name} expects {spec.modality} input {layout} = [B, {', '.join(map(str, expected))}] "
             f"({spec.image_size[0]}x{spec.image_size[1]} pixels{frames}); got {list(x.shape)}. "
             "Resize with prisma_ray.data.transforms using model.preprocess."

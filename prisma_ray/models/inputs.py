@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from prisma_ray.errors import InvalidRequest
+
 from .hooked import HookedVisionModel
 from .spec import MultimodalLayout, TokenLayout
 from .token_selection import TokenSelection, multimodal_positions, stable_hash, token_columns, token_positions
@@ -19,7 +21,7 @@ from .token_selection import TokenSelection, multimodal_positions, stable_hash, 
 DEFAULT_PROMPT = "Describe the image."
 
 
-@dataclass
+@dataclass(kw_only=True)
 class KeptTokens:
     """The token rows kept from a `[batch, seq]` minibatch, sample-major: `sample` and `position`
     index the activations; `position` (as `token`), `frame` and `kind` are the store's columns."""
@@ -34,12 +36,12 @@ class KeptTokens:
     def concat(cls, parts: Sequence[KeptTokens]) -> KeptTokens:
         """The kept tokens of consecutive minibatches as one (`sample` counts across them)."""
         offsets = np.cumsum([0, *(p.shape[0] for p in parts)])
-        columns = [
-            np.concatenate([np.zeros(0, dtype), *(getattr(p, name) for p in parts)]).astype(dtype)
+        columns = {
+            name: np.concatenate([np.zeros(0, dtype), *(getattr(p, name) for p in parts)]).astype(dtype)
             for name, dtype in (("position", np.int64), ("frame", np.int16), ("kind", np.int8))
-        ]
+        }
         sample = np.concatenate([np.zeros(0, np.int64), *(p.sample + o for p, o in zip(parts, offsets))])
-        return cls((int(offsets[-1]), max((p.shape[1] for p in parts), default=0)), sample, *columns)
+        return cls(shape=(int(offsets[-1]), max((p.shape[1] for p in parts), default=0)), sample=sample, **columns)
 
     def take(self, acts: torch.Tensor) -> torch.Tensor:
         """`[N, width]` rows of `[batch, seq, width]` activations (a view when every token is kept)."""
@@ -86,7 +88,14 @@ class PixelInputs:
         positions = token_positions(self.layout, self.selection, sample_ids)
         _, frame, kind = token_columns(self.layout, positions)
         sample = np.repeat(np.arange(len(sample_ids)), positions.shape[1])
-        return x, KeptTokens((len(sample_ids), self.layout.n_tokens), sample, positions.reshape(-1), frame, kind)
+        kept = KeptTokens(
+            shape=(len(sample_ids), self.layout.n_tokens),
+            sample=sample,
+            position=positions.reshape(-1),
+            frame=frame,
+            kind=kind,
+        )
+        return x, kept
 
 
 def sample_prompt(prompts: Sequence[str], sample_id: str) -> str:
@@ -107,7 +116,7 @@ class PromptInputs:
         inputs = self.model.encode(list(pixels), [sample_prompt(self.prompts, sid) for sid in sample_ids])
         seq = inputs["input_ids"].shape[1]
         if seq > np.iinfo(np.int16).max:
-            raise ValueError(f"{self.model.name}: sequences of {seq} tokens exceed the store's int16 token column")
+            raise InvalidRequest(f"{self.model.name}: sequences of {seq} tokens exceed the store's int16 token column")
         layout = self.model.multimodal_layout(inputs)
         return {k: v.to(self.device) for k, v in inputs.items()}, layout
 
@@ -115,7 +124,13 @@ class PromptInputs:
         """The tokens `selection` keeps from an `encode`d batch."""
         mask = inputs["attention_mask"].cpu().numpy()
         sample, position = multimodal_positions(layout, mask, self.selection, sample_ids)
-        return KeptTokens(mask.shape, sample, position, layout.frame[sample, position], layout.kind[sample, position])
+        return KeptTokens(
+            shape=mask.shape,
+            sample=sample,
+            position=position,
+            frame=layout.frame[sample, position],
+            kind=layout.kind[sample, position],
+        )
 
     def __call__(self, pixels: np.ndarray, sample_ids: Sequence[str]) -> tuple[dict[str, torch.Tensor], KeptTokens]:
         inputs, layout = self.encode(pixels, sample_ids)
@@ -128,7 +143,7 @@ def model_prompts(model: HookedVisionModel, prompts: Sequence[str] | None) -> li
     if model.preprocess.modality == "multimodal":
         return list(prompts or [DEFAULT_PROMPT])
     if prompts:
-        raise ValueError(f"{model.name} takes no prompt; `prompts` is for multimodal language models")
+        raise InvalidRequest(f"{model.name} takes no prompt; `prompts` is for multimodal language models")
     return None
 
 

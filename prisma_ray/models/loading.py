@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
+from prisma_ray.errors import InvalidRequest
+
 from .hooked import HookedVisionModel
 from .registry import ModelEntry, get_entry
 from .sites import ModelSites
@@ -84,12 +86,12 @@ def check_hooks(model: HookedVisionModel, hooks: Sequence[str]) -> None:
     for name in hooks:
         point = model.hook_point(name)
         if point.site == "attn.hook_pattern":
-            raise ValueError(
+            raise InvalidRequest(
                 f"{name} holds attention probabilities [batch, heads, tokens, tokens], not one vector per token; "
                 "extract a residual, attention-output or MLP hook point instead."
             )
         if multimodal and not point.lm:
-            raise ValueError(
+            raise InvalidRequest(
                 f"{name} is on {model.name}'s vision tower, whose tokens are image crops or packed patches, not the "
                 "sequence's tokens; extract lm.* hook points (the language model) from a multimodal model."
             )

@@ -6,7 +6,9 @@ import difflib
 from functools import lru_cache
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import PrismaRayError
 
 Source = Literal["timm", "open_clip", "hf", "hf-lmm", "prisma"]
 Modality = Literal["image", "video", "multimodal"]
@@ -23,28 +25,36 @@ class ModelEntry(BaseModel):
     model's shape is in `config["text_config"]`.
     """
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str
-    source: Source
-    architecture: str
-    pretrained: str | None = None
-    family: str
-    modality: Modality = "image"
-    layers: int
-    width: int
-    heads: int
-    image_size: int
-    patch_size: int
-    frames: int | None = None
-    config: dict[str, Any] = {}
+    name: str = Field(description="registry name, e.g. timm-vit-base-patch16-clip-224-openai")
+    source: Source = Field(description="which adapter builds it: timm, open_clip, hf, hf-lmm or prisma (embedded)")
+    architecture: str = Field(
+        description="timm model name, OpenCLIP model name, Hugging Face model class or the embedded model's name"
+    )
+    pretrained: str | None = Field(
+        None, description="timm/OpenCLIP pretrained tag or Hugging Face hub id (null: no published weights)"
+    )
+    family: str = Field(description="model family (e.g. clip, dinov2, videomae), used to select models in sweeps")
+    modality: Modality = Field("image", description="input it takes: image, video or multimodal (image + prompt)")
+    layers: int = Field(description="transformer blocks (multimodal models: of the vision tower)")
+    width: int = Field(description="residual stream width d_model")
+    heads: int = Field(description="attention heads per block")
+    image_size: int = Field(description="input side in pixels")
+    patch_size: int = Field(description="patch side in pixels")
+    frames: int | None = Field(None, description="frames per clip (video models; null for images)")
+    config: dict[str, Any] = Field(
+        {},
+        description="what building with random weights needs offline: Hugging Face config-class kwargs or timm "
+        "create_model kwargs",
+    )
 
     def summary(self) -> dict[str, Any]:
         """The fields shown by `prisma-ray models list/show`."""
         return self.model_dump(exclude={"config"})
 
 
-class UnknownModel(KeyError):
+class UnknownModel(PrismaRayError, KeyError):
     """A model name that is not in the registry."""
 
     def __str__(self) -> str:

@@ -9,6 +9,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from prisma_ray.errors import InvalidRequest
+
 from .spec import MultimodalLayout, TokenKind, TokenLayout
 
 MULTIMODAL_ONLY = ("text", "image")
@@ -27,14 +29,16 @@ class TokenSelection(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    mode: Literal["all", "cls", "patches", "random", "text", "image"] = "all"
+    mode: Literal["all", "cls", "patches", "random", "text", "image"] = Field(
+        "all", description="all, cls, patches, random (k patch tokens), text or image (the last two: multimodal models)"
+    )
     k: int | None = Field(None, ge=1, description="patch tokens kept per sample (mode=random)")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the random token choice (mode=random), mixed with each sample id")
 
     @model_validator(mode="after")
     def _k_with_random(self) -> TokenSelection:
         if (self.mode == "random") != (self.k is not None):
-            raise ValueError("set `k` (patch tokens per sample) when, and only when, mode is 'random'")
+            raise InvalidRequest("set `k` (patch tokens per sample) when, and only when, mode is 'random'")
         return self
 
 
@@ -42,22 +46,22 @@ def check_selection(layout: TokenLayout, selection: TokenSelection, model_name: 
     """Raise if `selection` asks for tokens that the model does not have (`layout`: its `blocks.*` layout)."""
     if multimodal:
         if selection.mode == "cls":
-            raise ValueError(
+            raise InvalidRequest(
                 f"{model_name}'s sequences have no CLS token; use tokens.mode=all, text, image, patches or random."
             )
         return
     if selection.mode in MULTIMODAL_ONLY:
-        raise ValueError(
+        raise InvalidRequest(
             f"tokens.mode={selection.mode} is for multimodal language models; {model_name} has no text tokens "
             "(use all, cls, patches or random)."
         )
     if selection.mode == "cls" and TokenKind.CLS not in layout.prefix:
         prefix = [TokenKind(k).name.lower() for k in layout.prefix] or "none"
-        raise ValueError(
+        raise InvalidRequest(
             f"{model_name} has no CLS token (prefix tokens: {prefix}); use tokens.mode=patches, random or all."
         )
     if selection.mode == "random" and selection.k > layout.n_patches:
-        raise ValueError(
+        raise InvalidRequest(
             f"tokens.k={selection.k} but {model_name} has only {layout.n_patches} patch tokens per sample."
         )
 
@@ -126,7 +130,7 @@ def multimodal_positions(
         for b, sid in enumerate(sample_ids):
             candidates = np.flatnonzero(keep[b])
             if len(candidates) < selection.k:
-                raise ValueError(
+                raise InvalidRequest(
                     f"sample {sid!r} has {len(candidates)} image patch tokens, fewer than tokens.k={selection.k}"
                 )
             keep[b] = False

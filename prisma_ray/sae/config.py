@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from prisma_ray.errors import InvalidRequest
+
 Architecture = Literal["relu", "topk", "batchtopk", "jumprelu", "gated"]
 PreBiasInit = Literal["geometric_median", "mean", "zeros"]
 
@@ -34,30 +36,42 @@ class DictionaryConfig(BaseModel):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$",
         description="unique in a run, used as a directory name; default: architecture and sparsity setting",
     )
-    architecture: Architecture = "topk"
+    architecture: Architecture = Field(
+        "topk", description="relu, topk, batchtopk, jumprelu or gated (SAELens: architecture)"
+    )
     expansion_factor: int = Field(16, ge=1, description="latents per input dimension (ignored when d_sae is set)")
     d_sae: int | None = Field(None, ge=1, description="number of latents")
     k: int | None = Field(None, ge=1, description="active latents per token (topk, batchtopk); default 32")
     aux_k: int = Field(256, ge=1, description="dead latents used by the AuxK loss (topk, batchtopk)")
-    aux_coefficient: float = Field(1 / 32, ge=0)
+    aux_coefficient: float = Field(1 / 32, ge=0, description="weight of the AuxK loss (topk, batchtopk)")
     l1_coefficient: float | None = Field(None, ge=0, description="relu, gated; default 5.0")
     l0_coefficient: float | None = Field(None, ge=0, description="jumprelu; default 1.0")
     sparsity_warmup_steps: int = Field(0, ge=0, description="linear warm-up of the L1/L0 coefficient")
-    jumprelu_init_threshold: float = Field(0.01, ge=0)
-    jumprelu_bandwidth: float = Field(0.05, gt=0)
-    batchtopk_threshold_lr: float = Field(0.01, gt=0, le=1)
+    jumprelu_init_threshold: float = Field(0.01, ge=0, description="jumprelu: initial threshold of every latent")
+    jumprelu_bandwidth: float = Field(
+        0.05, gt=0, description="jumprelu: kernel width of the straight-through threshold gradient"
+    )
+    batchtopk_threshold_lr: float = Field(
+        0.01, gt=0, le=1, description="batchtopk: rate of the moving average that learns the inference threshold"
+    )
     skip_connection: bool = Field(False, description="transcoders: add a learned linear map input -> output")
-    decoder_norm: Literal["unit", "free"] | None = None
+    decoder_norm: Literal["unit", "free"] | None = Field(
+        None, description="unit: decoder rows kept at unit norm; free: unconstrained (default: unit, free for relu)"
+    )
     decoder_init_norm: float | None = Field(None, gt=0, description="default 1 with unit decoders, 0.1 otherwise")
-    pre_bias_init: PreBiasInit = "geometric_median"
-    lr: float = Field(2e-4, gt=0)
-    lr_warmup_steps: int = Field(0, ge=0)
+    pre_bias_init: PreBiasInit = Field(
+        "geometric_median",
+        description="initial decoder bias b_dec: geometric_median or mean of a first batch, or zeros "
+        "(SAELens: b_dec_init_method)",
+    )
+    lr: float = Field(2e-4, gt=0, description="Adam learning rate")
+    lr_warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up from 0, in steps")
     lr_decay_fraction: float = Field(0.2, ge=0, le=1, description="linear decay to 0 over this last part of training")
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = Field(6.25e-10, gt=0)
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="Adam (beta1, beta2)")
+    adam_eps: float = Field(6.25e-10, gt=0, description="Adam epsilon")
     grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm of this dictionary")
     dead_after_tokens: int = Field(10_000_000, ge=1, description="a latent unfired for this many tokens is dead")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the weight initialisation")
 
     @model_validator(mode="after")
     def _check_architecture_fields(self) -> DictionaryConfig:
@@ -69,7 +83,7 @@ class DictionaryConfig(BaseModel):
         }
         for field, (value, allowed) in misplaced.items():
             if value is not None and arch not in allowed:
-                raise ValueError(f"{field} applies to architecture {' or '.join(allowed)}, not {arch!r}; remove it")
+                raise InvalidRequest(f"{field} applies to architecture {' or '.join(allowed)}, not {arch!r}; remove it")
         return self
 
     @property

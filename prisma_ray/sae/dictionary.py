@@ -13,6 +13,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from prisma_ray.errors import InvalidRequest
+
 from .config import DictionaryConfig
 
 
@@ -176,9 +178,11 @@ def check_shape(cfg: DictionaryConfig, sites: Sites) -> int:
     n_latents = cfg.latents(sites.d_in)
     name = cfg.display_name()
     if cfg.architecture in ("topk", "batchtopk") and cfg.top_k > n_latents:
-        raise ValueError(f"dictionary {name!r}: k={cfg.top_k} exceeds its {n_latents} latents; lower k or raise d_sae")
+        raise InvalidRequest(
+            f"dictionary {name!r}: k={cfg.top_k} exceeds its {n_latents} latents; lower k or raise d_sae"
+        )
     if cfg.skip_connection and sites.autoencoder:
-        raise ValueError(
+        raise InvalidRequest(
             f"dictionary {name!r}: skip_connection is for transcoders (data.targets set); an autoencoder would "
             "learn the identity through it"
         )

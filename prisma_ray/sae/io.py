@@ -60,7 +60,7 @@ def _parse_architecture(name: str) -> tuple[str, bool, bool]:
         for skip in (False, True):
             if name == f"{prefix}{'skip_' if skip else ''}transcoder":
                 return ours, True, skip
-    raise ValueError(f"cfg.json architecture {name!r} is not one this library can load")
+    raise InvalidRequest(f"cfg.json architecture {name!r} is not one this library can load")
 
 
 @torch.no_grad()
@@ -162,7 +162,7 @@ def build_dictionary(cfg: DictionaryConfig, sites: Sites, weights: dict[str, tor
     unexpected = set(weights) - set(expected)
     wrong = {k: tuple(v.shape) for k, v in weights.items() if k in expected and v.shape != expected[k].shape}
     if missing or unexpected or wrong:
-        raise ValueError(
+        raise InvalidRequest(
             f"{where}: the weights do not match architecture {saelens_architecture(cfg, sites)!r} "
             f"(missing {sorted(missing)}, unexpected {sorted(unexpected)}, wrong shapes {wrong})"
         )
@@ -249,8 +249,8 @@ def read_checkpoint_info(uri: str, options: storage.StorageOptions | None = None
 
 def saelens_hooks(cfg: dict[str, Any], transcoder: bool) -> tuple[str, str | None, str | None]:
     """`(model name, input hook, output hook)` a SAELens `cfg.json` names (under `metadata` since SAELens 6,
-    at the top level before); `None` for a hook it does not name. Raises `ValueError` when a transcoder
-    does not name its output hook."""
+    at the top level before); `None` for a hook it does not name. Raises `InvalidRequest` when a
+    transcoder does not name its output hook."""
     meta = cfg.get("metadata") or {}
 
     def named(key: str) -> Any:
@@ -258,7 +258,7 @@ def saelens_hooks(cfg: dict[str, Any], transcoder: bool) -> tuple[str, str | Non
 
     hook_out = named("hook_name_out") if transcoder else None
     if transcoder and not hook_out:
-        raise ValueError(
+        raise InvalidRequest(
             f"architecture {cfg.get('architecture')!r} is a transcoder, but metadata.hook_name_out (the hook "
             "point it predicts) is not set; add it to the cfg.json"
         )

@@ -17,6 +17,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from prisma_ray.errors import InvalidRequest
+
 from .config import DictionaryConfig
 from .dictionary import Dictionary, Sites
 from .init import init_pre_bias
@@ -137,9 +139,11 @@ class Trainer:
         names = [c.display_name() for c in configs]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"dictionary names must be unique in a run; set `name` on the ones called {duplicates}")
+            raise InvalidRequest(
+                f"dictionary names must be unique in a run; set `name` on the ones called {duplicates}"
+            )
         if total_steps < 1:
-            raise ValueError(f"total_steps must be at least 1, got {total_steps}")
+            raise InvalidRequest(f"total_steps must be at least 1, got {total_steps}")
         norm = normalization or Normalization.identity(sites)
         self.sites, self.total_steps, self.world_size = sites, total_steps, world_size
         self.all_reduce = all_reduce
@@ -293,7 +297,7 @@ class Trainer:
         """Restore what `state_tensors`/`state_meta` saved; the run's dictionaries must be the same."""
         mine = {name: d.cfg.model_dump(mode="json") for name, d in self.dictionaries.items()}
         if meta["dictionaries"] != mine or meta["sites"] != self.sites.model_dump(mode="json"):
-            raise ValueError(
+            raise InvalidRequest(
                 "the checkpoint was written by a run with other dictionaries or data (names, hyperparameters, "
                 "input/output sites); resume with the same config, or start a new run name"
             )

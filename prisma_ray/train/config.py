@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from prisma_ray.errors import InvalidRequest
+
 from .. import storage
 from ..models.spec import TokenKind
 from ..runtime.session import RayOptions
@@ -29,19 +31,25 @@ class TrainData(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    inputs: list[str] = Field(default_factory=lambda: [DEFAULT_STORE], min_length=1)
-    targets: list[str] = Field(default_factory=list)
+    inputs: list[str] = Field(
+        default_factory=lambda: [DEFAULT_STORE],
+        min_length=1,
+        description="activation store URIs read as the dictionaries' input (several: a crosscoder over them)",
+    )
+    targets: list[str] = Field(
+        default_factory=list, description="store URIs the dictionaries reconstruct (empty: the inputs, an SAE)"
+    )
     kinds: list[TokenKindName] | None = Field(None, description="train on these token kinds only (default: all)")
     normalize: NormalizeMode = Field(
         "center_scale", description="from the store statistics: subtract the mean and scale to E‖x‖² = d"
     )
-    shuffle_seed: int = 0
+    shuffle_seed: int = Field(0, description="seed of the row shuffle")
 
     @model_validator(mode="after")
     def _distinct(self) -> TrainData:
         uris = [*self.inputs, *self.targets]
         if len(set(uris)) != len(uris):
-            raise ValueError(f"a store appears twice in data.inputs/data.targets: {uris}")
+            raise InvalidRequest(f"a store appears twice in data.inputs/data.targets: {uris}")
         return self
 
 
@@ -57,23 +65,29 @@ class TrainConfig(BaseModel):
 
     name: str = Field("sae", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$", description="the run's name")
     storage: str = "prisma-runs"
-    output: str | None = None
+    output: str | None = Field(
+        None, description="where the final dictionaries go, one folder each (default: <storage>/<name>/dictionaries)"
+    )
     storage_options: StorageOptions = Field(StorageOptions(), description="how to reach s3:// stores and storage")
-    data: TrainData = TrainData()
-    dictionaries: list[DictionaryConfig] = Field(default_factory=lambda: [DictionaryConfig()], min_length=1)
+    data: TrainData = Field(TrainData(), description="which activation stores feed the dictionaries")
+    dictionaries: list[DictionaryConfig] = Field(
+        default_factory=lambda: [DictionaryConfig()],
+        min_length=1,
+        description="the dictionaries trained together on the same batches (default: one TopK SAE)",
+    )
     batch_size: int = Field(4096, ge=1, description="tokens per optimizer step, over all workers")
     steps: int | None = Field(None, ge=1, description="optimizer steps (default: `tokens` or `epochs` worth)")
     tokens: int | None = Field(None, ge=1, description="training tokens, if `steps` is not set")
     epochs: float = Field(1.0, gt=0, description="passes over the data, if neither `steps` nor `tokens` is set")
     log_every: int = Field(100, ge=1, description="report metrics every this many steps")
     checkpoint_every: int = Field(1000, ge=1, description="checkpoint every this many steps (and at the end)")
-    keep_checkpoints: int = Field(2, ge=1)
+    keep_checkpoints: int = Field(2, ge=1, description="Ray Train checkpoints kept (the latest ones)")
     workers: int = Field(1, ge=0, description="data-parallel workers (0: train in the driver process)")
     cpus_per_worker: float = Field(1.0, gt=0)
     torch_threads: int | None = Field(None, ge=1, description="torch threads per worker (default: Ray's choice)")
     loader_cpus: float = Field(0.5, gt=0, description="CPUs reserved per store-reading task")
     max_failures: int = Field(3, ge=-1, description="worker failures survived per run (-1: unlimited)")
-    ray: RayOptions = RayOptions()
+    ray: RayOptions = Field(RayOptions(), description="which Ray cluster to connect to")
 
     @field_validator("dictionaries")
     @classmethod
@@ -81,18 +95,18 @@ class TrainConfig(BaseModel):
         names = [d.display_name() for d in dictionaries]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"dictionary names must be unique; set `name` on the ones called {duplicates}")
+            raise InvalidRequest(f"dictionary names must be unique; set `name` on the ones called {duplicates}")
         check_dictionary_names(names)
         return dictionaries
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
         if self.steps is not None and self.tokens is not None:
-            raise ValueError("set steps or tokens, not both")
+            raise InvalidRequest("set steps or tokens, not both")
         if self.batch_size % max(self.workers, 1):
-            raise ValueError(f"batch_size={self.batch_size} must be divisible by workers={self.workers}")
+            raise InvalidRequest(f"batch_size={self.batch_size} must be divisible by workers={self.workers}")
         if not self.data.targets and any(d.skip_connection for d in self.dictionaries):
-            raise ValueError("skip_connection is for transcoders: set data.targets to the output hook's store")
+            raise InvalidRequest("skip_connection is for transcoders: set data.targets to the output hook's store")
         return self
 
     @property

@@ -20,6 +20,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from prisma_ray.errors import InvalidRequest
+
 from .. import storage, store
 from ..sae.dictionary import Site, Sites
 from ..sae.trainer import Normalization, SiteStats
@@ -28,7 +30,7 @@ from .config import TrainData
 CHUNK_ROWS = 16384
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Reader:
     """What a shard-reading task needs (picklable; storage options already resolved)."""
 
@@ -71,7 +73,7 @@ def read_items(batch: dict[str, np.ndarray], reader: Reader) -> Iterator[dict[st
             yield {k: v[start : start + CHUNK_ROWS] for k, v in rows.items()}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DataPlan:
     """The checked training data: stores, shared shards, rows per shard, sites and normalisation."""
 
@@ -105,15 +107,25 @@ def plan_data(data: TrainData, options: storage.StorageOptions) -> DataPlan:
     names = [{posixpath.basename(p) for p in store.shard_paths(uri, options)} for uri in uris]
     shared = sorted(set.intersection(*names))
     if not shared:
-        raise ValueError(f"the stores {uris} have no shard in common; were they extracted from the same dataset?")
+        raise InvalidRequest(f"the stores {uris} have no shard in common; were they extracted from the same dataset?")
     n_in = len(data.inputs)
     kinds = tuple(store.KIND_CODES[k] for k in data.kinds) if data.kinds else None
-    reader = Reader(tuple(uris[:n_in]), tuple(uris[n_in:]), tuple(shared), kinds, data.shuffle_seed, options)
+    reader = Reader(
+        inputs=tuple(uris[:n_in]),
+        targets=tuple(uris[n_in:]),
+        shards=tuple(shared),
+        kinds=kinds,
+        seed=data.shuffle_seed,
+        options=options,
+    )
     sites = [Site(name=m.hook, width=m.d_model, model=m.model) for m in manifests]
     stats = [SiteStats(torch.tensor(m.mean), torch.tensor(m.std) ** 2, m.mean_norm) for m in manifests]
     normalization = Normalization.from_stats(stats[:n_in], stats[n_in:] or None, data.normalize)
     return DataPlan(
-        reader, _count_rows(reader), Sites(inputs=tuple(sites[:n_in]), outputs=tuple(sites[n_in:])), normalization
+        reader=reader,
+        rows=_count_rows(reader),
+        sites=Sites(inputs=tuple(sites[:n_in]), outputs=tuple(sites[n_in:])),
+        normalization=normalization,
     )
 
 
@@ -129,5 +141,5 @@ def _count_rows(reader: Reader) -> tuple[int, ...]:
             kind = pq.read_table(shard, filesystem=fs, columns=["kind"]).column("kind")
             counts.append(int(pc.sum(pc.is_in(kind, pa.array(reader.kinds, pa.int8()))).as_py() or 0))
     if not sum(counts):
-        raise ValueError(f"{reader.inputs[0]}: no rows of the selected token kinds; check data.kinds")
+        raise InvalidRequest(f"{reader.inputs[0]}: no rows of the selected token kinds; check data.kinds")
     return tuple(counts)

@@ -27,6 +27,8 @@ from pydantic import BaseModel, ConfigDict
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, prepare_model
 
+from prisma_ray.errors import InvalidRequest
+
 from .. import storage
 from ..runtime.session import ensure_ray
 from ..sae import DictionaryConfig, Normalization, Sites, Trainer
@@ -96,7 +98,7 @@ def total_steps(cfg: TrainConfig, plan: DataPlan) -> int:
     tokens = cfg.tokens if cfg.tokens is not None else int(cfg.epochs * plan.total_rows)
     steps = tokens // cfg.batch_size
     if steps < 1:
-        raise ValueError(
+        raise InvalidRequest(
             f"{tokens} training tokens make no batch of batch_size={cfg.batch_size}; lower batch_size or raise "
             "tokens/epochs"
         )

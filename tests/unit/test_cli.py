@@ -1,8 +1,15 @@
 """The `prisma-ray` command."""
 
 import json
+import logging
+import re
+
+import pytest
 
 from prisma_ray.cli import main
+from prisma_ray.config import ConfigError, load_config
+from prisma_ray.demo import DemoConfig
+from prisma_ray.errors import InvalidRequest
 
 
 def test_models_list_and_show(capsys):
@@ -37,3 +44,74 @@ def test_demo_prints_hook_shapes_of_any_registry_model(capsys):
 def test_bad_override_is_reported(capsys):
     assert main(["demo", "--set", "batch_size"]) == 2
     assert "key=value" in capsys.readouterr().err
+
+
+def _job_commands():
+    from prisma_ray.cli import COMMANDS
+
+    return [c for c in COMMANDS if c.config and c.config_file]
+
+
+@pytest.mark.parametrize("command", _job_commands(), ids=lambda c: c.name)
+def test_job_help_lists_every_config_field_with_its_description(command, capsys):
+    from prisma_ray.cli import _resolve
+
+    with pytest.raises(SystemExit) as exit_:
+        main([command.name, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    flat = " ".join(out.split())
+    if command.description:
+        assert " ".join(command.description.split()) in flat
+    cls = _resolve(command.config)
+    for name, info in cls.model_fields.items():
+        assert re.search(rf"^  {re.escape(name)} \(", out, re.MULTILINE), f"{command.name} --help misses {name}"
+        assert " ".join((info.description or "").split()) in flat, f"{command.name} --help misses {name}'s description"
+
+
+def test_extract_help_lists_nested_fields_with_type_and_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["extract", "--help"])
+    out = capsys.readouterr().out
+    assert '  tokens.mode (all|cls|patches|random|text|image, default "all")' in out
+    assert "  batch_size (int, default 32)" in out
+
+
+def test_demo_config_refuses_a_typo(capsys):
+    with pytest.raises(ConfigError, match="batch_sise"):
+        load_config(DemoConfig, overrides=["batch_sise=4"])
+    assert main(["demo", "--set", "batch_sise=4"]) == 2
+    assert "batch_sise" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("error", [KeyError("k"), AttributeError("a"), ValueError("v")], ids=lambda e: type(e).__name__)
+def test_a_bug_inside_a_job_propagates_with_its_traceback(error, monkeypatch):
+    def broken(cfg):
+        raise error
+
+    monkeypatch.setattr("prisma_ray.demo.run_demo", broken)
+    with pytest.raises(type(error)) as raised:
+        main(["demo"])
+    assert raised.value is error and raised.traceback[-1].name == "broken"
+
+
+def test_an_invalid_request_inside_a_job_is_one_error_line(monkeypatch, capsys):
+    def refuse(cfg):
+        raise InvalidRequest("dataset 'x' holds videos; the model takes images")
+
+    monkeypatch.setattr("prisma_ray.demo.run_demo", refuse)
+    assert main(["demo"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: dataset 'x' holds videos; the model takes images\n"
+
+
+def test_a_config_error_is_one_error_line_and_verbose_logs_its_traceback(capsys, caplog):
+    assert main(["demo", "--set", "batch_size=0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: Invalid config for DemoConfig") and err.count("error:") == 1
+    assert "Traceback" not in err
+    caplog.set_level(logging.DEBUG, logger="prisma_ray.cli")
+    assert main(["-v", "demo", "--set", "batch_size=0"]) == 2
+    assert "error: Invalid config" in capsys.readouterr().err
+    (record,) = [r for r in caplog.records if r.name == "prisma_ray.cli"]
+    assert record.levelno == logging.DEBUG and record.exc_info[0] is ConfigError

@@ -24,13 +24,14 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from prisma_ray.data.synthetic import encode_png
+from prisma_ray.errors import PrismaRayError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
 
-class ChatError(ValueError):
+class ChatError(PrismaRayError, ValueError):
     """A chat endpoint that cannot be used: unreachable, refusing the request, or answering nonsense."""
 
 
@@ -43,12 +44,12 @@ class ChatConfig(BaseModel):
     model: str = Field("llava-hf/llava-onevision-qwen2-7b-ov-hf", description="the served model's name")
     api_key_env: str | None = Field(None, description="environment variable holding the API key (None: no auth)")
     concurrency: int = Field(8, ge=1, description="requests in flight at once per client")
-    timeout_s: float = Field(120.0, gt=0)
+    timeout_s: float = Field(120.0, gt=0, description="seconds before a request times out")
     max_retries: int = Field(5, ge=0, description="retries after the first attempt (429, 5xx, timeouts)")
     backoff_s: float = Field(1.0, ge=0, description="first retry delay; doubles each retry")
-    max_backoff_s: float = Field(60.0, ge=0)
-    max_tokens: int = Field(64, ge=1)
-    temperature: float = Field(0.0, ge=0)
+    max_backoff_s: float = Field(60.0, ge=0, description="longest retry delay, in seconds")
+    max_tokens: int = Field(64, ge=1, description="most tokens generated per answer (OpenAI API: max_tokens)")
+    temperature: float = Field(0.0, ge=0, description="sampling temperature (0: greedy)")
 
 
 def image_part(image: np.ndarray) -> dict:

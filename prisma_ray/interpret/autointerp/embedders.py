@@ -19,9 +19,10 @@ from typing import Protocol
 import numpy as np
 
 from prisma_ray.data.synthetic import COLOURS, SHAPES, ShapesConfig, render_shapes
+from prisma_ray.errors import InvalidRequest, PrismaRayError
 
 
-class UnknownConcept(ValueError):
+class UnknownConcept(PrismaRayError, ValueError):
     """A text that an embedder with a closed set of labels cannot embed."""
 
 
@@ -119,7 +120,7 @@ class PrototypeEmbedder:
         self, features: Callable[[np.ndarray], np.ndarray], prototypes: Mapping[str, np.ndarray], shrinkage: float = 0.1
     ):
         if not prototypes:
-            raise ValueError("PrototypeEmbedder: no prototypes; give at least one label with its images")
+            raise InvalidRequest("PrototypeEmbedder: no prototypes; give at least one label with its images")
         self.features = features
         self.labels = list(prototypes)
         feats = {label: np.asarray(features(images), dtype=np.float64) for label, images in prototypes.items()}
@@ -160,7 +161,7 @@ def synthetic_prototypes(
         elif label in COLOURS:
             cfg = base.model_copy(update={"colours": (label,)})
         else:
-            raise ValueError(
+            raise InvalidRequest(
                 f"synthetic_prototypes: {label!r} is neither a shape {SHAPES} nor a colour {tuple(COLOURS)}"
             )
         renders = [render_shapes(cfg, k * n + i) for i in range(n)]  # independent draws per label

@@ -14,6 +14,8 @@ from typing import Protocol
 
 import numpy as np
 
+from prisma_ray.errors import InvalidRequest
+
 from ..evidence import Explanation, LatentEvidence, mask_images
 from .chat import ChatClient, image_part
 from .embedders import Embedder
@@ -45,7 +47,7 @@ class VocabularyExplainer:
         name: str = "vocabulary",
     ):
         if not vocabulary:
-            raise ValueError("VocabularyExplainer: the vocabulary is empty; give at least one label")
+            raise InvalidRequest("VocabularyExplainer: the vocabulary is empty; give at least one label")
         self.embedder, self.vocabulary, self.name = embedder, list(vocabulary), name
         self.threshold, self.dim = threshold, dim
         self.text_embeddings = embedder.embed_texts(self.vocabulary)
@@ -89,5 +91,5 @@ class ChatExplainer:
         raw = self.client.complete(self.messages(evidence))
         text = raw.strip().splitlines()[0].strip().strip("\"'`*.").strip() if raw.strip() else ""
         if not text:
-            raise ValueError(f"{self.client.config.base_url}: empty explanation for latent {evidence.latent}")
+            raise InvalidRequest(f"{self.client.config.base_url}: empty explanation for latent {evidence.latent}")
         return Explanation(latent=evidence.latent, text=text, explainer=self.name, raw=raw)

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from prisma_ray import storage
 from prisma_ray.data.synthetic import ShapesConfig
+from prisma_ray.errors import InvalidRequest
 from prisma_ray.runtime.session import RayOptions, ensure_ray
 from prisma_ray.storage import StorageOptions
 
@@ -42,15 +43,20 @@ class EmbedderConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    kind: Literal["prototype", "open_clip"] = "prototype"
-    open_clip_model: str = "ViT-B-32"
-    open_clip_pretrained: str | None = "laion2b_s34b_b79k"
-    template: str = "a photo of {}."
+    kind: Literal["prototype", "open_clip"] = Field(
+        "prototype", description="prototype: mean features of rendered images per label; open_clip: a CLIP model"
+    )
+    open_clip_model: str = Field("ViT-B-32", description="open_clip: OpenCLIP model name")
+    open_clip_pretrained: str | None = Field("laion2b_s34b_b79k", description="open_clip: OpenCLIP pretrained tag")
+    template: str = Field("a photo of {}.", description="open_clip: text each label is put into ({} = the label)")
     model: str = Field("prisma-toy-vit-shapes", description="prototype: registry model giving image features")
-    pretrained: bool = True
+    pretrained: bool = Field(True, description="prototype: load the model's published weights")
     hook: str = Field("blocks.3.hook_resid_post", description="prototype: features = this hook, mean over patches")
-    prototype_data: ShapesConfig = Field(default_factory=_default_prototype_data)
-    prototypes_per_label: int = Field(32, ge=1)
+    prototype_data: ShapesConfig = Field(
+        default_factory=_default_prototype_data,
+        description="prototype: the shapes images rendered per label (default: the toy ViT's training distribution)",
+    )
+    prototypes_per_label: int = Field(32, ge=1, description="prototype: images rendered per label")
 
 
 def default_vocabulary() -> list[str]:
@@ -63,24 +69,31 @@ class ExplainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    evidence: str | None = Field(None, description="output dir of the top-activation pass (`prisma-ray topk`)")
+    evidence: str | None = Field(None, description="output dir of the top-activation pass (`prisma-ray interpret`)")
     output: str | None = Field(None, description="where explanations.jsonl goes (default: the evidence dir)")
-    explainer: Literal["vocabulary", "chat"] = "vocabulary"
-    chat: ChatConfig = ChatConfig()
-    vocabulary: list[str] = Field(default_factory=default_vocabulary)
-    embedder: EmbedderConfig = EmbedderConfig()
-    judge: Literal["embedding", "chat", "none"] = "embedding"
+    explainer: Literal["vocabulary", "chat"] = Field(
+        "vocabulary", description="vocabulary: the best-matching label (offline); chat: a served multimodal model"
+    )
+    chat: ChatConfig = Field(ChatConfig(), description="the served model (explainer or judge chat)")
+    vocabulary: list[str] = Field(
+        default_factory=default_vocabulary,
+        description="labels of the vocabulary explainer and random baselines (default: synthetic shapes and colours)",
+    )
+    embedder: EmbedderConfig = Field(EmbedderConfig(), description="image-text embedder (vocabulary, embedding judge)")
+    judge: Literal["embedding", "chat", "none"] = Field(
+        "embedding", description="detection scoring: embedding similarity, a chat model, or none"
+    )
     iou: bool = Field(True, description="IoU against ground-truth concept masks, where the evidence has them")
-    similarity: bool = True
-    images_per_latent: int = Field(8, ge=1)
+    similarity: bool = Field(True, description="score the explanation's similarity to the top images (embedder)")
+    images_per_latent: int = Field(8, ge=1, description="top images shown to the explainer per latent")
     latents: list[int] | None = Field(None, description="explain only these (default: every latent that fired)")
-    batch_size: int = Field(16, ge=1)
-    use_ray: bool = True
+    batch_size: int = Field(16, ge=1, description="latents per task")
+    use_ray: bool = Field(True, description="explain on a Ray actor pool (false: in this process)")
     actors: int = Field(1, ge=1)
     actor_cpus: float = Field(1.0, gt=0)
     batches_in_flight: int = Field(2, ge=1, description="per actor")
-    seed: int = 0
-    ray: RayOptions = RayOptions()
+    seed: int = Field(0, description="seed of the random baselines (mixed with each latent)")
+    ray: RayOptions = Field(RayOptions(), description="which Ray cluster to connect to")
     storage: StorageOptions = StorageOptions()
 
 
@@ -98,7 +111,7 @@ class Pipeline:
 
     def __init__(self, cfg: ExplainConfig):
         if cfg.explainer == "vocabulary" and not cfg.vocabulary:
-            raise ValueError("vocabulary: empty; give at least one label for the vocabulary explainer")
+            raise InvalidRequest("vocabulary: empty; give at least one label for the vocabulary explainer")
         needs_embedder = cfg.explainer == "vocabulary" or cfg.judge == "embedding" or cfg.similarity
         embedder = build_embedder(cfg.embedder, cfg.vocabulary) if needs_embedder else None
         self.client = ChatClient(cfg.chat) if "chat" in (cfg.explainer, cfg.judge) else None
@@ -226,7 +239,7 @@ def run_explain(cfg: ExplainConfig) -> ExplainSummary:
     from ..results import read_results
 
     if not cfg.evidence:
-        raise ValueError("evidence: not set; give the output dir of the top-activation pass (--set evidence=URI)")
+        raise InvalidRequest("evidence: not set; give the output dir of the top-activation pass (--set evidence=URI)")
     storage.require_exists(cfg.evidence, cfg.storage)
     results = read_results(cfg.evidence, cfg.storage)
     output = cfg.output or cfg.evidence

@@ -18,6 +18,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from prisma_ray.errors import InvalidRequest
+
 from ..registry import ModelEntry
 from ..sites import LayerSites, ModelSites
 from ..spec import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec, TokenKind, TokenLayout
@@ -185,7 +187,7 @@ def token_layout(backbone: nn.Module, entry: ModelEntry) -> TokenLayout:
 def preprocess_spec(entry: ModelEntry) -> PreprocessSpec:
     """The evaluation transform of the entry's family at the entry's input size and frame count."""
     if entry.family not in PREPROCESS:
-        raise ValueError(
+        raise InvalidRequest(
             f"No preprocessing known for Hugging Face family {entry.family!r} of {entry.name!r}; "
             f"use one of {sorted(PREPROCESS)} or add it to hf_adapter.PREPROCESS."
         )
@@ -201,7 +203,7 @@ def _model_class(name: str) -> type:
     import transformers
 
     if name not in BACKBONES and name not in HEADS:
-        raise ValueError(
+        raise InvalidRequest(
             f"Unsupported Hugging Face model class {name!r}; supported: {', '.join(sorted([*BACKBONES, *HEADS]))}."
         )
     return getattr(transformers, name)
@@ -253,7 +255,7 @@ def instantiate(cls: type, entry: ModelEntry, pretrained: bool):
     from `entry.config`."""
     if pretrained:
         if not entry.pretrained:
-            raise ValueError(f"{entry.name!r} has no Hugging Face hub id to load pretrained weights from.")
+            raise InvalidRequest(f"{entry.name!r} has no Hugging Face hub id to load pretrained weights from.")
         return cls.from_pretrained(entry.pretrained).eval()
     return cls._from_config(cls.config_class(**entry.config)).eval()
 

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from prisma_ray.errors import InvalidRequest
+
 from ..registry import ModelEntry
 from ..sites import LanguageSites, LayerSites, ModelSites
 from ..spec import ImageView, MultimodalLayout, PreprocessSpec, TokenKind, TokenLayout
@@ -168,7 +170,7 @@ def assemble_layout(input_ids: torch.Tensor, visuals: Mapping[int, list[np.ndarr
         is_token = ids == token_id
         total = sum(len(tokens) for tokens in items)
         if is_token.sum() != total:
-            raise ValueError(
+            raise InvalidRequest(
                 f"input_ids hold {int(is_token.sum())} placeholder tokens of id {token_id} but the images or videos "
                 f"give {total}; build the inputs with the model's processor (one placeholder per image token)."
             )
@@ -228,7 +230,7 @@ def _forward(model: nn.Module) -> Callable[[Inputs], torch.Tensor]:
 def sites_from_lmm(model: nn.Module, entry: ModelEntry, processor: Any) -> ModelSites:
     """Describe a built multimodal model (its modules are used as they are) and its `processor`."""
     if entry.family not in NORMALISATION:
-        raise ValueError(
+        raise InvalidRequest(
             f"Unknown multimodal family {entry.family!r} of {entry.name!r}; use one of {sorted(NORMALISATION)}."
         )
     vision = _qwen_vision(model, entry) if _is_qwen(model) else _llava_vision(model, entry)
@@ -251,7 +253,7 @@ def build(entry: ModelEntry, pretrained: bool) -> ModelSites:
     import transformers
 
     if entry.architecture not in ARCHITECTURES:
-        raise ValueError(
+        raise InvalidRequest(
             f"Unsupported multimodal model class {entry.architecture!r}; supported: {', '.join(ARCHITECTURES)}."
         )
     model = instantiate(getattr(transformers, entry.architecture), entry, pretrained)

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from prisma_ray.errors import InvalidRequest
+
 from ..registry import ModelEntry
 
 Encode = Callable[[Sequence[np.ndarray], Sequence[str]], dict[str, torch.Tensor]]
@@ -37,12 +39,12 @@ def byte_tokenizer(special: dict[str, int], pad: str, vocab_size: int):
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     free = [i for i in range(vocab_size) if i not in set(special.values())]
     if len(free) < len(alphabet) + 1:
-        raise ValueError(
+        raise InvalidRequest(
             f"an offline byte-level tokenizer needs {len(alphabet) + 1 + len(special)} token ids but the language "
             f"model's vocab_size is {vocab_size}; raise text_config.vocab_size"
         )
     if max(special.values()) >= vocab_size:
-        raise ValueError(f"special token ids {special} do not fit the language model's vocab_size {vocab_size}")
+        raise InvalidRequest(f"special token ids {special} do not fit the language model's vocab_size {vocab_size}")
     vocab = dict(zip(alphabet, free))
     vocab.update(special)
     vocab[pad] = free[len(alphabet)]
@@ -161,15 +163,17 @@ def encoder(processor: Any, name: str, videos: bool) -> Encode:
 
     def encode(visuals: Sequence[np.ndarray], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         if len(visuals) != len(prompts):
-            raise ValueError(f"got {len(visuals)} images or videos but {len(prompts)} prompts; give one prompt each")
+            raise InvalidRequest(
+                f"got {len(visuals)} images or videos but {len(prompts)} prompts; give one prompt each"
+            )
         dims = {np.ndim(v) for v in visuals}
         if not dims <= {3, 4} or len(dims) > 1:
-            raise ValueError(
+            raise InvalidRequest(
                 f"{name}: pass a batch of uint8 [H, W, 3] images or of [T, H, W, 3] videos; got ndim {dims}"
             )
         visual = "video" if dims == {4} else "image"
         if visual == "video" and not videos:
-            raise ValueError(f"{name} takes images here; video inputs are supported for Qwen2-VL and Qwen2.5-VL")
+            raise InvalidRequest(f"{name} takes images here; video inputs are supported for Qwen2-VL and Qwen2.5-VL")
         texts = [
             processor.apply_chat_template(user_turn(p, visual), add_generation_prompt=True, tokenize=False)
             for p in prompts

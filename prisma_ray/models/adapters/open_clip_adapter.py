@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prisma_ray.errors import InvalidRequest
+
 from ..registry import ModelEntry
 from ..sites import LayerSites, ModelSites, PatternSite
 from ..spec import PreprocessSpec, TokenKind, TokenLayout
@@ -160,7 +162,9 @@ def _model_config(entry: ModelEntry) -> dict[str, Any]:
 
     cfg = open_clip.get_model_config(entry.architecture)
     if cfg is None:
-        raise ValueError(f"OpenCLIP has no bundled model config {entry.architecture!r}; see open_clip.list_models().")
+        raise InvalidRequest(
+            f"OpenCLIP has no bundled model config {entry.architecture!r}; see open_clip.list_models()."
+        )
     overrides = dict(entry.config)
     vision_cfg = {**cfg["vision_cfg"], **overrides.pop("vision_cfg", {})}
     return {**cfg, **overrides, "vision_cfg": vision_cfg}

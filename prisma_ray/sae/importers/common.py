@@ -9,11 +9,12 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from ... import storage
+from ...errors import PrismaRayError
 from ..config import Architecture
 from . import safe_pickle
 
 
-class CheckpointImportError(ValueError):
+class CheckpointImportError(PrismaRayError, ValueError):
     """A published checkpoint that cannot be imported; the message names the file and the fix."""
 
 

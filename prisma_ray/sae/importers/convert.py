@@ -28,7 +28,7 @@ class ImportConfig(BaseModel):
 
     source: str = Field(description="directory of the published files (local path or s3://)")
     output: str = Field(description="checkpoint directory to write (local path or s3://); must not hold one yet")
-    format: Format = "auto"
+    format: Format = Field("auto", description="layout of `source`: vit-prisma, saelens, sparsify or auto (detected)")
     model: str | None = Field(
         None,
         description="model the dictionary reads (registry name or the source's own "

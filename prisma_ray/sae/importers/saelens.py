@@ -8,6 +8,8 @@ folded into the weights: `apply_b_dec_to_input` (into the encoder bias) and a fi
 
 from __future__ import annotations
 
+from prisma_ray.errors import InvalidRequest
+
 from ..io import SPARSITY_FILE, WEIGHTS_FILE, _parse_architecture, saelens_hooks
 from .common import CheckpointImportError, Imported, SourceDir, fold_input_bias, require
 
@@ -23,23 +25,23 @@ def _architecture_name(cfg: dict) -> str:
     if arch == "standard" and activation == "topk":
         return "topk"
     if activation not in ("relu", "topk"):
-        raise ValueError(f"activation {activation!r} has no equivalent here (relu and topk do)")
+        raise InvalidRequest(f"activation {activation!r} has no equivalent here (relu and topk do)")
     return arch
 
 
 def _refuse_unsupported(cfg: dict, meta: dict) -> None:
     norm = cfg.get("normalize_activations", "none")
     if norm not in (None, False, "none"):
-        raise ValueError(
+        raise InvalidRequest(
             f"normalize_activations={norm!r} rescales inputs at run time; only 'none' can be imported "
             "(fold the scaling into the weights with SAELens first)"
         )
     if meta.get("hook_head_index", cfg.get("hook_head_index")) is not None:
-        raise ValueError("dictionaries on one attention head (hook_head_index) cannot be imported")
+        raise InvalidRequest("dictionaries on one attention head (hook_head_index) cannot be imported")
     if cfg.get("reshape_activations", "none") != "none":
-        raise ValueError(f"reshape_activations={cfg['reshape_activations']!r} cannot be imported")
+        raise InvalidRequest(f"reshape_activations={cfg['reshape_activations']!r} cannot be imported")
     if cfg.get("rescale_acts_by_decoder_norm"):
-        raise ValueError("rescale_acts_by_decoder_norm=true cannot be imported")
+        raise InvalidRequest("rescale_acts_by_decoder_norm=true cannot be imported")
 
 
 def read(src: SourceDir) -> Imported:

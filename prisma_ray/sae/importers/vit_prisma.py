@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from prisma_ray.errors import InvalidRequest
+
 from .common import CheckpointImportError, Imported, SourceDir, fold_input_bias, require
 
 FORMAT = "vit-prisma"
@@ -31,7 +33,7 @@ def weights_file(src: SourceDir) -> str | None:
 def _layer(value: int | list[int]) -> int:
     if isinstance(value, list):
         if len(value) != 1:
-            raise ValueError(f"hook_point_layer={value}: one layer per dictionary can be imported")
+            raise InvalidRequest(f"hook_point_layer={value}: one layer per dictionary can be imported")
         return value[0]
     return value
 
@@ -50,18 +52,18 @@ def _hooks(cfg: dict) -> tuple[str, str | None]:
 
 def _architecture(cfg: dict) -> tuple[str, int | None]:
     if cfg.get("normalize_activations") not in (None, "none", "null"):
-        raise ValueError(
+        raise InvalidRequest(
             f"normalize_activations={cfg['normalize_activations']!r} normalises each token at run time, which "
             "a linear dictionary cannot hold; only checkpoints trained without it can be imported"
         )
     if cfg.get("hook_point_head_index") is not None:
-        raise ValueError("dictionaries on one attention head (hook_point_head_index) cannot be imported")
+        raise InvalidRequest("dictionaries on one attention head (hook_point_head_index) cannot be imported")
     arch = cfg.get("architecture", "standard")
     activation = cfg.get("activation_fn_str", "relu")
     if arch == "jumprelu":
         return "jumprelu", None
     if arch != "standard" or activation not in ("relu", "topk"):
-        raise ValueError(
+        raise InvalidRequest(
             f"architecture {arch!r} with activation {activation!r} cannot be imported (standard relu or "
             "topk and jumprelu can)"
         )
