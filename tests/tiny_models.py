@@ -1,63 +1,171 @@
-"""Checks every hooked-model source must pass (timm, OpenCLIP, Hugging Face): shared by their test files."""
+"""Small random-weight models of every hooked-model adapter, shared by the contract test and the per-source tests.
+
+`TIMM`, `OPEN_CLIP` and `HF` map a short kind to an inline `ModelEntry`; `load_model(entry, pretrained=False)`
+builds it (seed 0). The multimodal language models are in `tests.lmm_tiny`.
+"""
+
+from __future__ import annotations
 
 import torch
 
-from prisma_ray.models import HookedVisionModel
+from prisma_ray.models import HookedVisionModel, ModelEntry, load_model
 
 
-def batch(model: HookedVisionModel, n: int = 2) -> torch.Tensor:
+def timm_entry(kind: str, architecture: str, sizes: tuple[int, int, int, int, int]) -> ModelEntry:
+    """A small timm ViT: `sizes` = (layers, width, heads, image_size, patch_size), 10 classes."""
+    layers, width, heads, image_size, patch_size = sizes
+    config = dict(img_size=image_size, patch_size=patch_size, depth=layers, embed_dim=width, num_heads=heads)
+    return ModelEntry(
+        name=f"tiny-timm-{kind}",
+        source="timm",
+        architecture=architecture,
+        family="test",
+        layers=layers,
+        width=width,
+        heads=heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        config={**config, "num_classes": 10},
+    )
+
+
+TIMM = {
+    "vit": timm_entry("vit", "vit_tiny_patch16_224", (3, 48, 3, 32, 8)),
+    "vit-reg": timm_entry("vit-reg", "vit_small_patch14_reg4_dinov2", (2, 48, 2, 28, 14)),
+    "deit-distilled": timm_entry("deit-distilled", "deit_tiny_distilled_patch16_224", (2, 48, 3, 32, 8)),
+    "eva02": timm_entry("eva02", "eva02_tiny_patch14_224", (2, 48, 3, 28, 14)),
+    "beit": timm_entry("beit", "beit_base_patch16_224", (2, 48, 3, 32, 8)),
+    "siglip": timm_entry("siglip", "vit_base_patch16_siglip_224", (2, 48, 3, 32, 8)),
+}
+
+
+def open_clip_entry(name, architecture, tag, vision_cfg, sizes, **config) -> ModelEntry:
+    """A small OpenCLIP tower: `sizes` = (layers, width, heads, image_size, patch_size), `vision_cfg` overrides."""
+    layers, width, heads, image_size, patch_size = sizes
+    return ModelEntry(
+        name=name,
+        source="open_clip",
+        architecture=architecture,
+        pretrained=tag,
+        family="test",
+        layers=layers,
+        width=width,
+        heads=heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        config={"vision_cfg": vision_cfg, **config},
+    )
+
+
+NATIVE = dict(layers=2, width=64, head_width=32, image_size=32, patch_size=8)
+OPEN_CLIP = {
+    "native": open_clip_entry("native", "ViT-B-32-quickgelu", "openai", NATIVE, (2, 64, 2, 32, 8), embed_dim=32),
+    "clipa": open_clip_entry(  # no ln_pre, average pool, ln_post after pooling; plus LayerScale
+        "clipa",
+        "ViT-L-14-CLIPA",
+        "datacomp1b",
+        {**NATIVE, "layers": 3, "ls_init_value": 0.5},
+        (3, 64, 2, 32, 8),
+        embed_dim=32,
+    ),
+    "coca": open_clip_entry(  # attentional pooler, (pooled, tokens) output
+        "coca",
+        "coca_ViT-B-32",
+        "laion2b_s13b_b90k",
+        {**NATIVE, "attn_pooler_queries": 4, "attn_pooler_heads": 2},
+        (2, 64, 2, 32, 8),
+        embed_dim=32,
+    ),
+    "custom": open_clip_entry(  # CustomResidualAttentionBlock with OpenCLIP's own Attention
+        "custom", "ViT-B-32", "laion2b_s34b_b79k", {**NATIVE, "qk_norm": True}, (2, 64, 2, 32, 8), embed_dim=32
+    ),
+    "siglip-timm": open_clip_entry(  # SigLIP's TimmModel (MAP pooling, no projection) over timm's tiny test_vit
+        "siglip-timm",
+        "ViT-B-16-SigLIP",
+        "webli",
+        {"timm_model_name": "test_vit", "image_size": 160},
+        (6, 64, 2, 160, 16),
+    ),
+    "eva02-timm": open_clip_entry(
+        "eva02-timm",
+        "EVA02-B-16",
+        "merged2b_s8b_b131k",
+        {"timm_model_name": "eva02_tiny_patch14_224"},
+        (12, 192, 3, 224, 14),
+        embed_dim=32,
+    ),
+}
+
+HF_TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64)
+IMG = dict(image_size=32, patch_size=8)
+NO_MLP = {k: v for k, v in HF_TINY.items() if k != "intermediate_size"}
+VJEPA2 = dict(
+    **NO_MLP,
+    patch_size=8,
+    tubelet_size=2,
+    crop_size=32,
+    frames_per_clip=4,
+    pred_hidden_size=16,
+    pred_num_attention_heads=2,
+    pred_num_hidden_layers=1,
+    num_pooler_layers=1,
+)
+
+
+def hf_entry(architecture: str, family: str, config: dict, frames: int | None = None) -> ModelEntry:
+    return ModelEntry(
+        name=f"tiny-{architecture}",
+        source="hf",
+        architecture=architecture,
+        family=family,
+        modality="video" if frames else "image",
+        layers=config["num_hidden_layers"],
+        width=config["hidden_size"],
+        heads=config["num_attention_heads"],
+        image_size=32,
+        patch_size=8,
+        frames=frames,
+        config=config,
+    )
+
+
+HF = [
+    hf_entry("ViTForImageClassification", "vit", dict(**HF_TINY, **IMG, num_labels=5)),
+    hf_entry("ViTModel", "vit", dict(**HF_TINY, **IMG)),
+    hf_entry("DeiTForImageClassificationWithTeacher", "deit", dict(**HF_TINY, **IMG, num_labels=5)),
+    hf_entry(
+        "BeitForImageClassification", "beit", dict(**HF_TINY, **IMG, num_labels=5, use_relative_position_bias=True)
+    ),
+    hf_entry("Dinov2Model", "dinov2", dict(**NO_MLP, **IMG)),
+    hf_entry("Dinov2WithRegistersModel", "dinov2", dict(**NO_MLP, **IMG, num_register_tokens=2, use_swiglu_ffn=True)),
+    hf_entry("CLIPVisionModelWithProjection", "clip", dict(**HF_TINY, **IMG, projection_dim=16)),
+    hf_entry("SiglipVisionModel", "siglip", dict(**HF_TINY, **IMG)),
+    hf_entry("IJepaModel", "ijepa", dict(**HF_TINY, **IMG)),
+    hf_entry("VideoMAEForVideoClassification", "videomae", dict(**HF_TINY, **IMG, num_frames=4, num_labels=5), 4),
+    hf_entry("VideoMAEModel", "videomae", dict(**HF_TINY, **IMG, num_frames=4, use_mean_pooling=False), 4),
+    hf_entry("TimesformerForVideoClassification", "timesformer", dict(**HF_TINY, **IMG, num_frames=4, num_labels=5), 4),
+    hf_entry(
+        "VivitForVideoClassification",
+        "vivit",
+        dict(**HF_TINY, image_size=32, num_frames=4, tubelet_size=[2, 8, 8], num_labels=5),
+        4,
+    ),
+    hf_entry("VJEPA2Model", "vjepa2", VJEPA2, 4),
+    hf_entry("VJEPA2ForVideoClassification", "vjepa2", dict(VJEPA2, num_labels=5), 4),
+]
+WITHOUT_PATTERN = {"TimesformerForVideoClassification"}  # HF architectures whose attention exposes no pattern
+
+
+def tiny(entry: ModelEntry) -> HookedVisionModel:
+    """`entry`'s hooked model with random weights from seed 0."""
+    return load_model(entry, pretrained=False, seed=0)
+
+
+def batch(model: HookedVisionModel, n: int = 2, seed: int = 1) -> torch.Tensor:
     """`n` random inputs of the model's input shape (fixed seed)."""
-    return torch.randn(n, *model.preprocess.input_shape(), generator=torch.Generator().manual_seed(1))
+    return torch.randn(n, *model.preprocess.input_shape(), generator=torch.Generator().manual_seed(seed))
 
 
 def read_only_names(model: HookedVisionModel) -> list[str]:
     """Every hook point whose reading leaves the computation as it is (attention patterns excluded)."""
     return [n for n in model.hook_names if not n.endswith("hook_pattern")]
-
-
-def check_cache_shapes(model: HookedVisionModel, cache: dict[str, torch.Tensor], n: int) -> None:
-    """Activations are `[n, tokens, d_model]`, patterns `[n, heads, tokens, tokens]` rows summing to 1."""
-    n_tokens = model.token_layout.n_tokens
-    for name, value in cache.items():
-        if name.endswith("hook_pattern"):
-            assert value.shape == (n, model.n_heads, n_tokens, n_tokens)
-            assert torch.allclose(value.sum(-1), torch.ones(()), atol=1e-5)
-        else:
-            assert value.shape == (n, n_tokens, model.d_model), name
-
-
-def check_residual_decomposition(model: HookedVisionModel, cache: dict[str, torch.Tensor]) -> None:
-    """pre + attn_out == mid exactly, mid + mlp_out == post, and the embedding is block 0's input."""
-    for layer in range(model.n_layers):
-        pre, mid, post = (cache[f"blocks.{layer}.hook_resid_{s}"] for s in ("pre", "mid", "post"))
-        assert torch.equal(pre + cache[f"blocks.{layer}.hook_attn_out"], mid)
-        assert torch.allclose(mid + cache[f"blocks.{layer}.hook_mlp_out"], post, atol=1e-6)
-    assert torch.equal(cache["hook_embed"], cache["blocks.0.hook_resid_pre"])
-
-
-def check_zero_ablation(model: HookedVisionModel, x: torch.Tensor) -> None:
-    """Zeroing block 0's residual stream changes the output, and the hook is gone afterwards."""
-    reference = model(x)
-    with model.hooks([("blocks.0.hook_resid_post", lambda t, hook: torch.zeros_like(t))]):
-        ablated = model(x)
-    assert not torch.allclose(ablated, reference)
-    assert torch.equal(model(x), reference), "hooks must be removed when the block ends"
-
-
-def check_early_stop(model: HookedVisionModel, x: torch.Tensor, names: list[str]) -> None:
-    """`stop_early` runs no later block and caches exactly what a full run caches."""
-    _, full = model.run_with_cache(x, names)
-    calls = []
-    handle = model._sites.layers[-1].block.register_forward_hook(lambda *a: calls.append(1))
-    output, early = model.run_with_cache(x, names, stop_early=True)
-    handle.remove()
-    assert output is None and not calls, "later blocks must not run"
-    for name in names:
-        assert torch.equal(full[name], early[name])
-
-
-def check_identity_intervention(model: HookedVisionModel, x: torch.Tensor, name: str) -> None:
-    """Replacing hook point `name` with a copy of itself leaves the output as it is."""
-    reference = model(x)
-    with model.hooks([(name, lambda t, hook: t.clone())]):
-        assert torch.allclose(model(x), reference, atol=1e-6)
