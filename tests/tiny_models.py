@@ -11,22 +11,29 @@ import torch
 from prisma_ray.models import HookedVisionModel, ModelEntry, load_model
 
 
-def timm_entry(kind: str, architecture: str, sizes: tuple[int, int, int, int, int]) -> ModelEntry:
-    """A small timm ViT: `sizes` = (layers, width, heads, image_size, patch_size), 10 classes."""
+def small_entry(source, name: str, architecture: str, sizes: tuple[int, ...], config: dict, **fields) -> ModelEntry:
+    """A small inline entry: `sizes` = (layers, width, heads, image_size, patch_size)."""
     layers, width, heads, image_size, patch_size = sizes
-    config = dict(img_size=image_size, patch_size=patch_size, depth=layers, embed_dim=width, num_heads=heads)
     return ModelEntry(
-        name=f"tiny-timm-{kind}",
-        source="timm",
+        name=name,
+        source=source,
         architecture=architecture,
-        family="test",
+        family=fields.pop("family", "test"),
         layers=layers,
         width=width,
         heads=heads,
         image_size=image_size,
         patch_size=patch_size,
-        config={**config, "num_classes": 10},
+        config=config,
+        **fields,
     )
+
+
+def timm_entry(kind: str, architecture: str, sizes: tuple[int, int, int, int, int]) -> ModelEntry:
+    """A small timm ViT with 10 classes."""
+    layers, width, heads, image_size, patch_size = sizes
+    config = dict(img_size=image_size, patch_size=patch_size, depth=layers, embed_dim=width, num_heads=heads)
+    return small_entry("timm", f"tiny-timm-{kind}", architecture, sizes, {**config, "num_classes": 10})
 
 
 TIMM = {
@@ -40,21 +47,8 @@ TIMM = {
 
 
 def open_clip_entry(name, architecture, tag, vision_cfg, sizes, **config) -> ModelEntry:
-    """A small OpenCLIP tower: `sizes` = (layers, width, heads, image_size, patch_size), `vision_cfg` overrides."""
-    layers, width, heads, image_size, patch_size = sizes
-    return ModelEntry(
-        name=name,
-        source="open_clip",
-        architecture=architecture,
-        pretrained=tag,
-        family="test",
-        layers=layers,
-        width=width,
-        heads=heads,
-        image_size=image_size,
-        patch_size=patch_size,
-        config={"vision_cfg": vision_cfg, **config},
-    )
+    """A small OpenCLIP tower: `vision_cfg` overrides the architecture's vision config."""
+    return small_entry("open_clip", name, architecture, sizes, {"vision_cfg": vision_cfg, **config}, pretrained=tag)
 
 
 NATIVE = dict(layers=2, width=64, head_width=32, image_size=32, patch_size=8)
@@ -113,19 +107,11 @@ VJEPA2 = dict(
 
 
 def hf_entry(architecture: str, family: str, config: dict, frames: int | None = None) -> ModelEntry:
-    return ModelEntry(
-        name=f"tiny-{architecture}",
-        source="hf",
-        architecture=architecture,
-        family=family,
-        modality="video" if frames else "image",
-        layers=config["num_hidden_layers"],
-        width=config["hidden_size"],
-        heads=config["num_attention_heads"],
-        image_size=32,
-        patch_size=8,
-        frames=frames,
-        config=config,
+    """A tiny Hugging Face model of 32 px images (8 px patches), a video model when it has `frames`."""
+    sizes = (config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"], 32, 8)
+    modality = "video" if frames else "image"
+    return small_entry(
+        "hf", f"tiny-{architecture}", architecture, sizes, config, family=family, modality=modality, frames=frames
     )
 
 

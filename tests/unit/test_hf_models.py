@@ -16,6 +16,7 @@ from prisma_ray.models.loading import describe_model
 from tests.tiny_models import HF, WITHOUT_PATTERN, batch, tiny
 
 transformers.logging.set_verbosity_error()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _sinusoid_table(n_position: int, d_hid: int) -> torch.Tensor:
@@ -28,15 +29,6 @@ def _sinusoid_table(n_position: int, d_hid: int) -> torch.Tensor:
 
 def test_vectorised_sinusoid_table_is_exact():
     assert torch.equal(_sinusoid_table(40, 24), modeling_videomae.get_sinusoid_encoding_table(40, 24))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run far faster on one thread than with two threads contending on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def read_only(names):

@@ -21,11 +21,19 @@ import torch
 from torch import nn
 
 import prisma_ray
-from prisma_ray.models import HookedVisionModel, InterventionNotSupported, ModelEntry, get_entry, load_model
+from prisma_ray.models import (
+    HookedVisionModel,
+    InterventionNotSupported,
+    ModelEntry,
+    describe_model,
+    get_entry,
+    load_model,
+)
 from prisma_ray.models.hook_points import BLOCK_SITES
 from tests import lmm_tiny
 from tests.tiny_models import HF, OPEN_CLIP, TIMM, WITHOUT_PATTERN, batch, read_only_names
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SITES = tuple(s for s in BLOCK_SITES if s != "attn.hook_pattern")  # the sites of one vector per token
 
 
@@ -55,7 +63,7 @@ CASES = {
     **{f"timm-{kind}": Case(entry) for kind, entry in TIMM.items()},
     **{f"open_clip-{kind}": Case(entry) for kind, entry in OPEN_CLIP.items() if kind != "eva02-timm"},
     **{f"hf-{entry.architecture}": Case(entry) for entry in HF},
-    **{f"toy-{name}": Case(get_entry(f"prisma-{name}")) for name in ("toy-vit-shapes", "toy-video-moving-shapes")},
+    **{name: Case(get_entry(name)) for name in ("prisma-toy-vit-shapes", "prisma-toy-video-moving-shapes")},
     **{f"lmm-{name}": Case(lmm_tiny.tiny_entry(name), lmm=name) for name in sorted(lmm_tiny.CONFIGS)},
 }
 VISION = [key for key, case in CASES.items() if not case.lmm]
@@ -65,20 +73,11 @@ PER_ADAPTER = [
     "open_clip-native",
     "hf-ViTModel",
     "hf-VideoMAEModel",
-    "toy-toy-vit-shapes",
-    "toy-toy-video-moving-shapes",
+    "prisma-toy-vit-shapes",
+    "prisma-toy-video-moving-shapes",
     "lmm-llava-next",
     "lmm-qwen2-vl",
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run far faster on one thread than with two threads contending on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -292,7 +291,7 @@ def test_to_meta_keeps_the_hook_points():
 def test_load_model_casts_and_describe_model_allocates_nothing():
     model = load_model("prisma-toy-vit-shapes", device="cpu", dtype=torch.float64)
     assert _floating(model) == {(torch.device("cpu"), torch.float64)} and not model.training
-    described = prisma_ray.models.describe_model("prisma-toy-vit-shapes")
+    described = describe_model("prisma-toy-vit-shapes")
     assert _floating(described) == {(torch.device("meta"), torch.float32)}
     assert described.hook_names == model.hook_names
 
