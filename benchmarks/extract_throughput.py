@@ -35,7 +35,7 @@ from prisma_ray.data.sources import SampleRef, SyntheticSource, list_refs, with_
 from prisma_ray.extract.config import DEFAULT_MODEL, ExtractConfig
 from prisma_ray.extract.pipeline import run_extract
 from prisma_ray.models import PreprocessSpec
-from prisma_ray.models.loading import build_model, resolve_entry
+from prisma_ray.models.loading import load_model, resolve_entry
 
 _RESID_POST = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
 
@@ -66,8 +66,7 @@ class ImageFiles(Dataset):
 def baseline(refs: list[SampleRef], args: argparse.Namespace, out: Path) -> dict:
     """(b): DataLoader -> forward with a hook on `blocks[l]` -> float16 shards with `torch.save`."""
     start = time.perf_counter()
-    entry = resolve_entry(args.model)
-    model = build_model(entry, pretrained=False, seed=0)
+    model = load_model(args.model, pretrained=False, seed=0)
     net, layer = model.model, int(_RESID_POST.match(args.hook).group(1))
     captured: list[torch.Tensor] = []
     handle = net.blocks[layer].register_forward_hook(lambda _m, _i, output: captured.append(output))

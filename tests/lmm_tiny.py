@@ -2,8 +2,7 @@
 
 import torch
 
-from prisma_ray.models import HookedVisionModel, ModelEntry
-from prisma_ray.models.adapters.lmm_adapter import build
+from prisma_ray.models import HookedVisionModel, ModelEntry, load_model
 
 IMAGE_ID, VIDEO_ID = 100, 101
 TEXT = dict(
@@ -107,6 +106,22 @@ def tiny_entry(name: str) -> ModelEntry:
 
 
 def tiny(name: str) -> HookedVisionModel:
-    entry = tiny_entry(name)
-    torch.manual_seed(0)
-    return HookedVisionModel(build(entry, pretrained=False), entry.name).eval()
+    """The tiny `name` model with random weights from seed 0."""
+    return load_model(tiny_entry(name), pretrained=False, seed=0)
+
+
+def prompt(n_image_tokens: int) -> torch.Tensor:
+    return torch.tensor([[1, 2] + [IMAGE_ID] * n_image_tokens + [3, 4, 5]])
+
+
+def inputs(family: str) -> tuple[dict, int, tuple[int, int]]:
+    """One small image plus a short prompt; also the number of image tokens and the base-view grid."""
+    torch.manual_seed(1)
+    if family.startswith("qwen"):  # 4x4 patches of 14 px, merged 2x2 -> 2x2 image tokens
+        ids = prompt(4)
+        pixels = dict(pixel_values=torch.randn(16, 3 * 2 * 14 * 14), image_grid_thw=torch.tensor([[1, 4, 4]]))
+        return dict(input_ids=ids, attention_mask=torch.ones_like(ids), **pixels), 4, (2, 2)
+    # a 28x56 image: base view 2x2 + crops 2x4 with a newline per row
+    ids = prompt(4 + 2 * (4 + 1))
+    pixels = dict(pixel_values=torch.randn(1, 3, 3, 28, 28), image_sizes=torch.tensor([[28, 56]]))
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), **pixels), 14, (2, 2)

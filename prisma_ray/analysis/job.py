@@ -15,8 +15,8 @@ from prisma_ray.errors import InvalidRequest
 from .. import storage
 from ..evaluate.checkpoint import HeadConfig, load_matrix
 from ..evaluate.splice import ZeroShotHead, outputs_logits
-from ..models import HookedVisionModel, get_entry
-from ..models.loading import build_model
+from ..models import HookedVisionModel
+from ..models.loading import load_model
 from ..sae import load_dictionary
 from ..storage import StorageOptions
 from . import draw
@@ -263,7 +263,7 @@ def run_analysis(analysis: Analysis, cfg: AnalyzeConfig) -> dict:
     if analysis not in RUNNERS:
         raise InvalidRequest(f"unknown analysis {analysis!r}; choose one of {sorted(RUNNERS)}")
     torch.manual_seed(cfg.seed)
-    model = build_model(get_entry(cfg.model), cfg.pretrained, cfg.seed)
+    model = load_model(cfg.model, cfg.pretrained, seed=cfg.seed)
     inputs = load_inputs(model, cfg.inputs)
     facts, figures = RUNNERS[analysis](model, inputs, cfg)
     out = storage.join(cfg.output, analysis)

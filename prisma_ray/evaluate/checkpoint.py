@@ -28,7 +28,7 @@ from ..data.shards import InputFormat, decode_first
 from ..data.synthetic import read_table
 from ..models import HookedVisionModel, TokenKind
 from ..models.inputs import PixelInputs, PromptInputs
-from ..models.loading import build_model, describe_model
+from ..models.loading import describe_model, load_model
 from ..sae import Dictionary, load_dictionary
 from ..sae.dictionary import Site
 from ..sae.io import CheckpointInfo, read_checkpoint_info
@@ -177,8 +177,8 @@ class Evaluator:
             if entry is None or entry.name != name:
                 raise InvalidRequest(f"{source.uri}: its _config.json does not describe model {name!r}")
             log.info("loading %s for evaluation on %s", name, self.device)
-            self._models[name] = build_model(
-                entry, source.description["pretrained"], source.description["seed"], self.device
+            self._models[name] = load_model(
+                entry, source.description["pretrained"], seed=source.description["seed"], device=self.device
             )
             self.loads[name] += 1
         return self._models[name]

@@ -25,7 +25,7 @@ from ..evaluate.checkpoint import load_matrix
 from ..evaluate.splice import Head, HookList, ZeroShotHead, classifier_head, outputs_logits, put_at_positions
 from ..models import HookedVisionModel, ModelEntry
 from ..models.inputs import PixelInputs
-from ..models.loading import build_model, resolve_entry
+from ..models.loading import load_model, resolve_entry
 from ..models.token_selection import TokenSelection, fixed_positions
 from ..sae import Dictionary, load_dictionary
 from ..storage import StorageOptions
@@ -188,7 +188,7 @@ def run_steer(cfg: SteerConfig) -> dict:
     options = cfg.storage.resolved()
     d = load_dictionary(cfg.checkpoint, options).eval()
     entry = resolve_entry(cfg.model or d.sites.inputs[0].model or "")
-    model = build_model(entry, cfg.pretrained, cfg.seed)
+    model = load_model(entry, cfg.pretrained, seed=cfg.seed)
     spec = with_resolved_storage(cfg.dataset)
     data = decode_first(spec, InputFormat.create(spec, model.preprocess), cfg.samples)
     x = PixelInputs(model).pixels(data.pixels)

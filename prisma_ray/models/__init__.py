@@ -14,7 +14,7 @@ from .spec import PreprocessSpec, TokenKind, TokenLayout
 _LAZY = {
     "HookedVisionModel": "hooked",
     "InterventionNotSupported": "hooked",
-    "build_sites": "loading",
+    "describe_model": "loading",
     "load_model": "loading",
 }
 
@@ -28,7 +28,7 @@ __all__ = [
     "TokenLayout",
     "UnknownHookPoint",
     "UnknownModel",
-    "build_sites",
+    "describe_model",
     "get_entry",
     "list_entries",
     "load_model",

@@ -219,7 +219,7 @@ class HookedVisionModel(nn.Module):
             return t.squeeze(0)
         return t.transpose(0, 1) if self._sites.seq_first else t
 
-    def _apply(self, fn: HookFn, raw: torch.Tensor, point: HookPoint) -> torch.Tensor | None:
+    def _call_hook(self, fn: HookFn, raw: torch.Tensor, point: HookPoint) -> torch.Tensor | None:
         """Call `fn` on the batch-first view of `raw`; return the replacement in `raw`'s layout."""
         value = self._to_btd(raw)
         new = fn(value, point)
@@ -235,7 +235,7 @@ class HookedVisionModel(nn.Module):
     def _input_hook(self, module: nn.Module, point: HookPoint, fn: HookFn, stack: ExitStack) -> None:
         def pre_hook(_module, args, kwargs):
             raw = args[0] if args else kwargs["hidden_states"]
-            new = self._apply(fn, raw, point)
+            new = self._call_hook(fn, raw, point)
             if new is None:
                 return None
             if args:
@@ -249,7 +249,7 @@ class HookedVisionModel(nn.Module):
             raw = output[0] if isinstance(output, tuple) else output
             gamma = scale() if scale is not None else None
             value = raw if gamma is None else gamma * raw
-            new = self._apply(fn, value, point)
+            new = self._call_hook(fn, value, point)
             if new is None:
                 return None
             if gamma is not None:

@@ -1,9 +1,10 @@
-"""`load_model`: registry name -> `HookedVisionModel`, for every source."""
+"""`load_model`: registry name or inline entry -> `HookedVisionModel`, for every source."""
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 
@@ -25,28 +26,11 @@ _ADAPTERS = {
 def build_sites(entry: ModelEntry, pretrained: bool) -> ModelSites:
     """Build the source model of `entry` (random weights unless `pretrained`) and describe it.
 
-    Called under `torch.device("meta")` it allocates no memory, which is how every registry
-    entry is checked.
+    Called under `torch.device("meta")` (`load_model(..., device="meta")`) it allocates no memory, which
+    is how every registry entry is checked.
     """
     adapter = importlib.import_module(_ADAPTERS[entry.source])
     return adapter.build(entry, pretrained)
-
-
-def load_model(
-    name: str,
-    pretrained: bool = True,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-) -> HookedVisionModel:
-    """Load registry model `name` as a `HookedVisionModel` in eval mode.
-
-    `pretrained=False` builds the same architecture with random weights and needs no download.
-    """
-    entry = get_entry(name)
-    model = HookedVisionModel(build_sites(entry, pretrained), entry.name).eval()
-    if device is not None or dtype is not None:
-        model = model.to(device=device, dtype=dtype)
-    return model
 
 
 def resolve_entry(model: str | ModelEntry) -> ModelEntry:
@@ -54,30 +38,44 @@ def resolve_entry(model: str | ModelEntry) -> ModelEntry:
     return model if isinstance(model, ModelEntry) else get_entry(model)
 
 
-def build_model(
-    entry: ModelEntry, pretrained: bool, seed: int, device: str | torch.device = "cpu"
+def load_model(
+    model: str | ModelEntry,
+    pretrained: bool = True,
+    *,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
 ) -> HookedVisionModel:
-    """The entry's hooked model in eval mode; with `pretrained=False` its random weights depend on `seed` only."""
-    with torch.random.fork_rng(devices=[]):
+    """Load `model` (a registry name or an inline `ModelEntry`) as a `HookedVisionModel` in eval mode.
+
+    `pretrained=False` builds the same architecture with random weights that depend on `seed` only (the
+    global random state is left as it was) and needs no download. The model is built on the CPU, then
+    moved to `device` and cast to `dtype` (floating-point parameters and buffers) when given; on
+    `device="meta"` it is built without allocating memory (see `describe_model`). An unknown name raises
+    `UnknownModel`.
+    """
+    entry = resolve_entry(model)
+    meta = device is not None and torch.device(device).type == "meta"
+    with torch.random.fork_rng(devices=[]), torch.device("meta") if meta else nullcontext():
         torch.manual_seed(seed)
-        model = HookedVisionModel(build_sites(entry, pretrained), entry.name).eval()
-    model.model.to(device)  # HookedVisionModel.to() is shadowed by its own `_apply` helper
-    return model
+        hooked = HookedVisionModel(build_sites(entry, pretrained), entry.name).eval()
+    if dtype is not None or (device is not None and not meta):
+        hooked = hooked.to(device=device, dtype=dtype)
+    return hooked
+
+
+def describe_model(model: str | ModelEntry) -> HookedVisionModel:
+    """`model`'s hooked model on the `meta` device: hook names, layout and input spec, no weights."""
+    return load_model(model, pretrained=False, device="meta")
 
 
 def actor_model(
     entry: ModelEntry, pretrained: bool, seed: int, device: torch.device, torch_threads: int | None
 ) -> HookedVisionModel:
-    """`build_model` in a model actor: on CPU it first takes `torch_threads` threads (when given)."""
+    """`load_model` in a model actor: on CPU it first takes `torch_threads` threads (when given)."""
     if device.type == "cpu" and torch_threads:
         torch.set_num_threads(torch_threads)
-    return build_model(entry, pretrained, seed, device)
-
-
-def describe_model(entry: ModelEntry) -> HookedVisionModel:
-    """The entry's hooked model on the `meta` device: hook names, layout and input spec, no weights."""
-    with torch.device("meta"):
-        return HookedVisionModel(build_sites(entry, False), entry.name)
+    return load_model(entry, pretrained, seed=seed, device=device)
 
 
 def check_hooks(model: HookedVisionModel, hooks: Sequence[str]) -> None:

@@ -28,7 +28,7 @@ from prisma_ray.extract.config import ExtractConfig
 from prisma_ray.extract.pipeline import run_extract
 from prisma_ray.models import TokenKind, UnknownHookPoint, UnknownModel
 from prisma_ray.models.inputs import PixelInputs
-from prisma_ray.models.loading import build_model, resolve_entry
+from prisma_ray.models.loading import load_model
 from prisma_ray.runtime import pool
 from prisma_ray.runtime.pool import actor_resources
 from tests.conftest import IMAGE_ZOO_MAX_PIXELS
@@ -92,7 +92,7 @@ def acts_of(table: pa.Table) -> np.ndarray:
 
 def in_process(cfg: ExtractConfig) -> dict[str, dict[str, np.ndarray]]:
     """`{hook: {sample_id: float32[tokens, d]}}` from a direct `run_with_cache` on the decoded shards."""
-    model = build_model(resolve_entry(cfg.model), cfg.pretrained, cfg.seed)
+    model = load_model(cfg.model, cfg.pretrained, seed=cfg.seed)
     spec = with_resolved_storage(cfg.dataset)
     out = {h: {} for h in cfg.hooks}
     fmt, inputs = InputFormat.create(spec, model.preprocess), PixelInputs(model)

@@ -1,85 +1,17 @@
-"""HookedVisionModel over small timm configurations: caching, interventions, early stopping, errors."""
+"""HookedVisionModel over small timm configurations: what is particular to timm (replacements, patterns, token
+layouts) and errors; the contract every adapter keeps is in `test_hooked_contract.py`."""
 
 import pytest
 import timm
 import torch
 
 from prisma_ray.models import HookedVisionModel, UnknownHookPoint
-from prisma_ray.models.adapters.timm_adapter import sites_from_timm
 from prisma_ray.models.spec import TokenKind
-from tests.hooked_checks import (
-    batch,
-    check_cache_shapes,
-    check_early_stop,
-    check_identity_intervention,
-    check_residual_decomposition,
-    check_zero_ablation,
-    read_only_names,
-)
-
-SMALL = {
-    "vit": dict(model_name="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3, embed_dim=48, num_heads=3),
-    "vit-reg": dict(
-        model_name="vit_small_patch14_reg4_dinov2", img_size=28, patch_size=14, depth=2, embed_dim=48, num_heads=2
-    ),
-    "deit-distilled": dict(
-        model_name="deit_tiny_distilled_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3
-    ),
-    "eva02": dict(model_name="eva02_tiny_patch14_224", img_size=28, patch_size=14, depth=2, embed_dim=48, num_heads=3),
-    "beit": dict(model_name="beit_base_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3),
-    "siglip": dict(
-        model_name="vit_base_patch16_siglip_224", img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3
-    ),
-}
+from tests.tiny_models import TIMM, batch, tiny
 
 
 def small_model(kind: str) -> HookedVisionModel:
-    torch.manual_seed(0)
-    kwargs = dict(SMALL[kind])
-    model = timm.create_model(kwargs.pop("model_name"), pretrained=False, num_classes=10, **kwargs).eval()
-    return HookedVisionModel(sites_from_timm(model), kind)
-
-
-@pytest.fixture(params=sorted(SMALL))
-def model(request) -> HookedVisionModel:
-    return small_model(request.param)
-
-
-@torch.no_grad()
-def test_output_bit_identical_with_read_hooks(model):
-    x = batch(model)
-    reference = model.model(x)
-    output, cache = model.run_with_cache(x, read_only_names(model))
-    assert torch.equal(output, reference)
-    assert torch.equal(model(x), reference)
-    assert set(cache) == set(read_only_names(model))
-
-
-@torch.no_grad()
-def test_cache_shapes_follow_token_layout(model):
-    x = batch(model, 3)
-    _, cache = model.run_with_cache(x)
-    check_cache_shapes(model, cache, 3)
-
-
-@torch.no_grad()
-def test_residual_decomposition(model):
-    _, cache = model.run_with_cache(batch(model))
-    check_residual_decomposition(model, cache)
-
-
-@torch.no_grad()
-@pytest.mark.parametrize(
-    "site", ["hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_in", "hook_mlp_out"]
-)
-def test_identity_intervention_changes_nothing(site):
-    model = small_model("beit")
-    check_identity_intervention(model, batch(model), f"blocks.1.{site}")
-
-
-@torch.no_grad()
-def test_zero_ablation_of_residual_changes_output(model):
-    check_zero_ablation(model, batch(model))
+    return tiny(TIMM[kind])
 
 
 @torch.no_grad()
@@ -116,13 +48,6 @@ def test_pattern_replacement_is_used():
     assert attn.fused_attn == timm.layers.use_fused_attn(), "fused attention restored"
     _, plain = model.run_with_cache(x, ["blocks.0.hook_attn_out"])
     assert not torch.allclose(cache["blocks.0.hook_attn_out"], plain["blocks.0.hook_attn_out"])
-
-
-@torch.no_grad()
-def test_early_stop_caches_same_values(model):
-    x = batch(model)
-    names = ["blocks.0.hook_resid_post", "blocks.0.hook_mlp_in", "hook_embed"]
-    check_early_stop(model, x, names)
 
 
 def test_token_layouts():

@@ -19,7 +19,7 @@ from prisma_ray.models import TokenKind, TokenLayout
 from prisma_ray.models.adapters.lmm_adapter import NORMALISATION
 from prisma_ray.models.adapters.lmm_processor import build_processor
 from prisma_ray.models.inputs import model_inputs, model_prompts, sample_prompt
-from prisma_ray.models.loading import build_model, check_hooks, describe_model, resolve_entry
+from prisma_ray.models.loading import check_hooks, describe_model, load_model
 from prisma_ray.models.token_selection import TokenSelection, check_selection, multimodal_positions
 from prisma_ray.sae import Dictionary, DictionaryConfig, Site, Sites, export_files, load_dictionary, write_files
 from prisma_ray.storage import StorageOptions
@@ -91,7 +91,7 @@ def test_multimodal_models_refuse_vision_only_requests():
     with pytest.raises(ValueError, match="no CLS token"):
         check_selection(model.token_layout, TokenSelection(mode="cls"), model.name, multimodal=True)
     assert model_prompts(model, None) == ["Describe the image."]
-    vit = describe_model(resolve_entry("prisma-toy-vit-shapes"))
+    vit = describe_model("prisma-toy-vit-shapes")
     with pytest.raises(ValueError, match="takes no prompt"):
         model_prompts(vit, ["hello"])
     with pytest.raises(ValueError, match="tokens.mode=text is for multimodal"):
@@ -125,7 +125,7 @@ def test_worker_rows_are_the_sequences_tokens_as_run_with_cache_gives_them(tmp_p
     data = decode_shard(list_refs(spec), spec, InputFormat.create(spec, worker.model.preprocess))
     summary = worker.process(0, data)
 
-    reference = build_model(tiny_entry(name), pretrained=False, seed=0)
+    reference = load_model(tiny_entry(name), pretrained=False, seed=0)
     batch = reference.encode(list(data.pixels), [sample_prompt(PROMPTS, s) for s in data.sample_ids])
     assert len({sample_prompt(PROMPTS, s) for s in data.sample_ids}) == 2, "both prompts are in use"
     layout = reference.multimodal_layout(batch)
@@ -153,7 +153,7 @@ def test_worker_rows_are_the_sequences_tokens_as_run_with_cache_gives_them(tmp_p
 
 
 def test_inputs_for_a_vision_model_are_normalised_pixels():
-    vit = build_model(resolve_entry("prisma-toy-vit-shapes"), pretrained=True, seed=0)
+    vit = load_model("prisma-toy-vit-shapes", pretrained=True, seed=0)
     build = model_inputs(vit, TokenSelection(mode="cls"), None, torch.device("cpu"))
     x, kept = build(np.zeros((2, 32, 32, 3), np.uint8), ["a", "b"])
     assert x.shape == (2, 3, 32, 32) and kept.shape == (2, vit.token_layout.n_tokens)
@@ -223,7 +223,7 @@ def test_interpretation_reads_an_lmm_dictionary_on_each_images_base_view(tmp_pat
     data = decode_shard(list_refs(plan.spec), plan.spec, plan.fmt)
     latents = LatentWorker(plan.job(torch_threads=1)).latents(data.pixels, data.sample_ids)
 
-    model = build_model(entry, pretrained=False, seed=0)
+    model = load_model(entry, pretrained=False, seed=0)
     batch = model.encode(list(data.pixels), [sample_prompt(PROMPTS, s) for s in data.sample_ids])
     layout = model.multimodal_layout(batch)
     with torch.inference_mode():

@@ -1,4 +1,5 @@
-"""OpenCLIP image towers: every registry entry on the meta device, small towers on the CPU."""
+"""OpenCLIP image towers: every registry entry on the meta device, and what is particular to OpenCLIP on small
+towers on the CPU (the contract every adapter keeps is in `test_hooked_contract.py`)."""
 
 from types import SimpleNamespace
 
@@ -7,98 +8,20 @@ import pytest
 import torch
 from torch import nn
 
-from prisma_ray.models import HookedVisionModel, InterventionNotSupported, ModelEntry, build_sites
+from prisma_ray.models import HookedVisionModel, InterventionNotSupported, describe_model
 from prisma_ray.models.adapters import open_clip_adapter
 from prisma_ray.models.catalog.open_clip_models import ENTRIES
 from prisma_ray.models.spec import TokenKind
-from tests.hooked_checks import (
-    batch,
-    check_cache_shapes,
-    check_early_stop,
-    check_identity_intervention,
-    check_residual_decomposition,
-    check_zero_ablation,
-    read_only_names,
-)
-
-
-def tiny(name, architecture, tag, vision_cfg, sizes, **config) -> ModelEntry:
-    """A small entry: `sizes` = (layers, width, heads, image_size, patch_size), `vision_cfg` overrides."""
-    layers, width, heads, image_size, patch_size = sizes
-    return ModelEntry(
-        name=name,
-        source="open_clip",
-        architecture=architecture,
-        pretrained=tag,
-        family="test",
-        layers=layers,
-        width=width,
-        heads=heads,
-        image_size=image_size,
-        patch_size=patch_size,
-        config={"vision_cfg": vision_cfg, **config},
-    )
-
-
-NATIVE = dict(layers=2, width=64, head_width=32, image_size=32, patch_size=8)
-TINY = {
-    "native": tiny("native", "ViT-B-32-quickgelu", "openai", NATIVE, (2, 64, 2, 32, 8), embed_dim=32),
-    "clipa": tiny(  # no ln_pre, average pool, ln_post after pooling; plus LayerScale
-        "clipa",
-        "ViT-L-14-CLIPA",
-        "datacomp1b",
-        {**NATIVE, "layers": 3, "ls_init_value": 0.5},
-        (3, 64, 2, 32, 8),
-        embed_dim=32,
-    ),
-    "coca": tiny(  # attentional pooler, (pooled, tokens) output
-        "coca",
-        "coca_ViT-B-32",
-        "laion2b_s13b_b90k",
-        {**NATIVE, "attn_pooler_queries": 4, "attn_pooler_heads": 2},
-        (2, 64, 2, 32, 8),
-        embed_dim=32,
-    ),
-    "custom": tiny(  # CustomResidualAttentionBlock with OpenCLIP's own Attention
-        "custom", "ViT-B-32", "laion2b_s34b_b79k", {**NATIVE, "qk_norm": True}, (2, 64, 2, 32, 8), embed_dim=32
-    ),
-    "siglip-timm": tiny(  # SigLIP's TimmModel (MAP pooling, no projection) over timm's tiny test_vit
-        "siglip-timm",
-        "ViT-B-16-SigLIP",
-        "webli",
-        {"timm_model_name": "test_vit", "image_size": 160},
-        (6, 64, 2, 160, 16),
-    ),
-    "eva02-timm": tiny(
-        "eva02-timm",
-        "EVA02-B-16",
-        "merged2b_s8b_b131k",
-        {"timm_model_name": "eva02_tiny_patch14_224"},
-        (12, 192, 3, 224, 14),
-        embed_dim=32,
-    ),
-}
+from tests.tiny_models import OPEN_CLIP, batch, read_only_names, tiny
 
 
 def small_model(kind: str) -> HookedVisionModel:
-    torch.manual_seed(0)
-    entry = TINY[kind]
-    model = HookedVisionModel(build_sites(entry, pretrained=False), entry.name).eval()
-    assert (model.n_layers, model.d_model, model.n_heads) == (entry.layers, entry.width, entry.heads)
-    return model
-
-
-@pytest.fixture(scope="module", params=sorted(set(TINY) - {"eva02-timm"}))
-def model(request) -> HookedVisionModel:
-    """Every small tower but the slower EVA02 one (see `test_eva02_timm_tower`)."""
-    return small_model(request.param)
+    return tiny(OPEN_CLIP[kind])
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=lambda e: e.name)
 def test_entry_builds_on_meta_and_matches(entry):
-    with torch.device("meta"):
-        sites = build_sites(entry, pretrained=False)
-    model = HookedVisionModel(sites, entry.name)
+    model = describe_model(entry)
     assert (model.n_layers, model.d_model, model.n_heads) == (entry.layers, entry.width, entry.heads)
     assert entry.name.startswith("openclip-") and entry.modality == "image"
     assert model.preprocess.image_size == (entry.image_size, entry.image_size)
@@ -120,47 +43,6 @@ def test_catalog_covers_families():
     assert len(ENTRIES) >= 18
     assert {e.family for e in ENTRIES} >= {"clip", "siglip", "eva02-clip"}
     assert len({e.name for e in ENTRIES}) == len(ENTRIES)
-
-
-@torch.no_grad()
-def test_output_bit_identical_with_read_hooks(model):
-    x = batch(model)
-    reference = model(x)
-    output, cache = model.run_with_cache(x, read_only_names(model))
-    assert torch.equal(output, reference)
-    assert set(cache) == set(read_only_names(model))
-    assert torch.equal(model(x), reference)
-
-
-@torch.no_grad()
-def test_cache_shapes_follow_token_layout(model):
-    x = batch(model, 3)
-    _, cache = model.run_with_cache(x)
-    check_cache_shapes(model, cache, 3)
-
-
-@torch.no_grad()
-def test_residual_decomposition(model):
-    _, cache = model.run_with_cache(batch(model), read_only_names(model))
-    check_residual_decomposition(model, cache)
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("site", ["hook_resid_pre", "hook_resid_mid", "hook_mlp_out"])
-def test_identity_intervention_changes_nothing(model, site):
-    check_identity_intervention(model, batch(model), f"blocks.1.{site}")
-
-
-@torch.no_grad()
-def test_zero_ablation_of_residual_changes_output(model):
-    check_zero_ablation(model, batch(model))
-
-
-@torch.no_grad()
-def test_early_stop_caches_same_values(model):
-    x = batch(model)
-    names = ["hook_embed", "blocks.0.hook_resid_post", "blocks.0.hook_mlp_in", "blocks.0.attn.hook_pattern"]
-    check_early_stop(model, x, names)
 
 
 @torch.no_grad()
@@ -233,6 +115,7 @@ def test_token_layouts_and_preprocess():
 def test_eva02_timm_tower():
     """EVA02 CLIP (timm `Eva` trunk, token pooling, linear projection): unchanged output, shapes, layout."""
     model = small_model("eva02-timm")
+    assert (model.n_layers, model.d_model, model.n_heads) == (12, 192, 3)
     x = batch(model, 1)
     reference = model.model(x)
     output, cache = model.run_with_cache(x, read_only_names(model))
@@ -249,7 +132,7 @@ def test_eva02_timm_tower():
 
 def test_pretrained_build_takes_visual_of_create_model(monkeypatch):
     """`pretrained=True` loads through `open_clip.create_model` (stubbed: tests never download)."""
-    entry = TINY["native"]
+    entry = OPEN_CLIP["native"]
     visual = open_clip_adapter.build(entry, pretrained=False).model
     visual.preprocess_cfg = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bilinear"}
     calls = []

@@ -4,9 +4,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from prisma_ray.models import HookedVisionModel, UnknownModel, build_sites, get_entry, list_entries, registry
+from prisma_ray.models import UnknownModel, describe_model, get_entry, list_entries, registry
 
 
 def test_registry_size():
@@ -19,9 +18,7 @@ def test_registry_size():
 @pytest.mark.parametrize("name", sorted(registry()))
 def test_entry_builds_on_meta_and_matches(name):
     entry = get_entry(name)
-    with torch.device("meta"):
-        sites = build_sites(entry, pretrained=False)
-    model = HookedVisionModel(sites, entry.name)
+    model = describe_model(entry)
     assert (model.n_layers, model.d_model, model.n_heads) == (entry.layers, entry.width, entry.heads)
     spec, layout = model.preprocess, model.token_layout
     assert spec.modality == entry.modality

@@ -14,7 +14,7 @@ from prisma_ray.evaluate import Evaluator
 from prisma_ray.interpret.collect import InterpretConfig, LatentWorker, plan_interpret
 from prisma_ray.interpret.steer import SteerConfig, SteerSpec, run_steer
 from prisma_ray.models import HookedVisionModel, ModelEntry
-from prisma_ray.models.loading import build_model
+from prisma_ray.models.loading import load_model
 from prisma_ray.sae import Sites
 from tests.unit.test_evaluate_checkpoint import (
     HOOKS,
@@ -99,5 +99,5 @@ def test_every_stage_feeds_the_model_the_same_pixels(tmp_path, monkeypatch):
     for name in ("interpret", "evaluate", "steer"):
         assert torch.equal(first_pass(seen[name]), reference), f"{name} feeds the model other pixels than extraction"
     files = [str(tmp_path / "shapes" / r.sample_id) for r in sorted(list_refs(plan.spec), key=lambda r: r.sample_id)]
-    analysis = load_inputs(build_model(entry, False, 0), InputsConfig(uris=files))
+    analysis = load_inputs(load_model(entry, False, seed=0), InputsConfig(uris=files))
     assert torch.equal(analysis.x, reference), "analysis builds other pixels from the same files"
