@@ -1,8 +1,8 @@
 """`prisma-ray sweep`: every checkpoint under some URIs, evaluated on a Ray actor pool (orchestration only).
 
     checkpoint URIs --find_checkpoints + cfg.json--> checkpoints not yet evaluated, grouped by model
-    --ActorPool of SweepWorker actors (one Evaluator each: a model is loaded once per actor and all
-    its checkpoints are evaluated against it)--> one result file per checkpoint
+    --actor pool of SweepWorker actors (`runtime.pool`; one Evaluator each, one group per call: a model
+    is loaded once per actor and all its checkpoints are evaluated against it)--> one result file each
     --> metrics.parquet, leaderboard.html, plots/<model>__<hook>.png
 
 `plan_sweep` checks the config, finds the checkpoints and claims the output before Ray starts. A
@@ -18,15 +18,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import ray
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from ray.util import ActorPool
 from tqdm.auto import tqdm
 
 from .. import storage
 from ..models import get_entry, list_entries
 from ..models.registry import Modality, Source
+from ..runtime.pool import Resources, cluster_resources, run_pool, size_pool
 from ..runtime.session import RayOptions, ensure_ray
 from . import EvalConfig, Evaluator, find_checkpoints, read_checkpoint_info
 from .discovery import CheckpointInfo
@@ -83,11 +82,10 @@ class SweepConfig(BaseModel):
     models: ModelSelection | None = None
     output: str = "prisma-sweep"
     evaluation: EvalConfig = EvalConfig()
-    actors: int | None = Field(
-        None, ge=1, description="evaluation actors (default: one per GPU, else per CPU; never more than models)"
+    resources: Resources = Field(
+        Resources(),
+        description="the evaluation actors (on the device of `evaluation.device`; never more than model groups)",
     )
-    cpus_per_actor: float = Field(1.0, gt=0)
-    torch_threads: int | None = Field(None, ge=1, description="torch threads per CPU actor (default: CPUs per actor)")
     progress: bool = True
     ray: RayOptions = RayOptions()
 
@@ -212,19 +210,20 @@ class SweepWorker:
         self.evaluator = Evaluator(evaluation)
         self.results = ResultStore(output, self.evaluator.options)
 
-    def run(self, models: tuple[str, ...], uris: list[str]) -> dict[str, Any]:
-        """Evaluate `uris` (all reading `models`); returns the count done, the failures and the model loads."""
-        self.evaluator.retain(set(models))
+    def run(self, group: Group) -> dict[str, Any]:
+        """Evaluate the group's checkpoints (all reading its models); returns the count done, the failures and
+        the model loads."""
+        self.evaluator.retain(set(group.models))
         before = dict(self.evaluator.loads)
         failed = []
-        for uri in uris:
+        for uri in group.uris:
             try:
                 self.results.write(self.evaluator.evaluate(uri))
             except Exception as exc:  # one bad checkpoint must not stop the others
                 log.warning("%s: %s", uri, exc)
                 failed.append({"checkpoint": uri, "error": f"{type(exc).__name__}: {exc}"})
         loads = {m: n - before.get(m, 0) for m, n in self.evaluator.loads.items() if n - before.get(m, 0)}
-        return {"evaluated": len(uris) - len(failed), "failed": failed, "loads": loads}
+        return {"evaluated": len(group.uris) - len(failed), "failed": failed, "loads": loads}
 
 
 def run_sweep(cfg: SweepConfig) -> SweepSummary:
@@ -252,34 +251,27 @@ def run_sweep(cfg: SweepConfig) -> SweepSummary:
 
 
 def _run_pool(plan: SweepPlan):
-    """Evaluate the plan's groups on an actor pool; yield each group's report as it finishes."""
+    """Evaluate the plan's groups on the actor pool, one group per actor at a time; yield each group's report
+    as it finishes."""
     cfg = plan.cfg
     ensure_ray(cfg.ray)
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    use_gpu = cfg.evaluation.device == "cuda" or (cfg.evaluation.device == "auto" and gpus > 0)
-    if use_gpu and gpus < 1:
-        raise ValueError("evaluation.device=cuda but the Ray cluster has no GPU; set evaluation.device=cpu")
-    wanted = cfg.actors or (gpus if use_gpu else max(1, int(resources.get("CPU", 1) // cfg.cpus_per_actor)))
-    n_actors = max(1, min(wanted, len(plan.groups)))
-    threads = cfg.torch_threads or (None if use_gpu else max(1, int(cfg.cpus_per_actor)))
-    actor = ray.remote(SweepWorker).options(num_cpus=cfg.cpus_per_actor, num_gpus=1 if use_gpu else 0)
+    size = size_pool(
+        cfg.resources,
+        cluster_resources(),
+        len(plan.groups),
+        device=cfg.evaluation.device,
+        device_field="evaluation.device",
+    )
     output = storage.absolute(cfg.output)
     evaluation = cfg.evaluation.model_copy(
         update={"storage": cfg.evaluation.storage.resolved(), "stores": storage.absolute(cfg.evaluation.stores)}
     )
-    actors = [actor.remote(evaluation, output, threads) for _ in range(n_actors)]
-    log.info("evaluating %d checkpoints with %d actor(s)", plan.pending, n_actors)
-    try:
-        pool = ActorPool(actors)
-        jobs = pool.map_unordered(lambda a, g: a.run.remote(g.models, g.uris), plan.groups)
-        with tqdm(total=plan.pending, unit="ckpt", desc="sweep", disable=not cfg.progress) as bar:
-            for report in jobs:
-                bar.update(report["evaluated"] + len(report["failed"]))
-                yield report
-    finally:
-        for a in actors:
-            ray.kill(a)
+    log.info("evaluating %d checkpoints with %d %s actor(s)", plan.pending, size.actors, size.device)
+    kwargs = {"evaluation": evaluation, "output": output, "torch_threads": size.torch_threads}
+    with tqdm(total=plan.pending, unit="ckpt", desc="sweep", disable=not cfg.progress) as bar:
+        for report in run_pool(plan.groups, SweepWorker, kwargs, size, method="run"):
+            bar.update(report["evaluated"] + len(report["failed"]))
+            yield report
 
 
 def write_report(results: ResultStore) -> dict[str, Any]:
