@@ -196,7 +196,7 @@ def plan_interpret(cfg: InterpretConfig) -> InterpretPlan:
 class LatentWorker:
     """Runs model and dictionary over whole shards and returns each shard's `LatentRecord`.
 
-    Ray Data calls it with one-row batches (`shard`, `payload`: `ShardData.to_bytes()`); tests call `process`.
+    The actor pool calls it with one-row batches (`shard`, `payload`: `ShardData.to_bytes()`); tests call `process`.
     """
 
     def __init__(self, job: InterpretJob):

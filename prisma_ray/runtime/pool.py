@@ -24,6 +24,7 @@ hand-written loop over actors was also measured faster than `map_batches` on act
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -179,8 +180,14 @@ def run_pool(
     each to the least busy actor. With `read`, each item first goes through a task
     `read(item, **read_kwargs)` of `size.read_cpus` CPUs and the actor gets its result. After a call
     fails no new item is sent; the calls in flight are still yielded, then the first error is raised.
-    The actors are killed when the iteration ends (also when the caller stops early).
+    The actors start with the first item and are killed when the iteration ends (also when the caller
+    stops early); no items, no actors.
     """
+    pending = iter(items)
+    first = next(pending, _END)
+    if first is _END:
+        return
+    pending = itertools.chain([first], pending)
     options = dict(
         num_cpus=size.cpus_per_actor,
         num_gpus=1 if size.device == "cuda" else 0,
@@ -191,7 +198,6 @@ def run_pool(
     reader = ray.remote(read).options(num_cpus=size.read_cpus) if read is not None else None
     load = [0] * len(actors)
     in_flight: dict[Any, int] = {}
-    pending = iter(items)
     error: Exception | None = None
     try:
         while True:

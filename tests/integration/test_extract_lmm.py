@@ -1,5 +1,5 @@
 """A multimodal language model's layer end to end: `prisma-ray extract` (image + prompt in, sequence tokens
-out, through Ray Data), a TopK SAE trained on its image and text tokens, its evaluation, and its latents'
+out, through the Ray actor pool), a TopK SAE trained on its image and text tokens, its evaluation, and its latents'
 top images and dashboard."""
 
 from pathlib import Path

@@ -120,3 +120,13 @@ def test_storage_always_means_how_to_reach_uris(config):
     for name, field in fields:
         kinds = {a for a in (field.annotation, *typing.get_args(field.annotation)) if a is not types.NoneType}
         assert kinds == {StorageOptions}, f"{config.__name__}.{name} is {field.annotation}"
+
+
+def test_no_items_start_no_actors():
+    from prisma_ray.runtime.pool import run_pool
+
+    class Never:
+        def __init__(self):
+            raise AssertionError("no actor may start")
+
+    assert list(run_pool([], Never, {}, size_pool(Resources(), {"CPU": 2.0}, 0))) == []
