@@ -18,8 +18,8 @@ the pool sends nothing new, still yields the calls in flight (the caller writes 
 sweep report, explanation records) with no Arrow round trip; the sweep needs one group per actor at a
 time, so no group queues behind a long one while another actor idles. Reads overlap the forward pass
 all the same: each shard's read task is submitted with its actor call (whose argument is the task's
-result), and `in_flight_per_actor=2` keeps the next shard reading while the current one runs. A
-hand-written loop over actors was also measured faster than `map_batches` on actors (ray#44905).
+result), and `in_flight_per_actor=2` keeps the next shard reading while the current one runs; at most
+actors x `in_flight_per_actor` decoded shards exist at a time, which bounds the object store's load.
 """
 
 from __future__ import annotations
