@@ -184,7 +184,7 @@ def main() -> None:
         f"{args.image_size}px, batch {args.batch_size}, shards of {args.shard_size}; {args.num_cpus} CPUs, "
         f"5-min load average {os.getloadavg()[1]:.1f}; median of {args.repeats} runs each"
     )
-    a = report("(a) prisma-ray pipeline (Ray Data)", runs["a"])
+    a = report("(a) prisma-ray pipeline (Ray actor pool)", runs["a"])
     b = report("(b) DataLoader + hook + torch.save", runs["b"])
     print(f"ratio a/b {a / b:.2f}   max |a - b| on one shard {difference:.2g} (float16 storage)")
 

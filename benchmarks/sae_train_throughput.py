@@ -109,7 +109,7 @@ def ray_tokens_per_s(store_uri: str, workers: int, steps: int, tmp: str) -> floa
     cfg = TrainConfig.model_validate(
         {
             "name": f"bench-{workers}",
-            "storage": f"{tmp}/runs",
+            "runs": f"{tmp}/runs",
             "data": {"inputs": [store_uri], "normalize": "none"},
             "dictionaries": [{"architecture": "topk", "k": K, "expansion_factor": EXPANSION, "lr": 2e-4}],
             "batch_size": BATCH,
@@ -117,8 +117,7 @@ def ray_tokens_per_s(store_uri: str, workers: int, steps: int, tmp: str) -> floa
             "log_every": steps // 2,
             "checkpoint_every": 10 * steps,
             "workers": workers,
-            "cpus_per_worker": 1,
-            "torch_threads": max(1, os.cpu_count() // workers),
+            "resources": {"cpus_per_actor": 1, "torch_threads": max(1, os.cpu_count() // workers)},
         }
     )
     return run_training(cfg).metrics["tokens_per_s"]

@@ -56,7 +56,7 @@ def main() -> int:
                 split="test",
                 output=str(root / "acts"),
                 shard_size=32,
-                actors=1,
+                resources={"actors": 1},
                 progress=False,
             )
         )
@@ -71,8 +71,7 @@ def main() -> int:
                 {
                     "checkpoints": [str(root / f"ckpts-{n}")],
                     "output": str(root / f"out-{n}"),
-                    "actors": 1,
-                    "torch_threads": 1,
+                    "resources": {"actors": 1, "torch_threads": 1},
                     "progress": False,
                     "evaluation": {
                         "stores": str(root / "acts"),

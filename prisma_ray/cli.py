@@ -258,7 +258,7 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         name="extract",
-        help="extract activations into Parquet stores (Ray Data)",
+        help="extract activations into Parquet stores (Ray actors)",
         description="Run a dataset through a model on Ray and write the activations of each hook point to its own "
         "Parquet store, <output>/<model>/<hook>/<split>, local or s3://. Rerunning the same config resumes and adds "
         "no duplicate rows; a changed config into the same output is refused. Multimodal language models (LLaVA, "
@@ -313,7 +313,7 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         name="interpret",
-        help="top-activating samples and statistics of every latent of a checkpoint over a dataset (Ray Data)",
+        help="top-activating samples and statistics of every latent of a checkpoint over a dataset (Ray actors)",
         description="Run a dataset through the checkpoint's model and dictionary on a Ray actor pool and keep, per "
         "latent, the top-k samples by max and by mean activation (with per-patch maps), a random sample of its "
         "activations and its firing statistics; write them to `output` (local or s3://). A multimodal language "

@@ -163,9 +163,9 @@ def train_config(cfg: QuickstartConfig, m: QuickstartModel) -> TrainConfig:
     """One run per model: every dictionary of `cfg` on the same batches of its train store."""
     return TrainConfig(
         name=m.hook,
-        storage=cfg.uri("runs", m.name),
+        runs=cfg.uri("runs", m.name),
         output=cfg.uri("dictionaries", m.name, m.hook),
-        storage_options=cfg.storage,
+        storage=cfg.storage,
         data=TrainData(inputs=[storage.join(cfg.uri("activations"), m.name, m.hook, "train")]),
         dictionaries=cfg.dictionaries,
         batch_size=cfg.batch_size,

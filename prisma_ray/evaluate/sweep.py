@@ -1,8 +1,8 @@
 """`prisma-ray sweep`: every checkpoint under some URIs, evaluated on a Ray actor pool (orchestration only).
 
     checkpoint URIs --find_checkpoints + cfg.json--> checkpoints not yet evaluated, grouped by model
-    --ActorPool of SweepWorker actors (one Evaluator each: a model is loaded once per actor and all
-    its checkpoints are evaluated against it)--> one result file per checkpoint
+    --actor pool of SweepWorker actors (`runtime.pool`; one Evaluator each, one group per call: a model
+    is loaded once per actor and all its checkpoints are evaluated against it)--> one result file each
     --> metrics.parquet, leaderboard.html, plots/<model>__<hook>.png
 
 `plan_sweep` checks the config, finds the checkpoints and claims the output before Ray starts. A
@@ -18,17 +18,16 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import ray
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from ray.util import ActorPool
 from tqdm.auto import tqdm
 
-from prisma_ray.errors import InvalidRequest
+from prisma_ray.errors import InvalidRequest, PrismaRayError
 
 from .. import storage
 from ..models import get_entry, list_entries
 from ..models.registry import Modality, Source
+from ..runtime.pool import Resources, cluster_resources, run_pool, size_pool
 from ..runtime.session import RayOptions, ensure_ray
 from ..sae.io import CheckpointInfo
 from . import EvalConfig, Evaluator, find_checkpoints, read_checkpoint_info
@@ -89,11 +88,10 @@ class SweepConfig(BaseModel):
     )
     output: str = Field("prisma-sweep", description="where metrics.parquet, leaderboard.html and plots/ go")
     evaluation: EvalConfig = Field(EvalConfig(), description="what to measure on which held-out stores")
-    actors: int | None = Field(
-        None, ge=1, description="evaluation actors (default: one per GPU, else per CPU; never more than models)"
+    resources: Resources = Field(
+        Resources(),
+        description="the evaluation actors (on the device of `evaluation.device`; never more than model groups)",
     )
-    cpus_per_actor: float = Field(1.0, gt=0)
-    torch_threads: int | None = Field(None, ge=1, description="torch threads per CPU actor (default: CPUs per actor)")
     progress: bool = Field(True, description="show a progress bar")
     ray: RayOptions = Field(RayOptions(), description="which Ray cluster to connect to")
 
@@ -115,10 +113,15 @@ class Group:
 
 @dataclass(kw_only=True)
 class SweepPlan:
-    """A checked sweep: the checkpoints found, those still to evaluate grouped by model, the output."""
+    """A checked sweep: the checkpoints found, those still to evaluate grouped by model, the output.
+
+    `unreadable` holds the checkpoints whose cfg.json cannot be evaluated (`{"checkpoint", "error"}`, as a
+    failed evaluation is recorded): they are reported as failures while the others are evaluated.
+    """
 
     cfg: SweepConfig
     found: list[CheckpointInfo]
+    unreadable: list[dict[str, str]]
     groups: list[Group]
     results: ResultStore
 
@@ -187,10 +190,16 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
             log.info("no checkpoints at %s", root)
     if not uris:
         raise storage.MissingInputError(f"no checkpoints (cfg.json + sae_weights.safetensors) in {cfg.checkpoints}")
-    infos = [read_checkpoint_info(uri, options) for uri in sorted(set(uris))]
+    infos, unreadable = [], []
+    for uri in sorted(set(uris)):
+        try:
+            infos.append(read_checkpoint_info(uri, options))
+        except PrismaRayError as exc:  # one bad cfg.json must not stop the others
+            log.warning("%s", exc)
+            unreadable.append({"checkpoint": uri, "error": f"{type(exc).__name__}: {exc}"})
     if selected is not None:
         infos = [i for i in infos if set(i.models) <= selected]
-        if not infos:
+        if not infos and not unreadable:
             raise storage.MissingInputError(f"no checkpoint in {cfg.checkpoints} is of the selected models")
     results = ResultStore(cfg.output, options)
     results.claim(cfg.evaluation.model_dump(mode="json", exclude={"storage"}))
@@ -201,12 +210,13 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
             groups.setdefault(info.models, []).append(info.uri)
     ordered = sorted((Group(m, u) for m, u in groups.items()), key=lambda g: (-len(g.uris), g.models))
     log.info(
-        "%d checkpoints found, %d to evaluate in %d model groups",
-        len(infos),
+        "%d checkpoints found, %d unreadable, %d to evaluate in %d model groups",
+        len(infos) + len(unreadable),
+        len(unreadable),
         sum(len(g.uris) for g in ordered),
         len(ordered),
     )
-    return SweepPlan(cfg=cfg, found=infos, groups=ordered, results=results)
+    return SweepPlan(cfg=cfg, found=infos, unreadable=unreadable, groups=ordered, results=results)
 
 
 class SweepWorker:
@@ -218,26 +228,27 @@ class SweepWorker:
         self.evaluator = Evaluator(evaluation)
         self.results = ResultStore(output, self.evaluator.options)
 
-    def run(self, models: tuple[str, ...], uris: list[str]) -> dict[str, Any]:
-        """Evaluate `uris` (all reading `models`); returns the count done, the failures and the model loads."""
-        self.evaluator.retain(set(models))
+    def run(self, group: Group) -> dict[str, Any]:
+        """Evaluate the group's checkpoints (all reading its models); returns the count done, the failures and
+        the model loads."""
+        self.evaluator.retain(set(group.models))
         before = dict(self.evaluator.loads)
         failed = []
-        for uri in uris:
+        for uri in group.uris:
             try:
                 self.results.write(self.evaluator.evaluate(uri))
             except Exception as exc:  # one bad checkpoint must not stop the others
                 log.warning("%s: %s", uri, exc)
                 failed.append({"checkpoint": uri, "error": f"{type(exc).__name__}: {exc}"})
         loads = {m: n - before.get(m, 0) for m, n in self.evaluator.loads.items() if n - before.get(m, 0)}
-        return {"evaluated": len(uris) - len(failed), "failed": failed, "loads": loads}
+        return {"evaluated": len(group.uris) - len(failed), "failed": failed, "loads": loads}
 
 
 def run_sweep(cfg: SweepConfig) -> SweepSummary:
     """Evaluate the checkpoints `cfg` asks for (skipping those already done) and write the report."""
     start = time.perf_counter()
     plan = plan_sweep(cfg)
-    evaluated, failed, loads = 0, [], {}
+    evaluated, failed, loads = 0, list(plan.unreadable), {}
     if plan.groups:
         for report in _run_pool(plan):
             evaluated += report["evaluated"]
@@ -247,7 +258,7 @@ def run_sweep(cfg: SweepConfig) -> SweepSummary:
     summary = write_report(plan.results)
     plan.results.write_file("errors.json", json.dumps(failed, indent=1).encode())
     return SweepSummary(
-        found=len(plan.found),
+        found=len(plan.found) + len(plan.unreadable),
         evaluated=evaluated,
         skipped=len(plan.found) - plan.pending,
         failed=failed,
@@ -258,34 +269,27 @@ def run_sweep(cfg: SweepConfig) -> SweepSummary:
 
 
 def _run_pool(plan: SweepPlan):
-    """Evaluate the plan's groups on an actor pool; yield each group's report as it finishes."""
+    """Evaluate the plan's groups on the actor pool, one group per actor at a time; yield each group's report
+    as it finishes."""
     cfg = plan.cfg
     ensure_ray(cfg.ray)
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    use_gpu = cfg.evaluation.device == "cuda" or (cfg.evaluation.device == "auto" and gpus > 0)
-    if use_gpu and gpus < 1:
-        raise InvalidRequest("evaluation.device=cuda but the Ray cluster has no GPU; set evaluation.device=cpu")
-    wanted = cfg.actors or (gpus if use_gpu else max(1, int(resources.get("CPU", 1) // cfg.cpus_per_actor)))
-    n_actors = max(1, min(wanted, len(plan.groups)))
-    threads = cfg.torch_threads or (None if use_gpu else max(1, int(cfg.cpus_per_actor)))
-    actor = ray.remote(SweepWorker).options(num_cpus=cfg.cpus_per_actor, num_gpus=1 if use_gpu else 0)
+    size = size_pool(
+        cfg.resources,
+        cluster_resources(),
+        len(plan.groups),
+        device=cfg.evaluation.device,
+        device_field="evaluation.device",
+    )
     output = storage.absolute(cfg.output)
     evaluation = cfg.evaluation.model_copy(
         update={"storage": cfg.evaluation.storage.resolved(), "stores": storage.absolute(cfg.evaluation.stores)}
     )
-    actors = [actor.remote(evaluation, output, threads) for _ in range(n_actors)]
-    log.info("evaluating %d checkpoints with %d actor(s)", plan.pending, n_actors)
-    try:
-        pool = ActorPool(actors)
-        jobs = pool.map_unordered(lambda a, g: a.run.remote(g.models, g.uris), plan.groups)
-        with tqdm(total=plan.pending, unit="ckpt", desc="sweep", disable=not cfg.progress) as bar:
-            for report in jobs:
-                bar.update(report["evaluated"] + len(report["failed"]))
-                yield report
-    finally:
-        for a in actors:
-            ray.kill(a)
+    log.info("evaluating %d checkpoints with %d %s actor(s)", plan.pending, size.actors, size.device)
+    kwargs = {"evaluation": evaluation, "output": output, "torch_threads": size.torch_threads}
+    with tqdm(total=plan.pending, unit="ckpt", desc="sweep", disable=not cfg.progress) as bar:
+        for report in run_pool(plan.groups, SweepWorker, kwargs, size, method="run"):
+            bar.update(report["evaluated"] + len(report["failed"]))
+            yield report
 
 
 def write_report(results: ResultStore) -> dict[str, Any]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from prisma_ray.errors import InvalidRequest
@@ -12,6 +10,7 @@ from ..data.sources import DatasetSpec, SyntheticSource
 from ..data.synthetic import ShapesConfig
 from ..models import ModelEntry
 from ..models.token_selection import TokenSelection
+from ..runtime.pool import ShardResources
 from ..runtime.session import RayOptions
 from ..storage import StorageOptions
 from ..store import StoreDType
@@ -32,7 +31,7 @@ class ExtractConfig(BaseModel):
     store tokens of their sequence at `lm.*` hook points (`tokens.mode`: all, text, image, ...).
     Fields that change the stored rows (model, pretrained, seed, hooks, tokens, dtype, dataset,
     shard_size, prompts and the listed inputs) are hashed per store: rerunning the same config resumes,
-    a changed one is refused. The others (batch size, actors, resources) may change between runs.
+    a changed one is refused. The others (batch size, resources, ...) may change between runs.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -68,15 +67,11 @@ class ExtractConfig(BaseModel):
     storage: StorageOptions = Field(StorageOptions(), description="how to reach `output`")
     shard_size: int = Field(64, ge=1, description="samples per shard (Parquet/WebDataset sources: one shard per file)")
     batch_size: int = Field(32, ge=1, description="samples per forward pass")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    actors: int | None = Field(
-        None, ge=1, description="model actors (default: one per GPU; on CPU one per CPU, at most 8)"
+    resources: ShardResources = Field(
+        ShardResources(), description="where the model actors run and what they and the decode tasks reserve"
     )
-    actor_num_cpus: float | None = Field(None, gt=0, description="CPUs reserved per actor (default: up to 1)")
-    decode_num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per decode task")
-    torch_threads: int | None = Field(None, ge=1, description="CPU actors' torch threads (default: CPUs / actors)")
     max_shards: int | None = Field(None, ge=1, description="stop after this many shards; a rerun goes on")
-    progress: bool = Field(True, description="show Ray Data's progress bars")
+    progress: bool = Field(True, description="show a progress bar")
     ray: RayOptions = Field(RayOptions(), description="which Ray cluster to connect to")
 
     @field_validator("hooks")

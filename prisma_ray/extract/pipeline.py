@@ -1,7 +1,7 @@
-"""The Ray Data extraction pipeline (orchestration only; the work itself is in `extract.worker`).
+"""The Ray extraction pipeline (orchestration only; the work itself is in `extract.worker`).
 
-    pending shards --from_items--> decode (CPU tasks) --uint8 crops--> ExtractionWorker actors
-    (ActorPoolStrategy; one GPU each where GPUs exist) --> one Parquet store per hook point
+    pending shards --> read and decode (CPU tasks) --uint8 crops--> ExtractionWorker actors
+    (`runtime.pool`; one GPU each where GPUs exist) --> one Parquet store per hook point
 
 `extract.plan.plan_extract` checks the request and claims the stores before Ray starts; shards
 complete in every store are skipped, so a rerun after a crash (or of a finished run) resumes
@@ -10,7 +10,6 @@ without duplicating rows; the manifests are written once every shard of a store 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -20,7 +19,7 @@ import numpy as np
 from .. import store
 from ..data.errors import read_errors_table
 from ..models.token_selection import tokens_per_sample
-from ..runtime.pool import actor_resources, stream_shards
+from ..runtime.pool import cluster_resources, size_pool, stream_shards
 from ..runtime.session import ensure_ray
 from .config import ExtractConfig
 from .plan import ExtractPlan, dataset_description, plan_extract
@@ -101,11 +100,11 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
 
 
 def _run_pipeline(plan: ExtractPlan, todo: list[int]):
-    """Run the Ray Data pipeline over the shards `todo`; yield each shard's summary row as it finishes."""
+    """Run the shards `todo` on the actor pool; yield each shard's summary row as it finishes."""
     cfg = plan.cfg
     ensure_ray(cfg.ray)
-    resources = actor_resources(cfg, len(todo))
-    device, actors, actor_cpus, threads = resources
+    res = cfg.resources
+    size = size_pool(res, cluster_resources(), len(todo), device=res.device, read_cpus=res.read_cpus, in_flight=2)
     job = WorkerJob(
         model=plan.entry,
         pretrained=cfg.pretrained,
@@ -116,32 +115,19 @@ def _run_pipeline(plan: ExtractPlan, todo: list[int]):
         storage=plan.options,
         batch_size=cfg.batch_size,
         prompts=plan.prompts,
-        device=device,
-        torch_threads=threads,
+        device=size.device,
+        torch_threads=size.torch_threads,
     )
-    items = [
-        {"shard": i, "refs": json.dumps([asdict(r) for r in plan.shards[i]]), "hooks": json.dumps(plan.pending[i])}
-        for i in todo
-    ]
+    shards = {i: ([asdict(r) for r in plan.shards[i]], plan.pending[i]) for i in todo}
     log.info(
         "extracting %d shards with %d %s actor(s) (%.2g CPUs, %s torch threads each)",
         len(todo),
-        actors,
-        device,
-        actor_cpus,
-        threads or "default",
+        size.actors,
+        size.device,
+        size.cpus_per_actor,
+        size.torch_threads or "default",
     )
-    yield from stream_shards(
-        items,
-        plan.spec,
-        plan.fmt,
-        ExtractionWorker,
-        {"job": job},
-        resources,
-        cfg.decode_num_cpus,
-        cfg.progress,
-        "extract",
-    )
+    yield from stream_shards(shards, plan.spec, plan.fmt, ExtractionWorker, {"job": job}, size, cfg.progress, "extract")
 
 
 def finalize_stores(plan: ExtractPlan) -> bool:

@@ -1,6 +1,6 @@
 """The extraction worker, without Ray: one input shard in, one store shard per hook point out.
 
-`prisma_ray.extract.pipeline` runs it as a Ray Data actor; tests call it in a plain process. The
+`prisma_ray.extract.pipeline` runs it on the actor pool of `runtime.pool`; tests call it in a plain process. The
 flow for one input shard (a fixed, sorted slice of the dataset's refs):
 
 1. `data.shards.decode_shard` (a CPU task): read, decode, resize and crop every sample to the model's
@@ -71,7 +71,7 @@ def tensor_stats(x: torch.Tensor) -> RunningStats:
 class ExtractionWorker:
     """Runs the model over whole shards and writes one store shard per hook point.
 
-    Ray Data calls it with one-row batches (`shard`, `payload`: `ShardData.to_bytes()`, `hooks`: JSON
+    The actor pool calls it with one-row batches (`shard`, `payload`: `ShardData.to_bytes()`, `hooks`: JSON
     list of the hook points still missing for that shard); tests call `process` directly.
     """
 

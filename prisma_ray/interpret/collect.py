@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from ..models import ModelEntry, TokenKind, TokenLayout
 from ..models.inputs import base_view_layout, model_inputs, model_prompts
 from ..models.loading import actor_model, check_hooks, describe_model, resolve_entry
 from ..models.token_selection import TokenSelection
+from ..runtime.pool import ShardResources
 from ..runtime.session import RayOptions
 from ..sae import load_dictionary
 from ..sae.io import CheckpointInfo, read_checkpoint_info
@@ -75,14 +76,10 @@ class InterpretConfig(BaseModel):
     reservoir_seed: int = Field(0, description="seed of the random reservoir sample")
     shard_size: int = Field(64, ge=1, description="samples per worker call")
     batch_size: int = Field(32, ge=1, description="samples per forward pass")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    actors: int | None = Field(
-        None, ge=1, description="model actors (default: one per GPU; on CPU one per CPU, at most 8)"
+    resources: ShardResources = Field(
+        ShardResources(), description="where the model actors run and what they and the decode tasks reserve"
     )
-    actor_num_cpus: float | None = Field(None, gt=0, le=1, description="CPUs reserved per actor (default: up to 1)")
-    decode_num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per decode task")
-    torch_threads: int | None = Field(None, ge=1)
-    progress: bool = Field(True, description="show Ray Data's progress bars")
+    progress: bool = Field(True, description="show a progress bar")
     ray: RayOptions = Field(RayOptions(), description="which Ray cluster to connect to")
 
 
@@ -212,7 +209,7 @@ def plan_interpret(cfg: InterpretConfig) -> InterpretPlan:
 class LatentWorker:
     """Runs model and dictionary over whole shards and returns each shard's `LatentRecord`.
 
-    Ray Data calls it with one-row batches (`shard`, `payload`: `ShardData.to_bytes()`); tests call `process`.
+    The actor pool calls it with one-row batches (`shard`, `payload`: `ShardData.to_bytes()`); tests call `process`.
     """
 
     def __init__(self, job: InterpretJob):

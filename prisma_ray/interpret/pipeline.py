@@ -1,7 +1,7 @@
 """The top-activations pass on Ray (orchestration only; the work is in `collect` and `topk`).
 
-dataset shards --from_items--> decode (CPU tasks, as extraction) --uint8 crops--> LatentWorker actors
-(ActorPoolStrategy, <= 1 CPU each; one GPU each where GPUs exist) --one LatentRecord per shard-->
+dataset shards --> read and decode (CPU tasks, as extraction) --uint8 crops--> LatentWorker actors
+(`runtime.pool`, <= 1 CPU each by default; one GPU each where GPUs exist) --one LatentRecord per shard-->
 merged on the driver (exact) --> results under `output` (`prisma_ray.interpret.results`)
 """
 
@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from .. import storage
 from ..data.shards import plan_shards
 from ..data.sources import SampleRef, list_refs
-from ..runtime.pool import actor_resources, stream_shards
+from ..runtime.pool import cluster_resources, size_pool, stream_shards
 from ..runtime.session import ensure_ray
 from .collect import InterpretConfig, InterpretPlan, LatentWorker, fetch_crops, plan_interpret
 from .results import needed_samples, read_results, results_exist, write_results
@@ -92,18 +92,9 @@ def _run_pipeline(plan: InterpretPlan, shards: list[list[SampleRef]]) -> Iterato
     """Yield each shard's worker row (`shard`, `record`, `sample_ids`, `errors`) as it finishes."""
     cfg = plan.cfg
     ensure_ray(cfg.ray)
-    resources = actor_resources(cfg, len(shards))
-    device, actors, _, threads = resources
-    items = [{"shard": i, "refs": json.dumps([asdict(r) for r in s]), "hooks": "[]"} for i, s in enumerate(shards)]
-    log.info("interpreting %d shards with %d %s actor(s)", len(shards), actors, device)
-    yield from stream_shards(
-        items,
-        plan.spec,
-        plan.fmt,
-        LatentWorker,
-        {"job": plan.job(device, threads)},
-        resources,
-        cfg.decode_num_cpus,
-        cfg.progress,
-        "interpret",
-    )
+    res = cfg.resources
+    size = size_pool(res, cluster_resources(), len(shards), device=res.device, read_cpus=res.read_cpus, in_flight=2)
+    items = {i: ([asdict(r) for r in s], []) for i, s in enumerate(shards)}
+    log.info("interpreting %d shards with %d %s actor(s)", len(shards), size.actors, size.device)
+    job = plan.job(size.device, size.torch_threads)
+    yield from stream_shards(items, plan.spec, plan.fmt, LatentWorker, {"job": job}, size, cfg.progress, "interpret")

@@ -1,97 +1,254 @@
-"""The Ray Data pipeline shared by the jobs that run a model over dataset shards (extract, interpret).
+"""The one actor pool every stage runs its plain worker class on, its one sizing policy, and the one
+`resources` block of the job configs that size it.
 
-    shard items --decode_batch tasks--> decoded rows --model actors (ActorPoolStrategy)--> one row per shard
+    items --(shard stages: one read task each, `read_cpus` CPUs)--> worker actors (`actors` x
+    `cpus_per_actor` CPUs, one GPU each on cuda; at most `in_flight_per_actor` calls queued on each)
+    --> each item's result, yielded as it finishes
 
-`actor_resources` sizes the actor pool for the cluster; `stream_shards` runs it and yields each
-shard's result row as it finishes. What an actor does lives in its worker class, testable without Ray.
+Users: extraction and interpretation (`stream_shards`: shard items decoded by
+`prisma_ray.data.shards.decode_batch` in CPU tasks, then `ExtractionWorker` / `LatentWorker`), the
+sweep (`SweepWorker`, one call per model group, so an actor loads a group's models once) and
+explanation (`Pipeline`, one call per batch of latents). `size_pool` decides the device, the number
+of actors, their CPUs and torch threads from the cluster's resources (a pure function).
+
+Why Ray core actors and not Ray Data's `ActorPoolStrategy`: explanation feeds its batches lazily (the
+evidence of each latent is decoded on demand; Ray Data needs every item up front); after a failed call
+the pool sends nothing new, still yields the calls in flight (the caller writes them), then re-raises
+(Ray Data aborts the whole execution and drops what is in flight); results are any Python object (a
+sweep report, explanation records) with no Arrow round trip; the sweep needs one group per actor at a
+time, so no group queues behind a long one while another actor idles. Reads overlap the forward pass
+all the same: each shard's read task is submitted with its actor call (whose argument is the task's
+result), and `in_flight_per_actor=2` keeps the next shard reading while the current one runs; at most
+actors x `in_flight_per_actor` decoded shards exist at a time, which bounds the object store's load.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any, Literal, Protocol
+import itertools
+import json
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
 
+import numpy as np
 import ray
-from ray.data import ActorPoolStrategy, DataContext
+from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from ..data.shards import InputFormat, decode_batch
 from ..data.sources import DatasetSpec
+from ..errors import InvalidRequest
 
 MAX_CPU_ACTORS = 8
+RESTARTS = 3  # an actor that dies (node lost, out of memory) is restarted and its calls retried this often
+
+Device = Literal["auto", "cpu", "cuda"]
 
 
-class ActorOptions(Protocol):
-    """The config fields that size a model-actor pool (shared by `ExtractConfig` and `InterpretConfig`)."""
+class Resources(BaseModel):
+    """`resources:` of a job that runs a plain worker class on a pool of Ray actors (sweep, explain)."""
 
-    device: Literal["auto", "cpu", "cuda"]
-    actors: int | None
-    actor_num_cpus: float | None
-    decode_num_cpus: float
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    actors: int | None = Field(
+        None,
+        ge=1,
+        description="worker actors (default: one per GPU; on CPU one per CPU, at most 8, or as many of "
+        "`cpus_per_actor` as fit; never more than there are items to run)",
+    )
+    cpus_per_actor: float | None = Field(
+        None, gt=0, description="CPUs reserved per actor (default: up to 1, leaving room for the read tasks)"
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch threads per CPU actor (default: the cluster's CPUs / actors)"
+    )
+    in_flight_per_actor: int | None = Field(
+        None,
+        ge=1,
+        description="calls queued on each actor at a time, which bounds the work in memory (default: the "
+        "stage's: 2 where the next item can be read or sent while one runs, 1 for the sweep's model groups)",
+    )
+
+
+class ShardResources(Resources):
+    """`resources:` of a job that runs a model over dataset shards (extract, interpret): also where the
+    model runs and what each shard's read-and-decode task reserves."""
+
+    device: Device = Field(
+        "auto", description="cpu, cuda (one GPU per actor) or auto (cuda where the cluster has GPUs)"
+    )
+    read_cpus: float = Field(0.5, gt=0, description="CPUs reserved per task that reads and decodes an input shard")
+
+
+class TrainResources(BaseModel):
+    """`resources:` of `prisma-ray train` (the number of data-parallel workers is `workers`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per Ray Train worker (an actor)")
+    read_cpus: float = Field(0.5, gt=0, description="CPUs reserved per task that reads activation-store shards")
+    torch_threads: int | None = Field(None, ge=1, description="torch threads per worker (default: Ray's choice)")
+
+
+@dataclass(frozen=True)
+class PoolSize:
+    """A pool sized for a cluster: `device` (cpu | cuda), `actors`, CPUs reserved per actor and per read task,
+    torch threads per actor (None: torch's default), calls queued per actor."""
+
+    device: str
+    actors: int
+    cpus_per_actor: float
+    read_cpus: float
     torch_threads: int | None
+    in_flight_per_actor: int
 
 
-def actor_resources(cfg: ActorOptions, n_shards: int) -> tuple[str, int, float, int | None]:
-    """`(device, actors, CPUs per actor, torch threads)` for this cluster, leaving CPUs for decoding.
+def size_pool(
+    res: Resources,
+    cluster: Mapping[str, float],
+    items: int | None,
+    *,
+    device: Device = "cpu",
+    read_cpus: float = 0.0,
+    in_flight: int = 1,
+    field: str = "resources",
+    device_field: str = "resources.device",
+) -> PoolSize:
+    """The pool `res` asks for on a cluster of `cluster` resources (`{"CPU": n, "GPU": m}`), for `items`
+    calls (None: not known; the actors are then not capped).
 
-    On CPU the default is one actor per CPU (at most `MAX_CPU_ACTORS`), each with CPUs / actors torch
-    threads: separate single-threaded forward passes keep the cores busier than one multi-threaded one.
-    No more actors start than there are shards to run.
+    `device` auto is cuda when the cluster has a GPU. Actors by default: one per GPU on cuda; on CPU
+    one per CPU (at most `MAX_CPU_ACTORS`), or as many of `res.cpus_per_actor` as fit beside a read task;
+    never more than `items`. CPUs per actor by default: up to 1, sharing what the read tasks (`read_cpus`
+    each; 0 where there are none) leave. Torch threads on CPU by default: the cluster's CPUs / actors
+    (separate single-threaded forward passes keep the cores busier than one multi-threaded one).
+    `in_flight` is the stage's default of `res.in_flight_per_actor`. `field`/`device_field` are the
+    config names errors cite. Raises `InvalidRequest` when the GPU actors or the actors plus one read task
+    do not fit the cluster.
     """
-    total = ray.cluster_resources()
-    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
-    device = cfg.device if cfg.device != "auto" else ("cuda" if gpus >= 1 else "cpu")
-    wanted = cfg.actors or (int(gpus) if device == "cuda" else min(int(cpus), MAX_CPU_ACTORS))
-    if device == "cuda" and max(wanted, 1) > gpus:
-        raise ValueError(
-            f"device=cuda with {max(wanted, 1)} GPU actor(s), but the Ray cluster has {gpus:g} GPUs; "
-            "lower actors, or set device=cpu."
+    cpus, gpus = float(cluster.get("CPU", 0.0)), float(cluster.get("GPU", 0.0))
+    device = device if device != "auto" else ("cuda" if gpus >= 1 else "cpu")
+    if res.actors:
+        wanted = res.actors
+    elif device == "cuda":
+        wanted = int(gpus)
+    elif res.cpus_per_actor:
+        wanted = min(math.floor((cpus - read_cpus) / res.cpus_per_actor + 1e-9), MAX_CPU_ACTORS)
+    else:
+        wanted = min(int(cpus), MAX_CPU_ACTORS)
+    actors = max(1, wanted if items is None else min(wanted, items))
+    if device == "cuda" and actors > gpus:
+        raise InvalidRequest(
+            f"{device_field}=cuda with {actors} GPU actor(s), but the Ray cluster has {gpus:g} GPUs; "
+            f"lower {field}.actors, or set {device_field}=cpu."
         )
-    actors = max(1, min(wanted, n_shards))
-    actor_cpus = cfg.actor_num_cpus or min(1.0, (cpus - cfg.decode_num_cpus) / actors)
-    if actor_cpus <= 0 or actors * actor_cpus + cfg.decode_num_cpus > cpus + 1e-9:
-        raise ValueError(
-            f"{actors} actor(s) x {actor_cpus:g} CPUs plus {cfg.decode_num_cpus:g} CPUs per decode task do not fit "
-            f"the cluster's {cpus:g} CPUs, so decoding could never run; lower actors, actor_num_cpus or "
-            "decode_num_cpus."
+    per_actor = res.cpus_per_actor or min(1.0, (cpus - read_cpus) / actors)
+    if per_actor <= 0 or actors * per_actor + read_cpus > cpus + 1e-9:
+        reads = f" plus {read_cpus:g} CPUs for a read task" if read_cpus else ""
+        names = f"{field}.actors or {field}.cpus_per_actor" + (f" or {field}.read_cpus" if read_cpus else "")
+        raise InvalidRequest(
+            f"{actors} actor(s) x {max(per_actor, 0):g} CPUs{reads} do not fit the Ray cluster's {cpus:g} CPUs"
+            f"{', so reading could never run' if read_cpus else ''}; lower {names}."
         )
-    threads = cfg.torch_threads or (max(1, int(cpus // actors)) if device == "cpu" else None)
-    return device, actors, actor_cpus, threads
+    threads = res.torch_threads or (max(1, int(cpus // actors)) if device == "cpu" else None)
+    return PoolSize(device, actors, per_actor, read_cpus, threads, res.in_flight_per_actor or in_flight)
+
+
+def cluster_resources() -> dict[str, float]:
+    """The resources of the Ray this process is connected to (`{"CPU": n, "GPU": m, ...}`)."""
+    return ray.cluster_resources()
+
+
+_END = object()
+
+
+def run_pool(
+    items: Iterable[Any],
+    worker: type,
+    worker_kwargs: dict[str, Any],
+    size: PoolSize,
+    *,
+    method: str = "__call__",
+    read: Callable[..., Any] | None = None,
+    read_kwargs: dict[str, Any] | None = None,
+) -> Iterator[Any]:
+    """Run `worker(**worker_kwargs).<method>(item)` for every item on `size.actors` actors and yield each
+    result as it finishes (any order).
+
+    Items are taken from `items` lazily, at most `size.in_flight_per_actor` calls per actor at a time,
+    each to the least busy actor. With `read`, each item first goes through a task
+    `read(item, **read_kwargs)` of `size.read_cpus` CPUs and the actor gets its result. After a call
+    fails no new item is sent; the calls in flight are still yielded, then the first error is raised.
+    The actors start with the first item and are killed when the iteration ends (also when the caller
+    stops early); no items, no actors.
+    """
+    pending = iter(items)
+    first = next(pending, _END)
+    if first is _END:
+        return
+    pending = itertools.chain([first], pending)
+    options = dict(
+        num_cpus=size.cpus_per_actor,
+        num_gpus=1 if size.device == "cuda" else 0,
+        max_restarts=RESTARTS,
+        max_task_retries=RESTARTS,
+    )
+    actors = [ray.remote(worker).options(**options).remote(**worker_kwargs) for _ in range(size.actors)]
+    reader = ray.remote(read).options(num_cpus=size.read_cpus) if read is not None else None
+    load = [0] * len(actors)
+    in_flight: dict[Any, int] = {}
+    error: Exception | None = None
+    try:
+        while True:
+            while error is None and len(in_flight) < len(actors) * size.in_flight_per_actor:
+                item = next(pending, _END)
+                if item is _END:
+                    break
+                index = load.index(min(load))
+                arg = item if reader is None else reader.remote(item, **(read_kwargs or {}))
+                in_flight[getattr(actors[index], method).remote(arg)] = index
+                load[index] += 1
+            if not in_flight:
+                break
+            [ref], _ = ray.wait(list(in_flight), num_returns=1)
+            load[in_flight.pop(ref)] -= 1
+            try:
+                result = ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - re-raised once the calls in flight are yielded
+                error = error or exc
+                continue
+            yield result
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    if error is not None:
+        raise error
 
 
 def stream_shards(
-    items: list[dict[str, Any]],
+    shards: Mapping[int, tuple[list[dict[str, Any]], list[str]]],
     spec: DatasetSpec,
     fmt: InputFormat,
     worker: type,
     worker_kwargs: dict[str, Any],
-    resources: tuple[str, int, float, int | None],
-    decode_cpus: float,
+    size: PoolSize,
     progress: bool,
     desc: str,
 ) -> Iterator[dict[str, Any]]:
-    """Decode each shard item (`shard`, `refs`, ...) in a Ray task, run it through an actor pool of
-    `worker(**worker_kwargs)` and yield the actors' rows as they finish (a progress bar if `progress`)."""
-    device, actors, actor_cpus, _ = resources
-    ctx = DataContext.get_current()
-    bars = ctx.enable_progress_bars
-    ctx.enable_progress_bars = bars and progress
-    try:
-        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            decode_batch, batch_size=1, batch_format="numpy", fn_kwargs={"spec": spec, "fmt": fmt}, num_cpus=decode_cpus
-        )
-        ds = ds.map_batches(
-            worker,
-            batch_size=1,
-            batch_format="numpy",
-            fn_constructor_kwargs=worker_kwargs,
-            compute=ActorPoolStrategy(size=actors),
-            num_cpus=actor_cpus,
-            num_gpus=1 if device == "cuda" else 0,
-        )
-        with tqdm(total=len(items), unit="shard", desc=desc, disable=not progress) as bar:
-            for row in ds.iter_rows():
-                bar.update(1)
-                yield row
-    finally:
-        ctx.enable_progress_bars = bars
+    """Read and decode each shard (`{index: (SampleRef fields, hook points)}`) in a task, run it through the
+    actors of `worker(**worker_kwargs)` (called on a one-row batch, as `decode_batch` returns it) and yield
+    their rows as they finish (a progress bar if `progress`)."""
+    items = (
+        {
+            "shard": np.array([shard]),
+            "refs": np.array([json.dumps(refs)], dtype=object),
+            "hooks": np.array([json.dumps(hooks)], dtype=object),
+        }
+        for shard, (refs, hooks) in shards.items()
+    )
+    results = run_pool(items, worker, worker_kwargs, size, read=decode_batch, read_kwargs={"spec": spec, "fmt": fmt})
+    with tqdm(total=len(shards), unit="shard", desc=desc, disable=not progress) as bar:
+        for batch in results:
+            bar.update(1)
+            yield {key: column[0] for key, column in batch.items()}

@@ -10,6 +10,7 @@ from prisma_ray.errors import InvalidRequest
 
 from .. import storage
 from ..models.spec import TokenKind
+from ..runtime.pool import TrainResources
 from ..runtime.session import RayOptions
 from ..sae.config import DictionaryConfig
 from ..sae.io import check_dictionary_names
@@ -56,19 +57,19 @@ class TrainData(BaseModel):
 class TrainConfig(BaseModel):
     """`prisma-ray train`: one or more dictionaries trained together on the same batches with Ray Train.
 
-    Checkpoints go to `<storage>/<name>/` (local or `s3://`); relaunching with the same `name` and
-    `storage` resumes from the latest one. The final dictionaries are written to
-    `<output>/<dictionary name>/` (default output: `<storage>/<name>/dictionaries`).
+    Checkpoints go to `<runs>/<name>/` (local or `s3://`); relaunching with the same `name` and
+    `runs` resumes from the latest one. The final dictionaries are written to
+    `<output>/<dictionary name>/` (default output: `<runs>/<name>/dictionaries`).
     """
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field("sae", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$", description="the run's name")
-    storage: str = "prisma-runs"
+    runs: str = Field("prisma-runs", description="where checkpoints go: <runs>/<name>/... (local or s3://)")
     output: str | None = Field(
-        None, description="where the final dictionaries go, one folder each (default: <storage>/<name>/dictionaries)"
+        None, description="where the final dictionaries go, one folder each (default: <runs>/<name>/dictionaries)"
     )
-    storage_options: StorageOptions = Field(StorageOptions(), description="how to reach s3:// stores and storage")
+    storage: StorageOptions = Field(StorageOptions(), description="how to reach s3:// stores, `runs` and `output`")
     data: TrainData = Field(TrainData(), description="which activation stores feed the dictionaries")
     dictionaries: list[DictionaryConfig] = Field(
         default_factory=lambda: [DictionaryConfig()],
@@ -83,9 +84,9 @@ class TrainConfig(BaseModel):
     checkpoint_every: int = Field(1000, ge=1, description="checkpoint every this many steps (and at the end)")
     keep_checkpoints: int = Field(2, ge=1, description="Ray Train checkpoints kept (the latest ones)")
     workers: int = Field(1, ge=0, description="data-parallel workers (0: train in the driver process)")
-    cpus_per_worker: float = Field(1.0, gt=0)
-    torch_threads: int | None = Field(None, ge=1, description="torch threads per worker (default: Ray's choice)")
-    loader_cpus: float = Field(0.5, gt=0, description="CPUs reserved per store-reading task")
+    resources: TrainResources = Field(
+        TrainResources(), description="what each worker and each store-reading task reserves"
+    )
     max_failures: int = Field(3, ge=-1, description="worker failures survived per run (-1: unlimited)")
     ray: RayOptions = Field(RayOptions(), description="which Ray cluster to connect to")
 
@@ -111,4 +112,4 @@ class TrainConfig(BaseModel):
 
     @property
     def output_uri(self) -> str:
-        return self.output or storage.join(storage.absolute(self.storage), self.name, "dictionaries")
+        return self.output or storage.join(storage.absolute(self.runs), self.name, "dictionaries")

@@ -7,7 +7,7 @@
 The stream holds exactly `steps × batch_size` rows and every worker gets the same number of them
 (equal split), so all workers take the same number of steps, each pass ending naturally: nothing
 can leave a DDP all-reduce waiting. A (re)started worker group restores the latest checkpoint,
-skips the batches already trained on and goes on; a relaunch with the same `name` and `storage`
+skips the batches already trained on and goes on; a relaunch with the same `name` and `runs`
 does the same (Ray Train V2 finds the checkpoint).
 """
 
@@ -34,6 +34,7 @@ from ..runtime.session import ensure_ray
 from ..sae import DictionaryConfig, Normalization, Sites, Trainer
 from ..sae.dictionary import check_shape
 from ..sae.io import checkpoint_files, dictionary_files, restore_checkpoint, write_files
+from ..storage import StorageOptions
 from .config import TrainConfig
 from .data import DataPlan, plan_data, read_items
 
@@ -53,7 +54,7 @@ class LoopSpec(BaseModel):
     log_every: int
     checkpoint_every: int
     output: str
-    storage_options: storage.StorageOptions
+    storage: StorageOptions
     torch_threads: int | None
     token_kinds: list[str] | None = None
 
@@ -107,7 +108,7 @@ def total_steps(cfg: TrainConfig, plan: DataPlan) -> int:
 
 def run_training(cfg: TrainConfig) -> TrainSummary:
     """Check the config and the stores, then train with Ray Train and return a summary."""
-    plan = plan_data(cfg.data, cfg.storage_options)
+    plan = plan_data(cfg.data, cfg.storage)
     steps = total_steps(cfg, plan)
     workers = max(cfg.workers, 1)
     norm = plan.normalization
@@ -120,8 +121,8 @@ def run_training(cfg: TrainConfig) -> TrainSummary:
         log_every=cfg.log_every,
         checkpoint_every=cfg.checkpoint_every,
         output=storage.absolute(cfg.output_uri),
-        storage_options=cfg.storage_options.resolved(),
-        torch_threads=cfg.torch_threads,
+        storage=cfg.storage.resolved(),
+        torch_threads=cfg.resources.torch_threads,
         token_kinds=cfg.data.kinds,
     )
     for d in cfg.dictionaries:
@@ -130,14 +131,16 @@ def run_training(cfg: TrainConfig) -> TrainSummary:
     items = plan.items(plan.epochs_for(steps, cfg.batch_size))
     dataset = (
         ray.data.from_items(items, override_num_blocks=len(items))
-        .map_batches(read_items, batch_size=1, fn_kwargs={"reader": plan.reader}, num_cpus=cfg.loader_cpus)
+        .map_batches(read_items, batch_size=1, fn_kwargs={"reader": plan.reader}, num_cpus=cfg.resources.read_cpus)
         .limit(steps * cfg.batch_size)
     )
-    fs, path = storage.resolve(storage.absolute(cfg.storage), cfg.storage_options)
+    fs, path = storage.resolve(storage.absolute(cfg.runs), cfg.storage)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=spec.model_dump(mode="json"),
-        scaling_config=ScalingConfig(num_workers=cfg.workers, resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.workers, resources_per_worker={"CPU": cfg.resources.cpus_per_actor}
+        ),
         run_config=RunConfig(
             name=cfg.name,
             storage_path=path,
@@ -204,7 +207,7 @@ def train_loop(config: dict[str, Any]) -> None:
     else:
         _report(trainer, spec, rank, start, checkpoint=False)
     if rank == 0:
-        write_files(dictionary_files(trainer, spec.metadata()), spec.output, spec.storage_options)
+        write_files(dictionary_files(trainer, spec.metadata()), spec.output, spec.storage)
 
 
 def _batches(shard: Any, batch_size: int, skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:

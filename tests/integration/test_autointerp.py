@@ -24,13 +24,12 @@ def test_ray_batches_are_bounded_and_a_rerun_does_only_the_missing_latents(ray_l
         similarity=False,
         iou=False,
         batch_size=3,
-        actors=2,
-        actor_cpus=0.5,
+        resources=dict(actors=2, cpus_per_actor=0.5),
     )
     out = str(tmp_path / "out")
     summary = explain_latents(evidence(range(5)), cfg, out)
     assert summary.explained == 5 and sorted(read_explanations(out)) == list(range(5))
-    assert chat_server.max_in_flight <= cfg.actors * cfg.chat.concurrency
+    assert chat_server.max_in_flight <= cfg.resources.actors * cfg.chat.concurrency
     chat_server.requests.clear()
     summary = explain_latents(evidence(range(9)), cfg, out)
     assert summary.explained == 4 and summary.already_done == 5 and len(chat_server.requests) == 4

@@ -29,8 +29,6 @@ from prisma_ray.extract.pipeline import run_extract
 from prisma_ray.models import TokenKind, UnknownHookPoint, UnknownModel
 from prisma_ray.models.inputs import PixelInputs
 from prisma_ray.models.loading import load_model
-from prisma_ray.runtime import pool
-from prisma_ray.runtime.pool import actor_resources
 from tests.conftest import IMAGE_ZOO_MAX_PIXELS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -139,7 +137,7 @@ def test_s3_pipeline_equals_in_process_forward_and_resumes_idempotently(ray_loca
         storage=s3.options,
         shard_size=6,
         batch_size=4,
-        actors=1,
+        resources=dict(actors=1),
         progress=False,
     )
     partial = run_extract(cfg.model_copy(update={"max_shards": 3}))
@@ -189,7 +187,7 @@ def uninterrupted(ray_local, tmp_path_factory):
         output=str(root / "reference"),
         shard_size=2,
         batch_size=2,
-        actors=2,
+        resources=dict(actors=2),
         progress=False,
     )
     summary = run_extract(ExtractConfig(**cfg))
@@ -206,7 +204,11 @@ def uninterrupted(ray_local, tmp_path_factory):
 @pytest.mark.slow
 def test_killed_job_resumes_to_exactly_the_uninterrupted_rows(uninterrupted, ray_local, tmp_path):
     cfg, reference = uninterrupted
-    cfg = {**cfg, "output": str(tmp_path / "out"), "actors": 1}  # the actor count does not change the rows
+    cfg = {
+        **cfg,
+        "output": str(tmp_path / "out"),
+        "resources": {"actors": 1},
+    }  # the actor count does not change the rows
     config = tmp_path / "extract.yaml"
     config.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
@@ -264,7 +266,7 @@ def test_bad_inputs_go_to_the_errors_table_and_the_run_completes(ray_local, tmp_
                 tokens=dict(mode="cls"),
                 output=str(tmp_path / "out"),
                 shard_size=5,
-                actors=1,
+                resources=dict(actors=1),
                 dataset=dict(type="images", uri=str(tmp_path / "zoo"), max_pixels=IMAGE_ZOO_MAX_PIXELS),
             )
         )
@@ -297,7 +299,7 @@ def test_video_model_writes_frame_indexed_tokens(ray_local, tmp_path):
         hooks=["blocks.1.hook_resid_post"],
         output=str(tmp_path / "out"),
         shard_size=2,
-        actors=1,
+        resources=dict(actors=1),
         dataset=dict(
             type="synthetic",
             uri=str(tmp_path / "clips"),
@@ -314,29 +316,6 @@ def test_video_model_writes_frame_indexed_tokens(ray_local, tmp_path):
     assert_matches(table, in_process(cfg)["blocks.1.hook_resid_post"], tol=2e-3)
     manifest = store.read_manifest(summary.stores["blocks.1.hook_resid_post"])
     assert manifest.token_layout["time"] == 2 and manifest.dataset["frame_sampling"]["num_frames"] == 4
-
-
-@pytest.mark.parametrize(
-    "cluster,update,shards,expected",
-    [
-        ({"CPU": 2.0}, {}, 4, ("cpu", 2, 0.75, 1)),
-        ({"CPU": 2.0}, {}, 1, ("cpu", 1, 1.0, 2)),
-        ({"CPU": 32.0}, {}, 100, ("cpu", 8, 1.0, 4)),
-        ({"CPU": 16.0, "GPU": 2.0}, {}, 4, ("cuda", 2, 1.0, None)),
-        ({"CPU": 16.0, "GPU": 2.0}, dict(device="cpu", actors=3, torch_threads=2), 4, ("cpu", 3, 1.0, 2)),
-    ],
-)
-def test_actors_fit_the_cluster(monkeypatch, cluster, update, shards, expected):
-    monkeypatch.setattr(pool.ray, "cluster_resources", lambda: cluster)
-    assert actor_resources(ExtractConfig(**update), shards) == expected
-
-
-def test_actors_that_cannot_fit_are_refused(monkeypatch):
-    monkeypatch.setattr(pool.ray, "cluster_resources", lambda: {"CPU": 2.0})
-    with pytest.raises(ValueError, match="cluster has 0 GPUs"):
-        actor_resources(ExtractConfig(device="cuda"), 4)
-    with pytest.raises(ValueError, match="do not fit the cluster's 2 CPUs"):
-        actor_resources(ExtractConfig(actors=2, actor_num_cpus=1.0), 4)
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
 """A multimodal language model's layer end to end: `prisma-ray extract` (image + prompt in, sequence tokens
-out, through Ray Data), a TopK SAE trained on its image and text tokens, its evaluation, and its latents'
+out, through the Ray actor pool), a TopK SAE trained on its image and text tokens, its evaluation, and its latents'
 top images and dashboard."""
 
 from pathlib import Path
@@ -39,7 +39,7 @@ def test_an_sae_trains_on_an_lmm_layer_extracted_through_ray(ray_local, tmp_path
         output=str(tmp_path / "acts"),
         shard_size=8,
         batch_size=4,
-        actors=1,
+        resources=dict(actors=1),
         progress=False,
         dataset=dict(
             type="synthetic", uri=str(tmp_path / "shapes"), generator=dict(name="shapes", n_images=24, image_size=40)
@@ -66,7 +66,7 @@ def test_an_sae_trains_on_an_lmm_layer_extracted_through_ray(ray_local, tmp_path
         TrainConfig.model_validate(
             dict(
                 name="lmm",
-                storage=str(tmp_path / "runs"),
+                runs=str(tmp_path / "runs"),
                 data=dict(inputs=[uri], kinds=["patch", "text"]),
                 dictionaries=[dict(architecture="topk", k=8, d_sae=128, lr=3e-3)],
                 batch_size=256,
@@ -74,7 +74,7 @@ def test_an_sae_trains_on_an_lmm_layer_extracted_through_ray(ray_local, tmp_path
                 log_every=40,
                 checkpoint_every=120,
                 workers=0,
-                torch_threads=1,
+                resources=dict(torch_threads=1),
             )
         )
     )
@@ -113,8 +113,7 @@ def test_an_sae_trains_on_an_lmm_layer_extracted_through_ray(ray_local, tmp_path
             k=4,
             reservoir=8,
             shard_size=8,
-            actors=1,
-            torch_threads=1,
+            resources=dict(actors=1, torch_threads=1),
             progress=False,
         )
     )

@@ -31,8 +31,7 @@ def config(toy_sae, tmp_path, **extra) -> InterpretConfig:
         k=5,
         reservoir=16,
         shard_size=8,
-        actors=2,
-        torch_threads=1,
+        resources=dict(actors=2, torch_threads=1),
         progress=False,
         **extra,
     )
@@ -83,7 +82,7 @@ def test_dashboard_cli_renders_pages_and_offline_explanations(ray_local, toy_sae
         "--set",
         "k=4",
         "--set",
-        "actors=1",
+        "resources.actors=1",
         "--set",
         "progress=false",
     ]

@@ -92,7 +92,7 @@ def sweep_config(root: Path, output: str = "out", **extra) -> SweepConfig:
             "checkpoints": [str(root / "ckpts")],
             "output": str(root / output),
             "evaluation": evaluation,
-            "actors": 2,
+            "resources": {"actors": 2},
             "progress": False,
             **extra,
         }

@@ -80,7 +80,7 @@ def acts() -> np.ndarray:
 def sweep_config(tmp_path, store_uri, **overrides) -> dict:
     cfg = {
         "name": "sweep",
-        "storage": str(tmp_path / "runs"),
+        "runs": str(tmp_path / "runs"),
         "data": {"inputs": [store_uri]},
         "dictionaries": [
             {"architecture": "topk", "k": 3, "d_sae": 64, "lr": 3e-3},
@@ -91,7 +91,7 @@ def sweep_config(tmp_path, store_uri, **overrides) -> dict:
         "log_every": 50,
         "checkpoint_every": 50,
         "workers": 0,
-        "torch_threads": 1,
+        "resources": {"torch_threads": 1},
     }
     cfg.update(overrides)
     return cfg
@@ -116,7 +116,7 @@ def test_cli_trains_a_sweep_from_a_store(ray_local, tmp_path, acts, capsys):
 
 def test_token_kinds_select_rows(tmp_path, acts):
     uri = write_store(str(tmp_path / "acts"), acts, "blocks.0.hook_resid_post")
-    options = TrainConfig().storage_options
+    options = TrainConfig().storage
     assert plan_data(TrainData(inputs=[uri]), options).total_rows == len(acts)
     patches = plan_data(TrainData(inputs=[uri], kinds=["patch"]), options)
     assert patches.total_rows == len(acts) * 3 // 4
@@ -179,7 +179,7 @@ def test_missing_store_fails_before_ray_starts(tmp_path, capsys):
     assert main(["train", str(config)]) == 2
     assert "nowhere/manifest.json" in capsys.readouterr().err
     with pytest.raises(MissingInputError):
-        plan_data(TrainData(inputs=[str(tmp_path / "nowhere")]), TrainConfig().storage_options)
+        plan_data(TrainData(inputs=[str(tmp_path / "nowhere")]), TrainConfig().storage)
 
 
 def _train_workers() -> list[psutil.Process]:
@@ -195,18 +195,16 @@ def test_two_workers_on_s3_survive_a_worker_kill_and_a_relaunch_and_match_one_wo
         tmp_path,
         uri,
         name="two",
-        storage=s3.uri("runs"),
+        runs=s3.uri("runs"),
         steps=300,
         log_every=50,
         checkpoint_every=50,
         workers=2,
-        cpus_per_worker=0.5,
-        storage_options=s3.options.model_dump(),
+        resources={"cpus_per_actor": 0.5, "torch_threads": 1},
+        storage=s3.options.model_dump(),
         dictionaries=[{"architecture": "topk", "k": 3, "d_sae": 64, "lr": 3e-3}],
     )
-    one = run_training(
-        TrainConfig.model_validate({**cfg, "name": "one", "storage": str(tmp_path / "runs"), "workers": 0})
-    )
+    one = run_training(TrainConfig.model_validate({**cfg, "name": "one", "runs": str(tmp_path / "runs"), "workers": 0}))
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}

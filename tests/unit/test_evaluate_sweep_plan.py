@@ -71,7 +71,8 @@ def test_saelens_checkpoints_without_our_metadata(tmp_path):
 
 
 def test_a_saelens_transcoder_is_discovered_as_one_or_refused(tmp_path):
-    """Discovery reads cfg.json as loading does: a transcoder is never taken for an SAE of its input hook."""
+    """Discovery reads cfg.json as loading does: a transcoder is never taken for an SAE of its input hook.
+    Without its output hook it is refused, and the sweep records it as a failure while planning the others."""
     sites = Sites(
         inputs=(Site(name="blocks.1.hook_mlp_in", width=8, model=TOY_IMAGE),),
         outputs=(Site(name="blocks.1.hook_mlp_out", width=8, model=TOY_IMAGE),),
@@ -86,9 +87,14 @@ def test_a_saelens_transcoder_is_discovered_as_one_or_refused(tmp_path):
 
     del cfg["metadata"]["hook_name_out"]
     (tmp_path / "tc" / "cfg.json").write_text(json.dumps(cfg))
-    sweep = SweepConfig(checkpoints=[str(tmp_path)], output=str(tmp_path / "out"))
     with pytest.raises(PrismaRayError, match=rf"{tmp_path / 'tc'}.*metadata\.hook_name_out"):
-        plan_sweep(sweep)
+        read_checkpoint_info(str(tmp_path / "tc"))
+    good = save(tmp_path / "sae", TOY_IMAGE)
+    plan = plan_sweep(SweepConfig(checkpoints=[str(tmp_path)], output=str(tmp_path / "out")))
+    assert [g.uris for g in plan.groups] == [[good]], "the readable checkpoint is still evaluated"
+    (failure,) = plan.unreadable
+    assert failure["checkpoint"] == str(tmp_path / "tc")
+    assert "CheckpointConfigError" in failure["error"] and "metadata.hook_name_out" in failure["error"]
 
 
 def test_plan_expands_model_uris_filters_groups_and_skips_done(tmp_path):

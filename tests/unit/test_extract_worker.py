@@ -22,6 +22,7 @@ from prisma_ray.models import ModelEntry, TokenKind, TokenLayout, UnknownHookPoi
 from prisma_ray.models.inputs import PixelInputs, model_prompts, normalize
 from prisma_ray.models.loading import check_hooks, describe_model, load_model
 from prisma_ray.models.token_selection import TokenSelection, check_selection, token_columns, token_positions
+from prisma_ray.runtime.pool import ShardResources
 from prisma_ray.storage import StorageOptions
 
 TINY_VIT = ModelEntry(
@@ -119,7 +120,9 @@ def test_config_hash_covers_what_changes_rows(tmp_path):
     def digest(cfg, hook=HOOKS[0], inputs="d0", prompts=None):
         return config_hash(store_description(cfg, TINY_VIT, hook, cfg.dataset, inputs, prompts))
 
-    same = base.model_copy(update={"batch_size": 7, "actors": 3, "max_shards": 1, "output": "elsewhere"})
+    same = base.model_copy(
+        update={"batch_size": 7, "resources": ShardResources(actors=3), "max_shards": 1, "output": "elsewhere"}
+    )
     assert digest(base) == digest(same)
     changed = [
         base.model_copy(update={"tokens": TokenSelection(mode="cls")}),

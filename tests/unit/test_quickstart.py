@@ -26,7 +26,7 @@ def test_stages_chain_under_one_output(tmp_path):
 def test_s3_output_reaches_every_stage():
     cfg = QuickstartConfig(output="s3://bucket/qs")
     image = cfg.models[0]
-    uris = [e.output for e in extract_configs(cfg, image)] + [train_config(cfg, image).storage]
+    uris = [e.output for e in extract_configs(cfg, image)] + [train_config(cfg, image).runs]
     uris += sweep_config(cfg).checkpoints + [sweep_config(cfg).output]
     assert all(u.startswith("s3://bucket/qs/") for u in uris)
 

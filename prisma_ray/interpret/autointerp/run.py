@@ -1,10 +1,11 @@
 """Explain and score many latents: config, the per-batch pipeline, and its Ray orchestration.
 
 `explain_latents(evidence, cfg, output)` skips the latents already in `<output>/explanations.jsonl`,
-sends batches of `batch_size` latents to `actors` Ray actors (each builds the explainer and scorers
-once; a chat actor keeps `chat.concurrency` requests in flight), at most `batches_in_flight` batches
-per actor, and appends each finished batch to `explanations.jsonl` atomically: a killed run loses
-only the batches in flight, and a rerun does only the latents missing.
+sends batches of `batch_size` latents to the pool of Ray actors of `resources` (`runtime.pool`: each
+builds the explainer and scorers once; a chat actor keeps `chat.concurrency` requests in flight), at
+most `resources.in_flight_per_actor` batches per actor (default 2), and appends each finished batch to
+`explanations.jsonl` atomically: a killed run loses only the batches in flight, and a rerun does only
+the latents missing.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from typing import Literal
 
 import numpy as np
@@ -21,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from prisma_ray import storage
 from prisma_ray.data.synthetic import ShapesConfig
 from prisma_ray.errors import InvalidRequest
+from prisma_ray.runtime.pool import Resources, cluster_resources, run_pool, size_pool
 from prisma_ray.runtime.session import RayOptions, ensure_ray
 from prisma_ray.storage import StorageOptions
 
@@ -89,9 +91,9 @@ class ExplainConfig(BaseModel):
     latents: list[int] | None = Field(None, description="explain only these (default: every latent that fired)")
     batch_size: int = Field(16, ge=1, description="latents per task")
     use_ray: bool = Field(True, description="explain on a Ray actor pool (false: in this process)")
-    actors: int = Field(1, ge=1)
-    actor_cpus: float = Field(1.0, gt=0)
-    batches_in_flight: int = Field(2, ge=1, description="per actor")
+    resources: Resources = Field(
+        Resources(), description="the pipeline actors (on CPU; never more than batches; 2 batches each at a time)"
+    )
     seed: int = Field(0, description="seed of the random baselines (mixed with each latent)")
     ray: RayOptions = Field(RayOptions(), description="which Ray cluster to connect to")
     storage: StorageOptions = StorageOptions()
@@ -109,7 +111,11 @@ def build_embedder(cfg: EmbedderConfig, vocabulary: list[str]) -> Embedder:
 class Pipeline:
     """Explains and scores one batch of latents (a plain class: Ray actors wrap it, tests call it)."""
 
-    def __init__(self, cfg: ExplainConfig):
+    def __init__(self, cfg: ExplainConfig, torch_threads: int | None = None):
+        if torch_threads:
+            import torch
+
+            torch.set_num_threads(torch_threads)
         if cfg.explainer == "vocabulary" and not cfg.vocabulary:
             raise InvalidRequest("vocabulary: empty; give at least one label for the vocabulary explainer")
         needs_embedder = cfg.explainer == "vocabulary" or cfg.judge == "embedding" or cfg.similarity
@@ -168,8 +174,15 @@ def _batched(items: Iterable[LatentEvidence], size: int) -> Iterator[list[Latent
         yield batch
 
 
-def explain_latents(evidence: Iterable[LatentEvidence], cfg: ExplainConfig, output: str) -> ExplainSummary:
-    """Explain and score every latent of `evidence` not yet in `<output>/explanations.jsonl` (see the module doc)."""
+def explain_latents(
+    evidence: Iterable[LatentEvidence], cfg: ExplainConfig, output: str, count: int | None = None
+) -> ExplainSummary:
+    """Explain and score every latent of `evidence` not yet in `<output>/explanations.jsonl` (see the module doc).
+
+    `count`, the number of latents `evidence` holds at most (default: its length where it has one), caps the
+    actors at one per batch."""
+    if count is None and isinstance(evidence, Sized):
+        count = len(evidence)
     start = time.perf_counter()
     done = read_explanations(output, cfg.storage)
     batches = _batched((e for e in evidence if e.latent not in done), cfg.batch_size)
@@ -180,7 +193,7 @@ def explain_latents(evidence: Iterable[LatentEvidence], cfg: ExplainConfig, outp
         written.extend(records)
 
     if cfg.use_ray:
-        _run_on_ray(batches, cfg, save)
+        _run_on_ray(batches, None if count is None else -(-count // cfg.batch_size), cfg, save)
     else:
         pipeline = Pipeline(cfg)
         for batch in batches:
@@ -200,37 +213,13 @@ def explain_latents(evidence: Iterable[LatentEvidence], cfg: ExplainConfig, outp
     )
 
 
-def _run_on_ray(batches: Iterator[list[LatentEvidence]], cfg: ExplainConfig, save) -> None:
-    """Batches onto `cfg.actors` pipeline actors, at most `batches_in_flight` each; each result saved as it
-    arrives. After a failure no new batch is sent, the batches in flight are still saved, then it re-raises."""
-    import ray
-
+def _run_on_ray(batches: Iterator[list[LatentEvidence]], n_batches: int | None, cfg: ExplainConfig, save) -> None:
+    """Batches onto the pipeline actors (`runtime.pool`); each result saved as it arrives. After a failure no new
+    batch is sent, the batches in flight are still saved, then it re-raises."""
     ensure_ray(cfg.ray)
-    actor_cls = ray.remote(num_cpus=cfg.actor_cpus)(Pipeline)
-    actors = [actor_cls.remote(cfg) for _ in range(cfg.actors)]
-    load = {i: 0 for i in range(len(actors))}
-    in_flight: dict = {}
-    error: Exception | None = None
-    while True:
-        while error is None and len(in_flight) < cfg.actors * cfg.batches_in_flight:
-            batch = next(batches, None)
-            if batch is None:
-                break
-            index = min(load, key=load.get)
-            load[index] += 1
-            in_flight[actors[index].run.remote(batch)] = index
-        if not in_flight:
-            break
-        [ref], _ = ray.wait(list(in_flight), num_returns=1)
-        load[in_flight.pop(ref)] -= 1
-        try:
-            save(ray.get(ref))
-        except Exception as e:  # noqa: BLE001 - kept to re-raise once the batches in flight are saved
-            error = error or e
-    for actor in actors:
-        ray.kill(actor)
-    if error is not None:
-        raise error
+    size = size_pool(cfg.resources, cluster_resources(), n_batches, in_flight=2)
+    for records in run_pool(batches, Pipeline, {"cfg": cfg, "torch_threads": size.torch_threads}, size, method="run"):
+        save(records)
 
 
 def run_explain(cfg: ExplainConfig) -> ExplainSummary:
@@ -247,4 +236,4 @@ def run_explain(cfg: ExplainConfig) -> ExplainSummary:
     fired = [int(r["latent"]) for r in results.latents.to_pylist() if r["frequency"] > 0]
     latents = [latent for latent in (cfg.latents if cfg.latents is not None else fired) if latent not in done]
     evidence = (latent_evidence(results, latent, n=cfg.images_per_latent) for latent in latents)
-    return explain_latents((e for e in evidence if e is not None), cfg, output)
+    return explain_latents((e for e in evidence if e is not None), cfg, output, count=len(latents))

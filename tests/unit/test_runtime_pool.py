@@ -1,0 +1,132 @@
+"""The one sizing policy of the actor pools (a pure function of the cluster's resources, no Ray), and the one
+`resources` block of every job config that runs on Ray."""
+
+import re
+import types
+import typing
+
+import pytest
+from pydantic import BaseModel
+
+from prisma_ray.errors import InvalidRequest
+from prisma_ray.runtime.pool import PoolSize, Resources, ShardResources, TrainResources, size_pool
+from prisma_ray.storage import StorageOptions
+
+
+def shard_pool(cluster, items, **fields) -> PoolSize:
+    """Sized as extraction and interpretation size theirs."""
+    res = ShardResources(**fields)
+    return size_pool(res, cluster, items, device=res.device, read_cpus=res.read_cpus, in_flight=2)
+
+
+def brief(size: PoolSize) -> tuple:
+    return size.device, size.actors, size.cpus_per_actor, size.torch_threads
+
+
+@pytest.mark.parametrize(
+    "cluster,fields,items,expected",
+    [
+        ({"CPU": 2.0}, {}, 4, ("cpu", 2, 0.75, 1)),  # two actors share what the decode task leaves
+        ({"CPU": 2.0}, {}, 1, ("cpu", 1, 1.0, 2)),  # never more actors than shards
+        ({"CPU": 32.0}, {}, 100, ("cpu", 8, 1.0, 4)),  # on CPU at most 8 actors
+        ({"CPU": 16.0, "GPU": 2.0}, {}, 4, ("cuda", 2, 1.0, None)),  # one per GPU
+        ({"CPU": 16.0, "GPU": 2.0}, dict(device="cpu", actors=3, torch_threads=2), 4, ("cpu", 3, 1.0, 2)),
+        ({"CPU": 16.0, "GPU": 8.0}, dict(actors=20), 3, ("cuda", 3, 1.0, None)),  # more actors asked than items
+        ({"CPU": 8.0}, dict(cpus_per_actor=2.0), 10, ("cpu", 3, 2.0, 2)),  # as many of 2 CPUs as fit beside a read
+    ],
+)
+def test_shard_pools_fit_the_cluster(cluster, fields, items, expected):
+    size = shard_pool(cluster, items, **fields)
+    assert brief(size) == expected and size.read_cpus == 0.5 and size.in_flight_per_actor == 2
+
+
+@pytest.mark.parametrize(
+    "cluster,fields,device,items,expected",
+    [
+        ({"CPU": 2.0}, dict(actors=2), "auto", 3, ("cpu", 2, 1.0, 1)),  # the sweep's tests: 3 model groups
+        ({"CPU": 16.0}, dict(cpus_per_actor=4.0), "auto", 10, ("cpu", 4, 4.0, 4)),  # jobs/sweep_checkpoints.yaml
+        ({"CPU": 16.0, "GPU": 4.0}, {}, "auto", 2, ("cuda", 2, 1.0, None)),  # more GPUs than groups
+        ({"CPU": 16.0, "GPU": 4.0}, {}, "cpu", 2, ("cpu", 2, 1.0, 8)),  # evaluation.device=cpu on a GPU cluster
+        ({"CPU": 4.0}, {}, "cpu", None, ("cpu", 4, 1.0, 1)),  # explain: the number of batches not known
+    ],
+)
+def test_pools_without_read_tasks(cluster, fields, device, items, expected):
+    size = size_pool(Resources(**fields), cluster, items, device=device)
+    assert brief(size) == expected and size.read_cpus == 0 and size.in_flight_per_actor == 1
+
+
+def test_calls_in_flight_default_to_the_stage_and_follow_the_config():
+    assert size_pool(Resources(), {"CPU": 2.0}, 4, in_flight=2).in_flight_per_actor == 2
+    assert size_pool(Resources(in_flight_per_actor=5), {"CPU": 2.0}, 4, in_flight=2).in_flight_per_actor == 5
+
+
+def test_pools_that_cannot_fit_are_refused_naming_the_fields():
+    with pytest.raises(
+        InvalidRequest, match=r"resources\.device=cuda with 1 GPU actor\(s\), but the Ray cluster has 0"
+    ):
+        shard_pool({"CPU": 2.0}, 4, device="cuda")
+    with pytest.raises(InvalidRequest, match=r"evaluation\.device=cuda .* lower resources\.actors, or set evaluation"):
+        size_pool(Resources(actors=3), {"CPU": 8.0, "GPU": 2.0}, 5, device="cuda", device_field="evaluation.device")
+    with pytest.raises(InvalidRequest, match="do not fit the Ray cluster's 2 CPUs") as refused:
+        shard_pool({"CPU": 2.0}, 4, actors=2, cpus_per_actor=1.0)
+    assert all(f"resources.{name}" in str(refused.value) for name in ("actors", "cpus_per_actor", "read_cpus"))
+    with pytest.raises(InvalidRequest, match=r"1 actor\(s\) x 0 CPUs plus 0.5 CPUs"):
+        shard_pool({"CPU": 0.5}, 4)
+    with pytest.raises(InvalidRequest, match=r"lower resources\.actors or resources\.cpus_per_actor\.$"):
+        size_pool(Resources(actors=4, cpus_per_actor=1.0), {"CPU": 2.0}, 8)
+
+
+# --- the one `resources` block and the one meaning of `storage` in the job configs ---
+
+RESOURCE_NAME = re.compile(r"(^|_)(cpus?|actors?|threads|in_flight|loader)(_|$)")
+
+
+def job_configs() -> list[type[BaseModel]]:
+    from prisma_ray.evaluate.sweep import SweepConfig
+    from prisma_ray.extract.config import ExtractConfig
+    from prisma_ray.interpret.autointerp.run import ExplainConfig
+    from prisma_ray.interpret.collect import InterpretConfig
+    from prisma_ray.train.config import TrainConfig
+
+    return [ExtractConfig, InterpretConfig, SweepConfig, ExplainConfig, TrainConfig]
+
+
+def nested_fields(model: type[BaseModel], prefix: str = ""):
+    """`(dotted name, field)` of every field of `model` and of the models it holds, except `resources`
+    and `ray` (which Ray to join)."""
+    for name, field in model.model_fields.items():
+        if name in ("resources", "ray"):
+            continue
+        yield prefix + name, field
+        for arg in (field.annotation, *typing.get_args(field.annotation)):
+            if isinstance(arg, type) and issubclass(arg, BaseModel) and arg is not StorageOptions:
+                yield from nested_fields(arg, f"{prefix}{name}.")
+
+
+@pytest.mark.parametrize("config", job_configs(), ids=lambda c: c.__name__)
+def test_every_job_config_sizes_its_actors_in_one_resources_block(config):
+    resources = config.model_fields["resources"].annotation
+    assert resources in (Resources, ShardResources, TrainResources)
+    assert set(resources.model_fields) <= {*ShardResources.model_fields, *TrainResources.model_fields}
+    assert all(f.description for f in resources.model_fields.values())
+    stray = [name for name, _ in nested_fields(config) if RESOURCE_NAME.search(name.rsplit(".", 1)[-1])]
+    assert stray == [], f"CPU/actor fields outside `resources`: {stray}"
+
+
+@pytest.mark.parametrize("config", job_configs(), ids=lambda c: c.__name__)
+def test_storage_always_means_how_to_reach_uris(config):
+    fields = [(name, f) for name, f in nested_fields(config) if name.rsplit(".", 1)[-1] == "storage"]
+    assert fields, f"{config.__name__} has no storage options"
+    for name, field in fields:
+        kinds = {a for a in (field.annotation, *typing.get_args(field.annotation)) if a is not types.NoneType}
+        assert kinds == {StorageOptions}, f"{config.__name__}.{name} is {field.annotation}"
+
+
+def test_no_items_start_no_actors():
+    from prisma_ray.runtime.pool import run_pool
+
+    class Never:
+        def __init__(self):
+            raise AssertionError("no actor may start")
+
+    assert list(run_pool([], Never, {}, size_pool(Resources(), {"CPU": 2.0}, 0))) == []
