@@ -5,83 +5,31 @@ import torch
 from prisma_ray.models import HookedVisionModel, ModelEntry, load_model
 
 IMAGE_ID, VIDEO_ID = 100, 101
-TEXT = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=300,
-)
-TINY_VISION = dict(
-    hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14
-)
+TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+TEXT["vocab_size"] = 300
+TINY_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+TINY_VISION.update(image_size=28, patch_size=14)
 PINPOINTS = [[28, 28], [28, 56]]
 QWEN_TEXT = dict(TEXT, rope_parameters=dict(rope_type="default", mrope_section=[1, 1, 2], rope_theta=1e4))
 QWEN_TOKENS = dict(image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, vision_start_token_id=102, vision_end_token_id=103)
+QWEN_VISION = dict(depth=2, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+QWEN2_VISION = dict(QWEN_VISION, embed_dim=16, hidden_size=32, mlp_ratio=2)
+QWEN25_VISION = dict(QWEN_VISION, hidden_size=16, intermediate_size=32, out_hidden_size=32, window_size=56)
+QWEN25_VISION["fullatt_block_indexes"] = [1]
+LLAVA_OV_VISION = dict(TINY_VISION, model_type="siglip_vision_model")
+LLAVA_NEXT_VISION = dict(TINY_VISION, model_type="clip_vision_model", projection_dim=16)
+LLAVA_IDS = dict(image_token_index=IMAGE_ID, image_grid_pinpoints=PINPOINTS)
+QWEN2_VL = dict(text_config=QWEN_TEXT, vision_config=QWEN2_VISION, **QWEN_TOKENS)
+QWEN25_VL = dict(text_config=QWEN_TEXT, vision_config=QWEN25_VISION, **QWEN_TOKENS)
+LLAVA_OV = dict(vision_config=LLAVA_OV_VISION, text_config=dict(TEXT, model_type="qwen2"), **LLAVA_IDS)
+LLAVA_OV.update(video_token_index=VIDEO_ID, vision_feature_layer=-1, vision_feature_select_strategy="full")
+LLAVA_NEXT = dict(vision_config=LLAVA_NEXT_VISION, text_config=dict(TEXT, model_type="llama"), **LLAVA_IDS)
 
-CONFIGS = {
-    "qwen2-vl": (
-        "qwen2-vl",
-        "Qwen2VLForConditionalGeneration",
-        dict(
-            text_config=QWEN_TEXT,
-            vision_config=dict(
-                depth=2,
-                embed_dim=16,
-                hidden_size=32,
-                num_heads=2,
-                mlp_ratio=2,
-                patch_size=14,
-                spatial_merge_size=2,
-                temporal_patch_size=2,
-            ),
-            **QWEN_TOKENS,
-        ),
-    ),
-    "qwen2.5-vl": (
-        "qwen2-vl",
-        "Qwen2_5_VLForConditionalGeneration",
-        dict(
-            text_config=QWEN_TEXT,
-            vision_config=dict(
-                depth=2,
-                hidden_size=16,
-                intermediate_size=32,
-                num_heads=2,
-                out_hidden_size=32,
-                patch_size=14,
-                spatial_merge_size=2,
-                temporal_patch_size=2,
-                window_size=56,
-                fullatt_block_indexes=[1],
-            ),
-            **QWEN_TOKENS,
-        ),
-    ),
-    "llava-onevision": (
-        "llava-onevision",
-        "LlavaOnevisionForConditionalGeneration",
-        dict(
-            vision_config=dict(TINY_VISION, model_type="siglip_vision_model"),
-            text_config=dict(TEXT, model_type="qwen2"),
-            image_token_index=IMAGE_ID,
-            video_token_index=VIDEO_ID,
-            image_grid_pinpoints=PINPOINTS,
-            vision_feature_layer=-1,
-            vision_feature_select_strategy="full",
-        ),
-    ),
-    "llava-next": (
-        "llava-next",
-        "LlavaNextForConditionalGeneration",
-        dict(
-            vision_config=dict(TINY_VISION, model_type="clip_vision_model", projection_dim=16),
-            text_config=dict(TEXT, model_type="llama"),
-            image_token_index=IMAGE_ID,
-            image_grid_pinpoints=PINPOINTS,
-        ),
-    ),
+CONFIGS = {  # name: (family, architecture, config)
+    "qwen2-vl": ("qwen2-vl", "Qwen2VLForConditionalGeneration", QWEN2_VL),
+    "qwen2.5-vl": ("qwen2-vl", "Qwen2_5_VLForConditionalGeneration", QWEN25_VL),
+    "llava-onevision": ("llava-onevision", "LlavaOnevisionForConditionalGeneration", LLAVA_OV),
+    "llava-next": ("llava-next", "LlavaNextForConditionalGeneration", LLAVA_NEXT),
 }
 
 

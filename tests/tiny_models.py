@@ -155,3 +155,35 @@ def batch(model: HookedVisionModel, n: int = 2, seed: int = 1) -> torch.Tensor:
 def read_only_names(model: HookedVisionModel) -> list[str]:
     """Every hook point whose reading leaves the computation as it is (attention patterns excluded)."""
     return [n for n in model.hook_names if not n.endswith("hook_pattern")]
+
+
+# The small models of the pipeline tests (extraction, evaluation, the sweep), as the plain dicts job configs take.
+def tiny_vit(
+    name: str = "test-vit-tiny",
+    architecture: str = "vit_tiny_patch16_224",
+    family: str = "vit",
+    image_size: int = 32,
+    patch_size: int = 8,
+    **timm_config,
+) -> dict:
+    """A timm ViT of 2 blocks of width 32 (2 heads); `timm_config` adds to timm's model kwargs."""
+    timm = dict(img_size=image_size, patch_size=patch_size, depth=2, embed_dim=32, num_heads=2, **timm_config)
+    sizes = dict(layers=2, width=32, heads=2, image_size=image_size, patch_size=patch_size)
+    return dict(name=name, source="timm", architecture=architecture, family=family, **sizes, config=timm)
+
+
+def tiny_videomae(name: str, architecture: str, **hf_config) -> dict:
+    """A VideoMAE of 2 layers of width 32 (2 heads) on 4-frame clips of 32 px, 8 px patches, tubelets of 2."""
+    sizes = dict(layers=2, width=32, heads=2, image_size=32, patch_size=8)
+    hf = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32)
+    hf.update(patch_size=8, num_frames=4, tubelet_size=2, **hf_config)
+    return dict(
+        name=name,
+        source="hf",
+        architecture=architecture,
+        family="videomae",
+        modality="video",
+        frames=4,
+        **sizes,
+        config=hf,
+    )

@@ -23,7 +23,7 @@ from ..runtime.pool import cluster_resources, size_pool, stream_shards
 from ..runtime.session import ensure_ray
 from .config import ExtractConfig
 from .plan import ExtractPlan, dataset_description, plan_extract
-from .worker import ExtractionWorker, WorkerJob
+from .worker import ExtractionWorker
 
 log = logging.getLogger(__name__)
 
@@ -105,19 +105,7 @@ def _run_pipeline(plan: ExtractPlan, todo: list[int]):
     ensure_ray(cfg.ray)
     res = cfg.resources
     size = size_pool(res, cluster_resources(), len(todo), device=res.device, read_cpus=res.read_cpus, in_flight=2)
-    job = WorkerJob(
-        model=plan.entry,
-        pretrained=cfg.pretrained,
-        seed=cfg.seed,
-        tokens=cfg.tokens,
-        dtype=cfg.dtype,
-        stores={hook: w.uri for hook, w in plan.writers.items()},
-        storage=plan.options,
-        batch_size=cfg.batch_size,
-        prompts=plan.prompts,
-        device=size.device,
-        torch_threads=size.torch_threads,
-    )
+    job = plan.job(size.device, size.torch_threads)
     shards = {i: ([asdict(r) for r in plan.shards[i]], plan.pending[i]) for i in todo}
     log.info(
         "extracting %d shards with %d %s actor(s) (%.2g CPUs, %s torch threads each)",

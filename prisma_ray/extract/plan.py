@@ -27,6 +27,7 @@ from ..models.inputs import model_prompts
 from ..models.loading import check_hooks, describe_model, resolve_entry
 from ..models.token_selection import check_selection
 from .config import ExtractConfig
+from .worker import WorkerJob
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,23 @@ class ExtractPlan:
     hashes: dict[str, str]
     pending: dict[int, list[str]]
     options: storage.StorageOptions
+
+    def job(self, device: str = "cpu", torch_threads: int | None = None) -> WorkerJob:
+        """What every `ExtractionWorker` of this extraction needs, for actors on `device`."""
+        c = self.cfg
+        return WorkerJob(
+            model=self.entry,
+            pretrained=c.pretrained,
+            seed=c.seed,
+            tokens=c.tokens,
+            dtype=c.dtype,
+            stores={hook: w.uri for hook, w in self.writers.items()},
+            storage=self.options,
+            batch_size=c.batch_size,
+            prompts=self.prompts,
+            device=device,
+            torch_threads=torch_threads,
+        )
 
 
 def pending_shards(n_shards: int, completed: dict[str, set[int]]) -> dict[int, list[str]]:

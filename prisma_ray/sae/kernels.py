@@ -52,15 +52,9 @@ class GatherEncode(torch.autograd.Function):
         return None, grad_b_pre, grad_W_enc, per_latent, None, None
 
 
-def gather_encode(
-    centered: torch.Tensor,
-    b_pre: torch.Tensor | None,
-    W_enc: torch.Tensor,
-    b_enc: torch.Tensor,
-    idx: torch.Tensor,
-    pre: torch.Tensor,
-) -> torch.Tensor:
-    return GatherEncode.apply(centered, b_pre, W_enc, b_enc, idx, pre)
+def gather_encode(*inputs: torch.Tensor | None) -> torch.Tensor:
+    """`GatherEncode.apply(centered, b_pre, W_enc, b_enc, idx, pre)`: the gathered pre-activations `[batch, k]`."""
+    return GatherEncode.apply(*inputs)
 
 
 def sparse_decode(idx: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:

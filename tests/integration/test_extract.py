@@ -30,44 +30,11 @@ from prisma_ray.models import TokenKind, UnknownHookPoint, UnknownModel
 from prisma_ray.models.inputs import PixelInputs
 from prisma_ray.models.loading import load_model
 from tests.conftest import IMAGE_ZOO_MAX_PIXELS
+from tests.tiny_models import tiny_videomae, tiny_vit
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY_VIT = dict(
-    name="test-vit-tiny",
-    source="timm",
-    architecture="vit_tiny_patch16_224",
-    family="vit",
-    layers=2,
-    width=32,
-    heads=2,
-    image_size=32,
-    patch_size=8,
-    config=dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2),
-)
-TINY_VIDEOMAE = dict(
-    name="test-videomae-tiny",
-    source="hf",
-    architecture="VideoMAEModel",
-    family="videomae",
-    modality="video",
-    layers=2,
-    width=32,
-    heads=2,
-    image_size=32,
-    patch_size=8,
-    frames=4,
-    config=dict(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=8,
-        num_frames=4,
-        tubelet_size=2,
-        use_mean_pooling=False,
-    ),
-)
+TINY_VIT = tiny_vit()
+TINY_VIDEOMAE = tiny_videomae("test-videomae-tiny", "VideoMAEModel", use_mean_pooling=False)
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
 
 

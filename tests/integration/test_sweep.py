@@ -12,45 +12,14 @@ from prisma_ray.cli import main
 from prisma_ray.evaluate.sweep import SweepConfig, run_sweep
 from prisma_ray.sae import Dictionary, DictionaryConfig, Site, Sites, export_files, write_files
 from prisma_ray.storage import MissingInputError
+from tests.tiny_models import tiny_videomae, tiny_vit
 from tests.unit.test_evaluate_checkpoint import extract_in_process, shapes_config
 
 HOOK = "blocks.0.hook_resid_post"
-TINY_VIT_REG = dict(
-    name="test-vit-reg",
-    source="timm",
-    architecture="vit_small_patch14_reg4_dinov2",
-    family="dinov2",
-    layers=2,
-    width=32,
-    heads=2,
-    image_size=28,
-    patch_size=14,
-    config=dict(img_size=28, patch_size=14, depth=2, embed_dim=32, num_heads=2, num_classes=6),
+TINY_VIT_REG = tiny_vit(
+    "test-vit-reg", "vit_small_patch14_reg4_dinov2", "dinov2", image_size=28, patch_size=14, num_classes=6
 )
-TINY_VIDEOMAE = dict(
-    name="test-videomae-cls",
-    source="hf",
-    architecture="VideoMAEForVideoClassification",
-    family="videomae",
-    modality="video",
-    layers=2,
-    width=32,
-    heads=2,
-    image_size=32,
-    patch_size=8,
-    frames=4,
-    config=dict(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=8,
-        num_frames=4,
-        tubelet_size=2,
-        num_labels=8,
-    ),
-)
+TINY_VIDEOMAE = tiny_videomae("test-videomae-cls", "VideoMAEForVideoClassification", num_labels=8)
 MODELS = ["test-videomae-cls", "test-vit-reg", "test-vit-tiny"]
 KS = [2, 4, 8, 16]
 

@@ -14,22 +14,12 @@ from prisma_ray.evaluate.splice import splice_hooks
 from prisma_ray.extract.config import ExtractConfig
 from prisma_ray.extract.pipeline import finalize_stores
 from prisma_ray.extract.plan import plan_extract
-from prisma_ray.extract.worker import ExtractionWorker, WorkerJob
+from prisma_ray.extract.worker import ExtractionWorker
 from prisma_ray.sae import Dictionary, DictionaryConfig, Site, Sites, export_files, write_files
 from prisma_ray.storage import MissingInputError
+from tests.tiny_models import tiny_vit
 
-TINY_VIT = dict(
-    name="test-vit-tiny",
-    source="timm",
-    architecture="vit_tiny_patch16_224",
-    family="vit",
-    layers=2,
-    width=32,
-    heads=2,
-    image_size=32,
-    patch_size=8,
-    config=dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, num_classes=6),
-)
+TINY_VIT = tiny_vit(num_classes=6)
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out"]
 
 
@@ -39,22 +29,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def extract_in_process(cfg: ExtractConfig) -> dict[str, str]:
     """Write the stores of `cfg` in this process (the extraction worker without Ray); `{hook: store URI}`."""
     plan = plan_extract(cfg)
-    stores = {hook: w.uri for hook, w in plan.writers.items()}
-    job = WorkerJob(
-        model=plan.entry,
-        pretrained=cfg.pretrained,
-        seed=cfg.seed,
-        tokens=cfg.tokens,
-        dtype=cfg.dtype,
-        stores=stores,
-        storage=plan.options,
-        batch_size=cfg.batch_size,
-    )
-    worker = ExtractionWorker(job)
+    worker = ExtractionWorker(plan.job())
     for shard in sorted(plan.pending):
         worker.process(shard, decode_shard(plan.shards[shard], plan.spec, plan.fmt), plan.pending[shard])
     assert finalize_stores(plan)
-    return stores
+    return {hook: w.uri for hook, w in plan.writers.items()}
 
 
 def shapes_config(root, model=TINY_VIT, hooks=HOOKS, n=12, dataset=None, **extra) -> ExtractConfig:

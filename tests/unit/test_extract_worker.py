@@ -24,19 +24,9 @@ from prisma_ray.models.loading import check_hooks, describe_model, load_model
 from prisma_ray.models.token_selection import TokenSelection, check_selection, token_columns, token_positions
 from prisma_ray.runtime.pool import ShardResources
 from prisma_ray.storage import StorageOptions
+from tests.tiny_models import tiny_vit
 
-TINY_VIT = ModelEntry(
-    name="test-vit-tiny",
-    source="timm",
-    architecture="vit_tiny_patch16_224",
-    family="vit",
-    layers=2,
-    width=32,
-    heads=2,
-    image_size=32,
-    patch_size=8,
-    config=dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2),
-)
+TINY_VIT = ModelEntry(**tiny_vit())
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
 LAYOUT = TokenLayout(prefix=(TokenKind.CLS, TokenKind.REGISTER, TokenKind.REGISTER), grid=(2, 3))
 
