@@ -6,31 +6,12 @@ they use the `-quickgelu` model names, which OpenCLIP needs to build the matchin
 """
 
 from ..registry import ModelEntry
+from . import catalog_entry
 
 
-def _entry(
-    name: str,
-    architecture: str,
-    pretrained: str,
-    family: str,
-    layers: int,
-    width: int,
-    heads: int,
-    image_size: int,
-    patch_size: int,
-) -> ModelEntry:
-    return ModelEntry(
-        name=f"openclip-{name}",
-        source="open_clip",
-        architecture=architecture,
-        pretrained=pretrained,
-        family=family,
-        layers=layers,
-        width=width,
-        heads=heads,
-        image_size=image_size,
-        patch_size=patch_size,
-    )
+def _entry(name: str, architecture: str, tag: str, family: str, *shape: int) -> ModelEntry:
+    """An OpenCLIP entry: `shape` is (layers, width, heads, image_size, patch_size)."""
+    return catalog_entry("open_clip", f"openclip-{name}", architecture, tag, family, shape)
 
 
 ENTRIES: list[ModelEntry] = [
