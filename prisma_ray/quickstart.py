@@ -80,7 +80,7 @@ class QuickstartConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     output: str = Field("prisma-quickstart", description="root of every stage's output (local or s3://)")
-    storage: StorageOptions = StorageOptions()
+    storage: StorageOptions = Field(StorageOptions(), description="how to reach `output` when it is on s3://")
     models: list[QuickstartModel] = Field(
         default_factory=_default_models, min_length=1, description="the embedded models run (default: both)"
     )

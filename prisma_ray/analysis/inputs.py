@@ -30,7 +30,7 @@ class InputsConfig(BaseModel):
     )
     synthetic: int = Field(8, ge=1, description="rendered samples when no uris are given")
     seed: int = Field(0, description="seed of the rendered synthetic samples")
-    storage: StorageOptions | None = None
+    storage: StorageOptions = Field(StorageOptions(), description="how to reach `uris` on s3://")
 
 
 @dataclass

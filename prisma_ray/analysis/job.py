@@ -85,13 +85,15 @@ class AnalyzeConfig(BaseModel):
     attribution: AttributionConfig = Field(
         default_factory=AttributionConfig, description="options of `analyze attribution`"
     )
-    storage: StorageOptions | None = None
+    storage: StorageOptions = Field(
+        StorageOptions(), description="how to reach `output`, dictionaries and embeddings on s3://"
+    )
 
 
 def _zero_shot(cfg: AnalyzeConfig) -> ZeroShotHead | None:
     if cfg.head is None:
         return None
-    return ZeroShotHead(load_matrix(cfg.head.text_embeddings, cfg.storage or StorageOptions()), cfg.head.logit_scale)
+    return ZeroShotHead(load_matrix(cfg.head.text_embeddings, cfg.storage), cfg.head.logit_scale)
 
 
 def _readout(model: HookedVisionModel, cfg: AnalyzeConfig) -> Readout:

@@ -45,7 +45,7 @@ _WDS_KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 class _Source(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    storage: StorageOptions = StorageOptions()
+    storage: StorageOptions = Field(StorageOptions(), description="how to reach `uri` when it is on s3://")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="larger images/videos are skipped (too_large)")
 
 

@@ -88,8 +88,10 @@ class EvalConfig(BaseModel):
         le=1,
         description="a factor value counts as detected when its best single-latent AUROC reaches this",
     )
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    storage: StorageOptions = StorageOptions()
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where models and dictionaries run: cpu, cuda, or auto (cuda when this process sees a GPU)"
+    )
+    storage: StorageOptions = Field(StorageOptions(), description="how to reach s3:// checkpoints and stores")
 
     def store_uri(self, site: Site) -> str:
         return store.store_uri(storage.absolute(self.stores), site.model, site.name, self.split)

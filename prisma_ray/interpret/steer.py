@@ -180,7 +180,7 @@ class SteerConfig(BaseModel):
     labels: list[str] | None = Field(
         None, description="class or prompt names (default: the synthetic dataset's shapes)"
     )
-    storage: StorageOptions = StorageOptions()
+    storage: StorageOptions = Field(StorageOptions(), description="how to reach s3:// checkpoints, data and embeddings")
 
 
 def run_steer(cfg: SteerConfig) -> dict:

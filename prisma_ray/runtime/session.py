@@ -17,8 +17,12 @@ class RayOptions(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    address: str | None = None
-    num_cpus: int | None = Field(None, ge=1)
+    address: str | None = Field(
+        None, description="address of a running Ray cluster, e.g. ray://head:10001 or auto (default: $RAY_ADDRESS)"
+    )
+    num_cpus: int | None = Field(
+        None, ge=1, description="CPUs of a new local Ray (default: all of this machine's); ignored when connecting"
+    )
 
 
 def ensure_ray(opts: RayOptions) -> None:

@@ -235,7 +235,7 @@ def test_bad_train_config_is_a_clear_error(tmp_path, config, message):
 def test_train_config_from_yaml_with_overrides(tmp_path):
     path = tmp_path / "train.yaml"
     path.write_text(
-        "name: sweep\nstorage: s3://bucket/runs\ndata:\n  inputs: [s3://bucket/acts/blocks.6.hook_resid_post/train]\n"
+        "name: sweep\nruns: s3://bucket/runs\ndata:\n  inputs: [s3://bucket/acts/blocks.6.hook_resid_post/train]\n"
         "dictionaries:\n  - {architecture: topk, k: 16}\n  - {architecture: topk, k: 32}\n  - {architecture: relu}\n"
     )
     cfg = load_config(TrainConfig, path, ["batch_size=1024", "workers=2"])

@@ -96,7 +96,7 @@ class ExplainConfig(BaseModel):
     )
     seed: int = Field(0, description="seed of the random baselines (mixed with each latent)")
     ray: RayOptions = Field(RayOptions(), description="which Ray cluster to connect to")
-    storage: StorageOptions = StorageOptions()
+    storage: StorageOptions = Field(StorageOptions(), description="how to reach `evidence` and `output` on s3://")
 
 
 def build_embedder(cfg: EmbedderConfig, vocabulary: list[str]) -> Embedder:

@@ -34,7 +34,7 @@ class ImportConfig(BaseModel):
         description="model the dictionary reads (registry name or the source's own "
         "name); default: the one the source files name",
     )
-    storage: StorageOptions = StorageOptions()
+    storage: StorageOptions = Field(StorageOptions(), description="how to reach `source` and `output` on s3://")
 
 
 class ImportResult(BaseModel):
