@@ -112,6 +112,7 @@ def size_pool(
     device: Device = "cpu",
     read_cpus: float = 0.0,
     in_flight: int = 1,
+    default_actors: int | None = None,
     field: str = "resources",
     device_field: str = "resources.device",
 ) -> PoolSize:
@@ -123,14 +124,16 @@ def size_pool(
     never more than `items`. CPUs per actor by default: up to 1, sharing what the read tasks (`read_cpus`
     each; 0 where there are none) leave. Torch threads on CPU by default: the cluster's CPUs / actors
     (separate single-threaded forward passes keep the cores busier than one multi-threaded one).
-    `in_flight` is the stage's default of `res.in_flight_per_actor`. `field`/`device_field` are the
+    `in_flight` is the stage's default of `res.in_flight_per_actor`, `default_actors` its default of
+    `res.actors` where it has its own (explanation: 1, since a chat explainer's load on its server is
+    `chat.concurrency` per actor). `field`/`device_field` are the
     config names errors cite. Raises `InvalidRequest` when the GPU actors or the actors plus one read task
     do not fit the cluster.
     """
     cpus, gpus = float(cluster.get("CPU", 0.0)), float(cluster.get("GPU", 0.0))
     device = device if device != "auto" else ("cuda" if gpus >= 1 else "cpu")
-    if res.actors:
-        wanted = res.actors
+    if res.actors or default_actors:
+        wanted = res.actors or default_actors
     elif device == "cuda":
         wanted = int(gpus)
     elif res.cpus_per_actor:

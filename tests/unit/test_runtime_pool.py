@@ -47,12 +47,19 @@ def test_shard_pools_fit_the_cluster(cluster, fields, items, expected):
         ({"CPU": 16.0}, dict(cpus_per_actor=4.0), "auto", 10, ("cpu", 4, 4.0, 4)),  # jobs/sweep_checkpoints.yaml
         ({"CPU": 16.0, "GPU": 4.0}, {}, "auto", 2, ("cuda", 2, 1.0, None)),  # more GPUs than groups
         ({"CPU": 16.0, "GPU": 4.0}, {}, "cpu", 2, ("cpu", 2, 1.0, 8)),  # evaluation.device=cpu on a GPU cluster
-        ({"CPU": 4.0}, {}, "cpu", None, ("cpu", 4, 1.0, 1)),  # explain: the number of batches not known
+        ({"CPU": 4.0}, {}, "cpu", None, ("cpu", 4, 1.0, 1)),  # the number of items not known
     ],
 )
 def test_pools_without_read_tasks(cluster, fields, device, items, expected):
     size = size_pool(Resources(**fields), cluster, items, device=device)
     assert brief(size) == expected and size.read_cpus == 0 and size.in_flight_per_actor == 1
+
+
+def test_actors_default_to_the_stage_where_it_has_a_default():
+    """Explanation keeps one actor unless asked (a chat explainer's load on its server grows with actors)."""
+    assert size_pool(Resources(), {"CPU": 4.0}, None, default_actors=1).actors == 1
+    assert size_pool(Resources(actors=3), {"CPU": 4.0}, None, default_actors=1).actors == 3
+    assert size_pool(Resources(cpus_per_actor=0.5), {"CPU": 4.0}, None, default_actors=1).actors == 1
 
 
 def test_calls_in_flight_default_to_the_stage_and_follow_the_config():

@@ -92,7 +92,8 @@ class ExplainConfig(BaseModel):
     batch_size: int = Field(16, ge=1, description="latents per task")
     use_ray: bool = Field(True, description="explain on a Ray actor pool (false: in this process)")
     resources: Resources = Field(
-        Resources(), description="the pipeline actors (on CPU; never more than batches; 2 batches each at a time)"
+        Resources(),
+        description="the pipeline actors (on CPU; default 1, never more than batches; 2 batches each at a time)",
     )
     seed: int = Field(0, description="seed of the random baselines (mixed with each latent)")
     ray: RayOptions = Field(RayOptions(), description="which Ray cluster to connect to")
@@ -217,7 +218,7 @@ def _run_on_ray(batches: Iterator[list[LatentEvidence]], n_batches: int | None, 
     """Batches onto the pipeline actors (`runtime.pool`); each result saved as it arrives. After a failure no new
     batch is sent, the batches in flight are still saved, then it re-raises."""
     ensure_ray(cfg.ray)
-    size = size_pool(cfg.resources, cluster_resources(), n_batches, in_flight=2)
+    size = size_pool(cfg.resources, cluster_resources(), n_batches, in_flight=2, default_actors=1)
     for records in run_pool(batches, Pipeline, {"cfg": cfg, "torch_threads": size.torch_threads}, size, method="run"):
         save(records)
 
