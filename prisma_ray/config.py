@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import shutil
 import textwrap
@@ -57,7 +58,39 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
         return cls.model_validate(data)
     except ValidationError as exc:
         where = f"config {str(path)!r}" if path else "config"
-        raise ConfigError(f"Invalid {where} for {cls.__name__}:\n{exc}") from exc
+        raise ConfigError(f"Invalid {where} for {cls.__name__}: {describe_errors(cls, exc)}") from exc
+
+
+def describe_errors(cls: type[BaseModel], exc: ValidationError) -> str:
+    """The validation errors of `cls` on one line: `dotted.key: what is wrong (got VALUE)`, joined by `; `;
+    an unknown key names the closest known ones."""
+    parts: list[str] = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        if error["type"] == "extra_forbidden":
+            message = "unknown key" + _suggest(cls, error["loc"])
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+            if error["type"] != "missing" and "input" in error:
+                shown = repr(error["input"])
+                message += f" (got {shown if len(shown) <= 60 else shown[:57] + '...'})"
+        if f"{key}: {message}" not in parts:
+            parts.append(f"{key}: {message}")
+    return "; ".join(parts)
+
+
+def _suggest(cls: type[BaseModel], loc: tuple[Any, ...]) -> str:
+    """`; did you mean ...?` with the fields of the model at `loc[:-1]` closest to `loc[-1]` ("" if none)."""
+    model: Any = cls
+    for part in loc[:-1]:
+        if isinstance(part, int) or model is None:
+            continue
+        info = model.model_fields.get(part)
+        model = _nested(info.annotation)[0] if info is not None else None
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=3)
+    return f"; did you mean {' or '.join(close)}?" if close else f"; known keys: {', '.join(model.model_fields)}"
 
 
 def models_in(annotation: Any) -> Iterator[type[BaseModel]]:

@@ -109,9 +109,18 @@ def test_a_config_error_is_one_error_line_and_verbose_logs_its_traceback(capsys,
     assert main(["demo", "--set", "batch_size=0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: Invalid config for DemoConfig") and err.count("error:") == 1
+    assert err.count("\n") == 1 and "batch_size: Input should be greater than or equal to 1 (got 0)" in err
     assert "Traceback" not in err
     caplog.set_level(logging.DEBUG, logger="prisma_ray.cli")
     assert main(["-v", "demo", "--set", "batch_size=0"]) == 2
     assert "error: Invalid config" in capsys.readouterr().err
     (record,) = [r for r in caplog.records if r.name == "prisma_ray.cli"]
     assert record.levelno == logging.DEBUG and record.exc_info[0] is ConfigError
+
+
+def test_a_mistyped_key_is_named_on_one_line_with_the_closest_keys(capsys):
+    assert main(["extract", "--set", "resourcse.actors=1", "--set", "resources.actorz=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "resourcse: unknown key; did you mean resources?" in err
+    assert "resources.actorz: unknown key; did you mean actors?" in err
