@@ -240,7 +240,10 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         name="demo",
-        help="run the demo job on the embedded default",
+        help="a short tour: held-out synthetic images through the embedded ViT (hook points, shapes, accuracy)",
+        description="Run held-out `shapes` images through a model (default: the embedded prisma-toy-vit-shapes) and "
+        "print its hook points, the shapes of its cached activations and its accuracy. No Ray.",
+        epilog="example: prisma-ray demo --set model=timm-vit-tiny-patch16-224-augreg-in21k-ft-in1k --set pretrained=false",
         config=".demo:DemoConfig",
         config_help="YAML config (optional)",
         run=_demo,
@@ -276,6 +279,11 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         name="train",
         help="train SAEs, transcoders or crosscoders on activation stores (Ray Train)",
+        description="Train the config's dictionaries together on the same batches of the activation stores in "
+        "`data.inputs` (a crosscoder over several; a transcoder to `data.targets`) on `workers` data-parallel Ray "
+        "Train workers. Checkpoints go to <runs>/<name>/ (local or s3://) and a rerun with the same name resumes; "
+        "the final dictionaries (SAELens layout) go to `output`.",
+        epilog="example: prisma-ray train train.yaml --set runs=s3://bucket/runs --set workers=2",
         config=".train.config:TrainConfig",
         config_help="YAML config (optional: the defaults train on the default store)",
         run=_summary(".train.job", "run_training"),

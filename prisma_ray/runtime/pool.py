@@ -58,7 +58,9 @@ class Resources(BaseModel):
         "`cpus_per_actor` as fit; never more than there are items to run)",
     )
     cpus_per_actor: float | None = Field(
-        None, gt=0, description="CPUs reserved per actor (default: up to 1, leaving room for the read tasks)"
+        None,
+        gt=0,
+        description="CPUs reserved per actor (default: up to 1; shard stages leave room for their read tasks)",
     )
     torch_threads: int | None = Field(
         None, ge=1, description="torch threads per CPU actor (default: the cluster's CPUs / actors)"
@@ -115,6 +117,7 @@ def size_pool(
     default_actors: int | None = None,
     field: str = "resources",
     device_field: str = "resources.device",
+    actors_field: str | None = None,
 ) -> PoolSize:
     """The pool `res` asks for on a cluster of `cluster` resources (`{"CPU": n, "GPU": m}`), for `items`
     calls (None: not known; the actors are then not capped).
@@ -126,9 +129,9 @@ def size_pool(
     (separate single-threaded forward passes keep the cores busier than one multi-threaded one).
     `in_flight` is the stage's default of `res.in_flight_per_actor`, `default_actors` its default of
     `res.actors` where it has its own (explanation: 1, since a chat explainer's load on its server is
-    `chat.concurrency` per actor). `field`/`device_field` are the
-    config names errors cite. Raises `InvalidRequest` when the GPU actors or the actors plus one read task
-    do not fit the cluster.
+    `chat.concurrency` per actor). `field`, `device_field` and `actors_field` (default `<field>.actors`)
+    are the config names errors cite. Raises `InvalidRequest` when the GPU actors, or the actors plus one
+    read task, do not fit the cluster.
     """
     cpus, gpus = float(cluster.get("CPU", 0.0)), float(cluster.get("GPU", 0.0))
     device = device if device != "auto" else ("cuda" if gpus >= 1 else "cpu")
@@ -149,7 +152,8 @@ def size_pool(
     per_actor = res.cpus_per_actor or min(1.0, (cpus - read_cpus) / actors)
     if per_actor <= 0 or actors * per_actor + read_cpus > cpus + 1e-9:
         reads = f" plus {read_cpus:g} CPUs for a read task" if read_cpus else ""
-        names = f"{field}.actors or {field}.cpus_per_actor" + (f" or {field}.read_cpus" if read_cpus else "")
+        actors_name = actors_field or f"{field}.actors"
+        names = f"{actors_name} or {field}.cpus_per_actor" + (f" or {field}.read_cpus" if read_cpus else "")
         raise InvalidRequest(
             f"{actors} actor(s) x {max(per_actor, 0):g} CPUs{reads} do not fit the Ray cluster's {cpus:g} CPUs"
             f"{', so reading could never run' if read_cpus else ''}; lower {names}."

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -36,6 +37,18 @@ SAE_LENS_FORMAT_VERSION = "6.0.0"
 
 class CheckpointConfigError(PrismaRayError, ValueError):
     """A `cfg.json` that does not describe a dictionary this library can load; the message names it and the key."""
+
+
+class CheckpointFileError(PrismaRayError, ValueError):
+    """A checkpoint's tensor file that is not a readable safetensors file (truncated, or not safetensors)."""
+
+
+def read_tensors(uri: str, options: storage.StorageOptions | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file at `uri` (never unpickled). Raises `CheckpointFileError` naming it."""
+    try:
+        return load_safetensors(storage.read_bytes(uri, options))
+    except SafetensorError as exc:
+        raise CheckpointFileError(f"{uri}: not a readable safetensors file ({exc}); rewrite the checkpoint") from exc
 
 
 _SAE_ARCH = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "gated": "gated"}
@@ -149,7 +162,7 @@ def load_dictionary(checkpoint: str | CheckpointInfo, options: storage.StorageOp
     """The dictionary saved at `checkpoint` (a URI, or what `read_checkpoint_info` read there): ours, or a
     SAELens 6 checkpoint of a supported architecture. Raises `CheckpointConfigError` as `read_checkpoint_info`."""
     info = checkpoint if isinstance(checkpoint, CheckpointInfo) else read_checkpoint_info(checkpoint, options)
-    weights = load_safetensors(storage.read_bytes(storage.join(info.uri, WEIGHTS_FILE), options))
+    weights = read_tensors(storage.join(info.uri, WEIGHTS_FILE), options)
     return build_dictionary(info.config, info.sites, weights, info.uri)
 
 
@@ -172,7 +185,7 @@ def build_dictionary(cfg: DictionaryConfig, sites: Sites, weights: dict[str, tor
 
 def load_sparsity(uri: str, options: storage.StorageOptions | None = None) -> torch.Tensor:
     """The log10 firing frequency per latent saved beside a dictionary."""
-    return load_safetensors(storage.read_bytes(storage.join(uri, SPARSITY_FILE), options))["sparsity"]
+    return read_tensors(storage.join(uri, SPARSITY_FILE), options)["sparsity"]
 
 
 @dataclass(frozen=True)

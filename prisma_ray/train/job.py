@@ -24,12 +24,13 @@ import ray.train
 import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchTrainer, prepare_model
 
-from prisma_ray.errors import InvalidRequest
+from prisma_ray.errors import InvalidRequest, PrismaRayError
 
 from .. import storage
+from ..runtime.pool import Resources, cluster_resources, size_pool
 from ..runtime.session import ensure_ray
 from ..sae import DictionaryConfig, Normalization, Sites, Trainer
 from ..sae.dictionary import check_shape
@@ -128,6 +129,9 @@ def run_training(cfg: TrainConfig) -> TrainSummary:
     for d in cfg.dictionaries:
         check_shape(d, plan.sites)
     ensure_ray(cfg.ray)
+    if cfg.workers:  # Ray Train would wait for workers that cannot be placed, and retry, without end
+        fit = Resources(actors=cfg.workers, cpus_per_actor=cfg.resources.cpus_per_actor)
+        size_pool(fit, cluster_resources(), None, read_cpus=cfg.resources.read_cpus, actors_field="workers")
     items = plan.items(plan.epochs_for(steps, cfg.batch_size))
     dataset = (
         ray.data.from_items(items, override_num_blocks=len(items))
@@ -157,7 +161,13 @@ def run_training(cfg: TrainConfig) -> TrainSummary:
         cfg.batch_size,
         workers,
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as exc:
+        cause = user_error(exc)
+        if cause is None:
+            raise
+        raise cause from exc
     metrics = dict(result.metrics or {})
     return TrainSummary(
         name=cfg.name,
@@ -168,6 +178,20 @@ def run_training(cfg: TrainConfig) -> TrainSummary:
         output=spec.output,
         dictionaries=[d.display_name() for d in cfg.dictionaries],
     )
+
+
+def user_error(exc: TrainingFailedError) -> PrismaRayError | None:
+    """The error a user's input caused on every failed worker (e.g. a resumed run whose checkpoint holds other
+    dictionaries), so that it is reported as such rather than as Ray Train's failure; None if any worker failed
+    otherwise."""
+    failures = list(getattr(exc, "worker_failures", {}).values())
+    found = []
+    for failure in failures:
+        cause = failure
+        while cause is not None and not isinstance(cause, PrismaRayError):
+            cause = getattr(cause, "cause", None) or cause.__cause__
+        found.append(cause)
+    return found[0] if found and all(found) else None
 
 
 def train_loop(config: dict[str, Any]) -> None:

@@ -13,15 +13,17 @@ import psutil
 import pytest
 import torch
 import yaml
+from ray.train import WorkerGroupError
 
 from prisma_ray import store
 from prisma_ray.cli import main
+from prisma_ray.errors import InvalidRequest
 from prisma_ray.sae import load_dictionary, load_sparsity
 from prisma_ray.sae.synthetic import sparse_dictionary_data
 from prisma_ray.storage import MissingInputError
 from prisma_ray.train.config import TrainConfig, TrainData
 from prisma_ray.train.data import plan_data
-from prisma_ray.train.job import run_training
+from prisma_ray.train.job import run_training, user_error
 
 REPO = Path(__file__).resolve().parents[2]
 D = 32
@@ -180,6 +182,28 @@ def test_missing_store_fails_before_ray_starts(tmp_path, capsys):
     assert "nowhere/manifest.json" in capsys.readouterr().err
     with pytest.raises(MissingInputError):
         plan_data(TrainData(inputs=[str(tmp_path / "nowhere")]), TrainConfig().storage)
+
+
+def test_workers_that_do_not_fit_the_cluster_are_refused_before_training(ray_local, tmp_path, acts, capsys):
+    """Ray Train would wait for the workers, time out and retry without end (seen as a hang)."""
+    uri = write_store(str(tmp_path / "acts"), acts, "blocks.0.hook_resid_post")
+    for update in ({"workers": 1, "resources": {"cpus_per_actor": 10}}, {"workers": 3}):
+        config = tmp_path / "train.yaml"
+        config.write_text(yaml.safe_dump(sweep_config(tmp_path, uri, batch_size=258, **update)))
+        assert main(["train", str(config)]) == 2
+        err = capsys.readouterr().err
+        assert "do not fit the Ray cluster's 2 CPUs" in err and "lower workers or resources.cpus_per_actor" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_user_error_on_the_workers_is_reported_as_such():
+    refused = InvalidRequest("the checkpoint was written by a run with other dictionaries")
+    assert user_error(WorkerGroupError("x", {0: refused, 1: refused})) is refused
+    chained = RuntimeError("wrapped")
+    chained.__cause__ = refused
+    assert user_error(WorkerGroupError("x", {0: chained})) is refused
+    assert user_error(WorkerGroupError("x", {0: refused, 1: ValueError("a bug")})) is None
+    assert user_error(WorkerGroupError("x", {})) is None
 
 
 def _train_workers() -> list[psutil.Process]:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from prisma_ray.errors import PrismaRayError
@@ -24,7 +23,7 @@ from prisma_ray.sae import (
     load_sparsity,
     write_files,
 )
-from prisma_ray.sae.io import checkpoint_files, restore_checkpoint
+from prisma_ray.sae.io import CheckpointFileError, checkpoint_files, restore_checkpoint
 from prisma_ray.sae.trainer import Normalization
 
 SAE = Sites(inputs=(Site(name="blocks.3.hook_resid_post", width=12, model="toy"),))
@@ -137,9 +136,18 @@ def test_loading_never_unpickles(tmp_path):
             return (os.system, (f"touch {marker}",))
 
     (tmp_path / "sae_weights.safetensors").write_bytes(pickle.dumps({"W_enc": Payload()}))
-    with pytest.raises(SafetensorError):
+    with pytest.raises(CheckpointFileError, match=rf"{tmp_path}/sae_weights.safetensors: not a readable safetensors"):
         load_dictionary(str(tmp_path))
     assert not marker.exists()
+
+
+def test_a_truncated_weights_file_is_named_in_the_error(tmp_path):
+    trainer = trained(DictionaryConfig(architecture="relu", d_sae=24), SAE)
+    write_files(export_files(trainer.first), str(tmp_path))
+    weights = tmp_path / "sae_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(CheckpointFileError, match=rf"{weights}: not a readable safetensors file"):
+        load_dictionary(str(tmp_path))
 
 
 def test_a_saelens_cfg_without_our_metadata_loads(tmp_path):

@@ -71,7 +71,9 @@ class ExplainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    evidence: str | None = Field(None, description="output dir of the top-activation pass (`prisma-ray interpret`)")
+    evidence: str | None = Field(
+        None, description="required: the output dir of the top-activation pass (`prisma-ray interpret`)"
+    )
     output: str | None = Field(None, description="where explanations.jsonl goes (default: the evidence dir)")
     explainer: Literal["vocabulary", "chat"] = Field(
         "vocabulary", description="vocabulary: the best-matching label (offline); chat: a served multimodal model"
