@@ -241,7 +241,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         name="demo",
         help="a short tour: held-out synthetic images through the embedded ViT (hook points, shapes, accuracy)",
-        description="Run held-out `shapes` images through a model (default: the embedded prisma-toy-vit-shapes) and "
+        description="Run held-out `shapes` images through a model (default: the embedded toy ViT) and "
         "print its hook points, the shapes of its cached activations and its accuracy. No Ray.",
         epilog="example: prisma-ray demo --set model=timm-vit-tiny-patch16-224-augreg-in21k-ft-in1k --set pretrained=false",
         config=".demo:DemoConfig",
