@@ -206,7 +206,8 @@ def _steer(args: argparse.Namespace, cfg: Any) -> int:
 
 
 def _import_overrides(args: argparse.Namespace) -> list[str]:
-    return [f"{key}={json.dumps(getattr(args, key))}" for key in ("source", "output", "format", "model")]
+    keys = ("source", "output", "format", "model", "skip_includes_identity")
+    return [f"{key}={json.dumps(getattr(args, key))}" for key in keys]
 
 
 def _import_sae(args: argparse.Namespace, cfg: Any) -> int:
@@ -412,6 +413,14 @@ COMMANDS: tuple[Command, ...] = (
                 help="layout of SOURCE_DIR (default: detected from its files)",
             ),
             arg("--model", help="model the dictionary reads (registry name; default: as the source names it)"),
+            arg(
+                "--skip-includes-identity",
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help="ViT-Prisma skip transcoders: the source computes x @ (I + W_skip).T (or, with --no-..., "
+                "x @ W_skip.T); the checkpoint does not say which (default: decided from W_skip where only one "
+                "is plausible, else refused)",
+            ),
         ),
         overrides=_import_overrides,
         run=_import_sae,

@@ -207,7 +207,7 @@ class Evaluator:
             if i < keep:
                 kept.append(z[: keep - i].float().cpu())
             for acc, (a, b) in zip(per_site, bounds):
-                acc.update(y[:, a:b], pred[:, a:b])
+                acc.update(y[..., a:b], pred[..., a:b])
         row: dict[str, Any] = {"eval_tokens": len(held), **total.summary()}
         row.update(sparsity.summary(self.cfg.dense_threshold))
         if per_site:

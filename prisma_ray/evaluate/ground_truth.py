@@ -53,12 +53,23 @@ def auroc(scores: np.ndarray, positives: np.ndarray) -> np.ndarray:
 def factor_recovery(
     latents: np.ndarray, factors: dict[str, np.ndarray], threshold: float = 0.95, chunk: int = 256
 ) -> dict[str, object]:
-    """Best single-latent AUROC for every factor value present among the rows of `latents` (`[N, L]`).
+    """Best single-latent AUROC for every factor value present among the rows of `latents` (`[..., L]`, every
+    leading position one row, in row-major order).
 
-    `factors[name]` holds each row's value (None where the row has none, e.g. background). Returns
+    `factors[name]` holds each row's value (None where the row has none, e.g. background); a factor
+    whose length is not the number of rows raises `InvalidRequest`. Returns
     `values` (`"factor=value"`), `best_auroc`, `best_latent`, `fraction_detected` (best AUROC >= `threshold`)
     and `mean_best_auroc`. Latents that never fire score 0.5 and are skipped.
     """
+    latents = np.asarray(latents)
+    if latents.ndim == 0:
+        raise InvalidRequest("factor recovery: expected latent activations of shape [..., latents], got a scalar")
+    latents = latents.reshape(-1, latents.shape[-1])
+    wrong = {factor: len(values) for factor, values in factors.items() if len(values) != len(latents)}
+    if wrong:
+        raise InvalidRequest(
+            f"factor recovery: {len(latents)} rows of latents but factors of {wrong} values; give one value per row"
+        )
     names, columns = [], []
     for factor, values in factors.items():
         for value in sorted({v for v in values if v is not None}, key=str):

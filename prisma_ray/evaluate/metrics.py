@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from prisma_ray.errors import InvalidRequest
+
+from ..sae.dictionary import rows
+
 DENSITY_EDGES = np.arange(-10.0, 0.01, 0.5)
 """log10 firing-frequency bin edges of the density histogram; latents that never fired land in the first bin."""
 DENSITY_FLOOR = 1e-10
@@ -27,8 +31,13 @@ class Reconstruction:
     sum_x2: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor, x_hat: torch.Tensor) -> None:
-        """Add rows `x` (targets) and `x_hat` (reconstructions or predictions), both `[B, d]`."""
-        x, x_hat = x.double(), x_hat.double()
+        """Add targets `x` and reconstructions (or predictions) `x_hat`, both `[..., d]`: every leading
+        position is one row. Raises `InvalidRequest` when the shapes differ."""
+        if x.shape != x_hat.shape:
+            raise InvalidRequest(
+                f"reconstruction metrics: targets {list(x.shape)} and predictions {list(x_hat.shape)} differ in shape"
+            )
+        x, x_hat = rows(x, x.shape[-1], "reconstruction metrics").double(), x_hat.reshape(-1, x.shape[-1]).double()
         if self.sum_x is None:
             self.sum_x = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
             self.sum_x2 = torch.zeros_like(self.sum_x)
@@ -81,9 +90,9 @@ class Sparsity:
         self.fire_counts = torch.zeros(self.n_latents, dtype=torch.int64)
 
     def update(self, z: torch.Tensor) -> None:
-        """Add the latent activations `z` `[B, n_latents]` of a batch."""
-        fired = z != 0
-        self.n += len(z)
+        """Add the latent activations `z [..., n_latents]` of a batch (every leading position is one row)."""
+        fired = rows(z, self.n_latents, "sparsity metrics") != 0
+        self.n += len(fired)
         self.active_sum += int(fired.sum())
         self.fire_counts += fired.sum(0).cpu()
 

@@ -112,9 +112,8 @@ def splice_hooks(d: Dictionary, positions: torch.Tensor, mode: Mode, clean: dict
 
 
 def _apply(d: Dictionary, x: torch.Tensor) -> torch.Tensor:
-    """`d` on `[B, K, d_in]` rows -> `[B, K, d_out]`."""
-    b, k, _ = x.shape
-    return d(x.reshape(b * k, -1).to(d.W_dec.dtype)).reshape(b, k, -1).to(x.dtype)
+    """`d` on `[B, K, d_in]` rows -> `[B, K, d_out]`, in the dtype of `x`."""
+    return d(x.to(d.W_dec.dtype)).to(x.dtype)
 
 
 def take(acts: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

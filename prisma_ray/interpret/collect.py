@@ -257,9 +257,7 @@ class LatentWorker:
             acts = cache[self.job.hook]
         else:
             acts = self._base_view_acts(pixels, sample_ids)
-        b, t, d = acts.shape
-        z = self.dictionary.encode(acts.reshape(b * t, d).to(self.dictionary.W_enc.dtype))
-        return z.reshape(b, t, -1).float().cpu().numpy()
+        return self.dictionary.encode(acts.to(self.dictionary.W_enc.dtype)).float().cpu().numpy()
 
     def _base_view_acts(self, pixels: np.ndarray, sample_ids: np.ndarray) -> torch.Tensor:
         """`[B, grid tokens, d]`: a multimodal model's activations at each image's base-view tokens, row-major."""

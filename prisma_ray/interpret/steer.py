@@ -57,14 +57,14 @@ def check_latents(d: Dictionary, latents: Sequence[int]) -> None:
 
 
 def steered(d: Dictionary, x: torch.Tensor, spec: SteerSpec) -> torch.Tensor:
-    """`x [..., d_in]` with the latents of `spec` steered (see the module docstring)."""
-    flat = x.reshape(-1, x.shape[-1]).to(d.W_enc.dtype)
-    z = d.encode(flat)
+    """`x [..., d_in]` with the latents of `spec` steered (see the module docstring), row by row."""
+    raw = x.to(d.W_enc.dtype)
+    z = d.encode(raw)
     new = z.clone()
     idx = torch.as_tensor(spec.latents, device=z.device)
-    new[:, idx] = spec.value if spec.value is not None else z[:, idx] * spec.scale
-    out = flat + d.decode(new) - d.decode(z) if spec.keep_error else d.decode(new)
-    return out.reshape(x.shape).to(x.dtype)
+    new[..., idx] = spec.value if spec.value is not None else z[..., idx] * spec.scale
+    out = raw + d.decode(new) - d.decode(z) if spec.keep_error else d.decode(new)
+    return out.to(x.dtype)
 
 
 def steering_hooks(model: HookedVisionModel, d: Dictionary, spec: SteerSpec, hook: str | None = None) -> HookList:

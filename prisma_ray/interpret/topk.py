@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from prisma_ray.errors import InvalidRequest
+
 RANKINGS = ("max", "mean")
 N_KINDS = 4  # TokenKind CLS, REGISTER, PATCH, DISTILLATION
 _EMPTY_PRIORITY = np.iinfo(np.uint64).max
@@ -154,12 +156,13 @@ class LatentRecord:
     def update(self, sample_ids: np.ndarray, acts: np.ndarray, kinds: np.ndarray) -> LatentRecord:
         """This record with a batch added: `acts float32[B, tokens, L]` of samples `sample_ids [B]`, token kinds `[tokens]`."""
         acts = np.asarray(acts, dtype=np.float32)
-        b, t, n = acts.shape
-        if n != self.n_latents or t != self.n_tokens_per_sample:
-            raise ValueError(
+        if acts.ndim != 3 or acts.shape[1:] != (self.n_tokens_per_sample, self.n_latents):
+            raise InvalidRequest(
                 f"activations {list(acts.shape)} do not fit a record of {self.n_latents} latents and "
-                f"{self.n_tokens_per_sample} tokens per sample"
+                f"{self.n_tokens_per_sample} tokens per sample: expected [samples, {self.n_tokens_per_sample}, "
+                f"{self.n_latents}] (one sample's tokens per row, as the top samples rank samples)"
             )
+        b, t, n = acts.shape
         ids = np.broadcast_to(np.asarray(sample_ids, dtype=str)[None, :], (n, b))
         maps = acts.transpose(2, 0, 1)  # [L, B, T]
         peak = acts.max(1).T  # [L, B]

@@ -19,8 +19,9 @@ class DictionaryConfig(BaseModel):
     """One dictionary (SAE, transcoder or crosscoder: what it reads and writes comes from the data).
 
     - `relu`: ReLU with the L1 penalty `Σ_i f_i ‖W_dec,i‖` (summed over sources for crosscoders).
-    - `topk` / `batchtopk`: `k` active latents per token / `k·batch` per batch, with AuxK on dead
-      latents; BatchTopK learns the inference threshold (saved with the weights).
+    - `topk` / `batchtopk`: `k` active latents per token / `k·rows` per training batch, with AuxK on
+      dead latents; BatchTopK learns the inference threshold (saved with the weights). A batch `[..., d]`
+      is its rows, all leading positions pooled: `[B, T, d]` is the `[B·T, d]` batch, `k·B·T` latents.
     - `jumprelu`: per-latent thresholds trained by straight-through estimators (`bandwidth`) with an
       L0 penalty. `gated`: gate and magnitude paths sharing encoder directions, L1 on the gate.
 

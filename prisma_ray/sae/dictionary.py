@@ -141,7 +141,12 @@ class Dictionary(nn.Module):
         return sum(self.W_dec[:, a:b].norm(dim=1) for a, b in self.sites.out_bounds())
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw inputs `[B, d_in]` -> dense latent activations `[B, n_latents]` (inference rules)."""
+        """Raw inputs `[..., d_in]` -> dense latent activations `[..., n_latents]` (inference rules).
+
+        Every row (position of the leading dimensions) is encoded on its own: a `[B, T, d_in]` batch gives
+        what its `B·T` rows give one by one. Raises `InvalidRequest` when the last dimension is not `d_in`.
+        """
+        check_width(x, self.sites.d_in, f"dictionary {self.cfg.display_name()!r}: encode")
         centered = self.centered(self.normalize_in(x))
         arch = self.cfg.architecture
         if arch == "gated":
@@ -150,8 +155,8 @@ class Dictionary(nn.Module):
             return gate * torch.relu(shared * self.r_mag.exp() + self.b_mag)
         pre = centered @ self.W_enc + self.b_enc
         if arch == "topk":
-            values, idx = pre.topk(self.cfg.top_k, dim=1)
-            return torch.zeros_like(pre).scatter_(1, idx, values.relu())
+            values, idx = pre.topk(self.cfg.top_k, dim=-1)
+            return torch.zeros_like(pre).scatter_(-1, idx, values.relu())
         if arch == "batchtopk":
             return pre.relu() * (pre > self.topk_threshold.to(pre.dtype))
         if arch == "jumprelu":
@@ -159,18 +164,37 @@ class Dictionary(nn.Module):
         return pre.relu()
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latent activations -> raw outputs (without the transcoder skip term, which needs the input)."""
+        """Latent activations `[..., n_latents]` -> raw outputs `[..., d_out]` (without the transcoder skip
+        term, which needs the input). Raises `InvalidRequest` when the last dimension is not `n_latents`."""
+        check_width(z, self.n_latents, f"dictionary {self.cfg.display_name()!r}: decode")
         return (z @ self.W_dec + self.b_dec) / self.out_scale + self.out_mean
 
     def skip(self, x: torch.Tensor) -> torch.Tensor:
-        """The transcoder skip term for raw inputs, in normalised output units."""
+        """The transcoder skip term for raw inputs `[..., d_in]`, in normalised output units `[..., d_out]`."""
+        check_width(x, self.sites.d_in, f"dictionary {self.cfg.display_name()!r}: skip")
         return self.normalize_in(x) @ self.W_skip.t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw inputs `[..., d_in]` -> raw reconstructions (or transcoder predictions) `[..., d_out]`, row by row."""
         out = self.encode(x) @ self.W_dec + self.b_dec
         if self.cfg.skip_connection:
             out = out + self.skip(x)
         return out / self.out_scale + self.out_mean
+
+
+def check_width(x: torch.Tensor, width: int, what: str) -> None:
+    """Raise `InvalidRequest` naming `what` unless `x` is `[..., width]` (any number of leading dimensions)."""
+    if x.dim() == 0 or x.shape[-1] != width:
+        raise InvalidRequest(
+            f"{what}: expected activations of shape [..., {width}] (rows of width {width}, any leading "
+            f"dimensions), got {list(x.shape)}"
+        )
+
+
+def rows(x: torch.Tensor, width: int, what: str) -> torch.Tensor:
+    """`x [..., width]` as 2-D rows `[N, width]`, `N` the product of its leading dimensions (see `check_width`)."""
+    check_width(x, width, what)
+    return x.reshape(-1, width)
 
 
 def check_shape(cfg: DictionaryConfig, sites: Sites) -> int:

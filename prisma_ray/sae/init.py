@@ -8,8 +8,8 @@ from .dictionary import Dictionary
 
 
 def geometric_median(x: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> torch.Tensor:
-    """The point minimising the sum of Euclidean distances to the rows of `x` (Weiszfeld's algorithm)."""
-    x = x.double()
+    """The point minimising the sum of Euclidean distances to the rows of `x [..., d]` (Weiszfeld's algorithm)."""
+    x = x.reshape(-1, x.shape[-1]).double()
     median = x.mean(0)
     for _ in range(iters):
         weights = 1.0 / (x - median).norm(dim=1).clamp_min(1e-12)
@@ -23,7 +23,8 @@ def geometric_median(x: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> to
 
 @torch.no_grad()
 def init_pre_bias(d: Dictionary, y_n: torch.Tensor) -> None:
-    """Set `b_dec` from a batch of normalised targets, per `cfg.pre_bias_init`."""
+    """Set `b_dec` from a batch of normalised targets `[..., d_out]` (its rows), per `cfg.pre_bias_init`."""
+    y_n = y_n.reshape(-1, y_n.shape[-1])
     how = d.cfg.pre_bias_init
     if how == "geometric_median":
         d.b_dec.copy_(geometric_median(y_n))

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 
 class GatherEncode(torch.autograd.Function):
-    """`(centered @ W_enc + b_enc).gather(1, idx)`, given those pre-activations as `pre`.
+    """`(centered @ W_enc + b_enc).gather(1, idx)`, given those pre-activations as `pre`: 2-D rows only
+    (`centered [B, d_in]`, `idx [B, k]`; `objectives.objective` flattens a batch to its rows).
 
     `centered` is the input minus the pre-bias `b_pre` (None for no pre-bias), computed without
     gradient. Gradients flow to `W_enc`, `b_enc` and `b_pre` through the gathered entries only:
@@ -58,8 +59,13 @@ def gather_encode(*inputs: torch.Tensor | None) -> torch.Tensor:
 
 
 def sparse_decode(idx: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
-    """`Σ_j values[b, j] · W_dec[idx[b, j]]` for every row `b` (no bias), reading only those rows."""
-    return F.embedding_bag(idx, W_dec, per_sample_weights=values, mode="sum")
+    """`Σ_j values[..., j] · W_dec[idx[..., j]]` for every row (no bias), reading only those rows of `W_dec`.
+
+    `idx` and `values` are `[..., k]` (any leading dimensions); the result is `[..., d_out]`.
+    """
+    k = idx.shape[-1]
+    out = F.embedding_bag(idx.reshape(-1, k), W_dec, per_sample_weights=values.reshape(-1, k), mode="sum")
+    return out.reshape(*idx.shape[:-1], W_dec.shape[1])
 
 
 def _rectangle(x: torch.Tensor) -> torch.Tensor:
@@ -67,7 +73,8 @@ def _rectangle(x: torch.Tensor) -> torch.Tensor:
 
 
 class JumpReLU(torch.autograd.Function):
-    """`z · H(z - θ)`; θ gets the pseudo-derivative `-(θ/ε) K((z - θ)/ε)` (rectangle kernel K)."""
+    """`z · H(z - θ)`; θ gets the pseudo-derivative `-(θ/ε) K((z - θ)/ε)` (rectangle kernel K), summed
+    over every row of `z [..., n_latents]`."""
 
     @staticmethod
     def forward(ctx: Any, z: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
@@ -79,12 +86,13 @@ class JumpReLU(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor):
         z, threshold = ctx.saved_tensors
         eps = ctx.bandwidth
-        grad_threshold = -((threshold / eps) * _rectangle((z - threshold) / eps) * grad).sum(0)
+        grad_threshold = -((threshold / eps) * _rectangle((z - threshold) / eps) * grad).sum_to_size(threshold.shape)
         return (z > threshold) * grad, grad_threshold, None
 
 
 class Step(torch.autograd.Function):
-    """`H(z - θ)`; θ gets the pseudo-derivative `-(1/ε) K((z - θ)/ε)`, z none (DeepMind's L0 estimator)."""
+    """`H(z - θ)`; θ gets the pseudo-derivative `-(1/ε) K((z - θ)/ε)` summed over the rows of `z [..., n_latents]`,
+    z none (DeepMind's L0 estimator)."""
 
     @staticmethod
     def forward(ctx: Any, z: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
@@ -96,4 +104,5 @@ class Step(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor):
         z, threshold = ctx.saved_tensors
         eps = ctx.bandwidth
-        return None, -((1.0 / eps) * _rectangle((z - threshold) / eps) * grad).sum(0), None
+        grad_threshold = -((1.0 / eps) * _rectangle((z - threshold) / eps) * grad).sum_to_size(threshold.shape)
+        return None, grad_threshold, None

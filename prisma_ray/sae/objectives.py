@@ -1,6 +1,8 @@
 """Training losses, one function per architecture, on normalised inputs and targets.
 
 Reconstruction loss is the squared error summed over output dimensions and averaged over tokens.
+A batch `[..., d]` is its rows: every leading position is one token, pooled (BatchTopK keeps `k`
+times the number of rows, so a `[B, T, d]` batch is the `[B·T, d]` batch).
 Every objective returns the total loss, its detached parts, the detached prediction and how many
 tokens of the batch each latent fired on.
 """
@@ -11,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .dictionary import Dictionary
+from .dictionary import Dictionary, rows
 from .kernels import JumpReLU, Step, gather_encode, sparse_decode
 
 
@@ -28,9 +30,13 @@ class Outcome:
 def objective(d: Dictionary, x_n: torch.Tensor, y_n: torch.Tensor, dead: torch.Tensor, coefficient: float) -> Outcome:
     """The training loss of `d` on normalised inputs `x_n` and targets `y_n` (`y_n is x_n` for autoencoders).
 
+    `x_n` is `[..., d_in]`, `y_n` `[..., d_out]`, both taken as rows (leading dimensions flattened);
     `dead` is the boolean mask of dead latents (AuxK), `coefficient` the current L1/L0 coefficient.
+    The prediction is `[rows, d_out]`.
     """
-    return _OBJECTIVES[d.cfg.architecture](d, x_n, y_n, dead, coefficient)
+    name = f"dictionary {d.cfg.display_name()!r}: training"
+    x_rows, y_rows = rows(x_n, d.sites.d_in, name), rows(y_n, d.sites.d_out, name)
+    return _OBJECTIVES[d.cfg.architecture](d, x_rows, y_rows, dead, coefficient)
 
 
 def _mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from torch import nn
 from prisma_ray.errors import InvalidRequest
 
 from .config import DictionaryConfig
-from .dictionary import Dictionary, Sites
+from .dictionary import Dictionary, Sites, rows
 from .init import init_pre_bias
 from .objectives import Outcome, objective
 from .schedule import lr_factor, warmup_factor
@@ -39,7 +39,8 @@ class SiteStats:
 
     @classmethod
     def of(cls, x: torch.Tensor) -> SiteStats:
-        x = x.double()
+        """The statistics of the rows of `x [..., d]` (leading dimensions pooled)."""
+        x = x.reshape(-1, x.shape[-1]).double()
         return cls(x.mean(0), x.var(0), float(x.norm(dim=1).mean()))
 
     def normalization(self, mode: NormalizeMode) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,11 +170,17 @@ class Trainer:
         return next(iter(self.dictionaries.values()))
 
     def normalize(self, x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        x_n = self.first.normalize_in(x)
-        return x_n, x_n if y is None else self.first.normalize_out(y)
+        """Inputs `x [..., d_in]` and targets `y [..., d_out]` (None: `x`) as normalised 2-D rows.
+
+        Every leading position is one token (`[B, T, d]` is `B·T` rows, BatchTopK's batch included);
+        raises `InvalidRequest` naming the expected shape when a width does not fit the sites.
+        """
+        x_n = self.first.normalize_in(rows(x, self.sites.d_in, "training inputs"))
+        return x_n, x_n if y is None else self.first.normalize_out(rows(y, self.sites.d_out, "training targets"))
 
     def initialize(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
-        """Data-dependent initialisation (pre-bias) from a first batch; call before `wrap`."""
+        """Data-dependent initialisation (pre-bias) from a first batch (`[..., d_in]`, see `normalize`);
+        call before `wrap`."""
         _, y_n = self.normalize(x, y)
         for d in self.dictionaries.values():
             init_pre_bias(d, y_n)
@@ -186,7 +193,8 @@ class Trainer:
         return self.since_fired[name] >= self.dictionaries[name].cfg.dead_after_tokens
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
-        """One optimisation step of every dictionary on inputs `x` and targets `y` (None: `x`)."""
+        """One optimisation step of every dictionary on inputs `x [..., d_in]` and targets `y [..., d_out]`
+        (None: `x`); the batch is its rows (see `normalize`), tokens are counted per row."""
         x_n, y_n = self.normalize(x, y)
         dead = {name: self.dead(name) for name in self.dictionaries}
         coefficients = {
@@ -197,9 +205,9 @@ class Trainer:
         total.backward()
         for name, d in self.dictionaries.items():
             self._update(d, self.optimizers[name])
-        tokens = x.shape[0] * self.world_size
+        tokens = x_n.shape[0] * self.world_size
         self._count_firing(outcomes, tokens)
-        self._accumulate(outcomes, y_n, x.shape[0])
+        self._accumulate(outcomes, y_n, x_n.shape[0])
         self.step += 1
         self.tokens += tokens
 

@@ -103,21 +103,29 @@ def test_vit_prisma_sae(tmp_path, activation):
     assert saved["metadata"]["prisma_ray"]["imported_from"]["model_name"] == CLIP_B32
 
 
+SKIP_CFG = {
+    "hook_point_layer": 3,
+    "layer_subtype": "hook_mlp_in",
+    "is_transcoder": True,
+    "out_hook_point_layer": 3,
+    "layer_out_subtype": "hook_mlp_out",
+    "transcoder_with_skip_connection": True,
+    "activation_fn_str": "relu",
+    "model_name": "prisma-toy-vit-shapes",
+}
+
+
 def test_vit_prisma_skip_transcoder(tmp_path):
     s = {**sae_state(), "b_dec_out": rand(D_IN, seed=7), "W_skip": rand(D_IN, D_IN, seed=8)}
     cfg = {
-        "hook_point_layer": 3,
-        "layer_subtype": "hook_mlp_in",
-        "is_transcoder": True,
-        "out_hook_point_layer": 3,
-        "layer_out_subtype": "hook_mlp_out",
-        "transcoder_with_skip_connection": True,
+        **SKIP_CFG,
         "d_out": D_IN,
         "activation_fn_str": "topk",
         "activation_fn_kwargs": {"k": K},
         "model_name": "wkcn/TinyCLIP-ViT-40M-32",
     }
-    result, d, saved = imported(tmp_path, vit_prisma_dir(tmp_path / "src", cfg=cfg, state=s))
+    src = vit_prisma_dir(tmp_path / "src", cfg=cfg, state=s)
+    result, d, saved = imported(tmp_path, src, skip_includes_identity=True)
 
     s = f64(s)
 
@@ -131,6 +139,80 @@ def test_vit_prisma_skip_transcoder(tmp_path):
     assert saved["architecture"] == "topk_skip_transcoder" and result.kind == "transcoder"
     assert (result.hook_name, result.hook_name_out) == ("blocks.3.hook_mlp_in", "blocks.3.hook_mlp_out")
     assert result.model == "wkcn/TinyCLIP-ViT-40M-32" and "not in the registry" in result.notes[0]
+    assert saved["metadata"]["prisma_ray"]["imported_from"]["skip_includes_identity"] is True
+    assert len(result.notes) == 1, "an option given is not noted"
+
+
+def skip_transcoder(path, w_skip: torch.Tensor):
+    d_out = w_skip.shape[0]
+    state = {**sae_state(d_out=d_out), "b_dec_out": rand(d_out, seed=7), "W_skip": w_skip}
+    return vit_prisma_dir(path, cfg={**SKIP_CFG, "d_out": d_out}, state=state), f64(state)
+
+
+def check_skip_map(d, s, skip_map: torch.Tensor) -> None:
+    """`d` computes the ViT-Prisma transcoder whose skip term is `x @ skip_map.T`."""
+
+    def encode(x):
+        return torch.relu((x - s["b_dec"]) @ s["W_enc"] + s["b_enc"])
+
+    check_same_function(d, encode, lambda x: encode(x) @ s["W_dec"] + s["b_dec_out"] + x @ skip_map.T)
+
+
+@pytest.mark.parametrize("includes", [True, False])
+def test_vit_prisma_skip_identity_as_given(tmp_path, includes):
+    src, s = skip_transcoder(tmp_path / "src", rand(D_IN, D_IN, seed=8))
+    result, d, saved = imported(tmp_path, src, skip_includes_identity=includes)
+    identity = torch.eye(D_IN, dtype=torch.float64)
+    check_skip_map(d, s, identity + s["W_skip"] if includes else s["W_skip"])
+    assert saved["metadata"]["prisma_ray"]["imported_from"]["skip_includes_identity"] is includes
+    assert result.notes == []
+
+
+@pytest.mark.parametrize(
+    "w_skip,includes,note",
+    [
+        (torch.eye(D_IN) + rand(D_IN, D_IN, seed=8) * 0.1, False, "close to the identity"),
+        (-torch.eye(D_IN) + rand(D_IN, D_IN, seed=8) * 0.1, True, "close to minus the identity"),
+        (rand(6, D_IN, seed=8), False, "not square"),
+    ],
+    ids=["near-identity", "near-minus-identity", "not-square"],
+)
+def test_vit_prisma_skip_identity_detected_where_only_one_reading_is_plausible(tmp_path, w_skip, includes, note):
+    src, s = skip_transcoder(tmp_path / "src", w_skip)
+    result, d, saved = imported(tmp_path, src)
+    check_skip_map(d, s, torch.eye(D_IN, dtype=torch.float64) + s["W_skip"] if includes else s["W_skip"])
+    assert note in result.notes[0]
+    assert ("skip_includes_identity" in result.notes[0]) == (note != "not square"), "a guess names the option"
+    assert saved["metadata"]["prisma_ray"]["imported_from"]["skip_includes_identity"] is includes
+
+
+@pytest.mark.parametrize(
+    "w_skip", [rand(D_IN, D_IN, seed=8), rand(D_IN, D_IN, seed=8) * 0.01], ids=["random", "near-zero"]
+)
+def test_vit_prisma_skip_identity_undecidable_is_refused_naming_the_option(tmp_path, w_skip):
+    src, _ = skip_transcoder(tmp_path / "src", w_skip)
+    with pytest.raises(CheckpointImportError, match=r"weights\.pt: .*set skip_includes_identity \(CLI: --skip-incl"):
+        import_dictionary(ImportConfig(source=str(src), output=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
+
+
+def test_vit_prisma_skip_identity_option_is_checked(tmp_path):
+    src, _ = skip_transcoder(tmp_path / "src", rand(6, D_IN, seed=8))
+    with pytest.raises(CheckpointImportError, match=r"skip_includes_identity is true but W_skip is \(6, 8\)"):
+        import_dictionary(ImportConfig(source=str(src), output=str(tmp_path / "out"), skip_includes_identity=True))
+    other = sparsify_dir(tmp_path / "layers.1", {}, sparsify_state())
+    with pytest.raises(CheckpointImportError, match="applies to ViT-Prisma skip transcoders, not to a sparsify"):
+        import_dictionary(ImportConfig(source=str(other), output=str(tmp_path / "out"), skip_includes_identity=False))
+
+
+def test_cli_skip_includes_identity(tmp_path, capsys):
+    src, _ = skip_transcoder(tmp_path / "src", rand(D_IN, D_IN, seed=8))
+    assert main(["import-sae", str(src), str(tmp_path / "out")]) == 2
+    assert "--skip-includes-identity" in capsys.readouterr().err
+    assert main(["import-sae", str(src), str(tmp_path / "out"), "--no-skip-includes-identity"]) == 0
+    capsys.readouterr()
+    saved = json.loads((tmp_path / "out" / "cfg.json").read_text())
+    assert saved["metadata"]["prisma_ray"]["imported_from"]["skip_includes_identity"] is False
 
 
 def test_vit_prisma_older_config_defaults_to_mlp_out_and_refuses_run_time_normalisation(tmp_path):

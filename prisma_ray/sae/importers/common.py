@@ -28,6 +28,8 @@ class Imported:
 
     `weights` use SAELens 6 names and our conventions: autoencoders subtract `b_dec` from the
     input before encoding, transcoders do not; `W_skip` is `[d_out, d_in]` and added as `x @ W_skip.T`.
+    `skip_includes_identity` records, for a source that leaves it open (ViT-Prisma), whether its own
+    skip added the identity (already folded into `W_skip`); `notes` say how anything was decided.
     """
 
     format: str
@@ -40,6 +42,8 @@ class Imported:
     transcoder: bool = False
     skip: bool = False
     sparsity: torch.Tensor | None = None
+    skip_includes_identity: bool | None = None
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,12 @@ class ImportConfig(BaseModel):
         description="model the dictionary reads (registry name or the source's own "
         "name); default: the one the source files name",
     )
+    skip_includes_identity: bool | None = Field(
+        None,
+        description="ViT-Prisma skip transcoders: true if the source computes x @ (I + W_skip).T (some ViT-Prisma "
+        "versions), false if x @ W_skip.T (others); the checkpoint does not record it. Default: decided from "
+        "W_skip where only one is plausible, else the import is refused",
+    )
     storage: StorageOptions = Field(StorageOptions(), description="how to reach `source` and `output` on s3://")
 
 
@@ -113,15 +119,20 @@ def convert(imp: Imported, source: str, model: str | None = None) -> tuple[Dicti
         d = build_dictionary(cfg, Sites(inputs=inputs, outputs=outputs), imp.weights, f"{imp.format} weights")
     except ValueError as e:
         raise CheckpointImportError(f"{source}: {e}") from e
-    return d, hook_notes + model_notes
+    return d, hook_notes + model_notes + list(imp.notes)
 
 
 def import_files(cfg: ImportConfig) -> tuple[dict[str, bytes], ImportResult]:
     """`{file name: bytes}` of our checkpoint for `cfg.source`, and what was imported (no writes)."""
     src = SourceDir.open(cfg.source, cfg.storage)
     fmt = detect_format(src) if cfg.format == "auto" else cfg.format
+    if cfg.skip_includes_identity is not None and fmt != vit_prisma.FORMAT:
+        raise CheckpointImportError(
+            f"{src.uri}: skip_includes_identity applies to ViT-Prisma skip transcoders, not to a {fmt} checkpoint; "
+            "remove it"
+        )
     try:
-        imp = READERS[fmt](src)
+        imp = vit_prisma.read(src, cfg.skip_includes_identity) if fmt == vit_prisma.FORMAT else READERS[fmt](src)
     except RuntimeError as e:  # torch: tensors of shapes that do not fit together
         raise CheckpointImportError(f"{src.uri}: tensors of unexpected shapes ({e})") from e
     d, notes = convert(imp, src.uri, cfg.model)
@@ -131,6 +142,7 @@ def import_files(cfg: ImportConfig) -> tuple[dict[str, bytes], ImportResult]:
         "model_name": imp.model_name,
         "hook_name": imp.hook_name,
         "hook_name_out": imp.hook_name_out,
+        **({} if imp.skip_includes_identity is None else {"skip_includes_identity": imp.skip_includes_identity}),
     }
     files = export_files(d, extra={"imported_from": origin})
     if imp.sparsity is not None:
