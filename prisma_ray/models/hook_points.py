@@ -18,6 +18,19 @@ BLOCK_SITES = (
     "attn.hook_pattern",
 )
 GLOBAL_SITES = ("hook_embed", "hook_final")
+# The order in which the forward pass reaches the sites of a stack: `hook_embed` is block 0's input, then each
+# block's sites in this order (a block's attention pattern is inside its attention branch), `hook_final` last.
+FORWARD_ORDER = (
+    "hook_embed",
+    "hook_resid_pre",
+    "attn.hook_pattern",
+    "hook_attn_out",
+    "hook_resid_mid",
+    "hook_mlp_in",
+    "hook_mlp_out",
+    "hook_resid_post",
+    "hook_final",
+)
 LM_PREFIX = "lm."
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(s) for s in BLOCK_SITES) + r")$")
 
@@ -45,7 +58,7 @@ def block_hook_names(layer: int, with_pattern: bool = True) -> list[str]:
 
 
 def all_hook_names(n_layers: int, with_pattern: bool = True) -> list[str]:
-    """Every hook name of a model with `n_layers` blocks, in forward order."""
+    """Every hook name of a model with `n_layers` blocks, block by block (`FORWARD_ORDER` orders sites in a block)."""
     names = ["hook_embed"]
     for layer in range(n_layers):
         names += block_hook_names(layer, with_pattern)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -12,12 +13,21 @@ from torch import nn
 from prisma_ray.errors import InvalidRequest
 
 from ..errors import PrismaRayError
-from .hook_points import HookPoint, all_hook_names, lm_hook_names, parse_hook_name
-from .sites import LanguageSites, LayerSites, ModelSites
+from .hook_points import FORWARD_ORDER, HookPoint, all_hook_names, lm_hook_names, parse_hook_name
+from .sites import LanguageSites, LayerSites, ModelSites, Scale
 from .spec import MultimodalLayout, PreprocessSpec, TokenLayout
 
 HookFn = Callable[[torch.Tensor, HookPoint], "torch.Tensor | None"]
+Slot = Callable[[torch.Tensor], "torch.Tensor | None"]
 ModelInput = torch.Tensor | Mapping[str, torch.Tensor]
+
+
+@dataclass(eq=False)
+class _Entry:
+    """One active `(hook point, fn)` pair of a `hooks(...)` block."""
+
+    point: HookPoint
+    fn: HookFn
 
 
 class StopForward(Exception):
@@ -46,6 +56,8 @@ class HookedVisionModel(nn.Module):
         self.model = sites.model
         self.name = name
         self._sites = sites
+        self._hook_entries: list[_Entry] = []  # the active hooks, in registration order
+        self._dispatch_handles: list = []  # the PyTorch hooks attached for them
         with_pattern = all(layer.pattern is not None for layer in sites.layers)
         self.hook_names: list[str] = all_hook_names(len(sites.layers), with_pattern)
         if sites.lm is not None:
@@ -133,10 +145,23 @@ class HookedVisionModel(nn.Module):
     @contextmanager
     def hooks(self, fwd_hooks: Iterable[tuple[str, HookFn]]) -> Iterator[HookedVisionModel]:
         """Attach `(hook_name, fn)` pairs for the duration of the block; `fn(tensor, hook)` may
-        return a replacement tensor of the same shape (ablate, patch, steer, splice)."""
+        return a replacement tensor of the same shape (ablate, patch, steer, splice).
+
+        Hook functions run in the order of the forward pass, whatever the order of registration or the
+        nesting of `hooks(...)` blocks: each sees the value the forward pass carries at its hook point,
+        with every replacement made at earlier points (`resid_mid` is `resid_pre` as replaced plus the
+        attention branch as replaced). Functions at one hook point run in registration order (outer
+        blocks first).
+        """
+        entries = [_Entry(self.hook_point(name), fn) for name, fn in fwd_hooks]
         with ExitStack() as stack:
-            for name, fn in fwd_hooks:
-                self._attach(self.hook_point(name), fn, stack)
+            for entry in entries:
+                if entry.point.site == "attn.hook_pattern":
+                    self._pattern(self._stack(entry.point).layers[entry.point.layer], entry.point, entry.fn, stack)
+            mine = [entry for entry in entries if entry.point.site != "attn.hook_pattern"]
+            self._hook_entries = [*self._hook_entries, *mine]
+            stack.callback(self._detach, mine)
+            self._dispatch()
             yield self
 
     def run_with_cache(
@@ -147,8 +172,9 @@ class HookedVisionModel(nn.Module):
     ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """Run the model and return `(output, cache)` with the activations at `names` (all by default).
 
-        With `stop_early=True` the forward pass ends after the last block that a requested hook
-        point needs, and `output` is None.
+        Inside `hooks(...)` the cache holds the values as the forward pass carries them, after every
+        replacement at or before each hook point. With `stop_early=True` the forward pass ends after
+        the last block that a requested hook point needs, and `output` is None.
         """
         names = list(self.hook_names if names is None else names)
         points = [self.hook_point(n) for n in names]
@@ -158,8 +184,7 @@ class HookedVisionModel(nn.Module):
             cache[hook.name] = t.detach()
 
         with ExitStack() as stack:
-            for point in points:
-                self._attach(point, record, stack)
+            stack.enter_context(self.hooks([(name, record) for name in names]))
             stop_block = self._stop_block(points) if stop_early else None
             if stop_block is not None:
                 stack.enter_context(_raise_after(stop_block))
@@ -182,32 +207,94 @@ class HookedVisionModel(nn.Module):
     def _stack(self, point: HookPoint) -> LanguageSites | ModelSites:
         return self._sites.lm if point.lm else self._sites
 
-    def _attach(self, point: HookPoint, fn: HookFn, stack: ExitStack) -> None:
-        sites = self._stack(point)
-        if point.site == "hook_embed":
-            self._input_hook(sites.layers[0].block, point, fn, stack)
-            return
-        if point.site == "hook_final":
-            self._output_hook(sites.final, None, point, fn, stack)
-            return
-        layer = sites.layers[point.layer]
-        if point.site == "hook_resid_pre":
-            self._input_hook(layer.block, point, fn, stack)
-        elif point.site == "hook_resid_post":
-            self._output_hook(layer.block, None, point, fn, stack)
-        elif point.site == "hook_mlp_in":
-            self._input_hook(layer.mlp_in, point, fn, stack)
-        elif point.site == "hook_mlp_out":
-            self._output_hook(layer.mlp_out, layer.mlp_scale, point, fn, stack)
-        elif point.site == "hook_attn_out":
-            if layer.attn_out is not None:
-                self._output_hook(layer.attn_out, layer.attn_scale, point, fn, stack)
+    def _detach(self, entries: list[_Entry]) -> None:
+        self._hook_entries = [e for e in self._hook_entries if e not in entries]  # by identity
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """(Re)attach one PyTorch hook per (module, pre/post) that the active entries need.
+
+        Each runs its module's hook points in forward order (`FORWARD_ORDER`, then registration order)
+        and is prepended to the module's hooks, so that the model's own hooks (transformers' recorded
+        `hidden_states`) see the replaced values too. Outside every `hooks(...)` block nothing is attached.
+        """
+        for handle in self._dispatch_handles:
+            handle.remove()
+        self._dispatch_handles, saved = [], {}
+        groups: dict[tuple[int, str], tuple[nn.Module, list[tuple[float, int, Slot]]]] = {}
+        for index, entry in enumerate(self._hook_entries):
+            for module, phase, rank, slot in self._slots(entry.point, entry.fn, saved):
+                groups.setdefault((id(module), phase), (module, []))[1].append((rank, index, slot))
+        for (_, phase), (module, slots) in groups.items():
+            run = _chain([slot for *_, slot in sorted(slots, key=lambda s: s[:2])])
+            if phase == "pre":
+                handle = module.register_forward_pre_hook(_pre_hook(run), with_kwargs=True, prepend=True)
             else:
-                self._derived_attn_out(layer, point, fn, stack)
-        elif point.site == "hook_resid_mid":
-            self._resid_mid(layer, point, fn, stack)
-        elif point.site == "attn.hook_pattern":
-            self._pattern(layer, point, fn, stack)
+                handle = module.register_forward_hook(_post_hook(run), prepend=True)
+            self._dispatch_handles.append(handle)
+
+    def _slots(self, point: HookPoint, fn: HookFn, saved: dict) -> list[tuple[nn.Module, str, float, Slot]]:
+        """Where `point` runs: `(module, "pre" | "post", forward rank, slot)`; a point derived from the block
+        input adds a slot that saves that input once the hooks at `hook_resid_pre` (and `hook_embed`) ran."""
+        sites = self._stack(point)
+        rank = float(FORWARD_ORDER.index(point.site))
+        if point.site == "hook_embed":
+            return [(sites.layers[0].block, "pre", rank, self._slot(point, fn))]
+        if point.site == "hook_final":
+            return [(sites.final, "post", rank, self._slot(point, fn))]
+        layer = sites.layers[point.layer]
+        key = (point.lm, point.layer)
+
+        def pre() -> torch.Tensor:
+            return saved[key]
+
+        def minus_pre() -> torch.Tensor:
+            return -saved[key]
+
+        def save(raw: torch.Tensor) -> None:
+            saved[key] = raw
+
+        saver = (layer.block, "pre", FORWARD_ORDER.index("hook_resid_pre") + 0.5, save)
+        site = point.site
+        if site == "hook_resid_pre":
+            return [(layer.block, "pre", rank, self._slot(point, fn))]
+        if site == "hook_resid_post":
+            return [(layer.block, "post", rank, self._slot(point, fn))]
+        if site == "hook_mlp_in":
+            return [(layer.mlp_in, "pre", rank, self._slot(point, fn))]
+        if site == "hook_mlp_out":
+            return [(layer.mlp_out, "post", rank, self._slot(point, fn, layer.mlp_scale))]
+        if site == "hook_attn_out" and layer.attn_out is not None:
+            return [(layer.attn_out, "post", rank, self._slot(point, fn, layer.attn_scale))]
+        if site == "hook_attn_out":  # resid_mid - resid_pre, read only
+            return [saver, (layer.resid_mid, "pre", rank, self._slot(point, _read_only(fn, point), offset=minus_pre))]
+        if layer.attn_out is None:  # hook_resid_mid read at the module that takes it, read only
+            return [(layer.resid_mid, "pre", rank, self._slot(point, _read_only(fn, point)))]
+        # hook_resid_mid: resid_pre (as the block received it) + the attention branch, replaced through the branch
+        return [saver, (layer.attn_out, "post", rank, self._slot(point, fn, layer.attn_scale, offset=pre))]
+
+    def _slot(
+        self,
+        point: HookPoint,
+        fn: HookFn,
+        scale: Scale | None = None,
+        offset: Callable[[], torch.Tensor] | None = None,
+    ) -> Slot:
+        """`raw -> replacement | None` for a module's input or output `raw`: `fn` sees `scale() * raw + offset()`
+        (batch first) and a replacement `new` is passed on as `(new - offset()) / scale()`."""
+
+        def slot(raw: torch.Tensor) -> torch.Tensor | None:
+            gamma = scale() if scale is not None else None
+            base = offset() if offset is not None else None
+            value = raw if gamma is None else gamma * raw
+            value = value if base is None else base + value
+            new = self._call_hook(fn, value, point)
+            if new is None:
+                return None
+            new = new if base is None else new - base
+            return new if gamma is None else new / gamma
+
+        return slot
 
     def _to_btd(self, t: torch.Tensor) -> torch.Tensor:
         if t.dim() == 2:  # one packed sequence `[tokens, d]`
@@ -232,63 +319,6 @@ class HookedVisionModel(nn.Module):
             )
         return self._from_btd(new.to(raw.dtype), raw)
 
-    def _input_hook(self, module: nn.Module, point: HookPoint, fn: HookFn, stack: ExitStack) -> None:
-        def pre_hook(_module, args, kwargs):
-            raw = args[0] if args else kwargs["hidden_states"]
-            new = self._call_hook(fn, raw, point)
-            if new is None:
-                return None
-            if args:
-                return (new, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": new}
-
-        stack.callback(module.register_forward_pre_hook(pre_hook, with_kwargs=True).remove)
-
-    def _output_hook(self, module, scale, point: HookPoint, fn: HookFn, stack: ExitStack) -> None:
-        def post_hook(_module, _args, output):
-            raw = output[0] if isinstance(output, tuple) else output
-            gamma = scale() if scale is not None else None
-            value = raw if gamma is None else gamma * raw
-            new = self._call_hook(fn, value, point)
-            if new is None:
-                return None
-            if gamma is not None:
-                new = new / gamma
-            return (new, *output[1:]) if isinstance(output, tuple) else new
-
-        stack.callback(module.register_forward_hook(post_hook).remove)
-
-    def _stash_resid_pre(self, layer: LayerSites, stack: ExitStack) -> dict:
-        stash: dict[str, torch.Tensor] = {}
-
-        def pre_hook(_module, args, kwargs):
-            stash["pre"] = args[0] if args else kwargs["hidden_states"]
-
-        stack.callback(layer.block.register_forward_pre_hook(pre_hook, with_kwargs=True).remove)
-        return stash
-
-    def _resid_mid(self, layer: LayerSites, point: HookPoint, fn: HookFn, stack: ExitStack) -> None:
-        if layer.attn_out is None:
-            self._input_hook(layer.resid_mid, point, _read_only(fn, point), stack)
-            return
-        stash = self._stash_resid_pre(layer, stack)
-
-        def on_attn_out(branch: torch.Tensor, hook: HookPoint) -> torch.Tensor | None:
-            pre = self._to_btd(stash["pre"])
-            new = fn(pre + branch, point)
-            return None if new is None else new - pre
-
-        self._output_hook(layer.attn_out, layer.attn_scale, point, on_attn_out, stack)
-
-    def _derived_attn_out(self, layer: LayerSites, point: HookPoint, fn: HookFn, stack: ExitStack) -> None:
-        stash = self._stash_resid_pre(layer, stack)
-        read_only = _read_only(fn, point)
-
-        def on_mid(mid: torch.Tensor, hook: HookPoint) -> None:
-            read_only(mid - self._to_btd(stash["pre"]), point)
-
-        self._input_hook(layer.resid_mid, point, on_mid, stack)
-
     def _pattern(self, layer: LayerSites, point: HookPoint, fn: HookFn, stack: ExitStack) -> None:
         site = layer.pattern
         call = fn if site.replaceable else _read_only(fn, point)
@@ -300,6 +330,46 @@ class HookedVisionModel(nn.Module):
             return new
 
         stack.enter_context(site.attach(on_pattern))
+
+
+def _chain(slots: list[Slot]) -> Slot:
+    """Run `slots` in order, each on the value the previous ones left; the final value, or None if unchanged."""
+
+    def run(raw: torch.Tensor) -> torch.Tensor | None:
+        value = raw
+        for slot in slots:
+            new = slot(value)
+            if new is not None:
+                value = new
+        return None if value is raw else value
+
+    return run
+
+
+def _pre_hook(run: Slot) -> Callable:
+    """A forward pre-hook (with kwargs) that applies `run` to the module's first input (or `hidden_states`)."""
+
+    def pre_hook(_module, args, kwargs):
+        new = run(args[0] if args else kwargs["hidden_states"])
+        if new is None:
+            return None
+        if args:
+            return (new, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": new}
+
+    return pre_hook
+
+
+def _post_hook(run: Slot) -> Callable:
+    """A forward hook that applies `run` to the module's output (or its first element)."""
+
+    def post_hook(_module, _args, output):
+        new = run(output[0] if isinstance(output, tuple) else output)
+        if new is None:
+            return None
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    return post_hook
 
 
 def _read_only(fn: HookFn, point: HookPoint) -> HookFn:

@@ -9,12 +9,14 @@ import torch
 
 from prisma_ray.cli import main
 from prisma_ray.data.shards import decode_shard
+from prisma_ray.errors import InvalidRequest
 from prisma_ray.evaluate import EvalConfig, Evaluator
 from prisma_ray.evaluate.splice import splice_hooks
 from prisma_ray.extract.config import ExtractConfig
 from prisma_ray.extract.pipeline import finalize_stores
 from prisma_ray.extract.plan import plan_extract
 from prisma_ray.extract.worker import ExtractionWorker
+from prisma_ray.models import ModelEntry, load_model
 from prisma_ray.sae import Dictionary, DictionaryConfig, Site, Sites, export_files, write_files
 from prisma_ray.storage import MissingInputError
 from tests.tiny_models import tiny_vit
@@ -164,6 +166,47 @@ def test_transcoder_is_spliced_as_mlp_replacement(stores, tmp_path):
             expected = model(batch.x)
     torch.testing.assert_close(spliced, expected)
     assert np.isfinite(row["loss_recovered"]) and row["explained_variance"] < 1
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """`TINY_VIT` with random weights, and two inputs."""
+    model = load_model(ModelEntry(**TINY_VIT), pretrained=False, seed=0)
+    return model, torch.randn(2, *model.preprocess.input_shape(), generator=torch.Generator().manual_seed(1))
+
+
+@torch.no_grad()
+def test_crosscoder_listing_resid_mid_before_resid_pre_puts_each_reconstruction_where_the_forward_carries_it(
+    tiny_model,
+):
+    """A crosscoder over `[resid_mid, resid_pre]` of one block: in the spliced run the block's input is the
+    resid_pre reconstruction and its residual stream after attention the resid_mid one (`resid_mid` was rebuilt
+    from the block's input before the splice replaced it, so it carried `recon_mid + recon_pre - clean_pre`)."""
+    model, x = tiny_model
+    hooks = ["blocks.0.hook_resid_mid", "blocks.0.hook_resid_pre"]
+    _, clean = model.run_with_cache(x, hooks)
+    d = Dictionary(DictionaryConfig(architecture="relu", d_sae=64, seed=3), Sites(inputs=tuple(map(site, hooks))))
+    recon = d(torch.cat([clean[h] for h in hooks], dim=-1).reshape(-1, 64)).reshape(2, 17, 64)
+    with model.hooks(splice_hooks(d, torch.arange(17), "sae", clean)):
+        _, carried = model.run_with_cache(
+            x, ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_post", "blocks.0.hook_mlp_out"]
+        )
+    torch.testing.assert_close(carried["blocks.0.hook_resid_pre"], recon[..., 32:])
+    mid = carried["blocks.0.hook_resid_post"] - carried["blocks.0.hook_mlp_out"]
+    torch.testing.assert_close(mid, recon[..., :32], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_a_transcoder_whose_input_comes_after_its_output_in_the_forward_pass_is_refused(tiny_model):
+    """resid_mid -> attn_out of one block: both were hooks on the attention branch's module, run in registration
+    order, so the input was read before the output it depends on was replaced."""
+    model, x = tiny_model
+    sites = Sites(inputs=(site("blocks.0.hook_resid_mid"),), outputs=(site("blocks.0.hook_attn_out"),))
+    d = Dictionary(DictionaryConfig(architecture="relu", d_sae=64, seed=3), sites)
+    _, clean = model.run_with_cache(x, ["blocks.0.hook_resid_mid", "blocks.0.hook_attn_out"])
+    with model.hooks(splice_hooks(d, torch.arange(17), "sae", clean)):
+        with pytest.raises(InvalidRequest, match="runs after its output"):
+            model(x)
 
 
 def test_zero_shot_head_and_models_without_logits(tmp_path):

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import itertools
 import pkgutil
 import sys
 from collections.abc import Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -29,12 +31,15 @@ from prisma_ray.models import (
     get_entry,
     load_model,
 )
-from prisma_ray.models.hook_points import BLOCK_SITES
+from prisma_ray.models.adapters.open_clip_adapter import AttentionPatternSite
+from prisma_ray.models.hook_points import BLOCK_SITES, FORWARD_ORDER, HookPoint
+from prisma_ray.models.sites import LayerSites
 from tests import lmm_tiny
 from tests.tiny_models import HF, OPEN_CLIP, TIMM, WITHOUT_PATTERN, batch, read_only_names
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SITES = tuple(s for s in BLOCK_SITES if s != "attn.hook_pattern")  # the sites of one vector per token
+PATTERN_RTOL, PATTERN_ATOL = 1.3e-6, 1e-5  # how far reading attention patterns may move a float32 output (README)
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,26 @@ def test_read_hooks_leave_the_output_bit_identical(case):
     with model.hooks([(n, lambda t, hook: None) for n in names]):
         assert torch.equal(model(x), reference)
     assert torch.equal(model(x), reference)
+
+
+@torch.no_grad()
+def test_reading_attention_patterns_moves_the_output_by_float_rounding_at_most(case):
+    """What the README states: reading `attn.hook_pattern` leaves the output bit-identical where the pattern is
+    recomputed from the attention's input (OpenCLIP's own `Attention`); elsewhere the attention takes the path
+    that materialises its probabilities while the hook is attached, and the output moves by float rounding
+    only, within `PATTERN_RTOL * |output| + PATTERN_ATOL`."""
+    case, model = case
+    x = case.inputs(model)
+    reference = model(x)
+    names = [n for n in model.hook_names if n.endswith("attn.hook_pattern")]
+    output, _ = model.run_with_cache(x, names)
+    stacks = [model._sites, *([model._sites.lm] if case.lmm else [])]
+    patterns = [layer.pattern for stack in stacks for layer in stack.layers if layer.pattern is not None]
+    if all(isinstance(site, AttentionPatternSite) for site in patterns):
+        assert torch.equal(output, reference)
+    else:
+        torch.testing.assert_close(output, reference, rtol=PATTERN_RTOL, atol=PATTERN_ATOL)
+    assert torch.equal(model(x), reference), "the fused path is back once the hook is removed"
 
 
 @torch.no_grad()
@@ -326,3 +351,182 @@ def test_no_module_class_shadows_a_torch_module_method():
     assert any(cls is HookedVisionModel for cls in classes)
     shadowing = {cls.__qualname__: sorted((set(vars(cls)) & module_names) - OVERRIDES) for cls in classes}
     assert not {k: v for k, v in shadowing.items() if v}
+
+
+# --- Hook composition: every hook point sees and writes what the forward pass carries, whatever the order -------
+
+# one model per adapter, plus the layouts that derive a hook point from a saved value in another way (a branch
+# scaled by a layer-scale parameter, TimeSformer's `resid_mid - resid_pre`, a final module that is the last block)
+COMPOSITION = [
+    "timm-vit",
+    "timm-beit",
+    "open_clip-native",
+    "hf-ViTModel",
+    "hf-CLIPVisionModelWithProjection",
+    "hf-VideoMAEModel",
+    "hf-TimesformerForVideoClassification",
+    "prisma-toy-vit-shapes",
+    "lmm-llava-next",
+]
+
+
+def edit(point: HookPoint, t: torch.Tensor) -> torch.Tensor:
+    """A replacement that depends on the value it replaces and differs per site, so that no two edits commute."""
+    k = FORWARD_ORDER.index(point.site)
+    return t * (1 + 0.25 * k) + 0.5 * (k + 1)
+
+
+def composed_points(model: HookedVisionModel, case: Case, layer: int) -> list[HookPoint]:
+    """The hook points of block `layer`, with `hook_embed` for block 0 and `hook_final` for the last block."""
+    p = case.prefix
+    names = [n for n in model.hook_names if n.startswith(f"{p}blocks.{layer}.")]
+    n_layers = model.lm_n_layers if case.lmm else model.n_layers
+    names += [f"{p}hook_embed"] if layer == 0 else [f"{p}hook_final"] if layer == n_layers - 1 else []
+    return [model.hook_point(n) for n in names]
+
+
+def replaceable(sites: LayerSites, point: HookPoint) -> bool:
+    if point.site == "attn.hook_pattern":
+        return sites.pattern.replaceable
+    return sites.attn_out is not None or point.site not in ("hook_attn_out", "hook_resid_mid")
+
+
+@contextmanager
+def reference_hooks(model: HookedVisionModel, layer: int, points: list[HookPoint], edits: set[str], seen: dict):
+    """Plain PyTorch hooks, one per module, that compute `points` (the sites of block `layer`, `hook_embed`,
+    `hook_final`) in forward order by hand: `seen[name]` is the value the forward pass carries there, and the
+    points named in `edits` are replaced by `edit(point, value)`. `hook_resid_mid` is the block's input as the
+    earlier hooks left it plus the attention branch as its hook left it."""
+    by_site = {p.site: p for p in points}
+    stack = model._stack(points[0])
+    sites = stack.layers[layer]
+    state: dict[str, torch.Tensor] = {}
+
+    def visit(site: str, value: torch.Tensor) -> torch.Tensor:
+        point = by_site.get(site)
+        if point is None:
+            return value
+        seen[point.name] = value.clone()
+        return edit(point, value) if point.name in edits else value
+
+    def pre_hook(order: tuple[str, ...], save: bool = False):
+        def hook(_module, args, kwargs):
+            raw = args[0] if args else kwargs["hidden_states"]
+            value = model._to_btd(raw)
+            for site in order:
+                value = visit(site, value)
+            if save:
+                state["pre"] = value
+            if order == ("hook_resid_mid",):  # TimeSformer: attn_out is resid_mid - resid_pre
+                visit("hook_attn_out", value - state["pre"])
+            new = model._from_btd(value, raw)
+            return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+
+        return hook
+
+    def post_hook(order: tuple[str, ...], scale=None):
+        def hook(_module, _args, output):
+            raw = output[0] if isinstance(output, tuple) else output
+            gamma = 1 if scale is None else scale()
+            value = model._to_btd(raw) * gamma
+            for site in order:
+                value = visit(site, value)
+            if "hook_attn_out" in order:
+                mid = state["pre"] + value
+                new_mid = visit("hook_resid_mid", mid)
+                value = value if new_mid is mid else new_mid - state["pre"]
+            new = model._from_btd(value / gamma, raw)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        return hook
+
+    def pattern(p: torch.Tensor) -> torch.Tensor | None:
+        new = visit("attn.hook_pattern", p)
+        return None if new is p else new
+
+    block_out = ("hook_resid_post", "hook_final") if stack.final is sites.block else ("hook_resid_post",)
+    with ExitStack() as stack_:
+        pre = [(sites.block, ("hook_embed", "hook_resid_pre"), True), (sites.mlp_in, ("hook_mlp_in",), False)]
+        post = [(sites.mlp_out, ("hook_mlp_out",), sites.mlp_scale), (sites.block, block_out, None)]
+        if sites.attn_out is not None:
+            post.append((sites.attn_out, ("hook_attn_out",), sites.attn_scale))
+        else:
+            pre.append((sites.resid_mid, ("hook_resid_mid",), False))
+        if stack.final is not sites.block:
+            post.append((stack.final, ("hook_final",), None))
+        for module, order, save in pre:
+            handle = module.register_forward_pre_hook(pre_hook(order, save), with_kwargs=True, prepend=True)
+            stack_.callback(handle.remove)
+        for module, order, scale in post:
+            stack_.callback(module.register_forward_hook(post_hook(order, scale), prepend=True).remove)
+        if "attn.hook_pattern" in by_site:
+            stack_.enter_context(sites.pattern.attach(pattern))
+        yield
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    torch.testing.assert_close(actual, expected, msg=lambda message: f"{what}: {message}")
+
+
+def hooked_run(model, x, first: HookPoint, second: HookPoint, edits: set[str], nested: bool):
+    """The output and the value each of two hooks saw, `first` registered before `second` (in one `hooks(...)`
+    call, or in an outer and an inner one)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(t: torch.Tensor, point: HookPoint) -> torch.Tensor | None:
+        seen[point.name] = t.clone()
+        return edit(point, t) if point.name in edits else None
+
+    with ExitStack() as stack:
+        if nested:
+            stack.enter_context(model.hooks([(first.name, hook)]))
+            stack.enter_context(model.hooks([(second.name, hook)]))
+        else:
+            stack.enter_context(model.hooks([(first.name, hook), (second.name, hook)]))
+        return model(x), seen
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("key", COMPOSITION)
+def test_every_pair_of_hooks_sees_and_writes_what_the_forward_pass_carries(key, built):
+    """For each pair of hook points of block 0 (with `hook_embed`), and `hook_final` with each hook point of the
+    last block, both registration orders, in one `hooks(...)` or nested ones, each reading or replacing: what each
+    hook sees and the output equal plain PyTorch hooks placed on the modules in forward order."""
+    case, model = _case(key, built)
+    x = case.inputs(model, 1)
+    n_layers = model.lm_n_layers if case.lmm else model.n_layers
+    for layer in (0, n_layers - 1):
+        points = composed_points(model, case, layer)
+        sites = model._stack(points[0]).layers[layer]
+        pairs = itertools.combinations(points, 2)
+        for a, b in pairs if layer == 0 else ((p, points[-1]) for p in points[:-1]):
+            for edits in ({a.name, b.name}, {a.name}, {b.name}):
+                if not all(replaceable(sites, p) for p in (a, b) if p.name in edits):
+                    continue
+                seen: dict[str, torch.Tensor] = {}
+                with reference_hooks(model, layer, [a, b], edits, seen):
+                    expected = model(x)
+                for first, second in ((a, b), (b, a)):
+                    for nested in (False, True):
+                        out, got = hooked_run(model, x, first, second, edits, nested)
+                        where = f"{first.name} then {second.name}, nested={nested}, replacing {sorted(edits)}"
+                        for name in (a.name, b.name):
+                            assert_close(got[name], seen[name], f"{name}: {where}")
+                        assert_close(out, expected, f"output: {where}")
+
+
+@torch.no_grad()
+def test_a_reader_at_resid_mid_registered_before_an_edit_at_resid_pre_sees_the_edit(built):
+    """The report: `hooks([(resid_mid, read), (resid_pre, add 3)])` read a value off by exactly 3."""
+    _, model = _case("timm-vit", built)
+    x = batch(model, 1)
+    seen = {}
+    with model.hooks(
+        [
+            ("blocks.0.hook_resid_mid", lambda t, hook: seen.update(mid=t.clone())),
+            ("blocks.0.hook_resid_pre", lambda t, hook: t + 3),
+        ]
+    ):
+        _, cache = model.run_with_cache(x, ["blocks.0.hook_resid_post", "blocks.0.hook_mlp_out"])
+    carried = cache["blocks.0.hook_resid_post"] - cache["blocks.0.hook_mlp_out"]
+    torch.testing.assert_close(seen["mid"], carried)

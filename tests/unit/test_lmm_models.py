@@ -99,3 +99,28 @@ def test_llava_takes_images_only():
     model = tiny("llava-next")
     with pytest.raises(ValueError, match="video inputs are supported for Qwen2-VL and Qwen2.5-VL"):
         model.encode([np.zeros((4, 28, 28, 3), np.uint8)], ["What happens?"])
+
+
+@torch.no_grad()
+def test_a_replaced_vision_block_output_reaches_the_language_model_through_the_recorded_hidden_states():
+    """LLaVA reads its image features from the vision tower's `hidden_states`, which transformers records with
+    its own forward hooks: a replacement at `blocks.0.hook_resid_post` (the feature layer, -2) must be what is
+    recorded, as when the block itself returned the replaced value (a plain hook run before transformers' own)."""
+    model = tiny("llava-next")
+    batch, _, _ = inputs("llava-next")
+    block = model._sites.layers[0].block
+
+    def double(t: torch.Tensor, _hook) -> torch.Tensor:
+        return 2 * t
+
+    _, clean = model.run_with_cache(batch, ["lm.hook_embed"])
+    with model.hooks([("blocks.0.hook_resid_post", double)]):
+        _, hooked = model.run_with_cache(batch, ["lm.hook_embed"])
+    handle = block.register_forward_hook(lambda _m, _a, out: 2 * out, prepend=True)
+    try:
+        _, reference = model.run_with_cache(batch, ["lm.hook_embed"])
+    finally:
+        handle.remove()
+    image = batch["input_ids"] == IMAGE_ID
+    assert not torch.allclose(reference["lm.hook_embed"][image], clean["lm.hook_embed"][image])
+    torch.testing.assert_close(hooked["lm.hook_embed"], reference["lm.hook_embed"])
