@@ -285,6 +285,42 @@ def test_video_model_writes_frame_indexed_tokens(ray_local, tmp_path):
     assert manifest.token_layout["time"] == 2 and manifest.dataset["frame_sampling"]["num_frames"] == 4
 
 
+@pytest.mark.slow
+def test_activations_beyond_float16_fail_the_run_before_any_shard_is_committed(ray_local, tmp_path, capsys):
+    """A residual stream of ~1e6 (LayerScale of 1e8 on random weights): float16 fails naming the store, hook
+    point, samples and magnitude, with no shard written; bfloat16 holds it and its manifest's statistics are
+    those of the stored values."""
+    massive = tiny_vit(name="test-vit-massive", init_values=1e8)
+    config = dict(
+        model=massive,
+        hooks=HOOKS[:1],
+        tokens=dict(mode="cls"),
+        output=str(tmp_path / "f16"),
+        shard_size=4,
+        resources=dict(actors=1),
+        dataset=shapes(str(tmp_path / "shapes"), n=8),
+        progress=False,
+    )
+    (tmp_path / "extract.yaml").write_text(yaml.safe_dump(config))
+    assert main(["extract", str(tmp_path / "extract.yaml")]) == 2
+    err = capsys.readouterr().err
+    uri = str(tmp_path / "f16" / "test-vit-massive" / HOOKS[0] / "train")
+    assert f"error: store {uri} (hook point {HOOKS[0]} of test-vit-massive, input shard" in err
+    assert re.search(r"activations of samples '.*' reach magnitude [\d.e+]+, beyond float16's largest value", err)
+    assert "bfloat16 holds them" in err
+    assert not [f for f in files_under(uri) if f.endswith(".parquet") or "/_stats/" in f], "no shard committed"
+
+    summary = run_extract(ExtractConfig(**{**config, "dtype": "bfloat16", "output": str(tmp_path / "bf16")}))
+    assert summary.complete
+    uri = summary.stores[HOOKS[0]]
+    acts = store.read_acts(uri).astype(np.float64)
+    assert np.isfinite(acts).all() and np.abs(acts).max() > 65504
+    manifest, expected = store.read_manifest(uri), store.RunningStats.of(acts)
+    np.testing.assert_allclose(manifest.mean, expected.mean, rtol=1e-9)
+    np.testing.assert_allclose(manifest.std, np.sqrt(expected.var), rtol=1e-9)
+    assert manifest.mean_norm == pytest.approx(expected.mean_norm, rel=1e-9)
+
+
 @pytest.mark.parametrize(
     "update,error,match",
     [
