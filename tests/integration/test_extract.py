@@ -42,6 +42,19 @@ def shapes(uri: str, n: int = 20, **extra) -> dict:
     return dict(type="synthetic", uri=uri, generator=dict(name="shapes", n_images=n, image_size=32), **extra)
 
 
+def cls_config(model: dict, output: str, dataset: dict, shard_size: int) -> dict:
+    """An extraction of the CLS token at the first hook point on one actor."""
+    return dict(
+        model=model,
+        hooks=HOOKS[:1],
+        tokens=dict(mode="cls"),
+        output=output,
+        shard_size=shard_size,
+        resources=dict(actors=1),
+        dataset=dataset,
+    )
+
+
 def read_store(uri: str, options=None) -> pa.Table:
     """Every row of a store, read with plain pyarrow, sorted by (sample_id, token)."""
     fs, path = storage.resolve(uri, options)
@@ -225,19 +238,8 @@ def test_bad_inputs_go_to_the_errors_table_and_the_run_completes(ray_local, tmp_
         (tmp_path / "zoo" / name).parent.mkdir(exist_ok=True)
         (tmp_path / "zoo" / name).write_bytes(data)
     config = tmp_path / "extract.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            dict(
-                model=TINY_VIT,
-                hooks=HOOKS[:1],
-                tokens=dict(mode="cls"),
-                output=str(tmp_path / "out"),
-                shard_size=5,
-                resources=dict(actors=1),
-                dataset=dict(type="images", uri=str(tmp_path / "zoo"), max_pixels=IMAGE_ZOO_MAX_PIXELS),
-            )
-        )
-    )
+    zoo = dict(type="images", uri=str(tmp_path / "zoo"), max_pixels=IMAGE_ZOO_MAX_PIXELS)
+    config.write_text(yaml.safe_dump(cls_config(TINY_VIT, str(tmp_path / "out"), zoo, shard_size=5)))
     assert main(["extract", str(config)]) == 0
     bad = {name: reason for name, (_, reason) in image_zoo.items() if reason}
     good = len(image_zoo) - len(bad)
@@ -291,16 +293,7 @@ def test_activations_beyond_float16_fail_the_run_before_any_shard_is_committed(r
     point, samples and magnitude, with no shard written; bfloat16 holds it and its manifest's statistics are
     those of the stored values."""
     massive = tiny_vit(name="test-vit-massive", init_values=1e8)
-    config = dict(
-        model=massive,
-        hooks=HOOKS[:1],
-        tokens=dict(mode="cls"),
-        output=str(tmp_path / "f16"),
-        shard_size=4,
-        resources=dict(actors=1),
-        dataset=shapes(str(tmp_path / "shapes"), n=8),
-        progress=False,
-    )
+    config = {**cls_config(massive, str(tmp_path / "f16"), shapes(str(tmp_path / "shapes"), n=8), 4), "progress": False}
     (tmp_path / "extract.yaml").write_text(yaml.safe_dump(config))
     assert main(["extract", str(tmp_path / "extract.yaml")]) == 2
     err = capsys.readouterr().err
