@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import posixpath
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from . import storage
-from .errors import PrismaRayError
+from .errors import InvalidRequest, PrismaRayError
 from .models.spec import TokenKind
 
 StoreDType = Literal["float16", "bfloat16", "float32"]
@@ -31,6 +31,8 @@ DTYPE_KEY = b"prisma_ray.dtype"
 KIND_CODES = {kind.name.lower(): int(kind) for kind in TokenKind}  # the `kind` column: TokenKind codes by name
 KEYS = ["sample_id", "frame", "token"]  # the columns that identify a row (one token of one sample)
 _ARROW_VALUE = {"float16": pa.float16(), "bfloat16": pa.uint16(), "float32": pa.float32()}
+# Largest finite value of each storage dtype (values round to nearest even; beyond about this they become inf).
+DTYPE_MAX: dict[str, float] = {"float16": 65504.0, "bfloat16": 3.3895313892515355e38, "float32": 3.4028234663852886e38}
 # Activation values byte-stream-split then zstd level 1: smaller than dictionary encoding and ~5x faster to write.
 PARQUET_OPTIONS = dict(
     compression="zstd",
@@ -44,6 +46,10 @@ PARQUET_OPTIONS = dict(
 
 class StoreConfigMismatch(PrismaRayError, ValueError):
     """An output store was written by a different config."""
+
+
+class ActivationRangeError(InvalidRequest):
+    """Activations that the store's dtype cannot hold (they would become inf), or NaN/inf from the model itself."""
 
 
 def shard_name(index: int) -> str:
@@ -69,19 +75,71 @@ def schema(d_model: int, dtype: StoreDType) -> pa.Schema:
     )
 
 
-def encode_acts(acts: np.ndarray, dtype: StoreDType) -> pa.FixedSizeListArray:
-    """`float32[N, D]` -> fixed-size-list Arrow array in the storage dtype (bfloat16 as its uint16 bits)."""
+def encode_acts(
+    acts: np.ndarray, dtype: StoreDType, where: str = "encode_acts", sample_ids: Sequence[str] | None = None
+) -> pa.FixedSizeListArray:
+    """`float32[N, D]` -> fixed-size-list Arrow array in the storage dtype (bfloat16 as its uint16 bits).
+
+    Values round to the nearest `dtype` value (ties to even). Raises `ActivationRangeError` (naming `where`,
+    the rows' `sample_ids [N]` and the largest magnitude) when a value is NaN or inf, or when a finite value
+    would round to inf in `dtype`: nothing is encoded then.
+    """
     acts = np.ascontiguousarray(acts, dtype=np.float32)
     n, d = acts.shape
     if dtype == "float16":
-        flat = acts.astype(np.float16).ravel()
+        with np.errstate(over="ignore"):  # overflow is refused below, naming the rows
+            flat = acts.astype(np.float16).ravel()
+        finite = bool(np.isfinite(flat).all())
     elif dtype == "bfloat16":
         bits = acts.view(np.uint32)
         rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
         flat = ((bits + rounding) >> 16).astype(np.uint16).ravel()
+        finite = not ((flat & np.uint16(0x7F80)) == np.uint16(0x7F80)).any()  # exponent all ones: inf or NaN
     else:
         flat = acts.ravel()
+        finite = bool(np.isfinite(flat).all())
+    if not finite:
+        raise range_error(acts, dtype, where, sample_ids)
     return pa.FixedSizeListArray.from_arrays(pa.array(flat, type=_ARROW_VALUE[dtype]), d)
+
+
+def range_error(
+    acts: np.ndarray, dtype: StoreDType, where: str, sample_ids: Sequence[str] | None = None
+) -> ActivationRangeError:
+    """The error for `float32[N, D]` activations that `dtype` cannot hold: NaN/inf already, or finite values
+    beyond its range (it names `where`, the samples of the offending rows, the largest magnitude and a dtype
+    that holds it)."""
+    acts = np.asarray(acts, dtype=np.float32)
+    magnitude = np.abs(acts).max(axis=1) if acts.size else np.zeros(len(acts), np.float32)
+    broken = ~np.isfinite(magnitude)
+    if broken.any():
+        bad, what = broken, "NaN" if np.isnan(magnitude).any() else "inf"
+        detail = (
+            f"hold {what} values from the model itself, which no storage dtype can hold; check the model's "
+            "weights, inputs and dtype (a float16 model can overflow)"
+        )
+    else:
+        bad = magnitude > DTYPE_MAX[dtype]
+        largest = float(magnitude.max())
+        holds = next(name for name, top in DTYPE_MAX.items() if largest <= top and name != "float16")
+        detail = (
+            f"reach magnitude {largest:.6g}, beyond {dtype}'s largest value {DTYPE_MAX[dtype]:.6g}: stored as "
+            f"{dtype} they would become inf; {holds} holds them (set dtype: {holds})"
+        )
+    rows = np.flatnonzero(bad) if bad.any() else np.arange(len(acts))
+    return ActivationRangeError(f"{where}: activations of {_samples(rows, sample_ids)} {detail}; nothing was written")
+
+
+def _samples(rows: np.ndarray, sample_ids: Sequence[str] | None, show: int = 5) -> str:
+    """`samples 'a', 'b' (+3 more)` for the rows `rows` (their row indices without `sample_ids`)."""
+    if sample_ids is None:
+        names = [str(int(r)) for r in rows]
+        label = "rows"
+    else:
+        names = list(dict.fromkeys(repr(str(sample_ids[int(r)])) for r in rows))
+        label = "samples"
+    more = f" (+{len(names) - show} more)" if len(names) > show else ""
+    return f"{label} {', '.join(names[:show])}{more}"
 
 
 def decode_acts(column: pa.Array | pa.ChunkedArray, dtype: StoreDType) -> np.ndarray:
@@ -96,16 +154,23 @@ def decode_acts(column: pa.Array | pa.ChunkedArray, dtype: StoreDType) -> np.nda
 
 
 def token_table(
-    sample_ids: list[str], token: np.ndarray, frame: np.ndarray, kind: np.ndarray, acts: np.ndarray, dtype: StoreDType
+    sample_ids: list[str],
+    token: np.ndarray,
+    frame: np.ndarray,
+    kind: np.ndarray,
+    acts: np.ndarray,
+    dtype: StoreDType,
+    where: str = "token_table",
 ) -> pa.Table:
-    """One shard's rows (one per token) in the store schema."""
+    """One shard's rows (one per token) in the store schema; `ActivationRangeError` (naming `where` and the
+    samples) when `acts` holds values `dtype` cannot hold (see `encode_acts`)."""
     return pa.Table.from_arrays(
         [
             pa.array(sample_ids, pa.string()),
             pa.array(token, pa.int16()),
             pa.array(frame, pa.int16()),
             pa.array(kind, pa.int8()),
-            encode_acts(acts, dtype),
+            encode_acts(acts, dtype, where, sample_ids),
         ],
         schema=schema(acts.shape[1], dtype),
     )

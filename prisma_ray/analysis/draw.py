@@ -51,7 +51,9 @@ def matrix_png(values: np.ndarray, row_labels: list[str], col_labels: list[str],
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    top = float(np.abs(values).max()) or 1.0
+    finite = np.abs(values[np.isfinite(values)])  # NaN/inf cells are drawn as missing (blank), not as colours
+    top = float(finite.max()) if finite.size else 1.0
+    top = top or 1.0
     fig, ax = plt.subplots(figsize=(min(2 + 0.12 * values.shape[1], 24), 1 + 0.35 * values.shape[0]))
     im = ax.imshow(values, cmap="RdBu_r", vmin=-top, vmax=top, aspect="auto", interpolation="nearest")
     ax.set_yticks(range(len(row_labels)), row_labels, fontsize=7)

@@ -50,7 +50,11 @@ class ExtractConfig(BaseModel):
         "lm.blocks.12.hook_resid_post); one store each",
     )
     tokens: TokenSelection = Field(TokenSelection(), description="which tokens of each sample are stored")
-    dtype: StoreDType = Field("float16", description="element type of the stored activations")
+    dtype: StoreDType = Field(
+        "float16",
+        description="element type of the stored activations: float16 (magnitudes up to 65504), bfloat16 (float32's "
+        "range, 3 significant digits) or float32; values the dtype cannot hold, or NaN/inf, fail the run",
+    )
     prompts: list[str] | None = Field(
         None,
         min_length=1,

@@ -9,7 +9,10 @@ flow for one input shard (a fixed, sorted slice of the dataset's refs):
    normalised on the model's device, or, for multimodal language models, each image with its
    prompt through the model's processor), one forward pass with every hook point cached, token
    selection, then one store shard per hook point (written under a temporary name and renamed)
-   plus the shard's bad samples in the errors table.
+   plus the shard's bad samples in the errors table. Every hook point's shard is encoded before any is
+   written: values the storage dtype cannot hold (or NaN/inf from the model) fail the shard with
+   `store.ActivationRangeError` and nothing of it is written. The statistics are those of the stored
+   values (rounded to the storage dtype), so the manifest describes what the store holds.
 """
 
 from __future__ import annotations
@@ -59,6 +62,15 @@ class WorkerJob(BaseModel):
     torch_threads: int | None = None
 
 
+_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def stored_values(rows: torch.Tensor, dtype: StoreDType) -> torch.Tensor:
+    """`float32` `rows` as a store of `dtype` holds them: rounded to nearest even, as `store.encode_acts` does
+    (values beyond the dtype's range become inf here; `encode_acts` refuses them)."""
+    return rows.to(_TORCH_DTYPES[dtype]).to(torch.float32)
+
+
 def tensor_stats(x: torch.Tensor) -> RunningStats:
     """Running statistics of the rows of `x` (computed in float64 on `x`'s device)."""
     x = x.to(torch.float64)
@@ -94,14 +106,19 @@ class ExtractionWorker:
         """Extract and write shard `shard` for `hooks` (default: all); return its summary row."""
         start = time.perf_counter()
         hooks = list(self.job.stores) if hooks is None else list(hooks)
-        acts, stats, kept = self.extract(data.pixels, data.sample_ids, hooks)
+        acts, stats, kept = self.extract(data.pixels, data.sample_ids, hooks, shard)
         ids = data.sample_ids[kept.sample].tolist()
         token = kept.position.astype(np.int16)
+        tables = {  # every hook point encoded (and range-checked) before anything of the shard is written
+            hook: store.token_table(
+                ids, token, kept.frame, kept.kind, acts[hook], self.job.dtype, self._where(hook, shard)
+            )
+            for hook in hooks
+        }
         nbytes = 0
         for hook in hooks:
             write_shard_errors(data.errors, self.job.stores[hook], shard, self.job.storage)
-            table = store.token_table(ids, token, kept.frame, kept.kind, acts[hook], self.job.dtype)
-            nbytes += self.writers[hook].write_shard(shard, table, stats[hook])
+            nbytes += self.writers[hook].write_shard(shard, tables[hook], stats[hook])
         return {
             "shard": shard,
             "samples": len(data.sample_ids),
@@ -113,11 +130,16 @@ class ExtractionWorker:
         }
 
     @torch.inference_mode()
+    def _where(self, hook: str, shard: int | None) -> str:
+        return f"store {self.job.stores[hook]} (hook point {hook} of {self.job.model.name}, input shard {shard})"
+
     def extract(
-        self, pixels: np.ndarray, sample_ids: np.ndarray, hooks: Sequence[str]
+        self, pixels: np.ndarray, sample_ids: np.ndarray, hooks: Sequence[str], shard: int | None = None
     ) -> tuple[dict[str, np.ndarray], dict[str, RunningStats], KeptTokens]:
         """`float32[N, width]` kept activations and their statistics per hook point, and which tokens they are
-        (`KeptTokens.sample` indexes `sample_ids`)."""
+        (`KeptTokens.sample` indexes `sample_ids`). The statistics are those of the values as stored in the
+        job's dtype (`stored_values`); the activations are returned as the model gave them. A minibatch with
+        values the dtype cannot hold (or NaN/inf) raises `store.ActivationRangeError` naming input `shard`."""
         widths = {h: self.model.hook_width(h) for h in hooks}
         chunks: dict[str, list[np.ndarray]] = {h: [] for h in hooks}
         stats = {h: RunningStats.empty(widths[h]) for h in hooks}
@@ -129,7 +151,11 @@ class ExtractionWorker:
             for hook in hooks:
                 self._check_shape(cache[hook], kept.shape, widths[hook], hook)
                 rows = kept.take(cache[hook]).to(torch.float32)
-                stats[hook] = stats[hook].merge(tensor_stats(rows))
+                stored = stored_values(rows, self.job.dtype)
+                if not bool(torch.isfinite(stored).all()):  # fail at the first such minibatch, naming its samples
+                    ids = sample_ids[i : i + bs][kept.sample].tolist()
+                    raise store.range_error(rows.cpu().numpy(), self.job.dtype, self._where(hook, shard), ids)
+                stats[hook] = stats[hook].merge(tensor_stats(stored))
                 chunks[hook].append(rows.cpu().numpy())
             parts.append(kept)
         acts = {h: np.concatenate(c) if c else np.zeros((0, widths[h]), np.float32) for h, c in chunks.items()}

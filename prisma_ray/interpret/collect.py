@@ -27,7 +27,7 @@ from ..data.synthetic import ShapesConfig
 from ..models import ModelEntry, TokenKind, TokenLayout
 from ..models.inputs import base_view_layout, model_inputs, model_prompts
 from ..models.loading import actor_model, check_hooks, describe_model, resolve_entry
-from ..models.token_selection import TokenSelection
+from ..models.token_selection import MAX_TOKENS, TokenSelection, check_selection
 from ..runtime.pool import ShardResources
 from ..runtime.session import RayOptions
 from ..sae import load_dictionary
@@ -70,7 +70,9 @@ class InterpretConfig(BaseModel):
     )
     pretrained: bool = Field(True, description="load published weights (false: random weights from `seed`)")
     seed: int = Field(0, description="seed of the random weights (pretrained=false), as at extraction")
-    k: int = Field(16, ge=1, description="top samples kept per latent and ranking (max, mean)")
+    k: int = Field(
+        16, ge=1, le=MAX_TOKENS, description="top samples kept per latent and ranking (max, mean; ranks are int16)"
+    )
     reservoir: int = Field(256, ge=1, description="random firing samples kept per latent (histogram, quantiles)")
     negatives: int = Field(8, ge=0, description="samples kept per latent on which it never fires")
     reservoir_seed: int = Field(0, description="seed of the random reservoir sample")
@@ -193,6 +195,7 @@ def plan_interpret(cfg: InterpretConfig) -> InterpretPlan:
     except ValueError as e:
         raise InvalidRequest(f"{entry.name} cannot take the {spec.type} dataset: {e}") from None
     layout = model.token_layout if prompts is None else base_view_layout(model, fmt.shape, prompts[0])
+    check_selection(layout, TokenSelection(mode="all"), entry.name)  # the results' int16 token columns hold it
     return InterpretPlan(
         cfg=cfg,
         info=info,
@@ -245,7 +248,11 @@ class LatentWorker:
         record = self.empty()
         for i in range(0, len(data.sample_ids), self.job.batch_size):
             ids = data.sample_ids[i : i + self.job.batch_size]
-            record = record.update(ids, self.latents(data.pixels[i : i + self.job.batch_size], ids), self.kinds)
+            latents = self.latents(data.pixels[i : i + self.job.batch_size], ids)
+            try:
+                record = record.update(ids, latents, self.kinds)
+            except InvalidRequest as e:  # NaN/inf or values beyond the float16 maps: name the dictionary and shard
+                raise InvalidRequest(f"{self.job.checkpoint} on {self.job.hook}, input shard {shard}: {e}") from e
         return record, data
 
     @torch.inference_mode()

@@ -172,10 +172,11 @@ class DashboardWriter:
         """Write the image, heatmap overlay and mask of one top sample; return their paths."""
         crop = self.results.image(row["sample_id"])
         grid = patch_grid(row["map"], self.layout)
+        where = f"latent {latent}, {ranking} rank {row['rank']}, sample {row['sample_id']!r}"
         stem = f"img/{latent}/{ranking}-{row['rank']}"
         scale = max(1, DISPLAY_PIXELS // crop.shape[-2])
         if crop.ndim == 4:
-            overlays = frame_overlays(crop, grid, self.layout.tubelet)
+            overlays = frame_overlays(crop, grid, self.layout.tubelet, where=where)
             files = (f"{stem}-frames.png", f"{stem}-heatmap.gif", f"{stem}-mask.png")
             self._write(files[0], png_bytes(strip(list(overlays)), scale))
             self._write(files[1], gif_bytes(overlays, scale=scale))
@@ -184,7 +185,7 @@ class DashboardWriter:
             return files
         files = (f"{stem}-image.png", f"{stem}-heatmap.png", f"{stem}-mask.png")
         self._write(files[0], png_bytes(crop, scale))
-        self._write(files[1], png_bytes(overlay(crop, grid[0]), scale))
+        self._write(files[1], png_bytes(overlay(crop, grid[0], where=where), scale))
         self._write(files[2], png_bytes(mask_image(active_mask(grid[0]), crop.shape[:2]), scale))
         return files
 

@@ -193,5 +193,17 @@ def mask_images(
     if mode not in ("highlight", "mask"):
         raise ValueError(f"mask_images: mode must be 'highlight', 'mask' or 'none'; got {mode!r}")
     keep = active_mask(maps, images.shape[1:3], threshold)[..., None]
-    factor = dim if mode == "highlight" else 0.0
-    return np.where(keep, images, (images.astype(np.float32) * factor).astype(np.uint8))
+    return np.where(keep, images, dim_pixels(images, dim if mode == "highlight" else 0.0, "mask_images: dim"))
+
+
+def check_fraction(value: float, where: str) -> None:
+    """Raise `InvalidRequest` naming `where` unless `value` is in [0, 1] (a brightness factor of `uint8` pixels:
+    beyond it the cast back to `uint8` would wrap around)."""
+    if not 0.0 <= value <= 1.0:
+        raise InvalidRequest(f"{where} must be a fraction in [0, 1] of the pixels' brightness; got {value!r}")
+
+
+def dim_pixels(images: np.ndarray, factor: float, where: str) -> np.ndarray:
+    """`uint8` `images` at `factor` (in [0, 1], checked naming `where`) of their brightness, rounded down."""
+    check_fraction(factor, where)
+    return (images.astype(np.float32) * factor).astype(np.uint8)

@@ -26,6 +26,7 @@ import numpy as np
 from prisma_ray.errors import InvalidRequest
 
 RANKINGS = ("max", "mean")
+MAP_MAX = float(np.finfo(np.float16).max)  # the maps are kept as float16: larger magnitudes would become inf
 N_KINDS = 4  # TokenKind CLS, REGISTER, PATCH, DISTILLATION
 _EMPTY_PRIORITY = np.iinfo(np.uint64).max
 
@@ -115,6 +116,27 @@ def mix(h: np.ndarray, latents: np.ndarray) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
+def _check_range(acts: np.ndarray, sample_ids: np.ndarray) -> None:
+    """Refuse `acts [B, tokens, L]` holding NaN/inf or magnitudes the float16 maps cannot hold, naming where."""
+    magnitude = np.abs(acts).max(axis=1)  # [B, L]; NaN propagates
+    bad = ~(magnitude <= MAP_MAX)
+    if not bad.any():
+        return
+    samples, latents = np.nonzero(bad)
+    names = sorted({str(sample_ids[i]) for i in samples})
+    finite = magnitude[np.isfinite(magnitude)]
+    what = (
+        "are NaN or inf"
+        if not np.isfinite(magnitude[bad]).all()
+        else f"reach magnitude {float(finite.max()):.6g}, beyond float16's largest value {MAP_MAX:.6g} that the "
+        "top-k activation maps are kept in"
+    )
+    raise InvalidRequest(
+        f"latent activations of samples {names[:5]}{' (+more)' if len(names) > 5 else ''} at latents "
+        f"{sorted(set(latents.tolist()))[:5]} {what}; nothing of this batch was recorded"
+    )
+
+
 @dataclass(kw_only=True)
 class LatentRecord:
     """What one pass learns about every latent; see the module docstring. Merge records of disjoint samples."""
@@ -154,7 +176,11 @@ class LatentRecord:
         return self.top["max"].maps.shape[2]
 
     def update(self, sample_ids: np.ndarray, acts: np.ndarray, kinds: np.ndarray) -> LatentRecord:
-        """This record with a batch added: `acts float32[B, tokens, L]` of samples `sample_ids [B]`, token kinds `[tokens]`."""
+        """This record with a batch added: `acts float32[B, tokens, L]` of samples `sample_ids [B]`, token kinds `[tokens]`.
+
+        Raises `InvalidRequest` naming the samples and latents when `acts` hold NaN or inf, or magnitudes
+        beyond `MAP_MAX` (the per-token maps are kept as float16, which would turn them into inf).
+        """
         acts = np.asarray(acts, dtype=np.float32)
         if acts.ndim != 3 or acts.shape[1:] != (self.n_tokens_per_sample, self.n_latents):
             raise InvalidRequest(
@@ -163,6 +189,7 @@ class LatentRecord:
                 f"{self.n_latents}] (one sample's tokens per row, as the top samples rank samples)"
             )
         b, t, n = acts.shape
+        _check_range(acts, sample_ids)
         ids = np.broadcast_to(np.asarray(sample_ids, dtype=str)[None, :], (n, b))
         maps = acts.transpose(2, 0, 1)  # [L, B, T]
         peak = acts.max(1).T  # [L, B]

@@ -16,7 +16,14 @@ from prisma_ray.errors import InvalidRequest
 
 from .hooked import HookedVisionModel
 from .spec import MultimodalLayout, TokenLayout
-from .token_selection import TokenSelection, multimodal_positions, stable_hash, token_columns, token_positions
+from .token_selection import (
+    MAX_TOKENS,
+    TokenSelection,
+    multimodal_positions,
+    stable_hash,
+    token_columns,
+    token_positions,
+)
 
 DEFAULT_PROMPT = "Describe the image."
 
@@ -115,7 +122,7 @@ class PromptInputs:
         """The model's input (on the device) for each image with its sample's prompt, and its layout."""
         inputs = self.model.encode(list(pixels), [sample_prompt(self.prompts, sid) for sid in sample_ids])
         seq = inputs["input_ids"].shape[1]
-        if seq > np.iinfo(np.int16).max:
+        if seq > MAX_TOKENS:
             raise InvalidRequest(f"{self.model.name}: sequences of {seq} tokens exceed the store's int16 token column")
         layout = self.model.multimodal_layout(inputs)
         return {k: v.to(self.device) for k, v in inputs.items()}, layout

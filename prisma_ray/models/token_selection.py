@@ -14,6 +14,7 @@ from prisma_ray.errors import InvalidRequest
 from .spec import MultimodalLayout, TokenKind, TokenLayout
 
 MULTIMODAL_ONLY = ("text", "image")
+MAX_TOKENS = int(np.iinfo(np.int16).max)  # the store's `token` and `frame` columns are int16
 
 
 class TokenSelection(BaseModel):
@@ -50,6 +51,11 @@ def check_selection(layout: TokenLayout, selection: TokenSelection, model_name: 
                 f"{model_name}'s sequences have no CLS token; use tokens.mode=all, text, image, patches or random."
             )
         return
+    if layout.n_tokens > MAX_TOKENS or layout.time * layout.tubelet > MAX_TOKENS:
+        raise InvalidRequest(
+            f"{model_name}: {layout.n_tokens} tokens over {layout.time * layout.tubelet} frames per sample exceed "
+            f"the store's int16 token and frame columns (at most {MAX_TOKENS})"
+        )
     if selection.mode in MULTIMODAL_ONLY:
         raise InvalidRequest(
             f"tokens.mode={selection.mode} is for multimodal language models; {model_name} has no text tokens "

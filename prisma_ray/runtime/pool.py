@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from ..data.shards import InputFormat, decode_batch
 from ..data.sources import DatasetSpec
-from ..errors import InvalidRequest
+from ..errors import InvalidRequest, PrismaRayError
 
 MAX_CPU_ACTORS = 8
 RESTARTS = 3  # an actor that dies (node lost, out of memory) is restarted and its calls retried this often
@@ -186,7 +186,8 @@ def run_pool(
     Items are taken from `items` lazily, at most `size.in_flight_per_actor` calls per actor at a time,
     each to the least busy actor. With `read`, each item first goes through a task
     `read(item, **read_kwargs)` of `size.read_cpus` CPUs and the actor gets its result. After a call
-    fails no new item is sent; the calls in flight are still yielded, then the first error is raised.
+    fails no new item is sent; the calls in flight are still yielded, then the first error is raised (a
+    `PrismaRayError` a worker raised as itself, not wrapped in Ray's `RayTaskError`).
     The actors start with the first item and are killed when the iteration ends (also when the caller
     stops early); no items, no actors.
     """
@@ -230,6 +231,9 @@ def run_pool(
         for actor in actors:
             ray.kill(actor)
     if error is not None:
+        cause = getattr(error, "cause", None)
+        if isinstance(error, ray.exceptions.RayTaskError) and isinstance(cause, PrismaRayError):
+            raise cause from error  # a user's input: its own one-line message, not the actor's traceback
         raise error
 
 

@@ -98,7 +98,27 @@ def inference_weights(d: Dictionary) -> dict[str, torch.Tensor]:
             out["b_dec"] = out["b_dec"] - out["W_skip"] @ mu_in
     if d.cfg.architecture == "batchtopk":
         out["threshold"] = torch.full((d.n_latents,), float(d.topk_threshold), dtype=torch.float64)
-    return {k: v.float().contiguous() for k, v in out.items()}
+    site = d.sites.inputs[0]
+    return as_float32(out, f"dictionary on {site.model} {site.name} (export)")
+
+
+def as_float32(tensors: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """`tensors` cast to contiguous float32. Raises `InvalidRequest` naming `where`, the tensors and their
+    largest magnitude when the cast would turn a finite value into inf (beyond float32's range); NaN or inf
+    already there are kept as they are (the cast does not make them)."""
+    out = {k: v.float().contiguous() for k, v in tensors.items()}
+    overflow = {
+        k: float(tensors[k].double().abs().max())
+        for k, v in out.items()
+        if bool(torch.isinf(v).any()) and bool((torch.isinf(v) & torch.isfinite(tensors[k])).any())
+    }
+    if overflow:
+        parts = "; ".join(f"{k} reaches magnitude {m:.6g}" for k, m in sorted(overflow.items()))
+        raise InvalidRequest(
+            f"{where}: weights {parts}, beyond float32's largest value {torch.finfo(torch.float32).max:.6g}; "
+            "a float32 checkpoint cannot hold them"
+        )
+    return out
 
 
 def cfg_dict(d: Dictionary, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -147,6 +167,7 @@ def export_files(
         WEIGHTS_FILE: save_safetensors(inference_weights(d)),
     }
     if fire_counts is not None:
+        # log10 of a frequency in [1e-10, 1 + 1e-10]: in [-10, 1e-10], so the float32 cast cannot overflow
         density = (fire_counts.double() / max(tokens, 1) + 1e-10).log10().float()
         files[SPARSITY_FILE] = save_safetensors({"sparsity": density.contiguous()})
     return files
@@ -170,6 +191,7 @@ def build_dictionary(cfg: DictionaryConfig, sites: Sites, weights: dict[str, tor
     """The dictionary `cfg` on `sites` with `weights` (SAELens 6 names, normalisation folded in);
     `where` names the weights in errors."""
     d = Dictionary(cfg, sites)
+    weights = as_float32(weights, where)  # the parameters are float32: refuse what they cannot hold
     expected = d.state_dict()
     missing = set(expected) - set(weights) - {"in_mean", "in_scale", "out_mean", "out_scale"}
     unexpected = set(weights) - set(expected)

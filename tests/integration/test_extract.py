@@ -42,6 +42,19 @@ def shapes(uri: str, n: int = 20, **extra) -> dict:
     return dict(type="synthetic", uri=uri, generator=dict(name="shapes", n_images=n, image_size=32), **extra)
 
 
+def cls_config(model: dict, output: str, dataset: dict, shard_size: int) -> dict:
+    """An extraction of the CLS token at the first hook point on one actor."""
+    return dict(
+        model=model,
+        hooks=HOOKS[:1],
+        tokens=dict(mode="cls"),
+        output=output,
+        shard_size=shard_size,
+        resources=dict(actors=1),
+        dataset=dataset,
+    )
+
+
 def read_store(uri: str, options=None) -> pa.Table:
     """Every row of a store, read with plain pyarrow, sorted by (sample_id, token)."""
     fs, path = storage.resolve(uri, options)
@@ -225,19 +238,8 @@ def test_bad_inputs_go_to_the_errors_table_and_the_run_completes(ray_local, tmp_
         (tmp_path / "zoo" / name).parent.mkdir(exist_ok=True)
         (tmp_path / "zoo" / name).write_bytes(data)
     config = tmp_path / "extract.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            dict(
-                model=TINY_VIT,
-                hooks=HOOKS[:1],
-                tokens=dict(mode="cls"),
-                output=str(tmp_path / "out"),
-                shard_size=5,
-                resources=dict(actors=1),
-                dataset=dict(type="images", uri=str(tmp_path / "zoo"), max_pixels=IMAGE_ZOO_MAX_PIXELS),
-            )
-        )
-    )
+    zoo = dict(type="images", uri=str(tmp_path / "zoo"), max_pixels=IMAGE_ZOO_MAX_PIXELS)
+    config.write_text(yaml.safe_dump(cls_config(TINY_VIT, str(tmp_path / "out"), zoo, shard_size=5)))
     assert main(["extract", str(config)]) == 0
     bad = {name: reason for name, (_, reason) in image_zoo.items() if reason}
     good = len(image_zoo) - len(bad)
@@ -283,6 +285,33 @@ def test_video_model_writes_frame_indexed_tokens(ray_local, tmp_path):
     assert_matches(table, in_process(cfg)["blocks.1.hook_resid_post"], tol=2e-3)
     manifest = store.read_manifest(summary.stores["blocks.1.hook_resid_post"])
     assert manifest.token_layout["time"] == 2 and manifest.dataset["frame_sampling"]["num_frames"] == 4
+
+
+@pytest.mark.slow
+def test_activations_beyond_float16_fail_the_run_before_any_shard_is_committed(ray_local, tmp_path, capsys):
+    """A residual stream of ~1e6 (LayerScale of 1e8 on random weights): float16 fails naming the store, hook
+    point, samples and magnitude, with no shard written; bfloat16 holds it and its manifest's statistics are
+    those of the stored values."""
+    massive = tiny_vit(name="test-vit-massive", init_values=1e8)
+    config = {**cls_config(massive, str(tmp_path / "f16"), shapes(str(tmp_path / "shapes"), n=8), 4), "progress": False}
+    (tmp_path / "extract.yaml").write_text(yaml.safe_dump(config))
+    assert main(["extract", str(tmp_path / "extract.yaml")]) == 2
+    err = capsys.readouterr().err
+    uri = str(tmp_path / "f16" / "test-vit-massive" / HOOKS[0] / "train")
+    assert f"error: store {uri} (hook point {HOOKS[0]} of test-vit-massive, input shard" in err
+    assert re.search(r"activations of samples '.*' reach magnitude [\d.e+]+, beyond float16's largest value", err)
+    assert "bfloat16 holds them" in err
+    assert not [f for f in files_under(uri) if f.endswith(".parquet") or "/_stats/" in f], "no shard committed"
+
+    summary = run_extract(ExtractConfig(**{**config, "dtype": "bfloat16", "output": str(tmp_path / "bf16")}))
+    assert summary.complete
+    uri = summary.stores[HOOKS[0]]
+    acts = store.read_acts(uri).astype(np.float64)
+    assert np.isfinite(acts).all() and np.abs(acts).max() > 65504
+    manifest, expected = store.read_manifest(uri), store.RunningStats.of(acts)
+    np.testing.assert_allclose(manifest.mean, expected.mean, rtol=1e-9)
+    np.testing.assert_allclose(manifest.std, np.sqrt(expected.var), rtol=1e-9)
+    assert manifest.mean_norm == pytest.approx(expected.mean_norm, rel=1e-9)
 
 
 @pytest.mark.parametrize(

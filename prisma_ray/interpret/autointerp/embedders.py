@@ -20,6 +20,7 @@ import numpy as np
 
 from prisma_ray.data.synthetic import COLOURS, SHAPES, ShapesConfig, render_shapes
 from prisma_ray.errors import InvalidRequest, PrismaRayError
+from prisma_ray.interpret.evidence import dim_pixels
 
 
 class UnknownConcept(PrismaRayError, ValueError):
@@ -168,6 +169,6 @@ def synthetic_prototypes(
         images = np.stack([image for image, *_ in renders])
         if dim is not None:
             objects = np.stack([mask > 0 for _, mask, *_ in renders])[..., None]
-            images = np.where(objects, images, (images * dim).astype(np.uint8))
+            images = np.where(objects, images, dim_pixels(images, dim, "synthetic_prototypes: dim"))
         out[label] = images
     return out

@@ -12,7 +12,15 @@ from ... import storage
 from ...storage import MissingInputError, StorageOptions
 from ..config import DictionaryConfig
 from ..dictionary import Dictionary, Site, Sites
-from ..io import CFG_FILE, SPARSITY_FILE, build_dictionary, export_files, saelens_architecture, write_files
+from ..io import (
+    CFG_FILE,
+    SPARSITY_FILE,
+    as_float32,
+    build_dictionary,
+    export_files,
+    saelens_architecture,
+    write_files,
+)
 from . import saelens, sparsify, vit_prisma
 from .common import CheckpointImportError, Imported, SourceDir
 from .names import hook_name, module_hooks, registry_model
@@ -150,7 +158,7 @@ def import_files(cfg: ImportConfig) -> tuple[dict[str, bytes], ImportResult]:
             raise CheckpointImportError(
                 f"{src.path(SPARSITY_FILE)}: shape {tuple(imp.sparsity.shape)}, expected ({d.n_latents},)"
             )
-        files[SPARSITY_FILE] = save_safetensors({"sparsity": imp.sparsity.float().contiguous()})
+        files[SPARSITY_FILE] = save_safetensors(as_float32({"sparsity": imp.sparsity}, src.path(SPARSITY_FILE)))
     sites = d.sites
     result = ImportResult(
         format=fmt,
