@@ -386,12 +386,15 @@ def iter_act_batches(uri: str, batch_size: int, options: storage.StorageOptions 
 
 
 def align(tables: list[pa.Table]) -> list[pa.Table]:
-    """The rows of `tables` matched on `(sample_id, frame, token)`, in the first table's order."""
+    """The rows of `tables` matched on `(sample_id, frame, token)` (a row missing from any table is left out of
+    all), in the first table's order."""
     first = tables[0].select(KEYS)
     if all(t.select(KEYS).equals(first) for t in tables[1:]):
         return tables
     joined = first.append_column("_i0", pa.array(np.arange(first.num_rows)))
     for i, t in enumerate(tables[1:], 1):
-        joined = joined.join(t.select(KEYS).append_column(f"_i{i}", pa.array(np.arange(t.num_rows))), KEYS)
+        joined = joined.join(
+            t.select(KEYS).append_column(f"_i{i}", pa.array(np.arange(t.num_rows))), KEYS, join_type="inner"
+        )
     joined = joined.sort_by("_i0")
     return [t.take(joined.column(f"_i{i}")) for i, t in enumerate(tables)]

@@ -1,21 +1,27 @@
 """The Ray Train job (orchestration only; the step itself is `prisma_ray.sae.Trainer`).
 
-    stores --Ray Data: (epoch, shard) items -> read_items tasks--> streaming_split(equal=True)
-    --> TorchTrainer workers (DDP over gloo on CPU, NCCL on GPU): Trainer.train_step per batch
+    stores --one read task per piece of a shard (`read_piece`), READ_AHEAD in flight per worker-->
+    TorchTrainer workers (DDP over gloo on CPU, NCCL on GPU): Trainer.train_step per batch
     --> ray.train.report: metrics every `log_every` steps, checkpoints every `checkpoint_every`
 
-The stream holds exactly `steps × batch_size` rows and every worker gets the same number of them
-(equal split), so all workers take the same number of steps, each pass ending naturally: nothing
-can leave a DDP all-reduce waiting. A (re)started worker group restores the latest checkpoint,
-skips the batches already trained on and goes on; a relaunch with the same `name` and `runs`
-does the same (Ray Train V2 finds the checkpoint).
+Each worker reads its own part of the run's row order (`train.data.Schedule`: a pure function of
+the shuffle seed, the shard list, the data position, the world size and the rank), exactly
+`worker_batch` rows per step for every step, so all workers take the same number of steps: nothing
+can leave a DDP all-reduce waiting. Every checkpoint saves the data position (`data_position.json`:
+the rows not trained on yet); a (re)started worker group restores the latest checkpoint and goes on
+from that position, training exactly the rows an uninterrupted run would; a relaunch with the same
+`name` and `runs` does the same (Ray Train V2 finds the checkpoint).
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
+import os
 import tempfile
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,9 +43,12 @@ from ..sae.dictionary import check_shape
 from ..sae.io import checkpoint_files, dictionary_files, restore_checkpoint, write_files
 from ..storage import StorageOptions
 from .config import TrainConfig
-from .data import DataPlan, plan_data, read_items
+from .data import DataPlan, DataPosition, Piece, Reader, RowOrder, Schedule, plan_data, read_piece, worker_batches
 
 log = logging.getLogger(__name__)
+
+POSITION_FILE = "data_position.json"  # in every checkpoint: the rows not trained on yet (`DataPosition`)
+READ_AHEAD = 2  # pieces each worker has read (or reading) ahead of the one it trains on
 
 
 class LoopSpec(BaseModel):
@@ -57,6 +66,9 @@ class LoopSpec(BaseModel):
     output: str
     storage: StorageOptions
     torch_threads: int | None
+    reader: Reader
+    order: RowOrder
+    read_cpus: float
     token_kinds: list[str] | None = None
 
     def metadata(self) -> dict[str, Any]:
@@ -124,6 +136,9 @@ def run_training(cfg: TrainConfig) -> TrainSummary:
         output=storage.absolute(cfg.output_uri),
         storage=cfg.storage.resolved(),
         torch_threads=cfg.resources.torch_threads,
+        reader=plan.reader,
+        order=plan.order,
+        read_cpus=cfg.resources.read_cpus,
         token_kinds=cfg.data.kinds,
     )
     for d in cfg.dictionaries:
@@ -132,12 +147,6 @@ def run_training(cfg: TrainConfig) -> TrainSummary:
     if cfg.workers:  # Ray Train would wait for workers that cannot be placed, and retry, without end
         fit = Resources(actors=cfg.workers, cpus_per_actor=cfg.resources.cpus_per_actor)
         size_pool(fit, cluster_resources(), None, read_cpus=cfg.resources.read_cpus, actors_field="workers")
-    items = plan.items(plan.epochs_for(steps, cfg.batch_size))
-    dataset = (
-        ray.data.from_items(items, override_num_blocks=len(items))
-        .map_batches(read_items, batch_size=1, fn_kwargs={"reader": plan.reader}, num_cpus=cfg.resources.read_cpus)
-        .limit(steps * cfg.batch_size)
-    )
     fs, path = storage.resolve(storage.absolute(cfg.runs), cfg.storage)
     trainer = TorchTrainer(
         train_loop,
@@ -152,7 +161,6 @@ def run_training(cfg: TrainConfig) -> TrainSummary:
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         ),
-        datasets={"train": dataset},
     )
     log.info(
         "training %d dictionaries for %d steps of %d tokens on %d worker(s)",
@@ -209,14 +217,20 @@ def train_loop(config: dict[str, Any]) -> None:
         world_size=world,
         all_reduce=dist.all_reduce if world > 1 else None,
     )
+    position = DataPosition()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             restore_checkpoint(trainer, directory)
+            position = _restore_position(directory, checkpoint.path, spec, trainer.step, world)
     start = trainer.step
+    schedule = Schedule(
+        position=position, start=start, steps=spec.total_steps, batch_size=spec.worker_batch * world, world=world
+    )
     if start < spec.total_steps:
         prepared = False
-        for x, y in _batches(ray.train.get_dataset_shard("train"), spec.worker_batch, skip=start):
+        read = functools.partial(_read_ahead, reader=spec.reader, cpus=spec.read_cpus)
+        for x, y in worker_batches(schedule, rank, spec.order, read):
             if not prepared:
                 if start == 0:
                     trainer.initialize(x, y)
@@ -224,41 +238,58 @@ def train_loop(config: dict[str, Any]) -> None:
                     trainer.wrap(lambda net: prepare_model(net, move_to_device=False))
                 prepared = True
             trainer.train_step(x, y)
-            _maybe_report(trainer, spec, rank, start)
-        if trainer.step < spec.total_steps:
-            log.warning("the data ran out after %d of %d steps", trainer.step, spec.total_steps)
-            _report(trainer, spec, rank, start, checkpoint=True)
+            _maybe_report(trainer, spec, rank, schedule)
     else:
-        _report(trainer, spec, rank, start, checkpoint=False)
+        _report(trainer, spec, rank, schedule, checkpoint=False)
     if rank == 0:
         write_files(dictionary_files(trainer, spec.metadata()), spec.output, spec.storage)
 
 
-def _batches(shard: Any, batch_size: int, skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """`(x, y)` batches of this worker's shard after the first `skip` (trained before a restart)."""
-    for i, batch in enumerate(shard.iter_torch_batches(batch_size=batch_size, drop_last=True, dtypes=torch.float32)):
-        if i >= skip:
-            yield batch["x"], batch.get("y")
+def _restore_position(directory: str, where: str, spec: LoopSpec, step: int, world: int) -> DataPosition:
+    """The data position saved in a checkpoint; for a checkpoint without one (written before positions were
+    saved), where a run of `world` workers that started fresh stood at `step`."""
+    path = os.path.join(directory, POSITION_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            return DataPosition.from_json(f.read(), spec.order, where)
+    fresh = Schedule(
+        position=DataPosition(), start=0, steps=spec.total_steps, batch_size=spec.worker_batch * world, world=world
+    )
+    return fresh.position_at(step)
 
 
-def _maybe_report(trainer: Trainer, spec: LoopSpec, rank: int, start: int) -> None:
+def _read_ahead(pieces: Iterable[Piece], reader: Reader, cpus: float) -> Iterator[dict[str, Any]]:
+    """The rows of `pieces` in order, each read by a Ray task of `cpus` CPUs, READ_AHEAD tasks in flight."""
+    task = ray.remote(read_piece).options(num_cpus=cpus)
+    reader_ref = ray.put(reader)
+    todo = iter(pieces)
+    running = deque(task.remote(p, reader_ref) for p in itertools.islice(todo, READ_AHEAD))
+    while running:
+        rows = ray.get(running.popleft())
+        running.extend(task.remote(p, reader_ref) for p in itertools.islice(todo, 1))
+        yield rows
+
+
+def _maybe_report(trainer: Trainer, spec: LoopSpec, rank: int, schedule: Schedule) -> None:
     step = trainer.step
     if step == spec.total_steps or step % spec.checkpoint_every == 0:
-        _report(trainer, spec, rank, start, checkpoint=True)
+        _report(trainer, spec, rank, schedule, checkpoint=True)
     elif step % spec.log_every == 0:
-        _report(trainer, spec, rank, start, checkpoint=False)
+        _report(trainer, spec, rank, schedule, checkpoint=False)
 
 
-def _report(trainer: Trainer, spec: LoopSpec, rank: int, start: int, checkpoint: bool) -> None:
-    """Report metrics from every worker (a barrier), with a checkpoint written by rank 0."""
-    metrics = {**trainer.metrics(), "resumed_from": start}
+def _report(trainer: Trainer, spec: LoopSpec, rank: int, schedule: Schedule, checkpoint: bool) -> None:
+    """Report metrics from every worker (a barrier), with a checkpoint (and its data position) written by
+    rank 0."""
+    metrics = {**trainer.metrics(), "resumed_from": schedule.start}
     if rank == 0:
         log.info("step %d/%d %s", trainer.step, spec.total_steps, _brief(metrics))
     if not checkpoint or rank != 0:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as directory:
-        write_files(checkpoint_files(trainer, spec.metadata()), directory)
+        position = schedule.position_at(trainer.step).to_json(spec.order)
+        write_files({**checkpoint_files(trainer, spec.metadata()), POSITION_FILE: position.encode()}, directory)
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(directory),

@@ -213,7 +213,8 @@ def _train_workers() -> list[psutil.Process]:
 @pytest.mark.slow
 def test_two_workers_on_s3_survive_a_worker_kill_and_a_relaunch_and_match_one_worker(ray_local, s3, tmp_path, acts):
     """One run, two failures: a worker is killed after the first checkpoint (Ray Train restarts the
-    workers from it), then the driver is killed after a later one (relaunching resumes from it)."""
+    workers from it), then the driver is killed after a later one (relaunching resumes from it). The
+    resumed run trains the same rows at every step on every worker as a run never killed."""
     uri = write_store(s3.uri("acts"), acts, "blocks.0.hook_resid_post", n_shards=4, options=s3.options)
     cfg = sweep_config(
         tmp_path,
@@ -270,3 +271,12 @@ def test_two_workers_on_s3_survive_a_worker_kill_and_a_relaunch_and_match_one_wo
     ev_one, ev_two = one.metrics["topk-k-3/explained_variance"], two.metrics["topk-k-3/explained_variance"]
     assert min(ev_one, ev_two) > 0.85 and abs(ev_one - ev_two) < 0.05, (ev_one, ev_two)
     assert load_dictionary(f"{two.output}/topk-k-3", s3.options).n_latents == 64
+    # the same rows at every step on every worker as a run never killed: the same dictionary, to the bit
+    position = json.loads(
+        s3.client.get_object(Bucket=s3.bucket, Key="runs/two/checkpoint_000000300/data_position.json")["Body"].read()
+    )
+    assert position["pending"] == [] and position["next"] == 300 * 256
+    straight = run_training(TrainConfig.model_validate({**cfg, "name": "straight", "runs": str(tmp_path / "runs")}))
+    resumed = load_dictionary(f"{two.output}/topk-k-3", s3.options).state_dict()
+    for name, value in load_dictionary(f"{straight.output}/topk-k-3").state_dict().items():
+        assert torch.equal(resumed[name], value), name
