@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,7 +27,7 @@ from prisma_ray.errors import InvalidRequest, PrismaRayError
 from .. import storage
 from ..models import get_entry, list_entries
 from ..models.registry import Modality, Source
-from ..runtime.pool import Resources, cluster_resources, run_pool, size_pool
+from ..runtime.pool import PoolStats, Resources, cluster_resources, run_pool, size_pool
 from ..runtime.session import RayOptions, ensure_ray
 from ..sae.io import CheckpointInfo
 from . import EvalConfig, Evaluator, find_checkpoints, read_checkpoint_info
@@ -132,7 +132,8 @@ class SweepPlan:
 
 @dataclass
 class SweepSummary:
-    """What a run did (`evaluated`, `failed`, `model_loads`: this run only) and where its outputs are."""
+    """What a run did (`evaluated`, `failed`, `model_loads`: this run only), where its outputs are, and what the
+    actor pool lost and retried (`lost`: actors lost with their node, model groups sent again)."""
 
     found: int
     evaluated: int
@@ -145,6 +146,7 @@ class SweepSummary:
     plots: list[str]
     rows: int
     seconds: float
+    lost: PoolStats = field(default_factory=PoolStats)
 
     def format(self) -> str:
         """The final summary printed by `prisma-ray sweep`."""
@@ -159,6 +161,8 @@ class SweepSummary:
             f"time         {self.seconds:.1f} s",
         ]
         lines += [f"failed       {f['checkpoint']}: {f['error']}" for f in self.failed]
+        if self.lost.format():
+            lines.append(f"lost         {self.lost.format('model group')} (each result written once)")
         return "\n".join(lines)
 
 
@@ -248,9 +252,9 @@ def run_sweep(cfg: SweepConfig) -> SweepSummary:
     """Evaluate the checkpoints `cfg` asks for (skipping those already done) and write the report."""
     start = time.perf_counter()
     plan = plan_sweep(cfg)
-    evaluated, failed, loads = 0, list(plan.unreadable), {}
+    evaluated, failed, loads, lost = 0, list(plan.unreadable), {}, PoolStats()
     if plan.groups:
-        for report in _run_pool(plan):
+        for report in _run_pool(plan, lost):
             evaluated += report["evaluated"]
             failed += report["failed"]
             for model, n in report["loads"].items():
@@ -264,13 +268,14 @@ def run_sweep(cfg: SweepConfig) -> SweepSummary:
         failed=failed,
         model_loads=loads,
         seconds=time.perf_counter() - start,
+        lost=lost,
         **summary,
     )
 
 
-def _run_pool(plan: SweepPlan):
+def _run_pool(plan: SweepPlan, lost: PoolStats):
     """Evaluate the plan's groups on the actor pool, one group per actor at a time; yield each group's report
-    as it finishes."""
+    as it finishes (`lost` counts what the pool lost and retried)."""
     cfg = plan.cfg
     ensure_ray(cfg.ray)
     size = size_pool(
@@ -287,7 +292,7 @@ def _run_pool(plan: SweepPlan):
     log.info("evaluating %d checkpoints with %d %s actor(s)", plan.pending, size.actors, size.device)
     kwargs = {"evaluation": evaluation, "output": output, "torch_threads": size.torch_threads}
     with tqdm(total=plan.pending, unit="ckpt", desc="sweep", disable=not cfg.progress) as bar:
-        for report in run_pool(plan.groups, SweepWorker, kwargs, size, method="run"):
+        for report in run_pool(plan.groups, SweepWorker, kwargs, size, method="run", stats=lost):
             bar.update(report["evaluated"] + len(report["failed"]))
             yield report
 

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from .. import store
 from ..data.errors import read_errors_table
 from ..models.token_selection import tokens_per_sample
-from ..runtime.pool import cluster_resources, size_pool, stream_shards
+from ..runtime.pool import PoolStats, cluster_resources, size_pool, stream_shards
 from ..runtime.session import ensure_ray
 from .config import ExtractConfig
 from .plan import ExtractPlan, dataset_description, plan_extract
@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ExtractSummary:
-    """What a run did (`samples`..`bytes` count this run only) and where its stores are."""
+    """What a run did (`samples`..`bytes` count this run only), where its stores are, and what the actor pool
+    lost and retried (`lost`: actors lost with their node, shards sent again)."""
 
     model: str
     stores: dict[str, str]
@@ -44,6 +45,7 @@ class ExtractSummary:
     values: int
     seconds: float
     complete: bool
+    lost: PoolStats = field(default_factory=PoolStats)
 
     @property
     def samples_per_s(self) -> float:
@@ -69,6 +71,8 @@ class ExtractSummary:
             f"time     {self.seconds:.1f} s  ({self.samples_per_s:.1f} samples/s, {self.tokens_per_s:.0f} tokens/s per hook)",
         ]
         lines += [f"store    {uri}" for uri in self.stores.values()]
+        if self.lost.format():
+            lines.append(f"lost     {self.lost.format('shard')} (each written once)")
         if not self.complete:
             lines.append("status   incomplete: run the same config again to finish")
         return "\n".join(lines)
@@ -80,8 +84,9 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
     plan = plan_extract(cfg)
     todo = sorted(plan.pending)[: cfg.max_shards]
     totals = dict.fromkeys(("samples", "errors", "tokens", "values", "bytes"), 0)
+    lost = PoolStats()
     if todo:
-        for row in _run_pipeline(plan, todo):
+        for row in _run_pipeline(plan, todo, lost):
             for key in totals:
                 totals[key] += int(row[key])
     else:
@@ -95,12 +100,14 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
         shards_skipped=len(plan.shards) - len(plan.pending),
         seconds=time.perf_counter() - start,
         complete=complete,
+        lost=lost,
         **totals,
     )
 
 
-def _run_pipeline(plan: ExtractPlan, todo: list[int]):
-    """Run the shards `todo` on the actor pool; yield each shard's summary row as it finishes."""
+def _run_pipeline(plan: ExtractPlan, todo: list[int], lost: PoolStats):
+    """Run the shards `todo` on the actor pool; yield each shard's summary row as it finishes (`lost` counts
+    what the pool lost and retried)."""
     cfg = plan.cfg
     ensure_ray(cfg.ray)
     res = cfg.resources
@@ -115,7 +122,8 @@ def _run_pipeline(plan: ExtractPlan, todo: list[int]):
         size.cpus_per_actor,
         size.torch_threads or "default",
     )
-    yield from stream_shards(shards, plan.spec, plan.fmt, ExtractionWorker, {"job": job}, size, cfg.progress, "extract")
+    worker = ExtractionWorker
+    yield from stream_shards(shards, plan.spec, plan.fmt, worker, {"job": job}, size, cfg.progress, "extract", lost)
 
 
 def finalize_stores(plan: ExtractPlan) -> bool:

@@ -11,12 +11,12 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from .. import storage
 from ..data.shards import plan_shards
 from ..data.sources import SampleRef, list_refs
-from ..runtime.pool import cluster_resources, size_pool, stream_shards
+from ..runtime.pool import PoolStats, cluster_resources, size_pool, stream_shards
 from ..runtime.session import ensure_ray
 from .collect import InterpretConfig, InterpretPlan, LatentWorker, fetch_crops, plan_interpret
 from .results import needed_samples, read_results, results_exist, write_results
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(kw_only=True)
 class InterpretSummary:
-    """What a pass did and where its results are."""
+    """What a pass did and where its results are (`lost`: actors lost with their node, shards sent again)."""
 
     output: str
     samples: int
@@ -35,16 +35,18 @@ class InterpretSummary:
     latents: int
     alive: int
     seconds: float
+    lost: PoolStats = field(default_factory=PoolStats)
 
     def format(self) -> str:
-        return "\n".join(
-            [
-                f"samples  {self.samples}  ({self.errors} bad this run, see {self.output}/_errors)",
-                f"latents  {self.latents}" + (f", {self.alive} fired at least once" if self.alive >= 0 else ""),
-                f"time     {self.seconds:.1f} s",
-                f"results  {self.output}",
-            ]
-        )
+        lines = [
+            f"samples  {self.samples}  ({self.errors} bad this run, see {self.output}/_errors)",
+            f"latents  {self.latents}" + (f", {self.alive} fired at least once" if self.alive >= 0 else ""),
+            f"time     {self.seconds:.1f} s",
+            f"results  {self.output}",
+        ]
+        if self.lost.format():
+            lines.append(f"lost     {self.lost.format('shard')} (each counted once)")
+        return "\n".join(lines)
 
 
 def run_interpret(cfg: InterpretConfig) -> InterpretSummary:
@@ -70,8 +72,8 @@ def run_interpret(cfg: InterpretConfig) -> InterpretSummary:
     if not refs:
         raise storage.MissingInputError(f"the {plan.spec.type} dataset lists no inputs; nothing to interpret.")
     shards = plan_shards(refs, plan.spec, cfg.shard_size)
-    record, where, errors = None, {}, 0
-    for row in _run_pipeline(plan, shards):
+    record, where, errors, lost = None, {}, 0, PoolStats()
+    for row in _run_pipeline(plan, shards, lost):
         part = LatentRecord.from_bytes(row["record"])
         record = part if record is None else record.merge(part)
         where.update(dict.fromkeys(json.loads(row["sample_ids"]), int(row["shard"])))
@@ -85,11 +87,13 @@ def run_interpret(cfg: InterpretConfig) -> InterpretSummary:
         latents=record.n_latents,
         alive=int((record.fire_tokens > 0).sum()),
         seconds=time.perf_counter() - start,
+        lost=lost,
     )
 
 
-def _run_pipeline(plan: InterpretPlan, shards: list[list[SampleRef]]) -> Iterator[dict]:
-    """Yield each shard's worker row (`shard`, `record`, `sample_ids`, `errors`) as it finishes."""
+def _run_pipeline(plan: InterpretPlan, shards: list[list[SampleRef]], lost: PoolStats) -> Iterator[dict]:
+    """Yield each shard's worker row (`shard`, `record`, `sample_ids`, `errors`) as it finishes (`lost` counts
+    what the pool lost and retried)."""
     cfg = plan.cfg
     ensure_ray(cfg.ray)
     res = cfg.resources
@@ -97,4 +101,6 @@ def _run_pipeline(plan: InterpretPlan, shards: list[list[SampleRef]]) -> Iterato
     items = {i: ([asdict(r) for r in s], []) for i, s in enumerate(shards)}
     log.info("interpreting %d shards with %d %s actor(s)", len(shards), size.actors, size.device)
     job = plan.job(size.device, size.torch_threads)
-    yield from stream_shards(items, plan.spec, plan.fmt, LatentWorker, {"job": job}, size, cfg.progress, "interpret")
+    yield from stream_shards(
+        items, plan.spec, plan.fmt, LatentWorker, {"job": job}, size, cfg.progress, "interpret", lost
+    )

@@ -16,7 +16,9 @@ evidence of each latent is decoded on demand; Ray Data needs every item up front
 the pool sends nothing new, still yields the calls in flight (the caller writes them), then re-raises
 (Ray Data aborts the whole execution and drops what is in flight); results are any Python object (a
 sweep report, explanation records) with no Arrow round trip; the sweep needs one group per actor at a
-time, so no group queues behind a long one while another actor idles. Reads overlap the forward pass
+time, so no group queues behind a long one while another actor idles; when a node is lost (spot
+preemption) the pool itself replaces its actors, only as many as what is left of the cluster holds beside
+a read task, and sends their calls again, counting both for the run's summary (`PoolStats`). Reads overlap the forward pass
 all the same: each shard's read task is submitted with its actor call (whose argument is the task's
 result), and `in_flight_per_actor=2` keeps the next shard reading while the current one runs; at most
 actors x `in_flight_per_actor` decoded shards exist at a time, which bounds the object store's load.
@@ -24,8 +26,10 @@ actors x `in_flight_per_actor` decoded shards exist at a time, which bounds the 
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
+import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -40,8 +44,11 @@ from ..data.shards import InputFormat, decode_batch
 from ..data.sources import DatasetSpec
 from ..errors import InvalidRequest, PrismaRayError
 
+log = logging.getLogger(__name__)
+
 MAX_CPU_ACTORS = 8
-RESTARTS = 3  # an actor that dies (node lost, out of memory) is restarted and its calls retried this often
+RESTARTS = 3  # a call whose actor, node or read result is lost (spot preemption, out of memory) is retried this often
+STALL_S = 5.0  # while a replacement actor runs, the pool checks at least this often that the cluster holds it
 
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -170,6 +177,45 @@ def cluster_resources() -> dict[str, float]:
 _END = object()
 
 
+@dataclass
+class PoolStats:
+    """What a pool lost and redid: `actors_lost` (actors that died: their node was lost, or their process was
+    killed, e.g. out of memory), `actors_replaced` (of those, replaced by a new actor; the others were not,
+    since what was left of the cluster could not hold one beside a read task) and `retried` (calls sent again
+    because their actor or their read task's result was lost)."""
+
+    actors_lost: int = 0
+    actors_replaced: int = 0
+    retried: int = 0
+
+    def format(self, unit: str = "call") -> str:
+        """One line for a run's summary, calls counted as `unit`s ("" when nothing was lost)."""
+        if not (self.actors_lost or self.retried):
+            return ""
+        return (
+            f"{self.actors_lost} actor{'s' if self.actors_lost != 1 else ''} lost (node lost or process killed), "
+            f"{self.actors_replaced} replaced; {self.retried} {unit}{'s' if self.retried != 1 else ''} retried"
+        )
+
+
+def _lost(exc: Exception) -> bool:
+    """Whether a call failed because Ray lost what ran it (its actor, its node, its read task's result), not
+    because the worker raised."""
+    if isinstance(exc, ray.exceptions.RayActorError):
+        return not exc.actor_init_failed
+    return isinstance(
+        exc, (ray.exceptions.ObjectLostError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError)
+    )
+
+
+@dataclass
+class _Call:
+    item: Any
+    slot: int
+    actor: Any
+    attempt: int
+
+
 def run_pool(
     items: Iterable[Any],
     worker: type,
@@ -179,6 +225,7 @@ def run_pool(
     method: str = "__call__",
     read: Callable[..., Any] | None = None,
     read_kwargs: dict[str, Any] | None = None,
+    stats: PoolStats | None = None,
 ) -> Iterator[Any]:
     """Run `worker(**worker_kwargs).<method>(item)` for every item on `size.actors` actors and yield each
     result as it finishes (any order).
@@ -188,6 +235,10 @@ def run_pool(
     `read(item, **read_kwargs)` of `size.read_cpus` CPUs and the actor gets its result. After a call
     fails no new item is sent; the calls in flight are still yielded, then the first error is raised (a
     `PrismaRayError` a worker raised as itself, not wrapped in Ray's `RayTaskError`).
+    A call whose actor, node or read result Ray lost (a spot node preempted, a process killed) is read
+    and sent again, at most `RESTARTS` times per item, so the worker's calls must be idempotent; a lost
+    actor is replaced where the cluster still holds it beside a read task (else the pool goes on with
+    fewer actors, never none). `stats` (if given) counts what was lost, replaced and retried.
     The actors start with the first item and are killed when the iteration ends (also when the caller
     stops early); no items, no actors.
     """
@@ -196,45 +247,101 @@ def run_pool(
     if first is _END:
         return
     pending = itertools.chain([first], pending)
-    options = dict(
-        num_cpus=size.cpus_per_actor,
-        num_gpus=1 if size.device == "cuda" else 0,
-        max_restarts=RESTARTS,
-        max_task_retries=RESTARTS,
-    )
-    actors = [ray.remote(worker).options(**options).remote(**worker_kwargs) for _ in range(size.actors)]
+    stats = stats if stats is not None else PoolStats()
+    # Ray restarts no actor and retries no call itself: the pool does, so that it can count them, and size
+    # the replacements to what is left of the cluster (two actors restarted onto one smaller node would
+    # leave no CPU to their read tasks and wait for ever).
+    options = dict(num_cpus=size.cpus_per_actor, num_gpus=1 if size.device == "cuda" else 0, max_restarts=0)
+    remote = ray.remote(worker).options(**options)
+    actors: list[Any] = [remote.remote(**worker_kwargs) for _ in range(size.actors)]
     reader = ray.remote(read).options(num_cpus=size.read_cpus) if read is not None else None
     load = [0] * len(actors)
-    in_flight: dict[Any, int] = {}
+    in_flight: dict[Any, _Call] = {}
+    retry: collections.deque[tuple[Any, int]] = collections.deque()
     error: Exception | None = None
+
+    def send(item: Any, attempt: int) -> None:
+        slot = min((i for i, a in enumerate(actors) if a is not None), key=load.__getitem__)
+        arg = item if reader is None else reader.remote(item, **(read_kwargs or {}))
+        in_flight[getattr(actors[slot], method).remote(arg)] = _Call(item, slot, actors[slot], attempt)
+        load[slot] += 1
+
+    replacements: set[int] = set()  # the slots holding a replacement actor
+
+    def lose(slot: int, exc: Exception) -> None:
+        ray.kill(actors[slot])
+        actors[slot] = None
+        replacements.discard(slot)
+        stats.actors_lost += 1
+        live = sum(a is not None for a in actors)
+        if live == 0 or _fits(size, live + 1, cluster_resources()):
+            actors[slot] = remote.remote(**worker_kwargs)
+            replacements.add(slot)
+            stats.actors_replaced += 1
+        outcome = "replaced" if actors[slot] else "not replaced: the remaining cluster holds no more beside a read task"
+        log.warning("%s actor %d lost (%s); %s", worker.__name__, slot, type(exc).__name__, outcome)
+
+    def shed() -> None:
+        """Stop replacement actors while the live ones and a read task do not fit the cluster (a view of it that
+        still counted a lost node let the pool replace too many: placed, they would starve the reads)."""
+        while replacements and (live := sum(a is not None for a in actors)) > 1:
+            if _fits(size, live, cluster_resources()):
+                return
+            slot = replacements.pop()
+            ray.kill(actors[slot])
+            actors[slot] = None
+            stats.actors_replaced -= 1
+            log.warning(
+                "%s actor %d stopped: the remaining cluster cannot hold it beside a read task", worker.__name__, slot
+            )
+
     try:
         while True:
-            while error is None and len(in_flight) < len(actors) * size.in_flight_per_actor:
+            while error is None and len(in_flight) < sum(a is not None for a in actors) * size.in_flight_per_actor:
+                if retry:
+                    send(*retry.popleft())
+                    continue
                 item = next(pending, _END)
                 if item is _END:
                     break
-                index = load.index(min(load))
-                arg = item if reader is None else reader.remote(item, **(read_kwargs or {}))
-                in_flight[getattr(actors[index], method).remote(arg)] = index
-                load[index] += 1
+                send(item, 0)
             if not in_flight:
                 break
-            [ref], _ = ray.wait(list(in_flight), num_returns=1)
-            load[in_flight.pop(ref)] -= 1
+            if replacements:
+                shed()
+            done, _ = ray.wait(list(in_flight), num_returns=1, timeout=STALL_S)
+            if not done:
+                continue
+            call = in_flight.pop(done[0])
+            load[call.slot] -= 1
             try:
-                result = ray.get(ref)
+                result = ray.get(done[0])
             except Exception as exc:  # noqa: BLE001 - re-raised once the calls in flight are yielded
-                error = error or exc
+                if not _lost(exc) or call.attempt >= RESTARTS:
+                    error = error or exc
+                    continue
+                if isinstance(exc, ray.exceptions.RayActorError) and actors[call.slot] is call.actor:
+                    lose(call.slot, exc)
+                stats.retried += 1
+                retry.append((call.item, call.attempt + 1))
                 continue
             yield result
     finally:
         for actor in actors:
-            ray.kill(actor)
+            if actor is not None:
+                ray.kill(actor)
     if error is not None:
         cause = getattr(error, "cause", None)
         if isinstance(error, ray.exceptions.RayTaskError) and isinstance(cause, PrismaRayError):
             raise cause from error  # a user's input: its own one-line message, not the actor's traceback
         raise error
+
+
+def _fits(size: PoolSize, actors: int, cluster: Mapping[str, float]) -> bool:
+    """Whether `actors` actors of `size` plus one read task fit a cluster of `cluster` resources."""
+    gpus = actors if size.device == "cuda" else 0
+    cpus = actors * size.cpus_per_actor + size.read_cpus
+    return cpus <= float(cluster.get("CPU", 0.0)) + 1e-9 and gpus <= float(cluster.get("GPU", 0.0)) + 1e-9
 
 
 def stream_shards(
@@ -246,10 +353,11 @@ def stream_shards(
     size: PoolSize,
     progress: bool,
     desc: str,
+    stats: PoolStats | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Read and decode each shard (`{index: (SampleRef fields, hook points)}`) in a task, run it through the
     actors of `worker(**worker_kwargs)` (called on a one-row batch, as `decode_batch` returns it) and yield
-    their rows as they finish (a progress bar if `progress`)."""
+    their rows as they finish (a progress bar if `progress`; `stats` as `run_pool`'s)."""
     items = (
         {
             "shard": np.array([shard]),
@@ -258,7 +366,8 @@ def stream_shards(
         }
         for shard, (refs, hooks) in shards.items()
     )
-    results = run_pool(items, worker, worker_kwargs, size, read=decode_batch, read_kwargs={"spec": spec, "fmt": fmt})
+    read_kwargs = {"spec": spec, "fmt": fmt}
+    results = run_pool(items, worker, worker_kwargs, size, read=decode_batch, read_kwargs=read_kwargs, stats=stats)
     with tqdm(total=len(shards), unit="shard", desc=desc, disable=not progress) as bar:
         for batch in results:
             bar.update(1)

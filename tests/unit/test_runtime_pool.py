@@ -137,3 +137,15 @@ def test_no_items_start_no_actors():
             raise AssertionError("no actor may start")
 
     assert list(run_pool([], Never, {}, size_pool(Resources(), {"CPU": 2.0}, 0))) == []
+
+
+def test_what_a_pool_lost_is_one_summary_line():
+    from prisma_ray.runtime.pool import PoolStats
+
+    assert PoolStats().format() == "", "nothing lost, no line"
+    assert PoolStats(actors_lost=2, actors_replaced=1, retried=3).format("shard") == (
+        "2 actors lost (node lost or process killed), 1 replaced; 3 shards retried"
+    )
+    assert PoolStats(actors_lost=1, actors_replaced=1, retried=1).format() == (
+        "1 actor lost (node lost or process killed), 1 replaced; 1 call retried"
+    )

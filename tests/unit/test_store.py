@@ -69,3 +69,21 @@ def test_sixteen_bit_store_costs_about_two_bytes_per_value(tmp_path):
     table, acts = _table(2000, d)
     nbytes = store.StoreWriter(str(tmp_path / "s")).write_shard(0, table, store.RunningStats.of(acts))
     assert nbytes / acts.size <= 2.1
+
+
+def test_a_shard_written_twice_is_stored_once(tmp_path):
+    """A shard retried after its first attempt wrote it (its node lost before the result came back), beside the
+    half-written temporary of an attempt killed mid-write: one shard, its rows once, its statistics once."""
+    writer = store.StoreWriter(str(tmp_path / "s"))
+    table, acts = _table(40, 16)
+    writer.write_shard(5, table, store.RunningStats.of(acts))
+    (tmp_path / "s" / ".tmp-0123abcd-part-00005.parquet").write_bytes(b"PAR1 half a shard")
+    writer.write_shard(5, table, store.RunningStats.of(acts))
+    assert writer.completed() == {5} and writer.remove_temporaries() == 1
+    assert sorted(p.name for p in (tmp_path / "s").rglob("*") if p.is_file()) == [
+        "part-00005.json",
+        "part-00005.parquet",
+    ]
+    assert store.read_table(str(tmp_path / "s")).equals(pq.read_table(tmp_path / "s" / "part-00005.parquet"))
+    assert len(store.read_acts(str(tmp_path / "s"))) == 40
+    assert writer.merged_stats({5}, 16).count == 40

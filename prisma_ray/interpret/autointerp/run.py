@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from prisma_ray import storage
 from prisma_ray.data.synthetic import ShapesConfig
 from prisma_ray.errors import InvalidRequest
-from prisma_ray.runtime.pool import Resources, cluster_resources, run_pool, size_pool
+from prisma_ray.runtime.pool import PoolStats, Resources, cluster_resources, run_pool, size_pool
 from prisma_ray.runtime.session import RayOptions, ensure_ray
 from prisma_ray.storage import StorageOptions
 
@@ -162,12 +162,14 @@ class ExplainSummary(BaseModel):
     already_done: int
     seconds: float
     mean_scores: dict[str, float]
+    lost: PoolStats = Field(default_factory=PoolStats, description="what the actor pool lost and retried")
 
     def format(self) -> str:
         scores = ", ".join(f"{k}={v:.3f}" for k, v in sorted(self.mean_scores.items()))
+        lost = f"; lost: {self.lost.format('batch')}" if self.lost.format() else ""
         return (
             f"{self.output}: {self.explained} latents explained ({self.already_done} already done) in "
-            f"{self.seconds:.1f}s; mean scores: {scores or 'none'}"
+            f"{self.seconds:.1f}s; mean scores: {scores or 'none'}{lost}"
         )
 
 
@@ -195,8 +197,9 @@ def explain_latents(
         append_explanations(output, records, cfg.storage)
         written.extend(records)
 
+    lost = PoolStats()
     if cfg.use_ray:
-        _run_on_ray(batches, None if count is None else -(-count // cfg.batch_size), cfg, save)
+        _run_on_ray(batches, None if count is None else -(-count // cfg.batch_size), cfg, save, lost)
     else:
         pipeline = Pipeline(cfg)
         for batch in batches:
@@ -213,15 +216,20 @@ def explain_latents(
         already_done=len(done),
         seconds=time.perf_counter() - start,
         mean_scores=means,
+        lost=lost,
     )
 
 
-def _run_on_ray(batches: Iterator[list[LatentEvidence]], n_batches: int | None, cfg: ExplainConfig, save) -> None:
+def _run_on_ray(
+    batches: Iterator[list[LatentEvidence]], n_batches: int | None, cfg: ExplainConfig, save, lost: PoolStats
+) -> None:
     """Batches onto the pipeline actors (`runtime.pool`); each result saved as it arrives. After a failure no new
-    batch is sent, the batches in flight are still saved, then it re-raises."""
+    batch is sent, the batches in flight are still saved, then it re-raises (`lost` counts what the pool lost
+    and retried)."""
     ensure_ray(cfg.ray)
     size = size_pool(cfg.resources, cluster_resources(), n_batches, in_flight=2, default_actors=1)
-    for records in run_pool(batches, Pipeline, {"cfg": cfg, "torch_threads": size.torch_threads}, size, method="run"):
+    kwargs = {"cfg": cfg, "torch_threads": size.torch_threads}
+    for records in run_pool(batches, Pipeline, kwargs, size, method="run", stats=lost):
         save(records)
 
 
