@@ -44,7 +44,7 @@ def head_node():
     Its temp dir is short: Ray's socket paths live under it and must fit the 107-byte AF_UNIX limit."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     temp_dir = tempfile.mkdtemp(prefix="ray-e2e-", dir="/tmp")
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard, agent = _free_port(), _free_port(), _free_port()
     cmd = [
         RAY,
         "start",
@@ -56,6 +56,8 @@ def head_node():
         "--include-dashboard=true",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard}",
+        # the agent's default port (52365) is taken by any other Ray on this machine; then no job can be submitted
+        f"--dashboard-agent-listen-port={agent}",
         f"--temp-dir={temp_dir}",
         "--disable-usage-stats",
     ]
