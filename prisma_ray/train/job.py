@@ -83,7 +83,9 @@ class LoopSpec(BaseModel):
 
 @dataclass
 class TrainSummary:
-    """What a run did and where its results are."""
+    """What a run did and where its results are. `restarts`: how often its workers started again from a
+    checkpoint (counted along the chain of checkpoints the result comes from: two losses before the same
+    checkpoint count once); `resumed_from`: the step the last start began at (0: never restarted)."""
 
     name: str
     steps: int
@@ -95,13 +97,19 @@ class TrainSummary:
     resumed_from: int = 0
     restarts: int = 0
 
+    def lost(self) -> str:
+        """One line on what the run lost and redid ("" when its workers never restarted from a checkpoint)."""
+        if not self.restarts:
+            return ""
+        return (
+            f"restarted {self.restarts} time(s) from a checkpoint (a worker or node lost, or the run relaunched); "
+            f"the last start resumed from step {self.resumed_from} and trained the steps after it again"
+        )
+
     def format(self) -> str:
         lines = [f"run {self.name}: {self.steps} steps, {self.tokens} tokens"]
-        if self.restarts:
-            lines.append(
-                f"restarted {self.restarts} time(s) from a checkpoint (a worker or node lost, or the run relaunched); "
-                f"the last start resumed from step {self.resumed_from} and trained the steps after it again"
-            )
+        if self.lost():
+            lines.append(self.lost())
         for name in self.dictionaries:
             parts = {k.split("/", 1)[1]: v for k, v in self.metrics.items() if k.startswith(f"{name}/")}
             shown = ", ".join(
