@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import io
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -100,13 +100,15 @@ class QuickstartConfig(BaseModel):
 
 @dataclass
 class QuickstartSummary:
-    """Where everything went, the leaderboard rows and the best ground-truth recovery."""
+    """Where everything went, the leaderboard rows, the best ground-truth recovery and what each stage lost and
+    redid (`lost`: one line per stage that lost a node or an actor; empty when none did)."""
 
     output: str
     leaderboard: str
     dashboard: str
     rows: list[dict]
     seconds: dict[str, float]
+    lost: list[str] = field(default_factory=list)
 
     def format(self) -> str:
         header = f"{'model':<32} {'dictionary':<12} {'L0':>6} {'expl.var':>8} {'loss rec.':>9} {'GT detected':>11}"
@@ -125,6 +127,7 @@ class QuickstartSummary:
             f"dashboard    {self.dashboard}",
             "time         " + ", ".join(f"{stage} {s:.0f} s" for stage, s in self.seconds.items()),
         ]
+        lines += [f"lost         {line}" for line in self.lost]
         return "\n".join(lines)
 
 
@@ -218,17 +221,21 @@ def run_quickstart(cfg: QuickstartConfig) -> QuickstartSummary:
     """Run every stage (each resumes) and return the summary."""
     ensure_ray(cfg.ray)
     seconds: dict[str, float] = {}
+    lost: list[str] = []  # what each stage lost and redid (a node or an actor lost)
     start = time.perf_counter()
     for m in cfg.models:
         for extract in extract_configs(cfg, m):
-            run_extract(extract)
+            stats = run_extract(extract).lost.format("shard")
+            lost += [f"extract {m.name}: {stats}"] if stats else []
     seconds["extract"] = time.perf_counter() - start
     start = time.perf_counter()
     for m in cfg.models:
-        run_training(train_config(cfg, m))
+        trained = run_training(train_config(cfg, m))
+        lost += [f"train {trained.name}: {trained.lost()}"] if trained.lost() else []
     seconds["train"] = time.perf_counter() - start
     start = time.perf_counter()
     swept = run_sweep(sweep_config(cfg))
+    lost += [f"sweep: {swept.lost.format('model group')}"] if swept.lost.format() else []
     rows = leaderboard_rows(pq.read_table(io.BytesIO(storage.read_bytes(swept.table, cfg.storage))))
     seconds["sweep"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -241,4 +248,5 @@ def run_quickstart(cfg: QuickstartConfig) -> QuickstartSummary:
         dashboard=dashboard,
         rows=rows,
         seconds=seconds,
+        lost=lost,
     )

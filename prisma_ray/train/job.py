@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import logging
 import os
 import tempfile
@@ -48,6 +49,7 @@ from .data import DataPlan, DataPosition, Piece, Reader, RowOrder, Schedule, pla
 log = logging.getLogger(__name__)
 
 POSITION_FILE = "data_position.json"  # in every checkpoint: the rows not trained on yet (`DataPosition`)
+RESTARTS_FILE = "restarts.json"  # in every checkpoint: how often the run's workers started again from a checkpoint
 READ_AHEAD = 2  # pieces each worker has read (or reading) ahead of the one it trains on
 
 
@@ -81,7 +83,9 @@ class LoopSpec(BaseModel):
 
 @dataclass
 class TrainSummary:
-    """What a run did and where its results are."""
+    """What a run did and where its results are. `restarts`: how often its workers started again from a
+    checkpoint (counted along the chain of checkpoints the result comes from: two losses before the same
+    checkpoint count once); `resumed_from`: the step the last start began at (0: never restarted)."""
 
     name: str
     steps: int
@@ -90,9 +94,22 @@ class TrainSummary:
     checkpoint: str | None
     output: str
     dictionaries: list[str]
+    resumed_from: int = 0
+    restarts: int = 0
+
+    def lost(self) -> str:
+        """One line on what the run lost and redid ("" when its workers never restarted from a checkpoint)."""
+        if not self.restarts:
+            return ""
+        return (
+            f"restarted {self.restarts} time(s) from a checkpoint (a worker or node lost, or the run relaunched); "
+            f"the last start resumed from step {self.resumed_from} and trained the steps after it again"
+        )
 
     def format(self) -> str:
         lines = [f"run {self.name}: {self.steps} steps, {self.tokens} tokens"]
+        if self.lost():
+            lines.append(self.lost())
         for name in self.dictionaries:
             parts = {k.split("/", 1)[1]: v for k, v in self.metrics.items() if k.startswith(f"{name}/")}
             shown = ", ".join(
@@ -185,6 +202,8 @@ def run_training(cfg: TrainConfig) -> TrainSummary:
         checkpoint=result.checkpoint.path if result.checkpoint and cfg.workers else None,
         output=spec.output,
         dictionaries=[d.display_name() for d in cfg.dictionaries],
+        resumed_from=int(metrics.get("resumed_from", 0)),
+        restarts=int(metrics.get("restarts", 0)),
     )
 
 
@@ -217,16 +236,18 @@ def train_loop(config: dict[str, Any]) -> None:
         world_size=world,
         all_reduce=dist.all_reduce if world > 1 else None,
     )
-    position = DataPosition()
+    position, restarts = DataPosition(), 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             restore_checkpoint(trainer, directory)
             position = _restore_position(directory, checkpoint.path, spec, trainer.step, world)
+            restarts = _restarts(directory) + 1
     start = trainer.step
     schedule = Schedule(
         position=position, start=start, steps=spec.total_steps, batch_size=spec.worker_batch * world, world=world
     )
+    report = functools.partial(_report, trainer, spec, rank, schedule, restarts)
     if start < spec.total_steps:
         prepared = False
         read = functools.partial(_read_ahead, reader=spec.reader, cpus=spec.read_cpus)
@@ -238,9 +259,9 @@ def train_loop(config: dict[str, Any]) -> None:
                     trainer.wrap(lambda net: prepare_model(net, move_to_device=False))
                 prepared = True
             trainer.train_step(x, y)
-            _maybe_report(trainer, spec, rank, schedule)
+            _maybe_report(trainer.step, spec, report)
     else:
-        _report(trainer, spec, rank, schedule, checkpoint=False)
+        report(checkpoint=False)
     if rank == 0:
         write_files(dictionary_files(trainer, spec.metadata()), spec.output, spec.storage)
 
@@ -258,6 +279,16 @@ def _restore_position(directory: str, where: str, spec: LoopSpec, step: int, wor
     return fresh.position_at(step)
 
 
+def _restarts(directory: str) -> int:
+    """How often the run that wrote a checkpoint had started again from a checkpoint (0 for checkpoints written
+    before this was saved)."""
+    path = os.path.join(directory, RESTARTS_FILE)
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return int(json.load(f)["restarts"])
+
+
 def _read_ahead(pieces: Iterable[Piece], reader: Reader, cpus: float) -> Iterator[dict[str, Any]]:
     """The rows of `pieces` in order, each read by a Ray task of `cpus` CPUs, READ_AHEAD tasks in flight."""
     task = ray.remote(read_piece).options(num_cpus=cpus)
@@ -270,18 +301,17 @@ def _read_ahead(pieces: Iterable[Piece], reader: Reader, cpus: float) -> Iterato
         yield rows
 
 
-def _maybe_report(trainer: Trainer, spec: LoopSpec, rank: int, schedule: Schedule) -> None:
-    step = trainer.step
+def _maybe_report(step: int, spec: LoopSpec, report: functools.partial[None]) -> None:
     if step == spec.total_steps or step % spec.checkpoint_every == 0:
-        _report(trainer, spec, rank, schedule, checkpoint=True)
+        report(checkpoint=True)
     elif step % spec.log_every == 0:
-        _report(trainer, spec, rank, schedule, checkpoint=False)
+        report(checkpoint=False)
 
 
-def _report(trainer: Trainer, spec: LoopSpec, rank: int, schedule: Schedule, checkpoint: bool) -> None:
-    """Report metrics from every worker (a barrier), with a checkpoint (and its data position) written by
-    rank 0."""
-    metrics = {**trainer.metrics(), "resumed_from": schedule.start}
+def _report(trainer: Trainer, spec: LoopSpec, rank: int, schedule: Schedule, restarts: int, checkpoint: bool) -> None:
+    """Report metrics from every worker (a barrier), with a checkpoint (its data position and the run's number of
+    restarts from a checkpoint) written by rank 0. `resumed_from`: the step this worker group started at."""
+    metrics = {**trainer.metrics(), "resumed_from": schedule.start, "restarts": restarts}
     if rank == 0:
         log.info("step %d/%d %s", trainer.step, spec.total_steps, _brief(metrics))
     if not checkpoint or rank != 0:
@@ -289,7 +319,8 @@ def _report(trainer: Trainer, spec: LoopSpec, rank: int, schedule: Schedule, che
         return
     with tempfile.TemporaryDirectory() as directory:
         position = schedule.position_at(trainer.step).to_json(spec.order)
-        write_files({**checkpoint_files(trainer, spec.metadata()), POSITION_FILE: position.encode()}, directory)
+        files = {POSITION_FILE: position.encode(), RESTARTS_FILE: json.dumps({"restarts": restarts}).encode()}
+        write_files({**checkpoint_files(trainer, spec.metadata()), **files}, directory)
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(directory),

@@ -7,22 +7,13 @@ worker node ("spot") where both extraction actors and the read tasks run. When t
 worker node's processes are killed (`remove_node(allow_graceful=False)`: raylet, actors, read tasks and the
 decoded shards in its object store), then a smaller 2-CPU node joins, as an autoscaler replaces a preempted
 node: it holds one actor beside a read task, not two. Ray's temporary files and address file live under a
-directory of its own (`RAY_TMPDIR`), so no other Ray on the machine sees this cluster.
+directory of its own (`RAY_TMPDIR`), so no other Ray on the machine sees this cluster (`tests.multinode`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
-import threading
 import time
-import traceback
 from dataclasses import asdict
 from pathlib import Path
 
@@ -37,12 +28,12 @@ from prisma_ray.extract.config import ExtractConfig
 from prisma_ray.extract.pipeline import finalize_stores
 from prisma_ray.extract.plan import plan_extract
 from prisma_ray.extract.worker import ExtractionWorker
+from tests.multinode import Background, local_cluster, read_report, report, run_job
 from tests.tiny_models import tiny_vit
 
 ROOT = Path(__file__).resolve().parents[2]
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
 SHARDS = 24
-REPORT = "node-loss report: "
 
 
 def extraction(root: Path, output: str) -> ExtractConfig:
@@ -83,34 +74,10 @@ def rows(uri: str) -> pa.Table:
 
 @pytest.mark.slow
 def test_losing_a_node_mid_extraction_keeps_exactly_the_undisturbed_rows(tmp_path, one_torch_thread):
-    ray_tmp = tempfile.mkdtemp(prefix="rnl-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: Ray keeps the loopback address instead of rewriting 127.0.0.1 to the
-    # machine's address (which this machine's GCS is not reached at).
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": path}
-    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    job = subprocess.Popen(
-        [sys.executable, "-m", "tests.integration.test_node_loss", str(tmp_path)],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # the job and the Ray processes it starts: killed together if it hangs
-    )
-    try:
-        output, _ = job.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        output = None
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(job.pid, signal.SIGKILL)  # whatever of its Ray is left
-        if output is None:
-            output = "the disturbed run hung (180 s); its output ends:\n" + job.communicate()[0]
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    returncode, output = run_job("tests.integration.test_node_loss", str(tmp_path), timeout=180)
     log = output[-4000:]
-    assert job.returncode == 0, f"the disturbed run failed:\n{log}"
-    report = json.loads(next(line[len(REPORT) :] for line in output.splitlines() if line.startswith(REPORT)))
+    assert returncode == 0, f"the disturbed run failed:\n{log}"
+    report = read_report(output)
     assert report["killed_after_shards"] < SHARDS, f"the node was lost after the run finished:\n{log}"
     assert report["complete"] and report["shards_run"] == SHARDS, log
     lost = report["lost"]
@@ -144,54 +111,29 @@ def test_losing_a_node_mid_extraction_keeps_exactly_the_undisturbed_rows(tmp_pat
 
 def disturbed_run(root: Path) -> None:
     """The Ray job: extract on a one-worker-node cluster, lose that node at the first shard, print the summary."""
-    import ray
-    from ray.cluster_utils import Cluster
-
     from prisma_ray.extract.pipeline import run_extract
 
-    # The GCS declares a silent node dead after 3 missed health checks of 200 ms (default: 5 of 3 s).
-    health = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 200, "health_check_failure_threshold": 3}
-    head = dict(num_cpus=0, node_ip_address="127.0.0.1", include_dashboard=False, _system_config=health)
-    cluster = Cluster(initialize_head=True, head_node_args=head)
-    ray.init(address=cluster.address, _node_ip_address="127.0.0.1", log_to_driver=False)
-    spot = cluster.add_node(num_cpus=3, node_ip_address="127.0.0.1")
-    cfg = extraction(root, "out")
-    first_store = Path(cfg.output) / cfg.model.name / HOOKS[0] / "train"
-    done: dict = {}
-
-    def extract() -> None:  # in a thread: Ray's nodes are added from the main thread (they install signal handlers)
-        try:
-            done["summary"] = run_extract(cfg)
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
-            done["error"] = exc
-
-    job = threading.Thread(target=extract, daemon=True)
-    try:
-        job.start()
-        while job.is_alive() and not list(first_store.glob("part-*.parquet")):
+    with local_cluster() as cluster:
+        spot = cluster.add_node(num_cpus=3, node_ip_address="127.0.0.1")
+        cfg = extraction(root, "out")
+        first_store = Path(cfg.output) / cfg.model.name / HOOKS[0] / "train"
+        job = Background(lambda: run_extract(cfg))
+        while job.thread.is_alive() and not list(first_store.glob("part-*.parquet")):
             time.sleep(0.01)
         killed_after = len(list(first_store.glob("part-*.parquet")))
         cluster.remove_node(spot, allow_graceful=False)
         cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
-        job.join(timeout=150)
-        if "summary" not in done:
-            if "error" in done:
-                traceback.print_exception(done["error"])
-            print(f"the extraction did not finish: {done.get('error', 'still running after 150 s')!r}", flush=True)
-            os._exit(3)  # no ray.shutdown(): the extraction's thread would start a new Ray; the test kills the rest
-        summary = done["summary"]
-        report = {
-            "killed_after_shards": killed_after,
-            "complete": summary.complete,
-            "shards_run": summary.shards_run,
-            "stores": summary.stores,
-            "lost": asdict(summary.lost),
-            "summary": summary.format(),
-        }
-        print(REPORT + json.dumps(report), flush=True)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+        summary = job.result(timeout=150, what="the extraction")
+        report(
+            {
+                "killed_after_shards": killed_after,
+                "complete": summary.complete,
+                "shards_run": summary.shards_run,
+                "stores": summary.stores,
+                "lost": asdict(summary.lost),
+                "summary": summary.format(),
+            }
+        )
 
 
 if __name__ == "__main__":
