@@ -367,8 +367,11 @@ def encode_mp4(frames: np.ndarray, fps: int, crf: int) -> bytes:
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": str(crf), "preset": "veryfast", "threads": "1"}
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        stream.codec_context.thread_count = 1  # the option alone left PyAV's automatic threads: bytes varied
+        for index, frame in enumerate(frames):
+            picture = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            picture.pts = index  # explicit timestamps, one per frame at `fps`
+            container.mux(stream.encode(picture))
         container.mux(stream.encode())
     return buf.getvalue()
 

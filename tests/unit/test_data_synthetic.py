@@ -2,6 +2,7 @@ import io
 import math
 import os
 
+import av
 import numpy as np
 import pytest
 from PIL import Image
@@ -69,7 +70,19 @@ def test_generate_writes_identical_files_for_the_same_seed(shapes_dir, moving_di
     syn.generate(MOVING, again_moving)
     first, second = _files(moving_dir), _files(again_moving)
     assert first.keys() == second.keys()
-    assert all(first[k] == second[k] for k in first if k.endswith((".mp4", ".npz")))
+    assert all(first[k] == second[k] for k in first if k.endswith(".npz"))
+    # The frames given to the encoder are identical; libx264's bytes are not reproducible on every CPU even
+    # with one thread (seen here: 2 of 12 clips, a few bytes apart), so the clips are compared decoded.
+    for i in range(MOVING.n_clips):
+        assert np.array_equal(syn.render_moving_shapes(MOVING, i)[0], syn.render_moving_shapes(MOVING, i)[0])
+    for name in (k for k in first if k.endswith(".mp4")):
+        a, b = _decoded(first[name]), _decoded(second[name])
+        assert a.shape == b.shape and np.abs(a.astype(np.int16) - b).mean() < 1.0, name
+
+
+def _decoded(data: bytes) -> np.ndarray:
+    with av.open(io.BytesIO(data)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
 def test_layout_and_tables(shapes_dir):
