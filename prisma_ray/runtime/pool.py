@@ -33,7 +33,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import ray
@@ -43,14 +43,13 @@ from tqdm.auto import tqdm
 from ..data.shards import InputFormat, decode_batch
 from ..data.sources import DatasetSpec
 from ..errors import InvalidRequest, PrismaRayError
+from .devices import Device
 
 log = logging.getLogger(__name__)
 
 MAX_CPU_ACTORS = 8
 RESTARTS = 3  # a call whose actor, node or read result is lost (spot preemption, out of memory) is retried this often
 STALL_S = 5.0  # while a replacement actor runs, the pool checks at least this often that the cluster holds it
-
-Device = Literal["auto", "cpu", "cuda"]
 
 
 class Resources(BaseModel):
