@@ -57,8 +57,11 @@ def ours_step_times(data: np.ndarray, warmup: int) -> list[float]:
     return times[warmup:]
 
 
-def saelens_step_times(data_path: str, warmup: int, sparse: bool) -> list[float]:
-    """Run inside the SAELens venv: SAETrainer.step on each batch, as `SAETrainer.fit` does."""
+def saelens_step_times(
+    data_path: str, warmup: int, sparse: bool, device: str = "cpu", autocast: bool = False
+) -> list[float]:
+    """Run inside the SAELens venv: SAETrainer.step on each batch, as `SAETrainer.fit` does (on `device`, with
+    SAELens's `autocast`; batches moved to the device before each step, as its activation store does)."""
     from sae_lens import LoggingConfig, SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
 
@@ -66,7 +69,12 @@ def saelens_step_times(data_path: str, warmup: int, sparse: bool) -> list[float]
     steps = len(data) // BATCH
     sae = TopKTrainingSAE(
         TopKTrainingSAEConfig(
-            d_in=D_MODEL, d_sae=EXPANSION * D_MODEL, k=K, dtype="float32", device="cpu", use_sparse_activations=sparse
+            d_in=D_MODEL,
+            d_sae=EXPANSION * D_MODEL,
+            k=K,
+            dtype="float32",
+            device=device,
+            use_sparse_activations=sparse,
         )
     )
     batches = [torch.from_numpy(data[i * BATCH : (i + 1) * BATCH]) for i in range(steps)]
@@ -76,25 +84,32 @@ def saelens_step_times(data_path: str, warmup: int, sparse: bool) -> list[float]
             train_batch_size_samples=BATCH,
             lr=2e-4,
             lr_end=2e-4,
-            device="cpu",
+            device=device,
+            autocast=autocast,
             logger=LoggingConfig(log_to_wandb=False),
         ),
         sae=sae,
         data_provider=iter(batches),
     )
     times = []
+    cuda = device.startswith("cuda")
     for batch in batches:
         start = time.perf_counter()
         trainer.maybe_reset_sparsity()
-        trainer.step(batch)
+        trainer.step(batch.to(device))
         trainer.n_training_steps += 1
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return times[warmup:]
 
 
-def run_saelens(python: str, data_path: str, warmup: int, sparse: bool) -> list[float] | str:
-    """SAELens step times, or the error it stopped with."""
-    cmd = [python, __file__, "--saelens-worker", data_path, "--warmup", str(warmup)] + (["--sparse"] if sparse else [])
+def run_saelens(
+    python: str, data_path: str, warmup: int, sparse: bool, device: str = "cpu", autocast: bool = False
+) -> list[float] | str:
+    """SAELens step times (on `device`, with its `autocast`), or the error it stopped with."""
+    cmd = [python, __file__, "--saelens-worker", data_path, "--warmup", str(warmup), "--device", device]
+    cmd += (["--sparse"] if sparse else []) + (["--autocast"] if autocast else [])
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
     if out.returncode:
         return next(line for line in reversed(out.stderr.splitlines()) if "Error" in line)[:160]
@@ -170,9 +185,11 @@ def main() -> None:
     parser.add_argument("--skip-ray", action="store_true")
     parser.add_argument("--saelens-worker", metavar="DATA.npy", help=argparse.SUPPRESS)
     parser.add_argument("--sparse", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
+    parser.add_argument("--autocast", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.saelens_worker:
-        print(json.dumps(saelens_step_times(args.saelens_worker, args.warmup, args.sparse)))
+        print(json.dumps(saelens_step_times(args.saelens_worker, args.warmup, args.sparse, args.device, args.autocast)))
         return
 
     data = make_data(args.warmup + args.steps)
