@@ -305,7 +305,7 @@ def _run_pool(plan: SweepPlan, lost: PoolStats):
 def start_line(checkpoints: int, size: PoolSize) -> str:
     """The sweep's start line: what the pool got."""
     placement = placement_line(size.actors, "evaluation actor", size.device, size.torch_threads)
-    return f"evaluating {checkpoints} checkpoints: {placement}"
+    return f"evaluating {checkpoints} checkpoint{'' if checkpoints == 1 else 's'}: {placement}"
 
 
 def write_report(results: ResultStore) -> dict[str, Any]:

@@ -124,7 +124,7 @@ def start_line(shards: int, size: PoolSize, model_dtype: str) -> str:
     """The extraction's start line: what the pool got and the model's dtype."""
     placement = placement_line(size.actors, "extraction actor", size.device, size.torch_threads)
     cpus = f"{size.cpus_per_actor:.2g} CPU{'' if size.cpus_per_actor == 1 else 's'}"
-    return f"extracting {shards} shards: {placement}, {cpus} each, model in {model_dtype}"
+    return f"extracting {shards} shard{'' if shards == 1 else 's'}: {placement}, {cpus} each, model in {model_dtype}"
 
 
 def finalize_stores(plan: ExtractPlan) -> bool:

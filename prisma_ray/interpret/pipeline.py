@@ -95,7 +95,7 @@ def run_interpret(cfg: InterpretConfig) -> InterpretSummary:
 def start_line(shards: int, size: PoolSize, model_dtype: str) -> str:
     """The pass's start line: what the pool got and the model's dtype."""
     placement = placement_line(size.actors, "interpretation actor", size.device, size.torch_threads)
-    return f"interpreting {shards} shards: {placement}, model in {model_dtype}"
+    return f"interpreting {shards} shard{'' if shards == 1 else 's'}: {placement}, model in {model_dtype}"
 
 
 def _run_pipeline(plan: InterpretPlan, shards: list[list[SampleRef]], lost: PoolStats) -> Iterator[dict]:

@@ -5,7 +5,8 @@
   same images; evaluation rebuilds the model at the dtype the store records, interpretation and steering at
   the one their config gives, and the pixel inputs are cast to it once.
 - `device`: the no-Ray stages (evaluate, analyze, steer) resolve it in this process and refuse `cuda` on a
-  machine without a GPU, naming the field; the Ray stages' start lines say what the pool got.
+  machine without a GPU, naming the field (explanation's embedder too: `embedder.device`); the Ray stages'
+  start lines say what the pool got.
 - The worker's one-synchronisation statistics equal the plain ones.
 """
 
@@ -26,6 +27,7 @@ from prisma_ray.extract.config import ExtractConfig
 from prisma_ray.extract.pipeline import start_line as extract_start
 from prisma_ray.extract.plan import config_hash, store_description
 from prisma_ray.extract.worker import stats_vector, synchronize, to_host, unpack_stats
+from prisma_ray.interpret.autointerp.run import EmbedderConfig, ExplainConfig, Pipeline
 from prisma_ray.interpret.collect import InterpretConfig, LatentWorker, plan_interpret
 from prisma_ray.interpret.pipeline import start_line as interpret_start
 from prisma_ray.interpret.steer import SteerConfig, SteerSpec, run_steer, steered_pair
@@ -175,6 +177,10 @@ def test_no_ray_stages_refuse_cuda_without_a_gpu_naming_the_field(twins, tmp_pat
     with pytest.raises(InvalidRequest, match=r"^evaluation\.device=cuda"):
         SweepWorker(EvalConfig(device="cuda"), str(tmp_path / "sweep"))
     assert Evaluator(EvalConfig(device="auto")).device == torch.device("cpu")
+    explain = ExplainConfig(evidence="unused", embedder=EmbedderConfig(device="cuda"), use_ray=False)
+    with pytest.raises(InvalidRequest, match=r"^embedder\.device=cuda"):
+        Pipeline(explain)
+    assert EmbedderConfig().device == "cpu", "explanation actors leave the GPUs to a served chat model by default"
 
 
 def test_start_lines_say_what_each_ray_stage_got():
@@ -196,6 +202,9 @@ def test_start_lines_say_what_each_ray_stage_got():
         == "evaluating 5 checkpoints: 1 evaluation actor on 1 GPU"
     )
     assert sweep_start(5, cpu) == "evaluating 5 checkpoints: 2 evaluation actors on CPU (1 torch thread each)"
+    assert extract_start(1, gpus, "float32").startswith("extracting 1 shard: ")
+    assert interpret_start(1, gpus, "float32").startswith("interpreting 1 shard: ")
+    assert sweep_start(1, gpus).startswith("evaluating 1 checkpoint: ")
 
 
 def test_one_synchronisation_statistics_equal_the_plain_ones():
