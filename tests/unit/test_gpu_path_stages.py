@@ -18,6 +18,9 @@ import torch
 
 from prisma_ray import store
 from prisma_ray.analysis.job import AnalyzeConfig, run_analysis
+from prisma_ray.data import SyntheticSource, list_refs
+from prisma_ray.data.shards import InputFormat, decode_shard
+from prisma_ray.data.synthetic import ShapesConfig
 from prisma_ray.errors import InvalidRequest
 from prisma_ray.evaluate import EvalConfig, Evaluator
 from prisma_ray.evaluate.heldout import StoreSource
@@ -26,15 +29,18 @@ from prisma_ray.evaluate.sweep import start_line as sweep_start
 from prisma_ray.extract.config import ExtractConfig
 from prisma_ray.extract.pipeline import start_line as extract_start
 from prisma_ray.extract.plan import config_hash, store_description
-from prisma_ray.extract.worker import stats_vector, synchronize, to_host, unpack_stats
+from prisma_ray.extract.worker import ExtractionWorker, WorkerJob, stats_vector, synchronize, to_host, unpack_stats
 from prisma_ray.interpret.autointerp.run import EmbedderConfig, ExplainConfig, Pipeline
 from prisma_ray.interpret.collect import InterpretConfig, LatentWorker, plan_interpret
 from prisma_ray.interpret.pipeline import start_line as interpret_start
 from prisma_ray.interpret.steer import SteerConfig, SteerSpec, run_steer, steered_pair
 from prisma_ray.models import ModelEntry, load_model
 from prisma_ray.models.inputs import PixelInputs
+from prisma_ray.models.token_selection import TokenSelection
 from prisma_ray.runtime.pool import PoolSize
 from prisma_ray.sae import Sites
+from prisma_ray.storage import StorageOptions
+from tests.lmm_tiny import tiny_entry
 from tests.unit.test_evaluate_checkpoint import TINY_VIT, eval_config, extract_in_process, identity, save, site
 from tests.unit.test_evaluate_checkpoint import shapes_config as eval_shapes_config
 
@@ -152,6 +158,34 @@ def test_a_random_weight_vit_tiny_extracts_at_bfloat16_within_its_rounding(tmp_p
     assert ref.shape == low.shape == (2 * 197, 192)
     error = np.abs(low - ref).max(axis=1) / np.abs(ref).max(axis=1)
     assert 0 < error.max() < 0.1, error.max()
+
+
+@pytest.mark.parametrize("name", ["llava-next", "qwen2-vl"])
+def test_a_multimodal_model_extracts_at_bfloat16_its_processor_pixels_cast_once(tmp_path, name):
+    spec = SyntheticSource(uri=str(tmp_path / "shapes"), generator=ShapesConfig(n_images=3, image_size=40))
+    rows = {}
+    for dtype in ("float32", "bfloat16"):
+        job = WorkerJob(
+            model=tiny_entry(name),
+            pretrained=False,
+            seed=0,
+            model_dtype=dtype,
+            tokens=TokenSelection(mode="all"),
+            dtype="float32",
+            stores={"lm.blocks.1.hook_resid_post": str(tmp_path / dtype)},
+            storage=StorageOptions(),
+            batch_size=2,
+            prompts=["Describe the image."],
+        )
+        worker = ExtractionWorker(job)
+        data = decode_shard(list_refs(spec), spec, InputFormat.create(spec, worker.model.preprocess))
+        x, _ = worker.inputs.encode(data.pixels[:1], data.sample_ids[:1])
+        assert x["pixel_values"].dtype == getattr(torch, dtype) and x["input_ids"].dtype == torch.int64
+        worker.process(0, data)
+        rows[dtype] = store.read_acts(str(tmp_path / dtype))
+    ref, low = rows["float32"], rows["bfloat16"]
+    assert ref.shape == low.shape and not np.array_equal(ref, low)
+    assert (np.abs(low - ref).max(axis=1) / np.abs(ref).max(axis=1)).max() < 0.1
 
 
 def test_pixel_inputs_are_cast_once_to_the_model_dtype():
