@@ -4,7 +4,7 @@ Layout under a store URI:
   part-00000.parquet ...   complete shards (written under a temporary name, then renamed)
   _stats/part-00000.json   per-shard running statistics (merged into the manifest)
   _config.json             the hash of the config that writes here (a changed config is refused)
-  manifest.json            model, hook, dtype, d_model, token counts, merged statistics
+  manifest.json            model, hook, dtype, model_dtype, d_model, token counts, merged statistics
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pydantic import BaseModel
 
 from . import storage
 from .errors import InvalidRequest, PrismaRayError
-from .models.spec import TokenKind
+from .models.spec import ModelDType, TokenKind
 
 StoreDType = Literal["float16", "bfloat16", "float32"]
 DTYPE_KEY = b"prisma_ray.dtype"
@@ -229,6 +229,7 @@ class Manifest(BaseModel):
     hook: str
     split: str
     dtype: StoreDType
+    model_dtype: ModelDType = "float32"  # the dtype the model ran in (stores written before it existed: float32)
     d_model: int
     token_selection: dict[str, Any]
     token_layout: dict[str, Any]

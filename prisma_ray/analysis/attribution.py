@@ -72,7 +72,7 @@ def logit_attribution(
     resid = cache[final]
     frozen = readout.frozen(resid)
     logits = readout.pooled(resid)
-    classes = logits.argmax(-1) if classes is None else torch.as_tensor(classes)
+    classes = logits.argmax(-1) if classes is None else torch.as_tensor(classes, device=logits.device)
     pick = lambda t: t.gather(-1, classes.view(-1, *[1] * (t.dim() - 1)).expand(*t.shape[:-1], 1))[..., 0]  # noqa: E731
     per_token = torch.stack([pick(frozen.contributions(cache[h])) for _, h in terms], dim=1)
     return Attribution([label for label, _ in terms], per_token, pick(frozen.bias(resid)), pick(logits))

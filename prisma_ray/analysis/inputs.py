@@ -57,14 +57,17 @@ def synthetic_dataset(model: HookedVisionModel, n: int, seed: int) -> ShapesConf
     return ShapesConfig(image_size=side, n_images=n, seed=seed)
 
 
-def _batch(model: HookedVisionModel, raw: list[np.ndarray], names: list[str], **extra) -> Inputs:
-    """Cropped and normalised as every stage does it (`crop_to_model`, then `PixelInputs`)."""
+def _batch(
+    model: HookedVisionModel, raw: list[np.ndarray], names: list[str], device: torch.device | str = "cpu", **extra
+) -> Inputs:
+    """Cropped and normalised as every stage does it (`crop_to_model`, then `PixelInputs` on `device`)."""
     pixels = np.stack([crop_to_model(p, model.preprocess) for p in raw])
-    return Inputs(PixelInputs(model).pixels(pixels), pixels, names, **extra)
+    return Inputs(PixelInputs(model, device=device).pixels(pixels), pixels, names, **extra)
 
 
-def render(model: HookedVisionModel, n: int, seed: int = 0) -> Inputs:
-    """`n` rendered synthetic samples (labels for embedded models: shape or motion direction)."""
+def render(model: HookedVisionModel, n: int, seed: int = 0, device: torch.device | str = "cpu") -> Inputs:
+    """`n` rendered synthetic samples, the model's input on `device` (labels for embedded models: shape or
+    motion direction)."""
     cfg = synthetic_dataset(model, n, seed)
     raw, masks, labels = [], [], []
     for i in range(n):
@@ -81,6 +84,7 @@ def render(model: HookedVisionModel, n: int, seed: int = 0) -> Inputs:
         model,
         raw,
         [f"{cfg.name}-{cfg.seed}-{i}" for i in range(n)],
+        device,
         labels=np.asarray(labels) if own else None,
         masks=np.stack(masks),
     )
@@ -97,10 +101,10 @@ def _decode(model: HookedVisionModel, uri: str, options: StorageOptions | None) 
         raise InvalidRequest(f"cannot use input {uri!r} for {model.name}: {exc}") from None
 
 
-def load_inputs(model: HookedVisionModel, cfg: InputsConfig) -> Inputs:
-    """The inputs `cfg` names, decoded and transformed as the model expects."""
+def load_inputs(model: HookedVisionModel, cfg: InputsConfig, device: torch.device | str = "cpu") -> Inputs:
+    """The inputs `cfg` names, decoded and transformed as the model expects (its input `x` on `device`)."""
     if not cfg.uris:
-        return render(model, cfg.synthetic, cfg.seed)
+        return render(model, cfg.synthetic, cfg.seed, device)
     for uri in cfg.uris:
         store_io.require_exists(uri, cfg.storage)
-    return _batch(model, [_decode(model, uri, cfg.storage) for uri in cfg.uris], list(cfg.uris))
+    return _batch(model, [_decode(model, uri, cfg.storage) for uri in cfg.uris], list(cfg.uris), device)

@@ -17,13 +17,14 @@ from ..evaluate.checkpoint import HeadConfig, load_matrix
 from ..evaluate.splice import ZeroShotHead, outputs_logits
 from ..models import HookedVisionModel
 from ..models.loading import load_model
+from ..runtime.devices import Device, local_device
 from ..sae import load_dictionary
 from ..storage import StorageOptions
 from . import draw
 from .attention import attention_patterns, query_rows, rollout
 from .attribution import Attribution, latent_attribution, logit_attribution
 from .inputs import Inputs, InputsConfig, load_inputs
-from .logit_lens import lens_accuracy, logit_lens
+from .logit_lens import LensResult, lens_accuracy, logit_lens
 from .patching import Mode, activation_patching
 from .readout import NoReadout, Readout, class_readout
 
@@ -76,6 +77,9 @@ class AnalyzeConfig(BaseModel):
     model: str = Field("prisma-toy-vit-shapes", description="registry name of the model analysed")
     pretrained: bool = Field(True, description="load published weights (false: random weights from `seed`)")
     seed: int = Field(0, description="random weights (pretrained=false) are drawn from this seed")
+    device: Device = Field(
+        "auto", description="where the model runs: cpu, cuda, or auto (cuda when this machine has a GPU)"
+    )
     inputs: InputsConfig = Field(default_factory=InputsConfig, description="the inputs: files, or rendered samples")
     head: HeadConfig | None = Field(None, description="zero-shot head for towers that output an embedding")
     output: str = Field("prisma-analysis", description="where <analysis>/figure-NN.png, index.html go")
@@ -107,7 +111,8 @@ def _overlays(
 
 
 def _lens(model: HookedVisionModel, inputs: Inputs, cfg: AnalyzeConfig) -> tuple[dict, list[tuple[str, bytes]]]:
-    lens = logit_lens(model, inputs.x, _readout(model, cfg))
+    result = logit_lens(model, inputs.x, _readout(model, cfg))
+    lens = LensResult(result.hooks, result.tokens.float().cpu(), result.pooled.float().cpu())
     final = lens.pooled[:, -1].argmax(-1)
     agreement = (lens.pooled.argmax(-1) == final[:, None]).float().mean(0).numpy()
     series = {"agrees with the model": agreement}
@@ -134,9 +139,9 @@ def _attention(model: HookedVisionModel, inputs: Inputs, cfg: AnalyzeConfig) -> 
     layers = cfg.attention.layers or list(range(model.n_layers))
     patterns = attention_patterns(model, inputs.x, layers)
     rolled = rollout(attention_patterns(model, inputs.x), cfg.attention.residual)[:, layers]
-    heads = query_rows(patterns, model.token_layout).numpy()  # [B, L, H, T]
-    mean = query_rows(patterns.mean(2), model.token_layout).numpy()
-    roll = query_rows(rolled, model.token_layout).numpy()
+    heads = query_rows(patterns, model.token_layout).cpu().numpy()  # [B, L, H, T]
+    mean = query_rows(patterns.mean(2), model.token_layout).cpu().numpy()
+    roll = query_rows(rolled, model.token_layout).cpu().numpy()
     query = "CLS" if model.token_layout.n_prefix else "mean query"
     cols = [f"head {h}" for h in range(heads.shape[2])] + ["head mean", "rollout"]
     figures = []
@@ -184,7 +189,7 @@ def _patching(model: HookedVisionModel, inputs: Inputs, cfg: AnalyzeConfig) -> t
         p.batch_size,
     )
     labels = draw.token_labels(model.token_layout)
-    effect = result.effect.numpy()
+    effect = result.effect.cpu().numpy()
     title = (
         f"{model.name}: {p.mode} {inputs.names[p.clean]} (class {result.clean_class}) <- "
         f"{inputs.names[corrupted]} (class {result.corrupted_class})"
@@ -220,11 +225,16 @@ def _patching(model: HookedVisionModel, inputs: Inputs, cfg: AnalyzeConfig) -> t
 def _attribute(model: HookedVisionModel, inputs: Inputs, cfg: AnalyzeConfig) -> Attribution:
     a = cfg.attribution
     if a.dictionary is None:
-        classes = None if a.classes is None else torch.tensor(a.classes)
-        return logit_attribution(model, inputs.x, _readout(model, cfg), classes)
-    if a.latent is None:
+        classes = None if a.classes is None else torch.tensor(a.classes, device=inputs.x.device)
+        result = logit_attribution(model, inputs.x, _readout(model, cfg), classes)
+    elif a.latent is None:
         raise InvalidRequest("attribution.latent is required with attribution.dictionary")
-    return latent_attribution(model, inputs.x, load_dictionary(a.dictionary, cfg.storage), a.latent)
+    else:
+        dictionary = load_dictionary(a.dictionary, cfg.storage).to(inputs.x.device)
+        result = latent_attribution(model, inputs.x, dictionary, a.latent)
+    return Attribution(
+        result.components, result.per_token.float().cpu(), result.bias.float().cpu(), result.target.float().cpu()
+    )
 
 
 def _attribution(model: HookedVisionModel, inputs: Inputs, cfg: AnalyzeConfig) -> tuple[dict, list[tuple[str, bytes]]]:
@@ -261,12 +271,14 @@ RUNNERS = {"logit-lens": _lens, "attention": _attention, "patching": _patching, 
 
 
 def run_analysis(analysis: Analysis, cfg: AnalyzeConfig) -> dict:
-    """Run `analysis` and write `<output>/<analysis>/*.png`, `index.html` and `summary.json`; return the summary."""
+    """Run `analysis` on `cfg.device` and write `<output>/<analysis>/*.png`, `index.html` and `summary.json`;
+    return the summary. `device: cuda` where torch sees no GPU raises `InvalidRequest` naming the field."""
     if analysis not in RUNNERS:
         raise InvalidRequest(f"unknown analysis {analysis!r}; choose one of {sorted(RUNNERS)}")
+    device = local_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    model = load_model(cfg.model, cfg.pretrained, seed=cfg.seed)
-    inputs = load_inputs(model, cfg.inputs)
+    model = load_model(cfg.model, cfg.pretrained, seed=cfg.seed, device=device)
+    inputs = load_inputs(model, cfg.inputs, device)
     facts, figures = RUNNERS[analysis](model, inputs, cfg)
     out = storage.join(cfg.output, analysis)
     files = []

@@ -108,7 +108,7 @@ def activation_patching(
     bad = [p for p in positions if not -n_tokens <= p < n_tokens]
     if bad:
         raise InvalidRequest(f"positions {bad} lie outside the {n_tokens} tokens of {model.name}")
-    effect = torch.zeros(len(hooks), len(positions))
+    effect = torch.zeros(len(hooks), len(positions), device=clean.device)
     for row, name in enumerate(hooks):
         axis = _position_axis(name)
         for start in range(0, len(positions), batch_size):

@@ -39,9 +39,9 @@ class Readout:
     head: Head
     zero_shot: ZeroShotHead | None = None
 
-    def pool_weights(self, n_tokens: int) -> torch.Tensor:
-        """`[T]`: the weight of each token in the pooled vector (one-hot CLS, or uniform over patches)."""
-        w = torch.zeros(n_tokens)
+    def pool_weights(self, n_tokens: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """`[T]` on `device`: the weight of each token in the pooled vector (one-hot CLS, or uniform over patches)."""
+        w = torch.zeros(n_tokens, device=device)
         if self.pool == "token":
             w[0] = 1.0
         else:
@@ -89,7 +89,7 @@ class FrozenReadout:
     def _pre(self, z: torch.Tensor, bias: bool) -> torch.Tensor:
         """`z [B, T, D]` through the frozen token norm, each token weighted by its pool weight."""
         z = _frozen_norm(self.readout.pre_norm, z, self.pre_sigma, bias)
-        return z * self.readout.pool_weights(z.shape[1]).to(z)[None, :, None]
+        return z * self.readout.pool_weights(z.shape[1], z.device).to(z)[None, :, None]
 
     def _post(self, z: torch.Tensor, bias: bool) -> torch.Tensor:
         """`z [B, K, D]` (pooled parts) -> `[B, K, C]` through the frozen post-pool norm and the head."""

@@ -14,7 +14,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +28,8 @@ from ..data.shards import InputFormat, decode_first
 from ..data.synthetic import read_table
 from ..models import HookedVisionModel, TokenKind
 from ..models.inputs import PixelInputs, PromptInputs
-from ..models.loading import describe_model, load_model
+from ..models.loading import TORCH_DTYPES, describe_model, load_model
+from ..runtime.devices import Device, local_device
 from ..sae import Dictionary, load_dictionary
 from ..sae.dictionary import Site
 from ..sae.io import CheckpointInfo, read_checkpoint_info
@@ -88,7 +89,7 @@ class EvalConfig(BaseModel):
         le=1,
         description="a factor value counts as detected when its best single-latent AUROC reaches this",
     )
-    device: Literal["auto", "cpu", "cuda"] = Field(
+    device: Device = Field(
         "auto", description="where models and dictionaries run: cpu, cuda, or auto (cuda when this process sees a GPU)"
     )
     storage: StorageOptions = Field(StorageOptions(), description="how to reach s3:// checkpoints and stores")
@@ -108,13 +109,16 @@ class SpliceData:
 
 
 class Evaluator:
-    """Evaluates checkpoints against held-out stores, caching what checkpoints of one model share."""
+    """Evaluates checkpoints against held-out stores, caching what checkpoints of one model share.
 
-    def __init__(self, cfg: EvalConfig):
+    `device_field` names `cfg.device` in errors (`evaluation.device` in a sweep): `cuda` where torch sees no GPU
+    raises `InvalidRequest`.
+    """
+
+    def __init__(self, cfg: EvalConfig, device_field: str = "device"):
         self.cfg = cfg
         self.options = cfg.storage.resolved()
-        cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-        self.device = torch.device("cuda" if cuda else "cpu")
+        self.device = local_device(cfg.device, device_field)
         self.loads: Counter[str] = Counter()
         self._models: dict[str, HookedVisionModel] = {}
         self._sources: dict[str, StoreSource] = {}
@@ -173,14 +177,18 @@ class Evaluator:
         return self._held[key]
 
     def _model(self, name: str, source: StoreSource) -> HookedVisionModel:
-        """The model that wrote `source` (same registry entry, weights and seed), loaded once."""
+        """The model that wrote `source` (same registry entry, weights, seed and dtype), loaded once."""
         if name not in self._models:
             entry = source.entry
             if entry is None or entry.name != name:
                 raise InvalidRequest(f"{source.uri}: its _config.json does not describe model {name!r}")
-            log.info("loading %s for evaluation on %s", name, self.device)
+            log.info("loading %s in %s for evaluation on %s", name, source.model_dtype, self.device)
             self._models[name] = load_model(
-                entry, source.description["pretrained"], seed=source.description["seed"], device=self.device
+                entry,
+                source.description["pretrained"],
+                seed=source.description["seed"],
+                device=self.device,
+                dtype=TORCH_DTYPES[source.model_dtype],
             )
             self.loads[name] += 1
         return self._models[name]

@@ -1,8 +1,8 @@
 """Held-out activation stores: the rows a checkpoint is measured on, and how the store was made.
 
 A store written by `prisma-ray extract` records in its `_config.json` the model (registry entry,
-pretrained or the seed of its random weights), the dataset and the token selection, which is
-what the spliced-in and ground-truth evaluations need to rebuild the same model and inputs.
+pretrained or the seed of its random weights, the dtype it ran in), the dataset and the token selection,
+which is what the spliced-in and ground-truth evaluations need to rebuild the same model and inputs.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from .. import storage, store
 from ..data.decode import FrameSampling
 from ..data.sources import DatasetSpec, parse_dataset_spec, with_resolved_storage
 from ..models import ModelEntry, TokenLayout
+from ..models.spec import ModelDType
 from ..models.token_selection import TokenSelection, fixed_positions
 from ..store import KEYS, KIND_CODES, align
 
@@ -47,6 +48,11 @@ class StoreSource:
     @property
     def entry(self) -> ModelEntry | None:
         return ModelEntry.model_validate(self.description["model"]) if self.description else None
+
+    @property
+    def model_dtype(self) -> ModelDType:
+        """The dtype the model ran in at extraction (stores written before it was recorded: float32)."""
+        return (self.description or {}).get("model_dtype", "float32")
 
     @property
     def multimodal(self) -> bool:

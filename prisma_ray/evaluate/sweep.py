@@ -27,7 +27,8 @@ from prisma_ray.errors import InvalidRequest, PrismaRayError
 from .. import storage
 from ..models import get_entry, list_entries
 from ..models.registry import Modality, Source
-from ..runtime.pool import PoolStats, Resources, cluster_resources, run_pool, size_pool
+from ..runtime.devices import placement_line
+from ..runtime.pool import PoolSize, PoolStats, Resources, cluster_resources, run_pool, size_pool
 from ..runtime.session import RayOptions, ensure_ray
 from ..sae.io import CheckpointInfo
 from . import EvalConfig, Evaluator, find_checkpoints, read_checkpoint_info
@@ -229,7 +230,7 @@ class SweepWorker:
     def __init__(self, evaluation: EvalConfig, output: str, torch_threads: int | None = None):
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.evaluator = Evaluator(evaluation)
+        self.evaluator = Evaluator(evaluation, "evaluation.device")
         self.results = ResultStore(output, self.evaluator.options)
 
     def run(self, group: Group) -> dict[str, Any]:
@@ -286,15 +287,25 @@ def _run_pool(plan: SweepPlan, lost: PoolStats):
         device_field="evaluation.device",
     )
     output = storage.absolute(cfg.output)
-    evaluation = cfg.evaluation.model_copy(
-        update={"storage": cfg.evaluation.storage.resolved(), "stores": storage.absolute(cfg.evaluation.stores)}
+    evaluation = cfg.evaluation.model_copy(  # the actors run on the device the pool was sized for
+        update={
+            "storage": cfg.evaluation.storage.resolved(),
+            "stores": storage.absolute(cfg.evaluation.stores),
+            "device": size.device,
+        }
     )
-    log.info("evaluating %d checkpoints with %d %s actor(s)", plan.pending, size.actors, size.device)
+    log.info("%s", start_line(plan.pending, size))
     kwargs = {"evaluation": evaluation, "output": output, "torch_threads": size.torch_threads}
     with tqdm(total=plan.pending, unit="ckpt", desc="sweep", disable=not cfg.progress) as bar:
         for report in run_pool(plan.groups, SweepWorker, kwargs, size, method="run", stats=lost):
             bar.update(report["evaluated"] + len(report["failed"]))
             yield report
+
+
+def start_line(checkpoints: int, size: PoolSize) -> str:
+    """The sweep's start line: what the pool got."""
+    placement = placement_line(size.actors, "evaluation actor", size.device, size.torch_threads)
+    return f"evaluating {checkpoints} checkpoint{'' if checkpoints == 1 else 's'}: {placement}"
 
 
 def write_report(results: ResultStore) -> dict[str, Any]:

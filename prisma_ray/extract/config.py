@@ -9,6 +9,7 @@ from prisma_ray.errors import InvalidRequest
 from ..data.sources import DatasetSpec, SyntheticSource
 from ..data.synthetic import ShapesConfig
 from ..models import ModelEntry
+from ..models.spec import ModelDType
 from ..models.token_selection import TokenSelection
 from ..runtime.pool import ShardResources
 from ..runtime.session import RayOptions
@@ -29,7 +30,7 @@ class ExtractConfig(BaseModel):
     `model` is a registry name or an inline registry entry (any architecture an adapter can build).
     Multimodal language models (LLaVA, Qwen-VL) see each image with a prompt from `prompts` and
     store tokens of their sequence at `lm.*` hook points (`tokens.mode`: all, text, image, ...).
-    Fields that change the stored rows (model, pretrained, seed, hooks, tokens, dtype, dataset,
+    Fields that change the stored rows (model, pretrained, seed, model_dtype, hooks, tokens, dtype, dataset,
     shard_size, prompts and the listed inputs) are hashed per store: rerunning the same config resumes,
     a changed one is refused. The others (batch size, resources, ...) may change between runs.
     """
@@ -43,6 +44,12 @@ class ExtractConfig(BaseModel):
     )
     pretrained: bool = Field(False, description="False: random weights drawn from `seed` (no download)")
     seed: int = Field(0, description="seed of the random weights (pretrained=false) and of the random token choice")
+    model_dtype: ModelDType = Field(
+        "float32",
+        description="element type the model runs in: float32, bfloat16 or float16 (GPUs: bfloat16 is about twice as "
+        "fast, activations within its 3 significant digits); recorded with each store so that evaluation rebuilds "
+        "the model at it. Separate from `dtype` (how the activations are stored)",
+    )
     hooks: list[str] = Field(
         default_factory=lambda: ["blocks.6.hook_resid_post"],
         min_length=1,

@@ -19,7 +19,8 @@ import numpy as np
 from .. import store
 from ..data.errors import read_errors_table
 from ..models.token_selection import tokens_per_sample
-from ..runtime.pool import PoolStats, cluster_resources, size_pool, stream_shards
+from ..runtime.devices import placement_line
+from ..runtime.pool import PoolSize, PoolStats, cluster_resources, size_pool, stream_shards
 from ..runtime.session import ensure_ray
 from .config import ExtractConfig
 from .plan import ExtractPlan, dataset_description, plan_extract
@@ -114,16 +115,16 @@ def _run_pipeline(plan: ExtractPlan, todo: list[int], lost: PoolStats):
     size = size_pool(res, cluster_resources(), len(todo), device=res.device, read_cpus=res.read_cpus, in_flight=2)
     job = plan.job(size.device, size.torch_threads)
     shards = {i: ([asdict(r) for r in plan.shards[i]], plan.pending[i]) for i in todo}
-    log.info(
-        "extracting %d shards with %d %s actor(s) (%.2g CPUs, %s torch threads each)",
-        len(todo),
-        size.actors,
-        size.device,
-        size.cpus_per_actor,
-        size.torch_threads or "default",
-    )
+    log.info("%s", start_line(len(todo), size, cfg.model_dtype))
     worker = ExtractionWorker
     yield from stream_shards(shards, plan.spec, plan.fmt, worker, {"job": job}, size, cfg.progress, "extract", lost)
+
+
+def start_line(shards: int, size: PoolSize, model_dtype: str) -> str:
+    """The extraction's start line: what the pool got and the model's dtype."""
+    placement = placement_line(size.actors, "extraction actor", size.device, size.torch_threads)
+    cpus = f"{size.cpus_per_actor:.2g} CPU{'' if size.cpus_per_actor == 1 else 's'}"
+    return f"extracting {shards} shard{'' if shards == 1 else 's'}: {placement}, {cpus} each, model in {model_dtype}"
 
 
 def finalize_stores(plan: ExtractPlan) -> bool:
@@ -145,6 +146,7 @@ def finalize_stores(plan: ExtractPlan) -> bool:
                 hook=hook,
                 split=cfg.split,
                 dtype=cfg.dtype,
+                model_dtype=cfg.model_dtype,
                 d_model=plan.widths[hook],
                 token_selection=cfg.tokens.model_dump(mode="json"),
                 token_layout=_layout_description(plan),

@@ -64,6 +64,7 @@ class ExtractPlan:
             model=self.entry,
             pretrained=c.pretrained,
             seed=c.seed,
+            model_dtype=c.model_dtype,
             tokens=c.tokens,
             dtype=c.dtype,
             stores={hook: w.uri for hook, w in self.writers.items()},
@@ -101,7 +102,8 @@ def dataset_description(spec: DatasetSpec) -> dict[str, Any]:
 def store_description(
     cfg: ExtractConfig, entry: ModelEntry, hook: str, spec: DatasetSpec, digest: str, prompts: list[str] | None
 ) -> dict[str, Any]:
-    """Everything that determines the rows of one store (JSON-normalised; `prompts`: multimodal models only)."""
+    """Everything that determines the rows of one store (JSON-normalised; `prompts`: multimodal models only;
+    `model_dtype` only when not float32, so stores written before it existed keep their hash and read as float32)."""
     description = {
         "format": FORMAT_VERSION,
         "model": entry.model_dump(mode="json"),
@@ -114,6 +116,8 @@ def store_description(
         "shard_size": 1 if isinstance(spec, SHARDED) else cfg.shard_size,
         "inputs": digest,
     }
+    if cfg.model_dtype != "float32":
+        description["model_dtype"] = cfg.model_dtype
     if prompts is not None:
         description["prompts"] = prompts
     return json.loads(json.dumps(description))

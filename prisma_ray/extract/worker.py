@@ -5,10 +5,13 @@ flow for one input shard (a fixed, sorted slice of the dataset's refs):
 
 1. `data.shards.decode_shard` (a CPU task): read, decode, resize and crop every sample to the model's
    input geometry as `uint8` (4x smaller than float pixels to ship); bad samples become `ErrorRecord`s.
-2. `ExtractionWorker.process` (an actor): the model's input per minibatch (`models.inputs`: pixels
-   normalised on the model's device, or, for multimodal language models, each image with its
-   prompt through the model's processor), one forward pass with every hook point cached, token
-   selection, then one store shard per hook point (written under a temporary name and renamed)
+2. `ExtractionWorker.process` (an actor): the model (eval mode, at the job's `model_dtype`, forward passes
+   under `torch.inference_mode()`), its input per minibatch (`models.inputs`: the `uint8` crops moved to
+   the model's device once, normalised there and cast to the model's dtype, or, for multimodal language
+   models, each image with its prompt through the model's processor), one forward pass with every hook
+   point cached, token selection and the statistics on the device; on CUDA each hook point's kept rows
+   are copied into pinned host memory without blocking and the minibatch is synchronised once before
+   the rows are encoded; then one store shard per hook point (written under a temporary name and renamed)
    plus the shard's bad samples in the errors table. Every hook point's shard is encoded before any is
    written: values the storage dtype cannot hold (or NaN/inf from the model) fail the shard with
    `store.ActivationRangeError` and nothing of it is written. The statistics are those of the stored
@@ -34,7 +37,8 @@ from ..data.errors import write_shard_errors
 from ..data.shards import ShardData
 from ..models import ModelEntry
 from ..models.inputs import KeptTokens, model_inputs
-from ..models.loading import actor_model
+from ..models.loading import TORCH_DTYPES, actor_model
+from ..models.spec import ModelDType
 from ..models.token_selection import TokenSelection
 from ..storage import StorageOptions
 from ..store import RunningStats, StoreDType
@@ -52,6 +56,7 @@ class WorkerJob(BaseModel):
     model: ModelEntry
     pretrained: bool
     seed: int
+    model_dtype: ModelDType = "float32"
     tokens: TokenSelection
     dtype: StoreDType
     stores: dict[str, str] = Field(description="hook point -> store URI (bad samples: `<store>/_errors`)")
@@ -62,22 +67,43 @@ class WorkerJob(BaseModel):
     torch_threads: int | None = None
 
 
-_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
 def stored_values(rows: torch.Tensor, dtype: StoreDType) -> torch.Tensor:
     """`float32` `rows` as a store of `dtype` holds them: rounded to nearest even, as `store.encode_acts` does
     (values beyond the dtype's range become inf here; `encode_acts` refuses them)."""
-    return rows.to(_TORCH_DTYPES[dtype]).to(torch.float32)
+    return rows.to(TORCH_DTYPES[dtype]).to(torch.float32)
 
 
-def tensor_stats(x: torch.Tensor) -> RunningStats:
-    """Running statistics of the rows of `x` (computed in float64 on `x`'s device)."""
+def stats_vector(x: torch.Tensor) -> torch.Tensor:
+    """`float64[2 + 2 * width]` on `x`'s device for the rows `x [N, width]`: whether every value is finite (1/0),
+    the sum of the row norms, the per-dimension mean and sum of squared deviations (`unpack_stats` reads it)."""
     x = x.to(torch.float64)
-    mean = x.mean(0)
+    finite = torch.isfinite(x).all().to(torch.float64)
+    mean = x.mean(0) if len(x) else torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
     m2 = ((x - mean) ** 2).sum(0)
-    norm_sum = torch.linalg.vector_norm(x, dim=1).sum()
-    return RunningStats(len(x), mean.cpu().numpy(), m2.cpu().numpy(), float(norm_sum))
+    return torch.cat([finite[None], torch.linalg.vector_norm(x, dim=1).sum()[None], mean, m2])
+
+
+def unpack_stats(vector: np.ndarray, count: int) -> tuple[bool, RunningStats]:
+    """Whether the rows were finite, and their `RunningStats`, from a `stats_vector` of `count` rows."""
+    width = (len(vector) - 2) // 2
+    return bool(vector[0]), RunningStats(
+        count, vector[2 : 2 + width].copy(), vector[2 + width :].copy(), float(vector[1])
+    )
+
+
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """`t` in host memory: a CUDA tensor is copied into pinned memory without blocking (read it only after
+    `synchronize`); a CPU tensor is returned as it is."""
+    if t.device.type != "cuda":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (the copies `to_host` started); nothing to wait for on CPU."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
 
 
 class ExtractionWorker:
@@ -90,10 +116,16 @@ class ExtractionWorker:
     def __init__(self, job: WorkerJob):
         self.job = job
         self.device = torch.device(job.device)
-        self.model = actor_model(job.model, job.pretrained, job.seed, self.device, job.torch_threads)
+        self.model = actor_model(job.model, job.pretrained, job.seed, self.device, job.torch_threads, job.model_dtype)
         self.inputs = model_inputs(self.model, job.tokens, job.prompts, self.device)
         self.writers = {hook: store.StoreWriter(uri, job.storage) for hook, uri in job.stores.items()}
-        log.info("worker ready: %s on %s, %d torch threads", job.model.name, self.device, torch.get_num_threads())
+        log.info(
+            "worker ready: %s in %s on %s, %d torch threads",
+            job.model.name,
+            job.model_dtype,
+            self.device,
+            torch.get_num_threads(),
+        )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [
@@ -129,17 +161,19 @@ class ExtractionWorker:
             "seconds": time.perf_counter() - start,
         }
 
-    @torch.inference_mode()
     def _where(self, hook: str, shard: int | None) -> str:
         return f"store {self.job.stores[hook]} (hook point {hook} of {self.job.model.name}, input shard {shard})"
 
+    @torch.inference_mode()
     def extract(
         self, pixels: np.ndarray, sample_ids: np.ndarray, hooks: Sequence[str], shard: int | None = None
     ) -> tuple[dict[str, np.ndarray], dict[str, RunningStats], KeptTokens]:
         """`float32[N, width]` kept activations and their statistics per hook point, and which tokens they are
         (`KeptTokens.sample` indexes `sample_ids`). The statistics are those of the values as stored in the
-        job's dtype (`stored_values`); the activations are returned as the model gave them. A minibatch with
-        values the dtype cannot hold (or NaN/inf) raises `store.ActivationRangeError` naming input `shard`."""
+        job's dtype (`stored_values`), computed on the model's device; the activations are returned as the model
+        gave them, in float32. A minibatch with values the dtype cannot hold (or NaN/inf) raises
+        `store.ActivationRangeError` naming input `shard`. On CUDA one synchronisation per minibatch: each hook
+        point's rows and statistics are copied to host memory without blocking, then read together."""
         widths = {h: self.model.hook_width(h) for h in hooks}
         chunks: dict[str, list[np.ndarray]] = {h: [] for h in hooks}
         stats = {h: RunningStats.empty(widths[h]) for h in hooks}
@@ -148,15 +182,20 @@ class ExtractionWorker:
         for i in range(0, len(pixels), bs):
             x, kept = self.inputs(pixels[i : i + bs], sample_ids[i : i + bs])
             _, cache = self.model.run_with_cache(x, hooks, stop_early=True)
+            host: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
             for hook in hooks:
                 self._check_shape(cache[hook], kept.shape, widths[hook], hook)
                 rows = kept.take(cache[hook]).to(torch.float32)
-                stored = stored_values(rows, self.job.dtype)
-                if not bool(torch.isfinite(stored).all()):  # fail at the first such minibatch, naming its samples
+                host[hook] = to_host(rows), to_host(stats_vector(stored_values(rows, self.job.dtype)))
+            synchronize(self.device)
+            for hook in hooks:
+                rows, vector = (t.numpy() for t in host[hook])
+                finite, batch_stats = unpack_stats(vector, len(rows))
+                if not finite:  # fail at the first such minibatch, naming its samples
                     ids = sample_ids[i : i + bs][kept.sample].tolist()
-                    raise store.range_error(rows.cpu().numpy(), self.job.dtype, self._where(hook, shard), ids)
-                stats[hook] = stats[hook].merge(tensor_stats(stored))
-                chunks[hook].append(rows.cpu().numpy())
+                    raise store.range_error(rows, self.job.dtype, self._where(hook, shard), ids)
+                stats[hook] = stats[hook].merge(batch_stats)
+                chunks[hook].append(rows)
             parts.append(kept)
         acts = {h: np.concatenate(c) if c else np.zeros((0, widths[h]), np.float32) for h, c in chunks.items()}
         return acts, stats, KeptTokens.concat(parts)

@@ -27,6 +27,7 @@ from ..data.synthetic import ShapesConfig
 from ..models import ModelEntry, TokenKind, TokenLayout
 from ..models.inputs import base_view_layout, model_inputs, model_prompts
 from ..models.loading import actor_model, check_hooks, describe_model, resolve_entry
+from ..models.spec import ModelDType
 from ..models.token_selection import MAX_TOKENS, TokenSelection, check_selection
 from ..runtime.pool import ShardResources
 from ..runtime.session import RayOptions
@@ -70,6 +71,11 @@ class InterpretConfig(BaseModel):
     )
     pretrained: bool = Field(True, description="load published weights (false: random weights from `seed`)")
     seed: int = Field(0, description="seed of the random weights (pretrained=false), as at extraction")
+    model_dtype: ModelDType = Field(
+        "float32",
+        description="element type the model runs in (float32, bfloat16 or float16), as at extraction: the "
+        "`model_dtype` in the training store's manifest.json",
+    )
     k: int = Field(
         16, ge=1, le=MAX_TOKENS, description="top samples kept per latent and ranking (max, mean; ranks are int16)"
     )
@@ -103,6 +109,7 @@ class InterpretJob:
     batch_size: int
     device: str = "cpu"
     torch_threads: int | None = None
+    model_dtype: ModelDType = "float32"
     prompts: tuple[str, ...] | None = None
     layout: TokenLayout | None = None  # the tokens read (default: the model's token layout)
 
@@ -142,12 +149,14 @@ class InterpretPlan:
             batch_size=c.batch_size,
             device=device,
             torch_threads=torch_threads,
+            model_dtype=c.model_dtype,
             prompts=self.prompts,
             layout=self.layout,
         )
 
     def description(self) -> dict[str, Any]:
-        """What determines the results (written to `summary.json`)."""
+        """What determines the results (written to `summary.json`; `model_dtype` only when not float32, so results
+        written before it existed are still reused)."""
         return {
             "checkpoint": self.info.uri,
             "model": self.entry.name,
@@ -160,6 +169,7 @@ class InterpretPlan:
             "modality": self.fmt.preprocess.modality,
             "k": self.cfg.k,
             "reservoir": self.cfg.reservoir,
+            **({"model_dtype": self.cfg.model_dtype} if self.cfg.model_dtype != "float32" else {}),
             **({"prompts": list(self.prompts)} if self.prompts else {}),
         }
 
@@ -218,7 +228,7 @@ class LatentWorker:
     def __init__(self, job: InterpretJob):
         self.job = job
         self.device = torch.device(job.device)
-        self.model = actor_model(job.model, job.pretrained, job.seed, self.device, job.torch_threads)
+        self.model = actor_model(job.model, job.pretrained, job.seed, self.device, job.torch_threads, job.model_dtype)
         self.inputs = model_inputs(self.model, TokenSelection(mode="all"), job.prompts, self.device)
         self.dictionary = load_dictionary(job.checkpoint, job.storage).to(self.device).eval()
         self.layout = job.layout or self.model.token_layout

@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field
 from .. import storage
 from ..data.shards import plan_shards
 from ..data.sources import SampleRef, list_refs
-from ..runtime.pool import PoolStats, cluster_resources, size_pool, stream_shards
+from ..runtime.devices import placement_line
+from ..runtime.pool import PoolSize, PoolStats, cluster_resources, size_pool, stream_shards
 from ..runtime.session import ensure_ray
 from .collect import InterpretConfig, InterpretPlan, LatentWorker, fetch_crops, plan_interpret
 from .results import needed_samples, read_results, results_exist, write_results
@@ -91,6 +92,12 @@ def run_interpret(cfg: InterpretConfig) -> InterpretSummary:
     )
 
 
+def start_line(shards: int, size: PoolSize, model_dtype: str) -> str:
+    """The pass's start line: what the pool got and the model's dtype."""
+    placement = placement_line(size.actors, "interpretation actor", size.device, size.torch_threads)
+    return f"interpreting {shards} shard{'' if shards == 1 else 's'}: {placement}, model in {model_dtype}"
+
+
 def _run_pipeline(plan: InterpretPlan, shards: list[list[SampleRef]], lost: PoolStats) -> Iterator[dict]:
     """Yield each shard's worker row (`shard`, `record`, `sample_ids`, `errors`) as it finishes (`lost` counts
     what the pool lost and retried)."""
@@ -99,7 +106,7 @@ def _run_pipeline(plan: InterpretPlan, shards: list[list[SampleRef]], lost: Pool
     res = cfg.resources
     size = size_pool(res, cluster_resources(), len(shards), device=res.device, read_cpus=res.read_cpus, in_flight=2)
     items = {i: ([asdict(r) for r in s], []) for i, s in enumerate(shards)}
-    log.info("interpreting %d shards with %d %s actor(s)", len(shards), size.actors, size.device)
+    log.info("%s", start_line(len(shards), size, cfg.model_dtype))
     job = plan.job(size.device, size.torch_threads)
     yield from stream_shards(
         items, plan.spec, plan.fmt, LatentWorker, {"job": job}, size, cfg.progress, "interpret", lost

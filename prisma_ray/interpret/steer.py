@@ -25,8 +25,10 @@ from ..evaluate.checkpoint import load_matrix
 from ..evaluate.splice import Head, HookList, ZeroShotHead, classifier_head, outputs_logits, put_at_positions
 from ..models import HookedVisionModel, ModelEntry
 from ..models.inputs import PixelInputs
-from ..models.loading import load_model, resolve_entry
+from ..models.loading import TORCH_DTYPES, load_model, resolve_entry
+from ..models.spec import ModelDType
 from ..models.token_selection import TokenSelection, fixed_positions
+from ..runtime.devices import Device, local_device
 from ..sae import Dictionary, load_dictionary
 from ..storage import StorageOptions
 from .collect import default_dataset
@@ -147,7 +149,8 @@ def steer(
     head: Head | None = None,
     batch_size: int = 32,
 ) -> SteerResult:
-    """Run `x` clean and steered per `spec`; return both outputs through `head` (default: `default_head`)."""
+    """Run `x` clean and steered per `spec` (on `model`'s device); return both outputs through `head` (default:
+    `default_head`), as float32 on the CPU."""
     head = head or default_head(model)
     hooks = steering_hooks(model, d, spec)
     clean, steered_out = [], []
@@ -157,7 +160,7 @@ def steer(
         with model.hooks(hooks):
             steered_out.append(head(model(xb)))
     scale = head.logit_scale if isinstance(head, ZeroShotHead) else None
-    return SteerResult(torch.cat(clean).float(), torch.cat(steered_out).float(), scale)
+    return SteerResult(torch.cat(clean).float().cpu(), torch.cat(steered_out).float().cpu(), scale)
 
 
 class SteerConfig(BaseModel):
@@ -175,6 +178,14 @@ class SteerConfig(BaseModel):
     model: str | ModelEntry | None = Field(None, description="default: the model named in the checkpoint")
     pretrained: bool = Field(True, description="load published weights (false: random weights from `seed`)")
     seed: int = Field(0, description="seed of the random weights (pretrained=false)")
+    model_dtype: ModelDType = Field(
+        "float32",
+        description="element type the model runs in (float32, bfloat16 or float16), as at extraction: the "
+        "`model_dtype` in the training store's manifest.json",
+    )
+    device: Device = Field(
+        "auto", description="where the model and dictionary run: cpu, cuda, or auto (cuda when this machine has a GPU)"
+    )
     text_embeddings: str | None = Field(None, description=".npy/.safetensors [prompts, width] for embedding towers")
     logit_scale: float = Field(100.0, gt=0, description="with text_embeddings: cosine similarity to logits factor")
     labels: list[str] | None = Field(
@@ -183,16 +194,25 @@ class SteerConfig(BaseModel):
     storage: StorageOptions = Field(StorageOptions(), description="how to reach s3:// checkpoints, data and embeddings")
 
 
+def steered_pair(cfg: SteerConfig) -> tuple[Dictionary, HookedVisionModel]:
+    """The dictionary and the model `cfg` steers, both on `cfg.device`, the model at `cfg.model_dtype` (`device:
+    cuda` where torch sees no GPU raises `InvalidRequest` naming the field)."""
+    device = local_device(cfg.device)
+    d = load_dictionary(cfg.checkpoint, cfg.storage.resolved()).to(device).eval()
+    entry = resolve_entry(cfg.model or d.sites.inputs[0].model or "")
+    model = load_model(entry, cfg.pretrained, seed=cfg.seed, device=device, dtype=TORCH_DTYPES[cfg.model_dtype])
+    return d, model
+
+
 def run_steer(cfg: SteerConfig) -> dict:
     """Steer per `cfg` and return `SteerResult.summary` plus what was steered."""
     options = cfg.storage.resolved()
-    d = load_dictionary(cfg.checkpoint, options).eval()
-    entry = resolve_entry(cfg.model or d.sites.inputs[0].model or "")
-    model = load_model(entry, cfg.pretrained, seed=cfg.seed)
+    d, model = steered_pair(cfg)
+    device = d.W_enc.device
     spec = with_resolved_storage(cfg.dataset)
     data = decode_first(spec, InputFormat.create(spec, model.preprocess), cfg.samples)
-    x = PixelInputs(model).pixels(data.pixels)
-    embeddings = load_matrix(cfg.text_embeddings, options) if cfg.text_embeddings else None
+    x = PixelInputs(model, device=device).pixels(data.pixels)
+    embeddings = load_matrix(cfg.text_embeddings, options).to(device) if cfg.text_embeddings else None
     result = steer(model, d, x, cfg.steer, default_head(model, embeddings, cfg.logit_scale))
     labels = cfg.labels or (
         list(spec.generator.shapes) if isinstance(spec, SyntheticSource) and spec.generator.name == "shapes" else None
@@ -201,7 +221,7 @@ def run_steer(cfg: SteerConfig) -> dict:
         raise InvalidRequest(f"{len(labels)} labels given but the head has {result.clean.shape[1]} classes")
     return {
         "checkpoint": cfg.checkpoint,
-        "model": entry.name,
+        "model": model.name,
         "hook": d.sites.inputs[0].name,
         **cfg.steer.model_dump(),
         **result.summary(labels),

@@ -58,6 +58,12 @@ class KeptTokens:
         return acts[sample, position]
 
 
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The floating-point dtype `model` runs in (that of its first floating-point parameter; float32 if none):
+    the dtype its pixel inputs are cast to."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 def normalize(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """`uint8[..., H, W, 3]` -> `float32[..., 3, H, W]` holding `(x / 255 - mean) / std` (`mean`, `std`:
     `float32[3]` on `pixels`' device); the one normalisation of a vision model's input."""
@@ -69,8 +75,10 @@ class PixelInputs:
     """Vision and video models: normalise the `uint8` crops on the device; positions come from the fixed layout.
 
     Every stage builds a vision model's input here from `prisma_ray.data.shards` crops (`InputFormat`),
-    so extraction, interpretation, spliced-in evaluation, steering and analysis see identical pixels.
-    `selection` (default: all tokens) only matters to `__call__`.
+    so extraction, interpretation, spliced-in evaluation, steering and analysis see identical pixels: the
+    crops go to the device once (as `uint8`), are normalised there in float32 and cast once to the model's
+    dtype (`model_dtype`: bfloat16/float16 for a model loaded at that dtype). `selection` (default: all
+    tokens) only matters to `__call__`.
     """
 
     def __init__(
@@ -82,13 +90,14 @@ class PixelInputs:
         spec = model.preprocess
         self.device = torch.device(device)
         self.layout, self.selection = model.token_layout, selection or TokenSelection(mode="all")
+        self.dtype = model_dtype(model)
         self.mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device)
         self.std = torch.tensor(spec.std, dtype=torch.float32, device=self.device)
 
     def pixels(self, crops: np.ndarray) -> torch.Tensor:
-        """`uint8[B, H, W, 3]` (or `[B, T, H, W, 3]`) crops -> the model's input, `float32[B, 3, H, W]`
-        (or `[B, T, 3, H, W]`) on the device."""
-        return normalize(torch.from_numpy(crops).to(self.device), self.mean, self.std)
+        """`uint8[B, H, W, 3]` (or `[B, T, H, W, 3]`) crops -> the model's input, `[B, 3, H, W]` (or
+        `[B, T, 3, H, W]`) on the device in the model's dtype."""
+        return normalize(torch.from_numpy(crops).to(self.device), self.mean, self.std).to(self.dtype)
 
     def __call__(self, pixels: np.ndarray, sample_ids: Sequence[str]) -> tuple[torch.Tensor, KeptTokens]:
         x = self.pixels(pixels)
@@ -116,16 +125,19 @@ class PromptInputs:
     def __init__(
         self, model: HookedVisionModel, selection: TokenSelection, prompts: Sequence[str], device: torch.device
     ):
-        self.model, self.selection, self.prompts, self.device = model, selection, list(prompts), device
+        self.model, self.selection, self.prompts, self.device = model, selection, list(prompts), torch.device(device)
+        self.dtype = model_dtype(model)
 
     def encode(self, pixels: np.ndarray, sample_ids: Sequence[str]) -> tuple[dict[str, torch.Tensor], MultimodalLayout]:
-        """The model's input (on the device) for each image with its sample's prompt, and its layout."""
+        """The model's input (on the device; floating-point tensors such as `pixel_values` in the model's dtype)
+        for each image with its sample's prompt, and its layout."""
         inputs = self.model.encode(list(pixels), [sample_prompt(self.prompts, sid) for sid in sample_ids])
         seq = inputs["input_ids"].shape[1]
         if seq > MAX_TOKENS:
             raise InvalidRequest(f"{self.model.name}: sequences of {seq} tokens exceed the store's int16 token column")
         layout = self.model.multimodal_layout(inputs)
-        return {k: v.to(self.device) for k, v in inputs.items()}, layout
+        moved = {k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
+        return moved, layout
 
     def keep(self, inputs: dict[str, torch.Tensor], layout: MultimodalLayout, sample_ids: Sequence[str]) -> KeptTokens:
         """The tokens `selection` keeps from an `encode`d batch."""

@@ -13,6 +13,9 @@ from prisma_ray.errors import InvalidRequest
 from .hooked import HookedVisionModel
 from .registry import ModelEntry, get_entry
 from .sites import ModelSites
+from .spec import ModelDType
+
+TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 _ADAPTERS = {
     "timm": "prisma_ray.models.adapters.timm_adapter",
@@ -70,12 +73,17 @@ def describe_model(model: str | ModelEntry) -> HookedVisionModel:
 
 
 def actor_model(
-    entry: ModelEntry, pretrained: bool, seed: int, device: torch.device, torch_threads: int | None
+    entry: ModelEntry,
+    pretrained: bool,
+    seed: int,
+    device: torch.device,
+    torch_threads: int | None,
+    model_dtype: ModelDType = "float32",
 ) -> HookedVisionModel:
-    """`load_model` in a model actor: on CPU it first takes `torch_threads` threads (when given)."""
+    """`load_model` in a model actor, at `model_dtype`: on CPU it first takes `torch_threads` threads (when given)."""
     if device.type == "cpu" and torch_threads:
         torch.set_num_threads(torch_threads)
-    return load_model(entry, pretrained, seed=seed, device=device)
+    return load_model(entry, pretrained, seed=seed, device=device, dtype=TORCH_DTYPES[model_dtype])
 
 
 def check_hooks(model: HookedVisionModel, hooks: Sequence[str]) -> None:

@@ -8,6 +8,9 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+# The element type a model runs in (`model_dtype` of extraction, interpretation and steering; recorded with a store).
+ModelDType = Literal["float32", "bfloat16", "float16"]
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from prisma_ray.data.synthetic import COLOURS, SHAPES, ShapesConfig, render_shapes
 from prisma_ray.errors import InvalidRequest, PrismaRayError
 from prisma_ray.interpret.evidence import dim_pixels
+
+if TYPE_CHECKING:
+    import torch
 
 
 class UnknownConcept(PrismaRayError, ValueError):
@@ -53,18 +56,27 @@ class OpenClipEmbedder:
     """An OpenCLIP model's image tower and text tower; texts are put into `template` first."""
 
     def __init__(
-        self, model, preprocess: Callable, tokenizer: Callable, template: str = "a photo of {}.", batch_size: int = 64
+        self,
+        model,
+        preprocess: Callable,
+        tokenizer: Callable,
+        template: str = "a photo of {}.",
+        batch_size: int = 64,
+        device: str | torch.device = "cpu",
     ):
-        self.model, self.preprocess, self.tokenizer = model.eval(), preprocess, tokenizer
-        self.template, self.batch_size = template, batch_size
+        self.model, self.preprocess, self.tokenizer = model.eval().to(device), preprocess, tokenizer
+        self.template, self.batch_size, self.device = template, batch_size, device
 
     @classmethod
-    def from_name(cls, name: str, pretrained: str | None, template: str = "a photo of {}.") -> OpenClipEmbedder:
-        """`open_clip.create_model_and_transforms(name, pretrained)`; `pretrained=None` gives random weights offline."""
+    def from_name(
+        cls, name: str, pretrained: str | None, template: str = "a photo of {}.", device: str | torch.device = "cpu"
+    ) -> OpenClipEmbedder:
+        """`open_clip.create_model_and_transforms(name, pretrained)` on `device`; `pretrained=None` gives random
+        weights offline."""
         import open_clip
 
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
-        return cls(model, preprocess, open_clip.get_tokenizer(name), template)
+        return cls(model, preprocess, open_clip.get_tokenizer(name), template, device=device)
 
     def embed_images(self, images: np.ndarray) -> np.ndarray:
         import torch
@@ -76,7 +88,7 @@ class OpenClipEmbedder:
                 x = torch.stack(
                     [self.preprocess(Image.fromarray(im)) for im in images[start : start + self.batch_size]]
                 )
-                out.append(self.model.encode_image(x).float().numpy())
+                out.append(self.model.encode_image(x.to(self.device)).float().cpu().numpy())
         return unit(np.concatenate(out))
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
@@ -84,11 +96,12 @@ class OpenClipEmbedder:
 
         with torch.inference_mode():
             tokens = self.tokenizer([self.template.format(t) for t in texts])
-            return unit(self.model.encode_text(tokens).float().numpy())
+            return unit(self.model.encode_text(tokens.to(self.device)).float().cpu().numpy())
 
 
 class HookedModelFeatures:
-    """Image features from a `HookedVisionModel`: the activations at `hook` averaged over patch tokens."""
+    """Image features from a `HookedVisionModel` (on its device): the activations at `hook` averaged over patch
+    tokens."""
 
     def __init__(self, model, hook: str, batch_size: int = 128):
         self.model, self.hook, self.batch_size = model, hook, batch_size
@@ -101,12 +114,13 @@ class HookedModelFeatures:
         from prisma_ray.models.inputs import PixelInputs
 
         spec, n_prefix = self.model.preprocess, self.model.token_layout.n_prefix
-        inputs, out = PixelInputs(self.model), []
+        device = next(self.model.parameters()).device
+        inputs, out = PixelInputs(self.model, device=device), []
         with torch.inference_mode():
             for start in range(0, len(images), self.batch_size):
                 crops = np.stack([crop_to_model(im, spec) for im in images[start : start + self.batch_size]])
                 _, cache = self.model.run_with_cache(inputs.pixels(crops), names=[self.hook], stop_early=True)
-                out.append(cache[self.hook][:, n_prefix:].float().mean(1).numpy())
+                out.append(cache[self.hook][:, n_prefix:].float().mean(1).cpu().numpy())
         return np.concatenate(out)
 
 

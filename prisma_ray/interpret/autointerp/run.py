@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from prisma_ray import storage
 from prisma_ray.data.synthetic import ShapesConfig
 from prisma_ray.errors import InvalidRequest
+from prisma_ray.runtime.devices import Device, placement_line
 from prisma_ray.runtime.pool import PoolStats, Resources, cluster_resources, run_pool, size_pool
 from prisma_ray.runtime.session import RayOptions, ensure_ray
 from prisma_ray.storage import StorageOptions
@@ -59,6 +60,11 @@ class EmbedderConfig(BaseModel):
         description="prototype: the shapes images rendered per label (default: the toy ViT's training distribution)",
     )
     prototypes_per_label: int = Field(32, ge=1, description="prototype: images rendered per label")
+    device: Device = Field(
+        "cpu",
+        description="where the embedder runs: cpu (the default: explanation actors take no GPU, leaving them to a "
+        "served chat model), cuda (one GPU per explanation actor) or auto (cuda where there are GPUs)",
+    )
 
 
 def default_vocabulary() -> list[str]:
@@ -103,11 +109,16 @@ class ExplainConfig(BaseModel):
 
 
 def build_embedder(cfg: EmbedderConfig, vocabulary: list[str]) -> Embedder:
+    """The embedder `cfg` describes, on `cfg.device` (`cuda` where torch sees no GPU raises `InvalidRequest`
+    naming `embedder.device`)."""
+    from prisma_ray.runtime.devices import local_device
+
+    device = local_device(cfg.device, "embedder.device")
     if cfg.kind == "open_clip":
-        return OpenClipEmbedder.from_name(cfg.open_clip_model, cfg.open_clip_pretrained, cfg.template)
+        return OpenClipEmbedder.from_name(cfg.open_clip_model, cfg.open_clip_pretrained, cfg.template, device)
     from prisma_ray.models import load_model
 
-    features = HookedModelFeatures(load_model(cfg.model, pretrained=cfg.pretrained), cfg.hook)
+    features = HookedModelFeatures(load_model(cfg.model, pretrained=cfg.pretrained, device=device), cfg.hook)
     return PrototypeEmbedder(features, synthetic_prototypes(vocabulary, cfg.prototype_data, cfg.prototypes_per_label))
 
 
@@ -227,8 +238,20 @@ def _run_on_ray(
     batch is sent, the batches in flight are still saved, then it re-raises (`lost` counts what the pool lost
     and retried)."""
     ensure_ray(cfg.ray)
-    size = size_pool(cfg.resources, cluster_resources(), n_batches, in_flight=2, default_actors=1)
-    kwargs = {"cfg": cfg, "torch_threads": size.torch_threads}
+    size = size_pool(
+        cfg.resources,
+        cluster_resources(),
+        n_batches,
+        device=cfg.embedder.device,
+        device_field="embedder.device",
+        in_flight=2,
+        default_actors=1,
+    )
+    log.info(
+        "explaining latents: %s", placement_line(size.actors, "explanation actor", size.device, size.torch_threads)
+    )
+    embedder = cfg.embedder.model_copy(update={"device": size.device})  # the device the pool was sized for
+    kwargs = {"cfg": cfg.model_copy(update={"embedder": embedder}), "torch_threads": size.torch_threads}
     for records in run_pool(batches, Pipeline, kwargs, size, method="run", stats=lost):
         save(records)
 
