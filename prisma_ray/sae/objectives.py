@@ -85,7 +85,9 @@ def _fired(d: Dictionary, idx: torch.Tensor, acts: torch.Tensor) -> torch.Tensor
     return counts.index_add_(0, idx.reshape(-1), (acts.detach() > 0).reshape(-1).to(counts.dtype))
 
 
-def _topk(d: Dictionary, x_n: torch.Tensor, y_n: torch.Tensor, dead: torch.Tensor, coefficient: float) -> Outcome:
+def _topk(
+    d: Dictionary, x_n: torch.Tensor, y_n: torch.Tensor, dead: torch.Tensor | None, coefficient: float
+) -> Outcome:
     k = d.cfg.top_k
     b_pre = d.pre_bias
     with torch.no_grad():
@@ -103,7 +105,9 @@ def _topk(d: Dictionary, x_n: torch.Tensor, y_n: torch.Tensor, dead: torch.Tenso
     return _finish(d, parts, prediction, _fired(d, idx, acts))
 
 
-def _batchtopk(d: Dictionary, x_n: torch.Tensor, y_n: torch.Tensor, dead: torch.Tensor, coefficient: float) -> Outcome:
+def _batchtopk(
+    d: Dictionary, x_n: torch.Tensor, y_n: torch.Tensor, dead: torch.Tensor | None, coefficient: float
+) -> Outcome:
     pre = torch.addmm(d.b_enc, d.centered(x_n), d.W_enc)
     acts = pre.relu().flatten()
     values, flat_idx = acts.topk(d.cfg.top_k * x_n.shape[0], sorted=False)
@@ -127,14 +131,18 @@ def _update_threshold(d: Dictionary, selected: torch.Tensor) -> None:
     d.topk_threshold.copy_(torch.where(smallest.isfinite(), moved, d.topk_threshold))
 
 
-def _relu(d: Dictionary, x_n: torch.Tensor, y_n: torch.Tensor, dead: torch.Tensor, coefficient: float) -> Outcome:
+def _relu(
+    d: Dictionary, x_n: torch.Tensor, y_n: torch.Tensor, dead: torch.Tensor | None, coefficient: float
+) -> Outcome:
     z = torch.addmm(d.b_enc, d.centered(x_n), d.W_enc).relu()
     prediction = _with_skip(d, z @ d.W_dec + d.b_dec, x_n)
     parts = {"mse": _mse(prediction, y_n), "l1": coefficient * (z * d.decoder_norms()).sum(1).mean()}
     return _finish(d, parts, prediction, (z.detach() > 0).sum(0).to(x_n.dtype))
 
 
-def _jumprelu(d: Dictionary, x_n: torch.Tensor, y_n: torch.Tensor, dead: torch.Tensor, coefficient: float) -> Outcome:
+def _jumprelu(
+    d: Dictionary, x_n: torch.Tensor, y_n: torch.Tensor, dead: torch.Tensor | None, coefficient: float
+) -> Outcome:
     pre = torch.addmm(d.b_enc, d.centered(x_n), d.W_enc)
     bandwidth = d.cfg.jumprelu_bandwidth
     z = JumpReLU.apply(pre, d.threshold, bandwidth)
@@ -144,7 +152,9 @@ def _jumprelu(d: Dictionary, x_n: torch.Tensor, y_n: torch.Tensor, dead: torch.T
     return _finish(d, parts, prediction, (z.detach() > 0).sum(0).to(x_n.dtype))
 
 
-def _gated(d: Dictionary, x_n: torch.Tensor, y_n: torch.Tensor, dead: torch.Tensor, coefficient: float) -> Outcome:
+def _gated(
+    d: Dictionary, x_n: torch.Tensor, y_n: torch.Tensor, dead: torch.Tensor | None, coefficient: float
+) -> Outcome:
     shared = d.centered(x_n) @ d.W_enc
     pi_gate = shared + d.b_gate
     z = (pi_gate > 0) * torch.relu(shared * d.r_mag.exp() + d.b_mag)

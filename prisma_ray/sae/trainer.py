@@ -126,7 +126,7 @@ class DictionarySet(nn.Module):
         self.dictionaries = nn.ModuleList(dictionaries.values())
 
     def forward(
-        self, x_n: torch.Tensor, y_n: torch.Tensor, dead: dict[str, torch.Tensor], coefficients: dict[str, float]
+        self, x_n: torch.Tensor, y_n: torch.Tensor, dead: dict[str, torch.Tensor | None], coefficients: dict[str, float]
     ) -> tuple[torch.Tensor, dict[str, Outcome]]:
         outcomes = {
             name: objective(d, x_n, y_n, dead[name], coefficients[name])
