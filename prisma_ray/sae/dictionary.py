@@ -68,38 +68,45 @@ class Sites(BaseModel):
 
 
 class Dictionary(nn.Module):
-    """A sparse dictionary; `forward(x)` maps raw inputs to raw reconstructions (or predictions)."""
+    """A sparse dictionary; `forward(x)` maps raw inputs to raw reconstructions (or predictions).
 
-    def __init__(self, cfg: DictionaryConfig, sites: Sites):
+    Its parameters and buffers (float32; BatchTopK's threshold float64) are created on `device` (None: torch's
+    default device). The random initialisation is drawn on the CPU from `cfg.seed`, so it is the same on
+    every device.
+    """
+
+    def __init__(self, cfg: DictionaryConfig, sites: Sites, device: torch.device | str | None = None):
         super().__init__()
         n_latents = check_shape(cfg, sites)
         self.cfg, self.sites, self.n_latents = cfg, sites, n_latents
         d_in, d_out = sites.d_in, sites.d_out
-        self.W_enc = nn.Parameter(torch.empty(d_in, n_latents))
-        self.W_dec = nn.Parameter(torch.empty(n_latents, d_out))
-        self.b_dec = nn.Parameter(torch.zeros(d_out))
+        on = {"device": device}
+        self.W_enc = nn.Parameter(torch.empty(d_in, n_latents, **on))
+        self.W_dec = nn.Parameter(torch.empty(n_latents, d_out, **on))
+        self.b_dec = nn.Parameter(torch.zeros(d_out, **on))
         if cfg.architecture == "gated":
-            self.b_gate = nn.Parameter(torch.zeros(n_latents))
-            self.r_mag = nn.Parameter(torch.zeros(n_latents))
-            self.b_mag = nn.Parameter(torch.zeros(n_latents))
+            self.b_gate = nn.Parameter(torch.zeros(n_latents, **on))
+            self.r_mag = nn.Parameter(torch.zeros(n_latents, **on))
+            self.b_mag = nn.Parameter(torch.zeros(n_latents, **on))
         else:
-            self.b_enc = nn.Parameter(torch.zeros(n_latents))
+            self.b_enc = nn.Parameter(torch.zeros(n_latents, **on))
         if cfg.architecture == "jumprelu":
-            self.threshold = nn.Parameter(torch.full((n_latents,), cfg.jumprelu_init_threshold))
+            self.threshold = nn.Parameter(torch.full((n_latents,), cfg.jumprelu_init_threshold, **on))
         if cfg.architecture == "batchtopk":
-            self.register_buffer("topk_threshold", torch.zeros((), dtype=torch.float64))
+            self.register_buffer("topk_threshold", torch.zeros((), dtype=torch.float64, **on))
         if cfg.skip_connection:
-            self.W_skip = nn.Parameter(torch.zeros(d_out, d_in))
-        self.register_buffer("in_mean", torch.zeros(d_in))
-        self.register_buffer("in_scale", torch.ones(d_in))
-        self.register_buffer("out_mean", torch.zeros(d_out))
-        self.register_buffer("out_scale", torch.ones(d_out))
+            self.W_skip = nn.Parameter(torch.zeros(d_out, d_in, **on))
+        self.register_buffer("in_mean", torch.zeros(d_in, **on))
+        self.register_buffer("in_scale", torch.ones(d_in, **on))
+        self.register_buffer("out_mean", torch.zeros(d_out, **on))
+        self.register_buffer("out_scale", torch.ones(d_out, **on))
         self._init_weights()
 
     @torch.no_grad()
     def _init_weights(self) -> None:
         """Random decoder rows at `init_norm`; the encoder is the decoder transposed (tied init)
-        for autoencoders, an independent draw at the same norm for transcoders."""
+        for autoencoders, an independent draw at the same norm for transcoders. Drawn on the CPU
+        (seeded generator), copied to the parameters' device."""
         gen = torch.Generator().manual_seed(self.cfg.seed)
         norm = self.cfg.init_norm
         W_dec = torch.randn(self.n_latents, self.sites.d_out, generator=gen)
@@ -114,6 +121,7 @@ class Dictionary(nn.Module):
     def set_normalization(
         self, in_mean: torch.Tensor, in_scale: torch.Tensor, out_mean: torch.Tensor, out_scale: torch.Tensor
     ) -> None:
+        """Set the normalisation vectors (`[d_in]`, `[d_in]`, `[d_out]`, `[d_out]`, any device: copied to the buffers')."""
         for name, value in (
             ("in_mean", in_mean),
             ("in_scale", in_scale),

@@ -8,16 +8,22 @@ from .dictionary import Dictionary
 
 
 def geometric_median(x: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> torch.Tensor:
-    """The point minimising the sum of Euclidean distances to the rows of `x [..., d]` (Weiszfeld's algorithm)."""
+    """The point minimising the sum of Euclidean distances to the rows of `x [..., d]` (Weiszfeld's algorithm),
+    float32 `[d]` on `x`'s device.
+
+    Iterates until a step moves it by at most `tol` (relative), `iters` at most. The stop is decided on the
+    device (the point is frozen once converged) rather than read back at every iteration: no host sync,
+    and it runs on fake tensors.
+    """
     x = x.reshape(-1, x.shape[-1]).double()
     median = x.mean(0)
+    done = torch.zeros((), dtype=torch.bool, device=x.device)
     for _ in range(iters):
         weights = 1.0 / (x - median).norm(dim=1).clamp_min(1e-12)
         update = (weights[:, None] * x).sum(0) / weights.sum()
         moved = (update - median).norm()
-        median = update
-        if moved <= tol * median.norm().clamp_min(1.0):
-            break
+        median = torch.where(done, median, update)
+        done = done | (moved <= tol * update.norm().clamp_min(1.0))
     return median.float()
 
 

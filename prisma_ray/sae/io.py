@@ -78,10 +78,15 @@ def _parse_architecture(name: str) -> tuple[str, bool, bool]:
 
 @torch.no_grad()
 def inference_weights(d: Dictionary) -> dict[str, torch.Tensor]:
-    """The weights of `d` with its normalisation folded in, as SAELens names them (float32)."""
-    p = {k: v.detach().double() for k, v in d.named_parameters()}
-    mu_in, s_in = d.in_mean.double(), d.in_scale.double()
-    mu_out, s_out = d.out_mean.double(), d.out_scale.double()
+    """The weights of `d` with its normalisation folded in, as SAELens names them (float32, on the CPU whatever
+    `d`'s device: folded there in float64)."""
+
+    def host(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to("cpu", torch.float64)
+
+    p = {k: host(v) for k, v in d.named_parameters()}
+    mu_in, s_in = host(d.in_mean), host(d.in_scale)
+    mu_out, s_out = host(d.out_mean), host(d.out_scale)
     out = dict(p)
     out["W_enc"] = s_in[:, None] * p["W_enc"]
     out["W_dec"] = p["W_dec"] / s_out[None, :]
@@ -167,6 +172,7 @@ def export_files(
         WEIGHTS_FILE: save_safetensors(inference_weights(d)),
     }
     if fire_counts is not None:
+        fire_counts = fire_counts.cpu()
         # log10 of a frequency in [1e-10, 1 + 1e-10]: in [-10, 1e-10], so the float32 cast cannot overflow
         density = (fire_counts.double() / max(tokens, 1) + 1e-10).log10().float()
         files[SPARSITY_FILE] = save_safetensors({"sparsity": density.contiguous()})

@@ -17,18 +17,25 @@ class SparseData:
 
 
 def sparse_dictionary_data(
-    n: int, d: int, n_features: int, active: int, seed: int = 0, offset_scale: float = 1.0
+    n: int,
+    d: int,
+    n_features: int,
+    active: int,
+    seed: int = 0,
+    offset_scale: float = 1.0,
+    device: torch.device | str = "cpu",
 ) -> SparseData:
     """`n` rows of dimension `d`, each the sum of `active` random unit features (of `n_features`,
     drawn with replacement) with magnitudes uniform in [0.5, 1.5], plus a constant offset (what the
-    pre-bias must learn)."""
+    pre-bias must learn). Drawn on the CPU from `seed` (the same data on every device), returned on `device`."""
     gen = torch.Generator().manual_seed(seed)
     features = torch.randn(n_features, d, generator=gen)
     features /= features.norm(dim=1, keepdim=True)
     chosen = torch.randint(0, n_features, (n, active), generator=gen)
     magnitudes = 0.5 + torch.rand(n, active, generator=gen)
     offset = torch.randn(d, generator=gen) * offset_scale
-    return SparseData(F.embedding_bag(chosen, features, per_sample_weights=magnitudes, mode="sum") + offset, features)
+    acts = F.embedding_bag(chosen, features, per_sample_weights=magnitudes, mode="sum") + offset
+    return SparseData(acts.to(device), features.to(device))
 
 
 def mean_max_cosine(learned: torch.Tensor, true: torch.Tensor) -> float:

@@ -5,6 +5,14 @@ once, one forward and one backward through all dictionaries (one DDP all-reduce 
 then per dictionary: decoder gradient projection, clipping, its own Adam and schedule, decoder
 renormalisation, and dead-latent bookkeeping in tokens. Distributed runs inject `wrap` (DDP) and
 `all_reduce` (sum over workers); everything else is identical in one process.
+
+Device and precision: the trainer's state (dictionaries, normalisation buffers, Adam moments, firing
+counters) lives on its `device`; batches come from the host (pinned by the caller) and are copied
+with `non_blocking=True`. A step reads nothing back to the host until latents can be dead (AuxK),
+and `metrics()` is where the window's sums are read. With `autocast=True` the dictionaries' forward
+runs under `torch.autocast(<device type>, bfloat16)` as SAELens does: the encoder and decoder products
+in bfloat16, the parameters and Adam state float32 (master weights), the loss, its backward into the
+parameters' gradients and the metrics float32.
 """
 
 from __future__ import annotations
@@ -55,7 +63,9 @@ class SiteStats:
 
 
 class Normalization:
-    """Per-dimension `(mean, scale)` for the inputs and for the outputs: `x_n = (x - mean) · scale`."""
+    """Per-dimension `(mean, scale)` for the inputs and for the outputs: `x_n = (x - mean) · scale`.
+
+    Host-side (CPU) vectors: the trainer copies them into each dictionary's buffers on its device."""
 
     @classmethod
     def from_stats(
@@ -116,7 +126,7 @@ class DictionarySet(nn.Module):
         self.dictionaries = nn.ModuleList(dictionaries.values())
 
     def forward(
-        self, x_n: torch.Tensor, y_n: torch.Tensor, dead: dict[str, torch.Tensor], coefficients: dict[str, float]
+        self, x_n: torch.Tensor, y_n: torch.Tensor, dead: dict[str, torch.Tensor | None], coefficients: dict[str, float]
     ) -> tuple[torch.Tensor, dict[str, Outcome]]:
         outcomes = {
             name: objective(d, x_n, y_n, dead[name], coefficients[name])
@@ -136,7 +146,12 @@ class Trainer:
         normalization: Normalization | None = None,
         world_size: int = 1,
         all_reduce: AllReduce | None = None,
+        *,
+        device: torch.device | str = "cpu",
+        autocast: bool = False,
     ):
+        """`device`: where every dictionary, its Adam state and the counters live (batches are moved there);
+        `autocast`: run the forward in bfloat16 autocast on that device type (float32 master weights)."""
         names = [c.display_name() for c in configs]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -148,9 +163,10 @@ class Trainer:
         norm = normalization or Normalization.identity(sites)
         self.sites, self.total_steps, self.world_size = sites, total_steps, world_size
         self.all_reduce = all_reduce
+        self.device, self.autocast = torch.device(device), autocast
         self.dictionaries: dict[str, Dictionary] = {}
         for name, cfg in zip(names, configs):
-            d = Dictionary(cfg, sites)
+            d = Dictionary(cfg, sites, device=self.device)
             d.set_normalization(norm.in_mean, norm.in_scale, norm.out_mean, norm.out_scale)
             self.dictionaries[name] = d
         self.net = DictionarySet(self.dictionaries)
@@ -159,8 +175,12 @@ class Trainer:
             name: torch.optim.Adam(d.parameters(), lr=d.cfg.lr, betas=d.cfg.adam_betas, eps=d.cfg.adam_eps, fused=True)
             for name, d in self.dictionaries.items()
         }
-        self.since_fired = {n: torch.zeros(d.n_latents, dtype=torch.int64) for n, d in self.dictionaries.items()}
-        self.fire_counts = {n: torch.zeros(d.n_latents, dtype=torch.float64) for n, d in self.dictionaries.items()}
+        self.since_fired = {
+            n: torch.zeros(d.n_latents, dtype=torch.int64, device=self.device) for n, d in self.dictionaries.items()
+        }
+        self.fire_counts = {
+            n: torch.zeros(d.n_latents, dtype=torch.float64, device=self.device) for n, d in self.dictionaries.items()
+        }
         self.step = 0
         self.tokens = 0
         self._window = _Window()
@@ -170,13 +190,18 @@ class Trainer:
         return next(iter(self.dictionaries.values()))
 
     def normalize(self, x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs `x [..., d_in]` and targets `y [..., d_out]` (None: `x`) as normalised 2-D rows.
+        """Inputs `x [..., d_in]` and targets `y [..., d_out]` (None: `x`; any device, copied to the trainer's
+        without blocking) as normalised 2-D rows on the trainer's device.
 
         Every leading position is one token (`[B, T, d]` is `B·T` rows, BatchTopK's batch included);
         raises `InvalidRequest` naming the expected shape when a width does not fit the sites.
         """
-        x_n = self.first.normalize_in(rows(x, self.sites.d_in, "training inputs"))
-        return x_n, x_n if y is None else self.first.normalize_out(rows(y, self.sites.d_out, "training targets"))
+        x_rows = rows(x, self.sites.d_in, "training inputs").to(self.device, non_blocking=True)
+        x_n = self.first.normalize_in(x_rows)
+        if y is None:
+            return x_n, x_n
+        y_rows = rows(y, self.sites.d_out, "training targets").to(self.device, non_blocking=True)
+        return x_n, self.first.normalize_out(y_rows)
 
     def initialize(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
         """Data-dependent initialisation (pre-bias) from a first batch (`[..., d_in]`, see `normalize`);
@@ -190,18 +215,25 @@ class Trainer:
         self.model = fn(self.net)
 
     def dead(self, name: str) -> torch.Tensor:
+        """`[n_latents]` bool: the latents of dictionary `name` unfired for `dead_after_tokens` tokens."""
         return self.since_fired[name] >= self.dictionaries[name].cfg.dead_after_tokens
+
+    def _step_dead(self, name: str) -> torch.Tensor | None:
+        """`dead(name)`, or None while no latent can be dead yet: decided on the host without reading the device,
+        as no `since_fired` counter exceeds the tokens trained since the start (`tokens`)."""
+        return self.dead(name) if self.tokens >= self.dictionaries[name].cfg.dead_after_tokens else None
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
         """One optimisation step of every dictionary on inputs `x [..., d_in]` and targets `y [..., d_out]`
         (None: `x`); the batch is its rows (see `normalize`), tokens are counted per row."""
         x_n, y_n = self.normalize(x, y)
-        dead = {name: self.dead(name) for name in self.dictionaries}
+        dead = {name: self._step_dead(name) for name in self.dictionaries}
         coefficients = {
             n: d.cfg.sparsity * warmup_factor(self.step, d.cfg.sparsity_warmup_steps)
             for n, d in self.dictionaries.items()
         }
-        total, outcomes = self.model(x_n, y_n, dead, coefficients)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            total, outcomes = self.model(x_n, y_n, dead, coefficients)
         total.backward()
         for name, d in self.dictionaries.items():
             self._update(d, self.optimizers[name])
@@ -279,16 +311,21 @@ class Trainer:
         return out
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Everything needed to resume exactly: raw parameters and buffers, Adam moments, firing counters."""
+        """Everything needed to resume exactly: raw parameters and buffers, Adam moments, firing counters;
+        CPU copies whatever the trainer's device (what checkpoints are written from)."""
+
+        def host(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to("cpu", copy=True)
+
         out: dict[str, torch.Tensor] = {}
         for name, d in self.dictionaries.items():
-            out.update({f"{name}/model/{k}": v.detach().clone() for k, v in d.state_dict().items()})
+            out.update({f"{name}/model/{k}": host(v) for k, v in d.state_dict().items()})
             optimizer = self.optimizers[name]
             for pname, p in d.named_parameters():
                 for key, value in optimizer.state.get(p, {}).items():
-                    out[f"{name}/adam/{pname}/{key}"] = value.detach().clone()
-            out[f"{name}/since_fired"] = self.since_fired[name].clone()
-            out[f"{name}/fire_counts"] = self.fire_counts[name].clone()
+                    out[f"{name}/adam/{pname}/{key}"] = host(value)
+            out[f"{name}/since_fired"] = host(self.since_fired[name])
+            out[f"{name}/fire_counts"] = host(self.fire_counts[name])
         return out
 
     def state_meta(self) -> dict[str, Any]:
@@ -302,7 +339,8 @@ class Trainer:
 
     @torch.no_grad()
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        """Restore what `state_tensors`/`state_meta` saved; the run's dictionaries must be the same."""
+        """Restore what `state_tensors`/`state_meta` saved (tensors on any device, e.g. CPU ones read from a
+        checkpoint: copied to the trainer's); the run's dictionaries must be the same."""
         mine = {name: d.cfg.model_dump(mode="json") for name, d in self.dictionaries.items()}
         if meta["dictionaries"] != mine or meta["sites"] != self.sites.model_dump(mode="json"):
             raise InvalidRequest(
@@ -316,7 +354,7 @@ class Trainer:
             for key, value in tensors.items():
                 if key.startswith(f"{name}/adam/"):
                     pname, field = key[len(f"{name}/adam/") :].rsplit("/", 1)
-                    state.setdefault(params[pname], {})[field] = value.clone()
+                    state.setdefault(params[pname], {})[field] = value.to(params[pname].device, copy=True)
             self.optimizers[name].state.update(state)
             self.since_fired[name].copy_(tensors[f"{name}/since_fired"])
             self.fire_counts[name].copy_(tensors[f"{name}/fire_counts"])
