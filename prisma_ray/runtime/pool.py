@@ -94,6 +94,11 @@ class TrainResources(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    device: Device = Field(
+        "auto",
+        description="cpu, cuda (one GPU per Ray Train worker, NCCL between them) or auto (cuda where the cluster "
+        "has GPUs; with `workers: 0`, where the driver's machine has one)",
+    )
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per Ray Train worker (an actor)")
     read_cpus: float = Field(0.5, gt=0, description="CPUs reserved per task that reads activation-store shards")
     torch_threads: int | None = Field(None, ge=1, description="torch threads per worker (default: Ray's choice)")
@@ -150,15 +155,15 @@ def size_pool(
     else:
         wanted = min(int(cpus), MAX_CPU_ACTORS)
     actors = max(1, wanted if items is None else min(wanted, items))
+    actors_name = actors_field or f"{field}.actors"
     if device == "cuda" and actors > gpus:
         raise InvalidRequest(
             f"{device_field}=cuda with {actors} GPU actor(s), but the Ray cluster has {gpus:g} GPUs; "
-            f"lower {field}.actors, or set {device_field}=cpu."
+            f"lower {actors_name}, or set {device_field}=cpu."
         )
     per_actor = res.cpus_per_actor or min(1.0, (cpus - read_cpus) / actors)
     if per_actor <= 0 or actors * per_actor + read_cpus > cpus + 1e-9:
         reads = f" plus {read_cpus:g} CPUs for a read task" if read_cpus else ""
-        actors_name = actors_field or f"{field}.actors"
         names = f"{actors_name} or {field}.cpus_per_actor" + (f" or {field}.read_cpus" if read_cpus else "")
         raise InvalidRequest(
             f"{actors} actor(s) x {max(per_actor, 0):g} CPUs{reads} do not fit the Ray cluster's {cpus:g} CPUs"

@@ -80,12 +80,18 @@ class TrainConfig(BaseModel):
     steps: int | None = Field(None, ge=1, description="optimizer steps (default: `tokens` or `epochs` worth)")
     tokens: int | None = Field(None, ge=1, description="training tokens, if `steps` is not set")
     epochs: float = Field(1.0, gt=0, description="passes over the data, if neither `steps` nor `tokens` is set")
+    autocast: bool | None = Field(
+        None,
+        description="bf16 autocast of the encoder and decoder products, float32 master weights and Adam state "
+        "(SAELens's `autocast`; default: on for CUDA, off on CPU)",
+    )
     log_every: int = Field(100, ge=1, description="report metrics every this many steps")
     checkpoint_every: int = Field(1000, ge=1, description="checkpoint every this many steps (and at the end)")
     keep_checkpoints: int = Field(2, ge=1, description="Ray Train checkpoints kept (the latest ones)")
     workers: int = Field(1, ge=0, description="data-parallel workers (0: train in the driver process)")
     resources: TrainResources = Field(
-        TrainResources(), description="what each worker and each store-reading task reserves"
+        TrainResources(),
+        description="where the workers train and what each worker and each store-reading task reserves",
     )
     max_failures: int = Field(3, ge=-1, description="worker failures survived per run (-1: unlimited)")
     ray: RayOptions = Field(RayOptions(), description="which Ray cluster to connect to")

@@ -245,9 +245,10 @@ def _merge(spans: Sequence[Span]) -> tuple[Span, ...]:
 Batch = tuple[torch.Tensor, torch.Tensor | None]
 
 
-def batches(chunks: Iterable[dict[str, np.ndarray]], size: int) -> Iterator[Batch]:
+def batches(chunks: Iterable[dict[str, np.ndarray]], size: int, pin: bool = False) -> Iterator[Batch]:
     """float32 `(x, y)` batches of exactly `size` rows (y None for SAEs) cut from `chunks` in order; rows left
-    over at the end are dropped."""
+    over at the end are dropped. `pin`: the batches are in page-locked host memory, so that their copy to a GPU
+    (`.to(device, non_blocking=True)`) runs asynchronously (needs CUDA; the rows are copied once either way)."""
     held: list[dict[str, np.ndarray]] = []
     n = 0
     for chunk in chunks:
@@ -255,13 +256,16 @@ def batches(chunks: Iterable[dict[str, np.ndarray]], size: int) -> Iterator[Batc
         n += len(chunk["x"])
         while n >= size:
             rows = held[0] if len(held) == 1 else {k: np.concatenate([c[k] for c in held]) for k in held[0]}
-            yield _tensor(rows["x"][:size]), _tensor(rows["y"][:size]) if "y" in rows else None
+            yield _tensor(rows["x"][:size], pin), _tensor(rows["y"][:size], pin) if "y" in rows else None
             n -= size
             held = [{k: v[size:] for k, v in rows.items()}] if n else []
 
 
-def _tensor(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.array(a, dtype=np.float32))  # a copy: the rows may be read-only (Ray's object store)
+def _tensor(a: np.ndarray, pin: bool) -> torch.Tensor:
+    """A float32 copy of `a` (the rows may be read-only: Ray's object store), page-locked if `pin`."""
+    out = torch.empty(a.shape, dtype=torch.float32, pin_memory=pin)
+    out.numpy()[...] = a
+    return out
 
 
 def worker_batches(
@@ -269,10 +273,12 @@ def worker_batches(
     rank: int,
     order: RowOrder,
     read: Callable[[Iterator[Piece]], Iterable[dict[str, np.ndarray]]],
+    pin: bool = False,
 ) -> Iterator[Batch]:
     """Worker `rank`'s batches of `schedule`, one per step from `schedule.start` on; `read` turns pieces into
-    their rows, in order (e.g. `(read_piece(p, reader) for p in pieces)`, or Ray tasks reading ahead)."""
-    return batches(read(order.pieces(schedule.part(rank))), schedule.worker_batch)
+    their rows, in order (e.g. `(read_piece(p, reader) for p in pieces)`, or Ray tasks reading ahead); `pin` as
+    in `batches` (for a worker on a GPU)."""
+    return batches(read(order.pieces(schedule.part(rank))), schedule.worker_batch, pin)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,8 +1,11 @@
 """The Ray Train job (orchestration only; the step itself is `prisma_ray.sae.Trainer`).
 
     stores --one read task per piece of a shard (`read_piece`), READ_AHEAD in flight per worker-->
-    TorchTrainer workers (DDP over gloo on CPU, NCCL on GPU): Trainer.train_step per batch
-    --> ray.train.report: metrics every `log_every` steps, checkpoints every `checkpoint_every`
+    TorchTrainer workers (one GPU each and DDP over NCCL on cuda; DDP over gloo on CPU): batches in pinned
+    host memory on cuda, Trainer.train_step per batch --> ray.train.report: metrics every `log_every` steps,
+    checkpoints every `checkpoint_every`
+
+Where the run trains is `plan_placement`, a pure function of the config and the cluster's resources.
 
 Each worker reads its own part of the run's row order (`train.data.Schedule`: a pure function of
 the shuffle seed, the shard list, the data position, the world size and the rank), exactly
@@ -22,9 +25,9 @@ import logging
 import os
 import tempfile
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import ray
 import ray.train
@@ -32,11 +35,12 @@ import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
-from ray.train.torch import TorchTrainer, prepare_model
+from ray.train.torch import TorchConfig, TorchTrainer, get_device, prepare_model
 
 from prisma_ray.errors import InvalidRequest, PrismaRayError
 
 from .. import storage
+from ..runtime.devices import local_device, placement_line
 from ..runtime.pool import Resources, cluster_resources, size_pool
 from ..runtime.session import ensure_ray
 from ..sae import DictionaryConfig, Normalization, Sites, Trainer
@@ -71,6 +75,8 @@ class LoopSpec(BaseModel):
     reader: Reader
     order: RowOrder
     read_cpus: float
+    device: Literal["cpu", "cuda"]  # cuda: each worker trains on the GPU Ray Train gives it (`get_device()`)
+    autocast: bool
     token_kinds: list[str] | None = None
 
     def metadata(self) -> dict[str, Any]:
@@ -96,6 +102,7 @@ class TrainSummary:
     dictionaries: list[str]
     resumed_from: int = 0
     restarts: int = 0
+    placement: str = ""
 
     def lost(self) -> str:
         """One line on what the run lost and redid ("" when its workers never restarted from a checkpoint)."""
@@ -108,6 +115,8 @@ class TrainSummary:
 
     def format(self) -> str:
         lines = [f"run {self.name}: {self.steps} steps, {self.tokens} tokens"]
+        if self.placement:
+            lines.append(f"trained on {self.placement}")
         if self.lost():
             lines.append(self.lost())
         for name in self.dictionaries:
@@ -136,18 +145,66 @@ def total_steps(cfg: TrainConfig, plan: DataPlan) -> int:
     return steps
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a run trains: `device` (cuda | cpu, resolved), `scaling` (the `ScalingConfig` keyword arguments:
+    `num_workers`, `use_gpu`, `resources_per_worker`), `backend` (torch.distributed's: nccl on cuda, gloo on
+    CPU), `autocast` (bf16 autocast on or off) and `line`, what the run got ("8 train workers on 8 GPUs, bf16
+    autocast")."""
+
+    device: str
+    scaling: dict[str, Any]
+    backend: str
+    autocast: bool
+    line: str
+
+
+def plan_placement(cfg: TrainConfig, cluster: Mapping[str, float]) -> Placement:
+    """The placement of `cfg` on a Ray cluster of `cluster` resources (`{"CPU": n, "GPU": m}`); no Ray calls.
+
+    `resources.device` auto is cuda where the cluster has a GPU: each of the `workers` Ray Train workers then
+    reserves one GPU and `resources.cpus_per_actor` CPUs. `workers: 0` trains in the driver process (Ray Train's
+    local mode), where auto means the driver's machine's GPU. Raises `InvalidRequest` when the workers (on cuda,
+    one GPU each) plus one read task do not fit the cluster, naming `workers` and `resources.device`; or when
+    `workers: 0` asks for cuda and the driver's machine has no GPU.
+    """
+    res = cfg.resources
+    if cfg.workers:  # Ray Train would wait for workers that cannot be placed, and retry, without end
+        fit = Resources(actors=cfg.workers, cpus_per_actor=res.cpus_per_actor)
+        device = size_pool(
+            fit, cluster, None, device=res.device, read_cpus=res.read_cpus, actors_field="workers"
+        ).device
+        line = placement_line(cfg.workers, "train worker", device, res.torch_threads)
+    else:
+        device = local_device(res.device, "resources.device").type
+        line = placement_line(1, "train process (the driver)", device)
+    cuda = device == "cuda"
+    autocast = cuda if cfg.autocast is None else cfg.autocast
+    per_worker = {"CPU": res.cpus_per_actor, **({"GPU": 1} if cuda else {})}
+    return Placement(
+        device=device,
+        scaling=dict(num_workers=cfg.workers, use_gpu=cuda and cfg.workers > 0, resources_per_worker=per_worker),
+        backend="nccl" if cuda else "gloo",
+        autocast=autocast,
+        line=line + (", bf16 autocast" if autocast else ""),
+    )
+
+
 def run_training(cfg: TrainConfig) -> TrainSummary:
     """Check the config and the stores, then train with Ray Train and return a summary."""
     plan = plan_data(cfg.data, cfg.storage)
     steps = total_steps(cfg, plan)
-    workers = max(cfg.workers, 1)
+    for d in cfg.dictionaries:
+        check_shape(d, plan.sites)
+    ensure_ray(cfg.ray)
+    placement = plan_placement(cfg, cluster_resources())
     norm = plan.normalization
     spec = LoopSpec(
         dictionaries=cfg.dictionaries,
         sites=plan.sites,
         norm={k: getattr(norm, k).tolist() for k in ("in_mean", "in_scale", "out_mean", "out_scale")},
         total_steps=steps,
-        worker_batch=cfg.batch_size // workers,
+        worker_batch=cfg.batch_size // max(cfg.workers, 1),
         log_every=cfg.log_every,
         checkpoint_every=cfg.checkpoint_every,
         output=storage.absolute(cfg.output_uri),
@@ -157,20 +214,15 @@ def run_training(cfg: TrainConfig) -> TrainSummary:
         order=plan.order,
         read_cpus=cfg.resources.read_cpus,
         token_kinds=cfg.data.kinds,
+        device=placement.device,
+        autocast=placement.autocast,
     )
-    for d in cfg.dictionaries:
-        check_shape(d, plan.sites)
-    ensure_ray(cfg.ray)
-    if cfg.workers:  # Ray Train would wait for workers that cannot be placed, and retry, without end
-        fit = Resources(actors=cfg.workers, cpus_per_actor=cfg.resources.cpus_per_actor)
-        size_pool(fit, cluster_resources(), None, read_cpus=cfg.resources.read_cpus, actors_field="workers")
     fs, path = storage.resolve(storage.absolute(cfg.runs), cfg.storage)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=spec.model_dump(mode="json"),
-        scaling_config=ScalingConfig(
-            num_workers=cfg.workers, resources_per_worker={"CPU": cfg.resources.cpus_per_actor}
-        ),
+        scaling_config=ScalingConfig(**placement.scaling),
+        torch_config=TorchConfig(backend=placement.backend),
         run_config=RunConfig(
             name=cfg.name,
             storage_path=path,
@@ -180,11 +232,11 @@ def run_training(cfg: TrainConfig) -> TrainSummary:
         ),
     )
     log.info(
-        "training %d dictionaries for %d steps of %d tokens on %d worker(s)",
+        "training %d dictionaries for %d steps of %d tokens on %s",
         len(cfg.dictionaries),
         steps,
         cfg.batch_size,
-        workers,
+        placement.line,
     )
     try:
         result = trainer.fit()
@@ -204,6 +256,7 @@ def run_training(cfg: TrainConfig) -> TrainSummary:
         dictionaries=[d.display_name() for d in cfg.dictionaries],
         resumed_from=int(metrics.get("resumed_from", 0)),
         restarts=int(metrics.get("restarts", 0)),
+        placement=placement.line,
     )
 
 
@@ -228,14 +281,8 @@ def train_loop(config: dict[str, Any]) -> None:
         torch.set_num_threads(spec.torch_threads)
     context = ray.train.get_context()
     world, rank = context.get_world_size(), context.get_world_rank()
-    trainer = Trainer(
-        spec.dictionaries,
-        spec.sites,
-        spec.total_steps,
-        spec.normalization(),
-        world_size=world,
-        all_reduce=dist.all_reduce if world > 1 else None,
-    )
+    cuda = spec.device == "cuda"
+    trainer = _trainer(spec, world, get_device() if cuda else torch.device("cpu"))
     position, restarts = DataPosition(), 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -251,11 +298,11 @@ def train_loop(config: dict[str, Any]) -> None:
     if start < spec.total_steps:
         prepared = False
         read = functools.partial(_read_ahead, reader=spec.reader, cpus=spec.read_cpus)
-        for x, y in worker_batches(schedule, rank, spec.order, read):
+        for x, y in worker_batches(schedule, rank, spec.order, read, pin=cuda):
             if not prepared:
                 if start == 0:
                     trainer.initialize(x, y)
-                if world > 1:
+                if world > 1:  # on cuda, DDP over the worker's device (`device_ids`), where the trainer built the net
                     trainer.wrap(lambda net: prepare_model(net, move_to_device=False))
                 prepared = True
             trainer.train_step(x, y)
@@ -264,6 +311,21 @@ def train_loop(config: dict[str, Any]) -> None:
         report(checkpoint=False)
     if rank == 0:
         write_files(dictionary_files(trainer, spec.metadata()), spec.output, spec.storage)
+
+
+def _trainer(spec: LoopSpec, world: int, device: torch.device) -> Trainer:
+    """The worker's trainer, built on `device`; with several workers, firing counts are summed over them by
+    `dist.all_reduce` (on the device's tensors: NCCL on cuda, gloo on CPU)."""
+    return Trainer(
+        spec.dictionaries,
+        spec.sites,
+        spec.total_steps,
+        spec.normalization(),
+        world_size=world,
+        all_reduce=dist.all_reduce if world > 1 else None,
+        device=device,
+        autocast=spec.autocast,
+    )
 
 
 def _restore_position(directory: str, where: str, spec: LoopSpec, step: int, world: int) -> DataPosition:
