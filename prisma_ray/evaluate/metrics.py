@@ -83,23 +83,27 @@ class Sparsity:
 
     n_latents: int
     n: int = 0
-    active_sum: int = 0
     fire_counts: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
-        self.fire_counts = torch.zeros(self.n_latents, dtype=torch.int64)
+        self.fire_counts = torch.zeros(self.n_latents, dtype=torch.int64)  # host: moved to the batches' device
 
     def update(self, z: torch.Tensor) -> None:
-        """Add the latent activations `z [..., n_latents]` of a batch (every leading position is one row)."""
+        """Add the latent activations `z [..., n_latents]` of a batch (every leading position is one row). The
+        counts stay on `z`'s device: no synchronisation per batch."""
         fired = rows(z, self.n_latents, "sparsity metrics") != 0
         self.n += len(fired)
-        self.active_sum += int(fired.sum())
-        self.fire_counts += fired.sum(0).cpu()
+        self.fire_counts = self.fire_counts.to(fired.device) + fired.sum(0)
+
+    @property
+    def active_sum(self) -> int:
+        """Active latents summed over the rows seen."""
+        return int(self.fire_counts.sum())
 
     @property
     def density(self) -> np.ndarray:
         """Firing frequency of each latent over the rows seen."""
-        return self.fire_counts.double().numpy() / max(self.n, 1)
+        return self.fire_counts.double().cpu().numpy() / max(self.n, 1)
 
     def summary(self, dense_threshold: float = 0.1) -> dict[str, object]:
         """`l0` (mean active latents per row), `dead_fraction` (never fired), `dense_fraction`

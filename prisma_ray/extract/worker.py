@@ -96,7 +96,7 @@ def to_host(t: torch.Tensor) -> torch.Tensor:
     `synchronize`); a CPU tensor is returned as it is."""
     if t.device.type != "cuda":
         return t
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)  # host: the pinned staging buffer
     return host.copy_(t, non_blocking=True)
 
 

@@ -79,7 +79,9 @@ def steering_hooks(model: HookedVisionModel, d: Dictionary, spec: SteerSpec, hoo
         raise InvalidRequest(
             f"the dictionary reads {d.sites.d_in}-wide activations but {model.name} is {model.d_model} wide at {hook}"
         )
-    positions = torch.as_tensor(fixed_positions(model.token_layout, TokenSelection(mode=spec.tokens)))
+    positions = torch.as_tensor(
+        fixed_positions(model.token_layout, TokenSelection(mode=spec.tokens)), device=d.W_dec.device
+    )
     return [(hook, put_at_positions(positions, lambda cur: steered(d, cur[:, positions], spec)))]
 
 

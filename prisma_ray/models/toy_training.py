@@ -108,7 +108,7 @@ def render_split(cfg: ShapesConfig | MovingShapesConfig, n: int) -> tuple[np.nda
 def to_input(pixels: np.ndarray, spec: PreprocessSpec) -> torch.Tensor:
     """`uint8[..., H, W, 3]` at the model's size -> normalised float `[..., 3, H, W]` on the CPU, by the
     normalisation every stage applies (`prisma_ray.models.inputs.normalize`)."""
-    mean, std = (torch.tensor(v, dtype=torch.float32) for v in (spec.mean, spec.std))
+    mean, std = (torch.tensor(v, dtype=torch.float32) for v in (spec.mean, spec.std))  # host: CPU training
     return normalize(torch.from_numpy(pixels), mean, std)
 
 
@@ -156,9 +156,9 @@ def train_toy(
     opt = torch.optim.AdamW(model.parameters(), lr=training.lr, weight_decay=training.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, training))
     order = torch.Generator().manual_seed(training.seed)
-    loss = torch.tensor(float("nan"))
+    loss = torch.tensor(float("nan"))  # host: the toy models train on the CPU
     for step in range(training.steps):
-        idx = torch.randint(0, len(x), (training.batch_size,), generator=order)
+        idx = torch.randint(0, len(x), (training.batch_size,), generator=order)  # host: CPU training
         loss = nn.functional.cross_entropy(logits(model, x[idx]), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()

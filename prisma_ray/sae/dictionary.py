@@ -109,12 +109,12 @@ class Dictionary(nn.Module):
         (seeded generator), copied to the parameters' device."""
         gen = torch.Generator().manual_seed(self.cfg.seed)
         norm = self.cfg.init_norm
-        W_dec = torch.randn(self.n_latents, self.sites.d_out, generator=gen)
+        W_dec = torch.randn(self.n_latents, self.sites.d_out, generator=gen)  # host: the same draw on every device
         self.W_dec.copy_(W_dec / W_dec.norm(dim=1, keepdim=True) * norm)
         if self.sites.autoencoder:
             self.W_enc.copy_(self.W_dec.t())
         else:
-            W_enc = torch.randn(self.sites.d_in, self.n_latents, generator=gen)
+            W_enc = torch.randn(self.sites.d_in, self.n_latents, generator=gen)  # host: as W_dec
             self.W_enc.copy_(W_enc / W_enc.norm(dim=0, keepdim=True) * norm)
 
     @torch.no_grad()

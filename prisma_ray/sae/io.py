@@ -102,7 +102,9 @@ def inference_weights(d: Dictionary) -> dict[str, torch.Tensor]:
             out["W_skip"] = p["W_skip"] * s_in[None, :] / s_out[:, None]
             out["b_dec"] = out["b_dec"] - out["W_skip"] @ mu_in
     if d.cfg.architecture == "batchtopk":
-        out["threshold"] = torch.full((d.n_latents,), float(d.topk_threshold), dtype=torch.float64)
+        out["threshold"] = torch.full(  # host: exported weights are folded on the CPU
+            (d.n_latents,), float(d.topk_threshold), dtype=torch.float64
+        )
     site = d.sites.inputs[0]
     return as_float32(out, f"dictionary on {site.model} {site.name} (export)")
 

@@ -29,11 +29,11 @@ def sparse_dictionary_data(
     drawn with replacement) with magnitudes uniform in [0.5, 1.5], plus a constant offset (what the
     pre-bias must learn). Drawn on the CPU from `seed` (the same data on every device), returned on `device`."""
     gen = torch.Generator().manual_seed(seed)
-    features = torch.randn(n_features, d, generator=gen)
+    features = torch.randn(n_features, d, generator=gen)  # host: the same draws on every device
     features /= features.norm(dim=1, keepdim=True)
-    chosen = torch.randint(0, n_features, (n, active), generator=gen)
-    magnitudes = 0.5 + torch.rand(n, active, generator=gen)
-    offset = torch.randn(d, generator=gen) * offset_scale
+    chosen = torch.randint(0, n_features, (n, active), generator=gen)  # host: as features
+    magnitudes = 0.5 + torch.rand(n, active, generator=gen)  # host: as features
+    offset = torch.randn(d, generator=gen) * offset_scale  # host: as features
     acts = F.embedding_bag(chosen, features, per_sample_weights=magnitudes, mode="sum") + offset
     return SparseData(acts.to(device), features.to(device))
 

@@ -54,12 +54,12 @@ class SiteStats:
     def normalization(self, mode: NormalizeMode) -> tuple[torch.Tensor, torch.Tensor]:
         """`(mean, scale)` vectors: `center_scale` subtracts the mean and scales to E‖x - mean‖² = d;
         `scale` only scales to E‖x‖ = √d (Anthropic); `none` is the identity."""
-        d = self.mean.numel()
+        d, on = self.mean.numel(), {"device": self.mean.device}
         if mode == "center_scale":
-            return self.mean.float(), torch.full((d,), (d / float(self.var.sum().clamp_min(1e-12))) ** 0.5)
+            return self.mean.float(), torch.full((d,), (d / float(self.var.sum().clamp_min(1e-12))) ** 0.5, **on)
         if mode == "scale":
-            return torch.zeros(d), torch.full((d,), d**0.5 / max(self.mean_norm, 1e-12))
-        return torch.zeros(d), torch.ones(d)
+            return torch.zeros(d, **on), torch.full((d,), d**0.5 / max(self.mean_norm, 1e-12), **on)
+        return torch.zeros(d, **on), torch.ones(d, **on)
 
 
 class Normalization:
@@ -94,7 +94,8 @@ class Normalization:
 
     @classmethod
     def identity(cls, sites: Sites) -> Normalization:
-        return cls(torch.zeros(sites.d_in), torch.ones(sites.d_in), torch.zeros(sites.d_out), torch.ones(sites.d_out))
+        d_in, d_out = sites.d_in, sites.d_out
+        return cls(torch.zeros(d_in), torch.ones(d_in), torch.zeros(d_out), torch.ones(d_out))  # host: moved by Trainer
 
 
 @dataclass

@@ -263,7 +263,7 @@ def batches(chunks: Iterable[dict[str, np.ndarray]], size: int, pin: bool = Fals
 
 def _tensor(a: np.ndarray, pin: bool) -> torch.Tensor:
     """A float32 copy of `a` (the rows may be read-only: Ray's object store), page-locked if `pin`."""
-    out = torch.empty(a.shape, dtype=torch.float32, pin_memory=pin)
+    out = torch.empty(a.shape, dtype=torch.float32, pin_memory=pin)  # host: the batch before its copy
     out.numpy()[...] = a
     return out
 
@@ -320,7 +320,10 @@ def plan_data(data: TrainData, options: storage.StorageOptions) -> DataPlan:
         options=options,
     )
     sites = [Site(name=m.hook, width=m.d_model, model=m.model) for m in manifests]
-    stats = [SiteStats(torch.tensor(m.mean), torch.tensor(m.std) ** 2, m.mean_norm) for m in manifests]
+    stats = [
+        SiteStats(torch.tensor(m.mean), torch.tensor(m.std) ** 2, m.mean_norm)  # host: the Trainer moves them
+        for m in manifests
+    ]
     normalization = Normalization.from_stats(stats[:n_in], stats[n_in:] or None, data.normalize)
     rows = tuple(reader.count(i) for i in range(len(shared)))
     if not sum(rows):

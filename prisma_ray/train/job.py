@@ -84,7 +84,8 @@ class LoopSpec(BaseModel):
         return {} if self.token_kinds is None else {"token_kinds": self.token_kinds}
 
     def normalization(self) -> Normalization:
-        return Normalization(*(torch.tensor(self.norm[k]) for k in ("in_mean", "in_scale", "out_mean", "out_scale")))
+        keys = ("in_mean", "in_scale", "out_mean", "out_scale")
+        return Normalization(*(torch.tensor(self.norm[k]) for k in keys))  # host: the Trainer moves it
 
 
 @dataclass

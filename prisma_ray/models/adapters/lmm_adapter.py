@@ -105,11 +105,12 @@ def _qwen_visuals(model: nn.Module, inputs: Inputs) -> dict[int, list[np.ndarray
     vision = model.config.vision_config
     merge, step = vision.spatial_merge_size, vision.temporal_patch_size
     images = [
-        _grid_tokens(0, h // merge, w // merge) for _, h, w in inputs.get("image_grid_thw", torch.zeros(0, 3)).tolist()
+        _grid_tokens(0, h // merge, w // merge)
+        for _, h, w in inputs.get("image_grid_thw", torch.zeros(0, 3)).tolist()  # host: read as a list
     ]
     videos = [
         np.concatenate([_grid_tokens(0, h // merge, w // merge, frame=i * step) for i in range(t)])
-        for t, h, w in inputs.get("video_grid_thw", torch.zeros(0, 3)).tolist()
+        for t, h, w in inputs.get("video_grid_thw", torch.zeros(0, 3)).tolist()  # host: read as a list
     ]
     return {_image_token_id(model): images, int(model.config.video_token_id): videos}
 
@@ -149,7 +150,7 @@ def _llava_images(model: nn.Module, inputs: Inputs) -> list[np.ndarray]:
             if patch
             else 1
         )
-        ones, newline = [torch.ones(n, side * side, 1)], torch.zeros(1)
+        ones, newline = [torch.ones(n, side * side, 1)], torch.zeros(1)  # host: counts tokens, no model tensor
         if hasattr(config, "vision_aspect_ratio"):
             packed, _ = inner.pack_image_features(ones, size[None], newline, config.vision_aspect_ratio)
         else:

@@ -82,7 +82,7 @@ SKIP_OPTION = "skip_includes_identity (CLI: --skip-includes-identity or --no-ski
 
 def _zero_or_identity(m: torch.Tensor) -> bool:
     """Whether the square map `m` is within `SKIP_TOLERANCE` of 0 or of the identity (where learned skips end)."""
-    eye = torch.eye(m.shape[0], dtype=m.dtype)
+    eye = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
     return min(float(m.norm()), float((m - eye).norm())) <= SKIP_TOLERANCE * m.shape[0] ** 0.5
 
 
@@ -108,7 +108,10 @@ def skip_includes_identity(w_skip: torch.Tensor, given: bool | None, where: str)
     if given is not None:
         return given, None
     w = w_skip.double()
-    as_saved, plus_identity = _zero_or_identity(w), _zero_or_identity(torch.eye(shape[0], dtype=w.dtype) + w)
+    as_saved, plus_identity = (
+        _zero_or_identity(w),
+        _zero_or_identity(torch.eye(shape[0], dtype=w.dtype, device=w.device) + w),
+    )
     if as_saved and not plus_identity:
         return False, (
             "W_skip is close to the identity, so it is taken as the whole skip map (x @ W_skip.T; adding the "
@@ -153,7 +156,9 @@ def read(src: SourceDir, skip_identity: bool | None = None) -> Imported:
             identity, note = skip_includes_identity(state["W_skip"], skip_identity, where)
             notes = () if note is None else (note,)
             w_skip = state["W_skip"].double()
-            weights["W_skip"] = torch.eye(*w_skip.shape, dtype=w_skip.dtype) + w_skip if identity else w_skip
+            weights["W_skip"] = (
+                torch.eye(*w_skip.shape, dtype=w_skip.dtype, device=w_skip.device) + w_skip if identity else w_skip
+            )
     return Imported(
         format=FORMAT,
         architecture=arch,
