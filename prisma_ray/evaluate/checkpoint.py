@@ -177,7 +177,8 @@ class Evaluator:
         return self._held[key]
 
     def _model(self, name: str, source: StoreSource) -> HookedVisionModel:
-        """The model that wrote `source` (same registry entry, weights, seed and dtype), loaded once."""
+        """The model that wrote `source` (same registry entry, weights, seed and dtype), loaded once; a weights file
+        whose SHA-256 is no longer the one recorded raises `InvalidRequest` naming both."""
         if name not in self._models:
             entry = source.entry
             if entry is None or entry.name != name:
@@ -186,6 +187,8 @@ class Evaluator:
             self._models[name] = load_model(
                 entry,
                 source.description["pretrained"],
+                weights=source.weights,
+                storage=self.options,
                 seed=source.description["seed"],
                 device=self.device,
                 dtype=TORCH_DTYPES[source.model_dtype],
