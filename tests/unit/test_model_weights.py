@@ -163,6 +163,30 @@ def test_extraction_refuses_weights_that_do_not_fit_before_it_starts(tmp_path):
         plan_extract(shapes_config(tmp_path, hooks=HOOKS[:1], weights=str(path)))
 
 
+def test_interpret_steer_and_analyze_load_the_weights_of_their_config(tmp_path):
+    from prisma_ray.analysis.job import run_analysis
+    from prisma_ray.interpret.collect import InterpretConfig, LatentWorker, plan_interpret
+    from prisma_ray.interpret.steer import SteerConfig, SteerSpec, steered_pair
+
+    entry = ModelEntry(**TINY_VIT)
+    weights = state(trained(entry, seed=3))
+    path = tmp_path / "camera.safetensors"
+    save_file(weights, str(path))
+    record = {"uri": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    ckpt = stores.save(stores.identity(Sites(inputs=(stores.site(HOOKS[0]),))), tmp_path / "sae")
+    shapes = dict(type="synthetic", uri=str(tmp_path / "shapes"), generator=dict(name="shapes", n_images=2))
+    common = dict(checkpoint=ckpt, dataset=shapes, model=entry, pretrained=False, weights=str(path))
+
+    plan = plan_interpret(InterpretConfig(**common, output=str(tmp_path / "interpret")))
+    assert plan.description()["weights"] == record, "cached results are reused only with the same weights"
+    loaded = LatentWorker(plan.job()).model.model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in weights.items())
+    _, model = steered_pair(SteerConfig(**common, steer=SteerSpec(latents=[0], scale=1.0)))
+    assert all(torch.equal(model.model.state_dict()[k], v) for k, v in weights.items())
+    with pytest.raises(InvalidRequest, match=f"{re.escape(str(path))} does not fit prisma-toy-vit-shapes"):
+        run_analysis("attention", AnalyzeConfig(model="prisma-toy-vit-shapes", weights=str(path), output=str(tmp_path)))
+
+
 def test_hook_model_on_a_built_module_matches_the_registry_model():
     import open_clip  # noqa: F401
     import timm
