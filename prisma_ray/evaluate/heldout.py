@@ -63,6 +63,13 @@ class StoreSource:
         return WeightsRef(**record) if record else None
 
     @property
+    def build(self) -> dict[str, Any]:
+        """How the model that wrote the store was built: `pretrained`, `seed`, `weights` and `model_dtype`."""
+        d = self.description or {}
+        keys = ("pretrained", "seed", "weights")
+        return {**{k: d.get(k) for k in keys}, "model_dtype": self.model_dtype}
+
+    @property
     def multimodal(self) -> bool:
         """Whether the store holds a multimodal language model's sequences (no fixed token layout)."""
         return bool(self.manifest.token_layout.get("multimodal"))

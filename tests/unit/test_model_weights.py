@@ -154,6 +154,17 @@ def test_extraction_records_the_weights_and_evaluation_rebuilds_them_or_refuses_
         plan_extract(shapes_config(tmp_path, hooks=HOOKS[:1], weights=str(path)))
 
 
+def test_evaluation_refuses_stores_of_one_model_built_with_other_weights(tmp_path):
+    entry = ModelEntry(**TINY_VIT)
+    for hook, seed in zip(HOOKS[:2], (3, 4)):
+        save_file(state(trained(entry, seed=seed)), str(tmp_path / f"{seed}.safetensors"))
+        stores.extract_in_process(shapes_config(tmp_path, hooks=[hook], weights=str(tmp_path / f"{seed}.safetensors")))
+    evaluator = Evaluator(stores.eval_config(tmp_path))
+    evaluator.evaluate(stores.save(stores.identity(Sites(inputs=(stores.site(HOOKS[0]),))), tmp_path / "a"))
+    with pytest.raises(InvalidRequest, match=r"its model test-vit-tiny was built with .*4\.safetensors.*unlike"):
+        evaluator.evaluate(stores.save(stores.identity(Sites(inputs=(stores.site(HOOKS[1]),))), tmp_path / "b"))
+
+
 def test_extraction_refuses_weights_that_do_not_fit_before_it_starts(tmp_path):
     path = tmp_path / "other.safetensors"
     save_file(state(trained(VIT)), str(path))
