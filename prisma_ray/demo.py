@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .analysis.inputs import synthetic_dataset
 from .models import HookedVisionModel, get_entry, load_model
+from .models.spec import WEIGHTS_HELP
 from .models.toy_training import render_split, to_input
 
 
@@ -18,6 +19,7 @@ class DemoConfig(BaseModel):
 
     model: str = Field("prisma-toy-vit-shapes", description="registry name (see `prisma-ray models list`)")
     pretrained: bool = Field(True, description="load published weights (false: random weights, no download)")
+    weights: str | None = Field(None, description=WEIGHTS_HELP + " (s3:// reached with the AWS_* environment)")
     batch_size: int = Field(8, ge=1, description="synthetic samples rendered and run")
     seed: int = Field(0, description="seed of the rendered samples")
 
@@ -40,7 +42,7 @@ def synthetic_batch(model: HookedVisionModel, batch_size: int, seed: int) -> tup
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the demo and return a report: hook points, cached shapes, token layout, output shape."""
-    model = load_model(cfg.model, pretrained=cfg.pretrained)
+    model = load_model(cfg.model, pretrained=cfg.pretrained, weights=cfg.weights)
     x, labels = synthetic_batch(model, cfg.batch_size, cfg.seed)
     with torch.inference_mode():
         output, cache = model.run_with_cache(x)

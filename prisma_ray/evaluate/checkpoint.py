@@ -121,6 +121,7 @@ class Evaluator:
         self.device = local_device(cfg.device, device_field)
         self.loads: Counter[str] = Counter()
         self._models: dict[str, HookedVisionModel] = {}
+        self._built: dict[str, dict[str, Any]] = {}  # how each cached model was built (see `StoreSource.build`)
         self._sources: dict[str, StoreSource] = {}
         self._held: dict[tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...] | None], HeldOut] = {}
         self._splice: dict[str, SpliceData] = {}
@@ -134,6 +135,7 @@ class Evaluator:
             return any(f"/{m}/" in key for m in models)
 
         self._models = {k: v for k, v in self._models.items() if k in models}
+        self._built = {k: v for k, v in self._built.items() if k in models}
         self._splice = {k: v for k, v in self._splice.items() if k in models}
         self._zero = {k: v for k, v in self._zero.items() if k[0] in models}
         self._held = {k: v for k, v in self._held.items() if all(keep(u) for u in (*k[0], *k[1]))}
@@ -177,7 +179,14 @@ class Evaluator:
         return self._held[key]
 
     def _model(self, name: str, source: StoreSource) -> HookedVisionModel:
-        """The model that wrote `source` (same registry entry, weights, seed and dtype), loaded once."""
+        """The model that wrote `source` (same registry entry, weights, seed and dtype), loaded once; a weights file
+        whose SHA-256 is no longer the one recorded, or a store of the same model built otherwise than the one
+        loaded, raises `InvalidRequest` naming both."""
+        if name in self._models and self._built[name] != source.build:
+            raise InvalidRequest(
+                f"{source.uri}: its model {name} was built with {source.build}, unlike the one already loaded for "
+                f"another store of this evaluation ({self._built[name]}); evaluate them separately"
+            )
         if name not in self._models:
             entry = source.entry
             if entry is None or entry.name != name:
@@ -186,10 +195,13 @@ class Evaluator:
             self._models[name] = load_model(
                 entry,
                 source.description["pretrained"],
+                weights=source.weights,
+                storage=self.options,
                 seed=source.description["seed"],
                 device=self.device,
                 dtype=TORCH_DTYPES[source.model_dtype],
             )
+            self._built[name] = source.build
             self.loads[name] += 1
         return self._models[name]
 
@@ -245,7 +257,7 @@ class Evaluator:
         data = self._splice_data(name, source)
         if data.head is None:
             return {"splice_note": data.note}
-        model = self._models[name]
+        model = self._model(name, source)  # loaded by `_splice_data`; checks this store's model is built alike
         self._ensure_clean(model, data, {s.name for s in (*info.sites.inputs, *info.sites.targets)})
         if source.multimodal:
             codes = torch.tensor([KIND_CODES[k] for k in info.token_kinds or KIND_CODES], device=self.device)

@@ -1,7 +1,8 @@
 """Held-out activation stores: the rows a checkpoint is measured on, and how the store was made.
 
 A store written by `prisma-ray extract` records in its `_config.json` the model (registry entry,
-pretrained or the seed of its random weights, the dtype it ran in), the dataset and the token selection,
+pretrained or the seed of its random weights, the URI and SHA-256 of its own weights file, the dtype it ran
+in), the dataset and the token selection,
 which is what the spliced-in and ground-truth evaluations need to rebuild the same model and inputs.
 """
 
@@ -26,6 +27,7 @@ from ..data.sources import DatasetSpec, parse_dataset_spec, with_resolved_storag
 from ..models import ModelEntry, TokenLayout
 from ..models.spec import ModelDType
 from ..models.token_selection import TokenSelection, fixed_positions
+from ..models.weights import WeightsRef
 from ..store import KEYS, KIND_CODES, align
 
 KEY_COLUMNS = [*KEYS, "kind"]
@@ -53,6 +55,19 @@ class StoreSource:
     def model_dtype(self) -> ModelDType:
         """The dtype the model ran in at extraction (stores written before it was recorded: float32)."""
         return (self.description or {}).get("model_dtype", "float32")
+
+    @property
+    def weights(self) -> WeightsRef | None:
+        """The checkpoint the model's weights came from, with its SHA-256 at extraction (None: registry weights)."""
+        record = (self.description or {}).get("weights")
+        return WeightsRef(**record) if record else None
+
+    @property
+    def build(self) -> dict[str, Any]:
+        """How the model that wrote the store was built: `pretrained`, `seed`, `weights` and `model_dtype`."""
+        d = self.description or {}
+        keys = ("pretrained", "seed", "weights")
+        return {**{k: d.get(k) for k in keys}, "model_dtype": self.model_dtype}
 
     @property
     def multimodal(self) -> bool:

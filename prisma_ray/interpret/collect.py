@@ -27,8 +27,9 @@ from ..data.synthetic import ShapesConfig
 from ..models import ModelEntry, TokenKind, TokenLayout
 from ..models.inputs import base_view_layout, model_inputs, model_prompts
 from ..models.loading import actor_model, check_hooks, describe_model, resolve_entry
-from ..models.spec import ModelDType
+from ..models.spec import WEIGHTS_HELP, ModelDType
 from ..models.token_selection import MAX_TOKENS, TokenSelection, check_selection
+from ..models.weights import WeightsRef, checked_weights
 from ..runtime.pool import ShardResources
 from ..runtime.session import RayOptions
 from ..sae import load_dictionary
@@ -71,6 +72,7 @@ class InterpretConfig(BaseModel):
     )
     pretrained: bool = Field(True, description="load published weights (false: random weights from `seed`)")
     seed: int = Field(0, description="seed of the random weights (pretrained=false), as at extraction")
+    weights: str | None = Field(None, description=WEIGHTS_HELP + "; as at extraction (see the store's _config.json)")
     model_dtype: ModelDType = Field(
         "float32",
         description="element type the model runs in (float32, bfloat16 or float16), as at extraction: the "
@@ -110,6 +112,7 @@ class InterpretJob:
     device: str = "cpu"
     torch_threads: int | None = None
     model_dtype: ModelDType = "float32"
+    weights: WeightsRef | None = None
     prompts: tuple[str, ...] | None = None
     layout: TokenLayout | None = None  # the tokens read (default: the model's token layout)
 
@@ -131,6 +134,7 @@ class InterpretPlan:
     fmt: InputFormat
     options: StorageOptions
     prompts: tuple[str, ...] | None = None
+    weights: WeightsRef | None = None
 
     def job(self, device: str = "cpu", torch_threads: int | None = None) -> InterpretJob:
         c = self.cfg
@@ -150,6 +154,7 @@ class InterpretPlan:
             device=device,
             torch_threads=torch_threads,
             model_dtype=c.model_dtype,
+            weights=self.weights,
             prompts=self.prompts,
             layout=self.layout,
         )
@@ -170,6 +175,7 @@ class InterpretPlan:
             "k": self.cfg.k,
             "reservoir": self.cfg.reservoir,
             **({"model_dtype": self.cfg.model_dtype} if self.cfg.model_dtype != "float32" else {}),
+            **({"weights": self.weights.record()} if self.weights else {}),
             **({"prompts": list(self.prompts)} if self.prompts else {}),
         }
 
@@ -197,6 +203,7 @@ def plan_interpret(cfg: InterpretConfig) -> InterpretPlan:
             f"{model.hook_width(hook)} wide; pick the checkpoint's model and hook point"
         )
     prompts = model_prompts(model, cfg.prompts)
+    weights = checked_weights(cfg.weights, options, model.model, entry.name)
     spec = with_resolved_storage(cfg.dataset)
     try:
         fmt = InputFormat.create(spec, model.preprocess)
@@ -216,6 +223,7 @@ def plan_interpret(cfg: InterpretConfig) -> InterpretPlan:
         fmt=fmt,
         options=options,
         prompts=None if prompts is None else tuple(prompts),
+        weights=weights,
     )
 
 
@@ -228,7 +236,7 @@ class LatentWorker:
     def __init__(self, job: InterpretJob):
         self.job = job
         self.device = torch.device(job.device)
-        self.model = actor_model(job.model, job.pretrained, job.seed, self.device, job.torch_threads, job.model_dtype)
+        self.model = actor_model(job)
         self.inputs = model_inputs(self.model, TokenSelection(mode="all"), job.prompts, self.device)
         self.dictionary = load_dictionary(job.checkpoint, job.storage).to(self.device).eval()
         self.layout = job.layout or self.model.token_layout

@@ -26,7 +26,7 @@ from ..evaluate.splice import Head, HookList, ZeroShotHead, classifier_head, out
 from ..models import HookedVisionModel, ModelEntry
 from ..models.inputs import PixelInputs
 from ..models.loading import TORCH_DTYPES, load_model, resolve_entry
-from ..models.spec import ModelDType
+from ..models.spec import WEIGHTS_HELP, ModelDType
 from ..models.token_selection import TokenSelection, fixed_positions
 from ..runtime.devices import Device, local_device
 from ..sae import Dictionary, load_dictionary
@@ -180,6 +180,7 @@ class SteerConfig(BaseModel):
     model: str | ModelEntry | None = Field(None, description="default: the model named in the checkpoint")
     pretrained: bool = Field(True, description="load published weights (false: random weights from `seed`)")
     seed: int = Field(0, description="seed of the random weights (pretrained=false)")
+    weights: str | None = Field(None, description=WEIGHTS_HELP + "; as at extraction (see the store's _config.json)")
     model_dtype: ModelDType = Field(
         "float32",
         description="element type the model runs in (float32, bfloat16 or float16), as at extraction: the "
@@ -202,7 +203,15 @@ def steered_pair(cfg: SteerConfig) -> tuple[Dictionary, HookedVisionModel]:
     device = local_device(cfg.device)
     d = load_dictionary(cfg.checkpoint, cfg.storage.resolved()).to(device).eval()
     entry = resolve_entry(cfg.model or d.sites.inputs[0].model or "")
-    model = load_model(entry, cfg.pretrained, seed=cfg.seed, device=device, dtype=TORCH_DTYPES[cfg.model_dtype])
+    model = load_model(
+        entry,
+        cfg.pretrained,
+        weights=cfg.weights,
+        storage=cfg.storage.resolved(),
+        seed=cfg.seed,
+        device=device,
+        dtype=TORCH_DTYPES[cfg.model_dtype],
+    )
     return d, model
 
 

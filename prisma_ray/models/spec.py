@@ -11,6 +11,13 @@ from pydantic import BaseModel, ConfigDict, Field
 # The element type a model runs in (`model_dtype` of extraction, interpretation and steering; recorded with a store).
 ModelDType = Literal["float32", "bfloat16", "float16"]
 
+# The description of every job config's `weights` field (loaded by `prisma_ray.models.weights`).
+WEIGHTS_HELP = (
+    "your own checkpoint (local path or s3://, reached with `storage`): safetensors, or a torch file (a state dict, "
+    "or one under `state_dict` or `model`; read with weights_only=True) loaded strictly into the model's "
+    "architecture instead of `pretrained`"
+)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

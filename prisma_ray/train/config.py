@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from prisma_ray.errors import InvalidRequest
 
 from .. import storage
+from ..models import default_hook, default_model
 from ..models.spec import TokenKind
 from ..runtime.pool import TrainResources
 from ..runtime.session import RayOptions
@@ -16,8 +17,14 @@ from ..sae.config import DictionaryConfig
 from ..sae.io import check_dictionary_names
 from ..sae.trainer import NormalizeMode
 from ..storage import StorageOptions
+from ..store import store_uri
 
-DEFAULT_STORE = "prisma-activations/timm-vit-tiny-patch16-224-augreg-in21k-ft-in1k/blocks.6.hook_resid_post/train"
+
+def default_store() -> str:
+    """The store `prisma-ray extract` writes with its defaults (model, hook point, output and split)."""
+    return store_uri("prisma-activations", default_model(), default_hook(), "train")
+
+
 TokenKindName = Literal[tuple(kind.name.lower() for kind in TokenKind)]
 
 
@@ -33,7 +40,7 @@ class TrainData(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     inputs: list[str] = Field(
-        default_factory=lambda: [DEFAULT_STORE],
+        default_factory=lambda: [default_store()],
         min_length=1,
         description="activation store URIs read as the dictionaries' input (several: a crosscoder over them)",
     )
@@ -70,7 +77,7 @@ class TrainConfig(BaseModel):
         None, description="where the final dictionaries go, one folder each (default: <runs>/<name>/dictionaries)"
     )
     storage: StorageOptions = Field(StorageOptions(), description="how to reach s3:// stores, `runs` and `output`")
-    data: TrainData = Field(TrainData(), description="which activation stores feed the dictionaries")
+    data: TrainData = Field(default_factory=TrainData, description="which activation stores feed the dictionaries")
     dictionaries: list[DictionaryConfig] = Field(
         default_factory=lambda: [DictionaryConfig()],
         min_length=1,

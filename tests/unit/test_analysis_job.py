@@ -26,6 +26,7 @@ from prisma_ray.sae.dictionary import Site
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PNG = b"\x89PNG"
+TOY = "prisma-toy-vit-shapes"  # a classifier (the default model, DINOv2 where installed, has no head)
 
 
 def _written(out, analysis: str) -> dict:
@@ -39,6 +40,7 @@ def _written(out, analysis: str) -> dict:
 def test_cli_writes_figures_for_each_analysis(tmp_path, capsys, analysis):
     code = main(
         ["analyze", analysis, "--set", f"output={tmp_path}", "--set", "inputs.synthetic=4", "--set", "max_drawn=1"]
+        + ["--set", f"model={TOY}"]
     )
     assert code == 0
     summary = _written(tmp_path, analysis)
@@ -59,6 +61,7 @@ def test_image_files_and_a_latent_from_a_saved_dictionary(tmp_path):
     )
     write_files(export_files(d), str(tmp_path / "sae"))
     cfg = AnalyzeConfig(
+        model=TOY,
         output=str(tmp_path / "out"),
         inputs={"uris": uris},
         attribution={"dictionary": str(tmp_path / "sae"), "latent": 3},
@@ -69,12 +72,23 @@ def test_image_files_and_a_latent_from_a_saved_dictionary(tmp_path):
 
 
 def test_cli_names_bad_input(tmp_path, capsys):
-    assert main(["analyze", "patching", "--set", f"output={tmp_path}", "--set", "patching.site=hook_bogus"]) == 2
+    toy = ["--set", f"model={TOY}"]
+    assert main(["analyze", "patching", "--set", f"output={tmp_path}", "--set", "patching.site=hook_bogus", *toy]) == 2
     assert "hook_bogus" in capsys.readouterr().err
-    assert main(["analyze", "logit-lens", "--set", f"inputs.uris=[{tmp_path}/missing.png]"]) == 2
+    assert main(["analyze", "logit-lens", "--set", f"inputs.uris=[{tmp_path}/missing.png]", *toy]) == 2
     assert "missing.png" in capsys.readouterr().err
     assert (
-        main(["analyze", "attribution", "--set", f"output={tmp_path}", "--set", f"attribution.dictionary={tmp_path}"])
+        main(
+            [
+                "analyze",
+                "attribution",
+                "--set",
+                f"output={tmp_path}",
+                "--set",
+                f"attribution.dictionary={tmp_path}",
+                *toy,
+            ]
+        )
         == 2
     )
     assert "attribution.latent is required" in capsys.readouterr().err

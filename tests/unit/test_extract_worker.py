@@ -15,10 +15,10 @@ from prisma_ray.config import load_config
 from prisma_ray.data import ImageSource, SampleRef, SyntheticSource, list_refs
 from prisma_ray.data.errors import ErrorRecord, read_errors_table
 from prisma_ray.data.shards import InputFormat, ShardData, decode_shard, plan_shards
-from prisma_ray.extract.config import DEFAULT_MODEL, ExtractConfig
+from prisma_ray.extract.config import ExtractConfig
 from prisma_ray.extract.plan import config_hash, pending_shards, store_description
 from prisma_ray.extract.worker import ExtractionWorker, WorkerJob
-from prisma_ray.models import ModelEntry, TokenKind, TokenLayout, UnknownHookPoint
+from prisma_ray.models import ModelEntry, TokenKind, TokenLayout, UnknownHookPoint, default_model
 from prisma_ray.models.inputs import PixelInputs, model_prompts, normalize
 from prisma_ray.models.loading import check_hooks, describe_model, load_model
 from prisma_ray.models.token_selection import TokenSelection, check_selection, token_columns, token_positions
@@ -256,7 +256,7 @@ def test_worker_records_bad_samples_and_writes_empty_shards(tmp_path):
 
 def test_config_defaults_and_validation():
     cfg = ExtractConfig()
-    assert cfg.dtype == "float16" and cfg.dataset.type == "synthetic" and cfg.model == DEFAULT_MODEL
+    assert cfg.dtype == "float16" and cfg.dataset.type == "synthetic" and cfg.model == default_model()
     assert ExtractConfig(model=json.loads(TINY_VIT.model_dump_json())).model == TINY_VIT
     with pytest.raises(ValidationError, match="distinct"):
         ExtractConfig(hooks=["hook_embed", "hook_embed"])

@@ -149,7 +149,13 @@ def test_a_random_weight_vit_tiny_extracts_at_bfloat16_within_its_rounding(tmp_p
     acts = {}
     for dtype in ("float32", "bfloat16"):
         cfg = ExtractConfig(
-            hooks=[hook], dataset=shapes, output=str(tmp_path / dtype), model_dtype=dtype, shard_size=2, progress=False
+            model="timm-vit-tiny-patch16-224-augreg-in21k-ft-in1k",
+            hooks=[hook],
+            dataset=shapes,
+            output=str(tmp_path / dtype),
+            model_dtype=dtype,
+            shard_size=2,
+            progress=False,
         )
         uri = extract_in_process(cfg)[hook]
         assert store.read_manifest(uri).model_dtype == dtype and store.read_manifest(uri).dtype == "float16"

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from prisma_ray import storage
 from prisma_ray.data.synthetic import ShapesConfig
 from prisma_ray.errors import InvalidRequest
+from prisma_ray.models.spec import WEIGHTS_HELP
 from prisma_ray.runtime.devices import Device, placement_line
 from prisma_ray.runtime.pool import PoolStats, Resources, cluster_resources, run_pool, size_pool
 from prisma_ray.runtime.session import RayOptions, ensure_ray
@@ -54,6 +55,9 @@ class EmbedderConfig(BaseModel):
     template: str = Field("a photo of {}.", description="open_clip: text each label is put into ({} = the label)")
     model: str = Field("prisma-toy-vit-shapes", description="prototype: registry model giving image features")
     pretrained: bool = Field(True, description="prototype: load the model's published weights")
+    weights: str | None = Field(
+        None, description="prototype: " + WEIGHTS_HELP + " (s3:// reached with the AWS_* environment)"
+    )
     hook: str = Field("blocks.3.hook_resid_post", description="prototype: features = this hook, mean over patches")
     prototype_data: ShapesConfig = Field(
         default_factory=_default_prototype_data,
@@ -118,7 +122,9 @@ def build_embedder(cfg: EmbedderConfig, vocabulary: list[str]) -> Embedder:
         return OpenClipEmbedder.from_name(cfg.open_clip_model, cfg.open_clip_pretrained, cfg.template, device)
     from prisma_ray.models import load_model
 
-    features = HookedModelFeatures(load_model(cfg.model, pretrained=cfg.pretrained, device=device), cfg.hook)
+    features = HookedModelFeatures(
+        load_model(cfg.model, pretrained=cfg.pretrained, weights=cfg.weights, device=device), cfg.hook
+    )
     return PrototypeEmbedder(features, synthetic_prototypes(vocabulary, cfg.prototype_data, cfg.prototypes_per_label))
 
 

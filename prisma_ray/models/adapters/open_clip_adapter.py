@@ -147,12 +147,12 @@ def _preprocess_spec(cfg: dict[str, Any], image_size: int | tuple[int, int]) -> 
     )
 
 
-def _tag_preprocess_cfg(entry: ModelEntry) -> dict[str, Any]:
-    """OpenCLIP's preprocessing for the entry's pretrained tag (defaults: OpenAI CLIP mean/std)."""
+def tag_preprocess_cfg(entry: ModelEntry | None = None) -> dict[str, Any]:
+    """OpenCLIP's preprocessing for the entry's pretrained tag (defaults, and without an entry: OpenAI CLIP's)."""
     from open_clip import get_pretrained_cfg
     from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
-    tag_cfg = get_pretrained_cfg(entry.architecture, entry.pretrained) if entry.pretrained else {}
+    tag_cfg = get_pretrained_cfg(entry.architecture, entry.pretrained) if entry and entry.pretrained else {}
     return merge_preprocess_dict(dataclasses.asdict(PreprocessCfg()), tag_cfg)
 
 
@@ -205,5 +205,5 @@ def sites_from_open_clip(visual: nn.Module, preprocess_cfg: dict[str, Any]) -> M
 def build(entry: ModelEntry, pretrained: bool) -> ModelSites:
     """Build the entry's OpenCLIP vision tower (random weights unless `pretrained`) and describe it."""
     visual = _vision_tower(entry, pretrained).eval()
-    preprocess_cfg = getattr(visual, "preprocess_cfg", None) or _tag_preprocess_cfg(entry)
+    preprocess_cfg = getattr(visual, "preprocess_cfg", None) or tag_preprocess_cfg(entry)
     return sites_from_open_clip(visual, preprocess_cfg)
