@@ -216,22 +216,39 @@ def extract_configs(cfg: QuickstartConfig, m: QuickstartModel) -> list[ExtractCo
         "test": spec.held_out(m.test_samples),
     }
     return [
-        ExtractConfig(
-            model=m.name,
-            pretrained=True,
-            hooks=[m.hook],
-            tokens=TokenSelection(mode="all"),
-            dtype="float16",
-            dataset=SyntheticSource(uri=cfg.uri("data", f"{m.name}-{split}"), generator=generator),
-            split=split,
-            output=cfg.uri("activations"),
-            storage=cfg.storage,
+        _extract_config(
+            cfg,
+            cfg.uri(),
+            m.name,
+            m.hook,
+            "all",
+            SyntheticSource(uri=cfg.uri("data", f"{m.name}-{split}"), generator=generator),
+            split,
             shard_size=128,
-            progress=False,
-            ray=cfg.ray,
         )
         for split, generator in splits.items()
     ]
+
+
+def _extract_config(
+    cfg: QuickstartConfig, root: str, model: str, hook: str, tokens: str, dataset: DatasetSpec, split: str, **sizes
+) -> ExtractConfig:
+    """One split of one model's extraction into `root/activations`: pretrained weights, a float16 store, `tokens`
+    the token selection's mode, `sizes` the shard and batch sizes."""
+    return ExtractConfig(
+        model=model,
+        pretrained=True,
+        hooks=[hook],
+        tokens=TokenSelection(mode=tokens),
+        dtype="float16",
+        dataset=dataset,
+        split=split,
+        output=storage.join(root, "activations"),
+        storage=cfg.storage,
+        progress=False,
+        ray=cfg.ray,
+        **sizes,
+    )
 
 
 def real_missing() -> list[str]:
@@ -279,21 +296,9 @@ def real_extract_configs(cfg: QuickstartConfig, videos: str, photos: str) -> lis
     held-out test split (the photos in `photos`): patch tokens at `cfg.real.hook`."""
     r = cfg.real
     datasets = {"train": VideoSource(uri=videos, sampling=r.sampling("start")), "test": ImageSource(uri=photos)}
-    return [
-        ExtractConfig(
-            model=r.model,
-            pretrained=True,
-            hooks=[r.hook],
-            tokens=TokenSelection(mode="patches"),
-            dtype="float16",
-            dataset=dataset,
-            split=split,
-            output=real_uri(cfg, "activations"),
-            storage=cfg.storage,
-            shard_size=1 if split == "train" else 4,  # one clip (`frames` samples) or 4 photos per shard
-            batch_size=16,
-            progress=False,
-            ray=cfg.ray,
+    return [  # a shard: one clip (`frames` samples) or 4 photos
+        _extract_config(
+            cfg, real_uri(cfg), r.model, r.hook, "patches", dataset, split, shard_size={"train": 1, "test": 4}[split]
         )
         for split, dataset in datasets.items()
     ]

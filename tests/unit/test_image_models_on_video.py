@@ -1,12 +1,12 @@
 """Image models on video: each sampled frame of a clip is one sample (the clip's id, the frame's index in the
 store's `frame` column), decoded as PyAV decodes that frame; bad clips are recorded, the others extracted; results
-keyed by sample (interpretation) name frames `<clip>#frame=<index>`; ground truth reads clip frames as they are."""
+keyed by sample (interpretation) name frames `<clip>#frame=<index>`. (Ground truth of such rows:
+tests/unit/test_evaluate_metrics.py.)"""
 
 from types import SimpleNamespace
 
 import av
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -15,30 +15,18 @@ from prisma_ray.data import VideoSource, list_refs, shards
 from prisma_ray.data.decode import DecodedVideo, FrameSampling
 from prisma_ray.data.errors import read_errors_table
 from prisma_ray.data.real import VIDEOS
-from prisma_ray.data.shards import (
-    InputFormat,
-    ShardData,
-    decode_first,
-    decode_shard,
-    frame_key,
-    key_sample_id,
-    plan_shards,
-)
+from prisma_ray.data.shards import InputFormat, ShardData, decode_first, decode_shard, plan_shards
 from prisma_ray.data.sources import Sample
 from prisma_ray.data.transforms import crop_to_model
 from prisma_ray.errors import InvalidRequest
-from prisma_ray.evaluate.ground_truth import source_frames, token_factors
-from prisma_ray.extract.worker import ExtractionWorker, WorkerJob
+from prisma_ray.extract.worker import ExtractionWorker
 from prisma_ray.interpret.collect import fetch_crops
-from prisma_ray.models import ModelEntry, TokenKind, TokenLayout
 from prisma_ray.models.inputs import PixelInputs
 from prisma_ray.models.loading import load_model
 from prisma_ray.models.spec import PreprocessSpec
 from prisma_ray.models.token_selection import TokenSelection
-from prisma_ray.storage import StorageOptions
-from tests.tiny_models import tiny_vit
+from tests.unit.test_extract_worker import TINY_VIT, _job  # the tiny ViT and its worker job (float32 store)
 
-TINY_VIT = ModelEntry(**tiny_vit())
 HOOK = "blocks.1.hook_resid_post"
 SAMPLING = FrameSampling(num_frames=4, stride=3, anchor="start")  # frames 0, 3, 6, 9 of the zoo's 12-frame clips
 
@@ -80,16 +68,7 @@ def test_an_image_model_takes_each_sampled_frame_of_a_clip_as_a_sample(clips):
 
 
 def test_image_model_store_rows_hold_the_clip_id_and_the_source_frame(tmp_path, clips):
-    job = WorkerJob(
-        model=TINY_VIT,
-        pretrained=False,
-        seed=0,
-        tokens=TokenSelection(mode="all"),
-        dtype="float32",
-        stores={HOOK: str(tmp_path / "store")},
-        storage=StorageOptions(),
-        batch_size=3,
-    )
+    job = _job(tmp_path, tokens=TokenSelection(mode="all"), stores={HOOK: str(tmp_path / "store")}, batch_size=3)
     worker = ExtractionWorker(job)
     data = decode_shard(list_refs(clips), clips, InputFormat.create(clips, worker.model.preprocess))
     summary = worker.process(0, data)
@@ -110,16 +89,7 @@ def test_image_model_store_rows_hold_the_clip_id_and_the_source_frame(tmp_path, 
 
 
 def test_random_tokens_are_drawn_per_frame(tmp_path, clips):
-    job = WorkerJob(
-        model=TINY_VIT,
-        pretrained=False,
-        seed=0,
-        tokens=TokenSelection(mode="random", k=3, seed=1),
-        dtype="float32",
-        stores={HOOK: str(tmp_path / "store")},
-        storage=StorageOptions(),
-        batch_size=8,
-    )
+    job = _job(tmp_path, tokens=TokenSelection(mode="random", k=3, seed=1), stores={HOOK: str(tmp_path / "store")})
     worker = ExtractionWorker(job)
     clip = clips.model_copy(update={"uri": None, "items": (f"{clips.uri}/good.mp4",)})
     worker.process(0, decode_shard(list_refs(clip), clip, InputFormat.create(clip, worker.model.preprocess)))
@@ -146,6 +116,8 @@ def test_frames_beyond_the_int16_frame_column_are_refused_naming_the_file(clips,
 
 
 def test_interpretation_crops_are_fetched_per_frame(clips):
+    from prisma_ray.data.shards import frame_key, key_sample_id
+
     fmt = InputFormat.create(clips, PreprocessSpec(image_size=(16, 16)))
     shards = plan_shards(list_refs(clips), clips, 2)
     wanted = {"good.mp4#frame=6", "good.avi#frame=0"}
@@ -156,32 +128,6 @@ def test_interpretation_crops_are_fetched_per_frame(clips):
     np.testing.assert_array_equal(crops["good.mp4#frame=6"], expected)
     assert key_sample_id("good.mp4#frame=6") == "good.mp4" and frame_key("a.png", -1) == "a.png"
     assert key_sample_id("odd#frame=x") == "odd#frame=x"
-
-
-def test_ground_truth_of_an_image_model_on_video_reads_the_clip_frames_as_stored():
-    layout = TokenLayout(prefix=(TokenKind.CLS,), grid=(1, 1))
-    keys = pa.table(
-        {
-            "sample_id": ["c"] * 4,
-            "token": pa.array([0, 1, 0, 1], pa.int16()),
-            "frame": pa.array([3, 3, 5, 5], pa.int16()),
-        }
-    )
-    samples = pa.table({"sample_id": ["c"], "num_frames": [6], "fps": [8]})
-    frames = source_frames(samples, FrameSampling(num_frames=2, stride=2, anchor="start"))
-    patches = pa.table(
-        {
-            "sample_id": ["c"] * 6,
-            "frame": list(range(6)),
-            "patch_row": [0] * 6,
-            "patch_col": [0] * 6,
-            "object": [1] * 6,
-            "shape": [f"s{i}" for i in range(6)],
-        }
-    )
-    objects = pa.table({"sample_id": ["c"], "frame": [0], "object": [1]})
-    _, values = token_factors(keys, layout, patches, objects, (1, 1), ["shape"], frames=frames)
-    assert values["shape"].tolist() == [None, "s3", None, "s5"], "the stored frame is the clip frame"
 
 
 bikes = VIDEOS[0].locate()

