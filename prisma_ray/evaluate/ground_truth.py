@@ -132,6 +132,9 @@ def token_factors(
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Ground-truth factors of the store rows `keys` (`sample_id`, `token`, `frame`).
 
+    `frames` maps a video model's model-input frames to clip frames (`source_frames`); an image model's rows
+    already hold the clip frame (a video read frame by frame) or -1 (images).
+
     Returns `(patch, values)`: `bool[N]` marking patch tokens (prefix tokens have no patch) and
     `values[factor]`, an object array with each row's value (None off-object or for prefix tokens).
     Factors come from `patches` (`shape`, `colour`) or, through the patch's object, from `objects`.
@@ -139,11 +142,10 @@ def token_factors(
     token = keys.column("token").to_numpy().astype(np.int64)
     patch = token >= layout.n_prefix
     t_r_c = layout.patch_positions()[token[patch] - layout.n_prefix].astype(np.int64)
-    frame = np.full(int(patch.sum()), -1, dtype=np.int64)
     ids = np.asarray(keys.column("sample_id").to_pylist(), dtype=object)[patch]
-    if frames:
-        model_frame = keys.column("frame").to_numpy().astype(np.int64)[patch]
-        frame = np.array([frames[s][f] for s, f in zip(ids, model_frame)], dtype=np.int64)
+    frame = keys.column("frame").to_numpy().astype(np.int64)[patch]  # images -1; image models on video: clip frames
+    if frames and (layout.time > 1 or layout.tubelet > 1):  # a video model's rows hold model-input frames
+        frame = np.array([frames[s][f] for s, f in zip(ids, frame)], dtype=np.int64)
     rows = pa.table(
         {
             "sample_id": pa.array(ids.tolist(), pa.string()),

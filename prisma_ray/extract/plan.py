@@ -162,10 +162,11 @@ def plan_extract(cfg: ExtractConfig) -> ExtractPlan:
     if not refs:
         raise storage.MissingInputError(f"the {spec.type} dataset lists no inputs; nothing to extract.")
     shards = plan_shards(refs, spec, cfg.shard_size)
-    shard_bytes = math.prod(fmt.shape) * len(shards[0])
+    shard_bytes = math.prod(fmt.shape) * len(shards[0]) * fmt.samples_per_ref
     if shard_bytes > _MAX_SHARD_BYTES:
         raise InvalidRequest(
-            f"one shard of {len(shards[0])} samples is {shard_bytes / 2**20:.0f} MiB of pixels; lower shard_size."
+            f"one shard of {len(shards[0]) * fmt.samples_per_ref} samples is {shard_bytes / 2**20:.0f} MiB of pixels; "
+            "lower shard_size."
         )
     digest = inputs_digest(refs)
     writers, hashes, descriptions = {}, {}, {}

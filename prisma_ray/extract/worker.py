@@ -4,7 +4,9 @@
 flow for one input shard (a fixed, sorted slice of the dataset's refs):
 
 1. `data.shards.decode_shard` (a CPU task): read, decode, resize and crop every sample to the model's
-   input geometry as `uint8` (4x smaller than float pixels to ship); bad samples become `ErrorRecord`s.
+   input geometry as `uint8` (4x smaller than float pixels to ship); bad samples become `ErrorRecord`s. An
+   image model reading videos gets one sample per sampled frame: the store rows keep the clip's sample id
+   and the frame's index in the video (`frame` column).
 2. `ExtractionWorker.process` (an actor): the model (eval mode, at the job's `model_dtype`, forward passes
    under `torch.inference_mode()`), its input per minibatch (`models.inputs`: the `uint8` crops moved to
    the model's device once, normalised there and cast to the model's dtype, or, for multimodal language
@@ -93,6 +95,13 @@ def unpack_stats(vector: np.ndarray, count: int) -> tuple[bool, RunningStats]:
     )
 
 
+def store_frames(source: np.ndarray, model: np.ndarray) -> np.ndarray:
+    """The store's `int16` frame column of kept rows: the source video frame (`source`, `int64[N]`, >= 0) where a
+    video frame was read as an image sample (`ShardData.frames`), else the model-input frame the token covers
+    (`model`, `KeptTokens.frame`: -1 for images and prefix tokens)."""
+    return np.where(source >= 0, source, model).astype(np.int16)
+
+
 def to_host(t: torch.Tensor) -> torch.Tensor:
     """`t` in host memory: a CUDA tensor is copied into pinned memory without blocking (read it only after
     `synchronize`); a CPU tensor is returned as it is."""
@@ -140,13 +149,12 @@ class ExtractionWorker:
         """Extract and write shard `shard` for `hooks` (default: all); return its summary row."""
         start = time.perf_counter()
         hooks = list(self.job.stores) if hooks is None else list(hooks)
-        acts, stats, kept = self.extract(data.pixels, data.sample_ids, hooks, shard)
+        acts, stats, kept = self.extract(data.pixels, data.keys(), hooks, shard)
         ids = data.sample_ids[kept.sample].tolist()
         token = kept.position.astype(np.int16)
+        frame = store_frames(data.frames[kept.sample], kept.frame)
         tables = {  # every hook point encoded (and range-checked) before anything of the shard is written
-            hook: store.token_table(
-                ids, token, kept.frame, kept.kind, acts[hook], self.job.dtype, self._where(hook, shard)
-            )
+            hook: store.token_table(ids, token, frame, kept.kind, acts[hook], self.job.dtype, self._where(hook, shard))
             for hook in hooks
         }
         nbytes = 0

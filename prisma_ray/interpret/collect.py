@@ -21,7 +21,7 @@ from prisma_ray.errors import InvalidRequest
 
 from .. import storage
 from ..data.errors import write_shard_errors
-from ..data.shards import InputFormat, ShardData, decode_shard
+from ..data.shards import InputFormat, ShardData, decode_shard, key_sample_id
 from ..data.sources import SHARDED, DatasetSpec, SampleRef, SyntheticSource, with_resolved_storage
 from ..data.synthetic import ShapesConfig
 from ..models import ModelEntry, TokenKind, TokenLayout
@@ -250,7 +250,7 @@ class LatentWorker:
         return {
             "shard": batch["shard"],
             "record": np.array([r.to_bytes() for r, _ in rows], dtype=object),
-            "sample_ids": np.array([json.dumps(d.sample_ids.tolist()) for _, d in rows], dtype=object),
+            "sample_ids": np.array([json.dumps(d.keys().tolist()) for _, d in rows], dtype=object),
             "errors": np.array([len(d.errors) for _, d in rows]),
         }
 
@@ -264,8 +264,9 @@ class LatentWorker:
         """The record of one decoded shard; its bad samples go to `<output>/_errors`."""
         write_shard_errors(data.errors, self.job.output, shard, self.job.storage)
         record = self.empty()
-        for i in range(0, len(data.sample_ids), self.job.batch_size):
-            ids = data.sample_ids[i : i + self.job.batch_size]
+        keys = data.keys()  # a video frame read by an image model: `<clip>#frame=<index>`
+        for i in range(0, len(keys), self.job.batch_size):
+            ids = keys[i : i + self.job.batch_size]
             latents = self.latents(data.pixels[i : i + self.job.batch_size], ids)
             try:
                 record = record.update(ids, latents, self.kinds)
@@ -301,14 +302,15 @@ class LatentWorker:
 def fetch_crops(
     plan: InterpretPlan, shards: list[list[SampleRef]], where: dict[str, int], wanted: set[str]
 ) -> dict[str, np.ndarray]:
-    """The model-geometry `uint8` crops of the samples `wanted`, decoded again from their shards
-    (`where[sample_id]` = shard index); for file sources only the wanted files are read."""
+    """The model-geometry `uint8` crops of the samples `wanted` (`frame_key`s), decoded again from their shards
+    (`where[key]` = shard index); for file sources only the wanted files are read."""
     by_shard: dict[int, set[str]] = {}
-    for sample_id in wanted:
-        by_shard.setdefault(where[sample_id], set()).add(sample_id)
+    for key in wanted:
+        by_shard.setdefault(where[key], set()).add(key)
     crops = {}
-    for shard, ids in sorted(by_shard.items()):
-        refs = shards[shard] if isinstance(plan.spec, SHARDED) else [r for r in shards[shard] if r.sample_id in ids]
+    for shard, keys in sorted(by_shard.items()):
+        files = {key_sample_id(k) for k in keys}
+        refs = shards[shard] if isinstance(plan.spec, SHARDED) else [r for r in shards[shard] if r.sample_id in files]
         data = decode_shard(refs, plan.spec, plan.fmt)
-        crops.update({str(s): p for s, p in zip(data.sample_ids, data.pixels) if s in ids})
+        crops.update({k: p for k, p in zip(data.keys().tolist(), data.pixels) if k in keys})
     return crops

@@ -28,6 +28,8 @@ SMALL_QUICKSTART = [
     "batch_size=512",
     "--set",
     "dashboard_latents=4",
+    "--set",
+    "real=null",  # the real part has its own slow test (tests/integration/test_quickstart_real.py)
 ]
 
 

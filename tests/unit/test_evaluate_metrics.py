@@ -183,14 +183,9 @@ def test_token_factors_joins_patches_and_objects():
         token_factors(keys, layout, patches, objects, (2, 2), ["speed"])
 
 
-def test_video_tokens_map_to_source_frames():
-    layout = TokenLayout(prefix=(), grid=(1, 1), time=2, tubelet=2)
-    keys = pa.table(
-        {"sample_id": ["c", "c"], "token": pa.array([0, 1], pa.int16()), "frame": pa.array([0, 2], pa.int16())}
-    )
+def _one_patch_clip() -> tuple[pa.Table, pa.Table, pa.Table]:
+    """`(samples, patches, objects)` of clip `c`: 6 frames of one patch whose shape is `s<frame>`."""
     samples = pa.table({"sample_id": ["c"], "num_frames": [6], "fps": [8]})
-    frames = source_frames(samples, FrameSampling(num_frames=4, stride=1, anchor="center"))
-    assert frames["c"].tolist() == [1, 2, 3, 4]
     patches = pa.table(
         {
             "sample_id": ["c"] * 6,
@@ -201,6 +196,27 @@ def test_video_tokens_map_to_source_frames():
             "shape": [f"s{i}" for i in range(6)],
         }
     )
-    objects = pa.table({"sample_id": ["c"], "frame": [0], "object": [1]})
+    return samples, patches, pa.table({"sample_id": ["c"], "frame": [0], "object": [1]})
+
+
+def test_video_tokens_map_to_source_frames():
+    layout = TokenLayout(prefix=(), grid=(1, 1), time=2, tubelet=2)
+    keys = pa.table(
+        {"sample_id": ["c", "c"], "token": pa.array([0, 1], pa.int16()), "frame": pa.array([0, 2], pa.int16())}
+    )
+    samples, patches, objects = _one_patch_clip()
+    frames = source_frames(samples, FrameSampling(num_frames=4, stride=1, anchor="center"))
+    assert frames["c"].tolist() == [1, 2, 3, 4]
     _, values = token_factors(keys, layout, patches, objects, (1, 1), ["shape"], frames=frames)
     assert values["shape"].tolist() == ["s1", "s3"], "model frames 0 and 2 are clip frames 1 and 3"
+
+
+def test_an_image_models_rows_on_video_hold_the_clip_frame():
+    """An image model reading a clip frame by frame stores each frame's index in the clip: no mapping."""
+    layout = TokenLayout(prefix=(TokenKind.CLS,), grid=(1, 1))
+    frame = pa.array([3, 3, 5, 5], pa.int16())
+    keys = pa.table({"sample_id": ["c"] * 4, "token": pa.array([0, 1, 0, 1], pa.int16()), "frame": frame})
+    samples, patches, objects = _one_patch_clip()
+    frames = source_frames(samples, FrameSampling(num_frames=2, stride=2, anchor="start"))
+    _, values = token_factors(keys, layout, patches, objects, (1, 1), ["shape"], frames=frames)
+    assert values["shape"].tolist() == [None, "s3", None, "s5"], "the stored frame is the clip frame"

