@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from prisma_ray.errors import InvalidRequest
 
@@ -27,7 +27,7 @@ from ..data.synthetic import ShapesConfig
 from ..models import ModelEntry, TokenKind, TokenLayout
 from ..models.inputs import base_view_layout, model_inputs, model_prompts
 from ..models.loading import actor_model, check_hooks, describe_model, resolve_entry
-from ..models.spec import WEIGHTS_HELP, ModelDType
+from ..models.spec import ModelAsExtracted, ModelDType
 from ..models.token_selection import MAX_TOKENS, TokenSelection, check_selection
 from ..models.weights import WeightsRef, checked_weights
 from ..runtime.pool import ShardResources
@@ -44,7 +44,7 @@ def default_dataset() -> SyntheticSource:
     return SyntheticSource(uri="prisma-data/shapes", generator=ShapesConfig(n_images=128))
 
 
-class InterpretConfig(BaseModel):
+class InterpretConfig(ModelAsExtracted):
     """`prisma-ray interpret` / `dashboard`: one checkpoint's latents over a dataset.
 
     The model and hook point come from the checkpoint's `cfg.json` (`model`/`hook` override them);
@@ -69,14 +69,6 @@ class InterpretConfig(BaseModel):
         min_length=1,
         description="multimodal models: the prompts images are shown with, one per sample "
         "picked by its id as at extraction (default: ['Describe the image.'])",
-    )
-    pretrained: bool = Field(True, description="load published weights (false: random weights from `seed`)")
-    seed: int = Field(0, description="seed of the random weights (pretrained=false), as at extraction")
-    weights: str | None = Field(None, description=WEIGHTS_HELP + "; as at extraction (see the store's _config.json)")
-    model_dtype: ModelDType = Field(
-        "float32",
-        description="element type the model runs in (float32, bfloat16 or float16), as at extraction: the "
-        "`model_dtype` in the training store's manifest.json",
     )
     k: int = Field(
         16, ge=1, le=MAX_TOKENS, description="top samples kept per latent and ranking (max, mean; ranks are int16)"

@@ -26,7 +26,7 @@ from ..evaluate.splice import Head, HookList, ZeroShotHead, classifier_head, out
 from ..models import HookedVisionModel, ModelEntry
 from ..models.inputs import PixelInputs
 from ..models.loading import TORCH_DTYPES, load_model, resolve_entry
-from ..models.spec import WEIGHTS_HELP, ModelDType
+from ..models.spec import ModelAsExtracted
 from ..models.token_selection import TokenSelection, fixed_positions
 from ..runtime.devices import Device, local_device
 from ..sae import Dictionary, load_dictionary
@@ -165,7 +165,7 @@ def steer(
     return SteerResult(torch.cat(clean).float().cpu(), torch.cat(steered_out).float().cpu(), scale)
 
 
-class SteerConfig(BaseModel):
+class SteerConfig(ModelAsExtracted):
     """`prisma-ray steer`: steer a checkpoint's latents on the first `samples` inputs of a dataset."""
 
     model_config = ConfigDict(extra="forbid")
@@ -178,14 +178,6 @@ class SteerConfig(BaseModel):
     )
     samples: int = Field(32, ge=1, description="inputs run with and without steering")
     model: str | ModelEntry | None = Field(None, description="default: the model named in the checkpoint")
-    pretrained: bool = Field(True, description="load published weights (false: random weights from `seed`)")
-    seed: int = Field(0, description="seed of the random weights (pretrained=false)")
-    weights: str | None = Field(None, description=WEIGHTS_HELP + "; as at extraction (see the store's _config.json)")
-    model_dtype: ModelDType = Field(
-        "float32",
-        description="element type the model runs in (float32, bfloat16 or float16), as at extraction: the "
-        "`model_dtype` in the training store's manifest.json",
-    )
     device: Device = Field(
         "auto", description="where the model and dictionary run: cpu, cuda, or auto (cuda when this machine has a GPU)"
     )

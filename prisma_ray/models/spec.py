@@ -18,6 +18,23 @@ WEIGHTS_HELP = (
     "architecture instead of `pretrained`"
 )
 
+
+class ModelAsExtracted(BaseModel):
+    """The fields that rebuild a model as an extraction ran it, for the stages that read no store (interpretation,
+    steering): the same `pretrained`, `seed`, `weights` and `model_dtype` as the extraction's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pretrained: bool = Field(True, description="load published weights (false: random weights from `seed`)")
+    seed: int = Field(0, description="seed of the random weights (pretrained=false), as at extraction")
+    weights: str | None = Field(None, description=WEIGHTS_HELP + "; as at extraction (see the store's _config.json)")
+    model_dtype: ModelDType = Field(
+        "float32",
+        description="element type the model runs in (float32, bfloat16 or float16), as at extraction: the "
+        "`model_dtype` in the training store's manifest.json",
+    )
+
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
