@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 from pydantic_core import to_jsonable_python
 
 from .errors import PrismaRayError
@@ -39,6 +40,36 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw)
 
 
+def with_section_defaults(
+    cls: type[BaseModel], data: dict[str, Any], default: BaseModel | None = None
+) -> dict[str, Any]:
+    """`data` (a config of `cls`, as parsed) with every section it gives filled in from that section's default, so
+    that `--set dataset.generator.n_images=8` changes the default dataset's generator instead of replacing the
+    dataset with one that has nothing else. A section that switches a discriminated union to another member (a
+    different `type`, say) is taken as given: the default's other fields belong to the other member."""
+    out = {**(default.model_dump(mode="json") if default is not None else {}), **data}
+    for name, field in cls.model_fields.items():
+        given = data.get(name)
+        if not isinstance(given, dict):
+            continue
+        section = getattr(default, name, None) if default is not None else _default_of(field)
+        if not isinstance(section, BaseModel):
+            continue
+        key = field.discriminator if isinstance(field.discriminator, str) else None
+        if key is not None and given.get(key, getattr(section, key, None)) != getattr(section, key, None):
+            continue
+        out[name] = with_section_defaults(type(section), given, section)
+    return out
+
+
+def _default_of(field: FieldInfo) -> Any:
+    """The field's default value (None where there is none, or where it depends on the other fields)."""
+    try:
+        return field.get_default(call_default_factory=True)
+    except ValueError:  # a default factory that reads the validated data
+        return None
+
+
 def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
     """Read `path` (YAML; optional), apply `overrides`, and validate into `cls`."""
     data: dict[str, Any] = {}
@@ -55,7 +86,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     for assignment in overrides or []:
         apply_override(data, assignment)
     try:
-        return cls.model_validate(data)
+        return cls.model_validate(with_section_defaults(cls, data))
     except ValidationError as exc:
         where = f"config {str(path)!r}" if path else "config"
         raise ConfigError(f"Invalid {where} for {cls.__name__}: {describe_errors(cls, exc)}") from exc

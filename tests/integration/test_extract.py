@@ -321,15 +321,19 @@ def test_activations_beyond_float16_fail_the_run_before_any_shard_is_committed(r
         (dict(hooks=["blocks.7.hook_resid_post"]), UnknownHookPoint, "Unknown hook point"),
         (dict(tokens=dict(mode="random", k=99)), ValueError, "only 16 patch tokens"),
         (dict(dataset=dict(type="images", uri="/nonexistent/images")), storage.MissingInputError, "no such file"),
-        (
-            dict(dataset=dict(type="synthetic", uri="/tmp/x", generator=dict(name="moving-shapes"))),
+        (  # an image model reads a video folder frame by frame: which frames must be said
+            dict(dataset=dict(type="videos", uri="{tmp}/clips")),
             ValueError,
-            "expects image input but the dataset holds videos",
+            "videos need frame sampling",
         ),
     ],
 )
 def test_bad_configs_fail_before_any_work(tmp_path, monkeypatch, update, error, match):
     monkeypatch.setattr(extract_pipeline, "ensure_ray", lambda opts: pytest.fail("Ray must not start"))
+    if "{tmp}" in str(update):
+        (tmp_path / "clips").mkdir()
+        (tmp_path / "clips" / "a.mp4").write_bytes(b"not decoded before the config is checked")
+        update = {"dataset": {**update["dataset"], "uri": update["dataset"]["uri"].format(tmp=tmp_path)}}
     cfg = ExtractConfig(
         model=TINY_VIT, hooks=HOOKS, dataset=shapes(str(tmp_path / "shapes")), output=str(tmp_path / "out")
     )

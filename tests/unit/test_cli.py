@@ -124,3 +124,20 @@ def test_a_mistyped_key_is_named_on_one_line_with_the_closest_keys(capsys):
     assert err.count("\n") == 1, err
     assert "resourcse: unknown key; did you mean resources?" in err
     assert "resources.actorz: unknown key; did you mean actors?" in err
+
+
+def test_dotted_overrides_change_the_default_section_they_name():
+    """`--set dataset.generator.n_images=8` changes the default dataset's generator (it used to replace the
+    dataset with `{generator: {n_images: 8}}`, which no dataset type accepts); a section switched to another
+    member of its union (`dataset.type=images`) is taken as given."""
+    from prisma_ray.data.sources import ImageSource, SyntheticSource
+    from prisma_ray.extract.config import ExtractConfig
+
+    default = ExtractConfig().dataset
+    cfg = load_config(ExtractConfig, overrides=["dataset.generator.n_images=8"])
+    assert isinstance(cfg.dataset, SyntheticSource) and cfg.dataset.generator.n_images == 8
+    assert cfg.dataset.uri == default.uri and cfg.dataset.generator.name == default.generator.name
+    cfg = load_config(ExtractConfig, overrides=["dataset.type=images", "dataset.uri=/data/photos"])
+    assert isinstance(cfg.dataset, ImageSource) and cfg.dataset.uri == "/data/photos"
+    cfg = load_config(ExtractConfig, overrides=["dataset.generator.name=moving-shapes"])
+    assert cfg.dataset.generator.name == "moving-shapes" and cfg.dataset.uri == default.uri
