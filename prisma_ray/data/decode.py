@@ -79,6 +79,12 @@ class FrameSampling(BaseModel):
         None, gt=0, description="sample at this rate instead (frames per second; the stride follows each video's fps)"
     )
     anchor: Literal["start", "center"] = Field("center", description="clip at the start or the centre of the video")
+    offset: int = Field(
+        0,
+        ge=0,
+        description="source frames skipped before the first sampled frame (at the start; within what is left, "
+        "centred): e.g. half a stride takes the frames between another sampling's",
+    )
 
     @model_validator(mode="after")
     def _stride_or_fps(self) -> FrameSampling:
@@ -90,11 +96,13 @@ class FrameSampling(BaseModel):
         """`int64[num_frames]` source frame indices for a video of `total` frames; `BadSample` if too short."""
         stride = self.stride if self.fps is None else max(1, round(video_fps / self.fps))
         span = (self.num_frames - 1) * stride + 1
-        if total < span:
+        if total < self.offset + span:
             raise BadSample(
-                TOO_SHORT, f"{total} frames; sampling needs {span} (num_frames={self.num_frames}, stride={stride})"
+                TOO_SHORT,
+                f"{total} frames; sampling needs {self.offset + span} (num_frames={self.num_frames}, stride={stride}, "
+                f"offset={self.offset})",
             )
-        start = 0 if self.anchor == "start" else (total - span) // 2
+        start = self.offset + (0 if self.anchor == "start" else (total - self.offset - span) // 2)
         return start + np.arange(self.num_frames, dtype=np.int64) * stride
 
 

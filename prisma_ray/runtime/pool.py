@@ -159,7 +159,7 @@ def size_pool(
     if device == "cuda" and actors > gpus:
         raise InvalidRequest(
             f"{device_field}=cuda with {actors} GPU actor(s), but the Ray cluster has {gpus:g} GPUs; "
-            f"lower {actors_name}, or set {device_field}=cpu."
+            + (f"lower {actors_name}, or set {device_field}=cpu." if gpus >= 1 else f"set {device_field}=cpu or auto.")
         )
     per_actor = res.cpus_per_actor or min(1.0, (cpus - read_cpus) / actors)
     if per_actor <= 0 or actors * per_actor + read_cpus > cpus + 1e-9:

@@ -156,3 +156,11 @@ def test_frame_sampling_validation():
         FrameSampling(num_frames=4, stride=2, fps=5)
     with pytest.raises(BadSample, match="needs 10"):
         FrameSampling(num_frames=4, stride=3).indices(9, 8.0)
+
+
+def test_frame_sampling_offset():
+    """`offset` skips source frames before the first sampled one; a video too short for it is a bad sample."""
+    assert FrameSampling(num_frames=3, stride=4, anchor="start", offset=2).indices(20, 25.0).tolist() == [2, 6, 10]
+    assert FrameSampling(num_frames=3, stride=4, offset=2).indices(15, 25.0).tolist() == [4, 8, 12]
+    with pytest.raises(BadSample, match="offset=5"):
+        FrameSampling(num_frames=3, stride=4, offset=5).indices(12, 25.0)

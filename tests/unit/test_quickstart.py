@@ -115,3 +115,15 @@ def test_the_real_part_is_set_from_the_command_line():
 
     assert load_config(QuickstartConfig, None, ["real=null"]).real is None
     assert load_config(QuickstartConfig, None, ["real.frames=32"]).real.frames == 32
+
+
+def test_the_real_dashboard_reads_frames_it_was_not_trained_on():
+    """The real part's dashboard frames lie between its training frames (in a 120-frame clip such as
+    carphone.mp4, centred frames at the same stride were 15 of the 16 training frames)."""
+    from prisma_ray.quickstart import RealPart
+
+    for real in (RealPart(), RealPart(stride=1), RealPart(frames=4, stride=2)):
+        for total in (120, 250):
+            train = set(real.sampling().indices(total, 25.0).tolist())
+            held_out = real.sampling(held_out=True).indices(total, 25.0).tolist()
+            assert len(held_out) == real.frames and not train & set(held_out), (real, total)

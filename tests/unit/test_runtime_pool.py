@@ -69,7 +69,9 @@ def test_calls_in_flight_default_to_the_stage_and_follow_the_config():
 
 def test_pools_that_cannot_fit_are_refused_naming_the_fields():
     with pytest.raises(
-        InvalidRequest, match=r"resources\.device=cuda with 1 GPU actor\(s\), but the Ray cluster has 0"
+        InvalidRequest,
+        match=r"resources\.device=cuda with 1 GPU actor\(s\), but the Ray cluster has 0 GPUs; set resources\.device=cpu or "
+        "auto",  # no GPU at all: lowering the actors cannot help
     ):
         shard_pool({"CPU": 2.0}, 4, device="cuda")
     with pytest.raises(InvalidRequest, match=r"evaluation\.device=cuda .* lower resources\.actors, or set evaluation"):
