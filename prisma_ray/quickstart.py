@@ -37,7 +37,7 @@ from .extract.config import ExtractConfig
 from .extract.pipeline import run_extract
 from .interpret.autointerp.run import ExplainConfig, run_explain
 from .interpret.collect import InterpretConfig
-from .interpret.dashboard import write_dashboard
+from .interpret.dashboard import shown_latents, write_dashboard
 from .interpret.pipeline import run_interpret
 from .interpret.results import Results, read_results
 from .models import get_entry, toy
@@ -366,7 +366,8 @@ def dashboard_of(cfg: QuickstartConfig, checkpoint: str) -> str:
     """Top images of `checkpoint`'s latents on the first model's test images, explained and scored offline
     (vocabulary explainer over shapes and colours); return the dashboard's index URI."""
     results = interpret_results(cfg, checkpoint, extract_configs(cfg, cfg.models[0])[1].dataset, cfg.uri("interpret"))
-    run_explain(ExplainConfig(evidence=results.uri, storage=cfg.storage, ray=cfg.ray))
+    shown = shown_latents(results, cfg.dashboard_latents)  # explained: the latents with a page, not every one
+    run_explain(ExplainConfig(evidence=results.uri, latents=shown, storage=cfg.storage, ray=cfg.ray))
     return write_dashboard(results, cfg.uri("dashboard"), results.options, max_latents=cfg.dashboard_latents)
 
 

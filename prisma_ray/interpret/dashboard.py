@@ -88,9 +88,8 @@ class DashboardWriter:
         self.output = output or results.uri
         self.layout = results.layout
         self.explanations = read_explanations(results.uri, results.options)
-        alive = [int(r["latent"]) for r in results.latents.to_pylist() if r["frequency"] > 0]
-        self.latents = alive[:max_latents] if max_latents else alive
-        self.alive = len(alive)
+        self.latents = shown_latents(results, max_latents)
+        self.alive = len(shown_latents(results))
         self.rows = {int(r["latent"]): r for r in results.latents.to_pylist()}
 
     def write(self) -> str:
@@ -188,6 +187,13 @@ class DashboardWriter:
         self._write(files[1], png_bytes(overlay(crop, grid[0], where=where), scale))
         self._write(files[2], png_bytes(mask_image(active_mask(grid[0]), crop.shape[:2]), scale))
         return files
+
+
+def shown_latents(results: Results, max_latents: int | None = None) -> list[int]:
+    """The latents a dashboard of `results` has a page for: those that fired, in index order, the first
+    `max_latents` (None: all)."""
+    alive = [int(r["latent"]) for r in results.latents.to_pylist() if r["frequency"] > 0]
+    return alive[:max_latents] if max_latents else alive
 
 
 def write_dashboard(

@@ -127,3 +127,23 @@ def test_the_real_dashboard_reads_frames_it_was_not_trained_on():
             train = set(real.sampling().indices(total, 25.0).tolist())
             held_out = real.sampling(held_out=True).indices(total, 25.0).tolist()
             assert len(held_out) == real.frames and not train & set(held_out), (real, total)
+
+
+def test_the_dashboard_explains_only_the_latents_it_shows(monkeypatch, tmp_path):
+    """Explaining every latent that fired (457 in a demo run, a minute of the dashboard step) to show 32 pages was
+    wasted: the explainer gets the latents that have a page."""
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+
+    from prisma_ray import quickstart
+
+    latents = pa.table({"latent": list(range(50)), "frequency": [0.0 if i % 5 == 0 else 0.1 for i in range(50)]})
+    results = SimpleNamespace(uri=str(tmp_path), options=None, latents=latents)
+    asked = {}
+    monkeypatch.setattr(quickstart, "interpret_results", lambda *a, **k: results)
+    monkeypatch.setattr(quickstart, "run_explain", lambda cfg: asked.setdefault("latents", cfg.latents))
+    monkeypatch.setattr(quickstart, "write_dashboard", lambda res, out, opts, max_latents: f"{out}/index.html")
+    cfg = quickstart.QuickstartConfig(output=str(tmp_path), dashboard_latents=8)
+    quickstart.dashboard_of(cfg, "ckpt")
+    assert asked["latents"] == [1, 2, 3, 4, 6, 7, 8, 9]  # the first 8 that fired, as the dashboard shows them
