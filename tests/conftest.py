@@ -175,15 +175,16 @@ class ChatServer:
                 try:
                     time.sleep(server.delay + (action[1] if isinstance(action, tuple) else 0))
                     if isinstance(action, int):
-                        self._send(action, b'{"error": "scripted"}')
+                        status, data = action, b'{"error": "scripted"}'
                     elif action == "malformed":
-                        self._send(200, b'{"nothing": []}')
+                        status, data = 200, b'{"nothing": []}'
                     else:
                         answer = {"choices": [{"message": {"role": "assistant", "content": server.reply(body)}}]}
-                        self._send(200, json.dumps(answer).encode())
-                finally:
+                        status, data = 200, json.dumps(answer).encode()
+                finally:  # done before the answer leaves: the client may send its next request as soon as it reads it
                     with server.lock:
                         server.in_flight -= 1
+                self._send(status, data)
 
             def _send(self, status: int, data: bytes):
                 try:
