@@ -32,6 +32,7 @@ from .data.decode import FrameSampling
 from .data.sources import DatasetSpec, ImageSource, SyntheticSource, VideoSource
 from .errors import InvalidRequest
 from .evaluate import EvalConfig
+from .evaluate.report import best_ground_truth, ground_truth_line
 from .evaluate.sweep import SweepConfig, run_sweep
 from .extract.config import ExtractConfig
 from .extract.pipeline import run_extract
@@ -161,11 +162,9 @@ class QuickstartSummary:
 
     def format(self) -> str:
         lines = ["leaderboard (held-out test split):", *_table(self.rows)]
-        best = max(self.rows, key=lambda r: r.get("gt_fraction_detected") or 0.0)
+        best = best_ground_truth(self.rows)
         lines += [
-            f"ground-truth recovery: best {best['model']} {best['name']} detects "
-            f"{_fmt(best.get('gt_fraction_detected'))} of the factor values (AUROC >= 0.95), "
-            f"mean best AUROC {_fmt(best.get('gt_mean_best_auroc'))}",
+            f"ground-truth recovery: best {ground_truth_line(best)}" if best else "ground-truth recovery: -",
             f"leaderboard  {self.leaderboard}",
             f"dashboard    {self.dashboard}",
         ]
