@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, precision_recall_curve
 
 from prisma_ray.errors import InvalidRequest
@@ -35,20 +36,9 @@ OBJECT_KEYS = ["sample_id", "frame", "object"]
 
 
 def average_ranks(scores: np.ndarray) -> np.ndarray:
-    """`float64[N, L]`: the 1-based rank of each value within its column, tied values sharing their mean rank."""
-    n = scores.shape[0]
-    order = np.argsort(scores, axis=0, kind="stable")
-    ordered = np.take_along_axis(scores, order, axis=0)
-    starts = np.ones(ordered.shape, dtype=bool)
-    starts[1:] = ordered[1:] != ordered[:-1]
-    ends = np.ones(ordered.shape, dtype=bool)
-    ends[:-1] = starts[1:]
-    index = np.broadcast_to(np.arange(n)[:, None], ordered.shape)
-    first = np.maximum.accumulate(np.where(starts, index, 0), axis=0)
-    last = np.minimum.accumulate(np.where(ends, index, n - 1)[::-1], axis=0)[::-1]
-    ranks = np.empty(ordered.shape, dtype=np.float64)
-    np.put_along_axis(ranks, order, (first + last) / 2 + 1, axis=0)
-    return ranks
+    """`float64[N, L]`: the 1-based rank of each value within its column, tied values sharing their mean rank
+    (`scipy.stats.rankdata`)."""
+    return rankdata(scores, axis=0)
 
 
 def auroc(scores: np.ndarray, positives: np.ndarray) -> np.ndarray:
