@@ -25,6 +25,7 @@ from safetensors.torch import load as load_safetensors
 from prisma_ray.errors import InvalidRequest
 
 from .. import storage, store
+from ..config import require_distinct
 from ..data.shards import InputFormat, decode_first
 from ..data.synthetic import read_table
 from ..models import HookedVisionModel, TokenKind
@@ -116,9 +117,7 @@ class EvalConfig(BaseModel):
     @field_validator("baselines")
     @classmethod
     def _distinct(cls, names: list[str]) -> list[str]:
-        if len(set(names)) != len(names):
-            raise InvalidRequest(f"baselines must be distinct; got {names}")
-        return names
+        return require_distinct(names, "baselines")
 
     def store_uri(self, site: Site) -> str:
         return store.store_uri(storage.absolute(self.stores), site.model, site.name, self.split)

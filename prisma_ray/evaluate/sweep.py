@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from prisma_ray.errors import InvalidRequest, PrismaRayError
 
 from .. import storage
+from ..config import require_distinct
 from ..models import get_entry, list_entries
 from ..models.registry import Modality, Source
 from ..runtime.devices import placement_line
@@ -99,9 +100,7 @@ class SweepConfig(BaseModel):
     @field_validator("checkpoints")
     @classmethod
     def _distinct(cls, uris: list[str]) -> list[str]:
-        if len(set(uris)) != len(uris):
-            raise InvalidRequest(f"checkpoint URIs must be distinct; got {uris}")
-        return uris
+        return require_distinct(uris, "checkpoint URIs")
 
 
 @dataclass
