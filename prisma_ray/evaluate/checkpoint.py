@@ -2,9 +2,8 @@
 
 The evaluator keeps what checkpoints of the same model share: the model itself (loaded once and
 counted in `loads`), the held-out rows of each store, the decoded inputs and clean runs of the
-spliced-in evaluation, the zero-ablation runs, the ground-truth labels of the tokens and the baselines' scores on
-them. Evaluate
-every checkpoint of a model with one evaluator and each of these is paid for once.
+spliced-in evaluation, the zero-ablation runs, the ground-truth labels of the tokens and the baselines
+scored on them. Evaluate every checkpoint of a model with one evaluator and each of these is paid for once.
 """
 
 from __future__ import annotations
@@ -173,12 +172,15 @@ class Evaluator:
         def keep(key: str) -> bool:
             return any(f"/{m}/" in key for m in models)
 
+        def keep_rows(key: HeldKey) -> bool:
+            return all(keep(u) for u in (*key[0], *key[1]))
+
         self._models = {k: v for k, v in self._models.items() if k in models}
         self._built = {k: v for k, v in self._built.items() if k in models}
         self._splice = {k: v for k, v in self._splice.items() if k in models}
         self._zero = {k: v for k, v in self._zero.items() if k[0] in models}
-        self._held = {k: v for k, v in self._held.items() if all(keep(u) for u in (*k[0], *k[1]))}
-        self._truth = {k: v for k, v in self._truth.items() if all(keep(u) for u in (*k[0], *k[1]))}
+        self._held = {k: v for k, v in self._held.items() if keep_rows(k)}
+        self._truth = {k: v for k, v in self._truth.items() if keep_rows(k)}
         self._sources = {k: v for k, v in self._sources.items() if keep(k)}
 
     @torch.inference_mode()

@@ -106,10 +106,13 @@ def recovery_columns(result: dict[str, object]) -> dict[str, object]:
     """The metrics-row columns of a dictionary's `factor_recovery` result: `gt_values`, `gt_fraction_detected`,
     `gt_mean_best_auroc`, `gt_mean_ap`, `gt_mean_purity`, `gt_mean_coverage` and `gt_detail` (JSON: per value the
     best latent, its AUROC, AP, purity and coverage)."""
-    per_value = zip(result["values"], result["best_latent"], result["best_auroc"], result["ap"], result["purity"])
     detail = {
-        value: {"latent": int(latent), "auroc": auc, "ap": ap, "purity": purity, "coverage": coverage}
-        for (value, latent, auc, ap, purity), coverage in zip(per_value, result["coverage"])
+        value: {
+            "latent": int(result["best_latent"][i]),
+            "auroc": result["best_auroc"][i],
+            **{metric: result[metric][i] for metric in ("ap", "purity", "coverage")},
+        }
+        for i, value in enumerate(result["values"])
     }
     return {
         "gt_values": len(result["values"]),
