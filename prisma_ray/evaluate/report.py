@@ -34,6 +34,12 @@ COLUMNS = [
     "top1_delta",
     "gt_fraction_detected",
     "gt_mean_best_auroc",
+    "gt_image_fraction_detected",
+    "gt_image_mean_best_auroc",
+    "gt_track_fraction_detected",
+    "gt_track_mean_best_auroc",
+    "seed",
+    "stability",
     "trained_tokens",
     "checkpoint",
 ]
