@@ -204,3 +204,20 @@ def test_a_direction_latent_is_scored_per_object_track_across_frames():
     only_first = {"c0": np.array([0, 0]), "c1": np.array([0, 0])}
     seen = pooled_labels(keys, layout, 4, patches, objects, (1, 2), frames=only_first).image_factors
     assert seen["has_shape"][1] == frozenset(["star"]) and seen["count"][1] == frozenset([1])
+
+
+def test_an_image_model_reading_a_clip_frame_by_frame_scores_each_frame_as_an_image():
+    keys, patches, objects, _ = clip_tables()
+    layout = TokenLayout(prefix=(TokenKind.CLS,), grid=(1, 2))
+    frame_keys = pa.table(  # clip c1 read frame by frame: CLS + 2 patches of clip frames 0 and 1
+        {
+            "sample_id": ["c1"] * 6,
+            "token": pa.array([0, 1, 2] * 2, pa.int16()),
+            "frame": pa.array([0, 0, 0, 1, 1, 1], pa.int16()),
+        }
+    )
+    labels = pooled_labels(frame_keys, layout, 2, patches, objects, (1, 2))
+    assert labels.image.tolist() == [-1, 0, 0, -1, 1, 1]
+    assert labels.image_factors["has_shape"] == [frozenset(["star"]), frozenset(["star", "square"])]
+    assert labels.image_factors["count"] == [frozenset([1]), frozenset([2])]
+    assert labels.track.tolist() == [-1, 0, -1, -1, -1, 1], "tracks across frames; too little coverage left out"
