@@ -365,14 +365,14 @@ def _checkpoint_info(cfg: dict[str, Any], uri: str, where: str) -> CheckpointInf
         steps=ours.get("steps"),
         token_kinds=tuple(ours["token_kinds"]) if ours.get("token_kinds") else None,
         seed=trained.get("seed"),
-        seed_group=_seed_group(ours) if trained else None,
+        seed_group=_seed_group(ours, sites) if trained else None,
     )
 
 
-def _seed_group(ours: dict[str, Any]) -> str:
-    """A hash of what a checkpoint was trained with but its seed and name (`metadata.prisma_ray`)."""
+def _seed_group(ours: dict[str, Any], sites: Sites) -> str:
+    """A hash of what a checkpoint was trained with but its seed and name (`sites`, `metadata.prisma_ray`)."""
     same = {
-        "sites": ours.get("sites"),
+        "sites": sites.model_dump(mode="json"),
         "config": {k: v for k, v in ours["config"].items() if k not in ("seed", "name")},
         "trained_tokens": ours.get("trained_tokens"),
         "token_kinds": ours.get("token_kinds"),
