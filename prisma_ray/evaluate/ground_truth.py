@@ -276,7 +276,7 @@ def token_factors(
     unknown = sorted(set(factors) - set(from_patches) - set(from_objects))
     if unknown:
         raise InvalidRequest(f"ground-truth factors {unknown} are in neither patches.parquet nor objects.parquet")
-    columns = [*JOIN_KEYS, "object", "coverage", *from_patches]
+    columns = list(dict.fromkeys([*JOIN_KEYS, "object", "coverage", *from_patches]))  # `object` may be a factor itself
     joined = rows.join(_cast_keys(patches.select(columns), JOIN_KEYS), JOIN_KEYS)
     if from_objects:
         joined = joined.join(_cast_keys(objects.select([*OBJECT_KEYS, *from_objects]), OBJECT_KEYS), OBJECT_KEYS)

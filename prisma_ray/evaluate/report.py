@@ -40,6 +40,12 @@ COLUMNS = [
     "gt_best_baseline",
     "gt_margin_auroc",
     "gt_margin_detected",
+    "gt_image_fraction_detected",
+    "gt_image_mean_best_auroc",
+    "gt_track_fraction_detected",
+    "gt_track_mean_best_auroc",
+    "seed",
+    "stability",
     "trained_tokens",
     "checkpoint",
 ]

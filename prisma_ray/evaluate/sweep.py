@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
@@ -31,10 +32,11 @@ from ..models.registry import Modality, Source
 from ..runtime.devices import placement_line
 from ..runtime.pool import PoolSize, PoolStats, Resources, cluster_resources, run_pool, size_pool
 from ..runtime.session import RayOptions, ensure_ray
-from ..sae.io import CheckpointInfo
+from ..sae.io import WEIGHTS_FILE, CheckpointInfo, read_tensors
 from . import EvalConfig, Evaluator, find_checkpoints, read_checkpoint_info
 from .report import best_ground_truth, front_plots, ground_truth_line, leaderboard_html
 from .results import ResultStore, result_key
+from .stability import stability_columns
 
 log = logging.getLogger(__name__)
 
@@ -311,9 +313,18 @@ def start_line(checkpoints: int, size: PoolSize) -> str:
 
 
 def write_report(results: ResultStore, detect_auroc: float = 0.95) -> dict[str, Any]:
-    """Write `metrics.parquet`, the plots and `leaderboard.html` from every result row; `ground_truth` is the line
-    on the best ground-truth recovery and its margin over the best baseline ("" without ground truth)."""
-    table = results.table()
+    """Write `metrics.parquet`, the plots and `leaderboard.html` from every result row, with the stability of
+    each checkpoint against those differing from it only in seed (`stability.stability_columns`); `ground_truth`
+    is the line on the best ground-truth recovery and its margin over the best baseline ("" without ground truth)."""
+
+    def decoder(uri: str) -> np.ndarray | None:
+        try:
+            return read_tensors(storage.join(uri, WEIGHTS_FILE), results.options)["W_dec"].numpy()
+        except (PrismaRayError, OSError) as exc:  # removed or rewritten since it was evaluated: no stability against it
+            log.warning("stability: %s", exc)
+            return None
+
+    table = stability_columns(results.table(), decoder)
     best = best_ground_truth(table.to_pylist())
     plots = [results.write_file(f"plots/{name}", png) for name, png in front_plots(table).items()]
     relative = [f"plots/{p.rsplit('/', 1)[1]}" for p in plots]

@@ -11,6 +11,7 @@ nothing is ever unpickled.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
@@ -223,7 +224,10 @@ class CheckpointInfo:
     """One checkpoint as its `cfg.json` describes it: what loading builds and what discovery reports.
 
     `config` and `sites` are the dictionary its weights load as (BatchTopK exports as JumpReLU);
-    `architecture` and `k` are those it was trained with, as our metadata records them.
+    `architecture` and `k` are those it was trained with, as our metadata records them. `seed` is its
+    initialisation seed and `seed_group` a hash of everything else it was trained with (sites, dictionary
+    config but for `seed` and `name`, trained tokens, token kinds): checkpoints sharing it differ only in
+    seed (`evaluate.stability`). Both are None for checkpoints without our metadata.
     """
 
     uri: str
@@ -235,6 +239,8 @@ class CheckpointInfo:
     trained_tokens: int | None = None
     steps: int | None = None
     token_kinds: tuple[str, ...] | None = None
+    seed: int | None = None
+    seed_group: str | None = None
 
     @property
     def d_sae(self) -> int:
@@ -265,6 +271,8 @@ class CheckpointInfo:
             "trained_tokens": self.trained_tokens,
             "steps": self.steps,
             "token_kinds": ",".join(self.token_kinds) if self.token_kinds else "all",
+            "seed": self.seed,
+            "seed_group": self.seed_group,
         }
 
 
@@ -356,7 +364,20 @@ def _checkpoint_info(cfg: dict[str, Any], uri: str, where: str) -> CheckpointInf
         trained_tokens=ours.get("trained_tokens"),
         steps=ours.get("steps"),
         token_kinds=tuple(ours["token_kinds"]) if ours.get("token_kinds") else None,
+        seed=trained.get("seed"),
+        seed_group=_seed_group(ours, sites) if trained else None,
     )
+
+
+def _seed_group(ours: dict[str, Any], sites: Sites) -> str:
+    """A hash of what a checkpoint was trained with but its seed and name (`sites`, `metadata.prisma_ray`)."""
+    same = {
+        "sites": sites.model_dump(mode="json"),
+        "config": {k: v for k, v in ours["config"].items() if k not in ("seed", "name")},
+        "trained_tokens": ours.get("trained_tokens"),
+        "token_kinds": ours.get("token_kinds"),
+    }
+    return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()[:16]
 
 
 STATE_TENSORS_FILE = "trainer_state.safetensors"

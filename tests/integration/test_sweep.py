@@ -86,6 +86,9 @@ def test_sweep_loads_each_model_once_writes_the_report_and_resumes(ray_local, wo
         assert row["gt_margin_auroc"] == pytest.approx(margin)
     video = [r for r in table if r["model"] == "test-videomae-cls"]
     assert any(json.loads(r["gt_detail"]) and "direction=" in r["gt_detail"] for r in video), "video ground truth"
+    assert all(r["gt_image_units"] > 0 and r["gt_image_values"] > 0 for r in table)
+    assert all(r["gt_track_units"] > 0 and "direction=" in r["gt_track_detail"] for r in video), "tracks"
+    assert all(r["stability"] is None for r in table), "no two checkpoints differ only in seed yet"
     page = (workspace / "out" / "leaderboard.html").read_text()
     assert page.count("<tr>") == 13 and all(r["checkpoint"] in page for r in table)
     assert "<th>gt_margin_auroc</th>" in page and "<th>gt_best_baseline</th>" in page
@@ -103,7 +106,11 @@ def test_sweep_loads_each_model_once_writes_the_report_and_resumes(ray_local, wo
     again = run_sweep(sweep_config(workspace))
     assert (again.found, again.evaluated, again.skipped) == (13, 2, 11)
     assert again.model_loads == {m: 1 for m in {"test-vit-tiny", lost_model}}
-    assert pq.read_table(workspace / "out" / "metrics.parquet").num_rows == 13
+    rows = pq.read_table(workspace / "out" / "metrics.parquet").to_pylist()
+    assert len(rows) == 13
+    seeded = {r["name"]: r["stability"] for r in rows if r["model"] == "test-vit-tiny" and r["k"] == 4}
+    assert set(seeded) == {"topk-4-s0", "topk-4-s1"} and seeded["topk-4-s0"] == seeded["topk-4-s1"] is not None
+    assert sum(r["stability"] is not None for r in rows) == 2, "the new seed and its sibling only"
     done = run_sweep(sweep_config(workspace))
     assert (done.evaluated, done.skipped, done.model_loads) == (0, 13, {})
 

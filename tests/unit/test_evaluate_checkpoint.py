@@ -270,6 +270,21 @@ def test_ground_truth_follows_each_dictionarys_token_kinds(stores, tmp_path):
     assert first["gt_mean_best_auroc"] == pytest.approx(alone["gt_mean_best_auroc"]), "the same patch tokens"
 
 
+def test_image_level_ground_truth_scores_the_complete_images_among_the_scored_rows(stores, tmp_path):
+    root, _ = stores
+    ckpt = save(identity(Sites(inputs=(site(HOOKS[0]),))), tmp_path / "c")
+    row = Evaluator(eval_config(root, splice_samples=0, ground_truth_tokens=5 * 17 + 8)).evaluate(ckpt)
+    detail = json.loads(row["gt_image_detail"])
+    assert row["gt_image_units"] == 5, "5 whole images of 17 tokens; the 6th is cut"
+    assert row["gt_image_values"] == len(detail) > 0 and {k.split("=")[0] for k in detail} <= {
+        "has_shape",
+        "has_colour",
+        "count",
+    }
+    assert 0 <= row["gt_image_fraction_detected"] <= 1 and 0 <= row["gt_image_mean_best_auroc"] <= 1
+    assert "gt_track_units" not in row, "shapes have no motion"
+
+
 def test_evaluate_command_prints_the_metrics_row(stores, tmp_path, capsys):
     root, _ = stores
     ckpt = save(identity(Sites(inputs=(site(HOOKS[0]),))), tmp_path / "c")

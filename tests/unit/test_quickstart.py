@@ -20,7 +20,10 @@ def test_stages_chain_under_one_output(tmp_path):
     assert extract_configs(cfg, video)[0].dataset.generator.name == "moving-shapes"
     run = train_config(cfg, image)
     assert run.data.inputs == [storage.join(train.output, image.name, image.hook, "train")]
-    assert [d.display_name() for d in run.dictionaries] == ["topk-k-4", "topk-k-8", "topk-k-16"]
+    assert [d.display_name() for d in run.dictionaries] == ["topk-k-4", "topk-k-8", "topk-k-16", "topk-k-4-seed-1"]
+    seeded = run.dictionaries[3]
+    assert seeded.seed != run.dictionaries[0].seed
+    assert seeded.model_dump(exclude={"seed", "name"}) == run.dictionaries[0].model_dump(exclude={"seed", "name"})
     sweep = sweep_config(cfg)
     assert sweep.evaluation.stores == train.output and sweep.evaluation.split == "test"
     assert run.output_uri.startswith(sweep.checkpoints[0]) and "runs" not in sweep.checkpoints[0]

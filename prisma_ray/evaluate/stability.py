@@ -1,0 +1,107 @@
+"""Stability across seeds: how many latents two dictionaries of one config, trained with different seeds, share.
+
+Each dictionary's decoder rows are scaled to unit length and the two sets are matched one to one by
+the Hungarian algorithm on their cosine (`scipy.optimize.linear_sum_assignment`, maximising the total
+cosine); a latent is matched when its pair's cosine reaches `threshold` (0.7). The matched fraction is
+the number of such pairs over the number of latents (Paulo & Belrose 2025, "Sparse autoencoders trained
+on the same data learn different features", arXiv:2501.16615, use this measure).
+
+In a sweep (`stability_columns`), checkpoints whose `seed_group` is equal (same model, hook points,
+dictionary config and training length; see `CheckpointInfo.seed_group`) but whose `seed` differs are
+siblings: each gets `stability`, its mean matched fraction against its siblings, and `stability_cosine`,
+the mean cosine of the matched pairs (null without a sibling).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from scipy.optimize import linear_sum_assignment
+
+from prisma_ray.errors import InvalidRequest
+
+STABILITY_THRESHOLD = 0.7
+
+
+def unit_rows(w: np.ndarray) -> np.ndarray:
+    """`float64[L, D]`: the rows of `w` scaled to unit length (all-zero rows stay zero)."""
+    w = np.asarray(w, dtype=np.float64)
+    norms = np.linalg.norm(w, axis=1, keepdims=True)
+    return np.divide(w, norms, out=np.zeros_like(w), where=norms > 0)
+
+
+def matched_fraction(
+    W_dec_a: np.ndarray, W_dec_b: np.ndarray, threshold: float = STABILITY_THRESHOLD
+) -> tuple[float, float]:
+    """`(matched fraction, mean matched cosine)` of two decoders `[latents, d_out]` of the same shape.
+
+    The latents are paired one to one maximising the total cosine of their decoder rows; the fraction
+    counts the pairs whose cosine is >= `threshold` over the number of latents, the mean cosine is over
+    every pair. Raises `InvalidRequest` when the shapes differ or are not 2-D.
+    """
+    a, b = np.asarray(W_dec_a), np.asarray(W_dec_b)
+    if a.ndim != 2 or a.shape != b.shape:
+        raise InvalidRequest(
+            f"stability: expected two decoders [latents, d_out] of one shape, got {list(a.shape)} and "
+            f"{list(b.shape)}; compare dictionaries of the same config"
+        )
+    if not len(a):
+        raise InvalidRequest("stability: the decoders have no latents")
+    cosine = unit_rows(a) @ unit_rows(b).T
+    rows, cols = linear_sum_assignment(cosine, maximize=True)
+    matched = cosine[rows, cols]
+    return float((matched >= threshold).sum() / len(a)), float(matched.mean())
+
+
+def seed_siblings(groups: list[str | None], seeds: list[int | None]) -> list[list[int]]:
+    """For each row, the indices of its siblings: rows with the same non-null `groups` entry and another seed
+    (rows without a group or a seed have none)."""
+    members: dict[str, list[int]] = {}
+    for i, (group, seed) in enumerate(zip(groups, seeds)):
+        if group is not None and seed is not None:
+            members.setdefault(group, []).append(i)
+    return [
+        [j for j in members.get(group, []) if seeds[j] != seed] if group is not None and seed is not None else []
+        for group, seed in zip(groups, seeds)
+    ]
+
+
+def stability_columns(
+    table: pa.Table, decoder: Callable[[str], np.ndarray | None], threshold: float = STABILITY_THRESHOLD
+) -> pa.Table:
+    """`table` (a sweep's metrics rows with `checkpoint`, `seed_group` and `seed`) with `stability` and
+    `stability_cosine` set: the mean over each row's siblings (`seed_siblings`) of `matched_fraction` and of
+    the matched cosine, null where a row has no sibling. `decoder(checkpoint URI)` gives its `W_dec` (None:
+    unreadable, so no pair with it counts), read once per checkpoint; each pair is matched once."""
+    if not table.num_rows or "seed_group" not in table.column_names or "seed" not in table.column_names:
+        return table
+    uris = table.column("checkpoint").to_pylist()
+    siblings = seed_siblings(table.column("seed_group").to_pylist(), table.column("seed").to_pylist())
+    decoders: dict[int, np.ndarray | None] = {}
+    pairs: dict[tuple[int, int], tuple[float, float] | None] = {}
+    fraction: list[Any] = []
+    cosine: list[Any] = []
+    for i, others in enumerate(siblings):
+        scores = []
+        for j in others:
+            key = (min(i, j), max(i, j))
+            if key not in pairs:
+                for k in key:
+                    if k not in decoders:
+                        decoders[k] = decoder(uris[k])
+                a, b = decoders[key[0]], decoders[key[1]]
+                pairs[key] = None if a is None or b is None else matched_fraction(a, b, threshold)
+            if pairs[key] is not None:
+                scores.append(pairs[key])
+        fraction.append(float(np.mean([s[0] for s in scores])) if scores else None)
+        cosine.append(float(np.mean([s[1] for s in scores])) if scores else None)
+    for name, values in (("stability", fraction), ("stability_cosine", cosine)):
+        column = pa.array(values, pa.float64())
+        if name in table.column_names:
+            table = table.set_column(table.column_names.index(name), name, column)
+        else:
+            table = table.append_column(name, column)
+    return table
