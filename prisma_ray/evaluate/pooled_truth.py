@@ -141,10 +141,10 @@ def pooled_labels(
     image, images = image_index(keys, layout, per_image)
     track, track_factors = np.full(len(image), -1, np.int64), {}
     if "direction" in objects.column_names:
-        wanted = ["object", "coverage", "direction"]
-        _, values = token_factors(keys, layout, patches, objects, patch_grid, wanted, crop_pct, frames)
+        labels = token_factors(keys, layout, patches, objects, patch_grid, ["object", "direction"], crop_pct, frames)
+        values = labels.values
         ids = keys.column("sample_id").to_pylist()
-        track, tracks = track_index(image, ids, values["object"], values["coverage"], min_coverage)
+        track, tracks = track_index(image, ids, values["object"], labels.coverage, min_coverage)
         direction: list[frozenset] = [frozenset() for _ in tracks]
         for row in np.flatnonzero(track >= 0):
             direction[track[row]] = direction[track[row]] | {values["direction"][row]}

@@ -78,7 +78,8 @@ def test_a_latent_on_one_patch_of_each_star_image_detects_stars_per_image_though
     # latent 2: on every patch of every image (never tells one image from another)
     latents[:, 2] = 0.5
 
-    patch, values = token_factors(keys, IMAGE, patches, objects, (2, 2), ["shape"])
+    labels = token_factors(keys, IMAGE, patches, objects, (2, 2), ["shape"])
+    patch, values = labels.patch, labels.values
     star = np.array([v == "star" for v in values["shape"][patch]])
     assert auroc(latents[patch][:, :1], star[:, None])[0, 0] < 0.5, "per patch it fires off the stars"
 
@@ -132,8 +133,8 @@ def test_pool_max_and_sum_per_unit():
 
 def test_token_factors_give_the_object_itself():
     keys, patches, objects = image_tables()
-    patch, values = token_factors(keys.slice(0, 5), IMAGE, patches, objects, (2, 2), ["object", "coverage"])
-    assert values["object"].tolist() == [None, 1, 1, 0, 0] and values["coverage"][1] == pytest.approx(0.9)
+    labels = token_factors(keys.slice(0, 5), IMAGE, patches, objects, (2, 2), ["object"])
+    assert labels.values["object"].tolist() == [None, 1, 1, 0, 0] and labels.coverage[1] == pytest.approx(0.9)
 
 
 def clip_tables() -> tuple[pa.Table, pa.Table, pa.Table, TokenLayout]:
