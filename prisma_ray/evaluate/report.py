@@ -100,9 +100,9 @@ def best_ground_truth(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def ground_truth_line(row: dict[str, Any], detect_auroc: float = 0.95) -> str:
-    """One line on a row's ground-truth recovery and its margin over the best baseline, e.g. `m topk-8 detects
-    0.500 of the factor values (AUROC >= 0.95), mean best AUROC 0.912; best baseline raw: 0.250, 0.904 (margin
-    +0.250 detected, +0.008 AUROC)`."""
+    """One line on a row's ground-truth recovery and its margin over the best baselines, e.g. `m topk-8 detects
+    0.500 of the factor values (AUROC >= 0.95), mean best AUROC 0.912; baselines: mean best AUROC 0.904 (raw),
+    detected 0.250 (margin +0.008 AUROC, +0.250 detected)`."""
 
     def fmt(key: str, sign: str = "") -> str:
         value = _number(row.get(key))
@@ -114,9 +114,9 @@ def ground_truth_line(row: dict[str, Any], detect_auroc: float = 0.95) -> str:
     )
     if row.get("gt_best_baseline"):
         line += (
-            f"; best baseline {row['gt_best_baseline']}: {fmt('gt_baseline_fraction_detected')}, "
-            f"{fmt('gt_baseline_mean_best_auroc')} (margin {fmt('gt_margin_detected', '+')} detected, "
-            f"{fmt('gt_margin_auroc', '+')} AUROC)"
+            f"; baselines: mean best AUROC {fmt('gt_baseline_mean_best_auroc')} ({row['gt_best_baseline']}), "
+            f"detected {fmt('gt_baseline_fraction_detected')} (margin {fmt('gt_margin_auroc', '+')} AUROC, "
+            f"{fmt('gt_margin_detected', '+')} detected)"
         )
     return line
 

@@ -93,7 +93,8 @@ def test_sweep_loads_each_model_once_writes_the_report_and_resumes(ray_local, wo
     assert page.count("<tr>") == 13 and all(r["checkpoint"] in page for r in table)
     assert "<th>gt_margin_auroc</th>" in page and "<th>gt_best_baseline</th>" in page
     line = next(x for x in summary.format().splitlines() if x.startswith("ground truth best "))
-    assert "of the factor values (AUROC >= 0.95)" in line and "; best baseline " in line and " AUROC)" in line
+    assert "of the factor values (AUROC >= 0.95)" in line and "; baselines: mean best AUROC " in line
+    assert line.endswith(" detected)") and " (margin " in line
     plots = sorted(p.name for p in (workspace / "out" / "plots").iterdir())
     assert plots == [f"{m}__{HOOK}.png" for m in MODELS]
     assert all((workspace / "out" / "plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)

@@ -89,7 +89,7 @@ def test_the_leaderboard_and_the_summary_line_give_the_margin_over_the_best_base
     assert best["name"] == "a<b", "the most values detected, then the highest mean best AUROC"
     assert ground_truth_line(best) == (
         "m1 a<b detects 0.500 of the factor values (AUROC >= 0.95), mean best AUROC 0.912; "
-        "best baseline raw: 0.750, 0.904 (margin -0.250 detected, +0.008 AUROC)"
+        "baselines: mean best AUROC 0.904 (raw), detected 0.750 (margin +0.008 AUROC, -0.250 detected)"
     )
     assert ground_truth_line(rows[1], 0.9).endswith("(AUROC >= 0.9), mean best AUROC 0.800"), "no baselines"
     assert best_ground_truth([ROWS[2]]) is None
