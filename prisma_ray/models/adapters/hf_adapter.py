@@ -270,11 +270,11 @@ def _patch_embed(backbone: nn.Module) -> nn.Module | None:
 
 
 def _pos_embed(backbone: nn.Module) -> Callable[[], torch.Tensor] | None:
-    """The position embeddings `[positions, d_model]` (a parameter, an `nn.Embedding`'s weight or VideoMAE's
-    fixed sinusoid buffer), where the model adds them as one tensor."""
+    """The learned position embeddings `[positions, d_model]` (a parameter or an `nn.Embedding`'s weight); None
+    for fixed ones (VideoMAE's sinusoids) and none."""
     embeddings = getattr(backbone, "embeddings", None)
     table = getattr(embeddings, "position_embeddings", None)
-    if isinstance(table, torch.Tensor):
+    if isinstance(table, nn.Parameter):
         return lambda: table[0] if table.dim() == 3 else table
     embedding = getattr(embeddings, "position_embedding", None)
     if isinstance(embedding, nn.Embedding):
