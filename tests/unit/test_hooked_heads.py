@@ -17,6 +17,7 @@ import torch
 from prisma_ray.errors import InvalidRequest
 from prisma_ray.models import HookedVisionModel, InterventionNotSupported, get_entry, load_model
 from prisma_ray.models.hook_points import INNER_SITES, UnknownHookPoint
+from tests import lmm_tiny
 from tests.tiny_models import HF, OPEN_CLIP, TIMM, batch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -241,3 +242,20 @@ def test_replacing_a_heads_result_equals_ablating_its_z_and_scales_are_read_only
     with model.hooks([("blocks.0.ln1.hook_scale", lambda t, hook: t * 2)]):
         with pytest.raises(InterventionNotSupported, match="ln1.hook_scale"):
             model(x)
+
+
+@torch.no_grad()
+def test_language_model_heads_of_a_multimodal_model():
+    """`lm.` points of a grouped-query language model (LLaVA-NeXT's Llama: 4 query heads, 2 key/value heads):
+    k and v have the key/value heads, the heads' results sum to `hook_attn_out`, reading them changes nothing."""
+    name = "llava-next"
+    model = load_model(lmm_tiny.tiny_entry(name), pretrained=False, seed=0)
+    x = lmm_tiny.inputs(name)[0]
+    reference = model(x)
+    points = [f"lm.blocks.1.{s}" for s in ("attn.hook_q", "attn.hook_k", "attn.hook_result", "hook_attn_out")]
+    output, cache = model.run_with_cache(x, points)
+    q, k, result, attn_out = (cache[p] for p in points)
+    assert torch.equal(output, reference)
+    assert (q.shape[2], k.shape[2]) == (4, 2) and model.hook_shape(points[1]) == ("batch", "seq", 2, 8)
+    b_o = model.weights(1, lm=True)["b_O"]
+    torch.testing.assert_close(result.sum(2) + (0 if b_o is None else b_o), attn_out, **TOL)
