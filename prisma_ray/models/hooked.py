@@ -52,8 +52,10 @@ class HookedVisionModel(nn.Module):
 
     Hooks are PyTorch forward hooks on the original modules, attached only inside `hooks(...)`
     or `run_with_cache(...)`, so outside them the model computes exactly what the source model
-    computes. Every hook function receives `[batch, tokens, d_model]` (patterns:
-    `[batch, heads, tokens, tokens]`) and may return a tensor of the same shape to replace it.
+    computes. Every hook function receives the activation batch first (`hook_shape(name)`: `[batch, tokens,
+    d_model]`; patterns `[batch, heads, tokens, tokens]`; q/k/v/z `[batch, tokens, heads, d_head]`; neurons
+    `[batch, tokens, d_mlp]`) and may return a tensor of the same shape to replace it. `weights(layer)`, `W_E`
+    and `W_pos` are TransformerLens-named views of the parameters.
 
     Multimodal language models take their processor's output as input, keep `blocks.*` for the
     vision tower (a tower that packs all images into one sequence shows `[1, tokens, d]`) and add
