@@ -33,6 +33,7 @@ INNER_SITES = (
     "mlp.hook_pre",
     "mlp.hook_post",
 )
+HEAD_SITES = INNER_SITES[2:7]  # attn.hook_q, k, v, z, result: `[batch, tokens, heads, d]`
 GLOBAL_SITES = ("hook_embed", "hook_final")
 FINAL_SCALE = "ln_final.hook_scale"  # listed where the final module is a layer norm
 # The order in which the forward pass reaches the sites of a stack: `hook_embed` is block 0's input, then each

@@ -16,6 +16,7 @@ from ..errors import PrismaRayError
 from .hook_points import (
     FINAL_SCALE,
     FORWARD_ORDER,
+    HEAD_SITES,
     INNER_SITES,
     HookPoint,
     all_hook_names,
@@ -114,9 +115,18 @@ class HookedVisionModel(nn.Module):
             raise TypeError(f"{self.name} is not a multimodal language model; it takes pixels (see model.preprocess).")
         return self._sites.encode(visuals, prompts)
 
-    def hook_width(self, name: str) -> int:
-        """The activation width at hook point `name` (`lm_d_model` on the language model, else `d_model`)."""
-        return self.lm_d_model if self.hook_point(name).lm else self.d_model
+    def hook_width(self, name: str, head: int | None = None) -> int:
+        """The width of one token's activation at hook point `name` as stored (`per_token`): `d_model`
+        (`lm_d_model` on the language model), `d_mlp` for neurons, 1 for norm scales; for the per-head points
+        (`attn.hook_q/k/v/z/result`) all heads flattened into the width, or one head's width when `head` is given.
+        (`attn.hook_pattern` is not one vector per token; it gives `d_model`.)"""
+        point = self.hook_point(name)
+        if point.site == "attn.hook_pattern":
+            return self.lm_d_model if point.lm else self.d_model
+        shape = self.hook_shape(name)
+        if point.site in HEAD_SITES:
+            return shape[3] if head is not None else shape[2] * shape[3]
+        return shape[2]
 
     @property
     def preprocess(self) -> PreprocessSpec:
@@ -362,7 +372,7 @@ class HookedVisionModel(nn.Module):
         `[batch, tokens, 1]`. An unknown name raises `UnknownHookPoint`."""
         point = self.hook_point(name)
         tokens: int | str = "seq" if point.lm else self.token_layout.n_tokens
-        d_model = self.hook_width(name)
+        d_model = self.lm_d_model if point.lm else self.d_model
         n_heads = self._stack(point).n_heads
         if point.site == "attn.hook_pattern":
             return ("batch", n_heads, tokens, tokens)
@@ -411,6 +421,15 @@ class HookedVisionModel(nn.Module):
     def W_pos(self) -> torch.Tensor | None:  # noqa: N802 (TransformerLens name)
         """The learned position embeddings `[positions, d_model]` (a view); None where there are none."""
         return None if self._sites.pos_embed is None else self._sites.pos_embed()
+
+
+def per_token(value: torch.Tensor, head: int | None = None) -> torch.Tensor:
+    """One vector per token, `[batch, tokens, width]`: a per-head activation `[batch, tokens, heads, d]` with its
+    heads flattened into the width (head-major: column `h * d + i`), or only head `head`; other activations as
+    they are."""
+    if value.dim() != 4:
+        return value
+    return value.flatten(2) if head is None else value[:, :, head]
 
 
 def _stack_inner(stack: LanguageSites | ModelSites) -> tuple[list[dict[str, InnerSite]], InnerSite | None]:
