@@ -58,6 +58,11 @@ class PatchingConfig(BaseModel):
         None, ge=0, description="default: the first input predicted differently (else the next)"
     )
     batch_size: int = Field(64, ge=1, description="patched runs per forward pass")
+    heads: bool = Field(
+        False,
+        description="patch one attention head at a time (all `positions` at once) at a per-head site such as "
+        "attn.hook_z: a layer x head map",
+    )
 
 
 class AttributionConfig(BaseModel):
@@ -194,6 +199,7 @@ def _patching(model: HookedVisionModel, inputs: Inputs, cfg: AnalyzeConfig) -> t
         p.mode,
         head,
         p.batch_size,
+        p.heads,
     )
     labels = draw.token_labels(model.token_layout)
     effect = result.effect.cpu().numpy()
@@ -201,13 +207,17 @@ def _patching(model: HookedVisionModel, inputs: Inputs, cfg: AnalyzeConfig) -> t
         f"{model.name}: {p.mode} {inputs.names[p.clean]} (class {result.clean_class}) <- "
         f"{inputs.names[corrupted]} (class {result.corrupted_class})"
     )
+    if result.heads is not None:
+        columns, what = [f"head {h}" for h in result.heads], "head (layer x head)"
+    else:
+        columns, what = [labels[q] for q in result.positions], "position"
     figures = [
         (
-            "normalised logit-difference effect per hook point and position",
-            draw.matrix_png(effect, result.hooks, [labels[q] for q in result.positions], title, "effect"),
+            f"normalised logit-difference effect per hook point and {what}",
+            draw.matrix_png(effect, result.hooks, columns, title, "effect"),
         )
     ]
-    if p.positions is None:
+    if p.positions is None and result.heads is None:
         maps = [[row for row in effect]]
         cells = [[draw.token_overlay(inputs.pixels[p.clean], m, model.token_layout) for m in maps[0]]]
         figures.append(
@@ -226,6 +236,8 @@ def _patching(model: HookedVisionModel, inputs: Inputs, cfg: AnalyzeConfig) -> t
         "hooks": result.hooks,
         "max_effect_per_hook": [round(float(v), 4) for v in effect.max(axis=1)],
     }
+    if result.heads is not None:
+        facts["effect_per_head"] = [[round(float(v), 4) for v in row] for row in effect]
     return facts, figures
 
 

@@ -153,3 +153,21 @@ def test_zero_shot_head_from_text_embeddings_file(tmp_path):
     head = _zero_shot(cfg)
     assert head.text_embeddings.shape == (3, 64) and head.logit_scale == 10.0
     assert _zero_shot(AnalyzeConfig()) is None
+
+
+def test_cli_patches_per_head_into_a_layer_by_head_map(tmp_path, capsys):
+    args = [
+        "analyze",
+        "patching",
+        "--set",
+        f"output={tmp_path}",
+        "--set",
+        "inputs.synthetic=4",
+        "--set",
+        f"model={TOY}",
+    ]
+    assert main([*args, "--set", "patching.site=attn.hook_z", "--set", "patching.heads=true"]) == 0
+    summary = _written(tmp_path, "patching")
+    assert np.array(summary["effect_per_head"]).shape == (4, 4)  # the toy ViT: 4 blocks of 4 heads
+    assert summary["hooks"] == [f"blocks.{layer}.attn.hook_z" for layer in range(4)]
+    capsys.readouterr()

@@ -140,3 +140,30 @@ def test_attribution_needs_a_residual_stream_hook_point(toy_vit):
     ]
     with pytest.raises(ValueError, match="blocks.1.hook_mlp_out"):
         components(toy_vit, "blocks.1.hook_mlp_out")
+
+
+def test_patching_per_head_gives_a_layer_by_head_map_of_single_head_patches(toy_vit, shapes):
+    """`heads=True` at `attn.hook_z`: entry (l, h) is the normalised logit difference of the clean run with head h
+    of block l (at every position) taken from the corrupted run."""
+    inputs, _, pairs = shapes
+    i, j = pairs[0]
+    clean, corrupted = inputs.x[i : i + 1], inputs.x[j : j + 1]
+    result = activation_patching(toy_vit, clean, corrupted, "attn.hook_z", heads=True, batch_size=3)
+    assert result.effect.shape == (toy_vit.n_layers, toy_vit.n_heads) and result.heads == [0, 1, 2, 3]
+    layer, head = 1, 2
+    name = f"blocks.{layer}.attn.hook_z"
+    with torch.inference_mode():
+        _, donor = toy_vit.run_with_cache(corrupted, [name])
+
+        def put(t, hook):
+            t = t.clone()
+            t[:, :, head] = donor[name][:, :, head]
+            return t
+
+        with toy_vit.hooks([(name, put)]):
+            logits = toy_vit(clean)[0]
+    a, b = result.clean_class, result.corrupted_class
+    expected = (float(logits[a] - logits[b]) - result.clean_ld) / (result.corrupted_ld - result.clean_ld)
+    assert float(result.effect[layer, head]) == pytest.approx(expected, abs=1e-5)
+    with pytest.raises(ValueError, match="per-head site"):
+        activation_patching(toy_vit, clean, corrupted, "hook_resid_pre", heads=True)
