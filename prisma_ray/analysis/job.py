@@ -73,6 +73,9 @@ class AttributionConfig(BaseModel):
     dictionary: str | None = Field(None, description="checkpoint URI: attribute a latent instead of a class logit")
     latent: int | None = Field(None, ge=0, description="the latent attributed (required with `dictionary`)")
     classes: list[int] | None = Field(None, description="class per input (default: the predicted class)")
+    heads: bool = Field(
+        False, description="split each attention output into its heads' results and b_O (drawn as layer x head)"
+    )
 
 
 class AnalyzeConfig(BaseModel):
@@ -245,12 +248,12 @@ def _attribute(model: HookedVisionModel, inputs: Inputs, cfg: AnalyzeConfig) -> 
     a = cfg.attribution
     if a.dictionary is None:
         classes = None if a.classes is None else torch.tensor(a.classes, device=inputs.x.device)
-        result = logit_attribution(model, inputs.x, _readout(model, cfg), classes)
+        result = logit_attribution(model, inputs.x, _readout(model, cfg), classes, a.heads)
     elif a.latent is None:
         raise InvalidRequest("attribution.latent is required with attribution.dictionary")
     else:
         dictionary = load_dictionary(a.dictionary, cfg.storage).to(inputs.x.device)
-        result = latent_attribution(model, inputs.x, dictionary, a.latent)
+        result = latent_attribution(model, inputs.x, dictionary, a.latent, a.heads)
     return Attribution(
         result.components, result.per_token.float().cpu(), result.bias.float().cpu(), result.target.float().cpu()
     )
@@ -269,6 +272,27 @@ def _attribution(model: HookedVisionModel, inputs: Inputs, cfg: AnalyzeConfig) -
             ),
         )
     ]
+    facts: dict = {}
+    if cfg.attribution.heads:
+        layers = sorted({int(c.split(".")[1]) for c in result.components if ".head" in c})
+        n_heads = sum(c.startswith(f"blocks.{layers[0]}.attn.head") for c in result.components)
+        column = {c: i for i, c in enumerate(result.components)}
+        grid = np.array(
+            [[per_component[:, column[f"blocks.{l}.attn.head{h}"]].mean() for h in range(n_heads)] for l in layers]
+        )
+        facts["per_head"] = [[round(float(v), 4) for v in row] for row in grid]
+        figures.append(
+            (
+                f"direct attribution of the {what} per layer and head (mean over inputs)",
+                draw.matrix_png(
+                    grid,
+                    [f"block {l}" for l in layers],
+                    [f"head {h}" for h in range(n_heads)],
+                    f"{model.name}: direct attribution per head",
+                    "contribution",
+                ),
+            )
+        )
     for b in range(min(cfg.max_drawn, len(inputs.x))):
         maps = [[np.maximum(m, 0) for m in result.per_token[b].numpy()]]
         figures.append(
@@ -283,7 +307,7 @@ def _attribution(model: HookedVisionModel, inputs: Inputs, cfg: AnalyzeConfig) -
             )
         )
     target = result.target.sum(-1) if latent else result.target
-    return {"components": result.components, "target": [round(float(v), 4) for v in target]}, figures
+    return {"components": result.components, "target": [round(float(v), 4) for v in target], **facts}, figures
 
 
 RUNNERS = {"logit-lens": _lens, "attention": _attention, "patching": _patching, "attribution": _attribution}

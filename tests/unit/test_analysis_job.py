@@ -171,3 +171,20 @@ def test_cli_patches_per_head_into_a_layer_by_head_map(tmp_path, capsys):
     assert np.array(summary["effect_per_head"]).shape == (4, 4)  # the toy ViT: 4 blocks of 4 heads
     assert summary["hooks"] == [f"blocks.{layer}.attn.hook_z" for layer in range(4)]
     capsys.readouterr()
+
+
+def test_cli_attributes_per_head_into_a_layer_by_head_map(tmp_path, capsys):
+    args = [
+        "analyze",
+        "attribution",
+        "--set",
+        f"output={tmp_path}",
+        "--set",
+        "inputs.synthetic=4",
+        "--set",
+        f"model={TOY}",
+    ]
+    assert main([*args, "--set", "attribution.heads=true", "--set", "max_drawn=1"]) == 0
+    summary = _written(tmp_path, "attribution")
+    assert np.array(summary["per_head"]).shape == (4, 4) and "blocks.3.attn.head3" in summary["components"]
+    capsys.readouterr()

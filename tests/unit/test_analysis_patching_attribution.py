@@ -167,3 +167,31 @@ def test_patching_per_head_gives_a_layer_by_head_map_of_single_head_patches(toy_
     assert float(result.effect[layer, head]) == pytest.approx(expected, abs=1e-5)
     with pytest.raises(ValueError, match="per-head site"):
         activation_patching(toy_vit, clean, corrupted, "hook_resid_pre", heads=True)
+
+
+def test_logit_attribution_per_head_splits_each_attention_output_exactly(toy_vit, shapes):
+    """Per head: every block's attention term becomes its 4 heads' results and b_O; those sum to the block's
+    attention term, and everything still sums to the logit."""
+    x = shapes[0].x[:4]
+    readout = class_readout(toy_vit)
+    whole = logit_attribution(toy_vit, x, readout)
+    split = logit_attribution(toy_vit, x, readout, heads=True)
+    assert split.components[1:6] == [f"blocks.0.attn.head{h}" for h in range(4)] + ["blocks.0.attn.b_O"]
+    assert len(split.components) == 1 + toy_vit.n_layers * (4 + 1 + 1)
+    for layer in range(toy_vit.n_layers):
+        parts = [i for i, c in enumerate(split.components) if c.startswith(f"blocks.{layer}.attn.")]
+        block = whole.components.index(f"blocks.{layer}.attn")
+        torch.testing.assert_close(split.per_token[:, parts].sum(1), whole.per_token[:, block], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(split.per_token.sum((1, 2)) + split.bias, split.target, atol=1e-3, rtol=1e-4)
+
+
+def test_attribution_per_head_refuses_a_layer_scaled_attention_branch():
+    """OpenCLIP CLIPA scales its attention branch by 0.5 (LayerScale): the heads' results do not sum to it."""
+    from prisma_ray.analysis.attribution import _terms
+    from prisma_ray.models import load_model
+    from tests.tiny_models import OPEN_CLIP, batch
+
+    model = load_model(OPEN_CLIP["clipa"], pretrained=False, seed=0)
+    with pytest.raises(ValueError, match="layer-scale"):
+        _terms(model, batch(model), "blocks.1.hook_resid_post", heads=True)
+    _terms(model, batch(model), "blocks.1.hook_resid_post", heads=False)
