@@ -155,36 +155,16 @@ def test_zero_shot_head_from_text_embeddings_file(tmp_path):
     assert _zero_shot(AnalyzeConfig()) is None
 
 
-def test_cli_patches_per_head_into_a_layer_by_head_map(tmp_path, capsys):
-    args = [
-        "analyze",
-        "patching",
-        "--set",
-        f"output={tmp_path}",
-        "--set",
-        "inputs.synthetic=4",
-        "--set",
-        f"model={TOY}",
-    ]
-    assert main([*args, "--set", "patching.site=attn.hook_z", "--set", "patching.heads=true"]) == 0
-    summary = _written(tmp_path, "patching")
-    assert np.array(summary["effect_per_head"]).shape == (4, 4)  # the toy ViT: 4 blocks of 4 heads
-    assert summary["hooks"] == [f"blocks.{layer}.attn.hook_z" for layer in range(4)]
-    capsys.readouterr()
-
-
-def test_cli_attributes_per_head_into_a_layer_by_head_map(tmp_path, capsys):
-    args = [
-        "analyze",
-        "attribution",
-        "--set",
-        f"output={tmp_path}",
-        "--set",
-        "inputs.synthetic=4",
-        "--set",
-        f"model={TOY}",
-    ]
-    assert main([*args, "--set", "attribution.heads=true", "--set", "max_drawn=1"]) == 0
-    summary = _written(tmp_path, "attribution")
-    assert np.array(summary["per_head"]).shape == (4, 4) and "blocks.3.attn.head3" in summary["components"]
+@pytest.mark.parametrize(
+    "analysis,options,key",
+    [
+        ("patching", ["patching.site=attn.hook_z", "patching.heads=true"], "effect_per_head"),
+        ("attribution", ["attribution.heads=true", "max_drawn=1"], "per_head"),
+    ],
+)
+def test_cli_draws_a_layer_by_head_map(tmp_path, capsys, analysis, options, key):
+    args = ["analyze", analysis, "--set", f"output={tmp_path}", "--set", "inputs.synthetic=4", "--set", f"model={TOY}"]
+    assert main([*args, *(x for option in options for x in ("--set", option))]) == 0
+    summary = _written(tmp_path, analysis)
+    assert np.array(summary[key]).shape == (4, 4)  # the toy ViT: 4 blocks of 4 heads
     capsys.readouterr()
