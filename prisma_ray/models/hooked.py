@@ -191,13 +191,16 @@ class HookedVisionModel(nn.Module):
         names: Iterable[str] | None = None,
         stop_early: bool = False,
     ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-        """Run the model and return `(output, cache)` with the activations at `names` (all by default).
+        """Run the model and return `(output, cache)` with the activations at `names` (by default every hook
+        point but `attn.hook_result`, which holds heads x d_model values per token: name it to cache it, as
+        TransformerLens caches it only on request).
 
         Inside `hooks(...)` the cache holds the values as the forward pass carries them, after every
         replacement at or before each hook point. With `stop_early=True` the forward pass ends after
         the last block that a requested hook point needs, and `output` is None.
         """
-        names = list(self.hook_names if names is None else names)
+        default = [n for n in self.hook_names if not n.endswith("attn.hook_result")]
+        names = list(default if names is None else names)
         points = [self.hook_point(n) for n in names]
         cache: dict[str, torch.Tensor] = {}
 

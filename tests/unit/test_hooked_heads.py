@@ -78,6 +78,9 @@ def test_every_model_lists_every_inner_point_with_its_shape(case):
     assert model.hook_shape("blocks.0.ln1.hook_scale")[2:] == (1,)
     with pytest.raises(UnknownHookPoint, match="hook_zz"):
         model.hook_shape("blocks.0.attn.hook_zz")
+    with torch.no_grad():
+        _, cache = model.run_with_cache(batch(model, 1))
+    assert "blocks.0.attn.hook_z" in cache and "blocks.0.attn.hook_result" not in cache, "results on request only"
 
 
 @torch.no_grad()
