@@ -100,9 +100,17 @@ def _models_list(args: argparse.Namespace) -> int:
 
 
 def _models_show(args: argparse.Namespace) -> int:
-    from .models import get_entry
+    from .models import describe_model, get_entry
 
-    print(json.dumps(get_entry(args.name).model_dump(), indent=2))
+    entry = get_entry(args.name)
+    if not args.hooks:
+        print(json.dumps(entry.model_dump(), indent=2))
+        return 0
+    model = describe_model(entry)  # on the meta device: no weights are read or allocated
+    width = max(map(len, model.hook_names))
+    for name in model.hook_names:
+        print(f"{name:<{width}}  [{', '.join(map(str, model.hook_shape(name)))}]")
+    print(f"{len(model.hook_names)} hook points")
     return 0
 
 
@@ -236,7 +244,19 @@ COMMANDS: tuple[Command, ...] = (
                     arg("--json", action="store_true", help="print JSON instead of a table"),
                 ),
             ),
-            Command(name="show", help="show one registry entry", run=_models_show, arguments=(arg("name"),)),
+            Command(
+                name="show",
+                help="show one registry entry, or with --hooks every hook point of the model and its shape",
+                run=_models_show,
+                arguments=(
+                    arg("name"),
+                    arg(
+                        "--hooks",
+                        action="store_true",
+                        help="list every hook point with its shape (built on the meta device: no weights)",
+                    ),
+                ),
+            ),
         ),
     ),
     Command(

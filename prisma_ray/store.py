@@ -230,7 +230,8 @@ class Manifest(BaseModel):
     split: str
     dtype: StoreDType
     model_dtype: ModelDType = "float32"  # the dtype the model ran in (stores written before it existed: float32)
-    d_model: int
+    d_model: int  # the stored width (per-head points: heads * d_head, or d_head for one head)
+    heads: int | Literal["flattened"] | None = None  # per-head points: every head flattened (head-major), or one head
     token_selection: dict[str, Any]
     token_layout: dict[str, Any]
     dataset: dict[str, Any]

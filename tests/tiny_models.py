@@ -153,8 +153,9 @@ def batch(model: HookedVisionModel, n: int = 2, seed: int = 1) -> torch.Tensor:
 
 
 def read_only_names(model: HookedVisionModel) -> list[str]:
-    """Every hook point whose reading leaves the computation as it is (attention patterns excluded)."""
-    return [n for n in model.hook_names if not n.endswith("hook_pattern")]
+    """Every hook point whose reading leaves the computation as it is (attention patterns, and per-head points
+    that switch the attention to its explicit path, excluded)."""
+    return [n for n in model.hook_names if not n.endswith("hook_pattern") and model.read_is_exact(n)]
 
 
 # The small models of the pipeline tests (extraction, evaluation, the sweep), as the plain dicts job configs take.

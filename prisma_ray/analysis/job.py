@@ -58,6 +58,11 @@ class PatchingConfig(BaseModel):
         None, ge=0, description="default: the first input predicted differently (else the next)"
     )
     batch_size: int = Field(64, ge=1, description="patched runs per forward pass")
+    heads: bool = Field(
+        False,
+        description="patch one attention head at a time (all `positions` at once) at a per-head site such as "
+        "attn.hook_z: a layer x head map",
+    )
 
 
 class AttributionConfig(BaseModel):
@@ -68,6 +73,9 @@ class AttributionConfig(BaseModel):
     dictionary: str | None = Field(None, description="checkpoint URI: attribute a latent instead of a class logit")
     latent: int | None = Field(None, ge=0, description="the latent attributed (required with `dictionary`)")
     classes: list[int] | None = Field(None, description="class per input (default: the predicted class)")
+    heads: bool = Field(
+        False, description="split each attention output into its heads' results and b_O (drawn as layer x head)"
+    )
 
 
 class AnalyzeConfig(BaseModel):
@@ -194,6 +202,7 @@ def _patching(model: HookedVisionModel, inputs: Inputs, cfg: AnalyzeConfig) -> t
         p.mode,
         head,
         p.batch_size,
+        p.heads,
     )
     labels = draw.token_labels(model.token_layout)
     effect = result.effect.cpu().numpy()
@@ -201,13 +210,17 @@ def _patching(model: HookedVisionModel, inputs: Inputs, cfg: AnalyzeConfig) -> t
         f"{model.name}: {p.mode} {inputs.names[p.clean]} (class {result.clean_class}) <- "
         f"{inputs.names[corrupted]} (class {result.corrupted_class})"
     )
+    if result.heads is not None:
+        columns, what = [f"head {h}" for h in result.heads], "head (layer x head)"
+    else:
+        columns, what = [labels[q] for q in result.positions], "position"
     figures = [
         (
-            "normalised logit-difference effect per hook point and position",
-            draw.matrix_png(effect, result.hooks, [labels[q] for q in result.positions], title, "effect"),
+            f"normalised logit-difference effect per hook point and {what}",
+            draw.matrix_png(effect, result.hooks, columns, title, "effect"),
         )
     ]
-    if p.positions is None:
+    if p.positions is None and result.heads is None:
         maps = [[row for row in effect]]
         cells = [[draw.token_overlay(inputs.pixels[p.clean], m, model.token_layout) for m in maps[0]]]
         figures.append(
@@ -226,6 +239,8 @@ def _patching(model: HookedVisionModel, inputs: Inputs, cfg: AnalyzeConfig) -> t
         "hooks": result.hooks,
         "max_effect_per_hook": [round(float(v), 4) for v in effect.max(axis=1)],
     }
+    if result.heads is not None:
+        facts["effect_per_head"] = [[round(float(v), 4) for v in row] for row in effect]
     return facts, figures
 
 
@@ -233,12 +248,12 @@ def _attribute(model: HookedVisionModel, inputs: Inputs, cfg: AnalyzeConfig) -> 
     a = cfg.attribution
     if a.dictionary is None:
         classes = None if a.classes is None else torch.tensor(a.classes, device=inputs.x.device)
-        result = logit_attribution(model, inputs.x, _readout(model, cfg), classes)
+        result = logit_attribution(model, inputs.x, _readout(model, cfg), classes, a.heads)
     elif a.latent is None:
         raise InvalidRequest("attribution.latent is required with attribution.dictionary")
     else:
         dictionary = load_dictionary(a.dictionary, cfg.storage).to(inputs.x.device)
-        result = latent_attribution(model, inputs.x, dictionary, a.latent)
+        result = latent_attribution(model, inputs.x, dictionary, a.latent, a.heads)
     return Attribution(
         result.components, result.per_token.float().cpu(), result.bias.float().cpu(), result.target.float().cpu()
     )
@@ -257,6 +272,27 @@ def _attribution(model: HookedVisionModel, inputs: Inputs, cfg: AnalyzeConfig) -
             ),
         )
     ]
+    facts: dict = {}
+    if cfg.attribution.heads:
+        layers = sorted({int(c.split(".")[1]) for c in result.components if ".head" in c})
+        n_heads = sum(c.startswith(f"blocks.{layers[0]}.attn.head") for c in result.components)
+        column = {c: i for i, c in enumerate(result.components)}
+        grid = np.array(
+            [[per_component[:, column[f"blocks.{l}.attn.head{h}"]].mean() for h in range(n_heads)] for l in layers]
+        )
+        facts["per_head"] = [[round(float(v), 4) for v in row] for row in grid]
+        figures.append(
+            (
+                f"direct attribution of the {what} per layer and head (mean over inputs)",
+                draw.matrix_png(
+                    grid,
+                    [f"block {l}" for l in layers],
+                    [f"head {h}" for h in range(n_heads)],
+                    f"{model.name}: direct attribution per head",
+                    "contribution",
+                ),
+            )
+        )
     for b in range(min(cfg.max_drawn, len(inputs.x))):
         maps = [[np.maximum(m, 0) for m in result.per_token[b].numpy()]]
         figures.append(
@@ -271,7 +307,7 @@ def _attribution(model: HookedVisionModel, inputs: Inputs, cfg: AnalyzeConfig) -
             )
         )
     target = result.target.sum(-1) if latent else result.target
-    return {"components": result.components, "target": [round(float(v), 4) for v in target]}, figures
+    return {"components": result.components, "target": [round(float(v), 4) for v in target], **facts}, figures
 
 
 RUNNERS = {"logit-lens": _lens, "attention": _attention, "patching": _patching, "attribution": _attribution}

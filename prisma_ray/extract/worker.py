@@ -38,6 +38,7 @@ from .. import store
 from ..data.errors import write_shard_errors
 from ..data.shards import ShardData
 from ..models import ModelEntry
+from ..models.hooked import per_token
 from ..models.inputs import KeptTokens, model_inputs
 from ..models.loading import TORCH_DTYPES, actor_model
 from ..models.spec import ModelDType
@@ -62,6 +63,7 @@ class WorkerJob(BaseModel):
     model_dtype: ModelDType = "float32"
     weights: WeightsRef | None = Field(None, description="the checkpoint the weights come from (its SHA-256 checked)")
     tokens: TokenSelection
+    head: int | None = Field(None, description="per-head hook points: this head only (None: heads flattened)")
     dtype: StoreDType
     stores: dict[str, str] = Field(description="hook point -> store URI (bad samples: `<store>/_errors`)")
     storage: StorageOptions
@@ -184,7 +186,7 @@ class ExtractionWorker:
         gave them, in float32. A minibatch with values the dtype cannot hold (or NaN/inf) raises
         `store.ActivationRangeError` naming input `shard`. On CUDA one synchronisation per minibatch: each hook
         point's rows and statistics are copied to host memory without blocking, then read together."""
-        widths = {h: self.model.hook_width(h) for h in hooks}
+        widths = {h: self.model.hook_width(h, self.job.head) for h in hooks}
         chunks: dict[str, list[np.ndarray]] = {h: [] for h in hooks}
         stats = {h: RunningStats.empty(widths[h]) for h in hooks}
         parts: list[KeptTokens] = []
@@ -194,8 +196,9 @@ class ExtractionWorker:
             _, cache = self.model.run_with_cache(x, hooks, stop_early=True)
             host: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
             for hook in hooks:
-                self._check_shape(cache[hook], kept.shape, widths[hook], hook)
-                rows = kept.take(cache[hook]).to(torch.float32)
+                acts = per_token(cache[hook], self.job.head)
+                self._check_shape(acts, kept.shape, widths[hook], hook)
+                rows = kept.take(acts).to(torch.float32)
                 host[hook] = to_host(rows), to_host(stats_vector(stored_values(rows, self.job.dtype)))
             synchronize(self.device)
             for hook in hooks:

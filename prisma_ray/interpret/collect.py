@@ -25,6 +25,7 @@ from ..data.shards import InputFormat, ShardData, decode_shard, key_sample_id
 from ..data.sources import SHARDED, DatasetSpec, SampleRef, SyntheticSource, with_resolved_storage
 from ..data.synthetic import ShapesConfig
 from ..models import ModelEntry, TokenKind, TokenLayout
+from ..models.hooked import per_token
 from ..models.inputs import base_view_layout, model_inputs, model_prompts
 from ..models.loading import actor_model, check_hooks, describe_model, resolve_entry
 from ..models.spec import ModelAsExtracted, ModelDType
@@ -272,7 +273,7 @@ class LatentWorker:
         if self.job.prompts is None:
             x, _ = self.inputs(pixels, sample_ids)
             _, cache = self.model.run_with_cache(x, [self.job.hook], stop_early=True)
-            acts = cache[self.job.hook]
+            acts = per_token(cache[self.job.hook])  # per-head points: heads flattened, as extraction stores them
         else:
             acts = self._base_view_acts(pixels, sample_ids)
         return self.dictionary.encode(acts.to(self.dictionary.W_enc.dtype)).float().cpu().numpy()
@@ -287,7 +288,7 @@ class LatentWorker:
                 f"{self.layout.n_tokens}; the images must have the tower's size"
             )
         _, cache = self.model.run_with_cache(x, [self.job.hook], stop_early=True)
-        acts = cache[self.job.hook][torch.from_numpy(base).to(self.device)]
+        acts = per_token(cache[self.job.hook])[torch.from_numpy(base).to(self.device)]
         return acts.reshape(len(pixels), self.layout.n_tokens, -1)
 
 

@@ -13,8 +13,18 @@ from torch import nn
 from prisma_ray.errors import InvalidRequest
 
 from ..errors import PrismaRayError
-from .hook_points import FORWARD_ORDER, HookPoint, all_hook_names, lm_hook_names, parse_hook_name
-from .sites import LanguageSites, LayerSites, ModelSites, Scale
+from .hook_points import (
+    FINAL_SCALE,
+    FORWARD_ORDER,
+    HEAD_SITES,
+    INNER_SITES,
+    HookPoint,
+    all_hook_names,
+    lm_hook_names,
+    parse_hook_name,
+)
+from .inner_sites import ModuleTap, block_weights, inner_sites, norm_scale
+from .sites import InnerSite, LanguageSites, ModelSites, Scale
 from .spec import MultimodalLayout, PreprocessSpec, TokenLayout
 
 HookFn = Callable[[torch.Tensor, HookPoint], "torch.Tensor | None"]
@@ -43,8 +53,10 @@ class HookedVisionModel(nn.Module):
 
     Hooks are PyTorch forward hooks on the original modules, attached only inside `hooks(...)`
     or `run_with_cache(...)`, so outside them the model computes exactly what the source model
-    computes. Every hook function receives `[batch, tokens, d_model]` (patterns:
-    `[batch, heads, tokens, tokens]`) and may return a tensor of the same shape to replace it.
+    computes. Every hook function receives the activation batch first (`hook_shape(name)`: `[batch, tokens,
+    d_model]`; patterns `[batch, heads, tokens, tokens]`; q/k/v/z `[batch, tokens, heads, d_head]`; neurons
+    `[batch, tokens, d_mlp]`) and may return a tensor of the same shape to replace it. `weights(layer)`, `W_E`
+    and `W_pos` are TransformerLens-named views of the parameters.
 
     Multimodal language models take their processor's output as input, keep `blocks.*` for the
     vision tower (a tower that packs all images into one sequence shows `[1, tokens, d]`) and add
@@ -58,11 +70,11 @@ class HookedVisionModel(nn.Module):
         self._sites = sites
         self._hook_entries: list[_Entry] = []  # the active hooks, in registration order
         self._dispatch_handles: list = []  # the PyTorch hooks attached for them
-        with_pattern = all(layer.pattern is not None for layer in sites.layers)
-        self.hook_names: list[str] = all_hook_names(len(sites.layers), with_pattern)
+        self._inner = {False: _stack_inner(sites)}  # by `HookPoint.lm`: per layer, site -> InnerSite, and global
+        self.hook_names: list[str] = all_hook_names(len(sites.layers), *_listed(sites, self._inner[False]))
         if sites.lm is not None:
-            lm_pattern = all(layer.pattern is not None for layer in sites.lm.layers)
-            self.hook_names += lm_hook_names(len(sites.lm.layers), lm_pattern)
+            self._inner[True] = _stack_inner(sites.lm)
+            self.hook_names += lm_hook_names(len(sites.lm.layers), *_listed(sites.lm, self._inner[True]))
 
     @property
     def n_layers(self) -> int:
@@ -103,9 +115,18 @@ class HookedVisionModel(nn.Module):
             raise TypeError(f"{self.name} is not a multimodal language model; it takes pixels (see model.preprocess).")
         return self._sites.encode(visuals, prompts)
 
-    def hook_width(self, name: str) -> int:
-        """The activation width at hook point `name` (`lm_d_model` on the language model, else `d_model`)."""
-        return self.lm_d_model if self.hook_point(name).lm else self.d_model
+    def hook_width(self, name: str, head: int | None = None) -> int:
+        """The width of one token's activation at hook point `name` as stored (`per_token`): `d_model`
+        (`lm_d_model` on the language model), `d_mlp` for neurons, 1 for norm scales; for the per-head points
+        (`attn.hook_q/k/v/z/result`) all heads flattened into the width, or one head's width when `head` is given.
+        (`attn.hook_pattern` is not one vector per token; it gives `d_model`.)"""
+        point = self.hook_point(name)
+        if point.site == "attn.hook_pattern":
+            return self.lm_d_model if point.lm else self.d_model
+        shape = self.hook_shape(name)
+        if point.site in HEAD_SITES:
+            return shape[3] if head is not None else shape[2] * shape[3]
+        return shape[2]
 
     @property
     def preprocess(self) -> PreprocessSpec:
@@ -156,9 +177,9 @@ class HookedVisionModel(nn.Module):
         entries = [_Entry(self.hook_point(name), fn) for name, fn in fwd_hooks]
         with ExitStack() as stack:
             for entry in entries:
-                if entry.point.site == "attn.hook_pattern":
-                    self._pattern(self._stack(entry.point).layers[entry.point.layer], entry.point, entry.fn, stack)
-            mine = [entry for entry in entries if entry.point.site != "attn.hook_pattern"]
+                if _is_inner(entry.point):
+                    self._attach_inner(entry.point, entry.fn, stack)
+            mine = [entry for entry in entries if not _is_inner(entry.point)]
             self._hook_entries = [*self._hook_entries, *mine]
             stack.callback(self._detach, mine)
             self._dispatch()
@@ -170,13 +191,16 @@ class HookedVisionModel(nn.Module):
         names: Iterable[str] | None = None,
         stop_early: bool = False,
     ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-        """Run the model and return `(output, cache)` with the activations at `names` (all by default).
+        """Run the model and return `(output, cache)` with the activations at `names` (by default every hook
+        point but `attn.hook_result`, which holds heads x d_model values per token: name it to cache it, as
+        TransformerLens caches it only on request).
 
         Inside `hooks(...)` the cache holds the values as the forward pass carries them, after every
         replacement at or before each hook point. With `stop_early=True` the forward pass ends after
         the last block that a requested hook point needs, and `output` is None.
         """
-        names = list(self.hook_names if names is None else names)
+        default = [n for n in self.hook_names if not n.endswith("attn.hook_result")]
+        names = list(default if names is None else names)
         points = [self.hook_point(n) for n in names]
         cache: dict[str, torch.Tensor] = {}
 
@@ -196,7 +220,7 @@ class HookedVisionModel(nn.Module):
 
     def _stop_block(self, points: list[HookPoint]) -> nn.Module | None:
         """The block after which every requested point has run (the language model runs last)."""
-        if any(p.site == "hook_final" for p in points):
+        if any(p.site in ("hook_final", FINAL_SCALE) for p in points):
             return None
         lm_points = [p for p in points if p.lm]
         points = lm_points or points
@@ -319,8 +343,17 @@ class HookedVisionModel(nn.Module):
             )
         return self._from_btd(new.to(raw.dtype), raw)
 
-    def _pattern(self, layer: LayerSites, point: HookPoint, fn: HookFn, stack: ExitStack) -> None:
-        site = layer.pattern
+    def _inner_site(self, point: HookPoint) -> InnerSite:
+        """The site of an `attn.hook_pattern`, `INNER_SITES` or `ln_final.hook_scale` point."""
+        per_layer, final = self._inner[point.lm]
+        if point.site == FINAL_SCALE:
+            return final
+        if point.site == "attn.hook_pattern":
+            return self._stack(point).layers[point.layer].pattern
+        return per_layer[point.layer][point.site]
+
+    def _attach_inner(self, point: HookPoint, fn: HookFn, stack: ExitStack) -> None:
+        site = self._inner_site(point)
         call = fn if site.replaceable else _read_only(fn, point)
 
         def on_pattern(pattern: torch.Tensor) -> torch.Tensor | None:
@@ -329,7 +362,96 @@ class HookedVisionModel(nn.Module):
                 raise ValueError(f"Hook function at {point.name} must keep the shape {list(pattern.shape)}.")
             return new
 
-        stack.enter_context(site.attach(on_pattern))
+        def on_value(raw: torch.Tensor) -> torch.Tensor | None:
+            return self._call_hook(call, raw, point)
+
+        stack.enter_context(site.attach(on_pattern if point.site == "attn.hook_pattern" else on_value))
+
+    def hook_shape(self, name: str) -> tuple[int | str, ...]:
+        """The shape of the activation at `name`, `"batch"` first (`"seq"` for the tokens of `lm.` points):
+        `[batch, tokens, d_model]`; `attn.hook_pattern` `[batch, heads, tokens, tokens]`; `attn.hook_q/k/v/z`
+        `[batch, tokens, heads, d_head]` (k and v: the model's key/value heads); `attn.hook_result`
+        `[batch, tokens, heads, d_model]`; `mlp.hook_pre/post` `[batch, tokens, d_mlp]`; `*.hook_scale`
+        `[batch, tokens, 1]`. An unknown name raises `UnknownHookPoint`."""
+        point = self.hook_point(name)
+        tokens: int | str = "seq" if point.lm else self.token_layout.n_tokens
+        d_model = self.lm_d_model if point.lm else self.d_model
+        n_heads = self._stack(point).n_heads
+        if point.site == "attn.hook_pattern":
+            return ("batch", n_heads, tokens, tokens)
+        if point.site.endswith("hook_scale"):
+            return ("batch", tokens, 1)
+        parts = self._stack(point).layers[point.layer].parts if point.layer is not None else None
+        weights = block_weights(parts)
+        if point.site in ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z"):
+            w = weights["W_O" if point.site == "attn.hook_z" else "W_" + point.site[-1].upper()]
+            return ("batch", tokens, int(w.shape[0]), parts.d_head)
+        if point.site == "attn.hook_result":
+            return ("batch", tokens, int(weights["W_O"].shape[0]), d_model)
+        if point.site in ("mlp.hook_pre", "mlp.hook_post"):
+            w = weights["W_in"] if point.site == "mlp.hook_pre" else weights["W_out"].T
+            return ("batch", tokens, int(w.shape[1]))
+        return ("batch", tokens, d_model)
+
+    def read_is_exact(self, name: str) -> bool:
+        """Whether reading `name` leaves the forward pass bit for bit as it is. False for `attn.hook_pattern`
+        (except where it is recomputed on the side) and for the per-head points of OpenCLIP's
+        `nn.MultiheadAttention`, whose attention then takes its explicit path (float rounding only)."""
+        point = self.hook_point(name)
+        return not _is_inner(point) or self._inner_site(point).exact
+
+    def weights(self, layer: int, lm: bool = False) -> dict[str, torch.Tensor | None]:
+        """Block `layer`'s weights in TransformerLens names and shapes, as views of the model's parameters
+        (edit them under `torch.no_grad()` to edit the model): `W_Q`, `W_K`, `W_V` `[heads, d_model, d_head]`,
+        `b_Q`, `b_K`, `b_V` `[heads, d_head]`, `W_O` `[heads, d_head, d_model]`, `b_O` `[d_model]`, `W_in`
+        `[d_model, d_mlp]`, `b_in`, `W_out` `[d_mlp, d_model]`, `b_out`: those the model's modules expose
+        (the same ones as its per-head and neuron hook points); a bias the model lacks is None. `lm=True`: the
+        language model of a multimodal model. A layer out of range raises `InvalidRequest`."""
+        layers = self._sites.lm.layers if lm and self._sites.lm is not None else self._sites.layers
+        if not 0 <= layer < len(layers):
+            raise InvalidRequest(f"{self.name} has blocks 0..{len(layers) - 1}; got layer {layer}.")
+        return block_weights(layers[layer].parts)
+
+    @property
+    def W_E(self) -> torch.Tensor | None:  # noqa: N802 (TransformerLens name)
+        """The patch embedding `[in_channels * patch pixels, d_model]` (a view of the patch convolution's
+        weight, flattened channel-major as the convolution reads a patch); None where patches are embedded by
+        something other than one convolution (the toy models' convolutional stems)."""
+        conv = self._sites.patch_embed
+        return None if conv is None else conv.weight.flatten(1).T
+
+    @property
+    def W_pos(self) -> torch.Tensor | None:  # noqa: N802 (TransformerLens name)
+        """The learned position embeddings `[positions, d_model]` (a view); None where there are none."""
+        return None if self._sites.pos_embed is None else self._sites.pos_embed()
+
+
+def per_token(value: torch.Tensor, head: int | None = None) -> torch.Tensor:
+    """One vector per token, `[batch, tokens, width]`: a per-head activation `[batch, tokens, heads, d]` with its
+    heads flattened into the width (head-major: column `h * d + i`), or only head `head`; other activations as
+    they are."""
+    if value.dim() != 4:
+        return value
+    return value.flatten(2) if head is None else value[:, :, head]
+
+
+def _stack_inner(stack: LanguageSites | ModelSites) -> tuple[list[dict[str, InnerSite]], InnerSite | None]:
+    """Per layer, the inner sites its parts reach; and `ln_final.hook_scale` where the final module is a norm."""
+    scale = norm_scale(stack.final)
+    final = None if scale is None else ModuleTap(stack.final, "pre", scale)
+    return [inner_sites(layer.parts) for layer in stack.layers], final
+
+
+def _listed(stack: LanguageSites | ModelSites, inner: tuple) -> tuple[bool, set[str], bool]:
+    """`(with_pattern, inner sites, final_scale)` of a stack: what every one of its layers has."""
+    per_layer, final = inner
+    with_pattern = all(layer.pattern is not None for layer in stack.layers)
+    common = set.intersection(*(set(sites) for sites in per_layer)) if per_layer else set()
+    return with_pattern, common, final is not None
+
+
+def _is_inner(point: HookPoint) -> bool:
+    return point.site in INNER_SITES or point.site in ("attn.hook_pattern", FINAL_SCALE)
 
 
 def _chain(slots: list[Slot]) -> Slot:

@@ -11,6 +11,7 @@ import torch
 
 from prisma_ray.errors import InvalidRequest
 
+from .hook_points import HEAD_SITES
 from .hooked import HookedVisionModel
 from .registry import ModelEntry, get_entry
 from .sites import ModelSites
@@ -215,9 +216,20 @@ def actor_model(job: ModelJob) -> HookedVisionModel:
     )
 
 
-def check_hooks(model: HookedVisionModel, hooks: Sequence[str]) -> None:
-    """Raise unless every hook point exists and holds one activation vector per token of the sequence."""
+def check_hooks(model: HookedVisionModel, hooks: Sequence[str], head: int | None = None) -> None:
+    """Raise unless every hook point exists and holds one activation vector per token of the sequence (per-head
+    points: heads flattened, or head `head`, which must exist at each of them; `head` needs a per-head point)."""
     multimodal = model.preprocess.modality == "multimodal"
+    per_head = [name for name in hooks if model.hook_point(name).site in HEAD_SITES]
+    if head is not None and not per_head:
+        raise InvalidRequest(
+            f"head={head} selects one head of per-head hook points (attn.hook_q/k/v/z/result); {list(hooks)} has none. "
+            "Remove head, or add such a hook point."
+        )
+    for name in per_head:
+        heads = model.hook_shape(name)[2]
+        if head is not None and not 0 <= head < heads:
+            raise InvalidRequest(f"head={head} does not exist at {name}, which has heads 0..{heads - 1}.")
     for name in hooks:
         point = model.hook_point(name)
         if point.site == "attn.hook_pattern":

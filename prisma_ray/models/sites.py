@@ -21,13 +21,44 @@ from .spec import MultimodalLayout, PreprocessSpec, TokenLayout
 Scale = Callable[[], torch.Tensor | None]
 
 
-class PatternSite(Protocol):
-    """How a block exposes its attention probabilities `[batch, heads, tokens, tokens]`."""
+class InnerSite(Protocol):
+    """How a block exposes a tensor inside its attention or MLP, batch first: the attention probabilities
+    `[batch, heads, tokens, tokens]` (`attn.hook_pattern`) or one of `hook_points.INNER_SITES` (shapes in
+    `HookedVisionModel.hook_shape`).
+
+    `exact`: reading it leaves the forward pass bit for bit as it is (False where the attention then takes
+    another path, which rounds differently)."""
 
     replaceable: bool
+    exact: bool
 
     def attach(self, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> AbstractContextManager:
-        """Context in which `fn` sees (and, if `replaceable`, may replace) every pattern."""
+        """Context in which `fn` sees (and, if `replaceable`, may replace) the tensor at every forward pass."""
+
+
+@dataclass
+class BlockParts:
+    """The linear maps and norms of one block, where they are modules called on the forward path.
+
+    `qkv`: one projection whose output is `[q | k | v]` (timm); else `q`, `k`, `v` (Hugging Face). `out`: the
+    attention's output projection (its input is `z`, heads concatenated). `fc_in` / `fc_out`: the MLP's first
+    (absent for gated MLPs) and last linear map. `ln1` / `ln2`: the norms before attention and MLP. `d_head`:
+    the width of one head (key/value heads of grouped-query attention have it too). `path`: a context that
+    makes the source module call these modules (OpenCLIP's `nn.MultiheadAttention`: its explicit path);
+    None where it always does. Each `nn.Linear`-like module has `weight` `[out, in]` and `bias`.
+    """
+
+    d_head: int
+    qkv: nn.Module | None = None
+    q: nn.Module | None = None
+    k: nn.Module | None = None
+    v: nn.Module | None = None
+    out: nn.Module | None = None
+    fc_in: nn.Module | None = None
+    fc_out: nn.Module | None = None
+    ln1: nn.Module | None = None
+    ln2: nn.Module | None = None
+    path: Callable[[], AbstractContextManager] | None = None
 
 
 @dataclass
@@ -40,7 +71,8 @@ class LayerSites:
     (then `hook_attn_out` is `resid_mid - resid_pre`, cache only).
     `resid_mid`: a module whose first input is `resid_mid` (used only when `attn_out` is None).
     `mlp_in`: its first input is the MLP input. `mlp_out`: its output (times `mlp_scale()`) is the
-    MLP branch added to the residual stream.
+    MLP branch added to the residual stream. `parts`: the block's projections and norms, for the per-head,
+    neuron and layer-norm hook points and the weight views (None: the model has none of them).
     """
 
     block: nn.Module
@@ -50,7 +82,8 @@ class LayerSites:
     resid_mid: nn.Module | None = None
     attn_scale: Scale | None = None
     mlp_scale: Scale | None = None
-    pattern: PatternSite | None = None
+    pattern: InnerSite | None = None
+    parts: BlockParts | None = None
 
 
 @dataclass
@@ -69,7 +102,9 @@ class ModelSites:
 
     Multimodal language models add `lm`, `layout` (the `MultimodalLayout` of an input batch) and
     `encode` (their processor: `uint8` images or videos and one prompt each -> input tensors); their
-    `layers` are the vision tower's blocks and `forward` takes the processor's output.
+    `layers` are the vision tower's blocks and `forward` takes the processor's output. `patch_embed`: the
+    convolution that embeds patches (its weight is `W_E`); `pos_embed`: the learned position embeddings
+    `[tokens, d_model]` as a view of the parameter (None where there are none).
     """
 
     model: nn.Module
@@ -81,6 +116,8 @@ class ModelSites:
     d_model: int
     n_heads: int
     seq_first: bool = False
+    patch_embed: nn.Module | None = None
+    pos_embed: Callable[[], torch.Tensor] | None = None
     lm: LanguageSites | None = None
     layout: Callable[[Mapping[str, torch.Tensor]], MultimodalLayout] | None = None
     encode: Callable[[Sequence[np.ndarray], Sequence[str]], dict[str, torch.Tensor]] | None = None

@@ -153,3 +153,18 @@ def test_zero_shot_head_from_text_embeddings_file(tmp_path):
     head = _zero_shot(cfg)
     assert head.text_embeddings.shape == (3, 64) and head.logit_scale == 10.0
     assert _zero_shot(AnalyzeConfig()) is None
+
+
+@pytest.mark.parametrize(
+    "analysis,options,key",
+    [
+        ("patching", ["patching.site=attn.hook_z", "patching.heads=true"], "effect_per_head"),
+        ("attribution", ["attribution.heads=true", "max_drawn=1"], "per_head"),
+    ],
+)
+def test_cli_draws_a_layer_by_head_map(tmp_path, capsys, analysis, options, key):
+    args = ["analyze", analysis, "--set", f"output={tmp_path}", "--set", "inputs.synthetic=4", "--set", f"model={TOY}"]
+    assert main([*args, *(x for option in options for x in ("--set", option))]) == 0
+    summary = _written(tmp_path, analysis)
+    assert np.array(summary[key]).shape == (4, 4)  # the toy ViT: 4 blocks of 4 heads
+    capsys.readouterr()

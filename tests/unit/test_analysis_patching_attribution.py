@@ -140,3 +140,58 @@ def test_attribution_needs_a_residual_stream_hook_point(toy_vit):
     ]
     with pytest.raises(ValueError, match="blocks.1.hook_mlp_out"):
         components(toy_vit, "blocks.1.hook_mlp_out")
+
+
+def test_patching_per_head_gives_a_layer_by_head_map_of_single_head_patches(toy_vit, shapes):
+    """`heads=True` at `attn.hook_z`: entry (l, h) is the normalised logit difference of the clean run with head h
+    of block l (at every position) taken from the corrupted run."""
+    inputs, _, pairs = shapes
+    i, j = pairs[0]
+    clean, corrupted = inputs.x[i : i + 1], inputs.x[j : j + 1]
+    result = activation_patching(toy_vit, clean, corrupted, "attn.hook_z", heads=True, batch_size=3)
+    assert result.effect.shape == (toy_vit.n_layers, toy_vit.n_heads) and result.heads == [0, 1, 2, 3]
+    layer, head = 1, 2
+    name = f"blocks.{layer}.attn.hook_z"
+    with torch.inference_mode():
+        _, donor = toy_vit.run_with_cache(corrupted, [name])
+
+        def put(t, hook):
+            t = t.clone()
+            t[:, :, head] = donor[name][:, :, head]
+            return t
+
+        with toy_vit.hooks([(name, put)]):
+            logits = toy_vit(clean)[0]
+    a, b = result.clean_class, result.corrupted_class
+    expected = (float(logits[a] - logits[b]) - result.clean_ld) / (result.corrupted_ld - result.clean_ld)
+    assert float(result.effect[layer, head]) == pytest.approx(expected, abs=1e-5)
+    with pytest.raises(ValueError, match="per-head site"):
+        activation_patching(toy_vit, clean, corrupted, "hook_resid_pre", heads=True)
+
+
+def test_logit_attribution_per_head_splits_each_attention_output_exactly(toy_vit, shapes):
+    """Per head: every block's attention term becomes its 4 heads' results and b_O; those sum to the block's
+    attention term, and everything still sums to the logit."""
+    x = shapes[0].x[:4]
+    readout = class_readout(toy_vit)
+    whole = logit_attribution(toy_vit, x, readout)
+    split = logit_attribution(toy_vit, x, readout, heads=True)
+    assert split.components[1:6] == [f"blocks.0.attn.head{h}" for h in range(4)] + ["blocks.0.attn.b_O"]
+    assert len(split.components) == 1 + toy_vit.n_layers * (4 + 1 + 1)
+    for layer in range(toy_vit.n_layers):
+        parts = [i for i, c in enumerate(split.components) if c.startswith(f"blocks.{layer}.attn.")]
+        block = whole.components.index(f"blocks.{layer}.attn")
+        torch.testing.assert_close(split.per_token[:, parts].sum(1), whole.per_token[:, block], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(split.per_token.sum((1, 2)) + split.bias, split.target, atol=1e-3, rtol=1e-4)
+
+
+def test_attribution_per_head_refuses_a_layer_scaled_attention_branch():
+    """OpenCLIP CLIPA scales its attention branch by 0.5 (LayerScale): the heads' results do not sum to it."""
+    from prisma_ray.analysis.attribution import _terms
+    from prisma_ray.models import load_model
+    from tests.tiny_models import OPEN_CLIP, batch
+
+    model = load_model(OPEN_CLIP["clipa"], pretrained=False, seed=0)
+    with pytest.raises(ValueError, match="layer-scale"):
+        _terms(model, batch(model), "blocks.1.hook_resid_post", heads=True)
+    _terms(model, batch(model), "blocks.1.hook_resid_post", heads=False)

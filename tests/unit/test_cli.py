@@ -21,6 +21,19 @@ def test_models_list_and_show(capsys):
     assert shown["layers"] == 12 and shown["source"] == "timm"
 
 
+def test_models_show_hooks_lists_every_hook_point_with_its_shape(capsys):
+    """A ViT-B/16 (12 blocks, 197 tokens, 12 heads of 64, 3072 neurons) described on the meta device."""
+    assert main(["models", "show", "timm-vit-base-patch16-clip-224-openai", "--hooks"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    shapes = dict(line.split(None, 1) for line in lines[:-1])
+    assert shapes["blocks.11.attn.hook_q"] == "[batch, 197, 12, 64]"
+    assert shapes["blocks.0.attn.hook_result"] == "[batch, 197, 12, 768]"
+    assert shapes["blocks.3.mlp.hook_post"] == "[batch, 197, 3072]"
+    assert shapes["blocks.3.attn.hook_pattern"] == "[batch, 12, 197, 197]"
+    assert shapes["ln_final.hook_scale"] == "[batch, 197, 1]" and shapes["hook_final"] == "[batch, 197, 768]"
+    assert lines[-1] == f"{len(shapes)} hook points" and len(shapes) == 2 + 12 * 18 + 1
+
+
 def test_unknown_model_is_a_clear_error(capsys):
     assert main(["models", "show", "vit-base-clip"]) == 2
     assert "Closest names" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from prisma_ray.config import load_config
 from prisma_ray.data import ImageSource, SampleRef, SyntheticSource, list_refs
 from prisma_ray.data.errors import ErrorRecord, read_errors_table
 from prisma_ray.data.shards import InputFormat, ShardData, decode_shard, plan_shards
+from prisma_ray.errors import InvalidRequest
 from prisma_ray.extract.config import ExtractConfig
 from prisma_ray.extract.plan import config_hash, pending_shards, store_description
 from prisma_ray.extract.worker import ExtractionWorker, WorkerJob
@@ -278,3 +279,40 @@ def test_readme_extraction_examples_are_valid_configs(tmp_path):
         multimodal = model.preprocess.modality == "multimodal"
         check_selection(model.token_layout, cfg.tokens, model.name, multimodal)
         assert (model_prompts(model, cfg.prompts) is not None) == multimodal
+
+
+HEAD_HOOKS = ["blocks.1.attn.hook_z", "blocks.0.mlp.hook_post"]
+
+
+@pytest.mark.parametrize("head,widths", [(None, (32, 128)), (1, (16, 128))], ids=["flattened", "head-1"])
+def test_worker_stores_per_head_and_neuron_points(tmp_path, head, widths):
+    """`attn.hook_z` is stored with its 2 heads of 16 flattened into 32 columns (head-major), or head 1 only;
+    `mlp.hook_post` as its 128 neurons; the description (the manifest's config) records which."""
+    spec = _synthetic(tmp_path)
+    stores = {h: str(tmp_path / "out" / h) for h in HEAD_HOOKS}
+    job = _job(tmp_path, stores=stores, head=head, tokens=TokenSelection(mode="all"))
+    worker = ExtractionWorker(job)
+    data = decode_shard(list_refs(spec), spec, InputFormat.create(spec, worker.model.preprocess))
+    worker.process(0, data)
+    reference = load_model(TINY_VIT, pretrained=False, seed=0)
+    with torch.inference_mode():
+        _, cache = reference.run_with_cache(PixelInputs(reference).pixels(data.pixels), HEAD_HOOKS)
+    z = cache[HEAD_HOOKS[0]]
+    expected = {HEAD_HOOKS[0]: z.flatten(2) if head is None else z[:, :, head], HEAD_HOOKS[1]: cache[HEAD_HOOKS[1]]}
+    for hook, width in zip(HEAD_HOOKS, widths):
+        table = pq.read_table(tmp_path / "out" / hook / "part-00000.parquet")
+        stored = store.decode_acts(table.column("act"), "float32")
+        assert stored.shape == (12 * 17, width)
+        np.testing.assert_allclose(stored, expected[hook].reshape(-1, width).numpy(), rtol=1e-5, atol=1e-6)
+    cfg = ExtractConfig(model=TINY_VIT, hooks=HEAD_HOOKS, dataset=spec, head=head)
+    described = [store_description(cfg, TINY_VIT, hook, spec, "d0", None) for hook in HEAD_HOOKS]
+    assert described[0]["heads"] == ("flattened" if head is None else head) and "heads" not in described[1]
+
+
+def test_head_must_exist_and_needs_a_per_head_point():
+    model = describe_model(TINY_VIT)
+    check_hooks(model, HEAD_HOOKS, head=1)
+    with pytest.raises(InvalidRequest, match="heads 0..1"):
+        check_hooks(model, HEAD_HOOKS, head=2)
+    with pytest.raises(InvalidRequest, match="per-head hook points"):
+        check_hooks(model, HOOKS, head=0)

@@ -164,15 +164,17 @@ def test_reading_attention_patterns_moves_the_output_by_float_rounding_at_most(c
 
 @torch.no_grad()
 def test_cache_shapes_follow_the_token_layout(vision):
-    """Activations are `[n, tokens, d_model]`, patterns `[n, heads, tokens, tokens]` rows summing to 1."""
+    """Activations are `[n, tokens, d_model]` (per-head and neuron points: the shape `hook_shape` gives), patterns
+    `[n, heads, tokens, tokens]` rows summing to 1."""
     case, model = vision
     n, n_tokens = 3, model.token_layout.n_tokens
     _, cache = model.run_with_cache(case.inputs(model, n))
     for name, value in cache.items():
+        assert value.shape == (n, *model.hook_shape(name)[1:]), name
         if name.endswith("hook_pattern"):
             assert value.shape == (n, model.n_heads, n_tokens, n_tokens)
             assert torch.allclose(value.sum(-1), torch.ones(()), atol=1e-5)
-        else:
+        elif model.hook_point(name).site in (*SITES, "hook_embed", "hook_final"):
             assert value.shape == (n, n_tokens, model.d_model), name
     has_pattern = case.entry.architecture not in WITHOUT_PATTERN
     assert (f"blocks.{model.n_layers - 1}.attn.hook_pattern" in cache) == has_pattern
@@ -377,9 +379,10 @@ def edit(point: HookPoint, t: torch.Tensor) -> torch.Tensor:
 
 
 def composed_points(model: HookedVisionModel, case: Case, layer: int) -> list[HookPoint]:
-    """The hook points of block `layer`, with `hook_embed` for block 0 and `hook_final` for the last block."""
+    """The block-level hook points of block `layer`, with `hook_embed` for block 0 and `hook_final` for the last
+    block."""
     p = case.prefix
-    names = [n for n in model.hook_names if n.startswith(f"{p}blocks.{layer}.")]
+    names = [f"{p}blocks.{layer}.{site}" for site in BLOCK_SITES if f"{p}blocks.{layer}.{site}" in model.hook_names]
     n_layers = model.lm_n_layers if case.lmm else model.n_layers
     names += [f"{p}hook_embed"] if layer == 0 else [f"{p}hook_final"] if layer == n_layers - 1 else []
     return [model.hook_point(n) for n in names]

@@ -122,7 +122,8 @@ def test_eva02_timm_tower():
     assert torch.equal(output, reference) and output.shape == (1, 32)
     n_tokens = model.token_layout.n_tokens
     assert model.token_layout.prefix == (TokenKind.CLS,) and n_tokens == 257
-    assert all(value.shape == (1, n_tokens, 192) for value in cache.values())
+    assert all(value.shape == (1, *model.hook_shape(name)[1:]) for name, value in cache.items())
+    assert cache["blocks.0.hook_resid_post"].shape == (1, n_tokens, 192)
     pre, mid = cache["blocks.3.hook_resid_pre"], cache["blocks.3.hook_resid_mid"]
     assert torch.equal(pre + cache["blocks.3.hook_attn_out"], mid)
     _, patterns = model.run_with_cache(x, ["blocks.11.attn.hook_pattern"])

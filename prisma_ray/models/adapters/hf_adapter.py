@@ -21,7 +21,7 @@ from torch import nn
 from prisma_ray.errors import InvalidRequest
 
 from ..registry import ModelEntry
-from ..sites import LayerSites, ModelSites
+from ..sites import BlockParts, LayerSites, ModelSites
 from ..spec import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec, TokenKind, TokenLayout
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -92,6 +92,7 @@ class EagerPatternSite:
     """
 
     replaceable = False
+    exact = False
 
     def __init__(self, attn: nn.Module):
         self.attn = attn
@@ -128,6 +129,30 @@ def _pattern_site(attn: nn.Module) -> EagerPatternSite | None:
     return EagerPatternSite(attn) if hasattr(attn, "config") else None
 
 
+def _first(module: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
+    return next((getattr(module, n) for n in names if getattr(module, n, None) is not None), None)
+
+
+def block_parts(layer: nn.Module, attn: nn.Module, out: nn.Module | None, fc_in, fc_out) -> BlockParts | None:
+    """The projections and norms of a `transformers` block (`attn`: the module that projects q, k, v);
+    None where its attention has no separate q/k/v projections."""
+    q, k, v = (_first(attn, names) for names in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value")))
+    if q is None or k is None or v is None:
+        return None
+    d_head = getattr(attn, "head_dim", None) or getattr(attn, "attention_head_size", None)
+    return BlockParts(
+        d_head=int(d_head or q.out_features // attn.config.num_attention_heads),
+        q=q,
+        k=k,
+        v=v,
+        out=out,
+        fc_in=fc_in,
+        fc_out=fc_out,
+        ln1=_first(layer, ("layernorm_before", "layer_norm1", "norm1", "input_layernorm")),
+        ln2=_first(layer, ("layernorm_after", "layer_norm2", "norm2", "post_attention_layernorm")),
+    )
+
+
 def layer_sites(layer: nn.Module) -> LayerSites:
     """Map one `transformers` block onto the hook sites.
 
@@ -144,17 +169,27 @@ def layer_sites(layer: nn.Module) -> LayerSites:
             mlp_out=layer.output,
         )
     if hasattr(layer, "intermediate"):
+        attn = layer.attention.attention
         return LayerSites(
             block=layer,
             attn_out=layer.attention,
             mlp_in=layer.intermediate,
             mlp_out=layer.output.dense,
-            pattern=_pattern_site(layer.attention.attention),
+            pattern=_pattern_site(attn),
+            parts=block_parts(layer, attn, layer.attention.output.dense, layer.intermediate.dense, layer.output.dense),
         )
     attn = getattr(layer, "attention", None) or getattr(layer, "self_attn", None)
     if attn is None or not hasattr(layer, "mlp"):
         raise TypeError(f"Unsupported transformers block {type(layer).__name__}: no attention/mlp branch to hook.")
-    sites = LayerSites(block=layer, attn_out=attn, mlp_in=layer.mlp, mlp_out=layer.mlp, pattern=_pattern_site(attn))
+    mlp = layer.mlp
+    parts = block_parts(
+        layer,
+        attn,
+        _first(attn, ("o_proj", "out_proj", "proj")),
+        getattr(mlp, "fc1", None),
+        _first(mlp, ("fc2", "down_proj")),
+    )
+    sites = LayerSites(block=layer, attn_out=attn, mlp_in=mlp, mlp_out=mlp, pattern=_pattern_site(attn), parts=parts)
     if hasattr(layer, "layer_scale1"):
         sites.attn_out, sites.mlp_out = layer.layer_scale1, layer.layer_scale2
     elif isinstance(getattr(layer, "lambda_1", None), nn.Parameter):
@@ -226,6 +261,27 @@ def _forward(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return forward
 
 
+def _patch_embed(backbone: nn.Module) -> nn.Module | None:
+    """The convolution that embeds patches (or tubelets), where the embedding is one convolution."""
+    embeddings = getattr(backbone, "embeddings", None)
+    patches = getattr(embeddings, "patch_embeddings", None)
+    conv = _first(patches, ("projection", "proj")) if patches is not None else _first(embeddings, ("patch_embedding",))
+    return conv if isinstance(conv, (nn.Conv2d, nn.Conv3d)) else None
+
+
+def _pos_embed(backbone: nn.Module) -> Callable[[], torch.Tensor] | None:
+    """The learned position embeddings `[positions, d_model]` (a parameter or an `nn.Embedding`'s weight); None
+    for fixed ones (VideoMAE's sinusoids) and none."""
+    embeddings = getattr(backbone, "embeddings", None)
+    table = getattr(embeddings, "position_embeddings", None)
+    if isinstance(table, nn.Parameter):
+        return lambda: table[0] if table.dim() == 3 else table
+    embedding = getattr(embeddings, "position_embedding", None)
+    if isinstance(embedding, nn.Embedding):
+        return lambda: embedding.weight
+    return None
+
+
 def sites_from_hf(model: nn.Module, entry: ModelEntry) -> ModelSites:
     """Describe a built `transformers` model (its modules are used as they are)."""
     backbone = model.base_model
@@ -247,6 +303,8 @@ def sites_from_hf(model: nn.Module, entry: ModelEntry) -> ModelSites:
         forward=_forward(model),
         d_model=int(config.hidden_size),
         n_heads=int(config.num_attention_heads),
+        patch_embed=_patch_embed(backbone),
+        pos_embed=_pos_embed(backbone),
     )
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from prisma_ray.errors import InvalidRequest
 
 from ..registry import ModelEntry
-from ..sites import LayerSites, ModelSites, PatternSite
+from ..sites import BlockParts, InnerSite, LayerSites, ModelSites
 from ..spec import PreprocessSpec, TokenKind, TokenLayout
 from .timm_adapter import sites_from_timm
 
@@ -36,6 +36,7 @@ class MultiheadAttentionPatternSite:
     """
 
     replaceable = False
+    exact = False
 
     def __init__(self, attn: nn.MultiheadAttention):
         self.attn = attn
@@ -63,6 +64,7 @@ class AttentionPatternSite:
     """
 
     replaceable = False
+    exact = True
 
     def __init__(self, attn: nn.Module):
         self.attn = attn
@@ -79,6 +81,92 @@ class AttentionPatternSite:
             handle.remove()
 
 
+class _InProjection(nn.Module):
+    """`x -> [q | k | v]` with an `nn.MultiheadAttention`'s packed input projection, as a module to hook
+    (held by the explicit path, not registered in the model)."""
+
+    def __init__(self, attn: nn.MultiheadAttention):
+        super().__init__()
+        self.attn = attn
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.attn.in_proj_weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.attn.in_proj_bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MultiheadAttentionPath:
+    """The explicit path of an `nn.MultiheadAttention` used as self-attention: calling it gives a context in
+    which the module computes `[q | k | v] = in_proj(x)`, `softmax(q k^T / sqrt(d_head) + mask) v` per head and
+    `out_proj(z)` with `in_proj` and `out_proj` called as modules, so that the per-head hook points reach
+    them. PyTorch's fused kernels round differently, so outputs move by float rounding while it is active."""
+
+    def __init__(self, attn: nn.MultiheadAttention):
+        self.attn = attn
+        self.in_proj = _InProjection(attn)
+        self._users = 0
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        self._users += 1
+        if self._users == 1:
+            self.attn.forward = self._forward
+        try:
+            yield
+        finally:
+            self._users -= 1
+            if not self._users:
+                del self.attn.forward
+
+    def _forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn = self.attn
+        if key is not query or value is not query or key_padding_mask is not None or is_causal:
+            raise InvalidRequest(
+                "Per-head hook points of nn.MultiheadAttention support self-attention only (one input, no "
+                "key padding mask, not causal); hook the block-level points (hook_attn_out) instead."
+            )
+        x = query if attn.batch_first else query.transpose(0, 1)
+        q, k, v = self.in_proj(x).unflatten(-1, (3, attn.num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+        if attn_mask is not None:
+            scores = (
+                scores.masked_fill(attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+            )
+        pattern = scores.softmax(dim=-1)
+        z = F.dropout(pattern, attn.dropout, attn.training) @ v
+        out = attn.out_proj(z.transpose(1, 2).flatten(2))
+        out = out if attn.batch_first else out.transpose(0, 1)
+        weights = (pattern.mean(1) if average_attn_weights else pattern) if need_weights else None
+        return out, weights
+
+
+def _block_parts(block: nn.Module) -> BlockParts:
+    """Norms and MLP of an OpenCLIP block; with `nn.MultiheadAttention`, its projections on the explicit path."""
+    attn = block.attn
+    mlp = {"fc_in": block.mlp.c_fc, "fc_out": block.mlp.c_proj} if hasattr(block.mlp, "c_fc") else {}
+    parts = BlockParts(d_head=attn.head_dim, ln1=block.ln_1, ln2=block.ln_2, **mlp)
+    if isinstance(attn, nn.MultiheadAttention) and attn._qkv_same_embed_dim:
+        path = MultiheadAttentionPath(attn)
+        parts.qkv, parts.out, parts.path = path.in_proj, attn.out_proj, path
+    return parts
+
+
 def _attention_probs(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`softmax(q k^T * scale)` as OpenCLIP's `Attention` computes it, `[N, heads, L, L]`."""
     n, length, _ = x.shape
@@ -88,7 +176,7 @@ def _attention_probs(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return ((q * attn.scale) @ k.transpose(-1, -2)).softmax(dim=-1)
 
 
-def _pattern_site(attn: nn.Module) -> PatternSite | None:
+def _pattern_site(attn: nn.Module) -> InnerSite | None:
     """None only for scaled-cosine `Attention`, which OpenCLIP 3.3 cannot run (`torch.bmm` on 4-D tensors)."""
     from open_clip.transformer import Attention
 
@@ -119,7 +207,14 @@ def _pooled(visual: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 def _native_sites(visual: nn.Module, preprocess: PreprocessSpec) -> ModelSites:
     blocks = list(visual.transformer.resblocks)
     layers = [
-        LayerSites(block=b, attn_out=b.ls_1, mlp_in=b.mlp, mlp_out=b.ls_2, pattern=_pattern_site(b.attn))
+        LayerSites(
+            block=b,
+            attn_out=b.ls_1,
+            mlp_in=b.mlp,
+            mlp_out=b.ls_2,
+            pattern=_pattern_site(b.attn),
+            parts=_block_parts(b),
+        )
         for b in blocks
     ]
     return ModelSites(
@@ -132,6 +227,8 @@ def _native_sites(visual: nn.Module, preprocess: PreprocessSpec) -> ModelSites:
         d_model=int(visual.transformer.width),
         n_heads=int(blocks[0].attn.num_heads),
         seq_first=not visual.transformer.batch_first,
+        patch_embed=visual.conv1,
+        pos_embed=lambda: visual.positional_embedding,
     )
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from .. import img_focus
 from ..registry import ModelEntry
-from ..sites import LayerSites, ModelSites
+from ..sites import BlockParts, LayerSites, ModelSites
 from ..spec import PreprocessSpec, TokenKind, TokenLayout
 
 
@@ -22,6 +22,7 @@ class TimmPatternSite:
     """
 
     replaceable = True
+    exact = False
 
     def __init__(self, attn: nn.Module):
         self.attn = attn
@@ -42,11 +43,34 @@ def _exposes_pattern(attn: nn.Module) -> bool:
     return hasattr(attn, "fused_attn") and isinstance(getattr(attn, "attn_drop", None), nn.Module)
 
 
+def block_parts(block: nn.Module) -> BlockParts:
+    """The projections and norms a timm block calls as modules: the fused `qkv` unless its bias is added
+    separately (EVA, BEiT with `q_bias`), `proj` unless a norm or gate sits between `z` and it, `fc1` of a
+    plain `Mlp` (not of gated ones), `fc2`, `norm1`, `norm2`."""
+    attn, mlp = block.attn, block.mlp
+    qkv = getattr(attn, "qkv", None)
+    d_head = getattr(attn, "head_dim", None) or qkv.out_features // 3 // attn.num_heads
+    fused = isinstance(qkv, nn.Linear) and getattr(attn, "q_bias", None) is None
+    plain_out = isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity) and getattr(attn, "gate", None) is None
+    return BlockParts(
+        d_head=int(d_head),
+        qkv=qkv if fused else None,
+        out=attn.proj if plain_out else None,
+        fc_in=mlp.fc1 if type(mlp).__name__ == "Mlp" else None,
+        fc_out=getattr(mlp, "fc2", None),
+        ln1=block.norm1,
+        ln2=block.norm2,
+    )
+
+
 def _block_sites(block: nn.Module) -> LayerSites:
     attn = block.attn
     pattern = TimmPatternSite(attn) if _exposes_pattern(attn) else None
+    parts = block_parts(block)
     if hasattr(block, "ls1"):
-        return LayerSites(block=block, attn_out=block.ls1, mlp_in=block.mlp, mlp_out=block.ls2, pattern=pattern)
+        return LayerSites(
+            block=block, attn_out=block.ls1, mlp_in=block.mlp, mlp_out=block.ls2, pattern=pattern, parts=parts
+        )
     if hasattr(block, "gamma_1"):
         return LayerSites(
             block=block,
@@ -56,6 +80,7 @@ def _block_sites(block: nn.Module) -> LayerSites:
             mlp_out=block.mlp,
             mlp_scale=lambda: block.gamma_2,
             pattern=pattern,
+            parts=parts,
         )
     raise TypeError(f"Unsupported timm block type {type(block).__name__}: no ls1/gamma_1 branch to hook.")
 
@@ -103,6 +128,8 @@ def sites_from_timm(model: nn.Module, forward: Callable[[torch.Tensor], torch.Te
         forward=forward or model,
         d_model=int(model.embed_dim),
         n_heads=n_heads,
+        patch_embed=model.patch_embed.proj if type(model.patch_embed).__name__ == "PatchEmbed" else None,
+        pos_embed=(lambda: model.pos_embed[0]) if getattr(model, "pos_embed", None) is not None else None,
     )
 
 
