@@ -24,7 +24,7 @@ import torch
 
 from prisma_ray.evaluate.metrics import Reconstruction, Sparsity
 from prisma_ray.sae import DictionaryConfig, Site, Sites, Trainer
-from prisma_ray.sae.synthetic import PlantedData, mean_max_cosine, planted_features, recovered_fraction
+from prisma_ray.sae.synthetic import PlantedData, max_cosines, mean_max_cosine, planted_features, recovered_fraction
 from prisma_ray.sae.trainer import Normalization, SiteStats
 
 
@@ -89,6 +89,7 @@ class Result:
     l0: float
     explained_variance: float
     seconds: float
+    missed: str
 
 
 def make_data(size: Size, seed: int = 0) -> PlantedData:
@@ -131,20 +132,38 @@ def train_and_score(cfg: DictionaryConfig, data: PlantedData, size: Size, seed: 
         l0=float(sparsity.summary()["l0"]),
         explained_variance=reconstruction.explained_variance,
         seconds=seconds,
+        missed=missed_summary(max_cosines(decoder, data.features), data),
     )
 
 
-def table(results: list[Result]) -> str:
-    lines = [
-        "| architecture | mean max cosine | recovered (cos >= 0.9) | L0 | explained var. | seconds |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        lines.append(
-            f"| {r.architecture} | {r.mean_max_cosine:.3f} | {r.recovered:.1%} | {r.l0:.2f} | "
-            f"{r.explained_variance:.3f} | {r.seconds:.1f} |"
-        )
-    return "\n".join(lines)
+def missed_summary(best: torch.Tensor, data: PlantedData) -> str:
+    """Which true features were not recovered (best cosine < THRESHOLD): how many are hierarchical children,
+    parents, in a correlated pair, among the rarest quarter, and their median firing frequency."""
+    missed = (best < THRESHOLD).nonzero().flatten()
+    if len(missed) == 0:
+        return "none"
+    rare = data.frequencies <= data.frequencies.quantile(0.25)
+    kinds = {
+        "child": set(data.hierarchical[:, 1].tolist()),
+        "parent": set(data.hierarchical[:, 0].tolist()),
+        "correlated": set(data.correlated.flatten().tolist()),
+        "rarest quarter": set(rare.nonzero().flatten().tolist()),
+    }
+    counts = ", ".join(f"{sum(int(i) in members for i in missed)} {kind}" for kind, members in kinds.items())
+    return f"{len(missed)} ({counts}; median frequency {float(data.frequencies[missed].median()):.4f})"
+
+
+HEADER = (
+    "| architecture | mean max cosine | recovered (cos >= 0.9) | L0 | explained var. | seconds | not recovered |\n"
+    "|---|---|---|---|---|---|---|"
+)
+
+
+def row(r: Result) -> str:
+    return (
+        f"| {r.architecture} | {r.mean_max_cosine:.3f} | {r.recovered:.1%} | {r.l0:.2f} | "
+        f"{r.explained_variance:.3f} | {r.seconds:.1f} | {r.missed} |"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -162,8 +181,10 @@ def main(argv: list[str] | None = None) -> None:
         f"{N_CORRELATED} correlated + {N_HIERARCHICAL} hierarchical pairs; {WIDTH} latents; "
         f"{size.steps} steps x {size.batch} rows; {args.threads} torch thread(s)"
     )
-    results = [train_and_score(cfg, data, size) for name, cfg in SETTINGS.items() if not args.only or name in args.only]
-    print(table(results))
+    print(HEADER, flush=True)
+    for name, cfg in SETTINGS.items():
+        if not args.only or name in args.only:
+            print(row(train_and_score(cfg, data, size)), flush=True)
 
 
 if __name__ == "__main__":

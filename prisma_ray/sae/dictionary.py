@@ -70,9 +70,9 @@ class Sites(BaseModel):
 class Dictionary(nn.Module):
     """A sparse dictionary; `forward(x)` maps raw inputs to raw reconstructions (or predictions).
 
-    Its parameters and buffers (float32; the BatchTopK threshold, also Matryoshka BatchTopK's, float64) are created on `device` (None: torch's
-    default device). The random initialisation is drawn on the CPU from `cfg.seed`, so it is the same on
-    every device.
+    Its parameters and buffers (float32; the (Matryoshka) BatchTopK threshold float64) are created on `device`
+    (None: torch's default device). The random initialisation is drawn on the CPU from `cfg.seed`, so it is the
+    same on every device.
     """
 
     def __init__(self, cfg: DictionaryConfig, sites: Sites, device: torch.device | str | None = None):
