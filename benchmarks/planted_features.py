@@ -92,6 +92,7 @@ class Result:
     l0: float
     explained_variance: float
     seconds: float
+    cpu_seconds: float
     missed: str
 
 
@@ -114,13 +115,13 @@ def train_and_score(cfg: DictionaryConfig, data: PlantedData, size: Size, seed: 
     train, held_out = data.acts[: -size.held_out], data.acts[-size.held_out :]
     sites = Sites(inputs=(Site(name="planted", width=D),))
     norm = Normalization.from_stats([SiteStats.of(train)], None, "center_scale")
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     trainer = Trainer([cfg], sites, size.steps, norm)
     gen = torch.Generator().manual_seed(seed)
     trainer.initialize(train[: size.batch])
     for _ in range(size.steps):
         trainer.train_step(train[torch.randint(0, len(train), (size.batch,), generator=gen)])
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     d = trainer.first
     with torch.no_grad():
         decoder = d.W_dec / d.out_scale  # the exported decoder rows: raw activation units
@@ -135,6 +136,7 @@ def train_and_score(cfg: DictionaryConfig, data: PlantedData, size: Size, seed: 
         l0=float(sparsity.summary()["l0"]),
         explained_variance=reconstruction.explained_variance,
         seconds=seconds,
+        cpu_seconds=cpu_seconds,
         missed=missed_summary(max_cosines(decoder, data.features), data),
     )
 
@@ -157,7 +159,7 @@ def missed_summary(best: torch.Tensor, data: PlantedData) -> str:
 
 
 HEADER = (
-    "| architecture | mean max cosine | recovered (cos >= 0.9) | L0 | explained var. | seconds | not recovered |\n"
+    "| architecture | mean max cosine | recovered (cos >= 0.9) | L0 | explained var. | seconds (CPU) | not recovered |\n"
     "|---|---|---|---|---|---|---|"
 )
 
@@ -165,7 +167,7 @@ HEADER = (
 def row(r: Result) -> str:
     return (
         f"| {r.architecture} | {r.mean_max_cosine:.3f} | {r.recovered:.1%} | {r.l0:.2f} | "
-        f"{r.explained_variance:.3f} | {r.seconds:.1f} | {r.missed} |"
+        f"{r.explained_variance:.3f} | {r.seconds:.0f} ({r.cpu_seconds:.0f}) | {r.missed} |"
     )
 
 
@@ -185,9 +187,13 @@ def main(argv: list[str] | None = None) -> None:
         f"{size.steps} steps x {size.batch} rows; {args.threads} torch thread(s)"
     )
     print(HEADER, flush=True)
+    wall = cpu = 0.0
     for name, cfg in SETTINGS.items():
         if not args.only or name in args.only:
-            print(row(train_and_score(cfg, data, size)), flush=True)
+            result = train_and_score(cfg, data, size)
+            wall, cpu = wall + result.seconds, cpu + result.cpu_seconds
+            print(row(result), flush=True)
+    print(f"training: {wall:.0f} s wall, {cpu:.0f} s CPU (this process)")
 
 
 if __name__ == "__main__":
