@@ -8,10 +8,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from prisma_ray.errors import InvalidRequest
 
-Architecture = Literal["relu", "topk", "batchtopk", "jumprelu", "gated"]
+Architecture = Literal["relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka_batchtopk"]
 PreBiasInit = Literal["geometric_median", "mean", "zeros"]
 
-_K_ARCHITECTURES = ("topk", "batchtopk")
+BATCHTOPK_ARCHITECTURES = ("batchtopk", "matryoshka_batchtopk")
+"""Architectures trained with BatchTopK and a learned inference threshold (exported as JumpReLU)."""
+K_ARCHITECTURES = ("topk", *BATCHTOPK_ARCHITECTURES)
 _L1_ARCHITECTURES = ("relu", "gated")
 
 
@@ -22,6 +24,10 @@ class DictionaryConfig(BaseModel):
     - `topk` / `batchtopk`: `k` active latents per token / `k·rows` per training batch, with AuxK on
       dead latents; BatchTopK learns the inference threshold (saved with the weights). A batch `[..., d]`
       is its rows, all leading positions pooled: `[B, T, d]` is the `[B·T, d]` batch, `k·B·T` latents.
+    - `matryoshka_batchtopk` (Bussmann et al. 2025, "Learning Multi-Level Features with Matryoshka Sparse
+      Autoencoders"; SAELens `MatryoshkaBatchTopKTrainingSAE`): BatchTopK whose nested prefixes of the
+      latents (`matryoshka_widths`) each reconstruct the target; the loss sums the prefixes' reconstruction
+      errors. With one width it is `batchtopk`.
     - `jumprelu`: per-latent thresholds trained by straight-through estimators (`bandwidth`) with an
       L0 penalty. `gated`: gate and magnitude paths sharing encoder directions, L1 on the gate.
 
@@ -38,13 +44,26 @@ class DictionaryConfig(BaseModel):
         description="unique in a run, used as a directory name; default: architecture and sparsity setting",
     )
     architecture: Architecture = Field(
-        "topk", description="relu, topk, batchtopk, jumprelu or gated (SAELens: architecture)"
+        "topk",
+        description="relu, topk, batchtopk, jumprelu, gated or matryoshka_batchtopk (SAELens: architecture)",
     )
     expansion_factor: int = Field(16, ge=1, description="latents per input dimension (ignored when d_sae is set)")
     d_sae: int | None = Field(None, ge=1, description="number of latents")
-    k: int | None = Field(None, ge=1, description="active latents per token (topk, batchtopk); default 32")
-    aux_k: int = Field(256, ge=1, description="dead latents used by the AuxK loss (topk, batchtopk)")
-    aux_coefficient: float = Field(1 / 32, ge=0, description="weight of the AuxK loss (topk, batchtopk)")
+    k: int | None = Field(
+        None, ge=1, description="active latents per token (topk, batchtopk, matryoshka_batchtopk); default 32"
+    )
+    matryoshka_widths: tuple[int, ...] | None = Field(
+        None,
+        min_length=1,
+        description="matryoshka_batchtopk (required): the nested prefix widths, strictly increasing, the last "
+        "the number of latents (SAELens: matryoshka_widths)",
+    )
+    aux_k: int = Field(
+        256, ge=1, description="dead latents used by the AuxK loss (topk, batchtopk, matryoshka_batchtopk)"
+    )
+    aux_coefficient: float = Field(
+        1 / 32, ge=0, description="weight of the AuxK loss (topk, batchtopk, matryoshka_batchtopk)"
+    )
     l1_coefficient: float | None = Field(None, ge=0, description="relu, gated; default 5.0")
     l0_coefficient: float | None = Field(None, ge=0, description="jumprelu; default 1.0")
     sparsity_warmup_steps: int = Field(0, ge=0, description="linear warm-up of the L1/L0 coefficient")
@@ -53,7 +72,10 @@ class DictionaryConfig(BaseModel):
         0.05, gt=0, description="jumprelu: kernel width of the straight-through threshold gradient"
     )
     batchtopk_threshold_lr: float = Field(
-        0.01, gt=0, le=1, description="batchtopk: rate of the moving average that learns the inference threshold"
+        0.01,
+        gt=0,
+        le=1,
+        description="batchtopk, matryoshka_batchtopk: rate of the moving average that learns the inference threshold",
     )
     skip_connection: bool = Field(False, description="transcoders: add a learned linear map input -> output")
     decoder_norm: Literal["unit", "free"] | None = Field(
@@ -78,13 +100,26 @@ class DictionaryConfig(BaseModel):
     def _check_architecture_fields(self) -> DictionaryConfig:
         arch = self.architecture
         misplaced = {
-            "k": (self.k, _K_ARCHITECTURES),
+            "k": (self.k, K_ARCHITECTURES),
             "l1_coefficient": (self.l1_coefficient, _L1_ARCHITECTURES),
             "l0_coefficient": (self.l0_coefficient, ("jumprelu",)),
+            "matryoshka_widths": (self.matryoshka_widths, ("matryoshka_batchtopk",)),
         }
         for field, (value, allowed) in misplaced.items():
             if value is not None and arch not in allowed:
                 raise InvalidRequest(f"{field} applies to architecture {' or '.join(allowed)}, not {arch!r}; remove it")
+        if arch == "matryoshka_batchtopk":
+            widths = self.matryoshka_widths
+            if widths is None:
+                raise InvalidRequest(
+                    "architecture 'matryoshka_batchtopk' needs matryoshka_widths: the nested prefix widths, "
+                    "e.g. [128, 512, 2048] for 2048 latents (the last one is the number of latents)"
+                )
+            if widths[0] < 1 or any(a >= b for a, b in zip(widths, widths[1:])):
+                raise InvalidRequest(
+                    f"matryoshka_widths {list(widths)} must be positive and strictly increasing, "
+                    "the last one the number of latents"
+                )
         return self
 
     @property
@@ -95,7 +130,7 @@ class DictionaryConfig(BaseModel):
     @property
     def sparsity(self) -> float:
         """k, the L1 or the L0 coefficient, whichever this architecture uses."""
-        if self.architecture in _K_ARCHITECTURES:
+        if self.architecture in K_ARCHITECTURES:
             return float(self.top_k)
         if self.architecture in _L1_ARCHITECTURES:
             return self.l1_coefficient if self.l1_coefficient is not None else 5.0
@@ -115,5 +150,9 @@ class DictionaryConfig(BaseModel):
     def display_name(self) -> str:
         if self.name:
             return self.name
-        label = {"topk": "k", "batchtopk": "k", "relu": "l1", "gated": "l1", "jumprelu": "l0"}[self.architecture]
+        label = (
+            "k"
+            if self.architecture in K_ARCHITECTURES
+            else {"relu": "l1", "gated": "l1", "jumprelu": "l0"}[self.architecture]
+        )
         return f"{self.architecture}-{label}-{self.sparsity:g}"

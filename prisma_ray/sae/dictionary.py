@@ -15,7 +15,7 @@ from torch import nn
 
 from prisma_ray.errors import InvalidRequest
 
-from .config import DictionaryConfig
+from .config import BATCHTOPK_ARCHITECTURES, K_ARCHITECTURES, DictionaryConfig
 
 
 class Site(BaseModel):
@@ -70,9 +70,9 @@ class Sites(BaseModel):
 class Dictionary(nn.Module):
     """A sparse dictionary; `forward(x)` maps raw inputs to raw reconstructions (or predictions).
 
-    Its parameters and buffers (float32; BatchTopK's threshold float64) are created on `device` (None: torch's
-    default device). The random initialisation is drawn on the CPU from `cfg.seed`, so it is the same on
-    every device.
+    Its parameters and buffers (float32; the (Matryoshka) BatchTopK threshold float64) are created on `device`
+    (None: torch's default device). The random initialisation is drawn on the CPU from `cfg.seed`, so it is the
+    same on every device.
     """
 
     def __init__(self, cfg: DictionaryConfig, sites: Sites, device: torch.device | str | None = None):
@@ -92,7 +92,7 @@ class Dictionary(nn.Module):
             self.b_enc = nn.Parameter(torch.zeros(n_latents, **on))
         if cfg.architecture == "jumprelu":
             self.threshold = nn.Parameter(torch.full((n_latents,), cfg.jumprelu_init_threshold, **on))
-        if cfg.architecture == "batchtopk":
+        if cfg.architecture in BATCHTOPK_ARCHITECTURES:
             self.register_buffer("topk_threshold", torch.zeros((), dtype=torch.float64, **on))
         if cfg.skip_connection:
             self.W_skip = nn.Parameter(torch.zeros(d_out, d_in, **on))
@@ -165,7 +165,7 @@ class Dictionary(nn.Module):
         if arch == "topk":
             values, idx = pre.topk(self.cfg.top_k, dim=-1)
             return torch.zeros_like(pre).scatter_(-1, idx, values.relu())
-        if arch == "batchtopk":
+        if arch in BATCHTOPK_ARCHITECTURES:
             return pre.relu() * (pre > self.topk_threshold.to(pre.dtype))
         if arch == "jumprelu":
             return pre.relu() * (pre > self.threshold)
@@ -209,9 +209,14 @@ def check_shape(cfg: DictionaryConfig, sites: Sites) -> int:
     """The number of latents of `cfg` on `sites`; raises if the config cannot fit the data."""
     n_latents = cfg.latents(sites.d_in)
     name = cfg.display_name()
-    if cfg.architecture in ("topk", "batchtopk") and cfg.top_k > n_latents:
+    if cfg.architecture in K_ARCHITECTURES and cfg.top_k > n_latents:
         raise InvalidRequest(
             f"dictionary {name!r}: k={cfg.top_k} exceeds its {n_latents} latents; lower k or raise d_sae"
+        )
+    if cfg.matryoshka_widths is not None and cfg.matryoshka_widths[-1] != n_latents:
+        raise InvalidRequest(
+            f"dictionary {name!r}: the last of matryoshka_widths {list(cfg.matryoshka_widths)} must be its number "
+            f"of latents, {n_latents}; end the list with {n_latents} (or set d_sae to {cfg.matryoshka_widths[-1]})"
         )
     if cfg.skip_connection and sites.autoencoder:
         raise InvalidRequest(

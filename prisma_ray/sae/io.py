@@ -3,7 +3,7 @@
 Exported weights act on raw activations: the input normalisation is folded into the weights
 (in float64), so SAELens's `SAE.load_from_disk` runs them with `normalize_activations="none"`.
 Names and shapes follow SAELens 6: `W_enc [d_in, d_sae]`, `W_dec [d_sae, d_out]`, `b_enc`,
-`b_dec`, `threshold` (JumpReLU, and BatchTopK, which exports as JumpReLU like SAELens does),
+`b_dec`, `threshold` (JumpReLU, and BatchTopK and Matryoshka BatchTopK, which export as JumpReLU like SAELens does),
 `b_gate`/`r_mag`/`b_mag` (gated), `W_skip [d_out, d_in]` (skip transcoders). Architectures SAELens
 has no class for (TopK and gated transcoders) load here only. Loading reads JSON and safetensors:
 nothing is ever unpickled.
@@ -26,7 +26,7 @@ from safetensors.torch import save as save_safetensors
 
 from .. import storage
 from ..errors import InvalidRequest, PrismaRayError
-from .config import DictionaryConfig
+from .config import BATCHTOPK_ARCHITECTURES, DictionaryConfig
 from .dictionary import Dictionary, Site, Sites
 from .trainer import Trainer
 
@@ -52,8 +52,22 @@ def read_tensors(uri: str, options: storage.StorageOptions | None = None) -> dic
         raise CheckpointFileError(f"{uri}: not a readable safetensors file ({exc}); rewrite the checkpoint") from exc
 
 
-_SAE_ARCH = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "gated": "gated"}
-_TRANSCODER_PREFIX = {"relu": "", "topk": "topk_", "batchtopk": "jumprelu_", "jumprelu": "jumprelu_", "gated": "gated_"}
+_SAE_ARCH = {
+    "relu": "standard",
+    "topk": "topk",
+    "batchtopk": "jumprelu",
+    "matryoshka_batchtopk": "jumprelu",
+    "jumprelu": "jumprelu",
+    "gated": "gated",
+}
+_TRANSCODER_PREFIX = {
+    "relu": "",
+    "topk": "topk_",
+    "batchtopk": "jumprelu_",
+    "matryoshka_batchtopk": "jumprelu_",
+    "jumprelu": "jumprelu_",
+    "gated": "gated_",
+}
 
 
 def saelens_architecture(cfg: DictionaryConfig, sites: Sites) -> str:
@@ -66,10 +80,10 @@ def saelens_architecture(cfg: DictionaryConfig, sites: Sites) -> str:
 def _parse_architecture(name: str) -> tuple[str, bool, bool]:
     """`(architecture, transcoder, skip)` of a `cfg.json` architecture name."""
     for ours, theirs in _SAE_ARCH.items():
-        if name == theirs and ours != "batchtopk":
+        if name == theirs and ours not in BATCHTOPK_ARCHITECTURES:
             return ours, False, False
     for ours, prefix in _TRANSCODER_PREFIX.items():
-        if ours == "batchtopk":
+        if ours in BATCHTOPK_ARCHITECTURES:
             continue
         for skip in (False, True):
             if name == f"{prefix}{'skip_' if skip else ''}transcoder":
@@ -102,7 +116,7 @@ def inference_weights(d: Dictionary) -> dict[str, torch.Tensor]:
         if d.cfg.skip_connection:
             out["W_skip"] = p["W_skip"] * s_in[None, :] / s_out[:, None]
             out["b_dec"] = out["b_dec"] - out["W_skip"] @ mu_in
-    if d.cfg.architecture == "batchtopk":
+    if d.cfg.architecture in BATCHTOPK_ARCHITECTURES:
         out["threshold"] = torch.full(  # host: exported weights are folded on the CPU
             (d.n_latents,), float(d.topk_threshold), dtype=torch.float64
         )
@@ -223,7 +237,7 @@ def load_sparsity(uri: str, options: storage.StorageOptions | None = None) -> to
 class CheckpointInfo:
     """One checkpoint as its `cfg.json` describes it: what loading builds and what discovery reports.
 
-    `config` and `sites` are the dictionary its weights load as (BatchTopK exports as JumpReLU);
+    `config` and `sites` are the dictionary its weights load as ((Matryoshka) BatchTopK exports as JumpReLU);
     `architecture` and `k` are those it was trained with, as our metadata records them. `seed` is its
     initialisation seed and `seed_group` a hash of everything else it was trained with (sites, dictionary
     config but for `seed` and `name`, trained tokens, token kinds): checkpoints sharing it differ only in

@@ -108,12 +108,24 @@ def _topk(
 def _batchtopk(
     d: Dictionary, x_n: torch.Tensor, y_n: torch.Tensor, dead: torch.Tensor | None, coefficient: float
 ) -> Outcome:
+    """BatchTopK, and Matryoshka BatchTopK: the same `k·rows` activations decoded prefix by prefix.
+
+    Each prefix `[0, width)` of `matryoshka_widths` reconstructs the target from its latents alone (plus the
+    bias and skip term); the loss sums their squared errors, as SAELens's `MatryoshkaBatchTopKTrainingSAE` does:
+    `inner_mse_{width}` for the inner prefixes, `mse` for the whole dictionary (BatchTopK's only prefix).
+    The prefixes' products add up to one full decode. AuxK reconstructs the whole dictionary's residual.
+    """
     pre = torch.addmm(d.b_enc, d.centered(x_n), d.W_enc)
     acts = pre.relu().flatten()
     values, flat_idx = acts.topk(d.cfg.top_k * x_n.shape[0], sorted=False)
     z = torch.zeros_like(acts).scatter(0, flat_idx, values).view_as(pre)
-    prediction = _with_skip(d, z @ d.W_dec + d.b_dec, x_n)
-    parts = {"mse": _mse(prediction, y_n)}
+    parts: dict[str, torch.Tensor] = {}
+    decoded, start = d.b_dec, 0
+    for width in d.cfg.matryoshka_widths or (d.n_latents,):
+        decoded = z[:, start:width] @ d.W_dec[start:width] + decoded
+        start = width
+        prediction = _with_skip(d, decoded, x_n)
+        parts["mse" if width == d.n_latents else f"inner_mse_{width}"] = _mse(prediction, y_n)
     with torch.no_grad():
         _update_threshold(d, values)
         aux_idx = _dead_top(pre, dead, d.cfg.aux_k)
@@ -170,4 +182,11 @@ def _gated(
     return _finish(d, parts, prediction, (z.detach() > 0).sum(0).to(x_n.dtype))
 
 
-_OBJECTIVES = {"topk": _topk, "batchtopk": _batchtopk, "relu": _relu, "jumprelu": _jumprelu, "gated": _gated}
+_OBJECTIVES = {
+    "topk": _topk,
+    "batchtopk": _batchtopk,
+    "matryoshka_batchtopk": _batchtopk,
+    "relu": _relu,
+    "jumprelu": _jumprelu,
+    "gated": _gated,
+}

@@ -11,6 +11,7 @@ from prisma_ray.evaluate.metrics import Reconstruction, Sparsity
 from prisma_ray.interpret.steer import SteerSpec, steered
 from prisma_ray.interpret.topk import LatentRecord
 from prisma_ray.sae import Dictionary, DictionaryConfig, Site, Sites, Trainer
+from prisma_ray.sae.config import BATCHTOPK_ARCHITECTURES, K_ARCHITECTURES
 from prisma_ray.sae.init import geometric_median
 from prisma_ray.sae.kernels import JumpReLU, Step, sparse_decode
 from prisma_ray.sae.objectives import objective
@@ -19,7 +20,7 @@ from prisma_ray.sae.trainer import SiteStats
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 D, D_OUT, N_LATENTS, K = 16, 12, 64, 4
-ARCHITECTURES = ["relu", "topk", "batchtopk", "jumprelu", "gated"]
+ARCHITECTURES = ["relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka_batchtopk"]
 KINDS = {
     "sae": Sites(inputs=(Site(name="h", width=D),)),
     "transcoder": Sites(inputs=(Site(name="in", width=D),), outputs=(Site(name="out", width=D_OUT),)),
@@ -29,7 +30,9 @@ SHAPES = [(10,), (2, 5), (2, 1, 5)]  # leading dimensions: 2-D, 3-D and 4-D inpu
 
 
 def config(arch: str, kind: str) -> DictionaryConfig:
-    k = {"k": K} if arch in ("topk", "batchtopk") else {}
+    k = {"k": K} if arch in K_ARCHITECTURES else {}
+    if arch == "matryoshka_batchtopk":
+        k["matryoshka_widths"] = (8, 24, N_LATENTS)
     return DictionaryConfig(architecture=arch, d_sae=N_LATENTS, skip_connection=kind == "transcoder", **k)
 
 
@@ -43,7 +46,7 @@ def randomized(arch: str, kind: str) -> Dictionary:
             p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * (0.1 if name == "threshold" else 0.5))
         if arch == "jumprelu":
             d.threshold.abs_()
-        if arch == "batchtopk":
+        if arch in BATCHTOPK_ARCHITECTURES:
             d.topk_threshold.fill_(0.3)
         d.set_normalization(
             torch.randn(sites.d_in, generator=gen),

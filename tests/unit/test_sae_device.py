@@ -19,7 +19,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from prisma_ray.sae import Dictionary, DictionaryConfig, Site, Sites, Trainer
-from prisma_ray.sae.config import Architecture
+from prisma_ray.sae.config import K_ARCHITECTURES, Architecture
 from prisma_ray.sae.kernels import gather_encode, sparse_decode
 from prisma_ray.sae.synthetic import sparse_dictionary_data
 from prisma_ray.sae.trainer import Normalization, SiteStats
@@ -36,8 +36,11 @@ SHAPES = {
 
 
 def config(arch: str, **fields) -> DictionaryConfig:
-    k = {"k": 3} if arch in ("topk", "batchtopk") else {}
-    return DictionaryConfig(architecture=arch, **{"d_sae": 24, **k, **fields})
+    """`arch` with 24 latents, k=3 where it takes k, Matryoshka prefixes of a quarter, a half and all latents."""
+    fields = {"d_sae": 24, **({"k": 3} if arch in K_ARCHITECTURES else {}), **fields}
+    if arch == "matryoshka_batchtopk":
+        fields.setdefault("matryoshka_widths", (fields["d_sae"] // 4, fields["d_sae"] // 2, fields["d_sae"]))
+    return DictionaryConfig(architecture=arch, **fields)
 
 
 def assert_on(trainer: Trainer, device_type: str) -> None:
@@ -245,7 +248,7 @@ EV_TOLERANCE = 0.01
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_cpu_autocast_trains_every_architecture_close_to_float32(data, arch):
-    # dead after one batch unfired, so that AuxK (topk, batchtopk) runs under autocast too; k=3 = ACTIVE
+    # dead after one batch unfired, so that AuxK (topk, (matryoshka) batchtopk) runs under autocast too; k=3 = ACTIVE
     cfg = config(arch, d_sae=48, lr=3e-3, dead_after_tokens=128, **({"l1_coefficient": 0.5} if arch == "relu" else {}))
     exact, exact_metrics = cpu_run(data, cfg, autocast=False)
     mixed, mixed_metrics = cpu_run(data, cfg, autocast=True)
@@ -254,6 +257,6 @@ def test_cpu_autocast_trains_every_architecture_close_to_float32(data, arch):
     assert all(torch.isfinite(torch.tensor(v)) for k, v in mixed_metrics.items() if k.startswith(name))
     ev, ev_exact = mixed_metrics[f"{name}/explained_variance"], exact_metrics[f"{name}/explained_variance"]
     assert ev_exact > 0.3, ev_exact  # it learned something: the comparison is not between two failures
-    if arch in ("topk", "batchtopk"):
+    if arch in K_ARCHITECTURES:
         assert f"{name}/aux" in mixed_metrics
     assert abs(ev - ev_exact) <= EV_TOLERANCE, (ev, ev_exact)

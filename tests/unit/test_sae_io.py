@@ -52,6 +52,7 @@ def trained(cfg: DictionaryConfig, sites: Sites, steps: int = 6) -> Trainer:
     return trainer
 
 
+MATRYOSHKA = DictionaryConfig(architecture="matryoshka_batchtopk", d_sae=24, k=4, matryoshka_widths=(4, 12, 24))
 CASES = [
     (DictionaryConfig(architecture="relu", d_sae=24), SAE, "standard"),
     (DictionaryConfig(architecture="topk", d_sae=24, k=4), SAE, "topk"),
@@ -64,6 +65,10 @@ CASES = [
     (DictionaryConfig(architecture="jumprelu", d_sae=24, skip_connection=True), TRANSCODER, "jumprelu_skip_transcoder"),
     (DictionaryConfig(architecture="topk", d_sae=24, k=4), TRANSCODER, "topk_transcoder"),
     (DictionaryConfig(architecture="gated", d_sae=24), TRANSCODER, "gated_transcoder"),
+    (MATRYOSHKA, SAE, "jumprelu"),
+    (MATRYOSHKA, CROSS, "jumprelu"),
+    (MATRYOSHKA, TRANSCODER, "jumprelu_transcoder"),
+    (MATRYOSHKA.model_copy(update={"skip_connection": True}), TRANSCODER, "jumprelu_skip_transcoder"),
 ]
 
 

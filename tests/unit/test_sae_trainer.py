@@ -82,12 +82,14 @@ def test_any_valid_dictionary_name_trains_and_reports_its_own_metrics(name):
         DictionaryConfig(name=f"{name}/loss")
 
 
-@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu", "gated"])
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka_batchtopk"])
 def test_loss_parts_never_shadow_the_derived_metrics(arch):
     """The loss parts are reported beside `loss`, `explained_variance`, `l0`, `dead_fraction` and `lr`:
     `loss` is the sum of the parts reported, so none of them was overwritten."""
     derived = {"loss", "explained_variance", "l0", "dead_fraction", "lr"}
     k = {"k": 2} if arch in ("topk", "batchtopk") else {}
+    if arch == "matryoshka_batchtopk":
+        k = {"k": 2, "matryoshka_widths": (4, 16)}
     trainer = Trainer([DictionaryConfig(architecture=arch, d_sae=16, name="d", dead_after_tokens=32, **k)], SITES, 2)
     for b in batches(2):
         trainer.train_step(b)
