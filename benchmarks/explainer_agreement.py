@@ -39,11 +39,10 @@ from prisma_ray.interpret.autointerp.embedders import (
     HookedModelFeatures,
     PrototypeEmbedder,
     factor_groups,
-    named_labels,
     synthetic_prototypes,
 )
 from prisma_ray.interpret.autointerp.explainers import VocabularyExplainer
-from prisma_ray.interpret.autointerp.scoring import EmbeddingJudge, Scorers, random_baseline
+from prisma_ray.interpret.autointerp.scoring import EmbeddingJudge, Scorers, agreement, random_baseline
 from prisma_ray.interpret.glue import latent_evidence
 from prisma_ray.interpret.results import read_results, write_results
 from prisma_ray.interpret.topk import LatentRecord
@@ -63,10 +62,10 @@ class Setting:
     image_size: int = 224
     train: int = 200
     held_out: int = 100
-    d_sae: int = 1024
+    d_sae: int = 512
     k: int = 16
-    steps: int = 400
-    batch: int = 1024
+    steps: int = 300
+    batch: int = 512
     prototypes_per_label: int = 24
     seed: int = 0
 
@@ -188,8 +187,7 @@ def measure(s: Setting, threads: int = 2, cache: str | None = None, log=print) -
                     "auroc": score,
                     "text": text,
                     "scores": explanation.raw,
-                    "agrees": value in named_labels(text, vocabulary),
-                    "baseline_agrees": value == baseline,
+                    "baseline": baseline,
                     "detection": detection,
                     "detection_baseline": scorers.detection(evidence, baseline)
                     if evidence.negatives is not None
@@ -198,11 +196,12 @@ def measure(s: Setting, threads: int = 2, cache: str | None = None, log=print) -
             )
     seconds = time.perf_counter() - start
     labels = collections.Counter(r["text"] for r in rows)
+    pairs = [(r["latent"], r["value"]) for r in rows]
     return {
         "detectors": len(rows),
         "values_detected": len({r["value"] for r in rows}),
-        "agreement": float(np.mean([r["agrees"] for r in rows])) if rows else float("nan"),
-        "random_agreement": float(np.mean([r["baseline_agrees"] for r in rows])) if rows else float("nan"),
+        "agreement": agreement(pairs, {r["latent"]: r["text"] for r in rows}, vocabulary),
+        "random_agreement": agreement(pairs, {r["latent"]: r["baseline"] for r in rows}, vocabulary),
         "detection": float(np.nanmean([r["detection"] for r in rows])) if rows else float("nan"),
         "random_detection": float(np.nanmean([r["detection_baseline"] for r in rows])) if rows else float("nan"),
         "largest_label_share": max(labels.values()) / len(rows) if rows else float("nan"),

@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -97,6 +97,15 @@ def balanced_accuracy(predicted: np.ndarray, truth: np.ndarray) -> float:
     """Mean of the true positive and true negative rates."""
     predicted, truth = np.asarray(predicted, bool), np.asarray(truth, bool)
     return float((predicted[truth].mean() + (~predicted[~truth]).mean()) / 2)
+
+
+def agreement(detectors: Sequence[tuple[int, str]], texts: Mapping[int, str], vocabulary: Sequence[str]) -> float:
+    """The fraction of `(latent, value)` pairs (a latent and the ground-truth factor value it detects, e.g.
+    `(7, "red")`) whose latent's explanation in `texts` names that value (`named_labels` over `vocabulary`:
+    "red star" names "red"); a latent without an explanation disagrees. NaN without pairs."""
+    if not detectors:
+        return float("nan")
+    return float(np.mean([value in named_labels(texts.get(latent, ""), vocabulary) for latent, value in detectors]))
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
