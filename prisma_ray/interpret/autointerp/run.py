@@ -65,7 +65,9 @@ class EmbedderConfig(BaseModel):
     weights: str | None = Field(
         None, description="prototype: " + WEIGHTS_HELP + " (s3:// reached with the AWS_* environment)"
     )
-    hook: str = Field("blocks.3.hook_resid_post", description="prototype: features = this hook, mean over patches")
+    hook: str = Field(
+        "blocks.3.hook_resid_post", description="prototype: features = this hook, mean over the patches of a region"
+    )
     prototype_data: ShapesConfig = Field(
         default_factory=_default_prototype_data,
         description="prototype: the shapes images rendered per label (default: the toy ViT's training distribution)",
