@@ -49,9 +49,9 @@ class VocabularyExplainer:
        speaker verification, Auckenthaler et al. 2000; CSLS of Lample et al. 2018 corrects hubs the same
        way). Without a reference the raw similarities are used.
     3. Factors: `groups` partitions the vocabulary by factor (`factor_groups`: shapes, colours). The
-       explanation is the best label overall, preceded or followed by the best label of each other
-       group whose score reaches `combine` × the best score and `min_score` ("red star" for a latent
-       that fires on red stars only; "red" for one that fires on red objects of every shape).
+       explanation is the best label overall with the best label of each other group whose score
+       reaches `combine` × the best score and `min_score`, later groups' labels first ("red star" for
+       a latent that fires on red stars only; "red" for one that fires on red objects of every shape).
     """
 
     def __init__(
