@@ -124,11 +124,11 @@ class HookedModelFeatures:
     Region pooling follows the patch-level probing of vision SAEs (saev, Stevens et al. 2025,
     https://github.com/OSU-NLP-Group/saev): a latent is explained by the tokens it fires on, not by the
     whole image, so other objects and the background do not blur its description. Each image's patch
-    tokens are computed once and kept (up to `cache_size` images), since one image is the top image of
-    many latents.
+    tokens are computed once and kept (the last `cache_size` images; 256 of DINOv2 ViT-S at 224 px take
+    100 MB), since one image is the top image of many latents.
     """
 
-    def __init__(self, model, hook: str, batch_size: int = 128, cache_size: int = 1024):
+    def __init__(self, model, hook: str, batch_size: int = 128, cache_size: int = 256):
         self.model, self.hook, self.batch_size, self.cache_size = model, hook, batch_size, cache_size
         self._cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
         model.hook_point(hook)
