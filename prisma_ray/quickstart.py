@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import io
+import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -36,9 +38,11 @@ from .evaluate.report import best_ground_truth, ground_truth_line
 from .evaluate.sweep import SweepConfig, run_sweep
 from .extract.config import ExtractConfig
 from .extract.pipeline import run_extract
-from .interpret.autointerp.run import ExplainConfig, run_explain
+from .interpret.autointerp.run import ExplainConfig, default_vocabulary, run_explain
+from .interpret.autointerp.scoring import agreement
 from .interpret.collect import InterpretConfig
 from .interpret.dashboard import shown_latents, write_dashboard
+from .interpret.evidence import read_explanations
 from .interpret.pipeline import run_interpret
 from .interpret.results import Results, read_results
 from .models import get_entry, toy
@@ -159,6 +163,7 @@ class QuickstartSummary:
     rows: list[dict]
     seconds: dict[str, float]
     lost: list[str] = field(default_factory=list)
+    explanations: str = ""
     real: RealSummary | None = None
     real_note: str = ""
 
@@ -167,6 +172,7 @@ class QuickstartSummary:
         best = best_ground_truth(self.rows)
         lines += [
             f"ground-truth recovery: best {ground_truth_line(best)}" if best else "ground-truth recovery: -",
+            *([f"explanations {self.explanations}"] if self.explanations else []),
             f"leaderboard  {self.leaderboard}",
             f"dashboard    {self.dashboard}",
         ]
@@ -194,6 +200,13 @@ class RealSummary:
     leaderboard: str
     dashboard: str
     seconds: dict[str, float]
+
+
+def explanations_line(agreed: float, detectors: int) -> str:
+    """The summary's line on the offline explanations of the dashboard's dictionary."""
+    if not detectors:
+        return "no detector latents to check them against (no shape or colour value at AUROC >= 0.95)"
+    return f"name the detected value of {agreed:.2f} of {detectors} detector latents (AUROC >= 0.95; ground truth)"
 
 
 def _table(rows: list[dict]) -> list[str]:
@@ -366,13 +379,28 @@ def leaderboard_rows(table: pa.Table) -> list[dict]:
     return sorted(table.to_pylist(), key=lambda r: (r["model"], -(r["explained_variance"] or 0.0)))
 
 
-def dashboard_of(cfg: QuickstartConfig, checkpoint: str) -> str:
+def dashboard_of(
+    cfg: QuickstartConfig, checkpoint: str, detectors: Sequence[tuple[int, str]] = ()
+) -> tuple[str, float]:
     """Top images of `checkpoint`'s latents on the first model's test images, explained and scored offline
-    (vocabulary explainer over shapes and colours); return the dashboard's index URI."""
+    (vocabulary explainer over shapes and colours); return the dashboard's index URI and the fraction of
+    `detectors` (`(latent, value)`, see `detector_values`) whose explanation names the value they detect."""
     results = interpret_results(cfg, checkpoint, extract_configs(cfg, cfg.models[0])[1].dataset, cfg.uri("interpret"))
     shown = shown_latents(results, cfg.dashboard_latents)  # explained: the latents with a page, not every one
-    run_explain(ExplainConfig(evidence=results.uri, latents=shown, storage=cfg.storage, ray=cfg.ray))
-    return write_dashboard(results, cfg.uri("dashboard"), results.options, max_latents=cfg.dashboard_latents)
+    extra = sorted({latent for latent, _ in detectors} - set(shown))  # and the detectors, to check them
+    explain = ExplainConfig(evidence=results.uri, latents=shown + extra, storage=cfg.storage, ray=cfg.ray)
+    run_explain(explain)
+    texts = {latent: r.explanation for latent, r in read_explanations(results.uri, results.options).items()}
+    agreed = agreement(detectors, texts, explain.vocabulary)
+    return write_dashboard(results, cfg.uri("dashboard"), results.options, max_latents=cfg.dashboard_latents), agreed
+
+
+def detector_values(row: dict, vocabulary: Sequence[str], threshold: float = 0.95) -> list[tuple[int, str]]:
+    """`(latent, value)` for each factor value of `vocabulary` that a leaderboard row's dictionary detects: its
+    best latent (`gt_detail`) reaches AUROC >= `threshold`."""
+    detail = json.loads(row.get("gt_detail") or "{}")
+    pairs = [(int(d["latent"]), name.split("=", 1)[-1]) for name, d in detail.items() if d["auroc"] >= threshold]
+    return [(latent, value) for latent, value in pairs if latent >= 0 and value in vocabulary]
 
 
 def real_dashboard_of(cfg: QuickstartConfig, checkpoint: str, videos: str) -> str:
@@ -400,7 +428,12 @@ def interpret_results(cfg: QuickstartConfig, checkpoint: str, dataset: DatasetSp
 
 def best_checkpoint(rows: list[dict], model: str) -> str:
     """The checkpoint of `model`'s row with the best held-out explained variance."""
-    return max((r for r in rows if r["model"] == model), key=lambda r: r["explained_variance"] or 0.0)["checkpoint"]
+    return best_row(rows, model)["checkpoint"]
+
+
+def best_row(rows: list[dict], model: str) -> dict:
+    """`model`'s row with the best held-out explained variance."""
+    return max((r for r in rows if r["model"] == model), key=lambda r: r["explained_variance"] or 0.0)
 
 
 def swept_rows(cfg: QuickstartConfig, root: str | None, lost: list[str], label: str) -> tuple[list[dict], str]:
@@ -455,7 +488,9 @@ def run_quickstart(cfg: QuickstartConfig) -> QuickstartSummary:
     rows, leaderboard = swept_rows(cfg, None, lost, "sweep")
     seconds["sweep"] = time.perf_counter() - start
     start = time.perf_counter()
-    dashboard = dashboard_of(cfg, best_checkpoint(rows, cfg.models[0].name))
+    best = best_row(rows, cfg.models[0].name)
+    detectors = detector_values(best, default_vocabulary())
+    dashboard, agreed = dashboard_of(cfg, best["checkpoint"], detectors)
     seconds["dashboard"] = time.perf_counter() - start
     part, note = real_status(cfg)
     summary = run_real_part(cfg, lost) if part is not None else None
@@ -466,6 +501,7 @@ def run_quickstart(cfg: QuickstartConfig) -> QuickstartSummary:
         rows=rows,
         seconds=seconds,
         lost=lost,
+        explanations=explanations_line(agreed, len(detectors)),
         real=summary,
         real_note=note,
     )

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from prisma_ray.interpret.autointerp.embedders import PrototypeEmbedder, UnknownConcept, named_labels, unit
+from prisma_ray.interpret.autointerp.explainers import VocabularyExplainer
 from prisma_ray.interpret.autointerp.run import ExplainConfig, Pipeline, explain_latents
 from prisma_ray.interpret.autointerp.scoring import (
     EmbeddingJudge,
@@ -22,6 +23,7 @@ from prisma_ray.interpret.evidence import (
     append_explanations,
     mask_images,
     read_explanations,
+    upsample,
 )
 
 
@@ -30,11 +32,16 @@ def coloured(colour: tuple[int, int, int], n: int, size: int = 8) -> np.ndarray:
 
 
 class MeanColour:
-    """Image features: the mean RGB of the bright pixels (a stand-in for a model)."""
+    """Image features: the mean RGB of the bright pixels, or of the pixels of a region (a stand-in for a model)."""
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
+    def __call__(self, images: np.ndarray, regions: np.ndarray | None = None) -> np.ndarray:
         x = images.reshape(len(images), -1, 3).astype(np.float64)
-        return x.sum(1) / np.maximum((x.sum(-1) > 100).sum(1, keepdims=True), 1)
+        if regions is None:
+            return x.sum(1) / np.maximum((x.sum(-1) > 100).sum(1, keepdims=True), 1)
+        keep = (regions if regions.shape[1:] == images.shape[1:3] else upsample(regions, images.shape[1:3])).reshape(
+            len(images), -1, 1
+        )
+        return (x * keep).sum(1) / np.maximum(keep.sum(1), 1)
 
 
 def test_evidence_validates_shapes_and_names_the_latent():
@@ -91,6 +98,65 @@ def test_scores_detection_iou_similarity_against_a_baseline():
     assert scores["similarity"].value > 0.5 > scores["similarity"].baseline
     text_scores = scorers.score(evidence, Explanation(latent=0, text="something else", explainer="t"), None)
     assert {s.name for s in text_scores} == {"iou"}, "an unembeddable text and no baseline leave those scores out"
+
+
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
+COLOURS |= {"magenta": (255, 0, 255), "cyan": (0, 255, 255)}
+
+
+def test_vocabulary_explainer_names_the_colour_of_the_highlighted_region_for_every_colour():
+    """Each latent fires on one patch of a 4x4 grid whose other patches hold the other colours: the label must
+    come from the highlighted patch (the rest of the image, dimmed or not, points elsewhere)."""
+    names = list(COLOURS)
+    embedder = PrototypeEmbedder(MeanColour(), {name: coloured(rgb, 4) for name, rgb in COLOURS.items()})
+    explainer = VocabularyExplainer(embedder, names)
+    maps = np.zeros((3, 4, 4))
+    maps[:, 0, 0] = 1.0
+    labels = []
+    for k, name in enumerate(names):
+        images = np.zeros((3, 16, 16, 3), np.uint8)
+        for i in range(3):
+            for p in range(16):
+                colour = COLOURS[name] if p == 0 else COLOURS[names[(k + 1 + (i + p) % 5) % len(names)]]
+                images[i, 4 * (p // 4) : 4 * (p // 4) + 4, 4 * (p % 4) : 4 * (p % 4) + 4] = colour
+        labels.append(explainer.explain(LatentEvidence("c", k, images, maps, np.ones(3))).text)
+    assert labels == names, "one label per colour, each the highlighted one (no collapse onto one label)"
+
+
+class TableEmbedder:
+    """Texts: one axis per label. Images: the row of `vectors` that the first pixel's red value indexes."""
+
+    def __init__(self, labels: list[str], vectors: np.ndarray):
+        self.labels, self.vectors = labels, vectors
+
+    def embed_texts(self, texts):
+        return np.eye(len(self.labels), dtype=np.float32)[[self.labels.index(t) for t in texts]]
+
+    def embed_regions(self, images, regions):
+        return unit(self.vectors[images[:, 0, 0, 0]])
+
+
+def test_vocabulary_explainer_calibrates_hub_labels_and_names_one_value_per_factor():
+    labels = ["circle", "star", "red", "blue"]
+    rng = np.random.default_rng(0)
+    # a hub: every reference image is close to "star", whatever it shows
+    reference = unit(np.array([0.3, 0.8, 0.3, 0.3]) + 0.1 * rng.normal(size=(200, 4)))
+    vectors = np.array([[0.1, 0.75, 0.6, 0.1], [0.9, 0.1, 0.1, 0.9], [0.3, 0.3, 0.3, 0.9], [0.9, 0.3, 0.3, 0.3]])
+
+    def explain(explainer, row):
+        images = np.full((1, 4, 4, 3), row, np.uint8)
+        return explainer.explain(LatentEvidence("c", row, images, np.ones((1, 2, 2)), np.ones(1))).text
+
+    embedder = TableEmbedder(labels, vectors)
+    groups = [["circle", "star"], ["red", "blue"]]
+    plain = VocabularyExplainer(embedder, labels, groups=groups)
+    calibrated = VocabularyExplainer(embedder, labels, groups=groups, reference=reference)
+    assert explain(plain, 0) == "star", "uncalibrated, the hub wins where the region is red"
+    assert explain(calibrated, 0) == "red"
+    assert explain(calibrated, 1) == "blue circle", "both factors fit: a colour and a shape, the colour first"
+    assert explain(calibrated, 2) == "blue" and explain(calibrated, 3) == "circle"
+    with pytest.raises(ValueError, match="groups must hold every vocabulary label exactly once"):
+        VocabularyExplainer(embedder, labels, groups=[["circle", "star"], ["red"]])
 
 
 def test_scoring_helpers():

@@ -150,3 +150,47 @@ def test_the_dashboard_explains_only_the_latents_it_shows(monkeypatch, tmp_path)
     cfg = quickstart.QuickstartConfig(output=str(tmp_path), dashboard_latents=8)
     quickstart.dashboard_of(cfg, "ckpt")
     assert asked["latents"] == [1, 2, 3, 4, 6, 7, 8, 9]  # the first 8 that fired, as the dashboard shows them
+
+
+def test_the_dashboard_explains_the_detector_latents_and_the_summary_reports_their_agreement(monkeypatch, tmp_path):
+    """Issue 18: the quickstart's explain step says how often the offline explanations name the factor value that
+    a detector latent (best value AUROC >= 0.95) detects."""
+    import json
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+
+    from prisma_ray import quickstart
+    from prisma_ray.interpret.autointerp.run import default_vocabulary
+    from prisma_ray.interpret.evidence import ExplanationRecord, append_explanations
+
+    latents = pa.table({"latent": list(range(50)), "frequency": [0.1] * 50})
+    results = SimpleNamespace(uri=str(tmp_path), options=None, latents=latents)
+    texts = {7: "red star", 30: "circle"}
+    asked = {}
+
+    def explain(cfg):
+        asked["latents"] = cfg.latents
+        append_explanations(
+            cfg.evidence, [ExplanationRecord(latent=k, explanation=t, explainer="v") for k, t in texts.items()]
+        )
+
+    monkeypatch.setattr(quickstart, "interpret_results", lambda *a, **k: results)
+    monkeypatch.setattr(quickstart, "run_explain", explain)
+    monkeypatch.setattr(quickstart, "write_dashboard", lambda res, out, opts, max_latents: f"{out}/index.html")
+    detail = {
+        "colour=red": {"auroc": 0.97, "latent": 7},
+        "shape=star": {"auroc": 0.90, "latent": 8},  # not a detector
+        "shape=square": {"auroc": 0.99, "latent": 30},
+        "direction=up": {"auroc": 0.99, "latent": 9},  # not in the vocabulary
+    }
+    detectors = quickstart.detector_values({"gt_detail": json.dumps(detail)}, default_vocabulary())
+    assert detectors == [(7, "red"), (30, "square")]
+    cfg = quickstart.QuickstartConfig(output=str(tmp_path), dashboard_latents=4)
+    _, agreed = quickstart.dashboard_of(cfg, "ckpt", detectors)
+    assert asked["latents"] == [0, 1, 2, 3, 7, 30] and agreed == 0.5
+    rows = [{"model": "m", "name": "topk", "l0": 1.0, "explained_variance": 0.5, "loss_recovered": None}]
+    line = quickstart.explanations_line(agreed, len(detectors))
+    text = quickstart.QuickstartSummary("/o", "/o/lb", "/o/d", rows, {}, explanations=line).format()
+    assert "explanations name the detected value of 0.50 of 2 detector latents" in text
+    assert "no detector latents" in quickstart.explanations_line(float("nan"), 0)

@@ -2,8 +2,8 @@
 
 - `ChatExplainer`: a served multimodal model (OpenAI-compatible chat completions) looks at the
   latent's top images with the active patches highlighted and writes a short phrase.
-- `VocabularyExplainer`: offline; the vocabulary label whose embedding is closest, on average, to
-  the embeddings of the highlighted top images.
+- `VocabularyExplainer`: offline; the vocabulary labels (at most one per factor) whose calibrated
+  similarity to the highlighted regions of the top images is highest.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from prisma_ray.errors import InvalidRequest
 
 from ..evidence import Explanation, LatentEvidence, mask_images
 from .chat import ChatClient, image_part
-from .embedders import Embedder
+from .embedders import Embedder, region_embeddings
 
 EXPLAIN_PROMPT = (
     "These {n} images are the ones that most activate one feature of a vision model. In each image, the "
@@ -36,32 +36,74 @@ class Explainer(Protocol):
 
 
 class VocabularyExplainer:
-    """Picks the label of `vocabulary` with the highest mean image-text similarity to the highlighted top images."""
+    """Names a latent with the vocabulary labels that best match where it fires in its top images.
+
+    1. Evidence by region: each top image is embedded over its highlighted patches only (the patches
+       reaching `threshold` × the image's peak; `Embedder.embed_regions`), not as a whole image, so the
+       other objects and the background in the image do not decide the label.
+    2. Calibration: a label's raw score is its mean cosine similarity to those embeddings. Some labels
+       are closer to everything than others (a hub; Radovanović et al., "Hubs in space", JMLR 2010), so
+       with a `reference` set (`float32[m, d]`, embeddings of images showing every label equally, e.g.
+       `PrototypeEmbedder.reference`) each label's score becomes a z-score against that label's
+       similarities to the reference: `(s - mean) / std` (the per-class standardisation of Z-norm in
+       speaker verification, Auckenthaler et al. 2000; CSLS of Lample et al. 2018 corrects hubs the same
+       way). Without a reference the raw similarities are used.
+    3. Factors: `groups` partitions the vocabulary by factor (`factor_groups`: shapes, colours). The
+       explanation is the best label overall with the best label of each other group whose score
+       reaches `combine` × the best score and `min_score`, later groups' labels first ("red star" for
+       a latent that fires on red stars only; "red" for one that fires on red objects of every shape).
+    """
 
     def __init__(
         self,
         embedder: Embedder,
         vocabulary: Sequence[str],
-        threshold: float = 0.2,
-        dim: float = 0.25,
+        threshold: float = 0.5,
+        groups: Sequence[Sequence[str]] | None = None,
+        reference: np.ndarray | None = None,
+        combine: float = 0.5,
+        min_score: float = 1.0,
         name: str = "vocabulary",
     ):
         if not vocabulary:
             raise InvalidRequest("VocabularyExplainer: the vocabulary is empty; give at least one label")
         self.embedder, self.vocabulary, self.name = embedder, list(vocabulary), name
-        self.threshold, self.dim = threshold, dim
+        self.threshold, self.combine, self.min_score = threshold, combine, min_score
+        groups = [list(g) for g in groups] if groups is not None else [[label] for label in self.vocabulary]
+        stray = sorted({label for g in groups for label in g} ^ set(self.vocabulary))
+        if stray or sum(map(len, groups)) != len(self.vocabulary):
+            raise InvalidRequest(
+                f"VocabularyExplainer: groups must hold every vocabulary label exactly once; {stray or 'repeats'}"
+            )
+        self.group_of = np.array([next(i for i, g in enumerate(groups) if label in g) for label in self.vocabulary])
         self.text_embeddings = embedder.embed_texts(self.vocabulary)
+        if reference is None:
+            self.mean, self.std = np.zeros(len(self.vocabulary)), np.ones(len(self.vocabulary))
+        else:
+            sims = np.asarray(reference) @ self.text_embeddings.T
+            self.mean, self.std = sims.mean(0), np.maximum(sims.std(0), 1e-6)
 
     def similarities(self, evidence: LatentEvidence) -> np.ndarray:
-        """`float[len(vocabulary)]`: mean cosine similarity of each label to the highlighted top images."""
-        shown = mask_images(evidence.images, evidence.maps, self.threshold, self.dim)
-        return (self.embedder.embed_images(shown) @ self.text_embeddings.T).mean(0)
+        """`float[len(vocabulary)]`: mean cosine similarity of each label to the highlighted regions."""
+        return region_embeddings(self.embedder, evidence, self.threshold).mean(0) @ self.text_embeddings.T
+
+    def scores(self, evidence: LatentEvidence) -> np.ndarray:
+        """`float[len(vocabulary)]`: the similarities calibrated against the reference (z-scores)."""
+        return (self.similarities(evidence) - self.mean) / self.std
 
     def explain(self, evidence: LatentEvidence) -> Explanation:
-        sims = self.similarities(evidence)
-        order = np.argsort(-sims)
-        raw = json.dumps({self.vocabulary[i]: round(float(sims[i]), 4) for i in order[:5]})
-        return Explanation(latent=evidence.latent, text=self.vocabulary[order[0]], explainer=self.name, raw=raw)
+        scores = self.scores(evidence)
+        best = int(np.argmax(scores))
+        chosen = [best]
+        for group in sorted(set(self.group_of.tolist()) - {int(self.group_of[best])}):
+            members = np.flatnonzero(self.group_of == group)
+            top = int(members[np.argmax(scores[members])])
+            if scores[top] >= max(self.combine * scores[best], self.min_score):
+                chosen.append(top)
+        text = " ".join(self.vocabulary[i] for i in sorted(chosen, key=lambda i: -self.group_of[i]))
+        order = np.argsort(-scores)
+        raw = json.dumps({self.vocabulary[i]: round(float(scores[i]), 4) for i in order[:5]})
+        return Explanation(latent=evidence.latent, text=text, explainer=self.name, raw=raw)
 
 
 class ChatExplainer:

@@ -30,7 +30,14 @@ from prisma_ray.storage import StorageOptions
 
 from ..evidence import ExplanationRecord, LatentEvidence, append_explanations, read_explanations
 from .chat import ChatClient, ChatConfig
-from .embedders import Embedder, HookedModelFeatures, OpenClipEmbedder, PrototypeEmbedder, synthetic_prototypes
+from .embedders import (
+    Embedder,
+    HookedModelFeatures,
+    OpenClipEmbedder,
+    PrototypeEmbedder,
+    factor_groups,
+    synthetic_prototypes,
+)
 from .explainers import ChatExplainer, Explainer, VocabularyExplainer
 from .scoring import ChatJudge, EmbeddingJudge, GroundTruthSegmenter, Scorers, random_baseline
 
@@ -58,7 +65,9 @@ class EmbedderConfig(BaseModel):
     weights: str | None = Field(
         None, description="prototype: " + WEIGHTS_HELP + " (s3:// reached with the AWS_* environment)"
     )
-    hook: str = Field("blocks.3.hook_resid_post", description="prototype: features = this hook, mean over patches")
+    hook: str = Field(
+        "blocks.3.hook_resid_post", description="prototype: features = this hook, mean over the patches of a region"
+    )
     prototype_data: ShapesConfig = Field(
         default_factory=_default_prototype_data,
         description="prototype: the shapes images rendered per label (default: the toy ViT's training distribution)",
@@ -125,7 +134,7 @@ def build_embedder(cfg: EmbedderConfig, vocabulary: list[str]) -> Embedder:
     features = HookedModelFeatures(
         load_model(cfg.model, pretrained=cfg.pretrained, weights=cfg.weights, device=device), cfg.hook
     )
-    return PrototypeEmbedder(features, synthetic_prototypes(vocabulary, cfg.prototype_data, cfg.prototypes_per_label))
+    return PrototypeEmbedder(features, *synthetic_prototypes(vocabulary, cfg.prototype_data, cfg.prototypes_per_label))
 
 
 class Pipeline:
@@ -142,7 +151,12 @@ class Pipeline:
         embedder = build_embedder(cfg.embedder, cfg.vocabulary) if needs_embedder else None
         self.client = ChatClient(cfg.chat) if "chat" in (cfg.explainer, cfg.judge) else None
         self.explainer: Explainer = (
-            VocabularyExplainer(embedder, cfg.vocabulary)
+            VocabularyExplainer(
+                embedder,
+                cfg.vocabulary,
+                groups=factor_groups(cfg.vocabulary),
+                reference=embedder.reference if isinstance(embedder, PrototypeEmbedder) else None,
+            )
             if cfg.explainer == "vocabulary"
             else ChatExplainer(self.client)
         )

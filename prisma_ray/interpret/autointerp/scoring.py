@@ -2,24 +2,25 @@
 
 - detection: a judge told the explanation picks the activating images out of a mix of top images
   and negatives; balanced accuracy (0.5 is chance). Judges: `ChatJudge` (asks a served model yes/no
-  per image) and `EmbeddingJudge` (image-text similarity, split at the median of the mix, so the
-  threshold never sees which images are which);
+  per image) and `EmbeddingJudge` (image-text similarity of the best-matching patches, split at the
+  median of the mix, so the threshold never sees which images are which);
 - iou: the latent's activation mask (per-patch map >= `threshold` × its peak, upsampled) against the
   mask of the explained concept from a `Segmenter` (`GroundTruthSegmenter` on synthetic data);
-- similarity: mean cosine similarity of the explanation to the highlighted top images (embedder).
+- similarity: mean cosine similarity of the explanation to the highlighted regions of the top images
+  (`embedders.region_embeddings`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
-from ..evidence import Explanation, LatentEvidence, Score, active_mask, mask_images, upsample
+from ..evidence import Explanation, LatentEvidence, Score, active_mask, upsample
 from .chat import ChatClient, image_part
-from .embedders import Embedder, UnknownConcept, named_labels
+from .embedders import Embedder, UnknownConcept, named_labels, region_embeddings
 
 JUDGE_PROMPT = "Does this image show {text}? Answer with yes or no only."
 
@@ -39,13 +40,24 @@ class Segmenter(Protocol):
 
 
 class EmbeddingJudge:
-    """Yes for the images whose similarity to the text is above the median of the images judged together."""
+    """Yes for the images whose similarity to the text is above the median of the images judged together.
 
-    def __init__(self, embedder: Embedder):
-        self.embedder = embedder
+    An image's similarity is that of its `top_patches` best-matching patch tokens (their mean) where the
+    embedder embeds patches (`PrototypeEmbedder.embed_patches`): an image shows "red" when some region of
+    it is red, however small, as the patch-level grounding probes of vision SAEs score a concept
+    (saev, https://github.com/OSU-NLP-Group/saev). Otherwise it is the whole image's similarity.
+    """
+
+    def __init__(self, embedder: Embedder, top_patches: int = 4):
+        self.embedder, self.top_patches = embedder, top_patches
 
     def judge(self, text: str, images: np.ndarray) -> np.ndarray:
-        sims = self.embedder.embed_images(images) @ self.embedder.embed_texts([text])[0]
+        text_embedding = self.embedder.embed_texts([text])[0]
+        patches = getattr(self.embedder, "embed_patches", lambda _: None)(images)
+        if patches is None:
+            sims = self.embedder.embed_images(images) @ text_embedding
+        else:
+            sims = np.sort(patches @ text_embedding, axis=1)[:, -self.top_patches :].mean(1)
         return sims > np.median(sims)
 
 
@@ -87,6 +99,15 @@ def balanced_accuracy(predicted: np.ndarray, truth: np.ndarray) -> float:
     return float((predicted[truth].mean() + (~predicted[~truth]).mean()) / 2)
 
 
+def agreement(detectors: Sequence[tuple[int, str]], texts: Mapping[int, str], vocabulary: Sequence[str]) -> float:
+    """The fraction of `(latent, value)` pairs (a latent and the ground-truth factor value it detects, e.g.
+    `(7, "red")`) whose latent's explanation in `texts` names that value (`named_labels` over `vocabulary`:
+    "red star" names "red"); a latent without an explanation disagrees. NaN without pairs."""
+    if not detectors:
+        return float("nan")
+    return float(np.mean([value in named_labels(texts.get(latent, ""), vocabulary) for latent, value in detectors]))
+
+
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     """Intersection over union of two boolean masks (0 when both are empty)."""
     union = np.logical_or(a, b).sum()
@@ -101,7 +122,6 @@ class Scorers:
     segmenter: Segmenter | None = None
     embedder: Embedder | None = None
     threshold: float = 0.2
-    dim: float = 0.25
 
     def detection(self, evidence: LatentEvidence, text: str) -> float:
         images = np.concatenate([evidence.images, evidence.negatives])
@@ -114,8 +134,8 @@ class Scorers:
         return iou(active, concept) if concept is not None else float("nan")
 
     def similarity(self, evidence: LatentEvidence, text: str) -> float:
-        shown = mask_images(evidence.images, evidence.maps, self.threshold, self.dim)
-        return float((self.embedder.embed_images(shown) @ self.embedder.embed_texts([text])[0]).mean())
+        regions = region_embeddings(self.embedder, evidence, self.threshold)
+        return float((regions @ self.embedder.embed_texts([text])[0]).mean())
 
     def score(self, evidence: LatentEvidence, explanation: Explanation, baseline: str | None) -> list[Score]:
         """Every available score of `explanation`, with the same score of the `baseline` text (NaN without one)."""
