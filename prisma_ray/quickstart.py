@@ -101,12 +101,12 @@ class RealShapes(BaseModel):
 
     train_images: int = Field(300, ge=1, description="shapes images extracted for training")
     test_images: int = Field(100, ge=1, description="held-out shapes images, all scored for ground truth")
-    hook: str = Field("blocks.9.hook_resid_post", description="hook point extracted and trained on")
+    hook: str = Field("blocks.6.hook_resid_post", description="hook point extracted and trained on")
     epochs: float = Field(8, gt=0, description="passes over the training patch tokens")
     dictionaries: list[DictionaryConfig] = Field(
-        default_factory=lambda: [DictionaryConfig(architecture="topk", k=16, expansion_factor=8, lr=1e-3)],
+        default_factory=lambda: [DictionaryConfig(architecture="topk", k=32, expansion_factor=4, lr=1e-3)],
         min_length=1,
-        description="dictionaries trained on the shapes patch tokens (default: one TopK SAE, k 16, 8x)",
+        description="dictionaries trained on the shapes patch tokens (default: one TopK SAE, k 32, 4x)",
     )
 
     def generator(self, split: str, image_size: int, patch_size: int) -> ShapesConfig:
