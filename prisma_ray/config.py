@@ -16,13 +16,21 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import to_jsonable_python
 
-from .errors import PrismaRayError
+from .errors import InvalidRequest, PrismaRayError
 
 C = TypeVar("C", bound=BaseModel)
+T = TypeVar("T")
 
 
 class ConfigError(PrismaRayError, ValueError):
     """A config file or override that cannot be used; the message names the input."""
+
+
+def require_distinct(values: list[T], what: str) -> list[T]:
+    """`values` unchanged; a repeated one raises `InvalidRequest` naming `what` (for list-field validators)."""
+    if len(set(values)) != len(values):
+        raise InvalidRequest(f"{what} must be distinct; got {values}")
+    return values
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:

@@ -34,6 +34,7 @@ from .data.sources import DatasetSpec, ImageSource, SyntheticSource, VideoSource
 from .data.synthetic import ShapesConfig
 from .errors import InvalidRequest
 from .evaluate import EvalConfig
+from .evaluate.report import best_ground_truth, ground_truth_line
 from .evaluate.sweep import SweepConfig, run_sweep
 from .extract.config import ExtractConfig
 from .extract.pipeline import run_extract
@@ -246,12 +247,9 @@ def _table(rows: list[dict]) -> list[str]:
 
 
 def _best_recovery(rows: list[dict]) -> str:
-    """The row with the largest fraction of factor values detected, in words."""
-    best = max(rows, key=lambda r: r.get("gt_fraction_detected") or 0.0)
-    return (
-        f"best {best['model']} {best['name']} detects {_fmt(best.get('gt_fraction_detected'))} of the factor "
-        f"values (AUROC >= 0.95), mean best AUROC {_fmt(best.get('gt_mean_best_auroc'))}"
-    )
+    """The row that recovers the factor values best, and its margin over the baselines, in words."""
+    best = best_ground_truth(rows)
+    return f"best {ground_truth_line(best)}" if best else "-"
 
 
 def _fmt(value: float | None) -> str:

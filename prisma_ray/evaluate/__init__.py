@@ -4,7 +4,8 @@
   crosscoder decoder-norm shares, Pareto fronts (pure functions and accumulators);
 - `splice`: the model run with a dictionary spliced in at its hook point: loss recovered, KL,
   top-1 delta, for classifier and zero-shot heads, transcoders as MLP replacements;
-- `ground_truth`: single-latent AUROC per factor value of the synthetic datasets;
+- `ground_truth`: per factor value of the synthetic datasets, the best single latent's AUROC, AP, purity and
+  coverage; `baselines`: the same for raw dimensions, PCA, k-means and random directions;
 - `checkpoint`: `EvalConfig` and `Evaluator`, one metrics row per checkpoint;
 - `discovery`, `results`, `report`: finding checkpoints, resumable result files, leaderboard and plots.
 """

@@ -2,8 +2,8 @@
 
 The evaluator keeps what checkpoints of the same model share: the model itself (loaded once and
 counted in `loads`), the held-out rows of each store, the decoded inputs and clean runs of the
-spliced-in evaluation, the zero-ablation runs and the ground-truth labels of the tokens. Evaluate
-every checkpoint of a model with one evaluator and each of these is paid for once.
+spliced-in evaluation, the zero-ablation runs, the ground-truth labels of the tokens and the baselines
+scored on them. Evaluate every checkpoint of a model with one evaluator and each of these is paid for once.
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors.torch import load as load_safetensors
 
 from prisma_ray.errors import InvalidRequest
 
 from .. import storage, store
+from ..config import require_distinct
 from ..data.shards import InputFormat, decode_first
 from ..data.synthetic import read_table
 from ..models import HookedVisionModel, TokenKind
@@ -35,7 +36,8 @@ from ..sae.dictionary import Site
 from ..sae.io import CheckpointInfo, read_checkpoint_info
 from ..storage import StorageOptions
 from ..store import KIND_CODES
-from .ground_truth import factor_recovery, source_frames, token_factors
+from .baselines import BASELINES, Baseline, baseline_recovery, margin_columns
+from .ground_truth import factor_recovery, recovery_columns, source_frames, token_factors
 from .heldout import HeldOut, StoreSource, read_held_out, store_selection
 from .metrics import Reconstruction, Sparsity, decoder_norm_shares, share_summary
 from .splice import (
@@ -83,6 +85,23 @@ class EvalConfig(BaseModel):
     ground_truth: bool = Field(True, description="factor recovery on stores of synthetic datasets")
     ground_truth_tokens: int = Field(4096, ge=1, description="held-out tokens scored for factor recovery")
     factors: list[str] | None = Field(None, description="default: shape, colour (and direction for moving-shapes)")
+    gt_min_coverage: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="a patch is a positive or negative of a factor value when its dominant object covers at least "
+        "this fraction of it (or it is background); edge patches below it are ambiguous and not scored",
+    )
+    baselines: list[Baseline] = Field(
+        list(BASELINES), description="ground-truth baselines scored on the same tokens: raw, pca, kmeans, random"
+    )
+    baseline_clusters: int | None = Field(
+        None, ge=2, description="k-means baseline centroids (default: 4 x the activation width, at most 1024)"
+    )
+    baseline_directions: int | None = Field(
+        None, ge=1, description="random baseline unit directions (default: the activation width)"
+    )
+    baseline_seed: int = Field(0, description="seed of the k-means and random baselines")
     detect_auroc: float = Field(
         0.95,
         gt=0.5,
@@ -93,6 +112,11 @@ class EvalConfig(BaseModel):
         "auto", description="where models and dictionaries run: cpu, cuda, or auto (cuda when this process sees a GPU)"
     )
     storage: StorageOptions = Field(StorageOptions(), description="how to reach s3:// checkpoints and stores")
+
+    @field_validator("baselines")
+    @classmethod
+    def _distinct(cls, names: list[str]) -> list[str]:
+        return require_distinct(names, "baselines")
 
     def store_uri(self, site: Site) -> str:
         return store.store_uri(storage.absolute(self.stores), site.model, site.name, self.split)
@@ -106,6 +130,20 @@ class SpliceData:
     batches: list[SpliceBatch]
     label_source: str
     note: str = ""
+
+
+@dataclass
+class StoreTruth:
+    """Ground truth of a store's first held-out rows: which are `scored` (`bool[N]`), their `factors` (values of the
+    scored rows only), the baselines' `factor_recovery` results on those rows and what the baselines were fitted on."""
+
+    scored: np.ndarray
+    factors: dict[str, np.ndarray]
+    baselines: dict[str, dict[str, Any]]
+    baseline_fit: str
+
+
+HeldKey = tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...] | None]
 
 
 class Evaluator:
@@ -123,10 +161,10 @@ class Evaluator:
         self._models: dict[str, HookedVisionModel] = {}
         self._built: dict[str, dict[str, Any]] = {}  # how each cached model was built (see `StoreSource.build`)
         self._sources: dict[str, StoreSource] = {}
-        self._held: dict[tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...] | None], HeldOut] = {}
+        self._held: dict[HeldKey, HeldOut] = {}
         self._splice: dict[str, SpliceData] = {}
         self._zero: dict[tuple, TaskTotals] = {}
-        self._truth: dict[str, tuple[np.ndarray, dict[str, np.ndarray]]] = {}
+        self._truth: dict[HeldKey, StoreTruth] = {}  # by held-out rows: the dictionary's token kinds pick them
 
     def retain(self, models: set[str]) -> None:
         """Drop the cached models and data of every model not in `models` (bounds memory between groups)."""
@@ -134,12 +172,15 @@ class Evaluator:
         def keep(key: str) -> bool:
             return any(f"/{m}/" in key for m in models)
 
+        def keep_rows(key: HeldKey) -> bool:
+            return all(keep(u) for u in (*key[0], *key[1]))
+
         self._models = {k: v for k, v in self._models.items() if k in models}
         self._built = {k: v for k, v in self._built.items() if k in models}
         self._splice = {k: v for k, v in self._splice.items() if k in models}
         self._zero = {k: v for k, v in self._zero.items() if k[0] in models}
-        self._held = {k: v for k, v in self._held.items() if all(keep(u) for u in (*k[0], *k[1]))}
-        self._truth = {k: v for k, v in self._truth.items() if keep(k)}
+        self._held = {k: v for k, v in self._held.items() if keep_rows(k)}
+        self._truth = {k: v for k, v in self._truth.items() if keep_rows(k)}
         self._sources = {k: v for k, v in self._sources.items() if keep(k)}
 
     @torch.inference_mode()
@@ -153,7 +194,8 @@ class Evaluator:
         d = load_dictionary(info, self.options).to(self.device).eval()
         inputs = [self.cfg.store_uri(s) for s in info.sites.inputs]
         targets = [self.cfg.store_uri(s) for s in info.sites.outputs]
-        held = self._held_out(inputs, targets, info.token_kinds)
+        key = (tuple(inputs), tuple(targets), info.token_kinds)
+        held = self._held_out(key)
         source = self._source(inputs[0])
         truth = self.cfg.ground_truth and source.synthetic and source.description is not None and not source.multimodal
         metrics, latents = self._store_metrics(d, info, held, self.cfg.ground_truth_tokens if truth else 0)
@@ -161,7 +203,7 @@ class Evaluator:
         if self.cfg.splice_samples:
             row.update(self._spliced(d, info, inputs[0]))
         if truth:
-            row.update(self._ground_truth(latents, held, source))
+            row.update(self._ground_truth(latents, held, source, key))
         row["seconds"] = time.perf_counter() - start
         return row
 
@@ -170,12 +212,13 @@ class Evaluator:
             self._sources[uri] = StoreSource.open(uri, self.options)
         return self._sources[uri]
 
-    def _held_out(self, inputs: list[str], targets: list[str], kinds: tuple[str, ...] | None) -> HeldOut:
-        key = (tuple(inputs), tuple(targets), kinds)
+    def _held_out(self, key: HeldKey) -> HeldOut:
+        """The held-out rows of `key` (input stores, target stores, token kinds)."""
+        inputs, targets, kinds = key
         if key not in self._held:
             for uri in (*inputs, *targets):  # a missing store fails here, naming its manifest
                 self._source(uri)
-            self._held[key] = read_held_out(inputs, targets, self.cfg.max_tokens, self.options, kinds)
+            self._held[key] = read_held_out(list(inputs), list(targets), self.cfg.max_tokens, self.options, kinds)
         return self._held[key]
 
     def _model(self, name: str, source: StoreSource) -> HookedVisionModel:
@@ -349,40 +392,63 @@ class Evaluator:
                 _, cache = model.run_with_cache(batch.x, missing, stop_early=True)
                 batch.clean.update(cache)
 
-    def _ground_truth(self, latents: np.ndarray, held: HeldOut, source: StoreSource) -> dict[str, Any]:
-        """Factor recovery from the `latents` of the first held-out rows of a synthetic dataset's store."""
-        patch, factors = self._truth_labels(source, held)
-        result = factor_recovery(latents[patch], {f: v[patch] for f, v in factors.items()}, self.cfg.detect_auroc)
-        best = zip(result["values"], result["best_auroc"], result["best_latent"])
-        detail = {value: {"auroc": auc, "latent": int(latent)} for value, auc, latent in best}
-        return {
-            "gt_values": len(result["values"]),
-            "gt_fraction_detected": result["fraction_detected"],
-            "gt_mean_best_auroc": result["mean_best_auroc"],
-            "gt_detail": json.dumps(detail),
-        }
+    def _ground_truth(self, latents: np.ndarray, held: HeldOut, source: StoreSource, key: HeldKey) -> dict[str, Any]:
+        """Factor recovery from the `latents` of the first held-out rows of a synthetic dataset's store, and its
+        margin over the baselines scored on the same tokens."""
+        truth = self._store_truth(source, held, key)
+        result = factor_recovery(latents[truth.scored], truth.factors, self.cfg.detect_auroc)
+        row = {**recovery_columns(result), **margin_columns(result, truth.baselines)}
+        if truth.baselines:
+            row["gt_baseline_fit"] = truth.baseline_fit
+        return row
 
-    def _truth_labels(self, source: StoreSource, held: HeldOut) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        if source.uri not in self._truth:
-            spec = source.dataset(self.options)
-            generator = spec.generator
-            motion = ["direction"] if generator.name == "moving-shapes" else []
-            factors = self.cfg.factors or ["shape", "colour", *motion]
-            model = self._models.get(source.entry.name) or describe_model(source.entry)
-            preprocess = model.preprocess
-            tables = {t: read_table(spec.uri, t, spec.storage) for t in ("samples", "patches", "objects")}
-            keys = held.keys.slice(0, self.cfg.ground_truth_tokens)
-            self._truth[source.uri] = token_factors(
-                keys,
-                source.layout,
-                tables["patches"],
-                tables["objects"],
-                tuple(generator.patch_grid),
-                factors,
-                preprocess.crop_pct,
-                source_frames(tables["samples"], source.sampling),
+    def _store_truth(self, source: StoreSource, held: HeldOut, key: HeldKey) -> StoreTruth:
+        """The labels of the first `ground_truth_tokens` held-out rows and the baselines on them, once per rows."""
+        if key in self._truth:
+            return self._truth[key]
+        spec = source.dataset(self.options)
+        generator = spec.generator
+        motion = ["direction"] if generator.name == "moving-shapes" else []
+        model = self._models.get(source.entry.name) or describe_model(source.entry)
+        tables = {t: read_table(spec.uri, t, spec.storage) for t in ("samples", "patches", "objects")}
+        keys = held.keys.slice(0, self.cfg.ground_truth_tokens)
+        labels = token_factors(
+            keys,
+            source.layout,
+            tables["patches"],
+            tables["objects"],
+            tuple(generator.patch_grid),
+            self.cfg.factors or ["shape", "colour", *motion],
+            model.preprocess.crop_pct,
+            source_frames(tables["samples"], source.sampling),
+        )
+        scored = labels.scored(self.cfg.gt_min_coverage)
+        factors = {f: v[scored] for f, v in labels.values.items()}
+        n = len(keys)
+        x = held.x[:n][torch.from_numpy(scored)].float().numpy()
+        rest = held.x[n:][torch.from_numpy(held.keys.column("token").to_numpy()[n:] >= source.layout.n_prefix)]
+        if len(rest) >= x.shape[1]:
+            fit, fit_note = rest.float().numpy(), f"held-out: {len(rest)} patch tokens after the {n} scored rows"
+        else:
+            fit, fit_note = (
+                x,
+                (
+                    f"scored rows: {len(rest)} held-out patch tokens after the {n} scored rows, fewer than the width "
+                    f"{x.shape[1]}; raise max_tokens above ground_truth_tokens"
+                ),
             )
-        return self._truth[source.uri]
+        baselines = baseline_recovery(
+            x,
+            fit,
+            factors,
+            self.cfg.baselines,
+            self.cfg.detect_auroc,
+            self.cfg.baseline_seed,
+            self.cfg.baseline_clusters,
+            self.cfg.baseline_directions,
+        )
+        self._truth[key] = StoreTruth(scored, factors, baselines, fit_note)
+        return self._truth[key]
 
 
 def load_matrix(uri: str, options: StorageOptions) -> torch.Tensor:

@@ -1,17 +1,30 @@
 """Ground-truth recovery on the synthetic datasets: how well single latents detect known factors.
 
 Each patch token of a held-out store is joined to the synthetic dataset's `patches.parquet` (the
-object covering most of that patch, its shape and colour) and through the object to
-`objects.parquet` (e.g. the motion direction of `moving-shapes`). For every factor value
-(`shape=circle`, `colour=red`, ...) the AUROC of every latent's activation as a detector of the
-tokens carrying that value is computed; the best latent's AUROC is reported per value, and the
-fraction of values that some latent detects with AUROC >= 0.95.
+object covering most of that patch, its coverage of the patch, its shape and colour) and through the
+object to `objects.parquet` (e.g. the motion direction of `moving-shapes`). A token is a positive of a
+factor value (`shape=circle`, `colour=red`, ...) when its cell's dominant object has that value and
+covers at least `min_coverage` of the cell, a negative when the cell is background or its dominant
+object covers at least `min_coverage` and has another value, and ambiguous (scored for no value) when
+0 < coverage < `min_coverage` (`TokenLabels.scored`). Prefix tokens (CLS, registers) are never scored.
+
+For every value, every latent's AUROC as a detector of the value's tokens is computed and the best
+latent kept; for that latent, its average precision, the purity of its top-k tokens with k the number
+of positives (R-precision) and its coverage of the positives (`detector_metrics`). A value is detected
+when its best AUROC reaches 0.95. These are the per-patch grounding metrics of the vision-SAE
+literature: saev (github.com/OSU-NLP-group/saev) reports mAP, Purity@k and Coverage@tau per class
+for the best latent of each class.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+
 import numpy as np
 import pyarrow as pa
+from scipy.stats import rankdata
+from sklearn.metrics import average_precision_score, precision_recall_curve
 
 from prisma_ray.errors import InvalidRequest
 
@@ -23,20 +36,9 @@ OBJECT_KEYS = ["sample_id", "frame", "object"]
 
 
 def average_ranks(scores: np.ndarray) -> np.ndarray:
-    """`float64[N, L]`: the 1-based rank of each value within its column, tied values sharing their mean rank."""
-    n = scores.shape[0]
-    order = np.argsort(scores, axis=0, kind="stable")
-    ordered = np.take_along_axis(scores, order, axis=0)
-    starts = np.ones(ordered.shape, dtype=bool)
-    starts[1:] = ordered[1:] != ordered[:-1]
-    ends = np.ones(ordered.shape, dtype=bool)
-    ends[:-1] = starts[1:]
-    index = np.broadcast_to(np.arange(n)[:, None], ordered.shape)
-    first = np.maximum.accumulate(np.where(starts, index, 0), axis=0)
-    last = np.minimum.accumulate(np.where(ends, index, n - 1)[::-1], axis=0)[::-1]
-    ranks = np.empty(ordered.shape, dtype=np.float64)
-    np.put_along_axis(ranks, order, (first + last) / 2 + 1, axis=0)
-    return ranks
+    """`float64[N, L]`: the 1-based rank of each value within its column, tied values sharing their mean rank
+    (`scipy.stats.rankdata`)."""
+    return rankdata(scores, axis=0)
 
 
 def auroc(scores: np.ndarray, positives: np.ndarray) -> np.ndarray:
@@ -51,24 +53,84 @@ def auroc(scores: np.ndarray, positives: np.ndarray) -> np.ndarray:
 
 
 def factor_recovery(
-    latents: np.ndarray, factors: dict[str, np.ndarray], threshold: float = 0.95, chunk: int = 256
+    latents: np.ndarray,
+    factors: dict[str, np.ndarray],
+    threshold: float = 0.95,
+    chunk: int = 256,
+    signed: bool = False,
 ) -> dict[str, object]:
-    """Best single-latent AUROC for every factor value present among the rows of `latents` (`[..., L]`, every
-    leading position one row, in row-major order).
+    """Best single-latent detector of every factor value present among the rows of `latents` (`[..., L]`, every
+    leading position one row, in row-major order), with its grounding metrics.
 
-    `factors[name]` holds each row's value (None where the row has none, e.g. background); a factor
-    whose length is not the number of rows raises `InvalidRequest`. Returns
-    `values` (`"factor=value"`), `best_auroc`, `best_latent`, `fraction_detected` (best AUROC >= `threshold`)
-    and `mean_best_auroc`. Latents that never fire score 0.5 and are skipped.
+    `factors[name]` holds each row's value (None where the row has none, e.g. background: a negative of every
+    value); a factor whose length is not the number of rows raises `InvalidRequest`. Give only scored rows
+    (`TokenLabels.scored`). `signed` scores each column with both signs (baseline directions, unlike dictionary
+    latents, are signed): the better sign is kept in `best_sign`, and coverage uses the F1-maximising threshold
+    (`detector_metrics`). Columns that are constant (latents that never fire) score 0.5 and are skipped.
+
+    Returns, per value (`values`, `"factor=value"`): `best_auroc`, `best_latent` (-1: none beats chance),
+    `best_sign`, `ap`, `purity`, `coverage`, `positives`; and `fraction_detected` (best AUROC >= `threshold`),
+    `mean_best_auroc`, `mean_ap`, `mean_purity`, `mean_coverage` (NaN without values).
     """
     latents = np.asarray(latents)
     if latents.ndim == 0:
         raise InvalidRequest("factor recovery: expected latent activations of shape [..., latents], got a scalar")
     latents = latents.reshape(-1, latents.shape[-1])
-    wrong = {factor: len(values) for factor, values in factors.items() if len(values) != len(latents)}
+    names, positives = value_columns(factors, len(latents))
+    best, column, sign = best_detectors(latents, positives, chunk, signed)
+    scores = np.where(column >= 0, latents[:, np.maximum(column, 0)] * sign, 0.0)
+    metrics = detector_metrics(scores, positives, signed)
+    metrics["coverage"][column < 0] = 0.0  # no detector: it covers nothing
+
+    def mean(x: np.ndarray) -> float:
+        return float(x.mean()) if len(x) else float("nan")
+
+    return {
+        "values": names,
+        "best_auroc": best.tolist(),
+        "best_latent": column.tolist(),
+        "best_sign": sign.tolist(),
+        "ap": metrics["ap"].tolist(),
+        "purity": metrics["purity"].tolist(),
+        "coverage": metrics["coverage"].tolist(),
+        "positives": positives.sum(0).tolist(),
+        "fraction_detected": mean(best >= threshold),
+        "mean_best_auroc": mean(best),
+        "mean_ap": mean(metrics["ap"]),
+        "mean_purity": mean(metrics["purity"]),
+        "mean_coverage": mean(metrics["coverage"]),
+    }
+
+
+def recovery_columns(result: dict[str, object]) -> dict[str, object]:
+    """The metrics-row columns of a dictionary's `factor_recovery` result: `gt_values`, `gt_fraction_detected`,
+    `gt_mean_best_auroc`, `gt_mean_ap`, `gt_mean_purity`, `gt_mean_coverage` and `gt_detail` (JSON: per value the
+    best latent, its AUROC, AP, purity and coverage)."""
+    detail = {
+        value: {
+            "latent": int(result["best_latent"][i]),
+            "auroc": result["best_auroc"][i],
+            **{metric: result[metric][i] for metric in ("ap", "purity", "coverage")},
+        }
+        for i, value in enumerate(result["values"])
+    }
+    return {
+        "gt_values": len(result["values"]),
+        "gt_fraction_detected": result["fraction_detected"],
+        "gt_mean_best_auroc": result["mean_best_auroc"],
+        "gt_mean_ap": result["mean_ap"],
+        "gt_mean_purity": result["mean_purity"],
+        "gt_mean_coverage": result["mean_coverage"],
+        "gt_detail": json.dumps(detail),
+    }
+
+
+def value_columns(factors: dict[str, np.ndarray], rows: int) -> tuple[list[str], np.ndarray]:
+    """`(names, bool[rows, V])`: one positive column per factor value present on some but not all rows."""
+    wrong = {factor: len(values) for factor, values in factors.items() if len(values) != rows}
     if wrong:
         raise InvalidRequest(
-            f"factor recovery: {len(latents)} rows of latents but factors of {wrong} values; give one value per row"
+            f"factor recovery: {rows} rows of latents but factors of {wrong} values; give one value per row"
         )
     names, columns = [], []
     for factor, values in factors.items():
@@ -77,32 +139,60 @@ def factor_recovery(
             if 0 < column.sum() < len(column):
                 names.append(f"{factor}={value}")
                 columns.append(column)
-    if not names:
-        return {
-            "values": [],
-            "best_auroc": [],
-            "best_latent": [],
-            "fraction_detected": float("nan"),
-            "mean_best_auroc": float("nan"),
-        }
-    positives = np.stack(columns, axis=1)
-    best = np.full(len(names), 0.5)
-    best_latent = np.full(len(names), -1)
-    live = np.flatnonzero((latents != 0).any(0))
-    for start in range(0, len(live), chunk):
+    return names, np.stack(columns, axis=1) if columns else np.zeros((rows, 0), dtype=bool)
+
+
+def best_detectors(
+    scores: np.ndarray, positives: np.ndarray, chunk: int = 256, signed: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`(auroc float64[V], column int64[V], sign float64[V])`: the column of `scores` (`[N, L]`) with the highest
+    AUROC for each positive set (`bool[N, V]`), in chunks of `chunk` columns; with `signed`, a column's negation
+    (AUROC 1 - a) competes too and wins as sign -1. Column -1 (AUROC 0.5): no column beats chance."""
+    n_values = positives.shape[1]
+    best = np.full(n_values, 0.5)
+    column = np.full(n_values, -1, dtype=np.int64)
+    sign = np.ones(n_values)
+    live = np.flatnonzero((scores != scores[:1]).any(0)) if len(scores) else np.zeros(0, np.int64)
+    for start in range(0, len(live) if n_values else 0, chunk):
         cols = live[start : start + chunk]
-        scores = auroc(latents[:, cols], positives)
-        top = np.nanargmax(np.nan_to_num(scores, nan=-1.0), axis=0)
-        top_score = scores[top, np.arange(len(names))]
+        areas = np.nan_to_num(auroc(scores[:, cols], positives), nan=0.5)
+        flipped = np.maximum(areas, 1 - areas) if signed else areas
+        top = np.argmax(flipped, axis=0)
+        top_score = flipped[top, np.arange(n_values)]
         better = top_score > best
-        best[better], best_latent[better] = top_score[better], cols[top[better]]
-    return {
-        "values": names,
-        "best_auroc": best.tolist(),
-        "best_latent": best_latent.tolist(),
-        "fraction_detected": float((best >= threshold).mean()),
-        "mean_best_auroc": float(best.mean()),
-    }
+        best[better], column[better] = top_score[better], cols[top[better]]
+        sign[better] = np.where(areas[top, np.arange(n_values)] >= 0.5, 1.0, -1.0)[better]
+    return best, column, sign
+
+
+def detector_metrics(scores: np.ndarray, positives: np.ndarray, signed: bool = False) -> dict[str, np.ndarray]:
+    """Grounding metrics of detector `v` (`scores[:, v]`, `[N, V]`) of positive set `v` (`positives[:, v]`), each
+    `float64[V]`:
+
+    - `ap`: average precision (`sklearn.metrics.average_precision_score`; tied scores form one step);
+    - `purity`: the fraction of positives among the k highest-scoring rows, k = the number of positives
+      (R-precision); rows tied with the k-th score count by their share of positives (random tie-breaking);
+    - `coverage`: the fraction of positives on which the detector fires: score > 0 for dictionary latents, or
+      with `signed` (baseline directions, no natural zero) score >= the threshold that maximises F1.
+    """
+    positives = np.asarray(positives, dtype=bool)
+    n_values = positives.shape[1]
+    ap, coverage = np.zeros(n_values), np.zeros(n_values)
+    for v in range(n_values):
+        ap[v] = average_precision_score(positives[:, v], scores[:, v])
+        if signed:
+            precision, recall, _ = precision_recall_curve(positives[:, v], scores[:, v])
+            with np.errstate(invalid="ignore", divide="ignore"):
+                f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
+            coverage[v] = recall[np.argmax(f1[:-1])]  # the last point (recall 0) has no threshold
+        else:
+            coverage[v] = (scores[positives[:, v], v] > 0).mean()
+    k = positives.sum(0)
+    kth = np.sort(scores, axis=0)[::-1][np.maximum(k - 1, 0), np.arange(n_values)]
+    above, tied = scores > kth, scores == kth
+    ties_positive = (tied & positives).sum(0) / np.maximum(tied.sum(0), 1)
+    purity = ((above & positives).sum(0) + (k - above.sum(0)) * ties_positive) / np.maximum(k, 1)
+    return {"ap": ap, "purity": purity, "coverage": coverage}
 
 
 def grid_cell(index: np.ndarray, n_model: int, n_data: int, crop_pct: float = 1.0) -> np.ndarray:
@@ -120,6 +210,27 @@ def source_frames(samples: pa.Table, sampling: FrameSampling | None) -> dict[str
     return {r["sample_id"]: sampling.indices(int(r["num_frames"]), float(r["fps"])) for r in rows}
 
 
+@dataclass(frozen=True)
+class TokenLabels:
+    """Ground truth of N store rows: `patch` (`bool[N]`, False for prefix tokens), `values[factor]` (object
+    array: the value of the cell's dominant object, None off-object or for prefix tokens) and `coverage`
+    (`float32[N]`: the fraction of the cell its dominant object covers, 0 for background, NaN for prefix tokens).
+    """
+
+    patch: np.ndarray
+    values: dict[str, np.ndarray]
+    coverage: np.ndarray
+
+    def scored(self, min_coverage: float = 0.5) -> np.ndarray:
+        """`bool[N]`: the rows scored for every value (positive or negative): patch tokens whose cell is background
+        or covered at least `min_coverage` by its dominant object; edge cells (0 < coverage < `min_coverage`) are
+        ambiguous and left out, so that they count neither for nor against a detector."""
+        if not 0 < min_coverage <= 1:
+            raise InvalidRequest(f"min_coverage must be in (0, 1]; got {min_coverage}")
+        with np.errstate(invalid="ignore"):
+            return self.patch & ((self.coverage == 0) | (self.coverage >= min_coverage))
+
+
 def token_factors(
     keys: pa.Table,
     layout: TokenLayout,
@@ -129,16 +240,21 @@ def token_factors(
     factors: list[str],
     crop_pct: float = 1.0,
     frames: dict[str, np.ndarray] | None = None,
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Ground-truth factors of the store rows `keys` (`sample_id`, `token`, `frame`).
+) -> TokenLabels:
+    """Ground-truth labels of the store rows `keys` (`sample_id`, `token`, `frame`).
 
     `frames` maps a video model's model-input frames to clip frames (`source_frames`); an image model's rows
     already hold the clip frame (a video read frame by frame) or -1 (images).
 
-    Returns `(patch, values)`: `bool[N]` marking patch tokens (prefix tokens have no patch) and
-    `values[factor]`, an object array with each row's value (None off-object or for prefix tokens).
-    Factors come from `patches` (`shape`, `colour`) or, through the patch's object, from `objects`.
+    Factors come from `patches` (`shape`, `colour`) or, through the patch's object, from `objects`; each patch
+    token's `coverage` from `patches`. A factor in neither table, or a `patches` table without `coverage`, raises
+    `InvalidRequest`.
     """
+    if "coverage" not in patches.column_names:
+        raise InvalidRequest(
+            "ground truth: patches.parquet has no `coverage` column; regenerate the synthetic dataset "
+            "(prisma_ray.data.synthetic.generate)"
+        )
     token = keys.column("token").to_numpy().astype(np.int64)
     patch = token >= layout.n_prefix
     t_r_c = layout.patch_positions()[token[patch] - layout.n_prefix].astype(np.int64)
@@ -155,12 +271,13 @@ def token_factors(
             "_row": np.arange(len(ids)),
         }
     )
-    from_patches = [f for f in factors if f in patches.column_names and f not in JOIN_KEYS]
+    from_patches = [f for f in factors if f in patches.column_names and f not in (*JOIN_KEYS, "coverage")]
     from_objects = [f for f in factors if f not in from_patches and f in objects.column_names]
     unknown = sorted(set(factors) - set(from_patches) - set(from_objects))
     if unknown:
         raise InvalidRequest(f"ground-truth factors {unknown} are in neither patches.parquet nor objects.parquet")
-    joined = rows.join(_cast_keys(patches.select([*JOIN_KEYS, "object", *from_patches]), JOIN_KEYS), JOIN_KEYS)
+    columns = [*JOIN_KEYS, "object", "coverage", *from_patches]
+    joined = rows.join(_cast_keys(patches.select(columns), JOIN_KEYS), JOIN_KEYS)
     if from_objects:
         joined = joined.join(_cast_keys(objects.select([*OBJECT_KEYS, *from_objects]), OBJECT_KEYS), OBJECT_KEYS)
     joined = joined.sort_by("_row")
@@ -169,7 +286,9 @@ def token_factors(
         column = np.full(len(token), None, dtype=object)
         column[patch] = joined.column(factor).to_pylist()
         values[factor] = column
-    return patch, values
+    coverage = np.full(len(token), np.nan, dtype=np.float32)
+    coverage[patch] = joined.column("coverage").to_numpy(zero_copy_only=False)
+    return TokenLabels(patch, values, coverage)
 
 
 def _cast_keys(table: pa.Table, keys: list[str]) -> pa.Table:

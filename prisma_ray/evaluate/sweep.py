@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from prisma_ray.errors import InvalidRequest, PrismaRayError
 
 from .. import storage
+from ..config import require_distinct
 from ..models import get_entry, list_entries
 from ..models.registry import Modality, Source
 from ..runtime.devices import placement_line
@@ -32,7 +33,7 @@ from ..runtime.pool import PoolSize, PoolStats, Resources, cluster_resources, ru
 from ..runtime.session import RayOptions, ensure_ray
 from ..sae.io import CheckpointInfo
 from . import EvalConfig, Evaluator, find_checkpoints, read_checkpoint_info
-from .report import front_plots, leaderboard_html
+from .report import best_ground_truth, front_plots, ground_truth_line, leaderboard_html
 from .results import ResultStore, result_key
 
 log = logging.getLogger(__name__)
@@ -99,9 +100,7 @@ class SweepConfig(BaseModel):
     @field_validator("checkpoints")
     @classmethod
     def _distinct(cls, uris: list[str]) -> list[str]:
-        if len(set(uris)) != len(uris):
-            raise InvalidRequest(f"checkpoint URIs must be distinct; got {uris}")
-        return uris
+        return require_distinct(uris, "checkpoint URIs")
 
 
 @dataclass
@@ -148,6 +147,7 @@ class SweepSummary:
     rows: int
     seconds: float
     lost: PoolStats = field(default_factory=PoolStats)
+    ground_truth: str = ""
 
     def format(self) -> str:
         """The final summary printed by `prisma-ray sweep`."""
@@ -161,6 +161,8 @@ class SweepSummary:
             f"plots        {len(self.plots)} under {storage.join(self.output, 'plots')}",
             f"time         {self.seconds:.1f} s",
         ]
+        if self.ground_truth:
+            lines.insert(4, f"ground truth best {self.ground_truth}")
         lines += [f"failed       {f['checkpoint']}: {f['error']}" for f in self.failed]
         if self.lost.format():
             lines.append(f"lost         {self.lost.format('model group')} (each result written once)")
@@ -260,7 +262,7 @@ def run_sweep(cfg: SweepConfig) -> SweepSummary:
             failed += report["failed"]
             for model, n in report["loads"].items():
                 loads[model] = loads.get(model, 0) + n
-    summary = write_report(plan.results)
+    summary = write_report(plan.results, cfg.evaluation.detect_auroc)
     plan.results.write_file("errors.json", json.dumps(failed, indent=1).encode())
     return SweepSummary(
         found=len(plan.found) + len(plan.unreadable),
@@ -308,9 +310,11 @@ def start_line(checkpoints: int, size: PoolSize) -> str:
     return f"evaluating {checkpoints} checkpoint{'' if checkpoints == 1 else 's'}: {placement}"
 
 
-def write_report(results: ResultStore) -> dict[str, Any]:
-    """Write `metrics.parquet`, the plots and `leaderboard.html` from every result row."""
+def write_report(results: ResultStore, detect_auroc: float = 0.95) -> dict[str, Any]:
+    """Write `metrics.parquet`, the plots and `leaderboard.html` from every result row; `ground_truth` is the line
+    on the best ground-truth recovery and its margin over the best baseline ("" without ground truth)."""
     table = results.table()
+    best = best_ground_truth(table.to_pylist())
     plots = [results.write_file(f"plots/{name}", png) for name, png in front_plots(table).items()]
     relative = [f"plots/{p.rsplit('/', 1)[1]}" for p in plots]
     page = leaderboard_html(table, relative, title=f"prisma-ray sweep: {results.uri}")
@@ -320,4 +324,5 @@ def write_report(results: ResultStore) -> dict[str, Any]:
         "leaderboard": results.write_file("leaderboard.html", page.encode()),
         "plots": plots,
         "rows": table.num_rows,
+        "ground_truth": "" if best is None else ground_truth_line(best, detect_auroc),
     }

@@ -6,6 +6,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from prisma_ray.errors import InvalidRequest
 
+from ..config import require_distinct
 from ..data.sources import DatasetSpec, SyntheticSource
 from ..data.synthetic import ShapesConfig
 from ..models import ModelEntry, UnknownModel, default_hook, default_model
@@ -103,9 +104,7 @@ class ExtractConfig(BaseModel):
     @field_validator("hooks")
     @classmethod
     def _unique(cls, hooks: list[str]) -> list[str]:
-        if len(set(hooks)) != len(hooks):
-            raise InvalidRequest(f"hooks must be distinct; got {hooks}")
-        return hooks
+        return require_distinct(hooks, "hooks")
 
     @field_validator("split")
     @classmethod

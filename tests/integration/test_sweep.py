@@ -80,10 +80,18 @@ def test_sweep_loads_each_model_once_writes_the_report_and_resumes(ray_local, wo
         assert 0 < row["l0"] <= row["k"] and row["explained_variance"] < 1 and row["eval_tokens"] > 0
         assert row["loss_recovered"] is not None and row["label_source"] in ("dataset", "clean_top1")
         assert row["gt_values"] > 0
+        assert set(json.loads(row["gt_baselines"])) == {"raw", "pca", "kmeans", "random"}
+        assert row["gt_best_baseline"] in json.loads(row["gt_baselines"]) and 0 <= row["gt_mean_purity"] <= 1
+        margin = row["gt_mean_best_auroc"] - row["gt_baseline_mean_best_auroc"]
+        assert row["gt_margin_auroc"] == pytest.approx(margin)
     video = [r for r in table if r["model"] == "test-videomae-cls"]
     assert any(json.loads(r["gt_detail"]) and "direction=" in r["gt_detail"] for r in video), "video ground truth"
     page = (workspace / "out" / "leaderboard.html").read_text()
     assert page.count("<tr>") == 13 and all(r["checkpoint"] in page for r in table)
+    assert "<th>gt_margin_auroc</th>" in page and "<th>gt_best_baseline</th>" in page
+    line = next(x for x in summary.format().splitlines() if x.startswith("ground truth best "))
+    assert "of the factor values (AUROC >= 0.95)" in line and "; baselines: mean best AUROC " in line
+    assert line.endswith(" detected)") and " (margin " in line
     plots = sorted(p.name for p in (workspace / "out" / "plots").iterdir())
     assert plots == [f"{m}__{HOOK}.png" for m in MODELS]
     assert all((workspace / "out" / "plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)

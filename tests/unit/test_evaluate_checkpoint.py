@@ -231,7 +231,43 @@ def test_ground_truth_recovery_is_reported_on_synthetic_stores(stores, tmp_path)
     detail = json.loads(row["gt_detail"])
     assert row["gt_values"] == len(detail) > 3 and all(k.split("=")[0] in ("shape", "colour") for k in detail)
     assert 0 <= row["gt_fraction_detected"] <= 1 and 0.5 <= row["gt_mean_best_auroc"] <= 1
+    assert all(set(v) == {"latent", "auroc", "ap", "purity", "coverage"} for v in detail.values())
+    assert all(0 <= row[f"gt_mean_{m}"] <= 1 for m in ("ap", "purity", "coverage"))
     assert "loss_recovered" not in row, "splice_samples=0 skips the spliced-in evaluation"
+
+    baselines = json.loads(row["gt_baselines"])
+    assert list(baselines) == ["raw", "pca", "kmeans", "random"] and baselines["raw"]["directions"] == 32
+    assert baselines["random"]["directions"] == baselines["pca"]["directions"] == 32
+    assert all(set(b["best_auroc"]) == set(detail) for b in baselines.values()), "the same values, the same tokens"
+    best = max(baselines, key=lambda b: baselines[b]["mean_best_auroc"])
+    assert row["gt_best_baseline"] == best
+    assert row["gt_baseline_mean_best_auroc"] == baselines[best]["mean_best_auroc"]
+    assert row["gt_margin_auroc"] == pytest.approx(row["gt_mean_best_auroc"] - row["gt_baseline_mean_best_auroc"])
+    top = max(b["fraction_detected"] for b in baselines.values())
+    assert row["gt_margin_detected"] == pytest.approx(row["gt_fraction_detected"] - top)
+    assert row["gt_baseline_fit"].startswith("scored rows: 0 held-out patch tokens after the"), "all rows scored"
+
+    fewer = Evaluator(eval_config(root, splice_samples=0, ground_truth_tokens=100, baselines=["pca"])).evaluate(ckpt)
+    assert fewer["gt_baseline_fit"].startswith("held-out: ") and list(json.loads(fewer["gt_baselines"])) == ["pca"]
+    none = Evaluator(eval_config(root, splice_samples=0, baselines=[])).evaluate(ckpt)
+    assert "gt_margin_auroc" not in none and none["gt_mean_best_auroc"] == row["gt_mean_best_auroc"]
+
+
+def test_ground_truth_follows_each_dictionarys_token_kinds(stores, tmp_path):
+    """Two checkpoints on one store, one trained on every token, one on patch tokens only: each is scored on the
+    labels of its own held-out rows (the labels were once cached per store, misaligned for the second)."""
+    root, _ = stores
+    sites = Sites(inputs=(site(HOOKS[0]),))
+    every = save(identity(sites), tmp_path / "every")
+    patches = str(tmp_path / "patches")
+    write_files(export_files(identity(sites), extra={"token_kinds": ["patch"]}), patches)
+    evaluator = Evaluator(eval_config(root, splice_samples=0))
+    first = evaluator.evaluate(every)
+    shared = evaluator.evaluate(patches)
+    alone = Evaluator(eval_config(root, splice_samples=0)).evaluate(patches)
+    columns = sorted(k for k in alone if k.startswith("gt_"))
+    assert [shared[k] for k in columns] == [alone[k] for k in columns]
+    assert first["gt_mean_best_auroc"] == pytest.approx(alone["gt_mean_best_auroc"]), "the same patch tokens"
 
 
 def test_evaluate_command_prints_the_metrics_row(stores, tmp_path, capsys):

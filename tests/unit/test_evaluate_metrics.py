@@ -175,10 +175,11 @@ def test_token_factors_joins_patches_and_objects():
             "radius": [3.0, 4.0],
         }
     )
-    patch, values = token_factors(keys, layout, patches, objects, (2, 2), ["shape", "radius"])
-    assert patch.tolist() == [False, True, True, True, True]
-    assert values["shape"].tolist() == [None, "star", None, "circle", "circle"]
-    assert values["radius"].tolist() == [None, 3.0, None, 4.0, 4.0]
+    labels = token_factors(keys, layout, patches, objects, (2, 2), ["shape", "radius"])
+    assert labels.patch.tolist() == [False, True, True, True, True]
+    assert labels.values["shape"].tolist() == [None, "star", None, "circle", "circle"]
+    assert labels.values["radius"].tolist() == [None, 3.0, None, 4.0, 4.0]
+    np.testing.assert_allclose(labels.coverage, [np.nan, 0.5, 0.0, 0.9, 0.4])
     with pytest.raises(ValueError, match=r"\['speed'\]"):
         token_factors(keys, layout, patches, objects, (2, 2), ["speed"])
 
@@ -193,6 +194,7 @@ def _one_patch_clip() -> tuple[pa.Table, pa.Table, pa.Table]:
             "patch_row": [0] * 6,
             "patch_col": [0] * 6,
             "object": [1] * 6,
+            "coverage": [1.0] * 6,
             "shape": [f"s{i}" for i in range(6)],
         }
     )
@@ -207,7 +209,7 @@ def test_video_tokens_map_to_source_frames():
     samples, patches, objects = _one_patch_clip()
     frames = source_frames(samples, FrameSampling(num_frames=4, stride=1, anchor="center"))
     assert frames["c"].tolist() == [1, 2, 3, 4]
-    _, values = token_factors(keys, layout, patches, objects, (1, 1), ["shape"], frames=frames)
+    values = token_factors(keys, layout, patches, objects, (1, 1), ["shape"], frames=frames).values
     assert values["shape"].tolist() == ["s1", "s3"], "model frames 0 and 2 are clip frames 1 and 3"
 
 
@@ -218,5 +220,5 @@ def test_an_image_models_rows_on_video_hold_the_clip_frame():
     keys = pa.table({"sample_id": ["c"] * 4, "token": pa.array([0, 1, 0, 1], pa.int16()), "frame": frame})
     samples, patches, objects = _one_patch_clip()
     frames = source_frames(samples, FrameSampling(num_frames=2, stride=2, anchor="start"))
-    _, values = token_factors(keys, layout, patches, objects, (1, 1), ["shape"], frames=frames)
+    values = token_factors(keys, layout, patches, objects, (1, 1), ["shape"], frames=frames).values
     assert values["shape"].tolist() == [None, "s3", None, "s5"], "the stored frame is the clip frame"

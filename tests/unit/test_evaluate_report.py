@@ -5,7 +5,7 @@ import re
 import pyarrow as pa
 import pytest
 
-from prisma_ray.evaluate.report import front_plots, leaderboard_html, plot_name
+from prisma_ray.evaluate.report import best_ground_truth, front_plots, ground_truth_line, leaderboard_html, plot_name
 from prisma_ray.evaluate.results import ResultStore, result_key
 
 ROWS = [
@@ -70,3 +70,26 @@ def test_result_store_round_trip_and_refuses_another_config(tmp_path):
     assert table.column("loss_recovered").to_pylist() == [0.9, None, None]
     with pytest.raises(ValueError, match="changed: split"):
         results.claim({"split": "val", "max_tokens": 10})
+
+
+def test_the_leaderboard_and_the_summary_line_give_the_margin_over_the_best_baseline():
+    truth = {
+        "gt_fraction_detected": 0.5,
+        "gt_mean_best_auroc": 0.912,
+        "gt_best_baseline": "raw",
+        "gt_baseline_fraction_detected": 0.75,
+        "gt_baseline_mean_best_auroc": 0.904,
+        "gt_margin_auroc": 0.008,
+        "gt_margin_detected": -0.25,
+    }
+    rows = [{**ROWS[0], **truth}, {**ROWS[1], "gt_fraction_detected": 0.5, "gt_mean_best_auroc": 0.8}, ROWS[2]]
+    headers = re.findall(r"<th>([^<]+)</th>", leaderboard_html(pa.Table.from_pylist(rows), []))
+    assert {"gt_best_baseline", "gt_margin_auroc", "gt_margin_detected"} <= set(headers)
+    best = best_ground_truth(rows)
+    assert best["name"] == "a<b", "the most values detected, then the highest mean best AUROC"
+    assert ground_truth_line(best) == (
+        "m1 a<b detects 0.500 of the factor values (AUROC >= 0.95), mean best AUROC 0.912; "
+        "baselines: mean best AUROC 0.904 (raw), detected 0.750 (margin +0.008 AUROC, -0.250 detected)"
+    )
+    assert ground_truth_line(rows[1], 0.9).endswith("(AUROC >= 0.9), mean best AUROC 0.800"), "no baselines"
+    assert best_ground_truth([ROWS[2]]) is None
