@@ -34,6 +34,7 @@ import torch
 
 from prisma_ray.data.synthetic import ShapesConfig, ensure_generated, read_table
 from prisma_ray.data.transforms import crop_to_model
+from prisma_ray.evaluate.baselines import baseline_scores
 from prisma_ray.evaluate.ground_truth import factor_recovery, token_factors
 from prisma_ray.models import load_model
 from prisma_ray.models.inputs import PixelInputs
@@ -75,8 +76,8 @@ def activations(model, uri: str, samples: pa.Table, hooks: list[str], batch: int
 
 def labels(model, samples: pa.Table, tables: dict[str, pa.Table], min_coverage: float):
     """`(keep bool[N], factors {name: object[N]})` over the `N = images x patches` tokens in store order: `keep`
-    drops the ambiguous edge cells (0 < coverage < `min_coverage`); `factors` holds each kept cell's dominant
-    object's value, None on background."""
+    drops the ambiguous edge cells (0 < coverage < `min_coverage`; 0 keeps every cell, as before issue 18);
+    `factors` holds each cell's dominant object's value, None on background."""
     layout = model.token_layout
     n_patches = layout.grid[0] * layout.grid[1]
     ids = samples.column("sample_id").to_pylist()
@@ -87,38 +88,25 @@ def labels(model, samples: pa.Table, tables: dict[str, pa.Table], min_coverage: 
             "frame": np.full(len(ids) * n_patches, -1),
         }
     )
-    _, values = token_factors(
-        keys, layout, tables["patches"], tables["objects"], (16, 16), [*FACTORS, "coverage"], model.preprocess.crop_pct
+    truth = token_factors(
+        keys, layout, tables["patches"], tables["objects"], (16, 16), FACTORS, model.preprocess.crop_pct
     )
-    coverage = values.pop("coverage").astype(np.float64)
-    keep = (coverage == 0) | (coverage >= min_coverage)
-    return keep, values
+    return (truth.scored(min_coverage) if min_coverage > 0 else truth.patch), truth.values
 
 
 def recovery(scores: np.ndarray, keep: np.ndarray, factors: dict[str, np.ndarray]) -> dict:
     return factor_recovery(scores[keep], {f: v[keep] for f, v in factors.items()})
 
 
-def baselines(
-    x: np.ndarray, fit: np.ndarray, keep: np.ndarray, factors: dict, seed: int, names: list[str]
-) -> dict[str, dict]:
-    """`{name: recovery}` of the directions found without a dictionary, each scored with both signs on the held-out
-    rows `x`: the raw dimensions, the PCA components and minus the distance to each MiniBatchKMeans centroid
-    (`min(4 d, 1024)` of them) fitted on the training rows `fit`, and `d` random unit directions."""
-    from sklearn.cluster import MiniBatchKMeans
-    from sklearn.decomposition import PCA
-
-    d = x.shape[1]
-    w = np.random.default_rng(seed).standard_normal((d, d)).astype(np.float32)
-    scores = {
-        "raw": x,
-        "pca": PCA(random_state=seed).fit(fit).transform(x),
-        "kmeans": -MiniBatchKMeans(n_clusters=min(4 * d, 1024), random_state=seed, batch_size=1024)
-        .fit(fit)
-        .transform(x),
-        "random": x @ (w / np.linalg.norm(w, axis=0, keepdims=True)),
+def baselines(x: np.ndarray, fit: np.ndarray, keep: np.ndarray, factors: dict, names: list[str]) -> dict[str, dict]:
+    """`{name: recovery}` of the evaluator's baselines (`prisma_ray.evaluate.baselines`: raw dims, PCA, k-means,
+    random directions), each scored with both signs on the held-out rows `x`, PCA and k-means fitted on `fit`."""
+    return {
+        name: factor_recovery(
+            baseline_scores(name, x, fit)[keep], {f: v[keep] for f, v in factors.items()}, signed=True
+        )
+        for name in names
     }
-    return {name: recovery(np.concatenate([s, -s], axis=1), keep, factors) for name, s in scores.items()}
 
 
 def train(x: np.ndarray, configs: list[DictionaryConfig], steps: int, batch: int, seed: int) -> dict:
@@ -148,6 +136,7 @@ def explained_variance(d, x: torch.Tensor) -> float:
 def parse_dict(text: str) -> DictionaryConfig:
     arch, k, expansion, *lr = text.split(":")
     return DictionaryConfig(
+        name=f"{arch}-k{k}-x{expansion}",
         architecture=arch,
         k=int(k) if arch in ("topk", "batchtopk") else None,
         expansion_factor=int(expansion),
@@ -207,7 +196,7 @@ def main() -> None:
         fit = x_train[np.random.default_rng(args.seed).permutation(len(x_train))[: len(x_test)]].astype(np.float32)
         base = {}
         for c, (keep, factors) in truth.items():
-            base[c] = baselines(x_test.numpy(), fit, keep, factors, args.seed, args.baselines.split(","))
+            base[c] = baselines(x_test.numpy(), fit, keep, factors, args.baselines.split(","))
             for name, b in base[c].items():
                 print(f"  {h} min coverage {c} baseline {name}: {summary(b)}", flush=True)
         start = time.perf_counter()
@@ -220,7 +209,7 @@ def main() -> None:
                 r, raw = recovery(z, keep, factors), base[c]["raw"]
                 best = max(base[c], key=lambda name: base[c][name]["mean_best_auroc"])
                 print(
-                    f"| {h} | {c} | {cfg.display_name()} x{cfg.expansion_factor} lr {cfg.lr:g} "
+                    f"| {h} | {c} | {cfg.display_name()} lr {cfg.lr:g} "
                     f"| {args.steps} x {args.batch} | {explained_variance(d, x_test):.3f} "
                     f"| {r['fraction_detected']:.2f} | {r['mean_best_auroc']:.3f} "
                     f"| {raw['fraction_detected']:.2f} / {raw['mean_best_auroc']:.3f} "

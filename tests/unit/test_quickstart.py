@@ -177,3 +177,21 @@ def test_the_real_part_has_shapes_whose_label_grid_is_the_models_patch_grid(tmp_
     sweep = sweep_config(cfg, real_uri(cfg, "shapes"), shapes.test_images * 256)
     assert sweep.evaluation.ground_truth_tokens == sweep.evaluation.max_tokens == shapes.test_images * 256
     assert load_config(QuickstartConfig, None, ["real.shapes=null"]).real.shapes is None
+
+
+def test_the_summary_prints_the_real_models_best_ground_truth_row():
+    from prisma_ray.quickstart import QuickstartSummary, RealSummary
+
+    row = {"model": "m", "name": "topk-k-4", "l0": 4.0, "explained_variance": 0.5}
+    shapes = [
+        {**row, "name": "topk-k-32", "gt_fraction_detected": 1.0, "gt_mean_best_auroc": 0.974},
+        {**row, "name": "topk-k-8", "gt_fraction_detected": 0.5, "gt_mean_best_auroc": 0.9},
+    ]
+    real = RealSummary([row], "/o/real/lb", "/o/real/d", {"train": 1.0}, shapes, "/o/real/shapes/sweep/lb")
+    text = QuickstartSummary("/o", "/o/lb", "/o/d", [row], {}, real=real).format()
+    assert "ground-truth recovery (real model): best m topk-k-32 detects 1.000 of the factor values" in text
+    assert "mean best AUROC 0.974" in text and "leaderboard  /o/real/shapes/sweep/lb" in text
+    assert (
+        "shapes"
+        not in QuickstartSummary("/o", "/o/lb", "/o/d", [row], {}, real=RealSummary([row], "", "", {})).format()
+    )
