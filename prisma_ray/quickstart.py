@@ -103,7 +103,7 @@ class RealShapes(BaseModel):
     train_images: int = Field(300, ge=1, description="shapes images extracted for training")
     test_images: int = Field(100, ge=1, description="held-out shapes images, all scored for ground truth")
     hook: str = Field("blocks.6.hook_resid_post", description="hook point extracted and trained on")
-    epochs: float = Field(8, gt=0, description="passes over the training patch tokens")
+    epochs: float = Field(4, gt=0, description="passes over the training patch tokens (300 images: 300 steps)")
     dictionaries: list[DictionaryConfig] = Field(
         default_factory=lambda: [DictionaryConfig(architecture="topk", k=32, expansion_factor=4, lr=1e-3)],
         min_length=1,
@@ -490,16 +490,8 @@ def run_real_part(cfg: QuickstartConfig, lost: list[str] | None = None) -> RealS
     lost and redid are added to `lost`."""
     lost = [] if lost is None else lost
     r, seconds = cfg.real, {}
-    start = time.perf_counter()
     videos, photos = write_real_data(cfg)
-    for extract in real_extract_configs(cfg, videos, photos):
-        stats = run_extract(extract).lost.format("shard")
-        lost += [f"extract {r.model}: {stats}"] if stats else []
-    seconds["extract"] = time.perf_counter() - start
-    start = time.perf_counter()
-    trained = run_training(real_train_config(cfg))
-    lost += [f"train {trained.name}: {trained.lost()}"] if trained.lost() else []
-    seconds["train"] = time.perf_counter() - start
+    extract_and_train(real_extract_configs(cfg, videos, photos), real_train_config(cfg), r.model, lost, seconds)
     start = time.perf_counter()
     rows, leaderboard = swept_rows(cfg, real_uri(cfg), lost, "sweep (real)")
     seconds["sweep"] = time.perf_counter() - start
@@ -512,20 +504,29 @@ def run_real_part(cfg: QuickstartConfig, lost: list[str] | None = None) -> RealS
     return summary
 
 
+def extract_and_train(
+    extracts: list[ExtractConfig], train: TrainConfig, label: str, lost: list[str], seconds: dict[str, float], prefix=""
+) -> None:
+    """Run `extracts`, then `train` (each resumes); their seconds go into `seconds` (`<prefix>extract`,
+    `<prefix>train`), lines about what they lost and redid into `lost` (`label` names the model)."""
+    start = time.perf_counter()
+    for extract in extracts:
+        stats = run_extract(extract).lost.format("shard")
+        lost += [f"extract {label}: {stats}"] if stats else []
+    seconds[f"{prefix}extract"] = time.perf_counter() - start
+    start = time.perf_counter()
+    trained = run_training(train)
+    lost += [f"train {label} {trained.name}: {trained.lost()}"] if trained.lost() else []
+    seconds[f"{prefix}train"] = time.perf_counter() - start
+
+
 def run_real_shapes(cfg: QuickstartConfig, lost: list[str], seconds: dict[str, float]) -> tuple[list[dict], str]:
     """The real model's ground truth (`cfg.real.shapes`): generate and extract 224-px `shapes`, train, sweep every
     held-out patch token (each stage resumes); return the sweep's rows and leaderboard URI. Each stage's seconds
     go into `seconds` (`shapes extract`, ...), lines about what a stage lost and redid into `lost`."""
     r = cfg.real
-    start = time.perf_counter()
-    for extract in real_shapes_extract_configs(cfg):
-        stats = run_extract(extract).lost.format("shard")
-        lost += [f"extract {r.model} (shapes): {stats}"] if stats else []
-    seconds["shapes extract"] = time.perf_counter() - start
-    start = time.perf_counter()
-    trained = run_training(real_shapes_train_config(cfg))
-    lost += [f"train {trained.name} (shapes): {trained.lost()}"] if trained.lost() else []
-    seconds["shapes train"] = time.perf_counter() - start
+    extracts, train = real_shapes_extract_configs(cfg), real_shapes_train_config(cfg)
+    extract_and_train(extracts, train, f"{r.model} (shapes)", lost, seconds, "shapes ")
     start = time.perf_counter()
     entry = get_entry(r.model)
     tokens = r.shapes.test_images * (entry.image_size // entry.patch_size) ** 2  # every held-out patch token
