@@ -10,12 +10,14 @@ held-out images (another seed) as a detector of each shape and colour value.
 Patch labels (issue 18's shared definitions): a token's cell is the grid cell of its patch centre; positive for
 `f=v` where the cell's dominant object has `f == v` and covers >= `--min-coverage` of the cell, negative where
 the cell holds no object pixel or its dominant object covers >= `--min-coverage` with another value; cells with
-0 < coverage < `--min-coverage` (edges) are left out. A value is detected when its best single latent's AUROC
-is >= 0.95 (`ground_truth.factor_recovery`). Baseline: the raw model dimensions on the same tokens, each scored
-with both signs. Each row prints explained variance (held-out), fraction of values detected, mean best AUROC,
-and the raw dims' fraction / mean.
+0 < coverage < `--min-coverage` (edges) are left out (`TokenLabels.scored`; `--min-coverage 0` keeps them, as the
+evaluator did before issue 18). A value is detected when its best single latent's AUROC is >= 0.95
+(`ground_truth.factor_recovery`). Baselines (`prisma_ray.evaluate.baselines`, `--baselines`): raw model dimensions,
+PCA components, k-means centroids and random directions on the same tokens, each scored with both signs, PCA and
+k-means fitted on as many training tokens. Each row prints explained variance (held-out), fraction of values
+detected, mean best AUROC, the raw dims' fraction / mean and the best baseline's mean.
 
-    python benchmarks/real_shapes_recovery.py --hooks blocks.9.hook_resid_post --dict topk:16:8 --steps 600
+    python benchmarks/real_shapes_recovery.py --hooks blocks.6.hook_resid_post --dict topk:32:4 --steps 300
 
 `--dict ARCH:K:EXPANSION[:LR]` repeats (k is ignored by architectures without one); activations are cached
 under `--cache` so that further dictionaries on the same images cost only their training.
