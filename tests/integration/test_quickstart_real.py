@@ -15,6 +15,7 @@ from prisma_ray.sae import DictionaryConfig
 from tests.real_weights import NAME, require
 
 require()
+SHAPES_TRAIN, SHAPES_TEST, SHAPES_EPOCHS = 200, 50, 4
 if missing_packages(VIDEOS + PHOTOS[:1]):
     pytest.skip(f"needs {missing_packages(VIDEOS + PHOTOS[:1])}: `make demo` installs them", allow_module_level=True)
 
@@ -55,3 +56,31 @@ def test_real_part_dashboard_shows_frames_of_the_real_footage(ray_local, tmp_pat
     assert images and all((tmp_path / "qs" / "real" / "dashboard" / p).is_file() for p in images)
     first = np.asarray(Image.open(tmp_path / "qs" / "real" / "dashboard" / images[0]))
     assert first.ndim == 3 and first.std() > 10, "a frame of real footage, not a blank image"
+
+
+@pytest.mark.slow
+def test_real_shapes_dictionary_detects_the_factor_values(ray_local, tmp_path):
+    """Issue 18 on the real model, through the quickstart's own stages (generate, extract, train, sweep): the
+    dictionary detects >= 80% of the shape and colour values of held-out 224-px shapes at AUROC >= 0.95 (the target;
+    measured: all 12). Its mean best AUROC does not beat the baselines yet (measured 0.974 against 0.983 for k-means
+    and 0.981 for raw dims: README, "Ground truth on the real model"), so the margin is held to a floor that fails
+    when recovery breaks, not to the issue's target of a positive margin."""
+    import json
+
+    from prisma_ray.quickstart import RealShapes, run_real_shapes
+
+    shapes = RealShapes(train_images=SHAPES_TRAIN, test_images=SHAPES_TEST, epochs=SHAPES_EPOCHS)
+    cfg = QuickstartConfig(output=str(tmp_path / "qs"), real=RealPart(shapes=shapes), train_workers=0, ray=RayOptions())
+    lost, seconds = [], {}
+    rows, leaderboard = run_real_shapes(cfg, lost, seconds)
+    assert lost == [] and leaderboard.endswith("leaderboard.html")
+    assert set(seconds) == {"shapes extract", "shapes train", "shapes sweep"}
+    (row,) = rows
+    test = store.read_table(real_uri(cfg, "shapes", "activations", NAME, shapes.hook, "test"), columns=["token"])
+    assert test.num_rows == SHAPES_TEST * 256, "every patch token of the held-out images"
+    assert row["gt_values"] == 12, "6 shapes and 6 colours"
+    assert row["gt_fraction_detected"] >= 0.8, row["gt_detail"]
+    assert row["gt_mean_best_auroc"] >= 0.96, row["gt_detail"]
+    baselines = json.loads(row["gt_baselines"])
+    assert set(baselines) == {"raw", "pca", "kmeans", "random"}
+    assert row["gt_margin_auroc"] > -0.02, (row["gt_mean_best_auroc"], row["gt_best_baseline"], baselines)

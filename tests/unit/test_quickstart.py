@@ -1,9 +1,11 @@
 """The quickstart's stage configs: each stage reads what the previous one wrote, under one output root; the real
 part (real DINOv2 on real footage and photos) under its own root, or a line saying how to install it."""
 
+import numpy as np
 import pytest
 
 from prisma_ray import storage
+from prisma_ray.config import load_config
 from prisma_ray.quickstart import QuickstartConfig, extract_configs, leaderboard_rows, sweep_config, train_config
 
 
@@ -194,3 +196,49 @@ def test_the_dashboard_explains_the_detector_latents_and_the_summary_reports_the
     text = quickstart.QuickstartSummary("/o", "/o/lb", "/o/d", rows, {}, explanations=line).format()
     assert "explanations name the detected value of 0.50 of 2 detector latents" in text
     assert "no detector latents" in quickstart.explanations_line(float("nan"), 0)
+
+
+def test_the_real_part_has_shapes_whose_label_grid_is_the_models_patch_grid(tmp_path):
+    """The real model's ground truth: 224-px shapes whose 16x16 label cells are its 14-px patches (whole image kept:
+    crop_pct 1), train and held-out splits of other seeds, under `real/shapes` apart from the footage's stores."""
+    from prisma_ray.evaluate.ground_truth import grid_cell
+    from prisma_ray.models import get_entry
+    from prisma_ray.models.loading import describe_model
+    from prisma_ray.quickstart import REAL_MODEL, real_shapes_extract_configs, real_shapes_train_config, real_uri
+
+    cfg = QuickstartConfig(output=str(tmp_path / "qs"))
+    shapes = cfg.real.shapes
+    train, test = real_shapes_extract_configs(cfg)
+    assert (train.split, test.split) == ("train", "test") and train.model == REAL_MODEL and train.pretrained
+    assert train.tokens.mode == "patches" and train.hooks == [shapes.hook]
+    gen = train.dataset.generator
+    assert (gen.name, gen.image_size, gen.patch_grid, gen.n_images) == ("shapes", 224, (16, 16), shapes.train_images)
+    assert test.dataset.generator.n_images == shapes.test_images and test.dataset.generator.seed != gen.seed
+    model = describe_model(get_entry(REAL_MODEL))
+    assert model.token_layout.grid == gen.patch_grid and model.preprocess.crop_pct == 1.0
+    assert (grid_cell(np.arange(16), 16, 16, model.preprocess.crop_pct) == np.arange(16)).all(), "patch i is cell i"
+    assert train.output == real_uri(cfg, "shapes", "activations") and train.dataset.uri.startswith(real_uri(cfg))
+    run = real_shapes_train_config(cfg)
+    assert run.data.inputs == [storage.join(train.output, REAL_MODEL, shapes.hook, "train")]
+    assert run.output_uri.startswith(real_uri(cfg, "shapes", "dictionaries"))
+    sweep = sweep_config(cfg, real_uri(cfg, "shapes"), shapes.test_images * 256)
+    assert sweep.evaluation.ground_truth_tokens == sweep.evaluation.max_tokens == shapes.test_images * 256
+    assert load_config(QuickstartConfig, None, ["real.shapes=null"]).real.shapes is None
+
+
+def test_the_summary_prints_the_real_models_best_ground_truth_row():
+    from prisma_ray.quickstart import QuickstartSummary, RealSummary
+
+    row = {"model": "m", "name": "topk-k-4", "l0": 4.0, "explained_variance": 0.5}
+    shapes = [
+        {**row, "name": "topk-k-32", "gt_fraction_detected": 1.0, "gt_mean_best_auroc": 0.974},
+        {**row, "name": "topk-k-8", "gt_fraction_detected": 0.5, "gt_mean_best_auroc": 0.9},
+    ]
+    real = RealSummary([row], "/o/real/lb", "/o/real/d", {"train": 1.0}, shapes, "/o/real/shapes/sweep/lb")
+    text = QuickstartSummary("/o", "/o/lb", "/o/d", [row], {}, real=real).format()
+    assert "ground-truth recovery (real model): best m topk-k-32 detects 1.000 of the factor values" in text
+    assert "mean best AUROC 0.974" in text and "leaderboard  /o/real/shapes/sweep/lb" in text
+    assert (
+        "shapes"
+        not in QuickstartSummary("/o", "/o/lb", "/o/d", [row], {}, real=RealSummary([row], "", "", {})).format()
+    )
