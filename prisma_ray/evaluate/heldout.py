@@ -70,6 +70,13 @@ class StoreSource:
         return {**{k: d.get(k) for k in keys}, "model_dtype": self.model_dtype}
 
     @property
+    def head(self) -> int | None:
+        """The one head a store of a per-head hook point holds; None where it holds every head flattened into the
+        width (head-major) or its hook point has no heads."""
+        heads = self.manifest.heads
+        return heads if isinstance(heads, int) else None
+
+    @property
     def multimodal(self) -> bool:
         """Whether the store holds a multimodal language model's sequences (no fixed token layout)."""
         return bool(self.manifest.token_layout.get("multimodal"))
