@@ -156,3 +156,29 @@ def test_the_raw_baseline_on_mlp_hook_post_is_the_neuron_basis(roots, tmp_path):
     assert baselines["raw"]["directions"] == model.hook_width(POST) == 128 != model.d_model
     detail = json.loads(row["gt_detail"])
     assert set(baselines["raw"]["best_auroc"]) == set(detail), "the neurons scored on the dictionary's tokens"
+
+
+def test_a_one_head_dictionary_is_interpreted_on_that_head(roots, tmp_path):
+    """Interpretation reads the head the dictionary was trained on (`head`, as extraction's); without it, refused."""
+    ckpt = save(identity(Sites(inputs=(site(Z, 16),))), tmp_path / "sae")
+    dataset = dict(type="synthetic", uri=str(roots / "head1" / "shapes"), generator=dict(name="shapes", n_images=12))
+    entry = ModelEntry(**TINY_VIT)
+
+    def config(**extra) -> InterpretConfig:
+        return InterpretConfig(
+            checkpoint=ckpt, model=entry, pretrained=False, dataset=dataset, output=str(tmp_path / "i"), **extra
+        )
+
+    with pytest.raises(InvalidRequest, match="16-wide .* is 32 wide"):
+        plan_interpret(config())
+    with pytest.raises(InvalidRequest, match="head=2 does not exist"):
+        plan_interpret(config(head=2))
+    plan = plan_interpret(config(head=1))
+    assert plan.description()["head"] == 1
+    pixels = np.arange(2 * 32 * 32 * 3, dtype=np.int64).reshape(2, 32, 32, 3).astype(np.uint8) * 7
+    latents = LatentWorker(plan.job()).latents(pixels, np.array(["a", "b"]))
+    model = load_model(entry, pretrained=False, seed=0)
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(PixelInputs(model).pixels(pixels), [Z])
+    z = cache[Z][:, :, 1].numpy()
+    np.testing.assert_allclose(latents, np.concatenate([np.maximum(z, 0), np.maximum(-z, 0)], -1), atol=1e-5)
