@@ -13,6 +13,7 @@ from prisma_ray.evaluate import EvalConfig, Evaluator
 from prisma_ray.evaluate.heldout import read_held_out
 from prisma_ray.evaluate.splice import splice_hooks
 from prisma_ray.interpret.collect import InterpretConfig, LatentWorker, plan_interpret
+from prisma_ray.interpret.steer import SteerSpec, steered, steering_hooks
 from prisma_ray.models import ModelEntry, load_model
 from prisma_ray.models.inputs import PixelInputs
 from prisma_ray.sae import Dictionary, DictionaryConfig, Site, Sites, Trainer
@@ -182,3 +183,26 @@ def test_a_one_head_dictionary_is_interpreted_on_that_head(roots, tmp_path):
         _, cache = model.run_with_cache(PixelInputs(model).pixels(pixels), [Z])
     z = cache[Z][:, :, 1].numpy()
     np.testing.assert_allclose(latents, np.concatenate([np.maximum(z, 0), np.maximum(-z, 0)], -1), atol=1e-5)
+
+
+@pytest.mark.parametrize("hook", [Z, POST])
+def test_steering_at_flattened_heads_and_neurons(hook):
+    """Steering an SAE on `hook_z` (heads flattened) or on the neurons: the error term kept, scale 1 is the identity;
+    a clamped latent replaces the activation by the steered reconstruction, heads reshaped back head-major."""
+    model = load_model(ModelEntry(**TINY_VIT), pretrained=False, seed=0)
+    d = Dictionary(DictionaryConfig(architecture="relu", d_sae=64, seed=2), Sites(inputs=(site(hook),)))
+    x = torch.randn(2, 3, 32, 32)
+    clamp = SteerSpec(latents=[1, 5], value=3.0)
+    with torch.inference_mode():
+        clean = model(x)
+        with model.hooks(steering_hooks(model, d, SteerSpec(latents=[0, 1], scale=1.0))):
+            torch.testing.assert_close(model(x), clean, atol=1e-5, rtol=1e-5)
+
+        def manual(t, _hook):
+            return steered(d, t.flatten(2), clamp).reshape(t.shape)
+
+        with model.hooks([(hook, manual)]):
+            expected = model(x)
+        with model.hooks(steering_hooks(model, d, clamp)):
+            torch.testing.assert_close(model(x), expected)
+    assert not torch.allclose(expected, clean, atol=1e-4)
