@@ -197,6 +197,8 @@ class Evaluator:
         d = load_dictionary(info, self.options).to(self.device).eval()
         inputs = [self.cfg.store_uri(s) for s in info.sites.inputs]
         targets = [self.cfg.store_uri(s) for s in info.sites.outputs]
+        for s in (*info.sites.inputs, *info.sites.outputs):
+            self._source(self.cfg.store_uri(s)).check_width(s.width, f"{uri} at {s.name}")
         key = (tuple(inputs), tuple(targets), info.token_kinds)
         held = self._held_out(key)
         source = self._source(inputs[0])

@@ -76,6 +76,16 @@ class StoreSource:
         heads = self.manifest.heads
         return heads if isinstance(heads, int) else None
 
+    def check_width(self, width: int, reader: str) -> None:
+        """Raise `InvalidRequest` unless the store holds `width` values per token (`reader` names what reads them)."""
+        if self.manifest.d_model != width:
+            heads = self.manifest.heads
+            held = {None: "", "flattened": " (every head flattened)"}.get(heads, f" (head {heads})")
+            raise InvalidRequest(
+                f"{reader} reads {width} values per token but the store {self.uri} holds {self.manifest.d_model}"
+                f"{held}; evaluate it against a store extracted as it was trained (per-head points: extract's `head`)"
+            )
+
     @property
     def multimodal(self) -> bool:
         """Whether the store holds a multimodal language model's sequences (no fixed token layout)."""

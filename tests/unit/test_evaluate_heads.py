@@ -206,3 +206,12 @@ def test_steering_at_flattened_heads_and_neurons(hook):
         with model.hooks(steering_hooks(model, d, clamp)):
             torch.testing.assert_close(model(x), expected)
     assert not torch.allclose(expected, clean, atol=1e-4)
+
+
+def test_a_dictionary_evaluated_against_a_store_of_another_width_is_refused(roots, tmp_path):
+    one_head = save(identity(Sites(inputs=(site(Z, 16),))), tmp_path / "one")
+    with pytest.raises(InvalidRequest, match=r"reads 16 values per token but the store .* holds 32 \(every head"):
+        evaluator(roots / "all").evaluate(one_head)
+    flattened = save(identity(Sites(inputs=(site(Z),))), tmp_path / "all")
+    with pytest.raises(InvalidRequest, match=r"reads 32 values per token but the store .* holds 16 \(head 1\)"):
+        evaluator(roots / "head1").evaluate(flattened)
