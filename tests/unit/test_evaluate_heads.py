@@ -94,25 +94,28 @@ def manual_head1(model, d: Dictionary, x: torch.Tensor) -> dict[str, torch.Tenso
     return outputs
 
 
-def test_flattened_heads_are_replaced_in_head_major_order(roots):
+@pytest.mark.parametrize("hook", [Z, "blocks.1.attn.hook_q", "blocks.1.attn.hook_v", "blocks.0.attn.hook_result"])
+def test_flattened_heads_are_replaced_in_head_major_order(hook):
     model = load_model(ModelEntry(**TINY_VIT), pretrained=False, seed=0)
     x = torch.randn(3, 3, 32, 32)
-    d = Dictionary(DictionaryConfig(architecture="relu", d_sae=64, seed=5), Sites(inputs=(site(Z),)))
+    width = model.hook_width(hook)  # 2 heads x 16, or x 32 for hook_result
+    d = Dictionary(DictionaryConfig(architecture="relu", d_sae=64, seed=5), Sites(inputs=(site(hook, width),)))
     positions = torch.tensor([0, 3, 9])
     with torch.inference_mode():
-        _, clean = model.run_with_cache(x, [Z])
+        _, clean = model.run_with_cache(x, [hook])
 
         def manual(t, _hook):
             out = t.clone()
-            out[:, positions] = d(t[:, positions].reshape(3, 3, 32)).reshape(3, 3, 2, 16)
+            out[:, positions] = d(t[:, positions].reshape(3, 3, width)).reshape(3, 3, 2, width // 2)
             return out
 
-        with model.hooks([(Z, manual)]):
+        with model.hooks([(hook, manual)]):
             expected = model(x)
         with model.hooks(splice_hooks(d, positions, "sae", clean)):
             torch.testing.assert_close(model(x), expected)
-        with pytest.raises(InvalidRequest, match="head 0.*dictionary reads 32"):
-            splice_hooks(d, positions, "sae", clean, {Z: 0})
+        assert not torch.allclose(expected, model(x), atol=1e-4)
+        with pytest.raises(InvalidRequest, match=f"head 0.*dictionary reads {width}"):
+            splice_hooks(d, positions, "sae", clean, {hook: 0})
 
 
 @pytest.mark.parametrize("hook", [Z, POST])
