@@ -17,11 +17,13 @@ from prisma_ray.interpret.steer import SteerSpec, steered, steering_hooks
 from prisma_ray.models import ModelEntry, load_model
 from prisma_ray.models.inputs import PixelInputs
 from prisma_ray.sae import Dictionary, DictionaryConfig, Site, Sites, Trainer
+from tests.tiny_models import HF, OPEN_CLIP, batch, tiny
 from tests.unit.test_evaluate_checkpoint import TINY_VIT, extract_in_process, identity, save, shapes_config
 
 Z, POST = "blocks.0.attn.hook_z", "blocks.0.mlp.hook_post"  # [B, 17, 2 heads, 16] and [B, 17, 128 neurons]
 WIDTHS = {Z: 32, POST: 128}
 MODEL = TINY_VIT["name"]
+HF_BY_ARCH = {entry.architecture: entry for entry in HF}
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -218,3 +220,35 @@ def test_a_dictionary_evaluated_against_a_store_of_another_width_is_refused(root
     flattened = save(identity(Sites(inputs=(site(Z),))), tmp_path / "all")
     with pytest.raises(InvalidRequest, match=r"reads 32 values per token but the store .* holds 16 \(head 1\)"):
         evaluator(roots / "head1").evaluate(flattened)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [OPEN_CLIP["native"], HF_BY_ARCH["VideoMAEForVideoClassification"]],
+    ids=["open_clip-native", "hf-VideoMAE"],
+)
+def test_splicing_one_head_writes_that_head_alone_on_other_adapters(entry):
+    """OpenCLIP (its explicit attention path, sequence-first where the tower is) and a video model: the splice of
+    one head's z equals replacing that head's slice by hand, and the other heads' z is left as it was."""
+    model = tiny(entry)
+    x = batch(model)
+    d_head = model.hook_shape(Z)[3]
+    d = Dictionary(DictionaryConfig(architecture="relu", d_sae=32, seed=1), Sites(inputs=(site(Z, d_head),)))
+    positions = torch.arange(model.token_layout.n_tokens)[1::2]
+    with torch.inference_mode():
+        _, clean = model.run_with_cache(x, [Z])
+
+        def manual(t, _hook):
+            out = t.clone()
+            out[:, positions, 1] = d(t[:, positions, 1])
+            return out
+
+        with model.hooks([(Z, manual)]):
+            expected = model(x)
+        seen = {}
+        with model.hooks([*splice_hooks(d, positions, "sae", clean, {Z: 1}), (Z, lambda t, _h: seen.update(z=t))]):
+            torch.testing.assert_close(model(x), expected)
+    others = torch.ones(seen["z"].shape[1], dtype=torch.bool)
+    others[positions] = False
+    torch.testing.assert_close(seen["z"][:, :, 0], clean[Z][:, :, 0])
+    torch.testing.assert_close(seen["z"][:, others], clean[Z][:, others])
