@@ -11,7 +11,7 @@ import torch
 from prisma_ray.errors import InvalidRequest
 from prisma_ray.evaluate import EvalConfig, Evaluator
 from prisma_ray.evaluate.heldout import read_held_out
-from prisma_ray.evaluate.splice import splice_hooks
+from prisma_ray.evaluate.splice import put_at_positions, splice_hooks, take
 from prisma_ray.interpret.collect import InterpretConfig, LatentWorker, plan_interpret
 from prisma_ray.interpret.steer import SteerSpec, steered, steering_hooks
 from prisma_ray.models import ModelEntry, load_model
@@ -252,3 +252,20 @@ def test_splicing_one_head_writes_that_head_alone_on_other_adapters(entry):
     others[positions] = False
     torch.testing.assert_close(seen["z"][:, :, 0], clean[Z][:, :, 0])
     torch.testing.assert_close(seen["z"][:, others], clean[Z][:, others])
+
+
+def test_a_token_mask_at_a_per_head_point_takes_and_puts_the_heads_of_those_tokens():
+    """Multimodal sequences splice at a `bool[B, T]` mask: per-head rows are taken and written through the same
+    view, flattened or one head, on a sequence-first (non-contiguous) batch-first view as well."""
+    cur = torch.randn(5, 2, 3, 4).transpose(0, 1)  # [B=2, T=5, heads=3, d_head=4], not contiguous
+    mask = torch.tensor([[True, False, True, False, False], [False, False, False, True, True]])
+    flat = take(cur, mask)
+    assert flat.shape == (1, 4, 12)
+    torch.testing.assert_close(flat[0, 2], cur[1, 3].flatten())
+    out = put_at_positions(mask, lambda acts: -take(acts, mask))(cur, None)
+    torch.testing.assert_close(out[mask], -cur[mask])
+    torch.testing.assert_close(out[~mask], cur[~mask])
+    one = put_at_positions(mask, lambda acts: torch.zeros_like(take(acts, mask, 2)), 2)(cur, None)
+    expected = cur.clone()
+    expected[:, :, 2][mask] = 0
+    torch.testing.assert_close(one, expected)
