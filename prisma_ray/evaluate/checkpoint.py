@@ -197,6 +197,8 @@ class Evaluator:
         d = load_dictionary(info, self.options).to(self.device).eval()
         inputs = [self.cfg.store_uri(s) for s in info.sites.inputs]
         targets = [self.cfg.store_uri(s) for s in info.sites.outputs]
+        for s in (*info.sites.inputs, *info.sites.outputs):
+            self._source(self.cfg.store_uri(s)).check_width(s.width, f"{uri} at {s.name}")
         key = (tuple(inputs), tuple(targets), info.token_kinds)
         held = self._held_out(key)
         source = self._source(inputs[0])
@@ -312,11 +314,14 @@ class Evaluator:
         else:
             positions = torch.as_tensor(source.positions(), device=self.device)
             where, at = (lambda _batch: positions), tuple(positions.tolist())
-        zero_key = (name, tuple(s.name for s in info.sites.targets), source.multimodal, at)
+        sites = (*info.sites.inputs, *info.sites.targets)
+        heads = {s.name: self._source(self.cfg.store_uri(s)).head for s in sites}
+        targets = tuple((s.name, heads[s.name]) for s in info.sites.targets)
+        zero_key = (name, targets, source.multimodal, at)
         if zero_key not in self._zero:
-            self._zero[zero_key] = run_mode(model, data.head, d, where, "zero", data.batches)
-        sae = run_mode(model, data.head, d, where, "sae", data.batches)
-        error = run_mode(model, data.head, d, where, "error", data.batches)
+            self._zero[zero_key] = run_mode(model, data.head, d, where, "zero", data.batches, heads)
+        sae = run_mode(model, data.head, d, where, "sae", data.batches, heads)
+        error = run_mode(model, data.head, d, where, "error", data.batches, heads)
         metrics = summarize(clean_totals(data.batches), sae, error, self._zero[zero_key])
         samples = sum(len(b.x["input_ids"] if isinstance(b.x, dict) else b.x) for b in data.batches)
         return {**metrics, "label_source": data.label_source, "splice_samples": samples}

@@ -70,6 +70,23 @@ class StoreSource:
         return {**{k: d.get(k) for k in keys}, "model_dtype": self.model_dtype}
 
     @property
+    def head(self) -> int | None:
+        """The one head a store of a per-head hook point holds; None where it holds every head flattened into the
+        width (head-major) or its hook point has no heads."""
+        heads = self.manifest.heads
+        return heads if isinstance(heads, int) else None
+
+    def check_width(self, width: int, reader: str) -> None:
+        """Raise `InvalidRequest` unless the store holds `width` values per token (`reader` names what reads them)."""
+        if self.manifest.d_model != width:
+            heads = self.manifest.heads
+            held = {None: "", "flattened": " (every head flattened)"}.get(heads, f" (head {heads})")
+            raise InvalidRequest(
+                f"{reader} reads {width} values per token but the store {self.uri} holds {self.manifest.d_model}"
+                f"{held}; evaluate it against a store extracted as it was trained (per-head points: extract's `head`)"
+            )
+
+    @property
     def multimodal(self) -> bool:
         """Whether the store holds a multimodal language model's sequences (no fixed token layout)."""
         return bool(self.manifest.token_layout.get("multimodal"))

@@ -14,7 +14,7 @@ output positions scored (those followed by a text token) and its labels are thos
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -24,12 +24,15 @@ import torch.nn.functional as F
 from prisma_ray.errors import InvalidRequest
 
 from ..models import HookedVisionModel
+from ..models.hooked import per_token
 from ..sae import Dictionary
+from ..sae.dictionary import Site
 
 Mode = Literal["sae", "error", "zero"]
 Head = Callable[[torch.Tensor], torch.Tensor]
 HookList = list[tuple[str, Callable]]
 Where = Callable[["SpliceBatch"], torch.Tensor]
+Heads = Mapping[str, int | None]  # per-head hook points stored as one head: that head's index (absent: flattened)
 
 
 def classifier_head(output: torch.Tensor) -> torch.Tensor:
@@ -63,43 +66,52 @@ def outputs_logits(model: HookedVisionModel) -> bool:
     return type(net).__name__.endswith("Classification")
 
 
-def splice_hooks(d: Dictionary, positions: torch.Tensor, mode: Mode, clean: dict[str, torch.Tensor]) -> HookList:
+def splice_hooks(
+    d: Dictionary, positions: torch.Tensor, mode: Mode, clean: dict[str, torch.Tensor], heads: Heads | None = None
+) -> HookList:
     """Forward hooks that put `d`'s output (per `mode`) at the token `positions` of its output hook points.
 
     `clean` holds the clean run's activations at `d`'s input and output hook points for this batch.
     Autoencoders (SAEs, crosscoders over layers) reconstruct every site; a crosscoder encodes all its
     input sites from the clean run (acausally). Transcoders read their input hook during the spliced
     run and replace their output hook with the prediction (the MLP replacement).
+
+    Per-head hook points (`attn.hook_q/k/v/z/result`, `[B, T, heads, d_head]`) are seen as their store holds
+    them (`models.hooked.per_token`): every head flattened into the width (head-major), or only head
+    `heads[name]`, whose slice alone is then replaced (the other heads keep their clean values). A site whose
+    width is not the dictionary's raises `InvalidRequest`.
     """
+    heads = heads or {}
     sites = d.sites
+
+    def rows(acts: torch.Tensor, s: Site) -> torch.Tensor:
+        return take(acts, positions, heads.get(s.name), s)
+
+    def put(name: str, value: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+        return put_at_positions(positions, value, heads.get(name))
+
     if mode == "zero":
-        return [
-            (s.name, put_at_positions(positions, lambda cur: torch.zeros_like(take(cur, positions))))
-            for s in sites.targets
-        ]
+        return [(s.name, put(s.name, lambda cur, s=s: torch.zeros_like(rows(cur, s)))) for s in sites.targets]
     bounds = dict(zip((s.name for s in sites.targets), sites.out_bounds()))
-    clean_in = torch.cat([take(clean[s.name], positions) for s in sites.inputs], dim=-1)
-    clean_out = torch.cat([take(clean[s.name], positions) for s in sites.targets], dim=-1)
+    clean_in = torch.cat([rows(clean[s.name], s) for s in sites.inputs], dim=-1)
+    clean_out = torch.cat([rows(clean[s.name], s) for s in sites.targets], dim=-1)
     error = clean_out - _apply(d, clean_in) if mode == "error" else torch.zeros_like(clean_out)
     if sites.autoencoder:
         single = len(sites.inputs) == 1
         recon = None if single else _apply(d, clean_in)
 
         def autoencoder(cur: torch.Tensor, a: int, b: int) -> torch.Tensor:
-            hat = _apply(d, take(cur, positions)) if single else recon
+            hat = _apply(d, rows(cur, sites.inputs[0])) if single else recon
             return hat[..., a:b] + error[..., a:b]
 
-        return [
-            (name, put_at_positions(positions, lambda cur, a=a, b=b: autoencoder(cur, a, b)))
-            for name, (a, b) in bounds.items()
-        ]
+        return [(name, put(name, lambda cur, a=a, b=b: autoencoder(cur, a, b))) for name, (a, b) in bounds.items()]
     if len(sites.inputs) != 1 or len(sites.targets) != 1:
         raise InvalidRequest("spliced-in evaluation of a transcoder needs exactly one input and one output hook point")
     (source,), (target,) = sites.inputs, sites.targets
     stash: dict[str, torch.Tensor] = {}
 
     def read(cur: torch.Tensor, _hook) -> None:
-        stash["x"] = take(cur, positions)
+        stash["x"] = rows(cur, source)
 
     def predict(cur: torch.Tensor) -> torch.Tensor:
         if "x" not in stash:
@@ -108,7 +120,7 @@ def splice_hooks(d: Dictionary, positions: torch.Tensor, mode: Mode, clean: dict
             )
         return _apply(d, stash["x"]) + error
 
-    return [(source.name, read), (target.name, put_at_positions(positions, predict))]
+    return [(source.name, read), (target.name, put(target.name, predict))]
 
 
 def _apply(d: Dictionary, x: torch.Tensor) -> torch.Tensor:
@@ -116,20 +128,35 @@ def _apply(d: Dictionary, x: torch.Tensor) -> torch.Tensor:
     return d(x.to(d.W_dec.dtype)).to(x.dtype)
 
 
-def take(acts: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """The `[B, K, d]` rows of `[B, T, d]` activations at `positions` (`[1, N, d]` for a `bool[B, T]` mask)."""
+def take(
+    acts: torch.Tensor, positions: torch.Tensor, head: int | None = None, site: Site | None = None
+) -> torch.Tensor:
+    """The `[B, K, d]` rows of activations at `positions` (`[1, N, d]` for a `bool[B, T]` mask): `[B, T, d]`
+    activations, or per-head ones `[B, T, heads, d_head]` seen through `per_token(acts, head)`. With `site`, a
+    width other than `site.width` raises `InvalidRequest`."""
+    acts = per_token(acts, head)
+    if site is not None and acts.shape[-1] != site.width:
+        held = "every head flattened" if head is None else f"head {head}"
+        raise InvalidRequest(
+            f"{site.name}: the model gives {acts.shape[-1]} values per token ({held}) but the dictionary reads "
+            f"{site.width}; evaluate it against a store extracted as it was trained (extract's `head`)"
+        )
     return acts[positions][None] if positions.dtype == torch.bool else acts[:, positions]
 
 
-def put_at_positions(positions: torch.Tensor, value: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
-    """A hook that writes `value(cur)` (shaped as `take` gives) at `positions` of a copy of its activations."""
+def put_at_positions(
+    positions: torch.Tensor, value: Callable[[torch.Tensor], torch.Tensor], head: int | None = None
+) -> Callable:
+    """A hook that writes `value(cur)` (shaped as `take(cur, positions, head)` gives) at `positions` of a copy of
+    its activations: for per-head activations into the flattened heads, or into head `head` only."""
 
     def hook(cur: torch.Tensor, _hook) -> torch.Tensor:
-        out = cur.clone()
+        out = cur.clone(memory_format=torch.contiguous_format)
+        view = per_token(out, head)  # a view of `out` (contiguous), so writing it writes `out`
         if positions.dtype == torch.bool:
-            out[positions] = value(cur)[0].to(cur.dtype)
+            view[positions] = value(cur)[0].to(cur.dtype)
         else:
-            out[:, positions] = value(cur).to(cur.dtype)
+            view[:, positions] = value(cur).to(cur.dtype)
         return out
 
     return hook
@@ -193,12 +220,19 @@ class SpliceBatch:
 
 @torch.inference_mode()
 def run_mode(
-    model: HookedVisionModel, head: Head, d: Dictionary, where: Where, mode: Mode, batches: list[SpliceBatch]
+    model: HookedVisionModel,
+    head: Head,
+    d: Dictionary,
+    where: Where,
+    mode: Mode,
+    batches: list[SpliceBatch],
+    heads: Heads | None = None,
 ) -> TaskTotals:
-    """Task totals of the model with `d` spliced in per `mode` over `batches`, at the positions `where(batch)`."""
+    """Task totals of the model with `d` spliced in per `mode` over `batches`, at the positions `where(batch)`
+    (`heads`: as `splice_hooks`)."""
     totals = TaskTotals()
     for batch in batches:
-        with model.hooks(splice_hooks(d, where(batch), mode, batch.clean)):
+        with model.hooks(splice_hooks(d, where(batch), mode, batch.clean, heads)):
             logits = batch.logits(head, model(batch.x))
         totals.update(logits, batch.clean_logits, batch.labels)
     return totals

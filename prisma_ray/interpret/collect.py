@@ -65,6 +65,12 @@ class InterpretConfig(ModelAsExtracted):
     storage: StorageOptions = Field(StorageOptions(), description="how to reach `checkpoint` and `output`")
     model: str | ModelEntry | None = Field(None, description="default: the model named in the checkpoint")
     hook: str | None = Field(None, description="default: the checkpoint's input hook point")
+    head: int | None = Field(
+        None,
+        ge=0,
+        description="per-head hook points (attn.hook_q/k/v/z/result): the one head the checkpoint was trained on, as "
+        "extract's `head` (the store manifest's `heads`); default: every head, flattened into the width",
+    )
     prompts: list[str] | None = Field(
         None,
         min_length=1,
@@ -108,6 +114,7 @@ class InterpretJob:
     weights: WeightsRef | None = None
     prompts: tuple[str, ...] | None = None
     layout: TokenLayout | None = None  # the tokens read (default: the model's token layout)
+    head: int | None = None  # per-head hook points: this head only (None: heads flattened)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,6 +157,7 @@ class InterpretPlan:
             weights=self.weights,
             prompts=self.prompts,
             layout=self.layout,
+            head=c.head,
         )
 
     def description(self) -> dict[str, Any]:
@@ -170,6 +178,7 @@ class InterpretPlan:
             **({"model_dtype": self.cfg.model_dtype} if self.cfg.model_dtype != "float32" else {}),
             **({"weights": self.weights.record()} if self.weights else {}),
             **({"prompts": list(self.prompts)} if self.prompts else {}),
+            **({"head": self.cfg.head} if self.cfg.head is not None else {}),
         }
 
 
@@ -189,11 +198,13 @@ def plan_interpret(cfg: InterpretConfig) -> InterpretPlan:
     entry = resolve_entry(name)
     hook = cfg.hook or site.name
     model = describe_model(entry)
-    check_hooks(model, [hook])
-    if model.hook_width(hook) != site.width:
+    check_hooks(model, [hook], cfg.head)
+    width = model.hook_width(hook, cfg.head)
+    if width != site.width:
+        held = "" if cfg.head is None else f" (head {cfg.head})"
         raise InvalidRequest(
-            f"{cfg.checkpoint} reads {site.width}-wide activations but {entry.name} {hook} is "
-            f"{model.hook_width(hook)} wide; pick the checkpoint's model and hook point"
+            f"{cfg.checkpoint} reads {site.width}-wide activations but {entry.name} {hook}{held} is "
+            f"{width} wide; pick the checkpoint's model, hook point and `head` (as its store was extracted)"
         )
     prompts = model_prompts(model, cfg.prompts)
     weights = checked_weights(cfg.weights, options, model.model, entry.name)
@@ -273,7 +284,7 @@ class LatentWorker:
         if self.job.prompts is None:
             x, _ = self.inputs(pixels, sample_ids)
             _, cache = self.model.run_with_cache(x, [self.job.hook], stop_early=True)
-            acts = per_token(cache[self.job.hook])  # per-head points: heads flattened, as extraction stores them
+            acts = per_token(cache[self.job.hook], self.job.head)  # per-head points: as extraction stored them
         else:
             acts = self._base_view_acts(pixels, sample_ids)
         return self.dictionary.encode(acts.to(self.dictionary.W_enc.dtype)).float().cpu().numpy()
@@ -288,7 +299,7 @@ class LatentWorker:
                 f"{self.layout.n_tokens}; the images must have the tower's size"
             )
         _, cache = self.model.run_with_cache(x, [self.job.hook], stop_early=True)
-        acts = per_token(cache[self.job.hook])[torch.from_numpy(base).to(self.device)]
+        acts = per_token(cache[self.job.hook], self.job.head)[torch.from_numpy(base).to(self.device)]
         return acts.reshape(len(pixels), self.layout.n_tokens, -1)
 
 

@@ -22,7 +22,7 @@ from prisma_ray.errors import InvalidRequest
 from ..data.shards import InputFormat, decode_first
 from ..data.sources import DatasetSpec, SyntheticSource, with_resolved_storage
 from ..evaluate.checkpoint import load_matrix
-from ..evaluate.splice import Head, HookList, ZeroShotHead, classifier_head, outputs_logits, put_at_positions
+from ..evaluate.splice import Head, HookList, ZeroShotHead, classifier_head, outputs_logits, put_at_positions, take
 from ..models import HookedVisionModel, ModelEntry
 from ..models.inputs import PixelInputs
 from ..models.loading import TORCH_DTYPES, load_model, resolve_entry
@@ -70,19 +70,21 @@ def steered(d: Dictionary, x: torch.Tensor, spec: SteerSpec) -> torch.Tensor:
 
 
 def steering_hooks(model: HookedVisionModel, d: Dictionary, spec: SteerSpec, hook: str | None = None) -> HookList:
-    """The forward hook that steers `d`'s latents at `hook` (default: `d`'s input hook point)."""
+    """The forward hook that steers `d`'s latents at `hook` (default: `d`'s input hook point); at a per-head point
+    `d` reads every head flattened into the width (head-major, as extraction stores it by default)."""
     check_latents(d, spec.latents)
     if d.sites.kind != "sae":
         raise InvalidRequest(f"steering needs an SAE over one hook point; this dictionary is a {d.sites.kind}")
     hook = hook or d.sites.inputs[0].name
-    if d.sites.d_in != model.d_model:
+    width = model.hook_width(hook)
+    if d.sites.d_in != width:
         raise InvalidRequest(
-            f"the dictionary reads {d.sites.d_in}-wide activations but {model.name} is {model.d_model} wide at {hook}"
+            f"the dictionary reads {d.sites.d_in}-wide activations but {model.name} is {width} wide at {hook}"
         )
     positions = torch.as_tensor(
         fixed_positions(model.token_layout, TokenSelection(mode=spec.tokens)), device=d.W_dec.device
     )
-    return [(hook, put_at_positions(positions, lambda cur: steered(d, cur[:, positions], spec)))]
+    return [(hook, put_at_positions(positions, lambda cur: steered(d, take(cur, positions), spec)))]
 
 
 def default_head(
