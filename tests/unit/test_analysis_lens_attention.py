@@ -55,9 +55,10 @@ def test_zero_shot_lens_for_an_embedding_tower_and_a_clear_error_without_text():
 
 def test_rollout_rows_are_distributions_and_cls_attends_to_the_object(toy_vit, shapes):
     patterns = attention_patterns(toy_vit, shapes.x)
-    assert patterns.shape == (48, toy_vit.n_layers, toy_vit.n_heads, 65, 65)
+    n = toy_vit.token_layout.n_tokens
+    assert patterns.shape == (48, toy_vit.n_layers, toy_vit.n_heads, n, n)
     rolled = rollout(patterns)
-    torch.testing.assert_close(rolled.sum(-1), torch.ones(48, toy_vit.n_layers, 65))
+    torch.testing.assert_close(rolled.sum(-1), torch.ones(48, toy_vit.n_layers, n))
     on_object = torch.from_numpy(
         np.stack([patch_factors(m, toy_vit.token_layout.grid)[0].ravel() > 0 for m in shapes.masks])
     )
