@@ -3,7 +3,8 @@
     python jobs/train_toy_models.py                        # both models, into prisma_ray/assets/
     python jobs/train_toy_models.py toy-vit-shapes --out /tmp/weights
 
-Prints per model the training time and the accuracy on a held-out split rendered in memory.
+Prints per model the training time and the accuracy of each output (the primary `label` task and each
+auxiliary head) on a held-out split rendered in memory.
 """
 
 import argparse
@@ -33,18 +34,19 @@ def main(argv: list[str]) -> int:
     for name in args.names or sorted(toy.SPECS):
         spec = toy.SPECS[name]
         model, run = toy_training.train_toy(spec, log=lambda line: print(line, flush=True))
-        pixels, labels = toy_training.render_split(spec.held_out(args.held_out), args.held_out)
-        held_out = toy_training.accuracy(
-            model, toy_training.to_input(pixels, spec.preprocess), torch.from_numpy(labels)
-        )
+        pixels, targets = toy_training.render_targets(spec.held_out(args.held_out), args.held_out, spec.aux_heads)
+        held_out = toy_training.head_accuracies(spec, model, toy_training.to_input(pixels, spec.preprocess), targets)
+        wanted = {"label": spec.target_accuracy, **{h.name: h.target_accuracy for h in spec.aux_heads}}
         path = (args.out / f"{name}.safetensors") if args.out else toy.weights_path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         toy_training.save_weights(model, path)
-        print(
-            f"{name}: {run.steps} steps in {run.seconds:.0f}s, loss {run.final_loss:.3f}, "
-            f"train acc {run.train_accuracy:.3f}, held-out acc {held_out:.3f} (target {spec.target_accuracy}) -> {path}",
-            flush=True,
-        )
+        print(f"{name}: {run.steps} steps in {run.seconds:.0f}s, loss {run.final_loss:.3f} -> {path}", flush=True)
+        for output, acc in held_out.items():
+            print(
+                f"  {output:<14} train acc {run.train_accuracy[output]:.3f}  held-out acc {acc:.3f}"
+                f"  (target {wanted[output]})",
+                flush=True,
+            )
     return 0
 
 

@@ -13,7 +13,7 @@ from prisma_ray.errors import InvalidRequest
 from .. import storage as store_io
 from ..data.decode import FrameSampling, decode_image, decode_video
 from ..data.errors import BadSample
-from ..data.synthetic import MovingShapesConfig, ShapesConfig, render_moving_shapes, render_shapes
+from ..data.synthetic import MovingShapesConfig, ShapesConfig, render_moving_shapes, render_shapes, sample_label
 from ..data.transforms import crop_to_model
 from ..models import HookedVisionModel, get_entry, toy
 from ..models.inputs import PixelInputs
@@ -66,17 +66,16 @@ def _batch(
 
 
 def render(model: HookedVisionModel, n: int, seed: int = 0, device: torch.device | str = "cpu") -> Inputs:
-    """`n` rendered synthetic samples, the model's input on `device` (labels for embedded models: shape or
-    motion direction)."""
+    """`n` rendered synthetic samples, the model's input on `device` (labels for embedded models: the dataset's
+    `label`, the largest object's shape or motion direction, `synthetic.sample_label`)."""
     cfg = synthetic_dataset(model, n, seed)
     raw, masks, labels = [], [], []
     for i in range(n):
         if isinstance(cfg, ShapesConfig):
             pixels, mask, objects, _ = render_shapes(cfg, i)
-            labels.append(cfg.shapes.index(objects[0]["shape"]) if objects else -1)
         else:
-            pixels, mask, rows, _ = render_moving_shapes(cfg, i)
-            labels.append(rows[0]["direction"] if rows else -1)
+            pixels, mask, objects, _ = render_moving_shapes(cfg, i)
+        labels.append(sample_label(cfg, [o for o in objects if o.get("frame", 0) == 0]))
         raw.append(pixels)
         masks.append(mask)
     own = get_entry(model.name).source == "prisma"

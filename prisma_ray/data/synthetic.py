@@ -6,6 +6,8 @@ Every sample is deterministic from `(seed, index)`. `generate(config, uri)` writ
 - `masks/000000.png` (`uint8[H, W]`) or `masks/000000.npz` (key `mask`, `uint8[T, H, W]`): 0 is
   background, `i` is object `i`;
 - `samples.parquet`: one row per sample (`sample_id`, `path`, `mask_path`, `label`, `background`, `count`);
+  `label` (`sample_label`) is the largest object's (largest `radius`) shape index (`shapes`) or motion
+  direction (`moving-shapes`), -1 for a sample without objects;
 - `objects.parquet`: one row per object (and frame, for clips) with its intended factors: `shape`,
   `colour`, `r`, `g`, `b`, centre `x`, `y` in pixels (column, row), `radius`, `rotation`, `area`, and for
   clips `visible`, `direction`, `direction_deg`, `speed`, `appear_frame`, `colour_change_frame`;
@@ -269,6 +271,21 @@ def render_shapes(cfg: ShapesConfig, index: int) -> tuple[np.ndarray, np.ndarray
     return image, mask, placed, bg_kind
 
 
+def largest_object(objects: list[dict]) -> dict | None:
+    """The object with the largest `radius` (the first of equals) among `objects` (rows of one sample, or of
+    one frame of a clip), None if there is none: the object whose factor is the sample's `label`."""
+    return max(objects, key=lambda o: o["radius"], default=None)
+
+
+def sample_label(cfg: SyntheticConfig, objects: list[dict]) -> int:
+    """The `label` of a sample with object rows `objects` (a clip's rows of frame 0): the largest object's shape
+    index (`shapes`) or motion direction (`moving-shapes`); -1 without objects."""
+    largest = largest_object(objects)
+    if largest is None:
+        return -1
+    return cfg.shapes.index(largest["shape"]) if isinstance(cfg, ShapesConfig) else int(largest["direction"])
+
+
 def direction_vector(direction: int, n_directions: int) -> tuple[float, float]:
     """Unit `(dx, dy)` in pixel coordinates (y down) of direction index `direction`; 0 is +x, counter-clockwise."""
     theta = 2 * math.pi * direction / n_directions
@@ -416,12 +433,11 @@ def _render_sample(cfg: SyntheticConfig, i: int) -> tuple[list[tuple[str, bytes]
         image, mask, objs, bg = render_shapes(cfg, i)
         sid, mask_path = f"images/{i:06d}.png", f"masks/{i:06d}.png"
         files = [(sid, encode_png(image)), (mask_path, encode_png(mask))]
-        label = cfg.shapes.index(objs[0]["shape"]) if objs else -1
         sample = {
             "sample_id": sid,
             "path": sid,
             "mask_path": mask_path,
-            "label": label,
+            "label": sample_label(cfg, objs),
             "background": bg,
             "count": len(objs),
         }
@@ -436,7 +452,7 @@ def _render_sample(cfg: SyntheticConfig, i: int) -> tuple[list[tuple[str, bytes]
         "sample_id": sid,
         "path": sid,
         "mask_path": mask_path,
-        "label": first[0]["direction"] if first else -1,
+        "label": sample_label(cfg, first),
         "background": bg,
         "count": len(first),
         "num_frames": cfg.num_frames,

@@ -5,8 +5,25 @@ Each `ToySpec` fixes the architecture, the synthetic training data and the train
 and `toy_training.build_network(spec)` rebuilds the architecture they load into. This module does
 not import torch (the registry reads it).
 
-Labels follow the synthetic datasets: the first object's shape index (`shapes`) or motion direction
-(`moving-shapes`).
+Tasks. The image model's scenes hold 1-3 objects, and it learns several factors jointly so that every
+object's shape and colour must be represented in its patch tokens (recipe below: 1,200 steps of 64 images,
+about 20 min wall on this shared 2-core machine):
+
+- the primary task, the network's own output (`head` / `classifier`, `num_classes` logits, what the hooked
+  model returns and what the spliced-in evaluation scores against): the dataset's integer `label`, the
+  largest object's shape (`shapes`) or motion direction (`moving-shapes`) (`synthetic.sample_label`);
+- auxiliary heads (`ToySpec.aux_heads`), one linear layer `aux_head` on the same pooled features, trained jointly
+  and never part of the hooked model's output: the set of shapes present, the set of colours present and the
+  object count.
+
+The video model is not retrained yet: it still sees one object per clip and learns its direction only. Two
+multi-object runs (1-2 objects; heads: shapes, colours, directions present, colour change) within the CPU budget
+learnt colours but not motion (direction-set accuracy about 0), so the single-object model stays.
+
+Keeping the dataset label as the primary output keeps every consumer of the network's logits (the spliced-in
+loss recovered, logit lens, steering) meaningful; the heads only shape what the tokens carry. Each head's
+held-out accuracy (`target_accuracy`, exact match of the whole set for a multi-label head) is tested on
+encoded files.
 """
 
 from __future__ import annotations
@@ -35,6 +52,33 @@ class ToyTraining(BaseModel):
     warmup_steps: int = Field(50, ge=0)
     n_train: int = Field(ge=1)
     seed: int = 0
+    set_reduction: Literal["mean", "sum"] = Field(
+        "mean", description="how a set head's binary cross-entropies over its values add up (per sample)"
+    )
+
+
+class ToyHead(BaseModel):
+    """One auxiliary output of a toy network: a class (softmax over `values`) or a set (a sigmoid per value)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: Literal["shapes", "colours", "count"]
+    kind: Literal["class", "set"]
+    values: tuple[str, ...]
+    target_accuracy: float = Field(ge=0, le=1, description="held-out accuracy (sets: exact match) it must reach")
+
+
+def _image_heads(cfg: ShapesConfig, shapes: float, colours: float, count: float) -> tuple[ToyHead, ...]:
+    return (
+        ToyHead(name="shapes", kind="set", values=cfg.shapes, target_accuracy=shapes),
+        ToyHead(name="colours", kind="set", values=cfg.colours, target_accuracy=colours),
+        ToyHead(
+            name="count",
+            kind="class",
+            values=tuple(str(n) for n in range(cfg.n_objects[0], cfg.n_objects[1] + 1)),
+            target_accuracy=count,
+        ),
+    )
 
 
 class ToySpec(BaseModel):
@@ -54,11 +98,17 @@ class ToySpec(BaseModel):
     stem_time_kernel: int = 3
     tubelet: int = 2
     training: ToyTraining
-    target_accuracy: float
+    target_accuracy: float = Field(description="held-out accuracy of the primary task (the dataset `label`)")
+    aux_heads: tuple[ToyHead, ...] = Field((), description="auxiliary heads trained jointly (not the model's output)")
 
     @property
     def num_classes(self) -> int:
         return len(self.dataset.shapes) if self.modality == "image" else self.dataset.n_directions
+
+    @property
+    def aux_outputs(self) -> int:
+        """Width of the auxiliary layer `aux_head`: the heads' values laid end to end in `aux_heads` order."""
+        return sum(len(h.values) for h in self.aux_heads)
 
     @property
     def frames(self) -> int | None:
@@ -83,21 +133,25 @@ class ToySpec(BaseModel):
         return self.dataset.model_copy(update={"seed": self.dataset.seed + HELD_OUT_SEED_OFFSET, **count})
 
 
+_IMAGE_DATA = ShapesConfig(image_size=32, n_objects=(1, 3), size_range=(0.2, 0.3), patch_grid=(8, 8), seed=0)
 SPECS: dict[str, ToySpec] = {
     spec.name: spec
     for spec in (
         ToySpec(
             name="toy-vit-shapes",
             modality="image",
-            dataset=ShapesConfig(image_size=32, n_objects=(1, 1), size_range=(0.25, 0.4), seed=0),
+            dataset=_IMAGE_DATA,
             patch_size=4,
             width=64,
             depth=4,
             heads=4,
-            training=ToyTraining(steps=2000, batch_size=64, lr=2e-3, n_train=16000),
-            target_accuracy=0.95,
+            training=ToyTraining(
+                steps=1200, batch_size=64, lr=3e-3, warmup_steps=100, n_train=16000, set_reduction="sum"
+            ),
+            target_accuracy=0.8,  # held-out (1,000 rendered): label 0.865, shapes 0.801, colours 1.000, count 0.995
+            aux_heads=_image_heads(_IMAGE_DATA, shapes=0.72, colours=0.95, count=0.95),
         ),
-        ToySpec(
+        ToySpec(  # not retrained yet: one object per clip, the primary task only (see the module docstring)
             name="toy-video-moving-shapes",
             modality="video",
             dataset=MovingShapesConfig(

@@ -20,10 +20,16 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from ..data.synthetic import MovingShapesConfig, ShapesConfig, render_moving_shapes, render_shapes
+from ..data.synthetic import (
+    MovingShapesConfig,
+    ShapesConfig,
+    render_moving_shapes,
+    render_shapes,
+    sample_label,
+)
 from .inputs import normalize
 from .spec import PreprocessSpec
-from .toy import ToySpec, ToyTraining
+from .toy import ToyHead, ToySpec, ToyTraining
 
 
 def _image_stem(spec: ToySpec) -> nn.Module:
@@ -47,7 +53,16 @@ def _video_stem(spec: ToySpec) -> nn.Module:
 
 
 def build_network(spec: ToySpec) -> nn.Module:
-    """The untrained network of `spec`: a timm `VisionTransformer` or a `transformers` VideoMAE classifier."""
+    """The untrained network of `spec`: a timm `VisionTransformer` or a `transformers` VideoMAE classifier whose
+    output is the primary task's `num_classes` logits, plus the auxiliary heads' linear layer `aux_head`
+    (`spec.aux_outputs` outputs on the same pooled features; read by `outputs`, never by the model's forward)."""
+    model = _backbone(spec)
+    if spec.aux_heads:
+        model.aux_head = nn.Linear(spec.width, spec.aux_outputs)
+    return model
+
+
+def _backbone(spec: ToySpec) -> nn.Module:
     if spec.modality == "image":
         from timm.layers import HybridEmbed
         from timm.models.vision_transformer import VisionTransformer
@@ -91,18 +106,109 @@ def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.logits
 
 
+def outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`(primary logits [B, num_classes], auxiliary logits [B, aux_outputs] or None)` of preprocessed input `x`,
+    both from one pass: the pooled (and normed) features go through `head`/`classifier` and `aux_head`."""
+    if x.dim() == 4:  # timm VisionTransformer
+        pooled = model.forward_head(model.forward_features(x), pre_logits=True)
+        primary = model.head(pooled)
+    else:  # VideoMAEForVideoClassification with mean pooling
+        pooled = model.fc_norm(model.videomae(pixel_values=x).last_hidden_state.mean(1))
+        primary = model.classifier(pooled)
+    aux = getattr(model, "aux_head", None)
+    return primary, (aux(pooled) if aux is not None else None)
+
+
+def head_targets(head: ToyHead, cfg: ShapesConfig | MovingShapesConfig, objects: list[dict]) -> np.ndarray:
+    """Target of `head` for one sample with object rows `objects` (a clip: every frame's rows): a class index
+    (`int64[]`) or a multi-hot set (`float32[len(head.values)]`). Clips count only visible rows."""
+    seen = [o for o in objects if o.get("visible", True)]
+    if head.name == "count":
+        return np.int64(head.values.index(str(len({o["object"] for o in objects}))))
+    key = {"shapes": "shape", "colours": "colour"}[head.name]
+    present = {str(o[key]) for o in seen}
+    return np.array([v in present for v in head.values], dtype=np.float32)
+
+
 def render_split(cfg: ShapesConfig | MovingShapesConfig, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """`n` samples rendered in memory: `uint8` images `[n, H, W, 3]` or clips `[n, T, H, W, 3]`, and labels."""
-    xs, ys = [], []
+    """`n` samples rendered in memory: `uint8` images `[n, H, W, 3]` or clips `[n, T, H, W, 3]`, and their
+    dataset `label`s (`int64[n]`)."""
+    pixels, targets = render_targets(cfg, n)
+    return pixels, targets["label"]
+
+
+def render_targets(
+    cfg: ShapesConfig | MovingShapesConfig, n: int, heads: tuple[ToyHead, ...] = ()
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """`n` samples rendered in memory (as `render_split`) and targets: `"label"` (the dataset's `label`,
+    `int64[n]`) and one array per head of `heads` (`head_targets`, stacked)."""
+    xs, targets = [], {"label": [], **{h.name: [] for h in heads}}
     for i in range(n):
         if isinstance(cfg, ShapesConfig):
             pixels, _, objects, _ = render_shapes(cfg, i)
-            ys.append(cfg.shapes.index(objects[0]["shape"]))
+            first = objects
         else:
-            pixels, _, rows, _ = render_moving_shapes(cfg, i)
-            ys.append(rows[0]["direction"])
+            pixels, _, objects, _ = render_moving_shapes(cfg, i)
+            first = [o for o in objects if o["frame"] == 0]
         xs.append(pixels)
-    return np.stack(xs), np.asarray(ys, dtype=np.int64)
+        targets["label"].append(np.int64(sample_label(cfg, first)))
+        for h in heads:
+            targets[h.name].append(head_targets(h, cfg, objects))
+    return np.stack(xs), {k: np.stack(v) for k, v in targets.items()}
+
+
+def split_aux(spec: ToySpec, aux: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The auxiliary logits `[B, aux_outputs]` cut into one `[B, len(values)]` block per head of `spec`."""
+    blocks = torch.split(aux, [len(h.values) for h in spec.aux_heads], dim=-1)
+    return {h.name: b for h, b in zip(spec.aux_heads, blocks)}
+
+
+def multitask_loss(
+    spec: ToySpec, model: nn.Module, x: torch.Tensor, targets: dict[str, torch.Tensor], reduction: str = "mean"
+) -> torch.Tensor:
+    """Cross-entropy of the primary logits against `label` plus, per auxiliary head, cross-entropy (classes) or
+    the binary cross-entropy over its values (sets), per sample: summed (`reduction="sum"`, each value a task of
+    its own) or averaged."""
+    primary, aux = outputs(model, x)
+    loss = nn.functional.cross_entropy(primary, targets["label"])
+    for head in spec.aux_heads:
+        out = split_aux(spec, aux)[head.name]
+        y = targets[head.name]
+        if head.kind == "class":
+            loss = loss + nn.functional.cross_entropy(out, y)
+        else:
+            bce = nn.functional.binary_cross_entropy_with_logits(out, y, reduction="none").sum(-1)
+            loss = loss + (bce.mean() if reduction == "sum" else bce.mean() / len(head.values))
+    return loss
+
+
+def predictions(spec: ToySpec, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Predicted targets of preprocessed `x`: `label` and each auxiliary head (class index, or the set as
+    `bool[B, values]`: logit > 0)."""
+    primary, aux = outputs(model, x)
+    out = {"label": primary.argmax(-1)}
+    for head in spec.aux_heads:
+        block = split_aux(spec, aux)[head.name]
+        out[head.name] = block.argmax(-1) if head.kind == "class" else block > 0
+    return out
+
+
+@torch.no_grad()
+def head_accuracies(
+    spec: ToySpec, model: nn.Module, x: torch.Tensor, targets: dict[str, np.ndarray], batch_size: int = 256
+) -> dict[str, float]:
+    """Held-out accuracy per output (`label` and each auxiliary head; a set counts only when every value is
+    right) of `model` on preprocessed `x` with `targets` as `render_split` gives them."""
+    was_training = model.training
+    model.eval()
+    correct = {k: 0 for k in targets}
+    for i in range(0, len(x), batch_size):
+        for k, p in predictions(spec, model, x[i : i + batch_size]).items():
+            y = torch.as_tensor(targets[k][i : i + batch_size])
+            hit = (p == y.bool()).all(-1) if p.dtype == torch.bool else p == y
+            correct[k] += int(hit.sum())
+    model.train(was_training)
+    return {k: c / len(x) for k, c in correct.items()}
 
 
 def to_input(pixels: np.ndarray, spec: PreprocessSpec) -> torch.Tensor:
@@ -110,19 +216,6 @@ def to_input(pixels: np.ndarray, spec: PreprocessSpec) -> torch.Tensor:
     normalisation every stage applies (`prisma_ray.models.inputs.normalize`)."""
     mean, std = (torch.tensor(v, dtype=torch.float32) for v in (spec.mean, spec.std))  # host: CPU training
     return normalize(torch.from_numpy(pixels), mean, std)
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
-    """Top-1 accuracy of `model` on preprocessed inputs `x` with labels `y`."""
-    was_training = model.training
-    model.eval()
-    correct = sum(
-        int((logits(model, x[i : i + batch_size]).argmax(-1) == y[i : i + batch_size]).sum())
-        for i in range(0, len(x), batch_size)
-    )
-    model.train(was_training)
-    return correct / len(x)
 
 
 def lr_factor(step: int, training: ToyTraining) -> float:
@@ -139,7 +232,7 @@ class ToyRun(BaseModel):
     name: str
     steps: int
     final_loss: float
-    train_accuracy: float
+    train_accuracy: dict[str, float]  # per output: "label" and each auxiliary head
     seconds: float
 
 
@@ -150,8 +243,8 @@ def train_toy(
     training = training or spec.training
     start = time.perf_counter()
     torch.manual_seed(training.seed)
-    pixels, labels = render_split(spec.dataset, training.n_train)
-    x, y = to_input(pixels, spec.preprocess), torch.from_numpy(labels)
+    pixels, targets = render_targets(spec.dataset, training.n_train, spec.aux_heads)
+    x, y = to_input(pixels, spec.preprocess), {k: torch.from_numpy(v) for k, v in targets.items()}
     model = build_network(spec).train()
     opt = torch.optim.AdamW(model.parameters(), lr=training.lr, weight_decay=training.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, training))
@@ -159,7 +252,7 @@ def train_toy(
     loss = torch.tensor(float("nan"))  # host: the toy models train on the CPU
     for step in range(training.steps):
         idx = torch.randint(0, len(x), (training.batch_size,), generator=order)  # host: CPU training
-        loss = nn.functional.cross_entropy(logits(model, x[idx]), y[idx])
+        loss = multitask_loss(spec, model, x[idx], {k: v[idx] for k, v in y.items()}, training.set_reduction)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -173,7 +266,7 @@ def train_toy(
         name=spec.name,
         steps=training.steps,
         final_loss=float(loss.detach()),
-        train_accuracy=accuracy(model, x[:probe], y[:probe]),
+        train_accuracy=head_accuracies(spec, model, x[:probe], {k: v[:probe].numpy() for k, v in y.items()}),
         seconds=time.perf_counter() - start,
     )
     return model.eval(), run

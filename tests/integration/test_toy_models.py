@@ -1,12 +1,13 @@
-"""The shipped toy models, loaded offline, reach their target accuracy on held-out encoded files."""
+"""The shipped toy models, loaded offline, reach their target accuracy on held-out encoded files, per output:
+the primary task (the dataset's `label`, the hooked model's logits) and every auxiliary head."""
 
 import numpy as np
 import pytest
 import torch
 
-from prisma_ray.data import SyntheticSource, list_refs
+from prisma_ray.data import SyntheticSource, list_refs, synthetic
 from prisma_ray.data.shards import InputFormat, decode_shard, plan_shards
-from prisma_ray.models import get_entry, load_model, toy
+from prisma_ray.models import get_entry, load_model, toy, toy_training
 from prisma_ray.models.inputs import PixelInputs
 
 HELD_OUT = {"prisma-toy-vit-shapes": 600, "prisma-toy-video-moving-shapes": 300}
@@ -19,15 +20,53 @@ def test_shipped_model_reaches_target_on_held_out_files(tmp_path, name):
     model = load_model(name, pretrained=True)
     source = SyntheticSource(uri=str(tmp_path / "held-out"), generator=spec.held_out(HELD_OUT[name]))
     fmt, inputs = InputFormat.create(source, model.preprocess), PixelInputs(model)
-    predictions, labels = [], []
+    predicted, labels, ids = {}, [], []
     with torch.no_grad():
-        for refs in plan_shards(list_refs(source), source, 100):
+        for refs in plan_shards(list_refs(source), source, 100):  # generates the files first
             data = decode_shard(refs, source, fmt)
             assert not data.errors
-            predictions.append(model(inputs.pixels(data.pixels)).argmax(-1).numpy())
+            x = inputs.pixels(data.pixels)
+            out = toy_training.predictions(spec, model.model, x)
+            assert torch.equal(out["label"], model(x).argmax(-1))  # the hooked model's output is the primary task
+            for k, v in out.items():
+                predicted.setdefault(k, []).append(v.numpy())
             labels.append(data.labels)
-    predictions, labels = np.concatenate(predictions), np.concatenate(labels)
-    assert len(labels) == HELD_OUT[name]
-    assert np.bincount(labels).min() > 0
-    accuracy = float((predictions == labels).mean())
-    assert accuracy >= spec.target_accuracy, f"{name}: held-out accuracy {accuracy:.3f}"
+            ids += data.sample_ids.tolist()
+    rows = {}
+    for row in synthetic.read_table(source.uri, "objects").to_pylist():
+        rows.setdefault(row["sample_id"], []).append(row)
+    targets = {"label": labels}
+    for head in spec.aux_heads:
+        targets[head.name] = [np.stack([toy_training.head_targets(head, spec.dataset, rows[s]) for s in ids])]
+    labels = np.concatenate(targets["label"])
+    assert len(labels) == HELD_OUT[name] and np.bincount(labels).min() > 0
+    wanted = {"label": spec.target_accuracy, **{h.name: h.target_accuracy for h in spec.aux_heads}}
+    accuracy = {}
+    for k in wanted:
+        p, t = np.concatenate(predicted[k]), np.concatenate(targets[k])
+        accuracy[k] = float((p == t.astype(bool)).all(-1).mean() if p.dtype == bool else (p == t).mean())
+    assert all(accuracy[k] >= wanted[k] for k in wanted), f"{name}: held-out accuracy {accuracy}, targets {wanted}"
+
+
+@pytest.mark.slow
+def test_a_small_sae_on_the_quickstart_hook_detects_colours_and_ranks_shapes_well():
+    """Ground truth on the toy ViT, with a bounded budget: a TopK SAE (k 16) on the quickstart's hook detects most
+    colour values (best latent AUROC >= 0.95 on held-out patch tokens, edge patches left out) and scores the shape
+    values well above chance (a random network's SAE: about 0.7). The issue's 80% target is not reached yet: no single latent detects a shape at 0.95
+    (best about 0.9, as raw dimensions; `benchmarks/toy_ground_truth.py`)."""
+    from prisma_ray.models.toy_recovery import RecoveryConfig, toy_recovery
+    from prisma_ray.quickstart import _default_models
+
+    q = next(m for m in _default_models() if m.name == "prisma-toy-vit-shapes")
+    model = load_model(q.name, pretrained=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = RecoveryConfig(hook=q.hook, train_samples=256, test_samples=64, k=16, steps=300)
+        result = toy_recovery(model, toy.SPECS["toy-vit-shapes"], cfg, ["shape", "colour"])
+    finally:
+        torch.set_num_threads(threads)
+    sae = result["sae"]
+    assert len(sae["values"]) == 12
+    per = sae["per_factor"]
+    assert per["colour"]["detected"] >= 2 / 3 and per["shape"]["mean"] >= 0.82, per  # measured: 5/6, 0.870

@@ -32,18 +32,21 @@ def shapes(toy_vit):
     return inputs, pred, pairs
 
 
-def _object_region(mask_a: np.ndarray, mask_b: np.ndarray) -> np.ndarray:
-    """Patches holding either object, grown by one patch (the conv stem sees 7 px, patches are 4 px)."""
-    on = (patch_factors(mask_a, (8, 8))[0] > 0) | (patch_factors(mask_b, (8, 8))[0] > 0)
+def _object_region(mask_a: np.ndarray, mask_b: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Patches holding an object of either image, grown by one patch (the conv stem sees 7 px, patches are 4 px)."""
+    on = (patch_factors(mask_a, grid)[0] > 0) | (patch_factors(mask_b, grid)[0] > 0)
     padded = np.pad(on, 1)
-    return np.any([padded[1 + dy : 9 + dy, 1 + dx : 9 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)], axis=0).ravel()
+    h, w = grid
+    return np.any(
+        [padded[1 + dy : 1 + h + dy, 1 + dx : 1 + w + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)], axis=0
+    ).ravel()
 
 
 def test_patching_object_patches_moves_the_prediction_and_background_does_not(toy_vit, shapes):
     inputs, pred, pairs = shapes
     assert len(pairs) >= 4
     for i, j in pairs:
-        region = _object_region(inputs.masks[i], inputs.masks[j])
+        region = _object_region(inputs.masks[i], inputs.masks[j], toy_vit.token_layout.grid)
         obj = [1 + p for p in np.nonzero(region)[0]]
         background = [1 + p for p in np.nonzero(~region)[0]]
         clean, corrupted = inputs.x[i : i + 1], inputs.x[j : j + 1]
@@ -57,10 +60,10 @@ def test_effect_map_is_largest_on_the_object(toy_vit, shapes):
     inputs, pred, pairs = shapes
     i, j = pairs[0]
     result = activation_patching(toy_vit, inputs.x[i : i + 1], inputs.x[j : j + 1], "hook_resid_pre")
-    assert result.effect.shape == (toy_vit.n_layers, 65)
+    assert result.effect.shape == (toy_vit.n_layers, toy_vit.token_layout.n_tokens)
     assert result.hooks == [f"blocks.{l}.hook_resid_pre" for l in range(toy_vit.n_layers)]
     assert (result.clean_class, result.corrupted_class) == (pred[i], pred[j])
-    region = np.concatenate([[False], _object_region(inputs.masks[i], inputs.masks[j])])
+    region = np.concatenate([[False], _object_region(inputs.masks[i], inputs.masks[j], toy_vit.token_layout.grid)])
     effect = result.effect[0].numpy()
     assert effect[region].max() > 0.2 > np.abs(effect[~region]).max()
     assert effect[region].sum() > 0.5
@@ -79,7 +82,11 @@ def test_denoising_a_single_hook_point_restores_exactly_when_every_position_is_p
     )
     assert result.effect.shape == (1, 2) and result.positions == [0, 5]
     everything = patch_positions(
-        toy_vit, inputs.x[j : j + 1], inputs.x[i : i + 1], "blocks.2.hook_resid_post", list(range(65))
+        toy_vit,
+        inputs.x[j : j + 1],
+        inputs.x[i : i + 1],
+        "blocks.2.hook_resid_post",
+        list(range(toy_vit.token_layout.n_tokens)),
     )
     with torch.inference_mode():
         torch.testing.assert_close(everything, toy_vit(inputs.x[i : i + 1]))
@@ -101,7 +108,7 @@ def test_logit_attribution_sums_to_the_logit_with_frozen_norm_scales(toy_vit, sh
     with torch.inference_mode():
         logits = toy_vit(x)
     assert result.components[0] == "embed" and result.components[-1] == "blocks.3.mlp"
-    assert result.per_token.shape == (8, 1 + 2 * toy_vit.n_layers, 65)
+    assert result.per_token.shape == (8, 1 + 2 * toy_vit.n_layers, toy_vit.token_layout.n_tokens)
     torch.testing.assert_close(result.target, logits.max(-1).values)
     torch.testing.assert_close(result.per_component().sum(-1) + result.bias, result.target, atol=1e-4, rtol=1e-5)
     # the toy_vit pools patch tokens: the CLS token contributes nothing directly
@@ -126,7 +133,7 @@ def test_latent_attribution_sums_to_the_pre_activation(toy_vit, shapes):
         d.set_normalization(torch.randn(64), torch.rand(64) + 0.5, torch.zeros(64), torch.ones(64))
     result = latent_attribution(toy_vit, shapes[0].x[:4], d, latent=7)
     assert result.components == ["embed", "blocks.0.attn", "blocks.0.mlp", "blocks.1.attn"]
-    assert result.target.shape == result.bias.shape == (4, 65)
+    assert result.target.shape == result.bias.shape == (4, toy_vit.token_layout.n_tokens)
     torch.testing.assert_close(result.per_token.sum(1) + result.bias, result.target, atol=1e-4, rtol=1e-5)
     with pytest.raises(ValueError, match="latent 99 is out of range"):
         latent_attribution(toy_vit, shapes[0].x[:1], d, latent=99)

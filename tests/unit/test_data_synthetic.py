@@ -110,7 +110,8 @@ def test_shapes_factors_agree_with_decoded_pixels(shapes_dir):
         mask = np.asarray(Image.open(io.BytesIO(storage.read_bytes(storage.join(shapes_dir, s["mask_path"])))))
         objs = [o for o in objects if o["sample_id"] == sid]
         assert len(objs) == s["count"] == len(np.unique(mask)) - 1
-        assert s["label"] == SHAPES.shapes.index(objs[0]["shape"])
+        largest = max(objs, key=lambda o: o["radius"])  # the label: the largest object's shape
+        assert s["label"] == SHAPES.shapes.index(largest["shape"])
         background = image[mask == 0]
         assert np.all(background[:, 0] == background[:, 1]) and np.all(background[:, 1] == background[:, 2])
         for o in objs:
@@ -174,7 +175,8 @@ def test_moving_shapes_factors_agree_with_decoded_video(moving_dir):
             angle = math.degrees(math.atan2(-(y1 - y0), x1 - x0)) % 360
             estimated = round(angle / (360 / MOVING.n_directions)) % MOVING.n_directions
             assert estimated == track[0]["direction"], (s["sample_id"], obj_id, angle)
-        assert s["label"] == next(o["direction"] for o in rows if o["object"] == 1)
+        first = [o for o in rows if o["frame"] == 0]
+        assert s["label"] == max(first, key=lambda o: o["radius"])["direction"]  # the largest object's direction
     assert events["colour_change"] > 0 and events["appear"] > 0
 
 
