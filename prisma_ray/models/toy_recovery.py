@@ -97,9 +97,9 @@ def train_topk(tokens: torch.Tensor, cfg: RecoveryConfig, name: str = ""):
     dictionary = DictionaryConfig(architecture="topk", k=cfg.k, expansion_factor=cfg.expansion_factor, lr=cfg.lr)
     trainer = Trainer([dictionary], sites, cfg.steps, norm)
     gen = torch.Generator().manual_seed(cfg.seed)
-    trainer.initialize(tokens[torch.randperm(len(tokens), generator=gen)[: 4 * cfg.batch_size]])
+    trainer.initialize(tokens[torch.randperm(len(tokens), generator=gen)[: 4 * cfg.batch_size]])  # host: CPU check
     for _ in range(cfg.steps):
-        trainer.train_step(tokens[torch.randint(len(tokens), (cfg.batch_size,), generator=gen)])
+        trainer.train_step(tokens[torch.randint(len(tokens), (cfg.batch_size,), generator=gen)])  # host: as above
     return trainer.first.eval()
 
 

@@ -204,7 +204,7 @@ def head_accuracies(
     correct = {k: 0 for k in targets}
     for i in range(0, len(x), batch_size):
         for k, p in predictions(spec, model, x[i : i + batch_size]).items():
-            y = torch.as_tensor(targets[k][i : i + batch_size])
+            y = torch.as_tensor(targets[k][i : i + batch_size], device=p.device)
             hit = (p == y.bool()).all(-1) if p.dtype == torch.bool else p == y
             correct[k] += int(hit.sum())
     model.train(was_training)

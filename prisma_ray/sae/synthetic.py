@@ -77,7 +77,7 @@ class PlantedData:
 def zipf_frequencies(n_features: int, mean_active: float, exponent: float) -> torch.Tensor:
     """`[n_features]` firing probabilities `p_i ∝ (i + 1)^-exponent` summing to `mean_active` (feature 0 the
     most frequent). Raises `InvalidRequest` when the most frequent would exceed probability 1."""
-    weights = torch.arange(1, n_features + 1, dtype=torch.float64) ** -exponent
+    weights = torch.arange(1, n_features + 1, dtype=torch.float64) ** -exponent  # host: drawn on the CPU, moved once
     p = weights / weights.sum() * mean_active
     if float(p[0]) > 1:
         raise InvalidRequest(
@@ -141,14 +141,15 @@ def planted_features(
     correlated = order[: 2 * n_correlated].view(-1, 2)
     pairs = order[2 * n_correlated : 2 * (n_correlated + n_hierarchical)].view(-1, 2)
     hierarchical = torch.stack([pairs.min(1).values, pairs.max(1).values], 1)  # parent: the lower index, likelier
-    acts, counts = [], torch.zeros(n_features, dtype=torch.float64)
+    acts, counts = [], torch.zeros(n_features, dtype=torch.float64)  # host: as features
     for start in range(0, n, chunk):
         rows = min(chunk, n - start)
         fires = torch.rand(rows, n_features, generator=gen) < p  # host: as features
         a, b = correlated[:, 0], correlated[:, 1]
-        fires[:, b] |= fires[:, a] & (torch.rand(rows, len(a), generator=gen) < correlation)
+        fires[:, b] |= fires[:, a] & (torch.rand(rows, len(a), generator=gen) < correlation)  # host: as features
         parent, child = hierarchical[:, 0], hierarchical[:, 1]
-        fires[:, child] = fires[:, parent] & (torch.rand(rows, len(child), generator=gen) < child_given_parent)
+        coin = torch.rand(rows, len(child), generator=gen)  # host: as features
+        fires[:, child] = fires[:, parent] & (coin < child_given_parent)
         magnitudes = low + (high - low) * torch.rand(rows, n_features, generator=gen)  # host: as features
         acts.append((fires * magnitudes) @ features + offset)
         counts += fires.sum(0, dtype=torch.float64)
