@@ -28,6 +28,7 @@ def test_real_part_dashboard_shows_frames_of_the_real_footage(ray_local, tmp_pat
         epochs=4,
         dictionaries=[DictionaryConfig(architecture="topk", k=8, expansion_factor=2, lr=1e-3)],
         dashboard_latents=3,
+        shapes=None,  # its own test below
     )
     cfg = QuickstartConfig(output=str(tmp_path / "qs"), real=part, batch_size=512, train_workers=0, ray=RayOptions())
     lost: list[str] = []
