@@ -111,9 +111,9 @@ class RealShapes(BaseModel):
     hook: str = Field("blocks.6.hook_resid_post", description="hook point extracted and trained on")
     epochs: float = Field(4, gt=0, description="passes over the training patch tokens (300 images: 300 steps)")
     dictionaries: list[DictionaryConfig] = Field(
-        default_factory=lambda: [DictionaryConfig(architecture="topk", k=32, expansion_factor=4, lr=1e-3)],
+        default_factory=lambda: [DictionaryConfig(architecture="batchtopk", k=32, expansion_factor=1, lr=1e-3)],
         min_length=1,
-        description="dictionaries trained on the shapes patch tokens (default: one TopK SAE, k 32, 4x)",
+        description="dictionaries trained on the shapes patch tokens (default: one BatchTopK SAE, k 32, 1x)",
     )
 
     def generator(self, split: str, image_size: int, patch_size: int) -> ShapesConfig:

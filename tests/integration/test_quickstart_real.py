@@ -28,6 +28,7 @@ def test_real_part_dashboard_shows_frames_of_the_real_footage(ray_local, tmp_pat
         epochs=4,
         dictionaries=[DictionaryConfig(architecture="topk", k=8, expansion_factor=2, lr=1e-3)],
         dashboard_latents=3,
+        shapes=None,  # its own test below
     )
     cfg = QuickstartConfig(output=str(tmp_path / "qs"), real=part, batch_size=512, train_workers=0, ray=RayOptions())
     lost: list[str] = []
@@ -62,9 +63,9 @@ def test_real_part_dashboard_shows_frames_of_the_real_footage(ray_local, tmp_pat
 def test_real_shapes_dictionary_detects_the_factor_values(ray_local, tmp_path):
     """Issue 18 on the real model, through the quickstart's own stages (generate, extract, train, sweep): the
     dictionary detects >= 80% of the shape and colour values of held-out 224-px shapes at AUROC >= 0.95 (the target;
-    measured: all 12). Its mean best AUROC does not beat the baselines yet (measured 0.974 against 0.983 for k-means
-    and 0.981 for raw dims: README, "Ground truth on the real model"), so the margin is held to a floor that fails
-    when recovery breaks, not to the issue's target of a positive margin."""
+    measured: all 12) and its mean best AUROC beats the raw model dimensions' on the same tokens (measured 0.9825
+    against 0.9806). It does not beat every baseline yet (k-means, fitted on the scored tokens: 0.9831; README,
+    "Ground truth on the real model"), so that margin is held to a floor that fails when recovery breaks."""
     import json
 
     from prisma_ray.quickstart import RealShapes, run_real_shapes
@@ -80,7 +81,8 @@ def test_real_shapes_dictionary_detects_the_factor_values(ray_local, tmp_path):
     assert test.num_rows == SHAPES_TEST * 256, "every patch token of the held-out images"
     assert row["gt_values"] == 12, "6 shapes and 6 colours"
     assert row["gt_fraction_detected"] >= 0.8, row["gt_detail"]
-    assert row["gt_mean_best_auroc"] >= 0.96, row["gt_detail"]
+    assert row["gt_mean_best_auroc"] >= 0.975, row["gt_detail"]
     baselines = json.loads(row["gt_baselines"])
     assert set(baselines) == {"raw", "pca", "kmeans", "random"}
-    assert row["gt_margin_auroc"] > -0.02, (row["gt_mean_best_auroc"], row["gt_best_baseline"], baselines)
+    assert row["gt_mean_best_auroc"] > baselines["raw"]["mean_best_auroc"], baselines["raw"]
+    assert row["gt_margin_auroc"] > -0.01, (row["gt_mean_best_auroc"], row["gt_best_baseline"], baselines)
