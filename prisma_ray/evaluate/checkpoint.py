@@ -103,6 +103,12 @@ class EvalConfig(BaseModel):
         None, ge=1, description="random baseline unit directions (default: the activation width)"
     )
     baseline_seed: int = Field(0, description="seed of the k-means and random baselines")
+    baseline_fit_split: str | None = Field(
+        "train",
+        description="PCA and k-means are fitted on up to max_tokens patch tokens of this split of the same model and "
+        "hook (the split dictionaries train on), as a dictionary is, never on the scored rows; where it does not exist "
+        "(or null): on the held-out patch tokens after the scored rows",
+    )
     detect_auroc: float = Field(
         0.95,
         gt=0.5,
@@ -433,19 +439,8 @@ class Evaluator:
         )
         scored = labels.scored(self.cfg.gt_min_coverage)
         factors = {f: v[scored] for f, v in labels.values.items()}
-        n = len(keys)
-        x = held.x[:n][torch.from_numpy(scored)].float().numpy()
-        rest = held.x[n:][torch.from_numpy(held.keys.column("token").to_numpy()[n:] >= source.layout.n_prefix)]
-        if len(rest) >= x.shape[1]:
-            fit, fit_note = rest.float().numpy(), f"held-out: {len(rest)} patch tokens after the {n} scored rows"
-        else:
-            fit, fit_note = (
-                x,
-                (
-                    f"scored rows: {len(rest)} held-out patch tokens after the {n} scored rows, fewer than the width "
-                    f"{x.shape[1]}; raise max_tokens above ground_truth_tokens"
-                ),
-            )
+        x = held.x[: len(keys)][torch.from_numpy(scored)].float().numpy()
+        fit, fit_note = self._baseline_fit(source, held, len(keys), x.shape[1])
         baselines = baseline_recovery(
             x,
             fit,
@@ -458,6 +453,31 @@ class Evaluator:
         )
         self._truth[key] = StoreTruth(scored, factors, baselines, fit_note)
         return self._truth[key]
+
+    def _baseline_fit(self, source: StoreSource, held: HeldOut, n: int, width: int) -> tuple[np.ndarray, str]:
+        """`(rows, note)`: the patch tokens PCA and k-means are fitted on and where they come from. First choice: the
+        `baseline_fit_split` store beside the held-out one (what the dictionaries were trained on: out of sample for
+        both); else the held-out patch tokens after the `n` scored rows; else, with fewer of those than `width`, the
+        scored rows themselves (in sample, which favours the baselines: the note says so)."""
+        split = self.cfg.baseline_fit_split
+        if split and split != self.cfg.split:
+            uri = storage.join(source.uri.rstrip("/").rsplit("/", 1)[0], split)
+            try:
+                rows = read_held_out([uri], [], self.cfg.max_tokens, self.options, ["patch"]).x
+            except (InvalidRequest, OSError) as exc:
+                log.info("ground-truth baselines: no %s split to fit on (%s)", split, exc)
+            else:
+                if len(rows) >= width:
+                    return rows.float().numpy(), f"{split}: {len(rows)} patch tokens of {uri}"
+        rest = held.x[n:][torch.from_numpy(held.keys.column("token").to_numpy()[n:] >= source.layout.n_prefix)]
+        if len(rest) >= width:
+            return rest.float().numpy(), f"held-out: {len(rest)} patch tokens after the {n} scored rows"
+        held_x = held.x[:n].float().numpy()
+        patch = held.keys.column("token").to_numpy()[:n] >= source.layout.n_prefix
+        return held_x[patch], (
+            f"scored rows: {len(rest)} held-out patch tokens after the {n} scored rows, fewer than the width {width}; "
+            f"extract a {split or 'train'} split or raise max_tokens above ground_truth_tokens"
+        )
 
     def _pooled_truth(self, latents: np.ndarray, held: HeldOut, source: StoreSource, key: HeldKey) -> dict[str, Any]:
         """Image- and track-level recovery (`pooled_truth`) from the same `latents` as `_ground_truth`; `key` names

@@ -38,8 +38,8 @@ def extract_in_process(cfg: ExtractConfig) -> dict[str, str]:
     return {hook: w.uri for hook, w in plan.writers.items()}
 
 
-def shapes_config(root, model=TINY_VIT, hooks=HOOKS, n=12, dataset=None, **extra) -> ExtractConfig:
-    """Extraction into `<root>/acts` (split `test`) of `n` shapes images (or `dataset`)."""
+def shapes_config(root, model=TINY_VIT, hooks=HOOKS, n=12, dataset=None, split="test", **extra) -> ExtractConfig:
+    """Extraction into `<root>/acts` (`split`) of `n` shapes images (or `dataset`)."""
     shapes = dict(type="synthetic", uri=str(root / "shapes"), generator=dict(name="shapes", n_images=n, image_size=32))
     dataset = dataset or shapes
     return ExtractConfig(
@@ -47,7 +47,7 @@ def shapes_config(root, model=TINY_VIT, hooks=HOOKS, n=12, dataset=None, **extra
         hooks=hooks,
         dataset=dataset,
         output=str(root / "acts"),
-        split="test",
+        split=split,
         shard_size=8,
         batch_size=8,
         dtype="float32",
@@ -308,3 +308,22 @@ def test_missing_store_and_missing_model_name_are_clear(stores, tmp_path):
         evaluator.evaluate(nameless)
     with pytest.raises(MissingInputError, match="nowhere"):
         evaluator.evaluate(str(tmp_path / "nowhere"))
+
+
+def test_pca_and_kmeans_baselines_are_fitted_on_the_training_split_where_it_exists(tmp_path):
+    """Fitted on the scored rows, k-means and PCA would be scored in sample while the dictionary is not: where the
+    store has a train split beside the held-out one, the baselines are fitted there, as the dictionary was."""
+    extract_in_process(shapes_config(tmp_path, hooks=HOOKS[:1], n=6))
+    ckpt = save(identity(Sites(inputs=(site(HOOKS[0]),))), tmp_path / "c")
+    in_sample = Evaluator(eval_config(tmp_path, splice_samples=0, baselines=["pca"])).evaluate(ckpt)
+    assert in_sample["gt_baseline_fit"].startswith("scored rows: "), "no train split yet: the note says in sample"
+    train = dict(
+        type="synthetic", uri=str(tmp_path / "train-shapes"), generator=dict(name="shapes", n_images=6, seed=5)
+    )
+    train["generator"]["image_size"] = 32
+    extract_in_process(shapes_config(tmp_path, hooks=HOOKS[:1], dataset=train, split="train"))
+    row = Evaluator(eval_config(tmp_path, splice_samples=0, baselines=["pca"])).evaluate(ckpt)
+    assert row["gt_baseline_fit"].startswith("train: ") and "/train" in row["gt_baseline_fit"]
+    assert row["gt_baseline_mean_best_auroc"] != in_sample["gt_baseline_mean_best_auroc"]
+    off = Evaluator(eval_config(tmp_path, splice_samples=0, baselines=["pca"], baseline_fit_split=None)).evaluate(ckpt)
+    assert off["gt_baseline_fit"] == in_sample["gt_baseline_fit"]
