@@ -34,9 +34,10 @@ def main(argv: list[str]) -> int:
     for name in args.names or sorted(toy.SPECS):
         spec = toy.SPECS[name]
         model, run = toy_training.train_toy(spec, log=lambda line: print(line, flush=True))
-        pixels, targets = toy_training.render_targets(spec.held_out(args.held_out), args.held_out, spec.aux_heads)
+        pixels, targets = toy_training.render_targets(spec.held_out(args.held_out), args.held_out, spec.aux_heads, spec)
         held_out = toy_training.head_accuracies(spec, model, toy_training.to_input(pixels, spec.preprocess), targets)
         wanted = {"label": spec.target_accuracy, **{h.name: h.target_accuracy for h in spec.aux_heads}}
+        wanted |= {f"patch_{h.name}": h.target_accuracy for h in spec.patch_heads}
         path = (args.out / f"{name}.safetensors") if args.out else toy.weights_path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         toy_training.save_weights(model, path)

@@ -23,13 +23,16 @@ from torch import nn
 from ..data.synthetic import (
     MovingShapesConfig,
     ShapesConfig,
+    patch_factors,
     render_moving_shapes,
     render_shapes,
     sample_label,
 )
 from .inputs import normalize
 from .spec import PreprocessSpec
-from .toy import ToyHead, ToySpec, ToyTraining
+from .toy import ToyHead, ToyPatchHead, ToySpec, ToyTraining
+
+IGNORE = -100  # dense targets of edge cells (coverage below `min_coverage`): left out of loss and accuracy
 
 
 def _image_stem(spec: ToySpec) -> nn.Module:
@@ -55,10 +58,14 @@ def _video_stem(spec: ToySpec) -> nn.Module:
 def build_network(spec: ToySpec) -> nn.Module:
     """The untrained network of `spec`: a timm `VisionTransformer` or a `transformers` VideoMAE classifier whose
     output is the primary task's `num_classes` logits, plus the auxiliary heads' linear layer `aux_head`
-    (`spec.aux_outputs` outputs on the same pooled features; read by `outputs`, never by the model's forward)."""
+    (`spec.aux_outputs` outputs on the same pooled features) and the dense heads' per-token linear layer
+    `patch_head` (`spec.patch_outputs` outputs on each patch token of block `spec.patch_layer`); both are read by
+    `outputs`, never by the model's forward."""
     model = _backbone(spec)
     if spec.aux_heads:
         model.aux_head = nn.Linear(spec.width, spec.aux_outputs)
+    if spec.patch_heads:
+        model.patch_head = nn.Linear(spec.width, spec.patch_outputs)
     return model
 
 
@@ -106,17 +113,30 @@ def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.logits
 
 
-def outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`(primary logits [B, num_classes], auxiliary logits [B, aux_outputs] or None)` of preprocessed input `x`,
-    both from one pass: the pooled (and normed) features go through `head`/`classifier` and `aux_head`."""
-    if x.dim() == 4:  # timm VisionTransformer
-        pooled = model.forward_head(model.forward_features(x), pre_logits=True)
+def outputs(
+    model: nn.Module, x: torch.Tensor, patch_layer: int = -1
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`(primary logits [B, num_classes], auxiliary logits [B, aux_outputs] or None, dense logits
+    [B, n_patches, patch_outputs] or None)` of preprocessed input `x`, all from one pass: the pooled (and normed)
+    features go through `head`/`classifier` and `aux_head`; the patch tokens (prefix tokens dropped) of block
+    `patch_layer`'s output (the residual stream at `blocks.{patch_layer}.hook_resid_post`) through `patch_head`."""
+    dense = getattr(model, "patch_head", None)
+    if x.dim() == 4:  # timm VisionTransformer: `forward_features` with block `patch_layer`'s output kept
+        tokens = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+        mid = None
+        for i, block in enumerate(model.blocks):
+            tokens = block(tokens)
+            if i == patch_layer % len(model.blocks):
+                mid = tokens[:, model.num_prefix_tokens :]
+        pooled = model.forward_head(model.norm(tokens), pre_logits=True)
         primary = model.head(pooled)
     else:  # VideoMAEForVideoClassification with mean pooling
+        if dense is not None:
+            raise ValueError("dense per-patch heads are built for the image model only")
         pooled = model.fc_norm(model.videomae(pixel_values=x).last_hidden_state.mean(1))
         primary = model.classifier(pooled)
     aux = getattr(model, "aux_head", None)
-    return primary, (aux(pooled) if aux is not None else None)
+    return primary, (aux(pooled) if aux is not None else None), (dense(mid) if dense is not None else None)
 
 
 def head_targets(head: ToyHead, cfg: ShapesConfig | MovingShapesConfig, objects: list[dict]) -> np.ndarray:
@@ -130,6 +150,32 @@ def head_targets(head: ToyHead, cfg: ShapesConfig | MovingShapesConfig, objects:
     return np.array([v in present for v in head.values], dtype=np.float32)
 
 
+def dense_classes(
+    head: ToyPatchHead, obj: np.ndarray, coverage: np.ndarray, values: list, min_coverage: float
+) -> np.ndarray:
+    """Dense targets `int64[N]` of `N` patch cells with dominant object `obj` (0: none), its `coverage` and its
+    factor value `values` (None where `obj` is 0), as `synthetic.patch_factors` / `patches.parquet` give them: the
+    value's class, `"background"` (the last class) for a cell with no object pixel, `IGNORE` where the dominant
+    object covers less than `min_coverage` (the ground-truth labels' ambiguous edge cells)."""
+    index = {v: i for i, v in enumerate(head.values)}
+    t = np.array([index[str(v)] if o else len(head.values) - 1 for o, v in zip(obj, values)], dtype=np.int64)
+    t[(np.asarray(obj) > 0) & (np.asarray(coverage) < min_coverage)] = IGNORE
+    return t
+
+
+def patch_targets(
+    heads: tuple[ToyPatchHead, ...], objects: list[dict], mask: np.ndarray, grid: int, min_coverage: float
+) -> dict[str, np.ndarray]:
+    """Dense targets of one image with object rows `objects` and mask `uint8[H, W]`: per head, key
+    `patch_<name>`, `dense_classes` of the `grid x grid` cells in row-major patch-token order."""
+    obj, coverage = (a.reshape(-1) for a in patch_factors(mask, (grid, grid)))
+    by_id = {o["object"]: o for o in objects}
+    return {
+        f"patch_{h.name}": dense_classes(h, obj, coverage, [by_id[o][h.name] if o else None for o in obj], min_coverage)
+        for h in heads
+    }
+
+
 def render_split(cfg: ShapesConfig | MovingShapesConfig, n: int) -> tuple[np.ndarray, np.ndarray]:
     """`n` samples rendered in memory: `uint8` images `[n, H, W, 3]` or clips `[n, T, H, W, 3]`, and their
     dataset `label`s (`int64[n]`)."""
@@ -138,15 +184,20 @@ def render_split(cfg: ShapesConfig | MovingShapesConfig, n: int) -> tuple[np.nda
 
 
 def render_targets(
-    cfg: ShapesConfig | MovingShapesConfig, n: int, heads: tuple[ToyHead, ...] = ()
+    cfg: ShapesConfig | MovingShapesConfig, n: int, heads: tuple[ToyHead, ...] = (), dense: ToySpec | None = None
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """`n` samples rendered in memory (as `render_split`) and targets: `"label"` (the dataset's `label`,
-    `int64[n]`) and one array per head of `heads` (`head_targets`, stacked)."""
+    `int64[n]`), one array per head of `heads` (`head_targets`, stacked) and, for the image spec `dense`, one
+    `int64[n, n_patches]` per dense head (`patch_targets`, keys `patch_<name>`)."""
     xs, targets = [], {"label": [], **{h.name: [] for h in heads}}
     for i in range(n):
         if isinstance(cfg, ShapesConfig):
-            pixels, _, objects, _ = render_shapes(cfg, i)
+            pixels, mask, objects, _ = render_shapes(cfg, i)
             first = objects
+            if dense is not None and dense.patch_heads:
+                grid, cover = cfg.image_size // dense.patch_size, dense.min_coverage
+                for k, v in patch_targets(dense.patch_heads, objects, mask, grid, cover).items():
+                    targets.setdefault(k, []).append(v)
         else:
             pixels, _, objects, _ = render_moving_shapes(cfg, i)
             first = [o for o in objects if o["frame"] == 0]
@@ -163,14 +214,25 @@ def split_aux(spec: ToySpec, aux: torch.Tensor) -> dict[str, torch.Tensor]:
     return {h.name: b for h, b in zip(spec.aux_heads, blocks)}
 
 
+def split_dense(spec: ToySpec, dense: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """The dense logits `[B, n_patches, patch_outputs]` cut into one `[B, n_patches, len(values)]` block per dense
+    head of `spec` (none when the spec has none)."""
+    if not spec.patch_heads:
+        return ()
+    return torch.split(dense, [len(h.values) for h in spec.patch_heads], dim=-1)
+
+
 def multitask_loss(
     spec: ToySpec, model: nn.Module, x: torch.Tensor, targets: dict[str, torch.Tensor], reduction: str = "mean"
 ) -> torch.Tensor:
     """Cross-entropy of the primary logits against `label` plus, per auxiliary head, cross-entropy (classes) or
     the binary cross-entropy over its values (sets), per sample: summed (`reduction="sum"`, each value a task of
-    its own) or averaged."""
-    primary, aux = outputs(model, x)
+    its own) or averaged; plus, per dense head, the cross-entropy averaged over patch tokens (`IGNORE` left out)."""
+    primary, aux, dense = outputs(model, x, spec.patch_layer)
     loss = nn.functional.cross_entropy(primary, targets["label"])
+    for head, out in zip(spec.patch_heads, split_dense(spec, dense)):
+        y = targets[f"patch_{head.name}"]
+        loss = loss + nn.functional.cross_entropy(out.flatten(0, 1), y.flatten(), ignore_index=IGNORE)
     for head in spec.aux_heads:
         out = split_aux(spec, aux)[head.name]
         y = targets[head.name]
@@ -183,10 +245,12 @@ def multitask_loss(
 
 
 def predictions(spec: ToySpec, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Predicted targets of preprocessed `x`: `label` and each auxiliary head (class index, or the set as
-    `bool[B, values]`: logit > 0)."""
-    primary, aux = outputs(model, x)
+    """Predicted targets of preprocessed `x`: `label`, each auxiliary head (class index, or the set as
+    `bool[B, values]`: logit > 0) and each dense head (`patch_<name>`: class index per patch token)."""
+    primary, aux, dense = outputs(model, x, spec.patch_layer)
     out = {"label": primary.argmax(-1)}
+    for head, block in zip(spec.patch_heads, split_dense(spec, dense)):
+        out[f"patch_{head.name}"] = block.argmax(-1)
     for head in spec.aux_heads:
         block = split_aux(spec, aux)[head.name]
         out[head.name] = block.argmax(-1) if head.kind == "class" else block > 0
@@ -198,17 +262,24 @@ def head_accuracies(
     spec: ToySpec, model: nn.Module, x: torch.Tensor, targets: dict[str, np.ndarray], batch_size: int = 256
 ) -> dict[str, float]:
     """Held-out accuracy per output (`label` and each auxiliary head; a set counts only when every value is
-    right) of `model` on preprocessed `x` with `targets` as `render_split` gives them."""
+    right; a dense head per patch token, `IGNORE` tokens left out) of `model` on preprocessed `x` with `targets`
+    as `render_targets` gives them."""
     was_training = model.training
     model.eval()
-    correct = {k: 0 for k in targets}
+    correct, total = dict.fromkeys(targets, 0), dict.fromkeys(targets, 0)
     for i in range(0, len(x), batch_size):
         for k, p in predictions(spec, model, x[i : i + batch_size]).items():
             y = torch.as_tensor(targets[k][i : i + batch_size], device=p.device)
+            if k.startswith("patch_"):
+                keep = y != IGNORE
+                correct[k] += int((p == y)[keep].sum())
+                total[k] += int(keep.sum())
+                continue
             hit = (p == y.bool()).all(-1) if p.dtype == torch.bool else p == y
             correct[k] += int(hit.sum())
+            total[k] += len(y)
     model.train(was_training)
-    return {k: c / len(x) for k, c in correct.items()}
+    return {k: correct[k] / max(1, total[k]) for k in targets}
 
 
 def to_input(pixels: np.ndarray, spec: PreprocessSpec) -> torch.Tensor:
@@ -243,7 +314,7 @@ def train_toy(
     training = training or spec.training
     start = time.perf_counter()
     torch.manual_seed(training.seed)
-    pixels, targets = render_targets(spec.dataset, training.n_train, spec.aux_heads)
+    pixels, targets = render_targets(spec.dataset, training.n_train, spec.aux_heads, spec)
     x, y = to_input(pixels, spec.preprocess), {k: torch.from_numpy(v) for k, v in targets.items()}
     model = build_network(spec).train()
     opt = torch.optim.AdamW(model.parameters(), lr=training.lr, weight_decay=training.weight_decay)

@@ -38,13 +38,38 @@ def test_shipped_model_reaches_target_on_held_out_files(tmp_path, name):
     targets = {"label": labels}
     for head in spec.aux_heads:
         targets[head.name] = [np.stack([toy_training.head_targets(head, spec.dataset, rows[s]) for s in ids])]
+    cells = {}  # the dense heads' targets from the ground-truth patches table, in patch-token order
+    for row in sorted(
+        synthetic.read_table(source.uri, "patches").to_pylist(), key=lambda r: (r["patch_row"], r["patch_col"])
+    ):
+        cells.setdefault(row["sample_id"], []).append(row)
+    for head in spec.patch_heads:
+        targets[f"patch_{head.name}"] = [
+            np.stack(
+                [
+                    toy_training.dense_classes(
+                        head,
+                        [c["object"] for c in cells[s]],
+                        [c["coverage"] for c in cells[s]],
+                        [c[head.name] for c in cells[s]],
+                        spec.min_coverage,
+                    )
+                    for s in ids
+                ]
+            )
+        ]
     labels = np.concatenate(targets["label"])
     assert len(labels) == HELD_OUT[name] and np.bincount(labels).min() > 0
     wanted = {"label": spec.target_accuracy, **{h.name: h.target_accuracy for h in spec.aux_heads}}
+    wanted |= {f"patch_{h.name}": h.target_accuracy for h in spec.patch_heads}
     accuracy = {}
     for k in wanted:
         p, t = np.concatenate(predicted[k]), np.concatenate(targets[k])
-        accuracy[k] = float((p == t.astype(bool)).all(-1).mean() if p.dtype == bool else (p == t).mean())
+        if k.startswith("patch_"):  # per patch token, edge cells left out
+            assert p.shape == t.shape == (HELD_OUT[name], model.token_layout.n_tokens - model.token_layout.n_prefix)
+            accuracy[k] = float((p == t)[t != toy_training.IGNORE].mean())
+        else:
+            accuracy[k] = float((p == t.astype(bool)).all(-1).mean() if p.dtype == bool else (p == t).mean())
     assert all(accuracy[k] >= wanted[k] for k in wanted), f"{name}: held-out accuracy {accuracy}, targets {wanted}"
 
 

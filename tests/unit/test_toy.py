@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from prisma_ray.data import synthetic
 from prisma_ray.data.synthetic import render_shapes
 from prisma_ray.models import get_entry, load_model, toy, toy_training
 
@@ -11,6 +12,12 @@ from prisma_ray.models import get_entry, load_model, toy, toy_training
 @pytest.fixture
 def tiny_image_spec():
     return toy.SPECS["toy-vit-shapes"].model_copy(update={"depth": 1, "width": 32, "heads": 2})
+
+
+@pytest.fixture
+def dense_spec(tiny_image_spec):
+    data = tiny_image_spec.dataset
+    return tiny_image_spec.model_copy(update={"patch_heads": toy.image_patch_heads(data, 0.9, 0.95), "patch_layer": 0})
 
 
 def test_lr_warms_up_then_decays_to_zero():
@@ -50,12 +57,13 @@ def test_render_split_targets_are_the_label_and_each_heads_factors():
     assert clips.shape == (3, 8, 32, 32, 3) and set(directions.tolist()) <= set(range(8))
 
 
-def test_aux_heads_are_trained_but_not_the_models_output():
-    spec = toy.SPECS["toy-vit-shapes"].model_copy(update={"depth": 1, "width": 32, "heads": 2})
+def test_aux_heads_are_trained_but_not_the_models_output(dense_spec):
+    spec = dense_spec
     model = toy_training.build_network(spec).eval()
     x = torch.randn(3, 3, 32, 32)
-    primary, aux = toy_training.outputs(model, x)
+    primary, aux, dense = toy_training.outputs(model, x, spec.patch_layer)
     assert torch.allclose(primary, toy_training.logits(model, x), atol=1e-5)
+    assert dense.shape == (3, 64, spec.patch_outputs) == (3, 64, 7 + 7)
     assert aux.shape == (3, spec.aux_outputs) == (3, 6 + 6 + 3)
     assert {k: tuple(v.shape) for k, v in toy_training.split_aux(spec, aux).items()} == {
         "shapes": (3, 6),
@@ -64,8 +72,41 @@ def test_aux_heads_are_trained_but_not_the_models_output():
     }
 
 
-def test_head_accuracy_counts_a_set_only_when_every_value_is_right():
-    spec = toy.SPECS["toy-vit-shapes"].model_copy(update={"depth": 1, "width": 32, "heads": 2})
+def test_dense_heads_read_the_patch_tokens_of_their_block_and_are_not_the_models_output(dense_spec):
+    spec = dense_spec.model_copy(update={"depth": 3, "patch_layer": 1})
+    model = toy_training.build_network(spec).eval()
+    x = torch.randn(2, 3, 32, 32)
+    seen = {}
+    model.blocks[1].register_forward_hook(lambda _m, _i, out: seen.setdefault("tokens", out))
+    _, _, dense = toy_training.outputs(model, x, spec.patch_layer)
+    assert torch.allclose(dense, model.patch_head(seen["tokens"][:, model.num_prefix_tokens :]))
+    before = toy_training.logits(model, x)  # the network's forward never reads `patch_head`
+    with torch.no_grad():
+        model.patch_head.weight.add_(1.0)
+    assert torch.equal(toy_training.logits(model, x), before)
+    assert not toy.SPECS["toy-vit-shapes"].patch_heads  # the shipped model: none yet (see `toy`)
+
+
+def test_dense_targets_are_the_dominant_objects_factors_with_edge_cells_ignored(dense_spec):
+    spec = dense_spec
+    _, t = toy_training.render_targets(spec.dataset, 20, spec.aux_heads, spec)
+    assert t["patch_shape"].shape == t["patch_colour"].shape == (20, 64)
+    for i in range(20):
+        _, mask, objects, _ = render_shapes(spec.dataset, i)
+        obj, cover = synthetic.patch_factors(mask, (8, 8))
+        obj, cover = obj.reshape(-1), cover.reshape(-1)
+        by_id = {o["object"]: o for o in objects}
+        for head in spec.patch_heads:
+            got = t[f"patch_{head.name}"][i]
+            assert (got[obj == 0] == head.values.index("background")).all()
+            assert (got[(obj > 0) & (cover < 0.5)] == toy_training.IGNORE).all()
+            for j in np.flatnonzero((obj > 0) & (cover >= 0.5)):
+                assert head.values[got[j]] == by_id[int(obj[j])][head.name]
+    assert (t["patch_shape"] == toy_training.IGNORE).any() and (t["patch_shape"] < 6).any()
+
+
+def test_head_accuracy_counts_a_set_only_when_every_value_is_right(dense_spec):
+    spec = dense_spec
     model = toy_training.build_network(spec)
     x = torch.randn(4, 3, 32, 32)
     predicted = toy_training.predictions(spec, model, x)
@@ -74,8 +115,19 @@ def test_head_accuracy_counts_a_set_only_when_every_value_is_right():
         t = predicted[name].numpy().astype(np.float32)
         t[0, 0] = 1 - t[0, 0]  # one wrong value in the first sample's set
         targets[name] = t
+    dense = predicted["patch_shape"].numpy().copy()
+    dense[0, :2] = toy_training.IGNORE  # left out
+    dense[1, 0] = (dense[1, 0] + 1) % 7  # wrong
+    targets["patch_shape"], targets["patch_colour"] = dense, predicted["patch_colour"].numpy()
     acc = toy_training.head_accuracies(spec, model, x, targets)
-    assert acc == {"label": 1.0, "count": 1.0, "shapes": 0.75, "colours": 0.75}
+    assert acc == {
+        "label": 1.0,
+        "count": 1.0,
+        "shapes": 0.75,
+        "colours": 0.75,
+        "patch_shape": pytest.approx(1 - 1 / (4 * 64 - 2)),
+        "patch_colour": 1.0,
+    }
 
 
 def test_training_fits_a_small_set(tiny_image_spec):
@@ -84,6 +136,13 @@ def test_training_fits_a_small_set(tiny_image_spec):
     assert run.final_loss < 3.0  # from about 11: ln 6 + 12 ln 2 + ln 3
     acc = run.train_accuracy  # exact sets of 6 values: chance is far below 0.6
     assert acc["label"] >= 0.9 and acc["count"] >= 0.9 and min(acc["shapes"], acc["colours"]) >= 0.6, acc
+
+
+def test_training_fits_the_dense_heads_of_a_small_set(dense_spec):
+    training = toy.ToyTraining(steps=150, batch_size=16, lr=3e-3, warmup_steps=5, n_train=16, set_reduction="sum")
+    _, run = toy_training.train_toy(dense_spec, training)
+    acc = run.train_accuracy  # per token: background alone is about 0.8 of the kept tokens
+    assert acc["patch_colour"] >= 0.95 and acc["patch_shape"] >= 0.9, acc
 
 
 def test_weights_roundtrip_exactly_and_missing_file_is_named(tmp_path, tiny_image_spec):
