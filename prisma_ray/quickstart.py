@@ -109,11 +109,11 @@ class RealShapes(BaseModel):
     train_images: int = Field(300, ge=1, description="shapes images extracted for training")
     test_images: int = Field(100, ge=1, description="held-out shapes images, all scored for ground truth")
     hook: str = Field("blocks.6.hook_resid_post", description="hook point extracted and trained on")
-    epochs: float = Field(4, gt=0, description="passes over the training patch tokens (300 images: 300 steps)")
+    epochs: float = Field(8, gt=0, description="passes over the training patch tokens (300 images: 600 steps)")
     dictionaries: list[DictionaryConfig] = Field(
-        default_factory=lambda: [DictionaryConfig(architecture="batchtopk", k=32, expansion_factor=1, lr=1e-3)],
+        default_factory=lambda: [DictionaryConfig(architecture="batchtopk", k=48, expansion_factor=1, lr=1e-3)],
         min_length=1,
-        description="dictionaries trained on the shapes patch tokens (default: one BatchTopK SAE, k 32, 1x)",
+        description="dictionaries trained on the shapes patch tokens (default: one BatchTopK SAE, k 48, 1x)",
     )
 
     def generator(self, split: str, image_size: int, patch_size: int) -> ShapesConfig:

@@ -15,7 +15,7 @@ from prisma_ray.sae import DictionaryConfig
 from tests.real_weights import NAME, require
 
 require()
-SHAPES_TRAIN, SHAPES_TEST, SHAPES_EPOCHS = 200, 50, 4
+SHAPES_TRAIN, SHAPES_TEST, SHAPES_EPOCHS = 200, 50, 8
 if missing_packages(VIDEOS + PHOTOS[:1]):
     pytest.skip(f"needs {missing_packages(VIDEOS + PHOTOS[:1])}: `make demo` installs them", allow_module_level=True)
 
@@ -63,10 +63,8 @@ def test_real_part_dashboard_shows_frames_of_the_real_footage(ray_local, tmp_pat
 def test_real_shapes_dictionary_detects_the_factor_values(ray_local, tmp_path):
     """Issue 18 on the real model, through the quickstart's own stages (generate, extract, train, sweep): the
     dictionary detects >= 80% of the shape and colour values of held-out 224-px shapes at AUROC >= 0.95 (the target;
-    measured: all 12) and its mean best AUROC beats the raw model dimensions' on the same tokens (measured 0.9825
-    against 0.9806). It does not beat every baseline yet (k-means with 1,024 centroids, fitted on the training split
-    as the dictionary is: 0.9830; README, "Ground truth on the real model"), so that margin is held to a floor that
-    fails when recovery breaks."""
+    measured: all 12) and its mean best AUROC beats every baseline on the same tokens (the other target; measured
+    0.9846 against 0.9830 for k-means with 1,024 centroids, fitted on the training split as the dictionary is)."""
     import json
 
     from prisma_ray.quickstart import RealShapes, run_real_shapes
@@ -86,5 +84,5 @@ def test_real_shapes_dictionary_detects_the_factor_values(ray_local, tmp_path):
     baselines = json.loads(row["gt_baselines"])
     assert set(baselines) == {"raw", "pca", "kmeans", "random"}
     assert row["gt_mean_best_auroc"] > baselines["raw"]["mean_best_auroc"], baselines["raw"]
-    assert row["gt_margin_auroc"] > -0.01, (row["gt_mean_best_auroc"], row["gt_best_baseline"], baselines)
+    assert row["gt_margin_auroc"] > 0, (row["gt_mean_best_auroc"], row["gt_best_baseline"], baselines)
     assert row["gt_baseline_fit"].startswith("train: "), "PCA and k-means fitted out of sample, as the dictionary"
