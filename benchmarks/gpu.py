@@ -298,7 +298,7 @@ def training(device: torch.device, sizes: Sizes, saelens_python: str | None) -> 
     from typing import get_args
 
     from prisma_ray.sae import DictionaryConfig, Site, Sites, Trainer
-    from prisma_ray.sae.config import Architecture
+    from prisma_ray.sae.config import K_ARCHITECTURES, Architecture
     from prisma_ray.sae.synthetic import sparse_dictionary_data
 
     d, n, batch = sizes.d_model, sizes.d_model * sizes.expansion, sizes.batch
@@ -322,7 +322,9 @@ def training(device: torch.device, sizes: Sizes, saelens_python: str | None) -> 
         return batch / median_seconds(lambda: trainer.train_step(next(steps)), device, sizes.steps - 2, 2)
 
     def config(arch: str, **extra) -> DictionaryConfig:
-        fields = {"k": sizes.k} if arch in ("topk", "batchtopk") else {}
+        fields = {"k": sizes.k} if arch in K_ARCHITECTURES else {}
+        if arch == "matryoshka_batchtopk":
+            fields["matryoshka_widths"] = [n // 4, n // 2, n]
         return DictionaryConfig(architecture=arch, expansion_factor=sizes.expansion, lr=2e-4, **{**fields, **extra})
 
     ours = {}
