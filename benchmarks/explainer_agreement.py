@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prisma_ray.data.synthetic import ShapesConfig, patch_factors, render_shapes
+from prisma_ray.data.synthetic import ShapesConfig, patch_factors, render_shapes, unambiguous_cells
 from prisma_ray.data.transforms import crop_to_model
 from prisma_ray.evaluate.ground_truth import auroc
 from prisma_ray.interpret.autointerp.embedders import (
@@ -105,7 +105,7 @@ def patch_labels(renders, grid: tuple[int, int]) -> tuple[np.ndarray, dict[str, 
     for _, mask, objects, _ in renders:
         obj, coverage = (a.reshape(-1) for a in patch_factors(mask, grid))
         by_id = {o["object"]: o for o in objects}
-        keep = (obj == 0) | (coverage >= MIN_COVERAGE)
+        keep = unambiguous_cells(coverage, MIN_COVERAGE)
         kept.append(keep)
         for factor in values:
             values[factor] += [by_id[o][factor] if o else None for o in obj[keep]]

@@ -232,6 +232,14 @@ def patch_factors(mask: np.ndarray, grid: tuple[int, int]) -> tuple[np.ndarray, 
     return obj, (best_count / area).astype(np.float32)
 
 
+def unambiguous_cells(coverage: np.ndarray, min_coverage: float = 0.5) -> np.ndarray:
+    """`bool[...]`: the cells whose label is unambiguous, background (coverage 0) or covered at least `min_coverage`
+    by their dominant object (`patch_factors`'s coverage); edge cells in between, and NaN, are ambiguous."""
+    coverage = np.asarray(coverage, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        return (coverage == 0) | (coverage >= min_coverage)
+
+
 def _sample_objects(cfg: _ShapesBase, rng: np.random.Generator, n: int) -> list[dict]:
     """Independent factors of `n` objects (position filled in by the caller)."""
     s = cfg.image_size

@@ -29,6 +29,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve
 from prisma_ray.errors import InvalidRequest
 
 from ..data.decode import FrameSampling
+from ..data.synthetic import unambiguous_cells
 from ..models.spec import TokenLayout
 
 JOIN_KEYS = ["sample_id", "frame", "patch_row", "patch_col"]
@@ -227,8 +228,7 @@ class TokenLabels:
         ambiguous and left out, so that they count neither for nor against a detector."""
         if not 0 < min_coverage <= 1:
             raise InvalidRequest(f"min_coverage must be in (0, 1]; got {min_coverage}")
-        with np.errstate(invalid="ignore"):
-            return self.patch & ((self.coverage == 0) | (self.coverage >= min_coverage))
+        return self.patch & unambiguous_cells(self.coverage, min_coverage)
 
 
 def token_factors(

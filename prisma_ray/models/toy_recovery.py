@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..data.synthetic import ShapesConfig, patch_factors, render_moving_shapes, render_shapes
+from ..data.synthetic import ShapesConfig, patch_factors, render_moving_shapes, render_shapes, unambiguous_cells
 from ..evaluate.ground_truth import factor_recovery
 from ..sae import DictionaryConfig, Site, Sites, Trainer
 from ..sae.trainer import Normalization, SiteStats
@@ -72,7 +72,7 @@ def patch_labels(
         for t, r, c in positions:
             frame = min(t * layout.tubelet, len(frames) - 1)
             o, cov = int(cells[frame][0][r, c]), float(cells[frame][1][r, c])
-            kept.append(o == 0 or cov >= min_coverage)
+            kept.append(bool(unambiguous_cells(cov, min_coverage)))
             for f in factors:
                 values[f].append(str(by_key[frame, o][f]) if o else None)
     return np.asarray(kept), {f: np.asarray(v, dtype=object) for f, v in values.items()}

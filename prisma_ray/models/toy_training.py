@@ -27,6 +27,7 @@ from ..data.synthetic import (
     render_moving_shapes,
     render_shapes,
     sample_label,
+    unambiguous_cells,
 )
 from .inputs import normalize
 from .spec import PreprocessSpec
@@ -159,7 +160,7 @@ def dense_classes(
     object covers less than `min_coverage` (the ground-truth labels' ambiguous edge cells)."""
     index = {v: i for i, v in enumerate(head.values)}
     t = np.array([index[str(v)] if o else len(head.values) - 1 for o, v in zip(obj, values)], dtype=np.int64)
-    t[(np.asarray(obj) > 0) & (np.asarray(coverage) < min_coverage)] = IGNORE
+    t[~unambiguous_cells(coverage, min_coverage)] = IGNORE
     return t
 
 
