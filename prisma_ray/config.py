@@ -28,8 +28,9 @@ class ConfigError(PrismaRayError, ValueError):
 
 def require_distinct(values: list[T], what: str) -> list[T]:
     """`values` unchanged; a repeated one raises `InvalidRequest` naming `what` (for list-field validators)."""
-    if len(set(values)) != len(values):
-        raise InvalidRequest(f"{what} must be distinct; got {values}")
+    repeated = sorted({str(v) for v in values if values.count(v) > 1})
+    if repeated:
+        raise InvalidRequest(f"{what} must be distinct; repeated: {', '.join(repeated)}")
     return values
 
 
