@@ -34,7 +34,7 @@ from ..storage import StorageOptions
 from .collect import default_dataset
 
 
-class SteerSpec(BaseModel):
+class Intervention(BaseModel):
     """Which latents to steer and how: set them to `value`, or multiply them by `scale`."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -42,14 +42,20 @@ class SteerSpec(BaseModel):
     latents: list[int] = Field(min_length=1, description="indices of the latents steered")
     value: float | None = Field(None, description="clamp the latents to this activation (or set `scale`)")
     scale: float | None = Field(None, description="multiply the latents by this factor (or set `value`)")
-    keep_error: bool = Field(True, description="add back the dictionary's error term x - x_hat")
-    tokens: Literal["all", "patches", "cls"] = Field("all", description="the tokens steered: all, patches or cls")
 
     @model_validator(mode="after")
-    def _one_rule(self) -> SteerSpec:
+    def _one_rule(self) -> Intervention:
         if (self.value is None) == (self.scale is None):
             raise InvalidRequest("set exactly one of `value` (clamp the latents) or `scale` (multiply them)")
         return self
+
+
+class SteerSpec(Intervention):
+    """An `Intervention`, whether the error term is kept, and the tokens steered (vision models: all, patches or
+    cls; multimodal language models take every token here and choose the kinds with `generation.token_kinds`)."""
+
+    keep_error: bool = Field(True, description="add back the dictionary's error term x - x_hat")
+    tokens: Literal["all", "patches", "cls"] = Field("all", description="the tokens steered: all, patches or cls")
 
 
 def check_latents(d: Dictionary, latents: Sequence[int]) -> None:
@@ -65,22 +71,29 @@ def steered(d: Dictionary, x: torch.Tensor, spec: SteerSpec) -> torch.Tensor:
     new = z.clone()
     idx = torch.as_tensor(spec.latents, device=z.device)
     new[..., idx] = spec.value if spec.value is not None else z[..., idx] * spec.scale
-    out = raw + d.decode(new) - d.decode(z) if spec.keep_error else d.decode(new)
+    out = raw + (d.decode(new) - d.decode(z)) if spec.keep_error else d.decode(new)  # no change: exactly `x`
     return out.to(x.dtype)
 
 
-def steering_hooks(model: HookedVisionModel, d: Dictionary, spec: SteerSpec, hook: str | None = None) -> HookList:
-    """The forward hook that steers `d`'s latents at `hook` (default: `d`'s input hook point); at a per-head point
-    `d` reads every head flattened into the width (head-major, as extraction stores it by default)."""
-    check_latents(d, spec.latents)
+def steered_hook(model: HookedVisionModel, d: Dictionary, latents: Sequence[int]) -> str:
+    """The hook point where `d` is spliced in to steer `latents` (its input hook point), after checking that `d` is
+    an SAE over one hook point of `model`'s width there and that the latents exist (`InvalidRequest` otherwise)."""
+    check_latents(d, latents)
     if d.sites.kind != "sae":
         raise InvalidRequest(f"steering needs an SAE over one hook point; this dictionary is a {d.sites.kind}")
-    hook = hook or d.sites.inputs[0].name
+    hook = d.sites.inputs[0].name
     width = model.hook_width(hook)
     if d.sites.d_in != width:
         raise InvalidRequest(
             f"the dictionary reads {d.sites.d_in}-wide activations but {model.name} is {width} wide at {hook}"
         )
+    return hook
+
+
+def steering_hooks(model: HookedVisionModel, d: Dictionary, spec: SteerSpec) -> HookList:
+    """The forward hook that steers `d`'s latents at its input hook point; at a per-head point `d` reads every head
+    flattened into the width (head-major, as extraction stores it by default)."""
+    hook = steered_hook(model, d, spec.latents)
     positions = torch.as_tensor(
         fixed_positions(model.token_layout, TokenSelection(mode=spec.tokens)), device=d.W_dec.device
     )
