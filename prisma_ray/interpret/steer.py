@@ -24,7 +24,7 @@ from ..data.sources import DatasetSpec, SyntheticSource, with_resolved_storage
 from ..evaluate.checkpoint import load_matrix
 from ..evaluate.splice import Head, HookList, ZeroShotHead, classifier_head, outputs_logits, put_at_positions, take
 from ..models import HookedVisionModel, ModelEntry
-from ..models.inputs import PixelInputs
+from ..models.inputs import DEFAULT_PROMPT, PixelInputs
 from ..models.loading import TORCH_DTYPES, load_model, resolve_entry
 from ..models.spec import ModelAsExtracted
 from ..models.token_selection import TokenSelection, fixed_positions
@@ -52,7 +52,7 @@ class Intervention(BaseModel):
 
 class SteerSpec(Intervention):
     """An `Intervention`, whether the error term is kept, and the tokens steered (vision models: all, patches or
-    cls; multimodal language models take every token here and choose the kinds with `generation.token_kinds`)."""
+    cls; multimodal language models choose the kinds of token with `GenerationSpec.token_kinds` instead)."""
 
     keep_error: bool = Field(True, description="add back the dictionary's error term x - x_hat")
     tokens: Literal["all", "patches", "cls"] = Field("all", description="the tokens steered: all, patches or cls")
@@ -180,13 +180,39 @@ def steer(
     return SteerResult(torch.cat(clean).float().cpu(), torch.cat(steered_out).float().cpu(), scale)
 
 
+TokenKinds = Literal["all", "image", "prompt", "generated"]
+
+
+class GenerationSpec(BaseModel):
+    """Multimodal language models: the prompts asked about each image and how the answers are generated."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    prompts: list[str] = Field([DEFAULT_PROMPT], min_length=1, description="asked about every image, one by one")
+    token_kinds: TokenKinds = Field(
+        "all", description="the tokens steered: image (the image tokens), prompt (its text), generated, or all"
+    )
+    max_new_tokens: int = Field(32, ge=1, description="answer length, in tokens")
+    temperature: float = Field(0.0, ge=0, description="0: greedy; above: sampled (with the model's top-k / top-p)")
+    seed: int = Field(0, description="seed of the sampling (temperature above 0), the same for clean and steered")
+
+
 class SteerConfig(ModelAsExtracted):
-    """`prisma-ray steer`: steer a checkpoint's latents on the first `samples` inputs of a dataset."""
+    """`prisma-ray steer`: steer a checkpoint's latents on the first `samples` inputs of a dataset (multimodal
+    language models: generate answers to `generation.prompts` about them, clean and steered)."""
 
     model_config = ConfigDict(extra="forbid")
 
     checkpoint: str = Field(description="checkpoint directory (cfg.json + sae_weights.safetensors), local or s3://")
-    steer: SteerSpec = Field(description="which latents to steer and how")
+    steer: SteerSpec | list[SteerSpec] = Field(
+        description="which latents to steer and how; a list (multimodal language models): each on its own"
+    )
+    generation: GenerationSpec = Field(
+        default_factory=GenerationSpec, description="multimodal language models: prompts and generation"
+    )
+    output: str = Field(
+        "prisma-steer", description="multimodal language models: where steer.json and steer.html are written"
+    )
     dataset: DatasetSpec = Field(
         default_factory=default_dataset,
         description="the inputs, by `type`; the first `samples` are used (default: synthetic shapes)",
@@ -223,15 +249,26 @@ def steered_pair(cfg: SteerConfig) -> tuple[Dictionary, HookedVisionModel]:
 
 
 def run_steer(cfg: SteerConfig) -> dict:
-    """Steer per `cfg` and return `SteerResult.summary` plus what was steered."""
+    """Steer per `cfg` and return `SteerResult.summary` plus what was steered (multimodal language models:
+    `steer_generate.run_generation`)."""
     options = cfg.storage.resolved()
     d, model = steered_pair(cfg)
+    if model.preprocess.modality == "multimodal":
+        from .steer_generate import run_generation
+
+        return run_generation(cfg, d, model)
+    if isinstance(cfg.steer, list) and len(cfg.steer) != 1:
+        raise InvalidRequest(
+            f"steer: {len(cfg.steer)} interventions given; {model.name} is steered by one at a time (a list of "
+            "several is for multimodal language models)"
+        )
+    spec = cfg.steer[0] if isinstance(cfg.steer, list) else cfg.steer
     device = d.W_enc.device
     spec = with_resolved_storage(cfg.dataset)
     data = decode_first(spec, InputFormat.create(spec, model.preprocess), cfg.samples)
     x = PixelInputs(model, device=device).pixels(data.pixels)
     embeddings = load_matrix(cfg.text_embeddings, options).to(device) if cfg.text_embeddings else None
-    result = steer(model, d, x, cfg.steer, default_head(model, embeddings, cfg.logit_scale))
+    result = steer(model, d, x, spec, default_head(model, embeddings, cfg.logit_scale))
     labels = cfg.labels or (
         list(spec.generator.shapes) if isinstance(spec, SyntheticSource) and spec.generator.name == "shapes" else None
     )
@@ -241,6 +278,6 @@ def run_steer(cfg: SteerConfig) -> dict:
         "checkpoint": cfg.checkpoint,
         "model": model.name,
         "hook": d.sites.inputs[0].name,
-        **cfg.steer.model_dump(),
+        **spec.model_dump(),
         **result.summary(labels),
     }

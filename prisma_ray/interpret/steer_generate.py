@@ -14,8 +14,11 @@ arXiv:2411.14982): a feature is clamped while the model answers about an image.
 
 from __future__ import annotations
 
+import base64
+import html
+import json
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,12 +26,18 @@ from pydantic import BaseModel, Field
 
 from prisma_ray.errors import InvalidRequest
 
+from .. import storage
+from ..data.shards import InputFormat, decode_first
+from ..data.sources import with_resolved_storage
 from ..models import HookedVisionModel
 from ..models.hooked import per_token
 from ..sae import Dictionary
-from .steer import Intervention, SteerSpec, steered, steered_hook
+from .dashboard import _page
+from .heatmaps import png_bytes
+from .steer import Intervention, SteerSpec, TokenKinds, steered, steered_hook
 
-TokenKinds = Literal["all", "image", "prompt", "generated"]
+if TYPE_CHECKING:
+    from .steer import SteerConfig
 
 
 class SteeredAnswer(BaseModel):
@@ -273,3 +282,120 @@ def generate_steered(
         seed=seed,
         samples=samples,
     )
+
+
+def _token_spans(answer: SteeredAnswer) -> str:
+    """The answer's tokens, each shaded by its log-probability change (red: likelier steered, blue: less likely)."""
+    spans = []
+    for text, delta in zip(answer.token_text, answer.logprob_delta):
+        colour = "192,57,43" if delta > 0 else "41,128,185"
+        alpha = min(abs(delta) / 2.0, 1.0)
+        spans.append(
+            f"<span style='background:rgba({colour},{alpha:.2f})' title='{delta:+.3f} nats'>{html.escape(text)}</span>"
+        )
+    return "".join(spans)
+
+
+def _rule(intervention: Intervention) -> str:
+    rule = f"= {intervention.value:g}" if intervention.value is not None else f"x {intervention.scale:g}"
+    return f"{', '.join(map(str, intervention.latents))} {rule}"
+
+
+def steer_page(results: GenerationResults, images: Sequence[np.ndarray]) -> str:
+    """A self-contained HTML page: per sample, its image, prompt and clean answer, then a row per intervention
+    with the steered answer (tokens shaded by their log-probability change) and the mean change."""
+    head = (
+        f"<h1>Steering {html.escape(results.model)}</h1><p class='muted'>{html.escape(results.hook)}, "
+        f"{results.token_kinds} tokens, error term {'kept' if results.keep_error else 'dropped'}, "
+        f"{results.max_new_tokens} new tokens, temperature {results.temperature:g}, seed {results.seed}; tokens "
+        "shaded by log p(steered) - log p(clean): red likelier steered, blue less likely</p>"
+    )
+    parts = [head]
+    for sample in results.samples:
+        image = np.asarray(images[sample.image])
+        frame = image[0] if image.ndim == 4 else image
+        data = base64.b64encode(png_bytes(frame, max(1, 128 // max(frame.shape[:2])))).decode()
+        rows = "".join(
+            f"<tr><td>{html.escape(_rule(a.intervention))}</td><td>{_token_spans(a)}</td>"
+            f"<td data-v='{np.mean(a.logprob_delta):.4f}'>{np.mean(a.logprob_delta):+.3f}</td></tr>"
+            for a in sample.steered
+        )
+        parts.append(
+            f"<h2>image {sample.image}: {html.escape(sample.prompt)}</h2><div class='row'>"
+            f"<img src='data:image/png;base64,{data}' alt='image {sample.image}'>"
+            f"<p>clean: <b>{html.escape(sample.clean_text)}</b></p></div>"
+            "<table><thead><tr><th>latents</th><th>steered answer</th><th>mean change (nats)</th></tr></thead>"
+            f"<tbody>{rows}</tbody></table>"
+        )
+    return _page(f"steering {results.model}", "".join(parts))
+
+
+def write_steering(
+    results: GenerationResults,
+    images: Sequence[np.ndarray],
+    output: str,
+    options: storage.StorageOptions | None = None,
+) -> tuple[str, str]:
+    """Write `<output>/steer.json` (`results`) and `<output>/steer.html` (`steer_page`); return their URIs."""
+    json_uri, html_uri = storage.join(output, "steer.json"), storage.join(output, "steer.html")
+    storage.write_bytes(json_uri, json.dumps(results.model_dump(), indent=1).encode(), options)
+    storage.write_bytes(html_uri, steer_page(results, images).encode(), options)
+    return json_uri, html_uri
+
+
+def run_generation(cfg: SteerConfig, d: Dictionary, model: HookedVisionModel) -> dict:
+    """`prisma-ray steer` for a multimodal language model: every one of the dataset's first `cfg.samples` images
+    asked every prompt, clean and per intervention; writes `steer.json` and `steer.html` under `cfg.output` and
+    returns their URIs with each answer's text and mean log-probability change."""
+    specs = cfg.steer if isinstance(cfg.steer, list) else [cfg.steer]
+    if len({s.keep_error for s in specs}) > 1:
+        raise InvalidRequest("steer: keep_error differs between the interventions; generation keeps one for all")
+    if any(s.tokens != "all" for s in specs):
+        raise InvalidRequest(
+            "steer.tokens is for vision models; choose a multimodal model's with generation.token_kinds"
+        )
+    if cfg.text_embeddings or cfg.labels:
+        raise InvalidRequest("text_embeddings and labels are for vision models; a multimodal model answers in text")
+    options = cfg.storage.resolved()
+    spec = with_resolved_storage(cfg.dataset)
+    images = list(decode_first(spec, InputFormat.create(spec, model.preprocess), cfg.samples).pixels)
+    prompts = cfg.generation.prompts
+    pairs = [(image, prompt) for image in images for prompt in prompts]
+    gen = cfg.generation
+    results = generate_steered(
+        model,
+        d,
+        [image for image, _ in pairs],
+        [prompt for _, prompt in pairs],
+        specs,
+        token_kinds=gen.token_kinds,
+        max_new_tokens=gen.max_new_tokens,
+        temperature=gen.temperature,
+        seed=gen.seed,
+        keep_error=specs[0].keep_error,
+    )
+    shown = [image for image, _ in pairs]
+    json_uri, html_uri = write_steering(results, shown, cfg.output, options)
+    return {
+        "checkpoint": cfg.checkpoint,
+        "model": model.name,
+        "hook": results.hook,
+        "json": json_uri,
+        "html": html_uri,
+        "answers": [
+            {
+                "image": s.image // len(prompts),
+                "prompt": s.prompt,
+                "clean": s.clean_text,
+                "steered": [
+                    {
+                        **a.intervention.model_dump(exclude_none=True),
+                        "text": a.text,
+                        "mean_logprob_delta": float(np.mean(a.logprob_delta)),
+                    }
+                    for a in s.steered
+                ],
+            }
+            for s in results.samples
+        ],
+    }

@@ -1,14 +1,19 @@
 """Generation with a dictionary spliced into a tiny random multimodal LM's language model, latents clamped."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
+import yaml
+from PIL import Image
 
+from prisma_ray.cli import main
 from prisma_ray.errors import InvalidRequest
 from prisma_ray.interpret.steer import Intervention
 from prisma_ray.interpret.steer_generate import generate_steered
-from prisma_ray.sae import Dictionary, DictionaryConfig, Site, Sites
-from tests.lmm_tiny import IMAGE_ID, tiny
+from prisma_ray.sae import Dictionary, DictionaryConfig, Site, Sites, export_files, write_files
+from tests.lmm_tiny import IMAGE_ID, tiny, tiny_entry
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 HOOK = "lm.blocks.0.hook_resid_post"
@@ -113,3 +118,43 @@ def test_bad_requests_are_clear_errors(case, toy_vit):
         generate_steered(model, lm_dictionary(16), interventions=[CLAMP], **ask)
     with pytest.raises(InvalidRequest, match="1 images but 2 prompts"):
         generate_steered(model, d, [image], ["a", "b"], [CLAMP])
+
+
+def test_steer_command_writes_the_answers_as_json_and_html(tmp_path, capsys):
+    """`prisma-ray steer` on an hf-lmm dictionary: 2 images x 1 prompt, 2 latents each alone x 2 values."""
+    d = lm_dictionary()
+    d.sites = Sites(inputs=(Site(name=HOOK, width=32, model="tiny-llava-next"),))
+    write_files(export_files(d), str(tmp_path / "sae"))
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        pixels = np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(images / f"{i}.png")
+    config = tmp_path / "steer.yaml"
+    config.write_text(yaml.safe_dump(dict(model=tiny_entry("llava-next").model_dump(), pretrained=False)))
+    args = [
+        "steer",
+        str(tmp_path / "sae"),
+        str(config),
+        "--latent",
+        "3",
+        "--latent",
+        "7",
+        "--separately",
+        "--value",
+        "200",
+    ]
+    args += ["--value", "0", "--data", str(images), "--prompt", "What is <it>?", "--max-new-tokens", "3"]
+    assert main([*args, "--token-kinds", "generated", "--output", str(tmp_path / "out")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [len(a["steered"]) for a in printed["answers"]] == [4, 4]
+    assert [s["latents"] for s in printed["answers"][0]["steered"]] == [[3], [3], [7], [7]]
+    assert [s["value"] for s in printed["answers"][0]["steered"]] == [200.0, 0.0, 200.0, 0.0]
+    written = json.loads((tmp_path / "out" / "steer.json").read_text())
+    assert written["token_kinds"] == "generated" and written["hook"] == HOOK and len(written["samples"]) == 2
+    steered = written["samples"][0]["steered"][0]
+    assert steered["tokens"] != written["samples"][0]["clean_tokens"]
+    assert len(steered["logprob_delta"]) == len(steered["tokens"]) == len(steered["token_text"])
+    page = (tmp_path / "out" / "steer.html").read_text()
+    assert page.count("<img src='data:image/png;base64,") == 2 and "What is &lt;it&gt;?" in page
+    assert page.count("nats'>") == sum(len(a["tokens"]) for s in written["samples"] for a in s["steered"])
