@@ -262,13 +262,13 @@ def run_steer(cfg: SteerConfig) -> dict:
             f"steer: {len(cfg.steer)} interventions given; {model.name} is steered by one at a time (a list of "
             "several is for multimodal language models)"
         )
-    spec = cfg.steer[0] if isinstance(cfg.steer, list) else cfg.steer
+    rule = cfg.steer[0] if isinstance(cfg.steer, list) else cfg.steer
     device = d.W_enc.device
     spec = with_resolved_storage(cfg.dataset)
     data = decode_first(spec, InputFormat.create(spec, model.preprocess), cfg.samples)
     x = PixelInputs(model, device=device).pixels(data.pixels)
     embeddings = load_matrix(cfg.text_embeddings, options).to(device) if cfg.text_embeddings else None
-    result = steer(model, d, x, spec, default_head(model, embeddings, cfg.logit_scale))
+    result = steer(model, d, x, rule, default_head(model, embeddings, cfg.logit_scale))
     labels = cfg.labels or (
         list(spec.generator.shapes) if isinstance(spec, SyntheticSource) and spec.generator.name == "shapes" else None
     )
@@ -278,6 +278,6 @@ def run_steer(cfg: SteerConfig) -> dict:
         "checkpoint": cfg.checkpoint,
         "model": model.name,
         "hook": d.sites.inputs[0].name,
-        **spec.model_dump(),
+        **rule.model_dump(),
         **result.summary(labels),
     }

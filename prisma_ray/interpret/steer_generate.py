@@ -213,7 +213,8 @@ def _sample_answers(
         sequences, logits = _generate(model, rows, max_new_tokens, temperature, seed)
     n = logits.shape[1]
     new = sequences[:, length : length + n]
-    clean_logits = model(_teacher_forced(rows, sequences[:, : length + n]))[:, length - 1 : length - 1 + n].float()
+    forced = _teacher_forced(rows, sequences[:, : length + n])
+    clean_logits = model({**forced, "logits_to_keep": n + 1})[:, :n].float()  # the last n + 1 positions only
     picked = new[..., None]
     delta = (logits.log_softmax(-1).gather(-1, picked) - clean_logits.log_softmax(-1).gather(-1, picked))[..., 0]
     answers = []
@@ -252,7 +253,8 @@ def generate_steered(
     the positions of `token_kinds`: `image` (the prompt's image tokens, newlines included), `prompt` (its text:
     the chat template and the question), `generated`, or `all`. `keep_error` adds the dictionary's error term
     back, so that an intervention that changes nothing generates exactly what the plain model does.
-    `temperature > 0` samples (torch's global generator seeded with `seed`, for the clean and each steered run).
+    `temperature > 0` samples (the model's generation config's top-k / top-p; torch's global generator seeded
+    with `seed` before the clean run and before the steered batch, so rows are not draw-for-draw comparable).
     The dictionary and the model must be on one device. Raises `InvalidRequest` (see `check_lmm_steering`; and
     for prompts that do not pair with the images).
     """

@@ -10,7 +10,7 @@ from PIL import Image
 
 from prisma_ray.cli import main
 from prisma_ray.errors import InvalidRequest
-from prisma_ray.interpret.steer import Intervention
+from prisma_ray.interpret.steer import Intervention, SteerSpec, steered
 from prisma_ray.interpret.steer_generate import generate_steered
 from prisma_ray.sae import Dictionary, DictionaryConfig, Site, Sites, export_files, write_files
 from tests.lmm_tiny import IMAGE_ID, tiny, tiny_entry
@@ -57,6 +57,12 @@ def test_no_change_with_the_error_term_generates_what_the_plain_model_does(case)
         assert answer.tokens == sample.clean_tokens
         assert answer.text == sample.clean_text
         assert np.allclose(answer.logprob_delta, 0.0, atol=1e-4), answer.logprob_delta
+
+
+def test_no_change_keeps_the_activations_bit_for_bit():
+    """`x + (decode(z') - decode(z))`: `(x + decode(z)) - decode(z)` would round."""
+    acts = 10 * torch.randn(3, 40, 32)
+    assert torch.equal(steered(lm_dictionary(), acts, SteerSpec(**NO_CHANGE.model_dump())), acts)
 
 
 def test_a_large_clamp_changes_the_answer(case):
@@ -158,3 +164,5 @@ def test_steer_command_writes_the_answers_as_json_and_html(tmp_path, capsys):
     page = (tmp_path / "out" / "steer.html").read_text()
     assert page.count("<img src='data:image/png;base64,") == 2 and "What is &lt;it&gt;?" in page
     assert page.count("nats'>") == sum(len(a["tokens"]) for s in written["samples"] for a in s["steered"])
+    assert main([*args, "--text-embeddings", "t.npy"]) == 2
+    assert "text_embeddings and labels are for vision models" in capsys.readouterr().err
