@@ -376,8 +376,9 @@ def run_generation(cfg: SteerConfig, d: Dictionary, model: HookedVisionModel) ->
         seed=gen.seed,
         keep_error=specs[0].keep_error,
     )
-    shown = [image for image, _ in pairs]
-    json_uri, html_uri = write_steering(results, shown, cfg.output, options)
+    for sample in results.samples:  # the index of the dataset's image, asked each prompt in turn
+        sample.image //= len(prompts)
+    json_uri, html_uri = write_steering(results, images, cfg.output, options)
     return {
         "checkpoint": cfg.checkpoint,
         "model": model.name,
@@ -386,7 +387,7 @@ def run_generation(cfg: SteerConfig, d: Dictionary, model: HookedVisionModel) ->
         "html": html_uri,
         "answers": [
             {
-                "image": s.image // len(prompts),
+                "image": s.image,
                 "prompt": s.prompt,
                 "clean": s.clean_text,
                 "steered": [

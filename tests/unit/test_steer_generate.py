@@ -127,7 +127,7 @@ def test_bad_requests_are_clear_errors(case, toy_vit):
 
 
 def test_steer_command_writes_the_answers_as_json_and_html(tmp_path, capsys):
-    """`prisma-ray steer` on an hf-lmm dictionary: 2 images x 1 prompt, 2 latents each alone x 2 values."""
+    """`prisma-ray steer` on an hf-lmm dictionary: 2 images x 2 prompts, 2 latents each alone x 2 values."""
     d = lm_dictionary()
     d.sites = Sites(inputs=(Site(name=HOOK, width=32, model="tiny-llava-next"),))
     write_files(export_files(d), str(tmp_path / "sae"))
@@ -150,19 +150,30 @@ def test_steer_command_writes_the_answers_as_json_and_html(tmp_path, capsys):
         "--value",
         "200",
     ]
-    args += ["--value", "0", "--data", str(images), "--prompt", "What is <it>?", "--max-new-tokens", "3"]
+    args += [
+        "--value",
+        "0",
+        "--data",
+        str(images),
+        "--prompt",
+        "What is <it>?",
+        "--prompt",
+        "Why?",
+        "--max-new-tokens",
+        "3",
+    ]
     assert main([*args, "--token-kinds", "generated", "--output", str(tmp_path / "out")]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert [len(a["steered"]) for a in printed["answers"]] == [4, 4]
+    assert [(a["image"], len(a["steered"])) for a in printed["answers"]] == [(0, 4), (0, 4), (1, 4), (1, 4)]
     assert [s["latents"] for s in printed["answers"][0]["steered"]] == [[3], [3], [7], [7]]
     assert [s["value"] for s in printed["answers"][0]["steered"]] == [200.0, 0.0, 200.0, 0.0]
     written = json.loads((tmp_path / "out" / "steer.json").read_text())
-    assert written["token_kinds"] == "generated" and written["hook"] == HOOK and len(written["samples"]) == 2
+    assert written["token_kinds"] == "generated" and written["hook"] == HOOK and len(written["samples"]) == 4
     steered = written["samples"][0]["steered"][0]
     assert steered["tokens"] != written["samples"][0]["clean_tokens"]
     assert len(steered["logprob_delta"]) == len(steered["tokens"]) == len(steered["token_text"])
     page = (tmp_path / "out" / "steer.html").read_text()
-    assert page.count("<img src='data:image/png;base64,") == 2 and "What is &lt;it&gt;?" in page
+    assert page.count("<img src='data:image/png;base64,") == 4 and "What is &lt;it&gt;?" in page
     assert page.count("nats'>") == sum(len(a["tokens"]) for s in written["samples"] for a in s["steered"])
     assert main([*args, "--text-embeddings", "t.npy"]) == 2
     assert "text_embeddings and labels are for vision models" in capsys.readouterr().err
