@@ -115,6 +115,14 @@ class HookedVisionModel(nn.Module):
             raise TypeError(f"{self.name} is not a multimodal language model; it takes pixels (see model.preprocess).")
         return self._sites.encode(visuals, prompts)
 
+    @property
+    def tokenizer(self):
+        """A multimodal model's tokenizer (its processor's, a transformers `PreTrainedTokenizerBase`: `decode(ids)`
+        gives the text of token ids)."""
+        if self._sites.tokenizer is None:
+            raise TypeError(f"{self.name} is not a multimodal language model; it has no tokenizer.")
+        return self._sites.tokenizer
+
     def hook_width(self, name: str, head: int | None = None) -> int:
         """The width of one token's activation at hook point `name` as stored (`per_token`): `d_model`
         (`lm_d_model` on the language model), `d_mlp` for neurons, 1 for norm scales; for the per-head points

@@ -245,6 +245,7 @@ def sites_from_lmm(model: nn.Module, entry: ModelEntry, processor: Any) -> Model
         lm=language_sites(model),
         layout=_layout(model),
         encode=encoder(processor, entry.name, videos=_is_qwen(model)),
+        tokenizer=processor.tokenizer,
         **vision,
     )
 
