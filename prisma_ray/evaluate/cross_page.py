@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -32,7 +31,6 @@ from matplotlib.figure import Figure
 from prisma_ray.errors import PrismaRayError
 
 from .. import storage
-from ..analysis.draw import matrix_png
 from ..sae import load_dictionary
 from ..sae.io import WEIGHTS_FILE, read_checkpoint_info, read_tensors
 from .checkpoint import EvalConfig
@@ -40,6 +38,7 @@ from .cross_model import (
     COFIRE_THRESHOLD,
     cofiring,
     comparable_pairs,
+    groups_of,
     image_means,
     leaderboard_across_models,
     shared_images,
@@ -159,11 +158,11 @@ def pair_rows(
             notes.append(f"decoders {list(wa.shape)} and {list(wb.shape)} differ: no decoder alignment")
         else:
             row["decoder_matched"], row["decoder_cosine"] = matched_fraction(wa, wb, threshold)
-        pa_, pb = latents.pooled(a["checkpoint"]), latents.pooled(b["checkpoint"])
-        if isinstance(pa_, str) or isinstance(pb, str):
-            notes.append(f"no co-firing ({pa_ if isinstance(pa_, str) else pb})")
+        pooled_a, pooled_b = latents.pooled(a["checkpoint"]), latents.pooled(b["checkpoint"])
+        if isinstance(pooled_a, str) or isinstance(pooled_b, str):
+            notes.append(f"no co-firing ({pooled_a if isinstance(pooled_a, str) else pooled_b})")
         else:
-            xa, xb = shared_images(pa_, pb)
+            xa, xb = shared_images(pooled_a, pooled_b)
             row["images"] = len(xa)
             if len(xa) < min_images:
                 notes.append(f"{len(xa)} shared held-out images (< {min_images}): no co-firing")
@@ -182,12 +181,9 @@ def fronts_png(table: pa.Table) -> bytes:
     overlaid, one line each."""
     fig = Figure(figsize=(12, 4.5), dpi=90)
     FigureCanvasAgg(fig)
-    rows = table.to_pylist()
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault((row["model"], row["hook"]), []).append(row)
+    groups = groups_of(table.to_pylist())
     for ax, (key, label) in zip(fig.subplots(1, 2), PANELS):
-        for (model, hook), members in sorted(groups.items()):
+        for (model, hook), members in groups.items():
             l0, value = column_numbers(members, "l0"), column_numbers(members, key)
             front = pareto_front(l0, value)
             if front.any():
@@ -220,14 +216,20 @@ def model_matrix(pairs: list[dict[str, Any]], models: list[str], key: str) -> np
     return out
 
 
-def _read_table(uri: str, options: storage.StorageOptions | None) -> pa.Table:
-    return pq.read_table(io.BytesIO(storage.read_bytes(uri, options)))
-
-
-def _parquet(table: pa.Table) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    return buf.getvalue()
+def matrix_html(values: np.ndarray, labels: list[str]) -> str:
+    """A table of `values [n, n]` in [0, 1] (rows and columns `labels`), each cell shaded by its value (NaN:
+    blank)."""
+    head = "".join(f"<th>{html.escape(label)}</th>" for label in labels)
+    body = []
+    for label, row in zip(labels, values):
+        cells = "".join(
+            "<td></td>"
+            if np.isnan(v)
+            else f"<td style='background:rgba(192,57,43,{min(max(v, 0.0), 1.0):.2f})'>{v:.3f}</td>"
+            for v in row
+        )
+        body.append(f"<tr><td class='text'>{html.escape(label)}</td>{cells}</tr>")
+    return f"<table class='matrix'><thead><tr><th></th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
 def write_cross_model_page(
@@ -248,23 +250,21 @@ def write_cross_model_page(
         recorded = json.loads(storage.read_bytes(storage.join(sweep_dir, MARKER)))
         evaluation = EvalConfig.model_validate(recorded)
     options = evaluation.storage.resolved()
-    table = _read_table(storage.join(sweep_dir, "metrics.parquet"), options)
+    table = ResultStore(sweep_dir, options).read_table()
     out = ResultStore(out_dir or sweep_dir, options)
     board = leaderboard_across_models(table)
-    out.write_file("cross_model.parquet", _parquet(board))
+    out.write_table(board, "cross_model.parquet")
     rows = table.to_pylist()
     pairs = pair_rows(rows, _Latents(evaluation, images), min_images)
-    out.write_file("cross_model_pairs.parquet", _parquet(pa.Table.from_pylist(pairs) if pairs else pa.table({})))
+    out.write_table(pa.Table.from_pylist(pairs) if pairs else pa.table({}), "cross_model_pairs.parquet")
 
     models = sweep_models(table)
-    figures = [("cross_model_fronts.png", fronts_png(table))]
+    out.write_file("cross_model_fronts.png", fronts_png(table))
+    matrices = ""
     for key, caption in (("cofire_fraction", "co-firing fraction"), ("decoder_matched", "decoder matched fraction")):
         matrix = model_matrix(pairs, models, key)
         if np.isfinite(matrix).any():
-            png = matrix_png(matrix, models, models, f"best {caption} over hook points", caption)
-            figures.append((f"cross_model_{key}.png", png))
-    for name, png in figures:
-        out.write_file(name, png)
+            matrices += f"<h3>Best {caption} over hook points</h3>{matrix_html(matrix, models)}"
     if out.uri != storage.absolute(sweep_dir):  # the sweep wrote the per-model plots beside its own leaderboard
         for name, png in front_plots(table).items():
             out.write_file(f"plots/{name}", png)
@@ -288,7 +288,7 @@ def write_cross_model_page(
         "each latent mean-pooled over the image's patch tokens; the fraction of A's varying latents whose best "
         f"Pearson correlation with a latent of B is &gt;= {COFIRE_THRESHOLD} (Lan et al. 2024, arXiv:2410.06981; "
         "Bricken et al. 2023), against <code>cofire_chance</code>, the same with B's images shuffled.</p>"
-        + "".join(f"<img src='{name}'>" for name, _ in figures[1:])
+        + matrices
         + table_html(pairs, PAIR_COLUMNS)
     )
     page = page_html(f"prisma-ray across models: {storage.absolute(sweep_dir)}", body)
