@@ -1,9 +1,10 @@
 """Cost of the cross-model comparison of one pair of dictionaries, by number of latents.
 
-Times `stability.matched_fraction` (decoder alignment: Hungarian matching of unit decoder rows, cubic in the
-latents) on two random decoders of width 768, and `cross_model.cofiring` (co-firing: Pearson correlations over
-pooled images, `images x latents^2`) on random sparse activations of `--images` images, each at
-`--latents` sizes, one thread. Prints seconds per pair and the ratio to the smallest size.
+Times, on two random (unrelated) decoders of width 768, `stability.matched_fraction` (Hungarian matching of
+unit decoder rows, cubic in the latents) and `cross_model.decoder_alignment` (which skips the matching when no
+row can reach cosine 0.7, as for unrelated models), and `cross_model.cofiring` (Pearson correlations over pooled
+images, `images x latents^2`) on random sparse activations of `--images` images, at each of `--latents`, one
+thread. Prints seconds per pair, the matching's ratio to the smallest size and the skip's speed-up over it.
 
     .venv/bin/python benchmarks/cross_model_cost.py [--latents 512 1024 2048 4096] [--images 256]
 """
@@ -16,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from prisma_ray.evaluate.cross_model import cofiring
+from prisma_ray.evaluate.cross_model import cofiring, decoder_alignment
 from prisma_ray.evaluate.stability import matched_fraction
 
 
@@ -34,14 +35,17 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
-    print(f"{'latents':>8} {'decoder s':>10} {'ratio':>7} {'co-firing s':>12} {'ratio':>7}")
+    print(f"{'latents':>8} {'matching s':>11} {'ratio':>7} {'with skip s':>12} {'speed-up':>9} {'co-firing s':>12}")
     first = None
     for n in args.latents:
         wa, wb = rng.normal(size=(n, args.width)), rng.normal(size=(n, args.width))
         acts = [rng.exponential(size=(args.images, n)) * (rng.random((args.images, n)) < 0.05) for _ in range(2)]
-        decoder, cofire = timed(matched_fraction, wa, wb), timed(cofiring, *acts)
-        first = first or (decoder, cofire)
-        print(f"{n:>8} {decoder:>10.2f} {decoder / first[0]:>7.1f} {cofire:>12.2f} {cofire / first[1]:>7.1f}")
+        matching, skip = timed(matched_fraction, wa, wb), timed(decoder_alignment, wa, wb)
+        cofire = timed(cofiring, *acts)
+        first = first or matching
+        print(
+            f"{n:>8} {matching:>11.2f} {matching / first:>7.1f} {skip:>12.2f} {matching / skip:>9.1f} {cofire:>12.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from .cross_model import (
     COFIRE_THRESHOLD,
     cofiring,
     comparable_pairs,
+    decoder_alignment,
     groups_of,
     image_means,
     leaderboard_across_models,
@@ -48,7 +49,7 @@ from .metrics import pareto_front
 from .pooled_truth import image_index, patch_tokens_per_sample
 from .report import PANELS, column_numbers, front_plots, page_html, plot_name, table_html
 from .results import MARKER, ResultStore
-from .stability import STABILITY_THRESHOLD, matched_fraction
+from .stability import STABILITY_THRESHOLD
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ PAIR_COLUMNS = [
     "d_sae_b",
     "decoder_matched",
     "decoder_cosine",
+    "decoder_bound",
     "images",
     "cofire_fraction",
     "cofire_mean_max_corr",
@@ -157,7 +159,7 @@ def pair_rows(
         elif wa.shape != wb.shape:
             notes.append(f"decoders {list(wa.shape)} and {list(wb.shape)} differ: no decoder alignment")
         else:
-            row["decoder_matched"], row["decoder_cosine"] = matched_fraction(wa, wb, threshold)
+            row.update(decoder_alignment(wa, wb, threshold))
         pooled_a, pooled_b = latents.pooled(a["checkpoint"]), latents.pooled(b["checkpoint"])
         if isinstance(pooled_a, str) or isinstance(pooled_b, str):
             notes.append(f"no co-firing ({pooled_a if isinstance(pooled_a, str) else pooled_b})")

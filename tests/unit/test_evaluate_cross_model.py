@@ -14,6 +14,7 @@ from prisma_ray.evaluate import EvalConfig
 from prisma_ray.evaluate.cross_model import (
     cofiring,
     comparable_pairs,
+    decoder_alignment,
     image_means,
     leaderboard_across_models,
     shared_images,
@@ -104,6 +105,23 @@ def test_images_pool_over_their_patch_tokens_whatever_the_grid():
         image_means(np.full(4, -1), 0, torch.zeros(4, 3), lambda t: t, batch=2)
 
 
+def test_decoder_alignment_matches_shared_directions_and_skips_unrelated_decoders(monkeypatch):
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(64, 32))
+    shared = decoder_alignment(w, w[rng.permutation(64)] * 2)
+    assert shared == pytest.approx({"decoder_matched": 1.0, "decoder_cosine": 1.0, "decoder_bound": 1.0})
+    half = decoder_alignment(w, np.concatenate([w[:32], rng.normal(size=(32, 32))]))
+    assert half["decoder_matched"] == 0.5 and half["decoder_bound"] == 0.5
+    import prisma_ray.evaluate.cross_model as cross_model
+
+    monkeypatch.setattr(cross_model, "matched_fraction", lambda *a: pytest.fail("no matching when none can match"))
+    unrelated = decoder_alignment(w, rng.normal(size=(64, 32)))
+    assert unrelated == {"decoder_matched": 0.0, "decoder_cosine": None, "decoder_bound": 0.0}
+    monkeypatch.undo()
+    with pytest.raises(InvalidRequest, match=r"one shape, got \[64, 32\] and \[64, 16\]"):
+        decoder_alignment(w, w[:, :16])
+
+
 class FakeLatents:
     def __init__(self, decoders, pooled):
         self.decoders, self.pooled_ = decoders, pooled
@@ -126,7 +144,7 @@ def test_decoder_alignment_of_equal_widths_shared_directions_and_random_ones():
     pooled["c/h/4.0/0.5"] = (images[:10], acts[:10])
     pairs = {(p["model_a"], p["model_b"]): p for p in pair_rows(rows, FakeLatents(decoders, pooled), min_images=16)}
     assert pairs["a", "b"]["decoder_matched"] == 1.0 and pairs["a", "b"]["decoder_cosine"] == pytest.approx(1.0)
-    assert pairs["a", "c"]["decoder_matched"] == 0.0, "random 32-d directions"
+    assert pairs["a", "c"]["decoder_matched"] == 0.0 and pairs["a", "c"]["decoder_bound"] == 0.0, "random 32-d"
     assert pairs["a", "b"]["cofire_fraction"] == 1.0 and pairs["a", "b"]["images"] == 20
     assert pairs["a", "c"]["images"] == 10 and "cofire_fraction" not in pairs["a", "c"]
     assert pairs["a", "c"]["note"] == "10 shared held-out images (< 16): no co-firing"
