@@ -47,7 +47,7 @@ from .cross_model import (
 from .heldout import StoreSource, read_held_out
 from .metrics import pareto_front
 from .pooled_truth import image_index, patch_tokens_per_sample
-from .report import PANELS, column_numbers, front_plots, page_html, plot_name, table_html
+from .report import PANELS, column_numbers, front_plots, l0_axis, page_html, plot_name, table_html
 from .results import MARKER, ResultStore
 from .stability import STABILITY_THRESHOLD
 
@@ -192,8 +192,7 @@ def fronts_png(table: pa.Table) -> bytes:
                 order = np.argsort(l0[front])
                 ax.plot(l0[front][order], value[front][order], marker="o", ms=3, drawstyle="steps-post")
                 ax.lines[-1].set_label(f"{model} {hook}")
-        ax.set_xscale("log")
-        ax.set_xlabel("L0 (active latents per token)")
+        l0_axis(ax, column_numbers(table.to_pylist(), "l0"))
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         if ax.lines:

@@ -168,6 +168,14 @@ def column_numbers(rows: list[dict[str, Any]], key: str) -> np.ndarray:
     return np.array([np.nan if r.get(key) is None else float(r[key]) for r in rows], dtype=float)
 
 
+def l0_axis(ax: Any, l0: np.ndarray) -> None:
+    """Label the x axis of `ax` as L0, on a log scale where the finite positive `l0` values span over 20x."""
+    finite = l0[np.isfinite(l0) & (l0 > 0)]
+    if len(finite) and finite.max() / finite.min() > 20:
+        ax.set_xscale("log")
+    ax.set_xlabel("L0 (active latents per token)")
+
+
 def front_plots(table: pa.Table) -> dict[str, bytes]:
     """`{file name: PNG bytes}`: one figure per (model, hook point), L0 on the x axis against
     explained variance and loss recovered, coloured by architecture, the Pareto front joined and ringed."""
@@ -197,10 +205,7 @@ def front_plots(table: pa.Table) -> dict[str, bytes]:
                 ax.scatter(l0[front], value[front], s=90, facecolors="none", edgecolors="k")
             elif np.isnan(value).all():
                 ax.text(0.5, 0.5, f"no {label}", ha="center", va="center", transform=ax.transAxes)
-            finite = l0[np.isfinite(l0) & (l0 > 0)]
-            if len(finite) and finite.max() / finite.min() > 20:
-                ax.set_xscale("log")
-            ax.set_xlabel("L0 (active latents per token)")
+            l0_axis(ax, l0)
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
