@@ -331,8 +331,9 @@ COMMANDS: tuple[Command, ...] = (
         help="evaluate every checkpoint under some URIs: metrics table, leaderboard, plots (Ray)",
         description="Find every checkpoint (cfg.json + sae_weights.safetensors) under the config's `checkpoints` "
         "URIs, evaluate them against held-out activation stores on a Ray actor pool (each model loaded once per "
-        "actor) and write metrics.parquet, leaderboard.html and plots/ to `output`. A rerun skips the checkpoints "
-        "already evaluated. Exits 1 when some checkpoint failed (see <output>/errors.json).",
+        "actor) and write metrics.parquet, leaderboard.html and plots/ to `output` (over two models or more also "
+        "cross_model.html: the leaderboard across models and which models' dictionaries share features). A rerun "
+        "skips the checkpoints already evaluated. Exits 1 when some checkpoint failed (see <output>/errors.json).",
         epilog="example: prisma-ray sweep sweep.yaml --set output=s3://bucket/sweep --set evaluation.split=test",
         config=".evaluate.sweep:SweepConfig",
         config_help="YAML SweepConfig (`checkpoints` is required)",

@@ -7,7 +7,8 @@
 - `ground_truth`: per factor value of the synthetic datasets, the best single latent's AUROC, AP, purity and
   coverage; `baselines`: the same for raw dimensions, PCA, k-means and random directions;
 - `checkpoint`: `EvalConfig` and `Evaluator`, one metrics row per checkpoint;
-- `discovery`, `results`, `report`: finding checkpoints, resumable result files, leaderboard and plots.
+- `discovery`, `results`, `report`: finding checkpoints, resumable result files, leaderboard and plots;
+- `cross_model`, `cross_page`: the leaderboard across models and which models' dictionaries share features.
 """
 
 from ..sae.io import CheckpointInfo, read_checkpoint_info

@@ -126,32 +126,54 @@ def _number(value: Any) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
 
-def leaderboard_html(table: pa.Table, plots: list[str], title: str = "prisma-ray sweep") -> str:
-    """A self-contained HTML page: the metrics table (click a header to sort) and the plots."""
-    columns = [c for c in COLUMNS if c in table.column_names]
-    rows = table.select(columns).to_pylist()
+def table_html(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """A sortable HTML table of `rows` (one `<tr>` per row) with `columns` as headers (a page with
+    `page_html` sorts it on a header click)."""
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = []
     for row in rows:
         cells = []
         for c in columns:
-            key, text = _cell(row[c])
-            cls = "" if isinstance(row[c], (int, float)) else ' class="text"'
+            value = row.get(c)
+            key, text = _cell(value)
+            cls = "" if isinstance(value, (int, float)) else ' class="text"'
             cells.append(f'<td{cls} data-v="{html.escape(key)}">{html.escape(text)}</td>')
         body.append(f"<tr>{''.join(cells)}</tr>")
-    images = "".join(f'<img src="{html.escape(p)}" alt="{html.escape(p)}">' for p in plots)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def page_html(title: str, body: str) -> str:
+    """A self-contained HTML page titled `title` around `body` (HTML), its tables sortable by a header click."""
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
-        f"<p>{len(rows)} checkpoints. Click a column header to sort.</p>"
-        f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-        f"<h2>L0 against explained variance and loss recovered</h2>{images}"
+        f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{body}"
         f"<script>{_SORT_SCRIPT}</script></body></html>"
     )
 
 
-def _values(rows: list[dict[str, Any]], key: str) -> np.ndarray:
+def leaderboard_html(table: pa.Table, plots: list[str], title: str = "prisma-ray sweep") -> str:
+    """A self-contained HTML page: the metrics table (click a header to sort) and the plots."""
+    columns = [c for c in COLUMNS if c in table.column_names]
+    rows = table.select(columns).to_pylist()
+    images = "".join(f'<img src="{html.escape(p)}" alt="{html.escape(p)}">' for p in plots)
+    return page_html(
+        title,
+        f"<p>{len(rows)} checkpoints. Click a column header to sort.</p>{table_html(rows, columns)}"
+        f"<h2>L0 against explained variance and loss recovered</h2>{images}",
+    )
+
+
+def column_numbers(rows: list[dict[str, Any]], key: str) -> np.ndarray:
+    """`float64[len(rows)]`: each row's `key` as a number (missing: NaN)."""
     return np.array([np.nan if r.get(key) is None else float(r[key]) for r in rows], dtype=float)
+
+
+def l0_axis(ax: Any, l0: np.ndarray) -> None:
+    """Label the x axis of `ax` as L0, on a log scale where the finite positive `l0` values span over 20x."""
+    finite = l0[np.isfinite(l0) & (l0 > 0)]
+    if len(finite) and finite.max() / finite.min() > 20:
+        ax.set_xscale("log")
+    ax.set_xlabel("L0 (active latents per token)")
 
 
 def front_plots(table: pa.Table) -> dict[str, bytes]:
@@ -167,10 +189,10 @@ def front_plots(table: pa.Table) -> dict[str, bytes]:
     for (model, hook), members in sorted(groups.items()):
         fig = Figure(figsize=(10, 4), dpi=90)
         FigureCanvasAgg(fig)
-        l0 = _values(members, "l0")
+        l0 = column_numbers(members, "l0")
         architectures = sorted({r["architecture"] for r in members})
         for ax, (key, label) in zip(fig.subplots(1, 2), PANELS):
-            value = _values(members, key)
+            value = column_numbers(members, key)
             for arch in architectures:
                 mine = np.array([r["architecture"] == arch for r in members])
                 ax.scatter(l0[mine], value[mine], label=arch, s=28, alpha=0.8)
@@ -183,10 +205,7 @@ def front_plots(table: pa.Table) -> dict[str, bytes]:
                 ax.scatter(l0[front], value[front], s=90, facecolors="none", edgecolors="k")
             elif np.isnan(value).all():
                 ax.text(0.5, 0.5, f"no {label}", ha="center", va="center", transform=ax.transAxes)
-            finite = l0[np.isfinite(l0) & (l0 > 0)]
-            if len(finite) and finite.max() / finite.min() > 20:
-                ax.set_xscale("log")
-            ax.set_xlabel("L0 (active latents per token)")
+            l0_axis(ax, l0)
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)

@@ -87,7 +87,14 @@ class ResultStore:
         store.write_atomic(self.fs, posixpath.join(self.path, name), data)
         return storage.join(self.uri, name)
 
-    def write_table(self, table: pa.Table) -> str:
+    def write_table(self, table: pa.Table, name: str = "metrics.parquet") -> str:
+        """Write `table` as Parquet to `<output>/<name>` atomically; return its URI."""
         buf = io.BytesIO()
         pq.write_table(table, buf)
-        return self.write_file("metrics.parquet", buf.getvalue())
+        return self.write_file(name, buf.getvalue())
+
+    def read_table(self, name: str = "metrics.parquet") -> pa.Table:
+        """The Parquet table `<output>/<name>` (`MissingInputError` naming it when absent)."""
+        uri = storage.join(self.uri, name)
+        storage.require_exists(uri, self.options)
+        return pq.read_table(posixpath.join(self.path, name), filesystem=self.fs)

@@ -34,6 +34,7 @@ from ..runtime.pool import PoolSize, PoolStats, Resources, cluster_resources, ru
 from ..runtime.session import RayOptions, ensure_ray
 from ..sae.io import WEIGHTS_FILE, CheckpointInfo, read_tensors
 from . import EvalConfig, Evaluator, find_checkpoints, read_checkpoint_info
+from .cross_page import sweep_models, write_cross_model_page
 from .report import best_ground_truth, front_plots, ground_truth_line, leaderboard_html
 from .results import ResultStore, result_key
 from .stability import stability_columns
@@ -150,6 +151,7 @@ class SweepSummary:
     seconds: float
     lost: PoolStats = field(default_factory=PoolStats)
     ground_truth: str = ""
+    cross_model: str = ""
 
     def format(self) -> str:
         """The final summary printed by `prisma-ray sweep`."""
@@ -160,6 +162,7 @@ class SweepSummary:
             f"models       loaded {loads}",
             f"table        {self.table}  ({self.rows} rows)",
             f"leaderboard  {self.leaderboard}",
+            *([f"cross-model  {self.cross_model}"] if self.cross_model else []),
             f"plots        {len(self.plots)} under {storage.join(self.output, 'plots')}",
             f"time         {self.seconds:.1f} s",
         ]
@@ -271,7 +274,7 @@ def run_sweep(cfg: SweepConfig) -> SweepSummary:
             failed += report["failed"]
             for model, n in report["loads"].items():
                 loads[model] = loads.get(model, 0) + n
-    summary = write_report(plan.results, cfg.evaluation.detect_auroc)
+    summary = write_report(plan.results, cfg.evaluation.detect_auroc, cfg.evaluation)
     plan.results.write_file("errors.json", json.dumps(failed, indent=1).encode())
     return SweepSummary(
         found=len(plan.found) + len(plan.unreadable),
@@ -319,10 +322,15 @@ def start_line(checkpoints: int, size: PoolSize) -> str:
     return f"evaluating {checkpoints} checkpoint{'' if checkpoints == 1 else 's'}: {placement}"
 
 
-def write_report(results: ResultStore, detect_auroc: float = 0.95) -> dict[str, Any]:
+def write_report(
+    results: ResultStore, detect_auroc: float = 0.95, evaluation: EvalConfig | None = None
+) -> dict[str, Any]:
     """Write `metrics.parquet`, the plots and `leaderboard.html` from every result row, with the stability of
     each checkpoint against those differing from it only in seed (`stability.stability_columns`); `ground_truth`
-    is the line on the best ground-truth recovery and its margin over the best baseline ("" without ground truth)."""
+    is the line on the best ground-truth recovery and its margin over the best baseline ("" without ground truth).
+    Where the rows cover two models or more, also the cross-model page (`cross_page.write_cross_model_page`, its
+    held-out images read as `evaluation` says: default, the config recorded in the output); `cross_model` is its
+    URI ("" for one model)."""
 
     def decoder(uri: str) -> np.ndarray | None:
         try:
@@ -336,9 +344,12 @@ def write_report(results: ResultStore, detect_auroc: float = 0.95) -> dict[str, 
     plots = [results.write_file(f"plots/{name}", png) for name, png in front_plots(table).items()]
     relative = [f"plots/{p.rsplit('/', 1)[1]}" for p in plots]
     page = leaderboard_html(table, relative, title=f"prisma-ray sweep: {results.uri}")
+    written = results.write_table(table)
+    cross = write_cross_model_page(results.uri, evaluation=evaluation) if len(sweep_models(table)) >= 2 else ""
     return {
         "output": results.uri,
-        "table": results.write_table(table),
+        "table": written,
+        "cross_model": cross,
         "leaderboard": results.write_file("leaderboard.html", page.encode()),
         "plots": plots,
         "rows": table.num_rows,

@@ -98,6 +98,23 @@ def test_sweep_loads_each_model_once_writes_the_report_and_resumes(ray_local, wo
     plots = sorted(p.name for p in (workspace / "out" / "plots").iterdir())
     assert plots == [f"{m}__{HOOK}.png" for m in MODELS]
     assert all((workspace / "out" / "plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
+    # three models: the leaderboard across models and the cross-model page beside the leaderboard
+    assert summary.cross_model == f"{workspace / 'out'}/cross_model.html"
+    assert f"cross-model  {summary.cross_model}" in summary.format().splitlines()
+    board = pq.read_table(workspace / "out" / "cross_model.parquet").to_pylist()
+    assert [(r["model"], r["checkpoints"]) for r in board] == [(m, 4) for m in MODELS]
+    assert all(r["best_explained_variance"] is not None and r["gt_fraction_detected"] is not None for r in board)
+    pairs = {
+        (p["model_a"], p["model_b"]): p
+        for p in pq.read_table(workspace / "out" / "cross_model_pairs.parquet").to_pylist()
+    }
+    assert sorted(pairs) == [(a, b) for i, a in enumerate(MODELS) for b in MODELS[i + 1 :]]
+    assert (
+        pairs["test-vit-reg", "test-vit-tiny"]["images"] > 0
+        and pairs["test-videomae-cls", "test-vit-reg"]["images"] == 0
+    )
+    assert all(p["decoder_cosine"] is not None for p in pairs.values()), "equal widths: 32"
+    assert "Shared features" in (workspace / "out" / "cross_model.html").read_text()
 
     # resume: a new checkpoint of one model, and one whose result was lost, are all that run again
     save_topk(workspace / "ckpts", "test-vit-tiny", 4, seed=1)
