@@ -36,6 +36,7 @@ from ..runtime.session import RayOptions
 from ..sae import load_dictionary
 from ..sae.io import CheckpointInfo, read_checkpoint_info
 from ..storage import StorageOptions
+from .texttop import PromptTokens, prompt_tokens
 from .topk import LatentRecord
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,9 @@ class InterpretConfig(ModelAsExtracted):
 
     The model and hook point come from the checkpoint's `cfg.json` (`model`/`hook` override them);
     `pretrained: false` rebuilds the random weights an extraction with the same `seed` used. For a
-    multimodal language model the latents are read on the base view's image tokens of each image,
-    shown with one of `prompts` (pass those it was extracted with), as a patch grid for heatmaps.
+    multimodal language model each image is asked one of `prompts` (pass those it was extracted with);
+    the latents are read on the base view's image tokens of each image, as a patch grid for heatmaps,
+    and on the text tokens of its sequence (the top text tokens, with their contexts).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -177,7 +179,7 @@ class InterpretPlan:
             "reservoir": self.cfg.reservoir,
             **({"model_dtype": self.cfg.model_dtype} if self.cfg.model_dtype != "float32" else {}),
             **({"weights": self.weights.record()} if self.weights else {}),
-            **({"prompts": list(self.prompts)} if self.prompts else {}),
+            **({"prompts": list(self.prompts), "text_tokens": True} if self.prompts else {}),
             **({"head": self.cfg.head} if self.cfg.head is not None else {}),
         }
 
@@ -261,7 +263,13 @@ class LatentWorker:
     def empty(self) -> LatentRecord:
         j = self.job
         return LatentRecord.empty(
-            self.dictionary.n_latents, self.layout.n_tokens, j.k, j.reservoir, j.negatives, j.reservoir_seed
+            self.dictionary.n_latents,
+            self.layout.n_tokens,
+            j.k,
+            j.reservoir,
+            j.negatives,
+            j.reservoir_seed,
+            text=j.prompts is not None,
         )
 
     def process(self, data: ShardData, shard: int = 0) -> tuple[LatentRecord, ShardData]:
@@ -271,26 +279,38 @@ class LatentWorker:
         keys = data.keys()  # a video frame read by an image model: `<clip>#frame=<index>`
         for i in range(0, len(keys), self.job.batch_size):
             ids = keys[i : i + self.job.batch_size]
-            latents = self.latents(data.pixels[i : i + self.job.batch_size], ids)
+            pixels = data.pixels[i : i + self.job.batch_size]
             try:
-                record = record.update(ids, latents, self.kinds)
+                if self.job.prompts is None:
+                    record = record.update(ids, self.latents(pixels, ids), self.kinds)
+                else:
+                    latents, texts, prompts = self.prompt_latents(pixels, ids)
+                    record = record.update(ids, latents, self.kinds).update_text(ids, texts, prompts)
             except InvalidRequest as e:  # NaN/inf or values beyond the float16 maps: name the dictionary and shard
                 raise InvalidRequest(f"{self.job.checkpoint} on {self.job.hook}, input shard {shard}: {e}") from e
         return record, data
 
     @torch.inference_mode()
     def latents(self, pixels: np.ndarray, sample_ids: np.ndarray) -> np.ndarray:
-        """`float32[B, tokens, latents]` for `uint8` crops `pixels` (the prompts of multimodal models follow `sample_ids`)."""
-        if self.job.prompts is None:
-            x, _ = self.inputs(pixels, sample_ids)
-            _, cache = self.model.run_with_cache(x, [self.job.hook], stop_early=True)
-            acts = per_token(cache[self.job.hook], self.job.head)  # per-head points: as extraction stored them
-        else:
-            acts = self._base_view_acts(pixels, sample_ids)
+        """`float32[B, tokens, latents]` for `uint8` crops `pixels` (multimodal models: on each image's base view,
+        see `prompt_latents`)."""
+        if self.job.prompts is not None:
+            return self.prompt_latents(pixels, sample_ids)[0]
+        x, _ = self.inputs(pixels, sample_ids)
+        _, cache = self.model.run_with_cache(x, [self.job.hook], stop_early=True)
+        acts = per_token(cache[self.job.hook], self.job.head)  # per-head points: as extraction stored them
+        return self._encode(acts)
+
+    def _encode(self, acts: torch.Tensor) -> np.ndarray:
         return self.dictionary.encode(acts.to(self.dictionary.W_enc.dtype)).float().cpu().numpy()
 
-    def _base_view_acts(self, pixels: np.ndarray, sample_ids: np.ndarray) -> torch.Tensor:
-        """`[B, grid tokens, d]`: a multimodal model's activations at each image's base-view tokens, row-major."""
+    @torch.inference_mode()
+    def prompt_latents(
+        self, pixels: np.ndarray, sample_ids: np.ndarray
+    ) -> tuple[np.ndarray, list[np.ndarray], list[PromptTokens]]:
+        """A multimodal model's latents for each image asked its sample's prompt: `float32[B, grid tokens, L]` at
+        each image's base-view tokens (row-major), and per sample `float32[n_b, L]` at its text tokens (the
+        prompt's and chat template's, `PromptTokens` in sequence order)."""
         x, layout = self.inputs.encode(pixels, sample_ids)
         base = (layout.kind == TokenKind.PATCH) & (layout.view == 0) & (layout.image == 0)
         if (base.sum(1) != self.layout.n_tokens).any():
@@ -299,8 +319,13 @@ class LatentWorker:
                 f"{self.layout.n_tokens}; the images must have the tower's size"
             )
         _, cache = self.model.run_with_cache(x, [self.job.hook], stop_early=True)
-        acts = per_token(cache[self.job.hook], self.job.head)[torch.from_numpy(base).to(self.device)]
-        return acts.reshape(len(pixels), self.layout.n_tokens, -1)
+        acts = per_token(cache[self.job.hook], self.job.head)
+        image = acts[torch.from_numpy(base).to(self.device)].reshape(len(pixels), self.layout.n_tokens, -1)
+        ids, mask = x["input_ids"].cpu().numpy(), x["attention_mask"].cpu().numpy().astype(bool)
+        prompts = [prompt_tokens(self.model.token_strings(ids[b]), layout.kind[b], mask[b]) for b in range(len(pixels))]
+        rows = torch.cat([acts[b, torch.from_numpy(p.positions).to(self.device)] for b, p in enumerate(prompts)])
+        text = np.split(self._encode(rows), np.cumsum([len(p.positions) for p in prompts])[:-1])
+        return self._encode(image), text, prompts
 
 
 def fetch_crops(
