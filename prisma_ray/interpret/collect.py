@@ -24,7 +24,7 @@ from ..data.errors import write_shard_errors
 from ..data.shards import InputFormat, ShardData, decode_shard, key_sample_id
 from ..data.sources import SHARDED, DatasetSpec, SampleRef, SyntheticSource, with_resolved_storage
 from ..data.synthetic import ShapesConfig
-from ..models import ModelEntry, TokenKind, TokenLayout
+from ..models import HookedVisionModel, ModelEntry, TokenKind, TokenLayout
 from ..models.hooked import per_token
 from ..models.inputs import base_view_layout, model_inputs, model_prompts
 from ..models.loading import actor_model, check_hooks, describe_model, resolve_entry
@@ -37,6 +37,7 @@ from ..sae import load_dictionary
 from ..sae.io import CheckpointInfo, read_checkpoint_info
 from ..storage import StorageOptions
 from .texttop import PromptTokens, prompt_tokens
+from .tiles import TileGeometry, llava_next_tiles
 from .topk import LatentRecord
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ class InterpretJob:
     weights: WeightsRef | None = None
     prompts: tuple[str, ...] | None = None
     layout: TokenLayout | None = None  # the tokens read (default: the model's token layout)
+    tiles: TileGeometry | None = None  # LLaVA-NeXT: the crop view's tiles (its maps are kept beside the top ones)
     head: int | None = None  # per-head hook points: this head only (None: heads flattened)
 
 
@@ -137,6 +139,7 @@ class InterpretPlan:
     options: StorageOptions
     prompts: tuple[str, ...] | None = None
     weights: WeightsRef | None = None
+    tiles: TileGeometry | None = None
 
     def job(self, device: str = "cpu", torch_threads: int | None = None) -> InterpretJob:
         c = self.cfg
@@ -160,6 +163,7 @@ class InterpretPlan:
             prompts=self.prompts,
             layout=self.layout,
             head=c.head,
+            tiles=self.tiles,
         )
 
     def description(self) -> dict[str, Any]:
@@ -180,6 +184,7 @@ class InterpretPlan:
             **({"model_dtype": self.cfg.model_dtype} if self.cfg.model_dtype != "float32" else {}),
             **({"weights": self.weights.record()} if self.weights else {}),
             **({"prompts": list(self.prompts), "text_tokens": True} if self.prompts else {}),
+            **({"tiles": self.tiles.model_dump(mode="json")} if self.tiles else {}),
             **({"head": self.cfg.head} if self.cfg.head is not None else {}),
         }
 
@@ -218,6 +223,7 @@ def plan_interpret(cfg: InterpretConfig) -> InterpretPlan:
     except ValueError as e:
         raise InvalidRequest(f"{entry.name} cannot take the {spec.type} dataset: {e}") from None
     layout = model.token_layout if prompts is None else base_view_layout(model, fmt.shape, prompts[0])
+    tiles = crop_tiles(model, entry, fmt.shape, prompts[0]) if prompts is not None else None
     check_selection(layout, TokenSelection(mode="all"), entry.name)  # the results' int16 token columns hold it
     return InterpretPlan(
         cfg=cfg,
@@ -230,7 +236,26 @@ def plan_interpret(cfg: InterpretConfig) -> InterpretPlan:
         options=options,
         prompts=None if prompts is None else tuple(prompts),
         weights=weights,
+        tiles=tiles,
     )
+
+
+def crop_tiles(model: HookedVisionModel, entry: ModelEntry, shape: tuple[int, ...], prompt: str) -> TileGeometry | None:
+    """LLaVA-NeXT: the tiles of the high-resolution crop view of an image of `shape` (`tiles.llava_next_tiles`),
+    checked against the model's own layout of one such image; None for other models."""
+    if entry.family != "llava-next":
+        return None
+    config = model.model.config
+    vision = config.vision_config
+    tiles = llava_next_tiles(shape[:2], config.image_grid_pinpoints, vision.image_size, vision.patch_size)
+    views = model.multimodal_layout(model.encode([np.zeros(shape, np.uint8)], [prompt])).views
+    crop = [v.grid for v in views if v.view == 1]
+    if crop != [tiles.grid]:
+        raise InvalidRequest(
+            f"{entry.name}: the crop view of a {shape[0]}x{shape[1]} image is {crop} in the model's layout but "
+            f"{tiles.grid} from its image_grid_pinpoints; this model's high-resolution crops cannot be drawn as tiles"
+        )
+    return tiles
 
 
 class LatentWorker:
@@ -246,6 +271,7 @@ class LatentWorker:
         self.inputs = model_inputs(self.model, TokenSelection(mode="all"), job.prompts, self.device)
         self.dictionary = load_dictionary(job.checkpoint, job.storage).to(self.device).eval()
         self.layout = job.layout or self.model.token_layout
+        self.crop_tokens = 0 if job.tiles is None else job.tiles.grid[0] * job.tiles.grid[1]
         self.kinds = self.layout.kinds()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -270,6 +296,7 @@ class LatentWorker:
             j.negatives,
             j.reservoir_seed,
             text=j.prompts is not None,
+            crop_tokens=self.crop_tokens,
         )
 
     def process(self, data: ShardData, shard: int = 0) -> tuple[LatentRecord, ShardData]:
@@ -284,8 +311,8 @@ class LatentWorker:
                 if self.job.prompts is None:
                     record = record.update(ids, self.latents(pixels, ids), self.kinds)
                 else:
-                    latents, texts, prompts = self.prompt_latents(pixels, ids)
-                    record = record.update(ids, latents, self.kinds).update_text(ids, texts, prompts)
+                    latents, texts, prompts, crops = self.prompt_latents(pixels, ids)
+                    record = record.update(ids, latents, self.kinds, crops).update_text(ids, texts, prompts)
             except InvalidRequest as e:  # NaN/inf or values beyond the float16 maps: name the dictionary and shard
                 raise InvalidRequest(f"{self.job.checkpoint} on {self.job.hook}, input shard {shard}: {e}") from e
         return record, data
@@ -307,10 +334,11 @@ class LatentWorker:
     @torch.inference_mode()
     def prompt_latents(
         self, pixels: np.ndarray, sample_ids: np.ndarray
-    ) -> tuple[np.ndarray, list[np.ndarray], list[PromptTokens]]:
+    ) -> tuple[np.ndarray, list[np.ndarray], list[PromptTokens], np.ndarray | None]:
         """A multimodal model's latents for each image asked its sample's prompt: `float32[B, grid tokens, L]` at
-        each image's base-view tokens (row-major), and per sample `float32[n_b, L]` at its text tokens (the
-        prompt's and chat template's, `PromptTokens` in sequence order)."""
+        each image's base-view tokens (row-major), per sample `float32[n_b, L]` at its text tokens (the prompt's
+        and chat template's, `PromptTokens` in sequence order), and for LLaVA-NeXT (`job.tiles`)
+        `float32[B, crop tokens, L]` at the crop view's tokens (row-major, newlines left out; else None)."""
         x, layout = self.inputs.encode(pixels, sample_ids)
         base = (layout.kind == TokenKind.PATCH) & (layout.view == 0) & (layout.image == 0)
         if (base.sum(1) != self.layout.n_tokens).any():
@@ -321,11 +349,22 @@ class LatentWorker:
         _, cache = self.model.run_with_cache(x, [self.job.hook], stop_early=True)
         acts = per_token(cache[self.job.hook], self.job.head)
         image = acts[torch.from_numpy(base).to(self.device)].reshape(len(pixels), self.layout.n_tokens, -1)
+        crops = None
+        if self.crop_tokens:
+            crop = (layout.kind == TokenKind.PATCH) & (layout.view == 1) & (layout.image == 0)
+            if (crop.sum(1) != self.crop_tokens).any():
+                raise InvalidRequest(
+                    f"{self.job.model.name}: crop views of {sorted(set(crop.sum(1).tolist()))} tokens, expected "
+                    f"{self.crop_tokens}; the images must have the tower's size"
+                )
+            crops = self._encode(
+                acts[torch.from_numpy(crop).to(self.device)].reshape(len(pixels), self.crop_tokens, -1)
+            )
         ids, mask = x["input_ids"].cpu().numpy(), x["attention_mask"].cpu().numpy().astype(bool)
         prompts = [prompt_tokens(self.model.token_strings(ids[b]), layout.kind[b], mask[b]) for b in range(len(pixels))]
         rows = torch.cat([acts[b, torch.from_numpy(p.positions).to(self.device)] for b, p in enumerate(prompts)])
         text = np.split(self._encode(rows), np.cumsum([len(p.positions) for p in prompts])[:-1])
-        return self._encode(image), text, prompts
+        return self._encode(image), text, prompts, crops
 
 
 def fetch_crops(

@@ -6,7 +6,9 @@
   `fire_<kind>` (share of its firing tokens that are CLS / register / patch tokens) and
   `top_<kind>` (share of its top samples whose most active token is of that kind).
 - `top.parquet`: one row per (latent, ranking `max`|`mean`, rank): `sample_id`, `score`, `top_token`,
-  `top_kind` and `map`, the latent's activation on every token of that sample.
+  `top_kind` and `map`, the latent's activation on every token of that sample; LLaVA-NeXT also `crops_map`,
+  its activation on each token of the high-resolution crop view (row-major; `summary.json`'s `tiles` places
+  them on the tiles, `interpret.tiles`).
 - `text.parquet` (multimodal language models): one row per (latent, rank) of its top text tokens:
   `sample_id` (the image the prompt asked about), `score`, `position` (in the sequence), `token` (its
   text) and `context` (the prompt around it, the token marked `[[...]]`; `texttop`).
@@ -32,6 +34,7 @@ import pyarrow.parquet as pq
 from .. import storage
 from ..models.spec import TokenKind, TokenLayout
 from .texttop import TextTop
+from .tiles import TileGeometry
 from .topk import RANKINGS, LatentRecord
 
 SUMMARY_FILE = "summary.json"
@@ -77,6 +80,10 @@ def top_table(record: LatentRecord, layout: TokenLayout) -> pa.Table:
         latent, rank = np.nonzero(np.isfinite(top.scores))
         maps = top.maps[latent, rank].astype(np.float32)
         token = maps.argmax(1) if len(maps) else np.zeros(0, np.int64)
+        crops = {}
+        if record.crops is not None:
+            crop_maps = record.crops[ranking].maps[latent, rank].astype(np.float32)
+            crops["crops_map"] = pa.FixedSizeListArray.from_arrays(pa.array(crop_maps.reshape(-1)), crop_maps.shape[1])
         parts.append(
             pa.table(
                 {
@@ -88,6 +95,7 @@ def top_table(record: LatentRecord, layout: TokenLayout) -> pa.Table:
                     "top_token": token.astype(np.int16),
                     "top_kind": kinds[token].astype(np.int8),
                     "map": pa.FixedSizeListArray.from_arrays(pa.array(maps.reshape(-1)), layout.n_tokens),
+                    **crops,
                 }
             )
         )
@@ -185,16 +193,24 @@ class Results:
     def layout(self) -> TokenLayout:
         return TokenLayout.model_validate(self.summary["token_layout"])
 
+    @property
+    def tiles(self) -> TileGeometry | None:
+        """LLaVA-NeXT: where the top entries' `crops_map` lie on the high-resolution tiles (None otherwise)."""
+        return TileGeometry.model_validate(self.summary["tiles"]) if "tiles" in self.summary else None
+
     def image(self, sample_id: str) -> np.ndarray:
         """The `uint8` crop of a kept sample (`[H, W, 3]`, or `[T, H, W, 3]` for clips)."""
         data = storage.read_bytes(storage.join(self.uri, SAMPLES_DIR, f"{sample_key(sample_id)}.npy"), self.options)
         return np.load(io.BytesIO(data), allow_pickle=False)
 
     def top_rows(self, latent: int, ranking: str = "max") -> list[dict[str, Any]]:
-        """The top entries of `latent` under `ranking` (`max` or `mean`), best first (`map`: `float32[n_tokens]`)."""
+        """The top entries of `latent` under `ranking` (`max` or `mean`), best first (`map`: `float32[n_tokens]`;
+        LLaVA-NeXT: `crops_map`, `float32[crop tokens]`)."""
         rows = [dict(r) for r in self._grouped("top", "ranking", ranking).get(latent, [])]
         for row in rows:
             row["map"] = np.asarray(row["map"], dtype=np.float32)
+            if "crops_map" in row:
+                row["crops_map"] = np.asarray(row["crops_map"], dtype=np.float32)
         return rows
 
     def text_rows(self, latent: int) -> list[dict[str, Any]]:

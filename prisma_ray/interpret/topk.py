@@ -15,6 +15,8 @@ split into shards, batches or workers, the result is the same as one pass over a
 - sums: samples, tokens, firing tokens (per token kind), firing samples and the activation total.
 - `text` (multimodal language models only): per latent the top text tokens of the prompts
   (`texttop.TextTop`); the maps and sums above are over the image tokens (each image's base view).
+- `crops` (LLaVA-NeXT's high-resolution crops): per ranking, the top samples' maps on the crop view's tokens,
+  entry for entry beside `top` (ranked by the base view, as `top`; `tiles` draws them).
 """
 
 from __future__ import annotations
@@ -133,6 +135,7 @@ class LatentRecord:
     act_sum: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
     seed: int = 0
     text: TextTop | None = None
+    crops: dict[str, TopK] | None = None
 
     @classmethod
     def empty(
@@ -144,8 +147,10 @@ class LatentRecord:
         negatives: int = 8,
         seed: int = 0,
         text: bool = False,
+        crop_tokens: int = 0,
     ) -> LatentRecord:
-        """A record of no samples (`text`: it also keeps the top text tokens, see `update_text`)."""
+        """A record of no samples (`text`: it also keeps the top text tokens, see `update_text`; `crop_tokens`:
+        the top samples' maps on that many crop-view tokens, see `update`)."""
         return cls(
             top={r: TopK.empty(n_latents, k, n_tokens) for r in RANKINGS},
             reservoir=Reservoir.empty(n_latents, reservoir),
@@ -156,6 +161,7 @@ class LatentRecord:
             act_sum=np.zeros(n_latents, np.float64),
             seed=seed,
             text=TextTop.empty(n_latents, k) if text else None,
+            crops={r: TopK.empty(n_latents, k, crop_tokens) for r in RANKINGS} if crop_tokens else None,
         )
 
     @property
@@ -166,8 +172,11 @@ class LatentRecord:
     def n_tokens_per_sample(self) -> int:
         return self.top["max"].maps.shape[2]
 
-    def update(self, sample_ids: np.ndarray, acts: np.ndarray, kinds: np.ndarray) -> LatentRecord:
-        """This record with a batch added: `acts float32[B, tokens, L]` of samples `sample_ids [B]`, token kinds `[tokens]`.
+    def update(
+        self, sample_ids: np.ndarray, acts: np.ndarray, kinds: np.ndarray, crops: np.ndarray | None = None
+    ) -> LatentRecord:
+        """This record with a batch added: `acts float32[B, tokens, L]` of samples `sample_ids [B]`, token kinds `[tokens]`;
+        `crops float32[B, crop tokens, L]` where the record keeps crop-view maps (given with them, else None).
 
         Raises `InvalidRequest` naming the samples and latents when `acts` hold NaN or inf, or magnitudes
         beyond `MAP_MAX` (the per-token maps are kept as float16, which would turn them into inf).
@@ -181,12 +190,23 @@ class LatentRecord:
             )
         b, t, n = acts.shape
         check_range(acts, sample_ids)
+        if (crops is None) != (self.crops is None):
+            raise ValueError("give crop-view activations exactly when the record keeps crop maps (crop_tokens)")
+        if crops is not None:
+            crops = np.asarray(crops, dtype=np.float32)
+            width = self.crops["max"].maps.shape[2]
+            if crops.shape != (b, width, n):
+                raise InvalidRequest(f"crop-view activations {list(crops.shape)}, expected {[b, width, n]}")
+            check_range(crops, sample_ids)
         ids = np.broadcast_to(np.asarray(sample_ids, dtype=str)[None, :], (n, b))
         maps = acts.transpose(2, 0, 1)  # [L, B, T]
         peak = acts.max(1).T  # [L, B]
         mean = acts.astype(np.float64).mean(1).T.astype(np.float32)
         scores = {"max": peak, "mean": mean}
-        top = {r: self.top[r].merge(np.where(scores[r] > 0, scores[r], -np.inf), ids, maps) for r in RANKINGS}
+        kept = {r: np.where(scores[r] > 0, scores[r], -np.inf) for r in RANKINGS}
+        top = {r: self.top[r].merge(kept[r], ids, maps) for r in RANKINGS}
+        if crops is not None:  # the same candidates in the same order: entry for entry beside `top`
+            crops = {r: self.crops[r].merge(kept[r], ids, crops.transpose(2, 0, 1)) for r in RANKINGS}
         hashes = sample_hashes(ids[0], self.seed)
         priority = np.where(peak > 0, mix(hashes, np.arange(n)), _EMPTY_PRIORITY)
         silent = np.where(peak > 0, _EMPTY_PRIORITY, np.broadcast_to(hashes, (n, b)))
@@ -204,6 +224,7 @@ class LatentRecord:
             act_sum=self.act_sum + acts.astype(np.float64).sum((0, 1)),
             seed=self.seed,
             text=self.text,
+            crops=crops,
         )
 
     def update_text(self, sample_ids: np.ndarray, acts: list[np.ndarray], prompts: list[PromptTokens]) -> LatentRecord:
@@ -215,7 +236,12 @@ class LatentRecord:
 
     def merge(self, other: LatentRecord) -> LatentRecord:
         """The record of both sample sets (which must be disjoint)."""
-        if other.n_latents != self.n_latents or other.seed != self.seed or (other.text is None) != (self.text is None):
+        if (
+            other.n_latents != self.n_latents
+            or other.seed != self.seed
+            or (other.text is None) != (self.text is None)
+            or (other.crops is None) != (self.crops is None)
+        ):
             raise ValueError("cannot merge records of different dictionaries, reservoir seeds or token kinds")
         o = other
         return LatentRecord(
@@ -230,6 +256,9 @@ class LatentRecord:
             act_sum=self.act_sum + o.act_sum,
             seed=self.seed,
             text=None if self.text is None else self.text.merge(o.text),
+            crops=None
+            if self.crops is None
+            else {r: self.crops[r].merge(o.top[r].scores, o.top[r].ids, o.crops[r].maps) for r in RANKINGS},
         )
 
     def to_bytes(self) -> bytes:
@@ -250,6 +279,7 @@ class LatentRecord:
             act_sum=self.act_sum,
             **arrays,
             **(self.text.arrays() if self.text is not None else {}),
+            **({f"crops_{r}_maps": self.crops[r].maps for r in RANKINGS} if self.crops is not None else {}),
         )
         return buf.getvalue()
 
@@ -273,4 +303,7 @@ class LatentRecord:
                 act_sum=z["act_sum"],
                 seed=seed,
                 text=TextTop.from_arrays(z),
+                crops={r: TopK(top[r].scores, top[r].ids, z[f"crops_{r}_maps"]) for r in RANKINGS}
+                if "crops_max_maps" in z
+                else None,
             )

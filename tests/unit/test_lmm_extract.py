@@ -222,7 +222,8 @@ def test_interpretation_reads_an_lmm_dictionary_on_each_images_base_view_and_its
     assert plan.layout == TokenLayout(prefix=(), grid=(2, 2)) and plan.description()["prompts"] == PROMPTS
     data = decode_shard(list_refs(plan.spec), plan.spec, plan.fmt)
     worker = LatentWorker(plan.job(torch_threads=1))
-    latents, texts, prompts = worker.prompt_latents(data.pixels, data.sample_ids)
+    latents, texts, prompts, crops = worker.prompt_latents(data.pixels, data.sample_ids)
+    assert crops is None, "LLaVA-OneVision: no tiles"
 
     model = load_model(entry, pretrained=False, seed=0)
     batch = model.encode(list(data.pixels), [sample_prompt(PROMPTS, s) for s in data.sample_ids])
