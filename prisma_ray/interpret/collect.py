@@ -28,7 +28,7 @@ from ..models import HookedVisionModel, ModelEntry, TokenKind, TokenLayout
 from ..models.hooked import per_token
 from ..models.inputs import base_view_layout, model_inputs, model_prompts
 from ..models.loading import actor_model, check_hooks, describe_model, resolve_entry
-from ..models.spec import ModelAsExtracted, ModelDType
+from ..models.spec import ModelAsExtracted, ModelDType, MultimodalLayout
 from ..models.token_selection import MAX_TOKENS, TokenSelection, check_selection
 from ..models.weights import WeightsRef, checked_weights
 from ..runtime.pool import ShardResources
@@ -340,31 +340,29 @@ class LatentWorker:
         and chat template's, `PromptTokens` in sequence order), and for LLaVA-NeXT (`job.tiles`)
         `float32[B, crop tokens, L]` at the crop view's tokens (row-major, newlines left out; else None)."""
         x, layout = self.inputs.encode(pixels, sample_ids)
-        base = (layout.kind == TokenKind.PATCH) & (layout.view == 0) & (layout.image == 0)
-        if (base.sum(1) != self.layout.n_tokens).any():
-            raise InvalidRequest(
-                f"{self.job.model.name}: base views of {sorted(set(base.sum(1).tolist()))} tokens, expected "
-                f"{self.layout.n_tokens}; the images must have the tower's size"
-            )
+        base = self._view_mask(layout, 0, self.layout.n_tokens, "base")
+        crop = self._view_mask(layout, 1, self.crop_tokens, "crop") if self.crop_tokens else None
         _, cache = self.model.run_with_cache(x, [self.job.hook], stop_early=True)
         acts = per_token(cache[self.job.hook], self.job.head)
-        image = acts[torch.from_numpy(base).to(self.device)].reshape(len(pixels), self.layout.n_tokens, -1)
-        crops = None
-        if self.crop_tokens:
-            crop = (layout.kind == TokenKind.PATCH) & (layout.view == 1) & (layout.image == 0)
-            if (crop.sum(1) != self.crop_tokens).any():
-                raise InvalidRequest(
-                    f"{self.job.model.name}: crop views of {sorted(set(crop.sum(1).tolist()))} tokens, expected "
-                    f"{self.crop_tokens}; the images must have the tower's size"
-                )
-            crops = self._encode(
-                acts[torch.from_numpy(crop).to(self.device)].reshape(len(pixels), self.crop_tokens, -1)
-            )
+
+        def at(mask: np.ndarray) -> np.ndarray:  # [B, tokens of the view, L], row-major
+            return self._encode(acts[torch.from_numpy(mask).to(self.device)].reshape(len(pixels), -1, acts.shape[-1]))
+
         ids, mask = x["input_ids"].cpu().numpy(), x["attention_mask"].cpu().numpy().astype(bool)
         prompts = [prompt_tokens(self.model.token_strings(ids[b]), layout.kind[b], mask[b]) for b in range(len(pixels))]
         rows = torch.cat([acts[b, torch.from_numpy(p.positions).to(self.device)] for b, p in enumerate(prompts)])
         text = np.split(self._encode(rows), np.cumsum([len(p.positions) for p in prompts])[:-1])
-        return self._encode(image), text, prompts, crops
+        return at(base), text, prompts, None if crop is None else at(crop)
+
+    def _view_mask(self, layout: MultimodalLayout, view: int, tokens: int, name: str) -> np.ndarray:
+        """`bool[B, seq]`: the patch tokens of view `view` of each sample's image, refused unless `tokens` each."""
+        mask = (layout.kind == TokenKind.PATCH) & (layout.view == view) & (layout.image == 0)
+        if (mask.sum(1) != tokens).any():
+            raise InvalidRequest(
+                f"{self.job.model.name}: {name} views of {sorted(set(mask.sum(1).tolist()))} tokens, expected "
+                f"{tokens}; the images must have the tower's size"
+            )
+        return mask
 
 
 def fetch_crops(
