@@ -198,11 +198,27 @@ def _dashboard(args: argparse.Namespace, cfg: Any) -> int:
 
 
 def _steer_overrides(args: argparse.Namespace) -> list[str]:
-    rule = [f"steer.value={args.value}"] if args.value is not None else []
-    rule += [f"steer.scale={args.scale}"] if args.scale is not None else []
-    rule += [f"steer.latents={json.dumps(args.latent)}"] if args.latent else []
-    rule += ["steer.keep_error=false"] if args.no_error else []
+    rules = [("value", v) for v in args.value or []] + [("scale", v) for v in args.scale or []]
+    groups = [[latent] for latent in args.latent] if args.separately else [args.latent]
+    if len(rules) * len(groups) > 1:  # several interventions, each on its own (multimodal language models)
+        if not args.latent or not rules:
+            raise ConfigError("--separately and repeated --value/--scale need --latent and --value or --scale")
+        error = {"keep_error": False} if args.no_error else {}
+        specs = [{"latents": group, key: v, **error} for group in groups for key, v in rules]
+        rule = [f"steer={json.dumps(specs)}"]
+    else:
+        rule = [f"steer.{key}={v}" for key, v in rules]
+        rule += [f"steer.latents={json.dumps(args.latent)}"] if args.latent else []
+        rule += ["steer.keep_error=false"] if args.no_error else []
     rule += [f"text_embeddings={json.dumps(args.text_embeddings)}"] if args.text_embeddings else []
+    generation = {
+        "prompts": args.prompt or None,
+        "token_kinds": args.token_kinds,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+    }
+    rule += [f"generation.{key}={json.dumps(v)}" for key, v in generation.items() if v is not None]
+    rule += [f"output={json.dumps(args.output)}"] if args.output else []
     return [f"checkpoint={json.dumps(args.checkpoint)}", *_data_override(args.data), *rule]
 
 
@@ -382,21 +398,50 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         name="steer",
-        help="clamp or scale latents of an SAE spliced into its model and report the change in output (no Ray)",
+        help="clamp or scale latents of an SAE spliced into its model and report the change in output, or in a "
+        "multimodal model's answers (no Ray)",
         description="Splice the checkpoint in at its hook point, set the chosen latents to --value (or multiply them "
         "by --scale) on the dataset's first inputs, keeping the SAE's error term, and print as JSON the change in "
-        "predicted class and class probabilities (or, with --text-embeddings, in cosine similarity to each prompt).",
-        epilog="example: prisma-ray steer runs/sae/topk-k-32 --latent 11 --value 8 --data shapes.yaml",
+        "predicted class and class probabilities (or, with --text-embeddings, in cosine similarity to each prompt). "
+        "A multimodal language model (hf-lmm, dictionary at an lm.* hook point) answers each --prompt about each "
+        "image clean and steered (greedy, with its key/value cache), once per intervention (repeat --value/--scale, "
+        "or --separately); the answers and each token's log-probability change go to <output>/steer.json and "
+        "<output>/steer.html.",
+        epilog="examples: prisma-ray steer runs/sae/topk-k-32 --latent 11 --value 8 --data shapes.yaml; "
+        "prisma-ray steer runs/sae/llava-l12 --latent 7 --latent 9 --separately --value 10 --value 40 "
+        "--data images/ --prompt 'What is the person doing?' --output runs/steer",
         config=".interpret.steer:SteerConfig",
         config_help="YAML SteerConfig (optional)",
         arguments=(
             arg("checkpoint", help="checkpoint directory URI"),
             arg("--latent", type=int, action="append", default=[], help="a latent to steer (repeatable)"),
-            arg("--value", type=float, group="rule", help="clamp the latents to this activation"),
-            arg("--scale", type=float, group="rule", help="multiply the latents by this factor"),
+            arg(
+                "--value",
+                type=float,
+                action="append",
+                group="rule",
+                help="clamp the latents to this activation (repeatable: multimodal models, each value on its own)",
+            ),
+            arg(
+                "--scale",
+                type=float,
+                action="append",
+                group="rule",
+                help="multiply the latents by this factor (repeatable, as --value)",
+            ),
             arg("--no-error", action="store_true", help="drop the SAE's error term (reconstruction only)"),
             DATA,
             arg("--text-embeddings", help=".npy [prompts, width] text embeddings (embedding towers)"),
+            arg("--separately", action="store_true", help="multimodal models: steer each --latent on its own"),
+            arg("--prompt", action="append", help="multimodal models: a question asked about each image (repeatable)"),
+            arg(
+                "--token-kinds",
+                choices=["all", "image", "prompt", "generated"],
+                help="multimodal models: tokens steered",
+            ),
+            arg("--max-new-tokens", type=int, help="multimodal models: answer length in tokens"),
+            arg("--temperature", type=float, help="multimodal models: 0 greedy (default), above: sampled"),
+            arg("--output", help="multimodal models: directory of steer.json and steer.html"),
         ),
         overrides=_steer_overrides,
         run=_steer,

@@ -97,8 +97,23 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     try:
         return cls.model_validate(with_section_defaults(cls, data))
     except ValidationError as exc:
-        where = f"config {str(path)!r}" if path else "config"
-        raise ConfigError(f"Invalid {where} for {cls.__name__}: {describe_errors(cls, exc)}") from exc
+        raise ConfigError(
+            f"Invalid {_source(path, overrides, exc)} for {cls.__name__}: {describe_errors(cls, exc)}"
+        ) from exc
+
+
+def _source(path: Path | None, overrides: list[str] | None, exc: ValidationError) -> str:
+    """Where the invalid values came from: the `--set` overrides whose keys the errors name, else the file."""
+    keys = {".".join(str(part) for part in error["loc"]) for error in exc.errors()}
+    blamed = [a for a in overrides or [] if "=" in a and any(_covers(a.split("=", 1)[0].strip(), k) for k in keys)]
+    if blamed:
+        return "--set " + ", --set ".join(blamed)
+    return f"config {str(path)!r}" if path else "config"
+
+
+def _covers(set_key: str, error_key: str) -> bool:
+    """True if the override of `set_key` wrote the value at `error_key` (the same key, or a section above it)."""
+    return error_key == set_key or error_key.startswith(set_key + ".") or set_key.startswith(error_key + ".")
 
 
 def describe_errors(cls: type[BaseModel], exc: ValidationError) -> str:

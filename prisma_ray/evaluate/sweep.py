@@ -190,7 +190,14 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
     options = cfg.evaluation.storage.resolved()
     selected = set(cfg.models.resolve()) if cfg.models is not None else None
     uris: list[str] = []
+    buckets_checked: set[str] = set()
     for root, required in checkpoint_roots(cfg):
+        # A missing or unreachable bucket is an error even for a per-model root: otherwise every model would read
+        # as "no checkpoints" (each after its own connection retries).
+        bucket = root.split("/", 3)[2] if storage.is_s3(root) else ""
+        if bucket not in buckets_checked:
+            storage.require_bucket(root, options)
+            buckets_checked.add(bucket)
         try:
             uris += find_checkpoints(root, options)
         except storage.MissingInputError:

@@ -36,7 +36,7 @@ from ..runtime.session import RayOptions
 from ..sae import load_dictionary
 from ..sae.io import CheckpointInfo, read_checkpoint_info
 from ..storage import StorageOptions
-from .texttop import PromptTokens, prompt_tokens
+from .texttop import PromptTokens, prompt_tokens, token_strings
 from .tiles import TileGeometry, llava_next_tiles
 from .topk import LatentRecord
 
@@ -349,7 +349,10 @@ class LatentWorker:
             return self._encode(acts[torch.from_numpy(mask).to(self.device)].reshape(len(pixels), -1, acts.shape[-1]))
 
         ids, mask = x["input_ids"].cpu().numpy(), x["attention_mask"].cpu().numpy().astype(bool)
-        prompts = [prompt_tokens(self.model.token_strings(ids[b]), layout.kind[b], mask[b]) for b in range(len(pixels))]
+        prompts = [
+            prompt_tokens(token_strings(self.model.tokenizer, ids[b]), layout.kind[b], mask[b])
+            for b in range(len(pixels))
+        ]
         rows = torch.cat([acts[b, torch.from_numpy(p.positions).to(self.device)] for b, p in enumerate(prompts)])
         text = np.split(self._encode(rows), np.cumsum([len(p.positions) for p in prompts])[:-1])
         return at(base), text, prompts, None if crop is None else at(crop)

@@ -24,7 +24,7 @@ from ..data.sources import DatasetSpec, SyntheticSource, with_resolved_storage
 from ..evaluate.checkpoint import load_matrix
 from ..evaluate.splice import Head, HookList, ZeroShotHead, classifier_head, outputs_logits, put_at_positions, take
 from ..models import HookedVisionModel, ModelEntry
-from ..models.inputs import PixelInputs
+from ..models.inputs import DEFAULT_PROMPT, PixelInputs
 from ..models.loading import TORCH_DTYPES, load_model, resolve_entry
 from ..models.spec import ModelAsExtracted
 from ..models.token_selection import TokenSelection, fixed_positions
@@ -34,7 +34,7 @@ from ..storage import StorageOptions
 from .collect import default_dataset
 
 
-class SteerSpec(BaseModel):
+class Intervention(BaseModel):
     """Which latents to steer and how: set them to `value`, or multiply them by `scale`."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -42,14 +42,20 @@ class SteerSpec(BaseModel):
     latents: list[int] = Field(min_length=1, description="indices of the latents steered")
     value: float | None = Field(None, description="clamp the latents to this activation (or set `scale`)")
     scale: float | None = Field(None, description="multiply the latents by this factor (or set `value`)")
-    keep_error: bool = Field(True, description="add back the dictionary's error term x - x_hat")
-    tokens: Literal["all", "patches", "cls"] = Field("all", description="the tokens steered: all, patches or cls")
 
     @model_validator(mode="after")
-    def _one_rule(self) -> SteerSpec:
+    def _one_rule(self) -> Intervention:
         if (self.value is None) == (self.scale is None):
             raise InvalidRequest("set exactly one of `value` (clamp the latents) or `scale` (multiply them)")
         return self
+
+
+class SteerSpec(Intervention):
+    """An `Intervention`, whether the error term is kept, and the tokens steered (vision models: all, patches or
+    cls; multimodal language models choose the kinds of token with `GenerationSpec.token_kinds` instead)."""
+
+    keep_error: bool = Field(True, description="add back the dictionary's error term x - x_hat")
+    tokens: Literal["all", "patches", "cls"] = Field("all", description="the tokens steered: all, patches or cls")
 
 
 def check_latents(d: Dictionary, latents: Sequence[int]) -> None:
@@ -65,22 +71,29 @@ def steered(d: Dictionary, x: torch.Tensor, spec: SteerSpec) -> torch.Tensor:
     new = z.clone()
     idx = torch.as_tensor(spec.latents, device=z.device)
     new[..., idx] = spec.value if spec.value is not None else z[..., idx] * spec.scale
-    out = raw + d.decode(new) - d.decode(z) if spec.keep_error else d.decode(new)
+    out = raw + (d.decode(new) - d.decode(z)) if spec.keep_error else d.decode(new)  # no change: exactly `x`
     return out.to(x.dtype)
 
 
-def steering_hooks(model: HookedVisionModel, d: Dictionary, spec: SteerSpec, hook: str | None = None) -> HookList:
-    """The forward hook that steers `d`'s latents at `hook` (default: `d`'s input hook point); at a per-head point
-    `d` reads every head flattened into the width (head-major, as extraction stores it by default)."""
-    check_latents(d, spec.latents)
+def steered_hook(model: HookedVisionModel, d: Dictionary, latents: Sequence[int]) -> str:
+    """The hook point where `d` is spliced in to steer `latents` (its input hook point), after checking that `d` is
+    an SAE over one hook point of `model`'s width there and that the latents exist (`InvalidRequest` otherwise)."""
+    check_latents(d, latents)
     if d.sites.kind != "sae":
         raise InvalidRequest(f"steering needs an SAE over one hook point; this dictionary is a {d.sites.kind}")
-    hook = hook or d.sites.inputs[0].name
+    hook = d.sites.inputs[0].name
     width = model.hook_width(hook)
     if d.sites.d_in != width:
         raise InvalidRequest(
             f"the dictionary reads {d.sites.d_in}-wide activations but {model.name} is {width} wide at {hook}"
         )
+    return hook
+
+
+def steering_hooks(model: HookedVisionModel, d: Dictionary, spec: SteerSpec) -> HookList:
+    """The forward hook that steers `d`'s latents at its input hook point; at a per-head point `d` reads every head
+    flattened into the width (head-major, as extraction stores it by default)."""
+    hook = steered_hook(model, d, spec.latents)
     positions = torch.as_tensor(
         fixed_positions(model.token_layout, TokenSelection(mode=spec.tokens)), device=d.W_dec.device
     )
@@ -167,13 +180,39 @@ def steer(
     return SteerResult(torch.cat(clean).float().cpu(), torch.cat(steered_out).float().cpu(), scale)
 
 
+TokenKinds = Literal["all", "image", "prompt", "generated"]
+
+
+class GenerationSpec(BaseModel):
+    """Multimodal language models: the prompts asked about each image and how the answers are generated."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    prompts: list[str] = Field([DEFAULT_PROMPT], min_length=1, description="asked about every image, one by one")
+    token_kinds: TokenKinds = Field(
+        "all", description="the tokens steered: image (the image tokens), prompt (its text), generated, or all"
+    )
+    max_new_tokens: int = Field(32, ge=1, description="answer length, in tokens")
+    temperature: float = Field(0.0, ge=0, description="0: greedy; above: sampled (with the model's top-k / top-p)")
+    seed: int = Field(0, description="seed of the sampling (temperature above 0), the same for clean and steered")
+
+
 class SteerConfig(ModelAsExtracted):
-    """`prisma-ray steer`: steer a checkpoint's latents on the first `samples` inputs of a dataset."""
+    """`prisma-ray steer`: steer a checkpoint's latents on the first `samples` inputs of a dataset (multimodal
+    language models: generate answers to `generation.prompts` about them, clean and steered)."""
 
     model_config = ConfigDict(extra="forbid")
 
     checkpoint: str = Field(description="checkpoint directory (cfg.json + sae_weights.safetensors), local or s3://")
-    steer: SteerSpec = Field(description="which latents to steer and how")
+    steer: SteerSpec | list[SteerSpec] = Field(
+        description="which latents to steer and how; a list (multimodal language models): each on its own"
+    )
+    generation: GenerationSpec = Field(
+        default_factory=GenerationSpec, description="multimodal language models: prompts and generation"
+    )
+    output: str = Field(
+        "prisma-steer", description="multimodal language models: where steer.json and steer.html are written"
+    )
     dataset: DatasetSpec = Field(
         default_factory=default_dataset,
         description="the inputs, by `type`; the first `samples` are used (default: synthetic shapes)",
@@ -210,15 +249,26 @@ def steered_pair(cfg: SteerConfig) -> tuple[Dictionary, HookedVisionModel]:
 
 
 def run_steer(cfg: SteerConfig) -> dict:
-    """Steer per `cfg` and return `SteerResult.summary` plus what was steered."""
+    """Steer per `cfg` and return `SteerResult.summary` plus what was steered (multimodal language models:
+    `steer_generate.run_generation`)."""
     options = cfg.storage.resolved()
     d, model = steered_pair(cfg)
+    if model.preprocess.modality == "multimodal":
+        from .steer_generate import run_generation
+
+        return run_generation(cfg, d, model)
+    if isinstance(cfg.steer, list) and len(cfg.steer) != 1:
+        raise InvalidRequest(
+            f"steer: {len(cfg.steer)} interventions given; {model.name} is steered by one at a time (a list of "
+            "several is for multimodal language models)"
+        )
+    rule = cfg.steer[0] if isinstance(cfg.steer, list) else cfg.steer
     device = d.W_enc.device
     spec = with_resolved_storage(cfg.dataset)
     data = decode_first(spec, InputFormat.create(spec, model.preprocess), cfg.samples)
     x = PixelInputs(model, device=device).pixels(data.pixels)
     embeddings = load_matrix(cfg.text_embeddings, options).to(device) if cfg.text_embeddings else None
-    result = steer(model, d, x, cfg.steer, default_head(model, embeddings, cfg.logit_scale))
+    result = steer(model, d, x, rule, default_head(model, embeddings, cfg.logit_scale))
     labels = cfg.labels or (
         list(spec.generator.shapes) if isinstance(spec, SyntheticSource) and spec.generator.name == "shapes" else None
     )
@@ -228,6 +278,6 @@ def run_steer(cfg: SteerConfig) -> dict:
         "checkpoint": cfg.checkpoint,
         "model": model.name,
         "hook": d.sites.inputs[0].name,
-        **cfg.steer.model_dump(),
+        **rule.model_dump(),
         **result.summary(labels),
     }

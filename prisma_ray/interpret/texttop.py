@@ -26,6 +26,12 @@ IMAGE_PIECE = "<image>"
 FIELDS = ("scores", "ids", "positions", "tokens", "contexts")
 
 
+def token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
+    """The text of each token id of `ids`, decoded alone by `tokenizer` (a transformers tokenizer; a byte of a
+    multi-byte character decodes to U+FFFD, special tokens read as their names, e.g. `<image>`)."""
+    return tokenizer.batch_decode([[int(i)] for i in ids])
+
+
 @dataclass(frozen=True)
 class PromptTokens:
     """The text tokens of one sample's sequence: `positions int64[n]` (their places in the sequence), `tokens`

@@ -115,12 +115,13 @@ class HookedVisionModel(nn.Module):
             raise TypeError(f"{self.name} is not a multimodal language model; it takes pixels (see model.preprocess).")
         return self._sites.encode(visuals, prompts)
 
-    def token_strings(self, ids: Sequence[int]) -> list[str]:
-        """A multimodal model's tokenizer: the text of each token id of `ids`, decoded alone (special tokens as
-        their names, e.g. `<image>`)."""
-        if self._sites.token_strings is None:
+    @property
+    def tokenizer(self):
+        """A multimodal model's tokenizer (its processor's, a transformers `PreTrainedTokenizerBase`: `decode(ids)`
+        gives the text of token ids)."""
+        if self._sites.tokenizer is None:
             raise TypeError(f"{self.name} is not a multimodal language model; it has no tokenizer.")
-        return self._sites.token_strings(ids)
+        return self._sites.tokenizer
 
     def hook_width(self, name: str, head: int | None = None) -> int:
         """The width of one token's activation at hook point `name` as stored (`per_token`): `d_model`

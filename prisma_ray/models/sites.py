@@ -101,8 +101,8 @@ class ModelSites:
     """Everything `HookedVisionModel` needs to know about a built source model.
 
     Multimodal language models add `lm`, `layout` (the `MultimodalLayout` of an input batch) and
-    `encode` (their processor: `uint8` images or videos and one prompt each -> input tensors) and
-    `token_strings` (their tokenizer: token ids -> the text of each token); their
+    `encode` (their processor: `uint8` images or videos and one prompt each -> input tensors) and `tokenizer`
+    (their processor's: token ids -> text); their
     `layers` are the vision tower's blocks and `forward` takes the processor's output. `patch_embed`: the
     convolution that embeds patches (its weight is `W_E`); `pos_embed`: the learned position embeddings
     `[tokens, d_model]` as a view of the parameter (None where there are none).
@@ -122,4 +122,4 @@ class ModelSites:
     lm: LanguageSites | None = None
     layout: Callable[[Mapping[str, torch.Tensor]], MultimodalLayout] | None = None
     encode: Callable[[Sequence[np.ndarray], Sequence[str]], dict[str, torch.Tensor]] | None = None
-    token_strings: Callable[[Sequence[int]], list[str]] | None = None
+    tokenizer: Any = None

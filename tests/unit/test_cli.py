@@ -97,6 +97,16 @@ def test_demo_config_refuses_a_typo(capsys):
     assert "batch_sise" in capsys.readouterr().err
 
 
+def test_a_config_error_blames_the_override_that_wrote_the_value_not_the_file(tmp_path):
+    config = tmp_path / "demo.yaml"
+    config.write_text("batch_size: 4\n")
+    with pytest.raises(ConfigError, match=r"^Invalid --set batch_size=-1 for DemoConfig: batch_size"):
+        load_config(DemoConfig, config, ["batch_size=-1"])
+    config.write_text("batch_size: 0\n")
+    with pytest.raises(ConfigError, match=rf"^Invalid config '{config}' for DemoConfig: batch_size"):
+        load_config(DemoConfig, config, ["seed=1"])
+
+
 @pytest.mark.parametrize("error", [KeyError("k"), AttributeError("a"), ValueError("v")], ids=lambda e: type(e).__name__)
 def test_a_bug_inside_a_job_propagates_with_its_traceback(error, monkeypatch):
     def broken(cfg):
@@ -121,12 +131,12 @@ def test_an_invalid_request_inside_a_job_is_one_error_line(monkeypatch, capsys):
 def test_a_config_error_is_one_error_line_and_verbose_logs_its_traceback(capsys, caplog):
     assert main(["demo", "--set", "batch_size=0"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: Invalid config for DemoConfig") and err.count("error:") == 1
+    assert err.startswith("error: Invalid --set batch_size=0 for DemoConfig") and err.count("error:") == 1
     assert err.count("\n") == 1 and "batch_size: Input should be greater than or equal to 1 (got 0)" in err
     assert "Traceback" not in err
     caplog.set_level(logging.DEBUG, logger="prisma_ray.cli")
     assert main(["-v", "demo", "--set", "batch_size=0"]) == 2
-    assert "error: Invalid config" in capsys.readouterr().err
+    assert "error: Invalid --set batch_size=0" in capsys.readouterr().err
     (record,) = [r for r in caplog.records if r.name == "prisma_ray.cli"]
     assert record.levelno == logging.DEBUG and record.exc_info[0] is ConfigError
 

@@ -121,3 +121,19 @@ def test_plan_expands_model_uris_filters_groups_and_skips_done(tmp_path):
         plan_sweep(cfg.model_copy(update={"models": clip}))
     with pytest.raises(MissingInputError, match="selected models"):
         plan_sweep(cfg.model_copy(update={"models": clip, "checkpoints": [str(tmp_path / "other")]}))
+
+
+def test_a_missing_bucket_under_a_model_template_is_named_once_not_read_as_no_checkpoints(s3, tmp_path, monkeypatch):
+    from prisma_ray import storage
+
+    real, checked = storage.require_bucket, []
+    monkeypatch.setattr(storage, "require_bucket", lambda uri, options=None: checked.append(uri) or real(uri, options))
+    cfg = SweepConfig(
+        checkpoints=["s3://no-such-bucket/runs/{model}"],
+        models=ModelSelection(source="prisma"),
+        output=str(tmp_path / "out"),
+        evaluation={"storage": s3.options},
+    )
+    with pytest.raises(MissingInputError, match="bucket 'no-such-bucket' does not exist"):
+        plan_sweep(cfg)
+    assert len(checked) == 1, "one check per bucket, not one per model"

@@ -94,3 +94,5 @@ def test_steer_command_prints_the_change_as_json(toy_sae, tmp_path, capsys):
     assert report["inputs"] == 12 and report["latents"] == [latent] and report["keep_error"] is True
     assert report["mean_prob_delta"][name] > 0.05
     assert main(["steer", str(tmp_path / "nope"), "--latent", "1", "--value", "1", "--data", str(data)]) == 2
+    several = ["steer", toy_sae.checkpoint, "--latent", "1", "--value", "1", "--value", "2", "--data", str(data)]
+    assert main(several) == 2 and "is steered by one at a time" in capsys.readouterr().err

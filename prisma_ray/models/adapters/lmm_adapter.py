@@ -26,7 +26,7 @@ from ..registry import ModelEntry
 from ..sites import LanguageSites, LayerSites, ModelSites
 from ..spec import ImageView, MultimodalLayout, PreprocessSpec, TokenKind, TokenLayout
 from .hf_adapter import BACKBONES, CLIP_MEAN, CLIP_STD, HALF, instantiate, layer_sites, token_layout
-from .lmm_processor import build_processor, encoder, token_strings
+from .lmm_processor import build_processor, encoder
 
 ARCHITECTURES = (
     "LlavaNextForConditionalGeneration",
@@ -245,7 +245,7 @@ def sites_from_lmm(model: nn.Module, entry: ModelEntry, processor: Any) -> Model
         lm=language_sites(model),
         layout=_layout(model),
         encode=encoder(processor, entry.name, videos=_is_qwen(model)),
-        token_strings=token_strings(processor),
+        tokenizer=processor.tokenizer,
         **vision,
     )
 

@@ -152,16 +152,6 @@ def user_turn(prompt: str, visual: str = "image") -> list[dict[str, Any]]:
     return [{"role": "user", "content": [{"type": visual}, {"type": "text", "text": prompt}]}]
 
 
-def token_strings(processor: Any) -> Callable[[Sequence[int]], list[str]]:
-    """`strings(ids)`: the text of each token id, decoded alone by the processor's tokenizer (a byte of a
-    multi-byte character decodes to U+FFFD)."""
-
-    def strings(ids: Sequence[int]) -> list[str]:
-        return processor.tokenizer.batch_decode([[int(i)] for i in ids])
-
-    return strings
-
-
 def encoder(processor: Any, name: str, videos: bool) -> Encode:
     """`encode(visuals, prompts)`: `uint8[H, W, 3]` images or `uint8[T, H, W, 3]` videos (the model
     `name` takes videos only if `videos`), one prompt each -> the model's input (CPU tensors).
