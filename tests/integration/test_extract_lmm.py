@@ -1,7 +1,8 @@
 """A multimodal language model's layer end to end (the loop of "Large Multi-modal Models Can Interpret Features in
 Large Multi-modal Models", offline): `prisma-ray extract` (image + prompt in, sequence tokens out, through the Ray
 actor pool), a TopK SAE trained on its image and text tokens, its evaluation, its latents' top images and top text
-tokens with their dashboard, and their explanations by a served chat model (a fixed-table server on 127.0.0.1)."""
+tokens with their dashboard, their explanations by a served chat model (a fixed-table server on 127.0.0.1), and
+answers generated with an explained latent clamped."""
 
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from prisma_ray.interpret.dashboard import write_dashboard
 from prisma_ray.interpret.evidence import read_explanations
 from prisma_ray.interpret.pipeline import run_interpret
 from prisma_ray.interpret.results import read_results
+from prisma_ray.interpret.steer import GenerationSpec, SteerConfig, SteerSpec, run_steer
 from prisma_ray.models import TokenKind
 from prisma_ray.sae import load_dictionary
 from prisma_ray.sae.io import read_checkpoint_info
@@ -131,9 +133,10 @@ def explanation_table(request: dict) -> str:
 TABLE = {c: f"prompt token number {ord(c)}" for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ .,:?!"}
 
 
-def test_the_papers_loop_offline_interpret_on_images_and_text_then_explain_with_a_served_model(campaign, chat_server):
+def test_the_papers_loop_offline_interpret_explain_with_a_served_model_then_steer(campaign, chat_server):
     """extract (fixture) -> train (fixture) -> interpret on image and text tokens -> dashboard -> explain with the
-    chat explainer against an OpenAI-compatible server on 127.0.0.1 answering from a fixed table."""
+    chat explainer against an OpenAI-compatible server on 127.0.0.1 answering from a fixed table -> steer the
+    explained latent while the model answers about the images, and record the answers."""
     tmp_path, config, _, _, exported = campaign
     passed = run_interpret(
         InterpretConfig(
@@ -184,3 +187,23 @@ def test_the_papers_loop_offline_interpret_on_images_and_text_then_explain_with_
         token = results.text_rows(latent)[0]["token"]
         assert explanations[latent].explanation == TABLE.get(token, "another token")
         assert explanations[latent].explainer == "chat:llava-ov-served"
+
+    chosen = latents[0]  # steer the explained latent: clamp it high while the model answers about the images
+    steered = run_steer(
+        SteerConfig(
+            checkpoint=exported,
+            model=tiny_entry("llava-onevision"),
+            pretrained=False,
+            steer=[SteerSpec(latents=[chosen], value=50.0)],
+            generation=GenerationSpec(prompts=[PROMPTS[0]], max_new_tokens=6),
+            dataset=config["dataset"],
+            samples=2,
+            device="cpu",
+            output=str(tmp_path / "steer"),
+        )
+    )
+    answers = steered["answers"]
+    assert len(answers) == 2 and all(a["prompt"] == PROMPTS[0] and len(a["steered"]) == 1 for a in answers)
+    assert any(a["steered"][0]["text"] != a["clean"] for a in answers), "the clamp changes the answers"
+    assert Path(steered["json"]).exists() and Path(steered["html"]).exists()
+    print("steered latent", chosen, "explained as", repr(explanations[chosen].explanation), "answers:", answers)
