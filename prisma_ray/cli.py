@@ -364,7 +364,9 @@ COMMANDS: tuple[Command, ...] = (
         description="Run a dataset through the checkpoint's model and dictionary on a Ray actor pool and keep, per "
         "latent, the top-k samples by max and by mean activation (with per-patch maps), a random sample of its "
         "activations and its firing statistics; write them to `output` (local or s3://). A multimodal language "
-        "model's dictionary is read on each image's base-view image tokens, the image shown with one of `prompts`.",
+        "model's dictionary is read on each image's base-view image tokens, the image shown with one of `prompts`, "
+        "and on its text tokens (the top text tokens with their prompt contexts); LLaVA-NeXT's high-resolution "
+        "tiles keep their maps.",
         epilog="example: prisma-ray interpret --set checkpoint=runs/sae/topk-k-32 --data data.yaml --set output=/tmp/i",
         config=".interpret.collect:InterpretConfig",
         config_help="YAML InterpretConfig (optional)",

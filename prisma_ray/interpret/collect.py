@@ -24,11 +24,11 @@ from ..data.errors import write_shard_errors
 from ..data.shards import InputFormat, ShardData, decode_shard, key_sample_id
 from ..data.sources import SHARDED, DatasetSpec, SampleRef, SyntheticSource, with_resolved_storage
 from ..data.synthetic import ShapesConfig
-from ..models import ModelEntry, TokenKind, TokenLayout
+from ..models import HookedVisionModel, ModelEntry, TokenKind, TokenLayout
 from ..models.hooked import per_token
 from ..models.inputs import base_view_layout, model_inputs, model_prompts
 from ..models.loading import actor_model, check_hooks, describe_model, resolve_entry
-from ..models.spec import ModelAsExtracted, ModelDType
+from ..models.spec import ModelAsExtracted, ModelDType, MultimodalLayout
 from ..models.token_selection import MAX_TOKENS, TokenSelection, check_selection
 from ..models.weights import WeightsRef, checked_weights
 from ..runtime.pool import ShardResources
@@ -36,6 +36,8 @@ from ..runtime.session import RayOptions
 from ..sae import load_dictionary
 from ..sae.io import CheckpointInfo, read_checkpoint_info
 from ..storage import StorageOptions
+from .texttop import PromptTokens, prompt_tokens, token_strings
+from .tiles import TileGeometry, llava_next_tiles
 from .topk import LatentRecord
 
 log = logging.getLogger(__name__)
@@ -50,8 +52,9 @@ class InterpretConfig(ModelAsExtracted):
 
     The model and hook point come from the checkpoint's `cfg.json` (`model`/`hook` override them);
     `pretrained: false` rebuilds the random weights an extraction with the same `seed` used. For a
-    multimodal language model the latents are read on the base view's image tokens of each image,
-    shown with one of `prompts` (pass those it was extracted with), as a patch grid for heatmaps.
+    multimodal language model each image is asked one of `prompts` (pass those it was extracted with);
+    the latents are read on the base view's image tokens of each image, as a patch grid for heatmaps,
+    and on the text tokens of its sequence (the top text tokens, with their contexts).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -114,6 +117,7 @@ class InterpretJob:
     weights: WeightsRef | None = None
     prompts: tuple[str, ...] | None = None
     layout: TokenLayout | None = None  # the tokens read (default: the model's token layout)
+    tiles: TileGeometry | None = None  # LLaVA-NeXT: the crop view's tiles (its maps are kept beside the top ones)
     head: int | None = None  # per-head hook points: this head only (None: heads flattened)
 
 
@@ -135,6 +139,7 @@ class InterpretPlan:
     options: StorageOptions
     prompts: tuple[str, ...] | None = None
     weights: WeightsRef | None = None
+    tiles: TileGeometry | None = None
 
     def job(self, device: str = "cpu", torch_threads: int | None = None) -> InterpretJob:
         c = self.cfg
@@ -158,6 +163,7 @@ class InterpretPlan:
             prompts=self.prompts,
             layout=self.layout,
             head=c.head,
+            tiles=self.tiles,
         )
 
     def description(self) -> dict[str, Any]:
@@ -177,7 +183,8 @@ class InterpretPlan:
             "reservoir": self.cfg.reservoir,
             **({"model_dtype": self.cfg.model_dtype} if self.cfg.model_dtype != "float32" else {}),
             **({"weights": self.weights.record()} if self.weights else {}),
-            **({"prompts": list(self.prompts)} if self.prompts else {}),
+            **({"prompts": list(self.prompts), "text_tokens": True} if self.prompts else {}),
+            **({"tiles": self.tiles.model_dump(mode="json")} if self.tiles else {}),
             **({"head": self.cfg.head} if self.cfg.head is not None else {}),
         }
 
@@ -216,6 +223,7 @@ def plan_interpret(cfg: InterpretConfig) -> InterpretPlan:
     except ValueError as e:
         raise InvalidRequest(f"{entry.name} cannot take the {spec.type} dataset: {e}") from None
     layout = model.token_layout if prompts is None else base_view_layout(model, fmt.shape, prompts[0])
+    tiles = crop_tiles(model, entry, fmt.shape, prompts[0]) if prompts is not None else None
     check_selection(layout, TokenSelection(mode="all"), entry.name)  # the results' int16 token columns hold it
     return InterpretPlan(
         cfg=cfg,
@@ -228,7 +236,26 @@ def plan_interpret(cfg: InterpretConfig) -> InterpretPlan:
         options=options,
         prompts=None if prompts is None else tuple(prompts),
         weights=weights,
+        tiles=tiles,
     )
+
+
+def crop_tiles(model: HookedVisionModel, entry: ModelEntry, shape: tuple[int, ...], prompt: str) -> TileGeometry | None:
+    """LLaVA-NeXT: the tiles of the high-resolution crop view of an image of `shape` (`tiles.llava_next_tiles`),
+    checked against the model's own layout of one such image; None for other models."""
+    if entry.family != "llava-next":
+        return None
+    config = model.model.config
+    vision = config.vision_config
+    tiles = llava_next_tiles(shape[:2], config.image_grid_pinpoints, vision.image_size, vision.patch_size)
+    views = model.multimodal_layout(model.encode([np.zeros(shape, np.uint8)], [prompt])).views
+    crop = [v.grid for v in views if v.view == 1]
+    if crop != [tiles.grid]:
+        raise InvalidRequest(
+            f"{entry.name}: the crop view of a {shape[0]}x{shape[1]} image is {crop} in the model's layout but "
+            f"{tiles.grid} from its image_grid_pinpoints; this model's high-resolution crops cannot be drawn as tiles"
+        )
+    return tiles
 
 
 class LatentWorker:
@@ -244,6 +271,7 @@ class LatentWorker:
         self.inputs = model_inputs(self.model, TokenSelection(mode="all"), job.prompts, self.device)
         self.dictionary = load_dictionary(job.checkpoint, job.storage).to(self.device).eval()
         self.layout = job.layout or self.model.token_layout
+        self.crop_tokens = 0 if job.tiles is None else job.tiles.grid[0] * job.tiles.grid[1]
         self.kinds = self.layout.kinds()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -261,7 +289,14 @@ class LatentWorker:
     def empty(self) -> LatentRecord:
         j = self.job
         return LatentRecord.empty(
-            self.dictionary.n_latents, self.layout.n_tokens, j.k, j.reservoir, j.negatives, j.reservoir_seed
+            self.dictionary.n_latents,
+            self.layout.n_tokens,
+            j.k,
+            j.reservoir,
+            j.negatives,
+            j.reservoir_seed,
+            text=j.prompts is not None,
+            crop_tokens=self.crop_tokens,
         )
 
     def process(self, data: ShardData, shard: int = 0) -> tuple[LatentRecord, ShardData]:
@@ -271,36 +306,66 @@ class LatentWorker:
         keys = data.keys()  # a video frame read by an image model: `<clip>#frame=<index>`
         for i in range(0, len(keys), self.job.batch_size):
             ids = keys[i : i + self.job.batch_size]
-            latents = self.latents(data.pixels[i : i + self.job.batch_size], ids)
+            pixels = data.pixels[i : i + self.job.batch_size]
             try:
-                record = record.update(ids, latents, self.kinds)
+                if self.job.prompts is None:
+                    record = record.update(ids, self.latents(pixels, ids), self.kinds)
+                else:
+                    latents, texts, prompts, crops = self.prompt_latents(pixels, ids)
+                    record = record.update(ids, latents, self.kinds, crops).update_text(ids, texts, prompts)
             except InvalidRequest as e:  # NaN/inf or values beyond the float16 maps: name the dictionary and shard
                 raise InvalidRequest(f"{self.job.checkpoint} on {self.job.hook}, input shard {shard}: {e}") from e
         return record, data
 
     @torch.inference_mode()
     def latents(self, pixels: np.ndarray, sample_ids: np.ndarray) -> np.ndarray:
-        """`float32[B, tokens, latents]` for `uint8` crops `pixels` (the prompts of multimodal models follow `sample_ids`)."""
-        if self.job.prompts is None:
-            x, _ = self.inputs(pixels, sample_ids)
-            _, cache = self.model.run_with_cache(x, [self.job.hook], stop_early=True)
-            acts = per_token(cache[self.job.hook], self.job.head)  # per-head points: as extraction stored them
-        else:
-            acts = self._base_view_acts(pixels, sample_ids)
+        """`float32[B, tokens, latents]` for `uint8` crops `pixels` (multimodal models: on each image's base view,
+        see `prompt_latents`)."""
+        if self.job.prompts is not None:
+            return self.prompt_latents(pixels, sample_ids)[0]
+        x, _ = self.inputs(pixels, sample_ids)
+        _, cache = self.model.run_with_cache(x, [self.job.hook], stop_early=True)
+        acts = per_token(cache[self.job.hook], self.job.head)  # per-head points: as extraction stored them
+        return self._encode(acts)
+
+    def _encode(self, acts: torch.Tensor) -> np.ndarray:
         return self.dictionary.encode(acts.to(self.dictionary.W_enc.dtype)).float().cpu().numpy()
 
-    def _base_view_acts(self, pixels: np.ndarray, sample_ids: np.ndarray) -> torch.Tensor:
-        """`[B, grid tokens, d]`: a multimodal model's activations at each image's base-view tokens, row-major."""
+    @torch.inference_mode()
+    def prompt_latents(
+        self, pixels: np.ndarray, sample_ids: np.ndarray
+    ) -> tuple[np.ndarray, list[np.ndarray], list[PromptTokens], np.ndarray | None]:
+        """A multimodal model's latents for each image asked its sample's prompt: `float32[B, grid tokens, L]` at
+        each image's base-view tokens (row-major), per sample `float32[n_b, L]` at its text tokens (the prompt's
+        and chat template's, `PromptTokens` in sequence order), and for LLaVA-NeXT (`job.tiles`)
+        `float32[B, crop tokens, L]` at the crop view's tokens (row-major, newlines left out; else None)."""
         x, layout = self.inputs.encode(pixels, sample_ids)
-        base = (layout.kind == TokenKind.PATCH) & (layout.view == 0) & (layout.image == 0)
-        if (base.sum(1) != self.layout.n_tokens).any():
-            raise InvalidRequest(
-                f"{self.job.model.name}: base views of {sorted(set(base.sum(1).tolist()))} tokens, expected "
-                f"{self.layout.n_tokens}; the images must have the tower's size"
-            )
+        base = self._view_mask(layout, 0, self.layout.n_tokens, "base")
+        crop = self._view_mask(layout, 1, self.crop_tokens, "crop") if self.crop_tokens else None
         _, cache = self.model.run_with_cache(x, [self.job.hook], stop_early=True)
-        acts = per_token(cache[self.job.hook], self.job.head)[torch.from_numpy(base).to(self.device)]
-        return acts.reshape(len(pixels), self.layout.n_tokens, -1)
+        acts = per_token(cache[self.job.hook], self.job.head)
+
+        def at(mask: np.ndarray) -> np.ndarray:  # [B, tokens of the view, L], row-major
+            return self._encode(acts[torch.from_numpy(mask).to(self.device)].reshape(len(pixels), -1, acts.shape[-1]))
+
+        ids, mask = x["input_ids"].cpu().numpy(), x["attention_mask"].cpu().numpy().astype(bool)
+        prompts = [
+            prompt_tokens(token_strings(self.model.tokenizer, ids[b]), layout.kind[b], mask[b])
+            for b in range(len(pixels))
+        ]
+        rows = torch.cat([acts[b, torch.from_numpy(p.positions).to(self.device)] for b, p in enumerate(prompts)])
+        text = np.split(self._encode(rows), np.cumsum([len(p.positions) for p in prompts])[:-1])
+        return at(base), text, prompts, None if crop is None else at(crop)
+
+    def _view_mask(self, layout: MultimodalLayout, view: int, tokens: int, name: str) -> np.ndarray:
+        """`bool[B, seq]`: the patch tokens of view `view` of each sample's image, refused unless `tokens` each."""
+        mask = (layout.kind == TokenKind.PATCH) & (layout.view == view) & (layout.image == 0)
+        if (mask.sum(1) != tokens).any():
+            raise InvalidRequest(
+                f"{self.job.model.name}: {name} views of {sorted(set(mask.sum(1).tolist()))} tokens, expected "
+                f"{tokens}; the images must have the tower's size"
+            )
+        return mask
 
 
 def fetch_crops(

@@ -3,7 +3,10 @@
     <output>/index.html               every latent: search box, columns sortable by frequency, activation, score
     <output>/latents/<latent>.html    top images with heatmap overlays and active-patch masks (videos: an
                                       animated overlay and a frame strip), activation histogram,
-                                      explanation and scores (from `explanations.jsonl`, when present)
+                                      explanation and scores (from `explanations.jsonl`, when present);
+                                      multimodal language models: beside them the top text tokens, each
+                                      in its prompt context with the image the prompt asked about;
+                                      LLaVA-NeXT: each top image's high-resolution tiles with their heatmaps
     <output>/img/...                  the PNG/GIF files the pages show
 
 No external resource is referenced: the site opens from disk, a bucket or any static web server.
@@ -21,6 +24,8 @@ from .. import storage
 from .evidence import ExplanationRecord, read_explanations
 from .heatmaps import active_mask, frame_overlays, gif_bytes, mask_image, overlay, patch_grid, png_bytes, strip
 from .results import KIND_NAMES, Results
+from .texttop import IMAGE_PIECE, MARK
+from .tiles import tile_images, tile_maps
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +35,8 @@ body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa
 table{border-collapse:collapse}th,td{padding:4px 8px;border-bottom:1px solid #ddd;text-align:left}
 th{cursor:pointer;background:#eee;user-select:none}img{image-rendering:pixelated;display:block}
 .cards{display:flex;flex-wrap:wrap;gap:10px}.card{background:#fff;border:1px solid #ddd;padding:6px;font-size:12px}
-.card .row{display:flex;gap:4px}.explanation{font-size:1.2em;margin:.5em 0}.muted{color:#777}
+.card .row{display:flex;gap:4px}.tiles{margin-left:8px;display:flex;flex-direction:column;gap:2px}.context{font-family:monospace;white-space:pre-wrap;max-width:40em}
+mark{background:#f5b041}.explanation{font-size:1.2em;margin:.5em 0}.muted{color:#777}
 """
 _SORT_JS = """
 function sortBy(th){const t=th.closest('table'),i=[...th.parentNode.children].indexOf(th),b=t.tBodies[0];
@@ -143,11 +149,13 @@ class DashboardWriter:
                 files = self._images(latent, ranking, row)
                 thumb = thumb or files[1]
                 imgs = "".join(f"<img src='../{f}' alt='{k}'>" for k, f in zip(("image", "heatmap", "mask"), files))
+                imgs += self._tiles(latent, ranking, row)
                 cards.append(
                     f"<div class='card'><div class='row'>{imgs}</div>{html.escape(row['sample_id'])} · "
                     f"{ranking} {row['score']:.3g}</div>"
                 )
             sections.append(f"<h2>Top samples by {ranking} activation</h2><div class='cards'>{''.join(cards)}</div>")
+        sections.append(self._text_section(latent))
         _, values = self.results.values(latent)
         explanation = ""
         if e:
@@ -166,6 +174,48 @@ class DashboardWriter:
         )
         self._write(f"latents/{latent}.html", _page(f"latent {latent}", body).encode())
         return thumb
+
+    def _tiles(self, latent: int, ranking: str, row: dict[str, Any]) -> str:
+        """LLaVA-NeXT: one top sample's high-resolution tiles, each with its heatmap (padding patches blank), in
+        their places on the canvas; "" for other models."""
+        tiles = self.results.tiles
+        if tiles is None or "crops_map" not in row:
+            return ""
+        where = f"latent {latent}, {ranking} rank {row['rank']}, sample {row['sample_id']!r}, crop view"
+        maps = tile_maps(row["crops_map"], tiles)
+        images = tile_images(self.results.image(row["sample_id"]), tiles)
+        vmax = max(float(maps.max()), float(row["map"].max()))  # one scale with the base view's heatmap
+        scale = max(1, DISPLAY_PIXELS // tiles.tile_px)
+        cells = []
+        for r in range(tiles.tiles[0]):
+            line = []
+            for c in range(tiles.tiles[1]):
+                name = f"img/{latent}/{ranking}-{row['rank']}-tile-{r}-{c}.png"
+                self._write(name, png_bytes(overlay(images[r, c], maps[r, c], vmax=vmax or None, where=where), scale))
+                line.append(f"<img src='../{name}' alt='tile {r},{c}' title='tile {r},{c}'>")
+            cells.append(f"<div class='row'>{''.join(line)}</div>")
+        return f"<div class='tiles' title='high-resolution tiles'>{''.join(cells)}</div>"
+
+    def _text_section(self, latent: int) -> str:
+        """The top text tokens of `latent` (multimodal language models), each in its context beside the image
+        its prompt asked about; "" for results without text tokens."""
+        cards = []
+        for row in self.results.text_rows(latent)[: self.per_latent]:
+            crop = self.results.image(row["sample_id"])
+            image = f"img/{latent}/text-{row['rank']}.png"
+            self._write(image, png_bytes(crop, max(1, DISPLAY_PIXELS // crop.shape[-2])))
+            cards.append(
+                f"<div class='card'><div class='row'><img src='../{image}' alt='image'>"
+                f"<div class='context'>{marked_context(row['context'])}</div></div>"
+                f"{html.escape(row['sample_id'])} · token {html.escape(repr(row['token']))} at {row['position']} · "
+                f"{row['score']:.3g}</div>"
+            )
+        if not cards:
+            return ""
+        return (
+            "<h2>Top text tokens</h2><p class='muted'>each sample's most active prompt token, in its context "
+            f"(the image's tokens read {html.escape(IMAGE_PIECE)})</p><div class='cards'>{''.join(cards)}</div>"
+        )
 
     def _images(self, latent: int, ranking: str, row: dict[str, Any]) -> tuple[str, str, str]:
         """Write the image, heatmap overlay and mask of one top sample; return their paths."""
@@ -187,6 +237,13 @@ class DashboardWriter:
         self._write(files[1], png_bytes(overlay(crop, grid[0], where=where), scale))
         self._write(files[2], png_bytes(mask_image(active_mask(grid[0]), crop.shape[:2]), scale))
         return files
+
+
+def marked_context(context: str) -> str:
+    """A text token's context (`texttop`: the token between `[[` and `]]`) as HTML, the token in `<mark>`."""
+    before, _, rest = context.partition(MARK[0])
+    token, _, after = rest.rpartition(MARK[1])
+    return f"{html.escape(before)}<mark>{html.escape(token)}</mark>{html.escape(after)}"
 
 
 def shown_latents(results: Results, max_latents: int | None = None) -> list[int]:

@@ -25,13 +25,15 @@ EXPLANATIONS_FILE = "explanations.jsonl"
 
 @dataclass(frozen=True)
 class LatentEvidence:
-    """The top-activating images of one latent of one checkpoint, with their activation maps.
+    """The top-activating images of one latent of one checkpoint, with their activation maps (and text contexts).
 
     `images`: `uint8[n, H, W, 3]` (for video, a representative frame per clip); `maps`: `float[n, h, w]`,
     the latent's activation per patch; `values`: `float[n]`, each image's activation (max or mean over
     tokens). `negatives`: `uint8[m, H, W, 3]` images on which the latent does not fire (for detection
     scoring). `concept_masks[label]`: `bool[n, H, W]` or `bool[n, h, w]`, where each top image shows the
     concept (ground truth on synthetic data); `negative_concept_masks` the same for `negatives`.
+    `texts` (multimodal language models): the latent's top text contexts, best first, each a prompt window
+    with its most active token marked `[[...]]` (`interpret.texttop`).
     """
 
     checkpoint: str
@@ -42,6 +44,7 @@ class LatentEvidence:
     negatives: np.ndarray | None = None
     concept_masks: dict[str, np.ndarray] = field(default_factory=dict)
     negative_concept_masks: dict[str, np.ndarray] = field(default_factory=dict)
+    texts: tuple[str, ...] = ()
 
     def __post_init__(self):
         where = f"evidence of latent {self.latent} of {self.checkpoint!r}"

@@ -22,7 +22,8 @@ def _frame(crop: np.ndarray, grid: np.ndarray, tubelet: int) -> tuple[np.ndarray
 
 
 def latent_evidence(results: Results, latent: int, ranking: str = "max", n: int | None = None) -> LatentEvidence | None:
-    """The evidence of `latent` (its top `n` samples under `ranking`, and its negatives); None if it never fired."""
+    """The evidence of `latent` (its top `n` samples under `ranking`, its negatives and, for multimodal language
+    models, its top `n` text contexts); None if it never fired on an image."""
     rows = results.top_rows(latent, ranking)[:n]
     if not rows:
         return None
@@ -37,4 +38,5 @@ def latent_evidence(results: Results, latent: int, ranking: str = "max", n: int 
         maps=np.stack([grid for _, grid in shown]).astype(np.float32),
         values=np.array([r["score"] for r in rows], np.float32),
         negatives=np.stack(negatives) if negatives else None,
+        texts=tuple(r["context"] for r in results.text_rows(latent)[:n]),
     )

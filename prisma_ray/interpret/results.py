@@ -6,10 +6,15 @@
   `fire_<kind>` (share of its firing tokens that are CLS / register / patch tokens) and
   `top_<kind>` (share of its top samples whose most active token is of that kind).
 - `top.parquet`: one row per (latent, ranking `max`|`mean`, rank): `sample_id`, `score`, `top_token`,
-  `top_kind` and `map`, the latent's activation on every token of that sample.
+  `top_kind` and `map`, the latent's activation on every token of that sample; LLaVA-NeXT also `crops_map`,
+  its activation on each token of the high-resolution crop view (row-major; `summary.json`'s `tiles` places
+  them on the tiles, `interpret.tiles`).
+- `text.parquet` (multimodal language models): one row per (latent, rank) of its top text tokens:
+  `sample_id` (the image the prompt asked about), `score`, `position` (in the sequence), `token` (its
+  text) and `context` (the prompt around it, the token marked `[[...]]`; `texttop`).
 - `reservoir.parquet`: per latent the random firing samples (`kind=firing`, `value` = max activation)
   and the non-firing ones (`kind=negative`).
-- `samples/<key>.npy`: the model-geometry `uint8` crop of every sample in `top` and the negatives
+- `samples/<key>.npy`: the model-geometry `uint8` crop of every sample in `top`, `text` and the negatives
   (`[H, W, 3]`, clips `[T, H, W, 3]`), `key = sample_key(sample_id)`.
 """
 
@@ -28,12 +33,15 @@ import pyarrow.parquet as pq
 
 from .. import storage
 from ..models.spec import TokenKind, TokenLayout
+from .texttop import TextTop
+from .tiles import TileGeometry
 from .topk import RANKINGS, LatentRecord
 
 SUMMARY_FILE = "summary.json"
 LATENTS_FILE = "latents.parquet"
 TOP_FILE = "top.parquet"
 RESERVOIR_FILE = "reservoir.parquet"
+TEXT_FILE = "text.parquet"
 SAMPLES_DIR = "samples"
 KIND_NAMES = {TokenKind.CLS: "cls", TokenKind.REGISTER: "register", TokenKind.PATCH: "patch"}
 
@@ -72,6 +80,10 @@ def top_table(record: LatentRecord, layout: TokenLayout) -> pa.Table:
         latent, rank = np.nonzero(np.isfinite(top.scores))
         maps = top.maps[latent, rank].astype(np.float32)
         token = maps.argmax(1) if len(maps) else np.zeros(0, np.int64)
+        crops = {}
+        if record.crops is not None:
+            crop_maps = record.crops[ranking].maps[latent, rank].astype(np.float32)
+            crops["crops_map"] = pa.FixedSizeListArray.from_arrays(pa.array(crop_maps.reshape(-1)), crop_maps.shape[1])
         parts.append(
             pa.table(
                 {
@@ -83,10 +95,27 @@ def top_table(record: LatentRecord, layout: TokenLayout) -> pa.Table:
                     "top_token": token.astype(np.int16),
                     "top_kind": kinds[token].astype(np.int8),
                     "map": pa.FixedSizeListArray.from_arrays(pa.array(maps.reshape(-1)), layout.n_tokens),
+                    **crops,
                 }
             )
         )
     return pa.concat_tables(parts)
+
+
+def text_table(text: TextTop) -> pa.Table:
+    """`text.parquet` of a record's top text tokens (filled entries only)."""
+    latent, rank = np.nonzero(np.isfinite(text.scores))
+    return pa.table(
+        {
+            "latent": latent.astype(np.int64),
+            "rank": rank.astype(np.int16),
+            "sample_id": pa.array(text.ids[latent, rank].tolist(), pa.string()),
+            "score": text.scores[latent, rank],
+            "position": text.positions[latent, rank].astype(np.int32),
+            "token": pa.array(text.tokens[latent, rank].tolist(), pa.string()),
+            "context": pa.array(text.contexts[latent, rank].tolist(), pa.string()),
+        }
+    )
 
 
 def reservoir_table(record: LatentRecord) -> pa.Table:
@@ -108,8 +137,10 @@ def reservoir_table(record: LatentRecord) -> pa.Table:
 
 
 def needed_samples(record: LatentRecord) -> set[str]:
-    """The samples whose crops the results keep: every top sample and every negative."""
+    """The samples whose crops the results keep: every top sample (images and text tokens) and every negative."""
     ids = {str(s) for r in RANKINGS for s in record.top[r].ids[np.isfinite(record.top[r].scores)]}
+    if record.text is not None:
+        ids |= {str(s) for s in record.text.ids[np.isfinite(record.text.scores)]}
     return ids | {str(s) for s in record.negatives.ids[record.negatives.filled()]}
 
 
@@ -139,6 +170,8 @@ def write_results(
     storage.write_bytes(storage.join(output, LATENTS_FILE), _parquet(latent_table(record, layout)), options)
     storage.write_bytes(storage.join(output, TOP_FILE), _parquet(top_table(record, layout)), options)
     storage.write_bytes(storage.join(output, RESERVOIR_FILE), _parquet(reservoir_table(record)), options)
+    if record.text is not None:
+        storage.write_bytes(storage.join(output, TEXT_FILE), _parquet(text_table(record.text)), options)
     summary = {**description, "n_samples": record.n_samples, "n_tokens": record.n_tokens, "n_latents": record.n_latents}
     storage.write_bytes(storage.join(output, SUMMARY_FILE), json.dumps(summary, indent=1).encode(), options)
 
@@ -152,6 +185,7 @@ class Results:
     latents: pa.Table
     top: pa.Table
     reservoir: pa.Table
+    text: pa.Table | None = None
     options: storage.StorageOptions | None = None
     _groups: dict = field(default_factory=dict, repr=False)
 
@@ -159,29 +193,46 @@ class Results:
     def layout(self) -> TokenLayout:
         return TokenLayout.model_validate(self.summary["token_layout"])
 
+    @property
+    def tiles(self) -> TileGeometry | None:
+        """LLaVA-NeXT: where the top entries' `crops_map` lie on the high-resolution tiles (None otherwise)."""
+        return TileGeometry.model_validate(self.summary["tiles"]) if "tiles" in self.summary else None
+
     def image(self, sample_id: str) -> np.ndarray:
         """The `uint8` crop of a kept sample (`[H, W, 3]`, or `[T, H, W, 3]` for clips)."""
         data = storage.read_bytes(storage.join(self.uri, SAMPLES_DIR, f"{sample_key(sample_id)}.npy"), self.options)
         return np.load(io.BytesIO(data), allow_pickle=False)
 
     def top_rows(self, latent: int, ranking: str = "max") -> list[dict[str, Any]]:
-        """The top entries of `latent` under `ranking` (`max` or `mean`), best first (`map`: `float32[n_tokens]`)."""
+        """The top entries of `latent` under `ranking` (`max` or `mean`), best first (`map`: `float32[n_tokens]`;
+        LLaVA-NeXT: `crops_map`, `float32[crop tokens]`)."""
         rows = [dict(r) for r in self._grouped("top", "ranking", ranking).get(latent, [])]
         for row in rows:
             row["map"] = np.asarray(row["map"], dtype=np.float32)
+            if "crops_map" in row:
+                row["crops_map"] = np.asarray(row["crops_map"], dtype=np.float32)
         return rows
+
+    def text_rows(self, latent: int) -> list[dict[str, Any]]:
+        """The top text tokens of `latent`, best first (`sample_id`, `score`, `position`, `token`, `context`);
+        empty for results without text tokens (vision models)."""
+        if self.text is None:
+            return []
+        return [dict(r) for r in self._grouped("text", None, None).get(latent, [])]
 
     def values(self, latent: int, kind: str = "firing") -> tuple[list[str], np.ndarray]:
         """The reservoir's sample ids and values of `latent` (`kind`: `firing` or `negative`)."""
         rows = self._grouped("reservoir", "kind", kind).get(latent, [])
         return [r["sample_id"] for r in rows], np.array([r["value"] for r in rows], np.float32)
 
-    def _grouped(self, name: str, column: str, value: str) -> dict[int, list[dict[str, Any]]]:
-        """The rows of table `name` whose `column` is `value`, by latent (in table order), computed once."""
+    def _grouped(self, name: str, column: str | None, value: str | None) -> dict[int, list[dict[str, Any]]]:
+        """The rows of table `name` whose `column` is `value` (None: all rows), by latent (in table order),
+        computed once."""
         if (name, value) not in self._groups:
             table = getattr(self, name)
             grouped: dict[int, list[dict[str, Any]]] = {}
-            for row in table.filter(pc.equal(table[column], value)).to_pylist():
+            rows = table if column is None else table.filter(pc.equal(table[column], value))
+            for row in rows.to_pylist():
                 grouped.setdefault(row["latent"], []).append(row)
             self._groups[(name, value)] = grouped
         return self._groups[(name, value)]
@@ -200,11 +251,13 @@ def read_results(output: str, options: storage.StorageOptions | None = None) -> 
         return pq.read_table(io.BytesIO(storage.read_bytes(storage.join(output, name), options)))
 
     summary = json.loads(storage.read_bytes(storage.join(output, SUMMARY_FILE), options))
+    fs, text = storage.resolve(storage.join(output, TEXT_FILE), options)
     return Results(
         uri=output,
         summary=summary,
         latents=table(LATENTS_FILE),
         top=table(TOP_FILE),
         reservoir=table(RESERVOIR_FILE),
+        text=table(TEXT_FILE) if fs.get_file_info(text).type.name != "NotFound" else None,
         options=options,
     )

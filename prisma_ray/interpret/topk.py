@@ -13,20 +13,26 @@ split into shards, batches or workers, the result is the same as one pass over a
 - `negatives`: per latent up to `n` samples on which it never fires, the lowest sample hashes (shared
   by all latents, so few distinct images): the non-activating images of detection scoring.
 - sums: samples, tokens, firing tokens (per token kind), firing samples and the activation total.
+- `text` (multimodal language models only): per latent the top text tokens of the prompts
+  (`texttop.TextTop`); the maps and sums above are over the image tokens (each image's base view).
+- `crops` (LLaVA-NeXT's high-resolution crops): per ranking, the top samples' maps on the crop view's tokens,
+  entry for entry beside `top` (ranked by the base view, as `top`; `tiles` draws them).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from prisma_ray.errors import InvalidRequest
 
+from .ranking import best_order, check_range
+from .texttop import PromptTokens, TextTop
+
 RANKINGS = ("max", "mean")
-MAP_MAX = float(np.finfo(np.float16).max)  # the maps are kept as float16: larger magnitudes would become inf
 N_KINDS = 4  # TokenKind CLS, REGISTER, PATCH, DISTILLATION
 _EMPTY_PRIORITY = np.iinfo(np.uint64).max
 
@@ -54,9 +60,7 @@ class TopK:
 
     def merge(self, scores: np.ndarray, ids: np.ndarray, maps: np.ndarray) -> TopK:
         """The best `k` of these entries and the candidates `scores [L, n]`, `ids [L, n]`, `maps [L, n, tokens]`."""
-        all_scores = np.concatenate([self.scores, scores], axis=1)
-        all_ids = np.concatenate([self.ids, ids.astype(str)], axis=1)
-        order = np.lexsort((all_ids, -all_scores), axis=-1)[:, : self.k]
+        order, all_scores, all_ids = best_order(self.scores, self.ids, scores, ids)
         take = np.take_along_axis
         mine = order < self.k
         own = take(self.maps, np.where(mine, order, 0)[..., None], axis=1)
@@ -116,27 +120,6 @@ def mix(h: np.ndarray, latents: np.ndarray) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
-def _check_range(acts: np.ndarray, sample_ids: np.ndarray) -> None:
-    """Refuse `acts [B, tokens, L]` holding NaN/inf or magnitudes the float16 maps cannot hold, naming where."""
-    magnitude = np.abs(acts).max(axis=1)  # [B, L]; NaN propagates
-    bad = ~(magnitude <= MAP_MAX)
-    if not bad.any():
-        return
-    samples, latents = np.nonzero(bad)
-    names = sorted({str(sample_ids[i]) for i in samples})
-    finite = magnitude[np.isfinite(magnitude)]
-    what = (
-        "are NaN or inf"
-        if not np.isfinite(magnitude[bad]).all()
-        else f"reach magnitude {float(finite.max()):.6g}, beyond float16's largest value {MAP_MAX:.6g} that the "
-        "top-k activation maps are kept in"
-    )
-    raise InvalidRequest(
-        f"latent activations of samples {names[:5]}{' (+more)' if len(names) > 5 else ''} at latents "
-        f"{sorted(set(latents.tolist()))[:5]} {what}; nothing of this batch was recorded"
-    )
-
-
 @dataclass(kw_only=True)
 class LatentRecord:
     """What one pass learns about every latent; see the module docstring. Merge records of disjoint samples."""
@@ -151,11 +134,23 @@ class LatentRecord:
     fire_samples: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     act_sum: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
     seed: int = 0
+    text: TextTop | None = None
+    crops: dict[str, TopK] | None = None
 
     @classmethod
     def empty(
-        cls, n_latents: int, n_tokens: int, k: int = 16, reservoir: int = 256, negatives: int = 8, seed: int = 0
+        cls,
+        n_latents: int,
+        n_tokens: int,
+        k: int = 16,
+        reservoir: int = 256,
+        negatives: int = 8,
+        seed: int = 0,
+        text: bool = False,
+        crop_tokens: int = 0,
     ) -> LatentRecord:
+        """A record of no samples (`text`: it also keeps the top text tokens, see `update_text`; `crop_tokens`:
+        the top samples' maps on that many crop-view tokens, see `update`)."""
         return cls(
             top={r: TopK.empty(n_latents, k, n_tokens) for r in RANKINGS},
             reservoir=Reservoir.empty(n_latents, reservoir),
@@ -165,6 +160,8 @@ class LatentRecord:
             fire_samples=np.zeros(n_latents, np.int64),
             act_sum=np.zeros(n_latents, np.float64),
             seed=seed,
+            text=TextTop.empty(n_latents, k) if text else None,
+            crops={r: TopK.empty(n_latents, k, crop_tokens) for r in RANKINGS} if crop_tokens else None,
         )
 
     @property
@@ -175,8 +172,11 @@ class LatentRecord:
     def n_tokens_per_sample(self) -> int:
         return self.top["max"].maps.shape[2]
 
-    def update(self, sample_ids: np.ndarray, acts: np.ndarray, kinds: np.ndarray) -> LatentRecord:
-        """This record with a batch added: `acts float32[B, tokens, L]` of samples `sample_ids [B]`, token kinds `[tokens]`.
+    def update(
+        self, sample_ids: np.ndarray, acts: np.ndarray, kinds: np.ndarray, crops: np.ndarray | None = None
+    ) -> LatentRecord:
+        """This record with a batch added: `acts float32[B, tokens, L]` of samples `sample_ids [B]`, token kinds `[tokens]`;
+        `crops float32[B, crop tokens, L]` where the record keeps crop-view maps (given with them, else None).
 
         Raises `InvalidRequest` naming the samples and latents when `acts` hold NaN or inf, or magnitudes
         beyond `MAP_MAX` (the per-token maps are kept as float16, which would turn them into inf).
@@ -189,13 +189,24 @@ class LatentRecord:
                 f"{self.n_latents}] (one sample's tokens per row, as the top samples rank samples)"
             )
         b, t, n = acts.shape
-        _check_range(acts, sample_ids)
+        check_range(acts, sample_ids)
+        if (crops is None) != (self.crops is None):
+            raise ValueError("give crop-view activations exactly when the record keeps crop maps (crop_tokens)")
+        if crops is not None:
+            crops = np.asarray(crops, dtype=np.float32)
+            width = self.crops["max"].maps.shape[2]
+            if crops.shape != (b, width, n):
+                raise InvalidRequest(f"crop-view activations {list(crops.shape)}, expected {[b, width, n]}")
+            check_range(crops, sample_ids)
         ids = np.broadcast_to(np.asarray(sample_ids, dtype=str)[None, :], (n, b))
         maps = acts.transpose(2, 0, 1)  # [L, B, T]
         peak = acts.max(1).T  # [L, B]
         mean = acts.astype(np.float64).mean(1).T.astype(np.float32)
         scores = {"max": peak, "mean": mean}
-        top = {r: self.top[r].merge(np.where(scores[r] > 0, scores[r], -np.inf), ids, maps) for r in RANKINGS}
+        kept = {r: np.where(scores[r] > 0, scores[r], -np.inf) for r in RANKINGS}
+        top = {r: self.top[r].merge(kept[r], ids, maps) for r in RANKINGS}
+        if crops is not None:  # the same candidates in the same order: entry for entry beside `top`
+            crops = {r: self.crops[r].merge(kept[r], ids, crops.transpose(2, 0, 1)) for r in RANKINGS}
         hashes = sample_hashes(ids[0], self.seed)
         priority = np.where(peak > 0, mix(hashes, np.arange(n)), _EMPTY_PRIORITY)
         silent = np.where(peak > 0, _EMPTY_PRIORITY, np.broadcast_to(hashes, (n, b)))
@@ -212,12 +223,26 @@ class LatentRecord:
             fire_samples=self.fire_samples + (peak > 0).sum(1),
             act_sum=self.act_sum + acts.astype(np.float64).sum((0, 1)),
             seed=self.seed,
+            text=self.text,
+            crops=crops,
         )
+
+    def update_text(self, sample_ids: np.ndarray, acts: list[np.ndarray], prompts: list[PromptTokens]) -> LatentRecord:
+        """This record with a batch's text tokens added (`TextTop.update`: `acts[b] float32[n_b, L]` on the text
+        tokens of `prompts[b]`); the counts are those `update` adds with the same batch's image tokens."""
+        if self.text is None:
+            raise ValueError("this record keeps no text tokens; make it with LatentRecord.empty(..., text=True)")
+        return replace(self, text=self.text.update(list(sample_ids), acts, prompts))
 
     def merge(self, other: LatentRecord) -> LatentRecord:
         """The record of both sample sets (which must be disjoint)."""
-        if other.n_latents != self.n_latents or other.seed != self.seed:
-            raise ValueError("cannot merge records of different dictionaries or reservoir seeds")
+        if (
+            other.n_latents != self.n_latents
+            or other.seed != self.seed
+            or (other.text is None) != (self.text is None)
+            or (other.crops is None) != (self.crops is None)
+        ):
+            raise ValueError("cannot merge records of different dictionaries, reservoir seeds or token kinds")
         o = other
         return LatentRecord(
             top={r: self.top[r].merge(o.top[r].scores, o.top[r].ids, o.top[r].maps) for r in RANKINGS},
@@ -230,6 +255,10 @@ class LatentRecord:
             fire_samples=self.fire_samples + o.fire_samples,
             act_sum=self.act_sum + o.act_sum,
             seed=self.seed,
+            text=None if self.text is None else self.text.merge(o.text),
+            crops=None
+            if self.crops is None
+            else {r: self.crops[r].merge(o.top[r].scores, o.top[r].ids, o.crops[r].maps) for r in RANKINGS},
         )
 
     def to_bytes(self) -> bytes:
@@ -249,6 +278,8 @@ class LatentRecord:
             fire_samples=self.fire_samples,
             act_sum=self.act_sum,
             **arrays,
+            **(self.text.arrays() if self.text is not None else {}),
+            **({f"crops_{r}_maps": self.crops[r].maps for r in RANKINGS} if self.crops is not None else {}),
         )
         return buf.getvalue()
 
@@ -271,4 +302,8 @@ class LatentRecord:
                 fire_samples=z["fire_samples"],
                 act_sum=z["act_sum"],
                 seed=seed,
+                text=TextTop.from_arrays(z),
+                crops={r: TopK(top[r].scores, top[r].ids, z[f"crops_{r}_maps"]) for r in RANKINGS}
+                if "crops_max_maps" in z
+                else None,
             )

@@ -110,3 +110,20 @@ def test_chat_judge_asks_yes_or_no_per_image(chat_server):
     assert ChatJudge(ChatClient(config(chat_server)), prompt="{text} 1?").judge("x", images).tolist() == [False] * 4
     assert ChatJudge(ChatClient(config(chat_server)), prompt="{text} 0?").judge("x", images).tolist() == [True] * 4
     assert len(chat_server.requests) == 8
+
+
+def test_an_lmm_latents_explainer_request_shows_image_regions_then_text_contexts_each_named(chat_server):
+    chat_server.reply = lambda request: "paddling a canoe"
+    texts = ("user:<image>What is the man [[doing]]?assistant:", "user:<image>Describe the [[boat]].assistant:")
+    lmm = LatentEvidence(**{**evidence(3).__dict__, "texts": texts})
+    explainer = ChatExplainer(ChatClient(config(chat_server)), max_images=2, max_texts=1)
+    assert explainer.explain(lmm).text == "paddling a canoe"
+    [part_prompt, part_images, *images, part_texts] = chat_server.requests[0]["json"]["messages"][0]["content"]
+    assert "multimodal language model" in part_prompt["text"] and "[[like this]]" in part_prompt["text"]
+    assert "2 images" in part_prompt["text"] and "1 text contexts" in part_prompt["text"]
+    assert part_images["text"].startswith("Image regions") and [p["type"] for p in images] == ["image_url"] * 2
+    assert part_texts["type"] == "text" and part_texts["text"].startswith("Text contexts")
+    assert part_texts["text"].endswith("\n1. " + texts[0]), "the best context, numbered; max_texts of them"
+    plain = explainer.messages(evidence(3))[0]["content"]
+    assert [p["type"] for p in plain] == ["text", "image_url", "image_url"], "no text part without text contexts"
+    assert "Text contexts" not in plain[0]["text"]

@@ -197,7 +197,7 @@ def test_plan_refuses_videos_for_llava_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists(), "refused before any store was claimed"
 
 
-def test_interpretation_reads_an_lmm_dictionary_on_each_images_base_view(tmp_path):
+def test_interpretation_reads_an_lmm_dictionary_on_each_images_base_view_and_its_text_tokens(tmp_path):
     entry = tiny_entry("llava-onevision")
     sites = Sites(inputs=(Site(name=HOOK, width=32, model=entry.name),))
     torch.manual_seed(0)
@@ -221,7 +221,9 @@ def test_interpretation_reads_an_lmm_dictionary_on_each_images_base_view(tmp_pat
     plan = plan_interpret(cfg)
     assert plan.layout == TokenLayout(prefix=(), grid=(2, 2)) and plan.description()["prompts"] == PROMPTS
     data = decode_shard(list_refs(plan.spec), plan.spec, plan.fmt)
-    latents = LatentWorker(plan.job(torch_threads=1)).latents(data.pixels, data.sample_ids)
+    worker = LatentWorker(plan.job(torch_threads=1))
+    latents, texts, prompts, crops = worker.prompt_latents(data.pixels, data.sample_ids)
+    assert crops is None, "LLaVA-OneVision: no tiles"
 
     model = load_model(entry, pretrained=False, seed=0)
     batch = model.encode(list(data.pixels), [sample_prompt(PROMPTS, s) for s in data.sample_ids])
@@ -234,7 +236,18 @@ def test_interpretation_reads_an_lmm_dictionary_on_each_images_base_view(tmp_pat
             assert layout.row[b, base].tolist() == [0, 0, 1, 1] and layout.col[b, base].tolist() == [0, 1, 0, 1]
             expected = loaded.encode(cache[HOOK][b, base]).numpy()
             np.testing.assert_allclose(latents[b], expected, rtol=1e-4, atol=1e-5)
+            text = np.flatnonzero((layout.kind[b] == TokenKind.TEXT) & batch["attention_mask"][b].bool().numpy())
+            assert prompts[b].positions.tolist() == text.tolist(), "every text token but the padding"
+            np.testing.assert_allclose(texts[b], loaded.encode(cache[HOOK][b, text]).numpy(), rtol=1e-4, atol=1e-5)
+            prompt = sample_prompt(PROMPTS, data.sample_ids[b])
+            assert "".join(prompts[b].tokens).startswith("user:") and prompt in "".join(prompts[b].tokens)
     assert (latents > 0).any()
+    record, _ = worker.process(data)
+    best = record.text.scores[:, 0]
+    assert np.isfinite(best).any() and set(record.text.ids[np.isfinite(record.text.scores)]) <= set(data.sample_ids)
+    latent = int(np.nanargmax(np.where(np.isfinite(best), best, np.nan)))
+    assert "[[" + record.text.tokens[latent, 0] + "]]" in record.text.contexts[latent, 0]
+    assert "<image>" in record.text.contexts[latent, 0] or "user:" not in record.text.contexts[latent, 0]
 
     with pytest.raises(ValueError, match="takes images, not videos"):
         plan_interpret(

@@ -1,7 +1,8 @@
 """Explainers: from a latent's evidence to a short explanation of what it detects.
 
 - `ChatExplainer`: a served multimodal model (OpenAI-compatible chat completions) looks at the
-  latent's top images with the active patches highlighted and writes a short phrase.
+  latent's top images with the active patches highlighted (and, for a multimodal language model's
+  latent, its top text contexts) and writes a short phrase.
 - `VocabularyExplainer`: offline; the vocabulary labels (at most one per factor) whose calibrated
   similarity to the highlighted regions of the top images is highest.
 """
@@ -25,6 +26,18 @@ EXPLAIN_PROMPT = (
     "regions where the feature is active are shown bright and everything else is dimmed. What visual concept "
     "does the feature detect? Answer with a short noun phrase (at most {max_words} words) and nothing else."
 )
+
+
+TEXT_PROMPT = (
+    "These {n} images are the ones that most activate one feature of a multimodal language model, read where the "
+    "model saw each image while asked a question about it. In each image, the regions where the feature is active "
+    "are shown bright and everything else is dimmed. The feature also fires on text: after the images come the {m} "
+    "text contexts where it is most active, each from a prompt the model was asked about an image (written "
+    "<image>), with the most active token marked [[like this]]. What concept does the feature detect, in the "
+    "image regions and in the text? Answer with a short noun phrase (at most {max_words} words) and nothing else."
+)
+IMAGES_HEADER = "Image regions (the feature's top {n} images, active regions bright):"
+TEXTS_HEADER = "Text contexts (the feature's top {m} text tokens, marked [[like this]]):"
 
 
 class Explainer(Protocol):
@@ -107,7 +120,9 @@ class VocabularyExplainer:
 
 
 class ChatExplainer:
-    """Sends the highlighted top images (PNG data URLs) with an explanation prompt to a chat model."""
+    """Sends the highlighted top images (PNG data URLs) with an explanation prompt to a chat model; for a
+    multimodal language model's latent (evidence with `texts`) also its top text contexts, after the images,
+    under `text_prompt`, each part headed by what it is."""
 
     def __init__(
         self,
@@ -117,17 +132,33 @@ class ChatExplainer:
         max_words: int = 8,
         threshold: float = 0.2,
         dim: float = 0.25,
+        text_prompt: str = TEXT_PROMPT,
+        max_texts: int = 8,
     ):
         self.client, self.prompt, self.max_images, self.max_words = client, prompt, max_images, max_words
         self.threshold, self.dim = threshold, dim
+        self.text_prompt, self.max_texts = text_prompt, max_texts
         self.name = f"chat:{client.config.model}"
 
     def messages(self, evidence: LatentEvidence) -> list[dict]:
-        """The chat request's messages: the prompt, then one image part per shown top image."""
+        """The chat request's messages: the prompt, then one image part per shown top image; with text contexts,
+        the images under `IMAGES_HEADER` and then the contexts, numbered, under `TEXTS_HEADER`."""
         order = np.argsort(-np.asarray(evidence.values))[: self.max_images]
         shown = mask_images(evidence.images[order], evidence.maps[order], self.threshold, self.dim)
-        text = self.prompt.format(n=len(shown), max_words=self.max_words)
-        return [{"role": "user", "content": [{"type": "text", "text": text}, *(image_part(im) for im in shown)]}]
+        images = [image_part(im) for im in shown]
+        texts = evidence.texts[: self.max_texts]
+        if not texts:
+            text = self.prompt.format(n=len(shown), max_words=self.max_words)
+            return [{"role": "user", "content": [{"type": "text", "text": text}, *images]}]
+        n, m = len(shown), len(texts)
+        contexts = "\n".join(f"{i}. {context}" for i, context in enumerate(texts, 1))
+        content = [
+            {"type": "text", "text": self.text_prompt.format(n=n, m=m, max_words=self.max_words)},
+            {"type": "text", "text": IMAGES_HEADER.format(n=n)},
+            *images,
+            {"type": "text", "text": TEXTS_HEADER.format(m=m) + "\n" + contexts},
+        ]
+        return [{"role": "user", "content": content}]
 
     def explain(self, evidence: LatentEvidence) -> Explanation:
         raw = self.client.complete(self.messages(evidence))

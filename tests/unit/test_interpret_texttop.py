@@ -1,0 +1,93 @@
+"""Top text tokens of multimodal language models (`interpret.texttop`): prompt contexts, exact merging, the
+record's bytes, the results table and the dashboard section."""
+
+import numpy as np
+import pytest
+
+from prisma_ray.interpret.dashboard import marked_context
+from prisma_ray.interpret.results import text_table
+from prisma_ray.interpret.texttop import PromptTokens, TextTop, prompt_tokens
+from prisma_ray.interpret.topk import LatentRecord
+from prisma_ray.models import TokenKind
+
+T, P, N = TokenKind.TEXT, TokenKind.PATCH, TokenKind.NEWLINE
+
+
+def test_contexts_read_an_image_run_as_one_piece_skip_padding_and_mark_the_token():
+    strings = ["<pad>", "u", ":", "<image>", "<image>", "<image>", "H", "i", "!"]
+    kinds = np.array([T, T, T, P, N, P, T, T, T])
+    mask = np.array([0, 1, 1, 1, 1, 1, 1, 1, 1], bool)
+    prompt = prompt_tokens(strings, kinds, mask, window=2)
+    assert prompt.positions.tolist() == [1, 2, 6, 7, 8], "text tokens only, padding left out"
+    assert prompt.tokens == ["u", ":", "H", "i", "!"]
+    assert prompt.contexts[0] == "[[u]]:<image>..."
+    assert prompt.contexts[2] == "...:<image>[[H]]i!", "the image run is one piece of the window"
+    assert prompt.contexts[4] == "...Hi[[!]]"
+    with pytest.raises(ValueError, match="9 strings, 8 kinds"):
+        prompt_tokens(strings, kinds[1:], mask)
+
+
+def prompts_of(n_samples: int, n_tokens: int) -> list[PromptTokens]:
+    return [
+        PromptTokens(
+            np.arange(n_tokens) + 3,
+            [f"t{b}.{i}" for i in range(n_tokens)],
+            [f"ctx {b} [[t{b}.{i}]]" for i in range(n_tokens)],
+        )
+        for b in range(n_samples)
+    ]
+
+
+def test_each_latent_keeps_its_best_samples_by_their_most_active_text_token_whatever_the_batches():
+    rng = np.random.default_rng(0)
+    ids = [f"s{i:02d}" for i in range(10)]
+    acts = [rng.normal(size=(5, 6)).astype(np.float32) for _ in ids]
+    acts[3][:, 0] = -1.0  # sample s03 never fires latent 0
+    prompts = prompts_of(10, 5)
+    one = TextTop.empty(6, 3).update(ids, acts, prompts)
+    parts = [TextTop.empty(6, 3).update(ids[i : i + 3], acts[i : i + 3], prompts[i : i + 3]) for i in (0, 3, 6, 9)]
+    merged = parts[0]
+    for part in parts[1:]:
+        merged = merged.merge(part)
+    for name in ("scores", "ids", "positions", "tokens", "contexts"):
+        np.testing.assert_array_equal(getattr(one, name), getattr(merged, name))
+    for latent in range(6):
+        peaks = np.array([a[:, latent].max() for a in acts])
+        best = np.argsort(-peaks, kind="stable")[:3]
+        assert one.ids[latent].tolist() == [ids[b] for b in best]
+        token = [acts[b][:, latent].argmax() for b in best]
+        assert one.positions[latent].tolist() == [t + 3 for t in token]
+        assert one.contexts[latent].tolist() == [f"ctx {b} [[t{b}.{t}]]" for b, t in zip(best, token)]
+
+
+def test_samples_that_never_fire_are_not_kept_and_nan_is_refused_naming_the_sample():
+    prompts = prompts_of(2, 2)
+    top = TextTop.empty(2, 2).update(["a", "b"], [np.full((2, 2), -1.0), np.array([[0.0, 2.0], [0.5, -1]])], prompts)
+    assert top.ids.tolist() == [["b", ""], ["b", ""]] and top.positions.tolist() == [[4, -1], [3, -1]]
+    assert top.tokens.tolist() == [["t1.1", ""], ["t1.0", ""]]
+    assert text_table(top).num_rows == 2
+    with pytest.raises(ValueError, match=r"samples \['b'\].*NaN"):
+        TextTop.empty(2, 2).update(["a", "b"], [np.ones((2, 2)), np.array([[np.nan, 1.0], [0, 0]])], prompts)
+    with pytest.raises(ValueError, match="sample 'a': text-token latents \\[3, 2\\], expected \\[2 text tokens"):
+        TextTop.empty(2, 2).update(["a"], [np.ones((3, 2))], prompts[:1])
+
+
+def test_a_records_text_tokens_travel_in_its_bytes_and_merge_with_it():
+    rng = np.random.default_rng(1)
+    record = LatentRecord.empty(4, 3, k=2, reservoir=2, negatives=1, text=True)
+    ids = np.array(["x", "y"])
+    record = record.update(ids, rng.random((2, 3, 4)), np.full(3, P)).update_text(
+        ids, [rng.random((2, 4)), rng.random((2, 4))], prompts_of(2, 2)
+    )
+    back = LatentRecord.from_bytes(record.to_bytes())
+    np.testing.assert_array_equal(back.text.contexts, record.text.contexts)
+    np.testing.assert_array_equal(back.text.scores, record.text.scores)
+    assert LatentRecord.from_bytes(LatentRecord.empty(4, 3).to_bytes()).text is None, "vision records have none"
+    with pytest.raises(ValueError, match="token kinds"):
+        record.merge(LatentRecord.empty(4, 3, k=2, reservoir=2, negatives=1))
+    with pytest.raises(ValueError, match="keeps no text tokens"):
+        LatentRecord.empty(4, 3).update_text(ids, [], [])
+
+
+def test_the_dashboard_marks_the_token_in_its_escaped_context():
+    assert marked_context("a <b> [[c&d]] e") == "a &lt;b&gt; <mark>c&amp;d</mark> e"
