@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import storage
 from ..data.sources import DatasetSpec, SyntheticSource
 from ..evaluate import EvalConfig
 from ..evaluate.sweep import SweepConfig
@@ -14,6 +13,7 @@ from ..extract.config import ExtractConfig
 from ..interpret.collect import InterpretConfig
 from ..models import ModelEntry, get_entry
 from ..runtime.pool import Resources, ShardResources, TrainResources
+from ..store import store_uri
 from ..train.config import TrainConfig, TrainData
 from .config import CampaignConfig, Splits
 
@@ -65,9 +65,15 @@ class ModelPlan:
         return self.entry.name
 
     def interpret(self, cfg: CampaignConfig, checkpoint: str, device: str, threads: int | None) -> InterpretConfig:
-        """The interpretation of `checkpoint` on this model's test data, under `interpret/<model>`."""
+        """The interpretation of `checkpoint` on this model's test data, under `interpret/<model>`: the model
+        rebuilt as extraction ran it (weights, seed, dtype)."""
+        extract = self.extracts[0]
         return InterpretConfig(
             checkpoint=checkpoint,
+            pretrained=extract.pretrained,
+            seed=extract.seed,
+            weights=extract.weights,
+            model_dtype=extract.model_dtype,
             dataset=self.data["test"],
             output=cfg.uri("interpret", self.name),
             storage=cfg.storage,
@@ -141,7 +147,7 @@ def _train_config(cfg: CampaignConfig, model: str, hook: str, device: str, threa
         runs=cfg.uri("runs", model),
         output=cfg.uri("dictionaries", model, hook),
         storage=cfg.storage,
-        data=TrainData(inputs=[storage.join(cfg.uri("activations"), model, hook, "train")]),
+        data=TrainData(inputs=[store_uri(cfg.uri("activations"), model, hook, "train")]),
         dictionaries=cfg.dictionaries,
         batch_size=cfg.batch_size,
         tokens=cfg.training_tokens,

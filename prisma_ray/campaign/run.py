@@ -25,8 +25,8 @@ from ..runtime.pool import Resources, cluster_resources, run_pool, size_pool
 from ..runtime.session import ensure_ray
 from .config import CampaignConfig
 from .plan import plan_campaign, plan_model, sweep_config
-from .state import STAGES, Outcome, read_status, write_status
 from .stages import ModelRunner
+from .state import STAGES, Outcome, outcome_table, read_status, write_status
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +45,17 @@ class CampaignSummary:
     actors: int
 
     @property
+    def failed(self) -> list[Outcome]:
+        """The models stopped by an error."""
+        return [o for o in self.outcomes if o.error]
+
+    @property
     def passed(self) -> int:
         return sum(o.passed for o in self.outcomes)
 
     def format(self) -> str:
         """The table printed by `prisma-ray campaign`: one row per model, then the counts and URIs."""
-        width = max([24, *(len(o.model) for o in self.outcomes)])
-        lines = [f"{'model':<{width}} {'reached':<9} {'ran':<28} {'seconds':>8} {'peak MiB':>9}  error"]
-        for o in self.outcomes:
-            ran = ",".join(o.ran) or "-"
-            lines.append(
-                f"{o.model:<{width}} {o.reached or '-':<9} {ran:<28} {sum(o.seconds.values()):>8.1f} "
-                f"{max(o.peak_mib, o.gpu_peak_mib):>9.0f}  {o.error or ''}"
-            )
+        lines = outcome_table(self.outcomes)
         lines += [
             f"passed       {self.passed} of {len(self.outcomes)} models through every stage ({', '.join(STAGES)})",
             f"time         {self.seconds:.1f} s on {self.actors} model actor{'s' if self.actors != 1 else ''}",

@@ -13,6 +13,7 @@ import pyarrow.fs as pafs
 from .. import storage
 from ..evaluate.results import ResultStore, result_key
 from ..storage import StorageOptions
+from ..store import store_uri
 from .plan import ModelPlan
 
 STAGES = ("extract", "train", "evaluate", "dashboard")
@@ -37,7 +38,7 @@ def dashboard_uri(plan: ModelPlan, root: str) -> str:
 def finished(plan: ModelPlan, root: str, options: StorageOptions) -> dict[str, bool]:
     """Whether each stage of `plan` is done: extract (every store has its manifest), train (every dictionary
     has its cfg.json), evaluate (every dictionary has a result in the campaign's sweep), dashboard (its index)."""
-    stores = [storage.join(e.output, plan.name, hook, e.split) for e in plan.extracts for hook in e.hooks]
+    stores = [store_uri(e.output, plan.name, hook, e.split) for e in plan.extracts for hook in e.hooks]
     done = ResultStore(plan.sweep.output, options).done()
     uris = checkpoints(plan)
     return {
@@ -84,3 +85,16 @@ def write_status(root: str, outcomes: dict[str, Outcome], options: StorageOption
     data = {m: asdict(o) for m, o in sorted(outcomes.items())}
     storage.write_bytes(uri, json.dumps(data, indent=1).encode(), options)
     return uri
+
+
+def outcome_table(outcomes: list[Outcome]) -> list[str]:
+    """One line per model: name, stage reached, stages run this time, seconds, peak memory (MiB: the actor's
+    resident memory, or the GPU memory allocated where larger) and error; the header first."""
+    width = max([24, *(len(o.model) for o in outcomes)])
+    lines = [f"{'model':<{width}} {'reached':<9} {'ran':<28} {'seconds':>8} {'peak MiB':>9}  error"]
+    for o in outcomes:
+        lines.append(
+            f"{o.model:<{width}} {o.reached or '-':<9} {','.join(o.ran) or '-':<28} {sum(o.seconds.values()):>8.1f} "
+            f"{max(o.peak_mib, o.gpu_peak_mib):>9.0f}  {o.error}"
+        )
+    return lines
