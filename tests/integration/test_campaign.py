@@ -14,10 +14,11 @@ from prisma_ray.campaign.state import STAGES
 
 pytestmark = pytest.mark.slow
 
-# The registry check's sample (`registry_check.sample`) less its large members on 2 CI cores: the embedded image
-# and video models and the smallest timm model (the benchmark runs the whole sample).
+# The registry check's sample (`registry_check.sample`) as far as 2 CI cores afford it: the embedded image and video
+# models through every stage, and the smallest timm model given a weights file that does not exist (the
+# benchmark runs the whole sample through every stage).
 MODELS = ["prisma-toy-vit-shapes", "prisma-toy-video-moving-shapes", "timm-deit-tiny-distilled-patch16-224-fb-in1k"]
-BROKEN = "prisma-toy-video-moving-shapes"
+BROKEN = "timm-deit-tiny-distilled-patch16-224-fb-in1k"
 
 
 def _mtimes(root: str, folder: str) -> dict[str, float]:
