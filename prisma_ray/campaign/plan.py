@@ -162,7 +162,8 @@ def _train_config(cfg: CampaignConfig, model: str, hook: str, device: str, threa
 
 def sweep_config(cfg: CampaignConfig, checkpoints: list[str], threads: int | None = None) -> SweepConfig:
     """The sweep of the dictionaries under `checkpoints` into the campaign's one sweep output (`sweep/`: every
-    model's results side by side, so the last sweep over all of them evaluates nothing twice). The evaluation's
+    model's results side by side, so the last sweep over all of them evaluates nothing twice), of the campaign's
+    selected models only (dictionaries of models left out of the config stay out of its leaderboard). The evaluation's
     device stays `auto` (the actor's GPU where it has one): it is part of what the sweep output records."""
     evaluation = EvalConfig(
         stores=cfg.uri("activations"),
@@ -174,6 +175,7 @@ def sweep_config(cfg: CampaignConfig, checkpoints: list[str], threads: int | Non
     )
     return SweepConfig(
         checkpoints=checkpoints,
+        models=cfg.models,
         output=cfg.uri("sweep"),
         evaluation=evaluation,
         resources=Resources(actors=1, torch_threads=threads),

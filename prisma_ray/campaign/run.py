@@ -26,7 +26,7 @@ from ..runtime.session import ensure_ray
 from .config import CampaignConfig
 from .plan import plan_campaign, plan_model, sweep_config
 from .stages import ModelRunner
-from .state import STAGES, Outcome, outcome_table, read_status, write_status
+from .state import STAGES, Outcome, outcome_table, read_status, with_earlier_seconds, write_status
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def run_campaign(cfg: CampaignConfig) -> CampaignSummary:
     write_status(cfg.uri(), status, options)
     kwargs = {"cfg": cfg.model_dump(mode="json"), "device": size.device, "threads": size.torch_threads}
     for result in run_pool(names, ModelRunner, kwargs, size, method="run"):
-        outcome = Outcome(**result)
+        outcome = with_earlier_seconds(Outcome(**result), status.get(result["model"]))
         outcomes[outcome.model] = status[outcome.model] = outcome
         log.info("%s: %s", outcome.model, outcome.error or f"done ({', '.join(outcome.ran) or 'nothing to run'})")
         write_status(cfg.uri(), status, options)

@@ -71,6 +71,15 @@ class Outcome:
         return not self.error and self.reached == STAGES[-1]
 
 
+def with_earlier_seconds(outcome: Outcome, earlier: Outcome | None) -> Outcome:
+    """`outcome` with the seconds `earlier` (the status file's outcome of the same model) recorded for the stages
+    that `outcome` skipped as finished: the seconds of a model's stages across the runs that did them."""
+    if earlier is not None:
+        kept = {stage: s for stage, s in earlier.seconds.items() if stage in outcome.skipped}
+        outcome.seconds = {**kept, **outcome.seconds}
+    return outcome
+
+
 def read_status(root: str, options: StorageOptions) -> dict[str, Outcome]:
     """The status file under `root` (empty when there is none)."""
     uri = storage.join(root, STATUS_FILE)

@@ -9,7 +9,15 @@ from prisma_ray.campaign import CampaignConfig
 from prisma_ray.campaign.plan import block_at_depth, hooks_of, plan_model
 from prisma_ray.campaign.registry_check import estimated_params, registry_config, sample, too_big
 from prisma_ray.campaign.stages import MemoryPeak, ModelRunner, run_model
-from prisma_ray.campaign.state import STAGES, Outcome, finished, outcome_table, read_status, write_status
+from prisma_ray.campaign.state import (
+    STAGES,
+    Outcome,
+    finished,
+    outcome_table,
+    read_status,
+    with_earlier_seconds,
+    write_status,
+)
 from prisma_ray.errors import InvalidRequest
 from prisma_ray.models import default_hook, get_entry, list_entries
 from prisma_ray.runtime import pool
@@ -80,6 +88,7 @@ def test_plan_model_stages(tmp_path):
     (job,) = plan.trains
     assert job.workers == 0 and job.output.endswith(f"dictionaries/{TOY}/{train.hooks[0]}")
     assert plan.sweep.output == cfg.uri("sweep") and plan.sweep.checkpoints == [cfg.uri("dictionaries", TOY)]
+    assert plan.sweep.models == cfg.models  # the last sweep over every dictionary keeps to the selected models
 
 
 def test_model_without_data_of_its_modality_is_refused(tmp_path):
@@ -182,3 +191,16 @@ def test_interpretation_rebuilds_the_model_as_extracted(tmp_path):
     interpret = plan_model(cfg, TOY).interpret(cfg, str(tmp_path / "ckpt"), "cpu", 1)
     assert (interpret.pretrained, interpret.seed, interpret.weights) == (False, 7, None)
     assert interpret.dataset == plan_model(cfg, TOY).data["test"]
+
+
+def test_status_keeps_the_seconds_of_stages_done_in_an_earlier_run():
+    earlier = Outcome(model=TOY, reached="train", ran=["extract", "train"], seconds={"extract": 3.0, "train": 2.0})
+    now = Outcome(model=TOY, reached="dashboard", ran=["evaluate", "dashboard"], skipped=["extract", "train"])
+    now.seconds = {"evaluate": 1.0, "dashboard": 0.5}
+    assert with_earlier_seconds(now, earlier).seconds == {
+        "extract": 3.0,
+        "train": 2.0,
+        "evaluate": 1.0,
+        "dashboard": 0.5,
+    }
+    assert with_earlier_seconds(Outcome(model=TOY, seconds={"extract": 1.0}), None).seconds == {"extract": 1.0}
