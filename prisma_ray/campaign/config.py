@@ -96,7 +96,7 @@ class CampaignConfig(BaseModel):
     (held-out metrics, spliced-in loss recovered, ground truth) -> dashboard of its best dictionary, on a pool
     of long-lived actors, then one leaderboard across models.
 
-    Under `output`: `data/` (nothing: datasets are where their URIs say), `activations/<model>/<hook>/<split>`,
+    Under `output`: `activations/<model>/<hook>/<split>`,
     `runs/`, `dictionaries/<model>/<hook>/<dictionary>`, `sweep/` (the leaderboard of every model),
     `interpret/<model>`, `dashboard/<model>` and `campaign.json` (each model's stage reached, seconds and error).
     Every stage resumes: a rerun skips finished work; a changed config is refused per model by its stores.
