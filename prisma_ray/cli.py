@@ -297,6 +297,21 @@ COMMANDS: tuple[Command, ...] = (
         run=_summary(".quickstart", "run_quickstart"),
     ),
     Command(
+        name="campaign",
+        help="many models through extract, train, evaluate and a dashboard, then one leaderboard (Ray)",
+        description="Plan every selected model's hook points (by name or relative depth), extract its train and "
+        "test data, train the dictionary grid, evaluate it (held-out metrics, spliced-in loss recovered, ground "
+        "truth) and write a dashboard of its best dictionary, on a pool of long-lived actors that run one model's "
+        "stages after another; then sweep every model's dictionaries into one leaderboard. A rerun skips finished "
+        "work; a failed model is recorded in <output>/campaign.json and the others go on. Exits 1 when a model "
+        "failed.",
+        epilog="example: prisma-ray campaign jobs/campaign.yaml --set output=s3://bucket/campaign "
+        "--set resources.actors=4",
+        config=".campaign.config:CampaignConfig",
+        config_help="YAML CampaignConfig (`models` is required)",
+        run=_summary(".campaign.run", "run_campaign"),
+    ),
+    Command(
         name="extract",
         help="extract activations into Parquet stores (Ray actors)",
         description="Run a dataset through a model on Ray and write the activations of each hook point to its own "

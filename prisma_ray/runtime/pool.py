@@ -27,6 +27,7 @@ actors x `in_flight_per_actor` decoded shards exist at a time, which bounds the 
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import json
 import logging
@@ -173,8 +174,37 @@ def size_pool(
     return PoolSize(device, actors, per_actor, read_cpus, threads, res.in_flight_per_actor or in_flight)
 
 
+class _Inline:
+    resources: dict[str, float] | None = None  # process-wide: Ray Train's local mode runs its loop in another thread
+
+
+_INLINE = _Inline()
+
+
+@contextlib.contextmanager
+def inline(resources: Mapping[str, float]) -> Iterator[None]:
+    """Within this block (in this process) `run_pool` runs its worker in the calling process, one instance per
+    pool, reads included, and `cluster_resources` is `resources` (`{"CPU": n, "GPU": m}`: what the caller holds).
+    A long-lived actor runs whole stages this way (`prisma_ray.campaign`): the stage functions stay as they are
+    and pay no actor start-up of their own."""
+    previous = _INLINE.resources
+    _INLINE.resources = dict(resources)
+    try:
+        yield
+    finally:
+        _INLINE.resources = previous
+
+
+def inlined() -> bool:
+    """Whether pools run in this process (`inline`)."""
+    return _INLINE.resources is not None
+
+
 def cluster_resources() -> dict[str, float]:
-    """The resources of the Ray this process is connected to (`{"CPU": n, "GPU": m, ...}`)."""
+    """The resources of the Ray this process is connected to (`{"CPU": n, "GPU": m, ...}`), or within `inline`
+    the resources given there."""
+    if inlined():
+        return dict(_INLINE.resources)
     return ray.cluster_resources()
 
 
@@ -244,8 +274,11 @@ def run_pool(
     actor is replaced where the cluster still holds it beside a read task (else the pool goes on with
     fewer actors, never none). `stats` (if given) counts what was lost, replaced and retried.
     The actors start with the first item and are killed when the iteration ends (also when the caller
-    stops early); no items, no actors.
+    stops early); no items, no actors. Within `inline` one worker runs every item in this process, in order.
     """
+    if inlined():
+        yield from _run_inline(items, worker, worker_kwargs, method, read, read_kwargs or {})
+        return
     pending = iter(items)
     first = next(pending, _END)
     if first is _END:
@@ -339,6 +372,21 @@ def run_pool(
         if isinstance(error, ray.exceptions.RayTaskError) and isinstance(cause, PrismaRayError):
             raise cause from error  # a user's input: its own one-line message, not the actor's traceback
         raise error
+
+
+def _run_inline(
+    items: Iterable[Any],
+    worker: type,
+    worker_kwargs: dict[str, Any],
+    method: str,
+    read: Callable[..., Any] | None,
+    read_kwargs: dict[str, Any],
+) -> Iterator[Any]:
+    """`run_pool` within `inline`: one `worker` built at the first item, every item read and run here in order."""
+    instance = None
+    for item in items:
+        instance = instance or worker(**worker_kwargs)
+        yield getattr(instance, method)(item if read is None else read(item, **read_kwargs))
 
 
 def _fits(size: PoolSize, actors: int, cluster: Mapping[str, float]) -> bool:

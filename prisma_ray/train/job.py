@@ -41,7 +41,7 @@ from prisma_ray.errors import InvalidRequest, PrismaRayError
 
 from .. import storage
 from ..runtime.devices import local_device, placement_line
-from ..runtime.pool import Resources, cluster_resources, size_pool
+from ..runtime.pool import Resources, cluster_resources, inlined, size_pool
 from ..runtime.session import ensure_ray
 from ..sae import DictionaryConfig, Normalization, Sites, Trainer
 from ..sae.dictionary import check_shape
@@ -353,7 +353,11 @@ def _restarts(directory: str) -> int:
 
 
 def _read_ahead(pieces: Iterable[Piece], reader: Reader, cpus: float) -> Iterator[dict[str, Any]]:
-    """The rows of `pieces` in order, each read by a Ray task of `cpus` CPUs, READ_AHEAD tasks in flight."""
+    """The rows of `pieces` in order, each read by a Ray task of `cpus` CPUs, READ_AHEAD tasks in flight (within
+    `runtime.pool.inline`: read here, in order)."""
+    if inlined():
+        yield from (read_piece(p, reader) for p in pieces)
+        return
     task = ray.remote(read_piece).options(num_cpus=cpus)
     reader_ref = ray.put(reader)
     todo = iter(pieces)

@@ -10,10 +10,13 @@ JOBS = Path(__file__).resolve().parents[2] / "jobs"
 
 
 def _config_class(path: Path):
+    from prisma_ray.campaign import CampaignConfig
     from prisma_ray.evaluate.sweep import SweepConfig
     from prisma_ray.train.config import TrainConfig
 
-    return {"train_sae.yaml": TrainConfig, "sweep_checkpoints.yaml": SweepConfig}[path.name]
+    return {"train_sae.yaml": TrainConfig, "sweep_checkpoints.yaml": SweepConfig, "campaign.yaml": CampaignConfig}[
+        path.name
+    ]
 
 
 @pytest.mark.parametrize("path", sorted(JOBS.glob("*.yaml")), ids=lambda p: p.name)

@@ -1,0 +1,184 @@
+"""The campaign's plan (pure; no Ray, no model built): the selected models, each one's hook points and data,
+and the configs of its stages, which are the library's own jobs (`run_extract`, `run_training`, `run_sweep`,
+`run_interpret`) with their outputs under the campaign's `output`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..data.sources import DatasetSpec, SyntheticSource
+from ..evaluate import EvalConfig
+from ..evaluate.sweep import SweepConfig
+from ..extract.config import ExtractConfig
+from ..interpret.collect import InterpretConfig
+from ..models import ModelEntry, get_entry
+from ..runtime.pool import Resources, ShardResources, TrainResources
+from ..store import store_uri
+from ..train.config import TrainConfig, TrainData
+from .config import CampaignConfig, Splits
+
+SPLITS = ("train", "test")
+
+
+def block_at_depth(blocks: int, depth: float) -> int:
+    """The block nearest relative depth `depth` in [0, 1] of a model of `blocks` blocks: round(depth x blocks)
+    (halves up), at most the last; 0.5 is the middle block `models.default_hook` reads (6 of 12)."""
+    return min(int(depth * blocks + 0.5), blocks - 1)
+
+
+def hooks_of(cfg: CampaignConfig, entry: ModelEntry) -> list[str]:
+    """`entry`'s hook points: `cfg.hooks` by name, then the residual stream after the block nearest each of
+    `cfg.depths` (default [0.5] when neither is given). Multimodal models: the language model's blocks (`lm.*`,
+    `config.text_config.num_hidden_layers`), the stream whose tokens extraction stores."""
+    depths = cfg.depths or ([] if cfg.hooks else [0.5])
+    prefix, blocks = "", entry.layers
+    if entry.modality == "multimodal":
+        prefix, blocks = "lm.", int(entry.config["text_config"]["num_hidden_layers"])
+    named = [f"{prefix}blocks.{block_at_depth(blocks, d)}.hook_resid_post" for d in depths]
+    return list(dict.fromkeys([*cfg.hooks, *named]))
+
+
+def sized(spec: DatasetSpec, entry: ModelEntry) -> DatasetSpec:
+    """Synthetic `spec` generated at `entry`'s input size with one ground-truth cell per patch, under its own URI
+    (`<uri>-<size>px-<patch>`)."""
+    assert isinstance(spec, SyntheticSource)
+    grid = entry.image_size // entry.patch_size
+    generator = spec.generator.model_copy(update={"image_size": entry.image_size, "patch_grid": (grid, grid)})
+    return spec.model_copy(
+        update={"uri": f"{spec.uri}-{entry.image_size}px-{entry.patch_size}", "generator": generator}
+    )
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """One model of the campaign: its entry, hook points and data splits, and the configs of its stages."""
+
+    entry: ModelEntry
+    hooks: tuple[str, ...]
+    data: dict[str, DatasetSpec]
+    extracts: tuple[ExtractConfig, ...]
+    trains: tuple[TrainConfig, ...]
+    sweep: SweepConfig
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    def interpret(self, cfg: CampaignConfig, checkpoint: str, device: str, threads: int | None) -> InterpretConfig:
+        """The interpretation of `checkpoint` on this model's test data, under `interpret/<model>`: the model
+        rebuilt as extraction ran it (weights, seed, dtype)."""
+        extract = self.extracts[0]
+        return InterpretConfig(
+            checkpoint=checkpoint,
+            pretrained=extract.pretrained,
+            seed=extract.seed,
+            weights=extract.weights,
+            model_dtype=extract.model_dtype,
+            dataset=self.data["test"],
+            output=cfg.uri("interpret", self.name),
+            storage=cfg.storage,
+            k=8,
+            shard_size=cfg.shard_size,
+            resources=_shard_resources(device, threads),
+            progress=False,
+            ray=cfg.ray,
+        )
+
+
+def splits_of(cfg: CampaignConfig, entry: ModelEntry) -> Splits | None:
+    """The data of `entry`'s modality (multimodal models read images); None where the config has none."""
+    return cfg.data.get("image" if entry.modality == "multimodal" else entry.modality)
+
+
+def plan_model(cfg: CampaignConfig, name: str, device: str = "cpu", threads: int | None = None) -> ModelPlan:
+    """The stages of model `name` run by an actor on `device` with `threads` torch threads (None: torch's
+    default). Raises `InvalidRequest` where the config has no data of the model's modality."""
+    from ..errors import InvalidRequest
+
+    entry = get_entry(name)
+    splits = splits_of(cfg, entry)
+    if splits is None:
+        raise InvalidRequest(
+            f"{name} is a {entry.modality} model but `data` has no {entry.modality} entry; add data.{entry.modality} "
+            "(train and test) or leave the model out"
+        )
+    data = {s: sized(getattr(splits, s), entry) if splits.at_model_size else getattr(splits, s) for s in SPLITS}
+    hooks = tuple(hooks_of(cfg, entry))
+    weights = cfg.weights_of(name)
+    extracts = tuple(
+        ExtractConfig(
+            model=name,
+            pretrained=weights.pretrained,
+            weights=weights.checkpoint,
+            seed=weights.seed,
+            hooks=list(hooks),
+            tokens=cfg.tokens,
+            dataset=data[split],
+            split=split,
+            output=cfg.uri("activations"),
+            storage=cfg.storage,
+            shard_size=cfg.shard_size,
+            resources=_shard_resources(device, threads),
+            progress=False,
+            ray=cfg.ray,
+        )
+        for split in SPLITS
+    )
+    trains = tuple(_train_config(cfg, name, hook, device, threads) for hook in hooks)
+    sweep = sweep_config(cfg, [cfg.uri("dictionaries", name)], threads)
+    return ModelPlan(entry, hooks, data, extracts, trains, sweep)
+
+
+def plan_campaign(cfg: CampaignConfig) -> list[str]:
+    """The selected models' names, sorted (an unknown name or family raises, naming it)."""
+    return cfg.models.resolve()
+
+
+def _shard_resources(device: str, threads: int | None) -> ShardResources:
+    """One model in the calling actor (`runtime.pool.inline`): its device and threads."""
+    return ShardResources(actors=1, device=device, torch_threads=threads)
+
+
+def _train_config(cfg: CampaignConfig, model: str, hook: str, device: str, threads: int | None) -> TrainConfig:
+    """The grid of `cfg.dictionaries` on the same batches of `model`'s train store at `hook`, trained in the
+    calling actor (`workers: 0`); dictionaries under `dictionaries/<model>/<hook>/<name>`."""
+    return TrainConfig(
+        name=hook,
+        runs=cfg.uri("runs", model),
+        output=cfg.uri("dictionaries", model, hook),
+        storage=cfg.storage,
+        data=TrainData(inputs=[store_uri(cfg.uri("activations"), model, hook, "train")]),
+        dictionaries=cfg.dictionaries,
+        batch_size=cfg.batch_size,
+        tokens=cfg.training_tokens,
+        epochs=cfg.epochs,
+        log_every=50,
+        checkpoint_every=500,
+        workers=0,
+        resources=TrainResources(device=device, torch_threads=threads),
+        ray=cfg.ray,
+    )
+
+
+def sweep_config(cfg: CampaignConfig, checkpoints: list[str], threads: int | None = None) -> SweepConfig:
+    """The sweep of the dictionaries under `checkpoints` into the campaign's one sweep output (`sweep/`: every
+    model's results side by side, so the last sweep over all of them evaluates nothing twice), of the campaign's
+    selected models only (dictionaries of models left out of the config stay out of its leaderboard). The evaluation's
+    device stays `auto` (the actor's GPU where it has one): it is part of what the sweep output records."""
+    evaluation = EvalConfig(
+        stores=cfg.uri("activations"),
+        split="test",
+        max_tokens=cfg.eval_tokens,
+        ground_truth_tokens=cfg.eval_tokens,
+        splice_samples=cfg.splice_samples,
+        storage=cfg.storage,
+    )
+    return SweepConfig(
+        checkpoints=checkpoints,
+        models=cfg.models,
+        output=cfg.uri("sweep"),
+        evaluation=evaluation,
+        resources=Resources(actors=1, torch_threads=threads),
+        progress=False,
+        ray=cfg.ray,
+    )

@@ -1,0 +1,226 @@
+"""The campaign's planning, state and in-process stages, without Ray."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from prisma_ray.campaign import CampaignConfig
+from prisma_ray.campaign.plan import block_at_depth, hooks_of, plan_model
+from prisma_ray.campaign.registry_check import estimated_params, registry_config, sample, too_big
+from prisma_ray.campaign.stages import MemoryPeak, ModelRunner, run_model
+from prisma_ray.campaign.state import (
+    STAGES,
+    Outcome,
+    finished,
+    outcome_table,
+    read_status,
+    with_earlier_seconds,
+    write_status,
+)
+from prisma_ray.errors import InvalidRequest
+from prisma_ray.models import default_hook, get_entry, list_entries
+from prisma_ray.runtime import pool
+
+TOY = "prisma-toy-vit-shapes"
+VIDEO = "prisma-toy-video-moving-shapes"
+IMAGES = {"type": "images", "uri": "photos"}
+
+
+def config(tmp_path, **fields) -> CampaignConfig:
+    return CampaignConfig.model_validate({"output": str(tmp_path / "c"), "models": {"names": [TOY]}, **fields})
+
+
+@pytest.mark.parametrize(
+    ("blocks", "depth", "block"), [(12, 0.5, 6), (12, 0.75, 9), (12, 0.0, 0), (12, 1.0, 11), (4, 0.5, 2), (3, 0.5, 2)]
+)
+def test_block_at_depth_is_the_nearest_block(blocks, depth, block):
+    assert block_at_depth(blocks, depth) == block
+
+
+def test_hooks_by_name_and_depth_per_model(tmp_path):
+    cfg = config(tmp_path, hooks=["blocks.1.hook_mlp_out"], depths=[0.5, 0.75])
+    vit_b = get_entry("timm-vit-base-patch16-224-augreg2-in21k-ft-in1k")
+    assert hooks_of(cfg, vit_b) == ["blocks.1.hook_mlp_out", "blocks.6.hook_resid_post", "blocks.9.hook_resid_post"]
+    lmm = get_entry("hf-llava-onevision-qwen2-0.5b-ov")
+    blocks = lmm.config["text_config"]["num_hidden_layers"]
+    assert hooks_of(config(tmp_path, depths=[1.0]), lmm) == [f"lm.blocks.{blocks - 1}.hook_resid_post"]
+    # no hooks and no depths: half depth, the block every job reads by default
+    assert hooks_of(config(tmp_path), vit_b) == [default_hook(vit_b)]
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"depths": [0.5, 1.5]}, r"depths \[1.5\] are not in \[0, 1\]"),
+        ({"weights": {"pretrained": True, "checkpoint": "w.safetensors"}}, "not both"),
+        ({"data": {"audio": {"train": IMAGES, "test": IMAGES}}}, r"modalities \['audio'\]"),
+    ],
+)
+def test_bad_config_names_the_input(tmp_path, fields, match):
+    with pytest.raises(ValidationError, match=match):
+        config(tmp_path, **fields)
+
+
+def test_model_sized_data_must_be_synthetic(tmp_path):
+    images = IMAGES
+    with pytest.raises(ValidationError, match="at_model_size: true needs synthetic"):
+        config(tmp_path, data={"image": {"train": images, "test": images, "at_model_size": True}})
+
+
+def test_plan_model_stages(tmp_path):
+    cfg = registry_config([TOY, VIDEO], str(tmp_path / "c"))
+    cfg = cfg.model_copy(update={"model_weights": {TOY: cfg.weights.model_copy(update={"seed": 3})}})
+    plan = plan_model(cfg, TOY, "cpu", 1)
+    entry = get_entry(TOY)
+    train, test = plan.extracts
+    assert (train.split, test.split, train.pretrained, train.seed, train.hooks) == (
+        "train",
+        "test",
+        False,
+        3,
+        [f"blocks.{entry.layers // 2}.hook_resid_post"],
+    )
+    grid = entry.image_size // entry.patch_size
+    assert train.dataset.uri.endswith(f"shapes-train-{entry.image_size}px-{entry.patch_size}")
+    assert train.dataset.generator.image_size == entry.image_size
+    assert train.dataset.generator.patch_grid == (grid, grid)
+    (job,) = plan.trains
+    assert job.workers == 0 and job.output.endswith(f"dictionaries/{TOY}/{train.hooks[0]}")
+    assert plan.sweep.output == cfg.uri("sweep") and plan.sweep.checkpoints == [cfg.uri("dictionaries", TOY)]
+    assert plan.sweep.models == cfg.models  # the last sweep over every dictionary keeps to the selected models
+
+
+def test_model_without_data_of_its_modality_is_refused(tmp_path):
+    cfg = registry_config([VIDEO], str(tmp_path / "c"))
+    cfg = cfg.model_copy(update={"data": {"image": cfg.data["image"]}})
+    with pytest.raises(InvalidRequest, match="no video entry; add data.video"):
+        plan_model(cfg, VIDEO)
+
+
+def test_inline_pool_runs_the_worker_here_once(monkeypatch):
+    built = []
+
+    class Worker:
+        def __init__(self, base):
+            built.append(base)
+            self.base = base
+
+        def run(self, x):
+            return self.base + x
+
+    monkeypatch.setattr(pool, "ray", None)  # no Ray at all within `inline`
+    size = pool.PoolSize("cpu", 4, 1.0, 0.5, 1, 2)
+    with pool.inline({"CPU": 2.0}):
+        assert pool.cluster_resources() == {"CPU": 2.0}
+        out = list(
+            pool.run_pool(
+                [1, 2, 3], Worker, {"base": 10}, size, method="run", read=lambda x, k: x * k, read_kwargs={"k": 2}
+            )
+        )
+    assert out == [12, 14, 16] and built == [10]
+    assert not pool.inlined()
+
+
+def test_failed_model_is_recorded_not_raised(tmp_path):
+    """A model whose stage raises returns its error (no Ray is needed to get there)."""
+    cfg = registry_config([TOY], str(tmp_path / "c"))
+    cfg = cfg.model_copy(update={"weights": cfg.weights.model_copy(update={"checkpoint": str(tmp_path / "no.pt")})})
+    outcome = Outcome(**ModelRunner(cfg.model_dump(mode="json"), "cpu", 1).run(TOY))
+    assert outcome.error.startswith("MissingInputError:") and "no.pt" in outcome.error
+    assert (outcome.reached, outcome.ran, outcome.passed) == ("", [], False)
+    assert outcome.peak_mib > 0
+    assert not pool.inlined()
+
+
+def test_nothing_finished_in_an_empty_root_and_status_round_trips(tmp_path):
+    cfg = registry_config([TOY], str(tmp_path / "c"))
+    plan = plan_model(cfg, TOY)
+    assert finished(plan, cfg.uri(), cfg.storage) == dict.fromkeys(STAGES, False)
+    outcomes = {TOY: Outcome(model=TOY, reached="dashboard", ran=list(STAGES), seconds={"train": 1.5}, peak_mib=10)}
+    write_status(cfg.uri(), outcomes, cfg.storage)
+    assert read_status(cfg.uri(), cfg.storage) == outcomes and outcomes[TOY].passed
+    lines = outcome_table(list(outcomes.values()))
+    assert lines[1].split()[:4] == [TOY, "dashboard", "extract,train,evaluate,dashboard", "1.5"]
+
+
+def test_memory_peak_sees_an_allocation():
+    import numpy as np
+
+    with MemoryPeak(every=0.01) as before:
+        pass
+    with MemoryPeak(every=0.01) as peak:
+        block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+        import time
+
+        time.sleep(0.1)
+    assert block.sum() > 0 and peak.peak_mib >= before.peak_mib + 32
+
+
+def test_registry_sample_is_one_model_per_source_and_modality():
+    names = sample()
+    kinds = {(e.source, e.modality) for e in list_entries()}
+    assert len(names) == len(kinds) == len({(get_entry(n).source, get_entry(n).modality) for n in names})
+    assert "timm-vit-large-patch14-dinov2-518" not in names
+    big = get_entry("hf-qwen2-vl-7b-instruct")
+    assert estimated_params(big) > 5e9
+    assert "not run: about" in too_big(big, 6 * 2**30) and too_big(get_entry(TOY), 6 * 2**30) == ""
+
+
+def test_run_model_skips_finished_stages(tmp_path, monkeypatch):
+    """Stages the stores say are finished are not run again (each stage replaced by a recorder)."""
+    from prisma_ray.campaign import stages
+
+    cfg = registry_config([TOY], str(tmp_path / "c"))
+    ran = []
+    for name in ("extract", "train", "evaluate"):
+        monkeypatch.setattr(stages, name, lambda c, p, name=name: ran.append(name))
+    monkeypatch.setattr(stages, "dashboard", lambda *a: ran.append("dashboard"))
+    monkeypatch.setattr(stages, "best_checkpoint", lambda c, p: "best")
+    monkeypatch.setattr(
+        stages, "finished", lambda p, r, o: {"extract": True, "train": True, "evaluate": False, "dashboard": False}
+    )
+    outcome = run_model(cfg, TOY)
+    assert ran == ["evaluate", "dashboard"] and outcome.skipped == ["extract", "train"] and outcome.passed
+
+
+def test_interpretation_rebuilds_the_model_as_extracted(tmp_path):
+    """Random weights at extraction must be random weights (same seed) in the dashboard's pass, not a download."""
+    cfg = registry_config([TOY], str(tmp_path / "c"))
+    cfg = cfg.model_copy(update={"weights": cfg.weights.model_copy(update={"seed": 7})})
+    interpret = plan_model(cfg, TOY).interpret(cfg, str(tmp_path / "ckpt"), "cpu", 1)
+    assert (interpret.pretrained, interpret.seed, interpret.weights) == (False, 7, None)
+    assert interpret.dataset == plan_model(cfg, TOY).data["test"]
+
+
+def test_status_keeps_the_seconds_of_stages_done_in_an_earlier_run():
+    earlier = Outcome(model=TOY, reached="train", ran=["extract", "train"], seconds={"extract": 3.0, "train": 2.0})
+    now = Outcome(model=TOY, reached="dashboard", ran=["evaluate", "dashboard"], skipped=["extract", "train"])
+    now.seconds = {"evaluate": 1.0, "dashboard": 0.5}
+    assert with_earlier_seconds(now, earlier).seconds == {
+        "extract": 3.0,
+        "train": 2.0,
+        "evaluate": 1.0,
+        "dashboard": 0.5,
+    }
+    assert with_earlier_seconds(Outcome(model=TOY, seconds={"extract": 1.0}), None).seconds == {"extract": 1.0}
+
+
+def test_cross_model_page_is_written_where_its_module_exists(tmp_path, monkeypatch):
+    import importlib.machinery
+    import sys
+    import types
+
+    from prisma_ray.campaign.run import CROSS_MODEL, cross_model_page
+
+    cfg = registry_config([TOY], str(tmp_path / "c"))
+    monkeypatch.delitem(sys.modules, CROSS_MODEL, raising=False)
+    if importlib.util.find_spec(CROSS_MODEL) is None:
+        assert cross_model_page(cfg) == ""
+    calls = []
+    module = types.ModuleType(CROSS_MODEL)
+    module.__spec__ = importlib.machinery.ModuleSpec(CROSS_MODEL, None)
+    module.write_cross_model_page = lambda sweep, out: calls.append((sweep, out)) or f"{out}/index.html"
+    monkeypatch.setitem(sys.modules, CROSS_MODEL, module)
+    assert cross_model_page(cfg) == cfg.uri("cross-model") + "/index.html"
+    assert calls == [(cfg.uri("sweep"), cfg.uri("cross-model"))]
