@@ -4,8 +4,8 @@
     python benchmarks/toy_ground_truth.py --models prisma-toy-vit-shapes --hooks blocks.2.hook_resid_post,...
 
 Per model and hook: a TopK SAE (the quickstart's: expansion 8, lr 1e-3, batches of 1,024 tokens, as many steps as
-the quickstart's epochs give) trained on the hook's tokens of `train_samples` rendered samples, scored on the patch
-tokens of `test_samples` held-out ones (ambiguous edge patches left out; see `prisma_ray.models.toy_recovery`).
+the quickstart's epochs give; k: the quickstart's, 8, 16 and 32) trained on the hook's tokens of `train_samples`
+rendered samples, scored on the patch tokens of `test_samples` held-out ones (ambiguous edge patches left out; see `prisma_ray.models.toy_recovery`).
 Prints the fraction of shape and colour values (and for the video model direction values) whose best latent has
 AUROC >= 0.95, the mean best AUROC, and the same for the raw model dimensions (both signs).
 """
@@ -18,7 +18,7 @@ import torch
 
 from prisma_ray.models import get_entry, load_model, toy
 from prisma_ray.models.toy_recovery import RecoveryConfig, toy_recovery
-from prisma_ray.quickstart import _default_models
+from prisma_ray.quickstart import _default_dictionaries, _default_models
 
 
 def factors_of(spec: toy.ToySpec) -> list[str]:
@@ -30,7 +30,8 @@ def main(argv: list[str]) -> int:
     defaults = {m.name: m for m in _default_models()}
     parser.add_argument("--models", default=",".join(defaults), help="comma-separated embedded models")
     parser.add_argument("--hooks", default=None, help="comma-separated hooks (default: the quickstart's per model)")
-    parser.add_argument("--k", default="8", help="comma-separated TopK k values (default 8)")
+    ks = ",".join(str(k) for k in sorted({d.k for d in _default_dictionaries()}))
+    parser.add_argument("--k", default=ks, help=f"comma-separated TopK k values (default: the quickstart's, {ks})")
     parser.add_argument("--test-samples", type=int, default=None, help="held-out samples (default: the quickstart's)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)

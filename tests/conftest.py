@@ -341,7 +341,7 @@ def video_zoo(tmp_path_factory) -> dict[str, tuple[bytes, str | None]]:
 @dataclass
 class ToySAE:
     """A small TopK SAE trained in-process on the embedded toy ViT's `blocks.2.hook_resid_post` (300 held-out
-    images, all 65 tokens each), its checkpoint directory, and the images, labels and latent activations."""
+    images, all 17 tokens each), its checkpoint directory, and the images, labels and latent activations."""
 
     model: object
     sae: object

@@ -228,12 +228,13 @@ def multitask_loss(
 ) -> torch.Tensor:
     """Cross-entropy of the primary logits against `label` plus, per auxiliary head, cross-entropy (classes) or
     the binary cross-entropy over its values (sets), per sample: summed (`reduction="sum"`, each value a task of
-    its own) or averaged; plus, per dense head, the cross-entropy averaged over patch tokens (`IGNORE` left out)."""
+    its own) or averaged; plus, per dense head, the cross-entropy averaged over patch tokens (`IGNORE` left out) times its `weight`."""
     primary, aux, dense = outputs(model, x, spec.patch_layer)
     loss = nn.functional.cross_entropy(primary, targets["label"])
     for head, out in zip(spec.patch_heads, split_dense(spec, dense)):
         y = targets[f"patch_{head.name}"]
-        loss = loss + nn.functional.cross_entropy(out.flatten(0, 1), y.flatten(), ignore_index=IGNORE)
+        ce = nn.functional.cross_entropy(out.flatten(0, 1), y.flatten(), ignore_index=IGNORE)
+        loss = loss + head.weight * ce
     for head in spec.aux_heads:
         out = split_aux(spec, aux)[head.name]
         y = targets[head.name]

@@ -74,11 +74,11 @@ def test_shipped_model_reaches_target_on_held_out_files(tmp_path, name):
 
 
 @pytest.mark.slow
-def test_a_small_sae_on_the_quickstart_hook_detects_colours_and_ranks_shapes_well():
-    """Ground truth on the toy ViT, with a bounded budget: a TopK SAE (k 16) on the quickstart's hook detects most
-    colour values (best latent AUROC >= 0.95 on held-out patch tokens, edge patches left out) and scores the shape
-    values well above chance (a random network's SAE: about 0.7). The issue's 80% target is not reached yet: no single latent detects a shape at 0.95
-    (best about 0.9, as raw dimensions; `benchmarks/toy_ground_truth.py`)."""
+def test_a_small_sae_on_the_quickstart_hook_detects_most_shape_and_colour_values():
+    """Ground truth on the toy ViT (issue 18's target), with a bounded budget: a TopK SAE (k 32, the quickstart's
+    largest) on the quickstart's hook detects >= 80% of the shape and colour values (best latent AUROC >= 0.95 on
+    held-out patch tokens, edge patches left out) and each factor's mean best AUROC is high. With the earlier
+    4-px-patch model no shape value was detected (`benchmarks/toy_ground_truth.py`, README)."""
     from prisma_ray.models.toy_recovery import RecoveryConfig, toy_recovery
     from prisma_ray.quickstart import _default_models
 
@@ -87,11 +87,12 @@ def test_a_small_sae_on_the_quickstart_hook_detects_colours_and_ranks_shapes_wel
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        cfg = RecoveryConfig(hook=q.hook, train_samples=256, test_samples=64, k=16, steps=300)
+        cfg = RecoveryConfig(hook=q.hook, train_samples=512, test_samples=64, k=32, steps=300)
         result = toy_recovery(model, toy.SPECS["toy-vit-shapes"], cfg, ["shape", "colour"])
     finally:
         torch.set_num_threads(threads)
     sae = result["sae"]
     assert len(sae["values"]) == 12
     per = sae["per_factor"]
-    assert per["colour"]["detected"] >= 2 / 3 and per["shape"]["mean"] >= 0.82, per  # measured: 5/6, 0.870
+    assert sae["fraction_detected"] >= 0.8, (per, dict(zip(sae["values"], sae["best_auroc"])))
+    assert min(per["shape"]["mean"], per["colour"]["mean"]) >= 0.94, per

@@ -35,7 +35,7 @@ def test_last_layer_lens_is_the_model_and_accuracy_rises_with_depth(toy_vit, sha
     assert lens.tokens.shape == (48, toy_vit.n_layers + 1, toy_vit.token_layout.n_tokens, 6)
     assert torch.equal(lens.pooled[:, -1], logits)
     acc = lens_accuracy(lens.pooled, torch.from_numpy(shapes.labels)).numpy()
-    assert acc[-1] >= 0.8 and acc[0] < 0.4  # the model: 0.865 held-out on its label (largest object's shape)
+    assert acc[-1] >= 0.8 and acc[0] < 0.4  # the model: 0.802 held-out on its label (largest object's shape)
     assert np.all(np.diff(acc) >= -0.05), acc
 
 

@@ -11,14 +11,15 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_hooked_features_pool_over_a_region_and_run_each_image_once():
-    model = load_model("prisma-toy-vit-shapes")  # 32 px, 8x8 patches of 4 px
+    model = load_model("prisma-toy-vit-shapes")  # 32 px, 4x4 patches of 8 px
+    grid, side = model.token_layout.grid, 32 // model.token_layout.grid[0]
     features = HookedModelFeatures(model, "blocks.0.hook_resid_post")
     images = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
     tokens = features.tokens(images)
-    assert tokens.shape[:2] == (2, 64)
+    assert tokens.shape[:2] == (2, grid[0] * grid[1])
     pixels = np.zeros((2, 32, 32), bool)
-    pixels[:, :4, :8] = True  # patches (0, 0) and (0, 1)
-    cells = np.zeros((2, 8, 8), bool)
+    pixels[:, :side, : 2 * side] = True  # patches (0, 0) and (0, 1)
+    cells = np.zeros((2, *grid), bool)
     cells[:, 0, :2] = True
     expected = tokens[:, :2].mean(1)
     np.testing.assert_allclose(features(images, pixels), expected, rtol=1e-5, atol=1e-6)

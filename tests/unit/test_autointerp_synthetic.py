@@ -86,4 +86,4 @@ def test_vocabulary_explainer_names_most_detector_latents():
         matches.append(bool(detected & set(named_labels(explainer.explain(evidence).text, vocabulary))))
     print(f"detector latents: {len(matches)}, label matches the detected factor: {np.mean(matches):.2f}")
     assert len(matches) >= 5
-    assert np.mean(matches) >= 0.5  # the multi-object toy ViT: 0.50
+    assert np.mean(matches) >= 0.8  # the toy ViT with 8-px patches: 8 of 9 (0.89); with 4-px patches 0.50

@@ -42,7 +42,7 @@ def test_unknown_model_is_a_clear_error(capsys):
 def test_demo_runs_the_embedded_model_on_held_out_shapes(capsys):
     assert main(["demo", "--set", "batch_size=32"]) == 0
     out = capsys.readouterr().out
-    assert "prisma-toy-vit-shapes" in out and "blocks.3.hook_resid_post" in out and "[32, 65, 64]" in out
+    assert "prisma-toy-vit-shapes" in out and "blocks.3.hook_resid_post" in out and "[32, 17, 64]" in out
     accuracy = float(out.rsplit("samples: ", 1)[1])
     assert accuracy >= 0.8
 

@@ -22,7 +22,7 @@ def test_stages_chain_under_one_output(tmp_path):
     assert extract_configs(cfg, video)[0].dataset.generator.name == "moving-shapes"
     run = train_config(cfg, image)
     assert run.data.inputs == [storage.join(train.output, image.name, image.hook, "train")]
-    assert [d.display_name() for d in run.dictionaries] == ["topk-k-4", "topk-k-8", "topk-k-16", "topk-k-4-seed-1"]
+    assert [d.display_name() for d in run.dictionaries] == ["topk-k-8", "topk-k-16", "topk-k-32", "topk-k-8-seed-1"]
     seeded = run.dictionaries[3]
     assert seeded.seed != run.dictionaries[0].seed
     assert seeded.model_dump(exclude={"seed", "name"}) == run.dictionaries[0].model_dump(exclude={"seed", "name"})

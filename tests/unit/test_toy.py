@@ -14,6 +14,14 @@ def tiny_image_spec():
     return toy.SPECS["toy-vit-shapes"].model_copy(update={"depth": 1, "width": 32, "heads": 2})
 
 
+def n_patches(spec: toy.ToySpec) -> int:
+    return (spec.dataset.image_size // spec.patch_size) ** 2
+
+
+def image_input(spec: toy.ToySpec, n: int) -> torch.Tensor:
+    return torch.randn(n, 3, spec.dataset.image_size, spec.dataset.image_size)
+
+
 @pytest.fixture
 def dense_spec(tiny_image_spec):
     data = tiny_image_spec.dataset
@@ -60,10 +68,10 @@ def test_render_split_targets_are_the_label_and_each_heads_factors():
 def test_aux_heads_are_trained_but_not_the_models_output(dense_spec):
     spec = dense_spec
     model = toy_training.build_network(spec).eval()
-    x = torch.randn(3, 3, 32, 32)
+    x = image_input(spec, 3)
     primary, aux, dense = toy_training.outputs(model, x, spec.patch_layer)
     assert torch.allclose(primary, toy_training.logits(model, x), atol=1e-5)
-    assert dense.shape == (3, 64, spec.patch_outputs) == (3, 64, 7 + 7)
+    assert dense.shape == (3, n_patches(spec), spec.patch_outputs) == (3, n_patches(spec), 7 + 7)
     assert aux.shape == (3, spec.aux_outputs) == (3, 6 + 6 + 3)
     assert {k: tuple(v.shape) for k, v in toy_training.split_aux(spec, aux).items()} == {
         "shapes": (3, 6),
@@ -75,7 +83,7 @@ def test_aux_heads_are_trained_but_not_the_models_output(dense_spec):
 def test_dense_heads_read_the_patch_tokens_of_their_block_and_are_not_the_models_output(dense_spec):
     spec = dense_spec.model_copy(update={"depth": 3, "patch_layer": 1})
     model = toy_training.build_network(spec).eval()
-    x = torch.randn(2, 3, 32, 32)
+    x = image_input(spec, 2)
     seen = {}
     model.blocks[1].register_forward_hook(lambda _m, _i, out: seen.setdefault("tokens", out))
     _, _, dense = toy_training.outputs(model, x, spec.patch_layer)
@@ -84,16 +92,43 @@ def test_dense_heads_read_the_patch_tokens_of_their_block_and_are_not_the_models
     with torch.no_grad():
         model.patch_head.weight.add_(1.0)
     assert torch.equal(toy_training.logits(model, x), before)
-    assert not toy.SPECS["toy-vit-shapes"].patch_heads  # the shipped model: none yet (see `toy`)
+
+
+def test_shipped_image_model_reads_its_dense_heads_on_the_quickstarts_hook_with_one_label_cell_per_token():
+    from prisma_ray.quickstart import _default_models
+
+    spec = toy.SPECS["toy-vit-shapes"]
+    hook = next(m.hook for m in _default_models() if m.name == "prisma-toy-vit-shapes")
+    assert [h.name for h in spec.patch_heads] == [
+        "shape",
+        "colour",
+    ] and hook == f"blocks.{spec.patch_layer}.hook_resid_post"
+    grid = spec.dataset.image_size // spec.patch_size
+    assert spec.dataset.patch_grid == (grid, grid)  # the dataset's ground-truth cells are the model's patches
+
+
+def test_a_dense_heads_weight_scales_its_cross_entropy_in_the_loss(dense_spec):
+    heavy = dense_spec.model_copy(update={"patch_heads": toy.image_patch_heads(dense_spec.dataset, 0.9, 0.95, 3.0)})
+    assert [h.weight for h in heavy.patch_heads] == [3.0, 1.0]
+    pixels, targets = toy_training.render_targets(heavy.dataset, 4, heavy.aux_heads, heavy)
+    x, y = toy_training.to_input(pixels, heavy.preprocess), {k: torch.from_numpy(v) for k, v in targets.items()}
+    model = toy_training.build_network(heavy).eval()
+    with torch.no_grad():
+        shape = toy_training.split_dense(heavy, toy_training.outputs(model, x, heavy.patch_layer)[2])[0]
+        ce = torch.nn.functional.cross_entropy(shape.flatten(0, 1), y["patch_shape"].flatten(), ignore_index=-100)
+        difference = toy_training.multitask_loss(heavy, model, x, y) - toy_training.multitask_loss(
+            dense_spec, model, x, y
+        )
+    assert difference == pytest.approx(2 * float(ce), rel=1e-4)
 
 
 def test_dense_targets_are_the_dominant_objects_factors_with_edge_cells_ignored(dense_spec):
     spec = dense_spec
     _, t = toy_training.render_targets(spec.dataset, 20, spec.aux_heads, spec)
-    assert t["patch_shape"].shape == t["patch_colour"].shape == (20, 64)
+    assert t["patch_shape"].shape == t["patch_colour"].shape == (20, n_patches(spec))
     for i in range(20):
         _, mask, objects, _ = render_shapes(spec.dataset, i)
-        obj, cover = synthetic.patch_factors(mask, (8, 8))
+        obj, cover = synthetic.patch_factors(mask, spec.dataset.patch_grid)
         obj, cover = obj.reshape(-1), cover.reshape(-1)
         by_id = {o["object"]: o for o in objects}
         for head in spec.patch_heads:
@@ -108,7 +143,7 @@ def test_dense_targets_are_the_dominant_objects_factors_with_edge_cells_ignored(
 def test_head_accuracy_counts_a_set_only_when_every_value_is_right(dense_spec):
     spec = dense_spec
     model = toy_training.build_network(spec)
-    x = torch.randn(4, 3, 32, 32)
+    x = image_input(spec, 4)
     predicted = toy_training.predictions(spec, model, x)
     targets = {"label": predicted["label"].numpy(), "count": predicted["count"].numpy()}
     for name in ("shapes", "colours"):
@@ -125,7 +160,7 @@ def test_head_accuracy_counts_a_set_only_when_every_value_is_right(dense_spec):
         "count": 1.0,
         "shapes": 0.75,
         "colours": 0.75,
-        "patch_shape": pytest.approx(1 - 1 / (4 * 64 - 2)),
+        "patch_shape": pytest.approx(1 - 1 / (4 * n_patches(spec) - 2)),
         "patch_colour": 1.0,
     }
 
