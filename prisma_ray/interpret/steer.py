@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -230,6 +231,19 @@ class SteerConfig(ModelAsExtracted):
     storage: StorageOptions = Field(StorageOptions(), description="how to reach s3:// checkpoints, data and embeddings")
 
 
+def steering_inputs(cfg: SteerConfig, model: HookedVisionModel) -> np.ndarray:
+    """The dataset's first `cfg.samples` inputs, decoded for `model` (`uint8`); `InvalidRequest` naming each file
+    that could not be read (corrupt, truncated, too large, ...): steering runs on the inputs asked for, none
+    skipped."""
+    spec = with_resolved_storage(cfg.dataset)
+    data = decode_first(spec, InputFormat.create(spec, model.preprocess), cfg.samples)
+    if data.errors:
+        bad = "; ".join(f"{e.path} ({e.reason}{': ' + e.detail if e.detail else ''})" for e in data.errors[:5])
+        more = f" and {len(data.errors) - 5} more" if len(data.errors) > 5 else ""
+        raise InvalidRequest(f"dataset: cannot read {bad}{more}. Fix or remove these files, or point --data elsewhere.")
+    return data.pixels
+
+
 def steered_pair(cfg: SteerConfig) -> tuple[Dictionary, HookedVisionModel]:
     """The dictionary and the model `cfg` steers, both on `cfg.device`, the model at `cfg.model_dtype` (`device:
     cuda` where torch sees no GPU raises `InvalidRequest` naming the field)."""
@@ -257,6 +271,11 @@ def run_steer(cfg: SteerConfig) -> dict:
         from .steer_generate import run_generation
 
         return run_generation(cfg, d, model)
+    if given := sorted({"generation", "output"} & cfg.model_fields_set):
+        raise InvalidRequest(
+            f"{', '.join(given)} (--prompt, --token-kinds, --max-new-tokens, --temperature, --output) are for "
+            f"multimodal language models; {model.name} is a vision model: its steering prints the change as JSON"
+        )
     if isinstance(cfg.steer, list) and len(cfg.steer) != 1:
         raise InvalidRequest(
             f"steer: {len(cfg.steer)} interventions given; {model.name} is steered by one at a time (a list of "
@@ -264,11 +283,10 @@ def run_steer(cfg: SteerConfig) -> dict:
         )
     rule = cfg.steer[0] if isinstance(cfg.steer, list) else cfg.steer
     device = d.W_enc.device
-    spec = with_resolved_storage(cfg.dataset)
-    data = decode_first(spec, InputFormat.create(spec, model.preprocess), cfg.samples)
-    x = PixelInputs(model, device=device).pixels(data.pixels)
+    x = PixelInputs(model, device=device).pixels(steering_inputs(cfg, model))
     embeddings = load_matrix(cfg.text_embeddings, options).to(device) if cfg.text_embeddings else None
     result = steer(model, d, x, rule, default_head(model, embeddings, cfg.logit_scale))
+    spec = cfg.dataset
     labels = cfg.labels or (
         list(spec.generator.shapes) if isinstance(spec, SyntheticSource) and spec.generator.name == "shapes" else None
     )

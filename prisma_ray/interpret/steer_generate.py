@@ -27,14 +27,12 @@ from pydantic import BaseModel, Field
 from prisma_ray.errors import InvalidRequest
 
 from .. import storage
-from ..data.shards import InputFormat, decode_first
-from ..data.sources import with_resolved_storage
 from ..models import HookedVisionModel
 from ..models.hooked import per_token
 from ..sae import Dictionary
 from .dashboard import _page
 from .heatmaps import png_bytes
-from .steer import Intervention, SteerSpec, TokenKinds, steered, steered_hook
+from .steer import Intervention, SteerSpec, TokenKinds, steered, steered_hook, steering_inputs
 
 if TYPE_CHECKING:
     from .steer import SteerConfig
@@ -359,8 +357,7 @@ def run_generation(cfg: SteerConfig, d: Dictionary, model: HookedVisionModel) ->
     if cfg.text_embeddings or cfg.labels:
         raise InvalidRequest("text_embeddings and labels are for vision models; a multimodal model answers in text")
     options = cfg.storage.resolved()
-    spec = with_resolved_storage(cfg.dataset)
-    images = list(decode_first(spec, InputFormat.create(spec, model.preprocess), cfg.samples).pixels)
+    images = list(steering_inputs(cfg, model))
     prompts = cfg.generation.prompts
     pairs = [(image, prompt) for image in images for prompt in prompts]
     gen = cfg.generation
