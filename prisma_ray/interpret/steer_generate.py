@@ -6,7 +6,7 @@ the prompt's text (the chat template included), generated tokens, or all. Genera
 (`transformers` `generate`, greedy unless `temperature > 0`) with its key/value cache, so the hook sees
 only the new positions of each forward pass; it keeps count of the positions seen to know each one's kind.
 Each (image, prompt) sample is answered once clean and once per intervention, the interventions in one
-batch. The log-probability change of each steered token is `log p_steered - log p_clean`, both conditioned
+batch (sampled: one at a time, from the clean answer's seed). The log-probability change of each steered token is `log p_steered - log p_clean`, both conditioned
 on the steered answer so far (the clean model teacher-forced on it). This is the steering step of
 "Large Multi-modal Models Can Interpret Features in Large Multi-modal Models" (Zhang et al., 2024,
 arXiv:2411.14982): a feature is clamped while the model answers about an image.
@@ -186,8 +186,7 @@ def _teacher_forced(inputs: dict, sequences: torch.Tensor) -> dict:
     return out
 
 
-@torch.inference_mode()
-def _sample_answers(
+def _steered_batch(
     model: HookedVisionModel,
     d: Dictionary,
     image: np.ndarray,
@@ -197,14 +196,11 @@ def _sample_answers(
     max_new_tokens: int,
     temperature: float,
     seed: int,
-) -> tuple[list[int], list[SteeredAnswer]]:
+) -> list[SteeredAnswer]:
+    """One generation of a batch of rows, row `r` steered per `specs[r]`, and each row's answer."""
     device, eos, tokenizer = _device(model), _eos_ids(model), model.tokenizer
-    one = {k: v.to(device) for k, v in model.encode([image], [prompt]).items()}
-    clean, _ = _generate(model, one, max_new_tokens, temperature, seed)
-    length = one["input_ids"].shape[1]
-    clean_tokens = clean[0, length:].tolist()
-    clean_tokens = clean_tokens[: _answer_length(clean_tokens, eos)]
     rows = {k: v.to(device) for k, v in model.encode([image] * len(specs), [prompt] * len(specs)).items()}
+    length = rows["input_ids"].shape[1]
     image_mask = torch.from_numpy(model.multimodal_layout(rows).image_mask())
     hook = StepHook(d, specs, *steered_positions(image_mask, token_kinds))
     with model.hooks([(d.sites.inputs[0].name, hook)]):
@@ -228,7 +224,31 @@ def _sample_answers(
                 logprob_delta=delta[row, :keep].tolist(),
             )
         )
-    return clean_tokens, answers
+    return answers
+
+
+@torch.inference_mode()
+def _sample_answers(
+    model: HookedVisionModel,
+    d: Dictionary,
+    image: np.ndarray,
+    prompt: str,
+    specs: Sequence[SteerSpec],
+    token_kinds: TokenKinds,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+) -> tuple[list[int], list[SteeredAnswer]]:
+    """The clean answer's tokens and one answer per spec: greedy, the specs in one batch; sampled, each spec on
+    its own from the same seed as the clean answer, so that it draws what the clean run draws (an intervention
+    that changes nothing answers the clean answer)."""
+    one = {k: v.to(_device(model)) for k, v in model.encode([image], [prompt]).items()}
+    clean, _ = _generate(model, one, max_new_tokens, temperature, seed)
+    clean_tokens = clean[0, one["input_ids"].shape[1] :].tolist()
+    clean_tokens = clean_tokens[: _answer_length(clean_tokens, _eos_ids(model))]
+    batches = [list(specs)] if temperature == 0 else [[spec] for spec in specs]
+    args = (token_kinds, max_new_tokens, temperature, seed)
+    return clean_tokens, [a for batch in batches for a in _steered_batch(model, d, image, prompt, batch, *args)]
 
 
 def generate_steered(
@@ -251,8 +271,9 @@ def generate_steered(
     the positions of `token_kinds`: `image` (the prompt's image tokens, newlines included), `prompt` (its text:
     the chat template and the question), `generated`, or `all`. `keep_error` adds the dictionary's error term
     back, so that an intervention that changes nothing generates exactly what the plain model does.
-    `temperature > 0` samples (the model's generation config's top-k / top-p; torch's global generator seeded
-    with `seed` before the clean run and before the steered batch, so rows are not draw-for-draw comparable).
+    `temperature > 0` samples (the model's generation config's top-k / top-p), each intervention generated on its
+    own with torch's global generator seeded with `seed`, as the clean answer: they draw the same numbers, so an
+    intervention that changes nothing gives the clean answer (at the cost of one generation per intervention).
     The dictionary and the model must be on one device. Raises `InvalidRequest` (see `check_lmm_steering`; and
     for prompts that do not pair with the images).
     """
@@ -260,6 +281,10 @@ def generate_steered(
     prompts = list(prompts) * len(images) if len(prompts) == 1 else list(prompts)
     if len(prompts) != len(images):
         raise InvalidRequest(f"got {len(images)} images but {len(prompts)} prompts; give one prompt each, or one")
+    if empty := [i for i, p in enumerate(prompts) if not p.strip()]:
+        raise InvalidRequest(f"prompts {empty} are empty: ask each image a question (e.g. 'Describe the image.')")
+    if temperature < 0:
+        raise InvalidRequest(f"temperature must be 0 (greedy) or above (sampled); got {temperature}")
     if max_new_tokens < 1:
         raise InvalidRequest(f"max_new_tokens must be at least 1; got {max_new_tokens}")
     specs = [
