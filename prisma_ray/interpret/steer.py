@@ -83,6 +83,11 @@ def steered_hook(model: HookedVisionModel, d: Dictionary, latents: Sequence[int]
     if d.sites.kind != "sae":
         raise InvalidRequest(f"steering needs an SAE over one hook point; this dictionary is a {d.sites.kind}")
     hook = d.sites.inputs[0].name
+    if model.hook_point(hook).site == "attn.hook_pattern":
+        raise InvalidRequest(
+            f"the dictionary reads {hook}, an attention pattern (not one vector per token): steering needs a "
+            "dictionary at a per-token hook point (e.g. hook_resid_post, hook_mlp_out, attn.hook_z)"
+        )
     width = model.hook_width(hook)
     if d.sites.d_in != width:
         raise InvalidRequest(

@@ -141,6 +141,11 @@ def test_bad_requests_are_clear_errors(case, toy_vit):
         generate_steered(model, d, [image, image], ["What?", " "], [CLAMP])
     with pytest.raises(InvalidRequest, match="temperature must be 0 .* got -0.5"):
         generate_steered(model, d, [image], ["What?"], [CLAMP], temperature=-0.5)
+    with pytest.raises(InvalidRequest, match=r"images or videos \[0\] are empty"):
+        generate_steered(model, d, [np.zeros((0, 28, 3), np.uint8)], ["What?"], [CLAMP])
+    pattern = lm_dictionary(32, "lm.blocks.0.attn.hook_pattern")
+    with pytest.raises(InvalidRequest, match=r"lm.blocks.0.attn.hook_pattern, an attention pattern"):
+        generate_steered(model, pattern, interventions=[CLAMP], **ask)
     with pytest.raises(InvalidRequest, match="1 images but 2 prompts"):
         generate_steered(model, d, [image], ["a", "b"], [CLAMP])
 
