@@ -14,13 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from prisma_ray.errors import InvalidRequest
 
-from ..data.shards import InputFormat, decode_first
+from ..data.shards import InputFormat, ShardData, decode_first
 from ..data.sources import DatasetSpec, SyntheticSource, with_resolved_storage
 from ..evaluate.checkpoint import load_matrix
 from ..evaluate.splice import Head, HookList, ZeroShotHead, classifier_head, outputs_logits, put_at_positions, take
@@ -236,8 +235,9 @@ class SteerConfig(ModelAsExtracted):
     storage: StorageOptions = Field(StorageOptions(), description="how to reach s3:// checkpoints, data and embeddings")
 
 
-def steering_inputs(cfg: SteerConfig, model: HookedVisionModel) -> np.ndarray:
-    """The dataset's first `cfg.samples` inputs, decoded for `model` (`uint8`); `InvalidRequest` naming each file
+def steering_inputs(cfg: SteerConfig, model: HookedVisionModel) -> ShardData:
+    """The dataset's first `cfg.samples` inputs, decoded for `model` (`uint8` pixels, sample ids); `InvalidRequest`
+    naming each file
     that could not be read (corrupt, truncated, too large, ...): steering runs on the inputs asked for, none
     skipped."""
     spec = with_resolved_storage(cfg.dataset)
@@ -246,7 +246,7 @@ def steering_inputs(cfg: SteerConfig, model: HookedVisionModel) -> np.ndarray:
         bad = "; ".join(f"{e.path} ({e.reason}{': ' + e.detail if e.detail else ''})" for e in data.errors[:5])
         more = f" and {len(data.errors) - 5} more" if len(data.errors) > 5 else ""
         raise InvalidRequest(f"dataset: cannot read {bad}{more}. Fix or remove these files, or point --data elsewhere.")
-    return data.pixels
+    return data
 
 
 def steered_pair(cfg: SteerConfig) -> tuple[Dictionary, HookedVisionModel]:
@@ -288,7 +288,7 @@ def run_steer(cfg: SteerConfig) -> dict:
         )
     rule = cfg.steer[0] if isinstance(cfg.steer, list) else cfg.steer
     device = d.W_enc.device
-    x = PixelInputs(model, device=device).pixels(steering_inputs(cfg, model))
+    x = PixelInputs(model, device=device).pixels(steering_inputs(cfg, model).pixels)
     embeddings = load_matrix(cfg.text_embeddings, options).to(device) if cfg.text_embeddings else None
     result = steer(model, d, x, rule, default_head(model, embeddings, cfg.logit_scale))
     spec = cfg.dataset

@@ -54,6 +54,7 @@ class SampleAnswers(BaseModel):
     """One (image, prompt) sample: the clean answer and one `SteeredAnswer` per intervention."""
 
     image: int = Field(description="index of the image in the images given")
+    sample_id: str | None = Field(None, description="the image's sample id in the dataset (`prisma-ray steer`)")
     prompt: str
     clean_tokens: list[int]
     clean_text: str
@@ -346,7 +347,7 @@ def steer_page(results: GenerationResults, images: Sequence[np.ndarray]) -> str:
             for a in sample.steered
         )
         parts.append(
-            f"<h2>image {sample.image}: {html.escape(sample.prompt)}</h2><div class='row'>"
+            f"<h2>image {html.escape(sample.sample_id or str(sample.image))}: {html.escape(sample.prompt)}</h2><div class='row'>"
             f"<img src='data:image/png;base64,{data}' alt='image {sample.image}'>"
             f"<p>clean: <b>{html.escape(sample.clean_text)}</b></p></div>"
             "<table><thead><tr><th>latents</th><th>steered answer</th><th>mean change (nats)</th></tr></thead>"
@@ -382,7 +383,8 @@ def run_generation(cfg: SteerConfig, d: Dictionary, model: HookedVisionModel) ->
     if cfg.text_embeddings or cfg.labels:
         raise InvalidRequest("text_embeddings and labels are for vision models; a multimodal model answers in text")
     options = cfg.storage.resolved()
-    images = list(steering_inputs(cfg, model))
+    data = steering_inputs(cfg, model)
+    images = list(data.pixels)
     prompts = cfg.generation.prompts
     pairs = [(image, prompt) for image in images for prompt in prompts]
     gen = cfg.generation
@@ -400,6 +402,7 @@ def run_generation(cfg: SteerConfig, d: Dictionary, model: HookedVisionModel) ->
     )
     for sample in results.samples:  # the index of the dataset's image, asked each prompt in turn
         sample.image //= len(prompts)
+        sample.sample_id = str(data.sample_ids[sample.image])
     json_uri, html_uri = write_steering(results, images, cfg.output, options)
     return {
         "checkpoint": cfg.checkpoint,
@@ -410,6 +413,7 @@ def run_generation(cfg: SteerConfig, d: Dictionary, model: HookedVisionModel) ->
         "answers": [
             {
                 "image": s.image,
+                "sample_id": s.sample_id,
                 "prompt": s.prompt,
                 "clean": s.clean_text,
                 "steered": [

@@ -188,7 +188,8 @@ def test_steer_command_writes_the_answers_as_json_and_html(tmp_path, capsys):
     ]
     assert main([*args, "--token-kinds", "generated", "--output", str(tmp_path / "out")]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert [(a["image"], len(a["steered"])) for a in printed["answers"]] == [(0, 4), (0, 4), (1, 4), (1, 4)]
+    answers = [(a["image"], a["sample_id"], len(a["steered"])) for a in printed["answers"]]
+    assert answers == [(0, "0.png", 4), (0, "0.png", 4), (1, "1.png", 4), (1, "1.png", 4)], "which file each is"
     assert [s["latents"] for s in printed["answers"][0]["steered"]] == [[3], [3], [7], [7]]
     assert [s["value"] for s in printed["answers"][0]["steered"]] == [200.0, 0.0, 200.0, 0.0]
     written = json.loads((tmp_path / "out" / "steer.json").read_text())
@@ -197,7 +198,7 @@ def test_steer_command_writes_the_answers_as_json_and_html(tmp_path, capsys):
     assert steered["tokens"] != written["samples"][0]["clean_tokens"]
     assert len(steered["logprob_delta"]) == len(steered["tokens"]) == len(steered["token_text"])
     page = (tmp_path / "out" / "steer.html").read_text()
-    assert page.count("<img src='data:image/png;base64,") == 4 and "What is &lt;it&gt;?" in page
+    assert page.count("<img src='data:image/png;base64,") == 4 and "<h2>image 1.png: What is &lt;it&gt;?" in page
     assert page.count("nats'>") == sum(len(a["tokens"]) for s in written["samples"] for a in s["steered"])
     assert main([*args, "--text-embeddings", "t.npy"]) == 2
     assert "text_embeddings and labels are for vision models" in capsys.readouterr().err
