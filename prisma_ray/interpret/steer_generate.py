@@ -18,7 +18,7 @@ import base64
 import html
 import json
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -187,25 +187,31 @@ def _teacher_forced(inputs: dict, sequences: torch.Tensor) -> dict:
     return out
 
 
+class Decoding(NamedTuple):
+    """How the answers are generated and which positions are steered (see `generate_steered`)."""
+
+    token_kinds: TokenKinds
+    max_new_tokens: int
+    temperature: float
+    seed: int
+
+
 def _steered_batch(
     model: HookedVisionModel,
     d: Dictionary,
     image: np.ndarray,
     prompt: str,
     specs: Sequence[SteerSpec],
-    token_kinds: TokenKinds,
-    max_new_tokens: int,
-    temperature: float,
-    seed: int,
+    how: Decoding,
 ) -> list[SteeredAnswer]:
     """One generation of a batch of rows, row `r` steered per `specs[r]`, and each row's answer."""
     device, eos, tokenizer = _device(model), _eos_ids(model), model.tokenizer
     rows = {k: v.to(device) for k, v in model.encode([image] * len(specs), [prompt] * len(specs)).items()}
     length = rows["input_ids"].shape[1]
     image_mask = torch.from_numpy(model.multimodal_layout(rows).image_mask())
-    hook = StepHook(d, specs, *steered_positions(image_mask, token_kinds))
+    hook = StepHook(d, specs, *steered_positions(image_mask, how.token_kinds))
     with model.hooks([(d.sites.inputs[0].name, hook)]):
-        sequences, logits = _generate(model, rows, max_new_tokens, temperature, seed)
+        sequences, logits = _generate(model, rows, how.max_new_tokens, how.temperature, how.seed)
     n = logits.shape[1]
     new = sequences[:, length : length + n]
     forced = _teacher_forced(rows, sequences[:, : length + n])
@@ -235,21 +241,17 @@ def _sample_answers(
     image: np.ndarray,
     prompt: str,
     specs: Sequence[SteerSpec],
-    token_kinds: TokenKinds,
-    max_new_tokens: int,
-    temperature: float,
-    seed: int,
+    how: Decoding,
 ) -> tuple[list[int], list[SteeredAnswer]]:
     """The clean answer's tokens and one answer per spec: greedy, the specs in one batch; sampled, each spec on
     its own from the same seed as the clean answer, so that it draws what the clean run draws (an intervention
     that changes nothing answers the clean answer)."""
     one = {k: v.to(_device(model)) for k, v in model.encode([image], [prompt]).items()}
-    clean, _ = _generate(model, one, max_new_tokens, temperature, seed)
+    clean, _ = _generate(model, one, how.max_new_tokens, how.temperature, how.seed)
     clean_tokens = clean[0, one["input_ids"].shape[1] :].tolist()
     clean_tokens = clean_tokens[: _answer_length(clean_tokens, _eos_ids(model))]
-    batches = [list(specs)] if temperature == 0 else [[spec] for spec in specs]
-    args = (token_kinds, max_new_tokens, temperature, seed)
-    return clean_tokens, [a for batch in batches for a in _steered_batch(model, d, image, prompt, batch, *args)]
+    batches = [list(specs)] if how.temperature == 0 else [[spec] for spec in specs]
+    return clean_tokens, [a for batch in batches for a in _steered_batch(model, d, image, prompt, batch, how)]
 
 
 def generate_steered(
@@ -291,11 +293,10 @@ def generate_steered(
     specs = [
         SteerSpec(**i.model_dump(include={"latents", "value", "scale"}), keep_error=keep_error) for i in interventions
     ]
+    how = Decoding(token_kinds, max_new_tokens, temperature, seed)
     samples = []
     for index, (image, prompt) in enumerate(zip(images, prompts)):
-        clean, answers = _sample_answers(
-            model, dictionary, image, prompt, specs, token_kinds, max_new_tokens, temperature, seed
-        )
+        clean, answers = _sample_answers(model, dictionary, image, prompt, specs, how)
         text = model.tokenizer.decode(clean, skip_special_tokens=True)
         samples.append(SampleAnswers(image=index, prompt=prompt, clean_tokens=clean, clean_text=text, steered=answers))
     return GenerationResults(
