@@ -196,6 +196,7 @@ class Decoding(NamedTuple):
     seed: int
 
 
+@torch.inference_mode()
 def _steered_batch(
     model: HookedVisionModel,
     d: Dictionary,
@@ -235,23 +236,12 @@ def _steered_batch(
 
 
 @torch.inference_mode()
-def _sample_answers(
-    model: HookedVisionModel,
-    d: Dictionary,
-    image: np.ndarray,
-    prompt: str,
-    specs: Sequence[SteerSpec],
-    how: Decoding,
-) -> tuple[list[int], list[SteeredAnswer]]:
-    """The clean answer's tokens and one answer per spec: greedy, the specs in one batch; sampled, each spec on
-    its own from the same seed as the clean answer, so that it draws what the clean run draws (an intervention
-    that changes nothing answers the clean answer)."""
+def _clean_answer(model: HookedVisionModel, image: np.ndarray, prompt: str, how: Decoding) -> list[int]:
+    """The plain model's answer to `prompt` about `image` (up to and with its first end-of-sequence token)."""
     one = {k: v.to(_device(model)) for k, v in model.encode([image], [prompt]).items()}
     clean, _ = _generate(model, one, how.max_new_tokens, how.temperature, how.seed)
-    clean_tokens = clean[0, one["input_ids"].shape[1] :].tolist()
-    clean_tokens = clean_tokens[: _answer_length(clean_tokens, _eos_ids(model))]
-    batches = [list(specs)] if how.temperature == 0 else [[spec] for spec in specs]
-    return clean_tokens, [a for batch in batches for a in _steered_batch(model, d, image, prompt, batch, how)]
+    tokens = clean[0, one["input_ids"].shape[1] :].tolist()
+    return tokens[: _answer_length(tokens, _eos_ids(model))]
 
 
 def generate_steered(
@@ -294,9 +284,13 @@ def generate_steered(
         SteerSpec(**i.model_dump(include={"latents", "value", "scale"}), keep_error=keep_error) for i in interventions
     ]
     how = Decoding(token_kinds, max_new_tokens, temperature, seed)
+    # greedy: the interventions in one batch; sampled: each on its own from the clean answer's seed, so that it draws
+    # what the clean run draws (an intervention that changes nothing gives the clean answer)
+    batches = [specs] if temperature == 0 else [[spec] for spec in specs]
     samples = []
     for index, (image, prompt) in enumerate(zip(images, prompts)):
-        clean, answers = _sample_answers(model, dictionary, image, prompt, specs, how)
+        clean = _clean_answer(model, image, prompt, how)
+        answers = [a for batch in batches for a in _steered_batch(model, dictionary, image, prompt, batch, how)]
         text = model.tokenizer.decode(clean, skip_special_tokens=True)
         samples.append(SampleAnswers(image=index, prompt=prompt, clean_tokens=clean, clean_text=text, steered=answers))
     return GenerationResults(
