@@ -458,7 +458,11 @@ COMMANDS: tuple[Command, ...] = (
                 help="multimodal models: tokens steered",
             ),
             arg("--max-new-tokens", type=int, help="multimodal models: answer length in tokens"),
-            arg("--temperature", type=float, help="multimodal models: 0 greedy (default), above: sampled"),
+            arg(
+                "--temperature",
+                type=float,
+                help="multimodal models: 0 greedy (default), above: sampled (seed: --set generation.seed=N)",
+            ),
             arg("--output", help="multimodal models: directory of steer.json and steer.html"),
         ),
         overrides=_steer_overrides,

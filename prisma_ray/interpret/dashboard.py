@@ -247,9 +247,11 @@ def marked_context(context: str) -> str:
 
 
 def shown_latents(results: Results, max_latents: int | None = None) -> list[int]:
-    """The latents a dashboard of `results` has a page for: those that fired, in index order, the first
-    `max_latents` (None: all)."""
-    alive = [int(r["latent"]) for r in results.latents.to_pylist() if r["frequency"] > 0]
+    """The latents a dashboard of `results` has a page for: those that fired (multimodal language models: on an
+    image token or, with top text tokens, on a text token), in index order, the first `max_latents` (None: all)."""
+    alive = [
+        int(r["latent"]) for r in results.latents.to_pylist() if r["frequency"] > 0 or results.text_rows(r["latent"])
+    ]
     return alive[:max_latents] if max_latents else alive
 
 

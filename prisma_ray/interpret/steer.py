@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from prisma_ray.errors import InvalidRequest
 
-from ..data.shards import InputFormat, decode_first
+from ..data.shards import InputFormat, ShardData, decode_first
 from ..data.sources import DatasetSpec, SyntheticSource, with_resolved_storage
 from ..evaluate.checkpoint import load_matrix
 from ..evaluate.splice import Head, HookList, ZeroShotHead, classifier_head, outputs_logits, put_at_positions, take
@@ -82,6 +82,11 @@ def steered_hook(model: HookedVisionModel, d: Dictionary, latents: Sequence[int]
     if d.sites.kind != "sae":
         raise InvalidRequest(f"steering needs an SAE over one hook point; this dictionary is a {d.sites.kind}")
     hook = d.sites.inputs[0].name
+    if model.hook_point(hook).site == "attn.hook_pattern":
+        raise InvalidRequest(
+            f"the dictionary reads {hook}, an attention pattern (not one vector per token): steering needs a "
+            "dictionary at a per-token hook point (e.g. hook_resid_post, hook_mlp_out, attn.hook_z)"
+        )
     width = model.hook_width(hook)
     if d.sites.d_in != width:
         raise InvalidRequest(
@@ -230,6 +235,20 @@ class SteerConfig(ModelAsExtracted):
     storage: StorageOptions = Field(StorageOptions(), description="how to reach s3:// checkpoints, data and embeddings")
 
 
+def steering_inputs(cfg: SteerConfig, model: HookedVisionModel) -> ShardData:
+    """The dataset's first `cfg.samples` inputs, decoded for `model` (`uint8` pixels, sample ids); `InvalidRequest`
+    naming each file
+    that could not be read (corrupt, truncated, too large, ...): steering runs on the inputs asked for, none
+    skipped."""
+    spec = with_resolved_storage(cfg.dataset)
+    data = decode_first(spec, InputFormat.create(spec, model.preprocess), cfg.samples)
+    if data.errors:
+        bad = "; ".join(f"{e.path} ({e.reason}{': ' + e.detail if e.detail else ''})" for e in data.errors[:5])
+        more = f" and {len(data.errors) - 5} more" if len(data.errors) > 5 else ""
+        raise InvalidRequest(f"dataset: cannot read {bad}{more}. Fix or remove these files, or point --data elsewhere.")
+    return data
+
+
 def steered_pair(cfg: SteerConfig) -> tuple[Dictionary, HookedVisionModel]:
     """The dictionary and the model `cfg` steers, both on `cfg.device`, the model at `cfg.model_dtype` (`device:
     cuda` where torch sees no GPU raises `InvalidRequest` naming the field)."""
@@ -257,6 +276,11 @@ def run_steer(cfg: SteerConfig) -> dict:
         from .steer_generate import run_generation
 
         return run_generation(cfg, d, model)
+    if given := sorted({"generation", "output"} & cfg.model_fields_set):
+        raise InvalidRequest(
+            f"{', '.join(given)} (--prompt, --token-kinds, --max-new-tokens, --temperature, --output) are for "
+            f"multimodal language models; {model.name} is a vision model: its steering prints the change as JSON"
+        )
     if isinstance(cfg.steer, list) and len(cfg.steer) != 1:
         raise InvalidRequest(
             f"steer: {len(cfg.steer)} interventions given; {model.name} is steered by one at a time (a list of "
@@ -264,11 +288,10 @@ def run_steer(cfg: SteerConfig) -> dict:
         )
     rule = cfg.steer[0] if isinstance(cfg.steer, list) else cfg.steer
     device = d.W_enc.device
-    spec = with_resolved_storage(cfg.dataset)
-    data = decode_first(spec, InputFormat.create(spec, model.preprocess), cfg.samples)
-    x = PixelInputs(model, device=device).pixels(data.pixels)
+    x = PixelInputs(model, device=device).pixels(steering_inputs(cfg, model).pixels)
     embeddings = load_matrix(cfg.text_embeddings, options).to(device) if cfg.text_embeddings else None
     result = steer(model, d, x, rule, default_head(model, embeddings, cfg.logit_scale))
+    spec = cfg.dataset
     labels = cfg.labels or (
         list(spec.generator.shapes) if isinstance(spec, SyntheticSource) and spec.generator.name == "shapes" else None
     )

@@ -6,7 +6,7 @@ the prompt's text (the chat template included), generated tokens, or all. Genera
 (`transformers` `generate`, greedy unless `temperature > 0`) with its key/value cache, so the hook sees
 only the new positions of each forward pass; it keeps count of the positions seen to know each one's kind.
 Each (image, prompt) sample is answered once clean and once per intervention, the interventions in one
-batch. The log-probability change of each steered token is `log p_steered - log p_clean`, both conditioned
+batch (sampled: one at a time, from the clean answer's seed). The log-probability change of each steered token is `log p_steered - log p_clean`, both conditioned
 on the steered answer so far (the clean model teacher-forced on it). This is the steering step of
 "Large Multi-modal Models Can Interpret Features in Large Multi-modal Models" (Zhang et al., 2024,
 arXiv:2411.14982): a feature is clamped while the model answers about an image.
@@ -18,7 +18,7 @@ import base64
 import html
 import json
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -27,14 +27,12 @@ from pydantic import BaseModel, Field
 from prisma_ray.errors import InvalidRequest
 
 from .. import storage
-from ..data.shards import InputFormat, decode_first
-from ..data.sources import with_resolved_storage
 from ..models import HookedVisionModel
 from ..models.hooked import per_token
 from ..sae import Dictionary
 from .dashboard import _page
 from .heatmaps import png_bytes
-from .steer import Intervention, SteerSpec, TokenKinds, steered, steered_hook
+from .steer import Intervention, SteerSpec, TokenKinds, steered, steered_hook, steering_inputs
 
 if TYPE_CHECKING:
     from .steer import SteerConfig
@@ -56,6 +54,7 @@ class SampleAnswers(BaseModel):
     """One (image, prompt) sample: the clean answer and one `SteeredAnswer` per intervention."""
 
     image: int = Field(description="index of the image in the images given")
+    sample_id: str | None = Field(None, description="the image's sample id in the dataset (`prisma-ray steer`)")
     prompt: str
     clean_tokens: list[int]
     clean_text: str
@@ -188,29 +187,32 @@ def _teacher_forced(inputs: dict, sequences: torch.Tensor) -> dict:
     return out
 
 
+class Decoding(NamedTuple):
+    """How the answers are generated and which positions are steered (see `generate_steered`)."""
+
+    token_kinds: TokenKinds
+    max_new_tokens: int
+    temperature: float
+    seed: int
+
+
 @torch.inference_mode()
-def _sample_answers(
+def _steered_batch(
     model: HookedVisionModel,
     d: Dictionary,
     image: np.ndarray,
     prompt: str,
     specs: Sequence[SteerSpec],
-    token_kinds: TokenKinds,
-    max_new_tokens: int,
-    temperature: float,
-    seed: int,
-) -> tuple[list[int], list[SteeredAnswer]]:
+    how: Decoding,
+) -> list[SteeredAnswer]:
+    """One generation of a batch of rows, row `r` steered per `specs[r]`, and each row's answer."""
     device, eos, tokenizer = _device(model), _eos_ids(model), model.tokenizer
-    one = {k: v.to(device) for k, v in model.encode([image], [prompt]).items()}
-    clean, _ = _generate(model, one, max_new_tokens, temperature, seed)
-    length = one["input_ids"].shape[1]
-    clean_tokens = clean[0, length:].tolist()
-    clean_tokens = clean_tokens[: _answer_length(clean_tokens, eos)]
     rows = {k: v.to(device) for k, v in model.encode([image] * len(specs), [prompt] * len(specs)).items()}
+    length = rows["input_ids"].shape[1]
     image_mask = torch.from_numpy(model.multimodal_layout(rows).image_mask())
-    hook = StepHook(d, specs, *steered_positions(image_mask, token_kinds))
+    hook = StepHook(d, specs, *steered_positions(image_mask, how.token_kinds))
     with model.hooks([(d.sites.inputs[0].name, hook)]):
-        sequences, logits = _generate(model, rows, max_new_tokens, temperature, seed)
+        sequences, logits = _generate(model, rows, how.max_new_tokens, how.temperature, how.seed)
     n = logits.shape[1]
     new = sequences[:, length : length + n]
     forced = _teacher_forced(rows, sequences[:, : length + n])
@@ -230,7 +232,16 @@ def _sample_answers(
                 logprob_delta=delta[row, :keep].tolist(),
             )
         )
-    return clean_tokens, answers
+    return answers
+
+
+@torch.inference_mode()
+def _clean_answer(model: HookedVisionModel, image: np.ndarray, prompt: str, how: Decoding) -> list[int]:
+    """The plain model's answer to `prompt` about `image` (up to and with its first end-of-sequence token)."""
+    one = {k: v.to(_device(model)) for k, v in model.encode([image], [prompt]).items()}
+    clean, _ = _generate(model, one, how.max_new_tokens, how.temperature, how.seed)
+    tokens = clean[0, one["input_ids"].shape[1] :].tolist()
+    return tokens[: _answer_length(tokens, _eos_ids(model))]
 
 
 def generate_steered(
@@ -253,8 +264,9 @@ def generate_steered(
     the positions of `token_kinds`: `image` (the prompt's image tokens, newlines included), `prompt` (its text:
     the chat template and the question), `generated`, or `all`. `keep_error` adds the dictionary's error term
     back, so that an intervention that changes nothing generates exactly what the plain model does.
-    `temperature > 0` samples (the model's generation config's top-k / top-p; torch's global generator seeded
-    with `seed` before the clean run and before the steered batch, so rows are not draw-for-draw comparable).
+    `temperature > 0` samples (the model's generation config's top-k / top-p), each intervention generated on its
+    own with torch's global generator seeded with `seed`, as the clean answer: they draw the same numbers, so an
+    intervention that changes nothing gives the clean answer (at the cost of one generation per intervention).
     The dictionary and the model must be on one device. Raises `InvalidRequest` (see `check_lmm_steering`; and
     for prompts that do not pair with the images).
     """
@@ -262,16 +274,23 @@ def generate_steered(
     prompts = list(prompts) * len(images) if len(prompts) == 1 else list(prompts)
     if len(prompts) != len(images):
         raise InvalidRequest(f"got {len(images)} images but {len(prompts)} prompts; give one prompt each, or one")
+    if empty := [i for i, p in enumerate(prompts) if not p.strip()]:
+        raise InvalidRequest(f"prompts {empty} are empty: ask each image a question (e.g. 'Describe the image.')")
+    if temperature < 0:
+        raise InvalidRequest(f"temperature must be 0 (greedy) or above (sampled); got {temperature}")
     if max_new_tokens < 1:
         raise InvalidRequest(f"max_new_tokens must be at least 1; got {max_new_tokens}")
     specs = [
         SteerSpec(**i.model_dump(include={"latents", "value", "scale"}), keep_error=keep_error) for i in interventions
     ]
+    how = Decoding(token_kinds, max_new_tokens, temperature, seed)
+    # greedy: the interventions in one batch; sampled: each on its own from the clean answer's seed, so that it draws
+    # what the clean run draws (an intervention that changes nothing gives the clean answer)
+    batches = [specs] if temperature == 0 else [[spec] for spec in specs]
     samples = []
     for index, (image, prompt) in enumerate(zip(images, prompts)):
-        clean, answers = _sample_answers(
-            model, dictionary, image, prompt, specs, token_kinds, max_new_tokens, temperature, seed
-        )
+        clean = _clean_answer(model, image, prompt, how)
+        answers = [a for batch in batches for a in _steered_batch(model, dictionary, image, prompt, batch, how)]
         text = model.tokenizer.decode(clean, skip_special_tokens=True)
         samples.append(SampleAnswers(image=index, prompt=prompt, clean_tokens=clean, clean_text=text, steered=answers))
     return GenerationResults(
@@ -323,7 +342,7 @@ def steer_page(results: GenerationResults, images: Sequence[np.ndarray]) -> str:
             for a in sample.steered
         )
         parts.append(
-            f"<h2>image {sample.image}: {html.escape(sample.prompt)}</h2><div class='row'>"
+            f"<h2>image {html.escape(sample.sample_id or str(sample.image))}: {html.escape(sample.prompt)}</h2><div class='row'>"
             f"<img src='data:image/png;base64,{data}' alt='image {sample.image}'>"
             f"<p>clean: <b>{html.escape(sample.clean_text)}</b></p></div>"
             "<table><thead><tr><th>latents</th><th>steered answer</th><th>mean change (nats)</th></tr></thead>"
@@ -359,8 +378,8 @@ def run_generation(cfg: SteerConfig, d: Dictionary, model: HookedVisionModel) ->
     if cfg.text_embeddings or cfg.labels:
         raise InvalidRequest("text_embeddings and labels are for vision models; a multimodal model answers in text")
     options = cfg.storage.resolved()
-    spec = with_resolved_storage(cfg.dataset)
-    images = list(decode_first(spec, InputFormat.create(spec, model.preprocess), cfg.samples).pixels)
+    data = steering_inputs(cfg, model)
+    images = list(data.pixels)
     prompts = cfg.generation.prompts
     pairs = [(image, prompt) for image in images for prompt in prompts]
     gen = cfg.generation
@@ -378,6 +397,7 @@ def run_generation(cfg: SteerConfig, d: Dictionary, model: HookedVisionModel) ->
     )
     for sample in results.samples:  # the index of the dataset's image, asked each prompt in turn
         sample.image //= len(prompts)
+        sample.sample_id = str(data.sample_ids[sample.image])
     json_uri, html_uri = write_steering(results, images, cfg.output, options)
     return {
         "checkpoint": cfg.checkpoint,
@@ -388,6 +408,7 @@ def run_generation(cfg: SteerConfig, d: Dictionary, model: HookedVisionModel) ->
         "answers": [
             {
                 "image": s.image,
+                "sample_id": s.sample_id,
                 "prompt": s.prompt,
                 "clean": s.clean_text,
                 "steered": [

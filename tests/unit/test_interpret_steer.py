@@ -96,3 +96,11 @@ def test_steer_command_prints_the_change_as_json(toy_sae, tmp_path, capsys):
     assert main(["steer", str(tmp_path / "nope"), "--latent", "1", "--value", "1", "--data", str(data)]) == 2
     several = ["steer", toy_sae.checkpoint, "--latent", "1", "--value", "1", "--value", "2", "--data", str(data)]
     assert main(several) == 2 and "is steered by one at a time" in capsys.readouterr().err
+    generation = ["--prompt", "Why?", "--output", str(tmp_path / "out")]
+    assert main([*args, *generation]) == 2
+    assert "generation, output (--prompt, " in capsys.readouterr().err, "a vision model does not ignore --prompt"
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "0.png").write_bytes(b"not a png")
+    assert main([*args[:6], "--data", str(images)]) == 2
+    assert f"dataset: cannot read {images / '0.png'} (" in capsys.readouterr().err, "a corrupt image is not skipped"

@@ -2,10 +2,11 @@
 record's bytes, the results table and the dashboard section."""
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
-from prisma_ray.interpret.dashboard import marked_context
-from prisma_ray.interpret.results import text_table
+from prisma_ray.interpret.dashboard import marked_context, shown_latents
+from prisma_ray.interpret.results import Results, text_table
 from prisma_ray.interpret.texttop import PromptTokens, TextTop, prompt_tokens
 from prisma_ray.interpret.topk import LatentRecord
 from prisma_ray.models import TokenKind
@@ -91,3 +92,14 @@ def test_a_records_text_tokens_travel_in_its_bytes_and_merge_with_it():
 
 def test_the_dashboard_marks_the_token_in_its_escaped_context():
     assert marked_context("a <b> [[c&d]] e") == "a &lt;b&gt; <mark>c&amp;d</mark> e"
+
+
+def test_a_latent_that_fires_only_on_text_tokens_has_a_dashboard_page():
+    """Latent 1 never fires on an image token but has top text tokens: it is shown (and counted as fired)."""
+    prompts = prompts_of(1, 2)
+    top = TextTop.empty(3, 1).update(["a"], [np.array([[0.0, 2.0, 0.0], [0.0, 0.0, 0.0]])], prompts)
+    latents = pa.table({"latent": [0, 1, 2], "frequency": [0.1, 0.0, 0.0]})
+    empty = pa.table({"latent": pa.array([], pa.int64())})
+    results = Results(uri="", summary={}, latents=latents, top=empty, reservoir=empty, text=text_table(top))
+    assert shown_latents(results) == [0, 1]
+    assert shown_latents(results, 1) == [0]

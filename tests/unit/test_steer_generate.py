@@ -59,6 +59,21 @@ def test_no_change_with_the_error_term_generates_what_the_plain_model_does(case)
         assert np.allclose(answer.logprob_delta, 0.0, atol=1e-4), answer.logprob_delta
 
 
+def test_sampled_no_change_draws_the_clean_answer_and_the_seed_repeats_it(case):
+    """At temperature > 0 each intervention draws from the clean answer's seed: no change, no different draw."""
+    model, d, image = case
+    ask = dict(temperature=1.0, max_new_tokens=5)
+    result = generate_steered(model, d, [image], ["What is it?"], [NO_CHANGE, CLAMP, NO_CHANGE], seed=1, **ask)
+    sample = result.samples[0]
+    assert len(sample.clean_tokens) >= 2
+    assert [a.tokens for a in sample.steered] == [sample.clean_tokens, sample.steered[1].tokens, sample.clean_tokens]
+    assert sample.steered[1].tokens != sample.clean_tokens
+    again = generate_steered(model, d, [image], ["What is it?"], [NO_CHANGE], seed=1, **ask).samples[0]
+    assert again.clean_tokens == sample.clean_tokens
+    other = generate_steered(model, d, [image], ["What is it?"], [NO_CHANGE], seed=2, **ask).samples[0]
+    assert other.clean_tokens != sample.clean_tokens and other.steered[0].tokens == other.clean_tokens
+
+
 def test_no_change_keeps_the_activations_bit_for_bit():
     """`x + (decode(z') - decode(z))`: `(x + decode(z)) - decode(z)` would round."""
     acts = 10 * torch.randn(3, 40, 32)
@@ -122,6 +137,15 @@ def test_bad_requests_are_clear_errors(case, toy_vit):
         generate_steered(model, d, interventions=[Intervention(latents=[64], value=1.0)], **ask)
     with pytest.raises(InvalidRequest, match="reads 16-wide activations but .* is 32 wide at lm.blocks.0"):
         generate_steered(model, lm_dictionary(16), interventions=[CLAMP], **ask)
+    with pytest.raises(InvalidRequest, match=r"prompts \[1\] are empty"):
+        generate_steered(model, d, [image, image], ["What?", " "], [CLAMP])
+    with pytest.raises(InvalidRequest, match="temperature must be 0 .* got -0.5"):
+        generate_steered(model, d, [image], ["What?"], [CLAMP], temperature=-0.5)
+    with pytest.raises(InvalidRequest, match=r"images or videos \[0\] are empty"):
+        generate_steered(model, d, [np.zeros((0, 28, 3), np.uint8)], ["What?"], [CLAMP])
+    pattern = lm_dictionary(32, "lm.blocks.0.attn.hook_pattern")
+    with pytest.raises(InvalidRequest, match=r"lm.blocks.0.attn.hook_pattern, an attention pattern"):
+        generate_steered(model, pattern, interventions=[CLAMP], **ask)
     with pytest.raises(InvalidRequest, match="1 images but 2 prompts"):
         generate_steered(model, d, [image], ["a", "b"], [CLAMP])
 
@@ -164,7 +188,8 @@ def test_steer_command_writes_the_answers_as_json_and_html(tmp_path, capsys):
     ]
     assert main([*args, "--token-kinds", "generated", "--output", str(tmp_path / "out")]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert [(a["image"], len(a["steered"])) for a in printed["answers"]] == [(0, 4), (0, 4), (1, 4), (1, 4)]
+    answers = [(a["image"], a["sample_id"], len(a["steered"])) for a in printed["answers"]]
+    assert answers == [(0, "0.png", 4), (0, "0.png", 4), (1, "1.png", 4), (1, "1.png", 4)], "which file each is"
     assert [s["latents"] for s in printed["answers"][0]["steered"]] == [[3], [3], [7], [7]]
     assert [s["value"] for s in printed["answers"][0]["steered"]] == [200.0, 0.0, 200.0, 0.0]
     written = json.loads((tmp_path / "out" / "steer.json").read_text())
@@ -173,7 +198,7 @@ def test_steer_command_writes_the_answers_as_json_and_html(tmp_path, capsys):
     assert steered["tokens"] != written["samples"][0]["clean_tokens"]
     assert len(steered["logprob_delta"]) == len(steered["tokens"]) == len(steered["token_text"])
     page = (tmp_path / "out" / "steer.html").read_text()
-    assert page.count("<img src='data:image/png;base64,") == 4 and "What is &lt;it&gt;?" in page
+    assert page.count("<img src='data:image/png;base64,") == 4 and "<h2>image 1.png: What is &lt;it&gt;?" in page
     assert page.count("nats'>") == sum(len(a["tokens"]) for s in written["samples"] for a in s["steered"])
     assert main([*args, "--text-embeddings", "t.npy"]) == 2
     assert "text_embeddings and labels are for vision models" in capsys.readouterr().err

@@ -171,6 +171,8 @@ def encoder(processor: Any, name: str, videos: bool) -> Encode:
             raise InvalidRequest(
                 f"{name}: pass a batch of uint8 [H, W, 3] images or of [T, H, W, 3] videos; got ndim {dims}"
             )
+        if empty := [i for i, v in enumerate(visuals) if 0 in np.shape(v)]:
+            raise InvalidRequest(f"{name}: images or videos {empty} are empty (shapes with a 0); give real pixels")
         visual = "video" if dims == {4} else "image"
         if visual == "video" and not videos:
             raise InvalidRequest(f"{name} takes images here; video inputs are supported for Qwen2-VL and Qwen2.5-VL")
