@@ -156,6 +156,7 @@ def _generate(model: HookedVisionModel, inputs: dict, max_new_tokens: int, tempe
     out = model.model.generate(
         **inputs,
         max_new_tokens=max_new_tokens,
+        use_cache=True,  # the steering hook counts positions: each must be seen once
         return_dict_in_generate=True,
         output_logits=True,
         pad_token_id=model.tokenizer.pad_token_id,
