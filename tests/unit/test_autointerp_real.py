@@ -27,9 +27,11 @@ def benchmark():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not installed(), reason=f"needs the DINOv2 weights of {PACKAGE}")
-def test_offline_explanations_agree_with_ground_truth_on_dinov2_detector_latents():
+def test_offline_explanations_agree_with_ground_truth_on_dinov2_detector_latents(real_dinov2):
     bench = benchmark()
-    out = bench.measure(bench.Setting(), threads=torch.get_num_threads(), log=lambda line: None)
+    setting = bench.Setting()
+    assert setting.model == real_dinov2[0].name
+    out = bench.measure(setting, threads=torch.get_num_threads(), log=lambda line: None, model=real_dinov2[0])
     print({k: v for k, v in out.items() if k != "rows"})
     assert out["detectors"] >= 5 and out["values_detected"] >= 4
     assert out["agreement"] >= 0.8 > out["random_agreement"]
