@@ -131,14 +131,15 @@ def detectors(z: np.ndarray, values: dict[str, np.ndarray], chunk: int = 256) ->
     return found
 
 
-def measure(s: Setting, threads: int = 2, cache: str | None = None, log=print) -> dict[str, object]:
-    """Run the measurement of the module doc; `cache`: a directory keeping the model's activations between runs."""
+def measure(s: Setting, threads: int = 2, cache: str | None = None, log=print, model=None) -> dict[str, object]:
+    """Run the measurement of the module doc; `cache`: a directory keeping the model's activations between runs;
+    `model`: `s.model` already loaded (default: loaded here)."""
     torch.set_num_threads(threads)
     start = time.perf_counter()
     data = data_config(s)
     renders = [render_shapes(data, i) for i in range(data.n_images)]
     images = np.stack([r[0] for r in renders])
-    model = load_model(s.model, pretrained=True)
+    model = model if model is not None else load_model(s.model, pretrained=True)
     layout = model.token_layout
     cached = Path(cache, f"{s.model}-{s.hook}-{s.image_size}-{data.n_images}-{s.seed}.pt") if cache else None
     if cached is not None and cached.exists():
@@ -168,6 +169,8 @@ def measure(s: Setting, threads: int = 2, cache: str | None = None, log=print) -
     explainer = VocabularyExplainer(
         embedder, vocabulary, groups=factor_groups(vocabulary), reference=embedder.reference
     )
+    # the held-out images' tokens at the hook are known: the evidence (top images and negatives) is not run again
+    features.remember(np.stack(list(crops.values())), acts[s.train :, n_prefix:].numpy())
     scorers = Scorers(judge=EmbeddingJudge(embedder))
     rng = np.random.default_rng(s.seed)
     rows = []

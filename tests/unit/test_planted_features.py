@@ -2,30 +2,16 @@
 own settings (`benchmarks/planted_features.py`, at its `--quick` size), each dictionary's decoder has mean max
 cosine >= 0.9 to the true directions and recovers >= 90% of them (best cosine >= 0.9), at a sparse L0."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from prisma_ray.errors import InvalidRequest
 from prisma_ray.sae.synthetic import mean_max_cosine, planted_features, recovered_fraction, zipf_frequencies
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "planted_features.py"
+from tests import benchmark_scripts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-def _benchmark():
-    spec = importlib.util.spec_from_file_location("planted_features_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _benchmark()
+bench = benchmark_scripts.load("planted_features")
 
 
 @pytest.fixture(scope="module")

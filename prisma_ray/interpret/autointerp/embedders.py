@@ -133,9 +133,30 @@ class HookedModelFeatures:
         self._cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
         model.hook_point(hook)
 
+    @staticmethod
+    def _key(image: np.ndarray) -> bytes:
+        return hashlib.blake2b(image.tobytes() + str(image.shape).encode(), digest_size=16).digest()
+
+    def remember(self, images: np.ndarray, tokens: np.ndarray) -> None:
+        """Keep `tokens` (`float32[n, patch tokens, d]`: this hook's activations at the patch tokens of `uint8[n, H,
+        W, 3]` `images`, computed elsewhere, e.g. by an extraction pass) as if `tokens(images)` had computed them,
+        so that the model does not run again on images whose activations are already known (the last
+        `cache_size` are kept). Raises `InvalidRequest` where the shapes do not match."""
+        images, tokens = np.asarray(images), np.asarray(tokens, dtype=np.float32)
+        if tokens.ndim != 3 or len(tokens) != len(images):
+            raise InvalidRequest(
+                f"HookedModelFeatures.remember: tokens of shape {tokens.shape} for {len(images)} images; pass "
+                "[images, patch tokens, width], the hook's activations at the patch tokens of each image"
+            )
+        for image, acts in zip(images, tokens):
+            key = self._key(image)
+            self._cache[key] = acts
+            self._cache.move_to_end(key)
+        self._trim()
+
     def tokens(self, images: np.ndarray) -> np.ndarray:
         """`float32[n, patch tokens, d]`: the hook's activations at the patch tokens of `uint8[n, H, W, 3]`."""
-        keys = [hashlib.blake2b(im.tobytes() + str(im.shape).encode(), digest_size=16).digest() for im in images]
+        keys = [self._key(im) for im in images]
         missing = sorted({k: i for i, k in enumerate(keys) if k not in self._cache}.values())
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start : start + self.batch_size]
@@ -144,9 +165,12 @@ class HookedModelFeatures:
         out = np.stack([self._cache[k] for k in keys]) if keys else np.zeros((0, 0, 0), np.float32)
         for k in keys:
             self._cache.move_to_end(k)
+        self._trim()
+        return out
+
+    def _trim(self) -> None:
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
-        return out
 
     def _run(self, images: np.ndarray) -> np.ndarray:
         import torch
