@@ -3,7 +3,10 @@ single-process loop of interpretability tools (a torch DataLoader, a forward hoo
 `torch.save` of float16 shards), on the same images, model (random weights) and hook point, in one run.
 
 Prints tokens/s of each (median over `--repeats`, run alternately), the ratio a/b, bytes per stored
-activation value, and how far the stored activations of (a) are from those of (b). Both sides are
+activation value, how far the stored activations of (a) are from those of (b), and where the time goes:
+start-up (a: planning, actors started and their model built, the first shard decoded, as
+`ExtractSummary.startup_seconds`; b: the model built) against the steady state (the rest), with the
+steady-state ratio. Both sides are
 timed end to end from an up-and-running Ray (model build, reading, decoding, forward, writing); the
 dataset is generated and Ray started before any timing. The default hook is the last block, so
 neither side can end the forward pass early.
@@ -75,6 +78,7 @@ def baseline(refs: list[SampleRef], args: argparse.Namespace, out: Path) -> dict
     loader = DataLoader(ImageFiles(refs, model.preprocess), batch_size=args.batch_size)
     out.mkdir(parents=True)
     acts, ids, shard, tokens = [], [], 0, 0
+    startup = time.perf_counter() - start
 
     def save() -> None:
         nonlocal acts, ids, shard
@@ -95,7 +99,7 @@ def baseline(refs: list[SampleRef], args: argparse.Namespace, out: Path) -> dict
     handle.remove()
     seconds = time.perf_counter() - start
     nbytes = sum(f.stat().st_size for f in out.iterdir())
-    return {"tokens": tokens, "seconds": seconds, "bytes": nbytes, "values": tokens * model.d_model}
+    return {"tokens": tokens, "seconds": seconds, "startup": startup, "bytes": nbytes, "values": tokens * model.d_model}
 
 
 def pipeline(data: SyntheticSource, args: argparse.Namespace, out: Path) -> dict:
@@ -115,6 +119,7 @@ def pipeline(data: SyntheticSource, args: argparse.Namespace, out: Path) -> dict
     return {
         "tokens": summary.tokens,
         "seconds": summary.seconds,
+        "startup": summary.startup_seconds,
         "bytes": summary.bytes,
         "values": summary.values,
         "store": summary.stores[args.hook],
@@ -133,12 +138,14 @@ def max_difference(baseline_dir: Path, store_uri: str) -> float:
     return float(np.abs(ours - saved["acts"].float().numpy()).max())
 
 
-def report(name: str, runs: list[dict]) -> float:
+def report(name: str, runs: list[dict]) -> tuple[float, float]:
+    """Print a side's line; return its median tokens/s end to end and in the steady state (after start-up)."""
     rate = statistics.median(r["tokens"] / r["seconds"] for r in runs)
+    steady = statistics.median(r["tokens"] / max(r["seconds"] - r["startup"], 1e-9) for r in runs)
     per_value = runs[0]["bytes"] / runs[0]["values"]
-    seconds = ", ".join(f"{r['seconds']:.1f}" for r in runs)
+    seconds = ", ".join(f"{r['seconds']:.1f} ({r['startup']:.1f} start-up)" for r in runs)
     print(f"{name:<40} {rate:9.0f} tokens/s   {per_value:.3f} bytes/value   runs {seconds} s")
-    return rate
+    return rate, steady
 
 
 def main() -> None:
@@ -185,11 +192,14 @@ def main() -> None:
     print(
         f"{args.model} (random weights), {args.hook}, all tokens, float16; {args.images} images "
         f"{args.image_size}px, batch {args.batch_size}, shards of {args.shard_size}; {args.num_cpus} CPUs, "
-        f"5-min load average {os.getloadavg()[1]:.1f}; median of {args.repeats} runs each"
+        f"load average (1, 5 min) {os.getloadavg()[0]:.1f}, {os.getloadavg()[1]:.1f}; median of {args.repeats} runs each"
     )
-    a = report("(a) prisma-ray pipeline (Ray actor pool)", runs["a"])
-    b = report("(b) DataLoader + hook + torch.save", runs["b"])
+    a, a_steady = report("(a) prisma-ray pipeline (Ray actor pool)", runs["a"])
+    b, b_steady = report("(b) DataLoader + hook + torch.save", runs["b"])
     print(f"ratio a/b {a / b:.2f}   max |a - b| on one shard {difference:.2g} (float16 storage)")
+    print(
+        f"steady state (after start-up): a {a_steady:.0f} tokens/s, b {b_steady:.0f} tokens/s, ratio {a_steady / b_steady:.2f}"
+    )
 
 
 if __name__ == "__main__":
