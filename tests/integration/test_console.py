@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from prisma_ray.runtime import console
+from prisma_ray.runtime import console, session
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -27,11 +27,17 @@ RAY_NOISE = [
 ]
 
 
-def test_ray_init_options_keep_rays_logs_in_its_session_folder_unless_verbose(monkeypatch):
-    monkeypatch.setattr(console, "_verbose", False)
-    assert console.ray_init_options()["log_to_driver"] is False
-    monkeypatch.setattr(console, "_verbose", True)
-    assert console.ray_init_options()["log_to_driver"] is True
+def test_a_local_ray_is_started_quiet_unless_verbose(monkeypatch):
+    """`ensure_ray` starts Ray with the console's options: worker output (actors, tasks, Ray Train's controller and
+    its placement-group cleaner) to the session's log files, not to this process's console."""
+    calls = []
+    monkeypatch.setattr(session.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(session.ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for verbose in (False, True):
+        monkeypatch.setattr(console, "_verbose", verbose)
+        session.ensure_ray(session.RayOptions(num_cpus=1))
+    assert [(c["log_to_driver"], c["logging_level"]) for c in calls] == [(False, 40), (True, 20)]
 
 
 @pytest.mark.slow
