@@ -35,9 +35,7 @@ def configure(verbose: bool) -> None:
     Call it before Ray starts (the CLI's `main` does)."""
     global _verbose
     _verbose = verbose
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True
-    )
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if verbose:
         return
     import ray  # noqa: F401 - importing ray sets up its loggers, which must come first
