@@ -11,7 +11,9 @@ timed end to end from an up-and-running Ray (model build, reading, decoding, for
 dataset is generated and Ray started before any timing. The default hook is the last block, so
 neither side can end the forward pass early.
 
-    .venv/bin/python benchmarks/extract_throughput.py [--images 512] [--repeats 2]
+    .venv/bin/python benchmarks/extract_throughput.py [--images 512] [--repeats 2] [--actors 2 --torch-threads 1]
+
+(`--actors 2 --torch-threads 1` is the pool's default on 2 CPUs before it became one actor per 2 CPUs.)
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ def pipeline(data: SyntheticSource, args: argparse.Namespace, out: Path) -> dict
         batch_size=args.batch_size,
         dtype="float16",
         progress=False,
+        resources={k: v for k, v in (("actors", args.actors), ("torch_threads", args.torch_threads)) if v},
     )
     summary = run_extract(cfg)
     return {
@@ -158,6 +161,8 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
+    parser.add_argument("--actors", type=int, help="(a)'s resources.actors (default: the pool's, one per 2 CPUs)")
+    parser.add_argument("--torch-threads", type=int, help="(a)'s resources.torch_threads (default: CPUs / actors)")
     parser.add_argument("--workdir", help="keeps the generated images (default: a temporary folder)")
     args = parser.parse_args()
     if not _RESID_POST.match(args.hook) or resolve_entry(args.model).source != "timm":
