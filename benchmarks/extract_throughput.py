@@ -11,9 +11,11 @@ timed end to end from an up-and-running Ray (model build, reading, decoding, for
 dataset is generated and Ray started before any timing. The default hook is the last block, so
 neither side can end the forward pass early.
 
-    .venv/bin/python benchmarks/extract_throughput.py [--images 512] [--repeats 2] [--actors 2 --torch-threads 1]
+    .venv/bin/python benchmarks/extract_throughput.py [--images 512] [--repeats 2] [--pool 2x1]
 
-(`--actors 2 --torch-threads 1` is the pool's default on 2 CPUs before it became one actor per 2 CPUs.)
+`--pool ACTORSxTHREADS` adds (c): the pipeline with that many actors and torch threads each (`2x1` is the
+pool's default on 2 CPUs before it became one actor per 2 CPUs), run alternately with (a) and (b), and
+prints a/c.
 """
 
 from __future__ import annotations
@@ -104,8 +106,9 @@ def baseline(refs: list[SampleRef], args: argparse.Namespace, out: Path) -> dict
     return {"tokens": tokens, "seconds": seconds, "startup": startup, "bytes": nbytes, "values": tokens * model.d_model}
 
 
-def pipeline(data: SyntheticSource, args: argparse.Namespace, out: Path) -> dict:
-    """(a): `run_extract` of the same images, model and hook, all tokens, float16."""
+def pipeline(data: SyntheticSource, args: argparse.Namespace, out: Path, resources: dict | None = None) -> dict:
+    """(a): `run_extract` of the same images, model and hook, all tokens, float16 (`resources`: its
+    `resources:` block; default the pool's own sizing)."""
     cfg = ExtractConfig(
         model=args.model,
         pretrained=False,
@@ -116,7 +119,7 @@ def pipeline(data: SyntheticSource, args: argparse.Namespace, out: Path) -> dict
         batch_size=args.batch_size,
         dtype="float16",
         progress=False,
-        resources={k: v for k, v in (("actors", args.actors), ("torch_threads", args.torch_threads)) if v},
+        resources=resources or {},
     )
     summary = run_extract(cfg)
     return {
@@ -161,10 +164,14 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
-    parser.add_argument("--actors", type=int, help="(a)'s resources.actors (default: the pool's, one per 2 CPUs)")
-    parser.add_argument("--torch-threads", type=int, help="(a)'s resources.torch_threads (default: CPUs / actors)")
+    parser.add_argument("--pool", help="ACTORSxTHREADS: also run (c), the pipeline on that pool shape, e.g. 2x1")
     parser.add_argument("--workdir", help="keeps the generated images (default: a temporary folder)")
     args = parser.parse_args()
+    pool = None
+    if args.pool:
+        if not re.fullmatch(r"\d+x\d+", args.pool):
+            parser.error(f"--pool {args.pool}: give ACTORSxTHREADS, e.g. 2x1")
+        pool = dict(zip(("actors", "torch_threads"), map(int, args.pool.split("x")), strict=True))
     if not _RESID_POST.match(args.hook) or resolve_entry(args.model).source != "timm":
         parser.error("the baseline hooks a timm ViT block: use a timm model and --hook blocks.{l}.hook_resid_post")
     logging.basicConfig(level=logging.WARNING)
@@ -186,11 +193,15 @@ def main() -> None:
             logging_level=logging.WARNING,
         )
         outputs = Path(tempfile.mkdtemp(prefix="runs-", dir=work))
-        runs: dict[str, list[dict]] = {"a": [], "b": []}
+        sides = "bac" if pool else "ba"
+        runs: dict[str, list[dict]] = {side: [] for side in sides}
         for r in range(args.repeats):
-            for side in "ba" if r % 2 == 0 else "ab":
+            for side in sides if r % 2 == 0 else sides[::-1]:
                 out = outputs / f"{side}-{r}"
-                runs[side].append(pipeline(data, args, out) if side == "a" else baseline(refs, args, out))
+                if side == "b":
+                    runs[side].append(baseline(refs, args, out))
+                else:
+                    runs[side].append(pipeline(data, args, out, pool if side == "c" else None))
         difference = max_difference(outputs / "b-0", runs["a"][0]["store"])
         ray.shutdown()
 
@@ -205,6 +216,9 @@ def main() -> None:
     print(
         f"steady state (after start-up): a {a_steady:.0f} tokens/s, b {b_steady:.0f} tokens/s, ratio {a_steady / b_steady:.2f}"
     )
+    if pool:
+        c, c_steady = report(f"(c) pipeline on {args.pool} (actors x threads)", runs["c"])
+        print(f"ratio a/c {a / c:.2f}   steady state a/c {a_steady / c_steady:.2f}")
 
 
 if __name__ == "__main__":

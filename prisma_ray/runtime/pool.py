@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 MAX_CPU_ACTORS = 8
 # CPUs per CPU actor by default: each actor pays a model's start-up (process, imports, weights) and memory, and
 # a forward pass on 2 torch threads runs nearly twice as fast as on 1; on a 2-CPU node one 2-thread actor beat
-# two 1-thread actors (with the decode tasks beside them) end to end (benchmarks/extract_throughput.py)
+# two 1-thread actors (with the decode tasks beside them) end to end, start-up halved (README, Extraction;
+# benchmarks/extract_throughput.py --pool 2x1)
 CPUS_PER_CPU_ACTOR = 2
 RESTARTS = 3  # a call whose actor, node or read result is lost (spot preemption, out of memory) is retried this often
 STALL_S = 5.0  # while a replacement actor runs, the pool checks at least this often that the cluster holds it
