@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean cluster cluster-stop
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -30,6 +30,42 @@ demo: $(STAMP)
 	$(PY) -m pip install --no-deps $(REAL_MATERIAL)
 	$(PY) -c "import skimage" 2>/dev/null || $(PY) -m pip install scikit-image
 	$(VENV)/bin/prisma-ray quickstart
+
+# A one-node Ray cluster on 127.0.0.1 started from this project's environment: its head (and so every job it
+# runs) finds `python` in $(VENV)/bin, so `ray job submit ... -- python jobs/X.py` runs with this project's
+# packages. It has its own ports and temp dir, and `make cluster-stop` stops this head only (its process group),
+# never another Ray on the machine. Token authentication (the token: ~/.ray/auth_token): a client needs
+# RAY_AUTH_MODE=token (`ray job submit` does not turn it on by itself).
+CLUSTER_DIR ?= /tmp/prisma-ray-cluster
+CLUSTER_PORT ?= 6380
+CLUSTER_DASHBOARD_PORT ?= 8265
+CLUSTER_AGENT_PORT ?= 52366
+CLUSTER_CPUS ?= $(shell nproc)
+CLUSTER_ADDRESS := http://127.0.0.1:$(CLUSTER_DASHBOARD_PORT)
+
+cluster:
+	@test -x $(VENV)/bin/ray || { echo "no $(VENV)/bin/ray: run make install first"; exit 1; }
+	@if [ -f $(CLUSTER_DIR)/head.pid ] && kill -0 $$(cat $(CLUSTER_DIR)/head.pid) 2>/dev/null; then \
+		echo "a head started by make cluster is already running: $(CLUSTER_ADDRESS)"; exit 0; fi; \
+	mkdir -p $(CLUSTER_DIR); \
+	$(VENV)/bin/ray get-auth-token --generate >/dev/null 2>&1; \
+	PATH="$(abspath $(VENV))/bin:$$PATH" RAY_AUTH_MODE=token setsid $(VENV)/bin/ray start --head --block \
+		--node-ip-address=127.0.0.1 --port=$(CLUSTER_PORT) --num-cpus=$(CLUSTER_CPUS) \
+		--dashboard-host=127.0.0.1 --dashboard-port=$(CLUSTER_DASHBOARD_PORT) \
+		--dashboard-agent-listen-port=$(CLUSTER_AGENT_PORT) --temp-dir=$(CLUSTER_DIR) --disable-usage-stats \
+		>$(CLUSTER_DIR)/head.log 2>&1 & echo $$! >$(CLUSTER_DIR)/head.pid; \
+	for i in $$(seq 90); do \
+		RAY_AUTH_MODE=token $(VENV)/bin/ray job list --address $(CLUSTER_ADDRESS) >/dev/null 2>&1 && \
+			{ echo "Ray head up: RAY_AUTH_MODE=token $(VENV)/bin/ray job submit --address $(CLUSTER_ADDRESS) ..."; exit 0; }; \
+		kill -0 $$(cat $(CLUSTER_DIR)/head.pid) 2>/dev/null || { tail -20 $(CLUSTER_DIR)/head.log; exit 1; }; \
+		sleep 2; done; \
+	echo "the Ray head did not answer in 180 s (log: $(CLUSTER_DIR)/head.log); make cluster-stop stops it"; exit 1
+
+cluster-stop:
+	@if [ ! -f $(CLUSTER_DIR)/head.pid ]; then echo "no head started by make cluster in $(CLUSTER_DIR)"; exit 0; fi; \
+	pid=$$(cat $(CLUSTER_DIR)/head.pid); kill -TERM -$$pid 2>/dev/null; \
+	for i in $$(seq 60); do kill -0 -$$pid 2>/dev/null || break; sleep 1; done; \
+	kill -KILL -$$pid 2>/dev/null; rm -rf $(CLUSTER_DIR); echo "Ray head stopped"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

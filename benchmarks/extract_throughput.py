@@ -3,12 +3,19 @@ single-process loop of interpretability tools (a torch DataLoader, a forward hoo
 `torch.save` of float16 shards), on the same images, model (random weights) and hook point, in one run.
 
 Prints tokens/s of each (median over `--repeats`, run alternately), the ratio a/b, bytes per stored
-activation value, and how far the stored activations of (a) are from those of (b). Both sides are
+activation value, how far the stored activations of (a) are from those of (b), and where the time goes:
+start-up (a: planning, actors started and their model built, the first shard decoded, as
+`ExtractSummary.startup_seconds`; b: the model built) against the steady state (the rest), with the
+steady-state ratio. Both sides are
 timed end to end from an up-and-running Ray (model build, reading, decoding, forward, writing); the
 dataset is generated and Ray started before any timing. The default hook is the last block, so
 neither side can end the forward pass early.
 
-    .venv/bin/python benchmarks/extract_throughput.py [--images 512] [--repeats 2]
+    .venv/bin/python benchmarks/extract_throughput.py [--images 512] [--repeats 2] [--pool 2x1]
+
+`--pool ACTORSxTHREADS` adds (c): the pipeline with that many actors and torch threads each (`2x1` is the
+pool's default on 2 CPUs before it became one actor per 2 CPUs), run alternately with (a) and (b), and
+prints a/c.
 """
 
 from __future__ import annotations
@@ -75,6 +82,7 @@ def baseline(refs: list[SampleRef], args: argparse.Namespace, out: Path) -> dict
     loader = DataLoader(ImageFiles(refs, model.preprocess), batch_size=args.batch_size)
     out.mkdir(parents=True)
     acts, ids, shard, tokens = [], [], 0, 0
+    startup = time.perf_counter() - start
 
     def save() -> None:
         nonlocal acts, ids, shard
@@ -95,11 +103,12 @@ def baseline(refs: list[SampleRef], args: argparse.Namespace, out: Path) -> dict
     handle.remove()
     seconds = time.perf_counter() - start
     nbytes = sum(f.stat().st_size for f in out.iterdir())
-    return {"tokens": tokens, "seconds": seconds, "bytes": nbytes, "values": tokens * model.d_model}
+    return {"tokens": tokens, "seconds": seconds, "startup": startup, "bytes": nbytes, "values": tokens * model.d_model}
 
 
-def pipeline(data: SyntheticSource, args: argparse.Namespace, out: Path) -> dict:
-    """(a): `run_extract` of the same images, model and hook, all tokens, float16."""
+def pipeline(data: SyntheticSource, args: argparse.Namespace, out: Path, resources: dict | None = None) -> dict:
+    """(a): `run_extract` of the same images, model and hook, all tokens, float16 (`resources`: its
+    `resources:` block; default the pool's own sizing)."""
     cfg = ExtractConfig(
         model=args.model,
         pretrained=False,
@@ -110,11 +119,13 @@ def pipeline(data: SyntheticSource, args: argparse.Namespace, out: Path) -> dict
         batch_size=args.batch_size,
         dtype="float16",
         progress=False,
+        resources=resources or {},
     )
     summary = run_extract(cfg)
     return {
         "tokens": summary.tokens,
         "seconds": summary.seconds,
+        "startup": summary.startup_seconds,
         "bytes": summary.bytes,
         "values": summary.values,
         "store": summary.stores[args.hook],
@@ -133,12 +144,14 @@ def max_difference(baseline_dir: Path, store_uri: str) -> float:
     return float(np.abs(ours - saved["acts"].float().numpy()).max())
 
 
-def report(name: str, runs: list[dict]) -> float:
+def report(name: str, runs: list[dict]) -> tuple[float, float]:
+    """Print a side's line; return its median tokens/s end to end and in the steady state (after start-up)."""
     rate = statistics.median(r["tokens"] / r["seconds"] for r in runs)
+    steady = statistics.median(r["tokens"] / max(r["seconds"] - r["startup"], 1e-9) for r in runs)
     per_value = runs[0]["bytes"] / runs[0]["values"]
-    seconds = ", ".join(f"{r['seconds']:.1f}" for r in runs)
+    seconds = ", ".join(f"{r['seconds']:.1f} ({r['startup']:.1f} start-up)" for r in runs)
     print(f"{name:<40} {rate:9.0f} tokens/s   {per_value:.3f} bytes/value   runs {seconds} s")
-    return rate
+    return rate, steady
 
 
 def main() -> None:
@@ -151,8 +164,14 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
+    parser.add_argument("--pool", help="ACTORSxTHREADS: also run (c), the pipeline on that pool shape, e.g. 2x1")
     parser.add_argument("--workdir", help="keeps the generated images (default: a temporary folder)")
     args = parser.parse_args()
+    pool = None
+    if args.pool:
+        if not re.fullmatch(r"\d+x\d+", args.pool):
+            parser.error(f"--pool {args.pool}: give ACTORSxTHREADS, e.g. 2x1")
+        pool = dict(zip(("actors", "torch_threads"), map(int, args.pool.split("x")), strict=True))
     if not _RESID_POST.match(args.hook) or resolve_entry(args.model).source != "timm":
         parser.error("the baseline hooks a timm ViT block: use a timm model and --hook blocks.{l}.hook_resid_post")
     logging.basicConfig(level=logging.WARNING)
@@ -174,22 +193,32 @@ def main() -> None:
             logging_level=logging.WARNING,
         )
         outputs = Path(tempfile.mkdtemp(prefix="runs-", dir=work))
-        runs: dict[str, list[dict]] = {"a": [], "b": []}
+        sides = "bac" if pool else "ba"
+        runs: dict[str, list[dict]] = {side: [] for side in sides}
         for r in range(args.repeats):
-            for side in "ba" if r % 2 == 0 else "ab":
+            for side in sides if r % 2 == 0 else sides[::-1]:
                 out = outputs / f"{side}-{r}"
-                runs[side].append(pipeline(data, args, out) if side == "a" else baseline(refs, args, out))
+                if side == "b":
+                    runs[side].append(baseline(refs, args, out))
+                else:
+                    runs[side].append(pipeline(data, args, out, pool if side == "c" else None))
         difference = max_difference(outputs / "b-0", runs["a"][0]["store"])
         ray.shutdown()
 
     print(
         f"{args.model} (random weights), {args.hook}, all tokens, float16; {args.images} images "
         f"{args.image_size}px, batch {args.batch_size}, shards of {args.shard_size}; {args.num_cpus} CPUs, "
-        f"5-min load average {os.getloadavg()[1]:.1f}; median of {args.repeats} runs each"
+        f"load average (1, 5 min) {os.getloadavg()[0]:.1f}, {os.getloadavg()[1]:.1f}; median of {args.repeats} runs each"
     )
-    a = report("(a) prisma-ray pipeline (Ray actor pool)", runs["a"])
-    b = report("(b) DataLoader + hook + torch.save", runs["b"])
+    a, a_steady = report("(a) prisma-ray pipeline (Ray actor pool)", runs["a"])
+    b, b_steady = report("(b) DataLoader + hook + torch.save", runs["b"])
     print(f"ratio a/b {a / b:.2f}   max |a - b| on one shard {difference:.2g} (float16 storage)")
+    print(
+        f"steady state (after start-up): a {a_steady:.0f} tokens/s, b {b_steady:.0f} tokens/s, ratio {a_steady / b_steady:.2f}"
+    )
+    if pool:
+        c, c_steady = report(f"(c) pipeline on {args.pool} (actors x threads)", runs["c"])
+        print(f"ratio a/c {a / c:.2f}   steady state a/c {a_steady / c_steady:.2f}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from typing import Any, get_args
 from .config import ConfigError, fields_help, load_config
 from .errors import PrismaRayError
 from .models.registry import Modality, Source
+from .runtime import console
 
 log = logging.getLogger(__name__)
 
@@ -541,7 +542,12 @@ def _add_command(sub: argparse._SubParsersAction, command: Command) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `prisma-ray` command: one sub-command per entry of `COMMANDS`."""
     parser = _Parser(prog="prisma-ray", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logging, and Ray's own logs (by default in its session log folder)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         _add_command(sub, command)
@@ -556,9 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     anything else is a bug and propagates with its traceback.
     """
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
+    console.configure(args.verbose)
     try:
         return args.func(args)
     except PrismaRayError as exc:

@@ -180,6 +180,7 @@ class QuickstartConfig(BaseModel):
         default_factory=RealPart,
         description="the real DINOv2 on real footage and photos, where installed (null: the synthetic part only)",
     )
+    progress: bool = Field(True, description="a progress bar per Ray stage (extraction, sweep, interpretation)")
     ray: RayOptions = Field(RayOptions(), description="which Ray cluster to connect to")
 
     def uri(self, *parts: str) -> str:
@@ -313,7 +314,7 @@ def _extract_config(
         split=split,
         output=storage.join(root, "activations"),
         storage=cfg.storage,
-        progress=False,
+        progress=cfg.progress,
         ray=cfg.ray,
         **sizes,
     )
@@ -447,7 +448,7 @@ def sweep_config(cfg: QuickstartConfig, root: str | None = None, tokens: int = 4
         checkpoints=[storage.join(root, "dictionaries")],
         output=storage.join(root, "sweep"),
         evaluation=evaluation,
-        progress=False,
+        progress=cfg.progress,
         ray=cfg.ray,
     )
 
@@ -498,7 +499,7 @@ def interpret_results(cfg: QuickstartConfig, checkpoint: str, dataset: DatasetSp
         output=output,
         storage=cfg.storage,
         k=8,
-        progress=False,
+        progress=cfg.progress,
         ray=cfg.ray,
     )
     return read_results(run_interpret(interpret).output, cfg.storage.resolved())

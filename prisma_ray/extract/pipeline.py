@@ -47,6 +47,7 @@ class ExtractSummary:
     seconds: float
     complete: bool
     lost: PoolStats = field(default_factory=PoolStats)
+    startup_seconds: float = 0.0
 
     @property
     def samples_per_s(self) -> float:
@@ -69,7 +70,8 @@ class ExtractSummary:
             f"samples  {self.samples}  ({self.errors} bad, see <store>/_errors)",
             f"tokens   {self.tokens} per hook point x {hooks} hook point{'s' if hooks > 1 else ''}",
             f"written  {self.bytes / 2**20:.2f} MiB  ({self.bytes_per_value:.3f} bytes per activation value)",
-            f"time     {self.seconds:.1f} s  ({self.samples_per_s:.1f} samples/s, {self.tokens_per_s:.0f} tokens/s per hook)",
+            f"time     {self.seconds:.1f} s  ({self.samples_per_s:.1f} samples/s, {self.tokens_per_s:.0f} tokens/s per hook; "
+            f"{self.startup_seconds:.1f} s of start-up)",
         ]
         lines += [f"store    {uri}" for uri in self.stores.values()]
         if self.lost.format():
@@ -86,8 +88,11 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
     todo = sorted(plan.pending)[: cfg.max_shards]
     totals = dict.fromkeys(("samples", "errors", "tokens", "values", "bytes"), 0)
     lost = PoolStats()
+    startup = 0.0
     if todo:
         for row in _run_pipeline(plan, todo, lost):
+            if not startup:  # the first shard back: its own extraction time was not start-up
+                startup = max(time.perf_counter() - start - float(row["seconds"]), 0.0)
             for key in totals:
                 totals[key] += int(row[key])
     else:
@@ -102,6 +107,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
         seconds=time.perf_counter() - start,
         complete=complete,
         lost=lost,
+        startup_seconds=startup,
         **totals,
     )
 

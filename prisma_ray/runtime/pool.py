@@ -49,6 +49,11 @@ from .devices import Device
 log = logging.getLogger(__name__)
 
 MAX_CPU_ACTORS = 8
+# CPUs per CPU actor by default: each actor pays a model's start-up (process, imports, weights) and memory, and
+# a forward pass on 2 torch threads runs nearly twice as fast as on 1; on a 2-CPU node one 2-thread actor beat
+# two 1-thread actors (with the decode tasks beside them) end to end, start-up halved (README, Extraction;
+# benchmarks/extract_throughput.py --pool 2x1)
+CPUS_PER_CPU_ACTOR = 2
 RESTARTS = 3  # a call whose actor, node or read result is lost (spot preemption, out of memory) is retried this often
 STALL_S = 5.0  # while a replacement actor runs, the pool checks at least this often that the cluster holds it
 
@@ -61,7 +66,7 @@ class Resources(BaseModel):
     actors: int | None = Field(
         None,
         ge=1,
-        description="worker actors (default: one per GPU; on CPU one per CPU, at most 8, or as many of "
+        description="worker actors (default: one per GPU; on CPU one per 2 CPUs, at most 8, or as many of "
         "`cpus_per_actor` as fit; never more than there are items to run)",
     )
     cpus_per_actor: float | None = Field(
@@ -135,10 +140,11 @@ def size_pool(
     calls (None: not known; the actors are then not capped).
 
     `device` auto is cuda when the cluster has a GPU. Actors by default: one per GPU on cuda; on CPU
-    one per CPU (at most `MAX_CPU_ACTORS`), or as many of `res.cpus_per_actor` as fit beside a read task;
+    one per `CPUS_PER_CPU_ACTOR` CPUs (at least one, at most `MAX_CPU_ACTORS`), or as many of
+    `res.cpus_per_actor` as fit beside a read task;
     never more than `items`. CPUs per actor by default: up to 1, sharing what the read tasks (`read_cpus`
     each; 0 where there are none) leave. Torch threads on CPU by default: the cluster's CPUs / actors
-    (separate single-threaded forward passes keep the cores busier than one multi-threaded one).
+    (every CPU's thread on some actor).
     `in_flight` is the stage's default of `res.in_flight_per_actor`, `default_actors` its default of
     `res.actors` where it has its own (explanation: 1, since a chat explainer's load on its server is
     `chat.concurrency` per actor). `field`, `device_field` and `actors_field` (default `<field>.actors`)
@@ -154,7 +160,7 @@ def size_pool(
     elif res.cpus_per_actor:
         wanted = min(math.floor((cpus - read_cpus) / res.cpus_per_actor + 1e-9), MAX_CPU_ACTORS)
     else:
-        wanted = min(int(cpus), MAX_CPU_ACTORS)
+        wanted = min(max(1, int(cpus) // CPUS_PER_CPU_ACTOR), MAX_CPU_ACTORS)
     actors = max(1, wanted if items is None else min(wanted, items))
     actors_name = actors_field or f"{field}.actors"
     if device == "cuda" and actors > gpus:

@@ -8,6 +8,8 @@ import os
 import ray
 from pydantic import BaseModel, ConfigDict, Field
 
+from .console import ray_init_options
+
 log = logging.getLogger(__name__)
 
 
@@ -26,13 +28,14 @@ class RayOptions(BaseModel):
 
 
 def ensure_ray(opts: RayOptions) -> None:
-    """Use the Ray of this process, else connect to `opts.address` / `$RAY_ADDRESS`, else start a local one."""
+    """Use the Ray of this process, else connect to `opts.address` / `$RAY_ADDRESS`, else start a local one (its
+    console output as `console.configure` set it up: Ray's own logs stay in its session folder unless verbose)."""
     if ray.is_initialized():
         return
     address = opts.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        ray.init(address=address, **ray_init_options())
     else:
         num_cpus = opts.num_cpus or os.cpu_count()
         log.info("starting a local Ray with %d CPUs", num_cpus)
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **ray_init_options())

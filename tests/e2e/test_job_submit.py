@@ -1,9 +1,8 @@
-"""`ray start --head` on 127.0.0.1, `ray job submit --working-dir .` of the quickstart, outputs checked, cluster stopped."""
+"""The README's cluster how-to as a new user runs it, from an empty environment (`env -i PATH=/usr/bin:/bin
+HOME=...`: no virtualenv activated, no Ray variables): `make cluster`, `.venv/bin/ray job submit --working-dir .
+-- python jobs/quickstart.py`, `make cluster-stop`; the job's outputs checked."""
 
-import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -13,10 +12,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from ray.job_submission import JobStatus, JobSubmissionClient
 
 REPO = Path(__file__).resolve().parents[2]
-RAY = str(Path(sys.executable).with_name("ray"))
+VENV = Path(sys.executable).parents[1]  # the project's environment, as `make cluster`'s VENV
 SMALL_QUICKSTART = [
     "--set",
     "models=[{name: prisma-toy-vit-shapes, hook: blocks.2.hook_resid_post, train_samples: 128, "
@@ -39,66 +37,48 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _fresh_shell(*cmd: str, timeout: float) -> subprocess.CompletedProcess:
+    """`cmd` in the repository as from a new login: only PATH=/usr/bin:/bin and HOME (no venv on PATH)."""
+    env = ["env", "-i", "PATH=/usr/bin:/bin", f"HOME={Path.home()}"]
+    return subprocess.run([*env, *cmd], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.fixture
 def head_node():
-    """A Ray head started with `ray start --head --block` in its own process group; killed with the group.
-
-    Its temp dir is short: Ray's socket paths live under it and must fit the 107-byte AF_UNIX limit."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    """`make cluster` on free ports with its own temp dir (short: Ray's socket paths under it must fit the
+    107-byte AF_UNIX limit); `make cluster-stop` afterwards. Yields the dashboard address."""
     temp_dir = tempfile.mkdtemp(prefix="ray-e2e-", dir="/tmp")
-    gcs, dashboard, agent = _free_port(), _free_port(), _free_port()
-    cmd = [
-        RAY,
-        "start",
-        "--head",
-        "--block",
-        "--node-ip-address=127.0.0.1",
-        f"--port={gcs}",
-        "--num-cpus=2",
-        "--include-dashboard=true",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dashboard}",
-        # the agent's default port (52365) is taken by any other Ray on this machine; then no job can be submitted
-        f"--dashboard-agent-listen-port={agent}",
-        f"--temp-dir={temp_dir}",
-        "--disable-usage-stats",
+    make = [
+        f"VENV={VENV}",
+        f"CLUSTER_DIR={temp_dir}",
+        f"CLUSTER_PORT={_free_port()}",
+        f"CLUSTER_DASHBOARD_PORT={(dashboard := _free_port())}",
+        f"CLUSTER_AGENT_PORT={_free_port()}",
+        "CLUSTER_CPUS=2",
     ]
-    head = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    address = f"http://127.0.0.1:{dashboard}"
     try:
-        deadline = time.time() + 120
-        while subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True).returncode:
-            assert head.poll() is None, "ray start --head exited:\n" + head.stdout.read().decode()[-3000:]
-            assert time.time() < deadline, "the Ray head did not come up in 120 s"
-            time.sleep(2)
-        yield address, env
+        up = _fresh_shell("make", "cluster", *make, timeout=300)
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        yield f"http://127.0.0.1:{dashboard}"
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        down = _fresh_shell("make", "cluster-stop", *make, timeout=120)
         shutil.rmtree(temp_dir, ignore_errors=True)
+    assert down.returncode == 0 and "Ray head stopped" in down.stdout, down.stdout + down.stderr
 
 
 @pytest.mark.slow
-def test_quickstart_submitted_as_a_ray_job_succeeds_and_writes_its_outputs(head_node, tmp_path):
-    address, env = head_node
+def test_quickstart_submitted_as_a_ray_job_from_a_fresh_shell_succeeds(head_node, tmp_path):
     output = tmp_path / "quickstart"
     submit = [
-        RAY,
+        str(VENV / "bin" / "ray"),
         "job",
         "submit",
         "--address",
-        address,
+        head_node,
         "--working-dir",
-        str(REPO),
-        "--submission-id",
-        "quickstart-e2e",
-        "--runtime-env-json",
-        json.dumps({"env_vars": {"RAY_AUTH_MODE": "disabled"}}),
+        ".",
         "--",
-        sys.executable,
+        "python",  # the head's python: make cluster put the project's .venv first on its PATH
         "jobs/quickstart.py",
         "--set",
         f"output={output}",
@@ -106,12 +86,12 @@ def test_quickstart_submitted_as_a_ray_job_succeeds_and_writes_its_outputs(head_
     ]
     deadline = time.time() + 120
     while True:  # the head answers `ray job list` before its node's dashboard agent can take a submission
-        done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=1200)
+        done = _fresh_shell("env", "RAY_AUTH_MODE=token", *submit, timeout=1200)  # the README's export
         if "No available agent to submit job" not in done.stderr or time.time() > deadline:
             break
         time.sleep(3)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    assert JobSubmissionClient(address).get_job_status("quickstart-e2e") == JobStatus.SUCCEEDED
+    assert "succeeded" in done.stdout and "ModuleNotFoundError" not in done.stdout
     assert "leaderboard (held-out test split)" in done.stdout and "ground-truth recovery" in done.stdout
     metrics = pq.read_table(output / "sweep" / "metrics.parquet").to_pylist()
     assert sorted(r["name"] for r in metrics) == ["topk-k-4", "topk-k-8"]

@@ -26,7 +26,9 @@ def brief(size: PoolSize) -> tuple:
 @pytest.mark.parametrize(
     "cluster,fields,items,expected",
     [
-        ({"CPU": 2.0}, {}, 4, ("cpu", 2, 0.75, 1)),  # two actors share what the decode task leaves
+        ({"CPU": 2.0}, {}, 4, ("cpu", 1, 1.0, 2)),  # one actor per 2 CPUs, each CPU's torch thread on it
+        ({"CPU": 1.0}, {}, 4, ("cpu", 1, 0.5, 1)),  # at least one actor
+        ({"CPU": 8.0}, {}, 10, ("cpu", 4, 1.0, 2)),
         ({"CPU": 2.0}, {}, 1, ("cpu", 1, 1.0, 2)),  # never more actors than shards
         ({"CPU": 32.0}, {}, 100, ("cpu", 8, 1.0, 4)),  # on CPU at most 8 actors
         ({"CPU": 16.0, "GPU": 2.0}, {}, 4, ("cuda", 2, 1.0, None)),  # one per GPU
@@ -47,7 +49,7 @@ def test_shard_pools_fit_the_cluster(cluster, fields, items, expected):
         ({"CPU": 16.0}, dict(cpus_per_actor=4.0), "auto", 10, ("cpu", 4, 4.0, 4)),  # jobs/sweep_checkpoints.yaml
         ({"CPU": 16.0, "GPU": 4.0}, {}, "auto", 2, ("cuda", 2, 1.0, None)),  # more GPUs than groups
         ({"CPU": 16.0, "GPU": 4.0}, {}, "cpu", 2, ("cpu", 2, 1.0, 8)),  # evaluation.device=cpu on a GPU cluster
-        ({"CPU": 4.0}, {}, "cpu", None, ("cpu", 4, 1.0, 1)),  # the number of items not known
+        ({"CPU": 4.0}, {}, "cpu", None, ("cpu", 2, 1.0, 2)),  # the number of items not known
     ],
 )
 def test_pools_without_read_tasks(cluster, fields, device, items, expected):
