@@ -183,8 +183,8 @@ class DashboardWriter:
             scores = [row["score"] for row in texts]
             return (
                 "<p class='muted'>fires on text tokens only: it fired on no image token (base view) and is among "
-                f"the top text tokens of {len(texts)} samples (activation {min(scores):.3g} to {max(scores):.3g}, see "
-                "<a href='#text'>Top text tokens</a>)</p>"
+                f"the top text tokens of {len(texts)} samples (activation {min(scores):.3g} to {max(scores):.3g}; "
+                "see Top text tokens below)</p>"
             )
         return f"<p class='muted'>max activation on {len(values)} random samples it fires on</p>{histogram_svg(values)}"
 
@@ -226,7 +226,7 @@ class DashboardWriter:
         if not cards:
             return ""
         return (
-            "<h2 id='text'>Top text tokens</h2><p class='muted'>each sample's most active prompt token, in its context "
+            "<h2>Top text tokens</h2><p class='muted'>each sample's most active prompt token, in its context "
             f"(the image's tokens read {html.escape(IMAGE_PIECE)})</p><div class='cards'>{''.join(cards)}</div>"
         )
 
