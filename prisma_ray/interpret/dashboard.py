@@ -164,16 +164,29 @@ class DashboardWriter:
                 f"<p class='explanation'>{html.escape(e.explanation)}</p><p class='muted'>"
                 f"explainer: {html.escape(e.explainer)}</p><table>{scores}</table>"
             )
+        tokens = "image tokens" if self.results.text is not None else "tokens"  # the maps read no text token
         body = (
             f"<p><a href='../index.html'>all latents</a></p><h1>Latent {latent}</h1>{explanation}"
-            f"<p>fires on {r['frequency']:.2%} of tokens and {r['sample_frequency']:.2%} of samples; mean "
+            f"<p>fires on {r['frequency']:.2%} of {tokens} and {r['sample_frequency']:.2%} of samples; mean "
             f"activation {r['mean_activation']:.3g} ({r['mean_when_firing']:.3g} when firing), max "
             f"{r['max_activation']:.3g}; top tokens: {self._kinds(r) or '-'}</p>"
-            f"<h2>Activation histogram</h2><p class='muted'>max activation on {len(values)} random samples it "
-            f"fires on</p>{histogram_svg(values)}{''.join(sections)}"
+            f"<h2>Activation histogram</h2>{self._histogram(latent, values)}{''.join(sections)}"
         )
         self._write(f"latents/{latent}.html", _page(f"latent {latent}", body).encode())
         return thumb
+
+    def _histogram(self, latent: int, values: np.ndarray) -> str:
+        """The histogram of the firing-value sample (image tokens); for a latent that fired on text tokens only,
+        where that sample is empty, a line saying so with the count and range of its top text-token values."""
+        texts = self.results.text_rows(latent)
+        if len(values) == 0 and texts:
+            scores = [row["score"] for row in texts]
+            return (
+                "<p class='muted'>fires on text tokens only: it fired on no image token (base view) and is among "
+                f"the top text tokens of {len(texts)} samples (activation {min(scores):.3g} to {max(scores):.3g}; "
+                "see Top text tokens below)</p>"
+            )
+        return f"<p class='muted'>max activation on {len(values)} random samples it fires on</p>{histogram_svg(values)}"
 
     def _tiles(self, latent: int, ranking: str, row: dict[str, Any]) -> str:
         """LLaVA-NeXT: one top sample's high-resolution tiles, each with its heatmap (padding patches blank), in
@@ -249,9 +262,7 @@ def marked_context(context: str) -> str:
 def shown_latents(results: Results, max_latents: int | None = None) -> list[int]:
     """The latents a dashboard of `results` has a page for: those that fired (multimodal language models: on an
     image token or, with top text tokens, on a text token), in index order, the first `max_latents` (None: all)."""
-    alive = [
-        int(r["latent"]) for r in results.latents.to_pylist() if r["frequency"] > 0 or results.text_rows(r["latent"])
-    ]
+    alive = results.fired_latents()
     return alive[:max_latents] if max_latents else alive
 
 

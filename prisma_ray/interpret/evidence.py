@@ -33,7 +33,8 @@ class LatentEvidence:
     scoring). `concept_masks[label]`: `bool[n, H, W]` or `bool[n, h, w]`, where each top image shows the
     concept (ground truth on synthetic data); `negative_concept_masks` the same for `negatives`.
     `texts` (multimodal language models): the latent's top text contexts, best first, each a prompt window
-    with its most active token marked `[[...]]` (`interpret.texttop`).
+    with its most active token marked `[[...]]` (`interpret.texttop`). A latent that fires on text tokens only
+    has no top images (`n = 0`) but texts; evidence with neither raises `InvalidRequest`.
     """
 
     checkpoint: str
@@ -50,8 +51,8 @@ class LatentEvidence:
         where = f"evidence of latent {self.latent} of {self.checkpoint!r}"
         _check_images(self.images, f"{where}: images")
         n = len(self.images)
-        if n == 0:
-            raise InvalidRequest(f"{where}: no top images")
+        if n == 0 and not self.texts:
+            raise InvalidRequest(f"{where}: no top images and no text contexts; give at least one of them")
         if self.maps.ndim != 3 or len(self.maps) != n:
             raise InvalidRequest(f"{where}: maps must be float[{n}, h, w]; got shape {self.maps.shape}")
         if np.shape(self.values) != (n,):
@@ -72,6 +73,11 @@ class LatentEvidence:
                         f"{where}: {name}[{label!r}] must be bool[{count}, H, W] or bool[{count}, h, w]; "
                         f"got {mask.dtype}{list(mask.shape)}"
                     )
+
+    @property
+    def text_only(self) -> bool:
+        """Whether the latent has text contexts but no top images (it fired on text tokens only)."""
+        return len(self.images) == 0
 
 
 def _check_images(images: np.ndarray, where: str) -> None:

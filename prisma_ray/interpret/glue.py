@@ -23,9 +23,11 @@ def _frame(crop: np.ndarray, grid: np.ndarray, tubelet: int) -> tuple[np.ndarray
 
 def latent_evidence(results: Results, latent: int, ranking: str = "max", n: int | None = None) -> LatentEvidence | None:
     """The evidence of `latent` (its top `n` samples under `ranking`, its negatives and, for multimodal language
-    models, its top `n` text contexts); None if it never fired on an image."""
+    models, its top `n` text contexts); None if it fired on neither an image nor a text token. A latent that
+    fired on text tokens only has no images (`uint8[0, 0, 0, 3]`, maps `float32[0, h, w]`)."""
     rows = results.top_rows(latent, ranking)[:n]
-    if not rows:
+    texts = tuple(r["context"] for r in results.text_rows(latent)[:n])
+    if not rows and not texts:
         return None
     layout = results.layout
     shown = [_frame(results.image(r["sample_id"]), patch_grid(r["map"], layout), layout.tubelet) for r in rows]
@@ -34,9 +36,11 @@ def latent_evidence(results: Results, latent: int, ranking: str = "max", n: int 
     return LatentEvidence(
         checkpoint=results.summary["checkpoint"],
         latent=latent,
-        images=np.stack([image for image, _ in shown]),
-        maps=np.stack([grid for _, grid in shown]).astype(np.float32),
+        images=np.stack([image for image, _ in shown]) if shown else np.zeros((0, 0, 0, 3), np.uint8),
+        maps=np.stack([grid for _, grid in shown]).astype(np.float32)
+        if shown
+        else np.zeros((0, *layout.grid), np.float32),
         values=np.array([r["score"] for r in rows], np.float32),
         negatives=np.stack(negatives) if negatives else None,
-        texts=tuple(r["context"] for r in results.text_rows(latent)[:n]),
+        texts=texts,
     )

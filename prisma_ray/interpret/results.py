@@ -220,6 +220,11 @@ class Results:
             return []
         return [dict(r) for r in self._grouped("text", None, None).get(latent, [])]
 
+    def fired_latents(self) -> list[int]:
+        """The latents that fired, in index order: on a token the maps read (`frequency` > 0) or, for multimodal
+        language models, on a text token (they have top text tokens)."""
+        return [int(r["latent"]) for r in self.latents.to_pylist() if r["frequency"] > 0 or self.text_rows(r["latent"])]
+
     def values(self, latent: int, kind: str = "firing") -> tuple[list[str], np.ndarray]:
         """The reservoir's sample ids and values of `latent` (`kind`: `firing` or `negative`)."""
         rows = self._grouped("reservoir", "kind", kind).get(latent, [])

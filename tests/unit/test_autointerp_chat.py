@@ -127,3 +127,15 @@ def test_an_lmm_latents_explainer_request_shows_image_regions_then_text_contexts
     plain = explainer.messages(evidence(3))[0]["content"]
     assert [p["type"] for p in plain] == ["text", "image_url", "image_url"], "no text part without text contexts"
     assert "Text contexts" not in plain[0]["text"]
+
+
+def test_a_text_only_latents_request_has_its_text_contexts_and_says_there_are_no_image_regions(chat_server):
+    chat_server.reply = lambda request: "question words"
+    none = (np.zeros((0, 0, 0, 3), np.uint8), np.zeros((0, 4, 4), np.float32), np.zeros(0, np.float32))
+    texts = ("user:<image>[[What]] is it?assistant:", "user:<image>[[Where]] is it?assistant:")
+    explainer = ChatExplainer(ChatClient(config(chat_server)), max_texts=1)
+    assert explainer.explain(LatentEvidence("ckpt", 5, *none, texts=texts)).text == "question words"
+    [prompt, part_texts] = chat_server.requests[0]["json"]["messages"][0]["content"]
+    assert "text tokens only" in prompt["text"] and "no image regions" in prompt["text"]
+    assert "1 text contexts" in prompt["text"] and "[[like this]]" in prompt["text"]
+    assert part_texts["text"].startswith("Text contexts") and part_texts["text"].endswith("\n1. " + texts[0])

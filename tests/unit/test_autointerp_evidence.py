@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from prisma_ray.interpret.autointerp.embedders import PrototypeEmbedder, UnknownConcept, named_labels, unit
-from prisma_ray.interpret.autointerp.explainers import VocabularyExplainer
+from prisma_ray.interpret.autointerp.explainers import NO_IMAGE_LABEL, VocabularyExplainer
 from prisma_ray.interpret.autointerp.run import ExplainConfig, Pipeline, explain_latents
 from prisma_ray.interpret.autointerp.scoring import (
     EmbeddingJudge,
@@ -79,6 +79,23 @@ def test_explanations_jsonl_appends_atomically_and_reports_bad_lines(tmp_path):
     (tmp_path / "out" / "explanations.jsonl").write_text("not json\n")
     with pytest.raises(ValueError, match="explanations.jsonl, line 1: not an explanation record"):
         read_explanations(out)
+
+
+def test_a_text_only_latent_has_evidence_without_images_no_image_scores_and_no_vocabulary_label():
+    """A multimodal language model's latent that fired on text tokens only: texts but no top images."""
+    none = (np.zeros((0, 0, 0, 3), np.uint8), np.zeros((0, 2, 2), np.float32), np.zeros(0, np.float32))
+    with pytest.raises(ValueError, match="latent 3 of 'c': no top images and no text contexts"):
+        LatentEvidence("c", 3, *none)
+    evidence = LatentEvidence("c", 3, *none, negatives=coloured((0, 0, 255), 2), texts=("a [[boat]]",))
+    assert (
+        evidence.text_only
+        and not LatentEvidence("c", 3, coloured((255, 0, 0), 1), np.ones((1, 2, 2)), np.ones(1)).text_only
+    )
+    embedder = PrototypeEmbedder(MeanColour(), {"red": coloured((255, 0, 0), 2), "blue": coloured((0, 0, 255), 2)})
+    scorers = Scorers(judge=EmbeddingJudge(embedder), segmenter=GroundTruthSegmenter(), embedder=embedder)
+    assert scorers.score(evidence, Explanation(latent=3, text="red", explainer="t"), "blue") == []
+    explanation = VocabularyExplainer(embedder, ["red", "blue"]).explain(evidence)
+    assert explanation.text == NO_IMAGE_LABEL and "text tokens only" in explanation.text
 
 
 def test_scores_detection_iou_similarity_against_a_baseline():

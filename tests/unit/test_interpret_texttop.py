@@ -5,11 +5,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from prisma_ray.interpret.dashboard import marked_context, shown_latents
-from prisma_ray.interpret.results import Results, text_table
+from prisma_ray.interpret.autointerp.run import ExplainConfig, run_explain
+from prisma_ray.interpret.dashboard import marked_context, shown_latents, write_dashboard
+from prisma_ray.interpret.evidence import read_explanations
+from prisma_ray.interpret.glue import latent_evidence
+from prisma_ray.interpret.results import Results, needed_samples, read_results, text_table, write_results
 from prisma_ray.interpret.texttop import PromptTokens, TextTop, prompt_tokens
 from prisma_ray.interpret.topk import LatentRecord
-from prisma_ray.models import TokenKind
+from prisma_ray.models import TokenKind, TokenLayout
 
 T, P, N = TokenKind.TEXT, TokenKind.PATCH, TokenKind.NEWLINE
 
@@ -103,3 +106,50 @@ def test_a_latent_that_fires_only_on_text_tokens_has_a_dashboard_page():
     results = Results(uri="", summary={}, latents=latents, top=empty, reservoir=empty, text=text_table(top))
     assert shown_latents(results) == [0, 1]
     assert shown_latents(results, 1) == [0]
+
+
+@pytest.fixture
+def text_only_results(tmp_path) -> Results:
+    """Results on disk of 3 latents and 2 samples: latent 0 fires on an image token, latent 1 on text tokens
+    only, latent 2 never."""
+    layout, ids = TokenLayout(prefix=(), grid=(2, 2)), np.array(["a", "b"])
+    acts = np.zeros((2, 4, 3), np.float32)
+    acts[:, 1, 0] = [1.0, 2.0]
+    text = [np.array([[0.0, 3.0, 0.0], [0.0, 0.0, 0.0]]), np.array([[0.0, 0.0, 0.0], [0.0, 5.0, 0.0]])]
+    record = LatentRecord.empty(3, 4, k=2, reservoir=2, negatives=1, text=True).update(ids, acts, layout.kinds())
+    record = record.update_text(ids, text, prompts_of(2, 2))
+    crops = {s: np.full((8, 8, 3), 200, np.uint8) for s in needed_samples(record)}
+    description = {"model": "m", "hook": "lm.blocks.0.hook_resid_post", "checkpoint": "ck"}
+    write_results(str(tmp_path / "res"), record, layout, {**description, "token_layout": layout.model_dump()}, crops)
+    return read_results(str(tmp_path / "res"))
+
+
+def test_a_text_only_latents_evidence_holds_its_text_contexts_and_no_images(text_only_results):
+    evidence = latent_evidence(text_only_results, 1)
+    assert evidence.text_only and evidence.maps.shape == (0, 2, 2)
+    assert evidence.texts == ("ctx 1 [[t1.1]]", "ctx 0 [[t0.0]]"), "best first"
+    assert not latent_evidence(text_only_results, 0).text_only and latent_evidence(text_only_results, 2) is None
+
+
+def test_a_text_only_latents_page_says_it_fires_on_text_tokens_only(text_only_results, tmp_path):
+    write_dashboard(text_only_results, str(tmp_path / "site"))
+    page = (tmp_path / "site" / "latents" / "1.html").read_text()
+    assert "never fired" not in page and "fires on text tokens only" in page
+    assert "top text tokens of 2 samples (activation 3 to 5" in page and "0.00% of image tokens" in page
+    assert "<svg" in (tmp_path / "site" / "latents" / "0.html").read_text(), "an image latent keeps its histogram"
+
+
+def test_the_chat_explainer_explains_text_only_latents_from_their_text_contexts(text_only_results, chat_server):
+    chat_server.reply = lambda request: "boat" if len(request["messages"][0]["content"]) == 2 else "circle"
+    cfg = ExplainConfig(
+        evidence=text_only_results.uri,
+        explainer="chat",
+        chat={"base_url": chat_server.url, "model": "m", "backoff_s": 0.01},
+        judge="none",
+        similarity=False,
+        use_ray=False,
+    )
+    assert run_explain(cfg).explained == 2
+    records = read_explanations(text_only_results.uri)
+    assert sorted(records) == [0, 1] and records[1].explanation == "boat" and records[0].explanation == "circle"
+    assert records[1].scores == {}, "every score reads the top images"

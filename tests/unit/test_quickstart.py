@@ -134,17 +134,25 @@ def test_the_real_dashboard_reads_frames_it_was_not_trained_on():
             assert len(held_out) == real.frames and not train & set(held_out), (real, total)
 
 
+def vision_results(uri: str, latents):
+    """Results of a vision model (no text tokens) holding only the `latents` table."""
+    import pyarrow as pa
+
+    from prisma_ray.interpret.results import Results
+
+    empty = pa.table({"latent": pa.array([], pa.int64())})
+    return Results(uri=uri, summary={}, latents=latents, top=empty, reservoir=empty)
+
+
 def test_the_dashboard_explains_only_the_latents_it_shows(monkeypatch, tmp_path):
     """Explaining every latent that fired (457 in a demo run, a minute of the dashboard step) to show 32 pages was
     wasted: the explainer gets the latents that have a page."""
-    from types import SimpleNamespace
-
     import pyarrow as pa
 
     from prisma_ray import quickstart
 
     latents = pa.table({"latent": list(range(50)), "frequency": [0.0 if i % 5 == 0 else 0.1 for i in range(50)]})
-    results = SimpleNamespace(uri=str(tmp_path), options=None, latents=latents)
+    results = vision_results(str(tmp_path), latents)
     asked = {}
     monkeypatch.setattr(quickstart, "interpret_results", lambda *a, **k: results)
     monkeypatch.setattr(quickstart, "run_explain", lambda cfg: asked.setdefault("latents", cfg.latents))
@@ -158,7 +166,6 @@ def test_the_dashboard_explains_the_detector_latents_and_the_summary_reports_the
     """Issue 18: the quickstart's explain step says how often the offline explanations name the factor value that
     a detector latent (best value AUROC >= 0.95) detects."""
     import json
-    from types import SimpleNamespace
 
     import pyarrow as pa
 
@@ -167,7 +174,7 @@ def test_the_dashboard_explains_the_detector_latents_and_the_summary_reports_the
     from prisma_ray.interpret.evidence import ExplanationRecord, append_explanations
 
     latents = pa.table({"latent": list(range(50)), "frequency": [0.1] * 50})
-    results = SimpleNamespace(uri=str(tmp_path), options=None, latents=latents)
+    results = vision_results(str(tmp_path), latents)
     texts = {7: "red star", 30: "circle"}
     asked = {}
 

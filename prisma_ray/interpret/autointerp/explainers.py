@@ -36,6 +36,14 @@ TEXT_PROMPT = (
     "<image>), with the most active token marked [[like this]]. What concept does the feature detect, in the "
     "image regions and in the text? Answer with a short noun phrase (at most {max_words} words) and nothing else."
 )
+TEXT_ONLY_PROMPT = (
+    "This feature of a multimodal language model fires on text tokens only: it never fired on the tokens of an "
+    "image, so there are no image regions for it. Below are the {m} text contexts where it is most active, each "
+    "from a prompt the model was asked about an image (written <image>), with the most active token marked "
+    "[[like this]]. What concept does the feature detect in the text? Answer with a short noun phrase (at most "
+    "{max_words} words) and nothing else."
+)
+NO_IMAGE_LABEL = "no label: fires on text tokens only (the vocabulary explainer reads image regions)"
 IMAGES_HEADER = "Image regions (the feature's top {n} images, active regions bright):"
 TEXTS_HEADER = "Text contexts (the feature's top {m} text tokens, marked [[like this]]):"
 
@@ -105,6 +113,10 @@ class VocabularyExplainer:
         return (self.similarities(evidence) - self.mean) / self.std
 
     def explain(self, evidence: LatentEvidence) -> Explanation:
+        """The labels of the best-matching regions; a text-only latent (no top images) gets `NO_IMAGE_LABEL`, the
+        vocabulary being matched to image regions only."""
+        if evidence.text_only:
+            return Explanation(latent=evidence.latent, text=NO_IMAGE_LABEL, explainer=self.name)
         scores = self.scores(evidence)
         best = int(np.argmax(scores))
         chosen = [best]
@@ -122,7 +134,8 @@ class VocabularyExplainer:
 class ChatExplainer:
     """Sends the highlighted top images (PNG data URLs) with an explanation prompt to a chat model; for a
     multimodal language model's latent (evidence with `texts`) also its top text contexts, after the images,
-    under `text_prompt`, each part headed by what it is."""
+    under `text_prompt`, each part headed by what it is; for a latent that fired on text tokens only, the text
+    contexts alone under `text_only_prompt` (which says there are no image regions)."""
 
     def __init__(
         self,
@@ -134,29 +147,36 @@ class ChatExplainer:
         dim: float = 0.25,
         text_prompt: str = TEXT_PROMPT,
         max_texts: int = 8,
+        text_only_prompt: str = TEXT_ONLY_PROMPT,
     ):
         self.client, self.prompt, self.max_images, self.max_words = client, prompt, max_images, max_words
         self.threshold, self.dim = threshold, dim
-        self.text_prompt, self.max_texts = text_prompt, max_texts
+        self.text_prompt, self.max_texts, self.text_only_prompt = text_prompt, max_texts, text_only_prompt
         self.name = f"chat:{client.config.model}"
 
     def messages(self, evidence: LatentEvidence) -> list[dict]:
         """The chat request's messages: the prompt, then one image part per shown top image; with text contexts,
-        the images under `IMAGES_HEADER` and then the contexts, numbered, under `TEXTS_HEADER`."""
+        the images under `IMAGES_HEADER` and then the contexts, numbered, under `TEXTS_HEADER` (without top images:
+        `text_only_prompt` and the contexts only)."""
+        texts = evidence.texts[: self.max_texts]
+        m = len(texts)
+        contexts = "\n".join(f"{i}. {context}" for i, context in enumerate(texts, 1))
+        texts_part = {"type": "text", "text": TEXTS_HEADER.format(m=m) + "\n" + contexts}
+        if evidence.text_only:
+            prompt = self.text_only_prompt.format(m=m, max_words=self.max_words)
+            return [{"role": "user", "content": [{"type": "text", "text": prompt}, texts_part]}]
         order = np.argsort(-np.asarray(evidence.values))[: self.max_images]
         shown = mask_images(evidence.images[order], evidence.maps[order], self.threshold, self.dim)
         images = [image_part(im) for im in shown]
-        texts = evidence.texts[: self.max_texts]
         if not texts:
             text = self.prompt.format(n=len(shown), max_words=self.max_words)
             return [{"role": "user", "content": [{"type": "text", "text": text}, *images]}]
-        n, m = len(shown), len(texts)
-        contexts = "\n".join(f"{i}. {context}" for i, context in enumerate(texts, 1))
+        n = len(shown)
         content = [
             {"type": "text", "text": self.text_prompt.format(n=n, m=m, max_words=self.max_words)},
             {"type": "text", "text": IMAGES_HEADER.format(n=n)},
             *images,
-            {"type": "text", "text": TEXTS_HEADER.format(m=m) + "\n" + contexts},
+            texts_part,
         ]
         return [{"role": "user", "content": content}]
 

@@ -287,7 +287,7 @@ def run_explain(cfg: ExplainConfig) -> ExplainSummary:
     results = read_results(cfg.evidence, cfg.storage)
     output = cfg.output or cfg.evidence
     done = read_explanations(output, cfg.storage)
-    fired = [int(r["latent"]) for r in results.latents.to_pylist() if r["frequency"] > 0]
+    fired = results.fired_latents()  # multimodal language models: text-only latents too (their evidence has no images)
     latents = [latent for latent in (cfg.latents if cfg.latents is not None else fired) if latent not in done]
     evidence = (latent_evidence(results, latent, n=cfg.images_per_latent) for latent in latents)
     return explain_latents((e for e in evidence if e is not None), cfg, output, count=len(latents))

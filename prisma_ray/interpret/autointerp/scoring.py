@@ -138,7 +138,10 @@ class Scorers:
         return float((regions @ self.embedder.embed_texts([text])[0]).mean())
 
     def score(self, evidence: LatentEvidence, explanation: Explanation, baseline: str | None) -> list[Score]:
-        """Every available score of `explanation`, with the same score of the `baseline` text (NaN without one)."""
+        """Every available score of `explanation`, with the same score of the `baseline` text (NaN without one);
+        none for a text-only latent (every score reads the top images)."""
+        if evidence.text_only:
+            return []
         names = []
         if self.judge is not None and evidence.negatives is not None and len(evidence.negatives):
             names.append("detection")
