@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "prisma_ray"
-STAGES = ("extract", "train", "evaluate", "interpret", "analysis")
+STAGES = ("extract", "train", "evaluate", "interpret", "analysis", "campaign")
 # The files that run a stage on Ray; every other module must be importable and testable without it.
 RAY_FILES = {
     "extract/pipeline.py",
@@ -52,3 +52,9 @@ def test_architecture_document_names_every_folder():
     missing = [f for f in folders if f"{f}/" not in doc]
     assert not missing, f"docs/ARCHITECTURE.md does not describe prisma_ray/{missing}"
     assert "docs/ARCHITECTURE.md" in (PACKAGE.parent / "README.md").read_text()
+
+
+def test_test_files_have_unique_names():
+    """pytest imports test files by basename (no packages under tests/): two of one name break collection."""
+    names = sorted(p.name for p in (PACKAGE.parent / "tests").rglob("test_*.py"))
+    assert len(names) == len(set(names)), sorted({n for n in names if names.count(n) > 1})
