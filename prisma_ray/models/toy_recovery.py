@@ -20,13 +20,14 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..data.synthetic import ShapesConfig, patch_factors, render_moving_shapes, render_shapes, unambiguous_cells
+from ..data.synthetic import ShapesConfig, render_moving_shapes, render_shapes, unambiguous_cells
+from ..errors import InvalidRequest
 from ..evaluate.ground_truth import factor_recovery
 from ..sae import DictionaryConfig, Site, Sites, Trainer
 from ..sae.trainer import Normalization, SiteStats
 from .spec import TokenLayout
 from .toy import ToySpec
-from .toy_training import to_input
+from .toy_training import to_input, token_cells
 
 DETECT_AUROC = 0.95
 
@@ -62,20 +63,18 @@ def patch_labels(
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Per patch token of every sample (row-major `[sample, patch token]`): `(kept bool[N], values)`, `kept`
     False for ambiguous tokens (0 < coverage < `min_coverage`), `values[factor]` the cell's dominant object's
-    value (None off-object). `masks` is `[n, H, W]` or `[n, T, H, W]` with the grid `layout.grid` laid over it."""
-    positions = layout.patch_positions().astype(np.int64)
+    value (None off-object). `masks` is `[n, H, W]` or `[n, T, H, W]` with the grid `layout.grid` laid over it
+    (`toy_training.token_cells`, the cells the toy models' dense heads are trained on); `layout` must be `"thw"`
+    (the toy models' order), else `InvalidRequest`."""
+    if layout.patch_order != "thw":
+        raise InvalidRequest(f"toy ground truth: expected a 'thw' token layout, got {layout.patch_order!r}")
     kept, values = [], {f: [] for f in factors}
     for mask, rows in zip(masks, objects):
-        frames = mask[None] if mask.ndim == 2 else mask
-        cells = [patch_factors(m, layout.grid) for m in frames]  # (object, coverage) per frame
-        by_key = {(max(0, x.get("frame", 0)), x["object"]): x for x in rows}
-        for t, r, c in positions:
-            frame = min(t * layout.tubelet, len(frames) - 1)
-            o, cov = int(cells[frame][0][r, c]), float(cells[frame][1][r, c])
-            kept.append(bool(unambiguous_cells(cov, min_coverage)))
+        for obj, coverage, by_id in token_cells(mask, rows, layout.grid, layout.tubelet)[: layout.time]:
+            kept.extend(unambiguous_cells(coverage, min_coverage).tolist())
             for f in factors:
-                values[f].append(str(by_key[frame, o][f]) if o else None)
-    return np.asarray(kept), {f: np.asarray(v, dtype=object) for f, v in values.items()}
+                values[f].extend(str(by_id[o][f]) if o else None for o in obj)
+    return np.asarray(kept, dtype=bool), {f: np.asarray(v, dtype=object) for f, v in values.items()}
 
 
 @torch.no_grad()

@@ -131,10 +131,11 @@ def outputs(
                 mid = tokens[:, model.num_prefix_tokens :]
         pooled = model.forward_head(model.norm(tokens), pre_logits=True)
         primary = model.head(pooled)
-    else:  # VideoMAEForVideoClassification with mean pooling
+    else:  # VideoMAEForVideoClassification with mean pooling; no prefix tokens, block i's output is hidden state i+1
+        out = model.videomae(pixel_values=x, output_hidden_states=dense is not None)
         if dense is not None:
-            raise ValueError("dense per-patch heads are built for the image model only")
-        pooled = model.fc_norm(model.videomae(pixel_values=x).last_hidden_state.mean(1))
+            mid = out.hidden_states[patch_layer % len(model.videomae.encoder.layer) + 1]
+        pooled = model.fc_norm(out.last_hidden_state.mean(1))
         primary = model.classifier(pooled)
     aux = getattr(model, "aux_head", None)
     return primary, (aux(pooled) if aux is not None else None), (dense(mid) if dense is not None else None)
@@ -164,17 +165,39 @@ def dense_classes(
     return t
 
 
+def token_cells(
+    mask: np.ndarray, objects: list[dict], grid: tuple[int, int], tubelet: int = 1
+) -> list[tuple[np.ndarray, np.ndarray, dict[int, dict]]]:
+    """The patch cells of every token time step of an image (`mask` `uint8[H, W]`) or a clip (`uint8[T, H, W]`,
+    one time step per `tubelet` frames, labelled by its first frame, as the toy ground truth does), in the token
+    order of a `"thw"` layout: per step `(object int16[cells], coverage float32[cells], rows)`, the dominant object
+    and its coverage of each of the `grid` cells (`synthetic.patch_factors`, row-major) and that frame's object
+    rows of `objects` by object id (rows without `frame`, or frame -1: an image's)."""
+    frames = mask[None] if mask.ndim == 2 else mask
+    steps = []
+    for frame in range(0, len(frames), tubelet):
+        obj, coverage = (a.reshape(-1) for a in patch_factors(frames[frame], grid))
+        steps.append((obj, coverage, {o["object"]: o for o in objects if max(0, o.get("frame", 0)) == frame}))
+    return steps
+
+
 def patch_targets(
-    heads: tuple[ToyPatchHead, ...], objects: list[dict], mask: np.ndarray, grid: int, min_coverage: float
+    heads: tuple[ToyPatchHead, ...],
+    objects: list[dict],
+    mask: np.ndarray,
+    grid: int,
+    min_coverage: float,
+    tubelet: int = 1,
 ) -> dict[str, np.ndarray]:
-    """Dense targets of one image with object rows `objects` and mask `uint8[H, W]`: per head, key
-    `patch_<name>`, `dense_classes` of the `grid x grid` cells in row-major patch-token order."""
-    obj, coverage = (a.reshape(-1) for a in patch_factors(mask, (grid, grid)))
-    by_id = {o["object"]: o for o in objects}
-    return {
-        f"patch_{h.name}": dense_classes(h, obj, coverage, [by_id[o][h.name] if o else None for o in obj], min_coverage)
-        for h in heads
-    }
+    """Dense targets of one image (mask `uint8[H, W]`) or clip (masks `uint8[T, H, W]`, object rows per frame) with
+    object rows `objects`: per head, key `patch_<name>`, `dense_classes` of every patch token's `grid x grid` cell
+    (`token_cells`, patch-token order; a clip's token takes the values of its tubelet's first frame)."""
+    out: dict[str, list[np.ndarray]] = {f"patch_{h.name}": [] for h in heads}
+    for obj, coverage, rows in token_cells(mask, objects, (grid, grid), tubelet):
+        for h in heads:
+            values = [rows[o][h.name] if o else None for o in obj]
+            out[f"patch_{h.name}"].append(dense_classes(h, obj, coverage, values, min_coverage))
+    return {k: np.concatenate(v) for k, v in out.items()}
 
 
 def render_split(cfg: ShapesConfig | MovingShapesConfig, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -188,20 +211,18 @@ def render_targets(
     cfg: ShapesConfig | MovingShapesConfig, n: int, heads: tuple[ToyHead, ...] = (), dense: ToySpec | None = None
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """`n` samples rendered in memory (as `render_split`) and targets: `"label"` (the dataset's `label`,
-    `int64[n]`), one array per head of `heads` (`head_targets`, stacked) and, for the image spec `dense`, one
+    `int64[n]`), one array per head of `heads` (`head_targets`, stacked) and, for the spec `dense`, one
     `int64[n, n_patches]` per dense head (`patch_targets`, keys `patch_<name>`)."""
     xs, targets = [], {"label": [], **{h.name: [] for h in heads}}
+    image = isinstance(cfg, ShapesConfig)
     for i in range(n):
-        if isinstance(cfg, ShapesConfig):
-            pixels, mask, objects, _ = render_shapes(cfg, i)
-            first = objects
-            if dense is not None and dense.patch_heads:
-                grid, cover = cfg.image_size // dense.patch_size, dense.min_coverage
-                for k, v in patch_targets(dense.patch_heads, objects, mask, grid, cover).items():
-                    targets.setdefault(k, []).append(v)
-        else:
-            pixels, _, objects, _ = render_moving_shapes(cfg, i)
-            first = [o for o in objects if o["frame"] == 0]
+        pixels, mask, objects, _ = render_shapes(cfg, i) if image else render_moving_shapes(cfg, i)
+        first = objects if image else [o for o in objects if o["frame"] == 0]
+        if dense is not None and dense.patch_heads:
+            grid, cover = cfg.image_size // dense.patch_size, dense.min_coverage
+            tubelet = 1 if image else dense.tubelet
+            for k, v in patch_targets(dense.patch_heads, objects, mask, grid, cover, tubelet).items():
+                targets.setdefault(k, []).append(v)
         xs.append(pixels)
         targets["label"].append(np.int64(sample_label(cfg, first)))
         for h in heads:

@@ -7,6 +7,7 @@ import torch
 from prisma_ray.data import synthetic
 from prisma_ray.data.synthetic import render_shapes
 from prisma_ray.models import get_entry, load_model, toy, toy_training
+from prisma_ray.models.spec import TokenLayout
 
 
 @pytest.fixture
@@ -94,17 +95,60 @@ def test_dense_heads_read_the_patch_tokens_of_their_block_and_are_not_the_models
     assert torch.equal(toy_training.logits(model, x), before)
 
 
-def test_shipped_image_model_reads_its_dense_heads_on_the_quickstarts_hook_with_one_label_cell_per_token():
+@pytest.mark.parametrize(
+    ("name", "heads"),
+    [
+        ("prisma-toy-vit-shapes", ["shape", "colour"]),
+        ("prisma-toy-video-moving-shapes", ["shape", "colour", "direction"]),
+    ],
+)
+def test_shipped_models_read_their_dense_heads_on_the_quickstarts_hook_with_one_label_cell_per_token(name, heads):
     from prisma_ray.quickstart import _default_models
 
-    spec = toy.SPECS["toy-vit-shapes"]
-    hook = next(m.hook for m in _default_models() if m.name == "prisma-toy-vit-shapes")
-    assert [h.name for h in spec.patch_heads] == [
-        "shape",
-        "colour",
-    ] and hook == f"blocks.{spec.patch_layer}.hook_resid_post"
+    spec = toy.SPECS[get_entry(name).architecture]
+    hook = next(m.hook for m in _default_models() if m.name == name)
+    assert [h.name for h in spec.patch_heads] == heads and hook == f"blocks.{spec.patch_layer}.hook_resid_post"
     grid = spec.dataset.image_size // spec.patch_size
     assert spec.dataset.patch_grid == (grid, grid)  # the dataset's ground-truth cells are the model's patches
+
+
+@pytest.fixture
+def tiny_video_spec():
+    return toy.SPECS["toy-video-moving-shapes"].model_copy(update={"depth": 2, "width": 32, "heads": 2})
+
+
+def test_video_dense_heads_read_the_tokens_of_their_block_and_are_not_the_models_output(tiny_video_spec):
+    spec = tiny_video_spec
+    model = toy_training.build_network(spec).eval()
+    x = torch.randn(2, spec.frames, 3, spec.dataset.image_size, spec.dataset.image_size)
+    seen = {}
+    model.videomae.encoder.layer[1].register_forward_hook(lambda _m, _i, out: seen.setdefault("tokens", out))
+    _, _, dense = toy_training.outputs(model, x, spec.patch_layer)
+    tokens = seen["tokens"][0] if isinstance(seen["tokens"], tuple) else seen["tokens"]
+    assert dense.shape == (2, 4 * 16, spec.patch_outputs) == (2, 64, 7 + 7 + 9)
+    assert torch.allclose(dense, model.patch_head(tokens), atol=1e-6)
+    before = toy_training.logits(model, x)
+    with torch.no_grad():
+        model.patch_head.weight.add_(1.0)
+    assert torch.equal(toy_training.logits(model, x), before)
+
+
+def test_video_dense_targets_are_the_ground_truth_labels_the_recovery_check_scores(tiny_video_spec):
+    from prisma_ray.models.toy_recovery import patch_labels, render
+
+    spec = tiny_video_spec
+    _, t = toy_training.render_targets(spec.dataset, 6, (), spec)
+    _, masks, objects = render(spec, 6, held_out=False)
+    grid, time = spec.dataset.image_size // spec.patch_size, spec.frames // spec.tubelet
+    layout = TokenLayout(prefix=(), grid=(grid, grid), time=time, tubelet=spec.tubelet)  # the hooked model's
+    kept, values = patch_labels(masks, objects, layout, ["shape", "colour", "direction"])
+    for head in spec.patch_heads:
+        got = t[f"patch_{head.name}"].reshape(-1)
+        assert ((got == toy_training.IGNORE) == ~kept).all()
+        want = [head.values.index(v) if v is not None else len(head.values) - 1 for v in values[head.name][kept]]
+        assert got[kept].tolist() == want
+    colours = {v for v in values["colour"][kept] if v is not None}
+    assert len(colours) > 1 and len(set(values["direction"][kept])) > 2  # several objects, several directions
 
 
 def test_a_dense_heads_weight_scales_its_cross_entropy_in_the_loss(dense_spec):
