@@ -4,13 +4,11 @@ selected models --plan (driver: each model's data generated once)--> a pool of l
 actors (`runtime.pool.run_pool`; one GPU each where there are GPUs, <= 1 CPU each), each running every
 stage of one model after another --> `campaign.json` (each model's outcome, written as it arrives)
 --> the sweep over every model's dictionaries: one leaderboard across models (nothing evaluated twice)
---> the cross-model page where `prisma_ray.evaluate.cross_model` exists
+--> its cross-model page (the sweep writes it for two models or more)
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
 import time
 from dataclasses import dataclass
@@ -29,8 +27,6 @@ from .stages import ModelRunner
 from .state import STAGES, Outcome, outcome_table, read_status, with_earlier_seconds, write_status
 
 log = logging.getLogger(__name__)
-
-CROSS_MODEL = "prisma_ray.evaluate.cross_model"
 
 
 @dataclass
@@ -85,15 +81,6 @@ def prepare_data(cfg: CampaignConfig, names: list[str]) -> tuple[list[str], dict
     return ready, failed
 
 
-def cross_model_page(cfg: CampaignConfig) -> str:
-    """The cross-model page of the campaign's sweep (`prisma_ray.evaluate.cross_model.write_cross_model_page`)
-    under `cross-model/`, where that module exists; "" where it does not."""
-    if importlib.util.find_spec(CROSS_MODEL) is None:
-        return ""
-    write = importlib.import_module(CROSS_MODEL).write_cross_model_page
-    return str(write(cfg.uri("sweep"), cfg.uri("cross-model")))
-
-
 def run_campaign(cfg: CampaignConfig) -> CampaignSummary:
     """Run every selected model's unfinished stages on a pool of long-lived actors, record each outcome in
     `campaign.json`, then sweep every model's dictionaries into one leaderboard; return the summary."""
@@ -121,8 +108,8 @@ def run_campaign(cfg: CampaignConfig) -> CampaignSummary:
         write_status(cfg.uri(), status, options)
     leaderboard = cross = ""
     if _has_checkpoints(cfg):
-        leaderboard = run_sweep(sweep_config(cfg, [cfg.uri("dictionaries")], size.torch_threads)).leaderboard
-        cross = cross_model_page(cfg)
+        swept = run_sweep(sweep_config(cfg, [cfg.uri("dictionaries")], size.torch_threads))
+        leaderboard, cross = swept.leaderboard, swept.cross_model
     return CampaignSummary(
         outcomes=[outcomes[n] for n in sorted(outcomes)],
         status=storage.join(cfg.uri(), "campaign.json"),

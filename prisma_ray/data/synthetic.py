@@ -300,6 +300,14 @@ def direction_vector(direction: int, n_directions: int) -> tuple[float, float]:
     return math.cos(theta), -math.sin(theta)
 
 
+def start_range(radius: float, size: int, travel: float) -> tuple[float, float]:
+    """`(low, high)` of an object's first centre coordinate (pixels) so that it stays inside a `size`-pixel frame
+    while moving `travel` pixels along that axis; `high >= low` even where the speed limit makes the range zero
+    wide and floating-point rounding would make it slightly negative."""
+    low = radius + max(0.0, -travel)
+    return low, max(low, size - 1 - radius - max(0.0, travel))
+
+
 def render_moving_shapes(cfg: MovingShapesConfig, index: int) -> tuple[np.ndarray, np.ndarray, list[dict], str]:
     """Clip `index`: `(frames uint8[T, H, W, 3], masks uint8[T, H, W], per-frame object rows, background)`.
 
@@ -326,8 +334,8 @@ def render_moving_shapes(cfg: MovingShapesConfig, index: int) -> tuple[np.ndarra
         new_colour = others[int(rng.integers(len(others)))] if others and change >= 0 else obj["colour"]
         travel_x, travel_y = dx * speed * (t_n - 1), dy * speed * (t_n - 1)
         for _ in range(_MAX_PLACEMENT_TRIES):
-            x0 = rng.uniform(r + max(0.0, -travel_x), s - 1 - r - max(0.0, travel_x))
-            y0 = rng.uniform(r + max(0.0, -travel_y), s - 1 - r - max(0.0, travel_y))
+            x0 = rng.uniform(*start_range(r, s, travel_x))
+            y0 = rng.uniform(*start_range(r, s, travel_y))
             xs, ys = x0 + dx * speed * t, y0 + dy * speed * t
             if all(np.all(np.hypot(xs - o["xs"], ys - o["ys"]) > r + o["radius"] + 1) for o in tracks):
                 tracks.append(

@@ -51,6 +51,7 @@ def test_every_model_through_every_stage_and_a_failure_recorded(runs):
     board = open(first.leaderboard).read()
     assert all(name in board for name in set(MODELS) - {BROKEN})
     assert '"error": "MissingInputError' in open(first.status).read()
+    assert first.cross_model.endswith("cross_model.html") and os.path.exists(first.cross_model), "two models: one page"
 
 
 def test_rerun_skips_finished_work(runs):

@@ -204,23 +204,3 @@ def test_status_keeps_the_seconds_of_stages_done_in_an_earlier_run():
         "dashboard": 0.5,
     }
     assert with_earlier_seconds(Outcome(model=TOY, seconds={"extract": 1.0}), None).seconds == {"extract": 1.0}
-
-
-def test_cross_model_page_is_written_where_its_module_exists(tmp_path, monkeypatch):
-    import importlib.machinery
-    import sys
-    import types
-
-    from prisma_ray.campaign.run import CROSS_MODEL, cross_model_page
-
-    cfg = registry_config([TOY], str(tmp_path / "c"))
-    monkeypatch.delitem(sys.modules, CROSS_MODEL, raising=False)
-    if importlib.util.find_spec(CROSS_MODEL) is None:
-        assert cross_model_page(cfg) == ""
-    calls = []
-    module = types.ModuleType(CROSS_MODEL)
-    module.__spec__ = importlib.machinery.ModuleSpec(CROSS_MODEL, None)
-    module.write_cross_model_page = lambda sweep, out: calls.append((sweep, out)) or f"{out}/index.html"
-    monkeypatch.setitem(sys.modules, CROSS_MODEL, module)
-    assert cross_model_page(cfg) == cfg.uri("cross-model") + "/index.html"
-    assert calls == [(cfg.uri("sweep"), cfg.uri("cross-model"))]

@@ -202,3 +202,13 @@ def test_ensure_generated_reuses_and_refuses_other_config(shapes_dir):
 def test_config_validation(cls, kwargs, message):
     with pytest.raises(ValueError, match=message):
         cls(**kwargs)
+
+
+def test_large_fast_objects_at_the_speed_limit_are_placed_not_refused():
+    """The speed limit leaves a start range exactly zero wide; rounding once made it negative (`high - low < 0`)."""
+    cfg = syn.MovingShapesConfig(n_clips=1, image_size=32, size_range=(0.2, 0.3), speed_range=(2.0, 2.0))
+    for index in range(40):
+        syn.render_moving_shapes(cfg, index)
+    for travel in (-7.5, 0.0, 13.25, 40.0):
+        low, high = syn.start_range(5.0, 32, travel)
+        assert low <= high
