@@ -210,7 +210,7 @@ def image_means(
     `pooled_truth.image_index` numbers them); rows are encoded `batch` at a time, so memory is
     `n_images x L`, not `N x L`.
     """
-    index_t = torch.as_tensor(index, dtype=torch.int64)
+    index_t = torch.as_tensor(index, dtype=torch.int64)  # host: image numbers from numpy, summed on the host
     total: torch.Tensor | None = None
     for i in range(0, len(x), batch):
         idx = index_t[i : i + batch]
@@ -219,7 +219,7 @@ def image_means(
             continue
         z = encode(x[i : i + batch][keep]).float().cpu()
         if total is None:
-            total = torch.zeros(n_images, z.shape[1])
+            total = torch.zeros(n_images, z.shape[1])  # host: z is moved to the host above
         total.index_add_(0, idx[keep], z)
     if total is None:
         raise InvalidRequest("co-firing: no complete image among the held-out rows read; raise the number of images")

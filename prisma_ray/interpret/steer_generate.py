@@ -122,7 +122,7 @@ class StepHook:
     def mask(self, start: int, n: int) -> torch.Tensor:
         """`bool[B, n]`: the steered positions among `start .. start + n - 1`."""
         rows, length = self.prompt.shape
-        out = torch.full((rows, n), self.generated, dtype=torch.bool)
+        out = torch.full((rows, n), self.generated, dtype=torch.bool, device=self.prompt.device)
         stop = min(start + n, length)
         if start < stop:
             out[:, : stop - start] = self.prompt[:, start:stop]

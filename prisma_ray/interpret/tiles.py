@@ -45,7 +45,9 @@ def llava_next_tiles(image_hw: tuple[int, int], pinpoints: list, tile_px: int, p
     canvas = tuple(int(v) for v in select_best_resolution(tuple(image_hw), pinpoints))
     side = tile_px // patch_px
     tiles = (canvas[0] // tile_px, canvas[1] // tile_px)
-    index = torch.arange(tiles[0] * side * tiles[1] * side).reshape(1, tiles[0] * side, tiles[1] * side)
+    index = torch.arange(tiles[0] * side * tiles[1] * side).reshape(  # host: patch indices, no model tensor
+        1, tiles[0] * side, tiles[1] * side
+    )
     kept = unpad_image(index, torch.tensor(image_hw))[0]  # host: patch indices, no model tensor
     first = int(kept[0, 0])
     return TileGeometry(
