@@ -144,19 +144,24 @@ def test_nothing_finished_in_an_empty_root_and_status_round_trips(tmp_path):
     assert lines[1].split()[:4] == [TOY, "dashboard", "extract,train,evaluate,dashboard", "1.5"]
 
 
-def test_memory_peak_sees_an_allocation():
-    """The peak holds a 128 MiB block allocated inside the block (measured against the resident memory just before
-    it: a peak taken in an earlier block can be higher when the suite freed memory in between)."""
+def test_memory_peak_keeps_the_highest_resident_memory_sampled(monkeypatch):
+    """The sampler keeps the maximum of the process's resident memory over the block (a fake process whose memory
+    rises then falls, so the check does not depend on how the allocator reuses freed memory in a long suite)."""
     import time
+    from types import SimpleNamespace
 
-    import numpy as np
-    import psutil
+    from prisma_ray.campaign import stages
 
+    readings = iter([100, 300, 200])
+
+    class FakeProcess:
+        def memory_info(self):
+            return SimpleNamespace(rss=next(readings, 200) * 2**20)
+
+    monkeypatch.setattr(stages.psutil, "Process", FakeProcess)
     with MemoryPeak(every=0.01) as peak:
-        base_mib = psutil.Process().memory_info().rss / 2**20
-        block = np.ones(128 * 2**20 // 8)  # 128 MiB, touched
         time.sleep(0.2)
-    assert block.sum() > 0 and peak.peak_mib >= base_mib + 96
+    assert peak.peak_mib == 300
 
 
 def test_registry_sample_is_one_model_per_source_and_modality():
