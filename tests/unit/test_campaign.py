@@ -211,3 +211,21 @@ def test_status_keeps_the_seconds_of_stages_done_in_an_earlier_run():
         "dashboard": 0.5,
     }
     assert with_earlier_seconds(Outcome(model=TOY, seconds={"extract": 1.0}), None).seconds == {"extract": 1.0}
+
+
+@pytest.mark.parametrize(
+    "name, frames, suffix",
+    [
+        ("hf-timesformer-large-finetuned-k400", 96, "-224px-16-96f"),  # samples 96 frames: clips of 96
+        ("hf-videomae-base", 16, "-224px-16"),  # 16 frames, the generator's default: the URI is unchanged
+    ],
+)
+def test_model_sized_clips_hold_the_frames_one_sample_takes(name, frames, suffix):
+    """The registry campaign gave TimeSformer-L 16-frame clips, every one rejected as too short."""
+    from prisma_ray.campaign.plan import sized
+    from prisma_ray.data.sources import SyntheticSource
+
+    spec = SyntheticSource(type="synthetic", uri="/d/moving", generator={"name": "moving-shapes", "n_clips": 1})
+    out = sized(spec, get_entry(name))
+    assert out.uri == "/d/moving" + suffix and out.generator.num_frames == frames
+    assert out.generator.image_size == 224 and out.generator.patch_grid == (14, 14)
