@@ -211,3 +211,16 @@ def test_status_keeps_the_seconds_of_stages_done_in_an_earlier_run():
         "dashboard": 0.5,
     }
     assert with_earlier_seconds(Outcome(model=TOY, seconds={"extract": 1.0}), None).seconds == {"extract": 1.0}
+
+
+def test_a_model_whose_actor_died_is_recorded_with_the_stage_it_died_in(tmp_path, monkeypatch):
+    from prisma_ray.campaign import state
+
+    cfg = registry_config([TOY], str(tmp_path / "c"))
+    plan = plan_model(cfg, TOY)
+    first = state.lost_outcome(plan, cfg.uri(), cfg.storage, "out of memory (Ray's memory monitor killed it)")
+    assert first.error.startswith(f"ActorDied: the actor running {TOY} died during extract: out of memory")
+    assert (first.reached, first.passed) == ("", False)
+    monkeypatch.setattr(state, "finished", lambda p, r, o: dict(zip(STAGES, (True, True, False, False))))
+    later = state.lost_outcome(plan, cfg.uri(), cfg.storage, "its process died")
+    assert later.reached == "train" and "died during evaluate: its process died" in later.error
