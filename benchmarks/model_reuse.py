@@ -76,16 +76,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as data_root:
         ready, failed = prepare_data(registry_config([args.model], data_root), [args.model])
         assert not failed, failed
-        for repeat in range(args.repeats):
-            for reuse in (True, False) if repeat % 2 == 0 else (False, True):
-                wall, building, builds = run(args.model, data_root, reuse, args.threads)
-                times[reuse].append((wall, building, builds))
-                label = "built once, reused" if reuse else "built per stage"
-                print(f"{label:<19} {args.model}  {wall:6.1f} s  ({builds} builds, {building:5.1f} s building)")
-    reused, fresh = min(times[True]), min(times[False])
-    print(
-        f"one model's stages: reused {reused[0]:.1f} s, built per stage {fresh[0]:.1f} s; ratio {fresh[0] / reused[0]:.2f}"
-    )
+        order = [kind for repeat in range(args.repeats) for kind in ((True, False), (False, True))[repeat % 2]]
+        for reuse in order:
+            wall, building, builds = run(args.model, data_root, reuse, args.threads)
+            times[reuse].append((wall, building, builds))
+            label = "built once, reused" if reuse else "built per stage"
+            print(f"{label:<19} {args.model}  {wall:6.1f} s  ({builds} builds, {building:5.1f} s building)")
+    best = {reuse: min(runs)[0] for reuse, runs in times.items()}
+    ratio = best[False] / best[True]
+    print(f"one model's stages: reused {best[True]:.1f} s, built per stage {best[False]:.1f} s; ratio {ratio:.2f}")
     return 0
 
 
