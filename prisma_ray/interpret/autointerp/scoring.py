@@ -140,7 +140,7 @@ def detector_latents(
         cols = live[start : start + chunk]
         areas = np.nan_to_num(auroc(latents[:, cols], positives), nan=0.0)
         for latent, row in zip(cols, areas):
-            order = np.argsort(-row)
+            order = np.argsort(-row, kind="stable")  # ties: the first value (shapes before colours)
             if row[order[0]] >= threshold:
                 detected = tuple(values[i] for i in order if row[i] >= threshold)
                 found.append(Detector(int(latent), values[order[0]], float(row[order[0]]), detected))
