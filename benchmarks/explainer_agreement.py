@@ -234,15 +234,15 @@ def explain_detectors(
 
 @dataclass
 class ToyQuickstart:
-    """The quickstart's recipe on the toy ViT (`prisma_ray.quickstart`: its model, hook, samples, epochs, batch and
-    TopK dictionaries; `dictionaries`: how many of its seed-0 dictionaries, smallest k first, are trained), the
-    dictionary with the best held-out explained variance explained as `prisma-ray explain` explains it (its
-    default `ExplainConfig`: the vocabulary explainer over the prototype embedder, the embedding judge)."""
+    """The quickstart's recipe on the toy ViT (`prisma_ray.quickstart`: its model, hook, samples, epochs, batch of
+    1,024 tokens and seed-0 TopK dictionaries, those with k >= `min_k`; None: the quickstart's value), the dictionary
+    with the best held-out explained variance explained as `prisma-ray explain` explains it (its default
+    `ExplainConfig`: the vocabulary explainer over the prototype embedder, the embedding judge)."""
 
-    train_samples: int = 1024
-    test_samples: int = 128
-    epochs: float = 24
-    min_k: int = 0  # train only the quickstart's dictionaries with k >= min_k
+    train_samples: int | None = None
+    test_samples: int | None = None
+    epochs: float | None = None
+    min_k: int = 0
     seed: int = 0
 
 
@@ -254,16 +254,24 @@ def measure_toy_quickstart(q: ToyQuickstart, threads: int = 1, log=print) -> dic
     from prisma_ray.interpret.autointerp.run import ExplainConfig, Pipeline
     from prisma_ray.models import get_entry, toy
     from prisma_ray.models.toy_recovery import hook_tokens, patch_labels, render
-    from prisma_ray.quickstart import _default_dictionaries, _default_models, detector_values
+    from prisma_ray.quickstart import QuickstartConfig, _default_dictionaries, _default_models, detector_values
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
     m = _default_models()[0]
+    q = ToyQuickstart(
+        train_samples=q.train_samples or m.train_samples,
+        test_samples=q.test_samples or m.test_samples,
+        epochs=q.epochs or m.epochs,
+        min_k=q.min_k,
+        seed=q.seed,
+    )
     model = load_model(m.name, pretrained=True)
     spec, layout = toy.SPECS[get_entry(m.name).architecture], model.token_layout
     configs = [d for d in _default_dictionaries() if d.seed == 0 and d.k >= q.min_k]
     train = hook_tokens(model, render(spec, q.train_samples, held_out=False)[0], m.hook).half().float()
-    fitted = fit_dictionaries(train, configs, epochs=q.epochs, batch_size=1024, seed=q.seed, site=m.hook)
+    batch = QuickstartConfig.model_fields["batch_size"].default
+    fitted = fit_dictionaries(train, configs, epochs=q.epochs, batch_size=batch, seed=q.seed, site=m.hook)
     pixels, masks, objects = render(spec, q.test_samples, held_out=True)
     test = hook_tokens(model, pixels, m.hook).half().float()
     with torch.inference_mode():
