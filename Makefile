@@ -44,6 +44,9 @@ CLUSTER_CPUS ?= $(shell nproc)
 # Seconds the head drains on SIGTERM (make cluster-stop) before it stops its processes: Ray's default, 30 s, lets
 # Ray Serve proxies quiesce; nothing here serves, so the head stops at once.
 CLUSTER_DRAIN_S ?= 0
+# Seconds cluster-stop waits after its SIGTERM before it SIGKILLs the head's process group (`ray stop`'s default
+# grace period): Ray's autoscaler monitor can take 30 s to exit once its GCS is gone.
+CLUSTER_STOP_GRACE_S ?= 16
 CLUSTER_ADDRESS := http://127.0.0.1:$(CLUSTER_DASHBOARD_PORT)
 
 cluster:
@@ -67,7 +70,7 @@ cluster:
 cluster-stop:
 	@if [ ! -f $(CLUSTER_DIR)/head.pid ]; then echo "no head started by make cluster in $(CLUSTER_DIR)"; exit 0; fi; \
 	pid=$$(cat $(CLUSTER_DIR)/head.pid); kill -TERM -$$pid 2>/dev/null; \
-	for i in $$(seq 60); do kill -0 -$$pid 2>/dev/null || break; sleep 1; done; \
+	for i in $$(seq $(CLUSTER_STOP_GRACE_S)); do kill -0 -$$pid 2>/dev/null || break; sleep 1; done; \
 	kill -KILL -$$pid 2>/dev/null; rm -rf $(CLUSTER_DIR); echo "Ray head stopped"
 
 lint: $(STAMP)
