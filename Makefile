@@ -44,6 +44,12 @@ CLUSTER_PORT ?= 6380
 CLUSTER_DASHBOARD_PORT ?= 8265
 CLUSTER_AGENT_PORT ?= 52366
 CLUSTER_CPUS ?= $(shell nproc)
+# Seconds the head drains on SIGTERM (make cluster-stop) before it stops its processes: Ray's default, 30 s, lets
+# Ray Serve proxies quiesce; nothing here serves, so the head stops at once.
+CLUSTER_DRAIN_S ?= 0
+# Seconds cluster-stop waits after its SIGTERM before it SIGKILLs the head's process group (`ray stop`'s default
+# grace period): Ray's autoscaler monitor can take 30 s to exit once its GCS is gone.
+CLUSTER_STOP_GRACE_S ?= 16
 CLUSTER_ADDRESS := http://127.0.0.1:$(CLUSTER_DASHBOARD_PORT)
 
 cluster:
@@ -54,7 +60,7 @@ cluster:
 	test -s $(CLUSTER_TOKEN) || (umask 077; $(VENV)/bin/python -c "import secrets; print(secrets.token_hex(32))" \
 		>$(CLUSTER_TOKEN)); \
 	PATH="$(abspath $(VENV))/bin:$$PATH" RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$(CLUSTER_TOKEN) \
-		setsid $(VENV)/bin/ray start --head --block \
+		RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=$(CLUSTER_DRAIN_S) setsid $(VENV)/bin/ray start --head --block \
 		--node-ip-address=127.0.0.1 --port=$(CLUSTER_PORT) --num-cpus=$(CLUSTER_CPUS) \
 		--dashboard-host=127.0.0.1 --dashboard-port=$(CLUSTER_DASHBOARD_PORT) \
 		--dashboard-agent-listen-port=$(CLUSTER_AGENT_PORT) --temp-dir=$(CLUSTER_DIR) --disable-usage-stats \
@@ -70,7 +76,7 @@ cluster:
 cluster-stop:
 	@if [ ! -f $(CLUSTER_DIR)/head.pid ]; then echo "no head started by make cluster in $(CLUSTER_DIR)"; exit 0; fi; \
 	pid=$$(cat $(CLUSTER_DIR)/head.pid); kill -TERM -$$pid 2>/dev/null; \
-	for i in $$(seq 60); do kill -0 -$$pid 2>/dev/null || break; sleep 1; done; \
+	for i in $$(seq $(CLUSTER_STOP_GRACE_S)); do kill -0 -$$pid 2>/dev/null || break; sleep 1; done; \
 	kill -KILL -$$pid 2>/dev/null; rm -rf $(CLUSTER_DIR); echo "Ray head stopped"
 
 lint: $(STAMP)

@@ -31,6 +31,7 @@ from prisma_ray.models.inputs import PixelInputs
 from prisma_ray.models.loading import load_model
 from tests.conftest import IMAGE_ZOO_MAX_PIXELS
 from tests.tiny_models import tiny_videomae, tiny_vit
+from tests.unit.test_evaluate_checkpoint import extract_in_process
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_VIT = tiny_vit()
@@ -291,7 +292,7 @@ def test_video_model_writes_frame_indexed_tokens(ray_local, tmp_path):
 def test_activations_beyond_float16_fail_the_run_before_any_shard_is_committed(ray_local, tmp_path, capsys):
     """A residual stream of ~1e6 (LayerScale of 1e8 on random weights): float16 fails naming the store, hook
     point, samples and magnitude, with no shard written; bfloat16 holds it and its manifest's statistics are
-    those of the stored values."""
+    those of the stored values (that run without Ray: the same worker and manifest code as on the pool)."""
     massive = tiny_vit(name="test-vit-massive", init_values=1e8)
     config = {**cls_config(massive, str(tmp_path / "f16"), shapes(str(tmp_path / "shapes"), n=8), 4), "progress": False}
     (tmp_path / "extract.yaml").write_text(yaml.safe_dump(config))
@@ -303,9 +304,8 @@ def test_activations_beyond_float16_fail_the_run_before_any_shard_is_committed(r
     assert "bfloat16 holds them" in err
     assert not [f for f in files_under(uri) if f.endswith(".parquet") or "/_stats/" in f], "no shard committed"
 
-    summary = run_extract(ExtractConfig(**{**config, "dtype": "bfloat16", "output": str(tmp_path / "bf16")}))
-    assert summary.complete
-    uri = summary.stores[HOOKS[0]]
+    bf16 = ExtractConfig(**{**config, "dtype": "bfloat16", "output": str(tmp_path / "bf16")})
+    uri = extract_in_process(bf16)[HOOKS[0]]
     acts = store.read_acts(uri).astype(np.float64)
     assert np.isfinite(acts).all() and np.abs(acts).max() > 65504
     manifest, expected = store.read_manifest(uri), store.RunningStats.of(acts)
