@@ -30,9 +30,9 @@ def checkpoints(plan: ModelPlan) -> list[str]:
     return [storage.join(storage.absolute(t.output_uri), d.display_name()) for t in plan.trains for d in t.dictionaries]
 
 
-def dashboard_uri(plan: ModelPlan, root: str) -> str:
-    """The index of `plan`'s dashboard under the campaign's `root`."""
-    return storage.join(root, "dashboard", plan.name, "index.html")
+def dashboard_uri(plan: ModelPlan) -> str:
+    """The index of `plan`'s dashboard, under its root."""
+    return storage.join(plan.root, "dashboard", plan.name, "index.html")
 
 
 def finished(plan: ModelPlan, root: str, options: StorageOptions) -> dict[str, bool]:
@@ -45,7 +45,7 @@ def finished(plan: ModelPlan, root: str, options: StorageOptions) -> dict[str, b
         "extract": all(_exists(storage.join(s, "manifest.json"), options) for s in stores),
         "train": all(_exists(storage.join(u, "cfg.json"), options) for u in uris),
         "evaluate": all(result_key(u) in done for u in uris),
-        "dashboard": _exists(dashboard_uri(plan, root), options),
+        "dashboard": _exists(dashboard_uri(plan), options),
     }
 
 
