@@ -199,19 +199,22 @@ class Section:
 @dataclass
 class QuickstartSummary:
     """The quickstart's summary from its campaign's outputs: one section per sweep root, the line on the real part
-    when it did not run, seconds per stage (summed over the entries), and the entries that failed."""
+    when it did not run, seconds per stage (wall clock and the actors' CPU time, each summed over the entries, which
+    run side by side on the campaign's actors), the campaign's own seconds, and the entries that failed."""
 
     output: str
     sections: list[Section]
     seconds: dict[str, float]
     total: float = 0.0
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
     real_note: str = ""
     failed: list[str] = field(default_factory=list)
 
     def format(self) -> str:
         lines = [line for section in self.sections for line in section.format()]
         lines += [f"real part    {self.real_note}"] if self.real_note else []
-        stages = ", ".join(f"{stage} {s:.0f} s" for stage, s in self.seconds.items())
+        cpu = {stage: f" (cpu {s:.0f} s)" for stage, s in self.cpu_seconds.items()}
+        stages = ", ".join(f"{stage} {s:.0f} s{cpu.get(stage, '')}" for stage, s in self.seconds.items())
         lines.append(f"time         {self.total:.0f} s ({stages})")
         lines.append(f"output       {self.output}")
         lines += [f"failed       {line}" for line in self.failed]
@@ -237,7 +240,7 @@ def summarize(campaign: CampaignConfig, done: CampaignSummary, real_note: str = 
         plans = [plan_model(campaign, n) for n in names if n in outcomes and outcomes[n].reached in STAGES[2:]]
         if not plans:
             continue
-        rows = leaderboard_rows(ResultStore(plans[0].sweep.output, options).table().to_pylist())
+        rows = leaderboard_rows(ResultStore(plans[0].sweep.output, options).read_table().to_pylist())
         best = {r["checkpoint"]: r for r in rows}
         explained = [
             agreement_line(*explained_agreement(p.interpret_uri(), best[outcomes[p.label].best], options))
@@ -254,11 +257,13 @@ def summarize(campaign: CampaignConfig, done: CampaignSummary, real_note: str = 
             )
         )
     seconds = {stage: sum(o.seconds.get(stage, 0.0) for o in done.outcomes) for stage in STAGES}
+    cpu = {stage: sum(o.cpu_seconds.get(stage, 0.0) for o in done.outcomes) for stage in STAGES}
     return QuickstartSummary(
         output=campaign.uri(),
         sections=sections,
         seconds=seconds,
         total=done.seconds,
+        cpu_seconds=cpu,
         real_note=real_note,
         failed=[f"{o.model}: {o.error}" for o in done.failed],
     )

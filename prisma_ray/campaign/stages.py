@@ -131,12 +131,13 @@ def run_model(cfg: CampaignConfig, name: str, device: str = "cpu", threads: int 
                 if done[stage]:
                     outcome.skipped.append(stage)
                 else:
-                    start = time.perf_counter()
+                    start, cpu = time.perf_counter(), time.process_time()
                     if stage == "dashboard":
                         dashboard(cfg, plan, device, threads)
                     else:
                         {"extract": extract, "train": train, "evaluate": evaluate}[stage](cfg, plan)
                     outcome.seconds[stage] = round(time.perf_counter() - start, 2)
+                    outcome.cpu_seconds[stage] = round(time.process_time() - cpu, 2)
                     outcome.ran.append(stage)
                 outcome.reached = stage
             outcome.best = best_checkpoint(cfg, plan)

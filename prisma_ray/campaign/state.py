@@ -52,14 +52,16 @@ def finished(plan: ModelPlan, root: str, options: StorageOptions) -> dict[str, b
 @dataclass
 class Outcome:
     """What one model's run did: the last stage finished (`reached`, "" for none), the stages it ran this time
-    and skipped as finished, seconds per stage run, the process's peak resident memory while it ran (MiB; GPU:
-    peak allocated), the best checkpoint, and the error that stopped it ("" when none)."""
+    and skipped as finished, seconds per stage run (wall clock, and `cpu_seconds`: the actor process's CPU time,
+    all its threads, which other work on a shared machine inflates far less), the process's peak resident memory
+    while it ran (MiB; GPU: peak allocated), the best checkpoint, and the error that stopped it ("" when none)."""
 
     model: str
     reached: str = ""
     ran: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
     peak_mib: float = 0.0
     gpu_peak_mib: float = 0.0
     best: str = ""
@@ -77,6 +79,8 @@ def with_earlier_seconds(outcome: Outcome, earlier: Outcome | None) -> Outcome:
     if earlier is not None:
         kept = {stage: s for stage, s in earlier.seconds.items() if stage in outcome.skipped}
         outcome.seconds = {**kept, **outcome.seconds}
+        kept = {stage: s for stage, s in earlier.cpu_seconds.items() if stage in outcome.skipped}
+        outcome.cpu_seconds = {**kept, **outcome.cpu_seconds}
     return outcome
 
 

