@@ -74,7 +74,15 @@ class QuickstartConfig(CampaignConfig):
     @model_validator(mode="before")
     @classmethod
     def _over_shipped(cls, data: Any) -> Any:
-        return _merged(shipped_config(), data if data is not None else {})
+        """What is given merged over the shipped config; an entry set to null is left out (`--set
+        entries.prisma-toy-video-moving-shapes=null`), and so is a real entry."""
+        merged = _merged(shipped_config(), data if data is not None else {})
+        if isinstance(merged.get("entries"), dict):
+            dropped = {name for name, entry in merged["entries"].items() if entry is None}
+            merged["entries"] = {name: e for name, e in merged["entries"].items() if name not in dropped}
+            if isinstance(merged.get("real_entries"), list):
+                merged["real_entries"] = [name for name in merged["real_entries"] if name not in dropped]
+        return merged
 
     @model_validator(mode="after")
     def _known_real_entries(self) -> QuickstartConfig:

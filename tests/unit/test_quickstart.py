@@ -86,6 +86,8 @@ def test_set_and_output_merge_over_the_shipped_config():
     uris += [e.dataset.uri for n in campaign.names() for e in plan_model(campaign, n).extracts]
     assert all(u.startswith("s3://bucket/qs/") for u in uris)
     assert load_config(QuickstartConfig, None, ["real=null"]).real is None
+    small = load_config(QuickstartConfig, None, [f"entries.{VIDEO}=null", "entries.real-shapes=null"])
+    assert sorted(small.entries) == [VIT, "real"] and small.real_entries == ["real"]
     with pytest.raises(Exception, match=r"real_entries \['nope'\] are not entries"):
         load_config(QuickstartConfig, None, ["real_entries=[nope]"])
 
