@@ -133,9 +133,9 @@ def toy_runs(cfg: QuickstartConfig | None = None) -> list[QuickstartModel]:
         settings = cfg.entry(name)
         if not settings.model.startswith("prisma-toy-") or settings.data is None:
             continue
-        count = {s: getattr(getattr(settings.data, s).generator, "n_images", None) for s in ("train", "test")}
-        count = {s: n or getattr(settings.data, s).generator.n_clips for s, n in count.items()}
-        runs.append(QuickstartModel(name, settings.hooks[0], count["train"], count["test"], settings.epochs))
+        splits = (settings.data.train.generator, settings.data.test.generator)
+        train, test = (g.n_images if g.name == "shapes" else g.n_clips for g in splits)
+        runs.append(QuickstartModel(name, settings.hooks[0], train, test, settings.epochs))
     return runs
 
 
@@ -223,7 +223,7 @@ class QuickstartSummary:
         lines += [f"real part    {self.real_note}"] if self.real_note else []
         cpu = {stage: f" (cpu {s:.0f} s)" for stage, s in self.cpu_seconds.items()}
         stages = ", ".join(f"{stage} {s:.0f} s{cpu.get(stage, '')}" for stage, s in self.seconds.items())
-        lines.append(f"time         {self.total:.0f} s ({stages})")
+        lines.append(f"time         {self.total:.0f} s in all; per stage, summed over the entries: {stages}")
         lines.append(f"output       {self.output}")
         lines += [f"failed       {line}" for line in self.failed]
         return "\n".join(lines)

@@ -142,7 +142,8 @@ def test_without_the_real_material_the_quickstart_says_how_to_install_it(monkeyp
     assert real_status(QuickstartConfig(real=None)) == (False, "off (real: null)")
     text = QuickstartSummary("/o", [], {"train": 1.0, "evaluate": 2.0}, 3.0, {"train": 0.6}, note).format()
     assert (
-        f"real part    {note}" in text.splitlines() and "time         3 s (train 1 s (cpu 1 s), evaluate 2 s)" in text
+        f"real part    {note}" in text.splitlines()
+        and ("time         3 s in all; per stage, summed over the entries: train 1 s (cpu 1 s), evaluate 2 s") in text
     )
 
 
