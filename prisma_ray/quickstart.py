@@ -67,7 +67,7 @@ class QuickstartConfig(CampaignConfig):
         "synthetic part only)",
     )
     real_entries: list[str] = Field(
-        default_factory=list,
+        default_factory=lambda: ["real", "real-shapes"],
         description="entries on the real material: their video and image folders get the packaged clips and photos",
     )
 
@@ -80,8 +80,11 @@ class QuickstartConfig(CampaignConfig):
         if isinstance(merged.get("entries"), dict):
             dropped = {name for name, entry in merged["entries"].items() if entry is None}
             merged["entries"] = {name: e for name, e in merged["entries"].items() if name not in dropped}
-            if isinstance(merged.get("real_entries"), list):
-                merged["real_entries"] = [name for name in merged["real_entries"] if name not in dropped]
+            real_entries = merged.get(
+                "real_entries", cls.model_fields["real_entries"].get_default(call_default_factory=True)
+            )
+            if isinstance(real_entries, list):
+                merged["real_entries"] = [name for name in real_entries if name not in dropped]
         return merged
 
     @model_validator(mode="after")

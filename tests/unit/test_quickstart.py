@@ -67,6 +67,15 @@ def test_the_shipped_config_plans_every_model_dataset_hook_and_dictionary(campai
     assert campaign.root_models() == [VIDEO, VIT], "the real model stays out of the toy models' leaderboard"
 
 
+def test_the_shipped_config_is_a_campaign_config_too():
+    from prisma_ray.campaign.config import CampaignConfig
+    from prisma_ray.quickstart import shipped_config
+
+    assert sorted(CampaignConfig.model_validate(shipped_config()).names()) == sorted(
+        [VIT, VIDEO, "real", "real-shapes"]
+    )
+
+
 def test_the_toy_data_is_each_toy_models_own_distribution_and_the_test_split_an_unseen_seed(campaign):
     for run in toy_runs():
         spec = toy.SPECS[get_entry(run.name).architecture]
