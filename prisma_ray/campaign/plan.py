@@ -41,13 +41,17 @@ def hooks_of(cfg: CampaignConfig, entry: ModelEntry) -> list[str]:
 
 def sized(spec: DatasetSpec, entry: ModelEntry) -> DatasetSpec:
     """Synthetic `spec` generated at `entry`'s input size with one ground-truth cell per patch, under its own URI
-    (`<uri>-<size>px-<patch>`)."""
+    (`<uri>-<size>px-<patch>`); clips of a video model get at least the frames one sample takes
+    (`<uri>-<size>px-<patch>-<frames>f`: TimeSformer-L samples 96 frames, V-JEPA 2 64)."""
     assert isinstance(spec, SyntheticSource)
     grid = entry.image_size // entry.patch_size
-    generator = spec.generator.model_copy(update={"image_size": entry.image_size, "patch_grid": (grid, grid)})
-    return spec.model_copy(
-        update={"uri": f"{spec.uri}-{entry.image_size}px-{entry.patch_size}", "generator": generator}
-    )
+    update: dict = {"image_size": entry.image_size, "patch_grid": (grid, grid)}
+    uri = f"{spec.uri}-{entry.image_size}px-{entry.patch_size}"
+    frames = getattr(spec.generator, "num_frames", None)
+    if frames is not None and entry.frames and entry.frames > frames:
+        update["num_frames"] = entry.frames
+        uri += f"-{entry.frames}f"
+    return spec.model_copy(update={"uri": uri, "generator": spec.generator.model_copy(update=update)})
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import pyarrow as pa
 
 from .. import store
-from ..data.errors import read_errors_table
+from ..data.errors import errors_uri, read_errors_table
+from ..errors import InvalidRequest
 from ..models.token_selection import tokens_per_sample
 from ..runtime.devices import placement_line
 from ..runtime.pool import PoolSize, PoolStats, cluster_resources, size_pool, stream_shards
@@ -146,6 +149,9 @@ def finalize_stores(plan: ExtractPlan) -> bool:
         if writer.remove_temporaries():
             log.info("%s: removed temporary files left by an interrupted run", writer.uri)
         stats = writer.merged_stats(done, plan.widths[hook])
+        errors = read_errors_table(writer.uri, plan.options)
+        if not stats.count:
+            raise InvalidRequest(no_tokens_message(writer.uri, plan.spec.uri, errors))
         writer.write_manifest(
             store.Manifest(
                 model=plan.entry.name,
@@ -165,7 +171,7 @@ def finalize_stores(plan: ExtractPlan) -> bool:
                 config_hash=plan.hashes[hook],
                 n_samples=_count_samples(plan, writer, stats.count),
                 n_tokens=stats.count,
-                n_errors=read_errors_table(writer.uri, plan.options).num_rows,
+                n_errors=errors.num_rows,
                 shards=[store.shard_name(i) for i in sorted(done)],
                 mean=stats.mean.tolist(),
                 std=np.sqrt(stats.var).tolist(),
@@ -173,6 +179,20 @@ def finalize_stores(plan: ExtractPlan) -> bool:
             )
         )
     return complete
+
+
+def no_tokens_message(store_uri: str, dataset_uri: str, errors: pa.Table) -> str:
+    """Why a complete store holds no token: every sample rejected (the commonest reasons, one example each, from
+    its `_errors` table) or an empty dataset. No manifest is written for it, so nothing downstream reads it."""
+    if not errors.num_rows:
+        return f"{store_uri}: no token extracted: the dataset {dataset_uri} gave no sample"
+    reasons = Counter(errors.column("reason").to_pylist())
+    example = dict(zip(errors.column("reason").to_pylist(), errors.column("detail").to_pylist()))
+    why = "; ".join(f"{n} {reason} (e.g. {example[reason]})" for reason, n in reasons.most_common(3))
+    return (
+        f"{store_uri}: every sample of {dataset_uri} was rejected ({errors.num_rows}: {why}); "
+        f"the rejections are in {errors_uri(store_uri)}"
+    )
 
 
 def _layout_description(plan: ExtractPlan) -> dict:

@@ -284,3 +284,21 @@ def test_only_data_that_two_models_share_is_generated_before_the_actors_start(tm
     assert prepare_data(cfg, cfg.names()) == (["a", "b", TOY], {})
     assert (tmp_path / "shared-train").is_dir() and (tmp_path / "shared-test").is_dir()
     assert not (tmp_path / "own-train").exists() and not (tmp_path / "own-test").exists()
+
+
+@pytest.mark.parametrize(
+    "name, frames, suffix",
+    [
+        ("hf-timesformer-large-finetuned-k400", 96, "-224px-16-96f"),  # samples 96 frames: clips of 96
+        ("hf-videomae-base", 16, "-224px-16"),  # 16 frames, the generator's default: the URI is unchanged
+    ],
+)
+def test_model_sized_clips_hold_the_frames_one_sample_takes(name, frames, suffix):
+    """The registry campaign gave TimeSformer-L 16-frame clips, every one rejected as too short."""
+    from prisma_ray.campaign.plan import sized
+    from prisma_ray.data.sources import SyntheticSource
+
+    spec = SyntheticSource(type="synthetic", uri="/d/moving", generator={"name": "moving-shapes", "n_clips": 1})
+    out = sized(spec, get_entry(name))
+    assert out.uri == "/d/moving" + suffix and out.generator.num_frames == frames
+    assert out.generator.image_size == 224 and out.generator.patch_grid == (14, 14)

@@ -316,3 +316,34 @@ def test_head_must_exist_and_needs_a_per_head_point():
         check_hooks(model, HEAD_HOOKS, head=2)
     with pytest.raises(InvalidRequest, match="per-head hook points"):
         check_hooks(model, HOOKS, head=0)
+
+
+def test_every_sample_rejected_fails_the_run_naming_why_and_keeps_the_rejections(tmp_path):
+    """Clips shorter than the model's frames (the registry campaign gave TimeSformer-L, which samples 96 frames,
+    16-frame clips): the run fails naming the store, the reason and an example, writes no manifest (nothing
+    downstream reads an empty store) and keeps the `_errors` table; it used to finish with an empty store and
+    fail at training with "no rows matched across the stores"."""
+    from prisma_ray.extract.pipeline import run_extract
+    from prisma_ray.runtime import pool
+    from tests.tiny_models import tiny_videomae
+
+    cfg = ExtractConfig(
+        model=tiny_videomae("test-videomae-short", "VideoMAEModel", use_mean_pooling=False),
+        hooks=["blocks.0.hook_resid_post"],
+        output=str(tmp_path / "out"),
+        shard_size=2,
+        dataset=dict(
+            type="synthetic",
+            uri=str(tmp_path / "clips"),
+            generator=dict(name="moving-shapes", n_clips=2, image_size=32, num_frames=2),
+        ),
+        progress=False,
+    )
+    with pool.inline({"CPU": 1.0}), pytest.raises(InvalidRequest) as caught:
+        run_extract(cfg)
+    uri = str(tmp_path / "out" / "test-videomae-short" / "blocks.0.hook_resid_post" / "train")
+    message = str(caught.value)
+    assert message.startswith(f"{uri}: every sample of {tmp_path / 'clips'} was rejected (2: 2 too_short")
+    assert "sampling needs 4" in message and f"{uri}/_errors" in message
+    assert not (Path(uri) / "manifest.json").exists()
+    assert read_errors_table(uri).column("reason").to_pylist() == ["too_short", "too_short"]
