@@ -315,7 +315,7 @@ COMMANDS: tuple[Command, ...] = (
         epilog="example: prisma-ray campaign jobs/campaign.yaml --set output=s3://bucket/campaign "
         "--set resources.actors=4",
         config=".campaign.config:CampaignConfig",
-        config_help="YAML CampaignConfig (`models` is required)",
+        config_help="YAML CampaignConfig (`models` or `entries` is required)",
         run=_summary(".campaign.run", "run_campaign"),
     ),
     Command(
