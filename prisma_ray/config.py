@@ -104,7 +104,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
 
 def _source(path: Path | None, overrides: list[str] | None, exc: ValidationError) -> str:
     """Where the invalid values came from: the `--set` overrides whose keys the errors name, else the file."""
-    keys = {".".join(str(part) for part in error["loc"]) for error in exc.errors()}
+    keys = {".".join(str(part) for part in error["loc"]) for error in _user_errors(exc)}
     blamed = [a for a in overrides or [] if "=" in a and any(_covers(a.split("=", 1)[0].strip(), k) for k in keys)]
     if blamed:
         return "--set " + ", --set ".join(blamed)
@@ -116,11 +116,41 @@ def _covers(set_key: str, error_key: str) -> bool:
     return error_key == set_key or error_key.startswith(set_key + ".") or set_key.startswith(error_key + ".")
 
 
+def _union_tag(part: Any) -> bool:
+    """Whether a part of an error's location is pydantic's name of a union member (`list[SteerSpec]`,
+    `function-after[_one_rule(), SteerSpec]`), not a key a user wrote."""
+    return isinstance(part, str) and "[" in part
+
+
+def _user_errors(exc: ValidationError) -> list[dict[str, Any]]:
+    """`exc`'s errors without the union members whose only complaint is the input's type (`steer: Input should be
+    a valid list` beside the member the input was meant for), unless no member of that union says more; the union
+    members' names left out of each location."""
+    errors = exc.errors()
+    branches: dict[tuple, dict[str, bool]] = {}  # per union: member -> whether it only rejects the input's type
+    for error in errors:
+        loc = error["loc"]
+        at = next((i for i, part in enumerate(loc) if _union_tag(part)), None)
+        if at is not None:
+            member = branches.setdefault(tuple(loc[:at]), {})
+            member[loc[at]] = member.get(loc[at], True) and error["type"].endswith("_type")
+    kept = []
+    for error in errors:
+        loc = error["loc"]
+        at = next((i for i, part in enumerate(loc) if _union_tag(part)), None)
+        members = branches.get(tuple(loc[:at])) if at is not None else None
+        if members and members[loc[at]] and not all(members.values()):
+            continue
+        kept.append({**error, "loc": tuple(part for part in loc if not _union_tag(part))})
+    return kept
+
+
 def describe_errors(cls: type[BaseModel], exc: ValidationError) -> str:
     """The validation errors of `cls` on one line: `dotted.key: what is wrong (got VALUE)`, joined by `; `;
-    an unknown key names the closest known ones."""
+    an unknown key names the closest known ones; a union field's members that only reject the input's type are
+    left out where another member says what is wrong."""
     parts: list[str] = []
-    for error in exc.errors():
+    for error in _user_errors(exc):
         key = ".".join(str(part) for part in error["loc"]) or "(top level)"
         if error["type"] == "extra_forbidden":
             message = "unknown key" + _suggest(cls, error["loc"])

@@ -132,6 +132,13 @@ class CampaignResources(BaseModel):
         "auto", description="cpu, cuda (one GPU per actor) or auto (cuda where the cluster has GPUs)"
     )
     torch_threads: int | None = Field(None, ge=1, description="torch threads per actor (default: CPUs / actors)")
+    retries: int = Field(
+        0,
+        ge=0,
+        description="times a model whose actor died (out of memory, a lost node) is run again on a fresh actor "
+        "before it is recorded as failed in campaign.json (0: recorded at once, the campaign goes on; a rerun "
+        "resumes it from its finished stages)",
+    )
 
 
 class CampaignConfig(BaseModel):

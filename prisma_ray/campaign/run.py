@@ -2,13 +2,15 @@
 
 selected models --plan (driver: each model's data generated once)--> a pool of long-lived `ModelRunner`
 actors (`runtime.pool.run_pool`; one GPU each where there are GPUs, <= 1 CPU each), each running every
-stage of one model after another --> `campaign.json` (each model's outcome, written as it arrives)
+stage of one model after another --> `campaign.json` (each model's outcome, written as it arrives; a model whose
+actor died, e.g. out of memory, is recorded as failed and a fresh actor takes the next: `resources.retries`)
 --> the sweep over every model's dictionaries: one leaderboard across models (nothing evaluated twice)
 --> its cross-model page (the sweep writes it for two models or more)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -19,12 +21,12 @@ from ..errors import PrismaRayError
 from ..evaluate.discovery import find_checkpoints
 from ..evaluate.sweep import run_sweep
 from ..runtime.devices import placement_line
-from ..runtime.pool import Resources, cluster_resources, run_pool, size_pool
+from ..runtime.pool import Resources, cluster_resources, loss_cause, run_pool, size_pool
 from ..runtime.session import ensure_ray
 from .config import CampaignConfig
 from .plan import plan_campaign, plan_model, sweep_config
 from .stages import ModelRunner
-from .state import STAGES, Outcome, outcome_table, read_status, with_earlier_seconds, write_status
+from .state import STAGES, Outcome, lost_outcome, outcome_table, read_status, with_earlier_seconds, write_status
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +109,12 @@ def run_campaign(cfg: CampaignConfig) -> CampaignSummary:
     status.update(outcomes)
     write_status(cfg.uri(), status, options)
     kwargs = {"cfg": cfg.model_dump(mode="json"), "device": size.device, "threads": size.torch_threads}
-    for result in run_pool(names, ModelRunner, kwargs, size, method="run"):
+
+    def lost(name: str, exc: Exception) -> dict:  # its actor died (out of memory, node lost): this model failed
+        return dataclasses.asdict(lost_outcome(plan_model(cfg, name), cfg.uri(), options, loss_cause(exc)))
+
+    results = run_pool(names, ModelRunner, kwargs, size, method="run", retries=res.retries, on_lost=lost)
+    for result in results:
         outcome = with_earlier_seconds(Outcome(**result), status.get(result["model"]))
         outcomes[outcome.model] = status[outcome.model] = outcome
         log.info("%s: %s", outcome.model, outcome.error or f"done ({', '.join(outcome.ran) or 'nothing to run'})")

@@ -1,6 +1,7 @@
 """One model's stages, in the calling process (no Ray of its own): what a campaign actor runs for each model in
 turn. Each stage is the library's own job run with `runtime.pool.inline` (its pool's worker runs here, so the
-actor's start-up is paid once per actor, not once per stage and model); finished stages are skipped
+actor's start-up is paid once per actor, not once per stage and model) and `models.reuse.reuse_models` (the model
+is built once for all of its stages, and dropped before the next model's); finished stages are skipped
 (`state.finished`); an error stops this model only and is recorded in its `Outcome`.
 
     extract (train + test split, every hook point) -> train (the dictionary grid per hook point, Ray Train's
@@ -26,6 +27,7 @@ from ..extract.pipeline import run_extract
 from ..interpret.dashboard import write_dashboard
 from ..interpret.pipeline import run_interpret
 from ..interpret.results import read_results
+from ..models.reuse import reuse_models
 from ..runtime.pool import inline
 from ..train.job import run_training
 from .config import CampaignConfig
@@ -123,7 +125,7 @@ def run_model(cfg: CampaignConfig, name: str, device: str = "cpu", threads: int 
     did. Any error stops this model and is returned in the outcome (`error`: its type and first line)."""
     outcome, options = Outcome(model=name), cfg.storage.resolved()
     resources = {"CPU": INLINE_CPUS, "GPU": 1.0 if device == "cuda" else 0.0}
-    with MemoryPeak() as peak, inline(resources):
+    with MemoryPeak() as peak, inline(resources), reuse_models():
         try:
             plan = plan_model(cfg, name, device, threads)
             done = finished(plan, cfg.uri(), options)

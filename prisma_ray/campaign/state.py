@@ -100,6 +100,23 @@ def write_status(root: str, outcomes: dict[str, Outcome], options: StorageOption
     return uri
 
 
+def lost_outcome(plan: ModelPlan, root: str, options: StorageOptions, cause: str) -> Outcome:
+    """The outcome of `plan`'s model whose actor died (`cause`: why, in words, e.g. `runtime.pool.loss_cause`): the
+    last stage finished (`reached`) and the stage it died in, read from what the stages wrote (`finished`)."""
+    done = finished(plan, root, options)
+    reached = ""
+    for stage in STAGES:
+        if not done[stage]:
+            break
+        reached = stage
+    during = next((f"during {s}" for s in STAGES if not done[s]), "after its last stage")
+    error = (
+        f"ActorDied: the actor running {plan.name} died {during}: {cause}; the campaign went on with a fresh actor "
+        "(a rerun resumes this model; give each actor more memory, or fewer actors per node, if it runs out again)"
+    )
+    return Outcome(model=plan.label, reached=reached, error=error)  # the entry's name, as `run_model` records it
+
+
 def outcome_table(outcomes: list[Outcome]) -> list[str]:
     """One line per model: name, stage reached, stages run this time, seconds, peak memory (MiB: the actor's
     resident memory, or the GPU memory allocated where larger) and error; the header first."""

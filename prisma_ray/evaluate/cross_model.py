@@ -30,7 +30,7 @@ activations; `evaluate.cross_page` reads them and writes the page.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import combinations
 from typing import Any
 
@@ -131,6 +131,43 @@ def comparable_pairs(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], d
         key = max(sorted(shared, key=repr), key=lambda k: score(best[a][k]) + score(best[b][k]))
         pairs.append((best[a][key], best[b][key]))
     return pairs
+
+
+def pair_order(pairs: Sequence[tuple[str, str]], nbytes: Mapping[str, int], budget: int) -> list[tuple[str, int | str]]:
+    """The order to compare `pairs` (of checkpoint URIs) in, holding at most `budget` bytes of what they need at once.
+
+    Steps: `("pair", i)` compares `pairs[i]` (both of its checkpoints' data loaded, if not held already) and
+    `("release", uri)` drops what `uri` held. `nbytes[uri]`: what one checkpoint holds while loaded (an estimate).
+    A block-nested loop: checkpoints in order of first appearance are held in blocks that leave room for the
+    largest one beside them; the pairs within a block are compared, then every later checkpoint paired with the
+    block is loaded in turn, compared with it and released. So at most one block and one more checkpoint are held
+    (at least one checkpoint per block, whatever the budget); each checkpoint is loaded once per earlier block it
+    is paired with (all pairs in one block where everything fits). Every pair is compared once.
+    """
+    order = list(dict.fromkeys(uri for pair in pairs for uri in pair))
+    of: dict[str, list[int]] = {uri: [] for uri in order}
+    for i, (a, b) in enumerate(pairs):
+        of[a].append(i)
+        of[b].append(i)
+    largest = max((nbytes[u] for u in order), default=0)
+    todo, steps, start = set(range(len(pairs))), [], 0
+    while start < len(order):
+        end, used = start + 1, nbytes[order[start]]
+        while end < len(order) and used + nbytes[order[end]] + largest <= budget:
+            used += nbytes[order[end]]
+            end += 1
+        block = set(order[start:end])
+        within = sorted(i for u in block for i in of[u] if i in todo and set(pairs[i]) <= block)
+        steps += [("pair", i) for i in dict.fromkeys(within)]
+        todo -= set(within)
+        for uri in order[end:]:
+            mine = [i for i in of[uri] if i in todo and (set(pairs[i]) - {uri}) <= block]
+            if mine:
+                steps += [("pair", i) for i in mine] + [("release", uri)]
+                todo -= set(mine)
+        steps += [("release", uri) for uri in order[start:end]]
+        start = end
+    return steps
 
 
 def decoder_alignment(W_dec_a: np.ndarray, W_dec_b: np.ndarray, threshold: float = STABILITY_THRESHOLD) -> dict:

@@ -12,6 +12,9 @@ Co-firing inputs: the first `images` complete images of each (model, hook)'s hel
 register tokens differ between models), every latent mean-pooled over an image's patch tokens; two
 dictionaries are compared on the images both stores hold (same `sample_id` and frame, stores extracted from
 one dataset: same dataset URI). A pair with fewer than `min_images` shared images gets a note instead of a figure.
+
+Memory is bounded whatever the number of models: at most `MEMORY_BUDGET` bytes of decoders and pooled latents are
+held at once (estimated from each dictionary's width), the pairs compared block by block (`cross_model.pair_order`).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from .cross_model import (
     groups_of,
     image_means,
     leaderboard_across_models,
+    pair_order,
     shared_images,
 )
 from .heldout import StoreSource, read_held_out
@@ -55,6 +59,9 @@ log = logging.getLogger(__name__)
 
 IMAGES = 256
 MIN_IMAGES = 16
+# The most bytes of decoders and pooled latents the page holds at once (`pair_rows`): e.g. 20 dictionaries of
+# 16,384 latents on 1,024-wide models (64 MiB decoder + 16 MiB pooled each) in one block, more in several passes
+MEMORY_BUDGET = 2 * 2**30
 PAIR_COLUMNS = [
     "model_a",
     "hook_a",
@@ -88,7 +95,8 @@ def sweep_models(table: pa.Table) -> list[str]:
 
 
 class _Latents:
-    """Per checkpoint, once: its decoder and its latents mean-pooled per held-out image (or why not)."""
+    """Per checkpoint, while held (until `release`): its decoder and its latents mean-pooled per held-out image (or
+    why not)."""
 
     def __init__(self, evaluation: EvalConfig, images: int):
         self.evaluation = evaluation
@@ -96,6 +104,11 @@ class _Latents:
         self.images = images
         self._decoders: dict[str, np.ndarray | str] = {}
         self._pooled: dict[str, tuple[list[tuple], np.ndarray] | str] = {}
+
+    def release(self, uri: str) -> None:
+        """Drop what `uri` holds (its decoder and pooled latents; read again if asked again)."""
+        self._decoders.pop(uri, None)
+        self._pooled.pop(uri, None)
 
     def decoder(self, uri: str) -> np.ndarray | str:
         if uri not in self._decoders:
@@ -133,49 +146,78 @@ class _Latents:
         return keys, image_means(index, len(images), held.x, d.encode, self.evaluation.batch_size)
 
 
+def held_bytes(row: dict[str, Any], images: int) -> int | None:
+    """What a checkpoint holds while compared (bytes, estimated from its metrics row): its float32 decoder
+    `[d_sae, d_in]` and its latents pooled per image `[images, d_sae]`; None where the row lacks a width."""
+    d_sae, d_in = row.get("d_sae"), row.get("d_in")
+    return 4 * int(d_sae) * (int(d_in) + images) if d_sae and d_in else None
+
+
 def pair_rows(
     rows: list[dict[str, Any]],
     latents: _Latents,
     min_images: int = MIN_IMAGES,
     threshold: float = STABILITY_THRESHOLD,
     cofire_threshold: float = COFIRE_THRESHOLD,
+    budget: int | None = None,
 ) -> list[dict[str, Any]]:
     """One row per `comparable_pairs` pair: decoder alignment where the decoders have one shape, co-firing where
-    both have enough shared images; `note` says what was not measured and why."""
-    out = []
-    for a, b in comparable_pairs(rows):
-        row: dict[str, Any] = {
-            **{f"{key}_{side}": r.get(key) for side, r in (("a", a), ("b", b)) for key in ("model", "hook")},
-            "architecture": a["architecture"],
-            "k": a.get("k"),
-            **{f"{key}_{side}": r.get(key) for side, r in (("a", a), ("b", b)) for key in ("d_in", "d_sae")},
-            "checkpoint_a": a["checkpoint"],
-            "checkpoint_b": b["checkpoint"],
-        }
-        notes = []
-        wa, wb = latents.decoder(a["checkpoint"]), latents.decoder(b["checkpoint"])
-        if isinstance(wa, str) or isinstance(wb, str):
-            notes.append(f"decoder unreadable ({wa if isinstance(wa, str) else wb})")
-        elif wa.shape != wb.shape:
-            notes.append(f"decoders {list(wa.shape)} and {list(wb.shape)} differ: no decoder alignment")
+    both have enough shared images; `note` says what was not measured and why. At most `budget` bytes (default
+    `MEMORY_BUDGET`) of decoders and pooled latents are held at once (`cross_model.pair_order`; a checkpoint whose
+    row gives no width counts as the whole budget), whatever the number of models."""
+    budget = MEMORY_BUDGET if budget is None else budget
+    pairs = comparable_pairs(rows)
+    uris = [(a["checkpoint"], b["checkpoint"]) for a, b in pairs]
+    sizes = {r["checkpoint"]: held_bytes(r, latents.images) or budget for pair in pairs for r in pair}
+    out: list[dict[str, Any]] = [{} for _ in pairs]
+    for step, what in pair_order(uris, sizes, budget):
+        if step == "release":
+            latents.release(what)
         else:
-            row.update(decoder_alignment(wa, wb, threshold))
-        pooled_a, pooled_b = latents.pooled(a["checkpoint"]), latents.pooled(b["checkpoint"])
-        if isinstance(pooled_a, str) or isinstance(pooled_b, str):
-            notes.append(f"no co-firing ({pooled_a if isinstance(pooled_a, str) else pooled_b})")
-        else:
-            xa, xb = shared_images(pooled_a, pooled_b)
-            row["images"] = len(xa)
-            if len(xa) < min_images:
-                notes.append(f"{len(xa)} shared held-out images (< {min_images}): no co-firing")
-            else:
-                try:
-                    row.update(cofiring(xa, xb, cofire_threshold))
-                except PrismaRayError as exc:
-                    notes.append(str(exc))
-        row["note"] = "; ".join(notes)
-        out.append(row)
+            out[what] = _pair_row(*pairs[what], latents, min_images, threshold, cofire_threshold)
     return out
+
+
+def _pair_row(
+    a: dict[str, Any],
+    b: dict[str, Any],
+    latents: _Latents,
+    min_images: int,
+    threshold: float,
+    cofire_threshold: float,
+) -> dict[str, Any]:
+    """The row of one pair of checkpoints' metrics rows (see `pair_rows`)."""
+    row: dict[str, Any] = {
+        **{f"{key}_{side}": r.get(key) for side, r in (("a", a), ("b", b)) for key in ("model", "hook")},
+        "architecture": a["architecture"],
+        "k": a.get("k"),
+        **{f"{key}_{side}": r.get(key) for side, r in (("a", a), ("b", b)) for key in ("d_in", "d_sae")},
+        "checkpoint_a": a["checkpoint"],
+        "checkpoint_b": b["checkpoint"],
+    }
+    notes = []
+    wa, wb = latents.decoder(a["checkpoint"]), latents.decoder(b["checkpoint"])
+    if isinstance(wa, str) or isinstance(wb, str):
+        notes.append(f"decoder unreadable ({wa if isinstance(wa, str) else wb})")
+    elif wa.shape != wb.shape:
+        notes.append(f"decoders {list(wa.shape)} and {list(wb.shape)} differ: no decoder alignment")
+    else:
+        row.update(decoder_alignment(wa, wb, threshold))
+    pooled_a, pooled_b = latents.pooled(a["checkpoint"]), latents.pooled(b["checkpoint"])
+    if isinstance(pooled_a, str) or isinstance(pooled_b, str):
+        notes.append(f"no co-firing ({pooled_a if isinstance(pooled_a, str) else pooled_b})")
+    else:
+        xa, xb = shared_images(pooled_a, pooled_b)
+        row["images"] = len(xa)
+        if len(xa) < min_images:
+            notes.append(f"{len(xa)} shared held-out images (< {min_images}): no co-firing")
+        else:
+            try:
+                row.update(cofiring(xa, xb, cofire_threshold))
+            except PrismaRayError as exc:
+                notes.append(str(exc))
+    row["note"] = "; ".join(notes)
+    return row
 
 
 def fronts_png(table: pa.Table) -> bytes:

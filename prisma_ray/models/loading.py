@@ -14,6 +14,7 @@ from prisma_ray.errors import InvalidRequest
 from .hook_points import HEAD_SITES
 from .hooked import HookedVisionModel
 from .registry import ModelEntry, get_entry
+from .reuse import cached, device_key
 from .sites import ModelSites
 from .spec import ModelDType
 from .weights import WeightsRef, load_weights, read_weights
@@ -65,10 +66,29 @@ def load_model(
     architecture is built without downloading and every parameter comes from the file, strictly (see
     `prisma_ray.models.weights`; a mismatch raises `InvalidRequest` listing the keys). The model is built on
     the CPU, then moved to `device` and cast to `dtype` (floating-point parameters and buffers) when given; on
-    `device="meta"` it is built without allocating memory (see `describe_model`). An unknown name raises
-    `UnknownModel`.
+    `device="meta"` it is built without allocating memory (see `describe_model`). Within
+    `models.reuse.reuse_models` the same arguments give the same model object, built once (a campaign actor's
+    stages of one model). An unknown name raises `UnknownModel`.
     """
     entry = resolve_entry(model)
+    meta = device is not None and torch.device(device).type == "meta"
+    if not meta:
+        ref = (weights.uri, weights.sha256) if isinstance(weights, WeightsRef) else weights
+        key = (entry.model_dump_json(), pretrained and weights is None, ref, seed, device_key(device), str(dtype))
+        return cached(key, lambda: _build(entry, pretrained, weights, storage, seed, device, dtype))
+    return _build(entry, pretrained, weights, storage, seed, device, dtype)
+
+
+def _build(
+    entry: ModelEntry,
+    pretrained: bool,
+    weights: str | WeightsRef | None,
+    storage: StorageOptions | None,
+    seed: int,
+    device: str | torch.device | None,
+    dtype: torch.dtype | None,
+) -> HookedVisionModel:
+    """`load_model`'s build, every time."""
     meta = device is not None and torch.device(device).type == "meta"
     tensors = None if weights is None or meta else read_weights(weights, storage)
     with torch.random.fork_rng(devices=[]), torch.device("meta") if meta else nullcontext():

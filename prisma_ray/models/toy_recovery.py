@@ -23,8 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..data.synthetic import ShapesConfig, render_moving_shapes, render_shapes, unambiguous_cells
 from ..errors import InvalidRequest
 from ..evaluate.ground_truth import factor_recovery
-from ..sae import DictionaryConfig, Site, Sites, Trainer
-from ..sae.trainer import Normalization, SiteStats
+from ..sae import DictionaryConfig
+from ..sae.fit import fit_dictionaries
 from .spec import TokenLayout
 from .toy import ToySpec
 from .toy_training import to_input, token_cells
@@ -88,18 +88,14 @@ def hook_tokens(model, pixels: np.ndarray, hook: str, batch_size: int = 128) -> 
 
 
 def train_topk(tokens: torch.Tensor, cfg: RecoveryConfig, name: str = ""):
-    """A TopK SAE (`cfg.k`, `cfg.expansion_factor`) trained by `sae.Trainer` on `tokens` (`[N, d]`), inputs
-    centred and scaled (`center_scale`, as the training job does); returns the dictionary in eval mode."""
-    d = tokens.shape[-1]
-    sites = Sites(inputs=(Site(name=cfg.hook, width=d, model=name),))
-    norm = Normalization.from_stats([SiteStats.of(tokens)], None, "center_scale")
+    """A TopK SAE (`cfg.k`, `cfg.expansion_factor`) trained on `tokens` (`[N, d]`) for `cfg.steps` steps as the
+    training job trains it (`sae.fit.fit_dictionaries`: `center_scale`, first-batch initialisation, a seeded row
+    order); returns the dictionary in eval mode."""
     dictionary = DictionaryConfig(architecture="topk", k=cfg.k, expansion_factor=cfg.expansion_factor, lr=cfg.lr)
-    trainer = Trainer([dictionary], sites, cfg.steps, norm)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    trainer.initialize(tokens[torch.randperm(len(tokens), generator=gen)[: 4 * cfg.batch_size]])  # host: CPU check
-    for _ in range(cfg.steps):
-        trainer.train_step(tokens[torch.randint(len(tokens), (cfg.batch_size,), generator=gen)])  # host: as above
-    return trainer.first.eval()
+    fitted = fit_dictionaries(
+        tokens, [dictionary], steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed, site=cfg.hook, model=name
+    )
+    return next(iter(fitted.values()))
 
 
 def summarize(result: dict, factors: list[str]) -> dict:

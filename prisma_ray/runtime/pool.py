@@ -32,6 +32,7 @@ import itertools
 import json
 import logging
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -239,13 +240,42 @@ class PoolStats:
 
 
 def _lost(exc: Exception) -> bool:
-    """Whether a call failed because Ray lost what ran it (its actor, its node, its read task's result), not
-    because the worker raised."""
+    """Whether a call failed because Ray lost what ran it (its actor, its node, its read task's result; a process
+    killed out of memory), not because the worker raised."""
     if isinstance(exc, ray.exceptions.RayActorError):
         return not exc.actor_init_failed
     return isinstance(
-        exc, (ray.exceptions.ObjectLostError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError)
+        exc,
+        (
+            ray.exceptions.ObjectLostError,
+            ray.exceptions.WorkerCrashedError,
+            ray.exceptions.NodeDiedError,
+            ray.exceptions.OutOfMemoryError,
+        ),
     )
+
+
+# What Ray 2.60 says of a process it killed for memory (its memory monitor), and of one that died otherwise (the
+# raylet's "Some common causes include: (1) the process was killed by the OOM killer due to high memory usage")
+_MONITOR_KILL = re.compile(r"memory pressure|running low on memory|OOM kill reason", re.IGNORECASE)
+_OOM_KILLER = re.compile(r"OOM killer", re.IGNORECASE)
+
+
+def loss_cause(exc: Exception) -> str:
+    """Why Ray lost a call, in words, from the error Ray raised: out of memory where Ray says so (its memory monitor
+    killed the process), likely out of memory where Ray names the kernel's OOM killer as the common cause of a
+    process that died (Ray cannot tell it from a crash: `os._exit`, SIGSEGV, SIGKILL read the same), a lost node,
+    or a worker crash."""
+    text = str(exc)
+    if isinstance(exc, ray.exceptions.OutOfMemoryError) or _MONITOR_KILL.search(text):
+        return "out of memory (Ray's memory monitor killed its process)"
+    if isinstance(exc, ray.exceptions.NodeDiedError) or getattr(exc, "preempted", False):
+        return "its node was lost (preempted or down)"
+    if _OOM_KILLER.search(text):
+        return (
+            "its process died, likely out of memory (Ray names the kernel's OOM killer as the common cause) or crashed"
+        )
+    return f"its process died ({type(exc).__name__})"
 
 
 @dataclass
@@ -266,6 +296,8 @@ def run_pool(
     read: Callable[..., Any] | None = None,
     read_kwargs: dict[str, Any] | None = None,
     stats: PoolStats | None = None,
+    retries: int = RESTARTS,
+    on_lost: Callable[[Any, Exception], Any] | None = None,
 ) -> Iterator[Any]:
     """Run `worker(**worker_kwargs).<method>(item)` for every item on `size.actors` actors and yield each
     result as it finishes (any order).
@@ -276,9 +308,13 @@ def run_pool(
     fails no new item is sent; the calls in flight are still yielded, then the first error is raised (a
     `PrismaRayError` a worker raised as itself, not wrapped in Ray's `RayTaskError`).
     A call whose actor, node or read result Ray lost (a spot node preempted, a process killed) is read
-    and sent again, at most `RESTARTS` times per item, so the worker's calls must be idempotent; a lost
+    and sent again, at most `retries` times per item, so the worker's calls must be idempotent; a lost
     actor is replaced where the cluster still holds it beside a read task (else the pool goes on with
-    fewer actors, never none). `stats` (if given) counts what was lost, replaced and retried.
+    fewer actors, never none). A call still lost after that stops the pool as a failed call does, or, with
+    `on_lost`, counts as that item's result: `on_lost(item, error)` is yielded and the pool goes on (a
+    campaign records the model as failed; `loss_cause` says why in words). Every call queued on an actor that
+    died is lost with it: with more than one call in flight per actor, `on_lost` may see an item that was
+    only waiting behind the one that killed it. `stats` (if given) counts what was lost, replaced and retried.
     The actors start with the first item and are killed when the iteration ends (also when the caller
     stops early); no items, no actors. Within `inline` one worker runs every item in this process, in order.
     """
@@ -360,14 +396,18 @@ def run_pool(
             try:
                 result = ray.get(done[0])
             except Exception as exc:  # noqa: BLE001 - re-raised once the calls in flight are yielded
-                if not _lost(exc) or call.attempt >= RESTARTS:
+                again = call.attempt < retries
+                if not _lost(exc) or not (again or on_lost is not None):
                     error = error or exc
                     continue
                 if isinstance(exc, ray.exceptions.RayActorError) and actors[call.slot] is call.actor:
                     lose(call.slot, exc)
-                stats.retried += 1
-                retry.append((call.item, call.attempt + 1))
-                continue
+                if again:
+                    stats.retried += 1
+                    retry.append((call.item, call.attempt + 1))
+                    continue
+                log.info("%s: %s lost %d time(s): %s", worker.__name__, call.item, call.attempt + 1, loss_cause(exc))
+                result = on_lost(call.item, exc)
             yield result
     finally:
         for actor in actors:

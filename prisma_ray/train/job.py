@@ -3,7 +3,7 @@
     stores --one read task per piece of a shard (`read_piece`), READ_AHEAD in flight per worker-->
     TorchTrainer workers (one GPU each and DDP over NCCL on cuda; DDP over gloo on CPU): batches in pinned
     host memory on cuda, Trainer.train_step per batch --> ray.train.report: metrics every `log_every` steps,
-    checkpoints every `checkpoint_every`
+    checkpoints every `checkpoint_every`; rank 0's progress line (step, loss, tokens/s, ETA) to the driver
 
 Where the run trains is `plan_placement`, a pure function of the config and the cluster's resources.
 
@@ -18,14 +18,17 @@ from that position, training exactly the rows an uninterrupted run would; a rela
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
 import logging
 import os
 import tempfile
+import threading
+import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -36,10 +39,12 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchConfig, TorchTrainer, get_device, prepare_model
+from ray.util.queue import Empty, Queue
 
 from prisma_ray.errors import InvalidRequest, PrismaRayError
 
 from .. import storage
+from ..runtime.console import train_progress_line
 from ..runtime.devices import local_device, placement_line
 from ..runtime.pool import Resources, cluster_resources, inlined, size_pool
 from ..runtime.session import ensure_ray
@@ -55,6 +60,7 @@ log = logging.getLogger(__name__)
 POSITION_FILE = "data_position.json"  # in every checkpoint: the rows not trained on yet (`DataPosition`)
 RESTARTS_FILE = "restarts.json"  # in every checkpoint: how often the run's workers started again from a checkpoint
 READ_AHEAD = 2  # pieces each worker has read (or reading) ahead of the one it trains on
+PROGRESS_METRICS = ("/loss", "/explained_variance", "/l0")  # each dictionary's metrics on the progress line
 
 
 class LoopSpec(BaseModel):
@@ -219,19 +225,6 @@ def run_training(cfg: TrainConfig) -> TrainSummary:
         autocast=placement.autocast,
     )
     fs, path = storage.resolve(storage.absolute(cfg.runs), cfg.storage)
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=spec.model_dump(mode="json"),
-        scaling_config=ScalingConfig(**placement.scaling),
-        torch_config=TorchConfig(backend=placement.backend),
-        run_config=RunConfig(
-            name=cfg.name,
-            storage_path=path,
-            storage_filesystem=fs,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-        ),
-    )
     log.info(
         "training %d dictionaries for %d steps of %d tokens on %s",
         len(cfg.dictionaries),
@@ -239,13 +232,27 @@ def run_training(cfg: TrainConfig) -> TrainSummary:
         cfg.batch_size,
         placement.line,
     )
-    try:
-        result = trainer.fit()
-    except TrainingFailedError as exc:
-        cause = user_error(exc)
-        if cause is None:
-            raise
-        raise cause from exc
+    with _progress(cfg.name, steps, cfg.batch_size, local=cfg.workers == 0) as progress:
+        trainer = TorchTrainer(
+            functools.partial(train_loop, progress=progress),
+            train_loop_config=spec.model_dump(mode="json"),
+            scaling_config=ScalingConfig(**placement.scaling),
+            torch_config=TorchConfig(backend=placement.backend),
+            run_config=RunConfig(
+                name=cfg.name,
+                storage_path=path,
+                storage_filesystem=fs,
+                failure_config=FailureConfig(max_failures=cfg.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            ),
+        )
+        try:
+            result = trainer.fit()
+        except TrainingFailedError as exc:
+            cause = user_error(exc)
+            if cause is None:
+                raise
+            raise cause from exc
     metrics = dict(result.metrics or {})
     return TrainSummary(
         name=cfg.name,
@@ -275,8 +282,46 @@ def user_error(exc: TrainingFailedError) -> PrismaRayError | None:
     return found[0] if found and all(found) else None
 
 
-def train_loop(config: dict[str, Any]) -> None:
-    """The function every Ray Train worker runs."""
+@contextlib.contextmanager
+def _progress(name: str, total: int, batch_size: int, local: bool) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """Within this block, where the rank-0 worker sends its progress (a dict of `train_loop`'s `_report`), printed
+    here as `console.train_progress_line`s. `local` (Ray Train's local mode: the loop runs in this process): the
+    lines are printed as sent. Else through a Ray queue (an actor of 0 CPUs) read by a thread of this process while
+    `fit` runs: Ray keeps its workers' own output in their log files (`runtime.console`), so the driver prints it."""
+
+    def show(record: dict[str, Any]) -> None:
+        log.info(train_progress_line(name, total, batch_size, **record))
+
+    if local:
+        yield show
+        return
+    queue = Queue(actor_options={"num_cpus": 0})
+    stop = threading.Event()
+
+    def follow() -> None:
+        while True:
+            try:
+                show(queue.get(timeout=0.5))
+            except Empty:
+                if stop.is_set():
+                    return
+            except Exception:  # noqa: BLE001 - the queue's actor or Ray gone: progress is not worth failing for
+                log.debug("training progress: the queue is gone", exc_info=True)
+                return
+
+    thread = threading.Thread(target=follow, name="train-progress", daemon=True)
+    thread.start()
+    try:
+        yield queue.put
+    finally:
+        stop.set()
+        thread.join()
+        queue.shutdown()
+
+
+def train_loop(config: dict[str, Any], progress: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """The function every Ray Train worker runs; rank 0 sends its progress to `progress` every report (see
+    `_progress`)."""
     spec = LoopSpec.model_validate(config)
     if spec.torch_threads:
         torch.set_num_threads(spec.torch_threads)
@@ -295,7 +340,14 @@ def train_loop(config: dict[str, Any]) -> None:
     schedule = Schedule(
         position=position, start=start, steps=spec.total_steps, batch_size=spec.worker_batch * world, world=world
     )
-    report = functools.partial(_report, trainer, spec, rank, schedule, restarts)
+    began = time.perf_counter()
+
+    def tell(metrics: dict[str, Any]) -> None:
+        if rank == 0 and progress is not None:
+            shown = {k: float(v) for k, v in metrics.items() if k.endswith(PROGRESS_METRICS)}
+            progress(dict(step=trainer.step, start=start, seconds=time.perf_counter() - began, metrics=shown))
+
+    report = functools.partial(_report, trainer, spec, rank, schedule, restarts, tell)
     if start < spec.total_steps:
         prepared = False
         read = functools.partial(_read_ahead, reader=spec.reader, cpus=spec.read_cpus)
@@ -375,12 +427,20 @@ def _maybe_report(step: int, spec: LoopSpec, report: functools.partial[None]) ->
         report(checkpoint=False)
 
 
-def _report(trainer: Trainer, spec: LoopSpec, rank: int, schedule: Schedule, restarts: int, checkpoint: bool) -> None:
+def _report(
+    trainer: Trainer,
+    spec: LoopSpec,
+    rank: int,
+    schedule: Schedule,
+    restarts: int,
+    tell: Callable[[dict[str, Any]], None],
+    checkpoint: bool,
+) -> None:
     """Report metrics from every worker (a barrier), with a checkpoint (its data position and the run's number of
-    restarts from a checkpoint) written by rank 0. `resumed_from`: the step this worker group started at."""
+    restarts from a checkpoint) written by rank 0, and tell the driver the progress (`tell`). `resumed_from`: the
+    step this worker group started at."""
     metrics = {**trainer.metrics(), "resumed_from": schedule.start, "restarts": restarts}
-    if rank == 0:
-        log.info("step %d/%d %s", trainer.step, spec.total_steps, _brief(metrics))
+    tell(metrics)
     if not checkpoint or rank != 0:
         ray.train.report(metrics)
         return
@@ -393,7 +453,3 @@ def _report(trainer: Trainer, spec: LoopSpec, rank: int, schedule: Schedule, res
             checkpoint=ray.train.Checkpoint.from_directory(directory),
             checkpoint_dir_name=f"checkpoint_{trainer.step:09d}",
         )
-
-
-def _brief(metrics: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.endswith(("/loss", "/explained_variance", "/l0")))

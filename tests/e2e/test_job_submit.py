@@ -42,17 +42,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _fresh_shell(*cmd: str, timeout: float) -> subprocess.CompletedProcess:
+def _fresh_shell(*cmd: str, timeout: float, home: Path | None = None) -> subprocess.CompletedProcess:
     """`cmd` in the repository as from a new login: only PATH=/usr/bin:/bin and HOME (no venv on PATH)."""
-    env = ["env", "-i", "PATH=/usr/bin:/bin", f"HOME={Path.home()}"]
+    env = ["env", "-i", "PATH=/usr/bin:/bin", f"HOME={home or Path.home()}"]
     return subprocess.run([*env, *cmd], cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture
 def head_node():
     """`make cluster` on free ports with its own temp dir (short: Ray's socket paths under it must fit the
-    107-byte AF_UNIX limit); `make cluster-stop` afterwards. Yields the dashboard address."""
+    107-byte AF_UNIX limit), from a home of its own: the cluster's token is in its temp dir, nothing is written
+    under ~/.ray; `make cluster-stop` afterwards. Yields the dashboard address and the token file."""
     temp_dir = tempfile.mkdtemp(prefix="ray-e2e-", dir="/tmp")
+    home = Path(tempfile.mkdtemp(prefix="ray-e2e-home-", dir="/tmp"))
     make = [
         f"VENV={VENV}",
         f"CLUSTER_DIR={temp_dir}",
@@ -62,24 +64,28 @@ def head_node():
         "CLUSTER_CPUS=2",
     ]
     try:
-        up = _fresh_shell("make", "cluster", *make, timeout=300)
+        up = _fresh_shell("make", "cluster", *make, timeout=300, home=home)
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
-        yield f"http://127.0.0.1:{dashboard}"
+        token = Path(temp_dir) / "auth_token"
+        assert token.is_file() and not (home / ".ray" / "auth_token").exists(), "the token is the cluster's own"
+        yield f"http://127.0.0.1:{dashboard}", token
     finally:
-        down = _fresh_shell("make", "cluster-stop", *make, timeout=120)
+        down = _fresh_shell("make", "cluster-stop", *make, timeout=120, home=home)
         shutil.rmtree(temp_dir, ignore_errors=True)
+        shutil.rmtree(home, ignore_errors=True)
     assert down.returncode == 0 and "Ray head stopped" in down.stdout, down.stdout + down.stderr
 
 
 @pytest.mark.slow
 def test_quickstart_submitted_as_a_ray_job_from_a_fresh_shell_succeeds(head_node, tmp_path):
     output = tmp_path / "quickstart"
+    address, token = head_node
     submit = [
         str(VENV / "bin" / "ray"),
         "job",
         "submit",
         "--address",
-        head_node,
+        address,
         "--working-dir",
         ".",
         "--",
@@ -91,7 +97,7 @@ def test_quickstart_submitted_as_a_ray_job_from_a_fresh_shell_succeeds(head_node
     ]
     deadline = time.time() + 120
     while True:  # the head answers `ray job list` before its node's dashboard agent can take a submission
-        done = _fresh_shell("env", "RAY_AUTH_MODE=token", *submit, timeout=1200)  # the README's export
+        done = _fresh_shell("env", "RAY_AUTH_MODE=token", f"RAY_AUTH_TOKEN_PATH={token}", *submit, timeout=1200)
         if "No available agent to submit job" not in done.stderr or time.time() > deadline:
             break
         time.sleep(3)

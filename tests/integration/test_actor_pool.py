@@ -84,6 +84,34 @@ def test_a_call_whose_actor_is_killed_is_sent_again_to_a_replacement_and_counted
     assert stats.format().startswith("1 actor lost (node lost or process killed), 1 replaced; ")
 
 
+def test_a_call_whose_actor_dies_past_its_retries_is_that_items_failure_and_the_pool_goes_on(ray_local, tmp_path):
+    """`on_lost`: item 3 kills its actor every time; with no retry it is yielded as a failure at once, a fresh actor
+    runs the items after it (a campaign records that model as failed and goes on)."""
+
+    class DieAtThree:
+        def __call__(self, x: int) -> int:
+            if x == 3:
+                os._exit(1)
+            return x
+
+    stats = PoolStats()
+    results = list(
+        run_pool(
+            range(6),
+            DieAtThree,
+            {},
+            pool(1, 1),
+            stats=stats,
+            retries=0,
+            on_lost=lambda x, exc: ("lost", x, runtime_pool.loss_cause(exc)),
+        )
+    )
+    lost = [r for r in results if isinstance(r, tuple)]
+    assert sorted(r for r in results if not isinstance(r, tuple)) == [0, 1, 2, 4, 5]
+    assert [r[:2] for r in lost] == [("lost", 3)] and "likely out of memory" in lost[0][2]
+    assert (stats.actors_lost, stats.actors_replaced, stats.retried) == (1, 1, 0)
+
+
 def test_replacements_the_cluster_cannot_hold_beside_a_read_are_stopped(ray_local, tmp_path, monkeypatch):
     """A view of the cluster that still counts a lost node lets the pool replace an actor; once the view is
     current (here: 1 CPU, which holds one 0.5-CPU actor and a 0.5-CPU read, not two), the replacement is stopped

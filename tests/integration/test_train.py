@@ -1,6 +1,7 @@
 """`prisma-ray train` on a local Ray: SAE sweeps, crosscoders, transcoders, S3, failures and relaunches."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -211,7 +212,9 @@ def _train_workers() -> list[psutil.Process]:
 
 
 @pytest.mark.slow
-def test_two_workers_on_s3_survive_a_worker_kill_and_a_relaunch_and_match_one_worker(ray_local, s3, tmp_path, acts):
+def test_two_workers_on_s3_survive_a_worker_kill_and_a_relaunch_and_match_one_worker(
+    ray_local, s3, tmp_path, acts, caplog
+):
     """One run, two failures: a worker is killed after the first checkpoint (Ray Train restarts the
     workers from it), then the driver is killed after a later one (relaunching resumes from it). The
     resumed run trains the same rows at every step on every worker as a run never killed."""
@@ -276,7 +279,13 @@ def test_two_workers_on_s3_survive_a_worker_kill_and_a_relaunch_and_match_one_wo
         s3.client.get_object(Bucket=s3.bucket, Key="runs/two/checkpoint_000000300/data_position.json")["Body"].read()
     )
     assert position["pending"] == [] and position["next"] == 300 * 256
+    caplog.set_level(logging.INFO, logger="prisma_ray.train.job")
     straight = run_training(TrainConfig.model_validate({**cfg, "name": "straight", "runs": str(tmp_path / "runs")}))
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train straight: step ")]
+    assert [line.split(",")[0] for line in progress] == [
+        f"train straight: step {s}/300 ({100 * s / 300:.0f}%)" for s in (50, 100, 150, 200, 250, 300)
+    ]
+    assert "tokens/s, ETA" in progress[-1], "the workers' progress reaches the driver's console (Ray keeps theirs)"
     resumed = load_dictionary(f"{two.output}/topk-k-3", s3.options).state_dict()
     for name, value in load_dictionary(f"{straight.output}/topk-k-3").state_dict().items():
         assert torch.equal(resumed[name], value), name

@@ -242,3 +242,22 @@ def test_batch_run_resumes_and_keeps_what_was_written(chat_server, tmp_path):
     assert sorted(records) == list(range(6)) and records[5].explanation == "red things"
     assert records[5].scores["iou"] > 0, "scored against the ground-truth mask of the concept it names"
     assert explain_latents(many(range(6)), chat_config(chat_server), out).explained == 0
+
+
+def test_detector_latents_counts_each_latent_once_with_its_own_best_value():
+    from prisma_ray.interpret.autointerp.scoring import Detector, detector_latents
+
+    rng = np.random.default_rng(0)
+    colour = np.array(["red", "blue", None] * 40, dtype=object)
+    shape = np.array(["circle", "circle", None] * 40, dtype=object)
+    noise = rng.random((120, 4)) * 0.1
+    latents = noise.copy()
+    latents[:, 0] += (colour == "red") * 2.0  # red only: best red
+    latents[:, 1] += (colour == "red") * 1.0 + (colour == "blue") * 0.9  # circle (every object): best circle
+    latents[:, 2] += (colour == "red") * 0.5  # red too, but worse than latent 0: still a detector of red
+    latents[:, 3] = 0.0  # never fires
+    found = detector_latents(latents, {"shape": shape, "colour": colour})
+    assert [(d.latent, d.value) for d in found] == [(0, "red"), (1, "circle"), (2, "red")]
+    assert isinstance(found[0], Detector) and found[0].auroc == 1.0
+    assert found[1].detected == ("circle", "red")  # red ranks above blue: AUROC 1 too; blue 0.75, below 0.95
+    assert detector_latents(latents, {"shape": shape, "colour": colour}, threshold=1.01) == []

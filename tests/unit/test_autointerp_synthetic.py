@@ -1,6 +1,7 @@
 """On synthetic `shapes` data, the offline vocabulary explainer names the factor that detector latents detect.
 
-Detector latents are found honestly: a TopK SAE is trained in-process on the toy ViT's patch activations
+Detector latents are found honestly: a TopK SAE is trained in-process (`sae.fit.fit_dictionaries`, the training
+job's recipe) on the toy ViT's patch activations
 of rendered images, and a latent counts as a detector of a factor value (`circle`, `red`, ...) when at
 least 80% of its 40 top patch tokens lie on objects carrying that value (ground truth from the render masks).
 """
@@ -23,7 +24,8 @@ from prisma_ray.interpret.autointerp.run import EmbedderConfig
 from prisma_ray.interpret.evidence import LatentEvidence
 from prisma_ray.models import load_model, toy
 from prisma_ray.models.inputs import PixelInputs
-from prisma_ray.sae import DictionaryConfig, Site, Sites, Trainer
+from prisma_ray.sae import DictionaryConfig
+from prisma_ray.sae.fit import fit_dictionaries
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SAE_HOOK = "blocks.1.hook_resid_post"
@@ -42,16 +44,11 @@ def test_vocabulary_explainer_names_most_detector_latents():
         acts = model.run_with_cache(x, names=[SAE_HOOK], stop_early=True)[1][SAE_HOOK][:, 1:].float()
     n, patches, width = acts.shape
     grid = model.token_layout.grid
-    torch.manual_seed(0)
-    sites = Sites(inputs=(Site(name="h", width=width),))
-    trainer = Trainer([DictionaryConfig(architecture="topk", d_sae=128, k=8, lr=3e-3)], sites, 400)
+    cfg = DictionaryConfig(architecture="topk", d_sae=128, k=8, lr=3e-3)
     tokens = acts.reshape(-1, width)
-    trainer.initialize(tokens[:1024])
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(400):
-        trainer.train_step(tokens[torch.randint(len(tokens), (256,), generator=generator)])
+    sae = next(iter(fit_dictionaries(tokens, [cfg], steps=400, batch_size=256, seed=0).values()))
     with torch.no_grad():
-        z = trainer.first.encode(trainer.first.normalize_in(tokens)).reshape(n, patches, -1).numpy()
+        z = sae.encode(tokens).reshape(n, patches, -1).numpy()
 
     values = np.full((n, patches, 2), None, dtype=object)  # (shape, colour) of the object on each patch
     for i, (_, mask, objects, _) in enumerate(renders):
@@ -86,4 +83,4 @@ def test_vocabulary_explainer_names_most_detector_latents():
         matches.append(bool(detected & set(named_labels(explainer.explain(evidence).text, vocabulary))))
     print(f"detector latents: {len(matches)}, label matches the detected factor: {np.mean(matches):.2f}")
     assert len(matches) >= 5
-    assert np.mean(matches) >= 0.8  # the toy ViT with 8-px patches: 8 of 9 (0.89); with 4-px patches 0.50
+    assert np.mean(matches) >= 0.8  # the toy ViT with 8-px patches: 9 of 10 (0.90); with 4-px patches 0.50

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from pydantic import ValidationError
 
 from prisma_ray.campaign import CampaignConfig
@@ -228,6 +229,7 @@ def test_status_keeps_the_seconds_of_stages_done_in_an_earlier_run():
 def test_entries_run_one_model_on_two_datasets_under_their_own_roots(tmp_path):
     """An entry names its model, data, hooks, dictionaries, epochs and root; a second entry of the same model under
     another root gets its own stores, dictionaries, sweep and dashboard; unset settings are the campaign's."""
+    from prisma_ray.campaign import state
     from prisma_ray.campaign.state import dashboard_uri
 
     shapes = {"type": "synthetic", "uri": "s", "generator": {"name": "shapes", "n_images": 4}}
@@ -258,6 +260,7 @@ def test_entries_run_one_model_on_two_datasets_under_their_own_roots(tmp_path):
     assert other.trains[0].output_uri.startswith(cfg.uri("sub", "dictionaries", TOY))
     assert dashboard_uri(other) == cfg.uri("sub", "dashboard", TOY, "index.html")
     assert other.interpret_uri() == cfg.uri("sub", "interpret", TOY)
+    assert state.lost_outcome(other, cfg.uri(), cfg.storage, "its process died").model == "other"
     with pytest.raises(InvalidRequest, match="entry e runs prisma-toy-vit-shapes, which `models` selects too"):
         config(tmp_path, models={"names": [TOY]}, entries={"e": {"model": TOY}}).names()
 
@@ -302,3 +305,62 @@ def test_model_sized_clips_hold_the_frames_one_sample_takes(name, frames, suffix
     out = sized(spec, get_entry(name))
     assert out.uri == "/d/moving" + suffix and out.generator.num_frames == frames
     assert out.generator.image_size == 224 and out.generator.patch_grid == (14, 14)
+
+
+def test_a_model_whose_actor_died_is_recorded_with_the_stage_it_died_in(tmp_path, monkeypatch):
+    from prisma_ray.campaign import state
+
+    cfg = registry_config([TOY], str(tmp_path / "c"))
+    plan = plan_model(cfg, TOY)
+    first = state.lost_outcome(plan, cfg.uri(), cfg.storage, "out of memory (Ray's memory monitor killed it)")
+    assert first.error.startswith(f"ActorDied: the actor running {TOY} died during extract: out of memory")
+    assert (first.reached, first.passed) == ("", False)
+    monkeypatch.setattr(state, "finished", lambda p, r, o: dict(zip(STAGES, (True, True, False, False))))
+    later = state.lost_outcome(plan, cfg.uri(), cfg.storage, "its process died")
+    assert later.reached == "train" and "died during evaluate: its process died" in later.error
+
+
+def test_a_models_stages_share_one_build_of_it(tmp_path, monkeypatch):
+    """Every stage of one model that loads it (extraction of each split, evaluation, the dashboard's pass) gets
+    the model built once; the actor holds nothing once the model is done."""
+    import weakref
+
+    from prisma_ray.campaign import stages
+    from prisma_ray.models import loading
+
+    builds = []
+    real = loading.build_sites
+    monkeypatch.setattr(loading, "build_sites", lambda *a: builds.append(a[0].name) or real(*a))
+
+    def load(*_):
+        return loading.load_model(TOY, pretrained=False, seed=0, device="cpu", dtype=torch.float32)
+
+    seen = []
+    for name in ("extract", "train", "evaluate"):
+        monkeypatch.setattr(stages, name, lambda c, p: seen.append(load()))
+    monkeypatch.setattr(stages, "dashboard", lambda *a: seen.append(load()))
+    monkeypatch.setattr(stages, "best_checkpoint", lambda c, p: "best")
+    monkeypatch.setattr(stages, "finished", lambda p, r, o: dict.fromkeys(STAGES, False))
+    outcome = run_model(registry_config([TOY], str(tmp_path / "c")), TOY)
+    assert outcome.passed and len(seen) == 4 and all(m is seen[0] for m in seen) and builds == [TOY]
+    held = weakref.ref(seen[0])
+    seen.clear()
+    assert held() is None, "the model is dropped when its stages are done"
+    assert load() is not load(), "outside a campaign's model every load builds"
+
+
+def test_reuse_holds_one_model_at_a_time():
+    import weakref
+
+    from prisma_ray.models import loading
+    from prisma_ray.models.reuse import reuse_models
+
+    with reuse_models() as stats:
+        a = loading.load_model(TOY, pretrained=False, seed=0)
+        assert loading.load_model(TOY, pretrained=False, seed=0) is a
+        first = weakref.ref(a)
+        del a
+        b = loading.load_model(TOY, pretrained=False, seed=1)  # other weights: the first is dropped
+        assert first() is None and loading.load_model(TOY, pretrained=False, seed=1) is b
+        assert loading.load_model(TOY, pretrained=False, seed=1, dtype=torch.bfloat16) is not b
+    assert (stats.builds, stats.reused) == (3, 2)

@@ -164,3 +164,33 @@ def test_dotted_overrides_change_the_default_section_they_name():
     assert isinstance(cfg.dataset, ImageSource) and cfg.dataset.uri == "/data/photos"
     cfg = load_config(ExtractConfig, overrides=["dataset.generator.name=moving-shapes"])
     assert cfg.dataset.generator.name == "moving-shapes" and cfg.dataset.uri == default.uri
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--latent", "3"], "error: prisma-ray steer: --latent 3 says which latents to steer, not how; add --value V"),
+        (["--scale", "2"], "error: prisma-ray steer: --scale says how to steer, not which latents; add --latent N"),
+        ([], "error: prisma-ray steer needs --latent N and --value V (clamp) or --scale F (multiply)"),
+    ],
+)
+def test_steer_without_what_or_how_names_the_flags(flags, expected, capsys):
+    assert main(["steer", "/nowhere/ckpt", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(expected) and err.count("\n") == 1, err
+
+
+def test_a_union_fields_error_names_the_key_not_pydantics_members(tmp_path):
+    """A `steer:` section (one intervention, or a list of them) that lacks its rule: the message names `steer` and
+    what is missing, not pydantic's member names, nor the list member's complaint that a mapping is not a list."""
+    from prisma_ray.interpret.steer import SteerConfig
+
+    config = tmp_path / "steer.yaml"
+    config.write_text("checkpoint: c\nsteer: {latents: [3]}\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(SteerConfig, config)
+    message = str(raised.value)
+    assert message.startswith(f"Invalid config '{config}' for SteerConfig: steer: set exactly one of `value`")
+    assert "[" not in message.split("(got")[0] and "valid list" not in message
+    with pytest.raises(ConfigError, match=r"^Invalid config for SteerConfig: steer.latents: Field required$"):
+        load_config(SteerConfig, overrides=["checkpoint=c", "steer.value=2"])

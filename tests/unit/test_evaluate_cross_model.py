@@ -17,6 +17,7 @@ from prisma_ray.evaluate.cross_model import (
     decoder_alignment,
     image_means,
     leaderboard_across_models,
+    pair_order,
     shared_images,
 )
 from prisma_ray.evaluate.cross_page import pair_rows, write_cross_model_page
@@ -123,8 +124,13 @@ def test_decoder_alignment_matches_shared_directions_and_skips_unrelated_decoder
 
 
 class FakeLatents:
+    images = 20
+
     def __init__(self, decoders, pooled):
         self.decoders, self.pooled_ = decoders, pooled
+
+    def release(self, uri):
+        pass
 
     def decoder(self, uri):
         return self.decoders[uri]
@@ -152,6 +158,62 @@ def test_decoder_alignment_of_equal_widths_shared_directions_and_random_ones():
     pooled["c/h/4.0/0.5"] = "c: no store"
     note = {(p["model_a"], p["model_b"]): p for p in pair_rows(rows, FakeLatents(decoders, pooled))}["a", "c"]["note"]
     assert note == "decoders [64, 32] and [64, 16] differ: no decoder alignment; no co-firing (c: no store)"
+
+
+@pytest.mark.parametrize(("n", "budget"), [(12, 3), (12, 100), (7, 1), (2, 2)])
+def test_pair_order_compares_every_pair_once_holding_at_most_the_budget(n, budget):
+    """Every two of `n` checkpoints of one byte each (plus a few pairs left out), with room for `budget` bytes."""
+    pairs = [(f"c{i}", f"c{j}") for i in range(n) for j in range(i + 1, n) if (i + j) % 5]
+    steps = pair_order(pairs, {f"c{i}": 1 for i in range(n)}, budget)
+    compared, held, peak, loads = [], set(), 0, 0
+    for step, what in steps:
+        if step == "release":
+            held.discard(what)
+            continue
+        compared.append(what)
+        loads += len(set(pairs[what]) - held)
+        held |= set(pairs[what])
+        peak = max(peak, len(held))
+    assert sorted(compared) == list(range(len(pairs))), "each pair once"
+    assert peak <= max(budget, 2) and not held
+    if budget >= n + 1:
+        assert loads == n, "everything fits: each checkpoint read once"
+
+
+def test_the_cross_model_page_holds_a_bounded_number_of_models_arrays(monkeypatch):
+    """Many models: the page's reader holds the decoders and pooled latents of a few dictionaries at a time (the
+    budget), not of every model at once; every pair is still measured."""
+    import weakref
+
+    from prisma_ray.evaluate import cross_page
+
+    n, d_sae, d_in, images = 12, 64, 32, 20
+    alive, peak = set(), [0]
+
+    def track(array):
+        token = object()
+        alive.add(token)
+        weakref.finalize(array, alive.discard, token)
+        peak[0] = max(peak[0], len(alive))
+        return array
+
+    rng = np.random.default_rng(0)
+    keys = [("data", f"s{i}", -1) for i in range(images)]
+    monkeypatch.setattr(
+        cross_page,
+        "read_tensors",
+        lambda uri, options: {"W_dec": torch.from_numpy(track(rng.normal(size=(d_sae, d_in))))},
+    )
+    monkeypatch.setattr(
+        cross_page._Latents, "_read", lambda self, uri: (keys, track(rng.exponential(size=(images, d_sae))))
+    )
+    per_checkpoint = 4 * d_sae * (d_in + images)
+    monkeypatch.setattr(cross_page, "MEMORY_BUDGET", 3 * per_checkpoint, raising=False)
+    rows = [row(f"m{i:02d}") for i in range(n)]
+    latents = cross_page._Latents(EvalConfig(stores="unused"), images)
+    pairs = pair_rows(rows, latents)
+    assert len(pairs) == n * (n - 1) // 2 and all("cofire_fraction" in p for p in pairs)
+    assert peak[0] <= 2 * 3, f"{peak[0]} arrays alive at once: at most 3 dictionaries' (decoder and pooled)"
 
 
 def test_the_page_of_two_tiny_vits_with_different_patch_grids(tmp_path):

@@ -21,3 +21,37 @@ def test_a_checkpoint_records_the_restarts_and_one_without_the_file_counts_none(
     assert _restarts(str(tmp_path)) == 0, "a checkpoint written before restarts were saved"
     (tmp_path / RESTARTS_FILE).write_text(json.dumps({"restarts": 3}))
     assert _restarts(str(tmp_path)) == 3
+
+
+def test_the_training_progress_line_gives_step_metrics_pace_and_eta():
+    from prisma_ray.runtime.console import duration, train_progress_line
+
+    metrics = {"topk-k-16/loss": 0.012345, "topk-k-16/explained_variance": 0.9123, "topk-k-16/l0": 16.0}
+    line = train_progress_line("sae", 1000, 4096, step=300, start=100, seconds=40.0, metrics=metrics)
+    # 200 steps x 4096 tokens in 40 s; 700 steps left at 5 steps/s
+    assert line == "train sae: step 300/1000 (30%), topk-k-16 loss 0.01235 ev 0.912 l0 16.0, 20.5k tokens/s, ETA 2m20s"
+    many = {f"d{i}/loss": 1.0 for i in range(5)}
+    assert (
+        train_progress_line("g", 10, 8, 0, 0, 0.0, many)
+        == "train g: step 0/10 (0%), d0 loss 1, d1 loss 1, d2 loss 1, 2 more dictionaries"
+    )
+    assert [duration(s) for s in (0.4, 42, 185, 3725)] == ["0s", "42s", "3m05s", "1h02m"]
+
+
+def test_the_rank_0_reports_reach_the_drivers_log_as_progress_lines(caplog):
+    """A fake reporter (Ray Train's local mode: the loop runs here) sends what the rank-0 worker sends; the
+    driver prints one progress line per report, at INFO (nothing that looks like an error)."""
+    import logging
+
+    from prisma_ray.train import job
+
+    caplog.set_level(logging.INFO, logger="prisma_ray.train.job")
+    with job._progress("sae", 200, 64, local=True) as report:
+        for step in (50, 100):
+            report(dict(step=step, start=0, seconds=step / 10, metrics={"topk-k-4/loss": 0.5}))
+    lines = [r.getMessage() for r in caplog.records if r.name == "prisma_ray.train.job"]
+    assert lines == [
+        "train sae: step 50/200 (25%), topk-k-4 loss 0.5, 640 tokens/s, ETA 15s",
+        "train sae: step 100/200 (50%), topk-k-4 loss 0.5, 640 tokens/s, ETA 10s",
+    ]
+    assert all(r.levelno == logging.INFO for r in caplog.records)

@@ -153,3 +153,23 @@ def test_what_a_pool_lost_is_one_summary_line():
     assert PoolStats(actors_lost=1, actors_replaced=1, retried=1).format() == (
         "1 actor lost (node lost or process killed), 1 replaced; 1 call retried"
     )
+
+
+def test_a_lost_call_is_explained_out_of_memory_where_ray_says_so():
+    """The words a campaign records for a model whose actor died, from the errors Ray 2.60 raises."""
+    import ray.exceptions as rex
+
+    from prisma_ray.runtime.pool import loss_cause
+
+    died = (
+        "The actor died unexpectedly before finishing this task.\n\tclass_name: ModelRunner\nThe actor is dead because "
+        "its worker process has died. Worker exit type: SYSTEM_ERROR Worker exit detail: Worker unexpectedly exits "
+        "with a connection error code 2. End of file. Some common causes include: (1) the process was killed by the "
+        "OOM killer due to high memory usage, (2) ray stop --force was called, or (3) the worker crashed"
+    )
+    monitor = "Task was killed due to the node running low on memory. Workers (tasks / actors) killed due to memory pressure (OOM)"
+    assert loss_cause(rex.RayActorError(error_msg=died)).startswith("its process died, likely out of memory")
+    assert loss_cause(rex.RayActorError(error_msg=monitor)).startswith("out of memory (Ray's memory monitor")
+    assert loss_cause(rex.OutOfMemoryError("node low")).startswith("out of memory")
+    assert loss_cause(rex.NodeDiedError("gone")).startswith("its node was lost")
+    assert loss_cause(rex.RayActorError(error_msg="other")) == "its process died (RayActorError)"
