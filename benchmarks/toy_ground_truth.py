@@ -18,7 +18,7 @@ import torch
 
 from prisma_ray.models import get_entry, load_model, toy
 from prisma_ray.models.toy_recovery import RecoveryConfig, toy_recovery
-from prisma_ray.quickstart import _default_dictionaries, _default_models
+from prisma_ray.quickstart import QuickstartConfig, toy_runs
 
 
 def factors_of(spec: toy.ToySpec) -> list[str]:
@@ -27,10 +27,10 @@ def factors_of(spec: toy.ToySpec) -> list[str]:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    defaults = {m.name: m for m in _default_models()}
+    defaults = {m.name: m for m in toy_runs()}
     parser.add_argument("--models", default=",".join(defaults), help="comma-separated embedded models")
     parser.add_argument("--hooks", default=None, help="comma-separated hooks (default: the quickstart's per model)")
-    ks = ",".join(str(k) for k in sorted({d.k for d in _default_dictionaries()}))
+    ks = ",".join(str(k) for k in sorted({d.k for d in QuickstartConfig().dictionaries}))
     parser.add_argument("--k", default=ks, help=f"comma-separated TopK k values (default: the quickstart's, {ks})")
     parser.add_argument("--test-samples", type=int, default=None, help="held-out samples (default: the quickstart's)")
     parser.add_argument("--threads", type=int, default=1)

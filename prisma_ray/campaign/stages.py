@@ -20,6 +20,7 @@ from typing import Any
 import psutil
 import torch
 
+from .. import storage
 from ..evaluate.results import ResultStore
 from ..evaluate.sweep import run_sweep
 from ..extract.pipeline import run_extract
@@ -30,6 +31,7 @@ from ..models.reuse import reuse_models
 from ..runtime.pool import inline
 from ..train.job import run_training
 from .config import CampaignConfig
+from .explain import explain_latents
 from .plan import ModelPlan, plan_model
 from .state import STAGES, Outcome, checkpoints, dashboard_uri, finished
 
@@ -61,23 +63,32 @@ def evaluate(cfg: CampaignConfig, plan: ModelPlan) -> None:
         raise StageFailed("; ".join(f"{f['checkpoint']}: {f['error']}" for f in summary.failed))
 
 
-def best_checkpoint(cfg: CampaignConfig, plan: ModelPlan) -> str:
-    """`plan`'s checkpoint with the best held-out explained variance in the campaign's sweep results."""
+def best_row(cfg: CampaignConfig, plan: ModelPlan) -> dict:
+    """`plan`'s leaderboard row with the best held-out explained variance in its sweep's results."""
     mine = set(checkpoints(plan))
     rows = [
         r for r in ResultStore(plan.sweep.output, cfg.storage.resolved()).table().to_pylist() if r["checkpoint"] in mine
     ]
     if not rows:
         raise StageFailed(f"no evaluated dictionary of {plan.name} in {plan.sweep.output}")
-    return max(rows, key=lambda r: r["explained_variance"] or 0.0)["checkpoint"]
+    return max(rows, key=lambda r: r["explained_variance"] or 0.0)
+
+
+def best_checkpoint(cfg: CampaignConfig, plan: ModelPlan) -> str:
+    """`plan`'s checkpoint with the best held-out explained variance in its sweep's results."""
+    return best_row(cfg, plan)["checkpoint"]
 
 
 def dashboard(cfg: CampaignConfig, plan: ModelPlan, device: str, threads: int | None) -> str:
-    """The dashboard of `plan`'s best dictionary over its test data; return its index URI."""
-    summary = run_interpret(plan.interpret(cfg, best_checkpoint(cfg, plan), device, threads))
-    options = cfg.storage.resolved()
+    """The dashboard of `plan`'s best dictionary over its dashboard data (explained first where the entry says
+    `explain`); return its index URI."""
+    best = best_row(cfg, plan)
+    summary = run_interpret(plan.interpret(cfg, best["checkpoint"], device, threads))
+    options, latents = cfg.storage.resolved(), plan.settings.dashboard_latents
     results = read_results(summary.output, options)
-    return write_dashboard(results, cfg.uri("dashboard", plan.name), options, max_latents=cfg.dashboard_latents)
+    if plan.settings.explain:
+        explain_latents(results, best, latents, options)
+    return write_dashboard(results, storage.join(plan.root, "dashboard", plan.name), options, max_latents=latents)
 
 
 class MemoryPeak:
@@ -122,16 +133,17 @@ def run_model(cfg: CampaignConfig, name: str, device: str = "cpu", threads: int 
                 if done[stage]:
                     outcome.skipped.append(stage)
                 else:
-                    start = time.perf_counter()
+                    start, cpu = time.perf_counter(), time.process_time()
                     if stage == "dashboard":
                         dashboard(cfg, plan, device, threads)
                     else:
                         {"extract": extract, "train": train, "evaluate": evaluate}[stage](cfg, plan)
                     outcome.seconds[stage] = round(time.perf_counter() - start, 2)
+                    outcome.cpu_seconds[stage] = round(time.process_time() - cpu, 2)
                     outcome.ran.append(stage)
                 outcome.reached = stage
             outcome.best = best_checkpoint(cfg, plan)
-            outcome.dashboard = dashboard_uri(plan, cfg.uri())
+            outcome.dashboard = dashboard_uri(plan)
         except Exception as exc:  # noqa: BLE001 - recorded: one model's failure must not stop the campaign
             first = (str(exc).strip().splitlines() or [""])[0]
             outcome.error = f"{type(exc).__name__}: {first}"[:500]

@@ -30,9 +30,9 @@ def checkpoints(plan: ModelPlan) -> list[str]:
     return [storage.join(storage.absolute(t.output_uri), d.display_name()) for t in plan.trains for d in t.dictionaries]
 
 
-def dashboard_uri(plan: ModelPlan, root: str) -> str:
-    """The index of `plan`'s dashboard under the campaign's `root`."""
-    return storage.join(root, "dashboard", plan.name, "index.html")
+def dashboard_uri(plan: ModelPlan) -> str:
+    """The index of `plan`'s dashboard, under its root."""
+    return storage.join(plan.root, "dashboard", plan.name, "index.html")
 
 
 def finished(plan: ModelPlan, root: str, options: StorageOptions) -> dict[str, bool]:
@@ -45,21 +45,23 @@ def finished(plan: ModelPlan, root: str, options: StorageOptions) -> dict[str, b
         "extract": all(_exists(storage.join(s, "manifest.json"), options) for s in stores),
         "train": all(_exists(storage.join(u, "cfg.json"), options) for u in uris),
         "evaluate": all(result_key(u) in done for u in uris),
-        "dashboard": _exists(dashboard_uri(plan, root), options),
+        "dashboard": _exists(dashboard_uri(plan), options),
     }
 
 
 @dataclass
 class Outcome:
     """What one model's run did: the last stage finished (`reached`, "" for none), the stages it ran this time
-    and skipped as finished, seconds per stage run, the process's peak resident memory while it ran (MiB; GPU:
-    peak allocated), the best checkpoint, and the error that stopped it ("" when none)."""
+    and skipped as finished, seconds per stage run (wall clock, and `cpu_seconds`: the actor process's CPU time,
+    all its threads, which other work on a shared machine inflates far less), the process's peak resident memory
+    while it ran (MiB; GPU: peak allocated), the best checkpoint, and the error that stopped it ("" when none)."""
 
     model: str
     reached: str = ""
     ran: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
     peak_mib: float = 0.0
     gpu_peak_mib: float = 0.0
     best: str = ""
@@ -77,6 +79,8 @@ def with_earlier_seconds(outcome: Outcome, earlier: Outcome | None) -> Outcome:
     if earlier is not None:
         kept = {stage: s for stage, s in earlier.seconds.items() if stage in outcome.skipped}
         outcome.seconds = {**kept, **outcome.seconds}
+        kept = {stage: s for stage, s in earlier.cpu_seconds.items() if stage in outcome.skipped}
+        outcome.cpu_seconds = {**kept, **outcome.cpu_seconds}
     return outcome
 
 
@@ -110,7 +114,7 @@ def lost_outcome(plan: ModelPlan, root: str, options: StorageOptions, cause: str
         f"ActorDied: the actor running {plan.name} died {during}: {cause}; the campaign went on with a fresh actor "
         "(a rerun resumes this model; give each actor more memory, or fewer actors per node, if it runs out again)"
     )
-    return Outcome(model=plan.name, reached=reached, error=error)
+    return Outcome(model=plan.label, reached=reached, error=error)  # the entry's name, as `run_model` records it
 
 
 def outcome_table(outcomes: list[Outcome]) -> list[str]:

@@ -17,15 +17,20 @@ REPO = Path(__file__).resolve().parents[2]
 VENV = Path(sys.executable).parents[1]  # the project's environment, as `make cluster`'s VENV
 SMALL_QUICKSTART = [
     "--set",
-    "models=[{name: prisma-toy-vit-shapes, hook: blocks.2.hook_resid_post, train_samples: 128, "
-    "test_samples: 32, epochs: 2}]",
+    "entries.prisma-toy-video-moving-shapes=null",  # the toy ViT only, on less data and training
+    "--set",
+    "entries.prisma-toy-vit-shapes.data.train.generator.n_images=128",
+    "--set",
+    "entries.prisma-toy-vit-shapes.data.test.generator.n_images=32",
+    "--set",
+    "entries.prisma-toy-vit-shapes.epochs=2",
+    "--set",
+    "entries.prisma-toy-vit-shapes.dashboard_latents=4",
     "--set",
     "dictionaries=[{architecture: topk, k: 4, expansion_factor: 4, lr: 0.001}, "
     "{architecture: topk, k: 8, expansion_factor: 4, lr: 0.001}]",
     "--set",
     "batch_size=512",
-    "--set",
-    "dashboard_latents=4",
     "--set",
     "real=null",  # the real part has its own slow test (tests/integration/test_quickstart_real.py)
 ]
@@ -106,4 +111,4 @@ def test_quickstart_submitted_as_a_ray_job_from_a_fresh_shell_succeeds(head_node
     assert sorted(r["name"] for r in metrics) == ["topk-k-4", "topk-k-8"]
     assert all(r["explained_variance"] > 0 for r in metrics)
     assert (output / "sweep" / "leaderboard.html").is_file()
-    assert (output / "dashboard" / "index.html").is_file()
+    assert (output / "dashboard" / "prisma-toy-vit-shapes" / "index.html").is_file()

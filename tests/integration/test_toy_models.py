@@ -94,10 +94,10 @@ def test_a_small_sae_on_the_quickstart_hook_detects_most_factor_values(name):
     mean best AUROC is high. With the earlier 4-px-patch toy ViT no shape value was detected, and with the earlier
     single-object video model 0.16 of the values (`benchmarks/toy_ground_truth.py`, README)."""
     from prisma_ray.models.toy_recovery import RecoveryConfig, toy_recovery
-    from prisma_ray.quickstart import _default_models
+    from prisma_ray.quickstart import toy_runs
 
     factors, n_values, train, test, steps = RECOVERY[name]
-    q = next(m for m in _default_models() if m.name == name)
+    q = next(m for m in toy_runs() if m.name == name)
     model = load_model(q.name, pretrained=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

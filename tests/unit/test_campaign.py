@@ -7,7 +7,7 @@ import torch
 from pydantic import ValidationError
 
 from prisma_ray.campaign import CampaignConfig
-from prisma_ray.campaign.plan import block_at_depth, hooks_of, plan_model
+from prisma_ray.campaign.plan import block_at_depth, hooks_of, plan_model, sweep_config
 from prisma_ray.campaign.registry_check import estimated_params, registry_config, sample, too_big
 from prisma_ray.campaign.stages import MemoryPeak, ModelRunner, run_model
 from prisma_ray.campaign.state import (
@@ -56,6 +56,13 @@ def test_hooks_by_name_and_depth_per_model(tmp_path):
         ({"depths": [0.5, 1.5]}, r"depths \[1.5\] are not in \[0, 1\]"),
         ({"weights": {"pretrained": True, "checkpoint": "w.safetensors"}}, "not both"),
         ({"data": {"audio": {"train": IMAGES, "test": IMAGES}}}, r"modalities \['audio'\]"),
+        ({"models": {}}, "no model: give models"),
+        ({"entries": {"a": {"model": TOY}, "b": {"model": TOY}}}, "entries a and b both run prisma-toy-vit-shapes"),
+        (
+            {"entries": {"a": {"model": TOY, "root": "r"}, "b": {"model": VIDEO, "root": "r", "eval_tokens": 8}}},
+            "share root 'r'",
+        ),
+        ({"entries": {"a": {"model": TOY, "root": "/abs"}}}, "must be a relative sub-folder"),
     ],
 )
 def test_bad_config_names_the_input(tmp_path, fields, match):
@@ -89,7 +96,9 @@ def test_plan_model_stages(tmp_path):
     (job,) = plan.trains
     assert job.workers == 0 and job.output.endswith(f"dictionaries/{TOY}/{train.hooks[0]}")
     assert plan.sweep.output == cfg.uri("sweep") and plan.sweep.checkpoints == [cfg.uri("dictionaries", TOY)]
-    assert plan.sweep.models == cfg.models  # the last sweep over every dictionary keeps to the selected models
+    assert plan.sweep.models.names == [TOY]
+    # the last sweep over every dictionary keeps to the selected models
+    assert sweep_config(cfg, [cfg.uri("dictionaries")]).models.names == [VIDEO, TOY]
 
 
 def test_model_without_data_of_its_modality_is_refused(tmp_path):
@@ -190,6 +199,7 @@ def test_run_model_skips_finished_stages(tmp_path, monkeypatch):
     )
     outcome = run_model(cfg, TOY)
     assert ran == ["evaluate", "dashboard"] and outcome.skipped == ["extract", "train"] and outcome.passed
+    assert set(outcome.seconds) == set(outcome.cpu_seconds) == {"evaluate", "dashboard"}
 
 
 def test_interpretation_rebuilds_the_model_as_extracted(tmp_path):
@@ -212,6 +222,71 @@ def test_status_keeps_the_seconds_of_stages_done_in_an_earlier_run():
         "dashboard": 0.5,
     }
     assert with_earlier_seconds(Outcome(model=TOY, seconds={"extract": 1.0}), None).seconds == {"extract": 1.0}
+    earlier.cpu_seconds, now.cpu_seconds = {"extract": 2.5, "train": 1.0}, {"evaluate": 0.5}
+    assert with_earlier_seconds(now, earlier).cpu_seconds == {"extract": 2.5, "train": 1.0, "evaluate": 0.5}
+
+
+def test_entries_run_one_model_on_two_datasets_under_their_own_roots(tmp_path):
+    """An entry names its model, data, hooks, dictionaries, epochs and root; a second entry of the same model under
+    another root gets its own stores, dictionaries, sweep and dashboard; unset settings are the campaign's."""
+    from prisma_ray.campaign import state
+    from prisma_ray.campaign.state import dashboard_uri
+
+    shapes = {"type": "synthetic", "uri": "s", "generator": {"name": "shapes", "n_images": 4}}
+    photos = {"type": "images", "uri": "photos"}
+    grid = [{"architecture": "topk", "k": 4, "expansion_factor": 1}]
+    cfg = config(
+        tmp_path,
+        models={"names": [VIDEO]},
+        entries={
+            TOY: {"hooks": ["blocks.1.hook_resid_post"], "epochs": 3, "explain": True, "dashboard_data": photos},
+            "other": {"model": TOY, "root": "sub", "data": {"train": shapes, "test": shapes}, "dictionaries": grid},
+        },
+    )
+    assert cfg.names() == ["other", VIDEO, TOY] and cfg.root_models() == [VIDEO, TOY]
+    main, other = plan_model(cfg, TOY), plan_model(cfg, "other")
+    assert (main.name, main.label, other.name, other.label) == (TOY, TOY, TOY, "other")
+    assert main.hooks == ("blocks.1.hook_resid_post",) and main.trains[0].epochs == 3 and main.settings.explain
+    assert main.data["dashboard"].uri == "photos" and main.interpret(cfg, "c", "cpu", 1).dataset.uri == "photos"
+    assert main.data["train"] == cfg.data["image"].train, "no data of its own: the campaign's of its modality"
+    assert other.data["train"].uri == "s" and [d.k for d in other.trains[0].dictionaries] == [4]
+    assert other.trains[0].epochs == cfg.epochs and not other.settings.explain
+    assert other.extracts[0].output == cfg.uri("sub", "activations") and main.extracts[0].output == cfg.uri(
+        "activations"
+    )
+    assert other.sweep.output == cfg.uri("sub", "sweep") and other.sweep.evaluation.stores == cfg.uri(
+        "sub", "activations"
+    )
+    assert other.trains[0].output_uri.startswith(cfg.uri("sub", "dictionaries", TOY))
+    assert dashboard_uri(other) == cfg.uri("sub", "dashboard", TOY, "index.html")
+    assert other.interpret_uri() == cfg.uri("sub", "interpret", TOY)
+    assert state.lost_outcome(other, cfg.uri(), cfg.storage, "its process died").model == "other"
+    with pytest.raises(InvalidRequest, match="entry e runs prisma-toy-vit-shapes, which `models` selects too"):
+        config(tmp_path, models={"names": [TOY]}, entries={"e": {"model": TOY}}).names()
+
+
+def test_only_data_that_two_models_share_is_generated_before_the_actors_start(tmp_path):
+    """A dataset of one model is generated by its actor's extraction (beside the other actors' work); one that two
+    models read is generated once, in the driver, before any actor starts."""
+    from prisma_ray.campaign.run import prepare_data
+
+    def shapes(name: str) -> dict:
+        return {"type": "synthetic", "uri": str(tmp_path / name), "generator": {"name": "shapes", "n_images": 2}}
+
+    own = {"train": shapes("own-train"), "test": shapes("own-test")}
+    shared = {"train": shapes("shared-train"), "test": shapes("shared-test")}
+    cfg = config(
+        tmp_path,
+        models={},
+        entries={
+            "a": {"model": TOY, "root": "a", "data": own},
+            "b": {"model": TOY, "root": "b", "data": shared},
+            TOY: {"data": shared},
+        },
+    )
+    assert prepare_data(cfg, cfg.names()) == (["a", "b", TOY], {})
+    assert (tmp_path / "shared-train").is_dir() and (tmp_path / "shared-test").is_dir()
+    assert not (tmp_path / "own-train").exists() and not (tmp_path / "own-test").exists()
 
 
 @pytest.mark.parametrize(

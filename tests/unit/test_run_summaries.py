@@ -1,9 +1,7 @@
-"""What a run lost and redid reaches its summary: training's restarts from a checkpoint, and the quickstart's
-lines for every stage."""
+"""What a run lost and redid reaches its summary: training's restarts from a checkpoint."""
 
 import json
 
-from prisma_ray.quickstart import QuickstartSummary
 from prisma_ray.train.job import RESTARTS_FILE, TrainSummary, _restarts
 
 
@@ -23,13 +21,6 @@ def test_a_checkpoint_records_the_restarts_and_one_without_the_file_counts_none(
     assert _restarts(str(tmp_path)) == 0, "a checkpoint written before restarts were saved"
     (tmp_path / RESTARTS_FILE).write_text(json.dumps({"restarts": 3}))
     assert _restarts(str(tmp_path)) == 3
-
-
-def test_the_quickstart_summary_lists_what_each_stage_lost():
-    rows = [{"model": "m", "name": "topk", "l0": 2.0, "explained_variance": 0.9}]
-    done = QuickstartSummary("/o", "/o/lb", "/o/d", rows, {"train": 1.0}, lost=["train m: restarted 1 time(s)"])
-    assert "lost         train m: restarted 1 time(s)" in done.format().splitlines()
-    assert "lost" not in QuickstartSummary("/o", "/o/lb", "/o/d", rows, {"train": 1.0}).format()
 
 
 def test_the_training_progress_line_gives_step_metrics_pace_and_eta():

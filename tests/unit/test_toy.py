@@ -103,10 +103,10 @@ def test_dense_heads_read_the_patch_tokens_of_their_block_and_are_not_the_models
     ],
 )
 def test_shipped_models_read_their_dense_heads_on_the_quickstarts_hook_with_one_label_cell_per_token(name, heads):
-    from prisma_ray.quickstart import _default_models
+    from prisma_ray.quickstart import toy_runs
 
     spec = toy.SPECS[get_entry(name).architecture]
-    hook = next(m.hook for m in _default_models() if m.name == name)
+    hook = next(m.hook for m in toy_runs() if m.name == name)
     assert [h.name for h in spec.patch_heads] == heads and hook == f"blocks.{spec.patch_layer}.hook_resid_post"
     grid = spec.dataset.image_size // spec.patch_size
     assert spec.dataset.patch_grid == (grid, grid)  # the dataset's ground-truth cells are the model's patches
