@@ -42,6 +42,7 @@ import torch
 
 from prisma_ray.data.synthetic import ShapesConfig, patch_factors, render_shapes, unambiguous_cells
 from prisma_ray.data.transforms import crop_to_model
+from prisma_ray.evaluate.ground_truth import Detector, detector_latents
 from prisma_ray.interpret.autointerp.embedders import (
     HookedModelFeatures,
     PrototypeEmbedder,
@@ -50,14 +51,7 @@ from prisma_ray.interpret.autointerp.embedders import (
     synthetic_prototypes,
 )
 from prisma_ray.interpret.autointerp.explainers import VocabularyExplainer
-from prisma_ray.interpret.autointerp.scoring import (
-    Detector,
-    EmbeddingJudge,
-    Scorers,
-    agreement,
-    detector_latents,
-    random_baseline,
-)
+from prisma_ray.interpret.autointerp.scoring import EmbeddingJudge, Scorers, agreement, random_baseline
 from prisma_ray.interpret.glue import latent_evidence
 from prisma_ray.interpret.results import read_results, write_results
 from prisma_ray.interpret.topk import LatentRecord
@@ -250,8 +244,7 @@ def measure_toy_quickstart(q: ToyQuickstart, threads: int = 1, log=print) -> dic
     """Detector latents of the quickstart's toy ViT dictionary and how its offline explanations agree with them
     (see `ToyQuickstart`); tokens as the quickstart stores them (every token, float16), trained with
     `fit_dictionaries` (the training job's recipe), scored on the held-out patch tokens (`toy_recovery`)."""
-    from prisma_ray.campaign.explain import detector_values
-    from prisma_ray.evaluate.ground_truth import factor_recovery, recovery_columns
+    from prisma_ray.evaluate.ground_truth import factor_recovery
     from prisma_ray.interpret.autointerp.run import ExplainConfig, Pipeline
     from prisma_ray.models import get_entry, toy
     from prisma_ray.models.toy_recovery import hook_tokens, patch_labels, render
@@ -289,10 +282,19 @@ def measure_toy_quickstart(q: ToyQuickstart, threads: int = 1, log=print) -> dic
     found = detector_latents(scored, kept_values, DETECT_AUROC)
     pipeline = Pipeline(ExplainConfig(use_ray=False, iou=False, similarity=False))
     vocabulary = pipeline.cfg.vocabulary
-    pairs = detector_values(recovery_columns(factor_recovery(scored, kept_values, DETECT_AUROC)), vocabulary)
+    pairs = best_latent_per_value(factor_recovery(scored, kept_values, DETECT_AUROC), vocabulary)
     crops = {f"{i:06d}": pixels[i] for i in range(q.test_samples)}
     out = explain_detectors(found, z, layout, crops, pipeline.explainer, pipeline.scorers, vocabulary, q.seed, pairs)
     return {**out, "dictionary": name, "explained_variance": explained[name], "seconds": time.perf_counter() - start}
+
+
+def best_latent_per_value(recovery: dict, vocabulary: list[str]) -> list[tuple[int, str]]:
+    """`(latent, value)` for each detected value with its best latent (`factor_recovery`): the count the quickstart
+    printed before the sweep kept its detector latents (`gt_detectors`); a latent best for several values counts
+    for each, and one whose own best value has a better latent counts for the other value."""
+    pairs = zip(recovery["best_latent"], recovery["values"], recovery["best_auroc"])
+    found = [(int(latent), name.split("=", 1)[-1]) for latent, name, area in pairs if area >= DETECT_AUROC]
+    return [(latent, value) for latent, value in found if latent >= 0 and value in vocabulary]
 
 
 def report(out: dict[str, object], verbose: bool) -> None:

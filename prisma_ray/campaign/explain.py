@@ -14,15 +14,13 @@ from ..interpret.evidence import read_explanations
 from ..interpret.results import Results
 from ..storage import StorageOptions
 
-DETECTOR_AUROC = 0.95
 
-
-def detector_values(row: dict, vocabulary: Sequence[str], threshold: float = DETECTOR_AUROC) -> list[tuple[int, str]]:
-    """`(latent, value)` for each factor value of `vocabulary` that a leaderboard row's dictionary detects: its
-    best latent (`gt_detail`, from the sweep's ground truth) reaches AUROC >= `threshold`."""
-    detail = json.loads(row.get("gt_detail") or "{}")
-    pairs = [(int(d["latent"]), name.split("=", 1)[-1]) for name, d in detail.items() if d["auroc"] >= threshold]
-    return [(latent, value) for latent, value in pairs if latent >= 0 and value in vocabulary]
+def detector_values(row: dict, vocabulary: Sequence[str]) -> list[tuple[int, str]]:
+    """`(latent, value)` for each detector latent of a leaderboard row's dictionary (`gt_detectors`, from the sweep's
+    ground truth: a latent whose best factor value reaches AUROC >= the sweep's `detect_auroc`, counted once with
+    that value, `evaluate.ground_truth.detector_latents`) whose value is a word of `vocabulary`."""
+    found = json.loads(row.get("gt_detectors") or "[]")
+    return [(int(d["latent"]), d["value"]) for d in found if d["value"] in vocabulary]
 
 
 def explain_config(results: Results, row: dict, max_latents: int, options: StorageOptions) -> ExplainConfig:

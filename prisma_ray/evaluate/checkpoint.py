@@ -37,7 +37,14 @@ from ..sae.io import CheckpointInfo, read_checkpoint_info
 from ..storage import StorageOptions
 from ..store import KIND_CODES
 from .baselines import BASELINES, Baseline, baseline_recovery, margin_columns
-from .ground_truth import factor_recovery, recovery_columns, source_frames, token_factors
+from .ground_truth import (
+    detector_column,
+    detector_latents,
+    factor_recovery,
+    recovery_columns,
+    source_frames,
+    token_factors,
+)
 from .heldout import HeldOut, StoreSource, read_held_out, store_selection
 from .metrics import Reconstruction, Sparsity, decoder_norm_shares, share_summary
 from .pooled_truth import PooledLabels, patch_tokens_per_sample, pooled_columns, pooled_labels
@@ -411,8 +418,10 @@ class Evaluator:
         """Factor recovery from the `latents` of the first held-out rows of a synthetic dataset's store, and its
         margin over the baselines scored on the same tokens."""
         truth = self._store_truth(source, held, key)
-        result = factor_recovery(latents[truth.scored], truth.factors, self.cfg.detect_auroc)
-        row = {**recovery_columns(result), **margin_columns(result, truth.baselines)}
+        scored = latents[truth.scored]
+        result = factor_recovery(scored, truth.factors, self.cfg.detect_auroc)
+        detectors = detector_latents(scored, truth.factors, self.cfg.detect_auroc)
+        row = {**recovery_columns(result), **margin_columns(result, truth.baselines), **detector_column(detectors)}
         if truth.baselines:
             row["gt_baseline_fit"] = truth.baseline_fit
         return row

@@ -19,6 +19,7 @@ for the best latent of each class.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,6 +125,54 @@ def recovery_columns(result: dict[str, object]) -> dict[str, object]:
         "gt_mean_coverage": result["mean_coverage"],
         "gt_detail": json.dumps(detail),
     }
+
+
+@dataclass(frozen=True)
+class Detector:
+    """A detector latent: its best factor value (`"red"`, `"circle"`), that value's AUROC, and every value it detects
+    at the threshold (best first)."""
+
+    latent: int
+    value: str
+    auroc: float
+    detected: tuple[str, ...]
+
+
+def detector_latents(
+    latents: np.ndarray, factors: Mapping[str, np.ndarray], threshold: float = 0.95, chunk: int = 256
+) -> list[Detector]:
+    """Issue 18's detector latents: each latent whose best factor value reaches patch AUROC >= `threshold`, counted
+    once, with that best value (the value an explanation must name to agree: `interpret.autointerp.scoring.agreement` of `(latent, value)`).
+
+    `latents` is `float[N, L]` over scored patch tokens, `factors[name]` each token's value (None: a negative of
+    every value), as `factor_recovery` takes them. Unlike its per-value best latent (the
+    sweep's `gt_detail`), a latent that is the best detector of several values is one detector here, and a latent
+    whose own best value has a better latent elsewhere is still a detector of that value. Latents that never fire
+    are skipped."""
+    latents = np.asarray(latents)
+    names, positives = value_columns(dict(factors), len(latents))
+    values = [name.split("=", 1)[-1] for name in names]
+    live = np.flatnonzero((latents > 0).any(0))
+    found = []
+    for start in range(0, len(live) if names else 0, chunk):
+        cols = live[start : start + chunk]
+        areas = np.nan_to_num(auroc(latents[:, cols], positives), nan=0.0)
+        for latent, row in zip(cols, areas):
+            order = np.argsort(-row, kind="stable")  # ties: the first value (shapes before colours)
+            if row[order[0]] >= threshold:
+                detected = tuple(values[i] for i in order if row[i] >= threshold)
+                found.append(Detector(int(latent), values[order[0]], float(row[order[0]]), detected))
+    return found
+
+
+def detector_column(detectors: list[Detector]) -> dict[str, str]:
+    """The metrics-row column `gt_detectors` (JSON: per detector latent (`detector_latents`), its `latent`, best
+    `value`, that value's `auroc` and every value it `detected`), which the explain step's agreement reads."""
+    rows = [
+        {"latent": d.latent, "value": d.value, "auroc": round(d.auroc, 4), "detected": list(d.detected)}
+        for d in detectors
+    ]
+    return {"gt_detectors": json.dumps(rows)}
 
 
 def value_columns(factors: dict[str, np.ndarray], rows: int) -> tuple[list[str], np.ndarray]:

@@ -245,7 +245,7 @@ def test_batch_run_resumes_and_keeps_what_was_written(chat_server, tmp_path):
 
 
 def test_detector_latents_counts_each_latent_once_with_its_own_best_value():
-    from prisma_ray.interpret.autointerp.scoring import Detector, detector_latents
+    from prisma_ray.evaluate.ground_truth import Detector, detector_latents
 
     rng = np.random.default_rng(0)
     colour = np.array(["red", "blue", None] * 40, dtype=object)

@@ -234,6 +234,11 @@ def test_ground_truth_recovery_is_reported_on_synthetic_stores(stores, tmp_path)
     assert all(set(v) == {"latent", "auroc", "ap", "purity", "coverage"} for v in detail.values())
     assert all(0 <= row[f"gt_mean_{m}"] <= 1 for m in ("ap", "purity", "coverage"))
     assert "loss_recovered" not in row, "splice_samples=0 skips the spliced-in evaluation"
+    detectors = json.loads(row["gt_detectors"])  # each detector latent once, with its own best value
+    assert len({d["latent"] for d in detectors}) == len(detectors)
+    assert {d["latent"] for d in detectors} >= {v["latent"] for v in detail.values() if v["auroc"] >= 0.95}
+    best = {k.split("=", 1)[1]: v["auroc"] for k, v in detail.items()}
+    assert all(0.95 <= d["auroc"] <= best[d["value"]] + 1e-4 and d["detected"][0] == d["value"] for d in detectors)
 
     baselines = json.loads(row["gt_baselines"])
     assert list(baselines) == ["raw", "pca", "kmeans", "random"] and baselines["raw"]["directions"] == 32

@@ -203,13 +203,12 @@ def test_the_explain_step_explains_the_shown_and_the_detector_latents_and_report
     from prisma_ray.interpret.evidence import ExplanationRecord, append_explanations
 
     latents = pa.table({"latent": list(range(50)), "frequency": [0.0 if i % 5 == 0 else 0.1 for i in range(50)]})
-    detail = {
-        "colour=red": {"auroc": 0.97, "latent": 7},
-        "shape=star": {"auroc": 0.90, "latent": 8},  # not a detector
-        "shape=square": {"auroc": 0.99, "latent": 30},
-        "direction=up": {"auroc": 0.99, "latent": 9},  # not in the vocabulary
-    }
-    row = {"gt_detail": json.dumps(detail)}
+    detectors = [  # the sweep's gt_detectors: each detector latent once, with its own best value
+        {"latent": 7, "value": "red", "auroc": 0.97, "detected": ["red"]},
+        {"latent": 30, "value": "square", "auroc": 0.99, "detected": ["square", "circle"]},
+        {"latent": 9, "value": "up", "auroc": 0.99, "detected": ["up"]},  # not in the vocabulary
+    ]
+    row = {"gt_detectors": json.dumps(detectors)}
     assert detector_values(row, default_vocabulary()) == [(7, "red"), (30, "square")]
     explain = explain_config(vision_results(str(tmp_path), latents), row, 4, storage.StorageOptions())
     assert explain.latents == [1, 2, 3, 4, 7, 30] and not explain.use_ray  # the first 4 that fired, then detectors
