@@ -194,3 +194,12 @@ def test_a_union_fields_error_names_the_key_not_pydantics_members(tmp_path):
     assert "[" not in message.split("(got")[0] and "valid list" not in message
     with pytest.raises(ConfigError, match=r"^Invalid config for SteerConfig: steer.latents: Field required$"):
         load_config(SteerConfig, overrides=["checkpoint=c", "steer.value=2"])
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_a_dashboard_latent_count_below_one_is_refused_naming_the_option(value, capsys):
+    """`--max-latents -3` rendered every fired latent but the last 3, and `0` every one, without a word."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["dashboard", "runs/sae/dictionaries/topk-k-16", "--max-latents", value])
+    assert exit_.value.code == 2
+    assert f"argument --max-latents: must be a whole number >= 1, got {value}" in capsys.readouterr().err
