@@ -149,6 +149,22 @@ def test_a_mistyped_key_is_named_on_one_line_with_the_closest_keys(capsys):
     assert "resources.actorz: unknown key; did you mean actors?" in err
 
 
+def test_errors_inside_a_union_name_the_keys_the_user_wrote(capsys):
+    """Inside a union whose members pydantic names by tag or class (`dataset`, an inline `model`) the errors
+    carried those names (`dataset.images.urii: unknown key`, no suggestion, blamed on the config not the --set;
+    `model.str: Input should be a valid string`, `model.ModelEntry.sourc`, `pretrained: The default factory uses
+    validated data ...`)."""
+    assert main(["extract", "--set", "dataset.type=images", "--set", "dataset.urii=/x"]) == 2
+    err = capsys.readouterr().err
+    assert "Invalid --set dataset.urii=/x for ExtractConfig: dataset.urii: unknown key; did you mean uri?" in err
+    assert main(["extract", "--set", "model={name: x, sourc: timm}"]) == 2
+    err = capsys.readouterr().err
+    assert "model.sourc: unknown key; did you mean source?" in err and "model.source: Field required" in err
+    assert "valid string" not in err and "default factory" not in err and "ModelEntry" not in err, err
+    assert main(["extract", "--set", "hooks=5"]) == 2
+    assert "hooks: Input should be a valid list (got 5)" in capsys.readouterr().err, "a type error alone stays"
+
+
 def test_dotted_overrides_change_the_default_section_they_name():
     """`--set dataset.generator.n_images=8` changes the default dataset's generator (it used to replace the
     dataset with `{generator: {n_images: 8}}`, which no dataset type accepts); a section switched to another
