@@ -171,7 +171,7 @@ class QuickstartConfig(BaseModel):
     dictionaries: list[DictionaryConfig] = Field(
         default_factory=_default_dictionaries,
         min_length=1,
-        description="dictionaries trained per model (default: TopK SAEs with k 4, 8, 16, and k 4 with seed 1)",
+        description="dictionaries trained per model (default: TopK SAEs, 8x, with k 8, 16 and 32, and k 8 with seed 1)",
     )
     batch_size: int = Field(1024, ge=1, description="training tokens per step")
     train_workers: int = Field(1, ge=0, description="Ray Train workers per run (0: in the driver)")

@@ -249,3 +249,13 @@ def test_the_summary_prints_the_real_models_best_ground_truth_row():
         "shapes"
         not in QuickstartSummary("/o", "/o/lb", "/o/d", [row], {}, real=RealSummary([row], "", "", {})).format()
     )
+
+
+def test_help_states_the_default_dictionaries():
+    """`prisma-ray quickstart --help` said k 4, 8, 16 and k 4 with seed 1 after the defaults became 8, 16, 32."""
+    defaults = QuickstartConfig().dictionaries
+    ks = sorted({d.k for d in defaults})
+    description = QuickstartConfig.model_fields["dictionaries"].description
+    assert f"with k {', '.join(map(str, ks[:-1]))} and {ks[-1]}," in description
+    assert f"and k {defaults[-1].k} with seed {defaults[-1].seed})" in description
+    assert {d.expansion_factor for d in defaults} == {8} and "8x" in description
