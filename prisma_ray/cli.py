@@ -182,7 +182,7 @@ def _interpret_overrides(args: argparse.Namespace) -> list[str]:
 def _interpret(args: argparse.Namespace, cfg: Any) -> int:
     from .interpret.pipeline import run_interpret
 
-    print(run_interpret(cfg).format())
+    print(run_interpret(cfg, replace=False).format())
     return 0
 
 
@@ -191,7 +191,7 @@ def _dashboard(args: argparse.Namespace, cfg: Any) -> int:
     from .interpret.pipeline import run_interpret
     from .interpret.results import read_results
 
-    summary = run_interpret(cfg)
+    summary = run_interpret(cfg, replace=False)
     results = read_results(summary.output, cfg.storage.resolved())
     if args.explain:
         from .interpret.autointerp.run import ExplainConfig, run_explain

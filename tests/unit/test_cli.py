@@ -219,3 +219,19 @@ def test_a_dashboard_latent_count_below_one_is_refused_naming_the_option(value, 
         main(["dashboard", "runs/sae/dictionaries/topk-k-16", "--max-latents", value])
     assert exit_.value.code == 2
     assert f"argument --max-latents: must be a whole number >= 1, got {value}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["interpret", "dashboard"])
+def test_interpret_and_dashboard_refuse_an_output_holding_another_pass(command, monkeypatch, capsys):
+    """The commands ask the pass not to replace another pass's results (the library's callers, the quickstart
+    and the campaign, own their folders and replace them); the refusal is one error line."""
+    from prisma_ray.interpret import pipeline
+
+    def run_interpret(cfg, replace=True):
+        assert replace is False
+        raise InvalidRequest(f"{cfg.output} holds the results of another interpretation pass")
+
+    monkeypatch.setattr(pipeline, "run_interpret", run_interpret)
+    args = ["--set", "checkpoint=runs/a"] if command == "interpret" else ["runs/a"]
+    assert main([command, *args, "--output", "/tmp/x"]) == 2
+    assert "error: /tmp/x holds the results of another interpretation pass" in capsys.readouterr().err
