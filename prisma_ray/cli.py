@@ -38,6 +38,14 @@ def arg(*flags: str, group: str | None = None, **options: Any) -> Arg:
     return Arg(flags, options, group)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse names the option and the value when it is not)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
+    return value
+
+
 @dataclass(frozen=True, kw_only=True)
 class Command:
     """One sub-command of `prisma-ray`.
@@ -174,7 +182,7 @@ def _interpret_overrides(args: argparse.Namespace) -> list[str]:
 def _interpret(args: argparse.Namespace, cfg: Any) -> int:
     from .interpret.pipeline import run_interpret
 
-    print(run_interpret(cfg).format())
+    print(run_interpret(cfg, replace=False).format())
     return 0
 
 
@@ -183,7 +191,7 @@ def _dashboard(args: argparse.Namespace, cfg: Any) -> int:
     from .interpret.pipeline import run_interpret
     from .interpret.results import read_results
 
-    summary = run_interpret(cfg)
+    summary = run_interpret(cfg, replace=False)
     results = read_results(summary.output, cfg.storage.resolved())
     if args.explain:
         from .interpret.autointerp.run import ExplainConfig, run_explain
@@ -192,7 +200,7 @@ def _dashboard(args: argparse.Namespace, cfg: Any) -> int:
         run_explain(
             ExplainConfig(evidence=results.uri, explainer=args.explain, storage=cfg.storage, ray=cfg.ray, **vocabulary)
         )
-    index = write_dashboard(results, per_latent=args.per_latent, max_latents=args.max_latents)
+    index = write_dashboard(results, per_latent=args.per_latent, max_latents=args.max_latents, progress=cfg.progress)
     print(summary.format())
     print(f"dashboard {index}")
     return 0
@@ -431,8 +439,13 @@ COMMANDS: tuple[Command, ...] = (
             CHECKPOINT,
             DATA,
             arg("--output", help="results and site directory (local or s3://)"),
-            arg("--per-latent", type=int, default=8, help="top samples shown per latent and ranking"),
-            arg("--max-latents", type=int, help="render at most this many latents (in index order)"),
+            arg("--per-latent", type=positive_int, default=8, help="top samples shown per latent and ranking"),
+            arg(
+                "--max-latents",
+                type=positive_int,
+                help="render at most this many latents (in index order; default: every latent that fired, a page "
+                "each: minutes for thousands)",
+            ),
             arg("--explain", choices=["vocabulary"], help="explain the latents offline first"),
             arg(
                 "--vocabulary",

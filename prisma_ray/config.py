@@ -98,13 +98,13 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
         return cls.model_validate(with_section_defaults(cls, data))
     except ValidationError as exc:
         raise ConfigError(
-            f"Invalid {_source(path, overrides, exc)} for {cls.__name__}: {describe_errors(cls, exc)}"
+            f"Invalid {_source(path, overrides, exc, cls)} for {cls.__name__}: {describe_errors(cls, exc)}"
         ) from exc
 
 
-def _source(path: Path | None, overrides: list[str] | None, exc: ValidationError) -> str:
+def _source(path: Path | None, overrides: list[str] | None, exc: ValidationError, cls: type[BaseModel]) -> str:
     """Where the invalid values came from: the `--set` overrides whose keys the errors name, else the file."""
-    keys = {".".join(str(part) for part in error["loc"]) for error in _user_errors(exc)}
+    keys = {".".join(str(part) for part in loc) for loc, _, _ in _config_errors(cls, exc)}
     blamed = [a for a in overrides or [] if "=" in a and any(_covers(a.split("=", 1)[0].strip(), k) for k in keys)]
     if blamed:
         return "--set " + ", --set ".join(blamed)
@@ -116,44 +116,14 @@ def _covers(set_key: str, error_key: str) -> bool:
     return error_key == set_key or error_key.startswith(set_key + ".") or set_key.startswith(error_key + ".")
 
 
-def _union_tag(part: Any) -> bool:
-    """Whether a part of an error's location is pydantic's name of a union member (`list[SteerSpec]`,
-    `function-after[_one_rule(), SteerSpec]`), not a key a user wrote."""
-    return isinstance(part, str) and "[" in part
-
-
-def _user_errors(exc: ValidationError) -> list[dict[str, Any]]:
-    """`exc`'s errors without the union members whose only complaint is the input's type (`steer: Input should be
-    a valid list` beside the member the input was meant for), unless no member of that union says more; the union
-    members' names left out of each location."""
-    errors = exc.errors()
-    branches: dict[tuple, dict[str, bool]] = {}  # per union: member -> whether it only rejects the input's type
-    for error in errors:
-        loc = error["loc"]
-        at = next((i for i, part in enumerate(loc) if _union_tag(part)), None)
-        if at is not None:
-            member = branches.setdefault(tuple(loc[:at]), {})
-            member[loc[at]] = member.get(loc[at], True) and error["type"].endswith("_type")
-    kept = []
-    for error in errors:
-        loc = error["loc"]
-        at = next((i for i, part in enumerate(loc) if _union_tag(part)), None)
-        members = branches.get(tuple(loc[:at])) if at is not None else None
-        if members and members[loc[at]] and not all(members.values()):
-            continue
-        kept.append({**error, "loc": tuple(part for part in loc if not _union_tag(part))})
-    return kept
-
-
 def describe_errors(cls: type[BaseModel], exc: ValidationError) -> str:
     """The validation errors of `cls` on one line: `dotted.key: what is wrong (got VALUE)`, joined by `; `;
-    an unknown key names the closest known ones; a union field's members that only reject the input's type are
-    left out where another member says what is wrong."""
+    an unknown key names the closest known ones."""
     parts: list[str] = []
-    for error in _user_errors(exc):
-        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    for loc, error, parents in _config_errors(cls, exc):
+        key = ".".join(str(part) for part in loc) or "(top level)"
         if error["type"] == "extra_forbidden":
-            message = "unknown key" + _suggest(cls, error["loc"])
+            message = "unknown key" + _suggest(parents, str(loc[-1]))
         else:
             message = error["msg"].removeprefix("Value error, ")
             if error["type"] != "missing" and "input" in error:
@@ -164,18 +134,47 @@ def describe_errors(cls: type[BaseModel], exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _suggest(cls: type[BaseModel], loc: tuple[Any, ...]) -> str:
-    """`; did you mean ...?` with the fields of the model at `loc[:-1]` closest to `loc[-1]` ("" if none)."""
-    model: Any = cls
-    for part in loc[:-1]:
-        if isinstance(part, int) or model is None:
-            continue
-        info = model.model_fields.get(part)
-        model = _nested(info.annotation)[0] if info is not None else None
-    if model is None:
+def _suggest(models: list[type[BaseModel]], key: str) -> str:
+    """`; did you mean ...?` with the fields of `models` (the section holding `key`) closest to `key`."""
+    fields = list(dict.fromkeys(name for model in models for name in model.model_fields))
+    if not fields:
         return ""
-    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=3)
-    return f"; did you mean {' or '.join(close)}?" if close else f"; known keys: {', '.join(model.model_fields)}"
+    close = difflib.get_close_matches(key, fields, n=3)
+    return f"; did you mean {' or '.join(close)}?" if close else f"; known keys: {', '.join(fields)}"
+
+
+# Errors that only follow from others: a default computed from fields that failed validation.
+_CONSEQUENCES = {"default_factory_not_called"}
+
+
+def _config_errors(
+    cls: type[BaseModel], exc: ValidationError
+) -> list[tuple[tuple[Any, ...], Any, list[type[BaseModel]]]]:
+    """`exc`'s errors as `(loc, error, models)`: `loc` the YAML keys (pydantic's union member tags, such as
+    `str`, `ModelEntry`, `images` or `function-after[...]`, left out), `models` the sections that can hold the
+    last key. A value that fails every member of a union is reported by the members it came closest to: a type
+    mismatch (`Input should be a valid string`) is left out where the same key or a key inside it has other errors,
+    as are errors that only follow from others."""
+    found = []
+    for error in exc.errors():
+        if error["type"] in _CONSEQUENCES:
+            continue
+        loc, models, parents = [], [cls], [cls]
+        for i, part in enumerate(error["loc"]):
+            last = i == len(error["loc"]) - 1
+            if isinstance(part, int):
+                loc.append(part)
+                continue
+            fields = [m.model_fields[part] for m in models if part in m.model_fields]
+            if fields or (last and error["type"] == "extra_forbidden"):
+                loc.append(part)
+                parents = models
+                models = [m for f in fields for m in models_in(f.annotation)]
+            else:  # a union member's tag: not a key the user wrote; narrow to that member where it is a model
+                models = [m for m in models if m.__name__ == part] or models
+        found.append((tuple(loc), error, parents))
+    other = {loc[:n] for loc, error, _ in found if not error["type"].endswith("_type") for n in range(len(loc) + 1)}
+    return [(loc, e, parents) for loc, e, parents in found if not (e["type"].endswith("_type") and loc in other)]
 
 
 def models_in(annotation: Any) -> Iterator[type[BaseModel]]:
@@ -247,10 +246,16 @@ def _plain(value: Any) -> Any:
 def config_fields(cls: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, str, str | None, str]]:
     """`(dotted name, type, default, description)` of every field of `cls`, each nested model's fields after its
     own line (`a.b` for a model field, `a[].b` for a list of models). `default` is JSON, `"required"`, or `""`
-    for a nested model (its fields give theirs)."""
+    for a nested model (its fields give theirs). A config whose defaults come from elsewhere (the quickstart's
+    shipped campaign) says so with a classmethod `shown_defaults() -> {field: shown default}` of its top-level
+    fields."""
+    shown = getattr(cls, "shown_defaults", None)
+    overrides = shown() if callable(shown) and not prefix else {}
     for name, info in cls.model_fields.items():
         nested, suffix = _nested(info.annotation)
-        if info.is_required():
+        if name in overrides:
+            default = overrides[name]
+        elif info.is_required():
             default = "required"
         elif nested is not None and suffix == ".":
             default = ""

@@ -18,6 +18,7 @@ Every stage resumes, so a rerun after a failure picks up where it stopped.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -70,6 +71,14 @@ class QuickstartConfig(CampaignConfig):
         default_factory=lambda: ["real", "real-shapes"],
         description="entries on the real material: their video and image folders get the packaged clips and photos",
     )
+
+    @classmethod
+    def shown_defaults(cls) -> dict[str, str]:
+        """`--help`'s defaults: the shipped config's values (JSON, or where it is long, where it is)."""
+        return {
+            name: text if len(text := json.dumps(value)) <= 160 else f"as in prisma_ray/{CONFIG}"
+            for name, value in shipped_config().items()
+        }
 
     @model_validator(mode="before")
     @classmethod

@@ -340,9 +340,33 @@ def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
 
 
 def read_manifest(uri: str, options: storage.StorageOptions | None = None) -> Manifest:
-    """The manifest of a finished store."""
-    storage.require_exists(storage.join(uri, "manifest.json"), options)
-    return Manifest.model_validate_json(storage.read_bytes(storage.join(uri, "manifest.json"), options))
+    """The manifest of a finished store.
+
+    Raises `MissingInputError` when `uri` holds none: naming the stores below it where `uri` is a folder above
+    some (`<output>`, `<output>/<model>` or `<output>/<model>/<hook>`), saying so where the store's extraction
+    has not finished (shards but no manifest), else naming the missing path."""
+    manifest = storage.join(uri, "manifest.json")
+    try:
+        storage.require_exists(manifest, options)
+    except storage.MissingInputError as missing:
+        fs, path = storage.resolve(uri, options)
+        if fs.get_file_info(path).type != pafs.FileType.Directory:
+            raise
+        files = storage.list_files(uri, options)
+        below = [posixpath.dirname(f) for f in files if posixpath.basename(f) == "manifest.json"]
+        if below:
+            shown = ", ".join(below[:5]) + (f" and {len(below) - 5} more" if len(below) > 5 else "")
+            raise storage.MissingInputError(
+                f"{uri} is not an activation store but a folder above {len(below)}: {shown} "
+                "(a store is <output>/<model>/<hook>/<split>); give the store's own path"
+            ) from missing
+        if any(posixpath.basename(f).startswith("part-") for f in files):
+            raise storage.MissingInputError(
+                f"{uri}: the store's extraction has not finished (shards but no manifest.json); rerun the same "
+                "`prisma-ray extract` config to complete it"
+            ) from missing
+        raise
+    return Manifest.model_validate_json(storage.read_bytes(manifest, options))
 
 
 def shard_paths(uri: str, options: storage.StorageOptions | None = None) -> list[str]:

@@ -554,9 +554,13 @@ def ensure_generated(cfg: SyntheticConfig, uri: str, options: storage.StorageOpt
     except FileNotFoundError:
         return generate(cfg, uri, options)
     if manifest.get("config") != expected or manifest.get("format_version") != FORMAT_VERSION:
+        there = manifest.get("config") or {}
+        changed = [f"{k} {there.get(k)!r} there, {v!r} now" for k, v in expected.items() if there.get(k) != v]
+        if manifest.get("format_version") != FORMAT_VERSION:
+            changed.append(f"format version {manifest.get('format_version')} there, {FORMAT_VERSION} now")
         raise InvalidRequest(
-            f"{uri} already holds a synthetic dataset generated from another config "
-            f"({manifest.get('config')}); use another uri or delete that one."
+            f"{uri} already holds a synthetic dataset generated from another config ({'; '.join(changed)}); "
+            "use another uri or delete that one."
         )
     return manifest
 

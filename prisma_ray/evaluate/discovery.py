@@ -2,24 +2,43 @@
 
 from __future__ import annotations
 
+import logging
 import posixpath
+import re
 
 from .. import storage
 from ..sae.io import CFG_FILE, WEIGHTS_FILE
+
+log = logging.getLogger(__name__)
+
+# `prisma-ray train` writes `<runs>/<name>/checkpoint_<step>/<dictionary>` (Ray Train checkpoints, the same
+# files) and, when the run finishes, `<runs>/<name>/dictionaries/<dictionary>`.
+_TRAIN_CHECKPOINT = re.compile(r"^(?P<run>(?:.*/)?)checkpoint_\d+/(?P<name>[^/]+)$")
 
 
 def find_checkpoints(root: str, options: storage.StorageOptions | None = None) -> list[str]:
     """Every checkpoint directory (holding `cfg.json` and `sae_weights.safetensors`) at or under `root`, sorted.
 
-    Raises `MissingInputError` when `root` does not exist.
+    A training run's copy of a dictionary in a Ray Train checkpoint below `root`
+    (`<run>/checkpoint_<step>/<name>`) is left out when the run's final `<run>/dictionaries/<name>` is found
+    too, so searching a runs folder gives each trained dictionary once (point `root` at a `checkpoint_<step>`
+    folder to evaluate that one). Raises `MissingInputError` when `root` does not exist.
     """
     root = storage.absolute(root)
     storage.require_exists(root, options)
     files = set(storage.list_files(root, options))
-    found = []
-    for rel in files:
-        if posixpath.basename(rel) == CFG_FILE:
-            folder = posixpath.dirname(rel)
-            if posixpath.join(folder, WEIGHTS_FILE) in files:
-                found.append(storage.join(root, folder) if folder else root.rstrip("/"))
-    return sorted(found)
+    folders = {
+        posixpath.dirname(rel)
+        for rel in files
+        if posixpath.basename(rel) == CFG_FILE and posixpath.join(posixpath.dirname(rel), WEIGHTS_FILE) in files
+    }
+    copies = {folder for folder in folders if _final_of(folder) in folders}
+    if copies:
+        log.info("%s: %d training-checkpoint copies of finished dictionaries left out", root, len(copies))
+    return sorted(storage.join(root, folder) if folder else root.rstrip("/") for folder in folders - copies)
+
+
+def _final_of(folder: str) -> str | None:
+    """The final dictionary folder (`<run>/dictionaries/<name>`) of a training checkpoint's copy, else None."""
+    match = _TRAIN_CHECKPOINT.match(folder)
+    return match and f"{match['run']}dictionaries/{match['name']}"

@@ -19,6 +19,7 @@ import logging
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .. import storage
 from .evidence import ExplanationRecord, read_explanations
@@ -89,8 +90,9 @@ class DashboardWriter:
         options: storage.StorageOptions | None = None,
         per_latent: int = 8,
         max_latents: int | None = None,
+        progress: bool = False,
     ):
-        self.results, self.options, self.per_latent = results, options, per_latent
+        self.results, self.options, self.per_latent, self.progress = results, options, per_latent, progress
         self.output = output or results.uri
         self.layout = results.layout
         self.explanations = read_explanations(results.uri, results.options)
@@ -99,8 +101,16 @@ class DashboardWriter:
         self.rows = {int(r["latent"]): r for r in results.latents.to_pylist()}
 
     def write(self) -> str:
-        """Render every page; return the URI of `index.html`."""
-        thumbs = {latent: self._latent_page(latent) for latent in self.latents}
+        """Render every page (with a progress bar over the latents where `progress`); return the URI of `index.html`.
+
+        The index is written last, after every latent's page."""
+        log.info(
+            "dashboard: rendering %d latent pages (%d latents fired; max_latents shows fewer)",
+            len(self.latents),
+            self.alive,
+        )
+        pages = tqdm(self.latents, desc="dashboard", unit="latent", disable=not self.progress)
+        thumbs = {latent: self._latent_page(latent) for latent in pages}
         self._write("index.html", self._index(thumbs).encode())
         log.info("dashboard of %d latents written to %s", len(self.latents), self.output)
         return storage.join(self.output, "index.html")
@@ -272,6 +282,8 @@ def write_dashboard(
     options: storage.StorageOptions | None = None,
     per_latent: int = 8,
     max_latents: int | None = None,
+    progress: bool = False,
 ) -> str:
-    """Render the dashboard of `results`; return the URI of its `index.html`."""
-    return DashboardWriter(results, output, options, per_latent, max_latents).write()
+    """Render the dashboard of `results` (a progress bar over its latents where `progress`); return the URI of
+    its `index.html`."""
+    return DashboardWriter(results, output, options, per_latent, max_latents, progress).write()

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from .. import storage
 from ..data.shards import plan_shards
 from ..data.sources import SampleRef, list_refs
+from ..errors import InvalidRequest
 from ..runtime.devices import placement_line
 from ..runtime.pool import PoolSize, PoolStats, cluster_resources, size_pool, stream_shards
 from ..runtime.session import ensure_ray
@@ -50,16 +51,25 @@ class InterpretSummary:
         return "\n".join(lines)
 
 
-def run_interpret(cfg: InterpretConfig) -> InterpretSummary:
+def run_interpret(cfg: InterpretConfig, replace: bool = True) -> InterpretSummary:
     """Run the pass `cfg` asks for on Ray and write its results; results of the same pass already
-    under `output` are kept (no Ray is started)."""
+    under `output` are kept (no Ray is started). Results of another pass there (another checkpoint, dataset,
+    `k`, ...) are replaced, or with `replace=False` (the `interpret` and `dashboard` commands) refused with
+    `InvalidRequest` naming what changed, before any work."""
     start = time.perf_counter()
     plan = plan_interpret(cfg)
     output = storage.absolute(cfg.output)
     storage.require_bucket(output, plan.options)
     if results_exist(output, plan.options):
         summary = read_results(output, plan.options).summary
-        if {k: summary.get(k) for k in plan.description()} == json.loads(json.dumps(plan.description())):
+        wanted = json.loads(json.dumps(plan.description()))
+        changed = [k for k in wanted if summary.get(k) != wanted[k]]
+        if changed and not replace:
+            raise InvalidRequest(
+                f"{output} holds the results of another interpretation pass (changed: {', '.join(changed)}; "
+                f"there: {summary.get('checkpoint')}); write to a new output, or delete the old results first"
+            )
+        if not changed:
             log.info("%s already holds the results of this pass; reusing them", output)
             return InterpretSummary(
                 output=output,

@@ -40,7 +40,18 @@ def build_sites(entry: ModelEntry, pretrained: bool) -> ModelSites:
     is how every registry entry is checked.
     """
     adapter = importlib.import_module(_ADAPTERS[entry.source])
-    return adapter.build(entry, pretrained)
+    if not pretrained:
+        return adapter.build(entry, pretrained)
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return adapter.build(entry, pretrained)
+    except LocalEntryNotFoundError as exc:  # offline, or the hub unreachable, and the weights not in the cache
+        raise InvalidRequest(
+            f"{entry.name}: its pretrained weights are neither reachable on the Hugging Face hub nor in the local "
+            f"cache (HF_HOME) ({type(exc).__name__}). Check the network, or set pretrained=false for random "
+            "weights from `seed`, or weights= for a checkpoint of your own"
+        ) from exc
 
 
 def resolve_entry(model: str | ModelEntry) -> ModelEntry:

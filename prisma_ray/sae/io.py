@@ -15,10 +15,12 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
@@ -426,6 +428,24 @@ def checkpoint_files(trainer: Trainer, extra: dict[str, Any] | None = None) -> d
         STATE_META_FILE: json.dumps(trainer.state_meta(), indent=1).encode(),
         **dictionary_files(trainer, extra),
     }
+
+
+def latest_checkpoint_state(run: str, options: storage.StorageOptions | None = None) -> tuple[str, dict] | None:
+    """The latest training checkpoint under a run folder (`<run>/checkpoint_<step>/`, as `prisma-ray train`
+    writes them, local or s3://) and its trainer state meta (`state_meta`), or None when the run has none."""
+    fs, path = storage.resolve(storage.absolute(run), options)
+    steps = {}
+    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        match = re.fullmatch(r"checkpoint_(\d+)", info.base_name)
+        if match and info.type == pafs.FileType.Directory:
+            steps[int(match[1])] = info.base_name
+    for step in sorted(steps, reverse=True):
+        uri = storage.join(run, steps[step])
+        try:
+            return uri, json.loads(storage.read_bytes(storage.join(uri, STATE_META_FILE), options))
+        except FileNotFoundError:  # a checkpoint being written: Ray Train resumes from an earlier one
+            continue
+    return None
 
 
 def restore_checkpoint(trainer: Trainer, directory: str) -> None:

@@ -342,12 +342,7 @@ class Trainer:
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Restore what `state_tensors`/`state_meta` saved (tensors on any device, e.g. CPU ones read from a
         checkpoint: copied to the trainer's); the run's dictionaries must be the same."""
-        mine = {name: d.cfg.model_dump(mode="json") for name, d in self.dictionaries.items()}
-        if meta["dictionaries"] != mine or meta["sites"] != self.sites.model_dump(mode="json"):
-            raise InvalidRequest(
-                "the checkpoint was written by a run with other dictionaries or data (names, hyperparameters, "
-                "input/output sites); resume with the same config, or start a new run name"
-            )
+        check_same_run(meta, [d.cfg for d in self.dictionaries.values()], self.sites)
         for name, d in self.dictionaries.items():
             d.load_state_dict({k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"{name}/model/")})
             params = dict(d.named_parameters())
@@ -360,3 +355,23 @@ class Trainer:
             self.since_fired[name].copy_(tensors[f"{name}/since_fired"])
             self.fire_counts[name].copy_(tensors[f"{name}/fire_counts"])
         self.step, self.tokens = int(meta["step"]), int(meta["tokens"])
+
+
+def check_same_run(meta: dict[str, Any], configs: Sequence[DictionaryConfig], sites: Sites, where: str = "") -> None:
+    """Raise `InvalidRequest` unless a checkpoint's `state_meta` (`meta`) was written by a run of these
+    dictionaries on these sites, naming what changed (the names, a dictionary's settings, or the sites) and
+    the checkpoint (`where`)."""
+    mine = {c.display_name(): c.model_dump(mode="json") for c in configs}
+    theirs = meta["dictionaries"]
+    if theirs == mine and meta["sites"] == sites.model_dump(mode="json"):
+        return
+    if sorted(theirs) != sorted(mine):
+        changed = f"dictionaries {sorted(theirs)} there, {sorted(mine)} now"
+    elif theirs != mine:
+        changed = "settings of " + ", ".join(n for n in mine if theirs[n] != mine[n])
+    else:
+        changed = "the input/output sites (stores, hooks or widths)"
+    raise InvalidRequest(
+        f"the checkpoint {where + ' ' if where else ''}was written by a run with other dictionaries or data "
+        f"({changed}); resume with the same config, or start a new run name"
+    )

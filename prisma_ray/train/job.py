@@ -50,7 +50,8 @@ from ..runtime.pool import Resources, cluster_resources, inlined, size_pool
 from ..runtime.session import ensure_ray
 from ..sae import DictionaryConfig, Normalization, Sites, Trainer
 from ..sae.dictionary import check_shape
-from ..sae.io import checkpoint_files, dictionary_files, restore_checkpoint, write_files
+from ..sae.io import checkpoint_files, dictionary_files, latest_checkpoint_state, restore_checkpoint, write_files
+from ..sae.trainer import check_same_run
 from ..storage import StorageOptions
 from .config import TrainConfig
 from .data import DataPlan, DataPosition, Piece, Reader, RowOrder, Schedule, plan_data, read_piece, worker_batches
@@ -203,6 +204,9 @@ def run_training(cfg: TrainConfig) -> TrainSummary:
     steps = total_steps(cfg, plan)
     for d in cfg.dictionaries:
         check_shape(d, plan.sites)
+    resumed = latest_checkpoint_state(storage.join(storage.absolute(cfg.runs), cfg.name), cfg.storage)
+    if resumed is not None:  # refused here, not after Ray Train has started its workers (minutes)
+        check_same_run(resumed[1], cfg.dictionaries, plan.sites, where=resumed[0])
     ensure_ray(cfg.ray)
     placement = plan_placement(cfg, cluster_resources())
     norm = plan.normalization

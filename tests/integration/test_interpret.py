@@ -9,6 +9,7 @@ import pytest
 from prisma_ray.cli import main
 from prisma_ray.data.shards import decode_shard
 from prisma_ray.data.sources import list_refs
+from prisma_ray.errors import InvalidRequest
 from prisma_ray.interpret.collect import InterpretConfig, LatentWorker, plan_interpret
 from prisma_ray.interpret.glue import latent_evidence
 from prisma_ray.interpret.pipeline import run_interpret
@@ -60,6 +61,10 @@ def test_pass_on_ray_equals_one_in_process_pass_and_writes_results(ray_local, to
     evidence = latent_evidence(results, int(latents["max_activation"].idxmax()), n=3)
     assert evidence.images.shape[1:] == (32, 32, 3) and evidence.maps.shape[1:] == (4, 4)
     assert run_interpret(cfg).seconds == 0.0, "the same pass again reuses the results"
+    # `prisma-ray dashboard OTHER --output SAME` replaced the results of another checkpoint without a word.
+    with pytest.raises(InvalidRequest, match=r"holds the results of another interpretation pass \(changed: k; there"):
+        run_interpret(cfg.model_copy(update={"k": 6}), replace=False)
+    assert read_results(cfg.output).summary["k"] == 5, "the results already written are kept"
 
 
 def test_dashboard_cli_renders_pages_and_offline_explanations(ray_local, toy_sae, tmp_path):

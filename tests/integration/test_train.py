@@ -197,6 +197,37 @@ def test_workers_that_do_not_fit_the_cluster_are_refused_before_training(ray_loc
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_run_name_holding_other_dictionaries_is_refused_before_ray_starts(tmp_path, acts, capsys, monkeypatch):
+    """Relaunching a run name with other dictionaries was refused only by the Ray Train workers, after their
+    start-up (about 4 minutes on the loaded 2-core machine); the driver now reads the latest checkpoint first.
+    The same config passes the check (and goes on to start Ray)."""
+    from prisma_ray.sae import Trainer
+    from prisma_ray.sae.io import checkpoint_files, write_files
+    from prisma_ray.train import job
+
+    class RayStarted(Exception):
+        pass
+
+    def ensure_ray(_):
+        raise RayStarted
+
+    monkeypatch.setattr(job, "ensure_ray", ensure_ray)
+    uri = write_store(str(tmp_path / "acts"), acts, "blocks.0.hook_resid_post")
+    cfg = TrainConfig.model_validate(sweep_config(tmp_path, uri))
+    trainer = Trainer(cfg.dictionaries, plan_data(cfg.data, cfg.storage).sites, 10)
+    checkpoint = tmp_path / "runs" / "sweep" / "checkpoint_000000050"
+    write_files(checkpoint_files(trainer), str(checkpoint))
+    (tmp_path / "runs" / "sweep" / "checkpoint_000000100").mkdir()  # being written: no trainer state yet
+    with pytest.raises(RayStarted):
+        run_training(cfg)
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump(sweep_config(tmp_path, uri, dictionaries=[{"architecture": "topk", "k": 4}])))
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"the checkpoint {checkpoint} was written by a run with other dictionaries or data" in err
+    assert "(dictionaries ['relu-l1-1', 'topk-k-3'] there, ['topk-k-4'] now)" in err
+
+
 def test_a_user_error_on_the_workers_is_reported_as_such():
     refused = InvalidRequest("the checkpoint was written by a run with other dictionaries")
     assert user_error(WorkerGroupError("x", {0: refused, 1: refused})) is refused

@@ -149,6 +149,22 @@ def test_a_mistyped_key_is_named_on_one_line_with_the_closest_keys(capsys):
     assert "resources.actorz: unknown key; did you mean actors?" in err
 
 
+def test_errors_inside_a_union_name_the_keys_the_user_wrote(capsys):
+    """Inside a union whose members pydantic names by tag or class (`dataset`, an inline `model`) the errors
+    carried those names (`dataset.images.urii: unknown key`, no suggestion, blamed on the config not the --set;
+    `model.str: Input should be a valid string`, `model.ModelEntry.sourc`, `pretrained: The default factory uses
+    validated data ...`)."""
+    assert main(["extract", "--set", "dataset.type=images", "--set", "dataset.urii=/x"]) == 2
+    err = capsys.readouterr().err
+    assert "Invalid --set dataset.urii=/x for ExtractConfig: dataset.urii: unknown key; did you mean uri?" in err
+    assert main(["extract", "--set", "model={name: x, sourc: timm}"]) == 2
+    err = capsys.readouterr().err
+    assert "model.sourc: unknown key; did you mean source?" in err and "model.source: Field required" in err
+    assert "valid string" not in err and "default factory" not in err and "ModelEntry" not in err, err
+    assert main(["extract", "--set", "hooks=5"]) == 2
+    assert "hooks: Input should be a valid list (got 5)" in capsys.readouterr().err, "a type error alone stays"
+
+
 def test_dotted_overrides_change_the_default_section_they_name():
     """`--set dataset.generator.n_images=8` changes the default dataset's generator (it used to replace the
     dataset with `{generator: {n_images: 8}}`, which no dataset type accepts); a section switched to another
@@ -194,3 +210,28 @@ def test_a_union_fields_error_names_the_key_not_pydantics_members(tmp_path):
     assert "[" not in message.split("(got")[0] and "valid list" not in message
     with pytest.raises(ConfigError, match=r"^Invalid config for SteerConfig: steer.latents: Field required$"):
         load_config(SteerConfig, overrides=["checkpoint=c", "steer.value=2"])
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_a_dashboard_latent_count_below_one_is_refused_naming_the_option(value, capsys):
+    """`--max-latents -3` rendered every fired latent but the last 3, and `0` every one, without a word."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["dashboard", "runs/sae/dictionaries/topk-k-16", "--max-latents", value])
+    assert exit_.value.code == 2
+    assert f"argument --max-latents: must be a whole number >= 1, got {value}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["interpret", "dashboard"])
+def test_interpret_and_dashboard_refuse_an_output_holding_another_pass(command, monkeypatch, capsys):
+    """The commands ask the pass not to replace another pass's results (the library's callers, the quickstart
+    and the campaign, own their folders and replace them); the refusal is one error line."""
+    from prisma_ray.interpret import pipeline
+
+    def run_interpret(cfg, replace=True):
+        assert replace is False
+        raise InvalidRequest(f"{cfg.output} holds the results of another interpretation pass")
+
+    monkeypatch.setattr(pipeline, "run_interpret", run_interpret)
+    args = ["--set", "checkpoint=runs/a"] if command == "interpret" else ["runs/a"]
+    assert main([command, *args, "--output", "/tmp/x"]) == 2
+    assert "error: /tmp/x holds the results of another interpretation pass" in capsys.readouterr().err

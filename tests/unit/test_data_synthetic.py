@@ -185,7 +185,8 @@ def test_ensure_generated_reuses_and_refuses_other_config(shapes_dir):
     before = os.stat(manifest_path).st_mtime_ns
     assert syn.ensure_generated(SHAPES, shapes_dir)["num_samples"] == SHAPES.n_images
     assert os.stat(manifest_path).st_mtime_ns == before
-    with pytest.raises(ValueError, match="another config"):
+    # The message named the whole old config (a dozen keys); it names what changed.
+    with pytest.raises(ValueError, match=rf"another config \(seed {SHAPES.seed} there, 99 now\); use another uri"):
         syn.ensure_generated(SHAPES.model_copy(update={"seed": 99}), shapes_dir)
 
 

@@ -137,3 +137,17 @@ def test_a_missing_bucket_under_a_model_template_is_named_once_not_read_as_no_ch
     with pytest.raises(MissingInputError, match="bucket 'no-such-bucket' does not exist"):
         plan_sweep(cfg)
     assert len(checked) == 1, "one check per bucket, not one per model"
+
+
+def test_a_runs_folder_gives_each_trained_dictionary_once(tmp_path):
+    """`prisma-ray train` leaves each dictionary in its Ray Train checkpoint and in `dictionaries/`: searching the
+    runs folder (as the README's sweep example does) found both, and the leaderboard listed every dictionary twice."""
+    run = tmp_path / "runs" / "real"
+    for folder in ("checkpoint_000000030/topk-k-16", "dictionaries/topk-k-16", "checkpoint_000000030/only-here"):
+        save(run / folder, TOY_IMAGE)
+    assert find_checkpoints(str(tmp_path / "runs")) == [
+        str(run / "checkpoint_000000030" / "only-here"),
+        str(run / "dictionaries" / "topk-k-16"),
+    ]
+    checkpoint = run / "checkpoint_000000030"
+    assert find_checkpoints(str(checkpoint)) == [str(checkpoint / "only-here"), str(checkpoint / "topk-k-16")]

@@ -153,3 +153,10 @@ def test_the_chat_explainer_explains_text_only_latents_from_their_text_contexts(
     records = read_explanations(text_only_results.uri)
     assert sorted(records) == [0, 1] and records[1].explanation == "boat" and records[0].explanation == "circle"
     assert records[1].scores == {}, "every score reads the top images"
+
+
+def test_the_dashboard_shows_its_progress_over_the_latents(text_only_results, tmp_path, capsys):
+    """A dashboard of thousands of latents takes minutes: it says how many pages it renders and counts them."""
+    write_dashboard(text_only_results, str(tmp_path / "site"), progress=True)
+    err = capsys.readouterr().err
+    assert "dashboard: 100%" in err and "2/2" in err, err

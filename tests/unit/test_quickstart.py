@@ -237,3 +237,14 @@ def test_the_summary_prints_each_roots_best_ground_truth_row():
     assert "mean best AUROC 0.974" in text and "leaderboard  /o/s/lb" in text and "dashboard    /o/real/d" in text
     assert text.count("ground-truth recovery") == 1, "no ground-truth line for the footage (no ground truth)"
     assert "failed       real: OutOfMemoryError: x" in text.splitlines()
+
+
+def test_help_shows_the_shipped_campaigns_defaults():
+    """`prisma-ray quickstart --help` listed the generic campaign's defaults (one TopK k 16 4x, a generic dataset, ...),
+    which the quickstart never runs: its defaults are the shipped config's."""
+    from prisma_ray.config import fields_help
+
+    text = fields_help(QuickstartConfig, width=200)
+    assert "  dictionaries (list[DictionaryConfig], default as in prisma_ray/assets/quickstart.yaml)" in text
+    assert "  batch_size (int, default 1024)" in text and "  eval_tokens (int, default 4096)" in text
+    assert "  dictionaries[].k (" in text, "nested fields are listed with their own defaults"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from prisma_ray.errors import PrismaRayError
+from prisma_ray.errors import InvalidRequest, PrismaRayError
 from prisma_ray.evaluate import read_checkpoint_info
 from prisma_ray.sae import (
     Dictionary,
@@ -23,8 +23,8 @@ from prisma_ray.sae import (
     load_sparsity,
     write_files,
 )
-from prisma_ray.sae.io import CheckpointFileError, checkpoint_files, restore_checkpoint
-from prisma_ray.sae.trainer import Normalization
+from prisma_ray.sae.io import CheckpointFileError, checkpoint_files, latest_checkpoint_state, restore_checkpoint
+from prisma_ray.sae.trainer import Normalization, check_same_run
 
 SAE = Sites(inputs=(Site(name="blocks.3.hook_resid_post", width=12, model="toy"),))
 CROSS = Sites(inputs=(Site(name="blocks.2.hook_resid_post", width=12), Site(name="blocks.3.hook_resid_post", width=8)))
@@ -287,3 +287,16 @@ for i in range({len(known)}):
     result = subprocess.run([str(SAELENS_PYTHON), "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("ok") == len(known)
+
+
+def test_a_checkpoint_of_changed_settings_names_the_dictionary_and_its_path(tmp_path):
+    trainer = trained(DictionaryConfig(architecture="topk", d_sae=24, k=4), SAE, steps=1)
+    assert latest_checkpoint_state(str(tmp_path / "run")) is None
+    write_files(checkpoint_files(trainer), str(tmp_path / "run" / "checkpoint_000000001"))
+    where, meta = latest_checkpoint_state(str(tmp_path / "run"))
+    assert where == str(tmp_path / "run" / "checkpoint_000000001") and meta["step"] == 1
+    check_same_run(meta, [DictionaryConfig(architecture="topk", d_sae=24, k=4)], SAE)
+    with pytest.raises(InvalidRequest, match=r"checkpoint X was .* \(settings of topk-k-4\); resume"):
+        check_same_run(meta, [DictionaryConfig(architecture="topk", d_sae=24, k=4, lr=1e-2)], SAE, "X")
+    with pytest.raises(InvalidRequest, match=r"\(the input/output sites \(stores, hooks or widths\)\)"):
+        check_same_run(meta, [DictionaryConfig(architecture="topk", d_sae=24, k=4)], CROSS)

@@ -87,3 +87,24 @@ def test_a_shard_written_twice_is_stored_once(tmp_path):
     assert store.read_table(str(tmp_path / "s")).equals(pq.read_table(tmp_path / "s" / "part-00005.parquet"))
     assert len(store.read_acts(str(tmp_path / "s"))) == 40
     assert writer.merged_stats({5}, 16).count == 40
+
+
+def test_a_folder_above_stores_or_an_unfinished_store_is_named_as_such(tmp_path):
+    """`data.inputs: [acts/<model>/<hook>]` (the split left off) said `manifest.json: no such file or directory.
+    ... write the data there first`, though the stores were there."""
+    from prisma_ray.storage import MissingInputError
+
+    hook = tmp_path / "acts" / "toy" / "blocks.1.hook_resid_post"
+    for split in ("train", "test"):
+        (hook / split).mkdir(parents=True)
+        (hook / split / "manifest.json").write_text("{}")
+    with pytest.raises(MissingInputError, match=r"is not an activation store but a folder above 2: test, train \("):
+        store.read_manifest(str(hook))
+    with pytest.raises(MissingInputError, match="above 2: toy/blocks.1.hook_resid_post/test, toy/blocks.1"):
+        store.read_manifest(str(tmp_path / "acts"))
+    table, acts = _table(8, 4)
+    store.StoreWriter(str(tmp_path / "killed")).write_shard(0, table, store.RunningStats.of(acts))
+    with pytest.raises(MissingInputError, match="extraction has not finished .* rerun the same `prisma-ray extract`"):
+        store.read_manifest(str(tmp_path / "killed"))
+    with pytest.raises(MissingInputError, match=r"nowhere/manifest.json: no such file or directory"):
+        store.read_manifest(str(tmp_path / "nowhere"))
