@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prisma_ray.data.synthetic import ShapesConfig, patch_factors, render_shapes, unambiguous_cells
+from prisma_ray.data.synthetic import SHAPES, ShapesConfig, patch_factors, render_shapes, unambiguous_cells
 from prisma_ray.data.transforms import crop_to_model
 from prisma_ray.evaluate.ground_truth import Detector, detector_latents
 from prisma_ray.interpret.autointerp.embedders import (
@@ -52,6 +52,7 @@ from prisma_ray.interpret.autointerp.embedders import (
 )
 from prisma_ray.interpret.autointerp.explainers import VocabularyExplainer
 from prisma_ray.interpret.autointerp.scoring import EmbeddingJudge, Scorers, agreement, random_baseline
+from prisma_ray.interpret.evidence import active_mask, upsample
 from prisma_ray.interpret.glue import latent_evidence
 from prisma_ray.interpret.results import read_results, write_results
 from prisma_ray.interpret.topk import LatentRecord
@@ -170,13 +171,17 @@ def explain_detectors(
     vocabulary: list[str],
     seed: int,
     pairs: list[tuple[int, str]] = (),
+    shown=None,
+    top: int = 8,
 ) -> dict[str, object]:
     """Explain and score the `found` detector latents from the evidence of the library's top-activation code
-    (`LatentRecord` of `z`, `float[samples, tokens, latents]` over the samples of `crops` in order, top 8 samples
+    (`LatentRecord` of `z`, `float[samples, tokens, latents]` over the samples of `crops` in order, top `top` samples
     by max activation -> `write_results` -> `latent_evidence`). `pairs`: further `(latent, value)` pairs whose
-    agreement is reported as `pair_agreement` (the quickstart's: each value with its best latent)."""
+    agreement is reported as `pair_agreement` (the quickstart's: each value with its best latent). `shown`: a
+    function of the evidence giving how often each value is shown in its top images (`ShownValues`); with it,
+    `evidence_ceiling` and `fidelity` (`read_out_figures`) are reported too."""
     ids = np.array(list(crops))
-    record = LatentRecord.empty(z.shape[-1], z.shape[1], k=8).update(ids, z, layout.kinds())
+    record = LatentRecord.empty(z.shape[-1], z.shape[1], k=top).update(ids, z, layout.kinds())
     rng = np.random.default_rng(seed)
     rows, texts = [], {}
     by_latent = {d.latent: d for d in found}
@@ -184,7 +189,7 @@ def explain_detectors(
         write_results(tmp, record, layout, {"checkpoint": "benchmark", "token_layout": layout.model_dump()}, crops)
         results = read_results(tmp)
         for latent in sorted(set(by_latent) | {latent for latent, _ in pairs}):
-            evidence = latent_evidence(results, latent, n=8)
+            evidence = latent_evidence(results, latent, n=top)
             if evidence is None:
                 continue
             explanation = explainer.explain(evidence)
@@ -196,6 +201,7 @@ def explain_detectors(
             negatives = evidence.negatives is not None and len(evidence.negatives)
             rows.append(
                 {
+                    "shown": shown(evidence) if shown is not None else None,
                     "latent": latent,
                     "value": d.value,
                     "auroc": d.auroc,
@@ -223,6 +229,51 @@ def explain_detectors(
         "largest_label_share": max(labels.values()) / len(rows) if rows else float("nan"),
         "labels": dict(labels.most_common()),
         "rows": rows,
+        **(read_out_figures(rows, vocabulary) if shown is not None else {}),
+    }
+
+
+class ShownValues:
+    """`shown(evidence)` → `Counter`: for each top image of a latent's evidence, the shape and the colour of the object
+    that covers most of its highlighted pixels (those of patches reaching `threshold` × the image's peak, as the
+    explainer reads them), counted over the top images. `truth` maps each rendered image's bytes to its `(mask,
+    objects)` (evidence carries no sample ids; the images are the rendered pixels, unchanged)."""
+
+    def __init__(self, pixels: np.ndarray, masks: np.ndarray, objects: list[list[dict]], threshold: float):
+        self.truth = {p.tobytes(): (m, o) for p, m, o in zip(pixels, masks, objects)}
+        self.threshold = threshold
+
+    def __call__(self, evidence) -> collections.Counter:
+        regions = upsample(
+            active_mask(evidence.maps, evidence.maps.shape[1:], self.threshold), evidence.images.shape[1:3]
+        )
+        counts = collections.Counter()
+        for image, region in zip(evidence.images, regions):
+            mask, objects = self.truth[image.tobytes()]
+            under = mask[region]
+            under = under[under > 0]
+            if len(under):
+                shown = next(o for o in objects if o["object"] == np.bincount(under).argmax())
+                counts.update([shown["shape"], shown["colour"]])
+        return counts
+
+
+def most_shown(counts: collections.Counter, value: str) -> bool:
+    """Whether `value` is shown at least once and as often as any other value of its factor (shape or colour)."""
+    same = [v for v in counts if (v in SHAPES) == (value in SHAPES)]
+    return counts[value] > 0 and counts[value] == max(counts[v] for v in same)
+
+
+def read_out_figures(rows: list[dict], vocabulary: list[str]) -> dict[str, float]:
+    """What the top images allow and how faithfully the explanations read them: `evidence_ceiling`, the fraction of
+    detector latents whose best value is a most-shown value of its factor in their top images (what an explainer
+    that names what the top images show can reach), and `fidelity`, the fraction whose explanation names a value
+    most shown in their top images."""
+    return {
+        "evidence_ceiling": float(np.mean([most_shown(r["shown"], r["value"]) for r in rows])),
+        "fidelity": float(
+            np.mean([any(most_shown(r["shown"], v) for v in named_labels(r["text"], vocabulary)) for r in rows])
+        ),
     }
 
 
@@ -231,13 +282,16 @@ class ToyQuickstart:
     """The quickstart's recipe on the toy ViT (`prisma_ray.quickstart`: its model, hook, samples, epochs, batch of
     1,024 tokens and seed-0 TopK dictionaries, those with k >= `min_k`; None: the quickstart's value), the dictionary
     with the best held-out explained variance explained as `prisma-ray explain` explains it (its default
-    `ExplainConfig`: the vocabulary explainer over the prototype embedder, the embedding judge)."""
+    `ExplainConfig`: the vocabulary explainer over the prototype embedder, the embedding judge). `embedder`: its
+    `embedder.kind` (`prototype`, the default, or `objects`); `top`: top images per latent (the pipeline's 8)."""
 
     train_samples: int | None = None
     test_samples: int | None = None
     epochs: float | None = None
     min_k: int = 0
     seed: int = 0
+    embedder: str = "prototype"
+    top: int = 8
 
 
 def measure_toy_quickstart(q: ToyQuickstart, threads: int = 1, log=print) -> dict[str, object]:
@@ -245,7 +299,7 @@ def measure_toy_quickstart(q: ToyQuickstart, threads: int = 1, log=print) -> dic
     (see `ToyQuickstart`); tokens as the quickstart stores them (every token, float16), trained with
     `fit_dictionaries` (the training job's recipe), scored on the held-out patch tokens (`toy_recovery`)."""
     from prisma_ray.evaluate.ground_truth import factor_recovery
-    from prisma_ray.interpret.autointerp.run import ExplainConfig, Pipeline
+    from prisma_ray.interpret.autointerp.run import EmbedderConfig, ExplainConfig, Pipeline
     from prisma_ray.models import get_entry, toy
     from prisma_ray.models.toy_recovery import hook_tokens, patch_labels, render
     from prisma_ray.quickstart import QuickstartConfig, toy_runs
@@ -260,6 +314,8 @@ def measure_toy_quickstart(q: ToyQuickstart, threads: int = 1, log=print) -> dic
         epochs=q.epochs or m.epochs,
         min_k=q.min_k,
         seed=q.seed,
+        embedder=q.embedder,
+        top=q.top,
     )
     model = load_model(m.name, pretrained=True)
     spec, layout = toy.SPECS[get_entry(m.name).architecture], model.token_layout
@@ -280,11 +336,16 @@ def measure_toy_quickstart(q: ToyQuickstart, threads: int = 1, log=print) -> dic
     scored = z[:, layout.n_prefix :].reshape(-1, z.shape[-1])[kept]
     kept_values = {f: v[kept] for f, v in values.items()}
     found = detector_latents(scored, kept_values, DETECT_AUROC)
-    pipeline = Pipeline(ExplainConfig(use_ray=False, iou=False, similarity=False))
+    pipeline = Pipeline(
+        ExplainConfig(use_ray=False, iou=False, similarity=False, embedder=EmbedderConfig(kind=q.embedder))
+    )
     vocabulary = pipeline.cfg.vocabulary
     pairs = best_latent_per_value(factor_recovery(scored, kept_values, DETECT_AUROC), vocabulary)
     crops = {f"{i:06d}": pixels[i] for i in range(q.test_samples)}
-    out = explain_detectors(found, z, layout, crops, pipeline.explainer, pipeline.scorers, vocabulary, q.seed, pairs)
+    shown = ShownValues(pixels, masks, objects, pipeline.explainer.threshold)
+    out = explain_detectors(
+        found, z, layout, crops, pipeline.explainer, pipeline.scorers, vocabulary, q.seed, pairs, shown, q.top
+    )
     return {**out, "dictionary": name, "explained_variance": explained[name], "seconds": time.perf_counter() - start}
 
 
@@ -303,6 +364,7 @@ def report(out: dict[str, object], verbose: bool) -> None:
             print(
                 f"  latent {r['latent']:5d} {r['value']:>8} (AUROC {r['auroc']:.3f}; detects {', '.join(r['detected'])})"
                 f" -> {r['text']!r} {r['scores']}"
+                + (f"; top images show {dict(r['shown'].most_common(4))}" if r["shown"] is not None else "")
             )
     print(
         f"detector latents (best value AUROC >= {DETECT_AUROC}): {out['detectors']} "
@@ -312,6 +374,11 @@ def report(out: dict[str, object], verbose: bool) -> None:
         f"agreement with ground truth: {out['agreement']:.3f} (random vocabulary label: {out['random_agreement']:.3f}); "
         f"names a value it detects: {out['agreement_any_detected']:.3f}"
     )
+    if "fidelity" in out:
+        print(
+            f"best value most shown in the top images (evidence ceiling): {out['evidence_ceiling']:.3f}; "
+            f"explanation names a most-shown value (fidelity): {out['fidelity']:.3f}"
+        )
     if out["pairs"]:
         print(
             f"the quickstart's count (each value with its best latent): {out['pair_agreement']:.3f} of {out['pairs']}"
@@ -329,6 +396,16 @@ def main() -> None:
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", help="directory keeping the model's activations between runs")
+    parser.add_argument(
+        "--embedder",
+        choices=["prototype", "objects"],
+        default="prototype",
+        help="toy-quickstart: the explainer's embedder.kind (prototype: the toy ViT's features; objects: pixel "
+        "colour and shape descriptors)",
+    )
+    parser.add_argument(
+        "--top", type=int, default=8, help="toy-quickstart: top images per latent (the pipeline's default: 8)"
+    )
     parser.add_argument("--verbose", action="store_true", help="print every detector latent")
     parser.add_argument(
         "--recipe",
@@ -344,7 +421,7 @@ def main() -> None:
             args.verbose,
         )
     if args.recipe in ("toy-quickstart", "both"):
-        out = measure_toy_quickstart(ToyQuickstart(seed=args.seed), args.threads)
+        out = measure_toy_quickstart(ToyQuickstart(seed=args.seed, embedder=args.embedder, top=args.top), args.threads)
         print(
             f"== the quickstart's recipe on prisma-toy-vit-shapes: {out['dictionary']} (EV {out['explained_variance']:.3f})"
         )
