@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchConfig, TorchTrainer, get_device, prepare_model
 from ray.util.queue import Empty, Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from prisma_ray.errors import InvalidRequest, PrismaRayError
 
@@ -299,7 +300,8 @@ def _progress(name: str, total: int, batch_size: int, local: bool) -> Iterator[C
     if local:
         yield show
         return
-    queue = Queue(actor_options={"num_cpus": 0})
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})  # on the driver's node: lost with it
     stop = threading.Event()
 
     def follow() -> None:
@@ -316,11 +318,21 @@ def _progress(name: str, total: int, batch_size: int, local: bool) -> Iterator[C
     thread = threading.Thread(target=follow, name="train-progress", daemon=True)
     thread.start()
     try:
-        yield queue.put
+        yield functools.partial(send_progress, queue)
     finally:
         stop.set()
         thread.join()
         queue.shutdown()
+
+
+def send_progress(queue: Any, record: dict[str, Any]) -> None:
+    """Put a progress `record` on the driver's `queue` (`_progress`), never failing the training: a queue whose actor
+    is gone (its node lost, the driver gone) drops the record. A node lost in the middle of a run used to fail rank
+    0's report with `ActorDiedError` instead of letting Ray Train restore from the last checkpoint."""
+    try:
+        queue.put(record)
+    except Exception:  # noqa: BLE001 - progress is not worth failing a training step for
+        log.debug("training progress: the queue is gone; record dropped", exc_info=True)
 
 
 def train_loop(config: dict[str, Any], progress: Callable[[dict[str, Any]], None] | None = None) -> None:
