@@ -263,7 +263,10 @@ def summarize(campaign: CampaignConfig, done: CampaignSummary, real_note: str = 
         rows = leaderboard_rows(ResultStore(plans[0].sweep.output, options).read_table().to_pylist())
         best = {r["checkpoint"]: r for r in rows}
         explained = [
-            agreement_line(*explained_agreement(p.interpret_uri(), best[outcomes[p.label].best], options))
+            agreement_line(
+                *explained_agreement(p.interpret_uri(), best[outcomes[p.label].best], options),
+                p.sweep.evaluation.detect_auroc,
+            )
             for p in plans
             if p.settings.explain and outcomes[p.label].passed
         ]

@@ -47,8 +47,12 @@ def explained_agreement(evidence: str, row: dict, options: StorageOptions) -> tu
     return agreement(detectors, texts, vocabulary), len(detectors)
 
 
-def agreement_line(agreed: float, detectors: int) -> str:
-    """The summary's line on the offline explanations of the dashboard's dictionary."""
+def agreement_line(agreed: float, detectors: int, detect_auroc: float) -> str:
+    """The summary's line on the offline explanations of the dashboard's dictionary, whose detector latents reach
+    AUROC >= `detect_auroc` (the sweep's `EvalConfig.detect_auroc`)."""
     if not detectors:
-        return "no detector latents to check them against (no shape or colour value at AUROC >= 0.95)"
-    return f"name the detected value of {agreed:.2f} of {detectors} detector latents (AUROC >= 0.95; ground truth)"
+        return f"no detector latents to check them against (no shape or colour value at AUROC >= {detect_auroc:g})"
+    return (
+        f"name the detected value of {agreed:.2f} of {detectors} detector latents "
+        f"(AUROC >= {detect_auroc:g}; ground truth)"
+    )

@@ -39,7 +39,6 @@ from ..store import KIND_CODES
 from .baselines import BASELINES, Baseline, baseline_recovery, margin_columns
 from .ground_truth import (
     detector_column,
-    detector_latents,
     factor_recovery,
     recovery_columns,
     source_frames,
@@ -419,9 +418,9 @@ class Evaluator:
         margin over the baselines scored on the same tokens."""
         truth = self._store_truth(source, held, key)
         scored = latents[truth.scored]
-        result = factor_recovery(scored, truth.factors, self.cfg.detect_auroc)
-        detectors = detector_latents(scored, truth.factors, self.cfg.detect_auroc)
-        row = {**recovery_columns(result), **margin_columns(result, truth.baselines), **detector_column(detectors)}
+        result = factor_recovery(scored, truth.factors, self.cfg.detect_auroc, detectors=True)
+        detectors = detector_column(result.pop("detectors"))
+        row = {**recovery_columns(result), **margin_columns(result, truth.baselines), **detectors}
         if truth.baselines:
             row["gt_baseline_fit"] = truth.baseline_fit
         return row

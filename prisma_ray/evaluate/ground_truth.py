@@ -60,6 +60,7 @@ def factor_recovery(
     threshold: float = 0.95,
     chunk: int = 256,
     signed: bool = False,
+    detectors: bool = False,
 ) -> dict[str, object]:
     """Best single-latent detector of every factor value present among the rows of `latents` (`[..., L]`, every
     leading position one row, in row-major order), with its grounding metrics.
@@ -72,14 +73,17 @@ def factor_recovery(
 
     Returns, per value (`values`, `"factor=value"`): `best_auroc`, `best_latent` (-1: none beats chance),
     `best_sign`, `ap`, `purity`, `coverage`, `positives`; and `fraction_detected` (best AUROC >= `threshold`),
-    `mean_best_auroc`, `mean_ap`, `mean_purity`, `mean_coverage` (NaN without values).
+    `mean_best_auroc`, `mean_ap`, `mean_purity`, `mean_coverage` (NaN without values). With `detectors`, also
+    `detectors`: the detector latents (`detector_latents`) read from the same AUROC matrix, so each latent column is
+    ranked once for both.
     """
     latents = np.asarray(latents)
     if latents.ndim == 0:
         raise InvalidRequest("factor recovery: expected latent activations of shape [..., latents], got a scalar")
     latents = latents.reshape(-1, latents.shape[-1])
     names, positives = value_columns(factors, len(latents))
-    best, column, sign = best_detectors(latents, positives, chunk, signed)
+    areas = auroc_matrix(latents, positives, chunk)
+    best, column, sign = best_detectors(areas, signed)
     scores = np.where(column >= 0, latents[:, np.maximum(column, 0)] * sign, 0.0)
     metrics = detector_metrics(scores, positives, signed)
     metrics["coverage"][column < 0] = 0.0  # no detector: it covers nothing
@@ -87,7 +91,9 @@ def factor_recovery(
     def mean(x: np.ndarray) -> float:
         return float(x.mean()) if len(x) else float("nan")
 
+    found = {"detectors": detectors_of(areas, names, threshold)} if detectors else {}
     return {
+        **found,
         "values": names,
         "best_auroc": best.tolist(),
         "best_latent": column.tolist(),
@@ -151,17 +157,20 @@ def detector_latents(
     are skipped."""
     latents = np.asarray(latents)
     names, positives = value_columns(dict(factors), len(latents))
+    return detectors_of(auroc_matrix(latents, positives, chunk), names, threshold)
+
+
+def detectors_of(areas: np.ndarray, names: list[str], threshold: float) -> list[Detector]:
+    """The detector latents (`detector_latents`) of an AUROC matrix (`float64[L, V]`, `auroc_matrix`) over the
+    values `names` (`"factor=value"`): each column whose best value reaches `threshold`, in column order, ties
+    going to the first value (shapes before colours)."""
     values = [name.split("=", 1)[-1] for name in names]
-    live = np.flatnonzero((latents > 0).any(0))
     found = []
-    for start in range(0, len(live) if names else 0, chunk):
-        cols = live[start : start + chunk]
-        areas = np.nan_to_num(auroc(latents[:, cols], positives), nan=0.0)
-        for latent, row in zip(cols, areas):
-            order = np.argsort(-row, kind="stable")  # ties: the first value (shapes before colours)
-            if row[order[0]] >= threshold:
-                detected = tuple(values[i] for i in order if row[i] >= threshold)
-                found.append(Detector(int(latent), values[order[0]], float(row[order[0]]), detected))
+    for latent in np.flatnonzero(areas.max(1, initial=0.0) >= threshold):
+        row = areas[latent]
+        order = np.argsort(-row, kind="stable")
+        detected = tuple(values[i] for i in order if row[i] >= threshold)
+        found.append(Detector(int(latent), values[order[0]], float(row[order[0]]), detected))
     return found
 
 
@@ -192,26 +201,32 @@ def value_columns(factors: dict[str, np.ndarray], rows: int) -> tuple[list[str],
     return names, np.stack(columns, axis=1) if columns else np.zeros((rows, 0), dtype=bool)
 
 
-def best_detectors(
-    scores: np.ndarray, positives: np.ndarray, chunk: int = 256, signed: bool = False
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`(auroc float64[V], column int64[V], sign float64[V])`: the column of `scores` (`[N, L]`) with the highest
-    AUROC for each positive set (`bool[N, V]`), in chunks of `chunk` columns; with `signed`, a column's negation
-    (AUROC 1 - a) competes too and wins as sign -1. Column -1 (AUROC 0.5): no column beats chance."""
+def auroc_matrix(scores: np.ndarray, positives: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """`float64[L, V]`: the AUROC (`auroc`) of each column of `scores` (`[N, L]`) for each positive set
+    (`bool[N, V]`), ranking `chunk` columns at a time (memory `N x chunk`); a constant column (a latent that never
+    fires) is 0.5 without being ranked, as is a NaN (an empty or full positive set)."""
     n_values = positives.shape[1]
-    best = np.full(n_values, 0.5)
-    column = np.full(n_values, -1, dtype=np.int64)
-    sign = np.ones(n_values)
+    areas = np.full((scores.shape[1], n_values), 0.5)
     live = np.flatnonzero((scores != scores[:1]).any(0)) if len(scores) else np.zeros(0, np.int64)
     for start in range(0, len(live) if n_values else 0, chunk):
         cols = live[start : start + chunk]
-        areas = np.nan_to_num(auroc(scores[:, cols], positives), nan=0.5)
-        flipped = np.maximum(areas, 1 - areas) if signed else areas
-        top = np.argmax(flipped, axis=0)
-        top_score = flipped[top, np.arange(n_values)]
-        better = top_score > best
-        best[better], column[better] = top_score[better], cols[top[better]]
-        sign[better] = np.where(areas[top, np.arange(n_values)] >= 0.5, 1.0, -1.0)[better]
+        areas[cols] = np.nan_to_num(auroc(scores[:, cols], positives), nan=0.5)
+    return areas
+
+
+def best_detectors(areas: np.ndarray, signed: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`(auroc float64[V], column int64[V], sign float64[V])`: the column with the highest AUROC for each value of an
+    AUROC matrix (`float64[L, V]`, `auroc_matrix`), the first column on ties; with `signed`, a column's negation
+    (AUROC 1 - a) competes too and wins as sign -1. Column -1 (AUROC 0.5): no column beats chance."""
+    n_values = areas.shape[1]
+    flipped = np.maximum(areas, 1 - areas) if signed else areas
+    if not len(areas):
+        return np.full(n_values, 0.5), np.full(n_values, -1, dtype=np.int64), np.ones(n_values)
+    column = np.argmax(flipped, axis=0).astype(np.int64)
+    best = flipped[column, np.arange(n_values)]
+    sign = np.where(areas[column, np.arange(n_values)] >= 0.5, 1.0, -1.0)
+    chance = best <= 0.5
+    best[chance], column[chance], sign[chance] = 0.5, -1, 1.0
     return best, column, sign
 
 

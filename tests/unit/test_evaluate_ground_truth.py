@@ -186,3 +186,27 @@ def test_baselines_config():
     assert str(err.value).count("['raw', 'raw', 'pca']") <= 1, "the values once (pydantic adds its own 'got')"
     with pytest.raises(ValueError, match="baselines"):
         EvalConfig(baselines=["ica"])
+
+
+def test_the_sweeps_detectors_come_from_the_same_ranking_as_the_per_value_best(monkeypatch):
+    """The evaluator asks `factor_recovery(..., detectors=True)` for both the per-value best latents and the detector
+    latents: each live latent column is ranked once (not once per question), and the detectors equal
+    `detector_latents`' own."""
+    from prisma_ray.evaluate import ground_truth
+
+    shape = circles(400)
+    rng = np.random.default_rng(0)
+    latents = np.maximum(rng.normal(size=(len(shape), 600)), 0)  # three chunks of 256 columns
+    latents[:, 7] = np.where(shape == "circle", 1.0 + rng.random(len(shape)), 0.0)
+    latents[:, 9] = np.where(shape == "square", 1.0, 0.0)
+    latents[:, 11] = 0.0  # never fires: not ranked
+    ranked = []
+    real_ranks = ground_truth.average_ranks
+    monkeypatch.setattr(ground_truth, "average_ranks", lambda s: ranked.append(s.shape[1]) or real_ranks(s))
+    result = factor_recovery(latents, {"shape": shape}, detectors=True)
+    assert sum(ranked) == 599
+    found = result.pop("detectors")
+    assert [(d.latent, d.value) for d in found] == [(7, "circle"), (9, "square")]
+    assert found == ground_truth.detector_latents(latents, {"shape": shape})
+    assert result == factor_recovery(latents, {"shape": shape})
+    assert result["best_latent"] == [7, 9]

@@ -218,11 +218,12 @@ def test_the_explain_step_explains_the_shown_and_the_detector_latents_and_report
     )
     agreed, detectors = explained_agreement(str(tmp_path), row, storage.StorageOptions())
     assert (agreed, detectors) == (0.5, 2)
-    line = agreement_line(agreed, detectors)
+    line = agreement_line(agreed, detectors, 0.95)
     rows = [{"model": "m", "name": "topk", "l0": 1.0, "explained_variance": 0.5, "loss_recovered": None}]
     text = QuickstartSummary("/o", [Section("lb:", rows, "/o/lb", ["/o/d"], line)], {}).format()
     assert "explanations name the detected value of 0.50 of 2 detector latents" in text
-    assert "no detector latents" in agreement_line(float("nan"), 0)
+    assert "no detector latents" in agreement_line(float("nan"), 0, 0.95)
+    assert "(AUROC >= 0.9; ground truth)" in agreement_line(agreed, detectors, 0.9)  # the sweep's own threshold
 
 
 def test_the_summary_prints_each_roots_best_ground_truth_row():
