@@ -56,6 +56,11 @@ def ray_init_options() -> dict[str, Any]:
     return {"log_to_driver": False, "logging_level": logging.ERROR}
 
 
+def counted(count: int, singular: str, plural: str | None = None) -> str:
+    """`count` and its noun for a person: `1 dictionary`, `3 dictionaries` (`plural` defaults to `singular` + s)."""
+    return f"{count} {singular if count == 1 else plural or singular + 's'}"
+
+
 def duration(seconds: float) -> str:
     """`seconds` for a person: `42s`, `3m05s`, `1h02m`."""
     seconds = max(0, round(seconds))
@@ -92,7 +97,7 @@ def train_progress_line(
         ]
         parts.append(" ".join([dictionary, *values]))
     if len(names) > shown:
-        parts.append(f"{len(names) - shown} more dictionaries")
+        parts.append(f"{counted(len(names) - shown, 'more dictionary', 'more dictionaries')}")
     done = step - start
     if done > 0 and seconds > 0:
         rate = done * batch_size / seconds

@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 
 from prisma_ray.errors import InvalidRequest
+from prisma_ray.runtime.console import counted
 
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -31,8 +32,7 @@ def local_device(device: Device, field: str = "device") -> torch.device:
 def placement_line(count: int, what: str, device: str, torch_threads: int | None = None) -> str:
     """What a stage got, for its start line: `8 train workers on 8 GPUs`, `2 extraction actors on CPU (1 torch
     thread each)`. `what` is the singular noun (`train worker`); `device` is `cuda` or `cpu` (resolved)."""
-    plural = "s" if count != 1 else ""
     if device == "cuda":
-        return f"{count} {what}{plural} on {count} GPU{plural}"
-    threads = f" ({torch_threads} torch thread{'s' if torch_threads != 1 else ''} each)" if torch_threads else ""
-    return f"{count} {what}{plural} on CPU{threads}"
+        return f"{counted(count, what)} on {counted(count, 'GPU')}"
+    threads = f" ({counted(torch_threads, 'torch thread')} each)" if torch_threads else ""
+    return f"{counted(count, what)} on CPU{threads}"

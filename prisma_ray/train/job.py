@@ -45,7 +45,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from prisma_ray.errors import InvalidRequest, PrismaRayError
 
 from .. import storage
-from ..runtime.console import train_progress_line
+from ..runtime.console import counted, train_progress_line
 from ..runtime.devices import local_device, placement_line
 from ..runtime.pool import Resources, cluster_resources, inlined, size_pool
 from ..runtime.session import ensure_ray
@@ -231,8 +231,8 @@ def run_training(cfg: TrainConfig) -> TrainSummary:
     )
     fs, path = storage.resolve(storage.absolute(cfg.runs), cfg.storage)
     log.info(
-        "training %d dictionaries for %d steps of %d tokens on %s",
-        len(cfg.dictionaries),
+        "training %s for %d steps of %d tokens on %s",
+        counted(len(cfg.dictionaries), "dictionary", "dictionaries"),
         steps,
         cfg.batch_size,
         placement.line,

@@ -36,6 +36,17 @@ def test_the_training_progress_line_gives_step_metrics_pace_and_eta():
         == "train g: step 0/10 (0%), d0 loss 1, d1 loss 1, d2 loss 1, 2 more dictionaries"
     )
     assert [duration(s) for s in (0.4, 42, 185, 3725)] == ["0s", "42s", "3m05s", "1h02m"]
+    four = {f"d{i}/loss": 1.0 for i in range(4)}
+    assert train_progress_line("g", 10, 8, 0, 0, 0.0, four).endswith("d2 loss 1, 1 more dictionary")
+
+
+def test_counts_are_said_with_their_noun_in_the_singular_or_plural():
+    from prisma_ray.runtime.console import counted
+    from prisma_ray.runtime.devices import placement_line
+
+    assert [counted(n, "dictionary", "dictionaries") for n in (1, 2)] == ["1 dictionary", "2 dictionaries"]
+    assert placement_line(1, "train worker", "cuda") == "1 train worker on 1 GPU"
+    assert placement_line(2, "actor", "cpu", 1) == "2 actors on CPU (1 torch thread each)"
 
 
 def test_a_lost_progress_queue_never_fails_the_training_step():
