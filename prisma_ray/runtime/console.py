@@ -97,7 +97,7 @@ def train_progress_line(
         ]
         parts.append(" ".join([dictionary, *values]))
     if len(names) > shown:
-        parts.append(f"{counted(len(names) - shown, 'more dictionary', 'more dictionaries')}")
+        parts.append(counted(len(names) - shown, "more dictionary", "more dictionaries"))
     done = step - start
     if done > 0 and seconds > 0:
         rate = done * batch_size / seconds
