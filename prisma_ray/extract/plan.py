@@ -28,6 +28,7 @@ from ..models.inputs import model_prompts
 from ..models.loading import check_hooks, describe_model, resolve_entry
 from ..models.token_selection import check_selection
 from ..models.weights import WeightsRef, checked_weights
+from ..runtime.console import counted
 from .config import ExtractConfig
 from .worker import WorkerJob
 
@@ -193,7 +194,7 @@ def plan_extract(cfg: ExtractConfig) -> ExtractPlan:
     for hook in sorted(claimed) + [h for h in cfg.hooks if h not in claimed]:
         writers[hook].claim(hashes[hook], descriptions[hook])
     pending = pending_shards(len(shards), {hook: w.completed() for hook, w in writers.items()})
-    log.info("%s: %d samples in %d shards, %d pending", entry.name, len(refs), len(shards), len(pending))
+    log.info("%s: %s in %d shards, %d pending", entry.name, inputs_line(len(refs), fmt), len(shards), len(pending))
     widths = {hook: model.hook_width(hook, cfg.head) for hook in cfg.hooks}
     layout = None if multimodal else model.token_layout
     return ExtractPlan(
@@ -212,3 +213,12 @@ def plan_extract(cfg: ExtractConfig) -> ExtractPlan:
         options=options,
         weights=weights,
     )
+
+
+def inputs_line(refs: int, fmt: InputFormat) -> str:
+    """What the plan reads, in the samples the summary counts: `12 samples`, or for an image model reading
+    video (`InputFormat.per_frame`) `3 clips (24 samples: 8 frames each)`."""
+    if not fmt.per_frame:
+        return counted(refs, "sample")
+    per = fmt.samples_per_ref
+    return f"{counted(refs, 'clip')} ({counted(refs * per, 'sample')}: {per} frames each)"

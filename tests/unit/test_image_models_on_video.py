@@ -19,6 +19,7 @@ from prisma_ray.data.shards import InputFormat, ShardData, decode_first, decode_
 from prisma_ray.data.sources import Sample
 from prisma_ray.data.transforms import crop_to_model
 from prisma_ray.errors import InvalidRequest
+from prisma_ray.extract.plan import inputs_line
 from prisma_ray.extract.worker import ExtractionWorker
 from prisma_ray.interpret.collect import fetch_crops
 from prisma_ray.models.inputs import PixelInputs
@@ -65,6 +66,9 @@ def test_an_image_model_takes_each_sampled_frame_of_a_clip_as_a_sample(clips):
     assert back.frames.tolist() == data.frames.tolist() and back.keys().tolist() == data.keys().tolist()
     first = decode_first(clips, fmt, 6)
     assert first.frames.tolist() == [0, 3, 6, 9, 0, 3] and first.sample_ids.tolist()[4:] == ["good.mp4"] * 2
+    # the plan's line counts the samples the summary counts (each frame), not only the clips
+    assert inputs_line(4, fmt) == "4 clips (16 samples: 4 frames each)"
+    assert inputs_line(1, InputFormat(model.preprocess, None)) == "1 sample"
 
 
 def test_image_model_store_rows_hold_the_clip_id_and_the_source_frame(tmp_path, clips):
