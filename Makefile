@@ -56,6 +56,10 @@ cluster:
 	@test -x $(VENV)/bin/ray || { echo "no $(VENV)/bin/ray: run make install first"; exit 1; }
 	@if [ -f $(CLUSTER_DIR)/head.pid ] && kill -0 $$(cat $(CLUSTER_DIR)/head.pid) 2>/dev/null; then \
 		echo "a head started by make cluster is already running: $(CLUSTER_ADDRESS)"; exit 0; fi; \
+	for port in $(CLUSTER_PORT) $(CLUSTER_DASHBOARD_PORT) $(CLUSTER_AGENT_PORT); do \
+		$(VENV)/bin/python -c "import socket, sys; socket.socket().bind(('127.0.0.1', int(sys.argv[1])))" $$port \
+			2>/dev/null || { echo "port $$port on 127.0.0.1 is in use (another Ray?); choose free ones:" \
+			"make cluster CLUSTER_PORT=... CLUSTER_DASHBOARD_PORT=... CLUSTER_AGENT_PORT=..."; exit 1; }; done; \
 	mkdir -p $(CLUSTER_DIR); \
 	test -s $(CLUSTER_TOKEN) || (umask 077; $(VENV)/bin/python -c "import secrets; print(secrets.token_hex(32))" \
 		>$(CLUSTER_TOKEN)); \

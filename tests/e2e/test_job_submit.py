@@ -112,3 +112,18 @@ def test_quickstart_submitted_as_a_ray_job_from_a_fresh_shell_succeeds(head_node
     assert all(r["explained_variance"] > 0 for r in metrics)
     assert (output / "sweep" / "leaderboard.html").is_file()
     assert (output / "dashboard" / "prisma-toy-vit-shapes" / "index.html").is_file()
+
+
+def test_make_cluster_refuses_a_port_in_use_naming_it_and_starts_nothing(tmp_path):
+    """Another Ray's dashboard on 8265 made `make cluster` start a head that failed later, its cause deep in the
+    head's log: a port in use is now refused before anything starts, naming the port and the variables."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        make = [f"VENV={VENV}", f"CLUSTER_DIR={tmp_path / 'c'}", f"CLUSTER_DASHBOARD_PORT={port}"]
+        make += [f"CLUSTER_PORT={_free_port()}", f"CLUSTER_AGENT_PORT={_free_port()}"]
+        up = _fresh_shell("make", "-s", "cluster", *make, timeout=60)
+    assert up.returncode != 0
+    assert f"port {port} on 127.0.0.1 is in use" in up.stdout and "CLUSTER_DASHBOARD_PORT=" in up.stdout
+    assert not (tmp_path / "c").exists(), "nothing was started"
