@@ -253,7 +253,7 @@ def summarize(campaign: CampaignConfig, done: CampaignSummary, real_note: str = 
     explanations) and `done`'s outcomes."""
     options = campaign.storage.resolved()
     outcomes = {o.model: o for o in done.outcomes}
-    roots = list(dict.fromkeys(["", *(e.root for e in campaign.entries.values())]))
+    roots = campaign.roots()
     sections = []
     for root in roots:
         names = [n for n in campaign.names() if campaign.entries.get(n) is None or campaign.entries[n].root == root]

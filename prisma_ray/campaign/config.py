@@ -271,6 +271,10 @@ class CampaignConfig(BaseModel):
         }
         return given.model_copy(update={k: v for k, v in fill.items() if getattr(given, k) is None or k == "model"})
 
+    def roots(self) -> list[str]:
+        """The output roots: the campaign's own (`""`) first, then each entry's own `root`, in order."""
+        return list(dict.fromkeys(["", *(e.root for e in self.entries.values())]))
+
     def root_models(self, root: str = "") -> list[str]:
         """The registry models run under `root` (the campaign's own by default): those its sweep keeps to."""
         return sorted({self.model_of(n) for n in self.names() if self.entries.get(n, Entry()).root == root})

@@ -144,7 +144,8 @@ def plan_model(cfg: CampaignConfig, name: str, device: str = "cpu", threads: int
         for split in SPLITS
     )
     trains = tuple(_train_config(cfg, settings, root, hook, device, threads) for hook in hooks)
-    sweep = sweep_config(cfg, [storage.join(root, "dictionaries", entry.name)], threads, settings.root, [entry.name])
+    own = [storage.join(root, "dictionaries", entry.name)]
+    sweep = sweep_config(cfg, own, threads, settings.root, [entry.name], cross_model=False)
     return ModelPlan(entry, hooks, data, extracts, trains, sweep, name, root, settings)
 
 
@@ -189,11 +190,14 @@ def sweep_config(
     threads: int | None = None,
     root: str = "",
     models: list[str] | None = None,
+    cross_model: bool = True,
 ) -> SweepConfig:
     """The sweep of the dictionaries under `checkpoints` into the one sweep output of `root` (`<root>/sweep`; the
     campaign's own by default: every model's results side by side, so the last sweep over all of them evaluates
     nothing twice), of `models` only (default: the models run under `root`; dictionaries of models left out of the
-    config stay out of its leaderboard). The evaluation's device stays `auto` (the actor's GPU where it has one): it
+    config stay out of its leaderboard). `cross_model=False` (one model's own sweep) leaves the cross-model page,
+    which compares every pair of the root's models, to the campaign's last sweep of the root: written by each model
+    in turn, it made a campaign's evaluations quadratic in its models. The evaluation's device stays `auto` (the actor's GPU where it has one): it
     is part of what the sweep output records."""
     base = cfg.uri(root) if root else cfg.uri()
     tokens = next((cfg.entry(n).eval_tokens for n, e in cfg.entries.items() if e.root == root), cfg.eval_tokens)
@@ -211,6 +215,7 @@ def sweep_config(
         output=storage.join(base, "sweep"),
         evaluation=evaluation,
         resources=Resources(actors=1, torch_threads=threads),
+        cross_model=cross_model,
         progress=False,
         ray=cfg.ray,
     )

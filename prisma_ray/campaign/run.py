@@ -23,6 +23,7 @@ from ..evaluate.sweep import run_sweep
 from ..runtime.devices import placement_line
 from ..runtime.pool import Resources, cluster_resources, loss_cause, run_pool, size_pool
 from ..runtime.session import ensure_ray
+from ..storage import StorageOptions
 from .config import CampaignConfig
 from .plan import plan_campaign, plan_model, sweep_config
 from .stages import ModelRunner
@@ -120,9 +121,13 @@ def run_campaign(cfg: CampaignConfig) -> CampaignSummary:
         log.info("%s: %s", outcome.model, outcome.error or f"done ({', '.join(outcome.ran) or 'nothing to run'})")
         write_status(cfg.uri(), status, options)
     leaderboard = cross = ""
-    if _has_checkpoints(cfg):
-        swept = run_sweep(sweep_config(cfg, [cfg.uri("dictionaries")], size.torch_threads))
-        leaderboard, cross = swept.leaderboard, swept.cross_model
+    for root in cfg.roots():  # each model's own sweep left the page across models to this last one
+        dictionaries = storage.join(cfg.uri(root) if root else cfg.uri(), "dictionaries")
+        if (root and len(cfg.root_models(root)) < 2) or not _has_checkpoints(dictionaries, options):
+            continue
+        swept = run_sweep(sweep_config(cfg, [dictionaries], size.torch_threads, root))
+        if not root:
+            leaderboard, cross = swept.leaderboard, swept.cross_model
     return CampaignSummary(
         outcomes=[outcomes[n] for n in sorted(outcomes)],
         status=storage.join(cfg.uri(), "campaign.json"),
@@ -133,8 +138,8 @@ def run_campaign(cfg: CampaignConfig) -> CampaignSummary:
     )
 
 
-def _has_checkpoints(cfg: CampaignConfig) -> bool:
+def _has_checkpoints(dictionaries: str, options: StorageOptions) -> bool:
     try:
-        return bool(find_checkpoints(cfg.uri("dictionaries"), cfg.storage.resolved()))
+        return bool(find_checkpoints(dictionaries, options))
     except storage.MissingInputError:
         return False

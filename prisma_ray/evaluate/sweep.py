@@ -97,6 +97,11 @@ class SweepConfig(BaseModel):
         Resources(),
         description="the evaluation actors (on the device of `evaluation.device`; never more than model groups)",
     )
+    cross_model: bool = Field(
+        True,
+        description="write the cross-model page where the rows cover two models or more (it compares every pair of "
+        "models: a campaign's per-model sweeps leave it to the campaign's last sweep)",
+    )
     progress: bool = Field(True, description="show a progress bar")
     ray: RayOptions = Field(RayOptions(), description="which Ray cluster to connect to")
 
@@ -274,7 +279,7 @@ def run_sweep(cfg: SweepConfig) -> SweepSummary:
             failed += report["failed"]
             for model, n in report["loads"].items():
                 loads[model] = loads.get(model, 0) + n
-    summary = write_report(plan.results, cfg.evaluation.detect_auroc, cfg.evaluation)
+    summary = write_report(plan.results, cfg.evaluation.detect_auroc, cfg.evaluation, cfg.cross_model)
     plan.results.write_file("errors.json", json.dumps(failed, indent=1).encode())
     return SweepSummary(
         found=len(plan.found) + len(plan.unreadable),
@@ -323,12 +328,12 @@ def start_line(checkpoints: int, size: PoolSize) -> str:
 
 
 def write_report(
-    results: ResultStore, detect_auroc: float = 0.95, evaluation: EvalConfig | None = None
+    results: ResultStore, detect_auroc: float = 0.95, evaluation: EvalConfig | None = None, cross_model: bool = True
 ) -> dict[str, Any]:
     """Write `metrics.parquet`, the plots and `leaderboard.html` from every result row, with the stability of
     each checkpoint against those differing from it only in seed (`stability.stability_columns`); `ground_truth`
     is the line on the best ground-truth recovery and its margin over the best baseline ("" without ground truth).
-    Where the rows cover two models or more, also the cross-model page (`cross_page.write_cross_model_page`, its
+    Where the rows cover two models or more and `cross_model` is set, also the cross-model page (`cross_page.write_cross_model_page`, its
     held-out images read as `evaluation` says: default, the config recorded in the output); `cross_model` is its
     URI ("" for one model)."""
 
@@ -345,7 +350,8 @@ def write_report(
     relative = [f"plots/{p.rsplit('/', 1)[1]}" for p in plots]
     page = leaderboard_html(table, relative, title=f"prisma-ray sweep: {results.uri}")
     written = results.write_table(table)
-    cross = write_cross_model_page(results.uri, evaluation=evaluation) if len(sweep_models(table)) >= 2 else ""
+    several = cross_model and len(sweep_models(table)) >= 2
+    cross = write_cross_model_page(results.uri, evaluation=evaluation) if several else ""
     return {
         "output": results.uri,
         "table": written,

@@ -97,8 +97,43 @@ def test_plan_model_stages(tmp_path):
     assert job.workers == 0 and job.output.endswith(f"dictionaries/{TOY}/{train.hooks[0]}")
     assert plan.sweep.output == cfg.uri("sweep") and plan.sweep.checkpoints == [cfg.uri("dictionaries", TOY)]
     assert plan.sweep.models.names == [TOY]
-    # the last sweep over every dictionary keeps to the selected models
+    # the last sweep over every dictionary keeps to the selected models, and alone writes the page across them
     assert sweep_config(cfg, [cfg.uri("dictionaries")]).models.names == [VIDEO, TOY]
+    assert sweep_config(cfg, [cfg.uri("dictionaries")]).cross_model and not plan.sweep.cross_model
+
+
+def test_the_last_sweeps_write_each_roots_page_across_models_once(tmp_path, monkeypatch):
+    """Each model's own sweep leaves the cross-model page out; after every model, one sweep per root of two models
+    or more (the campaign's own always: its leaderboard) writes it."""
+    from types import SimpleNamespace
+
+    from prisma_ray.campaign import run
+
+    shapes = {"type": "synthetic", "uri": "s", "generator": {"name": "shapes", "n_images": 4}}
+    data = {"data": {"train": shapes, "test": shapes}}
+    cfg = config(
+        tmp_path,
+        models={"names": [VIDEO]},
+        entries={"one": {"model": TOY, "root": "alone", **data}, "a": {"model": TOY, "root": "pair", **data}},
+    )
+    cfg.entries["b"] = cfg.entries["a"].model_copy(update={"model": VIDEO})
+    swept = []
+
+    def sweep(sweep_cfg):
+        swept.append((sweep_cfg.output, sweep_cfg.checkpoints, sweep_cfg.cross_model))
+        return SimpleNamespace(leaderboard="lb", cross_model="")
+
+    monkeypatch.setattr(run, "ensure_ray", lambda ray: None)
+    monkeypatch.setattr(run, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(run, "prepare_data", lambda cfg, names: (names, {}))
+    monkeypatch.setattr(run, "run_pool", lambda *args, **kwargs: iter(()))
+    monkeypatch.setattr(run, "_has_checkpoints", lambda uri, options: True)
+    monkeypatch.setattr(run, "run_sweep", sweep)
+    assert run.run_campaign(cfg).leaderboard == "lb"
+    assert swept == [
+        (cfg.uri("sweep"), [cfg.uri("dictionaries")], True),
+        (cfg.uri("pair", "sweep"), [cfg.uri("pair", "dictionaries")], True),
+    ]
 
 
 def test_model_without_data_of_its_modality_is_refused(tmp_path):

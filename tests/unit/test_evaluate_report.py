@@ -93,3 +93,18 @@ def test_the_leaderboard_and_the_summary_line_give_the_margin_over_the_best_base
     )
     assert ground_truth_line(rows[1], 0.9).endswith("(AUROC >= 0.9), mean best AUROC 0.800"), "no baselines"
     assert best_ground_truth([ROWS[2]]) is None
+
+
+def test_a_report_writes_the_page_across_models_only_when_asked(tmp_path, monkeypatch):
+    """A campaign's per-model sweep wrote the cross-model page (every pair of models compared) for each model in
+    turn: quadratic in the models (the registry pass spent ~130 s per model in it by its 47th model)."""
+    from prisma_ray.evaluate import sweep
+
+    pages = []
+    monkeypatch.setattr(sweep, "write_cross_model_page", lambda uri, evaluation=None: pages.append(uri) or uri + "/x")
+    results = ResultStore(str(tmp_path / "out"))
+    results.claim({"split": "test"})
+    for row in ROWS:  # two models
+        results.write(row)
+    assert sweep.write_report(results, cross_model=False)["cross_model"] == "" and pages == []
+    assert sweep.write_report(results)["cross_model"] == results.uri + "/x" and pages == [results.uri]
