@@ -7,6 +7,7 @@ import html
 import io
 import math
 import re
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
@@ -176,15 +177,16 @@ def l0_axis(ax: Any, l0: np.ndarray) -> None:
     ax.set_xlabel("L0 (active latents per token)")
 
 
-def front_plots(table: pa.Table) -> dict[str, bytes]:
-    """`{file name: PNG bytes}`: one figure per (model, hook point), L0 on the x axis against
-    explained variance and loss recovered, coloured by architecture, the Pareto front joined and ringed."""
+def front_plots(table: pa.Table, only: Collection[tuple[str, str]] | None = None) -> dict[str, bytes]:
+    """`{file name: PNG bytes}`: one figure per (model, hook point) (of `only`, where given), L0 on the x axis
+    against explained variance and loss recovered, coloured by architecture, the Pareto front joined and ringed."""
     if "l0" not in table.column_names:
         return {}
     rows = table.to_pylist()
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["model"], row["hook"]), []).append(row)
+        if only is None or (row["model"], row["hook"]) in only:
+            groups.setdefault((row["model"], row["hook"]), []).append(row)
     out = {}
     for (model, hook), members in sorted(groups.items()):
         fig = Figure(figsize=(10, 4), dpi=90)

@@ -15,10 +15,12 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
@@ -35,7 +37,7 @@ from ..runtime.session import RayOptions, ensure_ray
 from ..sae.io import WEIGHTS_FILE, CheckpointInfo, read_tensors
 from . import EvalConfig, Evaluator, find_checkpoints, read_checkpoint_info
 from .cross_page import sweep_models, write_cross_model_page
-from .report import best_ground_truth, front_plots, ground_truth_line, leaderboard_html
+from .report import best_ground_truth, front_plots, ground_truth_line, leaderboard_html, plot_name
 from .results import ResultStore, result_key
 from .stability import stability_columns
 
@@ -279,7 +281,8 @@ def run_sweep(cfg: SweepConfig) -> SweepSummary:
             failed += report["failed"]
             for model, n in report["loads"].items():
                 loads[model] = loads.get(model, 0) + n
-    summary = write_report(plan.results, cfg.evaluation.detect_auroc, cfg.evaluation, cfg.cross_model)
+    redraw = {model for group in plan.groups for model in group.models}  # their rows changed: new plots
+    summary = write_report(plan.results, cfg.evaluation.detect_auroc, cfg.evaluation, cfg.cross_model, redraw)
     plan.results.write_file("errors.json", json.dumps(failed, indent=1).encode())
     return SweepSummary(
         found=len(plan.found) + len(plan.unreadable),
@@ -328,14 +331,19 @@ def start_line(checkpoints: int, size: PoolSize) -> str:
 
 
 def write_report(
-    results: ResultStore, detect_auroc: float = 0.95, evaluation: EvalConfig | None = None, cross_model: bool = True
+    results: ResultStore,
+    detect_auroc: float = 0.95,
+    evaluation: EvalConfig | None = None,
+    cross_model: bool = True,
+    redraw: Collection[str] | None = None,
 ) -> dict[str, Any]:
     """Write `metrics.parquet`, the plots and `leaderboard.html` from every result row, with the stability of
     each checkpoint against those differing from it only in seed (`stability.stability_columns`); `ground_truth`
     is the line on the best ground-truth recovery and its margin over the best baseline ("" without ground truth).
     Where the rows cover two models or more and `cross_model` is set, also the cross-model page (`cross_page.write_cross_model_page`, its
     held-out images read as `evaluation` says: default, the config recorded in the output); `cross_model` is its
-    URI ("" for one model)."""
+    URI ("" for one model). The plots are redrawn for the models of `redraw` (default: all) and wherever a plot is
+    missing; the others are kept (a campaign's per-model sweep redrew every model's plots before: quadratic)."""
 
     def decoder(uri: str) -> np.ndarray | None:
         try:
@@ -346,7 +354,7 @@ def write_report(
 
     table = stability_columns(results.table(), decoder)
     best = best_ground_truth(table.to_pylist())
-    plots = [results.write_file(f"plots/{name}", png) for name, png in front_plots(table).items()]
+    plots = _write_plots(results, table, redraw)
     relative = [f"plots/{p.rsplit('/', 1)[1]}" for p in plots]
     page = leaderboard_html(table, relative, title=f"prisma-ray sweep: {results.uri}")
     written = results.write_table(table)
@@ -361,3 +369,20 @@ def write_report(
         "rows": table.num_rows,
         "ground_truth": "" if best is None else ground_truth_line(best, detect_auroc),
     }
+
+
+def _write_plots(results: ResultStore, table: pa.Table, redraw: Collection[str] | None) -> list[str]:
+    """The URIs of every (model, hook) plot of `table`, drawing those of the models in `redraw` (None: all) and
+    any not written yet."""
+    if "l0" not in table.column_names:
+        return []
+    pairs = sorted(set(zip(table.column("model").to_pylist(), table.column("hook").to_pylist())))
+    folder = storage.join(results.uri, "plots")
+    try:
+        kept = set(storage.list_files(folder, results.options))
+    except FileNotFoundError:  # no plot written yet (MissingInputError is one too)
+        kept = set()
+    todo = [p for p in pairs if redraw is None or p[0] in redraw or plot_name(*p) not in kept]
+    for name, png in front_plots(table, todo).items():
+        results.write_file(f"plots/{name}", png)
+    return [storage.join(folder, plot_name(*p)) for p in pairs]

@@ -108,3 +108,26 @@ def test_a_report_writes_the_page_across_models_only_when_asked(tmp_path, monkey
         results.write(row)
     assert sweep.write_report(results, cross_model=False)["cross_model"] == "" and pages == []
     assert sweep.write_report(results)["cross_model"] == results.uri + "/x" and pages == [results.uri]
+
+
+def test_a_report_redraws_only_the_plots_of_the_models_it_evaluated_and_those_missing(tmp_path, monkeypatch):
+    """Each model's sweep in a campaign redrew every model's plots (quadratic in the models): a report now draws the
+    plots of `redraw`'s models and any missing one, and links every model's."""
+    from prisma_ray.evaluate import report, sweep
+
+    drawn = []
+    real = report.front_plots
+    monkeypatch.setattr(sweep, "front_plots", lambda table, only=None: drawn.append(only) or real(table, only))
+    results = ResultStore(str(tmp_path / "out"))
+    results.claim({"split": "test"})
+    for row in ROWS:
+        results.write(row)
+    m1, m2 = plot_name("m1", "blocks.0.hook_resid_post"), plot_name("m2", "blocks.1.hook_mlp_out")
+    first = sweep.write_report(results, cross_model=False, redraw={"m1"})
+    assert drawn[-1] == [("m1", "blocks.0.hook_resid_post"), ("m2", "blocks.1.hook_mlp_out")], "m2's is missing"
+    assert sorted(p.rsplit("/", 1)[1] for p in first["plots"]) == [m1, m2]
+    assert sorted(p.name for p in (tmp_path / "out" / "plots").iterdir()) == [m1, m2]
+    second = sweep.write_report(results, cross_model=False, redraw={"m2"})
+    assert drawn[-1] == [("m2", "blocks.1.hook_mlp_out")] and second["plots"] == first["plots"]
+    page = (tmp_path / "out" / "leaderboard.html").read_text()
+    assert f'src="plots/{m1}"' in page and f'src="plots/{m2}"' in page, "the page links every model's plot"
