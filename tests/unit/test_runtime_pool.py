@@ -4,6 +4,8 @@
 import json
 import pickle
 import re
+import subprocess
+import sys
 import threading
 import types
 import typing
@@ -109,6 +111,13 @@ def test_an_actor_decodes_its_shards_and_runs_them_on_the_thread_its_worker_was_
     failing = ShardDecoder(pickle.dumps((Recorder, {"fail": True})), spec, fmt)
     with pytest.raises(ValueError, match="no model here"):
         failing(item)
+
+
+def test_the_pool_loads_without_torch():
+    """A `ShardDecoder` actor imports the pool's module before it starts: torch must stay out of it, so that the
+    worker's imports (torch, timm: seconds) run on the worker's thread while the first shards decode."""
+    code = "import sys, prisma_ray.runtime.pool; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_actors_default_to_the_stage_where_it_has_a_default():
