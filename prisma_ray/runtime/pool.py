@@ -467,11 +467,10 @@ class ShardDecoder:
     Each call decodes its shard in the calling thread (`decode_batch`; one shard at a time, so that the first is
     ready soonest), then runs it through the worker on a thread of the worker's own, one shard at a time; with
     `max_concurrency` = the calls in flight per actor the next shard decodes while this one runs the model (PIL,
-    NumPy and torch release the GIL). The worker and its
-    arguments come pickled (`build`: `ray.cloudpickle.dumps((worker, worker_kwargs))`) and are built on the worker's
-    thread without blocking the constructor, so that the worker's imports (torch) and model build overlap the
-    first shards' decoding; the worker's thread is also the one that set its torch threads. A construction
-    error is raised by every call."""
+    NumPy and torch release the GIL). The worker and its arguments come pickled (`build`:
+    `ray.cloudpickle.dumps((worker, worker_kwargs))`) and are built on the worker's thread without blocking the
+    constructor, so that the worker's imports (torch) and model build overlap the first shards' decoding; the
+    worker's thread is also the one that set its torch threads. A construction error is raised by every call."""
 
     def __init__(self, build: bytes, spec: DatasetSpec, fmt: InputFormat):
         self._runner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shard-worker")
