@@ -13,9 +13,18 @@ neither side can end the forward pass early.
 
     .venv/bin/python benchmarks/extract_throughput.py [--images 512] [--repeats 2] [--pool 2x1]
 
-`--pool ACTORSxTHREADS` adds (c): the pipeline with that many actors and torch threads each (`2x1` is the
-pool's default on 2 CPUs before it became one actor per 2 CPUs), run alternately with (a) and (b), and
-prints a/c.
+Where the time goes (`benchmarks/extract_breakdown.py` takes it apart in CPU seconds): (a)'s start-up is its
+actor's imports (torch, torchvision that timm imports, timm: ~4.3 CPU s on this 2-core machine loaded, ~3-4 s
+quiet) and model build, which (b) does not pay in a process that has them; per shard the forward pass is nearly
+everything on both sides and costs both the same; decoding, encoding and the zstd write are under a tenth of it.
+On CPU the actors decode their own shards on a thread (`resources.decode: auto`); measured loaded with
+`--decode task` as (c): a/c 1.27 at 512 images (start-up 15.3 and 12.0 s against 32.0 and 20.4 s) and
+1.27 at 1024 (start-up 7.6 s against 17.3 s).
+
+`--pool ACTORSxTHREADS` and `--decode task|actor` add (c): the pipeline with that many actors and torch
+threads each (`2x1` is the pool's default on 2 CPUs before it became one actor per 2 CPUs) and/or shards
+decoded there (`task`: one read task per shard, the CPU default before the actors decoded their own shards),
+run alternately with (a) and (b), and prints a/c.
 """
 
 from __future__ import annotations
@@ -165,13 +174,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
     parser.add_argument("--pool", help="ACTORSxTHREADS: also run (c), the pipeline on that pool shape, e.g. 2x1")
+    parser.add_argument("--decode", choices=["task", "actor"], help="also run (c), with shards decoded there")
     parser.add_argument("--workdir", help="keeps the generated images (default: a temporary folder)")
     args = parser.parse_args()
-    pool = None
+    pool = {}
     if args.pool:
         if not re.fullmatch(r"\d+x\d+", args.pool):
             parser.error(f"--pool {args.pool}: give ACTORSxTHREADS, e.g. 2x1")
         pool = dict(zip(("actors", "torch_threads"), map(int, args.pool.split("x")), strict=True))
+    if args.decode:
+        pool["decode"] = args.decode
     if not _RESID_POST.match(args.hook) or resolve_entry(args.model).source != "timm":
         parser.error("the baseline hooks a timm ViT block: use a timm model and --hook blocks.{l}.hook_resid_post")
     logging.basicConfig(level=logging.WARNING)
@@ -217,7 +229,8 @@ def main() -> None:
         f"steady state (after start-up): a {a_steady:.0f} tokens/s, b {b_steady:.0f} tokens/s, ratio {a_steady / b_steady:.2f}"
     )
     if pool:
-        c, c_steady = report(f"(c) pipeline on {args.pool} (actors x threads)", runs["c"])
+        shape = " ".join(f"{k}={v}" for k, v in pool.items())
+        c, c_steady = report(f"(c) pipeline, {shape}", runs["c"])
         print(f"ratio a/c {a / c:.2f}   steady state a/c {a_steady / c_steady:.2f}")
 
 

@@ -126,7 +126,9 @@ def _run_pipeline(plan: ExtractPlan, todo: list[int], lost: PoolStats):
     shards = {i: ([asdict(r) for r in plan.shards[i]], plan.pending[i]) for i in todo}
     log.info("%s", start_line(len(todo), size, cfg.model_dtype))
     worker = ExtractionWorker
-    yield from stream_shards(shards, plan.spec, plan.fmt, worker, {"job": job}, size, cfg.progress, "extract", lost)
+    yield from stream_shards(
+        shards, plan.spec, plan.fmt, worker, {"job": job}, size, cfg.progress, "extract", lost, res.decode
+    )
 
 
 def start_line(shards: int, size: PoolSize, model_dtype: str) -> str:

@@ -119,5 +119,5 @@ def _run_pipeline(plan: InterpretPlan, shards: list[list[SampleRef]], lost: Pool
     log.info("%s", start_line(len(shards), size, cfg.model_dtype))
     job = plan.job(size.device, size.torch_threads)
     yield from stream_shards(
-        items, plan.spec, plan.fmt, LatentWorker, {"job": job}, size, cfg.progress, "interpret", lost
+        items, plan.spec, plan.fmt, LatentWorker, {"job": job}, size, cfg.progress, "interpret", lost, res.decode
     )

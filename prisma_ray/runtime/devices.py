@@ -8,12 +8,13 @@ against its own machine.
 
 from __future__ import annotations
 
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from prisma_ray.errors import InvalidRequest
 from prisma_ray.runtime.console import counted
+
+if TYPE_CHECKING:
+    import torch
 
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -23,6 +24,8 @@ def local_device(device: Device, field: str = "device") -> torch.device:
 
     Raises `InvalidRequest` naming `field` (the config key) when `cuda` is asked for and torch sees no GPU.
     """
+    import torch  # imported here: the actor pool imports this module, and its `ShardDecoder` imports torch later
+
     if device == "cuda" and not torch.cuda.is_available():
         raise InvalidRequest(f"{field}=cuda, but torch sees no CUDA device on this machine; set {field}=cpu or auto")
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())

@@ -1,12 +1,14 @@
 """The one actor pool every stage runs its plain worker class on, its one sizing policy, and the one
 `resources` block of the job configs that size it.
 
-    items --(shard stages: one read task each, `read_cpus` CPUs)--> worker actors (`actors` x
-    `cpus_per_actor` CPUs, one GPU each on cuda; at most `in_flight_per_actor` calls queued on each)
+    items --(shard stages on cuda: one read task each, `read_cpus` CPUs)--> worker actors (`actors` x
+    `cpus_per_actor` CPUs, one GPU each on cuda; at most `in_flight_per_actor` calls queued on each;
+    shard stages on CPU: each decodes its own shards on a thread, `ShardDecoder`)
     --> each item's result, yielded as it finishes
 
 Users: extraction and interpretation (`stream_shards`: shard items decoded by
-`prisma_ray.data.shards.decode_batch` in CPU tasks, then `ExtractionWorker` / `LatentWorker`), the
+`prisma_ray.data.shards.decode_batch` in CPU tasks or in the actors, then `ExtractionWorker` /
+`LatentWorker`), the
 sweep (`SweepWorker`, one call per model group, so an actor loads a group's models once) and
 explanation (`Pipeline`, one call per batch of latents). `size_pool` decides the device, the number
 of actors, their CPUs and torch threads from the cluster's resources (a pure function).
@@ -22,20 +24,27 @@ a read task, and sends their calls again, counting both for the run's summary (`
 all the same: each shard's read task is submitted with its actor call (whose argument is the task's
 result), and `in_flight_per_actor=2` keeps the next shard reading while the current one runs; at most
 actors x `in_flight_per_actor` decoded shards exist at a time, which bounds the object store's load.
+On CPU the actors decode their own shards instead (`ShardResources.decode`): a read task is a process of its
+own that competes with the forward pass for the node's cores (and imports its own modules), and each decoded
+shard is serialised, put in the object store and copied into the actor; on a 2-CPU node that cost the steady
+state and the start-up (README, Extraction; `benchmarks/extract_throughput.py --decode task`).
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import itertools
 import json
 import logging
 import math
+import pickle
 import re
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import ray
@@ -94,6 +103,13 @@ class ShardResources(Resources):
         "auto", description="cpu, cuda (one GPU per actor) or auto (cuda where the cluster has GPUs)"
     )
     read_cpus: float = Field(0.5, gt=0, description="CPUs reserved per task that reads and decodes an input shard")
+    decode: Literal["auto", "actor", "task"] = Field(
+        "auto",
+        description="where input shards are read and decoded: task (one task each, `read_cpus` CPUs, on any node "
+        "with free CPUs), actor (in the model actor, on a thread beside its forward pass: no task processes, no "
+        "decoded shard copied between processes) or auto: actor on CPU, task on cuda (a GPU's forward pass "
+        "outruns one actor's decoding)",
+    )
 
 
 class TrainResources(BaseModel):
@@ -298,6 +314,7 @@ def run_pool(
     stats: PoolStats | None = None,
     retries: int = RESTARTS,
     on_lost: Callable[[Any, Exception], Any] | None = None,
+    concurrency: int = 1,
 ) -> Iterator[Any]:
     """Run `worker(**worker_kwargs).<method>(item)` for every item on `size.actors` actors and yield each
     result as it finishes (any order).
@@ -315,6 +332,8 @@ def run_pool(
     campaign records the model as failed; `loss_cause` says why in words). Every call queued on an actor that
     died is lost with it: with more than one call in flight per actor, `on_lost` may see an item that was
     only waiting behind the one that killed it. `stats` (if given) counts what was lost, replaced and retried.
+    `concurrency` > 1 runs that many calls of an actor at a time, on threads (`max_concurrency`; the worker
+    must be thread-safe, as `ShardDecoder` is).
     The actors start with the first item and are killed when the iteration ends (also when the caller
     stops early); no items, no actors. Within `inline` one worker runs every item in this process, in order.
     """
@@ -331,6 +350,8 @@ def run_pool(
     # the replacements to what is left of the cluster (two actors restarted onto one smaller node would
     # leave no CPU to their read tasks and wait for ever).
     options = dict(num_cpus=size.cpus_per_actor, num_gpus=1 if size.device == "cuda" else 0, max_restarts=0)
+    if concurrency > 1:
+        options["max_concurrency"] = concurrency
     remote = ray.remote(worker).options(**options)
     actors: list[Any] = [remote.remote(**worker_kwargs) for _ in range(size.actors)]
     reader = ray.remote(read).options(num_cpus=size.read_cpus) if read is not None else None
@@ -435,6 +456,40 @@ def _run_inline(
         yield getattr(instance, method)(item if read is None else read(item, **read_kwargs))
 
 
+def decodes_in_actor(decode: str, device: str) -> bool:
+    """Whether a shard stage's actors decode their own shards (`ShardResources.decode` on a pool of `device`)."""
+    return decode == "actor" or (decode == "auto" and device == "cpu")
+
+
+class ShardDecoder:
+    """A worker actor that reads and decodes its own shards (`ShardResources.decode`: actor).
+
+    Each call decodes its shard in the calling thread (`decode_batch`; one shard at a time, so that the first is
+    ready soonest), then runs it through the worker on a thread of the worker's own, one shard at a time; with
+    `max_concurrency` = the calls in flight per actor the next shard decodes while this one runs the model (PIL,
+    NumPy and torch release the GIL). The worker and its arguments come pickled (`build`:
+    `ray.cloudpickle.dumps((worker, worker_kwargs))`) and are built on the worker's thread without blocking the
+    constructor, so that the worker's imports (torch) and model build overlap the first shards' decoding; the
+    worker's thread is also the one that set its torch threads. A construction error is raised by every call."""
+
+    def __init__(self, build: bytes, spec: DatasetSpec, fmt: InputFormat):
+        self._runner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shard-worker")
+        self._worker = self._runner.submit(_unpickle_and_build, build)
+        self._spec, self._fmt = spec, fmt
+        self._decoding = threading.Lock()
+
+    def __call__(self, item: dict[str, np.ndarray]) -> Any:
+        with self._decoding:
+            batch = decode_batch(item, self._spec, self._fmt)
+        worker = self._worker.result()
+        return self._runner.submit(worker, batch).result()
+
+
+def _unpickle_and_build(build: bytes) -> Any:
+    worker, kwargs = pickle.loads(build)
+    return worker(**kwargs)
+
+
 def _fits(size: PoolSize, actors: int, cluster: Mapping[str, float]) -> bool:
     """Whether `actors` actors of `size` plus one read task fit a cluster of `cluster` resources."""
     gpus = actors if size.device == "cuda" else 0
@@ -452,10 +507,12 @@ def stream_shards(
     progress: bool,
     desc: str,
     stats: PoolStats | None = None,
+    decode: str = "task",
 ) -> Iterator[dict[str, Any]]:
-    """Read and decode each shard (`{index: (SampleRef fields, hook points)}`) in a task, run it through the
-    actors of `worker(**worker_kwargs)` (called on a one-row batch, as `decode_batch` returns it) and yield
-    their rows as they finish (a progress bar if `progress`; `stats` as `run_pool`'s)."""
+    """Read and decode each shard (`{index: (SampleRef fields, hook points)}`) in a task, or in the actors where
+    `decodes_in_actor(decode, size.device)` (`ShardDecoder`), run it through the actors of
+    `worker(**worker_kwargs)` (called on a one-row batch, as `decode_batch` returns it) and yield their rows as
+    they finish (a progress bar if `progress`; `stats` as `run_pool`'s)."""
     items = (
         {
             "shard": np.array([shard]),
@@ -465,7 +522,12 @@ def stream_shards(
         for shard, (refs, hooks) in shards.items()
     )
     read_kwargs = {"spec": spec, "fmt": fmt}
-    results = run_pool(items, worker, worker_kwargs, size, read=decode_batch, read_kwargs=read_kwargs, stats=stats)
+    if decodes_in_actor(decode, size.device) and not inlined():
+        build = {"build": ray.cloudpickle.dumps((worker, worker_kwargs)), **read_kwargs}
+        concurrency = size.in_flight_per_actor
+        results = run_pool(items, ShardDecoder, build, size, stats=stats, concurrency=concurrency)
+    else:
+        results = run_pool(items, worker, worker_kwargs, size, read=decode_batch, read_kwargs=read_kwargs, stats=stats)
     with tqdm(total=len(shards), unit="shard", desc=desc, disable=not progress) as bar:
         for batch in results:
             bar.update(1)

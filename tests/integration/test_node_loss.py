@@ -37,7 +37,8 @@ SHARDS = 24
 
 
 def extraction(root: Path, output: str) -> ExtractConfig:
-    """24 shards of 2 images on 2 actors of 1 CPU each (one torch thread: the rows do not depend on the pool)."""
+    """24 shards of 2 images on 2 actors of 1 CPU each (one torch thread: the rows do not depend on the pool), each
+    shard decoded in a read task as on GPU clusters (`decode: task`), so the lost node also takes decoded shards."""
     return ExtractConfig(
         model=tiny_vit(),
         hooks=HOOKS,
@@ -50,7 +51,7 @@ def extraction(root: Path, output: str) -> ExtractConfig:
         output=str(root / output),
         shard_size=2,
         batch_size=2,
-        resources=dict(actors=2, cpus_per_actor=1.0, read_cpus=0.5, torch_threads=1),
+        resources=dict(actors=2, cpus_per_actor=1.0, read_cpus=0.5, torch_threads=1, decode="task"),
         progress=False,
     )
 

@@ -146,6 +146,11 @@ def test_decoded_crops_normalise_to_the_model_pixels(tmp_path):
     x = (x - np.asarray(model.preprocess.mean, np.float32)) / np.asarray(model.preprocess.std, np.float32)
     np.testing.assert_array_equal(ours, np.moveaxis(x, -1, -3))
     np.testing.assert_array_equal(PixelInputs(model).pixels(data.pixels).numpy(), ours)
+    floats = torch.from_numpy(data.pixels.astype(np.float32))  # normalised in place: never its input
+    np.testing.assert_array_equal(normalize(floats, mean, std).numpy(), ours)
+    np.testing.assert_array_equal(floats.numpy(), data.pixels)
+    clips = torch.from_numpy(np.stack([data.pixels[:4], data.pixels[4:8]]))  # videos: [B, T, H, W, 3]
+    np.testing.assert_array_equal(normalize(clips, mean, std).numpy()[1], ours[4:8])
 
 
 def test_shard_payload_roundtrip():

@@ -1,15 +1,34 @@
 """The one sizing policy of the actor pools (a pure function of the cluster's resources, no Ray), and the one
 `resources` block of every job config that runs on Ray."""
 
+import json
+import pickle
 import re
+import subprocess
+import sys
+import threading
 import types
 import typing
+from dataclasses import asdict
 
+import numpy as np
 import pytest
+from PIL import Image
 from pydantic import BaseModel
 
+from prisma_ray.data.shards import InputFormat, ShardData
+from prisma_ray.data.sources import list_refs, parse_dataset_spec
 from prisma_ray.errors import InvalidRequest
-from prisma_ray.runtime.pool import PoolSize, Resources, ShardResources, TrainResources, size_pool
+from prisma_ray.models.spec import PreprocessSpec
+from prisma_ray.runtime.pool import (
+    PoolSize,
+    Resources,
+    ShardDecoder,
+    ShardResources,
+    TrainResources,
+    decodes_in_actor,
+    size_pool,
+)
 from prisma_ray.storage import StorageOptions
 
 
@@ -55,6 +74,50 @@ def test_shard_pools_fit_the_cluster(cluster, fields, items, expected):
 def test_pools_without_read_tasks(cluster, fields, device, items, expected):
     size = size_pool(Resources(**fields), cluster, items, device=device)
     assert brief(size) == expected and size.read_cpus == 0 and size.in_flight_per_actor == 1
+
+
+@pytest.mark.parametrize(
+    "decode,device,in_actor",
+    [("auto", "cpu", True), ("auto", "cuda", False), ("actor", "cuda", True), ("task", "cpu", False)],
+)
+def test_cpu_actors_decode_their_own_shards_gpu_actors_get_them_from_read_tasks(decode, device, in_actor):
+    assert decodes_in_actor(ShardResources(decode=decode).decode, device) is in_actor
+
+
+class Recorder:  # module level: pickled by reference, as Ray would ship it
+    """A stand-in worker: records the thread it was built on and runs on, and what it was called with."""
+
+    def __init__(self, fail: bool = False):
+        if fail:
+            raise ValueError("no model here")
+        self.built_on = threading.get_ident()
+
+    def __call__(self, batch):
+        shard = ShardData.from_bytes(batch["payload"][0])
+        return threading.get_ident(), int(batch["shard"][0]), sorted(shard.sample_ids), json.loads(batch["hooks"][0])
+
+
+def test_an_actor_decodes_its_shards_and_runs_them_on_the_thread_its_worker_was_built_on(tmp_path):
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (20, 24), (40, 90, 200)).save(tmp_path / f"{name}.png")
+    spec = parse_dataset_spec({"type": "images", "uri": str(tmp_path)})
+    fmt = InputFormat.create(spec, PreprocessSpec(image_size=(16, 16)))
+    refs = [json.dumps([asdict(r) for r in list_refs(spec)[:2]])]
+    item = {"shard": np.array([4]), "refs": np.array(refs, dtype=object), "hooks": np.array(['["h"]'], dtype=object)}
+    decoder = ShardDecoder(pickle.dumps((Recorder, {})), spec, fmt)
+    thread, shard, ids, hooks = decoder(item)
+    assert (shard, ids, hooks) == (4, ["a.png", "b.png"], ["h"])
+    assert thread == decoder._worker.result().built_on != threading.get_ident()
+    failing = ShardDecoder(pickle.dumps((Recorder, {"fail": True})), spec, fmt)
+    with pytest.raises(ValueError, match="no model here"):
+        failing(item)
+
+
+def test_the_pool_loads_without_torch():
+    """A `ShardDecoder` actor imports the pool's module before it starts: torch must stay out of it, so that the
+    worker's imports (torch, timm: seconds) run on the worker's thread while the first shards decode."""
+    code = "import sys, prisma_ray.runtime.pool; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_actors_default_to_the_stage_where_it_has_a_default():
