@@ -14,7 +14,7 @@ output positions scored (those followed by a text token) and its labels are thos
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -203,19 +203,33 @@ class SpliceBatch:
     """One batch of inputs with its clean run: labels, clean logits and clean activations by hook point.
 
     Multimodal sequences add `kinds` (`int8[B, T]`: the kind of each token the store holds, -1 for
-    padding and tokens it does not hold) and `readout` (`bool[B, T]`: the output positions scored).
+    padding and tokens it does not hold), `readout` (`bool[B, T]`: the output positions scored; only their
+    logits are computed) and `lm_x` (`x` with its images already through the vision tower,
+    `HookedVisionModel.lm_input`: runs hooked on the language model only start there, the tower run once).
     """
 
     x: torch.Tensor | dict[str, torch.Tensor]
     labels: torch.Tensor
-    clean_logits: torch.Tensor
+    clean_logits: torch.Tensor | None  # None until the clean run fills it in
     clean: dict[str, torch.Tensor] = field(default_factory=dict)
     kinds: torch.Tensor | None = None
     readout: torch.Tensor | None = None
+    lm_x: dict | None = None
 
-    def logits(self, head: Head, output: torch.Tensor) -> torch.Tensor:
-        """The scored logits of the model's `output` for this batch."""
-        return head(output) if self.readout is None else output[self.readout]
+    def input(self, model: HookedVisionModel, hooks: Iterable[str]) -> torch.Tensor | dict:
+        """The model input for a run with hooks at `hooks`: `lm_x` where there is one and every hook is on the
+        language model, else `x`."""
+        if self.lm_x is not None and all(model.hook_point(name).lm for name in hooks):
+            return self.lm_x
+        return self.x
+
+    def run(self, model: HookedVisionModel, head: Head, hooks: HookList) -> torch.Tensor:
+        """The scored logits of the model on this batch with `hooks` attached: `head` on its output, or the
+        next-token logits at the `readout` positions (`[N, vocab]`)."""
+        with model.hooks(hooks):
+            if self.readout is None:
+                return head(model(self.x))
+            return model(self.input(model, [name for name, _ in hooks]), logits_at=self.readout)
 
 
 @torch.inference_mode()
@@ -232,8 +246,7 @@ def run_mode(
     (`heads`: as `splice_hooks`)."""
     totals = TaskTotals()
     for batch in batches:
-        with model.hooks(splice_hooks(d, where(batch), mode, batch.clean, heads)):
-            logits = batch.logits(head, model(batch.x))
+        logits = batch.run(model, head, splice_hooks(d, where(batch), mode, batch.clean, heads))
         totals.update(logits, batch.clean_logits, batch.labels)
     return totals
 
