@@ -55,6 +55,7 @@ from .splice import (
     classifier_head,
     clean_totals,
     outputs_logits,
+    resume_point,
     run_mode,
     summarize,
 )
@@ -315,12 +316,14 @@ class Evaluator:
         if source.description is None:
             return {"splice_note": f"{source_uri} has no _config.json, so its model and inputs are unknown"}
         name = info.models[0]
-        hooks = sorted({s.name for s in (*info.sites.inputs, *info.sites.targets)})
-        data = self._splice_data(name, source, hooks)
+        model = self._model(name, source)
+        hooks = {s.name for s in (*info.sites.inputs, *info.sites.targets)}
+        if source.multimodal:  # where the spliced runs resume (`SpliceBatch.run`)
+            hooks |= {resume} if (resume := resume_point(model, hooks)) else set()
+        data = self._splice_data(name, source, sorted(hooks))
         if data.head is None:
             return {"splice_note": data.note}
-        model = self._model(name, source)  # loaded by `_splice_data`; checks this store's model is built alike
-        self._ensure_clean(model, data, set(hooks))
+        self._ensure_clean(model, data, hooks)
         if source.multimodal:
             codes = torch.tensor([KIND_CODES[k] for k in info.token_kinds or KIND_CODES], device=self.device)
             where, at = (lambda batch: torch.isin(batch.kinds, codes)), tuple(codes.tolist())

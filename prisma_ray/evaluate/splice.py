@@ -205,7 +205,9 @@ class SpliceBatch:
     Multimodal sequences add `kinds` (`int8[B, T]`: the kind of each token the store holds, -1 for
     padding and tokens it does not hold), `readout` (`bool[B, T]`: the output positions scored; only their
     logits are computed) and `lm_x` (`x` with its images already through the vision tower,
-    `HookedVisionModel.lm_input`: runs hooked on the language model only start there, the tower run once).
+    `HookedVisionModel.lm_input`: runs hooked on the language model only start there, the tower run once). Such
+    a run also skips the language model's layers before the first one it hooks where `clean` holds that layer's
+    `hook_resid_pre` (`resume_point`, `HookedVisionModel.resume`).
     """
 
     x: torch.Tensor | dict[str, torch.Tensor]
@@ -226,10 +228,27 @@ class SpliceBatch:
     def run(self, model: HookedVisionModel, head: Head, hooks: HookList) -> torch.Tensor:
         """The scored logits of the model on this batch with `hooks` attached: `head` on its output, or the
         next-token logits at the `readout` positions (`[N, vocab]`)."""
+        names = [name for name, _ in hooks]
+        resume = resume_point(model, names)
         with model.hooks(hooks):
             if self.readout is None:
                 return head(model(self.x))
-            return model(self.input(model, [name for name, _ in hooks]), logits_at=self.readout)
+            x = self.input(model, names)
+            if x is not self.lm_x or resume not in self.clean:
+                return model(x, logits_at=self.readout)
+            with model.resume(model.hook_point(resume).layer, self.clean[resume]):
+                return model(x, logits_at=self.readout)
+
+
+def resume_point(model: HookedVisionModel, hooks: Iterable[str]) -> str | None:
+    """`lm.blocks.{k}.hook_resid_pre` for the first language-model layer k > 0 that `hooks` touch, where each of
+    them is at a layer of the language model: what a run hooked there can resume from
+    (`HookedVisionModel.resume`, with its clean value); None otherwise."""
+    points = [model.hook_point(name) for name in hooks]
+    if not points or any(not p.lm or p.layer is None for p in points):
+        return None
+    layer = min(p.layer for p in points)
+    return f"lm.blocks.{layer}.hook_resid_pre" if layer > 0 else None
 
 
 @torch.inference_mode()

@@ -70,7 +70,7 @@ class HookedVisionModel(nn.Module):
         self._sites = sites
         self._hook_entries: list[_Entry] = []  # the active hooks, in registration order
         self._dispatch_handles: list = []  # the PyTorch hooks attached for them
-        self._tower_hooks = 0  # attached hooks on the vision tower (`blocks.*`, not `lm.*`), inner ones included
+        self._attached: list[HookPoint] = []  # the points of every attached hook, inner ones included
         self._inner = {False: _stack_inner(sites)}  # by `HookPoint.lm`: per layer, site -> InnerSite, and global
         self.hook_names: list[str] = all_hook_names(len(sites.layers), *_listed(sites, self._inner[False]))
         if sites.lm is not None:
@@ -153,7 +153,7 @@ class HookedVisionModel(nn.Module):
         full run, and the vocabulary projection runs on those positions alone (transformers' `logits_to_keep`).
         """
         self.check_input(x)
-        if isinstance(x, Mapping) and ENCODED in x and self._tower_hooks:
+        if isinstance(x, Mapping) and ENCODED in x and any(not p.lm for p in self._attached):
             raise InvalidRequest(
                 f"{self.name}: a vision tower hook (blocks.*) is attached but this input's images are already "
                 "encoded (lm_input), so the tower does not run; run the processor's output instead"
@@ -213,10 +213,10 @@ class HookedVisionModel(nn.Module):
         blocks first).
         """
         entries = [_Entry(self.hook_point(name), fn) for name, fn in fwd_hooks]
-        tower = sum(not e.point.lm for e in entries)
         with ExitStack() as stack:
-            self._tower_hooks += tower
-            stack.callback(self._release_tower, tower)
+            points = [e.point for e in entries]
+            self._attached = [*self._attached, *points]
+            stack.callback(self._release, points)
             for entry in entries:
                 if _is_inner(entry.point):
                     self._attach_inner(entry.point, entry.fn, stack)
@@ -273,8 +273,43 @@ class HookedVisionModel(nn.Module):
     def _stack(self, point: HookPoint) -> LanguageSites | ModelSites:
         return self._sites.lm if point.lm else self._sites
 
-    def _release_tower(self, count: int) -> None:
-        self._tower_hooks -= count
+    def _release(self, points: list[HookPoint]) -> None:
+        self._attached = [p for p in self._attached if all(p is not q for q in points)]  # by identity
+
+    @contextmanager
+    def resume(self, layer: int, resid_pre: torch.Tensor) -> Iterator[HookedVisionModel]:
+        """Within the block the language model's layers before `layer` do not run: layer `layer` takes `resid_pre`,
+        the clean value of `lm.blocks.{layer}.hook_resid_pre` for the same input, so a run hooked at that layer or
+        later (a dictionary spliced in there) costs only the layers from there on, with the output of the full
+        run. Hooks attached before `layer` (or on the vision tower, or at `lm.hook_embed`) would not run: running
+        with one raises `InvalidRequest`."""
+        if self._sites.lm is None:
+            raise InvalidRequest(f"{self.name} is not a multimodal language model: resume is for its language model")
+        if not 0 <= layer < len(self._sites.lm.layers):
+            raise InvalidRequest(f"resume: layer {layer} is not one of the language model's 0..{self.lm_n_layers - 1}")
+        blocks = [sites.block for sites in self._sites.lm.layers[:layer]]
+
+        def replay(*_args, **_kwargs) -> torch.Tensor:
+            early = [
+                p.name
+                for p in self._attached
+                if not p.lm or p.site == "hook_embed" or (p.layer is not None and p.layer < layer)
+            ]
+            if early:
+                raise InvalidRequest(f"resume at lm layer {layer}: hooks {early} come before it and would not run")
+            return resid_pre
+
+        saved = [block.__dict__.get("forward") for block in blocks]  # an instance's own forward (accelerate's)
+        try:
+            for block in blocks:
+                block.forward = replay
+            yield self
+        finally:
+            for block, forward in zip(blocks, saved):
+                if forward is None:
+                    del block.forward
+                else:
+                    block.forward = forward
 
     def _detach(self, entries: list[_Entry]) -> None:
         self._hook_entries = [e for e in self._hook_entries if e not in entries]  # by identity

@@ -369,7 +369,8 @@ def test_the_first_checkpoint_of_a_model_costs_one_clean_forward_pass_per_batch(
 
 def test_an_lmm_dictionary_is_spliced_with_one_vision_tower_run_per_batch_and_logits_at_scored_positions(tmp_path):
     """Language-model hooks: the vision tower runs once per batch (`lm_input`), not once per clean, cache, zero,
-    spliced and error run; only the positions scored (followed by a text token) are projected onto the vocabulary."""
+    spliced and error run; the spliced runs start at the hooked layer (`resume`); only the positions scored
+    (followed by a text token) are projected onto the vocabulary."""
     hook, name = "lm.blocks.1.hook_resid_post", "tiny-llava-onevision"
     prompts = ["Describe the image.", "Which shapes do you see?"]
     extract_in_process(
@@ -377,10 +378,11 @@ def test_an_lmm_dictionary_is_spliced_with_one_vision_tower_run_per_batch_and_lo
     )
     ckpt = save(identity(Sites(inputs=(Site(name=hook, width=32, model=name),))), tmp_path / "ckpt")
     evaluator = Evaluator(eval_config(tmp_path, splice_samples=4, splice_batch_size=2))
-    with Calls("SiglipVisionModel") as towers, Calls("Linear", TEXT["vocab_size"]) as head:
+    with Calls("SiglipVisionModel") as towers, Calls("Linear", TEXT["vocab_size"]) as head, Calls("Qwen2MLP") as mlps:
         row = evaluator.evaluate(ckpt)
     assert row["label_source"] == "next_token" and row["splice_samples"] == 4
     assert row["loss_recovered"] == pytest.approx(1.0, abs=1e-4) and row["kl"] < 1e-8 and row["kl_zero"] > 1e-4
     assert len(towers.rows) == 2, "one tower run per batch of 2"
+    assert len(mlps.rows) == 2 * (2 + 3), "per batch: the clean run's 2 layers, then layer 1 alone for the 3 others"
     scored = [int(b.readout.sum()) for b in evaluator._splice[name].batches]
     assert head.rows == scored * 4, "clean, zero, spliced and error runs: the scored positions only"

@@ -167,3 +167,32 @@ def test_logits_at_and_lm_input_give_the_full_runs_values_for_less_work(case):
     model(lm)  # the tower hook is gone again
     with pytest.raises(InvalidRequest, match="bool mask shaped as input_ids"):
         model(batch, logits_at=mask[:, 1:])
+
+
+@torch.inference_mode()
+def test_resume_skips_the_language_model_layers_before_the_hooked_one_and_gives_the_full_runs_output(case):
+    family, model = case
+    batch, _, _ = inputs(family)
+    double = ("lm.blocks.1.hook_resid_post", lambda t, _hook: 2 * t)
+    lm = model.lm_input(batch)
+    _, clean = model.run_with_cache(lm, ["lm.blocks.1.hook_resid_pre"])
+    with model.hooks([double]):
+        full = model(batch)
+    calls = []
+    handle = model.model.model.language_model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        with model.resume(1, clean["lm.blocks.1.hook_resid_pre"]), model.hooks([double]):
+            resumed = model(lm)
+        assert calls == [], "layer 0 does not run"
+        torch.testing.assert_close(resumed, full)
+        with model.resume(1, clean["lm.blocks.1.hook_resid_pre"]):
+            with model.hooks([("lm.blocks.0.hook_mlp_out", lambda t, _hook: None)]):
+                with pytest.raises(InvalidRequest, match=r"\['lm.blocks.0.hook_mlp_out'\] come before it"):
+                    model(lm)
+        model(lm)
+        assert len(calls) == 1, "layer 0 runs again after the block"
+    finally:
+        handle.remove()
+    with pytest.raises(InvalidRequest, match="not one of the language model's 0..1"):
+        with model.resume(2, clean["lm.blocks.1.hook_resid_pre"]):
+            pass
