@@ -54,6 +54,7 @@ from .splice import (
     ZeroShotHead,
     classifier_head,
     clean_totals,
+    next_token_readout,
     outputs_logits,
     resume_point,
     run_mode,
@@ -389,12 +390,11 @@ class Evaluator:
             kept = inputs.keep(x, layout, ids)
             kinds = np.full(layout.kind.shape, -1, dtype=np.int8)
             kinds[kept.sample, kept.position] = kept.kind
-            text = torch.from_numpy(layout.kind[:, 1:] == TokenKind.TEXT).to(self.device)
-            next_text = x["attention_mask"][:, 1:].bool() & text
-            readout = torch.nn.functional.pad(next_text, (0, 1), value=False)
+            text = torch.from_numpy(layout.kind == TokenKind.TEXT).to(self.device)
+            readout, labels = next_token_readout(x["input_ids"], x["attention_mask"], text)
             batch = SpliceBatch(
                 x,
-                x["input_ids"][:, 1:][next_text],
+                labels,
                 None,
                 kinds=torch.from_numpy(kinds).to(self.device),
                 readout=readout,

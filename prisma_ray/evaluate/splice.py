@@ -240,6 +240,16 @@ class SpliceBatch:
                 return model(x, logits_at=self.readout)
 
 
+def next_token_readout(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, text: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(readout, labels)` of a multimodal batch's next-token task: `readout` (`bool[B, T]`) marks the positions
+    followed by a text token (`text`: `bool[B, T]`, padding excluded by `attention_mask`), `labels` (`int64[N]`)
+    are those next tokens, in the order `output[readout]` gives the positions."""
+    next_text = attention_mask[:, 1:].bool() & text[:, 1:]
+    return F.pad(next_text, (0, 1), value=False), input_ids[:, 1:][next_text]
+
+
 def resume_point(model: HookedVisionModel, hooks: Iterable[str]) -> str | None:
     """`lm.blocks.{k}.hook_resid_pre` for the first language-model layer k > 0 that `hooks` touch, where each of
     them is at a layer of the language model: what a run hooked there can resume from
