@@ -54,7 +54,9 @@ from .splice import (
     ZeroShotHead,
     classifier_head,
     clean_totals,
+    next_token_readout,
     outputs_logits,
+    resume_point,
     run_mode,
     summarize,
 )
@@ -315,11 +317,14 @@ class Evaluator:
         if source.description is None:
             return {"splice_note": f"{source_uri} has no _config.json, so its model and inputs are unknown"}
         name = info.models[0]
-        data = self._splice_data(name, source)
+        model = self._model(name, source)
+        hooks = {s.name for s in (*info.sites.inputs, *info.sites.targets)}
+        if source.multimodal:  # where the spliced runs resume (`SpliceBatch.run`)
+            hooks |= {resume} if (resume := resume_point(model, hooks)) else set()
+        data = self._splice_data(name, source, sorted(hooks))
         if data.head is None:
             return {"splice_note": data.note}
-        model = self._model(name, source)  # loaded by `_splice_data`; checks this store's model is built alike
-        self._ensure_clean(model, data, {s.name for s in (*info.sites.inputs, *info.sites.targets)})
+        self._ensure_clean(model, data, hooks)
         if source.multimodal:
             codes = torch.tensor([KIND_CODES[k] for k in info.token_kinds or KIND_CODES], device=self.device)
             where, at = (lambda batch: torch.isin(batch.kinds, codes)), tuple(codes.tolist())
@@ -338,12 +343,14 @@ class Evaluator:
         samples = sum(len(b.x["input_ids"] if isinstance(b.x, dict) else b.x) for b in data.batches)
         return {**metrics, "label_source": data.label_source, "splice_samples": samples}
 
-    def _splice_data(self, name: str, source: StoreSource) -> SpliceData:
+    def _splice_data(self, name: str, source: StoreSource, hooks: list[str]) -> SpliceData:
+        """The inputs of model `name` and their clean runs (each one forward pass, which also caches the
+        activations at `hooks`: those of the first dictionary evaluated)."""
         if name in self._splice:
             return self._splice[name]
         model = self._model(name, source)
         if source.multimodal:
-            self._splice[name] = self._sequence_splice_data(model, source)
+            self._splice[name] = self._sequence_splice_data(model, source, hooks)
             return self._splice[name]
         head = self._head(name, model)
         if head is None:
@@ -354,26 +361,23 @@ class Evaluator:
         data = decode_first(spec, InputFormat.create(spec, model.preprocess), self.cfg.splice_samples)
         x = PixelInputs(model, device=self.device).pixels(data.pixels)
         y = torch.from_numpy(data.labels).to(self.device)
-        clean = torch.cat(
-            [head(model(x[i : i + self.cfg.splice_batch_size])) for i in range(0, len(x), self.cfg.splice_batch_size)]
-        )
+        size = self.cfg.splice_batch_size
+        runs = [model.run_with_cache(x[i : i + size], hooks) for i in range(0, len(x), size)]
+        clean = torch.cat([head(output) for output, _ in runs])
         label_source = "dataset"
         if bool(((y < 0) | (y >= clean.shape[1])).any()):
             y, label_source = clean.argmax(1), "clean_top1"
         batches = [
-            SpliceBatch(
-                x[i : i + self.cfg.splice_batch_size],
-                y[i : i + self.cfg.splice_batch_size],
-                clean[i : i + self.cfg.splice_batch_size],
-            )
-            for i in range(0, len(x), self.cfg.splice_batch_size)
+            SpliceBatch(x[i : i + size], y[i : i + size], clean[i : i + size], cache)
+            for i, (_, cache) in zip(range(0, len(x), size), runs)
         ]
         self._splice[name] = SpliceData(head, batches, label_source)
         return self._splice[name]
 
-    def _sequence_splice_data(self, model: HookedVisionModel, source: StoreSource) -> SpliceData:
+    def _sequence_splice_data(self, model: HookedVisionModel, source: StoreSource, hooks: list[str]) -> SpliceData:
         """A multimodal model's held-out inputs (image + prompt, as extracted) scored on next-token
-        prediction of every text token, with the store's tokens of each kind marked for splicing."""
+        prediction of every text token, with the store's tokens of each kind marked for splicing. The vision
+        tower runs once per batch (`lm_input`); the logits are computed at the scored positions only."""
         spec = source.dataset(self.options)
         fmt = InputFormat.create(spec, model.preprocess)
         data = decode_first(spec, fmt, self.cfg.splice_samples)
@@ -386,18 +390,18 @@ class Evaluator:
             kept = inputs.keep(x, layout, ids)
             kinds = np.full(layout.kind.shape, -1, dtype=np.int8)
             kinds[kept.sample, kept.position] = kept.kind
-            text = torch.from_numpy(layout.kind[:, 1:] == TokenKind.TEXT).to(self.device)
-            next_text = x["attention_mask"][:, 1:].bool() & text
-            readout = torch.nn.functional.pad(next_text, (0, 1), value=False)
-            batches.append(
-                SpliceBatch(
-                    x,
-                    x["input_ids"][:, 1:][next_text],
-                    model(x)[readout],
-                    kinds=torch.from_numpy(kinds).to(self.device),
-                    readout=readout,
-                )
+            text = torch.from_numpy(layout.kind == TokenKind.TEXT).to(self.device)
+            readout, labels = next_token_readout(x["input_ids"], x["attention_mask"], text)
+            batch = SpliceBatch(
+                x,
+                labels,
+                None,
+                kinds=torch.from_numpy(kinds).to(self.device),
+                readout=readout,
+                lm_x=model.lm_input(x),
             )
+            batch.clean_logits, batch.clean = model.run_with_cache(batch.input(model, hooks), hooks, logits_at=readout)
+            batches.append(batch)
         return SpliceData(classifier_head, batches, "next_token")
 
     def _head(self, name: str, model: HookedVisionModel) -> Head | None:
@@ -410,7 +414,7 @@ class Evaluator:
         for batch in data.batches:
             missing = sorted(hooks - set(batch.clean))
             if missing:
-                _, cache = model.run_with_cache(batch.x, missing, stop_early=True)
+                _, cache = model.run_with_cache(batch.input(model, missing), missing, stop_early=True)
                 batch.clean.update(cache)
 
     def _ground_truth(self, latents: np.ndarray, held: HeldOut, source: StoreSource, key: HeldKey) -> dict[str, Any]:

@@ -14,7 +14,7 @@ output positions scored (those followed by a text token) and its labels are thos
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -203,19 +203,62 @@ class SpliceBatch:
     """One batch of inputs with its clean run: labels, clean logits and clean activations by hook point.
 
     Multimodal sequences add `kinds` (`int8[B, T]`: the kind of each token the store holds, -1 for
-    padding and tokens it does not hold) and `readout` (`bool[B, T]`: the output positions scored).
+    padding and tokens it does not hold), `readout` (`bool[B, T]`: the output positions scored; only their
+    logits are computed) and `lm_x` (`x` with its images already through the vision tower,
+    `HookedVisionModel.lm_input`: runs hooked on the language model only start there, the tower run once). Such
+    a run also skips the language model's layers before the first one it hooks where `clean` holds that layer's
+    `hook_resid_pre` (`resume_point`, `HookedVisionModel.resume`).
     """
 
     x: torch.Tensor | dict[str, torch.Tensor]
     labels: torch.Tensor
-    clean_logits: torch.Tensor
+    clean_logits: torch.Tensor | None  # None until the clean run fills it in
     clean: dict[str, torch.Tensor] = field(default_factory=dict)
     kinds: torch.Tensor | None = None
     readout: torch.Tensor | None = None
+    lm_x: dict | None = None
 
-    def logits(self, head: Head, output: torch.Tensor) -> torch.Tensor:
-        """The scored logits of the model's `output` for this batch."""
-        return head(output) if self.readout is None else output[self.readout]
+    def input(self, model: HookedVisionModel, hooks: Iterable[str]) -> torch.Tensor | dict:
+        """The model input for a run with hooks at `hooks`: `lm_x` where there is one and every hook is on the
+        language model, else `x`."""
+        if self.lm_x is not None and all(model.hook_point(name).lm for name in hooks):
+            return self.lm_x
+        return self.x
+
+    def run(self, model: HookedVisionModel, head: Head, hooks: HookList) -> torch.Tensor:
+        """The scored logits of the model on this batch with `hooks` attached: `head` on its output, or the
+        next-token logits at the `readout` positions (`[N, vocab]`)."""
+        names = [name for name, _ in hooks]
+        resume = resume_point(model, names)
+        with model.hooks(hooks):
+            if self.readout is None:
+                return head(model(self.x))
+            x = self.input(model, names)
+            if x is not self.lm_x or resume not in self.clean:
+                return model(x, logits_at=self.readout)
+            with model.resume(model.hook_point(resume).layer, self.clean[resume]):
+                return model(x, logits_at=self.readout)
+
+
+def next_token_readout(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, text: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(readout, labels)` of a multimodal batch's next-token task: `readout` (`bool[B, T]`) marks the positions
+    followed by a text token (`text`: `bool[B, T]`, padding excluded by `attention_mask`), `labels` (`int64[N]`)
+    are those next tokens, in the order `output[readout]` gives the positions."""
+    next_text = attention_mask[:, 1:].bool() & text[:, 1:]
+    return F.pad(next_text, (0, 1), value=False), input_ids[:, 1:][next_text]
+
+
+def resume_point(model: HookedVisionModel, hooks: Iterable[str]) -> str | None:
+    """`lm.blocks.{k}.hook_resid_pre` for the first language-model layer k > 0 that `hooks` touch, where each of
+    them is at a layer of the language model: what a run hooked there can resume from
+    (`HookedVisionModel.resume`, with its clean value); None otherwise."""
+    points = [model.hook_point(name) for name in hooks]
+    if not points or any(not p.lm or p.layer is None for p in points):
+        return None
+    layer = min(p.layer for p in points)
+    return f"lm.blocks.{layer}.hook_resid_pre" if layer > 0 else None
 
 
 @torch.inference_mode()
@@ -232,8 +275,7 @@ def run_mode(
     (`heads`: as `splice_hooks`)."""
     totals = TaskTotals()
     for batch in batches:
-        with model.hooks(splice_hooks(d, where(batch), mode, batch.clean, heads)):
-            logits = batch.logits(head, model(batch.x))
+        logits = batch.run(model, head, splice_hooks(d, where(batch), mode, batch.clean, heads))
         totals.update(logits, batch.clean_logits, batch.labels)
     return totals
 

@@ -24,7 +24,7 @@ from .hook_points import (
     parse_hook_name,
 )
 from .inner_sites import ModuleTap, block_weights, inner_sites, norm_scale
-from .sites import InnerSite, LanguageSites, ModelSites, Scale
+from .sites import ENCODED, InnerSite, LanguageSites, ModelSites, Scale
 from .spec import MultimodalLayout, PreprocessSpec, TokenLayout
 
 HookFn = Callable[[torch.Tensor, HookPoint], "torch.Tensor | None"]
@@ -70,6 +70,7 @@ class HookedVisionModel(nn.Module):
         self._sites = sites
         self._hook_entries: list[_Entry] = []  # the active hooks, in registration order
         self._dispatch_handles: list = []  # the PyTorch hooks attached for them
+        self._attached: list[HookPoint] = []  # the points of every attached hook, inner ones included
         self._inner = {False: _stack_inner(sites)}  # by `HookPoint.lm`: per layer, site -> InnerSite, and global
         self.hook_names: list[str] = all_hook_names(len(sites.layers), *_listed(sites, self._inner[False]))
         if sites.lm is not None:
@@ -144,10 +145,39 @@ class HookedVisionModel(nn.Module):
         """The `HookPoint` for `name`; an unknown name raises an error listing the valid ones."""
         return parse_hook_name(name, self.hook_names)
 
-    def forward(self, x: ModelInput) -> torch.Tensor:
-        """The source model's output (logits, or the embedding for towers without a head)."""
+    def forward(self, x: ModelInput, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """The source model's output (logits, or the embedding for towers without a head).
+
+        `logits_at` (multimodal language models only): a `bool[B, T]` mask of the positions whose next-token
+        logits are wanted; the output is then `[N, vocab]` for its N true positions, as `output[logits_at]` of the
+        full run, and the vocabulary projection runs on those positions alone (transformers' `logits_to_keep`).
+        """
         self.check_input(x)
-        return self._sites.forward(x)
+        if isinstance(x, Mapping) and ENCODED in x and any(not p.lm for p in self._attached):
+            raise InvalidRequest(
+                f"{self.name}: a vision tower hook (blocks.*) is attached but this input's images are already "
+                "encoded (lm_input), so the tower does not run; run the processor's output instead"
+            )
+        if logits_at is None:
+            return self._sites.forward(x)
+        if self._sites.lm is None:
+            raise InvalidRequest(f"{self.name} is not a multimodal language model: logits_at is for those only")
+        if logits_at.dtype != torch.bool or tuple(logits_at.shape) != tuple(x["input_ids"].shape):
+            raise InvalidRequest(
+                f"logits_at must be a bool mask shaped as input_ids {list(x['input_ids'].shape)}; got "
+                f"{logits_at.dtype} {list(logits_at.shape)}"
+            )
+        return self._sites.forward(x, logits_at=logits_at)
+
+    def lm_input(self, x: Mapping[str, torch.Tensor]) -> dict:
+        """A multimodal language model's input `x` with its images and videos already through the vision tower
+        and projector (transformers' `mm_encoder_outputs` in place of the pixels; one tower run, here). The model
+        gives the same output on it without running the tower again, so runs hooked on the language model only
+        (`lm.*`) can share one tower run; with a `blocks.*` hook attached, running it raises `InvalidRequest`."""
+        if self._sites.visual_features is None:
+            raise InvalidRequest(f"{self.name} is not a multimodal language model: it has no language model input")
+        self.check_input(x)
+        return self._sites.visual_features(x)
 
     def check_input(self, x: ModelInput) -> None:
         """Raise a `ValueError` that says what the model expects when `x` has the wrong shape."""
@@ -184,6 +214,9 @@ class HookedVisionModel(nn.Module):
         """
         entries = [_Entry(self.hook_point(name), fn) for name, fn in fwd_hooks]
         with ExitStack() as stack:
+            points = [e.point for e in entries]
+            self._attached = [*self._attached, *points]
+            stack.callback(self._release, points)
             for entry in entries:
                 if _is_inner(entry.point):
                     self._attach_inner(entry.point, entry.fn, stack)
@@ -198,6 +231,7 @@ class HookedVisionModel(nn.Module):
         x: ModelInput,
         names: Iterable[str] | None = None,
         stop_early: bool = False,
+        logits_at: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """Run the model and return `(output, cache)` with the activations at `names` (by default every hook
         point but `attn.hook_result`, which holds heads x d_model values per token: name it to cache it, as
@@ -205,7 +239,7 @@ class HookedVisionModel(nn.Module):
 
         Inside `hooks(...)` the cache holds the values as the forward pass carries them, after every
         replacement at or before each hook point. With `stop_early=True` the forward pass ends after
-        the last block that a requested hook point needs, and `output` is None.
+        the last block that a requested hook point needs, and `output` is None. `logits_at`: as in `forward`.
         """
         default = [n for n in self.hook_names if not n.endswith("attn.hook_result")]
         names = list(default if names is None else names)
@@ -221,7 +255,7 @@ class HookedVisionModel(nn.Module):
             if stop_block is not None:
                 stack.enter_context(_raise_after(stop_block))
             try:
-                output = self.forward(x)
+                output = self.forward(x, logits_at)
             except StopForward:
                 output = None
         return output, {n: cache[n] for n in names}
@@ -238,6 +272,44 @@ class HookedVisionModel(nn.Module):
 
     def _stack(self, point: HookPoint) -> LanguageSites | ModelSites:
         return self._sites.lm if point.lm else self._sites
+
+    def _release(self, points: list[HookPoint]) -> None:
+        self._attached = [p for p in self._attached if all(p is not q for q in points)]  # by identity
+
+    @contextmanager
+    def resume(self, layer: int, resid_pre: torch.Tensor) -> Iterator[HookedVisionModel]:
+        """Within the block the language model's layers before `layer` do not run: layer `layer` takes `resid_pre`,
+        the clean value of `lm.blocks.{layer}.hook_resid_pre` for the same input, so a run hooked at that layer or
+        later (a dictionary spliced in there) costs only the layers from there on, with the output of the full
+        run. Hooks attached before `layer` (or on the vision tower, or at `lm.hook_embed`) would not run: running
+        with one raises `InvalidRequest`."""
+        if self._sites.lm is None:
+            raise InvalidRequest(f"{self.name} is not a multimodal language model: resume is for its language model")
+        if not 0 <= layer < len(self._sites.lm.layers):
+            raise InvalidRequest(f"resume: layer {layer} is not one of the language model's 0..{self.lm_n_layers - 1}")
+        blocks = [sites.block for sites in self._sites.lm.layers[:layer]]
+
+        def replay(*_args, **_kwargs) -> torch.Tensor:
+            early = [
+                p.name
+                for p in self._attached
+                if not p.lm or p.site == "hook_embed" or (p.layer is not None and p.layer < layer)
+            ]
+            if early:
+                raise InvalidRequest(f"resume at lm layer {layer}: hooks {early} come before it and would not run")
+            return resid_pre
+
+        saved = [block.__dict__.get("forward") for block in blocks]  # an instance's own forward (accelerate's)
+        try:
+            for block in blocks:
+                block.forward = replay
+            yield self
+        finally:
+            for block, forward in zip(blocks, saved):
+                if forward is None:
+                    del block.forward
+                else:
+                    block.forward = forward
 
     def _detach(self, entries: list[_Entry]) -> None:
         self._hook_entries = [e for e in self._hook_entries if e not in entries]  # by identity

@@ -36,6 +36,9 @@ class InnerSite(Protocol):
         """Context in which `fn` sees (and, if `replaceable`, may replace) the tensor at every forward pass."""
 
 
+ENCODED = "mm_encoder_outputs"  # transformers' name for a vision tower's outputs passed in place of the pixels
+
+
 @dataclass
 class BlockParts:
     """The linear maps and norms of one block, where they are modules called on the forward path.
@@ -103,7 +106,9 @@ class ModelSites:
     Multimodal language models add `lm`, `layout` (the `MultimodalLayout` of an input batch) and
     `encode` (their processor: `uint8` images or videos and one prompt each -> input tensors) and `tokenizer`
     (their processor's: token ids -> text); their
-    `layers` are the vision tower's blocks and `forward` takes the processor's output. `patch_embed`: the
+    `layers` are the vision tower's blocks, `forward` takes the processor's output (and `logits_at`, a
+    `bool[B, T]` mask: the logits of those positions only, `[N, vocab]`) and `visual_features` gives that output
+    with the vision tower already run (`mm_encoder_outputs` in place of the pixels). `patch_embed`: the
     convolution that embeds patches (its weight is `W_E`); `pos_embed`: the learned position embeddings
     `[tokens, d_model]` as a view of the parameter (None where there are none).
     """
@@ -123,3 +128,4 @@ class ModelSites:
     layout: Callable[[Mapping[str, torch.Tensor]], MultimodalLayout] | None = None
     encode: Callable[[Sequence[np.ndarray], Sequence[str]], dict[str, torch.Tensor]] | None = None
     tokenizer: Any = None
+    visual_features: Callable[[Mapping[str, torch.Tensor]], dict[str, Any]] | None = None

@@ -19,6 +19,7 @@ from prisma_ray.extract.worker import ExtractionWorker
 from prisma_ray.models import ModelEntry, load_model
 from prisma_ray.sae import Dictionary, DictionaryConfig, Site, Sites, export_files, write_files
 from prisma_ray.storage import MissingInputError
+from tests.lmm_tiny import TEXT, tiny_entry
 from tests.tiny_models import tiny_vit
 
 TINY_VIT = tiny_vit(num_classes=6)
@@ -332,3 +333,56 @@ def test_pca_and_kmeans_baselines_are_fitted_on_the_training_split_where_it_exis
     assert row["gt_baseline_mean_best_auroc"] != in_sample["gt_baseline_mean_best_auroc"]
     off = Evaluator(eval_config(tmp_path, splice_samples=0, baselines=["pca"], baseline_fit_split=None)).evaluate(ckpt)
     assert off["gt_baseline_fit"] == in_sample["gt_baseline_fit"]
+
+
+class Calls:
+    """Forward calls of modules whose class is named `name` (and with `out_features`, if given), counted through a
+    global forward pre-hook (so runs stopped early count), with the rows (all dims but the last) of each input."""
+
+    def __init__(self, name: str, out_features: int | None = None):
+        self.name, self.out_features, self.rows = name, out_features, []
+
+    def __enter__(self):
+        def hook(module, args):
+            if type(module).__name__ == self.name and getattr(module, "out_features", None) == self.out_features:
+                self.rows.append(args[0].shape[:-1].numel() if args else 0)
+
+        self.handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def test_the_first_checkpoint_of_a_model_costs_one_clean_forward_pass_per_batch(stores, tmp_path):
+    """The clean run that gives the logits also caches the dictionary's activations: 2 batches -> 2 clean
+    passes, then zero, spliced and error runs (4 passes per batch in all, not 5)."""
+    root, _ = stores
+    evaluator = Evaluator(eval_config(root))
+    with Calls("VisionTransformer") as model:
+        evaluator.evaluate(save(identity(Sites(inputs=(site(HOOKS[1]),))), tmp_path / "a"))
+    assert len(model.rows) == 2 * 4
+    with Calls("VisionTransformer") as model:
+        evaluator.evaluate(save(identity(Sites(inputs=(site(HOOKS[0]),))), tmp_path / "b"))
+    assert len(model.rows) == 2 * 3 + 2, "spliced and error runs; the zero run per hook; a clean cache stopping early"
+
+
+def test_an_lmm_dictionary_is_spliced_with_one_vision_tower_run_per_batch_and_logits_at_scored_positions(tmp_path):
+    """Language-model hooks: the vision tower runs once per batch (`lm_input`), not once per clean, cache, zero,
+    spliced and error run; the spliced runs start at the hooked layer (`resume`); only the positions scored
+    (followed by a text token) are projected onto the vocabulary."""
+    hook, name = "lm.blocks.1.hook_resid_post", "tiny-llava-onevision"
+    prompts = ["Describe the image.", "Which shapes do you see?"]
+    extract_in_process(
+        shapes_config(tmp_path, tiny_entry("llava-onevision"), [hook], n=4, prompts=prompts, tokens={"mode": "all"})
+    )
+    ckpt = save(identity(Sites(inputs=(Site(name=hook, width=32, model=name),))), tmp_path / "ckpt")
+    evaluator = Evaluator(eval_config(tmp_path, splice_samples=4, splice_batch_size=2))
+    with Calls("SiglipVisionModel") as towers, Calls("Linear", TEXT["vocab_size"]) as head, Calls("Qwen2MLP") as mlps:
+        row = evaluator.evaluate(ckpt)
+    assert row["label_source"] == "next_token" and row["splice_samples"] == 4
+    assert row["loss_recovered"] == pytest.approx(1.0, abs=1e-4) and row["kl"] < 1e-8 and row["kl_zero"] > 1e-4
+    assert len(towers.rows) == 2, "one tower run per batch of 2"
+    assert len(mlps.rows) == 2 * (2 + 3), "per batch: the clean run's 2 layers, then layer 1 alone for the 3 others"
+    scored = [int(b.readout.sum()) for b in evaluator._splice[name].batches]
+    assert head.rows == scored * 4, "clean, zero, spliced and error runs: the scored positions only"

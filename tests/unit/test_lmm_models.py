@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from prisma_ray.errors import InvalidRequest
 from prisma_ray.models import TokenKind, UnknownHookPoint
 from prisma_ray.models.hook_points import BLOCK_SITES
 from prisma_ray.models.spec import ImageView
@@ -124,3 +125,74 @@ def test_a_replaced_vision_block_output_reaches_the_language_model_through_the_r
     image = batch["input_ids"] == IMAGE_ID
     assert not torch.allclose(reference["lm.hook_embed"][image], clean["lm.hook_embed"][image])
     torch.testing.assert_close(hooked["lm.hook_embed"], reference["lm.hook_embed"])
+
+
+def tower(model) -> torch.nn.Module:
+    inner = model.model.model
+    return inner.visual if hasattr(inner, "visual") else inner.vision_tower
+
+
+@torch.inference_mode()
+def test_logits_at_and_lm_input_give_the_full_runs_values_for_less_work(case):
+    """`logits_at` projects only its positions onto the vocabulary (`[N, vocab]`, as `output[logits_at]`);
+    `lm_input` runs the vision tower once, and the model on it gives the same logits without the tower; a tower
+    hook attached to such a run is refused, as is a mask not shaped as `input_ids`."""
+    family, model = case
+    batch, _, _ = inputs(family)
+    full = model(batch)
+    mask = torch.zeros(batch["input_ids"].shape, dtype=torch.bool)
+    mask[:, -3:] = True
+    rows, towers = [], []
+    handles = [
+        model.model.lm_head.register_forward_hook(lambda _m, args, _o: rows.append(args[0].shape[:-1].numel())),
+        tower(model).register_forward_pre_hook(lambda *_: towers.append(1)),
+    ]
+    try:
+        masked = model(batch, logits_at=mask)
+        assert rows == [3] and len(towers) == 1, "the vocabulary projection at the 3 masked positions only"
+        lm = model.lm_input(batch)
+        assert len(towers) == 2 and "pixel_values" not in lm
+        output, cache = model.run_with_cache(lm, ["lm.blocks.1.hook_resid_post"], logits_at=mask)
+        assert len(towers) == 2, "no tower run on the encoded input"
+    finally:
+        for handle in handles:
+            handle.remove()
+    torch.testing.assert_close(masked, full[mask])
+    torch.testing.assert_close(model(lm), full)
+    torch.testing.assert_close(output, full[mask])
+    assert cache["lm.blocks.1.hook_resid_post"].shape == (*batch["input_ids"].shape, model.lm_d_model)
+    with model.hooks([("blocks.0.hook_resid_post", lambda t, _hook: None)]):
+        with pytest.raises(InvalidRequest, match="already encoded"):
+            model(lm)
+    model(lm)  # the tower hook is gone again
+    with pytest.raises(InvalidRequest, match="bool mask shaped as input_ids"):
+        model(batch, logits_at=mask[:, 1:])
+
+
+@torch.inference_mode()
+def test_resume_skips_the_language_model_layers_before_the_hooked_one_and_gives_the_full_runs_output(case):
+    family, model = case
+    batch, _, _ = inputs(family)
+    double = ("lm.blocks.1.hook_resid_post", lambda t, _hook: 2 * t)
+    lm = model.lm_input(batch)
+    _, clean = model.run_with_cache(lm, ["lm.blocks.1.hook_resid_pre"])
+    with model.hooks([double]):
+        full = model(batch)
+    calls = []
+    handle = model.model.model.language_model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        with model.resume(1, clean["lm.blocks.1.hook_resid_pre"]), model.hooks([double]):
+            resumed = model(lm)
+        assert calls == [], "layer 0 does not run"
+        torch.testing.assert_close(resumed, full)
+        with model.resume(1, clean["lm.blocks.1.hook_resid_pre"]):
+            with model.hooks([("lm.blocks.0.hook_mlp_out", lambda t, _hook: None)]):
+                with pytest.raises(InvalidRequest, match=r"\['lm.blocks.0.hook_mlp_out'\] come before it"):
+                    model(lm)
+        model(lm)
+        assert len(calls) == 1, "layer 0 runs again after the block"
+    finally:
+        handle.remove()
+    with pytest.raises(InvalidRequest, match="not one of the language model's 0..1"):
+        with model.resume(2, clean["lm.blocks.1.hook_resid_pre"]):
+            pass

@@ -4,7 +4,10 @@
 its merge-window order), `lm.blocks.*` the language model's decoder layers. The model's input is
 its processor's output (`input_ids`, `attention_mask`, `pixel_values`, and `image_sizes` or
 `image_grid_thw`; built by `encode(images, prompts)`, see `lmm_processor`); `forward` returns the
-logits. The `MultimodalLayout` of a batch is read off the placeholder ids in `input_ids`: Qwen
+logits (with `logits_at`, those of the masked positions only: transformers' `logits_to_keep`, so the
+vocabulary projection runs on them alone). `visual_features` runs the vision tower once and returns the
+input with its outputs in place of the pixels (transformers' `mm_encoder_outputs`): the model's output on
+it is the same, without the tower. The `MultimodalLayout` of a batch is read off the placeholder ids in `input_ids`: Qwen
 images are one base view of `(h, w)` merged patches (videos: that grid per temporal patch of
 frames, from `pixel_values_videos` and `video_grid_thw`); LLaVA
 images are the base view followed, for any-resolution inputs, by the high-resolution crops as one
@@ -13,6 +16,7 @@ grid whose rows each end with a newline token (the grid shape comes from the mod
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -23,7 +27,7 @@ from torch import nn
 from prisma_ray.errors import InvalidRequest
 
 from ..registry import ModelEntry
-from ..sites import LanguageSites, LayerSites, ModelSites
+from ..sites import ENCODED, LanguageSites, LayerSites, ModelSites
 from ..spec import ImageView, MultimodalLayout, PreprocessSpec, TokenKind, TokenLayout
 from .hf_adapter import BACKBONES, CLIP_MEAN, CLIP_STD, HALF, instantiate, layer_sites, token_layout
 from .lmm_processor import build_processor, encoder
@@ -213,19 +217,48 @@ def _layout(model: nn.Module) -> Callable[[Inputs], MultimodalLayout]:
     return layout
 
 
-def _forward(model: nn.Module) -> Callable[[Inputs], torch.Tensor]:
+def _forward(model: nn.Module) -> Callable[..., torch.Tensor]:
     qwen = _is_qwen(model)
 
-    def forward(inputs: Inputs) -> torch.Tensor:
+    def forward(inputs: Inputs, logits_at: torch.Tensor | None = None) -> torch.Tensor:
         kwargs = {"use_cache": False, **inputs}
         if qwen and "mm_token_type_ids" not in kwargs:
             ids = kwargs["input_ids"]
             kwargs["mm_token_type_ids"] = (ids == _image_token_id(model)).int() + 2 * (
                 ids == model.config.video_token_id
             ).int()
+        if logits_at is not None:  # the vocabulary projection at these positions only: [N, vocab]
+            kwargs["logits_to_keep"] = logits_at
         return model(**kwargs).logits
 
     return forward
+
+
+PIXELS = {"image": ("pixel_values", "get_image_features"), "video": ("pixel_values_videos", "get_video_features")}
+
+
+def _visual_features(model: nn.Module) -> Callable[[Inputs], dict[str, Any]]:
+    """`inputs -> inputs` with the pixels replaced by the vision tower's outputs (`mm_encoder_outputs`), computed
+    by the model's own `get_image_features` / `get_video_features` from the inputs they name; only the projected
+    features the language model takes (`pooler_output`) are kept."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    inner = model.model
+
+    def features(inputs: Inputs) -> dict[str, Any]:
+        out = {k: v for k, v in inputs.items() if k not in {key for key, _ in PIXELS.values()}}
+        encoded = {}
+        for kind, (key, method) in PIXELS.items():
+            if inputs.get(key) is None or not hasattr(inner, method):
+                continue
+            encode = getattr(inner, method)
+            params = list(inspect.signature(encode).parameters.values())[1:]  # after the pixels
+            named = {p.name: inputs[p.name] for p in params if p.kind != p.VAR_KEYWORD and p.name in inputs}
+            pooled = encode(inputs[key], **named, return_dict=True).pooler_output
+            encoded[kind] = BaseModelOutputWithPooling(pooler_output=pooled)  # not the tower's hidden states
+        return {**out, ENCODED: encoded}
+
+    return features
 
 
 def sites_from_lmm(model: nn.Module, entry: ModelEntry, processor: Any) -> ModelSites:
@@ -243,6 +276,7 @@ def sites_from_lmm(model: nn.Module, entry: ModelEntry, processor: Any) -> Model
         preprocess=preprocess,
         forward=_forward(model),
         lm=language_sites(model),
+        visual_features=_visual_features(model),
         layout=_layout(model),
         encode=encoder(processor, entry.name, videos=_is_qwen(model)),
         tokenizer=processor.tokenizer,
