@@ -17,9 +17,9 @@ Where the time goes (`benchmarks/extract_breakdown.py` takes it apart in CPU sec
 actor's imports (torch, torchvision that timm imports, timm: ~4.3 CPU s on this 2-core machine loaded, ~3-4 s
 quiet) and model build, which (b) does not pay in a process that has them; per shard the forward pass is nearly
 everything on both sides and costs both the same; decoding, encoding and the zstd write are under a tenth of it.
-On CPU the actors decode their own shards on a thread (`resources.decode: auto`); measured loaded with
-`--decode task` as (c): a/c 1.27 at 512 images (start-up 15.3 and 12.0 s against 32.0 and 20.4 s) and
-1.27 at 1024 (start-up 7.6 s against 17.3 s).
+On CPU the actors decode their own shards on a thread (`resources.decode: auto`); with `--decode task` as (c),
+quiet: a/b 0.99 and a/c 1.31 at 2048 images (steady state a/b 1.08), a/b 0.64 and a/c 0.95 at 512 (start-up a
+third of the run); loaded: a/c 1.27 at 512 and 1024 images.
 
 `--pool ACTORSxTHREADS` and `--decode task|actor` add (c): the pipeline with that many actors and torch
 threads each (`2x1` is the pool's default on 2 CPUs before it became one actor per 2 CPUs) and/or shards
