@@ -275,6 +275,10 @@ class CampaignConfig(BaseModel):
         """The output roots: the campaign's own (`""`) first, then each entry's own `root`, in order."""
         return list(dict.fromkeys(["", *(e.root for e in self.entries.values())]))
 
+    def root_uri(self, root: str = "") -> str:
+        """The URI of output root `root` (`""`: the campaign's own, `output`)."""
+        return self.uri(root) if root else self.uri()
+
     def root_models(self, root: str = "") -> list[str]:
         """The registry models run under `root` (the campaign's own by default): those its sweep keeps to."""
         return sorted({self.model_of(n) for n in self.names() if self.entries.get(n, Entry()).root == root})

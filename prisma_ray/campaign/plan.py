@@ -122,7 +122,7 @@ def plan_model(cfg: CampaignConfig, name: str, device: str = "cpu", threads: int
     if settings.dashboard_data is not None:
         data["dashboard"] = settings.dashboard_data
     hooks = tuple(settings.hooks or hooks_of(cfg, entry))
-    root = cfg.uri(settings.root) if settings.root else cfg.uri()
+    root = cfg.root_uri(settings.root)
     weights = settings.weights
     extracts = tuple(
         ExtractConfig(
@@ -199,7 +199,7 @@ def sweep_config(
     which compares every pair of the root's models, to the campaign's last sweep of the root: written by each model
     in turn, it made a campaign's evaluations quadratic in its models. The evaluation's device stays `auto` (the actor's GPU where it has one): it
     is part of what the sweep output records."""
-    base = cfg.uri(root) if root else cfg.uri()
+    base = cfg.root_uri(root)
     tokens = next((cfg.entry(n).eval_tokens for n, e in cfg.entries.items() if e.root == root), cfg.eval_tokens)
     evaluation = EvalConfig(
         stores=storage.join(base, "activations"),

@@ -122,7 +122,7 @@ def run_campaign(cfg: CampaignConfig) -> CampaignSummary:
         write_status(cfg.uri(), status, options)
     leaderboard = cross = ""
     for root in cfg.roots():  # each model's own sweep left the page across models to this last one
-        dictionaries = storage.join(cfg.uri(root) if root else cfg.uri(), "dictionaries")
+        dictionaries = storage.join(cfg.root_uri(root), "dictionaries")
         if (root and len(cfg.root_models(root)) < 2) or not _has_checkpoints(dictionaries, options):
             continue
         swept = run_sweep(sweep_config(cfg, [dictionaries], size.torch_threads, root))
