@@ -11,8 +11,9 @@ activations; `evaluate.cross_page` reads them and writes the page.
   different models, the dictionary config (kind, architecture, k) they share with the highest mean explained
   variance, and in each group its best-explained-variance checkpoint of that config.
 - Decoder alignment (models of equal width, `decoder_alignment`): `stability.matched_fraction` of the two
-  decoders (Hungarian matching of unit decoder rows, matched when cosine >= 0.7; Paulo & Belrose 2025),
-  skipped (matched 0) when no row of A has a row of B within that cosine. Decoder rows of two
+  decoders (one-to-one matching of unit decoder rows, matched when cosine >= 0.7; Paulo & Belrose 2025),
+  skipped (matched 0) when no row of A has a row of B within that cosine; one pass, no Hungarian, where each
+  row of A has a different nearest row of B (two dictionaries of one initialisation, little trained). Decoder rows of two
   models live in the same coordinates only when one model is derived from the other (a fine-tune, one
   initialisation): for unrelated models of equal width expect chance, and read co-firing instead.
 - Co-firing (any widths): `cofiring` correlates two dictionaries' latents over the same images, each
@@ -41,7 +42,7 @@ import torch
 from prisma_ray.errors import InvalidRequest
 
 from .report import COLUMNS, column_numbers
-from .stability import STABILITY_THRESHOLD, matched_fraction, unit_rows
+from .stability import STABILITY_THRESHOLD, coarse_cosines, matched_fraction
 
 L0_BUDGETS = (4, 16, 64, 256)
 COFIRE_THRESHOLD = 0.7
@@ -174,20 +175,19 @@ def decoder_alignment(W_dec_a: np.ndarray, W_dec_b: np.ndarray, threshold: float
     """Decoder alignment of two dictionaries of one shape `[latents, d_out]` (models of equal width).
 
     `decoder_bound`: the fraction of A's unit decoder rows with some row of B at cosine >= `threshold` (an upper
-    bound of the matched fraction, one matrix product). Where it is above 0, `decoder_matched` and
-    `decoder_cosine` are `stability.matched_fraction` (Hungarian matching, cubic in the latents); where it is 0
-    (unrelated coordinates, the usual case across models) `decoder_matched` is 0 without the matching and
-    `decoder_cosine` is None. Raises `InvalidRequest` as `matched_fraction` when the shapes differ.
+    bound of the matched fraction, from one float32 matrix product, `stability.coarse_cosines`, within its rounding
+    error). Where it is above 0, `decoder_matched` and `decoder_cosine` are `stability.matched_fraction` (exact:
+    one pass over the same matrix where each row of A has a different best row of B, as for two copies of one
+    initialisation; the Hungarian matching, cubic in the latents, otherwise); where it is 0 (unrelated coordinates,
+    the usual case across models) `decoder_matched` is 0 without the matching and `decoder_cosine` is None. Raises
+    `InvalidRequest` as `matched_fraction` when the shapes differ.
     """
-    a, b = np.asarray(W_dec_a), np.asarray(W_dec_b)
-    if a.ndim != 2 or a.shape != b.shape or not len(a):
-        matched_fraction(a, b, threshold)  # raises InvalidRequest, naming the shapes
-    cosine = unit_rows(a).astype(np.float32) @ unit_rows(b).astype(np.float32).T  # float32: twice as fast
-    bound = float((cosine.max(axis=1) >= threshold - 1e-5).mean())  # the margin covers float32 rounding
+    cosine, error = coarse_cosines(W_dec_a, W_dec_b)
+    bound = float((cosine.max(axis=1) >= threshold - error).mean())
     if bound == 0:
         return {"decoder_matched": 0.0, "decoder_cosine": None, "decoder_bound": 0.0}
-    matched, cosine = matched_fraction(a, b, threshold)
-    return {"decoder_matched": matched, "decoder_cosine": cosine, "decoder_bound": bound}
+    matched, mean = matched_fraction(W_dec_a, W_dec_b, threshold, coarse=(cosine, error))
+    return {"decoder_matched": matched, "decoder_cosine": mean, "decoder_bound": bound}
 
 
 def _standardize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -4,9 +4,11 @@ columns, and the checkpoint metadata that groups them."""
 import numpy as np
 import pyarrow as pa
 import pytest
+from scipy.optimize import linear_sum_assignment
 
 from prisma_ray.errors import InvalidRequest
-from prisma_ray.evaluate.stability import matched_fraction, seed_siblings, stability_columns
+from prisma_ray.evaluate import stability
+from prisma_ray.evaluate.stability import matched_cosines, matched_fraction, seed_siblings, stability_columns, unit_rows
 from prisma_ray.sae import Dictionary, DictionaryConfig, Site, Sites, export_files, read_checkpoint_info, write_files
 
 
@@ -30,6 +32,55 @@ def test_the_threshold_decides_which_pairs_count():
     assert matched_fraction(a, b, threshold=0.9)[0] == 0.5
     with pytest.raises(InvalidRequest, match=r"one shape, got \[4, 4\] and \[3, 4\]"):
         matched_fraction(a, b[:3])
+
+
+def hungarian(cosine: np.ndarray) -> np.ndarray:
+    rows, cols = linear_sum_assignment(cosine, maximize=True)
+    return cosine[rows, cols]
+
+
+def near_copies(rng, latents: int = 96, width: int = 24, noise: float = 0.02) -> tuple[np.ndarray, np.ndarray]:
+    """Two decoders trained a little from one initialisation: the same rows, each nudged."""
+    init = rng.normal(size=(latents, width))
+    return init + noise * rng.normal(size=init.shape), init + noise * rng.normal(size=init.shape)
+
+
+def no_hungarian(*args, **kwargs):
+    pytest.fail("rows whose best partners differ need no Hungarian matching")
+
+
+def test_matched_cosines_equal_the_hungarians_on_random_near_identical_and_tied_inputs(monkeypatch):
+    rng = np.random.default_rng(4)
+    tied = rng.integers(0, 3, size=(40, 40)).astype(float)  # many equal entries, rows' argmax collide
+    twins = np.repeat(unit_rows(rng.normal(size=(20, 8))), 2, axis=0)  # every row twice: ties across rows
+    for cosine in (rng.normal(size=(60, 60)), tied, twins @ twins.T):
+        assert np.array_equal(matched_cosines(cosine), hungarian(cosine))
+    a, b = near_copies(rng)
+    near = unit_rows(a) @ unit_rows(b[::-1]).T
+    expected = hungarian(near)
+    identity_tie = np.eye(5)  # each row's maximum alone in its column: taken without the Hungarian
+    identity_tie[0, 1] = identity_tie[2, 3] = 0.5
+    monkeypatch.setattr(stability, "linear_sum_assignment", no_hungarian)
+    assert np.array_equal(matched_cosines(near), expected)
+    assert np.array_equal(matched_cosines(identity_tie), np.ones(5))
+
+
+def test_matched_fraction_of_two_copies_of_one_initialisation_skips_the_hungarian(monkeypatch):
+    rng = np.random.default_rng(5)
+    a, b = near_copies(rng, width=64)
+    away = rng.normal(size=(8, 64))  # a few rows trained far from their start, still nearest it: cosine 0.6
+    away -= (away * unit_rows(a[:8])).sum(axis=1, keepdims=True) * unit_rows(a[:8])
+    b[:8] = 0.6 * unit_rows(a[:8]) + 0.8 * unit_rows(away)
+    b = b[rng.permutation(len(b))]
+    exact = hungarian(unit_rows(a) @ unit_rows(b).T)
+    expected = (float((exact >= 0.7).sum() / len(exact)), float(exact.mean()))
+    assert expected[0] == 88 / 96
+    with monkeypatch.context() as patched:
+        patched.setattr(stability, "linear_sum_assignment", no_hungarian)
+        assert matched_fraction(a, b) == pytest.approx(expected, abs=1e-12)
+    twins = np.repeat(a[:48], 2, axis=0)  # ties: the Hungarian decides, as before
+    exact = hungarian(unit_rows(twins) @ unit_rows(b).T)
+    assert matched_fraction(twins, b) == pytest.approx((float((exact >= 0.7).mean()), float(exact.mean())))
 
 
 def test_siblings_share_a_group_and_differ_in_seed():
