@@ -13,7 +13,9 @@ activations; `evaluate.cross_page` reads them and writes the page.
 - Decoder alignment (models of equal width, `decoder_alignment`): `stability.matched_fraction` of the two
   decoders (one-to-one matching of unit decoder rows, matched when cosine >= 0.7; Paulo & Belrose 2025),
   skipped (matched 0) when no row of A has a row of B within that cosine; one pass, no Hungarian, where each
-  row of A has a different nearest row of B (two dictionaries of one initialisation, little trained). Decoder rows of two
+  row of A has a different nearest row of B (two dictionaries of one initialisation, little trained).
+  `shared_init` flags pairs of one initialisation seed: they start from the same decoder, whatever the models,
+  so their alignment may only measure how little they were trained. Decoder rows of two
   models live in the same coordinates only when one model is derived from the other (a fine-tune, one
   initialisation): for unrelated models of equal width expect chance, and read co-firing instead.
 - Co-firing (any widths): `cofiring` correlates two dictionaries' latents over the same images, each
@@ -188,6 +190,16 @@ def decoder_alignment(W_dec_a: np.ndarray, W_dec_b: np.ndarray, threshold: float
         return {"decoder_matched": 0.0, "decoder_cosine": None, "decoder_bound": 0.0}
     matched, mean = matched_fraction(W_dec_a, W_dec_b, threshold, coarse=(cosine, error))
     return {"decoder_matched": matched, "decoder_cosine": mean, "decoder_bound": bound}
+
+
+def shared_init(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool | None:
+    """Whether two dictionaries whose decoders have one shape started from the same decoder: their metrics rows
+    (`a`, `b`) record the same initialisation `seed` (None where either records none, e.g. a SAELens checkpoint
+    without our metadata). `sae.Dictionary` draws its decoder rows from `seed` alone (a seeded generator, shape
+    `[latents, d_out]`), whatever the model, so equal seeds give equal initial decoders, and two dictionaries
+    trained little stay close to them: their decoder alignment is high whether or not the models share features."""
+    seed_a, seed_b = a.get("seed"), b.get("seed")
+    return None if seed_a is None or seed_b is None else seed_a == seed_b
 
 
 def _standardize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

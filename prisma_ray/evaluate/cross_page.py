@@ -5,7 +5,8 @@ Written beside the sweep's leaderboard:
                              overlaid, and which models' dictionaries share features
   cross_model.parquet        the leaderboard across models (`cross_model.leaderboard_across_models`)
   cross_model_pairs.parquet  one row per compared pair of dictionaries (`cross_model.comparable_pairs`):
-                             decoder alignment (equal widths) and co-firing on shared held-out images
+                             decoder alignment (equal widths; `shared_init`: one initialisation seed, so one
+                             initial decoder) and co-firing on shared held-out images
 
 Co-firing inputs: the first `images` complete images of each (model, hook)'s held-out store (the sweep's
 `evaluation.stores` and `split`: the rows the sweep scored, in store order), patch tokens only (class and
@@ -47,6 +48,7 @@ from .cross_model import (
     leaderboard_across_models,
     pair_order,
     shared_images,
+    shared_init,
 )
 from .heldout import StoreSource, read_held_out
 from .metrics import pareto_front
@@ -76,6 +78,7 @@ PAIR_COLUMNS = [
     "decoder_matched",
     "decoder_cosine",
     "decoder_bound",
+    "shared_init",
     "images",
     "cofire_fraction",
     "cofire_mean_max_corr",
@@ -202,7 +205,7 @@ def _pair_row(
     elif wa.shape != wb.shape:
         notes.append(f"decoders {list(wa.shape)} and {list(wb.shape)} differ: no decoder alignment")
     else:
-        row.update(decoder_alignment(wa, wb, threshold))
+        row.update(decoder_alignment(wa, wb, threshold), shared_init=shared_init(a, b))
     pooled_a, pooled_b = latents.pooled(a["checkpoint"]), latents.pooled(b["checkpoint"])
     if isinstance(pooled_a, str) or isinstance(pooled_b, str):
         notes.append(f"no co-firing ({pooled_a if isinstance(pooled_a, str) else pooled_b})")
@@ -312,6 +315,8 @@ def write_cross_model_page(
         for name, png in front_plots(table).items():
             out.write_file(f"plots/{name}", png)
 
+    aligned = sum(p.get("shared_init") is not None for p in pairs)
+    same = sum(bool(p.get("shared_init")) for p in pairs)
     groups = sorted({(r["model"], r["hook"]) for r in rows})
     per_model = "".join(f'<img src="plots/{html.escape(plot_name(m, h))}" alt="{html.escape(m)}">' for m, h in groups)
     board_columns = board.column_names
@@ -326,7 +331,11 @@ def write_cross_model_page(
         f"<p>For every two (model, hook point) groups of different models, the dictionary config (kind, architecture, "
         f"k) they share with the highest mean explained variance. <b>Decoder alignment</b> (equal decoder shapes): "
         f"unit decoder rows matched one to one (Hungarian), the fraction with cosine &gt;= {STABILITY_THRESHOLD}; "
-        "meaningful where the models share coordinates (one derived from the other). <b>Co-firing</b> (any widths): "
+        "meaningful where the models share coordinates (one derived from the other). "
+        f"<b>shared_init</b>: both dictionaries were initialised from one seed ({same} of the {aligned} equal-shape pairs "
+        "whose seeds are recorded): "
+        "they started from the same decoder whatever their models, so a high alignment may only mean they were "
+        "trained little; give each model's dictionaries their own seed to compare models. <b>Co-firing</b> (any widths): "
         f"on the first {images} complete held-out images ({html.escape(evaluation.split)} split) both stores hold, "
         "each latent mean-pooled over the image's patch tokens; the fraction of A's varying latents whose best "
         f"Pearson correlation with a latent of B is &gt;= {COFIRE_THRESHOLD} (Lan et al. 2024, arXiv:2410.06981; "

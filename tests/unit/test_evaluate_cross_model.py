@@ -160,6 +160,21 @@ def test_decoder_alignment_of_equal_widths_shared_directions_and_random_ones():
     assert note == "decoders [64, 32] and [64, 16] differ: no decoder alignment; no co-firing (c: no store)"
 
 
+def test_pairs_of_one_initialisation_seed_are_flagged():
+    """Equal seeds and decoder shapes: one initial decoder, whatever the models; unknown seeds: unknown."""
+    rng = np.random.default_rng(6)
+    rows = [row("a", seed=0), row("b", seed=0), row("c", seed=1), row("d")]
+    decoders = {r["checkpoint"]: rng.normal(size=(64, 32)) for r in rows}
+    decoders[row("b")["checkpoint"]] = rng.normal(size=(64, 16))
+    pooled = dict.fromkeys(decoders, "no store")
+    pairs = {(p["model_a"], p["model_b"]): p for p in pair_rows(rows, FakeLatents(decoders, pooled))}
+    assert pairs["a", "c"]["shared_init"] is False and pairs["a", "d"]["shared_init"] is None
+    assert "shared_init" not in pairs["a", "b"], "decoders of different shapes start apart"
+    decoders[row("b")["checkpoint"]] = decoders[row("a")["checkpoint"]]
+    pairs = {(p["model_a"], p["model_b"]): p for p in pair_rows(rows, FakeLatents(decoders, pooled))}
+    assert pairs["a", "b"]["shared_init"] is True and pairs["a", "b"]["decoder_matched"] == 1.0
+
+
 @pytest.mark.parametrize(("n", "budget"), [(12, 3), (12, 100), (7, 1), (2, 2)])
 def test_pair_order_compares_every_pair_once_holding_at_most_the_budget(n, budget):
     """Every two of `n` checkpoints of one byte each (plus a few pairs left out), with room for `budget` bytes."""
@@ -228,7 +243,7 @@ def test_the_page_of_two_tiny_vits_with_different_patch_grids(tmp_path):
         )
         uri = str(tmp_path / "ckpts" / model["name"])
         write_files(export_files(d), uri)
-        rows.append(row(model["name"], hook=hook, checkpoint=uri, architecture="relu", k=None))
+        rows.append(row(model["name"], hook=hook, checkpoint=uri, architecture="relu", k=None, seed=0))
     sweep = tmp_path / "sweep"
     sweep.mkdir()
     pq.write_table(pa.Table.from_pylist(rows), sweep / "metrics.parquet")
@@ -241,6 +256,7 @@ def test_the_page_of_two_tiny_vits_with_different_patch_grids(tmp_path):
     (pair,) = pq.read_table(sweep / "cross_model_pairs.parquet").to_pylist()
     assert pair["images"] == 24 and pair["note"] == "", "every image complete in both grids"
     assert pair["decoder_matched"] == 1.0, "one seed, one width: the same initial decoder, whatever the model"
+    assert pair["shared_init"] is True and "initialised from one seed (1 of the 1 equal-shape pairs" in text
     assert 0 <= pair["cofire_fraction"] <= 1
     assert 0 < pair["cofire_live"] <= 1 and pair["cofire_chance"] <= pair["cofire_fraction"] + 0.2
     board = pq.read_table(sweep / "cross_model.parquet").to_pylist()
