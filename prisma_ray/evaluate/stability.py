@@ -26,14 +26,15 @@ from prisma_ray.errors import InvalidRequest
 STABILITY_THRESHOLD = 0.7
 
 
-def unit_rows(w: np.ndarray) -> np.ndarray:
-    """`float64[L, D]`: the rows of `w` scaled to unit length (all-zero rows stay zero)."""
-    w = np.asarray(w, dtype=np.float64)
+def unit_rows(w: np.ndarray, dtype=np.float64) -> np.ndarray:
+    """`dtype[L, D]` (default float64): the rows of `w` scaled to unit length (all-zero rows stay zero)."""
+    w = np.asarray(w, dtype=dtype)
     norms = np.linalg.norm(w, axis=1, keepdims=True)
     return np.divide(w, norms, out=np.zeros_like(w), where=norms > 0)
 
 
-def _check_decoders(W_dec_a: np.ndarray, W_dec_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _check_decoders(W_dec_a: np.ndarray, W_dec_b: np.ndarray, dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
+    """The unit rows (`unit_rows`, in `dtype`) of two decoders of one shape, or `InvalidRequest`."""
     a, b = np.asarray(W_dec_a), np.asarray(W_dec_b)
     if a.ndim != 2 or a.shape != b.shape:
         raise InvalidRequest(
@@ -42,28 +43,27 @@ def _check_decoders(W_dec_a: np.ndarray, W_dec_b: np.ndarray) -> tuple[np.ndarra
         )
     if not len(a):
         raise InvalidRequest("stability: the decoders have no latents")
-    return unit_rows(a), unit_rows(b)
+    return unit_rows(a, dtype), unit_rows(b, dtype)
 
 
 def coarse_cosines(W_dec_a: np.ndarray, W_dec_b: np.ndarray) -> tuple[np.ndarray, float]:
     """`(cosine float32[latents, latents], error)`: every decoder row of A (rows) against every one of B
     (columns), computed in float32 (two to three times as fast as float64), and a bound of its rounding error:
-    each entry is within `error` of the exact cosine (`2 d u`, d = `d_out`, u the float32 unit roundoff: twice the
-    classic `d u` bound of a dot product of unit vectors, for the rounding of the rows themselves). Raises
-    `InvalidRequest` when the shapes differ, are not 2-D or have no latents."""
-    a, b = _check_decoders(W_dec_a, W_dec_b)
-    error = a.shape[1] * float(np.finfo(np.float32).eps)  # eps = 2 u
-    return a.astype(np.float32) @ b.astype(np.float32).T, error
+    each entry is within `error` of the exact cosine (`(2 d + 4) u`, d = `d_out`, u the float32 unit roundoff: the
+    classic `d u` bound of a dot product of unit vectors, and as much again for scaling the rows to unit length in
+    float32). Raises `InvalidRequest` when the shapes differ, are not 2-D or have no latents."""
+    a, b = _check_decoders(W_dec_a, W_dec_b, np.float32)
+    return a @ b.T, (a.shape[1] + 2) * float(np.finfo(np.float32).eps)  # eps = 2 u
 
 
 def matched_cosines(cosine: np.ndarray) -> np.ndarray:
     """`[L]`: row i's entry of `cosine [L, L]` under a one-to-one assignment of rows to columns of maximum total.
 
     When every row's maximum lies in a different column (the rows' argmax is a permutation, as for a decoder and a
-    slightly trained copy of it; `distinct_maxima`) that permutation is such an assignment: no assignment can total more than the
-    sum of the row maxima. It is taken as is, in one pass over the matrix; then every maximum-total assignment gives
-    each row its row maximum, so the result equals the Hungarian's entry for entry, ties included. Otherwise the
-    Hungarian algorithm (`scipy.optimize.linear_sum_assignment`, cubic in L) finds one.
+    slightly trained copy of it; `distinct_maxima`) that permutation is such an assignment: no assignment can total
+    more than the sum of the row maxima. It is taken as is, in one pass over the matrix; then every maximum-total
+    assignment gives each row its row maximum, so the result equals the Hungarian's entry for entry, ties included.
+    Otherwise the Hungarian algorithm (`scipy.optimize.linear_sum_assignment`, cubic in L) finds one.
     """
     best = distinct_maxima(cosine, 0.0)
     if best is not None:
@@ -79,8 +79,14 @@ def distinct_maxima(cosine: np.ndarray, margin: float) -> np.ndarray | None:
     best = cosine.argmax(axis=1)
     if len(best) < 2 or np.bincount(best, minlength=len(best)).max() > 1:
         return best if len(best) == 1 else None
-    top2 = -np.partition(-cosine, 1, axis=1)[:, :2]
-    return best if bool((top2[:, 0] - top2[:, 1] > 2 * margin).all()) else None
+    rows = np.arange(len(best))
+    top = cosine[rows, best]
+    cosine[rows, best] = -np.inf  # the rest of each row, in place (no copy of the matrix), restored below
+    try:
+        second = cosine.max(axis=1)
+    finally:
+        cosine[rows, best] = top
+    return best if bool((top - second > 2 * margin).all()) else None
 
 
 def matched_fraction(
