@@ -80,6 +80,7 @@ def distinct_maxima(cosine: np.ndarray, margin: float) -> np.ndarray | None:
     if len(best) < 2 or np.bincount(best, minlength=len(best)).max() > 1:
         return best if len(best) == 1 else None
     rows = np.arange(len(best))
+    cosine = cosine if cosine.flags.writeable else cosine.copy()
     top = cosine[rows, best]
     cosine[rows, best] = -np.inf  # the rest of each row, in place (no copy of the matrix), restored below
     try:
