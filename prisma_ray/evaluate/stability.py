@@ -100,14 +100,15 @@ def matched_fraction(
 
     The latents are paired one to one maximising the total cosine of their decoder rows (exact, float64); the
     fraction counts the pairs whose cosine is >= `threshold` over the number of latents, the mean cosine is over
-    every pair. Where the float32 cosines (`coarse`, as `coarse_cosines` gives them; computed if None) show each
-    row of A a different best row of B by a clear margin (`distinct_maxima`), that pairing is the matching and only
-    its cosines are computed in float64 (`latents x d_out`); otherwise the float64 cosine matrix is matched by
-    `matched_cosines`. Raises `InvalidRequest` when the shapes differ, are not 2-D or have no latents.
+    every pair. The float64 cosine matrix is matched by `matched_cosines` (no Hungarian where each row's best
+    column is a different one). Where the caller has the float32 cosines already (`coarse`, as `coarse_cosines`
+    gives them, e.g. `cross_model.decoder_alignment`) and they show each row of A a different best row of B by
+    more than their rounding error (`distinct_maxima`), that pairing is the matching and only its cosines are
+    computed in float64 (`latents x d_out`, no matrix). Raises `InvalidRequest` when the shapes differ, are not 2-D
+    or have no latents.
     """
     a, b = _check_decoders(W_dec_a, W_dec_b)
-    cosine, error = coarse if coarse is not None else coarse_cosines(a, b)
-    best = distinct_maxima(cosine, error)
+    best = None if coarse is None else distinct_maxima(*coarse)
     if best is not None:
         matched = np.einsum("ij,ij->i", a, b[best])
     else:

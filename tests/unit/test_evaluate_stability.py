@@ -8,7 +8,14 @@ from scipy.optimize import linear_sum_assignment
 
 from prisma_ray.errors import InvalidRequest
 from prisma_ray.evaluate import stability
-from prisma_ray.evaluate.stability import matched_cosines, matched_fraction, seed_siblings, stability_columns, unit_rows
+from prisma_ray.evaluate.stability import (
+    coarse_cosines,
+    matched_cosines,
+    matched_fraction,
+    seed_siblings,
+    stability_columns,
+    unit_rows,
+)
 from prisma_ray.sae import Dictionary, DictionaryConfig, Site, Sites, export_files, read_checkpoint_info, write_files
 
 
@@ -78,9 +85,13 @@ def test_matched_fraction_of_two_copies_of_one_initialisation_skips_the_hungaria
     with monkeypatch.context() as patched:
         patched.setattr(stability, "linear_sum_assignment", no_hungarian)
         assert matched_fraction(a, b) == pytest.approx(expected, abs=1e-12)
+        coarse = coarse_cosines(a, b)  # float32, as the cross-model page has them: no float64 matrix either
+        assert matched_fraction(a, b, coarse=coarse) == pytest.approx(expected, abs=1e-12)
     twins = np.repeat(a[:48], 2, axis=0)  # ties: the Hungarian decides, as before
     exact = hungarian(unit_rows(twins) @ unit_rows(b).T)
-    assert matched_fraction(twins, b) == pytest.approx((float((exact >= 0.7).mean()), float(exact.mean())))
+    expected = (float((exact >= 0.7).mean()), float(exact.mean()))
+    assert matched_fraction(twins, b) == pytest.approx(expected)
+    assert matched_fraction(twins, b, coarse=coarse_cosines(twins, b)) == pytest.approx(expected)
 
 
 def test_siblings_share_a_group_and_differ_in_seed():
