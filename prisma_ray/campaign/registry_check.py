@@ -8,6 +8,7 @@ A model whose float32 weights alone would take more than `memory_budget` bytes i
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterable
 
 from ..models import ModelEntry, list_entries
@@ -49,10 +50,18 @@ def sample(entries: Iterable[ModelEntry] | None = None) -> list[str]:
     return sorted(e.name for e in smallest.values())
 
 
+def dictionary_seed(name: str) -> int:
+    """The initialisation seed of model `name`'s dictionaries in the registry check: the CRC-32 of its name, the
+    same in every run and (almost always) different across models, so that no two models' dictionaries of one width
+    start from the same decoder (which would align them whatever the models: `evaluate.cross_model.shared_init`)."""
+    return zlib.crc32(name.encode())
+
+
 def registry_config(names: list[str], output: str, ray: RayOptions | None = None, steps: int = 4) -> CampaignConfig:
     """The campaign of `names` with random weights (seed 0) on tiny synthetic data at each model's input size
     (4 train and 2 test images, or 2 and 1 clips), the residual stream at half depth, patch tokens,
-    one TopK SAE (k 4, 2x) for `steps` steps of 64 tokens, 2 held-out inputs spliced in, one dashboard page."""
+    one TopK SAE (k 4, 2x; initialised from each model's own `dictionary_seed`) for `steps` steps of 64 tokens,
+    2 held-out inputs spliced in, one dashboard page."""
 
     def synthetic(split: str, generator: dict) -> dict:
         return {"type": "synthetic", "uri": f"{output}/data/{split}", "generator": generator}
@@ -71,15 +80,17 @@ def registry_config(names: list[str], output: str, ray: RayOptions | None = None
             "at_model_size": True,
         },
     }
+    sae = {"architecture": "topk", "k": 4, "expansion_factor": 2, "lr": 1e-3}
     return CampaignConfig.model_validate(
         {
             "output": output,
             "models": {"names": names},
+            "entries": {name: {"dictionaries": [{**sae, "seed": dictionary_seed(name)}]} for name in names},
             "weights": {"pretrained": False, "seed": 0},
             "data": data,
             "depths": [0.5],
             "tokens": {"mode": "patches"},
-            "dictionaries": [{"architecture": "topk", "k": 4, "expansion_factor": 2, "lr": 1e-3}],
+            "dictionaries": [sae],
             "training_tokens": 64 * steps,
             "batch_size": 64,
             "eval_tokens": 256,

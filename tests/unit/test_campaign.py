@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from prisma_ray.campaign import CampaignConfig
 from prisma_ray.campaign.plan import block_at_depth, hooks_of, plan_model, sweep_config
-from prisma_ray.campaign.registry_check import estimated_params, registry_config, sample, too_big
+from prisma_ray.campaign.registry_check import dictionary_seed, estimated_params, registry_config, sample, too_big
 from prisma_ray.campaign.stages import MemoryPeak, ModelRunner, run_model
 from prisma_ray.campaign.state import (
     STAGES,
@@ -68,6 +68,17 @@ def test_hooks_by_name_and_depth_per_model(tmp_path):
 def test_bad_config_names_the_input(tmp_path, fields, match):
     with pytest.raises(ValidationError, match=match):
         config(tmp_path, **fields)
+
+
+def test_the_registry_check_gives_each_models_dictionaries_a_seed_of_its_own(tmp_path):
+    """Two models' dictionaries of one width must not start from one decoder; each model's seed is the same in
+    every run, whatever the other models."""
+    cfg = registry_config([TOY, VIDEO], str(tmp_path / "c"))
+    seeds = {name: [d.seed for d in plan_model(cfg, name, "cpu", 1).trains[0].dictionaries] for name in (TOY, VIDEO)}
+    assert seeds == {TOY: [dictionary_seed(TOY)], VIDEO: [dictionary_seed(VIDEO)]}
+    assert seeds[TOY] != seeds[VIDEO]
+    alone = registry_config([TOY], str(tmp_path / "d"))
+    assert [d.seed for d in plan_model(alone, TOY, "cpu", 1).trains[0].dictionaries] == seeds[TOY]
 
 
 def test_model_sized_data_must_be_synthetic(tmp_path):
