@@ -2,7 +2,8 @@
 
 Each dictionary's decoder rows are scaled to unit length and the two sets are matched one to one by
 the Hungarian algorithm on their cosine (`scipy.optimize.linear_sum_assignment`, maximising the total
-cosine; skipped, with the same result, where each row's best column is a different one: `matched_cosines`); a latent is matched when its pair's cosine reaches `threshold` (0.7). The matched fraction is
+cosine; skipped, with the same result, where each row's best column is a different one: `matched_cosines`);
+a latent is matched when its pair's cosine reaches `threshold` (0.7). The matched fraction is
 the number of such pairs over the number of latents (Paulo & Belrose 2025, "Sparse autoencoders trained
 on the same data learn different features", arXiv:2501.16615, use this measure).
 
