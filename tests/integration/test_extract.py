@@ -358,7 +358,9 @@ def test_activations_beyond_float16_fail_the_run_before_any_shard_is_committed(r
     ],
 )
 def test_bad_configs_fail_before_any_work(tmp_path, monkeypatch, update, error, match):
-    monkeypatch.setattr(extract_pipeline, "ensure_ray", lambda opts: pytest.fail("Ray must not start"))
+    monkeypatch.setattr(
+        extract_pipeline, "shard_pool", lambda *args: pytest.fail("no pool (nor Ray) before the checks")
+    )
     if "{tmp}" in str(update):
         (tmp_path / "clips").mkdir()
         (tmp_path / "clips" / "a.mp4").write_bytes(b"not decoded before the config is checked")
@@ -372,7 +374,9 @@ def test_bad_configs_fail_before_any_work(tmp_path, monkeypatch, update, error, 
 
 
 def test_missing_buckets_fail_before_any_work(s3, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(extract_pipeline, "ensure_ray", lambda opts: pytest.fail("Ray must not start"))
+    monkeypatch.setattr(
+        extract_pipeline, "shard_pool", lambda *args: pytest.fail("no pool (nor Ray) before the checks")
+    )
     cfg = ExtractConfig(
         model=TINY_VIT,
         dataset=shapes(s3.uri("data"), storage=s3.options),
