@@ -203,7 +203,7 @@ def report(name: str, runs: list[dict]) -> tuple[float, float]:
     steady = statistics.median(r["tokens"] / max(r["seconds"] - r["startup"], 1e-9) for r in runs)
     per_value = runs[0]["bytes"] / runs[0]["values"]
     seconds = ", ".join(f"{r['seconds']:.1f} ({r['startup']:.1f} start-up)" for r in runs)
-    print(f"{name:<40} {rate:9.0f} tokens/s   {per_value:.3f} bytes/value   runs {seconds} s")
+    print(f"{name:<46} {rate:9.0f} tokens/s   {per_value:.3f} bytes/value   runs {seconds} s")
     return rate, steady
 
 
@@ -297,8 +297,8 @@ def main() -> None:
     if args.cold:
         d, e = (statistics.median(colds[side]) for side in "de")
         runs_d, runs_e = (", ".join(f"{t:.1f}" for t in colds[side]) for side in "de")
-        print(f"{'(d) fresh `prisma-ray extract` process':<40} {d:6.1f} s wall, start to exit   runs {runs_d} s")
-        print(f"{'(e) fresh for-loop (b) process':<40} {e:6.1f} s wall, start to exit   runs {runs_e} s")
+        print(f"{'(d) fresh `prisma-ray extract` process':<46} {d:6.1f} s wall, start to exit   runs {runs_d} s")
+        print(f"{'(e) fresh for-loop (b) process':<46} {e:6.1f} s wall, start to exit   runs {runs_e} s")
         print(f"cold ratio e/d (speed of d against e) {e / d:.2f}   max |d - e| on one shard {cold_difference:.2g}")
 
 
