@@ -1,7 +1,8 @@
 """The Ray extraction pipeline (orchestration only; the work itself is in `extract.worker`).
 
-    pending shards --> read and decode (CPU tasks) --uint8 crops--> ExtractionWorker actors
-    (`runtime.pool`; one GPU each where GPUs exist) --> one Parquet store per hook point
+    pending shards --> read and decode (CPU tasks, or a thread of the actor on CPU) --uint8 crops-->
+    ExtractionWorker actors (`runtime.pool`; one GPU each where GPUs exist; one CPU worker on the driver's own
+    one-node Ray: in this process, `resources.run_in`) --> one Parquet store per hook point
 
 `extract.plan.plan_extract` checks the request and claims the stores before Ray starts; shards
 complete in every store are skipped, so a rerun after a crash (or of a finished run) resumes

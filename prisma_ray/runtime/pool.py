@@ -6,6 +6,11 @@
     shard stages on CPU: each decodes its own shards on a thread, `ShardDecoder`)
     --> each item's result, yielded as it finishes
 
+A shard stage whose pool would be one CPU actor on a Ray of one node that the driver runs on (a laptop or
+workstation) runs that worker in the driver instead (`shard_pool`, `runs_in_driver`, `run_here`;
+`ShardResources.run_in`): an actor there would only add a fresh process's start-up (torch, torchvision and timm
+imported and the model built again: seconds, a third of a 512-image run on 2 CPUs) and Ray's round trips.
+
 Users: extraction and interpretation (`stream_shards`: shard items decoded by
 `prisma_ray.data.shards.decode_batch` in CPU tasks or in the actors, then `ExtractionWorker` /
 `LatentWorker`), the
