@@ -1,30 +1,29 @@
-"""Extraction throughput: (a) the Ray pipeline (`prisma_ray.extract.run_extract`) against (b) the usual
-single-process loop of interpretability tools (a torch DataLoader, a forward hook on the block,
+"""Extraction throughput: (a) the pipeline (`prisma_ray.extract.run_extract`, default resources) against (b) the
+usual single-process loop of interpretability tools (a torch DataLoader, a forward hook on the block,
 `torch.save` of float16 shards), on the same images, model (random weights) and hook point, in one run.
 
 Prints tokens/s of each (median over `--repeats`, run alternately), the ratio a/b, bytes per stored
 activation value, how far the stored activations of (a) are from those of (b), and where the time goes:
-start-up (a: planning, actors started and their model built, the first shard decoded, as
+start-up (a: planning, the worker started and its model built, the first shard decoded, as
 `ExtractSummary.startup_seconds`; b: the model built) against the steady state (the rest), with the
-steady-state ratio. Both sides are
-timed end to end from an up-and-running Ray (model build, reading, decoding, forward, writing); the
-dataset is generated and Ray started before any timing. The default hook is the last block, so
-neither side can end the forward pass early.
+steady-state ratio. Both sides are timed end to end from an up-and-running Ray in this process (model build,
+reading, decoding, forward, writing); the dataset is generated and Ray started before any timing. The default
+hook is the last block, so neither side can end the forward pass early.
 
-    .venv/bin/python benchmarks/extract_throughput.py [--images 512] [--repeats 2] [--pool 2x1]
+    .venv/bin/python benchmarks/extract_throughput.py [--images 512] [--repeats 2] [--run-in actors] [--cold]
 
-Where the time goes (`benchmarks/extract_breakdown.py` takes it apart in CPU seconds): (a)'s start-up is its
-actor's imports (torch, torchvision that timm imports, timm: ~4.3 CPU s on this 2-core machine loaded, ~3-4 s
-quiet) and model build, which (b) does not pay in a process that has them; per shard the forward pass is nearly
-everything on both sides and costs both the same; decoding, encoding and the zstd write are under a tenth of it.
-On CPU the actors decode their own shards on a thread (`resources.decode: auto`); with `--decode task` as (c),
-quiet: a/b 0.99 and a/c 1.31 at 2048 images (steady state a/b 1.08), a/b 0.64 and a/c 0.95 at 512 (start-up a
-third of the run); loaded: a/c 1.27 at 512 and 1024 images.
+On this 2-CPU single-node Ray the pool would be one CPU actor, so (a)'s default (`resources.run_in: auto`) runs
+the model in the driver: no actor process that imports torch, torchvision and timm and builds the model again
+(`benchmarks/extract_breakdown.py` takes that start-up apart in CPU seconds: ~4-5 CPU s, a third of a
+512-image run). `--run-in actors` adds (c), the pipeline on its actor as before, to show what that start-up costs
+in the same run. Since (a) then profits from this process's imports as (b) does, `--cold` also times (d) a fresh
+`prisma-ray extract` process (default resources, no Ray address: no Ray is started) against (e) a fresh process
+running the loop (b), both from start to exit with their own imports, and prints e/d.
 
-`--pool ACTORSxTHREADS` and `--decode task|actor` add (c): the pipeline with that many actors and torch
-threads each (`2x1` is the pool's default on 2 CPUs before it became one actor per 2 CPUs) and/or shards
-decoded there (`task`: one read task per shard, the CPU default before the actors decoded their own shards),
-run alternately with (a) and (b), and prints a/c.
+`--pool ACTORSxTHREADS`, `--decode task|actor` and `--run-in actors|driver` add (c): the pipeline with that many
+actors and torch threads each (`2x1` is the pool's default on 2 CPUs before it became one actor per 2 CPUs),
+shards decoded there (`task`: one read task per shard, the CPU default before the actors decoded their own
+shards) and/or the model run there, run alternately with (a) and (b), and prints a/c.
 """
 
 from __future__ import annotations
