@@ -3,7 +3,9 @@ apart in one fresh process without Ray (so it counts what a new extraction actor
 on a loaded machine) and wall seconds.
 
 Start-up of an extraction actor: its imports (torch; torchvision, which timm imports for its FX feature
-extraction; timm; prisma-ray's worker modules with Ray) and its model build; the driver's planning. Then per
+extraction; timm; prisma-ray's worker modules with Ray) and its model build; the driver's planning. Where the
+pool would be one CPU actor on the driver's own machine the driver runs the model itself (`resources.run_in:
+auto`) and pays only the imports its process lacks (`prisma-ray extract` has torch from planning) and the build. Then per
 shard of `--shard-size` images: (a) the pipeline's decode to uint8 crops (`decode_shard`), its forward pass
 with normalisation and statistics (`ExtractionWorker.extract`), the rows encoded (`store.token_table`) and the
 zstd Parquet shard written; (b) the for-loop's decode (PIL + torchvision transforms), forward with the hook

@@ -1,57 +1,60 @@
-"""Extraction throughput: (a) the Ray pipeline (`prisma_ray.extract.run_extract`) against (b) the usual
-single-process loop of interpretability tools (a torch DataLoader, a forward hook on the block,
+"""Extraction throughput: (a) the pipeline (`prisma_ray.extract.run_extract`, default resources) against (b) the
+usual single-process loop of interpretability tools (a torch DataLoader, a forward hook on the block,
 `torch.save` of float16 shards), on the same images, model (random weights) and hook point, in one run.
 
 Prints tokens/s of each (median over `--repeats`, run alternately), the ratio a/b, bytes per stored
 activation value, how far the stored activations of (a) are from those of (b), and where the time goes:
-start-up (a: planning, actors started and their model built, the first shard decoded, as
+start-up (a: planning, the worker started and its model built, the first shard decoded, as
 `ExtractSummary.startup_seconds`; b: the model built) against the steady state (the rest), with the
-steady-state ratio. Both sides are
-timed end to end from an up-and-running Ray (model build, reading, decoding, forward, writing); the
-dataset is generated and Ray started before any timing. The default hook is the last block, so
-neither side can end the forward pass early.
+steady-state ratio. Both sides are timed end to end from an up-and-running Ray in this process (model build,
+reading, decoding, forward, writing); the dataset is generated and Ray started before any timing. The default
+hook is the last block, so neither side can end the forward pass early.
 
-    .venv/bin/python benchmarks/extract_throughput.py [--images 512] [--repeats 2] [--pool 2x1]
+    .venv/bin/python benchmarks/extract_throughput.py [--images 512] [--repeats 2] [--run-in actors] [--cold]
 
-Where the time goes (`benchmarks/extract_breakdown.py` takes it apart in CPU seconds): (a)'s start-up is its
-actor's imports (torch, torchvision that timm imports, timm: ~4.3 CPU s on this 2-core machine loaded, ~3-4 s
-quiet) and model build, which (b) does not pay in a process that has them; per shard the forward pass is nearly
-everything on both sides and costs both the same; decoding, encoding and the zstd write are under a tenth of it.
-On CPU the actors decode their own shards on a thread (`resources.decode: auto`); with `--decode task` as (c),
-quiet: a/b 0.99 and a/c 1.31 at 2048 images (steady state a/b 1.08), a/b 0.64 and a/c 0.95 at 512 (start-up a
-third of the run); loaded: a/c 1.27 at 512 and 1024 images.
+On this 2-CPU single-node Ray the pool would be one CPU actor, so (a)'s default (`resources.run_in: auto`) runs
+the model in the driver: no actor process that imports torch, torchvision and timm and builds the model again
+(`benchmarks/extract_breakdown.py` takes that start-up apart in CPU seconds: ~4-5 CPU s, a third of a
+512-image run). `--run-in actors` adds (c), the pipeline on its actor as before, to show what that start-up costs
+in the same run. Since (a) then profits from this process's imports as (b) does, `--cold` also times (d) a fresh
+`prisma-ray extract` process (default resources, no Ray address: no Ray is started) against (e) a fresh process
+running the loop (b), both from start to exit with their own imports, and prints e/d.
 
-`--pool ACTORSxTHREADS` and `--decode task|actor` add (c): the pipeline with that many actors and torch
-threads each (`2x1` is the pool's default on 2 CPUs before it became one actor per 2 CPUs) and/or shards
-decoded there (`task`: one read task per shard, the CPU default before the actors decoded their own shards),
-run alternately with (a) and (b), and prints a/c.
+`--pool ACTORSxTHREADS`, `--decode task|actor` and `--run-in actors|driver` add (c): the pipeline with that many
+actors and torch threads each (`2x1` is the pool's default on 2 CPUs before it became one actor per 2 CPUs),
+shards decoded there (`task`: one read task per shard, the CPU default before the actors decoded their own
+shards) and/or the model run there, run alternately with (a) and (b), and prints a/c.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
 import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import ray
 import torch
+import yaml
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from prisma_ray import store
 from prisma_ray.data.sources import SampleRef, SyntheticSource, list_refs, with_resolved_storage
-from prisma_ray.extract.config import ExtractConfig
-from prisma_ray.extract.pipeline import run_extract
 from prisma_ray.models import PreprocessSpec
 from prisma_ray.models.loading import load_model, resolve_entry
+
+# Ray and the pipeline are imported where (a) runs, not here: the cold for-loop process (`--cold`) imports this
+# module and must pay only what a for-loop needs (torch, torchvision, timm, PIL).
 
 _RESID_POST = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
 
@@ -115,14 +118,14 @@ def baseline(refs: list[SampleRef], args: argparse.Namespace, out: Path) -> dict
     return {"tokens": tokens, "seconds": seconds, "startup": startup, "bytes": nbytes, "values": tokens * model.d_model}
 
 
-def pipeline(data: SyntheticSource, args: argparse.Namespace, out: Path, resources: dict | None = None) -> dict:
-    """(a): `run_extract` of the same images, model and hook, all tokens, float16 (`resources`: its
-    `resources:` block; default the pool's own sizing)."""
-    cfg = ExtractConfig(
+def extract_config(data: SyntheticSource, args: argparse.Namespace, out: Path, resources: dict | None = None) -> dict:
+    """(a)'s `ExtractConfig` fields: the same images, model and hook as (b), all tokens, float16 (`resources`: its
+    `resources:` block; default: the pool's own choice)."""
+    return dict(
         model=args.model,
         pretrained=False,
         hooks=[args.hook],
-        dataset=data,
+        dataset=data.model_dump(mode="json"),
         output=str(out),
         shard_size=args.shard_size,
         batch_size=args.batch_size,
@@ -130,7 +133,14 @@ def pipeline(data: SyntheticSource, args: argparse.Namespace, out: Path, resourc
         progress=False,
         resources=resources or {},
     )
-    summary = run_extract(cfg)
+
+
+def pipeline(data: SyntheticSource, args: argparse.Namespace, out: Path, resources: dict | None = None) -> dict:
+    """(a): `run_extract` of `extract_config` in this process, on its Ray."""
+    from prisma_ray.extract.config import ExtractConfig
+    from prisma_ray.extract.pipeline import run_extract
+
+    summary = run_extract(ExtractConfig(**extract_config(data, args, out, resources)))
     return {
         "tokens": summary.tokens,
         "seconds": summary.seconds,
@@ -139,6 +149,39 @@ def pipeline(data: SyntheticSource, args: argparse.Namespace, out: Path, resourc
         "values": summary.values,
         "store": summary.stores[args.hook],
     }
+
+
+def cold(data: SyntheticSource, args: argparse.Namespace, out: Path, side: str) -> float:
+    """Wall seconds of a fresh process from its start to its exit, paying its own imports: (d) `prisma-ray extract`
+    of `extract_config` (its default resources, no Ray address: as a user runs it on this machine), or (e) this
+    module's for-loop (b) alone (`cold_loop`: torch, torchvision, timm imported, no Ray)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if side == "d":
+        config = out.with_suffix(".yaml")
+        config.write_text(yaml.safe_dump(extract_config(data, args, out)))
+        command = [sys.executable, "-m", "prisma_ray.cli", "extract", str(config)]
+    else:
+        loop = {**vars(args), "data": data.model_dump(mode="json"), "out": str(out)}
+        code = "import sys, json, extract_throughput as b; b.cold_loop(json.loads(sys.argv[1]))"
+        command = [sys.executable, "-c", code, json.dumps(loop)]
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent), env.get("PYTHONPATH", "")])
+    start = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - start
+    if done.returncode:
+        sys.exit(f"({side}) failed: {' '.join(command[:4])} ...\n{done.stderr[-4000:]}")
+    return seconds
+
+
+def cold_loop(loop: dict) -> None:
+    """(e): the for-loop (b) over the generated images of `loop["data"]`, in the process that calls it."""
+    refs = list_refs(with_resolved_storage(SyntheticSource(**loop["data"])))
+    baseline(refs, argparse.Namespace(**loop), Path(loop["out"]))
+
+
+def extract_store(out: Path, args: argparse.Namespace) -> str:
+    """Where `prisma-ray extract` of `extract_config(..., out)` writes its store."""
+    return str(out / resolve_entry(args.model).name / args.hook / "train")
 
 
 def max_difference(baseline_dir: Path, store_uri: str) -> float:
@@ -159,7 +202,7 @@ def report(name: str, runs: list[dict]) -> tuple[float, float]:
     steady = statistics.median(r["tokens"] / max(r["seconds"] - r["startup"], 1e-9) for r in runs)
     per_value = runs[0]["bytes"] / runs[0]["values"]
     seconds = ", ".join(f"{r['seconds']:.1f} ({r['startup']:.1f} start-up)" for r in runs)
-    print(f"{name:<40} {rate:9.0f} tokens/s   {per_value:.3f} bytes/value   runs {seconds} s")
+    print(f"{name:<46} {rate:9.0f} tokens/s   {per_value:.3f} bytes/value   runs {seconds} s")
     return rate, steady
 
 
@@ -175,6 +218,15 @@ def main() -> None:
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
     parser.add_argument("--pool", help="ACTORSxTHREADS: also run (c), the pipeline on that pool shape, e.g. 2x1")
     parser.add_argument("--decode", choices=["task", "actor"], help="also run (c), with shards decoded there")
+    parser.add_argument(
+        "--run-in", choices=["actors", "driver"], help="also run (c), with the model in Ray actors or in this process"
+    )
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="also time (d) a fresh `prisma-ray extract` process against (e) a fresh for-loop process, each from "
+        "its start to its exit (imports included), run alternately `--repeats` times before Ray starts here",
+    )
     parser.add_argument("--workdir", help="keeps the generated images (default: a temporary folder)")
     args = parser.parse_args()
     pool = {}
@@ -184,6 +236,8 @@ def main() -> None:
         pool = dict(zip(("actors", "torch_threads"), map(int, args.pool.split("x")), strict=True))
     if args.decode:
         pool["decode"] = args.decode
+    if args.run_in:
+        pool["run_in"] = args.run_in
     if not _RESID_POST.match(args.hook) or resolve_entry(args.model).source != "timm":
         parser.error("the baseline hooks a timm ViT block: use a timm model and --hook blocks.{l}.hook_resid_post")
     logging.basicConfig(level=logging.WARNING)
@@ -197,6 +251,14 @@ def main() -> None:
             )
         )
         refs = list_refs(data)
+        outputs = Path(tempfile.mkdtemp(prefix="runs-", dir=work))
+        colds: dict[str, list[float]] = {"d": [], "e": []}
+        for r in range(args.repeats if args.cold else 0):
+            for side in "ed" if r % 2 == 0 else "de":
+                colds[side].append(cold(data, args, outputs / f"{side}-{r}", side))
+        cold_difference = max_difference(outputs / "e-0", extract_store(outputs / "d-0", args)) if args.cold else 0
+        import ray
+
         ray.init(
             address="local",
             num_cpus=args.num_cpus,
@@ -204,7 +266,6 @@ def main() -> None:
             log_to_driver=False,
             logging_level=logging.WARNING,
         )
-        outputs = Path(tempfile.mkdtemp(prefix="runs-", dir=work))
         sides = "bac" if pool else "ba"
         runs: dict[str, list[dict]] = {side: [] for side in sides}
         for r in range(args.repeats):
@@ -222,7 +283,7 @@ def main() -> None:
         f"{args.image_size}px, batch {args.batch_size}, shards of {args.shard_size}; {args.num_cpus} CPUs, "
         f"load average (1, 5 min) {os.getloadavg()[0]:.1f}, {os.getloadavg()[1]:.1f}; median of {args.repeats} runs each"
     )
-    a, a_steady = report("(a) prisma-ray pipeline (Ray actor pool)", runs["a"])
+    a, a_steady = report("(a) prisma-ray run_extract, default resources", runs["a"])
     b, b_steady = report("(b) DataLoader + hook + torch.save", runs["b"])
     print(f"ratio a/b {a / b:.2f}   max |a - b| on one shard {difference:.2g} (float16 storage)")
     print(
@@ -232,6 +293,12 @@ def main() -> None:
         shape = " ".join(f"{k}={v}" for k, v in pool.items())
         c, c_steady = report(f"(c) pipeline, {shape}", runs["c"])
         print(f"ratio a/c {a / c:.2f}   steady state a/c {a_steady / c_steady:.2f}")
+    if args.cold:
+        d, e = (statistics.median(colds[side]) for side in "de")
+        runs_d, runs_e = (", ".join(f"{t:.1f}" for t in colds[side]) for side in "de")
+        print(f"{'(d) fresh `prisma-ray extract` process':<46} {d:6.1f} s wall, start to exit   runs {runs_d} s")
+        print(f"{'(e) fresh for-loop (b) process':<46} {e:6.1f} s wall, start to exit   runs {runs_e} s")
+        print(f"cold ratio e/d (speed of d against e) {e / d:.2f}   max |d - e| on one shard {cold_difference:.2g}")
 
 
 if __name__ == "__main__":

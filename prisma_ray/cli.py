@@ -350,13 +350,14 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         name="extract",
-        help="extract activations into Parquet stores (Ray actors)",
+        help="extract activations into Parquet stores (Ray actors; one CPU worker: this process)",
         description="Run a dataset through a model on Ray and write the activations of each hook point to its own "
         "Parquet store, <output>/<model>/<hook>/<split>, local or s3://. Rerunning the same config resumes and adds "
         "no duplicate rows; a changed config into the same output is refused. Multimodal language models (LLaVA, "
         "Qwen-VL) see each image with one of `prompts` and store the tokens of their sequence at lm.* hook points "
         "(tokens.mode all, text, image, patches or random). Connects to the Ray at ray.address or $RAY_ADDRESS, else "
-        "starts a local one.",
+        "starts a local one; where that would be one CPU actor on this machine's own one-node Ray, this process runs "
+        "the model instead (resources.run_in: auto), and no local Ray is started.",
         epilog="example: prisma-ray extract extract.yaml --set output=s3://bucket/acts --set batch_size=64; "
         "an LMM layer: --set model=hf-llava-onevision-qwen2-0.5b-ov --set hooks='[lm.blocks.12.hook_resid_post]' "
         "--set prompts='[Describe the image.]'",

@@ -1,7 +1,8 @@
 """The Ray extraction pipeline (orchestration only; the work itself is in `extract.worker`).
 
-    pending shards --> read and decode (CPU tasks) --uint8 crops--> ExtractionWorker actors
-    (`runtime.pool`; one GPU each where GPUs exist) --> one Parquet store per hook point
+    pending shards --> read and decode (CPU tasks, or a thread of the actor on CPU) --uint8 crops-->
+    ExtractionWorker actors (`runtime.pool`; one GPU each where GPUs exist; one CPU worker on the driver's own
+    one-node Ray: in this process, `resources.run_in`) --> one Parquet store per hook point
 
 `extract.plan.plan_extract` checks the request and claims the stores before Ray starts; shards
 complete in every store are skipped, so a rerun after a crash (or of a finished run) resumes
@@ -23,8 +24,7 @@ from ..data.errors import errors_uri, read_errors_table
 from ..errors import InvalidRequest
 from ..models.token_selection import tokens_per_sample
 from ..runtime.devices import placement_line
-from ..runtime.pool import PoolSize, PoolStats, cluster_resources, size_pool, stream_shards
-from ..runtime.session import ensure_ray
+from ..runtime.pool import PoolSize, PoolStats, shard_pool, stream_shards
 from .config import ExtractConfig
 from .plan import ExtractPlan, dataset_description, plan_extract, stored_heads
 from .worker import ExtractionWorker
@@ -119,20 +119,23 @@ def _run_pipeline(plan: ExtractPlan, todo: list[int], lost: PoolStats):
     """Run the shards `todo` on the actor pool; yield each shard's summary row as it finishes (`lost` counts
     what the pool lost and retried)."""
     cfg = plan.cfg
-    ensure_ray(cfg.ray)
     res = cfg.resources
-    size = size_pool(res, cluster_resources(), len(todo), device=res.device, read_cpus=res.read_cpus, in_flight=2)
+    size, here = shard_pool(res, cfg.ray, len(todo))
     job = plan.job(size.device, size.torch_threads)
     shards = {i: ([asdict(r) for r in plan.shards[i]], plan.pending[i]) for i in todo}
-    log.info("%s", start_line(len(todo), size, cfg.model_dtype))
+    log.info("%s", start_line(len(todo), size, cfg.model_dtype, here))
     worker = ExtractionWorker
     yield from stream_shards(
-        shards, plan.spec, plan.fmt, worker, {"job": job}, size, cfg.progress, "extract", lost, res.decode
+        shards, plan.spec, plan.fmt, worker, {"job": job}, size, cfg.progress, "extract", lost, res.decode, here
     )
 
 
-def start_line(shards: int, size: PoolSize, model_dtype: str) -> str:
-    """The extraction's start line: what the pool got and the model's dtype."""
+def start_line(shards: int, size: PoolSize, model_dtype: str, here: bool = False) -> str:
+    """The extraction's start line: what the pool got (or, `here`, that this process runs the model) and the
+    model's dtype."""
+    if here:
+        placement = "in this process, no actors, " + placement_line(1, "worker", size.device, size.torch_threads)
+        return f"extracting {shards} shard{'' if shards == 1 else 's'}: {placement}, model in {model_dtype}"
     placement = placement_line(size.actors, "extraction actor", size.device, size.torch_threads)
     cpus = f"{size.cpus_per_actor:.2g} CPU{'' if size.cpus_per_actor == 1 else 's'}"
     return f"extracting {shards} shard{'' if shards == 1 else 's'}: {placement}, {cpus} each, model in {model_dtype}"

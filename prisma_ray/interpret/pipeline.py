@@ -18,8 +18,7 @@ from ..data.shards import plan_shards
 from ..data.sources import SampleRef, list_refs
 from ..errors import InvalidRequest
 from ..runtime.devices import placement_line
-from ..runtime.pool import PoolSize, PoolStats, cluster_resources, size_pool, stream_shards
-from ..runtime.session import ensure_ray
+from ..runtime.pool import PoolSize, PoolStats, shard_pool, stream_shards
 from .collect import InterpretConfig, InterpretPlan, LatentWorker, fetch_crops, plan_interpret
 from .results import needed_samples, read_results, results_exist, write_results
 from .topk import LatentRecord
@@ -102,9 +101,14 @@ def run_interpret(cfg: InterpretConfig, replace: bool = True) -> InterpretSummar
     )
 
 
-def start_line(shards: int, size: PoolSize, model_dtype: str) -> str:
-    """The pass's start line: what the pool got and the model's dtype."""
-    placement = placement_line(size.actors, "interpretation actor", size.device, size.torch_threads)
+def start_line(shards: int, size: PoolSize, model_dtype: str, here: bool = False) -> str:
+    """The pass's start line: what the pool got (or, `here`, that this process runs the model) and the model's
+    dtype."""
+    placement = (
+        "in this process, no actors, " + placement_line(1, "worker", size.device, size.torch_threads)
+        if here
+        else placement_line(size.actors, "interpretation actor", size.device, size.torch_threads)
+    )
     return f"interpreting {shards} shard{'' if shards == 1 else 's'}: {placement}, model in {model_dtype}"
 
 
@@ -112,12 +116,11 @@ def _run_pipeline(plan: InterpretPlan, shards: list[list[SampleRef]], lost: Pool
     """Yield each shard's worker row (`shard`, `record`, `sample_ids`, `errors`) as it finishes (`lost` counts
     what the pool lost and retried)."""
     cfg = plan.cfg
-    ensure_ray(cfg.ray)
     res = cfg.resources
-    size = size_pool(res, cluster_resources(), len(shards), device=res.device, read_cpus=res.read_cpus, in_flight=2)
+    size, here = shard_pool(res, cfg.ray, len(shards))
     items = {i: ([asdict(r) for r in s], []) for i, s in enumerate(shards)}
-    log.info("%s", start_line(len(shards), size, cfg.model_dtype))
+    log.info("%s", start_line(len(shards), size, cfg.model_dtype, here))
     job = plan.job(size.device, size.torch_threads)
     yield from stream_shards(
-        items, plan.spec, plan.fmt, LatentWorker, {"job": job}, size, cfg.progress, "interpret", lost, res.decode
+        items, plan.spec, plan.fmt, LatentWorker, {"job": job}, size, cfg.progress, "interpret", lost, res.decode, here
     )

@@ -6,6 +6,11 @@
     shard stages on CPU: each decodes its own shards on a thread, `ShardDecoder`)
     --> each item's result, yielded as it finishes
 
+A shard stage whose pool would be one CPU actor on a Ray of one node that the driver runs on (a laptop or
+workstation) runs that worker in the driver instead (`shard_pool`, `runs_in_driver`, `run_here`;
+`ShardResources.run_in`): an actor there would only add a fresh process's start-up (torch, torchvision and timm
+imported and the model built again: seconds, a third of a 512-image run on 2 CPUs) and Ray's round trips.
+
 Users: extraction and interpretation (`stream_shards`: shard items decoded by
 `prisma_ray.data.shards.decode_batch` in CPU tasks or in the actors, then `ExtractionWorker` /
 `LatentWorker`), the
@@ -55,6 +60,7 @@ from ..data.shards import InputFormat, decode_batch
 from ..data.sources import DatasetSpec
 from ..errors import InvalidRequest, PrismaRayError
 from .devices import Device
+from .session import RayOptions, ensure_ray, machine_resources, single_node_here
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +115,16 @@ class ShardResources(Resources):
         "with free CPUs), actor (in the model actor, on a thread beside its forward pass: no task processes, no "
         "decoded shard copied between processes) or auto: actor on CPU, task on cuda (a GPU's forward pass "
         "outruns one actor's decoding)",
+    )
+    run_in: Literal["auto", "driver", "actors"] = Field(
+        "auto",
+        description="where the model runs: actors (Ray actors, as sized above; an actor lost to a dead node or a "
+        "killed process is replaced and its shards sent again), driver (this process, one worker, its shards "
+        "decoded on a thread beside the forward pass: no actor's start-up of a fresh process, its imports and "
+        "model build again, and no Ray started where none runs; a killed process stops the run, and running the "
+        "same config again resumes at the shards not yet written) or auto: driver where the pool would be one "
+        "CPU actor that decodes its own shards on a Ray of one node that this process runs on (a laptop or "
+        "workstation; with no Ray and no address, the local Ray is then not started), else actors",
     )
 
 
@@ -461,6 +477,56 @@ def decodes_in_actor(decode: str, device: str) -> bool:
     return decode == "actor" or (decode == "auto" and device == "cpu")
 
 
+def runs_in_driver(res: ShardResources, size: PoolSize, single_node_here: bool, field: str = "resources") -> bool:
+    """Whether a shard stage of `res` sized as `size` runs its one worker in this process (`ShardResources.run_in`):
+    `single_node_here` says whether its Ray is one node that this process runs on (`session.single_node_here`).
+
+    Auto picks this process only for one CPU worker that decodes its own shards there: an actor would then only
+    add a fresh process's start-up (its imports, its model built again) and Ray's round trips; anything larger
+    (more actors, a GPU, other nodes) keeps the actors. Raises `InvalidRequest` naming `field` where `run_in:
+    driver` meets more than one actor or `decode: task` (this process runs one worker and has no read tasks)."""
+    if res.run_in == "driver":
+        if size.actors > 1:
+            raise InvalidRequest(
+                f"{field}.run_in=driver runs one worker in this process, but {field}.actors={size.actors}; "
+                f"drop {field}.actors, or set {field}.run_in=actors (or auto)."
+            )
+        if res.decode == "task":
+            raise InvalidRequest(
+                f"{field}.run_in=driver decodes the shards on a thread of this process, not in read tasks, but "
+                f"{field}.decode=task; set {field}.decode=auto, or {field}.run_in=actors."
+            )
+        return True
+    return (
+        res.run_in == "auto"
+        and single_node_here
+        and size.actors == 1
+        and size.device == "cpu"
+        and decodes_in_actor(res.decode, size.device)
+    )
+
+
+def shard_pool(res: ShardResources, ray_options: RayOptions, items: int) -> tuple[PoolSize, bool]:
+    """The pool of a shard stage (extract, interpret) for `items` shards, and whether it runs in this process
+    (`runs_in_driver`). Ray is started or connected (`ensure_ray`) unless the stage runs here and this process
+    has no Ray and no address; run here, the pool is sized for this machine (`session.machine_resources`), or
+    for the one-node Ray this process runs on. Within `inline` the pool is the caller's, as before."""
+    if res.run_in == "driver" and not inlined():
+        cluster: Mapping[str, float] | None = machine_resources(ray_options)
+        local = True
+    else:
+        cluster = single_node_here(ray_options) if res.run_in == "auto" and not inlined() else None
+        local = cluster is not None
+        if cluster is None:
+            ensure_ray(ray_options)
+            cluster = cluster_resources()
+    size = size_pool(res, cluster, items, device=res.device, read_cpus=res.read_cpus, in_flight=2)
+    here = runs_in_driver(res, size, local) and not inlined()
+    if not here:
+        ensure_ray(ray_options)
+    return size, here
+
+
 class ShardDecoder:
     """A worker actor that reads and decodes its own shards (`ShardResources.decode`: actor).
 
@@ -483,6 +549,41 @@ class ShardDecoder:
             batch = decode_batch(item, self._spec, self._fmt)
         worker = self._worker.result()
         return self._runner.submit(worker, batch).result()
+
+    def close(self) -> None:
+        """Let the worker's thread end once its calls are done (an actor's ends with its process; in this
+        process, `run_here`, the worker and its model are then freed)."""
+        self._runner.shutdown(wait=False, cancel_futures=True)
+
+
+def run_here(items: Iterable[Any], call: Callable[[Any], Any], concurrency: int) -> Iterator[Any]:
+    """`call(item)` for every item on `concurrency` threads of this process, each result yielded as it finishes
+    (any order), as `run_pool` does on actors: items are taken lazily, after a call fails no new item starts,
+    the calls running are still yielded, then the first error is raised. Stopping the iteration early lets the
+    calls running finish and starts no other."""
+    pending = iter(items)
+    running: set[concurrent.futures.Future] = set()
+    error: BaseException | None = None
+    threads = concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix="shard-call")
+    try:
+        while True:
+            while error is None and len(running) < concurrency:
+                item = next(pending, _END)
+                if item is _END:
+                    break
+                running.add(threads.submit(call, item))
+            if not running:
+                break
+            done, running = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                if future.exception() is not None:
+                    error = error or future.exception()
+                else:
+                    yield future.result()
+    finally:
+        threads.shutdown(wait=False, cancel_futures=True)
+    if error is not None:
+        raise error
 
 
 def _unpickle_and_build(build: bytes) -> Any:
@@ -508,11 +609,13 @@ def stream_shards(
     desc: str,
     stats: PoolStats | None = None,
     decode: str = "task",
+    here: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """Read and decode each shard (`{index: (SampleRef fields, hook points)}`) in a task, or in the actors where
     `decodes_in_actor(decode, size.device)` (`ShardDecoder`), run it through the actors of
     `worker(**worker_kwargs)` (called on a one-row batch, as `decode_batch` returns it) and yield their rows as
-    they finish (a progress bar if `progress`; `stats` as `run_pool`'s)."""
+    they finish (a progress bar if `progress`; `stats` as `run_pool`'s). With `here` (`shard_pool`) one
+    `ShardDecoder` runs in this process instead of an actor, on `size.in_flight_per_actor` threads (`run_here`)."""
     items = (
         {
             "shard": np.array([shard]),
@@ -522,13 +625,23 @@ def stream_shards(
         for shard, (refs, hooks) in shards.items()
     )
     read_kwargs = {"spec": spec, "fmt": fmt}
-    if decodes_in_actor(decode, size.device) and not inlined():
+    decoder = None
+    if (here or decodes_in_actor(decode, size.device)) and not inlined():
         build = {"build": ray.cloudpickle.dumps((worker, worker_kwargs)), **read_kwargs}
         concurrency = size.in_flight_per_actor
-        results = run_pool(items, ShardDecoder, build, size, stats=stats, concurrency=concurrency)
+        if here:
+            decoder = ShardDecoder(**build)
+            results = run_here(items, decoder, concurrency)
+        else:
+            results = run_pool(items, ShardDecoder, build, size, stats=stats, concurrency=concurrency)
     else:
         results = run_pool(items, worker, worker_kwargs, size, read=decode_batch, read_kwargs=read_kwargs, stats=stats)
-    with tqdm(total=len(shards), unit="shard", desc=desc, disable=not progress) as bar:
-        for batch in results:
-            bar.update(1)
-            yield {key: column[0] for key, column in batch.items()}
+    try:
+        with tqdm(total=len(shards), unit="shard", desc=desc, disable=not progress) as bar:
+            for batch in results:
+                bar.update(1)
+                yield {key: column[0] for key, column in batch.items()}
+    finally:
+        if decoder is not None:
+            results.close()
+            decoder.close()

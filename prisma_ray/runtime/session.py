@@ -32,10 +32,42 @@ def ensure_ray(opts: RayOptions) -> None:
     console output as `console.configure` set it up: Ray's own logs stay in its session folder unless verbose)."""
     if ray.is_initialized():
         return
-    address = opts.address or os.environ.get("RAY_ADDRESS")
+    address = ray_address(opts)
     if address:
         ray.init(address=address, **ray_init_options())
     else:
         num_cpus = opts.num_cpus or os.cpu_count()
         log.info("starting a local Ray with %d CPUs", num_cpus)
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **ray_init_options())
+
+
+def ray_address(opts: RayOptions) -> str | None:
+    """The cluster `ensure_ray` connects to when this process has no Ray yet: `opts.address`, else `$RAY_ADDRESS`
+    (which `ray job submit` sets for its entrypoint); None: it would start a new local Ray."""
+    return opts.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def machine_resources(opts: RayOptions) -> dict[str, float]:
+    """This machine as a new local Ray would see it (`{"CPU": n, "GPU": m}`), without starting one: `opts.num_cpus`
+    or all its CPUs, and the GPUs torch sees."""
+    import torch  # imported here: Ray's side of the runtime does not need it
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return {"CPU": float(opts.num_cpus or os.cpu_count() or 1), "GPU": float(gpus)}
+
+
+def single_node_here(opts: RayOptions) -> dict[str, float] | None:
+    """The resources of the Ray a job runs on (`ensure_ray`) when it is one node, with CPUs, that this process runs
+    on (a laptop's or workstation's local Ray, a one-node cluster's head running the `ray job submit` entrypoint);
+    None otherwise (more nodes, a head with no CPUs of its own as in `cluster.yaml`, or Ray Client, whose driver
+    runs elsewhere). Where this process has no Ray and no address, the local Ray it would start is not started:
+    its resources are `machine_resources`."""
+    if not ray.is_initialized() and ray_address(opts) is None:
+        return machine_resources(opts)
+    ensure_ray(opts)
+    if ray.util.client.ray.is_connected():
+        return None
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    if len(nodes) != 1 or nodes[0]["NodeID"] != ray.get_runtime_context().get_node_id():
+        return None
+    return dict(nodes[0]["Resources"]) if nodes[0]["Resources"].get("CPU", 0) >= 1 else None

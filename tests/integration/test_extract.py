@@ -29,6 +29,7 @@ from prisma_ray.extract.pipeline import run_extract
 from prisma_ray.models import TokenKind, UnknownHookPoint, UnknownModel
 from prisma_ray.models.inputs import PixelInputs
 from prisma_ray.models.loading import load_model
+from prisma_ray.runtime import pool
 from tests.conftest import IMAGE_ZOO_MAX_PIXELS
 from tests.tiny_models import tiny_videomae, tiny_vit
 from tests.unit.test_evaluate_checkpoint import extract_in_process
@@ -153,6 +154,34 @@ def test_s3_pipeline_equals_in_process_forward_and_resumes_idempotently(ray_loca
 
     with pytest.raises(store.StoreConfigMismatch, match="Changed: dtype"):
         run_extract(cfg.model_copy(update={"dtype": "float32"}))
+
+
+def test_the_driver_runs_the_model_itself_without_ray_and_stores_the_same_rows(tmp_path, monkeypatch):
+    """`resources.run_in: driver` (what auto picks for one CPU worker on the driver's own machine): no actor, no
+    Ray started, the rows those of an in-process forward pass, and a partial run resumed as on actors."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(pool, "ensure_ray", lambda opts: pytest.fail("Ray was started"))
+    monkeypatch.setattr(pool, "run_pool", lambda *args, **kwargs: pytest.fail("an actor pool was started"))
+    cfg = ExtractConfig(
+        model=TINY_VIT,
+        hooks=HOOKS,
+        dataset=shapes(str(tmp_path / "shapes"), n=10),
+        output=str(tmp_path / "out"),
+        shard_size=4,
+        batch_size=3,
+        resources=dict(run_in="driver"),
+        progress=False,
+    )
+    partial = run_extract(cfg.model_copy(update={"max_shards": 2}))
+    assert not partial.complete and (partial.shards_run, partial.samples) == (2, 8)
+    summary = run_extract(cfg)
+    assert summary.complete and (summary.shards_run, summary.shards_skipped, summary.samples) == (1, 2, 2)
+    reference = in_process(cfg)
+    for hook in HOOKS:
+        table = read_store(summary.stores[hook])
+        assert table.num_rows == 10 * len(next(iter(reference[hook].values())))
+        assert_matches(table, reference[hook], tol=2e-3)
+        assert store.read_manifest(summary.stores[hook]).n_samples == 10
 
 
 @pytest.fixture(scope="module")
@@ -329,7 +358,9 @@ def test_activations_beyond_float16_fail_the_run_before_any_shard_is_committed(r
     ],
 )
 def test_bad_configs_fail_before_any_work(tmp_path, monkeypatch, update, error, match):
-    monkeypatch.setattr(extract_pipeline, "ensure_ray", lambda opts: pytest.fail("Ray must not start"))
+    monkeypatch.setattr(
+        extract_pipeline, "shard_pool", lambda *args: pytest.fail("no pool (nor Ray) before the checks")
+    )
     if "{tmp}" in str(update):
         (tmp_path / "clips").mkdir()
         (tmp_path / "clips" / "a.mp4").write_bytes(b"not decoded before the config is checked")
@@ -343,7 +374,9 @@ def test_bad_configs_fail_before_any_work(tmp_path, monkeypatch, update, error, 
 
 
 def test_missing_buckets_fail_before_any_work(s3, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(extract_pipeline, "ensure_ray", lambda opts: pytest.fail("Ray must not start"))
+    monkeypatch.setattr(
+        extract_pipeline, "shard_pool", lambda *args: pytest.fail("no pool (nor Ray) before the checks")
+    )
     cfg = ExtractConfig(
         model=TINY_VIT,
         dataset=shapes(s3.uri("data"), storage=s3.options),

@@ -20,6 +20,7 @@ from prisma_ray.data.shards import InputFormat, ShardData
 from prisma_ray.data.sources import list_refs, parse_dataset_spec
 from prisma_ray.errors import InvalidRequest
 from prisma_ray.models.spec import PreprocessSpec
+from prisma_ray.runtime import session
 from prisma_ray.runtime.pool import (
     PoolSize,
     Resources,
@@ -27,6 +28,8 @@ from prisma_ray.runtime.pool import (
     ShardResources,
     TrainResources,
     decodes_in_actor,
+    run_here,
+    runs_in_driver,
     size_pool,
 )
 from prisma_ray.storage import StorageOptions
@@ -82,6 +85,71 @@ def test_pools_without_read_tasks(cluster, fields, device, items, expected):
 )
 def test_cpu_actors_decode_their_own_shards_gpu_actors_get_them_from_read_tasks(decode, device, in_actor):
     assert decodes_in_actor(ShardResources(decode=decode).decode, device) is in_actor
+
+
+@pytest.mark.parametrize(
+    "fields,here,actors,device,expected",
+    [
+        ({}, True, 1, "cpu", True),  # the one case auto runs the model in the driver
+        ({}, False, 1, "cpu", False),  # more nodes, Ray Client, a head without CPUs: actors
+        ({}, True, 2, "cpu", False),  # more actors than one
+        ({}, True, 1, "cuda", False),  # a GPU: the actor's reads run in tasks beside it
+        (dict(decode="task"), True, 1, "cpu", False),  # read tasks asked for
+        (dict(run_in="actors"), True, 1, "cpu", False),
+        (dict(run_in="driver"), False, 1, "cpu", True),  # forced: also on a cluster, also with a GPU
+        (dict(run_in="driver"), False, 1, "cuda", True),
+    ],
+)
+def test_the_driver_runs_the_model_only_for_one_cpu_worker_on_its_own_node_or_when_asked(
+    fields, here, actors, device, expected
+):
+    size = PoolSize(device, actors, 1.0, 0.5, 2, 2)
+    assert runs_in_driver(ShardResources(**fields), size, here) is expected
+
+
+def test_the_driver_refuses_what_it_cannot_run_naming_the_fields():
+    size = PoolSize("cpu", 2, 1.0, 0.5, 1, 2)
+    with pytest.raises(InvalidRequest, match=r"resources.run_in=driver .* resources.actors=2"):
+        runs_in_driver(ShardResources(run_in="driver", actors=2), size, True)
+    with pytest.raises(InvalidRequest, match=r"resources.decode=task; set resources.decode=auto"):
+        runs_in_driver(ShardResources(run_in="driver", decode="task"), PoolSize("cpu", 1, 1.0, 0.5, 2, 2), True)
+
+
+def test_a_driver_without_ray_or_address_sizes_for_its_machine_without_starting_ray(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(session.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(session, "ensure_ray", lambda opts: pytest.fail("Ray started"))
+    assert session.single_node_here(session.RayOptions(num_cpus=3)) == {"CPU": 3.0, "GPU": 0.0}
+
+
+def test_a_ray_of_one_node_with_cpus_that_the_driver_runs_on_is_its_own(ray_local, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert session.single_node_here(session.RayOptions())["CPU"] == 2.0
+    node = {"Alive": True, "NodeID": ray_local.get_runtime_context().get_node_id(), "Resources": {"CPU": 2.0}}
+    other = {"Alive": True, "NodeID": "another", "Resources": {"CPU": 4.0}}
+    for nodes in ([node, other], [other], [{**node, "Resources": {"CPU": 0.0}}]):  # cluster.yaml's head: no CPUs
+        monkeypatch.setattr(session.ray, "nodes", lambda nodes=nodes: nodes)
+        assert session.single_node_here(session.RayOptions()) is None, nodes
+
+
+def test_calls_run_here_on_threads_and_stop_after_a_failure_yielding_those_running():
+    """As `run_pool` does on actors: no new call after a failure, the calls running still yielded, then the error."""
+    started, failed = [], threading.Event()
+
+    def call(i):
+        started.append(i)
+        if i == 1:
+            failed.set()
+            raise ValueError("shard 1 failed")
+        assert failed.wait(10)  # item 0 is still running when item 1 fails
+        return i * 10
+
+    results = []
+    with pytest.raises(ValueError, match="shard 1 failed"):
+        for result in run_here(range(10), call, 2):
+            results.append(result)
+    assert sorted(started) == [0, 1] and results == [0]
+    assert sorted(run_here(range(5), lambda i: i * i, 2)) == [0, 1, 4, 9, 16]
 
 
 class Recorder:  # module level: pickled by reference, as Ray would ship it
