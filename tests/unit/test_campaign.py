@@ -262,6 +262,8 @@ def test_status_keeps_the_seconds_of_stages_done_in_an_earlier_run():
     assert with_earlier_seconds(Outcome(model=TOY, seconds={"extract": 1.0}), None).seconds == {"extract": 1.0}
     earlier.cpu_seconds, now.cpu_seconds = {"extract": 2.5, "train": 1.0}, {"evaluate": 0.5}
     assert with_earlier_seconds(now, earlier).cpu_seconds == {"extract": 2.5, "train": 1.0, "evaluate": 0.5}
+    refused = Outcome(model=TOY, error="StoreConfigMismatch: ...")  # a rerun refused before any stage ran
+    assert with_earlier_seconds(refused, earlier).seconds == {"extract": 3.0, "train": 2.0}
 
 
 def test_entries_run_one_model_on_two_datasets_under_their_own_roots(tmp_path):
