@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 import pytest
@@ -410,7 +411,7 @@ def test_reuse_holds_one_model_at_a_time():
     ("new_train", "error"),
     [("more", "StoreConfigMismatch: .* Changed: dataset"), ("gone", "MissingInputError: .*gone: no such file")],
 )
-def test_a_rerun_with_changed_or_missing_data_is_refused_not_skipped(tmp_path, monkeypatch, new_train, error):
+def test_a_rerun_with_changed_or_missing_data_is_refused_not_skipped(tmp_path, monkeypatch, caplog, new_train, error):
     """A campaign rerun whose train data changed (another photo) or is gone reported 'done (nothing to run)' from
     the old stores' manifests, keeping their dictionaries and leaderboard; it is refused per model as `extract`
     refuses it, before any stage runs."""
@@ -427,9 +428,11 @@ def test_a_rerun_with_changed_or_missing_data_is_refused_not_skipped(tmp_path, m
 
     data = {"image": {"train": photos("train", 1), "test": photos("test", 1)}}
     cfg = config(tmp_path, data=data)
+    caplog.set_level(logging.INFO)
     for job in plan_model(cfg, TOY).extracts:  # the stores as a finished extraction leaves them
         for writer in plan_extract(job).writers.values():
             (tmp_path / writer.uri / "manifest.json").write_text("{}")
+    assert f"{TOY}: 1 sample in 1 shard, 1 pending" in caplog.text, "not '1 shards'"
     ran = []
     for name in ("extract", "train", "evaluate"):
         monkeypatch.setattr(stages, name, lambda c, p, name=name: ran.append(name))
