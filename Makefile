@@ -81,7 +81,8 @@ cluster-stop:
 	@if [ ! -f $(CLUSTER_DIR)/head.pid ]; then echo "no head started by make cluster in $(CLUSTER_DIR)"; exit 0; fi; \
 	pid=$$(cat $(CLUSTER_DIR)/head.pid); kill -TERM -$$pid 2>/dev/null; \
 	for i in $$(seq $(CLUSTER_STOP_GRACE_S)); do kill -0 -$$pid 2>/dev/null || break; sleep 1; done; \
-	kill -KILL -$$pid 2>/dev/null; rm -rf $(CLUSTER_DIR); echo "Ray head stopped"
+	kill -KILL -$$pid 2>/dev/null; rm -f $(CLUSTER_TOKEN) $(CLUSTER_DIR)/head.pid; \
+	echo "Ray head stopped (its logs stay in $(CLUSTER_DIR))"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

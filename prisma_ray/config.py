@@ -220,8 +220,8 @@ def type_name(annotation: Any) -> str:
 
 
 def _nested(annotation: Any) -> tuple[type[BaseModel] | None, str]:
-    """The one model a field holds (`Model`, `Model | None` or `list[Model]`) and the suffix its children
-    get (`.` or `[].`); `(None, "")` for any other field."""
+    """The one model a field holds (`Model`, `Model | None`, `list[Model]` or `dict[str, Model]`) and the suffix
+    its children get (`.`, `[].` or `.<name>.`); `(None, "")` for any other field."""
     args = [a for a in get_args(annotation) if a is not type(None)]
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation, "."
@@ -229,6 +229,8 @@ def _nested(annotation: Any) -> tuple[type[BaseModel] | None, str]:
         return _nested(args[0])
     if get_origin(annotation) is list and len(args) == 1 and isinstance(args[0], type):
         return (args[0], "[].") if issubclass(args[0], BaseModel) else (None, "")
+    if get_origin(annotation) is dict and len(args) == 2 and isinstance(args[1], type):
+        return (args[1], ".<name>.") if issubclass(args[1], BaseModel) else (None, "")
     return None, ""
 
 
@@ -245,7 +247,7 @@ def _plain(value: Any) -> Any:
 
 def config_fields(cls: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, str, str | None, str]]:
     """`(dotted name, type, default, description)` of every field of `cls`, each nested model's fields after its
-    own line (`a.b` for a model field, `a[].b` for a list of models). `default` is JSON, `"required"`, or `""`
+    own line (`a.b` for a model field, `a[].b` for a list of models, `a.<name>.b` for a dict of them). `default` is JSON, `"required"`, or `""`
     for a nested model (its fields give theirs). A config whose defaults come from elsewhere (the quickstart's
     shipped campaign) says so with a classmethod `shown_defaults() -> {field: shown default}` of its top-level
     fields."""

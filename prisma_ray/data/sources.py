@@ -35,6 +35,7 @@ from prisma_ray.data.errors import (
 )
 from prisma_ray.errors import InvalidRequest
 from prisma_ray.models.spec import PreprocessSpec
+from prisma_ray.runtime.console import counted
 from prisma_ray.storage import StorageOptions
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -228,14 +229,29 @@ def list_refs(spec: DatasetSpec) -> list[SampleRef]:
     return refs
 
 
+def _other_kind(spec: _FileSource, listed: list[str]) -> str:
+    """What to say of a folder of videos read as images (`--data FOLDER` reads images), or the reverse."""
+    kind, exts = ("video", VIDEO_EXTENSIONS) if isinstance(spec, ImageSource) else ("image", IMAGE_EXTENSIONS)
+    found = [r for r in listed if r.lower().endswith(exts)]
+    if not found:
+        return ""
+    return (
+        f" It holds {counted(len(found), kind)} ({found[0]}{', ...' if len(found) > 1 else ''}):"
+        f" a dataset of `type: {kind}s` reads them (for --data, a YAML file holding {{type: {kind}s, uri: ...}})."
+    )
+
+
 def _list_files(spec: _FileSource) -> list[SampleRef]:
     if storage.require_exists(spec.uri, spec.storage).type != pafs.FileType.Directory:
         raise InvalidRequest(f"{spec.uri} is a file, not a folder; list single files under `items` instead.")
     root = storage.absolute(spec.uri)
     exts = tuple(e.lower() for e in spec.extensions)
-    rels = [r for r in storage.list_files(root, spec.storage) if r.lower().endswith(exts)]
+    listed = storage.list_files(root, spec.storage)
+    rels = [r for r in listed if r.lower().endswith(exts)]
     if not rels:
-        raise storage.MissingInputError(f"{spec.uri}: no files with extensions {spec.extensions} in this folder.")
+        raise storage.MissingInputError(
+            f"{spec.uri}: no files with extensions {spec.extensions} in this folder.{_other_kind(spec, listed)}"
+        )
     classes = sorted({r.split("/", 1)[0] for r in rels if "/" in r}) if spec.labels_from_folders else []
     index = {c: i for i, c in enumerate(classes)}
     return [

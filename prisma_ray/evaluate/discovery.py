@@ -7,6 +7,7 @@ import posixpath
 import re
 
 from .. import storage
+from ..runtime.console import counted
 from ..sae.io import CFG_FILE, WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,9 @@ def find_checkpoints(root: str, options: storage.StorageOptions | None = None) -
     }
     copies = {folder for folder in folders if _final_of(folder) in folders}
     if copies:
-        log.info("%s: %d training-checkpoint copies of finished dictionaries left out", root, len(copies))
+        copies_line = counted(len(copies), "training-checkpoint copy", "training-checkpoint copies")
+        of = "a finished dictionary" if len(copies) == 1 else "finished dictionaries"
+        log.info("%s: %s of %s left out", root, copies_line, of)
     return sorted(storage.join(root, folder) if folder else root.rstrip("/") for folder in folders - copies)
 
 

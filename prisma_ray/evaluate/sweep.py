@@ -31,6 +31,7 @@ from .. import storage
 from ..config import require_distinct
 from ..models import get_entry, list_entries
 from ..models.registry import Modality, Source
+from ..runtime.console import counted
 from ..runtime.devices import placement_line
 from ..runtime.pool import PoolSize, PoolStats, Resources, cluster_resources, run_pool, size_pool
 from ..runtime.session import RayOptions, ensure_ray
@@ -236,11 +237,11 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
             groups.setdefault(info.models, []).append(info.uri)
     ordered = sorted((Group(m, u) for m, u in groups.items()), key=lambda g: (-len(g.uris), g.models))
     log.info(
-        "%d checkpoints found, %d unreadable, %d to evaluate in %d model groups",
-        len(infos) + len(unreadable),
+        "%s found, %d unreadable, %d to evaluate in %s",
+        counted(len(infos) + len(unreadable), "checkpoint"),
         len(unreadable),
         sum(len(g.uris) for g in ordered),
-        len(ordered),
+        counted(len(ordered), "model group"),
     )
     return SweepPlan(cfg=cfg, found=infos, unreadable=unreadable, groups=ordered, results=results)
 

@@ -194,7 +194,9 @@ def plan_extract(cfg: ExtractConfig) -> ExtractPlan:
     for hook in sorted(claimed) + [h for h in cfg.hooks if h not in claimed]:
         writers[hook].claim(hashes[hook], descriptions[hook])
     pending = pending_shards(len(shards), {hook: w.completed() for hook, w in writers.items()})
-    log.info("%s: %s in %d shards, %d pending", entry.name, inputs_line(len(refs), fmt), len(shards), len(pending))
+    log.info(
+        "%s: %s in %s, %d pending", entry.name, inputs_line(len(refs), fmt), counted(len(shards), "shard"), len(pending)
+    )
     widths = {hook: model.hook_width(hook, cfg.head) for hook in cfg.hooks}
     layout = None if multimodal else model.token_layout
     return ExtractPlan(

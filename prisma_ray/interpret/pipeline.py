@@ -50,6 +50,19 @@ class InterpretSummary:
         return "\n".join(lines)
 
 
+def refuse_another_site(output: str, options: storage.StorageOptions) -> None:
+    """Refuse an `output` without results that holds a dashboard's `index.html`: another run's site whose results
+    are elsewhere (a campaign's `dashboard/<model>`), which a new site would overwrite page by page."""
+    try:
+        storage.require_exists(storage.join(output, "index.html"), options)
+    except storage.MissingInputError:
+        return
+    raise InvalidRequest(
+        f"{output} holds a dashboard (index.html) with no results of its own: another run's site, which this one "
+        "would overwrite; write to a new output, or delete the old site first"
+    )
+
+
 def run_interpret(cfg: InterpretConfig, replace: bool = True) -> InterpretSummary:
     """Run the pass `cfg` asks for on Ray and write its results; results of the same pass already
     under `output` are kept (no Ray is started). Results of another pass there (another checkpoint, dataset,
@@ -78,6 +91,8 @@ def run_interpret(cfg: InterpretConfig, replace: bool = True) -> InterpretSummar
                 alive=-1,
                 seconds=0.0,
             )
+    elif not replace:
+        refuse_another_site(output, plan.options)
     refs = list_refs(plan.spec)
     if not refs:
         raise storage.MissingInputError(f"the {plan.spec.type} dataset lists no inputs; nothing to interpret.")

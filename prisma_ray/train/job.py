@@ -51,7 +51,14 @@ from ..runtime.pool import Resources, cluster_resources, inlined, size_pool
 from ..runtime.session import ensure_ray
 from ..sae import DictionaryConfig, Normalization, Sites, Trainer
 from ..sae.dictionary import check_shape
-from ..sae.io import checkpoint_files, dictionary_files, latest_checkpoint_state, restore_checkpoint, write_files
+from ..sae.io import (
+    CFG_FILE,
+    checkpoint_files,
+    dictionary_files,
+    latest_checkpoint_state,
+    restore_checkpoint,
+    write_files,
+)
 from ..sae.trainer import check_same_run
 from ..storage import StorageOptions
 from .config import TrainConfig
@@ -199,6 +206,23 @@ def plan_placement(cfg: TrainConfig, cluster: Mapping[str, float]) -> Placement:
     )
 
 
+def check_free_output(cfg: TrainConfig) -> None:
+    """Refuse a new run (no checkpoint of its own yet) whose `output` already holds a dictionary of one of its
+    names: another run's, which training would overwrite at its end."""
+    output = storage.absolute(cfg.output_uri)
+    for d in cfg.dictionaries:
+        uri = storage.join(output, d.display_name())
+        try:
+            storage.require_exists(storage.join(uri, CFG_FILE), cfg.storage)
+        except storage.MissingInputError:
+            continue
+        raise InvalidRequest(
+            f"{uri} holds a dictionary already, and the run {cfg.name!r} has no checkpoint under {cfg.runs}: it "
+            "is another run's, which this one would overwrite. Set output (or name) to a new folder, or delete "
+            "it first."
+        )
+
+
 def run_training(cfg: TrainConfig) -> TrainSummary:
     """Check the config and the stores, then train with Ray Train and return a summary."""
     plan = plan_data(cfg.data, cfg.storage)
@@ -208,6 +232,8 @@ def run_training(cfg: TrainConfig) -> TrainSummary:
     resumed = latest_checkpoint_state(storage.join(storage.absolute(cfg.runs), cfg.name), cfg.storage)
     if resumed is not None:  # refused here, not after Ray Train has started its workers (minutes)
         check_same_run(resumed[1], cfg.dictionaries, plan.sites, where=resumed[0])
+    else:
+        check_free_output(cfg)
     ensure_ray(cfg.ray)
     placement = plan_placement(cfg, cluster_resources())
     norm = plan.normalization

@@ -3,10 +3,12 @@ HOME=...`: no virtualenv activated, no Ray variables): `make cluster`, `.venv/bi
 -- python jobs/quickstart.py`, `make cluster-stop`; the job's outputs checked."""
 
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -127,3 +129,22 @@ def test_make_cluster_refuses_a_port_in_use_naming_it_and_starts_nothing(tmp_pat
     assert up.returncode != 0
     assert f"port {port} on 127.0.0.1 is in use" in up.stdout and "CLUSTER_DASHBOARD_PORT=" in up.stdout
     assert not (tmp_path / "c").exists(), "nothing was started"
+
+
+def test_make_cluster_stop_stops_the_head_and_keeps_the_folder_and_its_logs(tmp_path):
+    """`make cluster-stop` ran `rm -rf $(CLUSTER_DIR)`: the head's and the jobs' logs went with it, and so would a
+    user's files in a CLUSTER_DIR of theirs. It now stops the head's process group and removes only the token and
+    the pid file that `make cluster` wrote (a sleeping process group stands in for the head)."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    head = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    reaped = threading.Thread(target=head.wait)  # reaped at once: a zombie would still answer `kill -0`
+    reaped.start()
+    (folder / "head.pid").write_text(f"{head.pid}\n")
+    for name in ("auth_token", "head.log", "results.parquet"):
+        (folder / name).write_text("x")
+    down = _fresh_shell("make", "-s", "cluster-stop", f"VENV={VENV}", f"CLUSTER_DIR={folder}", timeout=60)
+    assert down.returncode == 0 and "Ray head stopped" in down.stdout, down.stdout + down.stderr
+    reaped.join(timeout=10)
+    assert head.returncode == -signal.SIGTERM, "the head's process group was stopped"
+    assert sorted(p.name for p in folder.iterdir()) == ["head.log", "results.parquet"]

@@ -67,6 +67,17 @@ def test_pass_on_ray_equals_one_in_process_pass_and_writes_results(ray_local, to
     assert read_results(cfg.output).summary["k"] == 5, "the results already written are kept"
 
 
+def test_a_folder_holding_another_dashboard_is_refused_before_any_work(toy_sae, tmp_path):
+    """`prisma-ray dashboard CK --output <campaign>/dashboard/<model>` (a site whose results are elsewhere) rewrote
+    its index.html and two latent pages, leaving the other pages of the old dictionary beside them."""
+    cfg = config(toy_sae, tmp_path)
+    (tmp_path / "out" / "latents").mkdir(parents=True)
+    (tmp_path / "out" / "index.html").write_text("another run's site")
+    with pytest.raises(InvalidRequest, match=r"out holds a dashboard .*no results of its own.* new output"):
+        run_interpret(cfg, replace=False)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["index.html", "latents"]
+
+
 def test_dashboard_cli_renders_pages_and_offline_explanations(ray_local, toy_sae, tmp_path):
     data = tmp_path / "data.yaml"
     data.write_text(json.dumps(config(toy_sae, tmp_path).dataset.model_dump(mode="json", exclude={"storage"})))

@@ -228,6 +228,32 @@ def test_a_run_name_holding_other_dictionaries_is_refused_before_ray_starts(tmp_
     assert "(dictionaries ['relu-l1-1', 'topk-k-3'] there, ['topk-k-4'] now)" in err
 
 
+def test_a_new_run_into_an_output_holding_another_runs_dictionary_is_refused(tmp_path, acts, monkeypatch):
+    """`prisma-ray train --set name=photos2 --set output=runs/photos/dictionaries` with photos' grid overwrote
+    photos' finished topk-k-8 without a word; a new run (no checkpoint of its own) is now refused before Ray starts,
+    naming the folder. The run itself, relaunched (its checkpoint there), still writes its own dictionaries."""
+    from prisma_ray.sae import Trainer
+    from prisma_ray.sae.io import checkpoint_files, write_files
+    from prisma_ray.train import job
+
+    class RayStarted(Exception):
+        pass
+
+    monkeypatch.setattr(job, "ensure_ray", lambda _: (_ for _ in ()).throw(RayStarted()))
+    uri = write_store(str(tmp_path / "acts"), acts, "blocks.0.hook_resid_post")
+    cfg = TrainConfig.model_validate(sweep_config(tmp_path, uri, output=str(tmp_path / "runs" / "photos")))
+    held = tmp_path / "runs" / "photos" / "relu-l1-1"
+    held.mkdir(parents=True)
+    (held / "cfg.json").write_text("{}")
+    with pytest.raises(InvalidRequest, match=f"{held} holds a dictionary already, and the run 'sweep' .*new folder"):
+        run_training(cfg)
+    assert (held / "cfg.json").read_text() == "{}"
+    trainer = Trainer(cfg.dictionaries, plan_data(cfg.data, cfg.storage).sites, 10)
+    write_files(checkpoint_files(trainer), str(tmp_path / "runs" / "sweep" / "checkpoint_000000050"))
+    with pytest.raises(RayStarted):
+        run_training(cfg)
+
+
 def test_a_user_error_on_the_workers_is_reported_as_such():
     refused = InvalidRequest("the checkpoint was written by a run with other dictionaries")
     assert user_error(WorkerGroupError("x", {0: refused, 1: refused})) is refused

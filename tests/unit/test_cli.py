@@ -90,6 +90,16 @@ def test_extract_help_lists_nested_fields_with_type_and_default(capsys):
     assert "  batch_size (int, default 32)" in out
 
 
+def test_campaign_help_lists_the_fields_of_an_entry(capsys):
+    """`prisma-ray campaign --help` showed `entries (dict[str, Entry], default {})` and none of an entry's settings
+    (model, data, root, explain, ...), which the README lists; a dict of models lists them under `<name>`."""
+    with pytest.raises(SystemExit):
+        main(["campaign", "--help"])
+    out = capsys.readouterr().out
+    assert "  entries.<name>.explain (bool, default false)" in out and "  entries.<name>.root (" in out
+    assert "  model_weights.<name>.pretrained (bool, default false)" in out
+
+
 def test_demo_config_refuses_a_typo(capsys):
     with pytest.raises(ConfigError, match="batch_sise"):
         load_config(DemoConfig, overrides=["batch_sise=4"])

@@ -244,6 +244,12 @@ def test_missing_path_and_empty_folder_fail_fast(tmp_path):
     (tmp_path / "only.txt").write_text("x")
     with pytest.raises(MissingInputError, match=r"no files with extensions"):
         list_refs(parse_dataset_spec({"type": "images", "uri": str(tmp_path)}))
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "clips" / "a.mp4").write_bytes(b"x")  # `--data FOLDER` reads images: a folder of clips said only this
+    with pytest.raises(
+        MissingInputError, match=r"no files with extensions .* It holds 1 video \(a.mp4\): .*type: videos"
+    ):
+        list_refs(parse_dataset_spec({"type": "images", "uri": str(tmp_path / "clips")}))
     with pytest.raises(MissingInputError, match=r"no \*\.tar shards"):
         list_refs(parse_dataset_spec({"type": "webdataset", "uri": str(tmp_path)}))
     with pytest.raises(ValueError, match="is a file, not a folder.*items"):

@@ -1,6 +1,7 @@
 """Sweep planning without Ray: model selection, `{model}` URIs, checkpoint discovery, grouping, resuming."""
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -97,7 +98,8 @@ def test_a_saelens_transcoder_is_discovered_as_one_or_refused(tmp_path):
     assert "CheckpointConfigError" in failure["error"] and "metadata.hook_name_out" in failure["error"]
 
 
-def test_plan_expands_model_uris_filters_groups_and_skips_done(tmp_path):
+def test_plan_expands_model_uris_filters_groups_and_skips_done(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     for k in (2, 4):
         save(tmp_path / "runs" / TOY_IMAGE / f"k{k}", TOY_IMAGE, k=k)
     save(tmp_path / "runs" / TOY_VIDEO / "k2", TOY_VIDEO, k=2)
@@ -111,6 +113,7 @@ def test_plan_expands_model_uris_filters_groups_and_skips_done(tmp_path):
         update={"models": ModelSelection(family="toy-vit"), "checkpoints": [template, str(tmp_path / "other")]}
     )
     assert [g.models for g in plan_sweep(only_image).groups] == [(TOY_IMAGE,)], "other models' checkpoints dropped"
+    assert "2 checkpoints found, 0 unreadable, 2 to evaluate in 1 model group\n" in caplog.text + "\n"
 
     ResultStore(str(tmp_path / "out")).write({"checkpoint": plan.groups[0].uris[0], "model": TOY_IMAGE, "hook": "h"})
     resumed = plan_sweep(cfg)
@@ -139,9 +142,10 @@ def test_a_missing_bucket_under_a_model_template_is_named_once_not_read_as_no_ch
     assert len(checked) == 1, "one check per bucket, not one per model"
 
 
-def test_a_runs_folder_gives_each_trained_dictionary_once(tmp_path):
+def test_a_runs_folder_gives_each_trained_dictionary_once(tmp_path, caplog):
     """`prisma-ray train` leaves each dictionary in its Ray Train checkpoint and in `dictionaries/`: searching the
     runs folder (as the README's sweep example does) found both, and the leaderboard listed every dictionary twice."""
+    caplog.set_level(logging.INFO)
     run = tmp_path / "runs" / "real"
     for folder in ("checkpoint_000000030/topk-k-16", "dictionaries/topk-k-16", "checkpoint_000000030/only-here"):
         save(run / folder, TOY_IMAGE)
@@ -149,5 +153,6 @@ def test_a_runs_folder_gives_each_trained_dictionary_once(tmp_path):
         str(run / "checkpoint_000000030" / "only-here"),
         str(run / "dictionaries" / "topk-k-16"),
     ]
+    assert "1 training-checkpoint copy of a finished dictionary left out" in caplog.text
     checkpoint = run / "checkpoint_000000030"
     assert find_checkpoints(str(checkpoint)) == [str(checkpoint / "only-here"), str(checkpoint / "topk-k-16")]

@@ -1,11 +1,14 @@
 """Top text tokens of multimodal language models (`interpret.texttop`): prompt contexts, exact merging, the
 record's bytes, the results table and the dashboard section."""
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pytest
 
-from prisma_ray.interpret.autointerp.run import ExplainConfig, run_explain
+from prisma_ray.errors import InvalidRequest
+from prisma_ray.interpret.autointerp.run import ExplainConfig, asked_for, run_explain
 from prisma_ray.interpret.dashboard import marked_context, shown_latents, write_dashboard
 from prisma_ray.interpret.evidence import read_explanations
 from prisma_ray.interpret.glue import latent_evidence
@@ -160,3 +163,14 @@ def test_the_dashboard_shows_its_progress_over_the_latents(text_only_results, tm
     write_dashboard(text_only_results, str(tmp_path / "site"), progress=True)
     err = capsys.readouterr().err
     assert "dashboard: 100%" in err and "2/2" in err, err
+
+
+def test_latents_asked_for_outside_the_dictionary_are_refused_and_unfired_ones_named(text_only_results, caplog):
+    """`prisma-ray explain --set latents=[0,1,2,3,5,99999]` on a 768-latent dictionary explained five latents and
+    dropped 99999 without a word; latents that never fired were dropped the same way."""
+    cfg = ExplainConfig(evidence=text_only_results.uri, latents=[0, 3, 99999], use_ray=False)
+    with pytest.raises(InvalidRequest, match=r"latents: \[3, 99999\] are not latents of .*res.* 3 latents \(0-2\)"):
+        run_explain(cfg)
+    assert not (Path(text_only_results.uri) / "explanations.jsonl").exists()
+    asked_for([0, 2], text_only_results.fired_latents(), 3, "res")
+    assert "latent 2 never fired in res: nothing to explain" in caplog.text

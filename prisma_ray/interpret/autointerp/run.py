@@ -286,6 +286,21 @@ def _run_on_ray(
         save(records)
 
 
+def asked_for(latents: list[int], fired: list[int], n_latents: int, evidence: str) -> None:
+    """Refuse `latents` (the config's) outside the dictionary's `n_latents`; name those that never fired in the
+    evidence, which have nothing to explain."""
+    outside = sorted({latent for latent in latents if not 0 <= latent < n_latents})
+    if outside:
+        raise InvalidRequest(
+            f"latents: {outside} are not latents of {evidence}, whose dictionary has {n_latents} latents "
+            f"(0-{n_latents - 1}); fix --set latents=[...]"
+        )
+    silent = sorted(set(latents) - set(fired))
+    if silent:
+        which = f"latent {silent[0]}" if len(silent) == 1 else f"latents {silent}"
+        log.warning("%s never fired in %s: nothing to explain", which, evidence)
+
+
 def run_explain(cfg: ExplainConfig) -> ExplainSummary:
     """`prisma-ray explain`: explain the latents of the top-activation output at `cfg.evidence`."""
     from ..glue import latent_evidence
@@ -298,6 +313,8 @@ def run_explain(cfg: ExplainConfig) -> ExplainSummary:
     output = cfg.output or cfg.evidence
     done = read_explanations(output, cfg.storage)
     fired = results.fired_latents()  # multimodal language models: text-only latents too (their evidence has no images)
+    if cfg.latents is not None:
+        asked_for(cfg.latents, fired, results.latents.num_rows, cfg.evidence)
     latents = [latent for latent in (cfg.latents if cfg.latents is not None else fired) if latent not in done]
     evidence = (latent_evidence(results, latent, n=cfg.images_per_latent) for latent in latents)
     return explain_latents((e for e in evidence if e is not None), cfg, output, count=len(latents))
