@@ -25,8 +25,9 @@ from ..evaluate.results import ResultStore
 from ..evaluate.sweep import run_sweep
 from ..extract.pipeline import run_extract
 from ..extract.plan import plan_extract
+from ..interpret.collect import plan_interpret
 from ..interpret.dashboard import write_dashboard
-from ..interpret.pipeline import run_interpret
+from ..interpret.pipeline import changed_from_results, run_interpret
 from ..interpret.results import read_results
 from ..models.reuse import reuse_models
 from ..runtime.pool import inline
@@ -100,6 +101,17 @@ def dashboard(cfg: CampaignConfig, plan: ModelPlan, device: str, threads: int | 
     return write_dashboard(results, storage.join(plan.root, "dashboard", plan.name), options, max_latents=latents)
 
 
+def dashboard_current(cfg: CampaignConfig, plan: ModelPlan, device: str, threads: int | None) -> bool:
+    """Whether `plan`'s dashboard was drawn from the interpretation pass this config asks for now: its results
+    under `<root>/interpret/<model>` are of the best checkpoint (which further training or dictionaries change),
+    the dashboard data, the model as extracted and `k` (`interpret.pipeline.changed_from_results`). Its index
+    alone does not say so; a stale dashboard is drawn again (the interpretation pass replaced). The number of
+    latents drawn (`dashboard_latents`) and `explain` are not compared."""
+    job = plan.interpret(cfg, best_checkpoint(cfg, plan), device, threads)
+    earlier = changed_from_results(plan_interpret(job), storage.absolute(job.output))
+    return earlier is not None and not earlier[0]
+
+
 class MemoryPeak:
     """The peak resident memory of this process (MiB, sampled every `every` s) and the peak CUDA memory allocated
     (MiB) while the block runs."""
@@ -141,6 +153,8 @@ def run_model(cfg: CampaignConfig, name: str, device: str = "cpu", threads: int 
             if done["extract"]:
                 check_extracted(plan)
             for stage in STAGES:
+                if stage == "dashboard" and done[stage]:
+                    done[stage] = dashboard_current(cfg, plan, device, threads)
                 if done[stage]:
                     outcome.skipped.append(stage)
                 else:

@@ -63,6 +63,17 @@ def refuse_another_site(output: str, options: storage.StorageOptions) -> None:
     )
 
 
+def changed_from_results(plan: InterpretPlan, output: str) -> tuple[list[str], dict] | None:
+    """`(changed, summary)`: the fields of `plan.description()` (checkpoint, model, dataset, k, ...) that differ
+    from the pass whose results are under `output` ([] for the same pass), and those results' summary; None where
+    `output` holds no results."""
+    if not results_exist(output, plan.options):
+        return None
+    summary = read_results(output, plan.options).summary
+    wanted = json.loads(json.dumps(plan.description()))
+    return [k for k in wanted if summary.get(k) != wanted[k]], summary
+
+
 def run_interpret(cfg: InterpretConfig, replace: bool = True) -> InterpretSummary:
     """Run the pass `cfg` asks for on Ray and write its results; results of the same pass already
     under `output` are kept (no Ray is started). Results of another pass there (another checkpoint, dataset,
@@ -72,10 +83,9 @@ def run_interpret(cfg: InterpretConfig, replace: bool = True) -> InterpretSummar
     plan = plan_interpret(cfg)
     output = storage.absolute(cfg.output)
     storage.require_bucket(output, plan.options)
-    if results_exist(output, plan.options):
-        summary = read_results(output, plan.options).summary
-        wanted = json.loads(json.dumps(plan.description()))
-        changed = [k for k in wanted if summary.get(k) != wanted[k]]
+    earlier = changed_from_results(plan, output)
+    if earlier is not None:
+        changed, summary = earlier
         if changed and not replace:
             raise InvalidRequest(
                 f"{output} holds the results of another interpretation pass (changed: {', '.join(changed)}; "

@@ -252,6 +252,38 @@ def test_run_model_skips_finished_stages(tmp_path, monkeypatch):
     assert set(outcome.seconds) == set(outcome.cpu_seconds) == {"evaluate", "dashboard"}
 
 
+@pytest.mark.parametrize("current", [True, False])
+def test_a_finished_dashboard_of_another_pass_is_drawn_again(tmp_path, monkeypatch, current):
+    """A dashboard's index alone skipped the stage: a rerun whose dashboard data or best dictionary changed kept
+    the old site. It is skipped only where its interpretation pass is the one asked for now."""
+    from prisma_ray.campaign import stages
+
+    cfg = registry_config([TOY], str(tmp_path / "c"))
+    ran = []
+    monkeypatch.setattr(stages, "dashboard", lambda *a: ran.append("dashboard"))
+    monkeypatch.setattr(stages, "best_checkpoint", lambda c, p: "best")
+    monkeypatch.setattr(stages, "check_extracted", lambda p: None)
+    monkeypatch.setattr(
+        stages, "finished", lambda p, r, o: dict.fromkeys(("extract", "train", "evaluate", "dashboard"), True)
+    )
+    monkeypatch.setattr(stages, "dashboard_current", lambda *a: current)
+    outcome = run_model(cfg, TOY)
+    assert ran == ([] if current else ["dashboard"]) and outcome.passed
+
+
+@pytest.mark.parametrize("earlier, current", [(None, False), (([], {}), True), ((["dataset"], {}), False)])
+def test_a_dashboard_is_current_only_with_results_of_the_same_pass(tmp_path, monkeypatch, earlier, current):
+    from prisma_ray.campaign import stages
+
+    cfg = registry_config([TOY], str(tmp_path / "c"))
+    asked = []
+    monkeypatch.setattr(stages, "best_checkpoint", lambda c, p: "best")
+    monkeypatch.setattr(stages, "plan_interpret", lambda job: asked.append(job.checkpoint) or job)
+    monkeypatch.setattr(stages, "changed_from_results", lambda plan, output: asked.append(output) or earlier)
+    assert stages.dashboard_current(cfg, plan_model(cfg, TOY), "cpu", 1) is current
+    assert asked == ["best", str(tmp_path / "c" / "interpret" / TOY)]
+
+
 def test_interpretation_rebuilds_the_model_as_extracted(tmp_path):
     """Random weights at extraction must be random weights (same seed) in the dashboard's pass, not a download."""
     cfg = registry_config([TOY], str(tmp_path / "c"))
