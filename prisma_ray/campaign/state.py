@@ -37,8 +37,8 @@ def dashboard_uri(plan: ModelPlan) -> str:
 
 def finished(plan: ModelPlan, root: str, options: StorageOptions) -> dict[str, bool]:
     """Whether each stage of `plan` is done: extract (every store has its manifest), train (every dictionary
-    has its cfg.json), evaluate (every dictionary has a result in the campaign's sweep), dashboard (its index; `stages.dashboard_current` then checks that it
-    was drawn from the interpretation pass asked for now)."""
+    has its cfg.json), evaluate (every dictionary has a result in the campaign's sweep), dashboard (its index;
+    `stages.dashboard_current` then checks that it was drawn from the interpretation pass asked for now)."""
     stores = [store_uri(e.output, plan.name, hook, e.split) for e in plan.extracts for hook in e.hooks]
     done = ResultStore(plan.sweep.output, options).done()
     uris = checkpoints(plan)
