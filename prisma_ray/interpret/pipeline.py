@@ -20,7 +20,7 @@ from ..errors import InvalidRequest
 from ..runtime.devices import placement_line
 from ..runtime.pool import PoolSize, PoolStats, shard_pool, stream_shards
 from .collect import InterpretConfig, InterpretPlan, LatentWorker, fetch_crops, plan_interpret
-from .results import needed_samples, read_results, results_exist, write_results
+from .results import needed_samples, read_summary, results_exist, write_results
 from .topk import LatentRecord
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def changed_from_results(plan: InterpretPlan, output: str) -> tuple[list[str], d
     `output` holds no results."""
     if not results_exist(output, plan.options):
         return None
-    summary = read_results(output, plan.options).summary
+    summary = read_summary(output, plan.options)
     wanted = json.loads(json.dumps(plan.description()))
     return [k for k in wanted if summary.get(k) != wanted[k]], summary
 

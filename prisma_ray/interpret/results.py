@@ -248,14 +248,20 @@ def results_exist(output: str, options: storage.StorageOptions | None = None) ->
     return fs.get_file_info(path).type.name != "NotFound"
 
 
+def read_summary(output: str, options: storage.StorageOptions | None = None) -> dict:
+    """The summary (`summary.json`: what the pass was, its counts) of the results under `output`, without their
+    tables; a missing one raises `MissingInputError` naming it."""
+    storage.require_exists(storage.join(output, SUMMARY_FILE), options)
+    return json.loads(storage.read_bytes(storage.join(output, SUMMARY_FILE), options))
+
+
 def read_results(output: str, options: storage.StorageOptions | None = None) -> Results:
     """The results written under `output`; a missing one raises `MissingInputError` naming it."""
-    storage.require_exists(storage.join(output, SUMMARY_FILE), options)
+    summary = read_summary(output, options)
 
     def table(name: str) -> pa.Table:
         return pq.read_table(io.BytesIO(storage.read_bytes(storage.join(output, name), options)))
 
-    summary = json.loads(storage.read_bytes(storage.join(output, SUMMARY_FILE), options))
     fs, text = storage.resolve(storage.join(output, TEXT_FILE), options)
     return Results(
         uri=output,
