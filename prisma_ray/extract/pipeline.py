@@ -23,8 +23,8 @@ from .. import store
 from ..data.errors import errors_uri, read_errors_table
 from ..errors import InvalidRequest
 from ..models.token_selection import tokens_per_sample
-from ..runtime.devices import placement_line
-from ..runtime.pool import PoolSize, PoolStats, shard_pool, stream_shards
+from ..runtime.console import counted
+from ..runtime.pool import PoolSize, PoolStats, shard_placement, shard_pool, stream_shards
 from .config import ExtractConfig
 from .plan import ExtractPlan, dataset_description, plan_extract, stored_heads
 from .worker import ExtractionWorker
@@ -133,12 +133,9 @@ def _run_pipeline(plan: ExtractPlan, todo: list[int], lost: PoolStats):
 def start_line(shards: int, size: PoolSize, model_dtype: str, here: bool = False) -> str:
     """The extraction's start line: what the pool got (or, `here`, that this process runs the model) and the
     model's dtype."""
-    if here:
-        placement = "in this process, no actors, " + placement_line(1, "worker", size.device, size.torch_threads)
-        return f"extracting {shards} shard{'' if shards == 1 else 's'}: {placement}, model in {model_dtype}"
-    placement = placement_line(size.actors, "extraction actor", size.device, size.torch_threads)
-    cpus = f"{size.cpus_per_actor:.2g} CPU{'' if size.cpus_per_actor == 1 else 's'}"
-    return f"extracting {shards} shard{'' if shards == 1 else 's'}: {placement}, {cpus} each, model in {model_dtype}"
+    placement = shard_placement(size, here, "extraction actor")
+    cpus = "" if here else f", {size.cpus_per_actor:.2g} CPU{'' if size.cpus_per_actor == 1 else 's'} each"
+    return f"extracting {counted(shards, 'shard')}: {placement}{cpus}, model in {model_dtype}"
 
 
 def finalize_stores(plan: ExtractPlan) -> bool:

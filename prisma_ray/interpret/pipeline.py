@@ -17,8 +17,8 @@ from .. import storage
 from ..data.shards import plan_shards
 from ..data.sources import SampleRef, list_refs
 from ..errors import InvalidRequest
-from ..runtime.devices import placement_line
-from ..runtime.pool import PoolSize, PoolStats, shard_pool, stream_shards
+from ..runtime.console import counted
+from ..runtime.pool import PoolSize, PoolStats, shard_placement, shard_pool, stream_shards
 from .collect import InterpretConfig, InterpretPlan, LatentWorker, fetch_crops, plan_interpret
 from .results import needed_samples, read_summary, results_exist, write_results
 from .topk import LatentRecord
@@ -129,12 +129,8 @@ def run_interpret(cfg: InterpretConfig, replace: bool = True) -> InterpretSummar
 def start_line(shards: int, size: PoolSize, model_dtype: str, here: bool = False) -> str:
     """The pass's start line: what the pool got (or, `here`, that this process runs the model) and the model's
     dtype."""
-    placement = (
-        "in this process, no actors, " + placement_line(1, "worker", size.device, size.torch_threads)
-        if here
-        else placement_line(size.actors, "interpretation actor", size.device, size.torch_threads)
-    )
-    return f"interpreting {shards} shard{'' if shards == 1 else 's'}: {placement}, model in {model_dtype}"
+    placement = shard_placement(size, here, "interpretation actor")
+    return f"interpreting {counted(shards, 'shard')}: {placement}, model in {model_dtype}"
 
 
 def _run_pipeline(plan: InterpretPlan, shards: list[list[SampleRef]], lost: PoolStats) -> Iterator[dict]:

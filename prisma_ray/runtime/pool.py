@@ -59,7 +59,7 @@ from tqdm.auto import tqdm
 from ..data.shards import InputFormat, decode_batch
 from ..data.sources import DatasetSpec
 from ..errors import InvalidRequest, PrismaRayError
-from .devices import Device
+from .devices import Device, placement_line
 from .session import RayOptions, ensure_ray, machine_resources, single_node_here
 
 log = logging.getLogger(__name__)
@@ -525,6 +525,15 @@ def shard_pool(res: ShardResources, ray_options: RayOptions, items: int) -> tupl
     if not here:
         ensure_ray(ray_options)
     return size, here
+
+
+def shard_placement(size: PoolSize, here: bool, actor: str) -> str:
+    """What a shard stage got, for its start line: `2 extraction actors on CPU (1 torch thread each)` (`actor` is
+    the singular noun), or where it runs here (`shard_pool`) `in this process, no actors, 1 worker on CPU (2 torch
+    threads each)`."""
+    if here:
+        return "in this process, no actors, " + placement_line(1, "worker", size.device, size.torch_threads)
+    return placement_line(size.actors, actor, size.device, size.torch_threads)
 
 
 class ShardDecoder:

@@ -245,6 +245,13 @@ def test_start_lines_say_what_each_ray_stage_got():
     assert extract_start(1, gpus, "float32").startswith("extracting 1 shard: ")
     assert interpret_start(1, gpus, "float32").startswith("interpreting 1 shard: ")
     assert sweep_start(1, gpus).startswith("evaluating 1 checkpoint: ")
+    one = PoolSize("cpu", 1, 2.0, 0.0, 2, 2)  # the driver path (`shard_pool`): this process, no actors
+    assert extract_start(4, one, "float32", here=True) == (
+        "extracting 4 shards: in this process, no actors, 1 worker on CPU (2 torch threads each), model in float32"
+    )
+    assert interpret_start(1, one, "float32", here=True) == (
+        "interpreting 1 shard: in this process, no actors, 1 worker on CPU (2 torch threads each), model in float32"
+    )
 
 
 def test_one_synchronisation_statistics_equal_the_plain_ones():
