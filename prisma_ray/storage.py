@@ -129,6 +129,12 @@ def require_bucket(uri: str, options: StorageOptions | None = None) -> None:
         )
 
 
+def exists(uri: str, options: StorageOptions | None = None) -> bool:
+    """Whether a file, folder or S3 prefix is at `uri` (False where nothing is, without an error)."""
+    fs, path = resolve(uri, options)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
 def require_exists(uri: str, options: StorageOptions | None = None) -> pafs.FileInfo:
     """The `FileInfo` of `uri`; raises `MissingInputError` naming the URI and the fix when it is missing."""
     require_bucket(uri, options)

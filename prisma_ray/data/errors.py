@@ -11,7 +11,6 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from prisma_ray import storage, store
@@ -94,8 +93,7 @@ def write_errors_table(
 def read_errors_table(output_uri: str, options: storage.StorageOptions | None = None) -> pa.Table:
     """Every error part written for `output_uri`, concatenated (empty table if there are none)."""
     root = errors_uri(output_uri)
-    fs, path = storage.resolve(root, options)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+    if not storage.exists(root, options):
         return ERROR_SCHEMA.empty_table()
     parts = [
         pq.read_table(pa.BufferReader(storage.read_bytes(storage.join(root, rel), options)))

@@ -137,8 +137,7 @@ class ExplanationRecord(BaseModel):
 def read_explanations(output: str, options: storage.StorageOptions | None = None) -> dict[int, ExplanationRecord]:
     """The records of `<output>/explanations.jsonl` by latent (empty if there is none yet; the last record wins)."""
     uri = storage.join(output, EXPLANATIONS_FILE)
-    fs, path = storage.resolve(uri, options)
-    if fs.get_file_info(path).type.name == "NotFound":
+    if not storage.exists(uri, options):
         return {}
     records: dict[int, ExplanationRecord] = {}
     for number, line in enumerate(storage.read_bytes(uri, options).decode().splitlines(), 1):
@@ -163,7 +162,7 @@ def append_explanations(
         return
     uri = storage.join(output, EXPLANATIONS_FILE)
     fs, path = storage.resolve(uri, options)
-    old = storage.read_bytes(uri, options) if fs.get_file_info(path).type.name != "NotFound" else b""
+    old = storage.read_bytes(uri, options) if storage.exists(uri, options) else b""
     if old and not old.endswith(b"\n"):
         old += b"\n"
     new = "".join(json.dumps(r.model_dump(), sort_keys=True) + "\n" for r in records).encode()

@@ -53,9 +53,7 @@ class InterpretSummary:
 def refuse_another_site(output: str, options: storage.StorageOptions) -> None:
     """Refuse an `output` without results that holds a dashboard's `index.html`: another run's site whose results
     are elsewhere (a campaign's `dashboard/<model>`), which a new site would overwrite page by page."""
-    try:
-        storage.require_exists(storage.join(output, "index.html"), options)
-    except storage.MissingInputError:
+    if not storage.exists(storage.join(output, "index.html"), options):
         return
     raise InvalidRequest(
         f"{output} holds a dashboard (index.html) with no results of its own: another run's site, which this one "

@@ -244,8 +244,7 @@ class Results:
 
 
 def results_exist(output: str, options: storage.StorageOptions | None = None) -> bool:
-    fs, path = storage.resolve(storage.join(output, SUMMARY_FILE), options)
-    return fs.get_file_info(path).type.name != "NotFound"
+    return storage.exists(storage.join(output, SUMMARY_FILE), options)
 
 
 def read_summary(output: str, options: storage.StorageOptions | None = None) -> dict:
@@ -262,13 +261,12 @@ def read_results(output: str, options: storage.StorageOptions | None = None) -> 
     def table(name: str) -> pa.Table:
         return pq.read_table(io.BytesIO(storage.read_bytes(storage.join(output, name), options)))
 
-    fs, text = storage.resolve(storage.join(output, TEXT_FILE), options)
     return Results(
         uri=output,
         summary=summary,
         latents=table(LATENTS_FILE),
         top=table(TOP_FILE),
         reservoir=table(RESERVOIR_FILE),
-        text=table(TEXT_FILE) if fs.get_file_info(text).type.name != "NotFound" else None,
+        text=table(TEXT_FILE) if storage.exists(storage.join(output, TEXT_FILE), options) else None,
         options=options,
     )

@@ -212,9 +212,7 @@ def check_free_output(cfg: TrainConfig) -> None:
     output = storage.absolute(cfg.output_uri)
     for d in cfg.dictionaries:
         uri = storage.join(output, d.display_name())
-        try:
-            storage.require_exists(storage.join(uri, CFG_FILE), cfg.storage)
-        except storage.MissingInputError:
+        if not storage.exists(storage.join(uri, CFG_FILE), cfg.storage):
             continue
         raise InvalidRequest(
             f"{uri} holds a dictionary already, and the run {cfg.name!r} has no checkpoint under {cfg.runs}: it "

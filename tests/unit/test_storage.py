@@ -112,3 +112,11 @@ def test_write_read_and_list_files(tmp_path):
     assert storage.list_files(root) == ["a/1.png", "b/2.png", "top.png"]
     assert storage.read_bytes(storage.join(root, "a/1.png")) == b"a/1.png"
     assert storage.list_files(f"file://{root}") == ["a/1.png", "b/2.png", "top.png"]
+
+
+def test_exists_says_whether_a_file_or_folder_is_there(tmp_path):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "file.json").write_text("{}")
+    assert storage.exists(str(tmp_path / "folder")) and storage.exists(str(tmp_path / "folder" / "file.json"))
+    assert not storage.exists(str(tmp_path / "folder" / "missing.json"))
+    assert not storage.exists(str(tmp_path / "missing" / "file.json"))
